@@ -1,0 +1,5 @@
+import sys
+
+from bcc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""The `bcc` command: one module per subcommand in this package, discovered at start-up.
+
+Each module defines `register(subparsers)`, which adds its parser and sets `func=run`, where
+`run(args) -> int` returns the exit code. Modules import torch inside `run`, so `bcc --help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from rich_argparse import RichHelpFormatter
+
+# Order in `bcc --help`; modules not listed here follow alphabetically.
+_ORDER = ("synth", "pack", "train", "demo", "eval", "predict", "calibrate", "export", "compare", "model", "bench")
+
+
+def _command_modules() -> list[str]:
+    found = {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
+    return [n for n in _ORDER if n in found] + sorted(found - set(_ORDER))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bcc",
+        description="Distributed trainer for medical image classification: pack, stream, train, evaluate.",
+        formatter_class=RichHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"bcc {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _command_modules():
+        importlib.import_module(f"{__name__}.{name}").register(sub)
+    # every subcommand gets the same rich help formatting
+    for choice in sub.choices.values():
+        choice.formatter_class = RichHelpFormatter
+    return parser
+
+
+def _version() -> str:
+    from bcc import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)

@@ -1,0 +1,344 @@
+"""One typed config tree for every bcc run.
+
+Defaults live here once. A YAML file overrides them, dotted command-line overrides
+(`train.lr=0.003`) come last. Unknown keys and wrong types are errors that name the key and
+suggest the closest valid one; the resolved tree is written into every run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config tree."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = "shards/demo"  # a packed dataset (directory holding manifest.json)
+    image_size: int = 224
+    batch_size: int = 32  # per process
+    eval_batch_size: int = 64  # per process
+    workers: int = 2  # loader worker processes per rank
+    shuffle_buffer: int = 500  # samples held by each worker's shuffle buffer
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    # train augmentation: blood smears have no canonical orientation, so both flips and rotation are safe
+    scale_min: float = 0.5
+    rotation: float = 15.0
+    hflip: bool = True
+    vflip: bool = True
+    color_jitter: float = 0.1
+    crop_pct: float = 1.0  # eval: resize to image_size / crop_pct, then centre crop
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "vgg16_bn"  # torchvision vgg16_bn, or any timm model name
+    pretrained: str = ""  # "" random init; "hub" download; else a local .safetensors/.pt/.pth file
+    head_hidden: int = 256
+    head_dropout: float = 0.5
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    head_weights: dict[str, float] = field(default_factory=dict)  # missing heads weigh 1.0
+    class_weights: Literal["auto", "none"] = "auto"  # auto: inverse frequency of the train split
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01  # the source study's SGD learning rate
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_accum: int = 1
+    clip_grad: float = 0.0  # max grad norm; 0 disables clipping
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    log_every: int = 10  # steps between progress updates
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    epochs: int = 1
+    train: tuple[str, ...] = ("all",)  # parameter group names, or "all"
+    lr_mult: dict[str, float] = field(default_factory=dict)  # group -> multiplier of train.lr
+    warmup_steps: int | None = None  # None: train.warmup_steps
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    preset: Literal["frozen", "staged", "full", "custom"] = "full"
+    stages: tuple[StageConfig, ...] = ()  # given stages make the preset "custom"
+    frozen_bn: Literal["eval", "train"] = "eval"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_epochs: int = 1
+    calibrate: bool = False  # fit temperature scaling on the val split after training
+    test_at_end: bool = True
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    resume: str = "auto"  # auto | none | PATH
+    every_steps: int = 0  # 0: only at epoch ends and on preemption
+    keep_last: int = 2
+    keep_top_k: int = 1
+    metric: str = "bacc4"  # tracked validation metric for best/top-k
+    mode: Literal["max", "min"] = "max"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------- building from dicts
+
+
+def _suggest(key: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, (str, Mapping)) or not isinstance(value, Sequence):
+            # a lone string where a tuple of strings is expected reads naturally in YAML (`train: all`)
+            if isinstance(value, str) and args and args[0] is str:
+                return (value,)
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = args
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool) and key.endswith("pretrained"):
+            return "hub" if value else ""  # `pretrained: true` reads naturally in YAML
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _normalise(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Expand shortcuts: `schedule: frozen` means `schedule: {preset: frozen}`."""
+    data = dict(data)
+    schedule = data.get("schedule")
+    if isinstance(schedule, str):
+        data["schedule"] = {"preset": schedule}
+    elif isinstance(schedule, Mapping) and schedule.get("stages") and "preset" not in schedule:
+        data["schedule"] = {**schedule, "preset": "custom"}
+    return data
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=0.003` -> (['train', 'lr'], 0.003); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=0.003)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    for part in reversed(path):
+        value = {part: value}
+    return value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
+    return dict(data)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at `path`, then dotted `key=value` overrides."""
+    data: dict[str, Any] = {}
+    source = "config"
+    try:
+        if path is not None:
+            source = str(path)
+            data = _normalise(read_yaml(path))
+        for text in overrides:
+            source = f"override '{text}'"
+            keys, value = parse_override(text)
+            data = _merge(data, _normalise(_nest(keys, value)))
+        return _build(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") if not str(e).startswith(source) else e from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(cfg)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    return _build(Config, _normalise(data))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config_to_yaml(cfg))
+    tmp.replace(path)
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_diff(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old, new) for every leaf that differs."""
+
+    def leaves(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, Mapping) and v and not k.endswith(("weights", "lr_mult")):
+                out.update(leaves(v, key + "."))
+            else:
+                out[key] = v
+        return out
+
+    a, b = leaves(config_to_dict(old)), leaves(config_to_dict(new))
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}

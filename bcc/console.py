@@ -1,0 +1,43 @@
+"""One rich Console for the whole program, silent on every rank but the main one.
+
+Side effects (progress, tables, messages) go through `console`; call `set_main_process(False)`
+on the other ranks once at start-up and they print nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rich.console import Console
+
+console = Console(stderr=False, highlight=False, soft_wrap=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _env_rank() -> int:
+    # torchrun/accelerate set RANK before the Accelerator exists; the trainer confirms it later
+    return int(os.environ.get("RANK", "0"))
+
+
+def set_main_process(is_main: bool) -> None:
+    console.quiet = not is_main
+
+
+def is_main_process() -> bool:
+    return not console.quiet
+
+
+def error(message: str) -> None:
+    """A one-line error for the user (every rank prints it: errors must not be hidden)."""
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/] {message}")
+
+
+set_main_process(_env_rank() == 0)
+if not sys.stdout.isatty():
+    # logs in files and CI: no cursor tricks, but keep a sane width for tables
+    console.width = max(console.width, 120)
