@@ -1,0 +1,96 @@
+import pytest
+
+from bcc.config import (
+    Config,
+    ConfigError,
+    config_diff,
+    config_from_dict,
+    config_hash,
+    load_config,
+    save_config,
+)
+
+
+def write(tmp_path, text, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 0.1\n  epochs: 3\ndata:\n  image_size: 64\n")
+    cfg = load_config(path, ["train.lr=0.003", "model.backbone=resnet18"])
+    assert cfg.train.lr == 0.003  # override beats the file
+    assert cfg.train.epochs == 3  # file beats the default
+    assert cfg.data.image_size == 64
+    assert cfg.model.backbone == "resnet18"
+    assert cfg.train.momentum == Config().train.momentum  # untouched default
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path):
+    path = write(tmp_path, "train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"train\.lrr.*did you mean 'lr'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'.*'train'"):
+        load_config(None, ["trian.lr=0.1"])
+
+
+def test_wrong_type_names_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer"):
+        load_config(None, ["train.epochs=three"])
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision: 'fp8' is not one of"):
+        load_config(None, ["train.mixed_precision=fp8"])
+    with pytest.raises(ConfigError, match=r"data\.hflip: expected true/false"):
+        load_config(write(tmp_path, "data: {hflip: 3}\n"))
+    with pytest.raises(ConfigError, match=r"data\.mean: expected 3 values"):
+        load_config(None, ["data.mean=[0.5, 0.5]"])
+
+
+def test_bad_yaml_names_file(tmp_path):
+    path = write(tmp_path, "train: [lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"cfg\.yaml is not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n", "list.yaml"))
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_schedule_shortcut_and_stages(tmp_path):
+    assert load_config(None, ["schedule=frozen"]).schedule.preset == "frozen"
+    path = write(
+        tmp_path,
+        "schedule:\n  stages:\n    - {epochs: 1, train: heads}\n"
+        "    - {epochs: 2, train: [heads, block5], lr_mult: {block5: 0.1}, warmup_steps: 5}\n",
+    )
+    sched = load_config(path).schedule
+    assert sched.preset == "custom"
+    assert sched.stages[0].train == ("heads",)
+    assert sched.stages[1].lr_mult == {"block5": 0.1} and sched.stages[1].warmup_steps == 5
+    with pytest.raises(ConfigError, match=r"schedule\.stages\[0\]\.epochs"):
+        load_config(None, ["schedule.stages=[{epochs: x}]"])
+
+
+def test_pretrained_true_means_hub():
+    assert load_config(None, ["model.pretrained=true"]).model.pretrained == "hub"
+    assert load_config(None, ["model.pretrained=/w/vgg.safetensors"]).model.pretrained == "/w/vgg.safetensors"
+
+
+def test_roundtrip_hash_and_diff(tmp_path):
+    cfg = load_config(None, ["train.lr=0.5", "loss.head_weights={binary: 2.0}", "schedule=staged"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again == cfg
+    assert config_hash(again) == config_hash(cfg)
+    other = config_from_dict({"train": {"lr": 0.5, "epochs": 20}, "loss": {"head_weights": {"binary": 2.0}},
+                              "schedule": "staged"})
+    assert config_diff(cfg, other) == {"train.epochs": (10, 20)}
+    assert config_hash(other) != config_hash(cfg)
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(AttributeError):
+        cfg.train.lr = 1.0  # type: ignore[misc]
