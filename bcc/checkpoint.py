@@ -1,0 +1,593 @@
+"""Checkpoint storage: atomic saves, the one tested `find_latest`, retention, weights-only loading.
+
+Layout (`ROOT` = `RUN/checkpoints`):
+
+    ROOT/step-00000040/model.safetensors    unwrapped model state dict
+                       optimizer.pt         optimizer.state_dict()
+                       scheduler.pt         LR scheduler state (only when given)
+                       scaler.pt            grad scaler state (only when given)
+                       rng.pt               RNG states, one entry per rank
+                       extra.safetensors    extra tensors, e.g. a temperature (only when given)
+                       meta.json            taxonomy, model config, resolved config, version, world size
+                       trainer_state.json   `TrainState`; written last, so its presence marks completeness
+    ROOT/last -> step-...                   relative symlinks, replaced atomically
+    ROOT/best -> step-...
+    RUN/model_best.safetensors (+ .json)    the best model's weights alone, for users who want only those
+
+A checkpoint is written into `ROOT/.tmp-step-XXXXXXXX-<pid>/`, every file fsynced, then renamed into
+place, so a crash at any moment leaves either the old set of checkpoints or the new one. Old
+checkpoints are deleted only after the new one is in place (accelerate's `total_limit` deletes first).
+`find_latest` scans the directory instead of trusting `last`, so a crash between the rename and the
+link update still resumes from the newest checkpoint.
+
+Everything loads with `weights_only=True` or from safetensors: no checkpoint can execute code. That is
+why the RNG states are stored as tensors and plain lists rather than numpy arrays and tuples.
+
+This module is plain torch (no Accelerator): the loop unwraps the model, gathers every rank's RNG state
+and calls `CheckpointManager.save` on the main process only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+SCALER_FILE = "scaler.pt"
+RNG_FILE = "rng.pt"
+EXTRA_FILE = "extra.safetensors"
+META_FILE = "meta.json"
+STATE_FILE = "trainer_state.json"
+LAST_LINK = "last"
+BEST_LINK = "best"
+BEST_WEIGHTS = "model_best.safetensors"
+BEST_META = "model_best.json"
+
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".tmp-"
+# A step directory moved aside while the same step is re-saved; see `_install`.
+_OLD_RE = re.compile(r"^\.tmp-old-(step-\d+)-\d+$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt or cannot be written."""
+
+
+# --------------------------------------------------------------------------- loop state
+
+
+@dataclass
+class TrainState:
+    """The loop state: goes into every checkpoint (`trainer_state.json`) and is restored first."""
+
+    epoch: int = 0  # current epoch, 0-based
+    step: int = 0  # optimizer steps done (global)
+    batches_in_epoch: int = 0  # batches consumed in the current epoch (0 at an epoch boundary)
+    samples_seen: int = 0
+    stage: int = 0  # index of the current unfreezing stage
+    trainable: list[str] = field(default_factory=list)  # parameter groups trainable in this stage
+    best_metric: float | None = None
+    best_step: int | None = None
+    top_k: list[dict] = field(default_factory=list)  # [{"step", "metric", "name"}], best first
+    config_hash: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainState:
+        """Build from `to_dict` output. Unknown keys are an error; missing keys take their defaults."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(
+                f"unknown TrainState key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(names)}"
+            )
+        state = cls(**{k: d[k] for k in names if k in d})
+        for name in ("epoch", "step", "batches_in_epoch", "samples_seen", "stage"):
+            value = getattr(state, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"TrainState.{name} must be a non-negative integer, got {value!r}")
+        if state.best_metric is not None:
+            state.best_metric = float(state.best_metric)
+        state.trainable = [str(x) for x in state.trainable]
+        for entry in state.top_k:
+            if not isinstance(entry, Mapping) or not {"step", "metric", "name"} <= set(entry):
+                raise ValueError(f"TrainState.top_k entries need step, metric and name; got {entry!r}")
+        state.top_k = [dict(e) for e in state.top_k]
+        return state
+
+
+@dataclass
+class Checkpoint:
+    """What one checkpoint holds (tensors on any device; they are written from CPU copies)."""
+
+    model: dict[str, Tensor]  # unwrapped model state dict -> model.safetensors
+    optimizer: dict  # optimizer.state_dict() -> optimizer.pt
+    scaler: dict | None  # grad scaler state -> scaler.pt (absent when None)
+    rng: list[dict]  # `save_rng_state()` of every rank, in rank order -> rng.pt
+    state: TrainState  # -> trainer_state.json
+    meta: dict  # JSON-serialisable -> meta.json
+    extra: dict[str, Tensor] = field(default_factory=dict)  # -> extra.safetensors (absent when empty)
+    scheduler: dict | None = None  # LR scheduler state -> scheduler.pt (absent when None)
+
+
+def checkpoint_name(step: int) -> str:
+    """`40` -> `"step-00000040"` (zero-padded so names sort by step; steps are parsed, not sorted)."""
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"checkpoint step must be a non-negative integer, got {step!r}")
+    return f"step-{step:08d}"
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def save_rng_state() -> dict:
+    """This process's RNG states, in a form `torch.load(weights_only=True)` accepts."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [version, list(internal), gauss_next],
+        "numpy": {
+            "kind": str(kind),
+            "keys": [int(k) for k in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
+
+
+def restore_rng_state(d: Mapping[str, Any]) -> None:
+    """Restore what `save_rng_state` returned (CUDA states only where CUDA is available)."""
+    import numpy as np
+
+    torch.set_rng_state(d["torch"].cpu())
+    cuda = d.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        # a resume on fewer visible devices restores those it has
+        for device, s in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), device)
+    version, internal, gauss_next = d["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss_next))
+    n = d["numpy"]
+    np.random.set_state(
+        (
+            n["kind"],
+            np.asarray(n["keys"], dtype=np.uint32),
+            int(n["pos"]),
+            int(n["has_gauss"]),
+            float(n["cached_gaussian"]),
+        )
+    )
+
+
+# --------------------------------------------------------------------------- finding checkpoints
+
+
+def _step_of(path: Path) -> int | None:
+    m = _STEP_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint dir is complete when it has its model and `trainer_state.json` (written last)."""
+    return (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file()
+
+
+def _step_dirs(root: Path) -> dict[int, Path]:
+    out = {}
+    for p in root.iterdir() if root.is_dir() else ():
+        step = _step_of(p)
+        if step is not None and p.is_dir():
+            out[step] = p
+    return out
+
+
+def find_latest(root: str | Path) -> Path | None:
+    """The complete `root/step-*` directory with the highest step, or None.
+
+    Does not trust `root/last`: a crash between renaming a checkpoint into place and updating the
+    link leaves the link one checkpoint behind. Temp dirs and incomplete dirs are ignored, except
+    that a complete step dir moved aside by an interrupted re-save of the same step counts for that
+    step (the crash came between its two renames).
+    """
+    root = Path(root)
+    candidates = {s: p for s, p in _step_dirs(root).items() if is_complete(p)}
+    for p in root.iterdir() if root.is_dir() else ():
+        m = _OLD_RE.match(p.name)
+        if m and not (root / m.group(1)).exists() and is_complete(p):
+            candidates.setdefault(int(m.group(1)[len("step-") :]), p)
+    return candidates[max(candidates)] if candidates else None
+
+
+def resolve_checkpoint(path: str | Path, prefer: Literal["best", "latest"] = "best") -> Path:
+    """Turn what a user passes into one complete checkpoint directory.
+
+    Accepts a step dir, a `best`/`last` link, a checkpoints dir, or a run dir (its `checkpoints/`).
+    For the last two `prefer` decides: `best` (evaluation, prediction: the default) falls back to the
+    latest when no best exists; `latest` (resume) ignores `best`. A `last` link resolves through
+    `find_latest` rather than its possibly stale target.
+    """
+    path = Path(path)
+    if path.name == LAST_LINK and path.is_symlink():  # even a dangling one: the dir is what counts
+        latest = find_latest(path.parent)
+        if latest is None:
+            raise CheckpointError(f"{path}: no complete checkpoint in {path.parent}")
+        return latest
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: it does not exist")
+    if is_complete(path):
+        return path
+    if _step_of(path) is not None or (path.is_symlink() and path.name == BEST_LINK):
+        raise CheckpointError(f"{path} is an incomplete checkpoint (no {STATE_FILE} or {MODEL_FILE})")
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if prefer == "best" and is_complete(root / BEST_LINK):
+        return root / BEST_LINK
+    latest = find_latest(root)
+    if latest is None:
+        raise CheckpointError(f"no complete checkpoint in {root}")
+    return latest
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _load_pt(path: Path, map_location: Any) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except Exception as e:  # corrupt zip, truncated file, or a pickle weights_only refuses
+        raise CheckpointError(f"cannot load checkpoint file {path} (weights_only=True): {e}") from e
+
+
+def _load_safetensors(path: Path, map_location: Any) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return load_file(path, device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load checkpoint file {path}: {e}") from e
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from e
+
+
+def read_train_state(path: str | Path) -> TrainState:
+    """Only the `TrainState` of a checkpoint dir (cheap: no tensors are read)."""
+    file = Path(path) / STATE_FILE
+    try:
+        return TrainState.from_dict(_load_json(file))
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from e
+
+
+def read_meta(path: str | Path) -> dict:
+    """Only the `meta.json` of a checkpoint dir, so a mismatch is found before tensors are read."""
+    return _load_json(Path(path) / META_FILE)
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:
+    """Load a checkpoint dir (or a link to one); every file weights-only. RNG states stay on CPU."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint directory at {path}")
+    if not is_complete(path):
+        missing = [f for f in (MODEL_FILE, STATE_FILE) if not (path / f).is_file()]
+        raise CheckpointError(
+            f"{path} is an incomplete checkpoint (missing {', '.join(missing)}; {STATE_FILE} is written "
+            "last, so its save was interrupted); use find_latest() to pick a complete one"
+        )
+    state = read_train_state(path)
+    rng = _load_pt(path / RNG_FILE, "cpu")
+    if not isinstance(rng, list):
+        raise CheckpointError(
+            f"{path / RNG_FILE}: expected a list of per-rank RNG states, got {type(rng).__name__}"
+        )
+    return Checkpoint(
+        model=_load_safetensors(path / MODEL_FILE, map_location),
+        optimizer=_load_pt(path / OPTIMIZER_FILE, map_location),
+        scaler=_load_pt(path / SCALER_FILE, "cpu") if (path / SCALER_FILE).exists() else None,
+        rng=rng,
+        state=state,
+        meta=read_meta(path),
+        extra=_load_safetensors(path / EXTRA_FILE, map_location) if (path / EXTRA_FILE).exists() else {},
+        scheduler=_load_pt(path / SCHEDULER_FILE, "cpu") if (path / SCHEDULER_FILE).exists() else None,
+    )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes the renames inside it durable)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # e.g. directories on Windows: nothing more we can do
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _cpu_tensors(tensors: Mapping[str, Any], what: str) -> dict[str, Tensor]:
+    """CPU, contiguous, unshared tensors: safetensors refuses shared storage, so later sharers are cloned."""
+    out, seen = {}, set()
+    for key, value in tensors.items():
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"{what}[{key!r}] is a {type(value).__name__}, not a tensor")
+        t = value.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            t = t.clone()
+        seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def _write_safetensors(tensors: Mapping[str, Tensor], path: Path, what: str) -> None:
+    save_file(_cpu_tensors(tensors, what), path, metadata={"format": "pt"})
+    _fsync_path(path)
+
+
+def _write_pt(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_json(obj: Any, path: Path) -> None:
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path.name}: content is not JSON-serialisable: {e}") from e
+    with open(path, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_link(link: Path, target: str) -> None:
+    """Point `link` at the relative `target` atomically: a temp link renamed over the old one."""
+    tmp = link.with_name(f"{_TMP_PREFIX}link-{link.name}-{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename aside, then delete: a half-deleted checkpoint never sits under a `step-*` name."""
+    aside = path.with_name(f"{_TMP_PREFIX}del-{path.name}-{os.getpid()}")
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+class CheckpointManager:
+    """Writes checkpoints under `root` and keeps the last `keep_last`, the top `keep_top_k` by the
+    tracked metric, and the best. Only the main process may call `save`; the manager's state lives in the
+    checkpoints themselves (`TrainState.top_k`, `best_*`), so a new manager on the same root, given
+    the restored `TrainState`, continues where the old one stopped.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        keep_last: int,
+        keep_top_k: int,
+        metric: str,
+        mode: Literal["max", "min"],
+    ):
+        if not isinstance(keep_last, int) or keep_last < 1:
+            raise ValueError(
+                f"keep_last must be >= 1 (the newest checkpoint is what resume needs), got {keep_last!r}"
+            )
+        if not isinstance(keep_top_k, int) or keep_top_k < 0:
+            raise ValueError(f"keep_top_k must be >= 0, got {keep_top_k!r}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.root = Path(root)
+        self.run_dir = self.root.parent
+        self.keep_last = keep_last
+        self.keep_top_k = keep_top_k
+        self.metric = metric
+        self.mode = mode
+        # no cleanup here: the loop may build a manager on every rank, and only the saver may touch tmp dirs
+
+    # -- metric bookkeeping (pure: only touches the given state)
+
+    def is_better(self, a: float, b: float) -> bool:
+        return a > b if self.mode == "max" else a < b
+
+    def record(self, state: TrainState, value: float) -> bool:
+        """Enter `value` for `state.step` into `state.top_k` and `state.best_*`; True if it is a new best.
+
+        A NaN metric (a diverged run) is never best and never enters the top-k. Ties keep the earlier step.
+        """
+        value = float(value)
+        if math.isnan(value):
+            return False
+        name = checkpoint_name(state.step)
+        # re-saving a step (epoch end right after a periodic save) replaces its entry
+        entries = [e for e in state.top_k if e["step"] != state.step]
+        if self.keep_top_k:
+            entries.append({"step": state.step, "metric": value, "name": name})
+            sign = -1.0 if self.mode == "max" else 1.0
+            entries.sort(key=lambda e: (sign * e["metric"], e["step"]))
+            entries = entries[: self.keep_top_k]
+        state.top_k = entries
+        if (
+            state.best_step == state.step
+            or state.best_metric is None
+            or self.is_better(value, state.best_metric)
+        ):
+            state.best_metric, state.best_step = value, state.step
+            return True
+        return False
+
+    # -- saving
+
+    def save(self, ckpt: Checkpoint, metric_value: float | None = None) -> Path:
+        """Write `ckpt` atomically as `root/step-XXXXXXXX` and apply retention; returns that path.
+
+        With `metric_value`, `ckpt.state.top_k` and `best_*` are updated before writing, so the
+        written `trainer_state.json` carries them. Checkpoints with a step above `ckpt.state.step`
+        belong to a timeline abandoned by resuming from an earlier checkpoint and are deleted, or
+        `find_latest` would resume from them.
+        """
+        state = ckpt.state
+        name = checkpoint_name(state.step)
+        self.root.mkdir(parents=True, exist_ok=True)
+        before = (list(state.top_k), state.best_metric, state.best_step)
+        if metric_value is not None:
+            self.record(state, metric_value)
+        self._clean_tmp()
+        tmp = self.root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+        try:
+            tmp.mkdir()
+            self._write_files(ckpt, tmp)
+            _fsync_path(tmp)
+            final = self._install(tmp, self.root / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            # a checkpoint that was never written must not become the best or enter the top-k
+            state.top_k, state.best_metric, state.best_step = before
+            raise
+        self._sync_best(ckpt)
+        _replace_link(self.root / LAST_LINK, name)
+        _fsync_path(self.root)
+        self._retain(state)
+        return final
+
+    def _write_files(self, ckpt: Checkpoint, d: Path) -> None:
+        _write_safetensors(ckpt.model, d / MODEL_FILE, "model")
+        if ckpt.extra:
+            _write_safetensors(ckpt.extra, d / EXTRA_FILE, "extra")
+        _write_pt(ckpt.optimizer, d / OPTIMIZER_FILE)
+        if ckpt.scheduler is not None:
+            _write_pt(ckpt.scheduler, d / SCHEDULER_FILE)
+        if ckpt.scaler is not None:
+            _write_pt(ckpt.scaler, d / SCALER_FILE)
+        _write_pt(list(ckpt.rng), d / RNG_FILE)
+        _write_json(ckpt.meta, d / META_FILE)
+        _write_json(ckpt.state.to_dict(), d / STATE_FILE)  # last: its presence marks the dir complete
+
+    def _install(self, tmp: Path, final: Path) -> Path:
+        """Rename `tmp` to `final`. A dir of that name (same step saved again) is renamed aside first and
+        deleted after; `find_latest` and `_clean_tmp` recover it if a crash falls between the renames."""
+        old = None
+        if final.exists():
+            old = self.root / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_path(self.root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _clean_tmp(self) -> None:
+        """Remove what an interrupted save left behind (only the main process saves, so none is live)."""
+        for p in self.root.iterdir():
+            if not p.name.startswith(_TMP_PREFIX):
+                continue
+            m = _OLD_RE.match(p.name)
+            if m and not (self.root / m.group(1)).exists() and is_complete(p):
+                os.replace(p, self.root / m.group(1))  # the re-save died between its two renames
+            elif p.is_symlink() or p.is_file():
+                p.unlink()
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+        for p in self.run_dir.glob(f"{_TMP_PREFIX}model_best.*"):
+            p.unlink(missing_ok=True)
+
+    def _sync_best(self, ckpt: Checkpoint) -> None:
+        """Point `best` and `RUN/model_best.*` at `state.best_step` if they do not already (also repairs
+        a crash between an earlier rename and this update)."""
+        state = ckpt.state
+        if state.best_step is None:
+            return
+        name = checkpoint_name(state.best_step)
+        source = self.root / name
+        if not is_complete(source):
+            return  # best from an earlier run whose dir is gone: nothing to point at
+        link = self.root / BEST_LINK
+        if not (link.is_symlink() and os.readlink(link) == name):
+            _replace_link(link, name)
+        weights, info = self.run_dir / BEST_WEIGHTS, self.run_dir / BEST_META
+        try:
+            current = json.loads(info.read_text()).get("step")
+        except (OSError, ValueError):
+            current = None
+        if current == state.best_step and weights.is_file():
+            return
+        pid = os.getpid()
+        tmp_weights = self.run_dir / f"{_TMP_PREFIX}{BEST_WEIGHTS}-{pid}"
+        tmp_info = self.run_dir / f"{_TMP_PREFIX}{BEST_META}-{pid}"
+        try:
+            if state.best_step == state.step:
+                _write_safetensors(ckpt.model, tmp_weights, "model")
+                meta = ckpt.meta
+            else:
+                shutil.copyfile(source / MODEL_FILE, tmp_weights)
+                _fsync_path(tmp_weights)
+                meta = read_meta(source)
+            _write_json(
+                {
+                    "step": state.best_step,
+                    "metric": self.metric,
+                    "value": state.best_metric,
+                    "checkpoint": name,
+                    "meta": meta,
+                },
+                tmp_info,
+            )
+            # weights first: model_best.json naming a step is the promise that the weights are that step's
+            os.replace(tmp_weights, weights)
+            os.replace(tmp_info, info)
+            _fsync_path(self.run_dir)
+        finally:
+            for p in (tmp_weights, tmp_info):
+                p.unlink(missing_ok=True)
+
+    def _retain(self, state: TrainState) -> None:
+        dirs = _step_dirs(self.root)
+        complete = sorted(s for s, p in dirs.items() if s <= state.step and is_complete(p))
+        keep = set(complete[-self.keep_last :]) | {state.step}
+        keep |= {int(e["step"]) for e in state.top_k}
+        if state.best_step is not None:
+            keep.add(state.best_step)
+        for step, path in sorted(dirs.items()):
+            if step not in keep:
+                _remove_dir(path)
