@@ -1,0 +1,173 @@
+"""`bcc pack SRC OUT`: image class folders -> WebDataset shards + manifest; `bcc pack --verify OUT`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _split_arg(value: str) -> tuple[float, float, float]:
+    from bcc.pack import PackError, parse_split
+
+    try:
+        return parse_split(value)
+    except PackError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def _quality(value: str) -> int:
+    n = _positive_int(value)
+    if n > 100:
+        raise argparse.ArgumentTypeError(f"JPEG quality must be in 1..100, got {value!r}")
+    return n
+
+
+def _group_regex(value: str) -> str:
+    from bcc.pack import PackError, compile_group_regex
+
+    try:
+        compile_group_regex(value)
+    except PackError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pack",
+        help="pack image class folders into WebDataset shards with a manifest",
+        description="Pack SRC (one folder per class) into seeded train/val/test WebDataset shards in OUT, "
+        "with manifest.json and timm's _info.json. Bad files are skipped with a reason.",
+    )
+    p.add_argument("src", metavar="SRC", nargs="?", help="folder with one sub-folder per class")
+    p.add_argument("out", metavar="OUT", nargs="?", help="output folder (must be empty or absent)")
+    p.add_argument("--split", type=_split_arg, default=(0.8, 0.1, 0.1), metavar="TRAIN,VAL,TEST",
+                   help="split fractions (default 0.8,0.1,0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and shuffles (default 0)")
+    p.add_argument("--resize", type=_positive_int, metavar="PX",
+                   help="resize the shorter side to PX and store JPEG (default: keep original bytes)")
+    p.add_argument("--quality", type=_quality, default=90, metavar="Q", help="JPEG quality (default 90)")
+    p.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N",
+                   help="samples per shard at most (default 1000)")
+    p.add_argument("--min-shards", type=_positive_int, default=1, metavar="K",
+                   help="at least K shards per split when it has K samples (default 1)")
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="decode processes (default 1)")
+    p.add_argument("--group-regex", type=_group_regex, metavar="RE",
+                   help="files whose names share RE's first group (e.g. a patient id) stay in one split")
+    p.add_argument("--taxonomy", metavar="FILE", help="taxonomy YAML (default: the built-in ALL taxonomy)")
+    p.add_argument("--max-pixels", type=_positive_int, metavar="N",
+                   help="skip images above N pixels (default: Pillow's decompression-bomb limit)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only once done)")
+    p.add_argument("--strict", action="store_true", help="fail, writing nothing, if any file would be skipped")
+    p.add_argument("--verify", metavar="OUT", help="re-hash the shards of a packed OUT against its manifest")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bcc.console import console, error
+    from bcc.manifest import ManifestError
+    from bcc.pack import PackError
+    from bcc.taxonomy import TaxonomyError
+
+    try:
+        if args.verify:
+            if args.src or args.out:
+                error("--verify OUT takes no SRC/OUT arguments")
+                return 2
+            return _verify(args.verify, console)
+        if not args.src or not args.out:
+            error("bcc pack needs SRC and OUT (or --verify OUT)")
+            return 2
+        return _pack(args, console)
+    except (TaxonomyError, PackError, ManifestError, OSError) as e:  # FileExistsError is an OSError
+        error(str(e))
+        return 2
+
+
+def _pack(args: argparse.Namespace, console) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from bcc.pack import pack_folders
+    from bcc.taxonomy import Taxonomy
+
+    taxonomy = Taxonomy.from_yaml(args.taxonomy) if args.taxonomy else Taxonomy.default()
+    with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        result = pack_folders(
+            args.src, args.out, split=args.split, seed=args.seed, resize=args.resize, quality=args.quality,
+            shard_size=args.shard_size, min_shards=args.min_shards, workers=args.workers,
+            group_regex=args.group_regex, taxonomy=taxonomy, overwrite=args.overwrite, strict=args.strict,
+            max_image_pixels=args.max_pixels, progress=progress,
+        )
+    _summary(result, console)
+    return 0
+
+
+def _summary(result, console) -> None:
+    from rich.table import Table
+
+    m = result.manifest
+    table = Table(title=f"packed {result.out}", show_footer=True)
+    table.add_column("split", footer="total")
+    for c in m["classes"]:
+        table.add_column(c, justify="right", footer=str(sum(s["class_counts"][c] for s in m["splits"].values())))
+    table.add_column("samples", justify="right", footer=str(result.counts["packed"]))
+    table.add_column("shards", justify="right", footer=str(result.counts["shards"]))
+    for name, s in m["splits"].items():
+        table.add_row(name, *(str(s["class_counts"][c]) for c in m["classes"]), str(s["count"]),
+                      str(len(s["shards"])))
+    console.print(table)
+
+    if result.skipped_by_reason:
+        skipped = Table(title=f"skipped files ({result.counts['skipped']})")
+        skipped.add_column("reason")
+        skipped.add_column("files", justify="right")
+        for reason, n in result.skipped_by_reason.items():
+            skipped.add_row(reason, str(n))
+        console.print(skipped)
+    extra = []
+    if m["converted"]:
+        extra.append(f"{len(m['converted'])} converted to 8-bit RGB")
+    if m["duplicates"]:
+        n_files = sum(len(d["paths"]) for d in m["duplicates"])
+        conflicts = sum(d["conflict"] for d in m["duplicates"])
+        extra.append(f"{len(m['duplicates'])} duplicate sets ({n_files} files, {conflicts} across classes)")
+    for line in extra:
+        console.print(f"  {line}")
+    for w in m["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}")
+    console.print(f"{result.counts['packed']} images in {result.elapsed_s:.1f} s "
+                  f"([bold]{result.images_per_s:.0f} img/s[/])")
+
+
+def _verify(out: str, console) -> int:
+    from bcc.pack import verify_shards
+
+    result = verify_shards(out)
+    for check in result.shards:
+        if check.status == "ok":
+            console.print(f"[green]OK[/]        {check.path.name}")
+        else:
+            console.print(f"[red]{check.status.upper():<9}[/] {check.path.name}: {check.detail}")
+    bad = len(result.mismatches)
+    if bad:
+        console.print(f"[red]{bad} of {len(result.shards)} shard(s) failed verification[/]")
+        return 1
+    console.print(f"[green]all {len(result.shards)} shards match the manifest[/]")
+    return 0

@@ -1,0 +1,106 @@
+"""Read-only view of a packed dataset's `manifest.json` (written by `bcc.pack`), used by every reader."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bcc.taxonomy import Taxonomy, TaxonomyError
+
+__all__ = ["Manifest", "ManifestError", "ManifestNotFoundError", "ShardInfo", "SplitInfo"]
+
+FORMAT = "bcc-shards/1"
+
+
+class ManifestError(ValueError):
+    """manifest.json is missing, unreadable or not a bcc shard manifest; or a name is unknown."""
+
+
+class ManifestNotFoundError(ManifestError, FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path  # absolute
+    count: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    name: str
+    count: int
+    class_counts: dict[str, int]
+    shards: list[ShardInfo]
+
+
+class Manifest:
+    """`Manifest.load(dir)`; then `.taxonomy`, `.classes`, `.splits`, `.split(name)`, `.options`."""
+
+    def __init__(self, root: Path, data: dict[str, Any]):
+        self.root = root
+        self.data = data
+        self.path = root / "manifest.json"
+        try:
+            self.taxonomy = Taxonomy.from_dict(data["taxonomy"])
+        except TaxonomyError as e:
+            raise ManifestError(f"{self.path}: invalid taxonomy: {e}") from e
+        self._splits = {name: self._parse_split(name, s) for name, s in data["splits"].items()}
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        """Load `<path>/manifest.json` (or `path` itself when it names the file)."""
+        path = Path(path)
+        file = path if path.name == "manifest.json" and not path.is_dir() else path / "manifest.json"
+        if not file.is_file():
+            raise ManifestNotFoundError(f"no manifest at {file} (is {file.parent} a `bcc pack` output?)")
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise ManifestError(f"cannot read {file}: {e}") from e
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{file} is not valid JSON: {e}") from e
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ManifestError(f"{file} is not a {FORMAT} manifest (format: {found!r})")
+        for key in ("taxonomy", "classes", "splits"):
+            if key not in data:
+                raise ManifestError(f"{file} lacks the key {key!r}")
+        try:
+            return cls(file.parent.resolve(), data)
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ManifestError):
+                raise
+            raise ManifestError(f"{file} is malformed: {type(e).__name__}: {e}") from e
+
+    def _parse_split(self, name: str, s: dict[str, Any]) -> SplitInfo:
+        shards = [ShardInfo((self.root / sh["path"]).resolve(), int(sh["count"]), str(sh["sha256"]))
+                  for sh in s["shards"]]
+        return SplitInfo(name, int(s["count"]), {str(k): int(v) for k, v in s["class_counts"].items()}, shards)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.data["classes"])
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(self._splits)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.data.get("options", {}))
+
+    def split(self, name: str) -> SplitInfo:
+        try:
+            return self._splits[name]
+        except KeyError:
+            raise ManifestError(
+                f"unknown split {name!r} in {self.path}; available: {', '.join(self._splits) or 'none'}"
+            ) from None
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{n}={s.count}" for n, s in self._splits.items())
+        return f"Manifest({str(self.root)!r}, {counts})"

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from bcc.manifest import Manifest, ManifestError, ManifestNotFoundError
+from bcc.pack import pack_folders
+from bcc.taxonomy import Taxonomy
+
+
+@pytest.fixture
+def packed(tmp_path, make_class_tree):
+    src = make_class_tree(tmp_path / "src", {"Benign": 10, "Early": 10})
+    return pack_folders(src, tmp_path / "out", shard_size=3, seed=2).out
+
+
+def test_load(packed):
+    m = Manifest.load(packed)
+    assert m.root == packed.resolve()
+    assert m.taxonomy == Taxonomy.default()
+    assert m.classes == ("Benign", "early Pre-B", "Pre-B", "Pro-B")
+    assert m.splits == ("train", "val", "test")
+    assert m.options["seed"] == 2 and m.options["shard_size"] == 3
+    train = m.split("train")
+    assert train.name == "train" and train.count == 16
+    assert train.class_counts == {"Benign": 8, "early Pre-B": 8, "Pre-B": 0, "Pro-B": 0}
+    assert sum(s.count for s in train.shards) == 16 and len(train.shards) == 6
+    for shard in train.shards:
+        assert shard.path.is_absolute() and shard.path.is_file() and len(shard.sha256) == 64
+    assert Manifest.load(packed / "manifest.json").split("val").count == 2
+
+
+def test_unknown_split_lists_available(packed):
+    with pytest.raises(ManifestError, match="'dev'.*train, val, test"):
+        Manifest.load(packed).split("dev")
+
+
+def test_errors_name_the_file(tmp_path, packed):
+    with pytest.raises(ManifestNotFoundError, match=str(tmp_path / "nope" / "manifest.json")):
+        Manifest.load(tmp_path / "nope")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="bad/manifest.json is not valid JSON"):
+        Manifest.load(bad)
+    (bad / "manifest.json").write_text(json.dumps({"format": "other/2"}))
+    with pytest.raises(ManifestError, match="bad/manifest.json is not a bcc-shards/1 manifest"):
+        Manifest.load(bad)
+    data = json.loads((packed / "manifest.json").read_text())
+    del data["splits"]["train"]["count"]
+    (bad / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="malformed"):
+        Manifest.load(bad)

@@ -1,0 +1,363 @@
+"""bcc.pack and `bcc pack`: shard round trips, determinism, split rules, bad input, safe output."""
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from conftest import image_bytes
+from PIL import Image
+
+from bcc import pack as pack_mod
+from bcc.pack import PackError, _shard_sizes, pack_folders, verify_shards
+from bcc.taxonomy import Taxonomy, TaxonomyError
+
+FOLDERS = {"Benign": 6, "Early": 8, "Pre": 7, "Pro": 9}
+
+
+def bcc(*args, check_rc=None):
+    proc = subprocess.run([sys.executable, "-m", "bcc", "pack", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stdout + proc.stderr
+    return proc
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file() and not p.is_symlink():
+            st = p.stat()
+            h.update(p.read_bytes() + f"{st.st_mtime_ns} {st.st_mode}".encode())
+    return h.hexdigest()
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+
+def split_of(manifest: dict) -> dict[str, str]:
+    """source path -> split, read back from the shards' json."""
+    out = {}
+    root = Path(manifest["_root"])
+    for name, s in manifest["splits"].items():
+        for shard in s["shards"]:
+            for sample in wds.WebDataset(str(root / shard["path"]), shardshuffle=False, empty_check=False):
+                out[json.loads(sample["json"])["source"]] = name
+    return out
+
+
+def load_manifest(out: Path) -> dict:
+    m = json.loads((out / "manifest.json").read_text())
+    m["_root"] = str(out)
+    return m
+
+
+def test_round_trip_through_cli(tmp_path, make_class_tree):
+    src = make_class_tree(tmp_path / "src", FOLDERS)
+    (src / "Pre" / "nested").mkdir()
+    (src / "Pre" / "nested" / "deep.png").write_bytes(image_bytes(99, 48, "PNG"))
+    (src / "Pre" / ".DS_Store").write_bytes(b"junk")  # hidden: ignored, not reported
+    before = tree_digest(src)
+    out = tmp_path / "out"
+    proc = bcc(src, out, "--seed", 3, "--shard-size", 5, "--workers", 2, check_rc=0)
+    assert "img/s" in proc.stdout and "train" in proc.stdout
+    assert tree_digest(src) == before  # SRC untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no tmp left behind
+
+    m = load_manifest(out)
+    assert m["format"] == "bcc-shards/1" and m["classes"] == list(Taxonomy.default().class_names)
+    assert m["skipped"] == [] and m["converted"] == [] and m["source"] == str(src.resolve())
+    taxonomy = Taxonomy.from_dict(m["taxonomy"])
+    total = sum(FOLDERS.values()) + 1
+    assert sum(s["count"] for s in m["splits"].values()) == total
+    seen = set()
+    for name, s in m["splits"].items():
+        assert sum(sh["count"] for sh in s["shards"]) == s["count"] == sum(s["class_counts"].values())
+        class_counts = defaultdict(int)
+        for shard in s["shards"]:
+            path = out / shard["path"]
+            assert shard["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+            names = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True,
+                                   check=True).stdout.split()
+            assert len(names) == 2 * shard["count"]
+            samples = list(wds.WebDataset(str(path), shardshuffle=False, empty_check=False))
+            assert len(samples) == shard["count"]
+            for sample in samples:
+                assert sample["__key__"].startswith(f"{name}-") and len(sample["__key__"]) == len(name) + 9
+                meta = json.loads(sample["json"])
+                ext = "png" if meta["source"].endswith(".png") else "jpg"
+                assert sample[ext] == (src / meta["source"]).read_bytes()  # unchanged bytes
+                assert meta["sha256"] == hashlib.sha256(sample[ext]).hexdigest()
+                cls = taxonomy.resolve_folder(meta["folder"])
+                assert meta["label"] == cls and meta["class"] == taxonomy.class_names[cls]
+                assert {h: meta[h] for h in taxonomy.head_names} == taxonomy.targets(cls)
+                class_counts[meta["class"]] += 1
+                seen.add(meta["source"])
+        assert {c: n for c, n in s["class_counts"].items() if n} == dict(class_counts)
+    assert len(seen) == total
+
+    info = json.loads((out / "_info.json").read_text())
+    for name, s in m["splits"].items():
+        assert info["splits"][name]["num_samples"] == s["count"]
+        assert info["splits"][name]["filenames"] == [sh["path"] for sh in s["shards"]]
+        assert info["splits"][name]["shard_lengths"] == [sh["count"] for sh in s["shards"]]
+
+    # verify: OK, then a flipped byte is caught
+    assert "MISMATCH" not in bcc("--verify", out, check_rc=0).stdout
+    victim = out / m["splits"]["train"]["shards"][1]["path"]
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    proc = bcc("--verify", out, check_rc=1)
+    assert "MISMATCH" in proc.stdout and victim.name in proc.stdout
+
+    # OUT is not empty now: refused, then replaced with --overwrite
+    proc = bcc(src, out, check_rc=2)
+    assert str(out) in proc.stderr and "Traceback" not in proc.stderr
+    bcc(src, out, "--overwrite", check_rc=0)
+    assert verify_shards(out).ok
+
+
+def test_timm_reads_info(tmp_path, make_class_tree):
+    timm_data = pytest.importorskip("timm.data")
+    src = make_class_tree(tmp_path / "src", FOLDERS)
+    pack_folders(src, tmp_path / "out", shard_size=4)
+    m = load_manifest(tmp_path / "out")
+    ds = timm_data.create_dataset("wds/out", root=str(tmp_path / "out"), split="train", target_key="label")
+    assert len(ds) == m["splits"]["train"]["count"]
+    labels = [int(t) for _, t in ds]
+    assert len(labels) == m["splits"]["train"]["count"] and set(labels) <= {0, 1, 2, 3}
+
+
+def test_same_seed_same_bytes_other_seed_other_split(tmp_path, make_class_tree):
+    src = make_class_tree(tmp_path / "src", {"Benign": 20, "Early": 20, "Pre": 20, "Pro": 20})
+    a = pack_folders(src, tmp_path / "a", seed=7, shard_size=10)
+    b = pack_folders(src, tmp_path / "b", seed=7, shard_size=10, workers=2)  # worker count must not matter
+    c = pack_folders(src, tmp_path / "c", seed=8, shard_size=10)
+    assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
+    assert a.manifest["splits"] == b.manifest["splits"]
+    assert split_of(load_manifest(tmp_path / "a")) != split_of(load_manifest(tmp_path / "c"))
+    assert c.manifest["splits"]["train"]["count"] == 64  # exact: 0.8 of 20 per class
+    # every shard mixes classes
+    for s in a.manifest["splits"].values():
+        for shard in s["shards"]:
+            labels = {json.loads(x["json"])["label"] for x in wds.WebDataset(
+                str(tmp_path / "a" / shard["path"]), shardshuffle=False, empty_check=False)}
+            assert len(labels) > 1
+
+
+def test_duplicates_and_groups_never_straddle_splits(tmp_path):
+    src = tmp_path / "src"
+    for folder in ("Benign", "Pre", "Pro"):
+        (src / folder).mkdir(parents=True)
+    seed = 0
+    for folder in ("Benign", "Pre", "Pro"):
+        for patient in range(8):
+            for k in range(1 + patient % 3):  # groups of 1-3 images
+                seed += 1
+                (src / folder / f"P{folder}{patient:02d}_{k}.jpg").write_bytes(image_bytes(seed))
+        for i in range(15):
+            seed += 1
+            (src / folder / f"solo{i:02d}.jpg").write_bytes(image_bytes(seed))
+    for i in range(3):  # exact copies within a class
+        (src / "Pro" / f"copy{i}.jpg").write_bytes((src / "Pro" / f"solo{i:02d}.jpg").read_bytes())
+    conflict = (src / "Benign" / "solo00.jpg").read_bytes()
+    (src / "Pre" / "conflict.jpg").write_bytes(conflict)  # same content in two classes
+
+    fractions = (0.6, 0.2, 0.2)
+    for s in range(3):
+        result = pack_folders(src, tmp_path / f"out{s}", seed=s, split=fractions, group_regex=r"^(P\w+?)_")
+        m = load_manifest(tmp_path / f"out{s}")
+        where = split_of(m)
+        groups = defaultdict(set)
+        for path, split in where.items():
+            name = Path(path).name
+            if name.startswith("P"):
+                groups[name.split("_")[0]].add(split)
+        assert groups and all(len(v) == 1 for v in groups.values())
+        dups = {tuple(d["paths"]): d for d in m["duplicates"]}
+        assert ("Benign/solo00.jpg", "Pre/conflict.jpg") in dups
+        assert dups[("Benign/solo00.jpg", "Pre/conflict.jpg")]["conflict"] is True
+        assert any("different classes" in w for w in m["warnings"])
+        for d in m["duplicates"]:
+            assert {where[p] for p in d["paths"]} == {d["split"]}
+        # per-class proportions within one unit (the largest group, 3 images) of the request
+        for cls in ("Benign", "Pre-B", "Pro-B"):
+            n = sum(s["class_counts"][cls] for s in m["splits"].values())
+            for name, f in zip(("train", "val", "test"), fractions, strict=True):
+                assert abs(m["splits"][name]["class_counts"][cls] - n * f) <= 3
+        assert result.counts["duplicates"] == 4
+
+
+def test_bad_inputs_are_skipped_with_reasons(tmp_path, make_class_tree):
+    src = make_class_tree(tmp_path / "src", {"Benign": 4, "Early": 4, "Pre": 4})
+    (src / "Pro").mkdir()  # empty class folder -> warning
+    b = src / "Benign"
+    (b / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(200))
+    (b / "truncated.jpg").write_bytes(image_bytes(5, 64)[:300])
+    (b / "notes.txt").write_text("not an image")
+    (b / "empty.jpg").write_bytes(b"")
+    (b / "big.png").write_bytes(image_bytes(6, 80, "PNG"))  # 6400 px > --max-pixels 5000
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(image_bytes(7))
+    (b / "link.jpg").symlink_to(outside)
+    (b / "inside.jpg").symlink_to(src / "Early" / "img0000.jpg")  # inside SRC: packed (a duplicate)
+    e = src / "Early"
+    (e / "gray.png").write_bytes(image_bytes(8, 32, "PNG", "L"))
+    (e / "rgba.png").write_bytes(image_bytes(9, 32, "PNG", "RGBA"))
+    (e / "palette.png").write_bytes(image_bytes(10, 32, "PNG", "P"))
+    (e / "cmyk.jpg").write_bytes(image_bytes(11, 32, "JPEG", "CMYK"))
+    Image.new("I;16", (32, 32), 40000).save(e / "deep16.png")
+    expected = {
+        "Benign/corrupt.jpg": "corrupt image",
+        "Benign/truncated.jpg": "corrupt image",
+        "Benign/notes.txt": "non-image file",
+        "Benign/empty.jpg": "zero-byte file",
+        "Benign/big.png": "decompression bomb",
+        "Benign/link.jpg": "symlink outside SRC",
+    }
+    before = tree_digest(src)
+    out = tmp_path / "out"
+    proc = bcc(src, out, "--max-pixels", 5000, "--strict", check_rc=2)
+    for path in expected:
+        assert path in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["outside.jpg", "src"]
+
+    proc = bcc(src, out, "--max-pixels", 5000, check_rc=0)
+    assert "skipped" in proc.stdout
+    m = load_manifest(out)
+    reasons = {s["path"]: s["reason"] for s in m["skipped"]}
+    assert set(reasons) == set(expected)
+    for path, reason in expected.items():
+        assert reasons[path].startswith(reason), reasons[path]
+    assert reasons["Benign/big.png"] == "decompression bomb: 6400 pixels > limit 5000"
+    assert {c["path"]: c["mode"] for c in m["converted"]} == {
+        "Early/gray.png": "L", "Early/rgba.png": "RGBA", "Early/palette.png": "P",
+        "Early/cmyk.jpg": "CMYK", "Early/deep16.png": "I;16"}
+    assert any("'Pro'" in w and "empty" in w for w in m["warnings"])
+    assert sum(s["count"] for s in m["splits"].values()) == 12 + 1 + 5
+    assert tree_digest(src) == before
+
+    # converted images are stored as 8-bit RGB: PNG for lossless sources, JPEG for lossy ones
+    stored = {}
+    for s in m["splits"].values():
+        for shard in s["shards"]:
+            for x in wds.WebDataset(str(out / shard["path"]), shardshuffle=False, empty_check=False):
+                meta = json.loads(x["json"])
+                ext = next(k for k in x if k not in ("__key__", "__url__", "__local_path__", "json"))
+                stored[meta["source"]] = (ext, x[ext])
+    for path in ("Early/gray.png", "Early/rgba.png", "Early/palette.png", "Early/deep16.png"):
+        assert stored[path][0] == "png"
+    assert stored["Early/cmyk.jpg"][0] == "jpg"
+    for _ext, data in stored.values():
+        assert Image.open(io.BytesIO(data)).mode == "RGB"
+    deep = Image.open(io.BytesIO(stored["Early/deep16.png"][1]))
+    assert deep.getpixel((0, 0)) == (40000 >> 8,) * 3  # scaled, not clipped to white
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
+def test_unreadable_file_is_skipped(tmp_path, make_class_tree):
+    src = make_class_tree(tmp_path / "src", {"Benign": 3})
+    locked = src / "Benign" / "img0000.jpg"
+    locked.chmod(0)
+    try:
+        m = pack_folders(src, tmp_path / "out").manifest
+    finally:
+        locked.chmod(0o644)
+    assert m["skipped"][0]["reason"].startswith("unreadable")
+
+
+def test_unknown_folder_fails_before_work(tmp_path, make_class_tree):
+    src = make_class_tree(tmp_path / "src", {"Benign": 2, "Weird": 2})
+    proc = bcc(src, tmp_path / "out", check_rc=2)
+    assert "'Weird'" in proc.stderr and "'Benign'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(TaxonomyError, match="Weird"):
+        pack_folders(src, tmp_path / "out")
+
+
+def test_custom_taxonomy_and_resize(tmp_path, make_class_tree):
+    src = make_class_tree(tmp_path / "src", {"polyps": 5, "Esophagitis": 5}, size=48)
+    kvasir = Path(__file__).resolve().parents[1] / "configs" / "taxonomy" / "kvasir.yaml"
+    bcc(src, tmp_path / "out", "--taxonomy", kvasir, "--resize", 24, "--split", "0.6,0.4,0", check_rc=0)
+    m = load_manifest(tmp_path / "out")
+    assert len(m["classes"]) == 8 and m["options"]["resize"] == 24
+    assert m["splits"]["test"] == {"count": 0, "class_counts": {c: 0 for c in m["classes"]}, "shards": []}
+    for x in wds.WebDataset(str(tmp_path / "out" / m["splits"]["train"]["shards"][0]["path"]),
+                            shardshuffle=False, empty_check=False):
+        assert min(Image.open(io.BytesIO(x["jpg"])).size) == 24
+        assert json.loads(x["json"])["finding"] == json.loads(x["json"])["label"]
+
+
+def test_interrupted_pack_leaves_nothing(tmp_path, make_class_tree, monkeypatch):
+    src = make_class_tree(tmp_path / "src", FOLDERS)
+    calls = []
+
+    def boom(path, samples):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, samples)
+
+    real = pack_mod._write_shard
+    monkeypatch.setattr(pack_mod, "_write_shard", boom)
+    with pytest.raises(KeyboardInterrupt):
+        pack_folders(src, tmp_path / "out", shard_size=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+    # with --overwrite, the old OUT survives an interrupted replacement untouched
+    monkeypatch.setattr(pack_mod, "_write_shard", real)
+    pack_folders(src, tmp_path / "out", shard_size=5)
+    old = shard_bytes(tmp_path / "out")
+    calls.clear()
+    monkeypatch.setattr(pack_mod, "_write_shard", boom)
+    with pytest.raises(KeyboardInterrupt):
+        pack_folders(src, tmp_path / "out", shard_size=5, seed=1, overwrite=True)
+    assert shard_bytes(tmp_path / "out") == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_refuses_non_empty_out_and_nested_paths(tmp_path, make_class_tree):
+    src = make_class_tree(tmp_path / "src", {"Benign": 2})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="out"):
+        pack_folders(src, tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    with pytest.raises(PackError, match="contain"):
+        pack_folders(src, src / "Benign" / "out")
+    (tmp_path / "empty").mkdir()
+    pack_folders(src, tmp_path / "empty")  # an empty OUT is fine
+    assert (tmp_path / "empty" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("bad", ["0.5,0.5", "0.8,0.3,-0.1", "0.5,0.2,0.2", "0,0.5,0.5", "a,b,c"])
+def test_bad_split_rejected(tmp_path, bad):
+    proc = bcc(tmp_path, tmp_path / "out", "--split", bad, check_rc=2)
+    assert "--split" in proc.stderr
+
+
+def test_group_regex_validated(tmp_path):
+    assert "capturing group" in bcc(tmp_path, tmp_path / "o", "--group-regex", "P\\d+", check_rc=2).stderr
+    assert "compile" in bcc(tmp_path, tmp_path / "o", "--group-regex", "(P", check_rc=2).stderr
+
+
+def test_shard_sizes_balanced(tmp_path, make_class_tree):
+    assert _shard_sizes(0, 10, 4) == []
+    assert _shard_sizes(25, 10, 1) == [9, 8, 8]
+    assert _shard_sizes(10, 100, 4) == [3, 3, 2, 2]
+    assert _shard_sizes(3, 100, 8) == [1, 1, 1]
+    src = make_class_tree(tmp_path / "src", {"Benign": 10, "Pro": 10})
+    m = pack_folders(src, tmp_path / "out", shard_size=7, min_shards=3).manifest
+    train = [s["count"] for s in m["splits"]["train"]["shards"]]
+    assert train == [6, 5, 5]
+    assert [s["count"] for s in m["splits"]["val"]["shards"]] == [1, 1]
