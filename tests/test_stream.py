@@ -1,0 +1,251 @@
+"""Stream: exact batch counts per rank, eval exactly once, per-epoch shard deal, determinism, errors.
+
+Ranks are simulated in one process by passing rank/world_size. Shards are written directly with
+webdataset's TarWriter so that layouts can be deliberately uneven.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from bcc.config import DataConfig
+from bcc.manifest import Manifest
+from bcc.stream import (
+    ShardError,
+    batches_per_epoch,
+    eval_loader,
+    iter_keys,
+    shard_assignment,
+    train_loader,
+)
+from bcc.taxonomy import Taxonomy
+
+UNEVEN = [30, 3, 3, 40]  # 76 samples
+
+
+def write_pack(root: Path, layout: dict[str, list[int]]) -> Manifest:
+    """Shards of 32 px PNG noise with the given sample count per shard, plus manifest.json."""
+    taxonomy = Taxonomy.default()
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, counts in layout.items():
+        shards, index = [], 0
+        for s, n in enumerate(counts):
+            name = f"{split}-{s:06d}.tar"
+            with wds.TarWriter(str(root / name)) as writer:
+                for _ in range(n):
+                    rng = random.Random(f"{split}/{index}")
+                    img = Image.frombytes("RGB", (32, 32), rng.randbytes(32 * 32 * 3))
+                    buf = io.BytesIO()
+                    img.save(buf, "PNG")
+                    meta = {"label": index % 4, "source": f"{split}/{index}.png"}
+                    writer.write(
+                        {"__key__": f"{split}-{index:08d}", "png": buf.getvalue(), "json": json.dumps(meta)}
+                    )
+                    index += 1
+            shards.append({"path": name, "count": n, "sha256": ""})
+        splits[split] = {"count": index, "class_counts": {}, "shards": shards}
+    manifest = {
+        "format": "bcc-shards/1",
+        "taxonomy": taxonomy.to_dict(),
+        "classes": list(taxonomy.class_names),
+        "splits": splits,
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return Manifest.load(root)
+
+
+def data_cfg(**kw) -> DataConfig:
+    base = dict(image_size=16, batch_size=4, eval_batch_size=3, workers=0, shuffle_buffer=8)
+    return DataConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory) -> Manifest:
+    return write_pack(tmp_path_factory.mktemp("pack"), {"train": UNEVEN, "val": [5, 2], "test": [7]})
+
+
+def test_batches_per_epoch():
+    assert batches_per_epoch(76, 4, 1) == 19
+    assert batches_per_epoch(76, 4, 2) == 9
+    with pytest.raises(ValueError, match="lower data.batch_size"):
+        batches_per_epoch(7, 4, 2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_every_rank_yields_exactly_the_planned_batches(pack, world_size, workers):
+    cfg = data_cfg(workers=workers)
+    expected = batches_per_epoch(76, cfg.batch_size, world_size)
+    for rank in range(world_size):
+        loader = train_loader(pack, cfg, seed=0, epoch=1, rank=rank, world_size=world_size)
+        batches = list(loader)
+        assert len(loader) == len(batches) == expected
+        for b in batches:
+            assert b["image"].shape == (4, 3, 16, 16) and b["image"].dtype == torch.float32
+            assert b["label"].dtype == torch.long and len(b["key"]) == len(b["source"]) == 4
+            assert all(
+                int(k.split("-")[1]) % 4 == label
+                for k, label in zip(b["key"], b["label"].tolist(), strict=True)
+            )
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("counts", [[4, 5, 3, 2], [6], [1, 1]])
+def test_eval_sees_every_sample_exactly_once(tmp_path, counts, workers):
+    manifest = write_pack(tmp_path, {"train": [4], "val": counts})
+    everything = sorted(f"val-{i:08d}" for i in range(sum(counts)))
+    cfg = data_cfg(workers=workers)
+    for world_size in (1, 2, 3):
+        per_rank = []
+        for rank in range(world_size):
+            loader = eval_loader(manifest, "val", cfg, rank=rank, world_size=world_size)
+            batches = list(loader)
+            assert len(loader) == len(batches)
+            assert all(b["image"].shape[1:] == (3, 16, 16) for b in batches)
+            keys = iter_keys(batches)
+            assert keys == iter_keys(eval_loader(manifest, "val", cfg, rank=rank, world_size=world_size))
+            per_rank.append(keys)
+        union = [k for keys in per_rank for k in keys]
+        assert sorted(union) == everything, (world_size, per_rank)
+
+
+def test_eval_images_do_not_depend_on_workers(pack):
+    a = list(eval_loader(pack, "test", data_cfg(workers=0), rank=0, world_size=1))
+    b = list(eval_loader(pack, "test", data_cfg(workers=2), rank=0, world_size=1))
+    by_key_a = {k: img for batch in a for k, img in zip(batch["key"], batch["image"], strict=True)}
+    by_key_b = {k: img for batch in b for k, img in zip(batch["key"], batch["image"], strict=True)}
+    assert by_key_a.keys() == by_key_b.keys()
+    assert all(torch.equal(by_key_a[k], by_key_b[k]) for k in by_key_a)
+
+
+def test_shard_assignment_changes_with_epoch_and_seed(tmp_path):
+    manifest = write_pack(tmp_path, {"train": [2] * 12})
+    shards = manifest.split("train").shards
+
+    def plan(seed, epoch):
+        deal = shard_assignment(shards, seed=seed, epoch=epoch, world_size=2, workers=2)
+        return [[[s.path.name for s in part] for part in rank] for rank in deal]
+
+    assert plan(0, 0) == plan(0, 0)
+    assert plan(0, 0) != plan(0, 1)
+    assert plan(0, 0) != plan(1, 0)
+    for seed, epoch in [(0, 0), (0, 1), (5, 3)]:
+        parts = [part for rank in plan(seed, epoch) for part in rank]
+        assert sorted(n for part in parts for n in part) == sorted(s.path.name for s in shards)
+        assert [len(p) for p in parts] == [3, 3, 3, 3]
+
+
+def test_uneven_shards_are_dealt_by_sample_count(pack):
+    deal = shard_assignment(pack.split("train").shards, seed=0, epoch=0, world_size=2, workers=0)
+    loads = sorted(sum(s.count for s in rank[0]) for rank in deal)
+    assert loads in ([33, 43], [36, 40])  # never {30, 40} against {3, 3}
+    for epoch in range(8):  # as many shards as (rank, worker) parts: one each, whatever the sizes
+        deal = shard_assignment(pack.split("train").shards, seed=0, epoch=epoch, world_size=2, workers=2)
+        assert [len(part) for rank in deal for part in rank] == [1, 1, 1, 1]
+
+
+def test_rank_streams_change_with_epoch(pack):
+    cfg = data_cfg()
+    first = {e: iter_keys(train_loader(pack, cfg, seed=0, epoch=e, rank=0, world_size=2)) for e in range(3)}
+    assert len({tuple(k) for k in first.values()}) == 3
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_same_arguments_give_bitwise_equal_batches(pack, workers):
+    cfg = data_cfg(workers=workers)
+    before = torch.get_rng_state()
+    runs = [list(train_loader(pack, cfg, seed=3, epoch=2, rank=1, world_size=2)) for _ in range(2)]
+    # the trainer's global RNG is neither used nor shifted, even when batches are made in-process
+    assert torch.equal(before, torch.get_rng_state())
+    for a, b in zip(*runs, strict=True):
+        assert a["key"] == b["key"] and a["source"] == b["source"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    other = list(train_loader(pack, cfg, seed=4, epoch=2, rank=1, world_size=2))
+    assert any(not torch.equal(a["image"], b["image"]) for a, b in zip(runs[0], other, strict=True))
+
+
+def stream_digest(root: Path, workers: int) -> str:
+    manifest = Manifest.load(root)
+    digest = hashlib.sha256()
+    for b in train_loader(manifest, data_cfg(workers=workers), seed=7, epoch=1, rank=1, world_size=2):
+        digest.update(b["image"].numpy().tobytes())
+        digest.update(" ".join(b["key"]).encode())
+    return digest.hexdigest()
+
+
+def test_stream_is_identical_in_another_process(pack):
+    root = pack.split("train").shards[0].path.parent
+    code = (
+        "import sys; from pathlib import Path; from test_stream import stream_digest; "
+        "print(stream_digest(Path(sys.argv[1]), 2))"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}  # nothing may depend on Python's salted hash()
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(root)],
+        cwd=Path(__file__).parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == stream_digest(root, 2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skip_batches_is_the_tail_of_the_full_stream(pack, workers):
+    cfg = data_cfg(workers=workers)
+    full = list(train_loader(pack, cfg, seed=0, epoch=0, rank=0, world_size=1))
+    for k in (1, 3, len(full)):
+        loader = train_loader(pack, cfg, seed=0, epoch=0, rank=0, world_size=1, skip_batches=k)
+        tail = list(loader)
+        assert len(loader) == len(tail) == len(full) - k
+        for a, b in zip(full[k:], tail, strict=True):
+            assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+    with pytest.raises(ValueError, match="skip_batches"):
+        train_loader(pack, cfg, seed=0, epoch=0, rank=0, world_size=1, skip_batches=len(full) + 1)
+
+
+def test_too_few_shards_names_the_needed_count(tmp_path):
+    manifest = write_pack(tmp_path, {"train": [10, 10, 10]})
+    with pytest.raises(ValueError, match=r"at least 4 shards.*--min-shards 4.*data.workers=1"):
+        train_loader(manifest, data_cfg(workers=2), seed=0, epoch=0, rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"at least 4 shards.*--min-shards 4`$"):
+        train_loader(manifest, data_cfg(workers=1), seed=0, epoch=0, rank=0, world_size=4)
+
+
+def test_missing_shard_is_named(tmp_path):
+    manifest = write_pack(tmp_path, {"train": [8, 8], "val": [3, 3]})
+    (tmp_path / "train-000001.tar").unlink()
+    (tmp_path / "val-000000.tar").unlink()
+    with pytest.raises(ShardError, match="train-000001.tar"):
+        train_loader(manifest, data_cfg(), seed=0, epoch=0, rank=0, world_size=1)
+    with pytest.raises(ShardError, match="val-000000.tar"):
+        eval_loader(manifest, "val", data_cfg(), rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_or_short_shard_is_named(tmp_path, workers):
+    manifest = write_pack(tmp_path, {"train": [8, 8], "val": [4]})
+    broken = tmp_path / "train-000001.tar"
+    broken.write_bytes(broken.read_bytes()[:5000])  # truncated in the middle of a member
+    with pytest.raises(Exception, match="train-000001.tar"):
+        list(train_loader(manifest, data_cfg(workers=workers), seed=0, epoch=0, rank=0, world_size=1))
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    data["splits"]["val"]["shards"][0]["count"] = 5
+    data["splits"]["val"]["count"] = 5
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(Exception, match=r"val-000000.tar holds 4 samples but the manifest says 5"):
+        list(eval_loader(Manifest.load(tmp_path), "val", data_cfg(workers=workers), rank=0, world_size=1))
