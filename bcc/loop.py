@@ -54,6 +54,7 @@ from bcc.stream import batches_per_epoch, eval_loader, train_loader
 from bcc.taxonomy import Taxonomy
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on SIGUSR1/SIGTERM; launchers requeue on this code
+PREEMPTED_MARKER = "PREEMPTED"  # written into the run dir with the preemption checkpoint
 
 # Config keys that may change when a run resumes; anything else is refused.
 SAFE_RESUME_KEYS = (
@@ -388,6 +389,7 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         acc.wait_for_everyone()
         self._pending_rng = None
         path = self.resume_from()
@@ -424,6 +426,10 @@ class Trainer:
             preempted = self._run_epoch(loader, stage_start, stage_steps)
             if preempted:
                 self.save()
+                if acc.is_main_process:
+                    # launchers that lose the exit code (torchrun reports any child failure as 1) read this
+                    marker = {"step": self.state.step, "signal": self.preempt.signum, "exit_code": EXIT_PREEMPTED}
+                    (self.run_dir / PREEMPTED_MARKER).write_text(json.dumps(marker) + "\n")
                 console.print(f"[yellow]preempted[/]: saved at step {self.state.step}; exiting with {EXIT_PREEMPTED}")
                 return {"preempted": True, "step": self.state.step}
             self.state.epoch += 1

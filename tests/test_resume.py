@@ -1,0 +1,163 @@
+"""Checkpoints you can kill at any moment: exact mid-epoch resume after SIGKILL, and SIGUSR1 preemption
+through the real entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bcc.launch import accelerate_command
+from conftest import write_config
+
+EXIT_PREEMPTED = 75
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / "last" / "model.safetensors")
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def train_cmd(cfg: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "bcc.train", "--config", str(cfg), *overrides]
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"process ended (rc {proc.returncode}) before the condition held:\n{out[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("timed out waiting")
+
+
+def step_dirs(run_dir: Path) -> list[int]:
+    root = run_dir / "checkpoints"
+    if not root.exists():
+        return []
+    return sorted(int(p.name.split("-")[1]) for p in root.glob("step-*") if (p / "trainer_state.json").exists())
+
+
+@pytest.fixture
+def resume_config(synth_shards, tmp_path):
+    def make(run_dir: Path, **sections) -> Path:
+        sections.setdefault("train", {}).update({"epochs": 3})
+        sections.setdefault("checkpoint", {}).update({"every_steps": 2, "keep_last": 3})
+        sections.setdefault("data", {}).update({"workers": 2})
+        return write_config(tmp_path / f"{run_dir.name}.yaml", synth_shards, run_dir, **sections)
+
+    return make
+
+
+def test_sigkill_then_auto_resume_is_bitwise_exact(resume_config, tmp_path):
+    """One process, 2 loader workers: killed at a random checkpoint mid-epoch, resumed, equal to uninterrupted."""
+    straight = tmp_path / "straight"
+    proc = subprocess.run(train_cmd(resume_config(straight)), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    cfg = resume_config(killed)
+    steps_per_epoch = json.loads((straight / "summary.json").read_text())["ranks"][0]["steps"] // 3
+    # a random checkpoint that is not at an epoch boundary, so the resume must skip consumed batches
+    candidates = [s for s in range(2, 3 * steps_per_epoch, 2) if s % steps_per_epoch]
+    target = random.Random(os.getpid()).choice(candidates)
+    proc = subprocess.Popen(train_cmd(cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: any(s >= target for s in step_dirs(killed)), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+
+    resumed = subprocess.run(train_cmd(cfg), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert_bitwise_equal(final_weights(straight), final_weights(killed))
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((killed / "summary.json").read_text())
+    assert a["state"]["step"] == b["state"]["step"] and a["val"] == b["val"]
+
+
+def test_resume_refuses_unsafe_config_change(resume_config, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = resume_config(run_dir, train={"epochs": 1})
+    assert subprocess.run(train_cmd(cfg), capture_output=True, timeout=300).returncode == 0
+    proc = subprocess.run(train_cmd(cfg, "train.lr=0.5"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "train.lr" in proc.stderr
+    # more epochs is safe: the run continues from its last checkpoint
+    proc = subprocess.run(train_cmd(cfg, "train.epochs=2"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "config change accepted: train.epochs" in proc.stdout
+
+
+def test_resume_refuses_another_model(resume_config, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = resume_config(run_dir, train={"epochs": 1})
+    assert subprocess.run(train_cmd(cfg), capture_output=True, timeout=300).returncode == 0
+    proc = subprocess.run(train_cmd(cfg, "model.head_hidden=64"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "another model" in proc.stderr and "head_hidden" in proc.stderr
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    return [c.pid for c in psutil.Process(pid).children(recursive=True) if "bcc.train" in " ".join(c.cmdline())]
+
+
+def test_sigusr1_preempts_two_process_training_and_resume_matches(resume_config, tmp_path):
+    """SIGUSR1 to ONE rank: all ranks agree at the next step, save together, exit 75; resume is exact."""
+    straight = tmp_path / "straight"
+    cmd, env = accelerate_command(2, ["--config", str(resume_config(straight))])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    run_dir = tmp_path / "preempted"
+    cfg = resume_config(run_dir, checkpoint={"every_steps": 0})
+    cmd, env = accelerate_command(2, ["--config", str(cfg)])
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists(), proc)  # after the first epoch
+    ranks = _children(proc.pid)
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[-1], signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert "preempted" in out, out[-3000:]
+    assert (run_dir / "PREEMPTED").exists()
+    state = json.loads((run_dir / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert 0 < state["step"]
+
+    cmd, env = accelerate_command(2, ["--config", str(cfg)])
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert not (run_dir / "PREEMPTED").exists()
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((run_dir / "summary.json").read_text())
+    assert a["val"] == b["val"]
+    assert a["ranks"][0]["weights_sha256"] == b["ranks"][0]["weights_sha256"]
+
+
+def test_single_process_preemption_exit_code(resume_config, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(resume_config(run_dir)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    wait_for(lambda: step_dirs(run_dir), proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED
