@@ -37,6 +37,7 @@ import io
 import json
 import math
 import random
+import signal
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,14 @@ class _EvalStream(IterableDataset):
 # --------------------------------------------------------------------------- loaders
 
 
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """Slurm signals every process of a job step, loader workers included. Preemption is the main
+    process's business (it saves, then ends the workers); a worker killed by SIGTERM first would
+    turn an orderly save into a crash."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class BatchLoader:
     """An iterable of batch dicts with a known length; iterate it once per epoch."""
 
@@ -275,6 +284,7 @@ class BatchLoader:
             pin_memory=pin_memory,
             in_order=True,  # the exact batch count and order rely on strict round robin over workers
             generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=_ignore_preemption_signals if workers else None,
         )
 
     def __len__(self) -> int:

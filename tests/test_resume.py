@@ -153,11 +153,16 @@ def test_sigusr1_preempts_two_process_training_and_resume_matches(resume_config,
     assert a["ranks"][0]["weights_sha256"] == b["ranks"][0]["weights_sha256"]
 
 
-def test_single_process_preemption_exit_code(resume_config, tmp_path):
+def test_sigterm_to_the_whole_process_group_saves_and_exits_75(resume_config, tmp_path):
+    """Like Slurm: SIGTERM reaches every process, loader workers included; the run still saves."""
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(resume_config(run_dir)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, start_new_session=True)
     wait_for(lambda: step_dirs(run_dir), proc)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_PREEMPTED
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
+    marker = json.loads((run_dir / "PREEMPTED").read_text())
+    assert marker["signal"] == signal.SIGTERM
+    state = json.loads((run_dir / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert state["step"] == marker["step"] > 0
