@@ -452,6 +452,8 @@ class Trainer:
         result = {"val": last_val, "train_time": time.perf_counter() - t_start}
         if cfg.eval.test_at_end and cfg.data.test_split in self.manifest.splits:
             result["test"] = self.final_test(metrics_path)
+        if cfg.eval.calibrate:
+            result["calibration"] = self.calibrate()
         self._write_summary(result)
         return result
 
@@ -537,6 +539,18 @@ class Trainer:
         set_train_mode(self.model, self.frozen_bn)
         console.print(format_table(result, f"{split} after epoch {self.state.epoch}"))
         return result
+
+    def calibrate(self) -> dict | None:
+        """Temperature scaling of the best checkpoint on the val split (main process; small and fast)."""
+        best = self.run_dir / "checkpoints" / "best"
+        out = None
+        if self.accelerator.is_main_process and best.exists():
+            from bcc.evaluate import calibrate_checkpoint
+
+            out = calibrate_checkpoint(best, self.cfg.data.shards, self.cfg.data.val_split, workers=0)
+            console.print(f"calibrated {best}: temperatures {out.get('temperatures')}")
+        self.accelerator.wait_for_everyone()
+        return out
 
     def _write_summary(self, result: Mapping) -> None:
         """Cross-rank integrity: each rank's step count and a checksum of its weights."""

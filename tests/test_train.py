@@ -86,13 +86,16 @@ def test_short_cpu_run_learns_the_synthetic_task(synth_shards, tmp_path):
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, run_dir,
                        train={"epochs": 8, "lr": 0.05, "warmup_steps": 5},
-                       checkpoint={"metric": "bacc4"})
+                       checkpoint={"metric": "bacc4"}, eval={"calibrate": True})
     proc = subprocess.run([sys.executable, "-m", "bcc", "train", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     test = [r for r in read_rows(run_dir) if r["split"] == "test"][-1]
     assert test["acc4"] >= 0.6, test
     assert test["binary_bacc"] > 0.8, test
+    # eval.calibrate: temperatures fitted on val and stored with the best checkpoint
+    temps = json.loads((run_dir / "checkpoints" / "best" / "temperature.json").read_text())
+    assert set(temps["temperatures"]) == {"binary", "subtype"}
 
 
 def test_bad_config_key_fails_cleanly(synth_shards, tmp_path):

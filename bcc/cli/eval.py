@@ -1,0 +1,52 @@
+"""`bcc eval`: metrics, predictions, confusion matrix and reliability diagram of a checkpoint on a packed
+split or an image folder. One process here; for more, `accelerate launch -m bcc.evaluate` with the same
+arguments (each sample is counted once across the processes)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", "-c", required=True, metavar="RUN|CKPT",
+                   help="run dir (its best checkpoint), checkpoints dir, step dir or best/last link")
+    p.add_argument("--data", "-d", required=True, metavar="PATH",
+                   help="packed dataset (dir with manifest.json) or image folder of class folders")
+    p.add_argument("--split", default="test", help="split of a packed dataset (default: test)")
+    p.add_argument("--out", "-o", default=None,
+                   help="output dir (default: RUN/eval-<split|folder name>, or ./eval-<name> outside a run)")
+    p.add_argument("--batch-size", type=int, default=None, help="per process (default: the run's eval_batch_size)")
+    p.add_argument("--workers", type=int, default=None, help="loader workers per process (default: the run's)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="ignore temperatures stored by `bcc calibrate` (report raw probabilities)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a checkpoint on a packed split or an image folder",
+                              description=__doc__)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bcc.console import error
+
+    for name in ("batch_size", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "batch_size" else 0):
+            error(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'batch_size' else '>= 0'}, got {value}")
+            return 2
+    from bcc.checkpoint import CheckpointError
+    from bcc.evaluate import EvalError, evaluate_checkpoint
+    from bcc.manifest import ManifestError
+    from bcc.stream import ShardError
+    from bcc.taxonomy import TaxonomyError
+
+    try:
+        evaluate_checkpoint(args.checkpoint, args.data, split=args.split, out=args.out,
+                            batch_size=args.batch_size, workers=args.workers,
+                            calibrated=not args.no_calibration)
+    except (CheckpointError, EvalError, ManifestError, ShardError, TaxonomyError, OSError) as e:
+        error(str(e))
+        return 2
+    return 0

@@ -1,0 +1,67 @@
+"""`bcc predict`: the hierarchical answer for images (files or directories, searched recursively).
+
+Prints per image the decision (`Benign`, or `Malignant: Pro-B`: the subtype only when the binary head
+says malignant) and the probabilities of every head. `--tta` averages the softmax over the identity and
+the horizontal, vertical and both flips. `--gradcam DIR` writes `DIR/<image stem>.<head>.png` per head:
+the original image (its own size) with the Grad-CAM map of that head's predicted class laid over the
+region the model saw. Exit code 1 when some file could not be read (the others are still predicted)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("predict", help="predict images with a checkpoint", description=__doc__)
+    p.add_argument("--checkpoint", "-c", required=True, metavar="RUN|CKPT",
+                   help="run dir (its best checkpoint), checkpoints dir, step dir or best/last link")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories")
+    p.add_argument("--csv", default=None, metavar="FILE", help="write one row per image (failures included)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write predictions and failures as JSON")
+    p.add_argument("--gradcam", default=None, metavar="DIR", help="write Grad-CAM overlays per image and head")
+    p.add_argument("--tta", action="store_true", help="average over flips (4 forward passes per image)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-calibration", action="store_true", help="ignore stored temperatures")
+    p.set_defaults(func=run)
+
+
+def _line(pred) -> str:
+    heads = "  ".join(
+        f"{head}: " + " ".join(f"{label} {p:.3f}" for label, p in probs.items())
+        for head, probs in pred.head_probs.items()
+    )
+    return f"{pred.path}: {pred.answer}  |  {heads}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from bcc.console import console, error
+
+    if args.batch_size < 1:
+        error(f"--batch-size must be >= 1, got {args.batch_size}")
+        return 2
+    from bcc.checkpoint import CheckpointError
+    from bcc.predict import load_inference_model, predict_paths, write_predictions_csv, write_predictions_json
+
+    try:
+        im = load_inference_model(args.checkpoint, calibrated=not args.no_calibration)
+        result = predict_paths(im, args.paths, tta=args.tta, batch_size=args.batch_size,
+                               gradcam_dir=args.gradcam,
+                               on_prediction=lambda p: console.print(_line(p), markup=False, soft_wrap=True))
+    except (CheckpointError, ValueError, OSError) as e:
+        error(str(e))
+        return 2
+    for path, reason in result.failures:
+        error(f"{path}: {reason}")
+    if args.csv:
+        write_predictions_csv(result, im.taxonomy, args.csv)
+    if args.json:
+        write_predictions_json(result, args.json)
+    n, bad = len(result.predictions), len(result.failures)
+    notes = [("temperature-scaled" if result.calibrated else "uncalibrated"), *(["TTA x4"] if args.tta else [])]
+    if args.gradcam:
+        notes.append(f"Grad-CAM in {args.gradcam}")
+    console.print(f"{n} image(s) predicted, {bad} failed ({', '.join(notes)})", soft_wrap=True)
+    if n == 0 and bad == 0:
+        error("no images given")
+        return 2
+    return 1 if bad else 0

@@ -1,0 +1,450 @@
+"""Inference from a checkpoint: load the model once, predict images, explain the hierarchical answer.
+
+`load_inference_model(path)` turns a run dir, checkpoints dir, step dir or `best`/`last` link into an
+`InferenceModel`: the `MultitaskNet` in eval mode with the checkpoint's weights, its taxonomy, the eval
+preprocessing of its config and, unless disabled, the temperatures stored next to it by
+`bcc calibrate` (`<checkpoint>/temperature.json`). Only `meta.json` and `model.safetensors` are read:
+the optimizer state (as large as the model again) is never loaded.
+
+`predict_paths` answers for image files (directories are searched recursively): per image the
+hierarchical decision (`Taxonomy.decide`: `Benign`, or `Malignant: Pro-B`, the subtype named only when
+the binary head says malignant), the probabilities of every head, and optionally Grad-CAM overlays.
+An unreadable file is reported by name and the others continue.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bcc.checkpoint import MODEL_FILE, CheckpointError, read_meta, read_train_state, resolve_checkpoint
+from bcc.taxonomy import Taxonomy, TaxonomyError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "TEMPERATURE_FILE",
+    "InferenceModel",
+    "Prediction",
+    "TaxonomyMismatchError",
+    "answer_text",
+    "check_taxonomy",
+    "collect_images",
+    "decide",
+    "load_inference_model",
+    "predict_paths",
+    "read_image",
+    "read_temperatures",
+    "write_predictions_csv",
+    "write_predictions_json",
+    "write_temperatures",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+TEMPERATURE_FILE = "temperature.json"
+TEMPERATURE_FORMAT = "bcc-temperature/1"
+
+
+class TaxonomyMismatchError(TaxonomyError):
+    """A checkpoint used with data labelled by another taxonomy."""
+
+
+# --------------------------------------------------------------------------- taxonomy checks
+
+
+def _label_structure(t: Taxonomy) -> tuple:
+    """What fixes the meaning of every output and label index: heads and classes, not aliases or name."""
+    heads = tuple((h.name, h.labels, h.when) for h in t.heads)
+    return heads, tuple((c.name, c.targets) for c in t.classes)
+
+
+def describe_taxonomy(t: Taxonomy) -> str:
+    heads = "; ".join(f"{h.name} [{', '.join(h.labels)}]" for h in t.heads)
+    return f"{t.name!r} (heads {heads}; classes {', '.join(t.class_names)})"
+
+
+def check_taxonomy(model_taxonomy: Taxonomy, data_taxonomy: Taxonomy, model_label: str, data_label: str) -> None:
+    """Raise `TaxonomyMismatchError` naming both when the data's labels mean something else than the
+    model's outputs (heads, their labels and the leaf classes must agree; aliases may differ)."""
+    if _label_structure(model_taxonomy) != _label_structure(data_taxonomy):
+        raise TaxonomyMismatchError(
+            f"taxonomy mismatch: {model_label} was trained for taxonomy {describe_taxonomy(model_taxonomy)}, "
+            f"but {data_label} uses taxonomy {describe_taxonomy(data_taxonomy)}"
+        )
+
+
+# --------------------------------------------------------------------------- temperatures
+
+
+def read_temperatures(checkpoint_dir: str | Path, head_names: Sequence[str] | None = None) -> dict[str, float] | None:
+    """Per-head temperatures stored with a checkpoint by `bcc calibrate`, or None when there are none."""
+    path = Path(checkpoint_dir) / TEMPERATURE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        temps = {str(k): float(v) for k, v in data["temperatures"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot read temperatures from {path}: {type(e).__name__}: {e}") from e
+    bad = {k: v for k, v in temps.items() if not (math.isfinite(v) and v > 0)}
+    if bad:
+        raise CheckpointError(f"{path}: temperatures must be finite and > 0, got {bad}")
+    if head_names is not None and set(temps) != set(head_names):
+        raise CheckpointError(f"{path}: temperatures are for heads {sorted(temps)}, the model has {list(head_names)}")
+    return temps
+
+
+def write_temperatures(checkpoint_dir: str | Path, temperatures: Mapping[str, float], info: Mapping[str, Any]) -> Path:
+    """Store `temperatures` (head -> T) in `<checkpoint>/temperature.json` atomically (temp file, rename).
+
+    A `best`/`last` link is followed, so the file lands in the step directory it points at.
+    """
+    directory = Path(checkpoint_dir).resolve()
+    path = directory / TEMPERATURE_FILE
+    data = {
+        "format": TEMPERATURE_FORMAT,
+        "temperatures": {k: float(v) for k, v in temperatures.items()},
+        "fitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **info,
+    }
+    tmp = directory / f".tmp-{TEMPERATURE_FILE}-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------- the loaded model
+
+
+@dataclass
+class InferenceModel:
+    """A checkpoint ready for inference. `temperatures` is empty when uncalibrated (or disabled)."""
+
+    model: torch.nn.Module
+    taxonomy: Taxonomy
+    preprocess: Any  # bcc.transforms.EvalPreset: PIL image -> normalised [3, S, S] tensor
+    config: Any  # the run's resolved bcc.config.Config
+    checkpoint: Path  # the resolved checkpoint directory
+    step: int
+    device: torch.device
+    temperatures: dict[str, float] = field(default_factory=dict)
+    stored_temperatures: dict[str, float] | None = None  # what the checkpoint has, used or not
+
+    @property
+    def image_size(self) -> int:
+        return self.config.data.image_size
+
+    @property
+    def run_dir(self) -> Path | None:
+        """`RUN` when the checkpoint is `RUN/checkpoints/<step>` of a run with a config.yaml."""
+        parent = self.checkpoint.parent
+        if parent.name == "checkpoints" and (parent.parent / "config.yaml").is_file():
+            return parent.parent
+        return None
+
+    def scale(self, logits: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """Logits divided by the temperatures in use (unchanged when uncalibrated)."""
+        if not self.temperatures:
+            return tuple(logits)
+        from bcc.calibration import apply_temperature
+
+        return apply_temperature(logits, self.temperatures, self.taxonomy.head_names)
+
+    @torch.no_grad()
+    def head_probs(self, images: Tensor, tta: bool = False) -> list[Tensor]:
+        """Softmax of every head (after temperature scaling), [N, K_h] each, for a normalised batch.
+
+        With `tta` the probabilities are averaged over the identity, horizontal, vertical and both flips
+        (blood smears have no canonical orientation, which is why training flips them too).
+        """
+        x = images.to(self.device)
+        views = [x, x.flip(-1), x.flip(-2), x.flip(-2, -1)] if tta else [x]
+        logits = self.model(torch.cat(views))
+        n = x.shape[0]
+        out = []
+        for z in self.scale(logits):
+            p = torch.softmax(z.float(), dim=-1)
+            out.append(p.reshape(len(views), n, -1).mean(dim=0))
+        return out
+
+
+def load_inference_model(
+    path: str | Path, *, device: str | torch.device | None = None, calibrated: bool = True
+) -> InferenceModel:
+    """Load a checkpoint for inference (see the module docstring for what `path` may be)."""
+    from bcc.config import ConfigError, config_from_dict
+    from bcc.model import build_model
+    from bcc.transforms import EvalPreset
+
+    ckpt = resolve_checkpoint(path, prefer="best")
+    meta = read_meta(ckpt)
+    if not isinstance(meta, dict) or "taxonomy" not in meta or "config" not in meta:
+        raise CheckpointError(f"{ckpt / 'meta.json'} lacks the taxonomy or config of the run")
+    try:
+        taxonomy = Taxonomy.from_dict(meta["taxonomy"])
+        cfg = config_from_dict(meta["config"])
+    except (TaxonomyError, ConfigError) as e:
+        raise CheckpointError(f"{ckpt / 'meta.json'}: {e}") from e
+    # the weights come from the checkpoint: never read (or download) the pretrained file again
+    model = build_model(dataclasses.replace(cfg.model, pretrained=""), taxonomy.head_sizes)
+    state = _load_weights(ckpt / MODEL_FILE)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"weights in {ckpt} do not fit the model of its meta.json (backbone {cfg.model.backbone}, heads "
+            f"{dict(taxonomy.head_sizes)}): {len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected "
+            f"{unexpected[:3]}, {len(shapes)} of another shape {shapes[:3]}"
+        )
+    model.load_state_dict(state)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    stored = read_temperatures(ckpt, taxonomy.head_names)
+    d = cfg.data
+    return InferenceModel(
+        model=model,
+        taxonomy=taxonomy,
+        preprocess=EvalPreset(size=d.image_size, crop_pct=d.crop_pct, mean=d.mean, std=d.std),
+        config=cfg,
+        checkpoint=ckpt.resolve(),
+        step=read_train_state(ckpt).step,
+        device=device,
+        temperatures=dict(stored) if (calibrated and stored) else {},
+        stored_temperatures=stored,
+    )
+
+
+def _load_weights(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # missing, truncated or not a safetensors file
+        raise CheckpointError(f"cannot load weights {path}: {type(e).__name__}: {e}") from e
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+def decide(taxonomy: Taxonomy, probs: Sequence[Tensor]) -> Tensor:
+    """Leaf class index [N] of the hierarchical decision; a label combination that is no leaf class
+    (impossible for the default taxonomy) falls back to the most probable leaf, as in `EvalMetrics`."""
+    from bcc.metrics import combined_probs
+
+    decided = taxonomy.decide(probs)
+    if bool((decided < 0).any()):
+        # log-probabilities are valid logits: combined_probs takes log_softmax, which leaves them as they are
+        fallback = combined_probs(taxonomy, [p.clamp_min(1e-12).log() for p in probs]).argmax(dim=1)
+        decided = torch.where(decided >= 0, decided, fallback.to(decided.device))
+    return decided
+
+
+def answer_text(taxonomy: Taxonomy, class_index: int) -> str:
+    """The hierarchical answer for a leaf class: the labels of the heads that apply, root first.
+
+    Default taxonomy: `Benign`, `Malignant: Pro-B` (the subtype head only applies to malignant cells).
+    """
+    return ": ".join(label for _, label in taxonomy.classes[class_index].targets)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def collect_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files to predict: explicit files as given, directories searched recursively for image suffixes
+    (hidden entries skipped), in sorted order without repeats. Returns (files, [(path, problem)])."""
+    files: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(
+                f for f in p.rglob("*")
+                if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
+            if not found:
+                problems.append((str(p), "directory holds no image files (" + " ".join(IMAGE_SUFFIXES) + ")"))
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            problems.append((str(p), "no such file or directory"))
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique, problems
+
+
+def read_image(path: str | Path):
+    """A fully decoded RGB PIL image; any failure becomes an OSError with a one-line reason."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file must fail here, not inside the transform
+            return img.convert("RGB")  # the same conversion as the shard reader (bcc.stream)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise OSError(f"cannot read image {path}: {reason}") from e
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+@dataclass
+class Prediction:
+    path: str
+    answer: str  # e.g. "Malignant: Pro-B"
+    class_name: str  # leaf class of the decision
+    head_labels: dict[str, str]  # argmax label of every head (also of heads that do not apply)
+    head_probs: dict[str, dict[str, float]]  # head -> label -> probability
+    class_probs: dict[str, float]  # leaf class -> combined hierarchical probability
+    gradcam: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PredictResult:
+    predictions: list[Prediction]
+    failures: list[tuple[str, str]]  # (path, reason)
+    calibrated: bool
+    tta: bool
+
+
+def predict_paths(
+    im: InferenceModel,
+    paths: Iterable[str | Path],
+    *,
+    tta: bool = False,
+    batch_size: int = 16,
+    gradcam_dir: str | Path | None = None,
+    on_prediction=None,
+) -> PredictResult:
+    """Predict every image under `paths`; see the module docstring. `on_prediction(pred)` is called as
+    each answer is ready. Grad-CAM (when `gradcam_dir` is given) is computed on the un-flipped image, for
+    the class each head predicts (after test-time augmentation, when on)."""
+    from bcc.metrics import combined_probs
+
+    files, failures = collect_images(paths)
+    cam = None
+    if gradcam_dir is not None:
+        from bcc.gradcam import GradCAM
+
+        cam = GradCAM(im.model, image_size=im.image_size)
+        gradcam_dir = Path(gradcam_dir)
+        gradcam_dir.mkdir(parents=True, exist_ok=True)
+    taxonomy = im.taxonomy
+    predictions: list[Prediction] = []
+    used_names: set[str] = set()
+    for start in range(0, len(files), batch_size):
+        batch_paths, originals, tensors = [], [], []
+        for path in files[start:start + batch_size]:
+            try:
+                img = read_image(path)
+                tensors.append(im.preprocess(img))
+            except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
+                failures.append((str(path), str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"))
+                continue
+            batch_paths.append(path)
+            originals.append(img)
+        if not tensors:
+            continue
+        x = torch.stack(tensors)
+        probs = [p.cpu() for p in im.head_probs(x, tta=tta)]
+        decided = decide(taxonomy, probs)
+        combined = combined_probs(taxonomy, [p.clamp_min(1e-12).log() for p in probs])
+        classes = {h: p.argmax(dim=1) for h, p in zip(taxonomy.head_names, probs, strict=True)}
+        maps = cam(x.to(im.device), classes) if cam is not None else None
+        for i, path in enumerate(batch_paths):
+            c = int(decided[i])
+            pred = Prediction(
+                path=str(path),
+                answer=answer_text(taxonomy, c),
+                class_name=taxonomy.class_names[c],
+                head_labels={h.name: h.labels[int(probs[k][i].argmax())] for k, h in enumerate(taxonomy.heads)},
+                head_probs={h.name: {lab: float(probs[k][i, j]) for j, lab in enumerate(h.labels)}
+                            for k, h in enumerate(taxonomy.heads)},
+                class_probs={name: float(combined[i, j]) for j, name in enumerate(taxonomy.class_names)},
+            )
+            if maps is not None:
+                from bcc.gradcam import save_overlays
+
+                stem = _unique_stem(Path(path).stem, used_names)
+                pred.gradcam = [str(p) for p in save_overlays(
+                    originals[i], {h: m[i] for h, m in maps.items()}, gradcam_dir, stem,
+                    image_size=im.image_size, crop_pct=im.config.data.crop_pct,
+                    labels=pred.head_labels)]
+            predictions.append(pred)
+            if on_prediction is not None:
+                on_prediction(pred)
+    return PredictResult(predictions, failures, calibrated=bool(im.temperatures), tta=tta)
+
+
+def _unique_stem(stem: str, used: set[str]) -> str:
+    name, k = stem, 2
+    while name in used:
+        name, k = f"{stem}-{k}", k + 1
+    used.add(name)
+    return name
+
+
+def _prob_columns(taxonomy: Taxonomy) -> list[str]:
+    cols = [f"{h.name}:{lab}" for h in taxonomy.heads for lab in h.labels]
+    return cols + [f"combined:{c}" for c in taxonomy.class_names]
+
+
+def write_predictions_csv(result: PredictResult, taxonomy: Taxonomy, path: str | Path) -> Path:
+    """One row per file: path, answer, class, every head's probabilities (`head:label`), the combined
+    leaf probabilities (`combined:class`), and `error` (set, with the rest empty, for failed files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = _prob_columns(taxonomy)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "answer", "class", *cols, "gradcam", "error"])
+        for p in result.predictions:
+            values = {f"{h}:{lab}": v for h, d in p.head_probs.items() for lab, v in d.items()}
+            values.update({f"combined:{c}": v for c, v in p.class_probs.items()})
+            w.writerow([p.path, p.answer, p.class_name, *(repr(values[c]) for c in cols), " ".join(p.gradcam), ""])
+        for file, reason in result.failures:
+            w.writerow([file, "", "", *([""] * len(cols)), "", reason])
+    return path
+
+
+def write_predictions_json(result: PredictResult, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "calibrated": result.calibrated,
+        "tta": result.tta,
+        "predictions": [p.to_dict() for p in result.predictions],
+        "failures": [{"path": f, "error": r} for f, r in result.failures],
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
