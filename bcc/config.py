@@ -164,6 +164,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {_type_name(tp)}")
     if origin is Literal:
+        if isinstance(value, bool) and "no" in args:
+            value = "yes" if value else "no"  # YAML 1.1 reads a bare `no` as false
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value

@@ -78,18 +78,27 @@ class TrainError(RuntimeError):
 class PreemptionFlag:
     """SIGUSR1/SIGTERM only set a flag; the loop acts on it at the next step boundary."""
 
-    def __init__(self) -> None:
+    def __init__(self, install_handlers: bool = True) -> None:
         self.signum: int | None = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        self.group = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM) if install_handlers else ():
             signal.signal(sig, self._handle)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() != "gloo":
+            # the vote travels over a CPU (gloo) group: an NCCL all-reduce + .item() every step would
+            # stall the GPU queue just to read one flag
+            self.group = dist.new_group(backend="gloo")
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
 
-    def agreed(self, accelerator: Accelerator) -> bool:
+    def agreed(self) -> bool:
         """True on every rank when any rank was signalled (a collective: all ranks must call it)."""
-        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        flag = torch.tensor([1 if self.signum is not None else 0], dtype=torch.int32)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, group=self.group)
+        return bool(flag.item() > 0)
 
 
 # --------------------------------------------------------------------------- step and evaluation
@@ -223,6 +232,7 @@ class Trainer:
         acc = self.accelerator
         set_main_process(acc.is_main_process)
         self.preempt = PreemptionFlag()
+        self.pin_memory = acc.device.type == "cuda"  # lets move_batch's non_blocking copies overlap
         print(
             f"bcc: rank {acc.process_index}/{acc.num_processes} local {acc.local_process_index} "
             f"on {socket.gethostname()} device {acc.device}",
@@ -416,7 +426,7 @@ class Trainer:
             stage_steps = self.stages[stage_index].epochs * info.steps_per_epoch
             loader = train_loader(
                 self.manifest, cfg.data, seed=cfg.train.seed, epoch=epoch, rank=info.rank,
-                world_size=info.world_size, skip_batches=self.state.batches_in_epoch,
+                world_size=info.world_size, skip_batches=self.state.batches_in_epoch, pin_memory=self.pin_memory,
             )
             if self._pending_rng is not None:
                 # restored after the loader exists, so nothing the loader draws can shift it
@@ -482,7 +492,7 @@ class Trainer:
             self.state.batches_in_epoch // cfg.train.grad_accum)
         loss_sum, loss_n = torch.zeros((), device=acc.device), 0
         for batch in loader:
-            if self.preempt.agreed(acc):
+            if self.preempt.agreed():
                 return True
             lr = self.set_lr(step_in_stage, stage_steps)
             batch = move_batch(batch, acc.device, cfg.model.channels_last)
@@ -533,7 +543,8 @@ class Trainer:
     def run_eval(self, split: str, collect=None) -> dict:
         cfg, acc = self.cfg, self.accelerator
         self.sync_buffers()
-        loader = eval_loader(self.manifest, split, cfg.data, rank=self.info.rank, world_size=self.info.world_size)
+        loader = eval_loader(self.manifest, split, cfg.data, rank=self.info.rank, world_size=self.info.world_size,
+                             pin_memory=self.pin_memory)
         model = acc.unwrap_model(self.wrapped)
         result = evaluate(model, loader, self.metrics, self.loss_fn, acc, self.targets_of, collect)
         set_train_mode(self.model, self.frozen_bn)

@@ -73,6 +73,11 @@ def test_schedule_shortcut_and_stages(tmp_path):
         load_config(None, ["schedule.stages=[{epochs: x}]"])
 
 
+def test_bare_no_is_the_string_no():
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+
+
 def test_pretrained_true_means_hub():
     assert load_config(None, ["model.pretrained=true"]).model.pretrained == "hub"
     assert load_config(None, ["model.pretrained=/w/vgg.safetensors"]).model.pretrained == "/w/vgg.safetensors"
