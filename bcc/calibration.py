@@ -1,0 +1,113 @@
+"""Temperature scaling per head and the expected calibration error (ECE).
+
+Temperature scaling (Guo et al. 2017) divides a head's logits by one scalar T > 0 fitted on the
+validation split to minimise the negative log-likelihood; it changes confidences, never the argmax,
+so accuracy is untouched. `ece` bins confidences exactly as torchmetrics' `MulticlassCalibrationError`
+does, so the numbers in `metrics.json` and on the reliability diagram agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["apply_temperature", "ece", "fit_temperature", "fit_temperatures", "reliability_bins"]
+
+# Search range for T. The NLL is convex in 1/T, so a bracketed golden-section search on log T is
+# reliable; the bounds only matter for degenerate data (perfectly separable: NLL keeps falling as T -> 0).
+T_MIN, T_MAX = 0.05, 20.0
+
+
+def _nll(logits: Tensor, targets: Tensor, log_t: float) -> float:
+    return F.cross_entropy(logits / math.exp(log_t), targets).item()
+
+
+def fit_temperature(logits: Tensor, targets: Tensor, *, tol: float = 1e-4) -> float:
+    """Temperature T > 0 minimising the NLL of `softmax(logits / T)` against `targets`.
+
+    `logits` is [N, K], `targets` [N] label indices; rows with target -1 (head not applicable) are
+    ignored. With no valid rows the answer is 1.0 (no change). The result lies in [T_MIN, T_MAX].
+    """
+    logits = logits.detach().to(torch.float64)
+    targets = targets.detach().to(torch.long)
+    valid = targets >= 0
+    logits, targets = logits[valid], targets[valid]
+    if targets.numel() == 0:
+        return 1.0
+    lo, hi = math.log(T_MIN), math.log(T_MAX)
+    inv_phi = (math.sqrt(5) - 1) / 2
+    a, b = hi - inv_phi * (hi - lo), lo + inv_phi * (hi - lo)
+    fa, fb = _nll(logits, targets, a), _nll(logits, targets, b)
+    while hi - lo > tol:
+        if fa <= fb:  # minimum in [lo, b]
+            hi, b, fb = b, a, fa
+            a = hi - inv_phi * (hi - lo)
+            fa = _nll(logits, targets, a)
+        else:  # minimum in [a, hi]
+            lo, a, fa = a, b, fb
+            b = lo + inv_phi * (hi - lo)
+            fb = _nll(logits, targets, b)
+    return float(math.exp((lo + hi) / 2))
+
+
+def fit_temperatures(taxonomy, logits: Sequence[Tensor], labels: Tensor) -> dict[str, float]:
+    """One temperature per head (head order), fitted on leaf-class `labels` mapped to head targets."""
+    table = taxonomy.target_table().to(labels.device)
+    return {
+        name: fit_temperature(z, table[labels, h])
+        for h, (name, z) in enumerate(zip(taxonomy.head_names, logits, strict=True))
+    }
+
+
+def apply_temperature(
+    logits: Sequence[Tensor],
+    temperatures: Mapping[str, float],
+    head_names: Sequence[str] | None = None,
+) -> tuple[Tensor, ...]:
+    """Divide each head's logits by its temperature.
+
+    `logits` is in head order. `head_names` names those heads; without it the keys of `temperatures`
+    (in order) are taken as the head names. A head missing from `temperatures` keeps T = 1.
+    """
+    names = list(temperatures) if head_names is None else list(head_names)
+    if len(names) != len(logits):
+        raise ValueError(f"got {len(logits)} logit tensors for heads {names}; pass head_names explicitly")
+    out = []
+    for name, z in zip(names, logits, strict=True):
+        t = float(temperatures.get(name, 1.0))
+        if not t > 0:
+            raise ValueError(f"temperature of head {name!r} must be > 0, got {t}")
+        out.append(z / t)
+    return tuple(out)
+
+
+def reliability_bins(probs: Tensor, targets: Tensor, n_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-bin (accuracy, mean confidence, count) of the top-1 prediction, each [n_bins + 1].
+
+    Bins are [k/n, (k+1)/n) for k < n, and the last slot holds confidences of exactly 1.0; this is
+    torchmetrics' binning (`torch.bucketize(..., right=True)`), kept so that `ece` agrees with it.
+    """
+    probs = probs.detach().to(torch.float64)
+    targets = targets.detach().to(probs.device)
+    conf, pred = probs.max(dim=1)
+    correct = (pred == targets).to(torch.float64)
+    bounds = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=probs.device)
+    index = torch.bucketize(conf, bounds, right=True) - 1
+    count = torch.zeros(n_bins + 1, dtype=torch.float64, device=probs.device).scatter_add_(
+        0, index, torch.ones_like(conf)
+    )
+    acc = torch.zeros_like(count).scatter_add_(0, index, correct) / count.clamp(min=1)
+    mean_conf = torch.zeros_like(count).scatter_add_(0, index, conf) / count.clamp(min=1)
+    return acc, mean_conf, count
+
+
+def ece(probs: Tensor, targets: Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error (L1, top-label) of `probs` [N, K]; NaN when N == 0."""
+    if targets.numel() == 0:
+        return float("nan")
+    acc, conf, count = reliability_bins(probs, targets, n_bins)
+    return float(((acc - conf).abs() * count).sum() / count.sum())
