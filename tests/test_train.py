@@ -85,7 +85,8 @@ def test_short_cpu_run_learns_the_synthetic_task(synth_shards, tmp_path):
     """Well above chance (0.25) on the combined 4-class answer, and the binary head did not collapse."""
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, run_dir,
-                       train={"epochs": 8, "lr": 0.05, "warmup_steps": 5},
+                       train={"epochs": 12, "optimizer": "adamw", "lr": 0.003, "weight_decay": 0.05,
+                              "warmup_steps": 5},
                        checkpoint={"metric": "bacc4"}, eval={"calibrate": True})
     proc = subprocess.run([sys.executable, "-m", "bcc", "train", "--config", str(cfg)],
                           capture_output=True, text=True, timeout=400)
