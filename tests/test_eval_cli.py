@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+
 from test_evaluate import trained_run  # noqa: F401 - session fixture shared by the evaluation tests
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import torch
+
 from test_evaluate import trained_run  # noqa: F401 - session fixture shared by the evaluation tests
 
 # Runs in a fresh interpreter: loads the export, predicts every image given, and reports which heavy

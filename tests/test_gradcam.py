@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_evaluate import trained_run  # noqa: F401 - session fixture shared by the evaluation tests
 from torch import nn
+
+from test_evaluate import trained_run  # noqa: F401 - session fixture shared by the evaluation tests
 
 HEADS = {"binary": 2, "subtype": 3}
 

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
-from conftest import image_bytes
 from PIL import Image
 
 from bcc import pack as pack_mod
 from bcc.pack import PackError, _shard_sizes, pack_folders, verify_shards
 from bcc.taxonomy import Taxonomy, TaxonomyError
+
+from conftest import image_bytes
 
 FOLDERS = {"Benign": 6, "Early": 8, "Pre": 7, "Pro": 9}
 

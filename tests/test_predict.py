@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+
 from test_evaluate import trained_run  # noqa: F401 - session fixture shared by the evaluation tests
 
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from bcc.launch import accelerate_command
+
 from conftest import write_config
 
 EXIT_PREEMPTED = 75

@@ -9,25 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
-
-
-def _count(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return n
+from bcc.cli._types import count, positive_int
 
 
 def _sizes(value: str) -> tuple[int, ...]:
@@ -53,14 +35,14 @@ def register(subparsers) -> None:
     )
     d.add_argument("--shards", required=True, metavar="DIR", help="a packed dataset (holds manifest.json)")
     d.add_argument("--split", default="train", help="split to read (default train)")
-    d.add_argument("--workers", type=_count, default=2, metavar="N", help="loader worker processes (default 2)")
-    d.add_argument("--batches", type=_positive_int, default=50, metavar="K",
+    d.add_argument("--workers", type=count, default=2, metavar="N", help="loader worker processes (default 2)")
+    d.add_argument("--batches", type=positive_int, default=50, metavar="K",
                    help="timed batches per measurement (default 50; capped at one epoch)")
-    d.add_argument("--warmup", type=_count, default=5, metavar="W", help="untimed batches first (default 5)")
-    d.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="default 32")
-    d.add_argument("--image-size", type=_positive_int, default=224, metavar="S",
+    d.add_argument("--warmup", type=count, default=5, metavar="W", help="untimed batches first (default 5)")
+    d.add_argument("--batch-size", type=positive_int, default=32, metavar="B", help="default 32")
+    d.add_argument("--image-size", type=positive_int, default=224, metavar="S",
                    help="training crop size (default 224)")
-    d.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="alternating rounds (default 3)")
+    d.add_argument("--rounds", type=positive_int, default=3, metavar="R", help="alternating rounds (default 3)")
     d.add_argument("--source", metavar="DIR",
                    help="class-folder tree for the ImageFolder baseline (default: unpack the split to a temp dir)")
     d.add_argument("--rss", action="store_true",
@@ -78,10 +60,10 @@ def register(subparsers) -> None:
     )
     s.add_argument("--config", metavar="FILE", help="a training config (YAML); default: the built-in defaults")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    s.add_argument("--steps", type=_positive_int, default=10, metavar="N", help="timed steps per round (default 10)")
-    s.add_argument("--warmup", type=_count, default=2, metavar="W", help="untimed steps per round (default 2)")
-    s.add_argument("--rounds", type=_positive_int, default=3, metavar="R", help="alternating rounds (default 3)")
-    s.add_argument("--threads", type=_positive_int, metavar="T", help="torch intra-op threads (default: torch's)")
+    s.add_argument("--steps", type=positive_int, default=10, metavar="N", help="timed steps per round (default 10)")
+    s.add_argument("--warmup", type=count, default=2, metavar="W", help="untimed steps per round (default 2)")
+    s.add_argument("--rounds", type=positive_int, default=3, metavar="R", help="alternating rounds (default 3)")
+    s.add_argument("--threads", type=positive_int, metavar="T", help="torch intra-op threads (default: torch's)")
     s.set_defaults(func=run_step)
 
 

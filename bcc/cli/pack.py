@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from bcc.cli._types import positive_int
+
 
 def _split_arg(value: str) -> tuple[float, float, float]:
     from bcc.pack import PackError, parse_split
@@ -14,18 +16,8 @@ def _split_arg(value: str) -> tuple[float, float, float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
-
-
 def _quality(value: str) -> int:
-    n = _positive_int(value)
+    n = positive_int(value)
     if n > 100:
         raise argparse.ArgumentTypeError(f"JPEG quality must be in 1..100, got {value!r}")
     return n
@@ -53,18 +45,18 @@ def register(subparsers) -> None:
     p.add_argument("--split", type=_split_arg, default=(0.8, 0.1, 0.1), metavar="TRAIN,VAL,TEST",
                    help="split fractions (default 0.8,0.1,0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and shuffles (default 0)")
-    p.add_argument("--resize", type=_positive_int, metavar="PX",
+    p.add_argument("--resize", type=positive_int, metavar="PX",
                    help="resize the shorter side to PX and store JPEG (default: keep original bytes)")
     p.add_argument("--quality", type=_quality, default=90, metavar="Q", help="JPEG quality (default 90)")
-    p.add_argument("--shard-size", type=_positive_int, default=1000, metavar="N",
+    p.add_argument("--shard-size", type=positive_int, default=1000, metavar="N",
                    help="samples per shard at most (default 1000)")
-    p.add_argument("--min-shards", type=_positive_int, default=1, metavar="K",
+    p.add_argument("--min-shards", type=positive_int, default=1, metavar="K",
                    help="at least K shards per split when it has K samples (default 1)")
-    p.add_argument("--workers", type=_positive_int, default=1, metavar="N", help="decode processes (default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N", help="decode processes (default 1)")
     p.add_argument("--group-regex", type=_group_regex, metavar="RE",
                    help="files whose names share RE's first group (e.g. a patient id) stay in one split")
     p.add_argument("--taxonomy", metavar="FILE", help="taxonomy YAML (default: the built-in ALL taxonomy)")
-    p.add_argument("--max-pixels", type=_positive_int, metavar="N",
+    p.add_argument("--max-pixels", type=positive_int, metavar="N",
                    help="skip images above N pixels (default: Pillow's decompression-bomb limit)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only once done)")
     p.add_argument("--strict", action="store_true", help="fail, writing nothing, if any file would be skipped")

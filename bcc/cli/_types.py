@@ -1,0 +1,23 @@
+"""argparse value types shared by the subcommands (a bad value is an error naming it)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _int_at_least(value: str, low: int, what: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+    if n < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+    return n
+
+
+def positive_int(value: str) -> int:
+    return _int_at_least(value, 1, "a positive integer")
+
+
+def count(value: str) -> int:
+    return _int_at_least(value, 0, "an integer >= 0")
