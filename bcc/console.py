@@ -12,7 +12,7 @@ import sys
 from rich.console import Console
 
 console = Console(stderr=False, highlight=False, soft_wrap=False)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # one grep-able line per error
 
 
 def _env_rank() -> int:

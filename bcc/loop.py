@@ -212,6 +212,19 @@ def _append_jsonl(path: Path, row: Mapping) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def _prune_rows(path: Path, last_step: int) -> None:
+    """Drop metrics rows of work that a resume will redo (after `last_step`; all when -1)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in rows if last_step >= 0 and json.loads(line).get("step", 0) <= last_step
+            and json.loads(line).get("split") != "test"]
+    if len(keep) != len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)
+
+
 def _scalar_metrics(metrics: Mapping) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -403,16 +416,24 @@ class Trainer:
         acc.wait_for_everyone()
         self._pending_rng = None
         path = self.resume_from()
+        metrics_path = self.run_dir / "metrics.jsonl"
         if path is not None:
             self.restore(path)
         else:
+            if find_latest(self.run_dir / "checkpoints") is not None:
+                raise TrainError(
+                    f"{self.run_dir} already holds checkpoints of another run; continue it with "
+                    "checkpoint.resume=auto or choose another run.dir"
+                )
             self.enter_stage(stage_at(self.stages, 0)[0], carry=False)
+        if acc.is_main_process:
+            _prune_rows(metrics_path, self.state.step if path is not None else -1)
+        acc.wait_for_everyone()
         console.print(
             f"[bold]bcc train[/] {info.world_size} process(es), {info.batches_per_epoch} batches/epoch/rank, "
             f"{len(self.stages)} stage(s), {count_parameters(self.model, trainable_only=True):,} trainable "
             f"of {count_parameters(self.model):,} parameters -> {self.run_dir}"
         )
-        metrics_path = self.run_dir / "metrics.jsonl"
         val_split = cfg.data.val_split
         last_val: dict = {}
         t_start = time.perf_counter()

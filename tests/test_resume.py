@@ -93,6 +93,9 @@ def test_sigkill_then_auto_resume_is_bitwise_exact(resume_config, tmp_path):
     a = json.loads((straight / "summary.json").read_text())
     b = json.loads((killed / "summary.json").read_text())
     assert a["state"]["step"] == b["state"]["step"] and a["val"] == b["val"]
+    # metrics.jsonl tells one story: the rows of redone work were replaced, not duplicated
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["epoch"]) for r in rows] == [("val", 1), ("val", 2), ("val", 3), ("test", 3)]
 
 
 def test_resume_refuses_unsafe_config_change(resume_config, tmp_path):
@@ -106,6 +109,9 @@ def test_resume_refuses_unsafe_config_change(resume_config, tmp_path):
     proc = subprocess.run(train_cmd(cfg, "train.epochs=2"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "config change accepted: train.epochs" in proc.stdout
+    # starting over into a run dir that holds checkpoints would mix two runs
+    proc = subprocess.run(train_cmd(cfg, "checkpoint.resume=none"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
 
 
 def test_resume_refuses_another_model(resume_config, tmp_path):

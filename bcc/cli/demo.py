@@ -23,6 +23,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import shutil
     import time
 
     from rich.table import Table
@@ -37,8 +38,6 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if not (data / ".complete").exists():
         if data.exists():
-            import shutil
-
             shutil.rmtree(data)  # an interrupted earlier demo: its own output, never user data
         counts = synthesize(data, per_class=args.per_class, size=args.size, seed=args.seed)
         (data / ".complete").write_text(json.dumps(counts))
@@ -47,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"[bold]2/3 pack[/]: {result.manifest['splits']['train']['count']} train / "
                   f"{result.manifest['splits']['val']['count']} val / {result.manifest['splits']['test']['count']} "
                   f"test samples -> {shards}")
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # the demo's own previous run: every demo trains from scratch
     cmd, env = accelerate_command(
         processes=args.processes,
         args=["--config", args.config, f"data.shards={shards}", f"run.dir={run_dir}", "checkpoint.resume=none",
