@@ -175,12 +175,12 @@ def plot_curves(
         if any("epoch" not in row for row in rows):
             x_name = "epoch (step where no epoch)"
         xs, ys = zip(*points, strict=True)
-        (line,) = ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.8, label=name)
         best = int(np.argmin(ys) if lower_better else np.argmax(ys))
+        # the best value goes in the legend: annotations next to the stars overlap when runs agree
+        (line,) = ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.8,
+                          label=f"{name} (best {ys[best]:.3f} at {xs[best]:g})")
         ax.plot(xs[best], ys[best], marker="*", markersize=14, color=line.get_color(),
                 markeredgecolor="black", linestyle="none")
-        ax.annotate(f"{ys[best]:.3f}", (xs[best], ys[best]), textcoords="offset points", xytext=(6, 6),
-                    fontsize=9, color=line.get_color())
         plotted += 1
     if not plotted:
         seen = sorted({k for rows in runs.values() for row in rows for k, v in row.items() if _is_number(v)})
