@@ -44,6 +44,7 @@ from bcc.schedule import (
     apply_trainable,
     build_param_groups,
     carry_optimizer_state,
+    check_resume_stages,
     frozen_batchnorms,
     lr_factor,
     resolve_stages,
@@ -385,6 +386,10 @@ class Trainer:
         ckpt = load_checkpoint(path)
         saved_cfg = config_from_dict(ckpt.meta["config"])
         changes = check_resume_compatible(saved_cfg, self.cfg, ckpt.meta, self.taxonomy)
+        # a safe-looking change (more epochs) must not move stage boundaries the run has passed
+        saved_stages = resolve_stages(saved_cfg.schedule, saved_cfg.train.epochs, list(self.groups),
+                                      saved_cfg.train.warmup_steps)
+        check_resume_stages(saved_stages, self.stages, ckpt.state.epoch)
         for change in changes:
             console.print(f"[yellow]resume:[/] config change accepted: {change}")
         if ckpt.meta.get("world_size") != self.info.world_size:
@@ -454,7 +459,9 @@ class Trainer:
                 restore_rng_state(self._pending_rng)
                 self._pending_rng = None
             set_train_mode(self.model, self.frozen_bn)
+            t_epoch = time.perf_counter()
             preempted = self._run_epoch(loader, stage_start, stage_steps)
+            epoch_train_seconds = time.perf_counter() - t_epoch
             if preempted:
                 self.save()
                 if acc.is_main_process:
@@ -469,7 +476,8 @@ class Trainer:
             if (epoch + 1) % cfg.eval.every_epochs == 0 or self.state.epoch == info.total_epochs:
                 last_val = self.run_eval(val_split)
                 row = {"epoch": epoch + 1, "step": self.state.step, "split": val_split, "stage": self.state.stage,
-                       "time": round(time.perf_counter() - t_start, 2), **_scalar_metrics(last_val)}
+                       "time": round(time.perf_counter() - t_start, 2),
+                       "train_seconds": round(epoch_train_seconds, 2), **_scalar_metrics(last_val)}
                 if acc.is_main_process:
                     _append_jsonl(metrics_path, row)
                 if cfg.checkpoint.metric not in last_val:

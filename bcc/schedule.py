@@ -162,3 +162,22 @@ def carry_optimizer_state(old: torch.optim.Optimizer, new: torch.optim.Optimizer
                 new.state[p] = old.state[p]
                 kept += 1
     return kept
+
+
+def check_resume_stages(saved: Sequence[Stage], current: Sequence[Stage], epoch: int) -> None:
+    """Refuse a resume whose config puts `epoch` (0-based, the epoch about to run) in another stage,
+    or changes what a stage up to it trains, than the run that wrote the checkpoint.
+
+    `train.epochs` may change on resume, but the `staged` preset derives its stage lengths from it:
+    without this check a run saved in stage 1 could resume into stage 0 and re-freeze layers.
+    """
+    before, now = stage_at(saved, epoch)[0], stage_at(current, epoch)[0]
+    if before != now:
+        raise ScheduleError(
+            f"resuming at epoch {epoch + 1} would move the run from stage {before} to stage {now} "
+            f"(stage epochs were {[s.epochs for s in saved]}, now {[s.epochs for s in current]}); "
+            "keep train.epochs, or give schedule.stages explicitly"
+        )
+    for i in range(now + 1):
+        if (saved[i].train, saved[i].lr_mult) != (current[i].train, current[i].lr_mult):
+            raise ScheduleError(f"resuming would change what stage {i} trains: {saved[i]} -> {current[i]}")
