@@ -55,8 +55,10 @@ class CellStyle:
 
 
 # Benign: small mature lymphocyte, dense clumped chromatin, round nucleus, pale cytoplasm.
-# Early/Pre/Pro: larger blasts with fine chromatin and nucleoli; they differ among themselves by
-# nucleus/cytoplasm ratio, outline irregularity and basophilia, each shift smaller than its spread.
+# The blasts are larger and differ among themselves by shifts smaller than the spreads:
+# Early: round nucleus filling the cell, fine pale chromatin, little pale cytoplasm;
+# Pre: mostly indented (cleaved) nucleus, several nucleoli, medium basophilia;
+# Pro: lobulated irregular nucleus, coarser chromatin, more deep-blue vacuolated cytoplasm.
 CELL_STYLES: dict[str, CellStyle] = {
     "Benign": CellStyle(
         cell_radius=(0.25, 0.03), nc_ratio=(0.74, 0.05), lobe_amp=(0.025, 0.015), notch_prob=0.15,
@@ -64,19 +66,19 @@ CELL_STYLES: dict[str, CellStyle] = {
         basophilia=(0.20, 0.15), vacuoles=0.1,
     ),
     "Early": CellStyle(
-        cell_radius=(0.30, 0.035), nc_ratio=(0.87, 0.04), lobe_amp=(0.035, 0.02), notch_prob=0.10,
-        grain=(0.14, 0.06), grain_cells=(9.0, 1.5), darkness=(0.85, 0.10), nucleoli=1.2,
-        basophilia=(0.50, 0.15), vacuoles=0.2,
+        cell_radius=(0.29, 0.03), nc_ratio=(0.89, 0.045), lobe_amp=(0.03, 0.015), notch_prob=0.05,
+        grain=(0.08, 0.04), grain_cells=(10.0, 1.5), darkness=(0.80, 0.08), nucleoli=0.5,
+        basophilia=(0.32, 0.15), vacuoles=0.1,
     ),
     "Pre": CellStyle(
-        cell_radius=(0.31, 0.035), nc_ratio=(0.81, 0.05), lobe_amp=(0.08, 0.03), notch_prob=0.45,
-        grain=(0.20, 0.07), grain_cells=(8.0, 1.5), darkness=(0.90, 0.10), nucleoli=1.0,
-        basophilia=(0.45, 0.15), vacuoles=0.3,
+        cell_radius=(0.31, 0.03), nc_ratio=(0.80, 0.05), lobe_amp=(0.07, 0.03), notch_prob=0.85,
+        grain=(0.22, 0.06), grain_cells=(7.0, 1.5), darkness=(0.92, 0.08), nucleoli=2.5,
+        basophilia=(0.58, 0.15), vacuoles=0.3,
     ),
     "Pro": CellStyle(
-        cell_radius=(0.32, 0.035), nc_ratio=(0.76, 0.05), lobe_amp=(0.12, 0.04), notch_prob=0.70,
-        grain=(0.27, 0.07), grain_cells=(6.5, 1.5), darkness=(0.95, 0.10), nucleoli=1.8,
-        basophilia=(0.70, 0.15), vacuoles=1.0,
+        cell_radius=(0.33, 0.03), nc_ratio=(0.73, 0.05), lobe_amp=(0.17, 0.04), notch_prob=0.35,
+        grain=(0.35, 0.07), grain_cells=(5.0, 1.2), darkness=(1.05, 0.08), nucleoli=1.0,
+        basophilia=(0.85, 0.15), vacuoles=1.5,
     ),
 }
 
@@ -141,7 +143,7 @@ def _nucleus_radius(phi: np.ndarray, rng: np.random.Generator, style: CellStyle,
     if rng.random() < style.notch_prob:
         where = rng.uniform(0, 2 * np.pi)
         gap = np.angle(np.exp(1j * (phi - where)))
-        shape -= rng.uniform(0.15, 0.4) * np.exp(-((gap / rng.uniform(0.25, 0.5)) ** 2))
+        shape -= rng.uniform(0.2, 0.45) * np.exp(-((gap / rng.uniform(0.25, 0.5)) ** 2))
     return base * shape
 
 
@@ -178,9 +180,9 @@ def render_cell(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
     chromatin = _normal(rng, style.darkness, 0.55, 1.5) * (1.0 + _normal(rng, style.grain, 0.0, 0.7) * texture)
     for _ in range(int(rng.poisson(style.nucleoli))):
         a, d = rng.uniform(0, 2 * np.pi), nuc_r * rng.uniform(0.0, 0.55)
-        spot_r = nuc_r * rng.uniform(0.10, 0.18)
+        spot_r = nuc_r * rng.uniform(0.13, 0.22)
         spot = _soft(spot_r - np.hypot(nu - d * np.cos(a), nv - d * np.sin(a)))
-        chromatin = chromatin * (1.0 - 0.5 * spot)
+        chromatin = chromatin * (1.0 - 0.55 * spot)
     chromatin = np.clip(chromatin, 0.15, None)
 
     baso = _normal(rng, style.basophilia, 0.0, 1.0)
