@@ -265,16 +265,21 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, make_class_tree):
     assert deep.getpixel((0, 0)) == (40000 >> 8,) * 3  # scaled, not clipped to white
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
-def test_unreadable_file_is_skipped(tmp_path, make_class_tree):
+def test_unreadable_file_is_skipped(tmp_path, make_class_tree, monkeypatch):
+    """A permission error while reading (simulated: the suite may run as root, who can read anything)."""
     src = make_class_tree(tmp_path / "src", {"Benign": 3})
     locked = src / "Benign" / "img0000.jpg"
-    locked.chmod(0)
-    try:
-        m = pack_folders(src, tmp_path / "out").manifest
-    finally:
-        locked.chmod(0o644)
-    assert m["skipped"][0]["reason"].startswith("unreadable")
+    real_read = Path.read_bytes
+
+    def read_bytes(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    m = pack_folders(src, tmp_path / "out").manifest
+    assert m["skipped"] == [{"path": "Benign/img0000.jpg", "reason": "unreadable: Permission denied"}]
+    assert m["splits"]["train"]["count"] + m["splits"]["val"]["count"] + m["splits"]["test"]["count"] == 2
 
 
 def test_unknown_folder_fails_before_work(tmp_path, make_class_tree):
