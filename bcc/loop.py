@@ -175,9 +175,13 @@ def class_weights_from_manifest(taxonomy: Taxonomy, class_counts: Mapping[str, i
 def check_resume_compatible(saved: Config, current: Config, saved_meta: Mapping, taxonomy: Taxonomy) -> list[str]:
     """Refuse a checkpoint of another task or model; list config changes, accept only safe ones."""
     if saved_meta.get("taxonomy") != taxonomy.to_dict():
+        try:
+            saved_classes = list(Taxonomy.from_dict(saved_meta["taxonomy"]).class_names)
+        except Exception:  # an unreadable taxonomy is just as much a mismatch
+            saved_classes = "?"
         raise TrainError(
-            "checkpoint was trained with another taxonomy: "
-            f"classes {saved_meta.get('taxonomy', {}).get('classes', '?')} vs this dataset's {list(taxonomy.class_names)}"
+            f"checkpoint was trained with another taxonomy: classes {saved_classes} vs this dataset's "
+            f"{list(taxonomy.class_names)}"
         )
     if saved.model != current.model:
         diff = {k: v for k, v in config_diff(saved, current).items() if k.startswith("model.")}
@@ -392,11 +396,16 @@ class Trainer:
         check_resume_stages(saved_stages, self.stages, ckpt.state.epoch)
         for change in changes:
             console.print(f"[yellow]resume:[/] config change accepted: {change}")
-        if ckpt.meta.get("world_size") != self.info.world_size:
-            raise TrainError(
-                f"checkpoint {path} was written by {ckpt.meta.get('world_size')} processes; this run has "
-                f"{self.info.world_size}. Exact resume needs the same number of processes."
-            )
+        saved_world = ckpt.meta.get("world_size")
+        if saved_world != self.info.world_size:
+            if ckpt.state.batches_in_epoch:
+                raise TrainError(
+                    f"checkpoint {path} was written mid-epoch by {saved_world} processes; this run has "
+                    f"{self.info.world_size}. A mid-epoch resume replays each rank's stream, so it needs the "
+                    "same number of processes (an epoch-end checkpoint can resume on any number)."
+                )
+            console.print(f"[yellow]resume:[/] {saved_world} -> {self.info.world_size} processes at an epoch "
+                          "boundary: the data order from here on differs from the original run")
         self.state = ckpt.state
         self.state.config_hash = config_hash(self.cfg)
         self.model.load_state_dict(ckpt.model)
@@ -404,7 +413,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.optimizer)
         if ckpt.scaler is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(ckpt.scaler)
-        self._pending_rng = ckpt.rng[self.info.rank]
+        # a rank that did not exist in the saved run keeps its freshly seeded RNG
+        self._pending_rng = ckpt.rng[self.info.rank] if self.info.rank < len(ckpt.rng) else None
         console.print(
             f"resumed from [bold]{path}[/] at epoch {self.state.epoch} step {self.state.step} "
             f"(batch {self.state.batches_in_epoch} of the epoch), stage {self.state.stage}"

@@ -114,6 +114,17 @@ def test_resume_refuses_unsafe_config_change(resume_config, tmp_path):
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
 
 
+def test_epoch_end_checkpoint_resumes_on_another_process_count(resume_config, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = resume_config(run_dir, train={"epochs": 1}, checkpoint={"every_steps": 0})
+    assert subprocess.run(train_cmd(cfg), capture_output=True, timeout=300).returncode == 0
+    cmd, env = accelerate_command(2, ["--config", str(cfg), "train.epochs=2"])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "1 -> 2 processes at an epoch boundary" in proc.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["state"]["epoch"] == 2
+
+
 def test_resume_refuses_another_model(resume_config, tmp_path):
     run_dir = tmp_path / "run"
     cfg = resume_config(run_dir, train={"epochs": 1})
@@ -149,6 +160,11 @@ def test_sigusr1_preempts_two_process_training_and_resume_matches(resume_config,
     assert (run_dir / "PREEMPTED").exists()
     state = json.loads((run_dir / "checkpoints" / "last" / "trainer_state.json").read_text())
     assert 0 < state["step"]
+
+    # a mid-epoch checkpoint replays each rank's stream: another process count is refused, clearly
+    if state["batches_in_epoch"]:
+        other = subprocess.run(train_cmd(cfg), capture_output=True, text=True, timeout=300)
+        assert other.returncode == 2 and "mid-epoch by 2 processes" in other.stderr, other.stderr[-2000:]
 
     cmd, env = accelerate_command(2, ["--config", str(cfg)])
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
