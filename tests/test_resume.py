@@ -60,9 +60,9 @@ def step_dirs(run_dir: Path) -> list[int]:
 @pytest.fixture
 def resume_config(synth_shards, tmp_path):
     def make(run_dir: Path, **sections) -> Path:
-        sections.setdefault("train", {}).update({"epochs": 3})
-        sections.setdefault("checkpoint", {}).update({"every_steps": 2, "keep_last": 3})
-        sections.setdefault("data", {}).update({"workers": 2})
+        sections["train"] = {"epochs": 3, **sections.get("train", {})}
+        sections["checkpoint"] = {"every_steps": 2, "keep_last": 3, **sections.get("checkpoint", {})}
+        sections["data"] = {"workers": 2, **sections.get("data", {})}
         return write_config(tmp_path / f"{run_dir.name}.yaml", synth_shards, run_dir, **sections)
 
     return make
