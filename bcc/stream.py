@@ -259,12 +259,20 @@ class _EvalStream(IterableDataset):
 # --------------------------------------------------------------------------- loaders
 
 
-def _ignore_preemption_signals(worker_id: int) -> None:
+WORKER_TERM_GRACE_S = 60  # a loader worker outlives a SIGTERM by at most this long
+
+
+def _defer_term(signum, frame) -> None:
+    signal.alarm(WORKER_TERM_GRACE_S)  # SIGALRM's default action ends the worker then
+
+
+def _worker_signals(worker_id: int) -> None:
     """Slurm signals every process of a job step, loader workers included. Preemption is the main
-    process's business (it saves, then ends the workers); a worker killed by SIGTERM first would
-    turn an orderly save into a crash."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    process's business: it saves, then ends the workers through the loader. So a worker ignores
+    SIGUSR1 and outlives SIGTERM by a grace period (a worker killed at once would turn an orderly save
+    into a crash), but is never immortal (a parent exiting with a stray worker still gets it back)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _defer_term)
 
 
 class BatchLoader:
@@ -284,14 +292,22 @@ class BatchLoader:
             pin_memory=pin_memory,
             in_order=True,  # the exact batch count and order rely on strict round robin over workers
             generator=torch.Generator().manual_seed(seed),
-            worker_init_fn=_ignore_preemption_signals if workers else None,
+            worker_init_fn=_worker_signals if workers else None,
         )
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.loader)
+        batches = iter(self.loader)
+        try:
+            yield from batches
+        finally:
+            # workers end now, also when iteration stops early or fails, instead of whenever the
+            # iterator is garbage collected (a traceback can keep it alive indefinitely)
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
 
 def train_loader(

@@ -249,3 +249,24 @@ def test_unreadable_or_short_shard_is_named(tmp_path, workers):
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(Exception, match=r"val-000000.tar holds 4 samples but the manifest says 5"):
         list(eval_loader(Manifest.load(tmp_path), "val", data_cfg(workers=workers), rank=0, world_size=1))
+    # the failed loaders' workers are gone now, not whenever the traceback is collected (a stray worker
+    # that outlives its parent's exit would hang the process: it ignores preemption signals)
+    import psutil
+
+    assert [c for c in psutil.Process().children() if c.status() != psutil.STATUS_ZOMBIE] == []
+
+
+def test_workers_outlive_sigterm_only_for_a_grace_period():
+    import signal
+
+    from bcc import stream
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        stream._worker_signals(0)
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+        stream._defer_term(signal.SIGTERM, None)
+        assert 0 < signal.alarm(0) <= stream.WORKER_TERM_GRACE_S  # an alarm was set, and is cancelled here
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
