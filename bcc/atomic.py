@@ -1,0 +1,60 @@
+"""Atomic file writes: the one helper every writer of a finished file uses.
+
+A reader (another rank, a launcher, a user's script, the next run after a kill -9) sees either the
+old file or the complete new one, never half of it: the content goes to a temporary sibling in the
+same directory (same file system, so `os.replace` is atomic), is flushed and fsynced, then renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def tmp_sibling(path: Path) -> Path:
+    """A temporary name beside `path` (matched by `.gitignore`'s `*.tmp-*`), unique per process."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces `path` (permissions `mode`).
+
+    For writers that want a path rather than a file object (safetensors, torch.save, matplotlib).
+    On an exception the temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    tmp = tmp_sibling(path)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
+    """`with atomic_write(p) as f: f.write(...)`: `open(p, mode)` that replaces `p` only when complete.
+
+    `mode` is "w" (text; pass `newline=""` for csv) or "wb". Raises whatever `open`/`write` raise
+    (e.g. `OSError` ENOSPC); `path` is then unchanged.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write: mode must be 'w' or 'wb', not {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as f:
+        yield f
+        f.flush()
+
+
+def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> None:
+    """Write `data` as JSON (UTF-8, trailing newline) atomically."""
+    with atomic_write(path, encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=indent) + "\n")
