@@ -84,7 +84,7 @@ def test_an_epoch_is_one_pass(packs, keys_only, layout, world_size):
     assert dropped < world_size * BATCH
     for buffer in BUFFERS:
         dropped_sets = []
-        for epoch in (0, 1, 2):
+        for epoch in (0, 1):
             by_workers = {}
             for workers in WORKERS:
                 cfg = data_cfg(batch_size=BATCH, workers=workers, shuffle_buffer=buffer)
@@ -108,12 +108,12 @@ def test_dropped_samples_are_spread_over_the_data(packs, keys_only):
     manifest = packs["uneven"]  # 76 samples, 3 ranks x 4: 4 dropped per epoch
     cfg = data_cfg(batch_size=BATCH, workers=0, shuffle_buffer=5)
     counts: dict[str, int] = {}
-    for epoch in range(60):
+    for epoch in range(30):
         keys = {k for r in range(3) for b in simulate(manifest, cfg, epoch=epoch, rank=r, world_size=3) for k in b}
         for k in {f"train-{i:08d}" for i in range(76)} - keys:
             counts[k] = counts.get(k, 0) + 1
-    assert sum(counts.values()) == 60 * 4
-    assert len(counts) > 76 // 2 and max(counts.values()) <= 12
+    assert sum(counts.values()) == 30 * 4
+    assert len(counts) > 76 // 2 and max(counts.values()) <= 8  # uniform: ~61 distinct, rarely more than 5
 
 
 @pytest.mark.parametrize("workers", [1, 3])
