@@ -20,7 +20,9 @@ Training (`TrainLoader`, or `train_loader` for one epoch): an epoch is ONE pass 
   after `skip_batches=k`, physical worker p makes batches k + p, k + p + W, ...). When W divides 8
   (0, 1, 2, 4, 8 workers) a worker reads exactly its own lanes, every sample once. Other counts are
   exact too, but a lane whose batches are shared by several workers is read (not decoded) by each of
-  them: W / gcd(W, 8) times the raw bytes. Per rank at most 8 x shuffle_buffer raw samples are held.
+  them: W / gcd(W, 8) times the raw bytes. A worker holds the shuffle buffers of the lanes it reads
+  (8 / W of them when W divides 8, up to 8 otherwise), raw bytes only. A lane that starts inside a
+  local shard seeks to its first sample by scanning the tar headers instead of reading the data before.
 - Determinism: torch's global RNG, which the torchvision presets draw from, is re-seeded before every
   batch from (seed, epoch, rank, batch index) inside `torch.random.fork_rng`, so workers=0 (batches
   made in the trainer's process) cannot disturb the trainer's RNG, and skipped batches are read and
