@@ -76,6 +76,10 @@ class NearDuplicateGroup:
     members: tuple[int, ...]
     max_distance: int
 
+    def entry(self, paths: Sequence[str]) -> dict:
+        """The manifest's report entry: {"paths": [...], "max_distance": d}; paths[i] names sample i."""
+        return {"paths": [str(paths[i]) for i in self.members], "max_distance": self.max_distance}
+
 
 # ---- hashing ----------------------------------------------------------------------------------
 def phash(image) -> int:
@@ -123,7 +127,7 @@ def _as_array(hashes: Sequence[int] | np.ndarray) -> np.ndarray:
 if hasattr(np, "bitwise_count"):  # numpy >= 2.0
 
     def _popcount(x: np.ndarray) -> np.ndarray:
-        return np.bitwise_count(x).astype(np.int64)
+        return np.bitwise_count(x)  # uint8
 
 else:  # pragma: no cover - numpy 1.x
     _BYTE_COUNTS = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
@@ -164,11 +168,13 @@ def _distinct_pairs(uh: np.ndarray, d: int, stats: dict | None = None) -> np.nda
         key = uh & np.uint64(sum(masks[b] for b in chosen))
         order = np.argsort(key, kind="stable")
         sk = key[order]
+        del key  # peak memory: a handful of n-long arrays per table, freed as soon as possible
         starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+        del sk
         lengths = np.diff(np.r_[starts, n])
-        per_pos = np.repeat(lengths, lengths)
-        active = np.flatnonzero(per_pos > 1)  # sorted positions in buckets of two or more
+        active = np.flatnonzero(np.repeat(lengths, lengths) > 1)  # sorted positions in buckets of 2+
         ends = np.repeat(starts + lengths, lengths)[active]
+        del starts, lengths
         # a pair agreeing on an earlier block outside `chosen` belongs to an earlier table
         earlier = [np.uint64(masks[b]) for b in range(chosen[-1]) if b not in chosen]
         k = 1
@@ -186,7 +192,7 @@ def _distinct_pairs(uh: np.ndarray, d: int, stats: dict | None = None) -> np.nda
             candidates += int(active.size)
             if ok.any():
                 a, b = left[ok], right[ok]
-                found.append(np.stack([np.minimum(a, b), np.maximum(a, b), dist[ok]], axis=1))
+                found.append(np.stack([np.minimum(a, b), np.maximum(a, b), dist[ok].astype(np.int64)], axis=1))
             k += 1
     if stats is not None:
         stats.update(blocks=m, tables=tables, candidates=candidates, distinct=n)
@@ -328,7 +334,7 @@ def near_duplicate_groups(hashes: Sequence[int] | np.ndarray, threshold: int | N
     Groups are the connected components of the near-pair graph (chains join), ordered by their
     smallest member. exact_keys (e.g. each sample's sha256): a group whose members all share one key
     is an exact-duplicate set, reported elsewhere, and is left out. Off: [].
-    The manifest entry of a group is {"paths": [paths[i] for i in g.members], "max_distance": ...}.
+    `g.entry(paths)` is a group's manifest entry.
     """
     if exact_keys is not None and len(exact_keys) != len(hashes):
         raise NearDupError(f"{len(exact_keys)} exact keys for {len(hashes)} hashes")

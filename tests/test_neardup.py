@@ -133,6 +133,8 @@ def test_chains_join_and_max_distance_is_the_diameter():
     # exact copies (same sha256) are reported elsewhere; a group mixing exact and near stays
     keys = ["x", "a", "b", "c", "x"]
     assert [g.members for g in near_duplicate_groups([far, a, b, c, far], 6, exact_keys=keys)] == [(1, 2, 3)]
+    paths = ["x.jpg", "a.jpg", "b.jpg", "c.jpg", "x2.jpg"]
+    assert groups[1].entry(paths) == {"paths": ["a.jpg", "b.jpg", "c.jpg"], "max_distance": 10}
 
 
 def test_group_ids_are_deterministic_under_reordering(clustered):
