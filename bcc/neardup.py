@@ -15,12 +15,15 @@ by the first table (lexicographic) whose blocks it agrees on, so exactly once. m
 pigeonhole form of Norouzi, Punjani & Fleet, "Fast Search in Hamming Space with Multi-Index Hashing"
 (CVPR 2012); m > d + 1 trades more tables for longer bucket keys as in Manku, Jain & Das Sarma,
 "Detecting Near-Duplicates for Web Crawling" (WWW 2007). With n distinct hashes, m is chosen to
-minimise C(m, d) * (n + n^2 / 2^(64 (m - d) / m)): for d = 6 and n = 10^6 that is m = 9 (84 tables
-with 21-bit keys, ~0.3 candidates per hash and table on uniform hashes) instead of m = 7 (7 tables with
-9-bit keys, ~2,000 candidates per hash and table). Time O(C(m, d) (n log n + candidates)), memory O(n)
-plus the pairs found; identical hashes are merged first, so a thousand copies of one image cost one.
+minimise C(m, d) * (a n + b n^2 / 2^(64 (m - d) / m)) (a, b measured): for d = 6 and n = 10^6 that is
+m = 8 (28 tables with 16-bit keys, ~10 candidates per hash and table) instead of m = 7 (7 tables with
+9-bit keys, ~900 candidates per hash and table). Time O(C(m, d) (n log n + candidates)), about 10 s of
+one core for 10^6 hashes at d = 6; memory O(n), about 120 bytes per hash at the peak, plus the pairs
+found. Identical hashes are merged first, so a thousand copies of one image cost one. The cost grows
+with the square of a cluster of distinct-but-close hashes (every pair in it is an answer).
 (A Burkhard-Keller tree, "Some approaches to best-match file searching", CACM 1973, would also avoid
-all pairs, but in Python it visits far more nodes per query than these vectorised sorts.)
+all pairs, but each query walks the tree node by node in Python, where these tables are a few
+vectorised sorts.)
 """
 
 from __future__ import annotations
@@ -51,8 +54,10 @@ __all__ = [
 ]
 
 HASH_BITS = 64
-DEFAULT_THRESHOLD = 6  # bits of 64: re-encoded or lightly resized copies land well inside, distinct fields outside
-MAX_THRESHOLD = 24  # beyond this a pHash no longer means "near-identical" and the tables explode
+# bits of 64: re-encoded or lightly resized copies land well inside, distinct fields outside. A pHash
+# has 32 ones (its 64 coefficients are cut at their median), so distances are even: 6 and 7 agree.
+DEFAULT_THRESHOLD = 6
+MAX_THRESHOLD = 24  # beyond this a pHash no longer means "near-identical" and the search nears all pairs
 
 # cost model of one table, in nanoseconds per distinct hash (mask, argsort, run bookkeeping) and per
 # candidate pair (gather, xor, popcount); measured on one core with numpy 2 and only their ratio matters
@@ -88,6 +93,8 @@ def phash(image) -> int:
     `imagehash.phash` with hash_size 8: greyscale, 32x32 Lanczos, 2-D DCT, the 8x8 lowest
     frequencies thresholded at their median. Bit 63 (the most significant) is the DC coefficient;
     `format(h, "016x")` is imagehash's own hex form (`imagehash.hex_to_hash` reads it back).
+    Pass the decoded image converted to RGB (as the packer stores it): PIL's own conversion of a
+    16-bit image to greyscale clips instead of scaling.
     """
     import imagehash  # imported here: scipy behind it costs ~0.3 s, paid only by the packer
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from bcc import neardup
 from bcc.errors import BccError
 from bcc.neardup import (
     DEFAULT_THRESHOLD,
@@ -60,6 +61,17 @@ def test_pairs_equal_brute_force(clustered, threshold):
     assert len(expected) > 0
     n = len(clustered)
     assert stats["candidates"] < n * (n - 1) // 2 // 4  # never near all pairs
+
+
+@pytest.mark.parametrize("threshold", [0, 2, 3, 6, 8])
+@pytest.mark.parametrize("extra_blocks", [1, 2, 4])
+def test_more_blocks_than_pigeonhole_still_exact(clustered, monkeypatch, threshold, extra_blocks):
+    # small n picks m = d + 1 blocks; large n picks more (one table per choice of m - d blocks, each
+    # pair reported by the first table it agrees on): force that path here against brute force
+    monkeypatch.setattr(neardup, "_choose_blocks", lambda n, d: d + 1 + extra_blocks)
+    stats: dict = {}
+    assert near_pairs(clustered, threshold, stats=stats).tolist() == _brute_force(clustered, threshold)
+    assert stats["blocks"] == threshold + 1 + extra_blocks
 
 
 def test_planted_pairs_at_each_distance_around_the_threshold():
