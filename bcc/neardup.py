@@ -42,6 +42,7 @@ __all__ = [
     "HASH_BITS",
     "NearDupError",
     "NearDuplicateGroup",
+    "NearDuplicates",
     "UnionFind",
     "hamming",
     "is_enabled",
@@ -290,19 +291,57 @@ class UnionFind:
         return [self.find(i) for i in range(len(self.parent))]
 
 
+@dataclass(frozen=True)
+class NearDuplicates:
+    """What `join_near_duplicates` found and did.
+
+    groups: the near-duplicate groups (connected components of the near-pair graph alone, chains
+        joined), ordered by smallest member, for the manifest report.
+    merged: how many sets of the caller's union-find it joined (0: they were already together).
+    """
+
+    groups: tuple[NearDuplicateGroup, ...]
+    merged: int
+
+
 def join_near_duplicates(uf: UnionFind, hashes: Sequence[int] | np.ndarray,
-                         threshold: int | None = DEFAULT_THRESHOLD) -> int:
+                         threshold: int | None = DEFAULT_THRESHOLD,
+                         exact_keys: Sequence | None = None) -> NearDuplicates:
     """Add near-duplicate edges (hashes within `threshold` bits, equal hashes included) to `uf`.
 
     uf: a UnionFind over the same n samples (hashes[i] belongs to element i), typically already
-    holding the exact-duplicate and `--group-regex` unions. Returns how many sets it merged.
-    Off (threshold None/-1): no change, 0.
+    holding the exact-duplicate and `--group-regex` unions. exact_keys (e.g. each sample's sha256):
+    a group whose members all share one key is an exact-duplicate set, reported elsewhere, and is
+    left out of `groups` (its union still happens). Off (threshold None/-1): no change, no groups.
     """
     if len(hashes) != len(uf):
         raise NearDupError(f"{len(hashes)} hashes for a union-find over {len(uf)} samples")
+    if exact_keys is not None and len(exact_keys) != len(hashes):
+        raise NearDupError(f"{len(exact_keys)} exact keys for {len(hashes)} hashes")
     if not is_enabled(threshold):
-        return 0
-    return sum(uf.union(i, j) for i, j in _Index(hashes, int(threshold)).edges())
+        return NearDuplicates((), 0)
+    index = _Index(hashes, int(threshold))
+    edges = list(index.edges())
+    merged = sum(uf.union(i, j) for i, j in edges)
+    return NearDuplicates(_groups(index, edges, exact_keys), merged)
+
+
+def _groups(index: _Index, edges: list[tuple[int, int]], exact_keys: Sequence | None):
+    touched = sorted({i for edge in edges for i in edge})
+    local = {i: k for k, i in enumerate(touched)}  # a union-find over the touched samples only
+    near = UnionFind(len(touched))
+    for i, j in edges:
+        near.union(local[i], local[j])
+    sets: dict[int, list[int]] = {}
+    for k, i in enumerate(touched):
+        sets.setdefault(near.find(k), []).append(i)
+    groups = []
+    for root in sorted(sets):  # roots are smallest members, so this orders groups by first member
+        members = sets[root]
+        if exact_keys is not None and len({exact_keys[i] for i in members}) == 1:
+            continue
+        groups.append(NearDuplicateGroup(tuple(members), _diameter(np.unique(index.hashes[members]))))
+    return tuple(groups)
 
 
 def merge_labels(labels: Sequence, hashes: Sequence[int] | np.ndarray,
@@ -336,34 +375,11 @@ def _diameter(values: np.ndarray, chunk: int = 1024) -> int:
 
 def near_duplicate_groups(hashes: Sequence[int] | np.ndarray, threshold: int | None = DEFAULT_THRESHOLD,
                           exact_keys: Sequence | None = None) -> list[NearDuplicateGroup]:
-    """Groups of two or more samples joined by hashes within `threshold` bits (for the manifest).
+    """The groups of `join_near_duplicates` without a union-find of the caller's. Off: [].
 
-    Groups are the connected components of the near-pair graph (chains join), ordered by their
-    smallest member. exact_keys (e.g. each sample's sha256): a group whose members all share one key
-    is an exact-duplicate set, reported elsewhere, and is left out. Off: [].
     `g.entry(paths)` is a group's manifest entry.
     """
-    if exact_keys is not None and len(exact_keys) != len(hashes):
-        raise NearDupError(f"{len(exact_keys)} exact keys for {len(hashes)} hashes")
-    if not is_enabled(threshold):
-        return []
-    index = _Index(hashes, int(threshold))
-    uf = UnionFind(len(index.hashes))
-    touched: set[int] = set()
-    for i, j in index.edges():
-        uf.union(i, j)
-        touched.update((i, j))
-    sets: dict[int, list[int]] = {}
-    for i in sorted(touched):
-        sets.setdefault(uf.find(i), []).append(i)
-    groups = []
-    for root in sorted(sets):
-        members = sets[root]
-        if exact_keys is not None and len({exact_keys[i] for i in members}) == 1:
-            continue
-        distinct = np.unique(index.hashes[members])
-        groups.append(NearDuplicateGroup(tuple(members), _diameter(distinct)))
-    return groups
+    return list(join_near_duplicates(UnionFind(len(hashes)), hashes, threshold, exact_keys).groups)
 
 
 def straddling_pairs(pairs: Iterable[Sequence[int]], split: Sequence[int]) -> int:

@@ -13,6 +13,7 @@ from bcc.errors import BccError
 from bcc.neardup import (
     DEFAULT_THRESHOLD,
     NearDupError,
+    NearDuplicates,
     UnionFind,
     _block_masks,
     hamming,
@@ -104,7 +105,7 @@ def test_off_switch(clustered, off):
     assert near_duplicate_groups(clustered, off) == []
     uf = UnionFind(len(clustered))
     uf.union(3, 7)
-    assert join_near_duplicates(uf, clustered, off) == 0
+    assert join_near_duplicates(uf, clustered, off) == NearDuplicates((), 0)
     assert uf.labels() == [3 if i == 7 else i for i in range(len(clustered))]
     assert merge_labels(["a", "b", "a"], [0, 0, 0], off) == [0, 1, 0]
 
@@ -173,14 +174,21 @@ def test_group_ids_are_deterministic_under_reordering(clustered):
 
 def test_join_adds_near_edges_to_existing_groups():
     # samples 0..5; a regex group already joins 1 and 4; 0~2 are near, 3 and 5 are identical hashes
+    # (different bytes), 1 and 4 are far apart: their regex group is kept but is no near group
     h = [0xAAAA, 0xFFFF_0000_0000_0000, 0xAAAB, 0x1234_5678_9ABC_DEF0, 0x00FF_00FF_00FF_00FF,
          0x1234_5678_9ABC_DEF0]
     uf = UnionFind(6)
     uf.union(1, 4)
-    assert join_near_duplicates(uf, h, 6) == 2
+    found = join_near_duplicates(uf, h, 6)
+    assert found.merged == 2
+    assert [(g.members, g.max_distance) for g in found.groups] == [((0, 2), 1), ((3, 5), 0)]
     assert uf.labels() == [0, 1, 0, 3, 1, 3]
     assert merge_labels(["p", "q", "r", "s", "q", "t"], h, 6) == [0, 1, 0, 3, 1, 3]
-    assert join_near_duplicates(uf, h, 6) == 0  # idempotent
+    again = join_near_duplicates(uf, h, 6)
+    assert again.merged == 0 and again.groups == found.groups  # idempotent
+    # 3 and 5 as exact copies (same sha256): unioned, but reported with the exact duplicates
+    keys = ["a", "b", "c", "d", "e", "d"]
+    assert [g.members for g in join_near_duplicates(UnionFind(6), h, 6, exact_keys=keys).groups] == [(0, 2)]
 
 
 def test_scales_without_all_pairs():
