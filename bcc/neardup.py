@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -97,7 +98,7 @@ def phash(image) -> int:
     Pass the decoded image converted to RGB (as the packer stores it): PIL's own conversion of a
     16-bit image to greyscale clips instead of scaling.
     """
-    import imagehash  # imported here: scipy behind it costs ~0.3 s, paid only by the packer
+    import imagehash  # imported here: only the packer hashes images, the trainer needs no scipy
 
     bits = imagehash.phash(image).hash.reshape(-1)
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
@@ -127,7 +128,7 @@ def _as_array(hashes: Sequence[int] | np.ndarray) -> np.ndarray:
     if isinstance(hashes, np.ndarray) and hashes.dtype == np.uint64:
         return hashes.reshape(-1)
     try:
-        return np.fromiter((int(h) for h in hashes), dtype=np.uint64, count=len(hashes))
+        return np.fromiter((operator.index(h) for h in hashes), dtype=np.uint64, count=len(hashes))
     except (OverflowError, ValueError, TypeError) as e:
         raise NearDupError(f"perceptual hashes must be unsigned {HASH_BITS}-bit integers: {e}") from e
 

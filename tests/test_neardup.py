@@ -118,8 +118,9 @@ def test_bad_threshold_is_a_named_error(bad):
 
 
 def test_bad_hash_and_length_mismatch_are_named_errors():
-    with pytest.raises(NearDupError, match="64-bit"):
-        near_pairs([1, 2**64])
+    for bad in ([1, 2**64], [-1, 2], [1.5, 2], ["ff", 2]):
+        with pytest.raises(NearDupError, match="64-bit"):
+            near_pairs(bad)
     with pytest.raises(NearDupError, match="union-find"):
         join_near_duplicates(UnionFind(3), [1, 2])
     with pytest.raises(NearDupError):
