@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from bcc.config import ModelConfig, FinetuneConfig, StageConfig, load_config
-from bcc.model import build_model, parameter_groups
+from bcc.config import FinetuneConfig, ModelConfig, StageConfig, load_config
 from bcc.finetune import (
     FinetuneError,
     apply_trainable,
@@ -19,6 +18,7 @@ from bcc.finetune import (
     lr_factor,
     resolve_stages,
 )
+from bcc.model import build_model, parameter_groups
 
 from conftest import TINY_BACKBONE, write_config
 
