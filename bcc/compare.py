@@ -138,7 +138,7 @@ def train_mode(config: str | Path | None, overrides: Sequence[str], mode: str, o
     args = [*overrides, *mode_overrides(mode, run_dir), "checkpoint.resume=auto"]
     if processes == 1:
         from bcc.errors import EXIT_PREEMPTED
-        from bcc.train import fit
+        from bcc.train.fit import fit
 
         result = fit(load_config(config, args))
         return EXIT_PREEMPTED if result.get("preempted") else 0

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     user_errors = (BccError, CheckpointError, ManifestError, TaxonomyError)
     try:
         from bcc.config import load_config
-        from bcc.train import fit
+        from bcc.train.fit import fit
 
         result = fit(load_config(args.config, args.overrides))
     except user_errors as e:

@@ -29,7 +29,7 @@ from bcc.checkpoint import (
     restore_rng_state,
     save_rng_state,
 )
-from bcc.config import Config, config_hash, config_to_dict, save_config
+from bcc.config import RENAMED_METRICS, Config, config_hash, config_to_dict, save_config
 from bcc.console import console, set_main_process
 from bcc.errors import EXIT_PREEMPTED
 from bcc.finetune import stage_at
@@ -81,8 +81,9 @@ def setup_run(cfg: Config) -> Run:
     taxonomy = manifest.taxonomy
     names = metric_names(taxonomy)
     if cfg.checkpoint.metric not in names:
-        raise TrainError(f"checkpoint.metric '{cfg.checkpoint.metric}' is not a metric of this task; "
-                         f"available: {', '.join(sorted(names))}")
+        renamed = RENAMED_METRICS.get(cfg.checkpoint.metric)
+        raise TrainError(f"checkpoint.metric '{cfg.checkpoint.metric}' is not a metric of this task"
+                         + (f" (it is now '{renamed}')" if renamed else "") + f"; available: {', '.join(sorted(names))}")
     train_split = manifest.split(cfg.data.train_split)
     bpe = batches_per_epoch(train_split.count, cfg.data.batch_size, acc.num_processes)
     if bpe % cfg.train.grad_accum:
@@ -129,6 +130,7 @@ def fit(cfg: Config) -> dict:
                   f"{count_parameters(run.parts.model, trainable_only=True):,} trainable of "
                   f"{count_parameters(run.parts.model):,} parameters -> {run.run_dir}")
     last_val: dict = {}
+    run.log.start_clock()  # `time` in metrics.jsonl: seconds of this process's training, set-up excluded
     while run.state.epoch < info.total_epochs:
         epoch = run.state.epoch
         stage_index, _ = stage_at(run.parts.stages, epoch)

@@ -74,6 +74,9 @@ class RunLog:
             with atomic_write(self.path) as f:
                 f.write("".join(line + "\n" for line in keep))
 
+    def start_clock(self) -> None:
+        self.t_start = time.perf_counter()
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start
 
