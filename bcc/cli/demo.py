@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     table = Table(title=f"bcc demo: test split ({int(test['count'])} images), {args.processes} processes")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, label in (("acc4", "4-class accuracy"), ("bacc4", "4-class balanced accuracy"),
+    for key, label in (("acc", "4-class accuracy"), ("bacc", "4-class balanced accuracy"),
                        ("binary_bacc", "benign/malignant balanced accuracy"), ("binary_auroc", "malignant AUROC"),
                        ("binary_sens", "malignant sensitivity"), ("binary_spec", "malignant specificity"),
                        ("subtype_f1", "subtype macro F1 (malignant)")):
