@@ -53,6 +53,7 @@ __all__ = [
     "PretrainedSource",
     "SourcePreprocess",
     "explicit_keys",
+    "follow_pretrained",
     "follow_source",
     "load_pretrained",
     "read_state_dict",
@@ -145,6 +146,8 @@ class PretrainedRecord:
             f"pretrained: {self.loaded} of {self.total} backbone tensors loaded from {self.source} "
             f"(sha256 {self.sha256[:12]})"
         ]
+        if self.kind in ("run", "checkpoint"):
+            parts.append(f"checkpoint {Path(self.path).parent.name}")
         if self.heads_loaded:
             parts.append(f"heads loaded: {', '.join(self.heads_loaded)}")
         if self.heads_reinitialised:
@@ -191,7 +194,9 @@ def _preprocess_from_config(config: Any, origin: str) -> SourcePreprocess:
     data = config.get("data") if isinstance(config, Mapping) else None
     if not isinstance(data, Mapping):
         return SourcePreprocess()
-    return _preprocess(data.get("mean"), data.get("std"), data.get("image_size"), data.get("crop_pct"), origin)
+    return _preprocess(
+        data.get("mean"), data.get("std"), data.get("image_size"), data.get("crop_pct"), origin
+    )
 
 
 def _preprocess(mean, std, image_size, crop_pct, origin: str) -> SourcePreprocess:
@@ -229,7 +234,9 @@ def _from_export(given: str, directory: Path) -> PretrainedSource:
     info = _read_json(directory / EXPORT_FILE)
     if not isinstance(info, Mapping) or info.get("format") != EXPORT_FORMAT:
         found = info.get("format") if isinstance(info, Mapping) else type(info).__name__
-        raise PretrainedError(f"pretrained source {directory}: {EXPORT_FILE} is not a {EXPORT_FORMAT} export ({found!r})")
+        raise PretrainedError(
+            f"pretrained source {directory}: {EXPORT_FILE} is not a {EXPORT_FORMAT} export ({found!r})"
+        )
     model = info.get("model") if isinstance(info.get("model"), Mapping) else {}
     p = info.get("preprocess") if isinstance(info.get("preprocess"), Mapping) else {}
     return PretrainedSource(
@@ -238,7 +245,9 @@ def _from_export(given: str, directory: Path) -> PretrainedSource:
         directory / WEIGHTS_FILE,
         backbone=model.get("backbone"),
         taxonomy=info.get("taxonomy") if isinstance(info.get("taxonomy"), Mapping) else None,
-        preprocess=_preprocess(p.get("mean"), p.get("std"), p.get("image_size"), p.get("crop_pct"), "bcc export"),
+        preprocess=_preprocess(
+            p.get("mean"), p.get("std"), p.get("image_size"), p.get("crop_pct"), "bcc export"
+        ),
     )
 
 
@@ -251,22 +260,35 @@ def _from_hf_config(given: str, kind: str, weights: Path, config_file: Path) -> 
         kind,
         weights,
         backbone=cfg.get("architecture"),
-        preprocess=_preprocess(p.get("mean"), p.get("std"), p.get("input_size"), p.get("crop_pct"),
-                               f"timm pretrained_cfg ({config_file.name})"),
+        preprocess=_preprocess(
+            p.get("mean"),
+            p.get("std"),
+            p.get("input_size"),
+            p.get("crop_pct"),
+            f"timm pretrained_cfg ({config_file.name})",
+        ),
     )
 
 
-def resolve_source(source: str | Path) -> PretrainedSource:
+def _best_meta(path: Path) -> Any:
+    info = _read_json(path)  # model_best.json: {"step", "metric", "value", "checkpoint", "meta"}
+    return info.get("meta") if isinstance(info, Mapping) else None
+
+
+def resolve_source(source: str | Path, backbone: str | None = None) -> PretrainedSource:
     """Find the weights file `source` names and what its metadata says; see the module docstring.
 
-    Reads JSON metadata only. Raises `PretrainedError` when nothing usable is there.
+    Reads JSON metadata only (for the hub, the published preprocessing of `backbone`, with no
+    download). A run or checkpoints directory gives its best checkpoint, else its latest; name
+    `RUN/checkpoints/last` for the latest. Raises `PretrainedError` when nothing usable is there.
     """
     from bcc import checkpoint as ck
     from bcc.export import EXPORT_FILE
 
     given = str(source)
     if given.strip().lower() in HUB_SOURCES:
-        return PretrainedSource(given, "hub", None)
+        preprocess = _hub_preprocess(backbone) if backbone else SourcePreprocess()
+        return PretrainedSource(given, "hub", None, backbone, preprocess=preprocess)
     path = Path(given).expanduser()
     if not path.exists():
         raise PretrainedError(f"pretrained source {path}: no such file or directory")
@@ -277,7 +299,7 @@ def resolve_source(source: str | Path) -> PretrainedSource:
         if (path.parent / ck.META_FILE).is_file() and path.name == ck.MODEL_FILE:
             return _from_checkpoint_meta(given, "file", path, _read_json(path.parent / ck.META_FILE))
         if path.name == ck.BEST_WEIGHTS and (path.parent / ck.BEST_META).is_file():
-            return _from_checkpoint_meta(given, "file", path, _read_json(path.parent / ck.BEST_META).get("meta"))
+            return _from_checkpoint_meta(given, "file", path, _best_meta(path.parent / ck.BEST_META))
         if (path.parent / _HF_CONFIG).is_file() and path.name in _HF_WEIGHTS:
             return _from_hf_config(given, "file", path, path.parent / _HF_CONFIG)
         return PretrainedSource(given, "file", path)
@@ -294,8 +316,7 @@ def resolve_source(source: str | Path) -> PretrainedSource:
         return _from_checkpoint_meta(given, kind, step / ck.MODEL_FILE, _read_json(step / ck.META_FILE))
     # a run whose checkpoints are gone still has the best weights beside their meta
     if (path / ck.BEST_WEIGHTS).is_file() and (path / ck.BEST_META).is_file():
-        best = _read_json(path / ck.BEST_META)
-        return _from_checkpoint_meta(given, "run", path / ck.BEST_WEIGHTS, best.get("meta") if isinstance(best, Mapping) else None)
+        return _from_checkpoint_meta(given, "run", path / ck.BEST_WEIGHTS, _best_meta(path / ck.BEST_META))
     for name in _HF_WEIGHTS:
         if (path / name).is_file():
             if (path / _HF_CONFIG).is_file():
@@ -349,7 +370,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     is_safetensors = path.suffix == ".safetensors" or (
         path.suffix not in TORCH_SUFFIXES and _looks_like_safetensors(head)
     )
-    if not is_safetensors and path.suffix not in TORCH_SUFFIXES and not head.startswith((b"PK\x03\x04", b"\x80")):
+    if (
+        not is_safetensors
+        and path.suffix not in TORCH_SUFFIXES
+        and not head.startswith((b"PK\x03\x04", b"\x80"))
+    ):
         raise PretrainedError(
             f"pretrained weights {path}: not a weights file (expected .safetensors or a torch state dict "
             f"{'/'.join(TORCH_SUFFIXES)})"
@@ -387,22 +412,39 @@ def _strip_wrapper_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
-def _hub_weights(name: str) -> tuple[dict[str, Tensor], SourcePreprocess]:
+def _hub_preprocess(name: str) -> SourcePreprocess:
+    """What the backbone's published weights expect, known without downloading them."""
     try:
         if name == VGG_NAME:
             import torchvision
 
-            weights = torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1
-            t = weights.transforms()
-            pre = _preprocess(t.mean, t.std, t.crop_size[0], t.crop_size[0] / t.resize_size[0],
-                              "torchvision IMAGENET1K_V1 transforms")
-            return weights.get_state_dict(progress=False), pre
+            t = torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1.transforms()
+            return _preprocess(
+                t.mean,
+                t.std,
+                t.crop_size[0],
+                t.crop_size[0] / t.resize_size[0],
+                "torchvision IMAGENET1K_V1 transforms",
+            )
+        from timm.models import get_pretrained_cfg
+
+        p = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - an unknown name fails later, where the weights are fetched
+        return SourcePreprocess()
+    if p is None:
+        return SourcePreprocess()
+    return _preprocess(p.mean, p.std, p.input_size, p.crop_pct, "timm pretrained_cfg")
+
+
+def _hub_weights(name: str) -> dict[str, Tensor]:
+    try:
+        if name == VGG_NAME:
+            import torchvision
+
+            return torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         import timm
 
-        model = timm.create_model(name, pretrained=True, num_classes=0)
-        p = model.pretrained_cfg
-        pre = _preprocess(p.get("mean"), p.get("std"), p.get("input_size"), p.get("crop_pct"), "timm pretrained_cfg")
-        return model.state_dict(), pre
+        return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
     except Exception as e:  # noqa: BLE001 - offline, unknown name, no published weights
         if name == VGG_NAME:
             recipe = (
@@ -450,16 +492,17 @@ def load_pretrained(
     """
     from bcc.console import console
 
-    src = resolve_source(source)
+    src = resolve_source(source, model.backbone_name)
     if src.kind == "hub":
-        state, preprocess = _hub_weights(model.backbone_name)
+        state = _hub_weights(model.backbone_name)
         label, digest, path = f"hub weights of {model.backbone_name}", sha256_tensors(state), ""
-        src = dataclasses.replace(src, backbone=model.backbone_name, preprocess=preprocess)
     else:
         assert src.weights is not None
         state = read_state_dict(src.weights)
         label, digest, path = str(source), sha256_file(src.weights), str(src.weights)
-    record = _load_state_dict(model, state, src, label, digest, path, allow_mismatch, _taxonomy_dict(taxonomy))
+    record = _load_state_dict(
+        model, state, src, label, digest, path, allow_mismatch, _taxonomy_dict(taxonomy)
+    )
     if echo:
         console.print(record.line(), markup=False, highlight=False, soft_wrap=True)
     return record
@@ -500,9 +543,13 @@ def _load_state_dict(
             problems.append(f"it was trained as backbone {src.backbone}, the model is {model.backbone_name}")
         bad_backbone = [k for k in wrong_shape if k.startswith(_BACKBONE)]
         if bad_backbone:
-            problems.append(f"{len(bad_backbone)} tensors of another shape: {_preview([shapes(k) for k in bad_backbone], 3)}")
+            problems.append(
+                f"{len(bad_backbone)} tensors of another shape: {_preview([shapes(k) for k in bad_backbone], 3)}"
+            )
         if missing_backbone:
-            problems.append(f"{len(missing_backbone)} of {len(backbone_keys)} tensors missing: {_preview(missing_backbone, 3)}")
+            problems.append(
+                f"{len(missing_backbone)} of {len(backbone_keys)} tensors missing: {_preview(missing_backbone, 3)}"
+            )
         if problems:
             raise PretrainedError(
                 f"{where} does not match backbone {model.backbone_name} ({len(loaded)} of {len(backbone_keys)} "
@@ -572,6 +619,20 @@ def follow_source(
         if old != value:
             changes[name] = (old, value)
     return dataclasses.replace(data_cfg, **{k: new for k, (_, new) in changes.items()}), changes
+
+
+def follow_pretrained(cfg: Any, explicit: Collection[str] = ()) -> tuple[Any, dict[str, tuple[Any, Any]]]:
+    """`cfg` (a `Config`) with its data section following `cfg.model.pretrained` (see `follow_source`).
+
+    Call it once at start-up, before the data pipeline and before the resolved config is written, so
+    the run directory, checkpoints and exports hold the values the model was trained with. Returns
+    (config, {"data.<field>": (old, new)}); a config without pretrained weights comes back unchanged.
+    """
+    if not cfg.model.pretrained:
+        return cfg, {}
+    src = resolve_source(cfg.model.pretrained, cfg.model.backbone)
+    data, changes = follow_source(cfg.data, src.preprocess, explicit)
+    return dataclasses.replace(cfg, data=data), {f"data.{k}": v for k, v in changes.items()}
 
 
 def explicit_keys(config_file: str | Path | None, overrides: Collection[str] = ()) -> set[str]:
