@@ -29,6 +29,14 @@ and `load_pretrained` returns a `PretrainedRecord` (source, the weights file and
 keys, the source's normalisation and input size where known) for the run directory and the model card.
 `resolve_source` reads only metadata, so the trainer can follow the source's normalisation
 (`follow_source`) before it builds the data pipeline.
+
+The trainer's part: (1) at start-up, before the data pipeline and before the resolved config is
+written, `cfg, changed = follow_pretrained(cfg, explicit_keys(config_file, overrides))`, so the run,
+its checkpoints and exports hold the mean/std/size the model was trained with; (2)
+`build_model(cfg.model, taxonomy.head_sizes, taxonomy=taxonomy)` loads and keeps the record as
+`model.pretrained_record`; (3) write `record.to_dict()` into the run directory and the checkpoint
+meta; (4) on resume build with `pretrained=""`: the checkpoint holds the weights, and the source may
+be gone by then.
 """
 
 from __future__ import annotations
