@@ -31,7 +31,9 @@ def run(cmd: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
 def assert_refused(out: subprocess.CompletedProcess) -> None:
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 2, out.stderr
-    assert len(errors) == 1 and "no GPU visible" in errors[0] and "ACCELERATE_USE_CPU=true" in errors[0], out.stderr
+    assert len(errors) == 1 and "no GPU visible" in errors[0] and "ACCELERATE_USE_CPU=true" in errors[0], (
+        out.stderr
+    )
     assert "Traceback" not in out.stderr and "bcc: rank" not in out.stdout
 
 
@@ -47,7 +49,9 @@ def test_gpu_launch_without_gpu_refuses(tmp_path):
 
 def test_train_sh_without_cpu_opt_in_refuses_instead_of_training_on_cpu(tmp_path):
     # Slurm said 2 GPUs, torch sees none: the launcher must not pick a CPU config by itself.
-    out = run(["bash", str(REPO / "launch/train.sh"), "missing.yaml"], no_gpu_env(SLURM_GPUS_ON_NODE="2"), tmp_path)
+    out = run(
+        ["bash", str(REPO / "launch/train.sh"), "missing.yaml"], no_gpu_env(SLURM_GPUS_ON_NODE="2"), tmp_path
+    )
     assert_refused(out)
     assert "SLURM_GPUS_ON_NODE='2'" in out.stderr
 

@@ -38,5 +38,7 @@ def test_cli_prints_the_thread_count_and_the_report(monkeypatch, capsys):
     assert capsys.readouterr().out == "3\n"
     assert runtime.main([]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"cpu_affinity={runtime.cpu_affinity_count()} SLURM_CPUS_PER_TASK=6 OMP_NUM_THREADS=3")
+    assert out.startswith(
+        f"cpu_affinity={runtime.cpu_affinity_count()} SLURM_CPUS_PER_TASK=6 OMP_NUM_THREADS=3"
+    )
     assert runtime.main(["--bogus"]) == 2
