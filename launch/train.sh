@@ -65,8 +65,8 @@ machines=$(option num_machines)
 machines=${machines:-1}
 py=${BCC_PYTHON:-python}
 
-# Intra-op threads per rank from the CPUs this task was given; without it torchrun sets 1 per rank
-# (when several) and a single process sizes its pool on the whole machine, not on its Slurm share.
+# Intra-op threads per rank from the CPUs this task was given. accelerate passes OMP_NUM_THREADS to
+# every rank; unset, it gives GPU ranks 1 thread and a CPU launch the whole machine's cores.
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-$("$py" -m bcc.runtime --threads-per-process "$per_machine")}
 export OMP_NUM_THREADS
 # A NCCL collective that fails or times out tears the process down (and the job with it) instead of
