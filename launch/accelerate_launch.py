@@ -70,7 +70,7 @@ def missing_gpu_message() -> str | None:
         return None
     seen = ", ".join(
         f"{name}={os.environ[name]!r}"
-        for name in ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE")
+        for name in ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE")
         if name in os.environ
     )
     return (

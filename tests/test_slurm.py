@@ -290,7 +290,27 @@ def test_multinode_sbatch_runs_one_machine_rank_per_node(slurm_conf, train_confi
     assert len(set(launches)) == 2, text
     # One process per node, in one world of 2.
     assert re.search(r"bcc: rank 0/2\b", text) and re.search(r"bcc: rank 1/2\b", text), text
+    # Rendezvous: both nodes meet at the allocation's first host, on the port derived from the job id.
+    first_host = sorted(launches, key=launches.get)[0]
+    rendezvous = set(re.findall(r"--main_process_ip=(\S+) --main_process_port=(\d+)", text))
+    assert rendezvous == {(first_host, str(20000 + int(job) % 20000))}, text
     assert list((tmp_path / "runs" / "multinode" / "checkpoints").glob("step-*")), text
+
+
+@pytest.mark.timeout(120)
+def test_gpu_job_without_gpu_or_cpu_opt_in_fails_with_one_error_line(slurm_conf, train_config, tmp_path):
+    env = job_env(slurm_conf, tmp_path / "runs")
+    del env["ACCELERATE_USE_CPU"]  # the job asks for no GPU and does not choose the CPU either
+    env["CUDA_VISIBLE_DEVICES"] = ""  # and sees none, also on a machine that has one
+    job = submit("train.sbatch", str(train_config), name="nogpu", cwd=tmp_path, env=env)
+    log = tmp_path / "nogpu.out"
+    info = wait_for_job(job, env, log, timeout=100)
+    text = read_log(log)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no GPU visible" in errors[0] and "SLURM_GPUS_PER_NODE='0'" in errors[0], text
+    assert "Traceback" not in text and "bcc: rank" not in text, text
+    assert not (tmp_path / "runs" / "nogpu").exists(), text
 
 
 @pytest.mark.timeout(400)
