@@ -9,7 +9,6 @@ Three differences from `accelerate launch` (accelerate 1.x, torch 2.x), all need
 2. SIGUSR1 and SIGTERM are forwarded to the training processes and the launcher keeps waiting for
    them to save and exit. Otherwise USR1 kills the launcher (the default action) and leaves the
    processes orphaned, and torchrun's agent answers TERM by killing its workers after 30 s.
-
 3. A launch that is not explicitly on the CPU needs a GPU. When torch sees none (a node without
    drivers, an empty CUDA_VISIBLE_DEVICES, a job that asked for no GPU) it prints one `error:` line and
    exits 2 before starting anything; accelerate would silently train on the CPU. The CPU is chosen
@@ -89,6 +88,9 @@ def main(argv=None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(argv)
+    if args.config_file and not os.path.isfile(args.config_file):
+        print(f"error: accelerate config file {args.config_file} not found", file=sys.stderr)
+        return EXIT_USAGE
     if not is_cpu_launch(args):
         message = missing_gpu_message()
         if message:

@@ -74,3 +74,12 @@ def test_cpu_opt_in_launches_with_threads_from_the_slurm_cpus(tmp_path):
     launch_line = next(line for line in out.stderr.splitlines() if line.startswith("launch:"))
     assert "gpus=0" in launch_line and "OMP_NUM_THREADS=6" in launch_line and "cpu.yaml" in launch_line
     assert out.returncode == 2 and "no GPU" not in out.stderr, out.stderr
+
+
+def test_missing_accelerate_config_is_one_error_line(tmp_path):
+    out = run(
+        [sys.executable, str(LAUNCHER), "--config_file", "nope.yaml", "-m", "bcc.runtime"],
+        no_gpu_env(),
+        tmp_path,
+    )
+    assert out.returncode == 2 and out.stderr.strip() == "error: accelerate config file nope.yaml not found"
