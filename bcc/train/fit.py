@@ -36,6 +36,7 @@ from bcc.finetune import stage_at
 from bcc.manifest import Manifest
 from bcc.metrics import EvalMetrics, metric_names
 from bcc.model import count_parameters
+from bcc.runtime import cpu_report
 from bcc.stream import batches_per_epoch, eval_loader, train_loader
 from bcc.train import preempt as preemption
 from bcc.train.epoch import evaluate_split, sync_buffers, train_one_epoch
@@ -76,7 +77,7 @@ def setup_run(cfg: Config) -> Run:
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
     set_main_process(acc.is_main_process)
     print(f"bcc: rank {acc.process_index}/{acc.num_processes} local {acc.local_process_index} "
-          f"on {socket.gethostname()} device {acc.device}", flush=True)
+          f"on {socket.gethostname()} device {acc.device} {cpu_report()}", flush=True)
     manifest = Manifest.load(cfg.data.shards)
     taxonomy = manifest.taxonomy
     names = metric_names(taxonomy)
