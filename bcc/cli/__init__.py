@@ -3,6 +3,10 @@
 Each module defines `register(subparsers)`, which adds its parser and sets `func=run`, where
 `run(args) -> int` returns the exit code. Modules import torch inside `run`, so `bcc --help`
 stays fast.
+
+Errors: `main` is the one place that turns a `bcc.errors.BccError` into one `error: ...` line and its
+exit code (2); commands do not catch them. Anything else is a bug and keeps its traceback, and
+`BCC_DEBUG=1` keeps the traceback of a `BccError` too.
 """
 
 from __future__ import annotations
@@ -46,9 +50,19 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from bcc.errors import BccError, is_debug
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BccError as e:
+        if is_debug():
+            raise
+        from bcc.console import error
+
+        error(str(e))
+        return e.exit_code
