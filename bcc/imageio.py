@@ -262,7 +262,7 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list
         if p.is_dir():
             found = []
             for path, _, reason in _walk(p, p.resolve(), p):
-                if reason and (is_image_name(path) or "folder" in reason):
+                if reason and (is_image_name(path) or path.is_dir()):  # skipped non-images: none of ours
                     problems.append((str(path), reason))
                 elif not reason and is_image_name(path):
                     found.append(path)
