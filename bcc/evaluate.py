@@ -6,8 +6,9 @@
 Data: a packed dataset (`manifest.json`; its taxonomy must be the checkpoint's) is read with
 `bcc.stream.eval_loader`, which gives every sample of the split to exactly one rank. A plain folder in
 a taxonomy layout (`DATA/<class folder>/**/<image>`, folder names resolved by the checkpoint's taxonomy)
-is listed by `bcc.imageio.scan_class_folders` (the packer's listing and link policy) in sorted order and rank r takes every world_size-th file from r. An image that cannot be
-decoded is counted and reported by name in metrics.json; it does not stop the evaluation.
+is listed by `bcc.imageio.scan_class_folders` (the packer's listing and link policy) in sorted order,
+and rank r takes every world_size-th file from r. An image that cannot be decoded is counted and
+reported by name in metrics.json; it does not stop the evaluation.
 
 Every rank feeds its samples to `EvalMetrics` (which syncs on compute) and sends its per-sample logits to
 the main process (`gather_object`), which writes, into OUT:

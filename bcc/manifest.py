@@ -131,7 +131,8 @@ def _timm_info(name: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
             "shard_lengths": [sh["count"] for sh in s["shards"]]}
         for k, s in manifest["splits"].items()
     }
-    return {"name": name, "num_classes": len(manifest["classes"]), "classes": manifest["classes"], "splits": splits}
+    classes = manifest["classes"]
+    return {"name": name, "num_classes": len(classes), "classes": classes, "splits": splits}
 
 
 def write_manifest(

@@ -20,7 +20,8 @@ from bcc.errors import EXIT_USAGE, BccError
 from conftest import image_bytes
 
 # defined in the files of the training package split (issue 10, branch a1-train); they join BccError there
-PENDING = {"bcc.compare.CompareError", "bcc.config.ConfigError", "bcc.loop.TrainError", "bcc.schedule.ScheduleError"}
+PENDING = {"bcc.compare.CompareError", "bcc.config.ConfigError", "bcc.loop.TrainError",
+           "bcc.schedule.ScheduleError"}
 
 
 def test_every_exception_class_derives_from_bcc_error():
