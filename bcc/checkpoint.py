@@ -83,7 +83,7 @@ _TMP_PREFIX = ".tmp-"
 _OLD_RE = re.compile(r"^\.tmp-old-(step-\d+)-\d+$")
 
 
-class CheckpointError(BccError, RuntimeError):
+class CheckpointError(BccError):
     """A checkpoint that is missing, incomplete, corrupt or cannot be written."""
 
 

@@ -67,7 +67,7 @@ __all__ = [
 EVAL_FORMAT = "bcc-eval/1"
 
 
-class EvalError(BccError, RuntimeError):
+class EvalError(BccError):
     """Data that cannot be evaluated, with a message for the user."""
 
 

@@ -24,7 +24,7 @@ __all__ = ["SPLITS", "SplitError", "assign_splits", "compile_group_regex", "larg
 SPLITS = ("train", "val", "test")
 
 
-class SplitError(BccError, ValueError):
+class SplitError(BccError):
     """Split fractions or a group regex that cannot be used."""
 
 

@@ -53,7 +53,7 @@ from bcc.transforms import presets_from_config
 IMAGE_KEYS = tuple(s[1:] for s in IMAGE_SUFFIXES)
 
 
-class ShardError(BccError, ValueError):
+class ShardError(BccError):
     """A shard that is missing, unreadable or disagrees with the manifest, or shards too few or too
     small for the requested batches, ranks and loader workers."""
 

@@ -36,7 +36,7 @@ _CYTO_BASO_OD = np.array([0.62, 0.36, 0.10], np.float32)  # deep basophilic blue
 _BACKGROUND = np.array([0.94, 0.88, 0.85], np.float32)
 
 
-class SynthError(BccError, ValueError):
+class SynthError(BccError):
     """Options `synthesize` cannot use."""
 
 
