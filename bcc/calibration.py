@@ -2,8 +2,9 @@
 
 Temperature scaling (Guo et al. 2017) divides a head's logits by one scalar T > 0 fitted on the
 validation split to minimise the negative log-likelihood; it changes confidences, never the argmax,
-so accuracy is untouched. `ece` bins confidences exactly as torchmetrics' `MulticlassCalibrationError`
-does, so the numbers in `metrics.json` and on the reliability diagram agree.
+so accuracy is untouched. `ece` is torchmetrics' `multiclass_calibration_error`, and `reliability_bins`
+(for the reliability diagram) bins confidences exactly as it does, so the numbers in `metrics.json`
+and on the diagram agree.
 """
 
 from __future__ import annotations
@@ -112,11 +113,17 @@ def reliability_bins(probs: Tensor, targets: Tensor, n_bins: int = 15) -> tuple[
 
 
 def ece(probs: Tensor, targets: Tensor, n_bins: int = 15) -> float:
-    """Expected calibration error (L1, top-label) of `probs` [N, K]; NaN when N == 0."""
+    """Expected calibration error (L1, top-label) of `probs` [N, K]; NaN when N == 0.
+
+    The one ECE of bcc: torchmetrics' `multiclass_calibration_error` (the binning of `reliability_bins`).
+    """
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
     if targets.numel() == 0:
         return float("nan")
-    acc, conf, count = reliability_bins(probs, targets, n_bins)
-    return float(((acc - conf).abs() * count).sum() / count.sum())
+    probs = probs.detach().float()
+    return float(multiclass_calibration_error(probs, targets.detach().long().to(probs.device), probs.shape[1],
+                                              n_bins=n_bins))
 
 
 def write_temperatures(checkpoint_dir: str | Path, temperatures: Mapping[str, float], info: Mapping[str, Any]) -> Path:

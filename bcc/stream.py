@@ -33,7 +33,6 @@ workers read disjoint parts of the shards.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import random
@@ -44,16 +43,19 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from bcc.errors import BccError
+from bcc.imageio import IMAGE_SUFFIXES, decode_rgb
 from bcc.transforms import presets_from_config
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+# sample keys (extensions) that hold the image: every suffix bcc.imageio reads
+IMAGE_KEYS = tuple(s[1:] for s in IMAGE_SUFFIXES)
 
 
-class ShardError(RuntimeError):
-    """A shard that is missing, unreadable, or disagrees with the manifest."""
+class ShardError(BccError):
+    """A shard that is missing, unreadable or disagrees with the manifest, or shards too few or too
+    small for the requested batches, ranks and loader workers."""
 
 
 def _mix_seed(*parts: Any) -> int:
@@ -66,7 +68,7 @@ def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int
     """Training batches every rank runs per epoch (drop_last over the whole world)."""
     n = num_samples // (world_size * batch_size)
     if n < 1:
-        raise ValueError(
+        raise ShardError(
             f"{num_samples} training samples cannot fill one batch of {batch_size} on each of {world_size} "
             f"ranks (needs {world_size * batch_size}); lower data.batch_size or use fewer processes"
         )
@@ -93,14 +95,14 @@ def shard_assignment(
     """`[rank][worker] -> shards` for one training epoch; the same on every rank.
 
     Shards are shuffled by (seed, epoch) first, then dealt to the world_size x workers parts (workers=0
-    counts as one). Raises ValueError, naming the shard count needed, when some worker would get none.
+    counts as one). Raises ShardError, naming the shard count needed, when some worker would get none.
     """
     per_rank = max(workers, 1)
     need = world_size * per_rank
     if len(shards) < need:
         fewer = len(shards) // world_size
         hint = f" or set data.workers={fewer}" if fewer >= 1 else ""
-        raise ValueError(
+        raise ShardError(
             f"{len(shards)} training shards cannot feed {world_size} rank(s) x {per_rank} loader worker(s): "
             f"at least {need} shards are needed; repack with `bcc pack --min-shards {need}`{hint}"
         )
@@ -114,7 +116,7 @@ def shard_assignment(
     for rank, rank_parts in enumerate(plan):
         for worker, part in enumerate(rank_parts):
             if sum(s.count for s in part) == 0:
-                raise ValueError(
+                raise ShardError(
                     f"rank {rank} worker {worker} got only empty shards: {[str(s.path) for s in part]}"
                 )
     return plan
@@ -148,8 +150,8 @@ def _decode(sample: dict, transform) -> tuple[torch.Tensor, int, str, str]:
     key = sample["__key__"]
     try:
         data = next(sample[k] for k in IMAGE_KEYS if k in sample)
-        with Image.open(io.BytesIO(data)) as img:
-            image = transform(img.convert("RGB"))
+        # the packer checked the size limit; the stored image is read by the one policy of bcc.imageio
+        image = transform(decode_rgb(data, max_pixels=None))
         meta = json.loads(sample["json"])
         return image, int(meta["label"]), key, str(meta.get("source", ""))
     except StopIteration:
@@ -275,6 +277,19 @@ def _worker_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, _defer_term)
 
 
+def _from_worker(e: BccError) -> BccError:
+    """A user error raised in a loader worker with its own message again: the DataLoader re-raises it
+    in the main process with the worker's whole traceback as the message, which is no one-line error."""
+    text = str(e)
+    marker = f"{type(e).__name__}: "
+    if "Original Traceback" not in text or marker not in text:
+        return e
+    try:
+        return type(e)(text[text.rindex(marker) + len(marker):].strip())
+    except Exception:  # noqa: BLE001 - a class with another signature keeps the long message
+        return e
+
+
 class BatchLoader:
     """An iterable of batch dicts with a known length; iterate it once per epoch."""
 
@@ -302,6 +317,8 @@ class BatchLoader:
         batches = iter(self.loader)
         try:
             yield from batches
+        except BccError as e:
+            raise _from_worker(e) from None
         finally:
             # workers end now, also when iteration stops early or fails, instead of whenever the
             # iterator is garbage collected (a traceback can keep it alive indefinitely)

@@ -314,15 +314,6 @@ def test_manager_validates_arguments(tmp_path):
         manager(tmp_path, mode="up")
 
 
-def test_train_state_round_trip_and_unknown_key():
-    s = TrainState(epoch=2, step=50, top_k=[{"step": 40, "metric": 0.7, "name": "step-00000040"}])
-    assert TrainState.from_dict(json.loads(json.dumps(s.to_dict()))) == s
-    with pytest.raises(ValueError, match="unknown TrainState key.*'epochs'"):
-        TrainState.from_dict({**s.to_dict(), "epochs": 3})
-    with pytest.raises(ValueError, match="step"):
-        TrainState.from_dict({"step": -1})
-
-
 def test_checkpoint_name():
     assert checkpoint_name(40) == "step-00000040"
     with pytest.raises(ValueError):

@@ -134,8 +134,8 @@ def test_two_processes_equal_one_and_unreadable_images_are_named(packed_eval, tr
     folder = unpack_split(synth_shards, "test", tmp_path / "images")
     (folder / "Pre" / "broken.jpg").write_bytes(b"not a jpeg at all")
     (folder / "Pro" / "notes.txt").write_text("a note")
-    cmd, env = accelerate_command(2, ["--checkpoint", str(trained_run), "--data", str(folder),
-                                      "--out", str(tmp_path / "out"), "--workers", "0"], module="bcc.evaluate")
+    cmd, env = accelerate_command(2, ["eval", "--checkpoint", str(trained_run), "--data", str(folder),
+                                      "--out", str(tmp_path / "out"), "--workers", "0"], module="bcc")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())

@@ -80,7 +80,7 @@ def pack(tmp_path_factory) -> Manifest:
 def test_batches_per_epoch():
     assert batches_per_epoch(76, 4, 1) == 19
     assert batches_per_epoch(76, 4, 2) == 9
-    with pytest.raises(ValueError, match="lower data.batch_size"):
+    with pytest.raises(ShardError, match="lower data.batch_size"):
         batches_per_epoch(7, 4, 2)
 
 
@@ -220,9 +220,9 @@ def test_skip_batches_is_the_tail_of_the_full_stream(pack, workers):
 
 def test_too_few_shards_names_the_needed_count(tmp_path):
     manifest = write_pack(tmp_path, {"train": [10, 10, 10]})
-    with pytest.raises(ValueError, match=r"at least 4 shards.*--min-shards 4.*data.workers=1"):
+    with pytest.raises(ShardError, match=r"at least 4 shards.*--min-shards 4.*data.workers=1"):
         train_loader(manifest, data_cfg(workers=2), seed=0, epoch=0, rank=0, world_size=2)
-    with pytest.raises(ValueError, match=r"at least 4 shards.*--min-shards 4`$"):
+    with pytest.raises(ShardError, match=r"at least 4 shards.*--min-shards 4`$"):
         train_loader(manifest, data_cfg(workers=1), seed=0, epoch=0, rank=0, world_size=4)
 
 

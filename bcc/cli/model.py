@@ -20,16 +20,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from bcc.compare import describe_finetune
-    from bcc.config import ConfigError, load_config
-    from bcc.console import console, error
-    from bcc.finetune import FinetuneError
+    from bcc.config import load_config
+    from bcc.console import console
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        info = describe_finetune(cfg)
-    except (ConfigError, FinetuneError) as e:
-        error(str(e))
-        return 2
+    # ConfigError and FinetuneError are BccErrors: `bcc.cli.main` reports them
+    cfg = load_config(args.config, args.overrides)
+    info = describe_finetune(cfg)
 
     heads = ", ".join(f"{k} ({n})" for k, n in info.heads.items())
     table = Table(title=f"parameter groups of {info.backbone} with heads {heads}, from the {info.heads_source}")

@@ -8,11 +8,11 @@ from bcc.cli._types import positive_int
 
 
 def _split_arg(value: str) -> tuple[float, float, float]:
-    from bcc.pack import PackError, parse_split
+    from bcc.split import SplitError, parse_split
 
     try:
         return parse_split(value)
-    except PackError as e:
+    except SplitError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -24,11 +24,11 @@ def _quality(value: str) -> int:
 
 
 def _group_regex(value: str) -> str:
-    from bcc.pack import PackError, compile_group_regex
+    from bcc.split import SplitError, compile_group_regex
 
     try:
         compile_group_regex(value)
-    except PackError as e:
+    except SplitError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
@@ -66,23 +66,16 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bcc.console import console, error
-    from bcc.manifest import ManifestError
-    from bcc.pack import PackError
-    from bcc.taxonomy import TaxonomyError
 
-    try:
-        if args.verify:
-            if args.src or args.out:
-                error("--verify OUT takes no SRC/OUT arguments")
-                return 2
-            return _verify(args.verify, console)
-        if not args.src or not args.out:
-            error("bcc pack needs SRC and OUT (or --verify OUT)")
+    if args.verify:
+        if args.src or args.out:
+            error("--verify OUT takes no SRC/OUT arguments")
             return 2
-        return _pack(args, console)
-    except (TaxonomyError, PackError, ManifestError, OSError) as e:  # FileExistsError is an OSError
-        error(str(e))
+        return _verify(args.verify, console)
+    if not args.src or not args.out:
+        error("bcc pack needs SRC and OUT (or --verify OUT)")
         return 2
+    return _pack(args, console)
 
 
 def _pack(args: argparse.Namespace, console) -> int:
@@ -149,7 +142,7 @@ def _summary(result, console) -> None:
 
 
 def _verify(out: str, console) -> int:
-    from bcc.pack import verify_shards
+    from bcc.shards import verify_shards
 
     result = verify_shards(out)
     for check in result.shards:

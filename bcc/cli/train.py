@@ -22,29 +22,18 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The one place training's user errors (any BccError) become an `error:` line and an exit code."""
-    from bcc.checkpoint import CheckpointError
-    from bcc.console import error
-    from bcc.errors import EXIT_PREEMPTED, BccError, is_debug
-    from bcc.manifest import ManifestError
-    from bcc.taxonomy import TaxonomyError
+    """Train; user errors (BccError) propagate to `bcc.cli.call`, which reports them."""
+    from bcc.config import load_config
+    from bcc.errors import EXIT_PREEMPTED
+    from bcc.train.fit import fit
 
-    # until these derive from BccError too (the error-hierarchy part of issue 10); then only BccError
-    user_errors = (BccError, CheckpointError, ManifestError, TaxonomyError)
-    try:
-        from bcc.config import load_config
-        from bcc.train.fit import fit
-
-        result = fit(load_config(args.config, args.overrides))
-    except user_errors as e:
-        if is_debug():
-            raise
-        error(str(e))
-        return getattr(e, "exit_code", 2)
+    result = fit(load_config(args.config, args.overrides))
     return EXIT_PREEMPTED if result.get("preempted") else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bcc.train", description=__doc__)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from bcc.cli import call
+
+    return call(run, parser.parse_args(argv))
