@@ -150,22 +150,26 @@ def _load_eval(eval_dir: Path) -> dict[str, Any] | None:
 
 
 def _evaluation(im, split: str, data: str | Path | None) -> tuple[Path, dict[str, Any]]:
-    """`RUN/eval-<split>` of the current best checkpoint: reused when its metrics.json says it was made from
-    that checkpoint (and the same data, when `data` is given), else evaluated now."""
+    """The evaluation `bcc eval` writes for this run: `RUN/eval-<split>` (a packed split) or
+    `RUN/eval-<folder name>` (`data` an image folder). Reused when its metrics.json says it was made from
+    the current best checkpoint with the temperatures in use now (and from `data`, when given); else
+    evaluated now and written there."""
     from bcc.evaluate import evaluate_checkpoint
 
-    eval_dir = im.run_dir / f"eval-{split}"
+    source = Path(data) if data is not None else Path(im.config.data.shards)
+    is_folder = data is not None and source.is_dir() and not (source / "manifest.json").is_file()
+    eval_dir = im.run_dir / f"eval-{source.resolve().name if is_folder else split}"
     done = _load_eval(eval_dir)
     files = ("metrics.json", "predictions.csv", "confusion.png", "reliability.png")
-    if (done is not None and done.get("checkpoint") == str(im.checkpoint) and done.get("split") == split
+    if (done is not None and done.get("checkpoint") == str(im.checkpoint)
+            and done.get("temperatures") == (im.temperatures or None)
+            and (done.get("kind") == "folder" if is_folder else done.get("split") == split)
             and all((eval_dir / f).is_file() for f in files)
-            and (data is None or Path(done.get("data", "")) == Path(data).resolve())):
+            and (data is None or Path(done.get("data", "")) == source.resolve())):
         return eval_dir, done
-    source = Path(data) if data is not None else Path(im.config.data.shards)
     if not source.exists():
         raise ReportError(f"the run's data {source} does not exist (moved?): pass --data with the packed dataset")
-    done = evaluate_checkpoint(im.checkpoint, source, split=split, out=eval_dir, workers=0)
-    return eval_dir, done
+    return eval_dir, evaluate_checkpoint(im.checkpoint, source, split=split, out=eval_dir, workers=0)
 
 
 def _read_images(evaluation: Mapping[str, Any], mistakes: Sequence[Mistake]):
@@ -175,11 +179,14 @@ def _read_images(evaluation: Mapping[str, Any], mistakes: Sequence[Mistake]):
     root = Path(evaluation["data"])
     if evaluation.get("kind") == "folder":
         return [read_image(root / m.source) for m in mistakes]
-    from bcc.manifest import Manifest
+    from bcc.manifest import Manifest, ManifestError
 
     wanted = {m.key for m in mistakes}
     found: dict[str, tuple[str, bytes]] = {}
-    manifest = Manifest.load(root)
+    try:
+        manifest = Manifest.load(root)
+    except ManifestError as e:
+        raise ReportError(f"the evaluated images are gone ({e}); pass --data with the packed dataset") from e
     for shard in manifest.split(evaluation["split"]).shards:
         if len(found) == len(wanted):
             break

@@ -54,7 +54,9 @@ def test_report_is_one_self_contained_page(report, trained_run):  # noqa: F811
 def test_hide_paths_shows_no_file_name_or_path(trained_run, tmp_path):  # noqa: F811
     from bcc.report import write_report
 
+    evaluated = (trained_run / "eval-test" / "metrics.json").stat().st_mtime_ns
     path = write_report(trained_run, out=tmp_path, hide_paths=True, worst=50)
+    assert (trained_run / "eval-test" / "metrics.json").stat().st_mtime_ns == evaluated, "evaluation not reused"
     page = path.read_text()
     metrics = json.loads((trained_run / "eval-test" / "metrics.json").read_text())
     for secret in [*_wrong_sources(trained_run), metrics["data"], metrics["checkpoint"], str(trained_run.parent)]:
@@ -99,6 +101,16 @@ def test_all_zero_gradcam_map_says_so(trained_run, monkeypatch):  # noqa: F811
         assert any(p["title"].startswith("binary:") and p["png"] for p in row)
 
 
+def test_an_evaluation_of_another_checkpoint_is_redone(trained_run, tmp_path):  # noqa: F811
+    from bcc.report import write_report
+
+    path = trained_run / "eval-test" / "metrics.json"
+    real = json.loads(path.read_text())
+    path.write_text(json.dumps({**real, "checkpoint": str(tmp_path / "older")}))
+    write_report(trained_run, out=tmp_path, worst=1)
+    assert json.loads(path.read_text())["checkpoint"] == real["checkpoint"]
+
+
 def test_report_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bcc", "report", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=120)
@@ -129,6 +141,16 @@ def _chromium() -> str:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message + "; under CI the browser test must run")
     pytest.skip(message)
+
+
+def test_missing_chromium_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="under CI"):
+        _chromium()
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception):
+        _chromium()
 
 
 def _browser(chromium: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
