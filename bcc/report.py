@@ -182,7 +182,7 @@ def _read_images(evaluation: Mapping[str, Any], mistakes: Sequence[Mistake]):
     from bcc.manifest import Manifest, ManifestError
 
     wanted = {m.key for m in mistakes}
-    found: dict[str, tuple[str, bytes]] = {}
+    found: dict[str, bytes] = {}
     try:
         manifest = Manifest.load(root)
     except ManifestError as e:
@@ -195,13 +195,13 @@ def _read_images(evaluation: Mapping[str, Any], mistakes: Sequence[Mistake]):
                 for member in tar:
                     key, _, ext = member.name.partition(".")
                     if key in wanted and ext.lower() in ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"):
-                        found[key] = (member.name, tar.extractfile(member).read())
+                        found[key] = tar.extractfile(member).read()
         except (OSError, tarfile.TarError) as e:
             raise ReportError(f"cannot read shard {shard.path}: {e}") from e
     missing = sorted(wanted - found.keys())
     if missing:
         raise ReportError(f"samples {', '.join(missing[:5])} are not in the {evaluation['split']!r} shards of {root}")
-    return [read_image(io.BytesIO(found[m.key][1])) for m in mistakes]
+    return [read_image(io.BytesIO(found[m.key])) for m in mistakes]
 
 
 def _gradcam_panels(im, images, mistakes: Sequence[Mistake]) -> list[list[dict[str, Any]]]:
@@ -212,14 +212,20 @@ def _gradcam_panels(im, images, mistakes: Sequence[Mistake]) -> list[list[dict[s
 
     taxonomy = im.taxonomy
     cam = GradCAM(im.model, image_size=im.image_size)
-    x = torch.stack([im.preprocess(img) for img in images]).to(im.device)
-    n = len(mistakes)
+
+    def explain(classes: Mapping[str, torch.Tensor], chunk: int = 16) -> dict[str, torch.Tensor]:
+        parts = []
+        for lo in range(0, len(images), chunk):
+            x = torch.stack([im.preprocess(img) for img in images[lo:lo + chunk]]).to(im.device)
+            parts.append(cam(x, {h: c[lo:lo + chunk] for h, c in classes.items()}))
+        return {h: torch.cat([p[h] for p in parts]) for h in parts[0]}
+
     # each head's map explains the label it predicted (as evaluated: the argmax of its probabilities)
     predicted = {h.name: torch.tensor([h.labels.index(max(m.head_probs[h.name], key=m.head_probs[h.name].get))
                                        for m in mistakes]) for h in taxonomy.heads}
-    maps = cam(x, predicted)
+    maps = explain(predicted)
     # a two-class head also explains its positive label (label 1: malignant), whatever it predicted
-    positive = {h.name: cam(x, {**predicted, h.name: torch.ones(n, dtype=torch.long)})[h.name]
+    positive = {h.name: explain({**predicted, h.name: torch.ones(len(mistakes), dtype=torch.long)})[h.name]
                 for h in taxonomy.heads if len(h.labels) == 2}
     crop = im.config.data.crop_pct
     panels: list[list[dict[str, Any]]] = []

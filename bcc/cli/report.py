@@ -27,7 +27,8 @@ def register(subparsers) -> None:
                    help="show no file names or data/checkpoint paths (they may carry patient identifiers)")
     p.add_argument("--split", default=None, help="split to evaluate and show mistakes of (default: the run's test split)")
     p.add_argument("--data", default=None, metavar="PATH",
-                   help="packed dataset to evaluate (default: the run's data.shards), e.g. after moving it")
+                   help="packed dataset (e.g. after moving it) or image folder of class folders to evaluate "
+                        "(default: the run's data.shards)")
     p.add_argument("--worst", type=_count, default=12, metavar="N", help="mistakes in the gallery (default 12)")
     p.set_defaults(func=run)
 
