@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_evaluate import trained_run  # noqa: F401 - session fixture shared by the evaluation tests
+from test_evaluate import trained_run, unpack_split  # noqa: F401 - trained_run: session fixture shared by the evaluation tests
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,19 @@ def test_an_evaluation_of_another_checkpoint_is_redone(trained_run, tmp_path):  
     path.write_text(json.dumps({**real, "checkpoint": str(tmp_path / "older")}))
     write_report(trained_run, out=tmp_path, worst=1)
     assert json.loads(path.read_text())["checkpoint"] == real["checkpoint"]
+
+
+def test_report_on_an_image_folder(trained_run, synth_shards, tmp_path):  # noqa: F811
+    from bcc.report import write_report
+
+    folder = unpack_split(synth_shards, "test", tmp_path / "cells")
+    page = write_report(trained_run, out=tmp_path, data=folder, worst=3).read_text()
+    metrics = json.loads((trained_run / "eval-cells" / "metrics.json").read_text())
+    assert metrics["kind"] == "folder" and Path(metrics["data"]) == folder.resolve()
+    with open(trained_run / "eval-cells" / "predictions.csv", newline="") as f:
+        wrong = [r["source"] for r in csv.DictReader(f) if r["true_class"] != r["pred_class"]]
+    assert wrong and sum(s in page for s in wrong) == min(3, len(wrong))  # relative to the folder
+    assert str(folder.resolve() / wrong[0]) not in page
 
 
 def test_report_errors_are_one_line(tmp_path):
