@@ -50,6 +50,19 @@ def test_named_taxonomies_resolve_by_stem_declared_name_or_file(tmp_path):
         load_taxonomy(tmp_path / "missing.yaml")
 
 
+def test_bcc_pack_takes_a_shipped_taxonomy_by_name(tmp_path, make_class_tree, capsys):
+    import json
+
+    from bcc.cli import main
+
+    src = make_class_tree(tmp_path / "src", {"polyps": 3, "Esophagitis": 3})
+    assert main(["pack", str(src), str(tmp_path / "out"), "--taxonomy", "kvasir", "--split", "1,0,0"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["taxonomy"]["name"] == "kvasir-v1" and len(manifest["classes"]) == 8
+    assert main(["pack", str(src), str(tmp_path / "out2"), "--taxonomy", "kvasir-v2"]) == 2
+    assert "shipped: all_4class, kvasir" in " ".join(capsys.readouterr().err.split())
+
+
 def test_demo_config_is_a_real_file():
     from bcc.resources import demo_config, resource_file
 
