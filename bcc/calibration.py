@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["apply_temperature", "ece", "fit_temperature", "fit_temperatures", "reliability_bins"]
+__all__ = ["apply_temperature", "ece", "fit_temperature", "fit_temperatures", "reliability_bins", "write_temperatures"]
+
+TEMPERATURE_FILE = "temperature.json"  # stored in a checkpoint directory; read by bcc.predict
+TEMPERATURE_FORMAT = "bcc-temperature/1"
 
 # Search range for T. The NLL is convex in 1/T, so a bracketed golden-section search on log T is
 # reliable; the bounds only matter for degenerate data (perfectly separable: NLL keeps falling as T -> 0).
@@ -111,3 +117,21 @@ def ece(probs: Tensor, targets: Tensor, n_bins: int = 15) -> float:
         return float("nan")
     acc, conf, count = reliability_bins(probs, targets, n_bins)
     return float(((acc - conf).abs() * count).sum() / count.sum())
+
+
+def write_temperatures(checkpoint_dir: str | Path, temperatures: Mapping[str, float], info: Mapping[str, Any]) -> Path:
+    """Store `temperatures` (head -> T) in `<checkpoint>/temperature.json` atomically.
+
+    A `best`/`last` link is followed, so the file lands in the step directory it points at. Used by
+    `bcc calibrate` and by training's `eval.calibrate`; `bcc.predict.read_temperatures` reads it.
+    """
+    from bcc.atomic import write_json
+
+    path = Path(checkpoint_dir).resolve() / TEMPERATURE_FILE
+    write_json(path, {
+        "format": TEMPERATURE_FORMAT,
+        "temperatures": {k: float(v) for k, v in temperatures.items()},
+        "fitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **info,
+    })
+    return path

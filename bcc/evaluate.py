@@ -14,7 +14,7 @@ the main process (`gather_object`), which writes, into OUT:
 
 * `metrics.json`: per head and combined: loss, acc, bacc, macro F1, AUROC, ECE (and for two-class heads
   sensitivity/specificity of label 1, i.e. malignant), the confusion matrix, counts, failures,
-  throughput; `metrics` repeats them under the flat names of the training log (`bacc4`, `binary_sens`).
+  throughput; `metrics` repeats them under the flat names of the training log (`bacc`, `binary_sens`).
   With temperatures (`bcc calibrate`) every probability is temperature-scaled and `ece_raw` holds the
   ECE of the raw softmax;
 * `predictions.csv`: one row per image, sorted by source: source, key, true class, predicted class

@@ -18,8 +18,8 @@ than per-metric running sums is deliberate:
 Metric names (stable: they go into metrics.jsonl and `checkpoint.metric` selects from them):
 
 * combined (hierarchical decision, `Taxonomy.decide`): `acc`, `bacc`, `f1` (macro), `ece` (of the
-  combined leaf-class probabilities, 15 bins), `confusion` (C x C counts, rows = true class), and
-  the aliases `acc{C}`, `bacc{C}` (`acc4`, `bacc4` for the ALL task);
+  combined leaf-class probabilities, 15 bins), `confusion` (C x C counts, rows = true class); these
+  names are the same for every taxonomy (older logs called `acc`/`bacc` `acc4`/`bacc4`);
 * per head H, on the samples whose H target is valid (subtype: truly malignant samples only, whatever
   the binary head predicted): `H_acc`, `H_bacc`, `H_f1`, `H_auroc` (binary heads: AUROC of label 1;
   otherwise macro over the classes present), `H_ece`, `H_count`; two-class heads also `H_sens` and
@@ -233,8 +233,6 @@ class EvalMetrics:
         combined = _scope_metrics(probs, preds, target, self.num_classes)
         for key in ("acc", "bacc", "f1", "auroc", "ece", "confusion"):
             out[key] = combined[key]
-        out[f"acc{self.num_classes}"] = combined["acc"]
-        out[f"bacc{self.num_classes}"] = combined["bacc"]
 
         for name, k in self.head_sizes.items():
             probs, preds, target = gathered[name]
@@ -252,6 +250,16 @@ class EvalMetrics:
     def reset(self) -> None:
         for metric in (*self._samples.values(), self._loss):
             metric.reset()
+
+
+def metric_names(taxonomy) -> list[str]:
+    """The scalar metric names `EvalMetrics.compute()` gives for `taxonomy` (what `checkpoint.metric`
+    may name), known before any evaluation runs."""
+    names = ["acc", "bacc", "f1", "auroc", "ece"]
+    for name, k in taxonomy.head_sizes.items():
+        names += [f"{name}_{m}" for m in ("acc", "bacc", "f1", "auroc", "ece", *(("sens", "spec") if k == 2 else ()))]
+        names.append(f"{name}_count")
+    return [*names, "loss", "count"]
 
 
 def _fmt(value: Any) -> str:

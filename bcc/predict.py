@@ -18,16 +18,15 @@ import csv
 import dataclasses
 import json
 import math
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from bcc.calibration import TEMPERATURE_FILE, TEMPERATURE_FORMAT, write_temperatures  # noqa: F401 (re-exported)
 from bcc.checkpoint import MODEL_FILE, CheckpointError, read_meta, read_train_state, resolve_checkpoint
 from bcc.taxonomy import Taxonomy, TaxonomyError
 
@@ -51,8 +50,6 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-TEMPERATURE_FILE = "temperature.json"
-TEMPERATURE_FORMAT = "bcc-temperature/1"
 
 
 class TaxonomyMismatchError(TaxonomyError):
@@ -102,31 +99,6 @@ def read_temperatures(checkpoint_dir: str | Path, head_names: Sequence[str] | No
     if head_names is not None and set(temps) != set(head_names):
         raise CheckpointError(f"{path}: temperatures are for heads {sorted(temps)}, the model has {list(head_names)}")
     return temps
-
-
-def write_temperatures(checkpoint_dir: str | Path, temperatures: Mapping[str, float], info: Mapping[str, Any]) -> Path:
-    """Store `temperatures` (head -> T) in `<checkpoint>/temperature.json` atomically (temp file, rename).
-
-    A `best`/`last` link is followed, so the file lands in the step directory it points at.
-    """
-    directory = Path(checkpoint_dir).resolve()
-    path = directory / TEMPERATURE_FILE
-    data = {
-        "format": TEMPERATURE_FORMAT,
-        "temperatures": {k: float(v) for k, v in temperatures.items()},
-        "fitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **info,
-    }
-    tmp = directory / f".tmp-{TEMPERATURE_FILE}-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 # --------------------------------------------------------------------------- the loaded model

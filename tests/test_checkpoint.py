@@ -54,7 +54,7 @@ def make_ckpt(step, model=None, opt=None, **state_kw):
 
 
 def manager(root, keep_last=2, keep_top_k=2, mode="max"):
-    return CheckpointManager(root, keep_last=keep_last, keep_top_k=keep_top_k, metric="bacc4", mode=mode)
+    return CheckpointManager(root, keep_last=keep_last, keep_top_k=keep_top_k, metric="bacc", mode=mode)
 
 
 def step_dirs(root):
@@ -272,7 +272,7 @@ def test_retention_top_k_best_and_resume(tmp_path):
     for k, v in tiny_training(seed=20)[0].state_dict().items():
         assert torch.equal(best_weights[k], v), k
     info = json.loads((run / "model_best.json").read_text())
-    assert info["step"] == 20 and info["metric"] == "bacc4" and info["meta"] == META
+    assert info["step"] == 20 and info["metric"] == "bacc" and info["meta"] == META
     assert resolve_checkpoint(run) == root / "best"
     assert resolve_checkpoint(run, prefer="latest") == root / "step-00000050"
 

@@ -67,13 +67,11 @@ def run(args: argparse.Namespace) -> int:
     table = Table(title=f"bcc demo: test split ({int(test['count'])} images), {args.processes} processes")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    # `acc`/`bacc` are the class-count-free names of `acc4`/`bacc4`: read whichever the run wrote
-    for keys, label in ((("acc", "acc4"), "4-class accuracy"), (("bacc", "bacc4"), "4-class balanced accuracy"),
-                        (("binary_bacc",), "benign/malignant balanced accuracy"),
-                        (("binary_auroc",), "malignant AUROC"), (("binary_sens",), "malignant sensitivity"),
-                        (("binary_spec",), "malignant specificity"), (("subtype_f1",), "subtype macro F1 (malignant)")):
-        key = next((k for k in keys if k in test), None)
-        if key is not None:
+    for key, label in (("acc", "4-class accuracy"), ("bacc", "4-class balanced accuracy"),
+                       ("binary_bacc", "benign/malignant balanced accuracy"), ("binary_auroc", "malignant AUROC"),
+                       ("binary_sens", "malignant sensitivity"), ("binary_spec", "malignant specificity"),
+                       ("subtype_f1", "subtype macro F1 (malignant)")):
+        if key in test:
             table.add_row(label, f"{test[key]:.3f}")
     table.add_row("chance (4-class)", f"{chance:.3f}")
     console.print(table)
