@@ -2,20 +2,27 @@
 
 Temperature scaling (Guo et al. 2017) divides a head's logits by one scalar T > 0 fitted on the
 validation split to minimise the negative log-likelihood; it changes confidences, never the argmax,
-so accuracy is untouched. `ece` bins confidences exactly as torchmetrics' `MulticlassCalibrationError`
-does, so the numbers in `metrics.json` and on the reliability diagram agree.
+so accuracy is untouched. `ece` is torchmetrics' `multiclass_calibration_error`, and `reliability_bins`
+(for the reliability diagram) bins confidences exactly as it does, so the numbers in `metrics.json`
+and on the diagram agree.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["apply_temperature", "ece", "fit_temperature", "fit_temperatures", "reliability_bins"]
+__all__ = ["apply_temperature", "ece", "fit_temperature", "fit_temperatures", "reliability_bins", "write_temperatures"]
+
+TEMPERATURE_FILE = "temperature.json"  # stored in a checkpoint directory; read by bcc.predict
+TEMPERATURE_FORMAT = "bcc-temperature/1"
 
 # Search range for T. The NLL is convex in 1/T, so a bracketed golden-section search on log T is
 # reliable; the bounds only matter for degenerate data (perfectly separable: NLL keeps falling as T -> 0).
@@ -106,8 +113,32 @@ def reliability_bins(probs: Tensor, targets: Tensor, n_bins: int = 15) -> tuple[
 
 
 def ece(probs: Tensor, targets: Tensor, n_bins: int = 15) -> float:
-    """Expected calibration error (L1, top-label) of `probs` [N, K]; NaN when N == 0."""
+    """Expected calibration error (L1, top-label) of `probs` [N, K]; NaN when N == 0.
+
+    The one ECE of bcc: torchmetrics' `multiclass_calibration_error` (the binning of `reliability_bins`).
+    """
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
     if targets.numel() == 0:
         return float("nan")
-    acc, conf, count = reliability_bins(probs, targets, n_bins)
-    return float(((acc - conf).abs() * count).sum() / count.sum())
+    probs = probs.detach().float()
+    return float(multiclass_calibration_error(probs, targets.detach().long().to(probs.device), probs.shape[1],
+                                              n_bins=n_bins))
+
+
+def write_temperatures(checkpoint_dir: str | Path, temperatures: Mapping[str, float], info: Mapping[str, Any]) -> Path:
+    """Store `temperatures` (head -> T) in `<checkpoint>/temperature.json` atomically.
+
+    A `best`/`last` link is followed, so the file lands in the step directory it points at. Used by
+    `bcc calibrate` and by training's `eval.calibrate`; `bcc.predict.read_temperatures` reads it.
+    """
+    from bcc.atomic import write_json
+
+    path = Path(checkpoint_dir).resolve() / TEMPERATURE_FILE
+    write_json(path, {
+        "format": TEMPERATURE_FORMAT,
+        "temperatures": {k: float(v) for k, v in temperatures.items()},
+        "fitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **info,
+    })
+    return path

@@ -29,11 +29,9 @@ and calls `CheckpointManager.save` on the main process only.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import random
 import re
 import shutil
 from collections.abc import Mapping
@@ -45,6 +43,26 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from bcc.atomic import atomic_path, atomic_write
+from bcc.errors import BccError
+from bcc.state import TrainState, restore_rng_state, save_rng_state
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointManager",
+    "TrainState",
+    "checkpoint_name",
+    "find_latest",
+    "is_complete",
+    "load_checkpoint",
+    "read_meta",
+    "read_train_state",
+    "resolve_checkpoint",
+    "restore_rng_state",
+    "save_rng_state",
+]
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -65,53 +83,8 @@ _TMP_PREFIX = ".tmp-"
 _OLD_RE = re.compile(r"^\.tmp-old-(step-\d+)-\d+$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BccError):
     """A checkpoint that is missing, incomplete, corrupt or cannot be written."""
-
-
-# --------------------------------------------------------------------------- loop state
-
-
-@dataclass
-class TrainState:
-    """The loop state: goes into every checkpoint (`trainer_state.json`) and is restored first."""
-
-    epoch: int = 0  # current epoch, 0-based
-    step: int = 0  # optimizer steps done (global)
-    batches_in_epoch: int = 0  # batches consumed in the current epoch (0 at an epoch boundary)
-    samples_seen: int = 0
-    stage: int = 0  # index of the current unfreezing stage
-    trainable: list[str] = field(default_factory=list)  # parameter groups trainable in this stage
-    best_metric: float | None = None
-    best_step: int | None = None
-    top_k: list[dict] = field(default_factory=list)  # [{"step", "metric", "name"}], best first
-    config_hash: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainState:
-        """Build from `to_dict` output. Unknown keys are an error; missing keys take their defaults."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(
-                f"unknown TrainState key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(names)}"
-            )
-        state = cls(**{k: d[k] for k in names if k in d})
-        for name in ("epoch", "step", "batches_in_epoch", "samples_seen", "stage"):
-            value = getattr(state, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"TrainState.{name} must be a non-negative integer, got {value!r}")
-        if state.best_metric is not None:
-            state.best_metric = float(state.best_metric)
-        state.trainable = [str(x) for x in state.trainable]
-        for entry in state.top_k:
-            if not isinstance(entry, Mapping) or not {"step", "metric", "name"} <= set(entry):
-                raise ValueError(f"TrainState.top_k entries need step, metric and name; got {entry!r}")
-        state.top_k = [dict(e) for e in state.top_k]
-        return state
 
 
 @dataclass
@@ -133,53 +106,6 @@ def checkpoint_name(step: int) -> str:
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise ValueError(f"checkpoint step must be a non-negative integer, got {step!r}")
     return f"step-{step:08d}"
-
-
-# --------------------------------------------------------------------------- RNG
-
-
-def save_rng_state() -> dict:
-    """This process's RNG states, in a form `torch.load(weights_only=True)` accepts."""
-    import numpy as np
-
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": [version, list(internal), gauss_next],
-        "numpy": {
-            "kind": str(kind),
-            "keys": [int(k) for k in keys],
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-    }
-
-
-def restore_rng_state(d: Mapping[str, Any]) -> None:
-    """Restore what `save_rng_state` returned (CUDA states only where CUDA is available)."""
-    import numpy as np
-
-    torch.set_rng_state(d["torch"].cpu())
-    cuda = d.get("cuda") or []
-    if cuda and torch.cuda.is_available():
-        # a resume on fewer visible devices restores those it has
-        for device, s in enumerate(cuda[: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s.cpu(), device)
-    version, internal, gauss_next = d["python"]
-    random.setstate((int(version), tuple(int(x) for x in internal), gauss_next))
-    n = d["numpy"]
-    np.random.set_state(
-        (
-            n["kind"],
-            np.asarray(n["keys"], dtype=np.uint32),
-            int(n["pos"]),
-            int(n["has_gauss"]),
-            float(n["cached_gaussian"]),
-        )
-    )
 
 
 # --------------------------------------------------------------------------- finding checkpoints
@@ -355,16 +281,19 @@ def _cpu_tensors(tensors: Mapping[str, Any], what: str) -> dict[str, Tensor]:
     return out
 
 
+# file writes go through bcc.atomic (temp sibling, fsync, rename); the step directory around them is
+# this module's own atomic unit (`CheckpointManager.save`)
+
+
 def _write_safetensors(tensors: Mapping[str, Tensor], path: Path, what: str) -> None:
-    save_file(_cpu_tensors(tensors, what), path, metadata={"format": "pt"})
-    _fsync_path(path)
+    cpu = _cpu_tensors(tensors, what)
+    with atomic_path(path) as tmp:
+        save_file(cpu, tmp, metadata={"format": "pt"})
 
 
 def _write_pt(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
+    with atomic_write(path, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _write_json(obj: Any, path: Path) -> None:
@@ -372,10 +301,8 @@ def _write_json(obj: Any, path: Path) -> None:
         text = json.dumps(obj, indent=2, sort_keys=False)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path.name}: content is not JSON-serialisable: {e}") from e
-    with open(path, "w") as f:
+    with atomic_write(path) as f:
         f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _replace_link(link: Path, target: str) -> None:
@@ -529,7 +456,7 @@ class CheckpointManager:
                 p.unlink()
             else:
                 shutil.rmtree(p, ignore_errors=True)
-        for p in self.run_dir.glob(f"{_TMP_PREFIX}model_best.*"):
+        for p in self.run_dir.glob(f".{BEST_WEIGHTS[:-len('.safetensors')]}.*.tmp-*"):  # bcc.atomic's temp names
             p.unlink(missing_ok=True)
 
     def _sync_best(self, ckpt: Checkpoint) -> None:
@@ -552,34 +479,20 @@ class CheckpointManager:
             current = None
         if current == state.best_step and weights.is_file():
             return
-        pid = os.getpid()
-        tmp_weights = self.run_dir / f"{_TMP_PREFIX}{BEST_WEIGHTS}-{pid}"
-        tmp_info = self.run_dir / f"{_TMP_PREFIX}{BEST_META}-{pid}"
-        try:
-            if state.best_step == state.step:
-                _write_safetensors(ckpt.model, tmp_weights, "model")
-                meta = ckpt.meta
-            else:
-                shutil.copyfile(source / MODEL_FILE, tmp_weights)
-                _fsync_path(tmp_weights)
-                meta = read_meta(source)
-            _write_json(
-                {
-                    "step": state.best_step,
-                    "metric": self.metric,
-                    "value": state.best_metric,
-                    "checkpoint": name,
-                    "meta": meta,
-                },
-                tmp_info,
-            )
-            # weights first: model_best.json naming a step is the promise that the weights are that step's
-            os.replace(tmp_weights, weights)
-            os.replace(tmp_info, info)
-            _fsync_path(self.run_dir)
-        finally:
-            for p in (tmp_weights, tmp_info):
-                p.unlink(missing_ok=True)
+        # weights first: model_best.json naming a step is the promise that the weights are that step's
+        if state.best_step == state.step:
+            _write_safetensors(ckpt.model, weights, "model")
+            meta = ckpt.meta
+        else:
+            with atomic_path(weights) as tmp:
+                shutil.copyfile(source / MODEL_FILE, tmp)
+            meta = read_meta(source)
+        _write_json(
+            {"step": state.best_step, "metric": self.metric, "value": state.best_metric, "checkpoint": name,
+             "meta": meta},
+            info,
+        )
+        _fsync_path(self.run_dir)
 
     def _retain(self, state: TrainState) -> None:
         dirs = _step_dirs(self.root)

@@ -1,12 +1,12 @@
 """Frozen vs staged vs full fine-tuning on the same shards, seed and epoch budget.
 
 `compare` trains one run directory per mode (`OUT/<mode>/`), each the same config with only
-`schedule` changed, then `aggregate` reads the run directories back (`metrics.jsonl`,
+`finetune.preset` changed, then `aggregate` reads the run directories back (`metrics.jsonl`,
 `summary.json`, `config.yaml`) and writes `OUT/RESULTS.md`, `OUT/results.csv` and
 `OUT/val_curves.png`. Aggregation needs nothing but the run directories, so a cluster can train the
 modes as an array job and aggregate afterwards.
 
-`describe_schedule` (used by `bcc model groups`) lists the parameter groups of the configured model
+`describe_finetune` (used by `bcc model groups`) lists the parameter groups of the configured model
 and what each stage trains, without any data.
 """
 
@@ -16,18 +16,24 @@ import csv
 import json
 import math
 import statistics
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bcc.config import Config, load_config
+from bcc.atomic import atomic_write, write_json
+from bcc.config import Config, load_config, load_saved_config
+from bcc.errors import BccError
+from bcc.train.runlog import read_rows as read_metrics_rows
 
-MODES = ("frozen", "staged", "full")
-VAL_METRICS = ("bacc4", "acc4", "binary_bacc")
+MODES = ("frozen", "staged", "full")  # finetune.preset of each mode
 
 
-class CompareError(RuntimeError):
+def table_metrics(metric: str) -> list[str]:
+    """The metrics a comparison reports: the run's `checkpoint.metric` first, then `bacc` and `acc`."""
+    return list(dict.fromkeys([metric, "bacc", "acc"]))
+
+
+class CompareError(BccError):
     """A comparison that cannot run or cannot be aggregated, with a message for the user."""
 
 
@@ -54,7 +60,7 @@ class StageInfo:
 
 
 @dataclass(frozen=True)
-class ScheduleInfo:
+class FinetuneInfo:
     backbone: str
     heads: dict[str, int]
     heads_source: str  # where the heads came from: a manifest path or "default taxonomy"
@@ -81,18 +87,18 @@ def taxonomy_heads(cfg: Config) -> tuple[dict[str, int], str]:
     return dict(Taxonomy.default().head_sizes), "default taxonomy (no manifest at data.shards)"
 
 
-def describe_schedule(cfg: Config) -> ScheduleInfo:
+def describe_finetune(cfg: Config) -> FinetuneInfo:
     """Parameter groups of the configured model and the trainable set of every stage (no data needed)."""
+    from bcc.finetune import resolve_stages
     from bcc.model import build_model, parameter_groups
-    from bcc.schedule import resolve_stages
 
     heads, source = taxonomy_heads(cfg)
     # weights are irrelevant here: never read a pretrained file just to count parameters
     model = build_model(_replace(cfg.model, pretrained=""), heads)
     groups = parameter_groups(model)
-    stages = resolve_stages(cfg.schedule, cfg.train.epochs, list(groups), cfg.train.warmup_steps)
+    stages = resolve_stages(cfg.finetune, cfg.train.epochs, list(groups), cfg.train.warmup_steps)
     sizes = {g: sum(p.numel() for _, p in members) for g, members in groups.items()}
-    return ScheduleInfo(
+    return FinetuneInfo(
         backbone=cfg.model.backbone,
         heads=heads,
         heads_source=source,
@@ -112,71 +118,27 @@ def _replace(obj, **changes):
     return dataclasses.replace(obj, **changes)
 
 
-# --------------------------------------------------------------------------- step-time benchmark
-
-
-def step_times(cfg: Config, trainable_sets: Mapping[str, Sequence[str]], steps: int = 5) -> dict[str, float]:
-    """Median seconds of one optimizer step (forward, backward, SGD step) on one random batch of
-    `data.batch_size` x `data.image_size`, per named trainable set, on the same model.
-
-    This isolates what freezing saves: the training runs' wall times also hold evaluation and
-    checkpoints, which cost the same in every mode.
-    """
-    import torch
-
-    from bcc.model import build_model, group_of_module, parameter_groups
-    from bcc.schedule import apply_trainable, frozen_batchnorms, set_train_mode
-
-    heads, _ = taxonomy_heads(cfg)
-    torch.manual_seed(cfg.train.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(_replace(cfg.model, pretrained=""), heads).to(device)
-    groups, module_groups = parameter_groups(model), group_of_module(model)
-    n = cfg.data.batch_size
-    x = torch.randn(n, 3, cfg.data.image_size, cfg.data.image_size, device=device)
-    targets = [torch.randint(0, k, (n,), device=device) for k in heads.values()]
-    out = {}
-    for name, trainable in trainable_sets.items():
-        apply_trainable(groups, trainable)
-        frozen = frozen_batchnorms(model, module_groups, trainable) if cfg.schedule.frozen_bn == "eval" else []
-        set_train_mode(model, frozen)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-        times = []
-        for _ in range(steps + 1):  # the first step allocates buffers: not timed
-            t0 = time.perf_counter()
-            logits = model(x)
-            loss = sum(torch.nn.functional.cross_entropy(lg, t) for lg, t in zip(logits, targets, strict=True))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        out[name] = statistics.median(times[1:])
-    apply_trainable(groups, list(groups))
-    return out
-
-
 # --------------------------------------------------------------------------- training the modes
 
 
 def mode_overrides(mode: str, run_dir: Path) -> list[str]:
     if mode not in MODES:
         raise CompareError(f"unknown mode '{mode}'; modes: {', '.join(MODES)}")
-    return [f"schedule.preset={mode}", f"run.dir={run_dir}"]
+    return [f"finetune.preset={mode}", f"run.dir={run_dir}"]
 
 
 def train_mode(config: str | Path | None, overrides: Sequence[str], mode: str, out: Path, processes: int = 1) -> int:
     """Train one mode into `out/<mode>` (resuming it when interrupted before). Returns the exit code.
 
-    One process runs in this process (`bcc.loop.fit`); more go through `accelerate launch`.
+    One process runs in this process (`bcc.train.fit`); more go through `accelerate launch`.
     """
     run_dir = Path(out) / mode
     if (run_dir / "summary.json").is_file():
         return 0  # already trained: compare is re-runnable and only fills in what is missing
     args = [*overrides, *mode_overrides(mode, run_dir), "checkpoint.resume=auto"]
     if processes == 1:
-        from bcc.loop import EXIT_PREEMPTED, fit
+        from bcc.errors import EXIT_PREEMPTED
+        from bcc.train.fit import fit
 
         result = fit(load_config(config, args))
         return EXIT_PREEMPTED if result.get("preempted") else 0
@@ -202,6 +164,7 @@ class ModeResult:
     trainable_final: int
     trainable_mean: float
     total_params: int
+    metrics: list[str] = field(default_factory=list)  # table_metrics(checkpoint.metric)
     stage_epoch_time: dict[int, float] = field(default_factory=dict)  # stage -> mean s/epoch (with eval)
     rows: list[dict] = field(default_factory=list)
 
@@ -211,25 +174,27 @@ class ModeResult:
 
 
 def read_rows(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return read_metrics_rows(Path(run_dir) / "metrics.jsonl")
 
 
-def read_mode(mode: str, run_dir: Path, metric: str = "bacc4") -> ModeResult:
-    """Collect one finished run directory."""
+def read_mode(mode: str, run_dir: Path) -> ModeResult:
+    """Collect one finished run directory; its best epoch is the best by its `checkpoint.metric`."""
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise CompareError(f"{run_dir} has no summary.json: the '{mode}' run did not finish")
     summary = json.loads(summary_path.read_text())
-    cfg = load_config(run_dir / "config.yaml")
-    info = describe_schedule(cfg)
+    cfg = load_saved_config(run_dir / "config.yaml")
+    info = describe_finetune(cfg)
+    metric = cfg.checkpoint.metric
+    sign = 1 if cfg.checkpoint.mode == "max" else -1
+    names = table_metrics(metric)
     rows = read_rows(run_dir)
     val = [r for r in rows if r.get("split") == cfg.data.val_split]
     test = [r for r in rows if r.get("split") == cfg.data.test_split]
     if not val:
         raise CompareError(f"{run_dir}/metrics.jsonl has no '{cfg.data.val_split}' rows")
-    best = max(val, key=lambda r: r.get(metric, -math.inf))
+    best = max(val, key=lambda r: sign * r.get(metric, -sign * math.inf))
     # wall time of each epoch (train + eval + checkpoint), from the cumulative `time` of val rows;
     # only rows of one uninterrupted process are comparable, so a resumed run's first row is skipped
     per_stage: dict[int, list[float]] = {}
@@ -242,31 +207,29 @@ def read_mode(mode: str, run_dir: Path, metric: str = "bacc4") -> ModeResult:
         mode=mode,
         run_dir=run_dir,
         best_epoch=int(best["epoch"]),
-        val={k: float(best[k]) for k in VAL_METRICS if k in best},
-        test={k: float(test[-1][k]) for k in VAL_METRICS if test and k in test[-1]},
+        val={k: float(best[k]) for k in names if k in best},
+        test={k: float(test[-1][k]) for k in names if test and k in test[-1]},
         train_time=float(summary["train_time"]),
         steps=int(summary["state"]["step"]),
         epochs=cfg.train.epochs,
         trainable_final=info.trainable_final(),
         trainable_mean=info.trainable_mean(),
         total_params=info.total_params,
+        metrics=names,
         stage_epoch_time={s: statistics.mean(t) for s, t in sorted(per_stage.items())},
         rows=rows,
     )
 
 
-CSV_COLUMNS = (
-    ["mode", "epochs", "best_epoch"]
-    + [f"val_{k}" for k in VAL_METRICS]
-    + [f"test_{k}" for k in VAL_METRICS]
-    + ["train_time_s", "sec_per_step", "step_time_s", "trainable_final", "trainable_mean", "total_params"]
-)
+def csv_columns(metrics: Sequence[str]) -> list[str]:
+    return (["mode", "epochs", "best_epoch"] + [f"val_{k}" for k in metrics] + [f"test_{k}" for k in metrics]
+            + ["train_time_s", "sec_per_step", "step_time_s", "trainable_final", "trainable_mean", "total_params"])
 
 
-def _row(r: ModeResult, step_time: float | None) -> dict:
+def _row(r: ModeResult, step_time: float | None, metrics: Sequence[str]) -> dict:
     row = {"mode": r.mode, "epochs": r.epochs, "best_epoch": r.best_epoch}
-    row.update({f"val_{k}": r.val.get(k, math.nan) for k in VAL_METRICS})
-    row.update({f"test_{k}": r.test.get(k, math.nan) for k in VAL_METRICS})
+    row.update({f"val_{k}": r.val.get(k, math.nan) for k in metrics})
+    row.update({f"test_{k}": r.test.get(k, math.nan) for k in metrics})
     row.update({"train_time_s": r.train_time, "sec_per_step": r.sec_per_step,
                 "step_time_s": math.nan if step_time is None else step_time,
                 "trainable_final": r.trainable_final, "trainable_mean": round(r.trainable_mean),
@@ -290,59 +253,43 @@ def aggregate(out: str | Path, modes: Sequence[str] = MODES, bench: Mapping[str,
     if not present:
         raise CompareError(f"no finished run under {out} (looked for {', '.join(f'{m}/summary.json' for m in modes)})")
     results = [read_mode(m, out / m) for m in present]
-    step_time = {"frozen": (bench or {}).get("heads"), "full": (bench or {}).get("all")}
-    rows = [_row(r, step_time.get(r.mode)) for r in results]
+    metrics = results[0].metrics
+    rows = [_row(r, (bench or {}).get(r.mode), metrics) for r in results]
 
-    tmp = out / "results.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+    with atomic_write(out / "results.csv", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=csv_columns(metrics))
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    tmp.replace(out / "results.csv")
 
     plot_path = out / "val_curves.png"
     _plot(results, plot_path)
-    (out / "RESULTS.md").write_text(_markdown(results, rows, bench, command, missing=[m for m in modes if m not in present]))
+    with atomic_write(out / "RESULTS.md") as f:
+        f.write(_markdown(results, rows, bench, command, missing=[m for m in modes if m not in present]))
     return results
 
 
 def _plot(results: Sequence[ModeResult], path: Path) -> None:
-    runs = {r.mode: r.rows for r in results}
-    try:
-        from bcc.plots import plot_curves
-    except ImportError:  # bcc.plots is optional for aggregation
-        plot_curves = None
-    if plot_curves is not None:
-        plot_curves(runs, "bacc4", path, split="val", title="validation bacc4 by unfreezing mode")
-        return
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from bcc.plots import plot_curves
 
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for mode, rows in runs.items():
-        pts = sorted((r["epoch"], r["bacc4"]) for r in rows if r.get("split") == "val" and "bacc4" in r)
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=mode)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("val bacc4")
-    ax.legend()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    metric = results[0].metrics[0]
+    plot_curves({r.mode: r.rows for r in results}, metric, path, split="val",
+                title=f"validation {metric} by unfreezing mode")
 
 
 def _markdown(results, rows, bench, command, missing) -> str:
-    head = ["mode", "best ep", "val bacc4", "val acc4", "val bin bacc", "test bacc4", "test acc4",
-            "test bin bacc", "train s", "s/step (wall)", "trainable final", "trainable mean"]
-    keys = ["mode", "best_epoch", "val_bacc4", "val_acc4", "val_binary_bacc", "test_bacc4", "test_acc4",
-            "test_binary_bacc", "train_time_s", "sec_per_step", "trainable_final", "trainable_mean"]
+    metrics = results[0].metrics
+    head = ["mode", "best ep", *(f"val {k}" for k in metrics), *(f"test {k}" for k in metrics),
+            "train s", "s/step (wall)", "trainable final", "trainable mean"]
+    keys = ["mode", "best_epoch", *(f"val_{k}" for k in metrics), *(f"test_{k}" for k in metrics),
+            "train_time_s", "sec_per_step", "trainable_final", "trainable_mean"]
     lines = ["# Unfreezing comparison", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
     r0 = results[0]
     lines += [f"{r0.epochs} epochs per mode; {r0.total_params:,} parameters in all. Val metrics are the best "
-              "epoch's (by val bacc4); test metrics are the test split evaluated once with the best checkpoint. "
+              f"epoch's (by val {metrics[0]}, the runs' checkpoint.metric); test metrics are the test split "
+              "evaluated once with the best checkpoint. "
               "`s/step (wall)` is train time / optimizer steps, evaluation and checkpoints included.", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -359,10 +306,10 @@ def _markdown(results, rows, bench, command, missing) -> str:
         lines.append(f"- staged run, first (heads only) vs last (all) stage epoch time: "
                      f"{times[0]:.1f} / {times[-1]:.1f} s = {times[0] / times[-1]:.2f}")
     if bench:
-        lines += ["", "Step time (median of timed optimizer steps on one batch, same model; no evaluation):", ""]
+        lines += ["", "Step time (bcc train step, median over rounds on one fixed batch, same model; no evaluation):", ""]
         lines += [f"- {name}: {t * 1000:.1f} ms" for name, t in bench.items()]
-        if "heads" in bench and "all" in bench:
-            lines.append(f"- frozen / full step time ratio: {bench['heads'] / bench['all']:.2f}")
+        if "frozen" in bench and "full" in bench:
+            lines.append(f"- frozen / full step time ratio: {bench['frozen'] / bench['full']:.2f}")
     if missing:
         lines += ["", f"Not finished (no summary.json): {', '.join(missing)}"]
     lines += ["", "![validation curves](val_curves.png)", ""]
@@ -384,9 +331,10 @@ def compare(config: str | Path | None, modes: Sequence[str], out: str | Path, pr
     bench = None
     if bench_steps > 0:
         cfg = load_config(config, list(overrides))
-        bench = step_times(cfg, {"heads": ["heads"], "all": [g.name for g in describe_schedule(cfg).groups]},
-                           steps=bench_steps)
-        (out / "step_times.json").write_text(json.dumps(bench, indent=2))
+        from bcc.bench import step_seconds
+
+        bench = step_seconds(cfg, ("frozen", "full"), steps=bench_steps)
+        write_json(out / "step_times.json", bench)
     results = aggregate(out, modes, bench, command)
     if failed:
         raise CompareError(f"training failed for {', '.join(failed)}; the table holds the other modes")
@@ -394,5 +342,9 @@ def compare(config: str | Path | None, modes: Sequence[str], out: str | Path, pr
 
 
 def load_bench(out: str | Path) -> dict[str, float] | None:
+    """step_times.json of an earlier `compare` (older files named the presets `heads`/`all`)."""
     path = Path(out) / "step_times.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    old = {"heads": "frozen", "all": "full"}
+    return {old.get(k, k): v for k, v in json.loads(path.read_text()).items()}

@@ -20,9 +20,18 @@ from typing import Any, Literal
 
 import yaml
 
+from bcc.atomic import atomic_write
+from bcc.errors import BccError
 
-class ConfigError(ValueError):
+
+class ConfigError(BccError, ValueError):
     """A config file or override that does not fit the config tree."""
+
+
+# Keys renamed since configs were first written. A config a user writes with the old key is refused
+# (naming the new one); a config saved by an older bcc (run dir, checkpoint meta) is migrated on read.
+RENAMED_KEYS = {"schedule": "finetune"}  # the unfreezing plan; "schedule" is the LR schedule elsewhere
+RENAMED_METRICS = {"acc4": "acc", "bacc4": "bacc"}  # combined metrics no longer carry the class count
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,9 @@ class StageConfig:
 
 
 @dataclass(frozen=True)
-class ScheduleConfig:
+class FinetuneConfig:
+    """The fine-tuning plan (which parameter groups train in which epochs); see bcc/finetune.py."""
+
     preset: Literal["frozen", "staged", "full", "custom"] = "full"
     stages: tuple[StageConfig, ...] = ()  # given stages make the preset "custom"
     frozen_bn: Literal["eval", "train"] = "eval"
@@ -108,14 +119,14 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only at epoch ends and on preemption
     keep_last: int = 2
     keep_top_k: int = 1
-    metric: str = "bacc4"  # tracked validation metric for best/top-k
+    metric: str = "bacc"  # tracked validation metric for best/top-k (a name of bcc.metrics.metric_names)
     mode: Literal["max", "min"] = "max"
 
 
 @dataclass(frozen=True)
 class RunConfig:
     dir: str = "runs/default"
-    name: str = ""
+    name: str = ""  # shown in the run header and summary.json (default: the run directory's name)
 
 
 @dataclass(frozen=True)
@@ -124,7 +135,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -215,6 +226,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
+        if not prefix and key in RENAMED_KEYS and cls is Config:
+            raise ConfigError(f"config key '{key}' is now '{RENAMED_KEYS[key]}'; rename it "
+                              f"(e.g. {RENAMED_KEYS[key]}.preset=frozen)")
         if key not in hints:
             raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), names)}")
         kwargs[key] = _coerce(value, hints[key], full)
@@ -222,13 +236,29 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
 
 
 def _normalise(data: Mapping[str, Any]) -> dict[str, Any]:
-    """Expand shortcuts: `schedule: frozen` means `schedule: {preset: frozen}`."""
+    """Expand shortcuts: `finetune: frozen` means `finetune: {preset: frozen}`."""
     data = dict(data)
-    schedule = data.get("schedule")
-    if isinstance(schedule, str):
-        data["schedule"] = {"preset": schedule}
-    elif isinstance(schedule, Mapping) and schedule.get("stages") and "preset" not in schedule:
-        data["schedule"] = {**schedule, "preset": "custom"}
+    plan = data.get("finetune")
+    if isinstance(plan, str):
+        data["finetune"] = {"preset": plan}
+    elif isinstance(plan, Mapping) and plan.get("stages") and "preset" not in plan:
+        data["finetune"] = {**plan, "preset": "custom"}
+    return data
+
+
+def migrate_saved(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A config dict saved by an older bcc (run dir config.yaml, checkpoint meta) in today's names.
+
+    Renames the keys of `RENAMED_KEYS` and a `checkpoint.metric` of `RENAMED_METRICS`; a current
+    config comes back unchanged. Only for saved configs: a config a user writes is refused instead.
+    """
+    data = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        if old in data and new not in data:
+            data[new] = data.pop(old)
+    ckpt = data.get("checkpoint")
+    if isinstance(ckpt, Mapping) and ckpt.get("metric") in RENAMED_METRICS:
+        data["checkpoint"] = {**ckpt, "metric": RENAMED_METRICS[ckpt["metric"]]}
     return data
 
 
@@ -310,7 +340,16 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
-    return _build(Config, _normalise(data))
+    """A saved config (checkpoint meta, `config_to_dict` output); older names are migrated."""
+    return _build(Config, _normalise(migrate_saved(data)))
+
+
+def load_saved_config(path: str | Path) -> Config:
+    """The config.yaml an earlier run wrote into its directory (older names migrated)."""
+    try:
+        return config_from_dict(read_yaml(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def config_to_yaml(cfg: Config) -> str:
@@ -321,9 +360,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically: temp file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(config_to_yaml(cfg))
-    tmp.replace(path)
+    with atomic_write(path) as f:
+        f.write(config_to_yaml(cfg))
 
 
 def config_hash(cfg: Config) -> str:

@@ -1,20 +1,21 @@
 """Evaluate a checkpoint on a packed split or a plain image folder, on one or many processes.
 
     bcc eval --checkpoint RUN --data shards/all-224 --split test
-    accelerate launch -m bcc.evaluate --checkpoint RUN --data shards/all-224     # same, N processes
+    accelerate launch -m bcc eval --checkpoint RUN --data shards/all-224     # same, N processes
 
 Data: a packed dataset (`manifest.json`; its taxonomy must be the checkpoint's) is read with
 `bcc.stream.eval_loader`, which gives every sample of the split to exactly one rank. A plain folder in
 a taxonomy layout (`DATA/<class folder>/**/<image>`, folder names resolved by the checkpoint's taxonomy)
-is listed in sorted order and rank r takes every world_size-th file from r. An image that cannot be
-decoded is counted and reported by name in metrics.json; it does not stop the evaluation.
+is listed by `bcc.imageio.scan_class_folders` (the packer's listing and link policy) in sorted order,
+and rank r takes every world_size-th file from r. An image that cannot be decoded is counted and
+reported by name in metrics.json; it does not stop the evaluation.
 
 Every rank feeds its samples to `EvalMetrics` (which syncs on compute) and sends its per-sample logits to
 the main process (`gather_object`), which writes, into OUT:
 
 * `metrics.json`: per head and combined: loss, acc, bacc, macro F1, AUROC, ECE (and for two-class heads
   sensitivity/specificity of label 1, i.e. malignant), the confusion matrix, counts, failures,
-  throughput; `metrics` repeats them under the flat names of the training log (`bacc4`, `binary_sens`).
+  throughput; `metrics` repeats them under the flat names of the training log (`bacc`, `binary_sens`).
   With temperatures (`bcc calibrate`) every probability is temperature-scaled and `ece_raw` holds the
   ECE of the raw softmax;
 * `predictions.csv`: one row per image, sorted by source: source, key, true class, predicted class
@@ -29,12 +30,8 @@ training loss they carry no class weights or label smoothing, so runs and datase
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
-import os
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,14 +42,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from bcc.atomic import write_json
+from bcc.errors import BccError
+from bcc.imageio import IMAGE_SUFFIXES, decode_rgb, is_image_name
+from bcc.imageio import scan_class_folders as scan_folders
 from bcc.predict import (
-    IMAGE_SUFFIXES,
     InferenceModel,
     TaxonomyMismatchError,
     check_taxonomy,
     decide,
     load_inference_model,
-    read_image,
+    write_probability_csv,
 )
 from bcc.taxonomy import Taxonomy, TaxonomyError
 
@@ -60,7 +60,6 @@ __all__ = [
     "EvalError",
     "calibrate_checkpoint",
     "evaluate_checkpoint",
-    "main",
     "open_source",
     "scan_class_folders",
 ]
@@ -68,7 +67,7 @@ __all__ = [
 EVAL_FORMAT = "bcc-eval/1"
 
 
-class EvalError(RuntimeError):
+class EvalError(BccError):
     """Data that cannot be evaluated, with a message for the user."""
 
 
@@ -84,37 +83,32 @@ class FolderItem:
 
 
 def scan_class_folders(root: str | Path, taxonomy: Taxonomy, model_label: str = "the checkpoint"):
-    """Images under `root/<class folder>/` (recursively, sorted, hidden entries skipped).
+    """Images under `root/<class folder>/` (`bcc.imageio.scan_class_folders`: recursively, sorted,
+    hidden entries skipped, the packer's link policy).
 
-    Returns (items, skipped): skipped lists files that are not images or not in a class folder. A folder
-    name the taxonomy does not know is a `TaxonomyMismatchError` naming the folder and the taxonomy.
+    Returns (items, skipped): skipped lists files that are not images (by suffix), not in a class
+    folder, or links not followed. A folder name the taxonomy does not know is a
+    `TaxonomyMismatchError` naming the folder and the taxonomy.
     """
     root = Path(root)
-    items: list[FolderItem] = []
-    skipped: list[dict[str, str]] = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.name.startswith("."):
-            continue
-        if not entry.is_dir():
-            skipped.append({"source": entry.name, "reason": "not in a class folder"})
-            continue
+
+    def resolve(name: str) -> int:
         try:
-            label = taxonomy.resolve_folder(entry.name)
+            return taxonomy.resolve_folder(name)
         except TaxonomyError as e:
-            raise TaxonomyMismatchError(f"folder {root / entry.name} is not a class of {model_label}: {e}") from None
-        for dirpath, dirnames, filenames in os.walk(entry.path):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                path = Path(dirpath) / name
-                source = path.relative_to(root).as_posix()
-                if path.suffix.lower() not in IMAGE_SUFFIXES:
-                    skipped.append({"source": source, "reason": f"not an image file ({path.suffix or 'no suffix'})"})
-                    continue
-                items.append(FolderItem(-1, str(path), source, label))
-    items.sort(key=lambda it: it.source)
-    return [dataclasses.replace(it, index=i) for i, it in enumerate(items)], skipped
+            raise TaxonomyMismatchError(f"folder {root / name} is not a class of {model_label}: {e}") from None
+
+    entries, listed_skips, _ = scan_folders(root, resolve)
+    skipped = [{"source": s["path"], "reason": s["reason"]} for s in listed_skips]
+    items: list[FolderItem] = []
+    for entry in entries:
+        if not is_image_name(entry.rel):
+            suffix = Path(entry.rel).suffix
+            skipped.append({"source": entry.rel, "reason": f"not an image file ({suffix or 'no suffix'})"})
+            continue
+        items.append(FolderItem(len(items), entry.path, entry.rel, entry.class_index))
+    skipped.sort(key=lambda s: s["source"])
+    return items, skipped
 
 
 class _FolderDataset(Dataset):
@@ -128,7 +122,7 @@ class _FolderDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
         try:
-            image, error = self.transform(read_image(item.path)), None
+            image, error = self.transform(decode_rgb(item.path)), None
         except Exception as e:  # noqa: BLE001 - reported by name, the evaluation goes on
             image, error = None, str(e)
         return {"image": image, "label": item.label, "source": item.source, "key": f"{item.index:08d}", "error": error}
@@ -251,21 +245,6 @@ def _merge(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- metrics on the main process
 
 
-def _combined_auroc(probs: Tensor, labels: Tensor, num_classes: int) -> float:
-    """Macro one-vs-rest AUROC over the classes with both positives and negatives (NaN if none)."""
-    from torchmetrics.functional.classification import multiclass_auroc
-
-    n = labels.numel()
-    support = torch.bincount(labels, minlength=num_classes)
-    scorable = (support > 0) & (support < n)
-    if not bool(scorable.any()):
-        return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        per_class = multiclass_auroc(probs, labels, num_classes, average="none")
-    return float(per_class[scorable].mean())
-
-
 def _nll(log_probs: Tensor, target: Tensor) -> float:
     return float(F.nll_loss(log_probs.double(), target)) if target.numel() else float("nan")
 
@@ -281,8 +260,6 @@ def summarize(im: InferenceModel, flat: dict[str, Any], merged: dict[str, Any]) 
     table = taxonomy.target_table()
     probs = combined_probs(taxonomy, scaled)
     flat["loss"] = _nll(probs.clamp_min(1e-12).log(), labels)
-    if "auroc" not in flat:  # EvalMetrics reports no combined AUROC (yet)
-        flat["auroc"] = _combined_auroc(probs, labels, len(taxonomy.class_names))
     if im.temperatures:
         flat["ece_raw"] = ece(combined_probs(taxonomy, raw), labels)
     heads = {}
@@ -312,23 +289,10 @@ def _write_predictions(path: Path, im: InferenceModel, merged: dict[str, Any]) -
     probs = combined_probs(taxonomy, scaled)
     decided = decide(taxonomy, head_probs)
     names = taxonomy.class_names
-    cols = [f"{h.name}:{lab}" for h in taxonomy.heads for lab in h.labels] + [f"combined:{c}" for c in names]
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["source", "key", "true_class", "pred_class", *cols])
-        for i in range(len(merged["key"])):
-            values = [float(p[i, j]) for p in head_probs for j in range(p.shape[1])]
-            values += [float(v) for v in probs[i]]
-            w.writerow([merged["source"][i], merged["key"][i], names[int(merged["label"][i])],
-                        names[int(decided[i])], *(repr(v) for v in values)])
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    values = torch.cat([*head_probs, probs.double()], dim=1).tolist()
+    rows = (([merged["source"][i], merged["key"][i], names[int(merged["label"][i])], names[int(decided[i])]],
+             values[i], []) for i in range(len(merged["key"])))
+    write_probability_csv(path, taxonomy, ["source", "key", "true_class", "pred_class"], rows)
 
 
 def default_out_dir(im: InferenceModel, source: EvalSource) -> Path:
@@ -398,7 +362,7 @@ def evaluate_checkpoint(
     out_dir = Path(out) if out is not None else default_out_dir(im, source)
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(out_dir / "metrics.json", report)
+        write_json(out_dir / "metrics.json", report)
         _write_predictions(out_dir / "predictions.csv", im, merged)
         title = f"{source.name} · {im.checkpoint.parent.parent.name}/{im.checkpoint.name}"
         plot_confusion(flat["confusion"], im.taxonomy.class_names, out_dir / "confusion.png", title=title)
@@ -471,23 +435,3 @@ def calibrate_checkpoint(
             "ece_before": before, "ece_after": after}
     path = write_temperatures(im.checkpoint, temps, info)
     return {"temperatures": temps, **info, "path": str(path), "failed": part["failed"]}
-
-
-# --------------------------------------------------------------------------- entry point
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m bcc.evaluate` / `accelerate launch -m bcc.evaluate`: the arguments of `bcc eval`."""
-    import argparse
-
-    from bcc.cli.eval import add_arguments, run
-
-    parser = argparse.ArgumentParser(prog="python -m bcc.evaluate", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

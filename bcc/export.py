@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from bcc.atomic import atomic_path, write_json
+
 __all__ = ["EXPORT_FILE", "ExportResult", "Preprocess", "export_checkpoint", "load_exported"]
 
 EXPORT_FORMAT = "bcc-export/1"
@@ -100,16 +102,6 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)  # what was skipped and why
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # an export is meant to be shared (safetensors writes 0600)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def export_info(im) -> dict[str, Any]:
     """The `bcc_export.json` content for an `InferenceModel`."""
     from bcc import __version__
@@ -159,10 +151,11 @@ def export_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     result = ExportResult(out)
     state = {k: v.detach().cpu().contiguous() for k, v in im.model.state_dict().items()}
-    _write_atomic(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    with atomic_path(out / WEIGHTS_FILE) as tmp:  # 0644: an export is meant to be shared
+        save_file(state, str(tmp), metadata={"format": "pt"})
     result.files.append(out / WEIGHTS_FILE)
     info = export_info(im)
-    _write_atomic(out / EXPORT_FILE, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+    write_json(out / EXPORT_FILE, info)
     result.files.append(out / EXPORT_FILE)
 
     example = torch.randn(2, 3, im.image_size, im.image_size)
@@ -180,7 +173,8 @@ def _export_torchscript(model, example, path: Path, result: ExportResult) -> Non
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, and still what works offline
             traced = torch.jit.trace(model, example, check_trace=False)
-            _write_atomic(path, lambda p: torch.jit.save(traced, str(p)))
+            with atomic_path(path) as tmp:
+                torch.jit.save(traced, str(tmp))
             # a traced model silently bakes in data-dependent control flow: check it on another input
             probe = torch.randn_like(example)
             reloaded = torch.jit.load(str(path))
@@ -202,9 +196,9 @@ def _export_onnx(model, example, path: Path, head_names, result: ExportResult) -
         result.notes.append("ONNX skipped: the onnx package is not installed (pip install onnx)")
         return
     try:
-        _write_atomic(path, lambda p: torch.onnx.export(
-            model, (example,), str(p), input_names=["image"], output_names=list(head_names),
-            dynamic_axes={"image": {0: "batch"}, **{h: {0: "batch"} for h in head_names}}))
+        with atomic_path(path) as tmp:
+            torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=list(head_names),
+                              dynamic_axes={"image": {0: "batch"}, **{h: {0: "batch"} for h in head_names}})
     except Exception as e:  # noqa: BLE001 - optional format
         result.notes.append(f"ONNX skipped: export failed ({type(e).__name__}: {e})")
         return

@@ -19,13 +19,14 @@ crop); outside that crop the image is shown dimmed.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from bcc.atomic import atomic_path
 
 __all__ = ["GradCAM", "crop_box", "find_target_layer", "overlay", "save_overlays"]
 
@@ -171,11 +172,7 @@ def save_overlays(
         info.add_text("head", head)
         if labels and head in labels:
             info.add_text("predicted", labels[head])
-        tmp = out_dir / f".tmp-{path.name}-{os.getpid()}"
-        try:
+        with atomic_path(path) as tmp:
             overlay(image, cam, image_size=image_size, crop_pct=crop_pct).save(tmp, format="PNG", pnginfo=info)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         written.append(path)
     return written

@@ -1,20 +1,28 @@
-"""Read-only view of a packed dataset's `manifest.json` (written by `bcc.pack`), used by every reader."""
+"""A packed dataset's `manifest.json`: the one writer (`write_manifest`, used by `bcc.pack` and the
+benchmarks' synthetic shards) beside the one reader (`Manifest.load`, used by every reader).
+
+The writer also writes timm's `_info.json` (read by `timm.data.readers.reader_wds`) from the same data.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from bcc.errors import BccError
 from bcc.taxonomy import Taxonomy, TaxonomyError
 
-__all__ = ["Manifest", "ManifestError", "ManifestNotFoundError", "ShardInfo", "SplitInfo"]
+__all__ = ["FORMAT", "Manifest", "ManifestError", "ManifestNotFoundError", "ShardInfo", "SplitInfo",
+           "split_entry", "write_manifest"]
 
 FORMAT = "bcc-shards/1"
 
 
-class ManifestError(ValueError):
+class ManifestError(BccError, ValueError):
     """manifest.json is missing, unreadable or not a bcc shard manifest; or a name is unknown."""
 
 
@@ -104,3 +112,65 @@ class Manifest:
     def __repr__(self) -> str:
         counts = ", ".join(f"{n}={s.count}" for n, s in self._splits.items())
         return f"Manifest({str(self.root)!r}, {counts})"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def split_entry(shards: Sequence[Mapping[str, Any]], class_counts: Mapping[str, int]) -> dict[str, Any]:
+    """A split's manifest entry from its shards (`{"path": name, "count", "sha256"}`, in order) and
+    its per-class counts (every class of the taxonomy, zeros included)."""
+    return {"count": sum(int(s["count"]) for s in shards), "class_counts": dict(class_counts),
+            "shards": [dict(s) for s in shards]}
+
+
+def _timm_info(name: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """timm's `_info.json`: per split name, size and shards."""
+    splits = {
+        k: {"name": k, "num_samples": s["count"], "filenames": [sh["path"] for sh in s["shards"]],
+            "shard_lengths": [sh["count"] for sh in s["shards"]]}
+        for k, s in manifest["splits"].items()
+    }
+    classes = manifest["classes"]
+    return {"name": name, "num_classes": len(classes), "classes": classes, "splits": splits}
+
+
+def write_manifest(
+    out: str | Path,
+    taxonomy: Taxonomy,
+    splits: Mapping[str, Mapping[str, Any]],
+    *,
+    source: str,
+    options: Mapping[str, Any] | None = None,
+    skipped: Sequence[Mapping[str, str]] = (),
+    converted: Sequence[Mapping[str, str]] = (),
+    duplicates: Sequence[Mapping[str, Any]] = (),
+    warnings: Sequence[str] = (),
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Write `out/manifest.json` and `out/_info.json` atomically; returns the manifest.
+
+    `splits` maps a split name to its `split_entry`; shard paths are relative to `out`. `name` is the
+    dataset name in `_info.json` (default: `out`'s name).
+    """
+    from bcc import __version__
+    from bcc.atomic import write_json
+
+    out = Path(out)
+    manifest = {
+        "format": FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "bcc_version": __version__,
+        "source": source,
+        "options": dict(options or {}),
+        "taxonomy": taxonomy.to_dict(),
+        "classes": list(taxonomy.class_names),
+        "splits": {k: dict(v) for k, v in splits.items()},
+        "skipped": [dict(s) for s in skipped],
+        "converted": [dict(c) for c in converted],
+        "duplicates": [dict(d) for d in duplicates],
+        "warnings": list(warnings),
+    }
+    write_json(out / "manifest.json", manifest)
+    write_json(out / "_info.json", _timm_info(name or out.name, manifest))
+    return manifest

@@ -18,8 +18,8 @@ than per-metric running sums is deliberate:
 Metric names (stable: they go into metrics.jsonl and `checkpoint.metric` selects from them):
 
 * combined (hierarchical decision, `Taxonomy.decide`): `acc`, `bacc`, `f1` (macro), `ece` (of the
-  combined leaf-class probabilities, 15 bins), `confusion` (C x C counts, rows = true class), and
-  the aliases `acc{C}`, `bacc{C}` (`acc4`, `bacc4` for the ALL task);
+  combined leaf-class probabilities, 15 bins), `confusion` (C x C counts, rows = true class); these
+  names are the same for every taxonomy (older logs called `acc`/`bacc` `acc4`/`bacc4`);
 * per head H, on the samples whose H target is valid (subtype: truly malignant samples only, whatever
   the binary head predicted): `H_acc`, `H_bacc`, `H_f1`, `H_auroc` (binary heads: AUROC of label 1;
   otherwise macro over the classes present), `H_ece`, `H_count`; two-class heads also `H_sens` and
@@ -48,13 +48,14 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import (
     binary_auroc,
     multiclass_auroc,
-    multiclass_calibration_error,
     multiclass_confusion_matrix,
     multiclass_f1_score,
 )
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["COMBINED", "EvalMetrics", "combined_probs", "format_table"]
+from bcc.calibration import ece
+
+__all__ = ["COMBINED", "EvalMetrics", "combined_probs", "decide", "format_table"]
 
 COMBINED = "combined"
 ECE_BINS = 15
@@ -78,6 +79,20 @@ def combined_probs(taxonomy, logits: Sequence[Tensor]) -> Tensor:
         applies = table[:, h] >= 0
         log_p[:, applies] += head_log_p[:, table[applies, h]]
     return torch.softmax(log_p, dim=1)
+
+
+def decide(taxonomy, logits: Sequence[Tensor], probs: Tensor | None = None) -> Tensor:
+    """Leaf class index [N] of the hierarchical decision (`Taxonomy.decide`) for per-head `logits`.
+
+    A label combination that is no leaf class (impossible for the default taxonomy) falls back to the
+    most probable leaf class (`probs`, the `combined_probs` when already computed) rather than being
+    dropped. Log-probabilities are valid logits here.
+    """
+    decided = taxonomy.decide(logits).to(logits[0].device)
+    if bool((decided < 0).any()):
+        fallback = (probs if probs is not None else combined_probs(taxonomy, logits)).argmax(dim=1)
+        decided = torch.where(decided >= 0, decided, fallback.to(decided.device))
+    return decided
 
 
 class _Samples(Metric):
@@ -142,7 +157,7 @@ def _scope_metrics(probs: Tensor, preds: Tensor, target: Tensor, num_classes: in
         # macro over classes seen in targets or predictions (torchmetrics skips tp + fp + fn == 0)
         "f1": float(multiclass_f1_score(preds, target, k, average="macro")) if n else NAN,
         "auroc": NAN,
-        "ece": float(multiclass_calibration_error(probs, target, k, n_bins=ECE_BINS)) if n else NAN,
+        "ece": ece(probs, target, ECE_BINS),
         "confusion": confusion.tolist(),
     }
     # AUROC needs positives and negatives: only classes with 0 < support < n count
@@ -210,11 +225,7 @@ class EvalMetrics:
             self._samples[name].update(probs, probs.argmax(dim=-1), target[valid])
 
         probs = combined_probs(self.taxonomy, logits)
-        decided = self.taxonomy.decide(logits).to(self.device)
-        # a label combination that is no leaf class (impossible for the default taxonomy) falls back
-        # to the most probable leaf class rather than being dropped
-        decided = torch.where(decided >= 0, decided, probs.argmax(dim=1))
-        self._samples[COMBINED].update(probs, decided, labels)
+        self._samples[COMBINED].update(probs, decide(self.taxonomy, logits, probs), labels)
 
         if loss_sum is not None:
             self._loss.update(torch.as_tensor(loss_sum, dtype=torch.float64).detach(), labels.numel())
@@ -233,8 +244,6 @@ class EvalMetrics:
         combined = _scope_metrics(probs, preds, target, self.num_classes)
         for key in ("acc", "bacc", "f1", "auroc", "ece", "confusion"):
             out[key] = combined[key]
-        out[f"acc{self.num_classes}"] = combined["acc"]
-        out[f"bacc{self.num_classes}"] = combined["bacc"]
 
         for name, k in self.head_sizes.items():
             probs, preds, target = gathered[name]
@@ -252,6 +261,16 @@ class EvalMetrics:
     def reset(self) -> None:
         for metric in (*self._samples.values(), self._loss):
             metric.reset()
+
+
+def metric_names(taxonomy) -> list[str]:
+    """The scalar metric names `EvalMetrics.compute()` gives for `taxonomy` (what `checkpoint.metric`
+    may name), known before any evaluation runs."""
+    names = ["acc", "bacc", "f1", "auroc", "ece"]
+    for name, k in taxonomy.head_sizes.items():
+        names += [f"{name}_{m}" for m in ("acc", "bacc", "f1", "auroc", "ece", *(("sens", "spec") if k == 2 else ()))]
+        names.append(f"{name}_count")
+    return [*names, "loss", "count"]
 
 
 def _fmt(value: Any) -> str:

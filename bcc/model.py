@@ -2,8 +2,8 @@
 
 `vgg16_bn` is the backbone of the source study (torchvision `features` + `avgpool`, flattened to
 512*7*7 = 25088 features); any other name is a timm model built with `num_classes=0`, so it returns
-pooled features of width `num_features`. Pretrained weights come from a local file (the normal
-case on offline clusters) or, with `pretrained="hub"`, from the internet.
+pooled features of width `num_features`. Pretrained weights (a file, a bcc run, checkpoint or
+export, or with `pretrained="hub"` the internet) are loaded by `bcc.pretrained`.
 
 Parameter groups (`parameter_groups`) split the backbone shallow to deep so the stage schedule can
 freeze and unfreeze it block by block; `group_of_module` maps modules (BatchNorm in particular) to
@@ -13,17 +13,13 @@ the same groups.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 VGG_NAME = "vgg16_bn"
 HEADS_GROUP = "heads"
-_HUB_SOURCES = ("hub", "true")
-# Wrapper prefixes that DDP (`module.`) and torch.compile (`_orig_mod.`) put on saved keys.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 class VGGBackbone(nn.Module):
@@ -76,6 +72,8 @@ class MultitaskNet(nn.Module):
         self.heads = nn.ModuleDict(
             {name: make_head(self.feature_dim, int(n), hidden, dropout) for name, n in heads.items()}
         )
+        # what `bcc.pretrained.load_pretrained` loaded into this model (a `PretrainedRecord`), if anything
+        self.pretrained_record = None
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         features = self.backbone(x)
@@ -95,8 +93,16 @@ def build_backbone(name: str) -> tuple[nn.Module, int]:
     return model, int(model.num_features)
 
 
-def build_model(cfg, heads: Mapping[str, int]) -> MultitaskNet:
-    """Build the model described by `cfg` (a `ModelConfig` or anything with its attributes)."""
+def build_model(
+    cfg, heads: Mapping[str, int], *, taxonomy: Any = None, allow_mismatch: bool | None = None
+) -> MultitaskNet:
+    """Build the model described by `cfg` (a `ModelConfig` or anything with its attributes).
+
+    With `cfg.pretrained` set the weights are loaded (`bcc.pretrained.load_pretrained`, which prints
+    its one load line) and the record is kept as `model.pretrained_record`. `taxonomy` is the model's
+    (heads of a source with another taxonomy are not loaded); `allow_mismatch` defaults to
+    `cfg.pretrained_allow_mismatch` where the config has that key, else False.
+    """
     backbone, feature_dim = build_backbone(cfg.backbone)
     model = MultitaskNet(
         backbone,
@@ -107,151 +113,16 @@ def build_model(cfg, heads: Mapping[str, int]) -> MultitaskNet:
         backbone_name=cfg.backbone,
     )
     if cfg.pretrained:
-        load_pretrained(model, cfg.pretrained)
+        from bcc.pretrained import load_pretrained
+
+        if allow_mismatch is None:
+            allow_mismatch = bool(getattr(cfg, "pretrained_allow_mismatch", False))
+        model.pretrained_record = load_pretrained(
+            model, cfg.pretrained, allow_mismatch=allow_mismatch, taxonomy=taxonomy
+        )
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Pretrained weights
-
-
-@dataclass
-class LoadReport:
-    """What `load_pretrained` did. Key names are the model's for `missing`, the file's for `unexpected`."""
-
-    loaded: int
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    source: str = ""
-
-    @property
-    def missing_backbone(self) -> list[str]:
-        """Missing keys outside the heads: these mean the backbone is partly random."""
-        return [k for k in self.missing if not k.startswith(HEADS_GROUP + ".")]
-
-    def __str__(self) -> str:
-        parts = [f"loaded {self.loaded} tensors" + (f" from {self.source}" if self.source else "")]
-        if self.missing:
-            parts.append(f"{len(self.missing)} missing (left as initialised): {_preview(self.missing)}")
-        if self.unexpected:
-            parts.append(f"{len(self.unexpected)} unexpected (ignored): {_preview(self.unexpected)}")
-        return "; ".join(parts)
-
-
-def _preview(keys: list[str], n: int = 4) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
-def load_pretrained(model: MultitaskNet, source: str | Path) -> LoadReport:
-    """Load weights into `model` from a file or, with `"hub"`, from the internet.
-
-    A file is `.safetensors` or a torch state dict (optionally under a `state_dict`/`model` key).
-    It may hold a whole bcc model (`backbone.*`, `heads.*`) or a bare backbone (torchvision
-    vgg16_bn or the timm model), whose keys are prefixed with `backbone.`; keys the model lacks
-    (e.g. torchvision's `classifier.*`) are reported as unexpected and ignored.
-    """
-    if str(source).strip().lower() in _HUB_SOURCES:
-        label = f"hub weights of {model.backbone_name}"
-        state = _hub_state_dict(model.backbone_name)
-    else:
-        path = Path(source).expanduser()
-        label = str(path)
-        state = _read_state_dict(path)
-    return _load_state_dict(model, state, label)
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read pretrained weights from {path}: {type(e).__name__}: {e}") from e
-    for key in ("state_dict", "model"):
-        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-            state = state[key]
-            break
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path} does not hold a state dict (found {type(state).__name__})")
-    for k, v in state.items():
-        if not isinstance(v, Tensor):
-            raise ValueError(
-                f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; is this a state dict?"
-            )
-    return dict(state)
-
-
-def _hub_state_dict(name: str) -> dict[str, Tensor]:
-    try:
-        if name == VGG_NAME:
-            import torchvision
-
-            return torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-        import timm
-
-        return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
-    except Exception as e:
-        if name == VGG_NAME:
-            recipe = (
-                'python -c "import torch, torchvision; torch.save(torchvision.models.vgg16_bn('
-                "weights='IMAGENET1K_V1').state_dict(), 'vgg16_bn.pth')\""
-            )
-        else:
-            recipe = (
-                f'python -c "import timm, safetensors.torch as st; st.save_file(timm.create_model('
-                f"'{name}', pretrained=True).state_dict(), '{name}.safetensors')\""
-            )
-        raise RuntimeError(
-            f"could not download pretrained weights for {name} ({type(e).__name__}: {e}). "
-            f"On a machine with internet access run\n  {recipe}\n"
-            f"copy the file here and pass model.pretrained=/path/to/file"
-        ) from e
-
-
-def _strip_wrapper_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    state = dict(state)
-    for prefix in _WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def _load_state_dict(model: MultitaskNet, state: Mapping[str, Tensor], label: str) -> LoadReport:
-    state = _strip_wrapper_prefixes(state)
-    is_full_model = any(k.startswith(("backbone.", HEADS_GROUP + ".")) for k in state)
-    # file key -> model key
-    key_map = {k: k if is_full_model else f"backbone.{k}" for k in state}
-    own = model.state_dict()
-    matched = {fk: mk for fk, mk in key_map.items() if mk in own}
-    if not matched:
-        raise ValueError(
-            f"no parameter of {label} matches backbone {model.backbone_name}: "
-            f"first keys of the file: {_preview(list(state), 5)}; "
-            f"first keys expected: {_preview(list(own), 5)}"
-        )
-    mismatched = [
-        f"{mk} (file {tuple(state[fk].shape)}, model {tuple(own[mk].shape)})"
-        for fk, mk in matched.items()
-        if state[fk].shape != own[mk].shape
-    ]
-    if mismatched:
-        raise ValueError(f"{label}: shape mismatch for {len(mismatched)} tensors: {_preview(mismatched, 5)}")
-    model.load_state_dict({mk: state[fk] for fk, mk in matched.items()}, strict=False)
-    loaded_keys = set(matched.values())
-    return LoadReport(
-        loaded=len(matched),
-        missing=[k for k in own if k not in loaded_keys],
-        unexpected=[fk for fk in state if fk not in matched],
-        source=label,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Figures for evaluation and run comparison: confusion matrix, reliability diagram, validation curves.
 
 Figures are built with matplotlib's object API on the Agg canvas (no pyplot, so no global state and
-no display is ever needed) and written atomically: a temporary file in the same directory, then
-`os.replace`, so a reader never sees half a PNG.
+no display is ever needed) and written atomically (`bcc.atomic.atomic_path`), so a reader never sees
+half a PNG.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from bcc.atomic import atomic_path
+
 __all__ = ["plot_confusion", "plot_curves", "plot_reliability"]
 
 DPI = 120
@@ -25,13 +27,9 @@ DPI = 120
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        FigureCanvasAgg(fig)
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -18,41 +18,39 @@ import csv
 import dataclasses
 import json
 import math
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from bcc.atomic import atomic_write, write_json
+from bcc.calibration import TEMPERATURE_FILE, TEMPERATURE_FORMAT, write_temperatures  # noqa: F401 (re-exported)
 from bcc.checkpoint import MODEL_FILE, CheckpointError, read_meta, read_train_state, resolve_checkpoint
+from bcc.imageio import collect_images, decode_rgb
 from bcc.taxonomy import Taxonomy, TaxonomyError
 
 __all__ = [
-    "IMAGE_SUFFIXES",
     "TEMPERATURE_FILE",
     "InferenceModel",
     "Prediction",
     "TaxonomyMismatchError",
     "answer_text",
     "check_taxonomy",
-    "collect_images",
     "decide",
     "load_inference_model",
     "predict_paths",
     "read_image",
     "read_temperatures",
+    "prob_columns",
     "write_predictions_csv",
     "write_predictions_json",
+    "write_probability_csv",
     "write_temperatures",
 ]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-TEMPERATURE_FILE = "temperature.json"
-TEMPERATURE_FORMAT = "bcc-temperature/1"
 
 
 class TaxonomyMismatchError(TaxonomyError):
@@ -102,31 +100,6 @@ def read_temperatures(checkpoint_dir: str | Path, head_names: Sequence[str] | No
     if head_names is not None and set(temps) != set(head_names):
         raise CheckpointError(f"{path}: temperatures are for heads {sorted(temps)}, the model has {list(head_names)}")
     return temps
-
-
-def write_temperatures(checkpoint_dir: str | Path, temperatures: Mapping[str, float], info: Mapping[str, Any]) -> Path:
-    """Store `temperatures` (head -> T) in `<checkpoint>/temperature.json` atomically (temp file, rename).
-
-    A `best`/`last` link is followed, so the file lands in the step directory it points at.
-    """
-    directory = Path(checkpoint_dir).resolve()
-    path = directory / TEMPERATURE_FILE
-    data = {
-        "format": TEMPERATURE_FORMAT,
-        "temperatures": {k: float(v) for k, v in temperatures.items()},
-        "fitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **info,
-    }
-    tmp = directory / f".tmp-{TEMPERATURE_FILE}-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 # --------------------------------------------------------------------------- the loaded model
@@ -246,16 +219,12 @@ def _load_weights(path: Path) -> dict[str, Tensor]:
 
 
 def decide(taxonomy: Taxonomy, probs: Sequence[Tensor]) -> Tensor:
-    """Leaf class index [N] of the hierarchical decision; a label combination that is no leaf class
-    (impossible for the default taxonomy) falls back to the most probable leaf, as in `EvalMetrics`."""
-    from bcc.metrics import combined_probs
+    """Leaf class index [N] of the hierarchical decision for per-head probabilities (`bcc.metrics.decide`,
+    with its fallback to the most probable leaf)."""
+    from bcc.metrics import decide as decide_logits
 
-    decided = taxonomy.decide(probs)
-    if bool((decided < 0).any()):
-        # log-probabilities are valid logits: combined_probs takes log_softmax, which leaves them as they are
-        fallback = combined_probs(taxonomy, [p.clamp_min(1e-12).log() for p in probs]).argmax(dim=1)
-        decided = torch.where(decided >= 0, decided, fallback.to(decided.device))
-    return decided
+    # log-probabilities are valid logits: combined_probs takes log_softmax, which leaves them as they are
+    return decide_logits(taxonomy, [p.clamp_min(1e-12).log() for p in probs])
 
 
 def answer_text(taxonomy: Taxonomy, class_index: int) -> str:
@@ -269,47 +238,10 @@ def answer_text(taxonomy: Taxonomy, class_index: int) -> str:
 # --------------------------------------------------------------------------- images
 
 
-def collect_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files to predict: explicit files as given, directories searched recursively for image suffixes
-    (hidden entries skipped), in sorted order without repeats. Returns (files, [(path, problem)])."""
-    files: list[Path] = []
-    problems: list[tuple[str, str]] = []
-    for raw in paths:
-        p = Path(raw)
-        if p.is_dir():
-            found = sorted(
-                f for f in p.rglob("*")
-                if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
-                and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )
-            if not found:
-                problems.append((str(p), "directory holds no image files (" + " ".join(IMAGE_SUFFIXES) + ")"))
-            files.extend(found)
-        elif p.exists():
-            files.append(p)
-        else:
-            problems.append((str(p), "no such file or directory"))
-    seen: set[Path] = set()
-    unique = []
-    for f in files:
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique, problems
-
-
 def read_image(path: str | Path):
-    """A fully decoded RGB PIL image; any failure becomes an OSError with a one-line reason."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now: a truncated file must fail here, not inside the transform
-            return img.convert("RGB")  # the same conversion as the shard reader (bcc.stream)
-    except Exception as e:
-        reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        raise OSError(f"cannot read image {path}: {reason}") from e
+    """A fully decoded RGB PIL image (`bcc.imageio.decode_rgb`: the reader of every command); any
+    failure is an `ImageError` (an OSError) with a one-line reason naming the file."""
+    return decode_rgb(path)
 
 
 # --------------------------------------------------------------------------- prediction
@@ -414,37 +346,60 @@ def _unique_stem(stem: str, used: set[str]) -> str:
     return name
 
 
-def _prob_columns(taxonomy: Taxonomy) -> list[str]:
+def prob_columns(taxonomy: Taxonomy) -> list[str]:
+    """Probability columns of a predictions CSV: `head:label` for every head, then `combined:class`."""
     cols = [f"{h.name}:{lab}" for h in taxonomy.heads for lab in h.labels]
     return cols + [f"combined:{c}" for c in taxonomy.class_names]
+
+
+def write_probability_csv(
+    path: str | Path,
+    taxonomy: Taxonomy,
+    lead: Sequence[str],
+    rows: Iterable[tuple[Sequence[str], Sequence[float] | None, Sequence[str]]],
+    tail: Sequence[str] = (),
+) -> Path:
+    """The one predictions CSV writer (`bcc predict --csv`, `bcc eval`'s predictions.csv), atomic.
+
+    Columns: `lead`, then `prob_columns(taxonomy)`, then `tail`. A row is (lead values, probabilities
+    in column order or None for a row without any, tail values); probabilities are written with
+    `repr`, so they read back as the same floats.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = prob_columns(taxonomy)
+    with atomic_write(path, newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*lead, *cols, *tail])
+        for first, probs, last in rows:
+            values = [""] * len(cols) if probs is None else [repr(float(v)) for v in probs]
+            w.writerow([*first, *values, *last])
+    return path
 
 
 def write_predictions_csv(result: PredictResult, taxonomy: Taxonomy, path: str | Path) -> Path:
     """One row per file: path, answer, class, every head's probabilities (`head:label`), the combined
     leaf probabilities (`combined:class`), and `error` (set, with the rest empty, for failed files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cols = _prob_columns(taxonomy)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "answer", "class", *cols, "gradcam", "error"])
+    cols = prob_columns(taxonomy)
+
+    def rows():
         for p in result.predictions:
             values = {f"{h}:{lab}": v for h, d in p.head_probs.items() for lab, v in d.items()}
             values.update({f"combined:{c}": v for c, v in p.class_probs.items()})
-            w.writerow([p.path, p.answer, p.class_name, *(repr(values[c]) for c in cols), " ".join(p.gradcam), ""])
+            yield [p.path, p.answer, p.class_name], [values[c] for c in cols], [" ".join(p.gradcam), ""]
         for file, reason in result.failures:
-            w.writerow([file, "", "", *([""] * len(cols)), "", reason])
-    return path
+            yield [file, "", ""], None, ["", reason]
+
+    return write_probability_csv(path, taxonomy, ["path", "answer", "class"], rows(), ["gradcam", "error"])
 
 
 def write_predictions_json(result: PredictResult, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {
+    write_json(path, {
         "calibrated": result.calibrated,
         "tta": result.tta,
         "predictions": [p.to_dict() for p in result.predictions],
         "failures": [{"path": f, "error": r} for f, r in result.failures],
-    }
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    })
     return path

@@ -39,7 +39,6 @@ workers read disjoint parts of the shards.
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -55,22 +54,24 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bcc.errors import BccError, is_debug
+from bcc.errors import BccError
+from bcc.imageio import IMAGE_SUFFIXES, decode_rgb
 from bcc.transforms import presets_from_config
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+# sample keys (extensions) that hold the image: every suffix bcc.imageio reads
+IMAGE_KEYS = tuple(s[1:] for s in IMAGE_SUFFIXES)
 LANES = 8  # per rank; fixed, so that the batch sequence does not depend on the number of loader workers
 
 
-class StreamError(BccError, ValueError):
+class ShardError(BccError):
+    """A shard that is missing, unreadable or disagrees with the manifest, or shards too few or too
+    small for the requested batches, ranks and loader workers."""
+
+
+class StreamError(ShardError, ValueError):
     """Settings the stream cannot serve (too few samples for one batch, a resume point past the end)."""
-
-
-class ShardError(BccError, RuntimeError):
-    """A shard that is missing, unreadable, or disagrees with the manifest."""
 
 
 def _mix_seed(*parts: Any) -> int:
@@ -328,8 +329,8 @@ def _decode(sample: dict, transform) -> tuple[torch.Tensor, int, str, str]:
     key = sample["__key__"]
     try:
         data = next(sample[k] for k in IMAGE_KEYS if k in sample)
-        with Image.open(io.BytesIO(data)) as img:
-            image = transform(img.convert("RGB"))
+        # the packer checked the size limit; the stored image is read by the one policy of bcc.imageio
+        image = transform(decode_rgb(data, max_pixels=None))
         meta = json.loads(sample["json"])
         return image, int(meta["label"]), key, str(meta.get("source", ""))
     except StopIteration:
@@ -467,14 +468,17 @@ def _worker_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, _defer_term)
 
 
-def _unwrap_worker_error(e: ShardError) -> ShardError:
-    """The DataLoader re-raises a worker's exception with the worker's traceback in its message; the
-    user gets the original one-line message (BCC_DEBUG=1 keeps the traceback)."""
+def _from_worker(e: BccError) -> BccError:
+    """A user error raised in a loader worker with its own message again: the DataLoader re-raises it
+    in the main process with the worker's whole traceback as the message, which is no one-line error."""
     text = str(e)
-    marker = "ShardError: "
-    if "Original Traceback" not in text or marker not in text or is_debug():
+    marker = f"{type(e).__name__}: "
+    if "Original Traceback" not in text or marker not in text:
         return e
-    return ShardError(text[text.rindex(marker) + len(marker) :].strip())
+    try:
+        return type(e)(text[text.rindex(marker) + len(marker):].strip())
+    except Exception:  # noqa: BLE001 - a class with another signature keeps the long message
+        return e
 
 
 class BatchLoader:
@@ -512,8 +516,8 @@ class BatchLoader:
         try:
             yield from batches
             complete = True
-        except ShardError as e:
-            raise _unwrap_worker_error(e) from None
+        except BccError as e:
+            raise _from_worker(e) from None
         finally:
             if not (complete and self.persistent):
                 # workers end now, also when iteration stops early or fails, instead of whenever the

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-__all__ = ["SYNTH_CLASSES", "render_cell", "synthesize"]
+from bcc.errors import BccError
+
+__all__ = ["SYNTH_CLASSES", "SynthError", "render_cell", "synthesize"]
 
 SYNTH_CLASSES = ("Benign", "Early", "Pre", "Pro")
 FORMATS = {"jpg": ("JPEG", {"quality": 95}), "png": ("PNG", {})}
@@ -32,6 +34,14 @@ _NUCLEUS_OD = np.array([0.95, 1.30, 0.42], np.float32)  # haematoxylin-like purp
 _CYTO_PALE_OD = np.array([0.20, 0.11, 0.04], np.float32)  # pale sky-blue
 _CYTO_BASO_OD = np.array([0.62, 0.36, 0.10], np.float32)  # deep basophilic blue
 _BACKGROUND = np.array([0.94, 0.88, 0.85], np.float32)
+
+
+class SynthError(BccError):
+    """Options `synthesize` cannot use."""
+
+
+class SynthOutputExistsError(SynthError, FileExistsError):
+    """The output directory exists and is not empty."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +160,7 @@ def _nucleus_radius(phi: np.ndarray, rng: np.random.Generator, style: CellStyle,
 def render_cell(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
     """Render one RGB blood-smear crop of class `cls` (one of SYNTH_CLASSES), `size` x `size` pixels."""
     if cls not in CELL_STYLES:
-        raise ValueError(f"unknown synthetic class {cls!r}; expected one of {SYNTH_CLASSES}")
+        raise SynthError(f"unknown synthetic class {cls!r}; expected one of {SYNTH_CLASSES}")
     style = CELL_STYLES[cls]
     s = float(size)
 
@@ -241,15 +251,15 @@ def synthesize(
     """
     out = Path(out)
     if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {sorted(FORMATS)}, got {fmt!r}")
+        raise SynthError(f"fmt must be one of {sorted(FORMATS)}, got {fmt!r}")
     if per_class < 0:
-        raise ValueError(f"per_class must be >= 0, got {per_class}")
+        raise SynthError(f"per_class must be >= 0, got {per_class}")
     if size < 16:
-        raise ValueError(f"size must be >= 16 pixels, got {size}")
+        raise SynthError(f"size must be >= 16 pixels, got {size}")
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise SynthError(f"workers must be >= 1, got {workers}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output directory exists and is not empty: {out}")
+        raise SynthOutputExistsError(f"output directory exists and is not empty: {out}")
     for cls in SYNTH_CLASSES:
         (out / cls).mkdir(parents=True, exist_ok=True)
 

@@ -15,10 +15,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from bcc.errors import BccError
+
 __all__ = ["Head", "LeafClass", "Taxonomy", "TaxonomyError"]
 
 
-class TaxonomyError(ValueError):
+class TaxonomyError(BccError, ValueError):
     """An invalid taxonomy, or a name the taxonomy does not know."""
 
 

@@ -10,6 +10,12 @@ export BCC_ROOT
 # Log lines from the trainer reach %x.out as they happen.
 export PYTHONUNBUFFERED=1
 
+# "Beginning with 22.05, srun will not inherit the --cpus-per-task value requested by salloc or
+# sbatch" (sbatch(1)): without this a step's task may get 1 CPU of the job's many.
+if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+    export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+fi
+
 # Exit code of a trainer that saved a checkpoint because it was asked to stop (EX_TEMPFAIL).
 BCC_EXIT_PREEMPTED=75
 
@@ -18,7 +24,9 @@ bcc_log() { echo "[bcc $(date '+%F %T')] $*"; }
 # One line naming the job; a requeued job shows SLURM_RESTART_COUNT=1, 2, ...
 bcc_log_job() {
     bcc_log "job=$SLURM_JOB_ID name=$SLURM_JOB_NAME SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}" \
-        "nodes=$SLURM_JOB_NODELIST${SLURM_ARRAY_TASK_ID:+ array_task=$SLURM_ARRAY_TASK_ID}"
+        "nodes=$SLURM_JOB_NODELIST${SLURM_ARRAY_TASK_ID:+ array_task=$SLURM_ARRAY_TASK_ID}" \
+        "cpus_per_task=${SLURM_CPUS_PER_TASK:-?} gpus_per_node=${SLURM_GPUS_PER_NODE:-0}" \
+        "mem_per_node=${SLURM_MEM_PER_NODE:-?}M"
 }
 
 # bcc_with_run_defaults RUN_NAME CONFIG [key=value ...]

@@ -57,7 +57,7 @@ def test_bench_step_prints_plain_full_frozen_and_overhead(synth_shards, tmp_path
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "run")
     out = bcc("bench", "step", "--config", str(cfg), "train.log_every=2", "--steps", "2", "--warmup", "1",
               "--rounds", "2").stdout
-    for label in ("plain PyTorch", "bcc train_step, schedule full", "bcc train_step, schedule frozen"):
+    for label in ("plain PyTorch", "bcc train_step, finetune full", "bcc train_step, finetune frozen"):
         assert len(row(out, label)) >= 6, out  # params, ms/step, img/s, min-max, / plain, / full
     assert "test_resnet" in out
     assert re.search(rf"bcc overhead vs plain = [+-]{NUMBER}%", out), out
@@ -67,7 +67,7 @@ def test_bench_step_prints_plain_full_frozen_and_overhead(synth_shards, tmp_path
 def test_bench_step_without_a_dataset_uses_the_default_taxonomy(tmp_path):
     out = bcc("bench", "step", f"data.shards={tmp_path / 'absent'}", "model.backbone=test_resnet",
               "data.image_size=32", "data.batch_size=4", "--steps", "1", "--warmup", "0", "--rounds", "1").stdout
-    assert len(row(out, "bcc train_step, schedule full")) >= 6
+    assert len(row(out, "bcc train_step, finetune full")) >= 6
 
 
 def test_bench_step_names_a_bad_key(tmp_path):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassCalibrationError
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from bcc.calibration import apply_temperature, ece, fit_temperature, fit_temperatures
+from bcc.calibration import apply_temperature, ece, fit_temperature, fit_temperatures, reliability_bins
 from bcc.taxonomy import Taxonomy
 
 
@@ -68,7 +68,8 @@ def test_fit_temperatures_per_head_and_apply():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ece_agrees_with_torchmetrics(seed):
+def test_reliability_bins_agree_with_the_torchmetrics_ece(seed):
+    """`ece` is torchmetrics'; the reliability diagram's bins must give the same number."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(997, 4, generator=g) * (1 + 6 * seed)  # seed 2: many confidences of exactly 1.0
     probs = logits.softmax(1)
@@ -80,6 +81,10 @@ def test_ece_agrees_with_torchmetrics(seed):
     metric.update(probs[500:], y[500:])
     assert ece(probs, y) == pytest.approx(float(metric.compute()), abs=1e-6)
     assert ece(probs, y, n_bins=7) == pytest.approx(float(multiclass_calibration_error(probs, y, 4, n_bins=7)), abs=1e-6)
+    for n_bins in (15, 7):
+        acc, conf, count = reliability_bins(probs, y, n_bins)
+        from_bins = float(((acc - conf).abs() * count).sum() / count.sum())
+        assert from_bins == pytest.approx(ece(probs, y, n_bins), abs=1e-6)
 
 
 def test_ece_of_nothing_is_nan():

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from bcc.config import (
     Config,
@@ -7,6 +8,7 @@ from bcc.config import (
     config_from_dict,
     config_hash,
     load_config,
+    load_saved_config,
     save_config,
 )
 
@@ -58,19 +60,39 @@ def test_bad_yaml_names_file(tmp_path):
         load_config(None, ["train.lr"])
 
 
-def test_schedule_shortcut_and_stages(tmp_path):
-    assert load_config(None, ["schedule=frozen"]).schedule.preset == "frozen"
+def test_finetune_shortcut_and_stages(tmp_path):
+    assert load_config(None, ["finetune=frozen"]).finetune.preset == "frozen"
     path = write(
         tmp_path,
-        "schedule:\n  stages:\n    - {epochs: 1, train: heads}\n"
+        "finetune:\n  stages:\n    - {epochs: 1, train: heads}\n"
         "    - {epochs: 2, train: [heads, block5], lr_mult: {block5: 0.1}, warmup_steps: 5}\n",
     )
-    sched = load_config(path).schedule
+    sched = load_config(path).finetune
     assert sched.preset == "custom"
     assert sched.stages[0].train == ("heads",)
     assert sched.stages[1].lr_mult == {"block5": 0.1} and sched.stages[1].warmup_steps == 5
-    with pytest.raises(ConfigError, match=r"schedule\.stages\[0\]\.epochs"):
-        load_config(None, ["schedule.stages=[{epochs: x}]"])
+    with pytest.raises(ConfigError, match=r"finetune\.stages\[0\]\.epochs"):
+        load_config(None, ["finetune.stages=[{epochs: x}]"])
+
+
+@pytest.mark.parametrize("override", ["schedule=frozen", "schedule.preset=staged", "schedule.frozen_bn=train"])
+def test_old_schedule_key_is_refused_naming_finetune(override, tmp_path):
+    with pytest.raises(ConfigError, match="'schedule' is now 'finetune'"):
+        load_config(None, [override])
+    with pytest.raises(ConfigError, match="'schedule' is now 'finetune'"):
+        load_config(write(tmp_path, "schedule: {preset: frozen}\n"))
+
+
+def test_saved_configs_of_older_runs_are_migrated(tmp_path):
+    old = {"train": {"epochs": 3}, "schedule": {"preset": "staged", "stages": [], "frozen_bn": "train"},
+           "checkpoint": {"metric": "bacc4"}}
+    cfg = config_from_dict(old)  # as read from an old checkpoint's meta.json
+    assert cfg.finetune.preset == "staged" and cfg.finetune.frozen_bn == "train"
+    assert cfg.checkpoint.metric == "bacc"
+    path = write(tmp_path, yaml.safe_dump(old))  # an old run dir's config.yaml
+    assert load_saved_config(path) == cfg
+    assert config_from_dict({"checkpoint": {"metric": "acc4"}}).checkpoint.metric == "acc"
+    assert Config().checkpoint.metric == "bacc"
 
 
 def test_bare_no_is_the_string_no():
@@ -84,13 +106,13 @@ def test_pretrained_true_means_hub():
 
 
 def test_roundtrip_hash_and_diff(tmp_path):
-    cfg = load_config(None, ["train.lr=0.5", "loss.head_weights={binary: 2.0}", "schedule=staged"])
+    cfg = load_config(None, ["train.lr=0.5", "loss.head_weights={binary: 2.0}", "finetune=staged"])
     save_config(cfg, tmp_path / "run" / "config.yaml")
     again = load_config(tmp_path / "run" / "config.yaml")
     assert again == cfg
     assert config_hash(again) == config_hash(cfg)
     other = config_from_dict({"train": {"lr": 0.5, "epochs": 20}, "loss": {"head_weights": {"binary": 2.0}},
-                              "schedule": "staged"})
+                              "finetune": "staged"})
     assert config_diff(cfg, other) == {"train.epochs": (10, 20)}
     assert config_hash(other) != config_hash(cfg)
 

@@ -110,7 +110,7 @@ def test_metrics_json_agrees_with_predictions_csv(packed_eval):
     assert report["combined"]["acc"] == pytest.approx(sum(r["true_class"] == r["pred_class"] for r in rows) / len(rows))
     recalls = [confusion[i][i] / sum(confusion[i]) for i in range(len(classes)) if sum(confusion[i])]
     assert report["combined"]["bacc"] == pytest.approx(sum(recalls) / len(recalls))
-    assert report["metrics"]["bacc4"] == report["combined"]["bacc"]
+    assert report["metrics"]["bacc"] == report["combined"]["bacc"]
     # probabilities: every head and the combined leaves sum to 1; the loss is the NLL of the true class
     for r in rows:
         for prefix in ("binary:", "subtype:", "combined:"):
@@ -134,8 +134,8 @@ def test_two_processes_equal_one_and_unreadable_images_are_named(packed_eval, tr
     folder = unpack_split(synth_shards, "test", tmp_path / "images")
     (folder / "Pre" / "broken.jpg").write_bytes(b"not a jpeg at all")
     (folder / "Pro" / "notes.txt").write_text("a note")
-    cmd, env = accelerate_command(2, ["--checkpoint", str(trained_run), "--data", str(folder),
-                                      "--out", str(tmp_path / "out"), "--workers", "0"], module="bcc.evaluate")
+    cmd, env = accelerate_command(2, ["eval", "--checkpoint", str(trained_run), "--data", str(folder),
+                                      "--out", str(tmp_path / "out"), "--workers", "0"], module="bcc")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())

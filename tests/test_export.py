@@ -33,7 +33,7 @@ print(json.dumps({
     "probs": [p.tolist() for p in probs],
     "traced_max_diff": max(float((a - b).abs().max()) for a, b in zip(logits, traced)),
     "imported": sorted(m for m in sys.modules if m.split(".")[0] in ("accelerate", "webdataset", "torchmetrics",
-                       "matplotlib") or m in ("bcc.loop", "bcc.checkpoint", "bcc.config", "bcc.stream")),
+                       "matplotlib") or m in ("bcc.train", "bcc.checkpoint", "bcc.config", "bcc.stream")),
 }))
 """
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from torchmetrics.classification import MulticlassF1Score
 
 from bcc.calibration import ece
-from bcc.metrics import EvalMetrics, combined_probs, format_table
+from bcc.metrics import EvalMetrics, combined_probs, format_table, metric_names
 from bcc.taxonomy import Taxonomy
 
 BENIGN, EARLY, PRE, PRO = 0, 1, 2, 3
@@ -68,8 +68,9 @@ def test_fixed_batch_matches_hand_computation(taxonomy):
 
     # combined: true [0,0,1,1,2,2,3], decided [0,1,1,0,3,2,3]
     assert r["confusion"] == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]]
-    assert r["acc"] == r["acc4"] == pytest.approx(4 / 7)
-    assert r["bacc"] == r["bacc4"] == pytest.approx((0.5 + 0.5 + 0.5 + 1.0) / 4)
+    assert r["acc"] == pytest.approx(4 / 7)
+    assert r["bacc"] == pytest.approx((0.5 + 0.5 + 0.5 + 1.0) / 4)
+    assert "acc4" not in r and "bacc4" not in r  # names do not carry the class count
     assert r["f1"] == pytest.approx((0.5 + 0.5 + 2 / 3 + 2 / 3) / 4)
     assert r["ece"] == pytest.approx(ece(combined_probs(taxonomy, logits), labels), abs=1e-6)
 
@@ -111,7 +112,7 @@ def test_absent_class_bacc_over_present_classes(taxonomy):
     m = EvalMetrics(taxonomy)
     m.update(logits, labels)
     r = m.compute()
-    assert r["bacc4"] == pytest.approx((0.5 + 0.5 + 0.5) / 3)  # torchmetrics' macro accuracy says 0.375
+    assert r["bacc"] == pytest.approx((0.5 + 0.5 + 0.5) / 3)  # torchmetrics' macro accuracy says 0.375
     # f1 follows torchmetrics (classes seen in targets or predictions; Pro-B scores 0)
     tm_f1 = MulticlassF1Score(4, average="macro")(taxonomy.decide(logits), labels)
     assert r["f1"] == pytest.approx(float(tm_f1))
@@ -134,7 +135,7 @@ def test_head_without_valid_targets_is_nan(taxonomy):
 def test_empty_reset_and_accumulation(taxonomy):
     m = EvalMetrics(taxonomy)
     r = m.compute()  # nothing seen: NaN everywhere, no crash
-    assert r["count"] == 0 and math.isnan(r["acc4"]) and r["confusion"] == [[0] * 4] * 4
+    assert r["count"] == 0 and math.isnan(r["acc"]) and r["confusion"] == [[0] * 4] * 4
     logits, labels = batch()
     m.update(tuple(z[:0] for z in logits), labels[:0])  # an empty batch is fine too
     for i in range(0, len(labels), 3):  # several batches == one batch
@@ -151,9 +152,20 @@ def test_single_head_taxonomy():
     logits = (torch.tensor([[3.0, 0, 0], [0, 3.0, 0], [0, 3.0, 0], [0, 0, 3.0]]),)
     m.update(logits, torch.tensor([0, 1, 2, 2]))
     r = m.compute()
-    assert r["acc3"] == r["kind_acc"] == pytest.approx(3 / 4)
-    assert r["bacc3"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert r["acc"] == r["kind_acc"] == pytest.approx(3 / 4)
+    assert r["bacc"] == pytest.approx((1 + 1 + 0.5) / 3)
     assert "kind_sens" not in r
+    # the names a config may track are known before any evaluation, and are exactly compute()'s scalars
+    assert set(metric_names(tax)) - {"loss"} == {k for k, v in r.items() if not isinstance(v, list)}
+
+
+def test_metric_names_match_compute_for_the_default_taxonomy(taxonomy):
+    m = EvalMetrics(taxonomy)
+    logits, labels = batch()
+    m.update(logits, labels, loss_sum=1.0)
+    r = m.compute()
+    assert set(metric_names(taxonomy)) == {k for k, v in r.items() if not isinstance(v, list)}
+    assert "bacc" in metric_names(taxonomy) and "binary_bacc" in metric_names(taxonomy)
 
 
 def test_format_table(taxonomy):

@@ -14,14 +14,8 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from bcc.model import (
-    LoadReport,
-    build_model,
-    count_parameters,
-    group_of_module,
-    load_pretrained,
-    parameter_groups,
-)
+from bcc.model import build_model, count_parameters, group_of_module, parameter_groups
+from bcc.pretrained import load_pretrained
 
 TINY = "test_resnet"
 ALL_HEADS = {"binary": 2, "subtype": 3}
@@ -118,94 +112,23 @@ def test_count_parameters():
 # --- pretrained weights -----------------------------------------------------------------------
 
 
+# The other weight sources, the load line, refusal and bad files: tests/test_pretrained.py.
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_load_torchvision_vgg_state_dict(vgg_model, torchvision_vgg_state, tmp_path, suffix):
     path = save(torchvision_vgg_state, tmp_path / f"vgg16_bn{suffix}")
     model = copy.deepcopy(vgg_model)
-    report = load_pretrained(model, path)
-    assert isinstance(report, LoadReport)
+    record = load_pretrained(model, path, echo=False)
     own = model.state_dict()
     features = [k for k in torchvision_vgg_state if not k.startswith("classifier")]
     for k in features:
         assert torch.equal(own[f"backbone.{k}"], torchvision_vgg_state[k]), k
-    assert report.loaded == len(features)
-    assert sorted(report.unexpected) == sorted(k for k in torchvision_vgg_state if k.startswith("classifier"))
-    assert report.missing and all(k.startswith("heads.") for k in report.missing)
-    assert report.missing_backbone == []
-    text = str(report)
-    assert f"loaded {len(features)} tensors" in text and "classifier.0.weight" in text and str(path) in text
-
-
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_build_model_loads_timm_backbone(tmp_path, suffix):
-    donor = timm.create_model(TINY, num_classes=5)  # its fc.* must be ignored
-    path = save(donor.state_dict(), tmp_path / f"tiny{suffix}")
-    model = build_model(model_cfg(pretrained=path), ALL_HEADS)
-    own = model.state_dict()
-    for k, v in donor.state_dict().items():
-        if not k.startswith("fc."):
-            assert torch.equal(own[f"backbone.{k}"], v), k
-
-
-def test_full_model_round_trip_with_wrapper_dict(tmp_path):
-    donor = build_model(model_cfg(), ALL_HEADS)
-    # A training checkpoint saved from a DDP-wrapped model, nested under "model".
-    state = {f"module.{k}": v for k, v in donor.state_dict().items()}
-    path = tmp_path / "ckpt.pt"
-    torch.save({"model": state}, path)
-    model = build_model(model_cfg(), ALL_HEADS)
-    report = load_pretrained(model, path)
-    assert report.missing == [] and report.unexpected == []
-    for k, v in donor.state_dict().items():
-        assert torch.equal(model.state_dict()[k], v)
-
-
-def test_unrelated_keys_name_the_file(tmp_path):
-    path = save(
-        {"encoder.weight": torch.randn(3, 3), "decoder.bias": torch.randn(3)}, tmp_path / "other.safetensors"
-    )
-    model = build_model(model_cfg(), ALL_HEADS)
-    with pytest.raises(
-        ValueError, match="no parameter of .*other.safetensors matches backbone test_resnet"
-    ) as e:
-        load_pretrained(model, path)
-    assert "encoder.weight" in str(e.value)
-
-
-def test_shape_mismatch_names_key_and_shapes(tmp_path):
-    state = timm.create_model(TINY, num_classes=0).state_dict()
-    expected = tuple(state["conv1.0.weight"].shape)
-    state["conv1.0.weight"] = torch.randn(7, 3, 3, 3)
-    path = save(state, tmp_path / "mismatch.pth")
-    model = build_model(model_cfg(), ALL_HEADS)
-    with pytest.raises(ValueError, match="mismatch.pth") as e:
-        load_pretrained(model, path)
-    assert "backbone.conv1.0.weight" in str(e.value)
-    assert "(7, 3, 3, 3)" in str(e.value) and str(expected) in str(e.value)
-
-
-def test_missing_file_is_named(tmp_path):
-    path = tmp_path / "nope.safetensors"
-    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        build_model(model_cfg(pretrained=path), ALL_HEADS)
-
-
-@pytest.mark.parametrize("name", ["corrupt.safetensors", "corrupt.pth"])
-def test_corrupt_file_is_named(tmp_path, name):
-    path = tmp_path / name
-    path.write_bytes(b"\x00this is not a weights file" * 10)
-    with pytest.raises(ValueError, match=name):
-        build_model(model_cfg(pretrained=path), ALL_HEADS)
-
-
-def test_hub_download_failure_explains_offline_fix(vgg_model, monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
-    with pytest.raises(RuntimeError, match="model.pretrained=/path/to/file") as e:
-        load_pretrained(vgg_model, "hub")
-    assert "vgg16_bn" in str(e.value) and "network is unreachable" in str(e.value)
+    assert record.loaded == record.total == len([k for k in features if "num_batches" not in k])
+    assert sorted(record.unexpected) == sorted(k for k in torchvision_vgg_state if k.startswith("classifier"))
+    assert record.missing and all(k.startswith("heads.") for k in record.missing)
+    assert record.missing_backbone == [] and record.heads_reinitialised == ("binary", "subtype")
+    assert "classifier.0.weight" in record.line() and str(path) in record.line()
 
 
 # --- parameter groups -------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import webdataset as wds
 from PIL import Image
 
 from bcc import pack as pack_mod
-from bcc.pack import PackError, _shard_sizes, pack_folders, verify_shards
+from bcc.pack import PackError, pack_folders
+from bcc.shards import shard_sizes, verify_shards
 from bcc.taxonomy import Taxonomy, TaxonomyError
 
 from conftest import image_bytes
@@ -314,18 +315,18 @@ def test_interrupted_pack_leaves_nothing(tmp_path, make_class_tree, monkeypatch)
             raise KeyboardInterrupt
         return real(path, samples)
 
-    real = pack_mod._write_shard
-    monkeypatch.setattr(pack_mod, "_write_shard", boom)
+    real = pack_mod.write_shard
+    monkeypatch.setattr(pack_mod, "write_shard", boom)
     with pytest.raises(KeyboardInterrupt):
         pack_folders(src, tmp_path / "out", shard_size=5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
     # with --overwrite, the old OUT survives an interrupted replacement untouched
-    monkeypatch.setattr(pack_mod, "_write_shard", real)
+    monkeypatch.setattr(pack_mod, "write_shard", real)
     pack_folders(src, tmp_path / "out", shard_size=5)
     old = shard_bytes(tmp_path / "out")
     calls.clear()
-    monkeypatch.setattr(pack_mod, "_write_shard", boom)
+    monkeypatch.setattr(pack_mod, "write_shard", boom)
     with pytest.raises(KeyboardInterrupt):
         pack_folders(src, tmp_path / "out", shard_size=5, seed=1, overwrite=True)
     assert shard_bytes(tmp_path / "out") == old
@@ -358,10 +359,10 @@ def test_group_regex_validated(tmp_path):
 
 
 def test_shard_sizes_balanced(tmp_path, make_class_tree):
-    assert _shard_sizes(0, 10, 4) == []
-    assert _shard_sizes(25, 10, 1) == [9, 8, 8]
-    assert _shard_sizes(10, 100, 4) == [3, 3, 2, 2]
-    assert _shard_sizes(3, 100, 8) == [1, 1, 1]
+    assert shard_sizes(0, 10, 4) == []
+    assert shard_sizes(25, 10, 1) == [9, 8, 8]
+    assert shard_sizes(10, 100, 4) == [3, 3, 2, 2]
+    assert shard_sizes(3, 100, 8) == [1, 1, 1]
     src = make_class_tree(tmp_path / "src", {"Benign": 10, "Pro": 10})
     m = pack_folders(src, tmp_path / "out", shard_size=7, min_shards=3).manifest
     train = [s["count"] for s in m["splits"]["train"]["shards"]]

@@ -42,11 +42,11 @@ def test_plot_reliability(tmp_path):
 
 def test_plot_curves(tmp_path):
     runs = {
-        name: [{"epoch": e, "step": 10 * e, "split": "val", "bacc4": 0.3 + 0.5 * (1 - math.exp(-e / k))}
+        name: [{"epoch": e, "step": 10 * e, "split": "val", "bacc": 0.3 + 0.5 * (1 - math.exp(-e / k))}
                for e in range(1, 9)]
-        + [{"epoch": 1, "split": "train", "bacc4": 0.99}, {"epoch": 2, "split": "val", "bacc4": float("nan")}]
+        + [{"epoch": 1, "split": "train", "bacc": 0.99}, {"epoch": 2, "split": "val", "bacc": float("nan")}]
         for name, k in [("frozen", 4), ("staged", 2), ("full", 1)]
     }
-    check_png(plot_curves(runs, "bacc4", tmp_path / "curves.png"))
-    with pytest.raises(ValueError, match="bacc4"):
+    check_png(plot_curves(runs, "bacc", tmp_path / "curves.png"))
+    with pytest.raises(ValueError, match="bacc"):
         plot_curves(runs, "no_such_metric", tmp_path / "none.png")

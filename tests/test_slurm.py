@@ -1,7 +1,9 @@
 """The project's own sbatch scripts, submitted to a real Slurm on this machine (slurm/local/start.sh).
 
-Two fake nodes on one host; jobs train a tiny timm model on the CPU. Job states come from
-`scontrol show job` (there is no sacct without slurmdbd). Locally these tests skip when Slurm is not
+Two fake nodes on one host (2 CPUs each on the CI machine, no GPUs, task/affinity binding); jobs train a
+tiny timm model on the CPU (ACCELERATE_USE_CPU=true, the explicit opt-in) and override the scripts'
+GPU/CPU/memory defaults with LOCAL_RESOURCES. Job states come from `scontrol show job` (there is no
+sacct without slurmdbd). Locally these tests skip when Slurm is not
 installed; under CI=true that is a failure.
 """
 
@@ -31,6 +33,10 @@ FINISHED = {
     "DEADLINE",
     "PREEMPTED",
 }
+
+# What the jobs ask for instead of the scripts' #SBATCH defaults (GPUs, 8+ CPUs, 16G+), which the
+# local nodes cannot give: no GPU, one fake node's CPUs, memory that is not enforced here.
+LOCAL_RESOURCES = {"--gpus-per-node": "0", "--cpus-per-task": "2", "--mem": "1G"}
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -111,16 +117,30 @@ def job_env(conf: Path, run_root: Path, **extra: str) -> dict[str, str]:
     """Environment for sbatch: the jobs run this interpreter and put run directories under run_root."""
     env = slurm_env(conf)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(BCC_PYTHON=sys.executable, BCC_ROOT=str(ROOT), BCC_RUN_ROOT=str(run_root), **extra)
+    env.update(
+        BCC_PYTHON=sys.executable,
+        BCC_ROOT=str(ROOT),
+        BCC_RUN_ROOT=str(run_root),
+        ACCELERATE_USE_CPU="true",  # no GPU here: without it launch/train.sh refuses (exit 2)
+        **extra,
+    )
     return env
 
 
 def submit(
-    script: str, *args: str, name: str, cwd: Path, env: dict, sbatch_args: tuple[str, ...] = ()
+    script: str,
+    *args: str,
+    name: str,
+    cwd: Path,
+    env: dict,
+    sbatch_args: tuple[str, ...] = (),
+    resources: dict[str, str] | None = None,
 ) -> str:
-    """sbatch one of slurm/*.sbatch from cwd (its %x.out lands there); returns the job id."""
+    """sbatch one of slurm/*.sbatch from cwd (its %x.out lands there) with LOCAL_RESOURCES updated by
+    `resources`; returns the job id."""
+    asked = [f"{k}={v}" for k, v in {**LOCAL_RESOURCES, **(resources or {})}.items()]
     out = subprocess.run(
-        ["sbatch", "--parsable", "-J", name, *sbatch_args, str(ROOT / "slurm" / script), *args],
+        ["sbatch", "--parsable", "-J", name, *asked, *sbatch_args, str(ROOT / "slurm" / script), *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -222,13 +242,31 @@ def train_config(shards, tmp_path_factory) -> Path:
 
 
 @pytest.mark.timeout(300)
-def test_train_sbatch_completes(slurm_conf, train_config, tmp_path):
+def test_train_sbatch_completes_on_the_cpus_it_asked_for(slurm_conf, train_config, tmp_path):
     env = job_env(slurm_conf, tmp_path / "runs")
-    job = submit("train.sbatch", str(train_config), name="train", cwd=tmp_path, env=env)
+    # One CPU of a 2-CPU node: the job record shows 1, and the task is bound to 1.
+    job = submit(
+        "train.sbatch",
+        str(train_config),
+        name="train",
+        cwd=tmp_path,
+        env=env,
+        resources={"--cpus-per-task": "1", "--mem": "900M"},
+    )
     log = tmp_path / "train.out"
-    assert_completed(wait_for_job(job, env, log, timeout=240), log)
+    info = wait_for_job(job, env, log, timeout=240)
+    assert_completed(info, log)
+    text = read_log(log)
+    assert (info["NumCPUs"], info["CPUs/Task"], info["MinMemoryNode"]) == ("1", "1", "900M"), info
+    assert "cpus_per_task=1 gpus_per_node=0 mem_per_node=900M" in text, text
+    # The launcher's line: the affinity every rank of the task inherits, and one thread per rank.
+    launch = next((line for line in text.splitlines() if line.startswith("launch:")), "")
+    assert "cpu_affinity=1 " in launch and "OMP_NUM_THREADS=1" in launch, (
+        f"expected the task bound to 1 CPU (slurm.conf TaskPlugin=task/affinity; restart the local Slurm "
+        f"if it predates that: slurm/local/stop.sh && slurm/local/start.sh)\n{text}"
+    )
     run = tmp_path / "runs" / "train"  # keyed by the job name
-    assert list((run / "checkpoints").glob("step-*")), read_log(log)
+    assert list((run / "checkpoints").glob("step-*")), text
     assert (run / "metrics.jsonl").stat().st_size > 0
 
 
@@ -252,7 +290,27 @@ def test_multinode_sbatch_runs_one_machine_rank_per_node(slurm_conf, train_confi
     assert len(set(launches)) == 2, text
     # One process per node, in one world of 2.
     assert re.search(r"bcc: rank 0/2\b", text) and re.search(r"bcc: rank 1/2\b", text), text
+    # Rendezvous: both nodes meet at the allocation's first host, on the port derived from the job id.
+    first_host = sorted(launches, key=launches.get)[0]
+    rendezvous = set(re.findall(r"--main_process_ip=(\S+) --main_process_port=(\d+)", text))
+    assert rendezvous == {(first_host, str(20000 + int(job) % 20000))}, text
     assert list((tmp_path / "runs" / "multinode" / "checkpoints").glob("step-*")), text
+
+
+@pytest.mark.timeout(120)
+def test_gpu_job_without_gpu_or_cpu_opt_in_fails_with_one_error_line(slurm_conf, train_config, tmp_path):
+    env = job_env(slurm_conf, tmp_path / "runs")
+    del env["ACCELERATE_USE_CPU"]  # the job asks for no GPU and does not choose the CPU either
+    env["CUDA_VISIBLE_DEVICES"] = ""  # and sees none, also on a machine that has one
+    job = submit("train.sbatch", str(train_config), name="nogpu", cwd=tmp_path, env=env)
+    log = tmp_path / "nogpu.out"
+    info = wait_for_job(job, env, log, timeout=100)
+    text = read_log(log)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no GPU visible" in errors[0] and "SLURM_GPUS_PER_NODE='0'" in errors[0], text
+    assert "Traceback" not in text and "bcc: rank" not in text, text
+    assert not (tmp_path / "runs" / "nogpu").exists(), text
 
 
 @pytest.mark.timeout(400)

@@ -28,7 +28,7 @@ FROZEN = ("block0", "block1", "block2", "block3")
 
 
 def initial_state(cfg_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The run's initial weights, rebuilt the way the Trainer builds them (`set_seed`, then
+    """The run's initial weights, rebuilt the way `bcc.train.setup.build_components` builds them (`set_seed`, then
     `build_model`), and the parameter group of every state-dict key (buffers included)."""
     from accelerate.utils import set_seed
 
@@ -59,7 +59,7 @@ def test_ddp_unfrozen_block_syncs_and_frozen_blocks_stay_bitwise(synth_shards, t
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, run_dir,
                        train={"epochs": 2, "lr": 0.05, "warmup_steps": 1},
-                       schedule={"stages": STAGES, "frozen_bn": "eval"},
+                       finetune={"stages": STAGES, "frozen_bn": "eval"},
                        checkpoint={"keep_last": 10, "resume": "none"})
     proc = launch(cfg, processes=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -111,7 +111,7 @@ def test_kill_in_stage_two_resumes_to_the_same_weights(synth_shards, tmp_path):
     def config(name: str) -> Path:
         return write_config(tmp_path / f"{name}.yaml", synth_shards, tmp_path / name,
                             train={"epochs": 3, "lr": 0.05, "warmup_steps": 2},
-                            schedule={"stages": stages},
+                            finetune={"stages": stages},
                             checkpoint={"every_steps": 3, "keep_last": 100, "resume": "auto"})
 
     reference = _train_proc(config("reference"))
@@ -184,7 +184,7 @@ def test_bcc_compare_writes_a_table_of_the_three_modes(synth_shards, tmp_path):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["mode"] for r in rows] == ["frozen", "staged", "full"]
     for r in rows:
-        for key in ("val_bacc4", "val_acc4", "val_binary_bacc", "test_bacc4", "train_time_s", "trainable_final"):
+        for key in ("val_bacc", "val_acc", "test_bacc", "train_time_s", "trainable_final"):
             assert float(r[key]) >= 0, (key, r)
     counts = {r["mode"]: (int(r["trainable_final"]), float(r["trainable_mean"])) for r in rows}
     assert counts["frozen"][0] < counts["staged"][0] == counts["full"][0]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bcc.synth import SYNTH_CLASSES, render_cell, synthesize
+from bcc.synth import SYNTH_CLASSES, SynthError, render_cell, synthesize
 
 
 def tree_digest(root):
@@ -55,7 +55,7 @@ def test_refuses_non_empty_output(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         synthesize(tmp_path / "d", per_class=1)
     assert (tmp_path / "d" / "keep.txt").read_text() == "user data"
-    with pytest.raises(ValueError, match="unknown synthetic class"):
+    with pytest.raises(SynthError, match="unknown synthetic class"):
         render_cell("Mystery", 32, np.random.default_rng(0))
 
 

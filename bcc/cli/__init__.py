@@ -3,6 +3,10 @@
 Each module defines `register(subparsers)`, which adds its parser and sets `func=run`, where
 `run(args) -> int` returns the exit code. Modules import torch inside `run`, so `bcc --help`
 stays fast.
+
+Errors: `main` is the one place that turns a `bcc.errors.BccError` into one `error: ...` line and its
+exit code (2); commands do not catch them. Anything else is a bug and keeps its traceback, and
+`BCC_DEBUG=1` keeps the traceback of a `BccError` too.
 """
 
 from __future__ import annotations
@@ -10,12 +14,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rich_argparse import RichHelpFormatter
 
 # Order in `bcc --help`; modules not listed here follow alphabetically.
-_ORDER = ("synth", "pack", "train", "demo", "eval", "predict", "calibrate", "export", "compare", "model", "bench")
+_ORDER = ("synth", "pack", "train", "demo", "eval", "predict", "calibrate", "export", "compare", "report", "model", "bench")
 
 
 def _command_modules() -> list[str]:
@@ -45,10 +49,29 @@ def _version() -> str:
     return __version__
 
 
+def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a command; the one place a `BccError` becomes one `error:` line and its exit code (2).
+
+    Used by `bcc` and by `python -m bcc.train`. Anything else is a bug and keeps its traceback;
+    `BCC_DEBUG=1` keeps the traceback of a `BccError` too.
+    """
+    from bcc.errors import BccError, is_debug
+
+    try:
+        return int(func(args) or 0)
+    except BccError as e:
+        if is_debug():
+            raise
+        from bcc.console import error
+
+        error(str(e))
+        return e.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    return call(args.func, args)

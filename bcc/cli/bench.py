@@ -184,8 +184,8 @@ def run_step(args: argparse.Namespace) -> int:
     table.add_column("/ bcc full", justify="right")
     for label, key, timing in (
         ("plain PyTorch (all trainable)", "plain", result.plain),
-        ("bcc train_step, schedule full", "full", result.full),
-        ("bcc train_step, schedule frozen (heads)", "frozen", result.frozen),
+        ("bcc train_step, finetune full", "full", result.full),
+        ("bcc train_step, finetune frozen (heads)", "frozen", result.frozen),
     ):
         ms = 1000 * result.batch_size / timing.rate
         table.add_row(label, f"{result.trainable[key]:,}", f"{ms:,.1f}", f"{timing.rate:,.1f}", _spread(timing),

@@ -20,19 +20,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bcc.checkpoint import CheckpointError
-    from bcc.console import console, error
-    from bcc.evaluate import EvalError, calibrate_checkpoint
-    from bcc.manifest import ManifestError
-    from bcc.stream import ShardError
-    from bcc.taxonomy import TaxonomyError
+    from bcc.console import console
+    from bcc.evaluate import calibrate_checkpoint
 
-    try:
-        result = calibrate_checkpoint(args.checkpoint, args.data, args.split,
-                                      batch_size=args.batch_size, workers=args.workers)
-    except (CheckpointError, EvalError, ManifestError, ShardError, TaxonomyError, OSError) as e:
-        error(str(e))
-        return 2
+    result = calibrate_checkpoint(args.checkpoint, args.data, args.split,
+                                  batch_size=args.batch_size, workers=args.workers)
     from rich.table import Table
 
     table = Table(title=f"temperature scaling on {result['split']} ({result['count']} images)",

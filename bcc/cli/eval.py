@@ -1,5 +1,5 @@
 """`bcc eval`: metrics, predictions, confusion matrix and reliability diagram of a checkpoint on a packed
-split or an image folder. One process here; for more, `accelerate launch -m bcc.evaluate` with the same
+split or an image folder. One process here; for more, `accelerate launch -m bcc eval` with the same
 arguments (each sample is counted once across the processes)."""
 
 from __future__ import annotations
@@ -36,17 +36,9 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < (1 if name == "batch_size" else 0):
             error(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'batch_size' else '>= 0'}, got {value}")
             return 2
-    from bcc.checkpoint import CheckpointError
-    from bcc.evaluate import EvalError, evaluate_checkpoint
-    from bcc.manifest import ManifestError
-    from bcc.stream import ShardError
-    from bcc.taxonomy import TaxonomyError
+    from bcc.evaluate import evaluate_checkpoint
 
-    try:
-        evaluate_checkpoint(args.checkpoint, args.data, split=args.split, out=args.out,
-                            batch_size=args.batch_size, workers=args.workers,
-                            calibrated=not args.no_calibration)
-    except (CheckpointError, EvalError, ManifestError, ShardError, TaxonomyError, OSError) as e:
-        error(str(e))
-        return 2
+    evaluate_checkpoint(args.checkpoint, args.data, split=args.split, out=args.out,
+                        batch_size=args.batch_size, workers=args.workers,
+                        calibrated=not args.no_calibration)
     return 0

@@ -19,16 +19,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bcc.checkpoint import CheckpointError
-    from bcc.console import console, error, warn
+    from bcc.console import console, warn
     from bcc.export import export_checkpoint
 
-    try:
-        result = export_checkpoint(args.checkpoint, args.out, torchscript=args.torchscript, onnx=args.onnx,
-                                   calibrated=not args.no_calibration)
-    except (CheckpointError, OSError) as e:
-        error(str(e))
-        return 2
+    result = export_checkpoint(args.checkpoint, args.out, torchscript=args.torchscript, onnx=args.onnx,
+                               calibrated=not args.no_calibration)
     for note in result.notes:
         warn(note)
     for f in result.files:

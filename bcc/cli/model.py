@@ -1,5 +1,5 @@
 """`bcc model groups --config FILE [key=value ...]`: the parameter groups of the configured model and
-what each stage of the configured schedule trains. Needs no dataset: the heads come from the
+what each stage of the configured fine-tuning plan (finetune:) trains. Needs no dataset: the heads come from the
 manifest at `data.shards` when there is one, else from the default taxonomy."""
 
 from __future__ import annotations
@@ -19,17 +19,13 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from bcc.compare import describe_schedule
-    from bcc.config import ConfigError, load_config
-    from bcc.console import console, error
-    from bcc.schedule import ScheduleError
+    from bcc.compare import describe_finetune
+    from bcc.config import load_config
+    from bcc.console import console
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        info = describe_schedule(cfg)
-    except (ConfigError, ScheduleError) as e:
-        error(str(e))
-        return 2
+    # ConfigError and FinetuneError are BccErrors: `bcc.cli.main` reports them
+    cfg = load_config(args.config, args.overrides)
+    info = describe_finetune(cfg)
 
     heads = ", ".join(f"{k} ({n})" for k, n in info.heads.items())
     table = Table(title=f"parameter groups of {info.backbone} with heads {heads}, from the {info.heads_source}")
@@ -41,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("total", str(sum(g.tensors for g in info.groups)), f"{info.total_params:,}", "", "", style="bold")
     console.print(table)
 
-    preset = cfg.schedule.preset
-    stages = Table(title=f"schedule '{preset}' over {cfg.train.epochs} epochs (frozen_bn: {cfg.schedule.frozen_bn})")
+    preset = cfg.finetune.preset
+    stages = Table(title=f"finetune preset '{preset}' over {cfg.train.epochs} epochs (frozen_bn: {cfg.finetune.frozen_bn})")
     for col, justify in (("stage", "right"), ("epochs", "right"), ("trains", "left"), ("lr multipliers", "left"),
                          ("warmup", "right"), ("trainable parameters", "right")):
         stages.add_column(col, justify=justify)

@@ -8,11 +8,11 @@ from bcc.cli._types import positive_int
 
 
 def _split_arg(value: str) -> tuple[float, float, float]:
-    from bcc.pack import PackError, parse_split
+    from bcc.split import SplitError, parse_split
 
     try:
         return parse_split(value)
-    except PackError as e:
+    except SplitError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -24,11 +24,11 @@ def _quality(value: str) -> int:
 
 
 def _group_regex(value: str) -> str:
-    from bcc.pack import PackError, compile_group_regex
+    from bcc.split import SplitError, compile_group_regex
 
     try:
         compile_group_regex(value)
-    except PackError as e:
+    except SplitError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return value
 
@@ -55,7 +55,8 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=positive_int, default=1, metavar="N", help="decode processes (default 1)")
     p.add_argument("--group-regex", type=_group_regex, metavar="RE",
                    help="files whose names share RE's first group (e.g. a patient id) stay in one split")
-    p.add_argument("--taxonomy", metavar="FILE", help="taxonomy YAML (default: the built-in ALL taxonomy)")
+    p.add_argument("--taxonomy", metavar="NAME|FILE",
+                   help="taxonomy YAML, or a shipped one by name (all_4class, kvasir) (default: the built-in ALL taxonomy)")
     p.add_argument("--max-pixels", type=positive_int, metavar="N",
                    help="skip images above N pixels (default: Pillow's decompression-bomb limit)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only once done)")
@@ -66,32 +67,26 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bcc.console import console, error
-    from bcc.manifest import ManifestError
-    from bcc.pack import PackError
-    from bcc.taxonomy import TaxonomyError
 
-    try:
-        if args.verify:
-            if args.src or args.out:
-                error("--verify OUT takes no SRC/OUT arguments")
-                return 2
-            return _verify(args.verify, console)
-        if not args.src or not args.out:
-            error("bcc pack needs SRC and OUT (or --verify OUT)")
+    if args.verify:
+        if args.src or args.out:
+            error("--verify OUT takes no SRC/OUT arguments")
             return 2
-        return _pack(args, console)
-    except (TaxonomyError, PackError, ManifestError, OSError) as e:  # FileExistsError is an OSError
-        error(str(e))
+        return _verify(args.verify, console)
+    if not args.src or not args.out:
+        error("bcc pack needs SRC and OUT (or --verify OUT)")
         return 2
+    return _pack(args, console)
 
 
 def _pack(args: argparse.Namespace, console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from bcc.pack import pack_folders
+    from bcc.resources import load_taxonomy
     from bcc.taxonomy import Taxonomy
 
-    taxonomy = Taxonomy.from_yaml(args.taxonomy) if args.taxonomy else Taxonomy.default()
+    taxonomy = load_taxonomy(args.taxonomy) if args.taxonomy else Taxonomy.default()
     with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -149,7 +144,7 @@ def _summary(result, console) -> None:
 
 
 def _verify(out: str, console) -> int:
-    from bcc.pack import verify_shards
+    from bcc.shards import verify_shards
 
     result = verify_shards(out)
     for check in result.shards:

@@ -39,17 +39,12 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         error(f"--batch-size must be >= 1, got {args.batch_size}")
         return 2
-    from bcc.checkpoint import CheckpointError
     from bcc.predict import load_inference_model, predict_paths, write_predictions_csv, write_predictions_json
 
-    try:
-        im = load_inference_model(args.checkpoint, calibrated=not args.no_calibration)
-        result = predict_paths(im, args.paths, tta=args.tta, batch_size=args.batch_size,
-                               gradcam_dir=args.gradcam,
-                               on_prediction=lambda p: console.print(_line(p), markup=False, soft_wrap=True))
-    except (CheckpointError, ValueError, OSError) as e:
-        error(str(e))
-        return 2
+    im = load_inference_model(args.checkpoint, calibrated=not args.no_calibration)
+    result = predict_paths(im, args.paths, tta=args.tta, batch_size=args.batch_size,
+                           gradcam_dir=args.gradcam,
+                           on_prediction=lambda p: console.print(_line(p), markup=False, soft_wrap=True))
     for path, reason in result.failures:
         error(f"{path}: {reason}")
     if args.csv:

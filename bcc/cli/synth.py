@@ -20,16 +20,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from bcc.console import console, error
+    from bcc.console import console
     from bcc.synth import synthesize
 
     t0 = time.perf_counter()
-    try:
-        counts = synthesize(args.out, args.per_class, size=args.size, seed=args.seed, fmt=args.format,
-                            workers=args.workers)
-    except (FileExistsError, ValueError) as e:
-        error(str(e))
-        return 2
+    counts = synthesize(args.out, args.per_class, size=args.size, seed=args.seed, fmt=args.format,
+                        workers=args.workers)
     total = sum(counts.values())
     elapsed = time.perf_counter() - t0
     console.print(f"wrote {total} images ({', '.join(f'{k} {v}' for k, v in counts.items())}) at "

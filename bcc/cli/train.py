@@ -1,9 +1,39 @@
-"""`bcc train`: the same as `python -m bcc.train`, in one process (use accelerate launch for more)."""
+"""`bcc train` and `python -m bcc.train --config FILE [key=value ...]` (also under `accelerate launch`).
+
+`bcc train` runs in one process (use `accelerate launch -m bcc.train` for more).
+Exit codes: 0 done, 2 bad config or data (one `error:` line), 75 preempted after saving (launchers requeue on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config file (defaults in bcc/config.py)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=0.003")
 
 
 def register(subparsers) -> None:
-    from bcc.train import add_arguments, run
-
     parser = subparsers.add_parser("train", help="train a model from a config (one process)", description=__doc__)
     add_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; user errors (BccError) propagate to `bcc.cli.call`, which reports them."""
+    from bcc.config import load_config
+    from bcc.errors import EXIT_PREEMPTED
+    from bcc.train.fit import fit
+
+    result = fit(load_config(args.config, args.overrides))
+    return EXIT_PREEMPTED if result.get("preempted") else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bcc.train", description=__doc__)
+    add_arguments(parser)
+    from bcc.cli import call
+
+    return call(run, parser.parse_args(argv))

@@ -60,7 +60,9 @@ CredType=cred/munge
 # cred_expire=10: otherwise a requeued job waits ~120 s before it may start again.
 AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+# task/affinity binds each task to the CPUs it was given, as on a real cluster (the tests check the
+# affinity count a job gets).
+TaskPlugin=task/affinity
 MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU

@@ -1,5 +1,5 @@
-"""Unit tests of bcc/schedule.py: presets, custom-stage validation, the LR curve, and the stage
-transition of the real `Trainer` (momentum carried over, frozen BatchNorm kept in eval mode)."""
+"""Unit tests of bcc/finetune.py: presets, custom-stage validation, the LR curve, and the stage
+transition of the set-up `fit` uses (`bcc.train.setup`) (momentum carried over, frozen BatchNorm kept in eval mode)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from bcc.config import ModelConfig, ScheduleConfig, StageConfig, load_config
-from bcc.model import build_model, parameter_groups
-from bcc.schedule import (
-    ScheduleError,
+from bcc.config import FinetuneConfig, ModelConfig, StageConfig, load_config
+from bcc.finetune import (
+    FinetuneError,
     apply_trainable,
     build_param_groups,
     carry_optimizer_state,
     lr_factor,
     resolve_stages,
 )
+from bcc.model import build_model, parameter_groups
 
 from conftest import TINY_BACKBONE, write_config
 
@@ -37,7 +37,7 @@ def _heads_numel(feature_dim: int, hidden: int = 256) -> int:
 def _trainable_counts(backbone: str, preset: str, epochs: int = 5) -> tuple[nn.Module, list[int]]:
     model = build_model(ModelConfig(backbone=backbone), HEADS)
     groups = parameter_groups(model)
-    stages = resolve_stages(ScheduleConfig(preset=preset), epochs, list(groups), 0)
+    stages = resolve_stages(FinetuneConfig(preset=preset), epochs, list(groups), 0)
     counts = []
     for stage in stages:
         reported = apply_trainable(groups, stage.train)
@@ -98,7 +98,7 @@ def test_timm_presets_train_the_expected_parameters(preset):
 
 def test_staged_splits_epochs_and_ramps_lr_multipliers():
     groups = ["block1", "block2", "block3", "block4", "block5", "heads"]
-    stages = resolve_stages(ScheduleConfig(preset="staged"), 10, groups, 7)
+    stages = resolve_stages(FinetuneConfig(preset="staged"), 10, groups, 7)
     assert [s.epochs for s in stages] == [2, 3, 5]
     assert [s.train for s in stages] == [("heads",), ("block5", "heads"), tuple(groups)]
     assert stages[1].mult("block5") == pytest.approx(0.1) and stages[1].mult("heads") == 1.0
@@ -106,8 +106,8 @@ def test_staged_splits_epochs_and_ramps_lr_multipliers():
     mults = [stages[2].mult(g) for g in groups[:-1]]
     assert mults == sorted(mults)  # deeper blocks learn faster
     assert all(s.warmup_steps == 7 for s in stages)
-    with pytest.raises(ScheduleError, match="needs train.epochs >= 3"):
-        resolve_stages(ScheduleConfig(preset="staged"), 2, groups, 0)
+    with pytest.raises(FinetuneError, match="needs train.epochs >= 3"):
+        resolve_stages(FinetuneConfig(preset="staged"), 2, groups, 0)
 
 
 # --------------------------------------------------------------------------- custom stages
@@ -115,8 +115,8 @@ def test_staged_splits_epochs_and_ramps_lr_multipliers():
 GROUPS = ["block0", "block1", "block2", "heads"]
 
 
-def _custom(*stages: StageConfig) -> ScheduleConfig:
-    return ScheduleConfig(preset="custom", stages=stages)
+def _custom(*stages: StageConfig) -> FinetuneConfig:
+    return FinetuneConfig(preset="custom", stages=stages)
 
 
 def test_custom_stages_resolve_in_model_order_with_own_warmup():
@@ -143,20 +143,20 @@ def test_custom_stages_resolve_in_model_order_with_own_warmup():
     ],
 )
 def test_custom_stage_errors_name_the_problem(stages, epochs, message):
-    with pytest.raises(ScheduleError, match=message):
+    with pytest.raises(FinetuneError, match=message):
         resolve_stages(_custom(*stages), epochs, GROUPS, 0)
 
 
 def test_custom_stages_from_yaml_and_empty_custom(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("train: {epochs: 2}\nschedule:\n  stages:\n    - {epochs: 1, train: heads}\n"
+    path.write_text("train: {epochs: 2}\nfinetune:\n  stages:\n    - {epochs: 1, train: heads}\n"
                     "    - {epochs: 1, train: [heads, block1], lr_mult: {block1: 0.5}}\n")
     cfg = load_config(path)
-    assert cfg.schedule.preset == "custom"  # giving stages makes the schedule custom
-    stages = resolve_stages(cfg.schedule, cfg.train.epochs, GROUPS, 0)
+    assert cfg.finetune.preset == "custom"  # giving stages makes the plan custom
+    stages = resolve_stages(cfg.finetune, cfg.train.epochs, GROUPS, 0)
     assert [s.train for s in stages] == [("heads",), ("block1", "heads")]
-    with pytest.raises(ScheduleError, match="stages is empty"):
-        resolve_stages(ScheduleConfig(preset="custom"), 2, GROUPS, 0)
+    with pytest.raises(FinetuneError, match="stages is empty"):
+        resolve_stages(FinetuneConfig(preset="custom"), 2, GROUPS, 0)
 
 
 # --------------------------------------------------------------------------- learning rate
@@ -177,23 +177,56 @@ def test_lr_factor_warmup_then_cosine():
 # --------------------------------------------------------------------------- stage transitions
 
 
-def _trainer(synth_shards, tmp_path, **schedule):
-    from bcc.loop import Trainer
+class _Run:
+    """The components `fit` builds (`bcc.train.setup`) and the stage it enters, for stepping by hand."""
 
+    def __init__(self, cfg):
+        from accelerate import Accelerator
+
+        from bcc.manifest import Manifest
+        from bcc.train.setup import build_components
+
+        manifest = Manifest.load(cfg.data.shards)
+        self.accelerator = Accelerator()
+        self.parts = build_components(cfg, manifest.taxonomy, manifest.split("train").class_counts,
+                                      self.accelerator.device)
+        self.groups, self.model, self.module_groups = self.parts.groups, self.parts.model, self.parts.module_groups
+        self.stage = None
+
+    def enter_stage(self, index, carry):
+        from bcc.train.setup import enter_stage
+
+        self.stage = enter_stage(self.parts, self.accelerator, index, self.stage, carry)
+
+    @property
+    def optimizer(self):
+        return self.stage.optimizer
+
+    @property
+    def frozen_bn(self):
+        return self.stage.frozen_bn
+
+    def set_lr(self, step, total):
+        from bcc.train.setup import set_lr
+
+        return set_lr(self.stage.optimizer, self.parts.cfg, self.parts.stages[self.stage.index], step, total)
+
+
+def _trainer(synth_shards, tmp_path, **finetune):
     stages = [{"epochs": 1, "train": ["heads"]},
               {"epochs": 1, "train": ["heads", "block4"], "lr_mult": {"block4": 0.5}}]
     cfg_path = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "run",
-                            schedule={"stages": stages, **schedule}, train={"epochs": 2, "lr": 0.05})
-    return Trainer(load_config(cfg_path, ["checkpoint.resume=none"]))
+                            finetune={"stages": stages, **finetune}, train={"epochs": 2, "lr": 0.05})
+    return _Run(load_config(cfg_path, ["checkpoint.resume=none"]))
 
 
 def _step(trainer):
-    from bcc.loop import train_step
+    from bcc.train.epoch import train_step
 
     torch.manual_seed(1)
     batch = {"image": torch.randn(8, 3, 32, 32), "label": torch.arange(8) % 4}
-    train_step(trainer.wrapped, batch, trainer.loss_fn, trainer.optimizer, trainer.accelerator,
-               trainer.targets_of, 0.0)
+    train_step(trainer.stage.wrapped, batch, trainer.parts.loss_fn, trainer.optimizer, trainer.accelerator,
+               trainer.parts.targets_of, 0.0)
 
 
 def test_enter_stage_carries_momentum_of_parameters_that_stay_trainable(synth_shards, tmp_path):
@@ -210,7 +243,7 @@ def test_enter_stage_carries_momentum_of_parameters_that_stay_trainable(synth_sh
 
     t.enter_stage(1, carry=True)
     opt = t.optimizer.optimizer
-    assert opt is not old_opt and t.state.stage == 1 and t.state.trainable == ["block4", "heads"]
+    assert opt is not old_opt and t.stage.index == 1 and t.parts.stages[1].train == ("block4", "heads")
     assert block4_param.requires_grad
     assert torch.equal(opt.state[head_param]["momentum_buffer"], momentum), f"{head_name} lost its momentum"
     assert block4_param not in opt.state  # newly unfrozen: starts from zero momentum
@@ -272,21 +305,21 @@ def test_frozen_batchnorm_policy(policy, synth_shards, tmp_path):
             assert m.training == (t.module_groups[name] == "block4" or policy == "train"), name
     # evaluation switches everything to eval and back to the stage's modes
     t.model.eval()
-    from bcc.schedule import set_train_mode
+    from bcc.finetune import set_train_mode
 
     set_train_mode(t.model, t.frozen_bn)
     assert any(m.training for m in t.model.modules()) and t.model.training
 
 
 def test_resume_refuses_an_epoch_budget_that_moves_the_stage():
-    from bcc.schedule import check_resume_stages
+    from bcc.finetune import check_resume_stages
 
     groups = ["block1", "block2", "heads"]
-    ten = resolve_stages(ScheduleConfig(preset="staged"), 10, groups, 0)  # stages of 2, 3, 5 epochs
-    twenty = resolve_stages(ScheduleConfig(preset="staged"), 20, groups, 0)  # 4, 6, 10
+    ten = resolve_stages(FinetuneConfig(preset="staged"), 10, groups, 0)  # stages of 2, 3, 5 epochs
+    twenty = resolve_stages(FinetuneConfig(preset="staged"), 20, groups, 0)  # 4, 6, 10
     check_resume_stages(ten, ten, 3)
     check_resume_stages(ten, twenty, 1)  # still in stage 0 under both budgets
-    with pytest.raises(ScheduleError, match="from stage 1 to stage 0"):
+    with pytest.raises(FinetuneError, match="from stage 1 to stage 0"):
         check_resume_stages(ten, twenty, 3)  # would re-freeze block2
-    frozen = resolve_stages(ScheduleConfig(preset="frozen"), 10, groups, 0)
-    check_resume_stages(frozen, resolve_stages(ScheduleConfig(preset="frozen"), 20, groups, 0), 9)
+    frozen = resolve_stages(FinetuneConfig(preset="frozen"), 10, groups, 0)
+    check_resume_stages(frozen, resolve_stages(FinetuneConfig(preset="frozen"), 20, groups, 0), 9)

@@ -1,6 +1,6 @@
-"""What trains when, and at which learning rate.
+"""The fine-tuning plan: what trains when, and at which learning rate (Lightning: `BackboneFinetuning`).
 
-A schedule is a list of stages. Each stage names the parameter groups that train (the rest are
+A plan (`finetune:` in the config) is a list of stages. Each stage names the parameter groups that train (the rest are
 frozen: `requires_grad=False`, so no gradient is computed through them), a learning-rate
 multiplier per group, and its own warmup; the learning rate restarts its warmup + cosine at every
 stage boundary. Presets: `frozen` (heads only), `full` (everything from the start) and `staged`
@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from bcc.errors import BccError
+
 HEADS = "heads"
 
 
-class ScheduleError(ValueError):
-    """A schedule that does not fit the model or the epoch budget."""
+class FinetuneError(BccError, ValueError):
+    """A fine-tuning plan that does not fit the model or the epoch budget."""
 
 
 @dataclass(frozen=True)
@@ -34,25 +36,25 @@ class Stage:
         return self.lr_mult.get(group, 1.0)
 
 
-def resolve_stages(schedule, total_epochs: int, group_names: Sequence[str], warmup_steps: int) -> list[Stage]:
-    """Turn `cfg.schedule` into concrete stages over the model's parameter groups.
+def resolve_stages(plan, total_epochs: int, group_names: Sequence[str], warmup_steps: int) -> list[Stage]:
+    """Turn `cfg.finetune` (a `FinetuneConfig`) into concrete stages over the model's parameter groups.
 
     `group_names` are ordered shallow to deep and end with `heads`.
     """
     groups = list(group_names)
     backbone = [g for g in groups if g != HEADS]
     if HEADS not in groups:
-        raise ScheduleError(f"the model has no '{HEADS}' parameter group (groups: {', '.join(groups)})")
+        raise FinetuneError(f"the model has no '{HEADS}' parameter group (groups: {', '.join(groups)})")
     if total_epochs < 1:
-        raise ScheduleError(f"train.epochs must be >= 1, got {total_epochs}")
+        raise FinetuneError(f"train.epochs must be >= 1, got {total_epochs}")
 
-    if schedule.preset == "frozen":
+    if plan.preset == "frozen":
         return [Stage(total_epochs, (HEADS,), {}, warmup_steps)]
-    if schedule.preset == "full":
+    if plan.preset == "full":
         return [Stage(total_epochs, tuple(groups), {}, warmup_steps)]
-    if schedule.preset == "staged":
+    if plan.preset == "staged":
         if total_epochs < 3:
-            raise ScheduleError(f"schedule 'staged' has 3 stages and needs train.epochs >= 3, got {total_epochs}")
+            raise FinetuneError(f"finetune preset 'staged' has 3 stages and needs train.epochs >= 3, got {total_epochs}")
         first = max(1, round(total_epochs * 0.2))
         second = max(1, round(total_epochs * 0.3))
         third = total_epochs - first - second
@@ -65,26 +67,26 @@ def resolve_stages(schedule, total_epochs: int, group_names: Sequence[str], warm
             Stage(second, tuple(deepest) + (HEADS,), {g: 0.1 for g in deepest}, warmup_steps),
             Stage(third, tuple(groups), ramp, warmup_steps),
         ]
-    if schedule.preset != "custom":
-        raise ScheduleError(f"schedule.preset: unknown preset '{schedule.preset}'")
-    if not schedule.stages:
-        raise ScheduleError("schedule.preset is 'custom' but schedule.stages is empty")
+    if plan.preset != "custom":
+        raise FinetuneError(f"finetune.preset: unknown preset '{plan.preset}'")
+    if not plan.stages:
+        raise FinetuneError("finetune.preset is 'custom' but finetune.stages is empty")
     stages = []
-    for i, st in enumerate(schedule.stages):
-        where = f"schedule.stages[{i}]"
+    for i, st in enumerate(plan.stages):
+        where = f"finetune.stages[{i}]"
         if st.epochs < 1:
-            raise ScheduleError(f"{where}.epochs must be >= 1, got {st.epochs}")
+            raise FinetuneError(f"{where}.epochs must be >= 1, got {st.epochs}")
         wanted = set(groups) if "all" in st.train else set(st.train)
         unknown = sorted(wanted - set(groups)) + sorted(set(st.lr_mult) - set(groups))
         if unknown:
-            raise ScheduleError(f"{where}: unknown parameter group(s) {', '.join(unknown)}; groups: {', '.join(groups)}")
+            raise FinetuneError(f"{where}: unknown parameter group(s) {', '.join(unknown)}; groups: {', '.join(groups)}")
         if not wanted:
-            raise ScheduleError(f"{where}.train is empty: a stage must train at least one group")
+            raise FinetuneError(f"{where}.train is empty: a stage must train at least one group")
         warm = warmup_steps if st.warmup_steps is None else st.warmup_steps
         stages.append(Stage(st.epochs, tuple(g for g in groups if g in wanted), dict(st.lr_mult), warm))
     total = sum(s.epochs for s in stages)
     if total != total_epochs:
-        raise ScheduleError(f"schedule.stages add up to {total} epochs but train.epochs is {total_epochs}")
+        raise FinetuneError(f"finetune.stages add up to {total} epochs but train.epochs is {total_epochs}")
     return stages
 
 
@@ -173,11 +175,11 @@ def check_resume_stages(saved: Sequence[Stage], current: Sequence[Stage], epoch:
     """
     before, now = stage_at(saved, epoch)[0], stage_at(current, epoch)[0]
     if before != now:
-        raise ScheduleError(
+        raise FinetuneError(
             f"resuming at epoch {epoch + 1} would move the run from stage {before} to stage {now} "
             f"(stage epochs were {[s.epochs for s in saved]}, now {[s.epochs for s in current]}); "
-            "keep train.epochs, or give schedule.stages explicitly"
+            "keep train.epochs, or give finetune.stages explicitly"
         )
     for i in range(now + 1):
         if (saved[i].train, saved[i].lr_mult) != (current[i].train, current[i].lr_mult):
-            raise ScheduleError(f"resuming would change what stage {i} trains: {saved[i]} -> {current[i]}")
+            raise FinetuneError(f"resuming would change what stage {i} trains: {saved[i]} -> {current[i]}")

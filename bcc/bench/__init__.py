@@ -1,0 +1,47 @@
+"""Benchmarks users run on their own machines: does the data path keep up, and what does the trainer cost.
+
+data.py  `bench_data`: bcc's stream vs ImageFolder + DataLoader vs the per-core decode limit
+rss.py   `bench_rss`: peak loader memory streaming a synthetic dataset at two sizes
+step.py  `bench_step`: bcc's train step (the trainer's own set-up) vs a plain PyTorch step, frozen vs full;
+         `time_steps`, the one step timer (also behind `bcc compare`'s step times)
+
+Everything here returns numbers; printing is the CLI's job (`bcc bench`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Progress = Callable[[str], None]
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Images and seconds of each round of one measurement."""
+
+    name: str
+    images: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def rates(self) -> list[float]:
+        return [n / max(s, 1e-9) for n, s in zip(self.images, self.seconds, strict=True)]
+
+    @property
+    def rate(self) -> float:
+        """Median img/s over the rounds."""
+        return statistics.median(self.rates) if self.rates else float("nan")
+
+
+from bcc.bench.data import DataBench, bench_data, unpack_split  # noqa: E402
+from bcc.bench.rss import RssPoint, bench_rss, write_synthetic_shards  # noqa: E402
+from bcc.bench.step import StepBench, bench_step, step_seconds, time_steps  # noqa: E402
+
+__all__ = ["DataBench", "Progress", "RssPoint", "StepBench", "Timing", "bench_data", "bench_rss", "bench_step",
+           "step_seconds", "time_steps", "unpack_split", "write_synthetic_shards"]

@@ -1,0 +1,212 @@
+"""`bench_step`: bcc's train step, with the loop's per-step bookkeeping and the trainer's own set-up
+(`bcc.train.setup`), against a plain PyTorch step on the same model and a fixed in-memory batch, and the
+frozen-backbone step against the full one. `time_steps` is the one step timer; `step_seconds` (used by
+`bcc compare`) times bcc's step per fine-tuning preset with it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bcc.bench import Progress, Timing, quiet
+
+
+@dataclass(frozen=True)
+class StepBench:
+    plain: Timing  # plain PyTorch loop, everything trainable
+    full: Timing  # bcc train_step, finetune preset 'full'
+    frozen: Timing  # bcc train_step, finetune preset 'frozen' (heads only)
+    backbone: str
+    batch_size: int
+    image_size: int
+    steps: int
+    warmup: int
+    rounds: int
+    device: str
+    mixed_precision: str
+    trainable: dict[str, int]  # variant -> trainable parameters
+
+    @property
+    def overhead(self) -> float:
+        """bcc step time over plain step time, minus 1 (0.02 = 2% slower)."""
+        return self.plain.rate / self.full.rate - 1.0
+
+    @property
+    def frozen_speedup(self) -> float:
+        return self.frozen.rate / self.full.rate
+
+
+def time_steps(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds of `steps` calls of `step` after `warmup` untimed ones (buffers, cudnn autotune).
+
+    On CUDA the device is synchronised before and after: kernels are queued asynchronously.
+    """
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _taxonomy_and_counts(cfg):
+    """The dataset's taxonomy and train class counts when its manifest exists, else the default's."""
+    from bcc.manifest import Manifest, ManifestError
+    from bcc.taxonomy import Taxonomy
+
+    try:
+        manifest = Manifest.load(cfg.data.shards)
+        split = manifest.split(cfg.data.train_split)
+        return manifest.taxonomy, split.class_counts
+    except ManifestError:
+        taxonomy = Taxonomy.default()
+        return taxonomy, {c: 1 for c in taxonomy.class_names}
+
+
+class _BccLoop:
+    """The trainer's own set-up (`build_components`, `enter_stage`) for one preset, and the per-step work
+    of `train_one_epoch` around `train_step` (preemption vote, LR, loss accumulation, log-time sync)."""
+
+    def __init__(self, cfg, accelerator, taxonomy, class_counts, preset: str):
+        from bcc.config import FinetuneConfig
+        from bcc.model import count_parameters
+        from bcc.train.preempt import PreemptionFlag
+        from bcc.train.setup import build_components, enter_stage
+
+        self.cfg, self.acc = cfg, accelerator
+        plan = FinetuneConfig(preset=preset, frozen_bn=cfg.finetune.frozen_bn)
+        self.parts = build_components(cfg, taxonomy, class_counts, accelerator.device, finetune=plan)
+        self.stage = enter_stage(self.parts, accelerator, 0)
+        self.trainable = count_parameters(self.parts.model, trainable_only=True)
+        self.step_index = 0
+        self.loss_sum = torch.zeros((), device=accelerator.device)
+        self.loss_n = 0
+        self.preempt = PreemptionFlag(install_handlers=False)
+
+    def step(self, batch: dict) -> None:
+        from bcc.train.epoch import move_batch, train_step
+        from bcc.train.setup import set_lr
+
+        acc, cfg = self.acc, self.cfg
+        self.preempt.agreed()  # the loop's per-step preemption vote
+        set_lr(self.stage.optimizer, cfg, self.parts.stages[0], self.step_index, 1000)
+        batch = move_batch(batch, acc.device, cfg.model.channels_last)
+        self.loss_sum += train_step(self.stage.wrapped, batch, self.parts.loss_fn, self.stage.optimizer, acc,
+                                    self.parts.targets_of, cfg.train.clip_grad)
+        self.loss_n += 1
+        if acc.sync_gradients:
+            self.step_index += 1
+            if self.step_index % cfg.train.log_every == 0:
+                (self.loss_sum / max(self.loss_n, 1)).item()  # the loop's log-time sync point
+                self.loss_sum.zero_()
+                self.loss_n = 0
+
+
+class _PlainLoop:
+    """What a plain PyTorch script does: one optimizer over all parameters, cross-entropy per head."""
+
+    def __init__(self, cfg, device, taxonomy, batch):
+        from bcc.model import build_model, count_parameters
+
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model, taxonomy.head_sizes).to(device)
+        self.model.train()
+        t = cfg.train
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=t.lr, momentum=t.momentum,
+                                         weight_decay=t.weight_decay)
+        table = taxonomy.target_table()
+        labels = batch["label"]
+        self.targets = [table[labels, i].to(device) for i in range(table.shape[1])]
+        self.trainable = count_parameters(self.model, trainable_only=True)
+        precision = cfg.train.mixed_precision
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def step(self, batch: dict) -> None:
+        import torch.nn.functional as F
+
+        x = batch["image"].to(self.device, non_blocking=True)
+        if self.cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.model(x)
+            loss = sum(F.cross_entropy(out, t, ignore_index=-1) for out, t in zip(logits, self.targets, strict=True))
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+
+
+def _setup(cfg):
+    """Accelerator, taxonomy, class counts and one fixed random batch of `data.batch_size` x `data.image_size`."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    taxonomy, counts = _taxonomy_and_counts(cfg)
+    n, size = cfg.data.batch_size, cfg.data.image_size
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    batch = {"image": torch.randn(n, 3, size, size, generator=gen),
+             "label": torch.randint(len(taxonomy.class_names), (n,), generator=gen)}
+    return accelerator, taxonomy, counts, batch
+
+
+def _run_rounds(loops: dict, batch: dict, steps: int, warmup: int, rounds: int, device, progress: Progress
+                ) -> dict[str, Timing]:
+    """Rounds alternate the loops, so background load hits each alike; `time_steps` times each."""
+    timings = {name: Timing(name) for name in loops}
+    for r in range(rounds):
+        for name, loop in loops.items():
+            progress(f"round {r + 1}/{rounds}: {name}")
+            timings[name].seconds.append(time_steps(lambda loop=loop: loop.step(batch), steps, warmup, device))
+            timings[name].images.append(steps * batch["label"].numel())
+    return timings
+
+
+def bench_step(cfg, *, steps: int = 10, warmup: int = 2, rounds: int = 3, progress: Progress = quiet) -> StepBench:
+    """Plain PyTorch step vs bcc's train step (full and frozen backbone) on one fixed in-memory batch.
+
+    Only `model`, `data.image_size`, `data.batch_size`, `loss`, `finetune.frozen_bn` and `train` of `cfg`
+    are used. Rounds alternate plain, full, frozen; each runs `warmup` untimed steps, then `steps` timed ones.
+    """
+    accelerator, taxonomy, counts, batch = _setup(cfg)
+    device = accelerator.device
+    progress(f"building 3 x {cfg.model.backbone} on {device}")
+    loops = {
+        "plain": _PlainLoop(cfg, device, taxonomy, batch),
+        "full": _BccLoop(cfg, accelerator, taxonomy, counts, "full"),
+        "frozen": _BccLoop(cfg, accelerator, taxonomy, counts, "frozen"),
+    }
+    timings = _run_rounds(loops, batch, steps, warmup, rounds, device, progress)
+    return StepBench(
+        plain=timings["plain"], full=timings["full"], frozen=timings["frozen"], backbone=cfg.model.backbone,
+        batch_size=batch["label"].numel(), image_size=cfg.data.image_size, steps=steps, warmup=warmup,
+        rounds=rounds, device=str(device), mixed_precision=cfg.train.mixed_precision,
+        trainable={name: loop.trainable for name, loop in loops.items()},
+    )
+
+
+def step_seconds(cfg, presets: Sequence[str] = ("frozen", "full"), *, steps: int = 5, warmup: int = 1,
+                 rounds: int = 1, progress: Progress = quiet) -> dict[str, float]:
+    """Median seconds of one bcc train step per fine-tuning preset, on the same fixed batch (no data
+    loading, no evaluation: this isolates what freezing saves)."""
+    accelerator, taxonomy, counts, batch = _setup(cfg)
+    loops = {p: _BccLoop(cfg, accelerator, taxonomy, counts, p) for p in presets}
+    timings = _run_rounds(loops, batch, steps, warmup, rounds, accelerator.device, progress)
+    return {p: statistics.median(t.seconds) / steps for p, t in timings.items()}

@@ -1,0 +1,284 @@
+"""The one image reader: which files are images, how they are listed, and how they become RGB.
+
+Every command that reads an image goes through here: `bcc pack` (source files), the shard stream
+(stored bytes), folder `bcc eval`, `bcc predict` and its Grad-CAM overlays. One policy for all of them:
+
+* suffixes: `IMAGE_SUFFIXES` (compared in lower case);
+* decoding (`decode_rgb`): EXIF orientation applied; 16-bit greyscale scaled by its range to 8 bits
+  (the high byte; Pillow's own `convert` would clip everything above 255 to white); any other mode
+  converted to 8-bit RGB; the whole image decoded at once, so a truncated file fails here;
+* size: images above `MAX_IMAGE_PIXELS` (Pillow's decompression-bomb limit) are refused with a message
+  naming the size; Pillow's own check is off so that the limit is exactly this one everywhere;
+* listing (`scan_class_folders`, `collect_images`): sorted, hidden entries skipped, symlinked folders
+  not followed, a symlinked file read only when its target lies inside the listed root, anything that
+  is not a regular file skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import stat
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bcc.errors import BccError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_IMAGE_PIXELS",
+    "ImageEntry",
+    "ImageError",
+    "collect_images",
+    "decode_rgb",
+    "is_image_name",
+    "open_image",
+    "scan_class_folders",
+    "to_rgb",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif",
+                  ".ppm", ".pgm", ".pbm", ".jp2", ".j2k")
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS, fixed here for every reader
+
+UNIDENTIFIED = "cannot identify image format"
+_SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+class ImageError(BccError, OSError):
+    """A file that cannot be read as an image: `reason` (one line), `path` when read from a file."""
+
+    def __init__(self, reason: str, path: str | os.PathLike | None = None):
+        self.reason, self.path = reason, None if path is None else str(path)
+        super().__init__(reason if path is None else f"cannot read image {path}: {reason}")
+
+    @property
+    def is_unidentified(self) -> bool:
+        """True when the bytes are no image format Pillow knows (as opposed to a damaged image)."""
+        return self.reason.startswith(UNIDENTIFIED)
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    """True when the file name ends in one of `IMAGE_SUFFIXES` (any case)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@contextlib.contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    # the limit is checked by open_image with a clear message, so Pillow's own check (a warning, then an
+    # error at twice the limit, depending on a global) is off while we decode
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def open_image(source: bytes | str | os.PathLike, *, max_pixels: int | None = MAX_IMAGE_PIXELS,
+               min_side: int | None = None):
+    """The fully decoded PIL image of `source` (bytes or a path), in its own mode and orientation.
+
+    With `min_side`, a JPEG may decode at 1/2, 1/4 or 1/8 scale as long as its short side stays at
+    least `min_side` (most of the speed-up of a resize). Raises
+    `ImageError` with a one-line reason ("not an image", "corrupt image: ...", "decompression bomb").
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = None if isinstance(source, bytes) else source
+    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    with _own_pixel_limit():
+        try:
+            img = Image.open(stream)
+        except UnidentifiedImageError as e:
+            raise ImageError(UNIDENTIFIED, path) from e
+        except OSError as e:
+            if e.errno is not None:  # the file itself: missing, permissions, I/O error
+                raise ImageError(f"unreadable: {e.strerror or e}", path) from e
+            raise ImageError(f"corrupt image: {e}", path) from e
+        except Exception as e:  # a decoder bug in a plugin: still one bad file
+            raise ImageError(f"corrupt image: {type(e).__name__}: {e}", path) from e
+        width, height = img.size
+        if max_pixels and width * height > max_pixels:
+            img.close()
+            raise ImageError(f"decompression bomb: {width * height} pixels > limit {max_pixels}", path)
+        scale = min_side / min(width, height) if min_side else 1.0
+        if scale < 1:
+            img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
+        try:
+            img.load()  # full decode: catches truncated and corrupt data
+        except Exception as e:
+            img.close()
+            raise ImageError(f"corrupt image: {e}", path) from e
+    return img
+
+
+def to_rgb(img):
+    """8-bit RGB of a decoded image: orientation applied, 16-bit grey scaled by its range."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _SIXTEEN_BIT:
+        import numpy as np
+
+        arr = np.asarray(img).astype(np.uint32) >> 8  # 0..65535 -> 0..255
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    if img.mode != "RGB":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # palette-with-transparency notice
+            img = img.convert("RGB")
+    return img
+
+
+def decode_rgb(source: bytes | str | os.PathLike, *, max_pixels: int | None = MAX_IMAGE_PIXELS):
+    """`source` (bytes or a path) as an 8-bit RGB PIL image under the module's policy; `ImageError`
+    (an `OSError`) with a one-line reason when it cannot be read."""
+    img = open_image(source, max_pixels=max_pixels)
+    try:
+        return to_rgb(img)
+    finally:
+        img.close()
+
+
+# --------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    path: str  # absolute
+    rel: str  # relative to the listed root, posix
+    folder: str  # top-level class folder ("" for loose files)
+    class_index: int  # -1 for loose files
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _walk(top: Path, root: Path, base: Path) -> Iterator[tuple[Path, str, str | None]]:
+    """(path, path relative to `base`, skip reason or None) of every non-hidden file under `top`,
+    sorted, under the module's link policy (`root` is what a link target must lie in)."""
+    for dirpath, dirnames, filenames in os.walk(top):
+        here = Path(dirpath)
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            sub = here / d
+            if sub.is_symlink():
+                target = sub.resolve()
+                inside = _is_within(target, root)
+                yield sub, sub.relative_to(base).as_posix(), (
+                    "symlinked folder not followed" if inside else f"symlink outside SRC: -> {target}")
+                continue
+            keep.append(d)
+        dirnames[:] = keep
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            path = here / f
+            rel = path.relative_to(base).as_posix()
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.exists():
+                    yield path, rel, f"broken symlink: -> {target}"
+                    continue
+                if not _is_within(target, root):
+                    yield path, rel, f"symlink outside SRC: -> {target}"
+                    continue
+            try:
+                mode = path.stat().st_mode
+            except OSError as e:
+                yield path, rel, f"unreadable: {e.strerror or e}"
+                continue
+            if not stat.S_ISREG(mode):  # a FIFO would block the reader forever
+                yield path, rel, "not a regular file"
+                continue
+            yield path, rel, None
+
+
+def scan_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], int]):
+    """Files under `src/<class folder>/` -> (entries, skipped, warnings).
+
+    `resolve_folder(name)` gives a folder's class index (e.g. `Taxonomy.resolve_folder`, which raises
+    `TaxonomyError` for an unknown name); every folder is resolved before any file is listed, so a typo
+    fails fast. All regular files are listed, images or not (callers decide); `skipped` holds
+    `{"path", "reason"}` for loose files at the top, links not followed and unreadable entries;
+    `warnings` names empty class folders.
+    """
+    src = Path(src)
+    root = src.resolve()
+    skipped: list[dict[str, str]] = []
+    warnings_: list[str] = []
+    names: list[str] = []
+    for item in sorted(os.scandir(src), key=lambda e: e.name):
+        if item.name.startswith("."):
+            continue
+        if item.is_dir(follow_symlinks=True):
+            names.append(item.name)
+        else:
+            skipped.append({"path": item.name, "reason": "not in a class folder"})
+    folders = [(name, resolve_folder(name)) for name in names]
+
+    entries: list[ImageEntry] = []
+    for name, class_index in folders:
+        top = src / name
+        if top.is_symlink() and not _is_within(top.resolve(), root):
+            skipped.append({"path": name, "reason": f"symlink outside SRC: -> {top.resolve()}"})
+            continue
+        found = 0
+        for path, rel, reason in _walk(top, root, src):
+            found += 1
+            if reason:
+                skipped.append({"path": rel, "reason": reason})
+            else:
+                entries.append(ImageEntry(str(path.absolute()), rel, name, class_index))
+        if found == 0:
+            warnings_.append(f"class folder {name!r} is empty")
+    entries.sort(key=lambda e: e.rel)
+    return entries, skipped, warnings_
+
+
+def collect_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files to read: explicit files as given, directories searched recursively for `IMAGE_SUFFIXES`
+    (hidden entries skipped, links as in `scan_class_folders`), sorted, without repeats.
+
+    Returns (files, [(path, problem)]): a missing path, an empty directory and a link not followed are
+    problems, named so the caller can report them.
+    """
+    files: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = []
+            for path, _, reason in _walk(p, p.resolve(), p):
+                if reason and (is_image_name(path) or path.is_dir()):  # skipped non-images: none of ours
+                    problems.append((str(path), reason))
+                elif not reason and is_image_name(path):
+                    found.append(path)
+            if not found:
+                problems.append((str(p), "directory holds no image files (" + " ".join(IMAGE_SUFFIXES) + ")"))
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            problems.append((str(p), "no such file or directory"))
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique, problems
+

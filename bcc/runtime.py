@@ -1,0 +1,61 @@
+"""The CPUs a process may run on and the threads it uses: what launchers and ranks log at start-up.
+
+Under Slurm a task is bound to the CPUs it was given (`--cpus-per-task`, task/affinity or cgroup);
+`os.cpu_count()` still reports the whole machine, so a process that sized its thread pools on it would
+oversubscribe the cores it shares with the other ranks and their loader workers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def cpu_affinity_count() -> int:
+    """Number of CPUs this process may run on (its scheduler affinity), not the machine's core count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def cpus_given() -> int:
+    """CPUs this task was given: Slurm's `SLURM_CPUS_PER_TASK` inside a job, else the affinity count."""
+    value = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(value) if value.isdigit() and int(value) > 0 else cpu_affinity_count()
+
+
+def threads_per_process(processes: int, cpus: int | None = None) -> int:
+    """Intra-op (torch/OpenMP) threads for each of `processes` ranks sharing `cpus` (default `cpus_given()`)."""
+    cpus = cpus_given() if cpus is None else cpus
+    return max(1, cpus // max(1, processes))
+
+
+def cpu_report() -> str:
+    """One line: `cpu_affinity=N` and, where set, the Slurm CPUs, OMP_NUM_THREADS and torch's thread count."""
+    parts = [f"cpu_affinity={cpu_affinity_count()}"]
+    for name in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS"):
+        if name in os.environ:
+            parts.append(f"{name}={os.environ[name]}")
+    torch = sys.modules.get("torch")  # never import torch only to report on it
+    if torch is not None:
+        parts.append(f"torch_threads={torch.get_num_threads()}")
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bcc.runtime` prints `cpu_report()`; `--threads-per-process N` prints the thread count
+    for N ranks (what launch/train.sh exports as OMP_NUM_THREADS)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--threads-per-process"] and len(argv) == 2 and argv[1].isdigit():
+        print(threads_per_process(int(argv[1])))
+    elif not argv:
+        print(cpu_report())
+    else:
+        print("usage: python -m bcc.runtime [--threads-per-process N]", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""`fit(cfg)`: train (or resume) one run. Set-up, resume, the epoch loop, the final test and the summary.
+
+The stages it strings together live beside it: `setup` (components built once), `epoch`
+(`train_one_epoch`, `evaluate`), `resume`, `runlog` (metrics.jsonl, progress) and `preempt`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from bcc import __version__
+from bcc.atomic import write_json
+from bcc.calibration import fit_temperatures, write_temperatures
+from bcc.checkpoint import (
+    Checkpoint,
+    CheckpointManager,
+    TrainState,
+    find_latest,
+    load_checkpoint,
+    read_train_state,
+    restore_rng_state,
+    save_rng_state,
+)
+from bcc.config import RENAMED_METRICS, Config, config_hash, config_to_dict, save_config
+from bcc.console import console, set_main_process
+from bcc.errors import EXIT_PREEMPTED
+from bcc.finetune import stage_at
+from bcc.manifest import Manifest
+from bcc.metrics import EvalMetrics, metric_names
+from bcc.model import count_parameters
+from bcc.runtime import cpu_report
+from bcc.stream import batches_per_epoch, eval_loader, train_loader
+from bcc.train import preempt as preemption
+from bcc.train.epoch import evaluate_split, sync_buffers, train_one_epoch
+from bcc.train.resume import restore, resume_path
+from bcc.train.runlog import RunLog, scalar_metrics
+from bcc.train.setup import Components, RunInfo, StageParts, TrainError, build_components, enter_stage
+
+
+@dataclass
+class Run:
+    """The objects `fit` passes around: built once (`stage` is rebuilt at stage boundaries)."""
+
+    cfg: Config
+    accelerator: Accelerator
+    info: RunInfo
+    manifest: Manifest
+    parts: Components
+    metrics: EvalMetrics
+    ckpt: CheckpointManager
+    log: RunLog
+    run_dir: Path
+    name: str
+    pin_memory: bool
+    stage: StageParts | None = None
+    state: TrainState | None = None
+
+    def loader(self, split: str):
+        return eval_loader(self.manifest, split, self.cfg.data, rank=self.info.rank,
+                           world_size=self.info.world_size, pin_memory=self.pin_memory)
+
+    def eval(self, split: str, title: str, collect=None) -> dict:
+        return evaluate_split(split, self.loader(split), self.parts, self.stage, self.metrics, self.accelerator,
+                              self.info, title, collect)
+
+
+def setup_run(cfg: Config) -> Run:
+    """Accelerator, data sizes, components; validates what can fail before the first step."""
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    set_main_process(acc.is_main_process)
+    print(f"bcc: rank {acc.process_index}/{acc.num_processes} local {acc.local_process_index} "
+          f"on {socket.gethostname()} device {acc.device} {cpu_report()}", flush=True)
+    manifest = Manifest.load(cfg.data.shards)
+    taxonomy = manifest.taxonomy
+    names = metric_names(taxonomy)
+    if cfg.checkpoint.metric not in names:
+        renamed = RENAMED_METRICS.get(cfg.checkpoint.metric)
+        raise TrainError(f"checkpoint.metric '{cfg.checkpoint.metric}' is not a metric of this task"
+                         + (f" (it is now '{renamed}')" if renamed else "") + f"; available: {', '.join(sorted(names))}")
+    train_split = manifest.split(cfg.data.train_split)
+    bpe = batches_per_epoch(train_split.count, cfg.data.batch_size, acc.num_processes)
+    if bpe % cfg.train.grad_accum:
+        raise TrainError(f"{bpe} batches per epoch per rank is not a multiple of train.grad_accum={cfg.train.grad_accum}")
+    info = RunInfo(world_size=acc.num_processes, rank=acc.process_index, batches_per_epoch=bpe,
+                   steps_per_epoch=bpe // cfg.train.grad_accum, total_epochs=cfg.train.epochs)
+    parts = build_components(cfg, taxonomy, train_split.class_counts, acc.device)
+    # per-rank seed for dropout: ranks see different data anyway, but should not share masks
+    torch.manual_seed(cfg.train.seed * 1000 + acc.process_index)
+    run_dir = Path(cfg.run.dir)
+    c = cfg.checkpoint
+    return Run(cfg=cfg, accelerator=acc, info=info, manifest=manifest, parts=parts,
+               metrics=EvalMetrics(taxonomy, device=acc.device),
+               ckpt=CheckpointManager(run_dir / "checkpoints", keep_last=c.keep_last, keep_top_k=c.keep_top_k,
+                                      metric=c.metric, mode=c.mode),
+               log=RunLog(run_dir, acc.is_main_process), run_dir=run_dir,
+               name=cfg.run.name or run_dir.resolve().name, pin_memory=acc.device.type == "cuda")
+
+
+def fit(cfg: Config) -> dict:
+    """Train (or resume) the run described by `cfg`. Returns {"val", "test", "calibration", "train_time"}
+    or {"preempted": True, "step"}. Raises TrainError (and other BccErrors) for the user."""
+    run = setup_run(cfg)
+    acc, info = run.accelerator, run.info
+    if acc.is_main_process:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.run_dir / "config.yaml")
+        preemption.clear_marker(run.run_dir)
+    acc.wait_for_everyone()
+    flag = preemption.PreemptionFlag()
+    path, pending_rng = resume_path(cfg, run.run_dir), None
+    if path is not None:
+        run.state, run.stage, pending_rng = restore(path, run.parts, acc, info)
+    elif find_latest(run.run_dir / "checkpoints") is not None:
+        raise TrainError(f"{run.run_dir} already holds checkpoints of another run; continue it with "
+                         "checkpoint.resume=auto or choose another run.dir")
+    else:
+        run.state = TrainState(config_hash=config_hash(cfg))
+        _enter(run, 0, carry=False)
+    run.log.prune(run.state.step if path is not None else -1)
+    acc.wait_for_everyone()
+    console.print(f"[bold]bcc train[/] {run.name}: {info.world_size} process(es), {info.batches_per_epoch} "
+                  f"batches/epoch/rank, {len(run.parts.stages)} stage(s), "
+                  f"{count_parameters(run.parts.model, trainable_only=True):,} trainable of "
+                  f"{count_parameters(run.parts.model):,} parameters -> {run.run_dir}")
+    last_val: dict = {}
+    run.log.start_clock()  # `time` in metrics.jsonl: seconds of this process's training, set-up excluded
+    while run.state.epoch < info.total_epochs:
+        epoch = run.state.epoch
+        stage_index, _ = stage_at(run.parts.stages, epoch)
+        if stage_index != run.state.stage:
+            _enter(run, stage_index, carry=True)
+            console.print(f"stage {stage_index}: training {', '.join(run.parts.stages[stage_index].train)}")
+        loader = train_loader(run.manifest, cfg.data, seed=cfg.train.seed, epoch=epoch, rank=info.rank,
+                              world_size=info.world_size, skip_batches=run.state.batches_in_epoch,
+                              pin_memory=run.pin_memory)
+        if pending_rng is not None:  # restored after the loader exists, so nothing the loader draws can shift it
+            restore_rng_state(pending_rng)
+            pending_rng = None
+        t_epoch = run.log.elapsed()
+        if train_one_epoch(loader, run.parts, run.stage, run.state, acc, info, flag, run.log, lambda: save(run)):
+            save(run)
+            if acc.is_main_process:
+                preemption.write_marker(run.run_dir, run.state.step, flag.signum)
+            console.print(f"[yellow]preempted[/]: saved at step {run.state.step}; exiting with {EXIT_PREEMPTED}")
+            return {"preempted": True, "step": run.state.step}
+        run.state.epoch += 1
+        run.state.batches_in_epoch = 0
+        metric_value = None
+        if (epoch + 1) % cfg.eval.every_epochs == 0 or run.state.epoch == info.total_epochs:
+            last_val = run.eval(cfg.data.val_split, f"after epoch {run.state.epoch}")
+            run.log.log({"epoch": epoch + 1, "split": cfg.data.val_split, "stage": run.state.stage,
+                         "time": round(run.log.elapsed(), 2), "train_seconds": round(run.log.elapsed() - t_epoch, 2),
+                         **scalar_metrics(last_val)}, run.state.step)
+            metric_value = float(last_val[cfg.checkpoint.metric])
+        save(run, metric_value)
+    result = {"val": last_val, "train_time": run.log.elapsed(), **best_checkpoint_passes(run)}
+    write_summary(run, result)
+    return result
+
+
+def _enter(run: Run, index: int, carry: bool) -> None:
+    run.stage = enter_stage(run.parts, run.accelerator, index, run.stage, carry)
+    run.state.stage = index
+    run.state.trainable = list(run.parts.stages[index].train)
+
+
+def save(run: Run, metric_value: float | None = None) -> None:
+    """Checkpoint the run (collective: every rank's RNG is gathered; the main process writes)."""
+    acc = run.accelerator
+    sync_buffers(run.parts.model, run.info.world_size)
+    rng = gather_object([save_rng_state()])  # every rank's RNG, in rank order
+    if acc.is_main_process:
+        meta = {"taxonomy": run.parts.taxonomy.to_dict(), "model": config_to_dict(run.cfg.model),
+                "config": config_to_dict(run.cfg), "bcc_version": __version__, "world_size": run.info.world_size}
+        ckpt = Checkpoint(model=run.parts.model.state_dict(), optimizer=run.stage.optimizer.state_dict(),
+                          scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
+                          rng=rng, state=run.state, meta=meta)
+        run.ckpt.save(ckpt, metric_value)
+    acc.wait_for_everyone()
+
+
+def best_checkpoint_passes(run: Run) -> dict:
+    """With the best checkpoint's weights (the last ones if none), on every rank: fit the temperatures
+    on the val split (`eval.calibrate`) and evaluate the test split once (`eval.test_at_end`)."""
+    cfg, out = run.cfg, {}
+    want_test = cfg.eval.test_at_end and cfg.data.test_split in run.manifest.splits
+    if not (want_test or cfg.eval.calibrate):
+        return out
+    best = run.run_dir / "checkpoints" / "best"
+    current = {k: v.clone() for k, v in run.parts.model.state_dict().items()}
+    if best.exists():
+        run.parts.model.load_state_dict(load_checkpoint(best).model)
+    if cfg.eval.calibrate:
+        out["calibration"] = calibrate_in_memory(run, best)
+    if want_test:
+        split = cfg.data.test_split
+        out["test"] = run.eval(split, f"with the {'best' if best.exists() else 'last'} checkpoint")
+        run.log.log({"epoch": run.state.epoch, "split": split, "checkpoint": "best" if best.exists() else "last",
+                     **scalar_metrics(out["test"])}, run.state.step)
+    run.parts.model.load_state_dict(current)
+    return out
+
+
+def calibrate_in_memory(run: Run, best: Path) -> dict | None:
+    """Temperature scaling fitted on every rank from the val logits of the training eval path.
+
+    Each rank keeps its share of the val logits, all ranks gather them (every sample exactly once) and
+    fit the same temperatures; the main process stores them with the best checkpoint.
+    """
+    logits: list[list[torch.Tensor]] = []
+    labels: list[torch.Tensor] = []
+
+    def keep(batch, out):
+        logits.append([z.detach().float().cpu() for z in out])
+        labels.append(batch["label"].cpu())
+
+    run.eval(run.cfg.data.val_split, "for calibration", collect=keep)
+    sizes = list(run.parts.taxonomy.head_sizes.values())
+    mine = ([torch.cat([b[h] for b in logits]) if logits else torch.zeros(0, k) for h, k in enumerate(sizes)],
+            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+    shares = gather_object([mine])  # every rank's share, in rank order: each val sample once
+    all_logits = [torch.cat([share[0][h] for share in shares]) for h in range(len(sizes))]
+    all_labels = torch.cat([share[1] for share in shares]).long()
+    if all_labels.numel() == 0 or not best.exists():
+        return None
+    temps = fit_temperatures(run.parts.taxonomy, all_logits, all_labels)
+    info = {"split": run.cfg.data.val_split, "count": int(all_labels.numel()), "step": read_train_state(best).step}
+    if run.accelerator.is_main_process:
+        write_temperatures(best, temps, info)
+        console.print(f"calibrated {best}: temperatures {temps}")
+    run.accelerator.wait_for_everyone()
+    return {"temperatures": temps, **info}
+
+
+def write_summary(run: Run, result: Mapping) -> None:
+    """summary.json with cross-rank integrity: each rank's step count and a checksum of its weights."""
+    acc = run.accelerator
+    sync_buffers(run.parts.model, run.info.world_size)
+    digest = hashlib.sha256()
+    for tensor in run.parts.model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    per_rank = gather_object([{"rank": run.info.rank, "steps": run.state.step,
+                               "batches": run.state.epoch * run.info.batches_per_epoch,
+                               "weights_sha256": digest.hexdigest()}])
+    if acc.is_main_process:
+        if len({r["weights_sha256"] for r in per_rank}) > 1:
+            console.print("[bold red]warning:[/] ranks hold different weights at the end of training")
+        summary = {"name": run.name, "ranks": per_rank, "state": run.state.to_dict(), "train_time": result["train_time"],
+                   **{k: scalar_metrics(result[k]) for k in ("val", "test") if k in result}}
+        write_json(run.run_dir / "summary.json", summary)

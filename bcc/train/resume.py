@@ -1,0 +1,108 @@
+"""Resume: which checkpoint a run continues from, whether its config may continue it, and restoring it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from bcc.checkpoint import Checkpoint, TrainState, find_latest, load_checkpoint, resolve_checkpoint
+from bcc.config import Config, config_diff, config_from_dict, config_hash
+from bcc.console import console
+from bcc.finetune import check_resume_stages, resolve_stages
+from bcc.taxonomy import Taxonomy
+from bcc.train.setup import Components, RunInfo, StageParts, TrainError, enter_stage
+
+# Config keys that may change when a run resumes; anything else is refused.
+SAFE_RESUME_KEYS = (
+    "train.epochs",
+    "train.log_every",
+    "data.workers",
+    "data.eval_batch_size",
+    "checkpoint.",
+    "eval.",
+    "run.",
+)
+
+
+def resume_path(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint `checkpoint.resume` names: none, the run dir's latest (auto), or a given path."""
+    choice = cfg.checkpoint.resume
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return find_latest(run_dir / "checkpoints")
+    if not Path(choice).exists():
+        raise TrainError(f"checkpoint.resume: {choice} does not exist")
+    return resolve_checkpoint(choice, prefer="latest")
+
+
+def check_resume_compatible(saved: Config, current: Config, saved_meta: Mapping, taxonomy: Taxonomy) -> list[str]:
+    """Refuse a checkpoint of another task or model; list config changes, accept only safe ones."""
+    if saved_meta.get("taxonomy") != taxonomy.to_dict():
+        try:
+            saved_classes = list(Taxonomy.from_dict(saved_meta["taxonomy"]).class_names)
+        except Exception:  # an unreadable taxonomy is just as much a mismatch
+            saved_classes = "?"
+        raise TrainError(
+            f"checkpoint was trained with another taxonomy: classes {saved_classes} vs this dataset's "
+            f"{list(taxonomy.class_names)}"
+        )
+    if saved.model != current.model:
+        diff = {k: v for k, v in config_diff(saved, current).items() if k.startswith("model.")}
+        raise TrainError(f"checkpoint was trained with another model: {diff}")
+    changes = []
+    unsafe = []
+    for key, (old, new) in config_diff(saved, current).items():
+        changes.append(f"{key}: {old!r} -> {new!r}")
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in SAFE_RESUME_KEYS):
+            unsafe.append(key)
+    if unsafe:
+        raise TrainError(
+            "config differs from the checkpoint's in keys that change the run: "
+            + "; ".join(c for c in changes if c.split(":")[0] in unsafe)
+            + f". Safe to change on resume: {', '.join(SAFE_RESUME_KEYS)}. Start a new run.dir instead."
+        )
+    return changes
+
+
+def restore(path: Path, parts: Components, accelerator: Accelerator, info: RunInfo
+            ) -> tuple[TrainState, StageParts, dict | None]:
+    """Load `path` into the run: checks, weights, the stage's optimizer and scaler.
+
+    Returns the loop state, the stage parts, and this rank's saved RNG state (to restore once the
+    epoch's loader exists; None for a rank the saved run did not have). A checkpoint written by an
+    older bcc is read in today's config names (`config_from_dict` migrates them).
+    """
+    ckpt: Checkpoint = load_checkpoint(path)
+    saved_cfg = config_from_dict(ckpt.meta["config"])
+    changes = check_resume_compatible(saved_cfg, parts.cfg, ckpt.meta, parts.taxonomy)
+    # a safe-looking change (more epochs) must not move stage boundaries the run has passed
+    saved_stages = resolve_stages(saved_cfg.finetune, saved_cfg.train.epochs, list(parts.groups),
+                                  saved_cfg.train.warmup_steps)
+    check_resume_stages(saved_stages, parts.stages, ckpt.state.epoch)
+    for change in changes:
+        console.print(f"[yellow]resume:[/] config change accepted: {change}")
+    saved_world = ckpt.meta.get("world_size")
+    if saved_world != info.world_size:
+        if ckpt.state.batches_in_epoch:
+            raise TrainError(
+                f"checkpoint {path} was written mid-epoch by {saved_world} processes; this run has "
+                f"{info.world_size}. A mid-epoch resume replays each rank's stream, so it needs the "
+                "same number of processes (an epoch-end checkpoint can resume on any number)."
+            )
+        console.print(f"[yellow]resume:[/] {saved_world} -> {info.world_size} processes at an epoch "
+                      "boundary: the data order from here on differs from the original run")
+    state = ckpt.state
+    state.config_hash = config_hash(parts.cfg)
+    parts.model.load_state_dict(ckpt.model)
+    stage = enter_stage(parts, accelerator, state.stage)
+    stage.optimizer.load_state_dict(ckpt.optimizer)
+    if ckpt.scaler is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(ckpt.scaler)
+    console.print(
+        f"resumed from [bold]{path}[/] at epoch {state.epoch} step {state.step} "
+        f"(batch {state.batches_in_epoch} of the epoch), stage {state.stage}"
+    )
+    return state, stage, ckpt.rng[info.rank] if info.rank < len(ckpt.rng) else None

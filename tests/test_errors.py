@@ -1,0 +1,110 @@
+"""One error base, caught in one place: every exception class bcc defines derives from BccError, and a
+user error reaches the user of `bcc` as one `error:` line with exit code 2 (a traceback only under
+BCC_DEBUG=1)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pkgutil
+import subprocess
+import sys
+
+import pytest
+
+import bcc
+from bcc.cli import main
+from bcc.errors import EXIT_USAGE, BccError
+
+from conftest import image_bytes
+
+# defined in the files of the training package split (issue 10, branch a1-train); they join BccError there
+
+
+def test_every_exception_class_derives_from_bcc_error():
+    found = []
+    for info in pkgutil.walk_packages(bcc.__path__, "bcc."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == info.name:
+                found.append(f"{info.name}.{name}")
+                assert issubclass(obj, BccError), f"{info.name}.{name} does not derive from BccError"
+    assert {"bcc.imageio.ImageError", "bcc.stream.ShardError", "bcc.checkpoint.CheckpointError",
+            "bcc.manifest.ManifestNotFoundError", "bcc.predict.TaxonomyMismatchError"} <= set(found)
+
+
+def _run(capsys, *argv) -> str:
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USAGE, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture
+def not_empty(tmp_path):
+    d = tmp_path / "full"
+    d.mkdir()
+    (d / "x").write_text("x")
+    return d
+
+
+def test_pack_family(tmp_path, capsys, not_empty):
+    assert "is not a directory" in _run(capsys, "pack", tmp_path / "nope", tmp_path / "out")
+    src = tmp_path / "src" / "Benign"
+    src.mkdir(parents=True)
+    (src / "a.jpg").write_bytes(image_bytes(1))
+    assert "is not empty" in _run(capsys, "pack", tmp_path / "src", not_empty)
+    assert "no manifest at" in _run(capsys, "pack", "--verify", tmp_path)
+    (tmp_path / "src" / "Mystery").mkdir()
+    assert "Mystery" in _run(capsys, "pack", tmp_path / "src", tmp_path / "out2")
+
+
+def test_synth_family(capsys, not_empty):
+    assert "not empty" in _run(capsys, "synth", not_empty)
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "--data", "."], ["predict", "x.jpg"], ["calibrate"], ["export", "--out", "exported"],
+])
+def test_checkpoint_commands(tmp_path, capsys, command):
+    line = _run(capsys, command[0], "--checkpoint", tmp_path / "no-run", *command[1:])
+    assert f"no checkpoint at {tmp_path / 'no-run'}" in line
+
+
+def test_stream_user_errors_are_bcc_errors():
+    from bcc.stream import ShardError, StreamError, batches_per_epoch
+
+    with pytest.raises(ShardError, match="lower data.batch_size"):
+        batches_per_epoch(10, 8, 2)
+    # (too few shards for ranks x workers is no error any more: the epoch plan cuts inside shards)
+    assert issubclass(StreamError, ShardError) and issubclass(ShardError, BccError)
+
+
+def test_a_worker_error_keeps_its_own_message():
+    """The DataLoader re-raises a worker's exception with the worker's traceback as its message; the
+    loader gives the user the original one-line message back."""
+    from bcc.stream import ShardError, _from_worker
+
+    wrapped = ShardError("Caught ShardError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                         "call last):\n  File \"x.py\", line 1, in f\nbcc.stream.ShardError: cannot read shard "
+                         "/data/train-000001.tar: unexpected end of data\n")
+    clean = _from_worker(wrapped)
+    assert type(clean) is ShardError
+    assert str(clean) == "cannot read shard /data/train-000001.tar: unexpected end of data"
+
+
+def test_real_entry_point_and_bcc_debug(tmp_path):
+    cmd = [sys.executable, "-m", "bcc", "pack", str(tmp_path / "nope"), str(tmp_path / "out")]
+    env = {k: v for k, v in os.environ.items() if k != "BCC_DEBUG"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "BCC_DEBUG": "1"})
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "PackError: SRC" in proc.stderr

@@ -1,0 +1,85 @@
+"""launch/: a GPU launch without a GPU refuses (one `error:` line, exit 2); the CPU is an explicit choice.
+
+The GPU is hidden with CUDA_VISIBLE_DEVICES="", so these hold on a GPU machine too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+LAUNCHER = REPO / "launch" / "accelerate_launch.py"
+
+
+def no_gpu_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "ACCELERATE_", "OMP_"))}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env["BCC_PYTHON"] = sys.executable
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def assert_refused(out: subprocess.CompletedProcess) -> None:
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2, out.stderr
+    assert len(errors) == 1 and "no GPU visible" in errors[0] and "ACCELERATE_USE_CPU=true" in errors[0], (
+        out.stderr
+    )
+    assert "Traceback" not in out.stderr and "bcc: rank" not in out.stdout
+
+
+def test_gpu_launch_without_gpu_refuses(tmp_path):
+    out = run(
+        [sys.executable, str(LAUNCHER), "--config_file", str(REPO / "launch/1gpu.yaml"), "-m", "bcc.runtime"],
+        no_gpu_env(),
+        tmp_path,
+    )
+    assert_refused(out)
+    assert "CUDA_VISIBLE_DEVICES=''" in out.stderr
+
+
+def test_train_sh_without_cpu_opt_in_refuses_instead_of_training_on_cpu(tmp_path):
+    # Slurm said 2 GPUs, torch sees none: the launcher must not pick a CPU config by itself.
+    out = run(
+        ["bash", str(REPO / "launch/train.sh"), "missing.yaml"], no_gpu_env(SLURM_GPUS_ON_NODE="2"), tmp_path
+    )
+    assert_refused(out)
+    assert "SLURM_GPUS_ON_NODE='2'" in out.stderr
+
+
+def test_cpu_opt_in_launches_with_threads_from_the_slurm_cpus(tmp_path):
+    # ACCELERATE_USE_CPU=true with a GPU config file: the environment is the opt-in.
+    env = no_gpu_env(ACCELERATE_USE_CPU="true", SLURM_CPUS_PER_TASK="6", OMP_NUM_THREADS="3")
+    out = run(
+        [sys.executable, str(LAUNCHER), "--config_file", str(REPO / "launch/1gpu.yaml"), "-m", "bcc.runtime"],
+        env,
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "cpu_affinity=" in out.stdout and "OMP_NUM_THREADS=3" in out.stdout, out.stdout
+
+    # launch/train.sh on the CPU: OMP_NUM_THREADS = SLURM_CPUS_PER_TASK / processes, NCCL error
+    # handling on; the trainer then stops on the missing config (a config error, not a GPU one).
+    env = no_gpu_env(ACCELERATE_USE_CPU="true", SLURM_CPUS_PER_TASK="6", BCC_NUM_PROCESSES="1")
+    out = run(["bash", str(REPO / "launch/train.sh"), "missing.yaml"], env, tmp_path)
+    launch_line = next(line for line in out.stderr.splitlines() if line.startswith("launch:"))
+    assert "gpus=0" in launch_line and "OMP_NUM_THREADS=6" in launch_line and "cpu.yaml" in launch_line
+    assert out.returncode == 2 and "no GPU" not in out.stderr, out.stderr
+
+
+def test_missing_accelerate_config_is_one_error_line(tmp_path):
+    out = run(
+        [sys.executable, str(LAUNCHER), "--config_file", "nope.yaml", "-m", "bcc.runtime"],
+        no_gpu_env(),
+        tmp_path,
+    )
+    assert out.returncode == 2 and out.stderr.strip() == "error: accelerate config file nope.yaml not found"

@@ -1,0 +1,532 @@
+"""bcc.pretrained: every kind of weight source, the load line, head re-initialisation, refusal of a
+backbone that does not fit (and its explicit override), and one named error for every bad source.
+
+Weights are made in the test: timm's `test_resnet` and a tiny VGG-like backbone; nothing downloads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from types import SimpleNamespace
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from bcc.checkpoint import Checkpoint, CheckpointManager, TrainState
+from bcc.config import Config, DataConfig, ModelConfig, config_to_dict
+from bcc.errors import BccError
+from bcc.model import MultitaskNet, VGGBackbone, build_model
+from bcc.pretrained import (
+    PretrainedError,
+    SourcePreprocess,
+    explicit_keys,
+    follow_pretrained,
+    follow_source,
+    load_pretrained,
+    resolve_source,
+)
+from bcc.taxonomy import Taxonomy
+
+TINY = "test_resnet"
+HIDDEN = 16
+ALL = Taxonomy.default()  # binary (2) + subtype (3)
+WBC = Taxonomy.from_dict({"name": "wbc", "heads": [{"name": "cell", "labels": ["EOS", "LYM", "MON", "NEU"]}]})
+SOURCE_DATA = DataConfig(image_size=48, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6), crop_pct=0.875)
+
+
+def tiny(taxonomy=ALL, seed=0, backbone=TINY) -> MultitaskNet:
+    """A test_resnet MultitaskNet with the heads of `taxonomy` (a Taxonomy or {head: classes})."""
+    torch.manual_seed(seed)
+    cfg = SimpleNamespace(
+        backbone=backbone, pretrained="", head_hidden=HIDDEN, head_dropout=0.0, channels_last=False
+    )
+    return build_model(cfg, getattr(taxonomy, "head_sizes", taxonomy))
+
+
+def backbone_tensors(model):
+    return {
+        k: v for k, v in model.state_dict().items() if k.startswith("backbone.") and "num_batches" not in k
+    }
+
+
+def assert_same(model, donor, prefix="backbone."):
+    own, ref = model.state_dict(), donor.state_dict()
+    keys = [k for k in ref if k.startswith(prefix)]
+    assert keys
+    for k in keys:
+        assert torch.equal(own[k], ref[k]), k
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_run(run_dir, models_and_metrics, taxonomy=ALL, backbone=TINY):
+    """A bcc run directory with one checkpoint per (model, metric), steps 2, 4, ..."""
+    cfg = Config(data=SOURCE_DATA, model=ModelConfig(backbone=backbone, head_hidden=HIDDEN, head_dropout=0.0))
+    meta = {"taxonomy": taxonomy.to_dict(), "model": config_to_dict(cfg.model), "config": config_to_dict(cfg)}
+    manager = CheckpointManager(
+        run_dir / "checkpoints", keep_last=5, keep_top_k=5, metric="bacc4", mode="max"
+    )
+    state = TrainState()
+    for i, (model, metric) in enumerate(models_and_metrics):
+        state.step = 2 * (i + 1)
+        manager.save(
+            Checkpoint(model=model.state_dict(), optimizer={}, scaler=None, rng=[], state=state, meta=meta),
+            metric,
+        )
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run whose best checkpoint (step 2) is not its latest (step 4)."""
+    best, latest = tiny(seed=1), tiny(seed=2)
+    run_dir = make_run(tmp_path_factory.mktemp("src") / "run", [(best, 0.9), (latest, 0.5)])
+    return SimpleNamespace(dir=run_dir, best=best, latest=latest)
+
+
+# --------------------------------------------------------------------------- each kind of source
+
+
+def test_run_dir_loads_its_best_checkpoint_with_heads_and_config(run, capsys):
+    model = tiny()
+    record = load_pretrained(model, run.dir, taxonomy=ALL)
+    assert_same(model, run.best, prefix="")  # backbone and heads: same taxonomy, same shapes
+    weights = run.dir / "checkpoints" / "step-00000002" / "model.safetensors"
+    assert record.kind == "run" and record.path == str(weights.resolve())  # the step, not the moving link
+    assert record.sha256 == sha(weights)
+    assert record.loaded == record.total == len(backbone_tensors(model))
+    assert record.heads_loaded == ("binary", "subtype") and record.heads_reinitialised == ()
+    assert record.missing == () and record.unexpected == () and record.skipped == ()
+    assert record.backbone == TINY
+    assert record.preprocess == SourcePreprocess(
+        (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 48, 0.875, "bcc checkpoint config"
+    )
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert out.startswith(
+        f"pretrained: {record.total} of {record.total} backbone tensors loaded from {run.dir} "
+        f"(sha256 {record.sha256[:12]})"
+    )
+    assert "checkpoint step-00000002; heads loaded: binary, subtype" in out
+    json.dumps(record.to_dict())  # the run directory and the model card store it as JSON
+
+
+def test_run_dir_without_best_takes_the_latest(tmp_path):
+    first, second = tiny(seed=3), tiny(seed=4)
+    run_dir = make_run(tmp_path / "run", [(first, None), (second, None)])
+    model = tiny()
+    load_pretrained(model, run_dir, echo=False)
+    assert_same(model, second, prefix="")
+
+
+def test_checkpoint_dir_and_checkpoints_root(run):
+    model = tiny()
+    record = load_pretrained(model, run.dir / "checkpoints" / "step-00000004", echo=False)
+    assert record.kind == "checkpoint"
+    assert_same(model, run.latest, prefix="")
+    model = tiny()
+    assert load_pretrained(model, run.dir / "checkpoints", echo=False).kind == "checkpoint"
+    assert_same(model, run.best, prefix="")
+
+
+def test_export_folder(run, tmp_path):
+    from bcc.export import export_checkpoint
+
+    out = export_checkpoint(run.dir, tmp_path / "export").directory
+    model = tiny()
+    record = load_pretrained(model, out, taxonomy=ALL, echo=False)
+    assert record.kind == "export" and record.sha256 == sha(out / "model.safetensors")
+    assert_same(model, run.best, prefix="")
+    assert record.preprocess == SourcePreprocess((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 48, 0.875, "bcc export")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".safetensors"])
+def test_whole_model_state_dict_file(tmp_path, suffix):
+    donor = tiny(seed=5)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        save_file(donor.state_dict(), str(path))
+    else:  # a training script's checkpoint of a DDP-wrapped model, nested under "model"
+        torch.save({"model": {f"module.{k}": v for k, v in donor.state_dict().items()}, "epoch": 3}, path)
+    model = tiny()
+    record = load_pretrained(model, path, echo=False)
+    assert record.kind == "file" and record.sha256 == sha(path) and record.path == str(path)
+    assert_same(model, donor, prefix="")
+    assert record.heads_loaded == ("binary", "subtype")
+    assert record.preprocess == SourcePreprocess()  # a bare file does not say
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_bare_timm_backbone_takes_the_backbone_and_reports_the_classifier(tmp_path, suffix, capsys):
+    donor = timm.create_model(TINY, num_classes=10)  # keys without `backbone.`, plus fc.*
+    path = tmp_path / f"timm{suffix}"
+    if suffix == ".safetensors":
+        save_file(donor.state_dict(), str(path))
+    else:
+        torch.save(donor.state_dict(), path)
+    model = tiny()
+    heads_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("heads.")}
+    record = load_pretrained(model, path)
+    own = model.state_dict()
+    for k, v in donor.state_dict().items():
+        if not k.startswith("fc."):
+            assert torch.equal(own[f"backbone.{k}"], v), k
+    assert all(torch.equal(own[k], v) for k, v in heads_before.items())  # heads keep their initialisation
+    assert record.loaded == record.total and set(record.unexpected) == {"fc.weight", "fc.bias"}
+    assert record.heads_reinitialised == ("binary", "subtype") and "no heads" in record.heads_note
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(
+        f"pretrained: {record.total} of {record.total} backbone tensors loaded from {path} (sha256 "
+    )
+    assert "unexpected (ignored): fc." in line and "heads re-initialised: binary, subtype" in line
+
+
+def tiny_vgg(widths=(8, 16)) -> VGGBackbone:
+    layers, c = [], 3
+    for w in widths:
+        layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        c = w
+    return VGGBackbone(nn.Sequential(*layers), nn.AdaptiveAvgPool2d(1))
+
+
+def vgg_net(taxonomy=ALL, widths=(8, 16)):
+    return MultitaskNet(
+        tiny_vgg(widths), widths[-1], taxonomy.head_sizes, hidden=HIDDEN, backbone_name="tiny_vgg"
+    )
+
+
+def test_torchvision_style_vgg_state_dict(tmp_path):
+    donor = tiny_vgg()
+    state = {
+        **donor.state_dict(),
+        "classifier.0.weight": torch.zeros(4, 16),
+        "classifier.0.bias": torch.zeros(4),
+    }
+    # torchvision's old weights have no BatchNorm counters: they are not weights and not required
+    state = {k: v for k, v in state.items() if "num_batches_tracked" not in k}
+    torch.save(state, tmp_path / "vgg.pth")
+    model = vgg_net()
+    record = load_pretrained(model, tmp_path / "vgg.pth", echo=False)
+    for k, v in donor.state_dict().items():
+        assert torch.equal(model.state_dict()[f"backbone.{k}"], v), k
+    assert record.loaded == record.total == 12  # 2 x (conv w, b + bn w, b, mean, var)
+    assert record.unexpected == ("classifier.0.weight", "classifier.0.bias") and record.missing_backbone == []
+
+
+# --------------------------------------------------------------------------- heads and taxonomy
+
+
+def test_other_taxonomy_reinitialises_heads_and_takes_the_backbone(tmp_path, capsys):
+    donor = tiny(WBC, seed=6)
+    run_dir = make_run(tmp_path / "wbc", [(donor, 0.8)], taxonomy=WBC)
+    model = tiny(ALL)
+    fresh = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("heads.")}
+    record = load_pretrained(model, run_dir, taxonomy=ALL)
+    assert_same(model, donor)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in fresh.items())
+    assert record.heads_reinitialised == ("binary", "subtype") and "taxonomy differs" in record.heads_note
+    assert set(record.unexpected) == {k for k in donor.state_dict() if k.startswith("heads.cell.")}
+    assert "heads re-initialised: binary, subtype (the taxonomy differs)" in capsys.readouterr().out
+
+
+def test_same_head_shape_but_other_taxonomy_is_not_loaded(tmp_path):
+    other = Taxonomy.from_dict({"name": "other", "heads": [{"name": "binary", "labels": ["x", "y"]}]})
+    mine = Taxonomy.from_dict(
+        {"name": "mine", "heads": [{"name": "binary", "labels": ["Benign", "Malignant"]}]}
+    )
+    donor = tiny(other, seed=7)
+    run_dir = make_run(tmp_path / "run", [(donor, 0.8)], taxonomy=other)
+    model = tiny(mine)
+    assert load_pretrained(model, run_dir, taxonomy=mine, echo=False).heads_reinitialised == ("binary",)
+    # without the model's taxonomy only names and shapes can be compared: the head loads
+    model = tiny(mine)
+    assert load_pretrained(model, run_dir, echo=False).heads_loaded == ("binary",)
+    assert_same(model, donor, prefix="heads.")
+
+
+def test_head_of_another_shape_is_skipped_with_a_note(tmp_path):
+    donor = tiny(ALL, seed=8)
+    save_file(donor.state_dict(), str(tmp_path / "w.safetensors"))
+    four = {"binary": 2, "subtype": 4}
+    model = tiny(four)
+    record = load_pretrained(model, tmp_path / "w.safetensors", echo=False)
+    assert record.heads_loaded == ("binary",) and record.heads_reinitialised == ("subtype",)
+    assert "subtype: another shape in the source" in record.heads_note
+    assert record.skipped == ("heads.subtype.3.weight", "heads.subtype.3.bias")
+    assert record.loaded == record.total
+    assert_same(model, donor, prefix="heads.binary.")
+    assert not torch.equal(
+        model.state_dict()["heads.subtype.0.weight"], donor.state_dict()["heads.subtype.0.weight"]
+    )
+
+
+# --------------------------------------------------------------------------- refusal and its override
+
+
+def test_backbone_of_another_shape_is_refused_unless_allowed(tmp_path, capsys):
+    donor = vgg_net(widths=(8, 32))  # same keys, wider second block
+    path = tmp_path / "wide.safetensors"
+    save_file(donor.state_dict(), str(path))
+    model = vgg_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PretrainedError, match="does not match backbone tiny_vgg") as e:
+        load_pretrained(model, path)
+    msg = str(e.value)
+    assert isinstance(e.value, BccError) and "\n" not in msg and str(path) in msg
+    assert "backbone.features.4.weight (source (32, 8, 3, 3), model (16, 8, 3, 3))" in msg
+    assert "pretrained_allow_mismatch" in msg
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # untouched
+    assert capsys.readouterr().out == ""
+
+    record = load_pretrained(model, path, allow_mismatch=True)
+    assert record.loaded == 6 and record.total == 12  # the first block fits, the second does not
+    assert_same(model, donor, prefix="backbone.features.0.")
+    assert "backbone.features.4.weight" in record.skipped
+    line = capsys.readouterr().out
+    assert (
+        line.startswith(f"pretrained: 6 of 12 backbone tensors loaded from {path}")
+        and "skipped (other shape)" in line
+    )
+
+
+def test_missing_backbone_tensors_are_refused_unless_allowed(tmp_path):
+    donor = timm.create_model(TINY, num_classes=0).state_dict()
+    cut = {k: v for k, v in donor.items() if not k.startswith("layer4.")}
+    torch.save(cut, tmp_path / "cut.pt")
+    model = tiny()
+    with pytest.raises(PretrainedError, match=r"tensors missing: backbone\.layer4\."):
+        load_pretrained(model, tmp_path / "cut.pt")
+    record = load_pretrained(model, tmp_path / "cut.pt", allow_mismatch=True, echo=False)
+    assert 0 < record.loaded < record.total and all(
+        k.startswith("backbone.layer4.") for k in record.missing_backbone
+    )
+    assert "missing (left random): backbone.layer4." in record.line() and "(+" in record.line()  # abbreviated
+
+
+def test_source_trained_as_another_backbone_is_refused(tmp_path, run):
+    model = tiny(backbone="resnet10t")  # a bcc run of test_resnet into a resnet10t: nothing fits anyway
+    with pytest.raises(PretrainedError, match="no tensor matches backbone resnet10t"):
+        load_pretrained(model, run.dir, allow_mismatch=True)
+    # same tensors, but the run says it trained another backbone: refused, allowed on request
+    donor = vgg_net()
+    cfg = Config(model=ModelConfig(backbone="vgg16_bn", head_hidden=HIDDEN))
+    meta = {"taxonomy": ALL.to_dict(), "model": config_to_dict(cfg.model), "config": config_to_dict(cfg)}
+    manager = CheckpointManager(
+        tmp_path / "r" / "checkpoints", keep_last=1, keep_top_k=1, metric="m", mode="max"
+    )
+    manager.save(
+        Checkpoint(
+            model=donor.state_dict(), optimizer={}, scaler=None, rng=[], state=TrainState(step=1), meta=meta
+        ),
+        1.0,
+    )
+    with pytest.raises(PretrainedError, match="trained as backbone vgg16_bn, the model is tiny_vgg"):
+        load_pretrained(vgg_net(), tmp_path / "r")
+    assert load_pretrained(vgg_net(), tmp_path / "r", allow_mismatch=True, echo=False).loaded == 12
+
+
+def test_build_model_keeps_the_record_and_reads_allow_mismatch_from_the_config(tmp_path):
+    donor = timm.create_model(TINY, num_classes=0).state_dict()
+    torch.save({k: v for k, v in donor.items() if not k.startswith("layer4.")}, tmp_path / "cut.pt")
+    cfg = SimpleNamespace(
+        backbone=TINY,
+        pretrained=str(tmp_path / "cut.pt"),
+        head_hidden=HIDDEN,
+        head_dropout=0.0,
+        channels_last=False,
+    )
+    with pytest.raises(PretrainedError):
+        build_model(cfg, ALL.head_sizes)
+    model = build_model(SimpleNamespace(**vars(cfg), pretrained_allow_mismatch=True), ALL.head_sizes)
+    assert model.pretrained_record.loaded < model.pretrained_record.total
+    assert tiny().pretrained_record is None
+
+
+# --------------------------------------------------------------------------- bad sources: one named error
+
+
+def _bad_sources(tmp_path):
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00not a weights file" * 10)
+    (tmp_path / "corrupt.pth").write_bytes(b"PK\x03\x04 truncated zip" * 10)
+    (tmp_path / "truncated.pt").write_bytes(b"\x80\x02}q\x00")
+    (tmp_path / "notes.json").write_text('{"a": 1}')
+    (tmp_path / "image.jpg").write_bytes(b"\xff\xd8\xff\xe0 jpeg")
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "hparams.pt")
+    torch.save({}, tmp_path / "empty.pt")
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "run_without_checkpoints" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "bad_export").mkdir()
+    (tmp_path / "bad_export" / "bcc_export.json").write_text('{"format": "other"}')
+    return {
+        "missing.safetensors": "no such file or directory",
+        "corrupt.safetensors": "cannot load it",
+        "corrupt.pth": "cannot load it",
+        "truncated.pt": "cannot load it",
+        "notes.json": "not a weights file",
+        "image.jpg": "not a weights file",
+        "list.pt": "holds a list, not a state dict",
+        "hparams.pt": "entry 'epoch' is a int, not a tensor",
+        "empty.pt": "the state dict is empty",
+        "empty_dir": "neither a bcc run, checkpoint or export",
+        "run_without_checkpoints": "neither a bcc run, checkpoint or export",
+        "bad_export": "is not a bcc-export/1 export",
+    }
+
+
+def test_every_bad_source_is_one_named_error(tmp_path):
+    for name, reason in _bad_sources(tmp_path).items():
+        with pytest.raises(PretrainedError) as e:
+            load_pretrained(tiny(), tmp_path / name, echo=False)
+        msg = str(e.value)
+        assert isinstance(e.value, BccError) and name in msg and reason in msg and "\n" not in msg, (
+            name,
+            msg,
+        )
+
+
+def test_hub_failure_names_the_offline_fix(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    model = tiny()
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(PretrainedError, match="model.pretrained=/path/to/file") as e:
+        load_pretrained(model, "hub")
+    assert TINY in str(e.value) and "network is unreachable" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hub_weights_report_timm_pretrained_cfg(monkeypatch):
+    real, model = timm.create_model, tiny()
+    monkeypatch.setattr(
+        timm, "create_model", lambda name, pretrained, **kw: real(name, pretrained=False, **kw)
+    )
+    record = load_pretrained(model, "hub", echo=False)
+    assert record.kind == "hub" and record.loaded == record.total and len(record.sha256) == 64
+    assert record.preprocess.mean == (0.5, 0.5, 0.5) and record.preprocess.image_size == 160
+
+
+def test_timm_model_folder_reads_its_pretrained_cfg(tmp_path):
+    donor = timm.create_model(TINY, num_classes=0)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file(donor.state_dict(), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "architecture": TINY,
+                "pretrained_cfg": {
+                    "mean": [0.5, 0.5, 0.5],
+                    "std": [0.25, 0.25, 0.25],
+                    "input_size": [3, 96, 96],
+                    "crop_pct": 0.9,
+                },
+            }
+        )
+    )
+    model = tiny()
+    record = load_pretrained(model, folder, echo=False)
+    assert record.kind == "hf-folder" and record.loaded == record.total
+    assert record.preprocess == SourcePreprocess(
+        (0.5,) * 3, (0.25,) * 3, 96, 0.9, "timm pretrained_cfg (config.json)"
+    )
+
+
+# --------------------------------------------------------------------------- following the source
+
+
+def test_resolve_source_reads_metadata_only(run):
+    src = resolve_source(run.dir)
+    assert src.kind == "run" and src.backbone == TINY and src.taxonomy == ALL.to_dict()
+    assert src.preprocess.image_size == 48
+
+
+def test_follow_source_keeps_what_the_user_set(tmp_path):
+    pre = SourcePreprocess((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 48, None, "bcc checkpoint config")
+    data, changes = follow_source(DataConfig(), pre)
+    assert (data.mean, data.std, data.image_size, data.crop_pct) == (
+        (0.1, 0.2, 0.3),
+        (0.4, 0.5, 0.6),
+        48,
+        1.0,
+    )
+    assert set(changes) == {"mean", "std", "image_size"} and changes["image_size"] == (224, 48)
+
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  image_size: 64\nmodel:\n  pretrained: runs/wbc\n")
+    explicit = explicit_keys(config, ["data.mean=[0.5, 0.5, 0.5]", "train.lr=0.1"])
+    assert {"data.image_size", "data.mean", "model.pretrained", "train.lr"} <= explicit
+    data, changes = follow_source(dataclasses.replace(DataConfig(), image_size=64), pre, explicit)
+    assert data.image_size == 64 and data.mean == DataConfig().mean and data.std == (0.4, 0.5, 0.6)
+    assert set(changes) == {"std"}
+
+
+def test_follow_pretrained_takes_the_runs_preprocessing_before_anything_is_built(run):
+    cfg = Config(model=ModelConfig(backbone=TINY, pretrained=str(run.dir)))
+    followed, changes = follow_pretrained(cfg, explicit={"data.image_size"})
+    assert followed.data.mean == (0.1, 0.2, 0.3) and followed.data.crop_pct == 0.875
+    assert followed.data.image_size == cfg.data.image_size  # the user set it
+    assert changes["data.std"] == (cfg.data.std, (0.4, 0.5, 0.6))
+    assert follow_pretrained(Config()) == (Config(), {})
+
+
+def test_hub_preprocessing_is_known_without_a_download():
+    vgg = resolve_source("hub", "vgg16_bn").preprocess
+    assert vgg.mean == (0.485, 0.456, 0.406) and vgg.image_size == 224 and vgg.crop_pct == 224 / 256
+    assert resolve_source("hub", "resnet10t").preprocess.image_size == 176  # timm's default tag
+    assert resolve_source("hub", "no_such_net").preprocess == SourcePreprocess()
+
+
+# --------------------------------------------------------------------------- through the trainer
+
+
+def test_training_from_a_run_prints_the_load_line(run, synth_shards, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import write_config
+
+    cfg = write_config(
+        tmp_path / "cfg.yaml", synth_shards, tmp_path / "run", model={"pretrained": str(run.dir)}
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "bcc.train", "--config", str(cfg), "train.epochs=1", "eval.test_at_end=false"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (line,) = [x for x in proc.stdout.splitlines() if x.startswith("pretrained: ")]
+    total = len(backbone_tensors(tiny()))
+    # the run's heads have 16 hidden units, this config's 256: the backbone transfers, the heads start afresh
+    assert line.startswith(f"pretrained: {total} of {total} backbone tensors loaded from {run.dir} (sha256 ")
+    assert "heads re-initialised: binary, subtype" in line
+
+
+@pytest.mark.xfail(
+    reason="bcc.train catches a fixed list of errors on this branch; passes once it catches BccError",
+    strict=False,
+)
+def test_a_bad_pretrained_file_ends_training_with_one_error_line(synth_shards, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import write_config
+
+    (tmp_path / "w.pt").write_bytes(b"PK\x03\x04 not a zip")
+    cfg = write_config(
+        tmp_path / "cfg.yaml", synth_shards, tmp_path / "run", model={"pretrained": str(tmp_path / "w.pt")}
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "bcc.train", "--config", str(cfg)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert f"error: pretrained weights {tmp_path / 'w.pt'}: cannot load it" in proc.stderr
