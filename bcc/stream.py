@@ -199,8 +199,9 @@ def check_shards_exist(shards: Sequence, split: str) -> None:
 # --------------------------------------------------------------------------- reading and decoding
 
 
-class _NoSeek(Exception):
-    """A tar layout the header scan does not handle (global pax header, base-256 size): read through."""
+class _NoSeek(BccError):
+    """A tar layout the header scan does not handle (global pax header, base-256 size): read through.
+    Internal (caught in _read_range); a BccError only because every bcc exception is one."""
 
 
 def _pax_path(payload: bytes) -> str | None:
