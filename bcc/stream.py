@@ -133,11 +133,16 @@ def _check_exist(shards: Sequence, split: str) -> None:
 
 
 def _read_shard(shard) -> Iterator[dict]:
-    """Raw samples of one shard; any failure names the shard, and so does a count that disagrees."""
+    """Raw samples of one shard; any failure names the shard, and so does a count that disagrees.
+
+    A shard of a cross-validation view (`Manifest.with_fold`) yields only its folds' samples, and
+    its count is theirs."""
     path = str(shard.path)
     n = 0
     try:
         for sample in wds.tariterators.tarfile_samples([{"url": path}], handler=wds.reraise_exception):
+            if getattr(shard, "folds", None) is not None and not shard.is_kept(json.loads(sample["json"])):
+                continue
             n += 1
             yield sample
     except Exception as e:
