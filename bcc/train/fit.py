@@ -78,7 +78,8 @@ def setup_run(cfg: Config) -> Run:
     set_main_process(acc.is_main_process)
     print(f"bcc: rank {acc.process_index}/{acc.num_processes} local {acc.local_process_index} "
           f"on {socket.gethostname()} device {acc.device} {cpu_report()}", flush=True)
-    manifest = Manifest.load(cfg.data.shards)
+    manifest = Manifest.load(cfg.data.shards).with_fold(cfg.data.fold, train=cfg.data.train_split,
+                                                        val=cfg.data.val_split)
     taxonomy = manifest.taxonomy
     names = metric_names(taxonomy)
     if cfg.checkpoint.metric not in names:
