@@ -100,19 +100,23 @@ def read_state(run_dir: Path) -> dict:
 
 
 def start_trackers(accelerator, names: Sequence[str], run_dir: Path, run_name: str, config: Mapping[str, Any],
-                   resumed_step: int | None) -> None:
+                   resumed_step: int) -> None:
     """`accelerator.init_trackers` for the run (main process only; the Accelerator was built with
-    `log_with=names, project_dir=run_dir`). `resumed_step` is the checkpoint's step when resuming.
+    `log_with=names, project_dir=run_dir`). `resumed_step`: the step training continues after (the
+    checkpoint's; 0 for a fresh run).
 
     Continues the tracker runs recorded in RUN/trackers.json and stores the flattened config in each
     tracker that starts in this run directory for the first time.
     """
+    names = list(dict.fromkeys(names))
     if not names or not accelerator.is_main_process:
         return
     run_dir = Path(run_dir).resolve()
     state = read_state(run_dir)
     kwargs: dict[str, dict] = {}
-    if "tensorboard" in names and resumed_step is not None:
+    if "tensorboard" in names:
+        # a reader drops events at this step and later written before it: what an attempt that died
+        # after its last checkpoint (or before its first) logged is redone now
         kwargs["tensorboard"] = {"purge_step": resumed_step + 1}
     if "wandb" in names:
         wandb_id = state.get("wandb", {}).get("id") or secrets.token_hex(4)
@@ -128,8 +132,9 @@ def start_trackers(accelerator, names: Sequence[str], run_dir: Path, run_name: s
             # MLflow 3 refuses a file store unless told; it is what needs no server and stays in the run dir
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
-        saved = state.get("mlflow", {})
-        kwargs["mlflow"] = {"run_name": run_name, **({"run_id": saved["run_id"]} if saved.get("uri") == uri else {})}
+        if state.get("mlflow", {}).get("uri") != uri:  # another tracking server: a new run there
+            state["mlflow"] = {}
+        kwargs["mlflow"] = {"run_name": run_name, **({"run_id": state["mlflow"]["run_id"]} if state["mlflow"] else {})}
     try:
         accelerator.init_trackers(PROJECT, config=None, init_kwargs=kwargs)
     except Exception as e:  # a tracker's own failure (unreachable server, bad URI): one line for the user

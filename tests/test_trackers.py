@@ -112,18 +112,23 @@ def test_flatten_config_gives_dotted_scalar_hyperparameters():
 
 def test_tensorboard_resume_purges_steps_after_the_checkpoint(tmp_path):
     """A hard-killed process logged steps 1-6; the resume from step 3 re-logs 4-8: each step shows once,
-    with the resumed values."""
+    with the resumed values. A fresh start (no checkpoint yet) drops everything an earlier attempt logged."""
     from accelerate import Accelerator
 
-    for resumed, steps in ((None, range(1, 7)), (3, range(4, 9))):
+    def attempt(resumed: int, steps: range, offset: float) -> None:
         acc = Accelerator(cpu=True, log_with=["tensorboard"], project_dir=str(tmp_path))
         start_trackers(acc, ["tensorboard"], tmp_path, "r", {"train": {"lr": 0.1}}, resumed_step=resumed)
         for step in steps:
-            acc.log({"train/loss": float(step if resumed is None else 100 + step)}, step=step)
+            acc.log({"train/loss": offset + step}, step=step)
         acc.end_training()
-    points = tensorboard_scalars(tmp_path / "bcc")["train/loss"]
-    assert points == [(1, 1.0), (2, 2.0), (3, 3.0), *((s, 100.0 + s) for s in range(4, 9))]
+
+    attempt(0, range(1, 7), 0.0)
+    attempt(3, range(4, 9), 100.0)
+    assert tensorboard_scalars(tmp_path / "bcc")["train/loss"] == [(1, 1.0), (2, 2.0), (3, 3.0),
+                                                                   *((s, 100.0 + s) for s in range(4, 9))]
     assert json.loads((tmp_path / "trackers.json").read_text())["tensorboard"]["config_logged"] is True
+    attempt(0, range(1, 3), 200.0)
+    assert tensorboard_scalars(tmp_path / "bcc")["train/loss"] == [(1, 201.0), (2, 202.0)]
 
 
 # --------------------------------------------------------------------------- end to end

@@ -129,7 +129,7 @@ def fit(cfg: Config) -> dict:
         _enter(run, 0, carry=False)
     run.log.prune(run.state.step if path is not None else -1)
     start_trackers(acc, cfg.run.report_to, run.run_dir, run.name, config_to_dict(cfg),
-                   resumed_step=run.state.step if path is not None else None)
+                   resumed_step=run.state.step)
     acc.wait_for_everyone()
     console.print(f"[bold]bcc train[/] {run.name}: {info.world_size} process(es), {info.batches_per_epoch} "
                   f"batches/epoch/rank, {len(run.parts.stages)} stage(s), "
