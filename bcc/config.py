@@ -130,6 +130,8 @@ class CheckpointConfig:
 class RunConfig:
     dir: str = "runs/default"
     name: str = ""  # shown in the run header and summary.json (default: the run directory's name)
+    # experiment trackers beside metrics.jsonl (bcc/trackers.py; `pip install 'bcc[trackers]'`)
+    report_to: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         if isinstance(value, (str, Mapping)) or not isinstance(value, Sequence):
             # a lone string where a tuple of strings is expected reads naturally in YAML (`train: all`)
-            if isinstance(value, str) and args and args[0] is str:
+            if isinstance(value, str) and args and (args[0] is str or typing.get_origin(args[0]) is Literal):
                 return (value,)
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:

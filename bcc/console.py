@@ -10,6 +10,7 @@ import os
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=False, highlight=False, soft_wrap=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # one grep-able line per error
@@ -30,7 +31,8 @@ def is_main_process() -> bool:
 
 def error(message: str) -> None:
     """A one-line error for the user (every rank prints it: errors must not be hidden)."""
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    # the message is text, not markup: `pip install 'bcc[trackers]'` must print its brackets
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
 
 
 def warn(message: str) -> None:

@@ -38,6 +38,7 @@ from bcc.metrics import EvalMetrics, metric_names
 from bcc.model import count_parameters
 from bcc.runtime import cpu_report
 from bcc.stream import TrainLoader, batches_per_epoch, eval_loader
+from bcc.trackers import require_trackers, start_trackers
 from bcc.train import preempt as preemption
 from bcc.train.epoch import evaluate_split, sync_buffers, train_one_epoch
 from bcc.train.resume import restore, resume_path
@@ -74,7 +75,9 @@ class Run:
 
 def setup_run(cfg: Config) -> Run:
     """Accelerator, data sizes, components; validates what can fail before the first step."""
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    trackers = require_trackers(cfg.run.report_to)  # before the Accelerator, which drops missing ones silently
+    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+                      log_with=trackers or None, project_dir=cfg.run.dir)
     set_main_process(acc.is_main_process)
     print(f"bcc: rank {acc.process_index}/{acc.num_processes} local {acc.local_process_index} "
           f"on {socket.gethostname()} device {acc.device} {cpu_report()}", flush=True)
@@ -101,7 +104,7 @@ def setup_run(cfg: Config) -> Run:
                metrics=EvalMetrics(taxonomy, device=acc.device),
                ckpt=CheckpointManager(run_dir / "checkpoints", keep_last=c.keep_last, keep_top_k=c.keep_top_k,
                                       metric=c.metric, mode=c.mode),
-               log=RunLog(run_dir, acc.is_main_process), run_dir=run_dir,
+               log=RunLog(run_dir, acc.is_main_process, accelerator=acc), run_dir=run_dir,
                name=cfg.run.name or run_dir.resolve().name, pin_memory=acc.device.type == "cuda")
 
 
@@ -126,6 +129,8 @@ def fit(cfg: Config) -> dict:
         run.state = TrainState(config_hash=config_hash(cfg))
         _enter(run, 0, carry=False)
     run.log.prune(run.state.step if path is not None else -1)
+    start_trackers(acc, cfg.run.report_to, run.run_dir, run.name, config_to_dict(cfg),
+                   resumed_step=run.state.step)
     acc.wait_for_everyone()
     console.print(f"[bold]bcc train[/] {run.name}: {info.world_size} process(es), {info.batches_per_epoch} "
                   f"batches/epoch/rank, {len(run.parts.stages)} stage(s), "
@@ -148,12 +153,18 @@ def fit(cfg: Config) -> dict:
             restore_rng_state(pending_rng)
             pending_rng = None
         t_epoch = run.log.elapsed()
-        if train_one_epoch(loader, run.parts, run.stage, run.state, acc, info, flag, run.log, lambda: save(run)):
+        run.log.begin_epoch(epoch=epoch + 1, epochs=info.total_epochs, batches=info.batches_per_epoch,
+                            done=run.state.batches_in_epoch, stage=run.state.stage)
+        preempted = train_one_epoch(loader, run.parts, run.stage, run.state, acc, info, flag, run.log, lambda: save(run))
+        run.log.end_epoch()
+        if preempted:
             batches.close()
             save(run)
             if acc.is_main_process:
                 preemption.write_marker(run.run_dir, run.state.step, flag.signum)
             console.print(f"[yellow]preempted[/]: saved at step {run.state.step}; exiting with {EXIT_PREEMPTED}")
+            acc.wait_for_everyone()  # the group ends in order (see bcc.runtime.shutdown_distributed)
+            acc.end_training()  # finishes the trackers (the requeued run continues them)
             return {"preempted": True, "step": run.state.step}
         run.state.epoch += 1
         run.state.batches_in_epoch = 0
@@ -168,6 +179,8 @@ def fit(cfg: Config) -> dict:
     batches.close()
     result = {"val": last_val, "train_time": run.log.elapsed(), **best_checkpoint_passes(run)}
     write_summary(run, result)
+    acc.wait_for_everyone()
+    acc.end_training()  # finishes the trackers and ends the process group
     return result
 
 

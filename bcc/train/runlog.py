@@ -1,20 +1,26 @@
-"""The run log: `metrics.jsonl` rows and progress lines, written on the main process only.
+"""The run log: `metrics.jsonl` rows, experiment trackers and the progress view, on the main process only.
 
-`RunLog.log(row, step)` is the one seam every metric row goes through (trackers plug in here later);
-`progress` prints the step line with throughput and ETA. `read_rows` is the reader of metrics.jsonl
-(old rows' `acc4`/`bacc4` read as `acc`/`bacc`).
+`RunLog.log(row, step)` is the one seam every metric row goes through: metrics.jsonl, and the trackers of
+`run.report_to` (bcc/trackers.py) through the Accelerator. `progress` shows the step's loss, lr,
+throughput and ETA: on a terminal as a live rich progress bar per epoch (`begin_epoch`/`end_epoch`),
+elsewhere (Slurm logs, CI, pipes) as one plain line per log step. `read_rows` is the reader of
+metrics.jsonl (old rows' `acc4`/`bacc4` read as `acc`/`bacc`).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
 from bcc.atomic import atomic_write
 from bcc.console import console
+from bcc.trackers import tracker_values
 
 _OLD_METRIC = re.compile(r"^(b?acc)\d+$")  # acc4, bacc4: combined metrics that once carried the class count
 
@@ -49,19 +55,35 @@ def fmt_seconds(s: float) -> str:
 
 
 class RunLog:
-    """Metric rows and progress of one run; silent and file-free on every rank but the main one."""
+    """Metric rows and progress of one run; silent and file-free on every rank but the main one.
 
-    def __init__(self, run_dir: Path, is_main: bool, name: str = "") -> None:
+    `accelerator`: the run's Accelerator, whose trackers (`run.report_to`, started on the main process)
+    receive every row. `live`: draw the rich progress bar (default: on the main process when stdout is
+    an interactive terminal).
+    """
+
+    def __init__(self, run_dir: Path, is_main: bool, name: str = "", accelerator=None,
+                 live: bool | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.is_main = is_main
         self.name = name
+        self.accelerator = accelerator
+        self.live = is_main and is_terminal() if live is None else live
+        self.stage: int | None = None
+        self._view: Progress | None = None
         self.t_start = time.perf_counter()
 
     def log(self, row: Mapping, step: int) -> None:
-        """Append one row (JSON scalars: metric values, split name, ...) at optimizer step `step`."""
+        """Append one row (JSON scalars: metric values, split name, ...) at optimizer step `step`;
+        the trackers get its numbers as `SPLIT/NAME` at the same step."""
         if self.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **row}) + "\n")
+            self._track(tracker_values(row), step)
+
+    def _track(self, values: Mapping, step: int) -> None:
+        if self.accelerator is not None and self.accelerator.trackers:  # trackers exist on the main process only
+            self.accelerator.log(dict(values), step=step)
 
     def prune(self, last_step: int) -> None:
         """Drop rows of work a resume will redo (after `last_step`; all when -1) and the final test rows."""
@@ -80,7 +102,57 @@ class RunLog:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start
 
+    def begin_epoch(self, *, epoch: int, epochs: int, batches: int, done: int = 0, stage: int | None = None) -> None:
+        """An epoch (1-based) starts, `done` of its `batches` already behind it (a mid-epoch resume)."""
+        self.stage = stage
+        if not self.live:
+            return
+        self.end_epoch()
+        self._view = Progress(
+            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            TextColumn("stage {task.fields[stage]}"),
+            BarColumn(),
+            TextColumn("batch {task.completed:.0f}/{task.total:.0f}"),
+            TextColumn("step {task.fields[step]} loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} "
+                       "{task.fields[rate]:.1f} img/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta {task.fields[eta]}"),
+            console=console,
+        )
+        self._view.add_task("train", total=batches, completed=done, epoch=epoch, epochs=epochs,
+                            stage="-" if stage is None else stage, step="-", loss=float("nan"), lr=0.0, rate=0.0,
+                            eta="-:--:--")
+        self._view.start()
+        atexit.register(self.end_epoch)  # an error mid-epoch must not leave the terminal's cursor hidden
+
+    def end_epoch(self) -> None:
+        """Leave the epoch's finished bar on the terminal (plain mode: nothing to do)."""
+        if self._view is not None:
+            self._view.stop()
+            atexit.unregister(self.end_epoch)
+            self._view = None
+
     def progress(self, *, epoch: int, epochs: int, batch: int, batches: int, step: int, loss: float, lr: float,
                  rate: float, eta: float) -> None:
+        """One log step: the trackers get `train/loss`, `train/lr`, `train/img_per_s`, `train/epoch`
+        (fractional); the terminal's bar moves, or a plain line is printed."""
+        if not self.is_main:
+            return
+        self._track({"train/loss": loss, "train/lr": lr, "train/img_per_s": rate,
+                     "train/epoch": epoch - 1 + batch / max(batches, 1)}, step)
+        if self._view is not None:
+            task = self._view.tasks[0]
+            self._view.update(task.id, completed=batch, total=batches, epoch=epoch, epochs=epochs, step=step,
+                              loss=loss, lr=lr, rate=rate, eta=fmt_seconds(eta))
+            return
         console.print(f"epoch {epoch}/{epochs} batch {batch}/{batches} step {step} loss {loss:.4f} lr {lr:.2e} "
                       f"{rate:.1f} img/s eta {fmt_seconds(eta)}")
+
+
+def is_terminal() -> bool:
+    """Whether the program's console is an interactive terminal (not a Slurm log, a pipe or CI: FORCE_COLOR
+    makes rich treat those as terminals, so the file itself must be a tty too)."""
+    try:
+        return bool(console.is_interactive and console.file.isatty())
+    except (AttributeError, ValueError):  # a closed or replaced stdout
+        return False
