@@ -18,6 +18,7 @@ from bcc.train.setup import Components, RunInfo, StageParts, TrainError, enter_s
 SAFE_RESUME_KEYS = (
     "train.epochs",
     "train.log_every",
+    "train.preempt_check_steps",
     "data.workers",
     "data.eval_batch_size",
     "checkpoint.",
