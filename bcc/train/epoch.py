@@ -32,15 +32,21 @@ def move_batch(batch: Mapping, device: torch.device, channels_last: bool = False
 
 
 def train_step(model, batch, loss_fn, optimizer, accelerator: Accelerator, targets_of, clip_grad: float):
-    """Forward, backward and (at accumulation boundaries) an optimizer step. Returns the loss (detached)."""
+    """Forward, backward and (at accumulation boundaries) an optimizer step. Returns the loss (detached).
+
+    `optimizer` is Accelerate's wrapper (it owns the fp16 scaler). Inside a window there is nothing to
+    step or clear, so neither is called there; the gradients are cleared on the torch optimizer itself,
+    which is what the wrapper's `zero_grad` does at a boundary, minus its per-call signature inspection.
+    """
     with accelerator.accumulate(model):
         logits = model(batch["image"])
         loss, _ = loss_fn(logits, targets_of(batch["label"]))
         accelerator.backward(loss)
-        if clip_grad > 0 and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            if clip_grad > 0:
+                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+            optimizer.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
 
 
