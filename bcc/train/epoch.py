@@ -115,9 +115,9 @@ def train_one_epoch(loader, parts: Components, stage: StageParts, state: TrainSt
     step_in_stage = (state.epoch - stage_start) * info.steps_per_epoch + state.batches_in_epoch // accum
     t0, seen0 = time.perf_counter(), state.samples_seen
     losses = LossWatch(state.step + 1, accum)
-    lr = 0.0
+    lr = None
     for batch in loader:
-        if state.batches_in_epoch % accum == 0:  # a window starts: the rate of its optimizer step
+        if lr is None or state.batches_in_epoch % accum == 0:  # a window starts: the rate of its step
             lr = set_lr(stage.optimizer, cfg, plan, step_in_stage, stage_steps)
         batch = move_batch(batch, accelerator.device, cfg.model.channels_last)
         losses.add(train_step(stage.wrapped, batch, parts.loss_fn, stage.optimizer, accelerator,
