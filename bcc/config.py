@@ -90,6 +90,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     seed: int = 0
     log_every: int = 10  # steps between progress updates
+    # optimizer steps between preemption votes (an all-reduce over every rank; also one at each epoch end):
+    # a signal is acted on within this many steps, then the run saves and exits
+    preempt_check_steps: int = 10
 
 
 @dataclass(frozen=True)

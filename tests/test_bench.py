@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import write_config
 
 NUMBER = r"[\d,]+(?:\.\d+)?"
@@ -75,3 +77,55 @@ def test_bench_step_names_a_bad_key(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 2
     assert "train.lrr" in proc.stderr
+
+
+def test_bench_vote_prints_per_vote_and_per_step_cost():
+    out = bcc("bench", "vote", "--processes", "2,3", "--votes", "20", "--every", "1,10").stdout
+    for n in ("2", "3"):
+        line = next(ln for ln in out.splitlines() if re.match(rf"│\s+{n} │", ln))
+        median, _, per1, per10 = (float(v.replace(",", "")) for v in re.findall(NUMBER, line)[1:])
+        assert median > 0 and per1 == pytest.approx(median, rel=0.01) and per10 == pytest.approx(median / 10, rel=0.05)
+
+
+def test_train_step_makes_no_per_step_package_probes_or_signature_inspection(monkeypatch):
+    """The loop's step must not pay Accelerate's per-call `importlib` probes (`is_lomo_available`) or
+    `inspect.signature` (wrapper `zero_grad`): each is ~0.1 ms, a few percent of a GPU step."""
+    import importlib.util
+    import inspect
+
+    import torch
+    from accelerate import Accelerator
+
+    from bcc.config import load_config
+    from bcc.taxonomy import Taxonomy
+    from bcc.train.epoch import train_step
+    from bcc.train.setup import build_components, enter_stage
+
+    cfg = load_config(None, ["model.backbone=test_resnet", "data.image_size=16", "train.grad_accum=2",
+                             "train.clip_grad=1.0"])
+    acc = Accelerator(gradient_accumulation_steps=2)
+    taxonomy = Taxonomy.default()
+    parts = build_components(cfg, taxonomy, {c: 1 for c in taxonomy.class_names}, acc.device)
+    stage = enter_stage(parts, acc, 0)
+    batch = {"image": torch.randn(4, 3, 16, 16), "label": torch.arange(4) % len(taxonomy.class_names)}
+    for _ in range(2):  # a first window: lazy imports on first use are not per-step costs
+        train_step(stage.wrapped, batch, parts.loss_fn, stage.optimizer, acc, parts.targets_of, cfg.train.clip_grad)
+    calls = {"find_spec": 0, "signature": 0}
+    real_find_spec, real_signature = importlib.util.find_spec, inspect.signature
+
+    def find_spec(*a, **k):
+        calls["find_spec"] += 1
+        return real_find_spec(*a, **k)
+
+    def signature(*a, **k):
+        calls["signature"] += 1
+        return real_signature(*a, **k)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(inspect, "signature", signature)
+    before = [p.detach().clone() for p in parts.model.parameters()]
+    for _ in range(4):  # two windows
+        train_step(stage.wrapped, batch, parts.loss_fn, stage.optimizer, acc, parts.targets_of, cfg.train.clip_grad)
+    assert calls == {"find_spec": 0, "signature": 0}
+    assert any(not torch.equal(a, b) for a, b in zip(before, parts.model.parameters(), strict=True))
+    assert all(p.grad is None for p in parts.model.parameters())  # cleared after the window's step

@@ -134,32 +134,39 @@ def test_resume_refuses_another_model(resume_config, tmp_path):
     assert "another model" in proc.stderr and "head_hidden" in proc.stderr
 
 
-def _children(pid: int) -> list[int]:
+def _children(pid: int) -> dict[int, int]:
+    """Trainer rank -> pid of the processes under an `accelerate launch` (rank read from their RANK)."""
     import psutil
 
     # the ranks are the launcher's direct children; their forked (persistent) loader workers carry the
-    # same command line one level further down
-    return [c.pid for c in psutil.Process(pid).children() if "bcc.train" in " ".join(c.cmdline())]
+    # same command line (and RANK) one level further down
+    ranks = {}
+    for c in psutil.Process(pid).children():
+        if "bcc.train" in " ".join(c.cmdline()):
+            ranks[int(c.environ().get("RANK", -1))] = c.pid
+    return ranks
 
 
 def test_sigusr1_preempts_two_process_training_and_resume_matches(resume_config, tmp_path):
-    """SIGUSR1 to ONE rank: all ranks agree at the next step, save together, exit 75; resume is exact."""
+    """SIGUSR1 to rank 1 only: all ranks agree at the next vote, save together, exit 75, and the marker
+    names the signal rank 1 got; resume is exact."""
     straight = tmp_path / "straight"
     cmd, env = accelerate_command(2, ["--config", str(resume_config(straight))])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
     run_dir = tmp_path / "preempted"
-    cfg = resume_config(run_dir, checkpoint={"every_steps": 0})
+    cfg = resume_config(run_dir, checkpoint={"every_steps": 0}, train={"preempt_check_steps": 2})
     cmd, env = accelerate_command(2, ["--config", str(cfg)])
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: (run_dir / "metrics.jsonl").exists(), proc)  # after the first epoch
     ranks = _children(proc.pid)
-    assert len(ranks) == 2, ranks
-    os.kill(ranks[-1], signal.SIGUSR1)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGUSR1)
     out, _ = proc.communicate(timeout=120)
     assert "preempted" in out, out[-3000:]
-    assert (run_dir / "PREEMPTED").exists()
+    marker = json.loads((run_dir / "PREEMPTED").read_text())
+    assert marker["signal"] == signal.SIGUSR1  # rank 0 writes it, but records the signal rank 1 got
     state = json.loads((run_dir / "checkpoints" / "last" / "trainer_state.json").read_text())
     assert 0 < state["step"]
 

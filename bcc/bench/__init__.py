@@ -4,6 +4,7 @@ data.py  `bench_data`: bcc's stream vs ImageFolder + DataLoader vs the per-core 
 rss.py   `bench_rss`: peak loader memory streaming a synthetic dataset at two sizes
 step.py  `bench_step`: bcc's train step (the trainer's own set-up) vs a plain PyTorch step, frozen vs full;
          `time_steps`, the one step timer (also behind `bcc compare`'s step times)
+vote.py  `bench_vote`: the preemption vote's cost with 2, 4, 8 gloo processes
 
 Everything here returns numbers; printing is the CLI's job (`bcc bench`).
 """
@@ -42,6 +43,7 @@ class Timing:
 from bcc.bench.data import DataBench, bench_data, unpack_split  # noqa: E402
 from bcc.bench.rss import RssPoint, bench_rss, write_synthetic_shards  # noqa: E402
 from bcc.bench.step import StepBench, bench_step, step_seconds, time_steps  # noqa: E402
+from bcc.bench.vote import VotePoint, bench_vote  # noqa: E402
 
 __all__ = ["DataBench", "Progress", "RssPoint", "StepBench", "Timing", "bench_data", "bench_rss", "bench_step",
-           "step_seconds", "time_steps", "unpack_split", "write_synthetic_shards"]
+           "bench_vote", "step_seconds", "time_steps", "unpack_split", "VotePoint", "write_synthetic_shards"]

@@ -76,12 +76,15 @@ def _taxonomy_and_counts(cfg):
 
 
 class _BccLoop:
-    """The trainer's own set-up (`build_components`, `enter_stage`) for one preset, and the per-step work
-    of `train_one_epoch` around `train_step` (preemption vote, LR, loss accumulation, log-time sync)."""
+    """The trainer's own set-up (`build_components`, `enter_stage`) for one preset, and the per-micro-batch
+    work of `train_one_epoch` around `train_step`: the LR at each window's start, the loss kept on the
+    device (`LossWatch`), the preemption vote every `train.preempt_check_steps` steps and the log-time
+    sync every `train.log_every` steps."""
 
     def __init__(self, cfg, accelerator, taxonomy, class_counts, preset: str):
         from bcc.config import FinetuneConfig
         from bcc.model import count_parameters
+        from bcc.train.epoch import LossWatch
         from bcc.train.preempt import PreemptionFlag
         from bcc.train.setup import build_components, enter_stage
 
@@ -91,45 +94,54 @@ class _BccLoop:
         self.stage = enter_stage(self.parts, accelerator, 0)
         self.trainable = count_parameters(self.parts.model, trainable_only=True)
         self.step_index = 0
-        self.loss_sum = torch.zeros((), device=accelerator.device)
-        self.loss_n = 0
+        self.micro = 0
+        self.losses = LossWatch(1, cfg.train.grad_accum)
         self.preempt = PreemptionFlag(install_handlers=False)
 
     def step(self, batch: dict) -> None:
         from bcc.train.epoch import move_batch, train_step
+        from bcc.train.preempt import is_vote_step
         from bcc.train.setup import set_lr
 
         acc, cfg = self.acc, self.cfg
-        self.preempt.agreed()  # the loop's per-step preemption vote
-        set_lr(self.stage.optimizer, cfg, self.parts.stages[0], self.step_index, 1000)
+        if self.micro % cfg.train.grad_accum == 0:
+            set_lr(self.stage.optimizer, cfg, self.parts.stages[0], self.step_index, 1000)
         batch = move_batch(batch, acc.device, cfg.model.channels_last)
-        self.loss_sum += train_step(self.stage.wrapped, batch, self.parts.loss_fn, self.stage.optimizer, acc,
-                                    self.parts.targets_of, cfg.train.clip_grad)
-        self.loss_n += 1
+        self.losses.add(train_step(self.stage.wrapped, batch, self.parts.loss_fn, self.stage.optimizer, acc,
+                                   self.parts.targets_of, cfg.train.clip_grad))
+        self.micro += 1
         if acc.sync_gradients:
             self.step_index += 1
             if self.step_index % cfg.train.log_every == 0:
-                (self.loss_sum / max(self.loss_n, 1)).item()  # the loop's log-time sync point
-                self.loss_sum.zero_()
-                self.loss_n = 0
+                self.losses.mean(0)  # the loop's log-time sync point
+            if is_vote_step(self.step_index, cfg.train.preempt_check_steps):
+                self.preempt.agreed()
 
 
 class _PlainLoop:
-    """What a plain PyTorch script does: one optimizer over all parameters, cross-entropy per head."""
+    """What a plain PyTorch script does with the same work: the same model and memory format, SGD with
+    weight decay on weights only, class-weighted label-smoothed cross-entropy per head, clipping,
+    autocast (and a scaler for fp16)."""
 
-    def __init__(self, cfg, device, taxonomy, batch):
+    def __init__(self, cfg, device, taxonomy, class_counts):
         from bcc.model import build_model, count_parameters
+        from bcc.train.setup import class_weights_from_manifest
 
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, taxonomy.head_sizes).to(device)
+        if cfg.model.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
         t = cfg.train
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=t.lr, momentum=t.momentum,
-                                         weight_decay=t.weight_decay)
-        table = taxonomy.target_table()
-        labels = batch["label"]
-        self.targets = [table[labels, i].to(device) for i in range(table.shape[1])]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD([{"params": [p for p in params if p.ndim > 1], "weight_decay": t.weight_decay},
+                                          {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                                         lr=t.lr, momentum=t.momentum, nesterov=t.nesterov)
+        self.table = taxonomy.target_table().to(device)
+        weights = (class_weights_from_manifest(taxonomy, class_counts) if cfg.loss.class_weights == "auto"
+                   else dict.fromkeys(taxonomy.head_names))
+        self.weights = [None if w is None else w.to(device) for w in weights.values()]
         self.trainable = count_parameters(self.model, trainable_only=True)
         precision = cfg.train.mixed_precision
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -141,16 +153,26 @@ class _PlainLoop:
         x = batch["image"].to(self.device, non_blocking=True)
         if self.cfg.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        targets = self.table[batch["label"].to(self.device, non_blocking=True)]
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             logits = self.model(x)
-            loss = sum(F.cross_entropy(out, t, ignore_index=-1) for out, t in zip(logits, self.targets, strict=True))
+        # on fp32 logits, as Accelerate's prepared model returns them under mixed precision
+        loss = sum(F.cross_entropy(out.float(), targets[:, i], weight=w, ignore_index=-1,
+                                   label_smoothing=self.cfg.loss.label_smoothing)
+                   for i, (out, w) in enumerate(zip(logits, self.weights, strict=True)))
         self.optimizer.zero_grad(set_to_none=True)
+        clip = self.cfg.train.clip_grad
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
+            if clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             loss.backward()
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.optimizer.step()
 
 
@@ -189,7 +211,7 @@ def bench_step(cfg, *, steps: int = 10, warmup: int = 2, rounds: int = 3, progre
     device = accelerator.device
     progress(f"building 3 x {cfg.model.backbone} on {device}")
     loops = {
-        "plain": _PlainLoop(cfg, device, taxonomy, batch),
+        "plain": _PlainLoop(cfg, device, taxonomy, counts),
         "full": _BccLoop(cfg, accelerator, taxonomy, counts, "full"),
         "frozen": _BccLoop(cfg, accelerator, taxonomy, counts, "frozen"),
     }

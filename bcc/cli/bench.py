@@ -1,4 +1,4 @@
-"""`bcc bench data|step`: is the data path fast enough, and what does the trainer's step cost.
+"""`bcc bench data|step|vote`: is the data path fast enough, and what does the trainer's step cost.
 
 Run on the machine you train on; every figure is a median over alternating rounds in one process, so
 background load hits all the compared variants alike. The ratios are the result; absolute img/s depend
@@ -20,6 +20,16 @@ def _sizes(value: str) -> tuple[int, ...]:
     if len(sizes) < 2 or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"expected at least two positive sample counts, got {value!r}")
     return sizes
+
+
+def _counts(value: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected counts like 2,4,8, got {value!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive counts, got {value!r}")
+    return counts
 
 
 def register(subparsers) -> None:
@@ -65,6 +75,19 @@ def register(subparsers) -> None:
     s.add_argument("--rounds", type=positive_int, default=3, metavar="R", help="alternating rounds (default 3)")
     s.add_argument("--threads", type=positive_int, metavar="T", help="torch intra-op threads (default: torch's)")
     s.set_defaults(func=run_step)
+
+    v = sub.add_parser(
+        "vote",
+        help="cost of the preemption vote with N gloo processes",
+        description="Time the trainer's preemption vote (a gloo all-reduce) in N forked processes on this "
+        "host, per vote and per optimizer step at train.preempt_check_steps intervals.",
+    )
+    v.add_argument("--processes", type=_counts, default=(2, 4, 8), metavar="N1,N2,...",
+                   help="process counts (default 2,4,8)")
+    v.add_argument("--votes", type=positive_int, default=500, metavar="K", help="timed votes (default 500)")
+    v.add_argument("--every", type=_counts, default=(1, 10), metavar="S1,S2",
+                   help="preempt_check_steps to show the per-step cost for (default 1,10)")
+    v.set_defaults(func=run_vote)
 
 
 def _progress(console):
@@ -195,4 +218,25 @@ def run_step(args: argparse.Namespace) -> int:
         f"bcc overhead vs plain = [bold]{100 * result.overhead:+.1f}%[/] (goal <= +3%)   "
         f"frozen / full speed = [bold]{result.frozen_speedup:.2f}x[/]"
     )
+    return 0
+
+
+def run_vote(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from bcc.bench import bench_vote
+    from bcc.console import console
+
+    points = bench_vote(args.processes, votes=args.votes, progress=_progress(console))
+    table = Table(title=f"bcc bench vote: preemption vote (gloo all-reduce of one int32), {args.votes} votes, "
+                  "processes forked on this host")
+    table.add_column("processes", justify="right")
+    table.add_column("us/vote median", justify="right")
+    table.add_column("us/vote p90", justify="right")
+    for every in args.every:
+        table.add_column(f"us/step, vote every {every}", justify="right")
+    for p in points:
+        table.add_row(str(p.processes), f"{p.median_us:,.0f}", f"{p.p90_us:,.0f}",
+                      *(f"{p.median_us / every:,.1f}" for every in args.every))
+    console.print(table)
     return 0

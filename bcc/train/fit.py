@@ -93,6 +93,9 @@ def setup_run(cfg: Config) -> Run:
     bpe = batches_per_epoch(train_split.count, cfg.data.batch_size, acc.num_processes)
     if bpe % cfg.train.grad_accum:
         raise TrainError(f"{bpe} batches per epoch per rank is not a multiple of train.grad_accum={cfg.train.grad_accum}")
+    if cfg.train.preempt_check_steps < 1:
+        raise TrainError(f"train.preempt_check_steps must be >= 1 (optimizer steps between preemption votes), "
+                         f"got {cfg.train.preempt_check_steps}")
     info = RunInfo(world_size=acc.num_processes, rank=acc.process_index, batches_per_epoch=bpe,
                    steps_per_epoch=bpe // cfg.train.grad_accum, total_epochs=cfg.train.epochs)
     parts = build_components(cfg, taxonomy, train_split.class_counts, acc.device)
@@ -158,14 +161,8 @@ def fit(cfg: Config) -> dict:
         preempted = train_one_epoch(loader, run.parts, run.stage, run.state, acc, info, flag, run.log, lambda: save(run))
         run.log.end_epoch()
         if preempted:
-            batches.close()
             save(run)
-            if acc.is_main_process:
-                preemption.write_marker(run.run_dir, run.state.step, flag.signum)
-            console.print(f"[yellow]preempted[/]: saved at step {run.state.step}; exiting with {EXIT_PREEMPTED}")
-            acc.wait_for_everyone()  # the group ends in order (see bcc.runtime.shutdown_distributed)
-            acc.end_training()  # finishes the trackers (the requeued run continues them)
-            return {"preempted": True, "step": run.state.step}
+            return finish_preempted(run, flag, batches)
         run.state.epoch += 1
         run.state.batches_in_epoch = 0
         metric_value = None
@@ -176,12 +173,26 @@ def fit(cfg: Config) -> dict:
                          **scalar_metrics(last_val)}, run.state.step)
             metric_value = float(last_val[cfg.checkpoint.metric])
         save(run, metric_value)
+        if run.state.epoch < info.total_epochs and flag.agreed():  # the epoch's last vote, after its checkpoint
+            return finish_preempted(run, flag, batches)
     batches.close()
     result = {"val": last_val, "train_time": run.log.elapsed(), **best_checkpoint_passes(run)}
     write_summary(run, result)
     acc.wait_for_everyone()
     acc.end_training()  # finishes the trackers and ends the process group
     return result
+
+
+def finish_preempted(run: Run, flag: preemption.PreemptionFlag, batches: TrainLoader) -> dict:
+    """After the preemption checkpoint: the marker with the signal the ranks agreed on, the loader
+    workers and trackers ended (a requeued run continues the trackers), and the result."""
+    batches.close()
+    if run.accelerator.is_main_process:
+        preemption.write_marker(run.run_dir, run.state.step, flag.agreed_signum)
+    console.print(f"[yellow]preempted[/]: saved at step {run.state.step}; exiting with {EXIT_PREEMPTED}")
+    run.accelerator.wait_for_everyone()  # the group ends in order (see bcc.runtime.shutdown_distributed)
+    run.accelerator.end_training()
+    return {"preempted": True, "step": run.state.step}
 
 
 def _enter(run: Run, index: int, carry: bool) -> None:

@@ -1,5 +1,5 @@
-"""Preemption: SIGUSR1/SIGTERM set a flag, all ranks agree on it at a step boundary, the run saves and
-exits with `EXIT_PREEMPTED` after leaving a `PREEMPTED` marker in the run directory."""
+"""Preemption: SIGUSR1/SIGTERM set a flag, all ranks vote on it at agreed optimizer-step boundaries, the run
+saves and exits with `EXIT_PREEMPTED` after leaving a `PREEMPTED` marker in the run directory."""
 
 from __future__ import annotations
 
@@ -15,29 +15,41 @@ PREEMPTED_MARKER = "PREEMPTED"  # written into the run dir with the preemption c
 
 
 class PreemptionFlag:
-    """SIGUSR1/SIGTERM only set a flag; the loop acts on it at the next step boundary."""
+    """SIGUSR1/SIGTERM only set a flag; the loop acts on it at the next vote (`agreed`)."""
 
     def __init__(self, install_handlers: bool = True) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None  # what reached this process
+        self.agreed_signum: int | None = None  # what the ranks agreed on (the largest signal number raised)
         self.group = None
         for sig in (signal.SIGUSR1, signal.SIGTERM) if install_handlers else ():
             signal.signal(sig, self._handle)
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_backend() != "gloo":
-            # the vote travels over a CPU (gloo) group: an NCCL all-reduce + .item() every step would
-            # stall the GPU queue just to read one flag
+            # the vote travels over a CPU (gloo) group: an NCCL all-reduce + .item() would stall the GPU
+            # queue just to read one flag
             self.group = dist.new_group(backend="gloo")
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
 
     def agreed(self) -> bool:
-        """True on every rank when any rank was signalled (a collective: all ranks must call it)."""
-        flag = torch.tensor([1 if self.signum is not None else 0], dtype=torch.int32)
+        """True on every rank when any rank was signalled (a collective: all ranks must call it at the same
+        point). The signal numbers are all-reduced with MAX, so every rank, rank 0 included, also learns
+        which signal it was (`agreed_signum`) even when it reached another rank only."""
+        vote = torch.tensor([self.signum or 0], dtype=torch.int32)
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, group=self.group)
-        return bool(flag.item() > 0)
+            dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.group)
+        signum = int(vote.item())
+        if signum:
+            self.agreed_signum = signum
+        return signum > 0
+
+
+def is_vote_step(step: int, every: int) -> bool:
+    """Whether the ranks vote after optimizer step `step`. A pure function of the step: every rank, and a
+    resumed run, votes at the same steps, and only at accumulation boundaries (steps count windows)."""
+    return step % every == 0
 
 
 def write_marker(run_dir: Path, step: int, signum: int | None) -> None:

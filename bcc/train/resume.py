@@ -18,6 +18,7 @@ from bcc.train.setup import Components, RunInfo, StageParts, TrainError, enter_s
 SAFE_RESUME_KEYS = (
     "train.epochs",
     "train.log_every",
+    "train.preempt_check_steps",
     "data.workers",
     "data.eval_batch_size",
     "checkpoint.",
@@ -95,6 +96,10 @@ def restore(path: Path, parts: Components, accelerator: Accelerator, info: RunIn
         console.print(f"[yellow]resume:[/] {saved_world} -> {info.world_size} processes at an epoch "
                       "boundary: the data order from here on differs from the original run")
     state = ckpt.state
+    if state.batches_in_epoch % parts.cfg.train.grad_accum:
+        console.print(f"[yellow]resume:[/] {path} was saved inside a gradient-accumulation window (batch "
+                      f"{state.batches_in_epoch}, train.grad_accum={parts.cfg.train.grad_accum}) by an older bcc: "
+                      "the partial window's gradients were not saved, so this resume is not exact")
     state.config_hash = config_hash(parts.cfg)
     parts.model.load_state_dict(ckpt.model)
     stage = enter_stage(parts, accelerator, state.stage)
