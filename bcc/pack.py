@@ -43,6 +43,10 @@ _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": 
                "GIF": "gif", "PPM": "ppm", "JPEG2000": "jp2"}
 _LOSSY = {"JPEG", "MPO", "WEBP", "JPEG2000"}
 
+# A pack made with default options must feed 2 loader workers on each of up to 8 ranks, one shard each
+DEFAULT_MIN_SHARDS = 16
+TINY_SPLIT_PER_CLASS = 5  # a val/test split with fewer samples per class than this gets a warning
+
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total); stages "decode", "write"
 
 
@@ -248,6 +252,21 @@ def _find_duplicates(samples: list[dict[str, Any]], warnings_: list[str]) -> lis
     return sorted(duplicates, key=lambda d: d["paths"][0])
 
 
+def _split_warnings(splits_info: dict[str, Any], num_classes: int) -> list[str]:
+    """Warnings for evaluation splits too small to choose a checkpoint on (counted and named)."""
+    out = []
+    tiny = TINY_SPLIT_PER_CLASS * num_classes
+    for name in SPLITS[1:]:
+        n = splits_info[name]["count"]
+        if n == 0:
+            out.append(f"split {name!r} is empty" + (": training refuses an empty val split" if name == "val"
+                                                     else ": a run reports no test metrics"))
+        elif n < tiny:
+            out.append(f"split {name!r} has only {n} sample(s) (fewer than {TINY_SPLIT_PER_CLASS} per class): "
+                       "its metrics will be noisy")
+    return out
+
+
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:
     src_r, out_r = src.resolve(), out.resolve()
     if out_r.is_relative_to(src_r) or src_r.is_relative_to(out_r):
@@ -279,7 +298,7 @@ def pack_folders(
     resize: int | None = None,
     quality: int = 90,
     shard_size: int = 1000,
-    min_shards: int = 1,
+    min_shards: int = DEFAULT_MIN_SHARDS,
     workers: int = 1,
     group_regex: str | None = None,
     taxonomy: Taxonomy | None = None,
@@ -347,6 +366,7 @@ def pack_folders(
             splits_info[split_name] = _write_split(tmp, staging, split_name, members, taxonomy,
                                                    shard_sizes(len(members), shard_size, min_shards), on_shard)
         duplicates = _find_duplicates(samples, warnings_)
+        warnings_ += _split_warnings(splits_info, len(taxonomy.class_names))
 
         options = {"split": list(fractions), "seed": seed, "resize": resize, "quality": quality,
                    "shard_size": shard_size, "min_shards": min_shards, "group_regex": group_regex,
