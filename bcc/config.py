@@ -44,7 +44,7 @@ class DataConfig:
     batch_size: int = 32  # per process
     eval_batch_size: int = 64  # per process
     workers: int = 2  # loader worker processes per rank
-    shuffle_buffer: int = 500  # samples held by each worker's shuffle buffer
+    shuffle_buffer: int = 500  # samples held by each of the 8 lanes of a rank (bcc.stream.LANES), not per worker
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"

@@ -37,7 +37,7 @@ from bcc.manifest import Manifest
 from bcc.metrics import EvalMetrics
 from bcc.model import count_parameters
 from bcc.runtime import cpu_report
-from bcc.stream import batches_per_epoch, eval_loader, train_loader
+from bcc.stream import TrainLoader, batches_per_epoch, eval_loader
 from bcc.train import preempt as preemption
 from bcc.train.epoch import evaluate_split, sync_buffers, train_one_epoch
 from bcc.train.preflight import check_precision, preflight
@@ -130,20 +130,23 @@ def fit(cfg: Config) -> dict:
                   f"{count_parameters(run.parts.model):,} parameters -> {run.run_dir}")
     last_val: dict = {}
     run.log.start_clock()  # `time` in metrics.jsonl: seconds of this process's training, set-up excluded
+    # loader workers start once and serve every epoch; an epoch that stops early (preemption, an error)
+    # ends them itself, and close() ends them after the last epoch
+    batches = TrainLoader(run.manifest, cfg.data, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
+                          pin_memory=run.pin_memory)
     while run.state.epoch < info.total_epochs:
         epoch = run.state.epoch
         stage_index, _ = stage_at(run.parts.stages, epoch)
         if stage_index != run.state.stage:
             _enter(run, stage_index, carry=True)
             console.print(f"stage {stage_index}: training {', '.join(run.parts.stages[stage_index].train)}")
-        loader = train_loader(run.manifest, cfg.data, seed=cfg.train.seed, epoch=epoch, rank=info.rank,
-                              world_size=info.world_size, skip_batches=run.state.batches_in_epoch,
-                              pin_memory=run.pin_memory)
+        loader = batches.epoch(epoch, skip_batches=run.state.batches_in_epoch)
         if pending_rng is not None:  # restored after the loader exists, so nothing the loader draws can shift it
             restore_rng_state(pending_rng)
             pending_rng = None
         t_epoch = run.log.elapsed()
         if train_one_epoch(loader, run.parts, run.stage, run.state, acc, info, flag, run.log, lambda: save(run)):
+            batches.close()
             save(run)
             if acc.is_main_process:
                 preemption.write_marker(run.run_dir, run.state.step, flag.signum)
@@ -159,6 +162,7 @@ def fit(cfg: Config) -> dict:
                          **scalar_metrics(last_val)}, run.state.step)
             metric_value = float(last_val[cfg.checkpoint.metric])
         save(run, metric_value)
+    batches.close()
     result = {"val": last_val, "train_time": run.log.elapsed(), **best_checkpoint_passes(run)}
     write_summary(run, result)
     return result
