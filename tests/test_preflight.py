@@ -166,6 +166,26 @@ def test_invalid_values_name_the_key_and_the_override(capsys, tmp_path, shards, 
     assert line.startswith(f"error: override '{override}': {key}: must be")
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_corrupt_shard_found_by_a_loader_worker_is_one_line(capsys, tmp_path, shards, damage):
+    """Damage the preflight's size check cannot see: the stream names the shard from inside a worker."""
+    from bcc.manifest import Manifest
+
+    shard = Manifest.load(shards).split("train").shards[0]
+    bad = Path(shard.path)
+    data = bytearray(bad.read_bytes())
+    if damage == "truncate":
+        data = data[:shard.count * 2048 + 4096]  # above the preflight's lower bound, short of the whole
+        assert len(data) < bad.stat().st_size
+    else:
+        data[len(data) // 2:len(data) // 2 + 2048] = b"\xff" * 2048  # a header block or image bytes garbled
+    bad.write_bytes(bytes(data))
+    cfg = write_config(tmp_path / "cfg.yaml", shards, tmp_path / "run")
+    line = _one_error(capsys, ["train", "--config", cfg, "data.workers=2", "train.epochs=1"])
+    assert bad.name in line and ("cannot read shard" in line or "cannot decode sample" in line
+                                 or "holds" in line), line
+
+
 def test_too_few_images_for_one_batch(capsys, tmp_path, shards):
     line = _train(capsys, tmp_path, shards, "data.batch_size=1000")
     assert "cannot fill one batch of 1000" in line and "data.batch_size" in line
@@ -279,6 +299,8 @@ def test_a_default_pack_feeds_8_ranks_x_2_workers(tmp_path, make_class_tree):
     for rank in range(8):
         loader = train_loader(manifest, cfg.data, seed=0, epoch=0, rank=rank, world_size=8)
         assert len(loader) == 128 // (8 * 4)
+    keys = [k for batch in loader for k in batch["key"]]  # the last rank, through its 2 loader workers
+    assert len(keys) == len(set(keys)) == 16
 
 
 def test_tiny_eval_splits_are_warned_about_at_pack_time(tmp_path, make_class_tree):
