@@ -135,17 +135,9 @@ def train_mode(config: str | Path | None, overrides: Sequence[str], mode: str, o
     run_dir = Path(out) / mode
     if (run_dir / "summary.json").is_file():
         return 0  # already trained: compare is re-runnable and only fills in what is missing
-    args = [*overrides, *mode_overrides(mode, run_dir), "checkpoint.resume=auto"]
-    if processes == 1:
-        from bcc.errors import EXIT_PREEMPTED
-        from bcc.train.fit import fit
+    from bcc.launch import train_run
 
-        result = fit(load_config(config, args))
-        return EXIT_PREEMPTED if result.get("preempted") else 0
-    from bcc.launch import accelerate_command, run_launch
-
-    cmd, env = accelerate_command(processes, [*(["--config", str(config)] if config else []), *args])
-    return run_launch(cmd, env)
+    return train_run(config, [*overrides, *mode_overrides(mode, run_dir), "checkpoint.resume=auto"], processes)
 
 
 # --------------------------------------------------------------------------- aggregation

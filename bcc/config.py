@@ -48,6 +48,9 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    # cross-validation (a pack made with --folds K): fold k validates, the other folds train; the val
+    # split is then fold k of train+val and test is unchanged. None: the pack's own train/val split
+    fold: int | None = None
     # train augmentation: blood smears have no canonical orientation, so both flips and rotation are safe
     scale_min: float = 0.5
     rotation: float = 15.0

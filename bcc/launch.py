@@ -41,3 +41,20 @@ def accelerate_command(processes: int, args: Sequence[str], module: str = "bcc.t
 
 def run_launch(cmd: Sequence[str], env: dict) -> int:
     return subprocess.run(list(cmd), env=env).returncode
+
+
+def train_run(config, args: Sequence[str], processes: int = 1) -> int:
+    """Train one run (`bcc.train` with `--config config` and dotted `args`); returns the exit code.
+
+    One process trains in this process (`bcc.train.fit`), more go through `accelerate launch`.
+    Used by `bcc compare` (one run per mode) and `bcc cv` (one run per fold).
+    """
+    if processes == 1:
+        from bcc.config import load_config
+        from bcc.errors import EXIT_PREEMPTED
+        from bcc.train.fit import fit
+
+        result = fit(load_config(config, list(args)))
+        return EXIT_PREEMPTED if result.get("preempted") else 0
+    cmd, env = accelerate_command(processes, [*(["--config", str(config)] if config else []), *args])
+    return run_launch(cmd, env)

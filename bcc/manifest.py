@@ -2,10 +2,20 @@
 benchmarks' synthetic shards) beside the one reader (`Manifest.load`, used by every reader).
 
 The writer also writes timm's `_info.json` (read by `timm.data.readers.reader_wds`) from the same data.
+
+Optional parts (additive; a reader that does not know them ignores them):
+- `near_duplicates`: groups of near-identical images kept on one side (`bcc.neardup`), a list of
+  `{"paths", "max_distance", "split"}`, or `{"file": "near_duplicates.json", "count": n}` when the
+  list is longer than `NEAR_DUP_INLINE` (the side file holds the list).
+- `folds` (`bcc pack --folds K`): `{"k", "seed", "splits": ["train", "val"], "counts": [n per fold],
+  "class_counts": [{class: n} per fold]}`; each train/val shard entry then has `fold_counts` (samples
+  per fold) and each of its samples' json a `fold`. `Manifest.with_fold(k)` is the view that trains
+  on the other folds and validates on fold k, sized from these counts without reading a shard.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -17,10 +27,12 @@ from typing import Any
 from bcc.errors import BccError
 from bcc.taxonomy import Taxonomy, TaxonomyError
 
-__all__ = ["FORMAT", "Manifest", "ManifestError", "ManifestNotFoundError", "ShardInfo", "SplitInfo",
-           "split_entry", "write_manifest"]
+__all__ = ["FORMAT", "FoldError", "Manifest", "ManifestError", "ManifestNotFoundError", "NEAR_DUP_INLINE",
+           "ShardInfo", "SplitInfo", "split_entry", "write_manifest"]
 
 FORMAT = "bcc-shards/1"
+NEAR_DUP_INLINE = 1000  # more near-duplicate groups than this go to near_duplicates.json
+NEAR_DUP_FILE = "near_duplicates.json"
 
 
 class ManifestError(BccError, ValueError):
@@ -31,11 +43,21 @@ class ManifestNotFoundError(ManifestError, FileNotFoundError):
     pass
 
 
+class FoldError(ManifestError):
+    """`data.fold` asked of a pack without folds, or a fold out of range."""
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     path: Path  # absolute
-    count: int
+    count: int  # samples the readers take from it (only those of `folds` when that is set)
     sha256: str
+    fold_counts: tuple[int, ...] | None = None  # samples per cross-validation fold, if packed with folds
+    folds: frozenset[int] | None = None  # a fold view: readers keep only samples whose json `fold` is in it
+
+    def is_kept(self, meta: Mapping[str, Any]) -> bool:
+        """Whether a sample (its decoded json) belongs to this shard's view."""
+        return self.folds is None or meta.get("fold") in self.folds
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,8 @@ class SplitInfo:
 
 class Manifest:
     """`Manifest.load(dir)`; then `.taxonomy`, `.classes`, `.splits`, `.split(name)`, `.options`."""
+
+    fold: int | None = None  # the validation fold of a `with_fold` view
 
     def __init__(self, root: Path, data: dict[str, Any]):
         self.root = root
@@ -89,8 +113,56 @@ class Manifest:
         # lexical: `root` is resolved already, and resolving 100,000 shard paths would stat every one
         root = str(self.root)
         shards = [ShardInfo(Path(os.path.normpath(os.path.join(root, sh["path"]))), int(sh["count"]),
-                            str(sh["sha256"])) for sh in s["shards"]]
+                            str(sh["sha256"]),
+                            tuple(int(n) for n in sh["fold_counts"]) if "fold_counts" in sh else None)
+                  for sh in s["shards"]]
         return SplitInfo(name, int(s["count"]), {str(k): int(v) for k, v in s["class_counts"].items()}, shards)
+
+    @property
+    def folds(self) -> int | None:
+        """K of a pack made with `--folds K`, else None."""
+        folds = self.data.get("folds")
+        return int(folds["k"]) if folds else None
+
+    def with_fold(self, fold: int | None, *, train: str = "train", val: str = "val") -> Manifest:
+        """The cross-validation view for `data.fold`: split `train` holds the train+val samples of every
+        fold but `fold`, split `val` those of `fold`; other splits (test) are unchanged. Counts come
+        from the manifest's per-shard fold counts, so sizes need no shard read; readers filter samples
+        by their json `fold` (`ShardInfo.is_kept`). `fold` None: this manifest itself.
+        Raises FoldError when the pack has no folds or `fold` is outside 0..K-1."""
+        if fold is None:
+            return self
+        k = self.folds
+        if k is None:
+            raise FoldError(f"data.fold={fold} but {self.path} has no folds; repack with `bcc pack --folds K`")
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < k:
+            raise FoldError(f"data.fold={fold!r} is outside 0..{k - 1} (the pack at {self.root} has {k} folds)")
+        info = self.data["folds"]
+        pool = [sh for name in info["splits"] for sh in self.split(name).shards]
+        if any(sh.fold_counts is None or len(sh.fold_counts) != k for sh in pool):
+            raise FoldError(f"{self.path}: a train/val shard lacks fold_counts for {k} folds; repack it")
+        view = Manifest.__new__(Manifest)
+        view.__dict__.update(self.__dict__)
+        view._splits = dict(self._splits)
+        for name, chosen in ((train, frozenset(range(k)) - {fold}), (val, frozenset({fold}))):
+            shards = [dataclasses.replace(sh, count=sum(sh.fold_counts[f] for f in chosen), folds=chosen)
+                      for sh in pool]
+            shards = [sh for sh in shards if sh.count]  # a shard with none of these folds is never opened
+            counts = {c: sum(info["class_counts"][f].get(c, 0) for f in chosen) for c in self.classes}
+            view._splits[name] = SplitInfo(name, sum(sh.count for sh in shards), counts, shards)
+        view.fold = fold
+        return view
+
+    def near_duplicates(self) -> list[dict[str, Any]]:
+        """The near-duplicate groups (`{"paths", "max_distance", "split"}`), from the side file if large."""
+        groups = self.data.get("near_duplicates") or []
+        if isinstance(groups, dict):
+            path = self.root / groups["file"]
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise ManifestError(f"cannot read the near-duplicate groups {path}: {e}") from e
+        return list(groups)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -148,13 +220,16 @@ def write_manifest(
     skipped: Sequence[Mapping[str, str]] = (),
     converted: Sequence[Mapping[str, str]] = (),
     duplicates: Sequence[Mapping[str, Any]] = (),
+    near_duplicates: Sequence[Mapping[str, Any]] | None = None,
+    folds: Mapping[str, Any] | None = None,
     warnings: Sequence[str] = (),
     name: str | None = None,
 ) -> dict[str, Any]:
     """Write `out/manifest.json` and `out/_info.json` atomically; returns the manifest.
 
     `splits` maps a split name to its `split_entry`; shard paths are relative to `out`. `name` is the
-    dataset name in `_info.json` (default: `out`'s name).
+    dataset name in `_info.json` (default: `out`'s name). `near_duplicates` (None: not searched) and
+    `folds` are the optional parts described in the module docstring.
     """
     from bcc import __version__
     from bcc.atomic import write_json
@@ -174,6 +249,15 @@ def write_manifest(
         "duplicates": [dict(d) for d in duplicates],
         "warnings": list(warnings),
     }
+    if near_duplicates is not None:
+        groups = [dict(g) for g in near_duplicates]
+        if len(groups) > NEAR_DUP_INLINE:
+            write_json(out / NEAR_DUP_FILE, groups)
+            manifest["near_duplicates"] = {"file": NEAR_DUP_FILE, "count": len(groups)}
+        else:
+            manifest["near_duplicates"] = groups
+    if folds is not None:
+        manifest["folds"] = dict(folds)
     write_json(out / "manifest.json", manifest)
     write_json(out / "_info.json", _timm_info(name or out.name, manifest))
     return manifest

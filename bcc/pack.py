@@ -9,6 +9,7 @@ Output appears atomically: everything is written to a sibling `OUT.tmp-<pid>` an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -33,8 +34,9 @@ from bcc.imageio import (
     to_rgb,
 )
 from bcc.manifest import split_entry, write_manifest
+from bcc.neardup import DEFAULT_THRESHOLD, is_enabled, phash
 from bcc.shards import sha256_file, shard_sizes, write_shard
-from bcc.split import SPLITS, assign_splits, compile_group_regex, parse_split
+from bcc.split import SPLITS, assign_folds, assign_splits, compile_group_regex, parse_split, sample_units
 from bcc.taxonomy import Taxonomy
 
 __all__ = ["PackError", "PackResult", "pack_folders"]
@@ -75,6 +77,7 @@ class _Options:
     quality: int
     max_pixels: int | None
     staging: str
+    phash: bool = False  # hash each decoded image for near-duplicate grouping
 
 
 def _png_bit_depth(data: bytes) -> int:
@@ -93,9 +96,8 @@ def _encode(img, fmt: str, quality: int) -> bytes:
 
 def _decode(data: bytes, suffix: str, opts: _Options) -> dict[str, Any]:
     """What to store for one source file: its own bytes (8-bit RGB in a common format) or re-encoded
-    RGB (`bcc.imageio.to_rgb`: orientation applied, 16-bit scaled), with what was converted."""
-    from PIL import Image
-
+    RGB (`bcc.imageio.to_rgb`: orientation applied, 16-bit scaled), with what was converted; and,
+    when asked, the 64-bit pHash of the source image (`bcc.neardup.phash` of its RGB form)."""
     try:
         img = open_image(data, max_pixels=opts.max_pixels, min_side=opts.resize)
     except ImageError as e:
@@ -105,30 +107,39 @@ def _decode(data: bytes, suffix: str, opts: _Options) -> dict[str, Any]:
             raise ImageError(f"corrupt image: {e.reason}") from e
         raise
     with img:
-        fmt, mode = img.format or "", img.mode
-        bits16 = fmt == "PNG" and _png_bit_depth(data) == 16
-        is_rgb8 = mode == "RGB" and not bits16
-        converted = None if is_rgb8 else (f"{mode};16" if bits16 and mode == "RGB" else mode)
-        if opts.resize:
-            rgb = to_rgb(img)
-            w, h = rgb.size
-            s = opts.resize / min(w, h)
-            size = (max(1, round(w * s)), max(1, round(h * s)))
-            if size != rgb.size:
-                rgb = rgb.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-            return {"format": fmt, "mode": mode, "converted": converted,
-                    "ext": "jpg", "data": _encode(rgb, "JPEG", opts.quality)}
-        if is_rgb8:
-            if fmt not in _EXTENSIONS:
-                # keep the original bytes only in formats every reader knows; others become PNG
-                return {"format": fmt, "mode": mode, "converted": f"{mode} ({fmt})",
-                        "ext": "png", "data": _encode(to_rgb(img), "PNG", opts.quality)}
-            # stored as they are: the reader applies the same orientation (bcc.imageio.decode_rgb)
-            return {"format": fmt, "mode": mode, "converted": None, "ext": _EXTENSIONS[fmt], "data": None}
-        target = "JPEG" if fmt in _LOSSY else "PNG"
+        rgb = functools.cache(lambda: to_rgb(img))  # converted at most once, only when needed
+        info = _convert(img, data, opts, rgb)
+        info["phash"] = phash(rgb()) if opts.phash else None
+        return info
+
+
+def _convert(img, data: bytes, opts: _Options, rgb: Callable[[], Any]) -> dict[str, Any]:
+    from PIL import Image
+
+    fmt, mode = img.format or "", img.mode
+    bits16 = fmt == "PNG" and _png_bit_depth(data) == 16
+    is_rgb8 = mode == "RGB" and not bits16
+    converted = None if is_rgb8 else (f"{mode};16" if bits16 and mode == "RGB" else mode)
+    if opts.resize:
+        image = rgb()
+        w, h = image.size
+        s = opts.resize / min(w, h)
+        size = (max(1, round(w * s)), max(1, round(h * s)))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
         return {"format": fmt, "mode": mode, "converted": converted,
-                "ext": "jpg" if target == "JPEG" else "png",
-                "data": _encode(to_rgb(img), target, opts.quality)}
+                "ext": "jpg", "data": _encode(image, "JPEG", opts.quality)}
+    if is_rgb8:
+        if fmt not in _EXTENSIONS:
+            # keep the original bytes only in formats every reader knows; others become PNG
+            return {"format": fmt, "mode": mode, "converted": f"{mode} ({fmt})",
+                    "ext": "png", "data": _encode(rgb(), "PNG", opts.quality)}
+        # stored as they are: the reader applies the same orientation (bcc.imageio.decode_rgb)
+        return {"format": fmt, "mode": mode, "converted": None, "ext": _EXTENSIONS[fmt], "data": None}
+    target = "JPEG" if fmt in _LOSSY else "PNG"
+    return {"format": fmt, "mode": mode, "converted": converted,
+            "ext": "jpg" if target == "JPEG" else "png",
+            "data": _encode(rgb(), target, opts.quality)}
 
 
 def _inspect(task: tuple[int, str, _Options]) -> dict[str, Any]:
@@ -212,14 +223,19 @@ def _collect(entries: list[ImageEntry], results: list[dict[str, Any]], skipped: 
 
 
 def _write_split(tmp: Path, staging: Path, split_name: str, members: list[dict[str, Any]], taxonomy: Taxonomy,
-                 sizes: list[int], on_shard: Callable[[int], None]) -> dict[str, Any]:
-    """Write one split's shards; returns its manifest entry."""
+                 sizes: list[int], on_shard: Callable[[int], None], folds: int | None = None) -> dict[str, Any]:
+    """Write one split's shards; returns its manifest entry. With `folds`, samples holding a `fold`
+    store it in their json and each shard entry gets `fold_counts` (samples per fold)."""
     names = taxonomy.class_names
 
     def encoded(start: int, size: int):
         for n, s in enumerate(members[start:start + size], start=start):
             meta = {"class": names[s["label"]], "folder": s["folder"], "source": s["source"],
                     "sha256": s["sha256"], "label": s["label"], **taxonomy.targets(s["label"])}
+            if s.get("phash") is not None:
+                meta["phash"] = f"{s['phash']:016x}"  # imagehash's hex form
+            if s.get("fold") is not None:
+                meta["fold"] = s["fold"]
             yield {"__key__": f"{split_name}-{n:08d}", s["ext"]: _stored_bytes(s, staging),
                    "json": json.dumps(meta).encode("utf-8")}
 
@@ -228,7 +244,11 @@ def _write_split(tmp: Path, staging: Path, split_name: str, members: list[dict[s
     for j, size in enumerate(sizes):
         path = tmp / f"{split_name}-{j:06d}.tar"
         write_shard(path, encoded(start, size))
-        shards.append({"path": path.name, "count": size, "sha256": sha256_file(path)})
+        entry = {"path": path.name, "count": size, "sha256": sha256_file(path)}
+        if folds:
+            in_shard = Counter(s.get("fold") for s in members[start:start + size])
+            entry["fold_counts"] = [in_shard.get(k, 0) for k in range(folds)]
+        shards.append(entry)
         start += size
         on_shard(size)
     for s in members:
@@ -265,6 +285,25 @@ def _split_warnings(splits_info: dict[str, Any], num_classes: int) -> list[str]:
             out.append(f"split {name!r} has only {n} sample(s) (fewer than {TINY_SPLIT_PER_CLASS} per class): "
                        "its metrics will be noisy")
     return out
+
+
+def _fold_entry(samples: list[dict[str, Any]], fold_of: list[int | None], folds: int, seed: int,
+                taxonomy: Taxonomy) -> dict[str, Any]:
+    """The manifest's `folds`: K, seed, the splits dealt and per fold its sample and class counts."""
+    names = taxonomy.class_names
+    per_fold = [Counter() for _ in range(folds)]
+    for s, f in zip(samples, fold_of, strict=True):
+        if f is not None:
+            per_fold[f][names[s["label"]]] += 1
+    return {"k": folds, "seed": seed, "splits": ["train", "val"],
+            "counts": [sum(c.values()) for c in per_fold],
+            "class_counts": [{n: c.get(n, 0) for n in names} for c in per_fold]}
+
+
+def _imagehash_version() -> str:
+    from importlib.metadata import version
+
+    return version("ImageHash")
 
 
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:
@@ -305,6 +344,8 @@ def pack_folders(
     overwrite: bool = False,
     strict: bool = False,
     max_image_pixels: int | None = None,
+    near_dup_threshold: int | None = DEFAULT_THRESHOLD,
+    folds: int | None = None,
     progress: ProgressFn | None = None,
 ) -> PackResult:
     """Pack class folders under `src` into WebDataset shards plus `manifest.json` in `out`.
@@ -313,6 +354,13 @@ def pack_folders(
     a non-empty `out` without `overwrite`, `SplitError` for bad split options and `PackError` for other
     bad options or (with `strict`) any skipped file. `max_image_pixels` defaults to
     `bcc.imageio.MAX_IMAGE_PIXELS` (Pillow's decompression-bomb limit).
+
+    near_dup_threshold: images whose 64-bit pHashes differ in at most this many bits (default 6)
+    stay on one side of the split and of the folds, like exact duplicates; None or -1 switches the
+    hashing off. The groups are reported in the manifest's `near_duplicates` (in the side file
+    `near_duplicates.json` when there are more than `NEAR_DUP_INLINE`).
+    folds: K >= 2 deals the train+val samples into K stratified, group-safe cross-validation folds
+    (test stays fixed): `fold` in each sample's json, `fold_counts` per shard, `folds` in the manifest.
     """
     t0 = time.perf_counter()
     src, out = Path(src), Path(out)
@@ -325,6 +373,11 @@ def pack_folders(
         raise PackError(f"quality must be in 1..100, got {quality}")
     if shard_size < 1 or min_shards < 1 or workers < 1:
         raise PackError("shard_size, min_shards and workers must be >= 1")
+    near_on = is_enabled(near_dup_threshold)  # raises NearDupError on a threshold out of range
+    if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
+        raise PackError(f"folds must be an integer >= 2, got {folds!r}")
+    if folds is not None and not fractions[0] + fractions[1] > 0:
+        raise PackError("folds need train+val samples")
     if not src.is_dir():
         raise PackError(f"SRC {src} is not a directory")
     _check_out(src, out, overwrite)
@@ -338,7 +391,8 @@ def pack_folders(
     staging = tmp / "_staging"
     staging.mkdir(parents=True)
     try:
-        results = _inspect_all(entries, _Options(resize, quality, limit, str(staging)), workers, progress)
+        opts = _Options(resize, quality, limit, str(staging), phash=near_on)
+        results = _inspect_all(entries, opts, workers, progress)
         samples, converted = _collect(entries, results, skipped)
         if strict and skipped:
             lines = "\n".join(f"  {s['path']}: {s['reason']}" for s in skipped)
@@ -349,7 +403,14 @@ def pack_folders(
         per_class = Counter(s["label"] for s in samples)
         warnings_ += [f"class {c!r} has no samples" for i, c in enumerate(taxonomy.class_names) if not per_class[i]]
 
-        assignment, unmatched, rng = assign_splits(samples, fractions, seed, group_rx)
+        units = sample_units(samples, group_rx, near_dup_threshold if near_on else None)
+        assignment, unmatched, rng = assign_splits(samples, fractions, seed, group_rx, units=units)
+        fold_info = None
+        if folds:
+            fold_of = assign_folds(samples, units, folds, seed, include=[a in (0, 1) for a in assignment])
+            for s, f in zip(samples, fold_of, strict=True):
+                s["fold"] = f
+            fold_info = _fold_entry(samples, fold_of, folds, seed, taxonomy)
         if unmatched:
             warnings_.append(f"{unmatched} file name(s) do not match the group regex; each is its own group")
         splits_info: dict[str, Any] = {}
@@ -364,15 +425,20 @@ def pack_folders(
             members = [s for s, a in zip(samples, assignment, strict=True) if a == k]
             rng.shuffle(members)  # every shard mixes classes
             splits_info[split_name] = _write_split(tmp, staging, split_name, members, taxonomy,
-                                                   shard_sizes(len(members), shard_size, min_shards), on_shard)
+                                                   shard_sizes(len(members), shard_size, min_shards), on_shard,
+                                                   folds)
         duplicates = _find_duplicates(samples, warnings_)
         warnings_ += _split_warnings(splits_info, len(taxonomy.class_names))
+        near_groups = [{**g.entry([s["source"] for s in samples]), "split": samples[g.members[0]]["split"]}
+                       for g in units.near.groups]
 
         options = {"split": list(fractions), "seed": seed, "resize": resize, "quality": quality,
                    "shard_size": shard_size, "min_shards": min_shards, "group_regex": group_regex,
-                   "max_image_pixels": limit}
+                   "max_image_pixels": limit, "near_dup_threshold": near_dup_threshold if near_on else None,
+                   "imagehash": _imagehash_version() if near_on else None, "folds": folds}
         manifest = write_manifest(tmp, taxonomy, splits_info, source=str(src.resolve()), options=options,
                                   skipped=skipped, converted=converted, duplicates=duplicates,
+                                  near_duplicates=near_groups if near_on else None, folds=fold_info,
                                   warnings=warnings_, name=out.name)
         shutil.rmtree(staging)
         _commit(tmp, out)
@@ -384,7 +450,7 @@ def pack_folders(
     by_reason = Counter(s["reason"].split(":", 1)[0] for s in skipped)
     counts = {"files": len(entries) + scan_skipped,
               "packed": len(samples), "skipped": len(skipped), "converted": len(converted),
-              "duplicates": len(duplicates),
+              "duplicates": len(duplicates), "near_duplicate_groups": len(units.near.groups),
               "shards": sum(len(v["shards"]) for v in manifest["splits"].values())}
     return PackResult(manifest, out, counts, dict(sorted(by_reason.items())), elapsed,
                       len(samples) / elapsed if elapsed > 0 else 0.0)

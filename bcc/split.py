@@ -1,10 +1,12 @@
 """The seeded, stratified train/val/test split of a packed dataset.
 
-Samples are first joined into units that must not straddle splits: identical files (same sha256) and
-files whose names share a group id (`--group-regex`, e.g. a patient), joined by union-find. Units are
+Samples are first joined into units that must not straddle splits: identical files (same sha256),
+files whose names share a group id (`--group-regex`, e.g. a patient) and near-identical images (pHash
+within a few bits, `bcc.neardup`), joined by one union-find (`bcc.neardup.UnionFind`). Units are
 then dealt per class (a unit under its most common class), big units first, each to the split furthest
 below its target, so the split is stratified and the fractions are met as closely as units allow. The
-same samples and seed give the same split on every machine.
+same samples and seed give the same split on every machine. `assign_folds` deals the same units into
+k cross-validation folds the same way.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import random
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bcc.errors import BccError
+from bcc.neardup import NearDuplicates, UnionFind, is_enabled, join_near_duplicates
 
-__all__ = ["SPLITS", "SplitError", "assign_splits", "compile_group_regex", "largest_remainder", "parse_split"]
+__all__ = ["SPLITS", "SplitError", "Units", "assign_folds", "assign_splits", "compile_group_regex",
+           "largest_remainder", "parse_split", "sample_units"]
 
 SPLITS = ("train", "val", "test")
 
@@ -71,21 +76,26 @@ def largest_remainder(n: int, fractions: Sequence[float]) -> list[int]:
     return counts
 
 
-def _units(samples: list[dict[str, Any]], group_rx: re.Pattern | None) -> tuple[list[list[int]], int]:
-    """Union-find over duplicates and regex groups -> (units of sample indices, names the regex missed)."""
-    parent = list(range(len(samples)))
+@dataclass(frozen=True)
+class Units:
+    """Sample sets that must not straddle splits or folds (see `sample_units`).
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    members: the units, each a list of sample indices (ascending), ordered by smallest member.
+    unmatched: file names the group regex did not match (each then is its own group).
+    near: the near-duplicate groups found (`bcc.neardup.NearDuplicates`; empty when switched off).
+    """
 
-    def union(a: int, b: int) -> None:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
+    members: list[list[int]]
+    unmatched: int
+    near: NearDuplicates
 
+
+def sample_units(samples: Sequence[dict[str, Any]], group_rx: re.Pattern | None = None,
+                 near_threshold: int | None = None) -> Units:
+    """Join samples that must stay together: identical files (same `sha256`), names sharing the
+    group regex's id, and (when `near_threshold` is a bit count, see `bcc.neardup.is_enabled`)
+    near-identical images by their 64-bit `phash` (every sample needs one then)."""
+    uf = UnionFind(len(samples))
     first_of: dict[tuple[str, str], int] = {}
     unmatched = 0
     for i, s in enumerate(samples):
@@ -97,25 +107,20 @@ def _units(samples: list[dict[str, Any]], group_rx: re.Pattern | None) -> tuple[
             else:
                 unmatched += 1
         for key in keys:
-            if key in first_of:
-                union(first_of[key], i)
-            else:
-                first_of[key] = i
-
+            j = first_of.setdefault(key, i)
+            if j != i:
+                uf.union(j, i)
+    near = NearDuplicates((), 0)
+    if is_enabled(near_threshold):
+        hashes = [s["phash"] for s in samples]
+        near = join_near_duplicates(uf, hashes, near_threshold, exact_keys=[s["sha256"] for s in samples])
     units: dict[int, list[int]] = {}
     for i in range(len(samples)):
-        units.setdefault(find(i), []).append(i)
-    return list(units.values()), unmatched
+        units.setdefault(uf.find(i), []).append(i)
+    return Units(list(units.values()), unmatched, near)
 
 
-def assign_splits(samples: list[dict[str, Any]], fractions: Sequence[float], seed: int,
-                  group_rx: re.Pattern | None) -> tuple[list[int], int, random.Random]:
-    """Split index (into `SPLITS`) per sample, from each sample's `sha256`, `source` and `label`.
-
-    Returns (assignment, file names the group regex did not match, the seeded RNG in the state the
-    packer continues with for its shuffles).
-    """
-    units, unmatched = _units(samples, group_rx)
+def _by_class(samples: Sequence[dict[str, Any]], units: Sequence[list[int]]) -> dict[int, list[list[int]]]:
     # a unit spanning classes (a cross-class duplicate or a patient in two folders) is stratified
     # under its most common class
     by_class: dict[int, list[list[int]]] = {}
@@ -123,7 +128,20 @@ def assign_splits(samples: list[dict[str, Any]], fractions: Sequence[float], see
         votes = Counter(samples[i]["label"] for i in members)
         cls = min(votes, key=lambda c: (-votes[c], c))
         by_class.setdefault(cls, []).append(members)
+    return by_class
 
+
+def assign_splits(samples: list[dict[str, Any]], fractions: Sequence[float], seed: int,
+                  group_rx: re.Pattern | None, *, units: Units | None = None) -> tuple[list[int], int, random.Random]:
+    """Split index (into `SPLITS`) per sample, from each sample's `sha256`, `source` and `label`.
+
+    units: precomputed `sample_units` (e.g. with near-duplicates joined); default: exact duplicates
+    and `group_rx` only. Returns (assignment, file names the group regex did not match, the seeded
+    RNG in the state the packer continues with for its shuffles).
+    """
+    if units is None:
+        units = sample_units(samples, group_rx)
+    by_class = _by_class(samples, units.members)
     rng = random.Random(seed)
     assignment = [0] * len(samples)
     for cls in sorted(by_class):
@@ -138,4 +156,44 @@ def assign_splits(samples: list[dict[str, Any]], fractions: Sequence[float], see
             filled[k] += len(members)
             for i in members:
                 assignment[i] = k
-    return assignment, unmatched, rng
+    return assignment, units.unmatched, rng
+
+
+def assign_folds(samples: Sequence[dict[str, Any]], units: Units, folds: int, seed: int,
+                 include: Sequence[bool] | None = None) -> list[int | None]:
+    """Fold id (0..folds-1) per sample for k-fold cross-validation; None where `include` is False.
+
+    include: which samples take part (the packer passes train+val, so the test split stays fixed);
+    a unit must lie wholly inside or outside it (true of units the split kept together).
+    Stratified like the split: per class (a unit under its most common class), units in seeded order,
+    big units first, each to the fold holding the fewest samples of that class (ties: fewest in all,
+    then the lowest fold). With single-sample units every class is balanced within +-1 per fold; a
+    group is never divided. The same samples and seed give the same folds.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise SplitError(f"folds must be an integer >= 2, got {folds!r}")
+    include = [True] * len(samples) if include is None else list(include)
+    chosen = []
+    for members in units.members:
+        inside = {include[i] for i in members}
+        if len(inside) > 1:
+            raise SplitError(f"samples {members} must stay together but only some of them take part in the folds")
+        if inside == {True}:
+            chosen.append(members)
+    if sum(len(u) for u in chosen) < folds:
+        raise SplitError(f"{sum(len(u) for u in chosen)} train+val samples cannot fill {folds} folds")
+    rng = random.Random(f"bcc-folds:{seed}")  # its own stream: folds do not shift the split or shuffles
+    fold_of: list[int | None] = [None] * len(samples)
+    total = [0] * folds
+    for _cls, cls_units in sorted(_by_class(samples, chosen).items()):
+        cls_units = sorted(cls_units, key=lambda m: m[0])
+        rng.shuffle(cls_units)
+        cls_units.sort(key=len, reverse=True)
+        filled = [0] * folds
+        for members in cls_units:
+            k = min(range(folds), key=lambda k: (filled[k], total[k], k))
+            filled[k] += len(members)
+            total[k] += len(members)
+            for i in members:
+                fold_of[i] = k
+    return fold_of

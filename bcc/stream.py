@@ -272,13 +272,18 @@ def _tar_samples(path: str, start: int) -> Iterator[dict]:
 
 def _read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] = frozenset()) -> Iterator[dict]:
     """Raw samples [lo, hi) of one shard in tar order, less `drop`. Any failure names the shard; so does
-    a shard shorter than `hi`, or, when read to its end, one whose count disagrees with the manifest."""
+    a shard shorter than `hi`, or, when read to its end, one whose count disagrees with the manifest.
+
+    A shard of a cross-validation view (`Manifest.with_fold`, `shard.folds` set) holds only its folds'
+    samples: the others are skipped by their json `fold` and not counted, so indices and `count` are
+    those of the view. Its lanes read through from the shard's start (the header scan cannot tell folds)."""
     path = str(shard.path)
     hi = shard.count if hi is None else hi
+    folded = getattr(shard, "folds", None) is not None
     n = 0
     try:
         samples = None
-        if lo > 0 and Path(path).is_file():  # a local shard: seek to the lane's first sample
+        if lo > 0 and not folded and Path(path).is_file():  # a local shard: seek to the lane's first sample
             try:
                 offset, n = _sample_offset(path, lo)
                 samples = _tar_samples(path, offset) if offset is not None else iter(())
@@ -287,6 +292,8 @@ def _read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] 
         if samples is None:
             samples = wds.tariterators.tarfile_samples([{"url": path}], handler=wds.reraise_exception)
         for sample in samples:
+            if folded and not shard.is_kept(json.loads(sample["json"])):
+                continue
             if lo <= n < hi and n not in drop:
                 yield sample
             n += 1

@@ -368,3 +368,78 @@ def test_shard_sizes_balanced(tmp_path, make_class_tree):
     train = [s["count"] for s in m["splits"]["train"]["shards"]]
     assert train == [6, 5, 5]
     assert [s["count"] for s in m["splits"]["val"]["shards"]] == [1, 1]
+
+
+# --------------------------------------------------------------------------- near-duplicates
+
+
+def _smooth_image(seed: int, size: int = 64) -> Image.Image:
+    """A smooth random image (8x8 colour noise upsampled): its pHash is stable under re-encoding."""
+    import random as _random
+
+    rng = _random.Random(seed)
+    small = Image.new("RGB", (8, 8))
+    small.putdata([tuple(rng.randrange(256) for _ in range(3)) for _ in range(64)])
+    return small.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _plant_near_pair(src: Path) -> tuple[str, str]:
+    """An image and its resized, re-encoded copy (different bytes) in one class; returns their sources."""
+    original = _smooth_image(12345)
+    original.save(src / "Pre" / "field_a.png")
+    buf = io.BytesIO()
+    original.resize((57, 57), Image.Resampling.BILINEAR).save(buf, "JPEG", quality=80)
+    (src / "Pre" / "field_a_reshot.jpg").write_bytes(buf.getvalue())
+    return "Pre/field_a.png", "Pre/field_a_reshot.jpg"
+
+
+def test_near_duplicates_never_straddle_splits_and_are_listed(tmp_path, make_class_tree):
+    from bcc.neardup import hamming, phash
+
+    src = make_class_tree(tmp_path / "src", {"Benign": 6, "Early": 6, "Pre": 8, "Pro": 6})
+    for i in range(6):  # distinct smooth images too, so the pair is not the only image of its kind
+        _smooth_image(i).save(src / "Pro" / f"smooth{i}.png")
+    a, b = _plant_near_pair(src)
+    assert (src / a).read_bytes() != (src / b).read_bytes()
+    with Image.open(src / a) as ia, Image.open(src / b) as ib:
+        assert hamming(phash(ia.convert("RGB")), phash(ib.convert("RGB"))) <= 6
+
+    straddled = 0
+    for seed in range(8):
+        out = tmp_path / f"near{seed}"
+        result = pack_folders(src, out, split=(0.4, 0.3, 0.3), seed=seed)
+        m = load_manifest(out)
+        where = split_of(m)
+        assert where[a] == where[b], f"seed {seed}: the near-duplicate pair straddles splits"
+        assert [g["paths"] for g in m["near_duplicates"]] == [[a, b]]
+        assert m["near_duplicates"][0]["split"] == where[a] and m["near_duplicates"][0]["max_distance"] <= 6
+        assert m["options"]["near_dup_threshold"] == 6 and m["options"]["imagehash"]
+        assert result.counts["near_duplicate_groups"] == 1
+        off = tmp_path / f"off{seed}"
+        pack_folders(src, off, split=(0.4, 0.3, 0.3), seed=seed, near_dup_threshold=None)
+        where_off = split_of(load_manifest(off))
+        straddled += where_off[a] != where_off[b]
+        assert "near_duplicates" not in load_manifest(off)
+    assert straddled > 0  # without the grouping the pair does land in two splits for some seed
+
+    # the CLI: default on, --no-near-dup off, --near-dup-threshold 0 still groups nothing here
+    proc = bcc(src, tmp_path / "cli", "--seed", 1, check_rc=0)
+    assert "1 near-duplicate groups" in proc.stdout
+    bcc(src, tmp_path / "cli_off", "--no-near-dup", check_rc=0)
+    m = load_manifest(tmp_path / "cli_off")
+    assert m["options"]["near_dup_threshold"] is None and "near_duplicates" not in m
+    bcc(src, tmp_path / "cli_bad", "--near-dup-threshold", "40", check_rc=2)
+
+
+def test_many_near_duplicate_groups_go_to_a_side_file(tmp_path, monkeypatch, make_class_tree):
+    from bcc import manifest as manifest_mod
+    from bcc.manifest import Manifest
+
+    src = make_class_tree(tmp_path / "src", {"Benign": 3, "Early": 3, "Pre": 3, "Pro": 3})
+    a, b = _plant_near_pair(src)
+    monkeypatch.setattr(manifest_mod, "NEAR_DUP_INLINE", 0)
+    pack_folders(src, tmp_path / "out", seed=0)
+    m = load_manifest(tmp_path / "out")
+    assert m["near_duplicates"] == {"file": "near_duplicates.json", "count": 1}
+    groups = Manifest.load(tmp_path / "out").near_duplicates()
+    assert [g["paths"] for g in groups] == [[a, b]]

@@ -34,6 +34,28 @@ def _group_regex(value: str) -> str:
     return value
 
 
+def _near_threshold(value: str) -> int:
+    from bcc.neardup import NearDupError, is_enabled
+
+    try:
+        n = int(value)
+        is_enabled(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bits, got {value!r}") from None
+    except NearDupError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n < 0:
+        raise argparse.ArgumentTypeError("use --no-near-dup to switch near-duplicate grouping off")
+    return n
+
+
+def _folds(value: str) -> int:
+    n = positive_int(value)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"--folds needs K >= 2, got {value!r}")
+    return n
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "pack",
@@ -57,6 +79,14 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=positive_int, default=1, metavar="N", help="decode processes (default 1)")
     p.add_argument("--group-regex", type=_group_regex, metavar="RE",
                    help="files whose names share RE's first group (e.g. a patient id) stay in one split")
+    p.add_argument("--near-dup-threshold", type=_near_threshold, default=6, metavar="BITS",
+                   help="images whose 64-bit perceptual hashes differ in at most BITS bits stay in one split "
+                   "and fold, like exact copies (default 6)")
+    p.add_argument("--no-near-dup", action="store_true",
+                   help="do not hash images: only exact copies and --group-regex groups are kept together")
+    p.add_argument("--folds", type=_folds, metavar="K",
+                   help="also deal train+val into K stratified, group-safe cross-validation folds "
+                   "(train with data.fold=k, or run `bcc cv`)")
     p.add_argument("--taxonomy", metavar="NAME|FILE",
                    help="taxonomy YAML, or a shipped one by name (all_4class, kvasir) (default: the built-in ALL taxonomy)")
     p.add_argument("--max-pixels", type=positive_int, metavar="N",
@@ -102,7 +132,8 @@ def _pack(args: argparse.Namespace, console) -> int:
             args.src, args.out, split=args.split, seed=args.seed, resize=args.resize, quality=args.quality,
             shard_size=args.shard_size, min_shards=args.min_shards, workers=args.workers,
             group_regex=args.group_regex, taxonomy=taxonomy, overwrite=args.overwrite, strict=args.strict,
-            max_image_pixels=args.max_pixels, progress=progress,
+            max_image_pixels=args.max_pixels, near_dup_threshold=None if args.no_near_dup else args.near_dup_threshold,
+            folds=args.folds, progress=progress,
         )
     _summary(result, console)
     return 0
@@ -137,6 +168,14 @@ def _summary(result, console) -> None:
         n_files = sum(len(d["paths"]) for d in m["duplicates"])
         conflicts = sum(d["conflict"] for d in m["duplicates"])
         extra.append(f"{len(m['duplicates'])} duplicate sets ({n_files} files, {conflicts} across classes)")
+    near = m.get("near_duplicates")
+    if near:
+        n_groups = near["count"] if isinstance(near, dict) else len(near)
+        extra.append(f"{n_groups} near-duplicate groups (pHash within {m['options']['near_dup_threshold']} bits) "
+                     "kept on one side")
+    if m.get("folds"):
+        extra.append(f"{m['folds']['k']} cross-validation folds of train+val: "
+                     + ", ".join(str(n) for n in m["folds"]["counts"]) + " samples")
     for line in extra:
         console.print(f"  {line}")
     for w in m["warnings"]:

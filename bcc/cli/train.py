@@ -25,9 +25,11 @@ def run(args: argparse.Namespace) -> int:
     """Train; user errors (BccError) propagate to `bcc.cli.call`, which reports them."""
     from bcc.config import load_config
     from bcc.errors import EXIT_PREEMPTED
+    from bcc.runtime import shutdown_distributed
     from bcc.train.fit import fit
 
     result = fit(load_config(args.config, args.overrides))
+    shutdown_distributed()  # every rank got here (done or preempted): tear the group down in order
     return EXIT_PREEMPTED if result.get("preempted") else 0
 
 

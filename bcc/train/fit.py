@@ -80,7 +80,8 @@ def setup_run(cfg: Config) -> Run:
     check_precision(cfg.train.mixed_precision, acc.device)
     print(f"bcc: rank {acc.process_index}/{acc.num_processes} local {acc.local_process_index} "
           f"on {socket.gethostname()} device {acc.device} {cpu_report()}", flush=True)
-    manifest = Manifest.load(cfg.data.shards)
+    manifest = Manifest.load(cfg.data.shards).with_fold(cfg.data.fold, train=cfg.data.train_split,
+                                                        val=cfg.data.val_split)
     taxonomy = manifest.taxonomy
     preflight(cfg, manifest, acc)  # splits, shards, metric, backbone: once, before anything is built
     train_split = manifest.split(cfg.data.train_split)
