@@ -29,6 +29,7 @@ and calls `CheckpointManager.save` on the main process only.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -407,16 +408,28 @@ class CheckpointManager:
             self._write_files(ckpt, tmp)
             _fsync_path(tmp)
             final = self._install(tmp, self.root / name)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             # a checkpoint that was never written must not become the best or enter the top-k
             state.top_k, state.best_metric, state.best_step = before
+            if isinstance(e, OSError):  # a full disk, a quota, a read-only mount: the user's to fix
+                raise CheckpointError(self._write_failure(name, e)) from e
             raise
         self._sync_best(ckpt)
         _replace_link(self.root / LAST_LINK, name)
         _fsync_path(self.root)
         self._retain(state)
         return final
+
+    def _write_failure(self, name: str, e: OSError) -> str:
+        """What a failed write means for the user: the cause, and which checkpoint resume will use."""
+        previous = find_latest(self.root)
+        kept = (f"the previous checkpoint {previous} is intact" if previous is not None
+                else "no earlier checkpoint exists")
+        cause = e.strerror or str(e)
+        if e.errno == errno.ENOSPC:
+            cause += f" ({shutil.disk_usage(self.root).free / 2**20:.0f} MiB free)"
+        return f"cannot write checkpoint {name} in {self.root}: {cause}; {kept} (nothing was written)"
 
     def _write_files(self, ckpt: Checkpoint, d: Path) -> None:
         _write_safetensors(ckpt.model, d / MODEL_FILE, "model")

@@ -11,9 +11,10 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,9 @@ from bcc.errors import BccError
 
 
 class ConfigError(BccError, ValueError):
-    """A config file or override that does not fit the config tree."""
+    """A config file or override that does not fit the config tree; `key` is the dotted key at fault."""
+
+    key: str | None = None
 
 
 # Keys renamed since configs were first written. A config a user writes with the old key is refused
@@ -149,6 +152,68 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+# --------------------------------------------------------------------------- value rules
+# One table for every key whose type alone admits nonsense (a zero batch, a negative rate). Keys are
+# dotted paths with list indices dropped (`finetune.stages.epochs`); enums are `Literal` types above.
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low:g}"
+
+
+def _positive() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v > 0), "> 0"
+
+
+def _fraction(closed_high: bool = True) -> tuple[Callable[[Any], bool], str]:
+    if closed_high:
+        return (lambda v: 0 <= v <= 1), "in [0, 1]"
+    return (lambda v: 0 <= v < 1), "in [0, 1)"
+
+
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.shards": ((lambda v: v != ""), "a packed dataset directory (not empty)"),
+    "data.image_size": _positive(),
+    "data.batch_size": _positive(),
+    "data.eval_batch_size": _positive(),
+    "data.workers": _at_least(0),
+    "data.shuffle_buffer": _at_least(0),
+    "data.scale_min": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "data.rotation": ((lambda v: 0 <= v <= 180), "in [0, 180] degrees"),
+    "data.color_jitter": _at_least(0),
+    "data.crop_pct": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "data.std": ((lambda v: all(x > 0 for x in v)), "> 0 for every channel"),
+    "model.backbone": ((lambda v: v != ""), "a backbone name (not empty)"),
+    "model.head_hidden": _positive(),
+    "model.head_dropout": _fraction(closed_high=False),
+    "loss.head_weights": ((lambda v: all(x >= 0 for x in v.values())), ">= 0 for every head"),
+    "loss.label_smoothing": _fraction(closed_high=False),
+    "train.epochs": _at_least(1),
+    "train.lr": _positive(),
+    "train.momentum": _fraction(closed_high=False),
+    "train.weight_decay": _at_least(0),
+    "train.warmup_steps": _at_least(0),
+    "train.min_lr_ratio": _fraction(),
+    "train.grad_accum": _at_least(1),
+    "train.clip_grad": _at_least(0),
+    "train.log_every": _at_least(1),
+    "finetune.stages.epochs": _at_least(1),
+    "finetune.stages.lr_mult": ((lambda v: all(x >= 0 for x in v.values())), ">= 0 for every group"),
+    "finetune.stages.warmup_steps": ((lambda v: v is None or v >= 0), ">= 0"),
+    "eval.every_epochs": _at_least(1),
+    "checkpoint.every_steps": _at_least(0),
+    "checkpoint.keep_last": _at_least(1),
+    "checkpoint.keep_top_k": _at_least(0),
+    "checkpoint.metric": ((lambda v: v != ""), "a metric name (not empty)"),
+}
+
+
+def _check_value(key: str, value: Any) -> None:
+    rule = _RULES.get(re.sub(r"\[\d+\]", "", key))
+    if rule is not None and not rule[0](value):
+        raise ConfigError(f"{key}: must be {rule[1]}, got {value!r}")
+
+
 # --------------------------------------------------------------------------- building from dicts
 
 
@@ -237,9 +302,15 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         if not prefix and key in RENAMED_KEYS and cls is Config:
             raise ConfigError(f"config key '{key}' is now '{RENAMED_KEYS[key]}'; rename it "
                               f"(e.g. {RENAMED_KEYS[key]}.preset=frozen)")
-        if key not in hints:
-            raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), names)}")
-        kwargs[key] = _coerce(value, hints[key], full)
+        try:
+            if key not in hints:
+                raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), names)}")
+            kwargs[key] = _coerce(value, hints[key], full)
+            _check_value(full, kwargs[key])
+        except ConfigError as e:
+            if e.key is None:  # the innermost key; `load_config` blames the layer that set it
+                e.key = full
+            raise
     return cls(**kwargs)
 
 
@@ -317,21 +388,52 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return dict(data)
 
 
+def _leaf_paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for k, v in data.items():
+        path = (*prefix, str(k))
+        out += _leaf_paths(v, path) if isinstance(v, Mapping) and v else [path]
+    return out
+
+
+def _blame(key: str | None, origins: Mapping[tuple[str, ...], str], default: str) -> str:
+    """The source (file path or override text) that last set `key` or a key above or below it."""
+    if key is None:
+        return default
+    path = tuple(p for p in re.sub(r"\[\d+\]", "", key).split(".") if p)
+    hits = [src for p, src in origins.items()  # insertion order: later layers come last
+            if p[:len(path)] == path or path[:len(p)] == p]
+    return hits[-1] if hits else default
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file at `path`, then dotted `key=value` overrides."""
+    """Defaults, then the YAML file at `path`, then dotted `key=value` overrides.
+
+    Raises ConfigError whose message starts with the source of the bad key: the file's path or the
+    override's text (`override 'train.lr=-1': train.lr: must be > 0, got -1`).
+    """
     data: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}  # leaf key path -> the layer that set it last
     source = "config"
     try:
+        layers: list[tuple[str, dict[str, Any]]] = []
         if path is not None:
             source = str(path)
-            data = _normalise(read_yaml(path))
+            layers.append((source, _normalise(read_yaml(path))))
         for text in overrides:
             source = f"override '{text}'"
             keys, value = parse_override(text)
-            data = _merge(data, _normalise(_nest(keys, value)))
+            layers.append((source, _normalise(_nest(keys, value))))
+        for source, layer in layers:
+            data = _merge(data, layer)
+            for leaf in _leaf_paths(layer):
+                origins.pop(leaf, None)
+                origins[leaf] = source
+        source = "config"
         return _build(Config, data)
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") if not str(e).startswith(source) else e from None
+        where = _blame(e.key, origins, source)
+        raise (ConfigError(f"{where}: {e}") if not str(e).startswith(where) else e) from None
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -164,6 +164,18 @@ def _is_within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def _link_target(link: Path) -> tuple[Path | None, str | None]:
+    """(where a symlink leads, None), or (None, a skip reason) for a link that loops."""
+    try:
+        return link.resolve(), None
+    except (OSError, RuntimeError):  # a loop: RuntimeError before Python 3.13, OSError (ELOOP) after
+        try:
+            to = os.readlink(link)
+        except OSError:
+            to = "?"
+        return None, f"symlink loop: -> {to}"
+
+
 def _walk(top: Path, root: Path, base: Path) -> Iterator[tuple[Path, str, str | None]]:
     """(path, path relative to `base`, skip reason or None) of every non-hidden file under `top`,
     sorted, under the module's link policy (`root` is what a link target must lie in)."""
@@ -175,9 +187,9 @@ def _walk(top: Path, root: Path, base: Path) -> Iterator[tuple[Path, str, str | 
                 continue
             sub = here / d
             if sub.is_symlink():
-                target = sub.resolve()
-                inside = _is_within(target, root)
-                yield sub, sub.relative_to(base).as_posix(), (
+                target, loop = _link_target(sub)
+                inside = target is not None and _is_within(target, root)
+                yield sub, sub.relative_to(base).as_posix(), loop or (
                     "symlinked folder not followed" if inside else f"symlink outside SRC: -> {target}")
                 continue
             keep.append(d)
@@ -188,7 +200,10 @@ def _walk(top: Path, root: Path, base: Path) -> Iterator[tuple[Path, str, str | 
             path = here / f
             rel = path.relative_to(base).as_posix()
             if path.is_symlink():
-                target = path.resolve()
+                target, loop = _link_target(path)
+                if loop:
+                    yield path, rel, loop
+                    continue
                 if not target.exists():
                     yield path, rel, f"broken symlink: -> {target}"
                     continue
@@ -223,7 +238,10 @@ def scan_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], i
     for item in sorted(os.scandir(src), key=lambda e: e.name):
         if item.name.startswith("."):
             continue
-        if item.is_dir(follow_symlinks=True):
+        loop = _link_target(Path(item.path))[1] if item.is_symlink() else None
+        if loop:
+            skipped.append({"path": item.name, "reason": loop})
+        elif item.is_dir(follow_symlinks=True):
             names.append(item.name)
         else:
             skipped.append({"path": item.name, "reason": "not in a class folder"})
@@ -232,9 +250,11 @@ def scan_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], i
     entries: list[ImageEntry] = []
     for name, class_index in folders:
         top = src / name
-        if top.is_symlink() and not _is_within(top.resolve(), root):
-            skipped.append({"path": name, "reason": f"symlink outside SRC: -> {top.resolve()}"})
-            continue
+        if top.is_symlink():
+            target, loop = _link_target(top)
+            if loop or not _is_within(target, root):
+                skipped.append({"path": name, "reason": loop or f"symlink outside SRC: -> {target}"})
+                continue
         found = 0
         for path, rel, reason in _walk(top, root, src):
             found += 1

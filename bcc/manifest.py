@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -109,7 +110,10 @@ class Manifest:
             raise ManifestError(f"{file} is malformed: {type(e).__name__}: {e}") from e
 
     def _parse_split(self, name: str, s: dict[str, Any]) -> SplitInfo:
-        shards = [ShardInfo((self.root / sh["path"]).resolve(), int(sh["count"]), str(sh["sha256"]),
+        # lexical: `root` is resolved already, and resolving 100,000 shard paths would stat every one
+        root = str(self.root)
+        shards = [ShardInfo(Path(os.path.normpath(os.path.join(root, sh["path"]))), int(sh["count"]),
+                            str(sh["sha256"]),
                             tuple(int(n) for n in sh["fold_counts"]) if "fold_counts" in sh else None)
                   for sh in s["shards"]]
         return SplitInfo(name, int(s["count"]), {str(k): int(v) for k, v in s["class_counts"].items()}, shards)

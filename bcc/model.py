@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bcc.errors import BccError
+
 VGG_NAME = "vgg16_bn"
 HEADS_GROUP = "heads"
 
@@ -80,8 +82,26 @@ class MultitaskNet(nn.Module):
         return tuple(self.heads[name](features) for name in self.head_names)
 
 
+class BackboneError(BccError, ValueError):
+    """`model.backbone` names no backbone bcc can build."""
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise BackboneError, suggesting the closest names, unless `name` is vgg16_bn or a timm model
+    (a timm pretrained tag such as `resnet18.a1_in1k` counts). Cheap: no model is built."""
+    import timm
+
+    if name == VGG_NAME or timm.is_model(name):
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, [VGG_NAME, *timm.list_models()], n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models()` for the names"
+    raise BackboneError(f"model.backbone '{name}' is neither {VGG_NAME} nor a timm model{hint}")
+
+
 def build_backbone(name: str) -> tuple[nn.Module, int]:
-    """A randomly initialised backbone and its feature width."""
+    """A randomly initialised backbone and its feature width. Raises BackboneError for an unknown name."""
     if name == VGG_NAME:
         import torchvision
 
@@ -89,6 +109,7 @@ def build_backbone(name: str) -> tuple[nn.Module, int]:
         return VGGBackbone(vgg.features, vgg.avgpool), 512 * 7 * 7
     import timm
 
+    check_backbone_name(name)
     model = timm.create_model(name, pretrained=False, num_classes=0)
     return model, int(model.num_features)
 

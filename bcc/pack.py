@@ -45,6 +45,10 @@ _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": 
                "GIF": "gif", "PPM": "ppm", "JPEG2000": "jp2"}
 _LOSSY = {"JPEG", "MPO", "WEBP", "JPEG2000"}
 
+# A pack made with default options must feed 2 loader workers on each of up to 8 ranks, one shard each
+DEFAULT_MIN_SHARDS = 16
+TINY_SPLIT_PER_CLASS = 5  # a val/test split with fewer samples per class than this gets a warning
+
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total); stages "decode", "write"
 
 
@@ -268,6 +272,21 @@ def _find_duplicates(samples: list[dict[str, Any]], warnings_: list[str]) -> lis
     return sorted(duplicates, key=lambda d: d["paths"][0])
 
 
+def _split_warnings(splits_info: dict[str, Any], num_classes: int) -> list[str]:
+    """Warnings for evaluation splits too small to choose a checkpoint on (counted and named)."""
+    out = []
+    tiny = TINY_SPLIT_PER_CLASS * num_classes
+    for name in SPLITS[1:]:
+        n = splits_info[name]["count"]
+        if n == 0:
+            out.append(f"split {name!r} is empty" + (": training refuses an empty val split" if name == "val"
+                                                     else ": a run reports no test metrics"))
+        elif n < tiny:
+            out.append(f"split {name!r} has only {n} sample(s) (fewer than {TINY_SPLIT_PER_CLASS} per class): "
+                       "its metrics will be noisy")
+    return out
+
+
 def _fold_entry(samples: list[dict[str, Any]], fold_of: list[int | None], folds: int, seed: int,
                 taxonomy: Taxonomy) -> dict[str, Any]:
     """The manifest's `folds`: K, seed, the splits dealt and per fold its sample and class counts."""
@@ -318,7 +337,7 @@ def pack_folders(
     resize: int | None = None,
     quality: int = 90,
     shard_size: int = 1000,
-    min_shards: int = 1,
+    min_shards: int = DEFAULT_MIN_SHARDS,
     workers: int = 1,
     group_regex: str | None = None,
     taxonomy: Taxonomy | None = None,
@@ -409,6 +428,7 @@ def pack_folders(
                                                    shard_sizes(len(members), shard_size, min_shards), on_shard,
                                                    folds)
         duplicates = _find_duplicates(samples, warnings_)
+        warnings_ += _split_warnings(splits_info, len(taxonomy.class_names))
         near_groups = [{**g.entry([s["source"] for s in samples]), "split": samples[g.members[0]]["split"]}
                        for g in units.near.groups]
 

@@ -10,7 +10,7 @@ from bcc.taxonomy import Taxonomy
 @pytest.fixture
 def packed(tmp_path, make_class_tree):
     src = make_class_tree(tmp_path / "src", {"Benign": 10, "Early": 10})
-    return pack_folders(src, tmp_path / "out", shard_size=3, seed=2).out
+    return pack_folders(src, tmp_path / "out", shard_size=3, min_shards=1, seed=2).out
 
 
 def test_load(packed):

@@ -141,9 +141,9 @@ def test_timm_reads_info(tmp_path, make_class_tree):
 
 def test_same_seed_same_bytes_other_seed_other_split(tmp_path, make_class_tree):
     src = make_class_tree(tmp_path / "src", {"Benign": 20, "Early": 20, "Pre": 20, "Pro": 20})
-    a = pack_folders(src, tmp_path / "a", seed=7, shard_size=10)
-    b = pack_folders(src, tmp_path / "b", seed=7, shard_size=10, workers=2)  # worker count must not matter
-    c = pack_folders(src, tmp_path / "c", seed=8, shard_size=10)
+    a = pack_folders(src, tmp_path / "a", seed=7, shard_size=10, min_shards=1)
+    b = pack_folders(src, tmp_path / "b", seed=7, shard_size=10, min_shards=1, workers=2)  # worker count must not matter
+    c = pack_folders(src, tmp_path / "c", seed=8, shard_size=10, min_shards=1)
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
     assert a.manifest["splits"] == b.manifest["splits"]
     assert split_of(load_manifest(tmp_path / "a")) != split_of(load_manifest(tmp_path / "c"))

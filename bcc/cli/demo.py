@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     from bcc.console import console, error
     from bcc.launch import accelerate_command, run_launch
-    from bcc.pack import pack_folders
+    from bcc.pack import DEFAULT_MIN_SHARDS, pack_folders
     from bcc.resources import demo_config
     from bcc.synth import synthesize
 
@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
         counts = synthesize(data, per_class=args.per_class, size=args.size, seed=args.seed)
         (data / ".complete").write_text(json.dumps(counts))
     console.print(f"[bold]1/3 synth[/]: {args.per_class} images per class at {args.size} px in {data}")
-    result = pack_folders(data, shards, split=(0.7, 0.15, 0.15), seed=args.seed, min_shards=4, overwrite=True)
+    # default shard count (enough for 2 loader workers on 8 ranks), more when more processes are asked for
+    result = pack_folders(data, shards, split=(0.7, 0.15, 0.15), seed=args.seed, overwrite=True,
+                          min_shards=max(DEFAULT_MIN_SHARDS, 2 * args.processes))
     console.print(f"[bold]2/3 pack[/]: {result.manifest['splits']['train']['count']} train / "
                   f"{result.manifest['splits']['val']['count']} val / {result.manifest['splits']['test']['count']} "
                   f"test samples -> {shards}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from bcc.cli._types import positive_int
+from bcc.pack import DEFAULT_MIN_SHARDS
 
 
 def _split_arg(value: str) -> tuple[float, float, float]:
@@ -72,8 +73,9 @@ def register(subparsers) -> None:
     p.add_argument("--quality", type=_quality, default=90, metavar="Q", help="JPEG quality (default 90)")
     p.add_argument("--shard-size", type=positive_int, default=1000, metavar="N",
                    help="samples per shard at most (default 1000)")
-    p.add_argument("--min-shards", type=positive_int, default=1, metavar="K",
-                   help="at least K shards per split when it has K samples (default 1)")
+    p.add_argument("--min-shards", type=positive_int, default=DEFAULT_MIN_SHARDS, metavar="K",
+                   help=f"at least K shards per split when it has K samples (default {DEFAULT_MIN_SHARDS}: "
+                   "2 loader workers on each of 8 ranks)")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N", help="decode processes (default 1)")
     p.add_argument("--group-regex", type=_group_regex, metavar="RE",
                    help="files whose names share RE's first group (e.g. a patient id) stay in one split")

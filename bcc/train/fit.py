@@ -29,18 +29,19 @@ from bcc.checkpoint import (
     restore_rng_state,
     save_rng_state,
 )
-from bcc.config import RENAMED_METRICS, Config, config_hash, config_to_dict, save_config
+from bcc.config import Config, config_hash, config_to_dict, save_config
 from bcc.console import console, set_main_process
 from bcc.errors import EXIT_PREEMPTED
 from bcc.finetune import stage_at
 from bcc.manifest import Manifest
-from bcc.metrics import EvalMetrics, metric_names
+from bcc.metrics import EvalMetrics
 from bcc.model import count_parameters
 from bcc.runtime import cpu_report
 from bcc.stream import TrainLoader, batches_per_epoch, eval_loader
 from bcc.trackers import require_trackers, start_trackers
 from bcc.train import preempt as preemption
 from bcc.train.epoch import evaluate_split, sync_buffers, train_one_epoch
+from bcc.train.preflight import check_precision, preflight
 from bcc.train.resume import restore, resume_path
 from bcc.train.runlog import RunLog, scalar_metrics
 from bcc.train.setup import Components, RunInfo, StageParts, TrainError, build_components, enter_stage
@@ -79,16 +80,13 @@ def setup_run(cfg: Config) -> Run:
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
                       log_with=trackers or None, project_dir=cfg.run.dir)
     set_main_process(acc.is_main_process)
+    check_precision(cfg.train.mixed_precision, acc.device)
     print(f"bcc: rank {acc.process_index}/{acc.num_processes} local {acc.local_process_index} "
           f"on {socket.gethostname()} device {acc.device} {cpu_report()}", flush=True)
     manifest = Manifest.load(cfg.data.shards).with_fold(cfg.data.fold, train=cfg.data.train_split,
                                                         val=cfg.data.val_split)
     taxonomy = manifest.taxonomy
-    names = metric_names(taxonomy)
-    if cfg.checkpoint.metric not in names:
-        renamed = RENAMED_METRICS.get(cfg.checkpoint.metric)
-        raise TrainError(f"checkpoint.metric '{cfg.checkpoint.metric}' is not a metric of this task"
-                         + (f" (it is now '{renamed}')" if renamed else "") + f"; available: {', '.join(sorted(names))}")
+    preflight(cfg, manifest, acc)  # splits, shards, metric, backbone: once, before anything is built
     train_split = manifest.split(cfg.data.train_split)
     bpe = batches_per_epoch(train_split.count, cfg.data.batch_size, acc.num_processes)
     if bpe % cfg.train.grad_accum:
@@ -220,7 +218,8 @@ def best_checkpoint_passes(run: Run) -> dict:
     """With the best checkpoint's weights (the last ones if none), on every rank: fit the temperatures
     on the val split (`eval.calibrate`) and evaluate the test split once (`eval.test_at_end`)."""
     cfg, out = run.cfg, {}
-    want_test = cfg.eval.test_at_end and cfg.data.test_split in run.manifest.splits
+    # preflight made sure the test split exists; an empty one (packed with a test fraction of 0) is skipped
+    want_test = cfg.eval.test_at_end and run.manifest.split(cfg.data.test_split).count > 0
     if not (want_test or cfg.eval.calibrate):
         return out
     best = run.run_dir / "checkpoints" / "best"

@@ -1,0 +1,120 @@
+"""Preflight: everything a run will need, checked once before the first step.
+
+A missing val shard, a `data.val_split` that names no split or an unknown backbone would otherwise
+surface after an epoch, or after the whole run. `check_run` looks at the config and the manifest
+(splits, their shards with the manifest's sample counts, the tracked metric, the backbone name);
+`preflight` runs it on the main process only and hands the verdict to every rank, so a job of 64
+ranks stats the storage once, not 64 times. The cost is one `os.stat` per local shard and no
+opening of any shard (about a second at 100,000 shards); remote shards (`scheme://`) are left to the
+stream, which names them when it cannot read them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from bcc.config import RENAMED_METRICS, Config
+from bcc.errors import BccError
+from bcc.manifest import Manifest, SplitInfo
+from bcc.metrics import metric_names
+from bcc.model import check_backbone_name
+from bcc.train.setup import TrainError
+
+# A WebDataset sample is at least two tar members (image, json), each a 512-byte header plus at least
+# one 512-byte block: a shard smaller than this per sample was truncated (or is not the packed file).
+MIN_BYTES_PER_SAMPLE = 2 * 1024
+
+
+def _named(paths: Sequence[str], limit: int = 3) -> str:
+    more = f" (and {len(paths) - limit} more)" if len(paths) > limit else ""
+    return ", ".join(paths[:limit]) + more
+
+
+def splits_needed(cfg: Config) -> dict[str, str]:
+    """Config key -> split name of every split the run reads (test only with `eval.test_at_end`)."""
+    d = cfg.data
+    keys = {"data.train_split": d.train_split, "data.val_split": d.val_split}
+    if cfg.eval.test_at_end:
+        keys["data.test_split"] = d.test_split
+    return keys
+
+
+def check_shards(split: SplitInfo) -> None:
+    """Every local shard of `split` exists, is a file and is large enough for its manifest count.
+
+    Raises TrainError naming the split and (up to three of) the shards. One `os.stat` per shard.
+    """
+    if sum(s.count for s in split.shards) != split.count:
+        raise TrainError(f"split '{split.name}': its shards hold {sum(s.count for s in split.shards)} samples "
+                         f"but the manifest says {split.count}; repack it")
+    missing, short = [], []
+    for shard in split.shards:
+        path = str(shard.path)
+        if "://" in path:
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            missing.append(path)
+            continue
+        if not (st.st_mode & 0o170000 == 0o100000) or st.st_size < shard.count * MIN_BYTES_PER_SAMPLE:
+            short.append(f"{path} ({st.st_size} bytes for {shard.count} samples)")
+    if missing:
+        raise TrainError(f"split '{split.name}': missing shard {_named(missing)}")
+    if short:
+        raise TrainError(f"split '{split.name}': truncated or not a shard: {_named(short)}; repack it")
+
+
+def check_run(cfg: Config, manifest: Manifest) -> None:
+    """Raise TrainError (or another BccError) for the first thing the run would fail on later."""
+    names = metric_names(manifest.taxonomy)
+    if cfg.checkpoint.metric not in names:
+        renamed = RENAMED_METRICS.get(cfg.checkpoint.metric)
+        raise TrainError(f"checkpoint.metric '{cfg.checkpoint.metric}' is not a metric of this task"
+                         + (f" (it is now '{renamed}')" if renamed else "") + f"; available: {', '.join(sorted(names))}")
+    check_backbone_name(cfg.model.backbone)
+    for key, name in splits_needed(cfg).items():
+        if name not in manifest.splits:
+            hint = "; or set eval.test_at_end=false" if key == "data.test_split" else ""
+            raise TrainError(f"{key} '{name}' names no split of {manifest.path}; "
+                             f"available: {', '.join(manifest.splits) or 'none'}{hint}")
+        split = manifest.split(name)
+        if split.count == 0 and key != "data.test_split":
+            # an empty val split gives NaN metrics, and a "best" checkpoint chosen on NaN
+            raise TrainError(f"{key} '{name}' of {manifest.path} is empty; repack with a non-zero "
+                             f"{'validation' if key == 'data.val_split' else 'training'} fraction")
+        check_shards(split)
+
+
+def check_precision(mixed_precision: str, device: torch.device) -> None:
+    """Raise TrainError for a `train.mixed_precision` the device would silently ignore (fp16 on a CPU
+    trains in fp32 under Accelerate; bf16 on a GPU without bf16 support)."""
+    if mixed_precision == "fp16" and device.type != "cuda":
+        raise TrainError(f"train.mixed_precision=fp16 needs a CUDA GPU, but this run is on {device.type}, where it "
+                         "would silently train in fp32; set train.mixed_precision=no (or bf16)")
+    if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainError(f"train.mixed_precision=bf16: {torch.cuda.get_device_name(device)} has no bf16 support; "
+                         "set train.mixed_precision=fp16 or no")
+
+
+def preflight(cfg: Config, manifest: Manifest, accelerator: Accelerator) -> None:
+    """`check_run` on the main process; every rank raises the same TrainError if it failed.
+
+    A collective: every rank must call it. The message crosses ranks as a string (exception objects
+    need not pickle), so only the one line travels.
+    """
+    verdict: list[str | None] = [None]
+    if accelerator.is_main_process:
+        try:
+            check_run(cfg, manifest)
+        except BccError as e:
+            verdict = [str(e)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(verdict, from_process=0)
+    if verdict[0] is not None:
+        raise TrainError(verdict[0])
