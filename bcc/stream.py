@@ -187,15 +187,6 @@ def time_plan(num_shards: int = 100_000, parts: int = 1024, *, shard_size: int =
     return {"shards": num_shards, "parts": world * LANES, **best}
 
 
-def check_shards_exist(shards: Sequence, split: str) -> None:
-    """Raise ShardError naming missing local shards. Meant to run once at start-up (on one rank), not
-    per epoch: the stream itself never stats shards, a missing one fails when it is opened."""
-    missing = [str(s.path) for s in shards if not Path(s.path).is_file()]
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise ShardError(f"split '{split}': missing shard {', '.join(missing[:3])}{more}")
-
-
 # --------------------------------------------------------------------------- reading and decoding
 
 

@@ -31,7 +31,6 @@ from bcc.stream import (
     StreamError,
     TrainLoader,
     batches_per_epoch,
-    check_shards_exist,
     dropped_per_epoch,
     eval_loader,
     iter_keys,
@@ -252,15 +251,13 @@ def test_missing_shard_is_named(tmp_path):
     (tmp_path / "train-000001.tar").unlink()
     (tmp_path / "val-000000.tar").unlink()
     # the loaders stat nothing (no per-epoch stat of every shard on every rank): a missing shard is named
-    # when it is opened, as one line, also from a worker; check_shards_exist is the start-up check
+    # when it is opened, as one line, also from a worker; bcc.train.preflight.check_shards is the start-up check
     for workers in (0, 2):
         with pytest.raises(ShardError, match=r"^cannot read shard .*train-000001.tar") as e:
             list(train_loader(manifest, data_cfg(workers=workers), seed=0, epoch=0, rank=0, world_size=1))
         assert "Traceback" not in str(e.value) and "\n" not in str(e.value)
         with pytest.raises(ShardError, match="val-000000.tar"):
             list(eval_loader(manifest, "val", data_cfg(workers=workers), rank=0, world_size=1))
-    with pytest.raises(ShardError, match="missing shard .*train-000001.tar"):
-        check_shards_exist(manifest.split("train").shards, "train")
 
 
 def _live_children() -> set[int]:
