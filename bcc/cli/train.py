@@ -24,10 +24,19 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train; user errors (BccError) propagate to `bcc.cli.call`, which reports them."""
     from bcc.config import load_config
+    from bcc.console import console
     from bcc.errors import EXIT_PREEMPTED
+    from bcc.pretrained import explicit_keys
     from bcc.train.fit import fit
+    from bcc.train.resume import follow_run_source
 
-    result = fit(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    # the input the pretrained weights expect, unless the user set it: before fit saves the config
+    cfg, changed = follow_run_source(cfg, explicit_keys(args.config, args.overrides))
+    for key, (old, new) in changed.items():
+        console.print(f"{key}: {old} -> {new}, as the pretrained source was trained (set {key} to keep yours)",
+                      markup=False, highlight=False, soft_wrap=True)
+    result = fit(cfg)
     return EXIT_PREEMPTED if result.get("preempted") else 0
 
 

@@ -25,6 +25,7 @@ from bcc.checkpoint import (
     TrainState,
     find_latest,
     load_checkpoint,
+    read_meta,
     read_train_state,
     restore_rng_state,
     save_rng_state,
@@ -44,6 +45,8 @@ from bcc.train.resume import restore, resume_path
 from bcc.train.runlog import RunLog, scalar_metrics
 from bcc.train.setup import Components, RunInfo, StageParts, TrainError, build_components, enter_stage
 
+PRETRAINED_FILE = "pretrained.json"  # RUN/pretrained.json: the `PretrainedRecord` of the run's start
+
 
 @dataclass
 class Run:
@@ -62,6 +65,7 @@ class Run:
     pin_memory: bool
     stage: StageParts | None = None
     state: TrainState | None = None
+    pretrained: dict | None = None  # `PretrainedRecord.to_dict()` of the weights the run started from
 
     def loader(self, split: str):
         return eval_loader(self.manifest, split, self.cfg.data, rank=self.info.rank,
@@ -91,17 +95,21 @@ def setup_run(cfg: Config) -> Run:
         raise TrainError(f"{bpe} batches per epoch per rank is not a multiple of train.grad_accum={cfg.train.grad_accum}")
     info = RunInfo(world_size=acc.num_processes, rank=acc.process_index, batches_per_epoch=bpe,
                    steps_per_epoch=bpe // cfg.train.grad_accum, total_epochs=cfg.train.epochs)
-    parts = build_components(cfg, taxonomy, train_split.class_counts, acc.device)
+    run_dir = Path(cfg.run.dir)
+    # a resumed run takes its weights from the checkpoint: the pretrained source is not read again
+    resuming = resume_path(cfg, run_dir) is not None
+    parts = build_components(cfg, taxonomy, train_split.class_counts, acc.device, pretrained=not resuming)
+    record = getattr(parts.model, "pretrained_record", None)
     # per-rank seed for dropout: ranks see different data anyway, but should not share masks
     torch.manual_seed(cfg.train.seed * 1000 + acc.process_index)
-    run_dir = Path(cfg.run.dir)
     c = cfg.checkpoint
     return Run(cfg=cfg, accelerator=acc, info=info, manifest=manifest, parts=parts,
                metrics=EvalMetrics(taxonomy, device=acc.device),
                ckpt=CheckpointManager(run_dir / "checkpoints", keep_last=c.keep_last, keep_top_k=c.keep_top_k,
                                       metric=c.metric, mode=c.mode),
                log=RunLog(run_dir, acc.is_main_process), run_dir=run_dir,
-               name=cfg.run.name or run_dir.resolve().name, pin_memory=acc.device.type == "cuda")
+               name=cfg.run.name or run_dir.resolve().name, pin_memory=acc.device.type == "cuda",
+               pretrained=record.to_dict() if record is not None else None)
 
 
 def fit(cfg: Config) -> dict:
@@ -112,12 +120,15 @@ def fit(cfg: Config) -> dict:
     if acc.is_main_process:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.run_dir / "config.yaml")
+        if run.pretrained is not None:  # a fresh start from pretrained weights (a resume keeps the file)
+            write_json(run.run_dir / PRETRAINED_FILE, run.pretrained)
         preemption.clear_marker(run.run_dir)
     acc.wait_for_everyone()
     flag = preemption.PreemptionFlag()
     path, pending_rng = resume_path(cfg, run.run_dir), None
     if path is not None:
         run.state, run.stage, pending_rng = restore(path, run.parts, acc, info)
+        run.pretrained = read_meta(path).get("pretrained")  # what the run started from, carried on
     elif find_latest(run.run_dir / "checkpoints") is not None:
         raise TrainError(f"{run.run_dir} already holds checkpoints of another run; continue it with "
                          "checkpoint.resume=auto or choose another run.dir")
@@ -179,7 +190,8 @@ def save(run: Run, metric_value: float | None = None) -> None:
     rng = gather_object([save_rng_state()])  # every rank's RNG, in rank order
     if acc.is_main_process:
         meta = {"taxonomy": run.parts.taxonomy.to_dict(), "model": config_to_dict(run.cfg.model),
-                "config": config_to_dict(run.cfg), "bcc_version": __version__, "world_size": run.info.world_size}
+                "config": config_to_dict(run.cfg), "bcc_version": __version__, "world_size": run.info.world_size,
+                "pretrained": run.pretrained}
         ckpt = Checkpoint(model=run.parts.model.state_dict(), optimizer=run.stage.optimizer.state_dict(),
                           scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
                           rng=rng, state=run.state, meta=meta)
