@@ -18,7 +18,7 @@ from accelerate.utils import gather_object
 
 from bcc import __version__
 from bcc.atomic import write_json
-from bcc.calibration import fit_temperatures, write_temperatures
+from bcc.calibration import apply_temperature, fit_temperatures, write_temperatures
 from bcc.checkpoint import (
     Checkpoint,
     CheckpointManager,
@@ -37,6 +37,14 @@ from bcc.finetune import stage_at
 from bcc.manifest import Manifest
 from bcc.metrics import EvalMetrics, metric_names
 from bcc.model import count_parameters
+from bcc.operating_point import (
+    OperatingPointError,
+    binary_head,
+    fit_threshold,
+    parse_operating_point,
+    rates,
+    write_operating_point,
+)
 from bcc.runtime import cpu_report
 from bcc.stream import batches_per_epoch, eval_loader, train_loader
 from bcc.train import preempt as preemption
@@ -89,6 +97,8 @@ def setup_run(cfg: Config) -> Run:
         renamed = RENAMED_METRICS.get(cfg.checkpoint.metric)
         raise TrainError(f"checkpoint.metric '{cfg.checkpoint.metric}' is not a metric of this task"
                          + (f" (it is now '{renamed}')" if renamed else "") + f"; available: {', '.join(sorted(names))}")
+    if not parse_operating_point(cfg.eval.operating_point).is_argmax:
+        binary_head(taxonomy)  # refused before training when the task has no binary decision
     train_split = manifest.split(cfg.data.train_split)
     bpe = batches_per_epoch(train_split.count, cfg.data.batch_size, acc.num_processes)
     if bpe % cfg.train.grad_accum:
@@ -201,17 +211,19 @@ def save(run: Run, metric_value: float | None = None) -> None:
 
 def best_checkpoint_passes(run: Run) -> dict:
     """With the best checkpoint's weights (the last ones if none), on every rank: fit the temperatures
-    on the val split (`eval.calibrate`) and evaluate the test split once (`eval.test_at_end`)."""
+    (`eval.calibrate`) and then the operating point (`eval.operating_point`) on the val split, and
+    evaluate the test split once (`eval.test_at_end`, at argmax)."""
     cfg, out = run.cfg, {}
     want_test = cfg.eval.test_at_end and cfg.data.test_split in run.manifest.splits
-    if not (want_test or cfg.eval.calibrate):
+    want_point = not parse_operating_point(cfg.eval.operating_point).is_argmax
+    if not (want_test or cfg.eval.calibrate or want_point):
         return out
     best = run.run_dir / "checkpoints" / "best"
     current = {k: v.clone() for k, v in run.parts.model.state_dict().items()}
     if best.exists():
         run.parts.model.load_state_dict(load_checkpoint(best).model)
-    if cfg.eval.calibrate:
-        out["calibration"] = calibrate_in_memory(run, best)
+    if cfg.eval.calibrate or want_point:
+        out.update(calibrate_in_memory(run, best))
     if want_test:
         split = cfg.data.test_split
         out["test"] = run.eval(split, f"with the {'best' if best.exists() else 'last'} checkpoint")
@@ -221,11 +233,13 @@ def best_checkpoint_passes(run: Run) -> dict:
     return out
 
 
-def calibrate_in_memory(run: Run, best: Path) -> dict | None:
-    """Temperature scaling fitted on every rank from the val logits of the training eval path.
+def calibrate_in_memory(run: Run, best: Path) -> dict:
+    """Temperature scaling (`eval.calibrate`), then the operating point (`eval.operating_point`, on the
+    temperature-scaled probabilities), fitted on every rank from the val logits of the training eval path.
 
     Each rank keeps its share of the val logits, all ranks gather them (every sample exactly once) and
-    fit the same temperatures; the main process stores them with the best checkpoint.
+    fit the same values; the main process stores them with the best checkpoint. Returns
+    {"calibration": ..., "operating_point": ...} for what was fitted (None where nothing could be).
     """
     logits: list[list[torch.Tensor]] = []
     labels: list[torch.Tensor] = []
@@ -241,15 +255,40 @@ def calibrate_in_memory(run: Run, best: Path) -> dict | None:
     shares = gather_object([mine])  # every rank's share, in rank order: each val sample once
     all_logits = [torch.cat([share[0][h] for share in shares]) for h in range(len(sizes))]
     all_labels = torch.cat([share[1] for share in shares]).long()
+    cfg, taxonomy, out = run.cfg, run.parts.taxonomy, {}
     if all_labels.numel() == 0 or not best.exists():
-        return None
-    temps = fit_temperatures(run.parts.taxonomy, all_logits, all_labels)
-    info = {"split": run.cfg.data.val_split, "count": int(all_labels.numel()), "step": read_train_state(best).step}
-    if run.accelerator.is_main_process:
-        write_temperatures(best, temps, info)
-        console.print(f"calibrated {best}: temperatures {temps}")
+        return {"calibration": None} if cfg.eval.calibrate else {"operating_point": None}
+    info = {"split": cfg.data.val_split, "count": int(all_labels.numel()), "step": read_train_state(best).step}
+    temps: dict[str, float] = {}
+    if cfg.eval.calibrate:
+        temps = fit_temperatures(taxonomy, all_logits, all_labels)
+        if run.accelerator.is_main_process:
+            write_temperatures(best, temps, info)
+            console.print(f"calibrated {best}: temperatures {temps}")
+        out["calibration"] = {"temperatures": temps, **info}
+    rule = parse_operating_point(cfg.eval.operating_point)
+    if not rule.is_argmax:
+        h, head = binary_head(taxonomy)
+        target = taxonomy.target_table()[all_labels, h]
+        scaled = apply_temperature(all_logits, temps, taxonomy.head_names) if temps else all_logits
+        scores = torch.softmax(scaled[h].double(), dim=1)[:, 1]
+        try:
+            threshold = fit_threshold(scores, target, rule)
+        except OperatingPointError as e:  # a val split without both classes: the run itself is fine
+            console.print(f"[yellow]warning:[/] operating point not fitted: {e}")
+            out["operating_point"] = None
+        else:
+            val = {"argmax": rates(scores, target, None), "chosen": rates(scores, target, threshold)}
+            point = {"rule": str(rule), "threshold": threshold, **info, "val": val}
+            if run.accelerator.is_main_process:
+                write_operating_point(best, rule, threshold, taxonomy, temps.get(head, 1.0),
+                                      {**info, "calibrated": bool(temps), "val": val})
+                console.print(f"operating point {rule} of {best}: {head} positive when p >= {threshold:.4f} "
+                              f"(val sens/spec {val['argmax']['sens']:.3f}/{val['argmax']['spec']:.3f} at argmax, "
+                              f"{val['chosen']['sens']:.3f}/{val['chosen']['spec']:.3f} there)")
+            out["operating_point"] = point
     run.accelerator.wait_for_everyone()
-    return {"temperatures": temps, **info}
+    return out
 
 
 def write_summary(run: Run, result: Mapping) -> None:
