@@ -114,8 +114,8 @@ def rates(scores: Tensor, targets: Tensor, threshold: float | None) -> dict[str,
     scores, targets = scores[valid], targets[valid]
     pred = scores > 0.5 if threshold is None else scores >= threshold
     pos, neg = targets == 1, targets == 0
-    sens = float((pred & pos).sum() / pos.sum()) if pos.any() else math.nan
-    spec = float((~pred & neg).sum() / neg.sum()) if neg.any() else math.nan
+    sens = int((pred & pos).sum()) / int(pos.sum()) if pos.any() else math.nan  # exact ratios of counts
+    spec = int((~pred & neg).sum()) / int(neg.sum()) if neg.any() else math.nan
     return {"sens": sens, "spec": spec, "bacc": (sens + spec) / 2}
 
 
