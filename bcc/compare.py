@@ -138,9 +138,13 @@ def train_mode(config: str | Path | None, overrides: Sequence[str], mode: str, o
     args = [*overrides, *mode_overrides(mode, run_dir), "checkpoint.resume=auto"]
     if processes == 1:
         from bcc.errors import EXIT_PREEMPTED
+        from bcc.pretrained import explicit_keys
         from bcc.train.fit import fit
+        from bcc.train.resume import follow_run_source
 
-        result = fit(load_config(config, args))
+        # as `python -m bcc.train` does: the data follow the pretrained source unless the config says otherwise
+        cfg, _ = follow_run_source(load_config(config, args), explicit_keys(config, args))
+        result = fit(cfg)
         return EXIT_PREEMPTED if result.get("preempted") else 0
     from bcc.launch import accelerate_command, run_launch
 
