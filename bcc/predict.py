@@ -272,7 +272,8 @@ class Prediction:
     path: str
     answer: str  # e.g. "Malignant: Pro-B"
     class_name: str  # leaf class of the decision
-    head_labels: dict[str, str]  # argmax label of every head (also of heads that do not apply)
+    # label of every head (also of heads that do not apply): the argmax, the binary head's at the operating point
+    head_labels: dict[str, str]
     head_probs: dict[str, dict[str, float]]  # head -> label -> probability
     class_probs: dict[str, float]  # leaf class -> combined hierarchical probability
     gradcam: list[str] = field(default_factory=list)
@@ -333,6 +334,11 @@ def predict_paths(
         decided = decide(taxonomy, probs, im.threshold)
         combined = combined_probs(taxonomy, [p.clamp_min(1e-12).log() for p in probs])
         classes = {h: p.argmax(dim=1) for h, p in zip(taxonomy.head_names, probs, strict=True)}
+        if im.threshold is not None:  # the binary head's label is the one the decision used
+            from bcc.operating_point import binary_head
+
+            name = binary_head(taxonomy)[1]
+            classes[name] = (probs[taxonomy.head_names.index(name)][:, 1] >= im.threshold).long()
         maps = cam(x.to(im.device), classes) if cam is not None else None
         for i, path in enumerate(batch_paths):
             c = int(decided[i])
@@ -340,7 +346,7 @@ def predict_paths(
                 path=str(path),
                 answer=answer_text(taxonomy, c),
                 class_name=taxonomy.class_names[c],
-                head_labels={h.name: h.labels[int(probs[k][i].argmax())] for k, h in enumerate(taxonomy.heads)},
+                head_labels={h.name: h.labels[int(classes[h.name][i])] for h in taxonomy.heads},
                 head_probs={h.name: {lab: float(probs[k][i, j]) for j, lab in enumerate(h.labels)}
                             for k, h in enumerate(taxonomy.heads)},
                 class_probs={name: float(combined[i, j]) for j, name in enumerate(taxonomy.class_names)},

@@ -154,6 +154,7 @@ def test_predict_eval_and_export_use_the_stored_point(run_copy, synth_data, synt
         flips = t <= p[a.path] <= 0.5
         assert (a.answer.startswith("Malignant") != b.answer.startswith("Malignant")) == flips, (a, b, t)
         assert b.answer.startswith("Malignant") == (p[a.path] >= t)
+        assert b.head_labels["binary"] == ("Malignant" if p[a.path] >= t else "Benign")
     assert sum(t <= v <= 0.5 for v in p.values()) >= 1
     assert load_inference_model(run_copy, device="cpu", operating_point=False).threshold is None
 
