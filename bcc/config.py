@@ -65,7 +65,12 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "vgg16_bn"  # torchvision vgg16_bn, or any timm model name
-    pretrained: str = ""  # "" random init; "hub" download; else a local .safetensors/.pt/.pth file
+    # "" random init; "hub" the backbone's published weights (download); a bcc run dir (its best checkpoint),
+    # checkpoints dir or checkpoint; a `bcc export` folder; a timm/HF model folder; a state-dict file
+    # (.safetensors/.pt/.pth/.bin/.ckpt). The backbone transfers; data.mean/std/image_size/crop_pct
+    # follow the source unless set in the config (bcc/pretrained.py)
+    pretrained: str = ""
+    pretrained_allow_mismatch: bool = False  # load what fits instead of refusing a backbone that differs
     head_hidden: int = 256
     head_dropout: float = 0.5
     channels_last: bool = False
@@ -119,6 +124,9 @@ class FinetuneConfig:
 class EvalConfig:
     every_epochs: int = 1
     calibrate: bool = False  # fit temperature scaling on the val split after training
+    # threshold of the root binary head fitted on val after training (bcc/operating_point.py):
+    # argmax | youden | sensitivity>=X | specificity>=X (0 < X < 1)
+    operating_point: str = "argmax"
     test_at_end: bool = True
 
 

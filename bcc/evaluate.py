@@ -46,6 +46,7 @@ from bcc.atomic import write_json
 from bcc.errors import BccError
 from bcc.imageio import IMAGE_SUFFIXES, decode_rgb, is_image_name
 from bcc.imageio import scan_class_folders as scan_folders
+from bcc.operating_point import binary_head
 from bcc.predict import (
     InferenceModel,
     TaxonomyMismatchError,
@@ -287,7 +288,7 @@ def _write_predictions(path: Path, im: InferenceModel, merged: dict[str, Any]) -
     scaled = im.scale(merged["logits"])
     head_probs = [torch.softmax(z.double(), dim=1) for z in scaled]
     probs = combined_probs(taxonomy, scaled)
-    decided = decide(taxonomy, head_probs)
+    decided = decide(taxonomy, head_probs, im.threshold)
     names = taxonomy.class_names
     values = torch.cat([*head_probs, probs.double()], dim=1).tolist()
     rows = (([merged["source"][i], merged["key"][i], names[int(merged["label"][i])], names[int(decided[i])]],
@@ -312,6 +313,7 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     workers: int | None = None,
     calibrated: bool = True,
+    operating_point: bool = True,
 ) -> dict[str, Any]:
     """Evaluate on every process of the current launch; returns the metrics.json content (on every rank).
 
@@ -326,9 +328,9 @@ def evaluate_checkpoint(
 
     acc = Accelerator()
     set_main_process(acc.is_main_process)
-    im = load_inference_model(checkpoint, device=acc.device, calibrated=calibrated)
+    im = load_inference_model(checkpoint, device=acc.device, calibrated=calibrated, operating_point=operating_point)
     source = open_source(data, split, im, batch_size=batch_size, workers=workers)
-    metrics = EvalMetrics(im.taxonomy, device=acc.device)
+    metrics = EvalMetrics(im.taxonomy, device=acc.device, threshold=im.threshold)
     part = _infer(im, source.loader(acc.process_index, acc.num_processes), metrics)
     flat = metrics.compute()  # collective: every rank
     merged = _merge(gather_object([part]))  # collective: every rank
@@ -356,6 +358,9 @@ def evaluate_checkpoint(
         "images_per_second": round(count / merged["seconds"], 2) if merged["seconds"] > 0 else None,
         "calibrated": bool(im.temperatures),
         "temperatures": im.temperatures or None,
+        # the binary decision's threshold (on the reported probabilities); null: argmax
+        "operating_point": None if im.operating_point is None else {
+            "rule": im.operating_point.get("rule"), "head": im.operating_point["head"], "threshold": im.threshold},
         **structured,
         "metrics": flat,
     }
@@ -412,13 +417,23 @@ def calibrate_checkpoint(
     batch_size: int | None = None,
     workers: int | None = None,
     device: str | None = None,
+    operating_point: str | None = None,
 ) -> dict[str, Any]:
     """Fit one temperature per head on `split` (default: the run's val split of the run's data) and store
-    them with the checkpoint (`temperature.json`); returns temperatures, ECE before/after and the path."""
+    them with the checkpoint (`temperature.json`); returns temperatures, ECE before/after and the path.
+
+    `operating_point` (a rule of `bcc.operating_point`) then fits the binary threshold on the
+    temperature-scaled probabilities of the same samples and stores it (`operating_point.json`);
+    `argmax` removes a stored one. Returned under "operating_point"."""
+    from bcc.operating_point import parse_operating_point
+
+    rule = parse_operating_point(operating_point) if operating_point is not None else None
     from bcc.calibration import apply_temperature, fit_temperatures
     from bcc.predict import write_temperatures
 
     im = load_inference_model(checkpoint, device=device, calibrated=False)
+    if rule is not None and not rule.is_argmax:
+        binary_head(im.taxonomy)  # a named error before any inference
     data = data if data is not None else im.config.data.shards
     split = split or im.config.data.val_split
     if not Path(data).exists():
@@ -434,4 +449,26 @@ def calibrate_checkpoint(
     info = {"data": str(source.path), "split": source.name, "count": int(labels.numel()), "step": im.step,
             "ece_before": before, "ece_after": after}
     path = write_temperatures(im.checkpoint, temps, info)
-    return {"temperatures": temps, **info, "path": str(path), "failed": part["failed"]}
+    point = None
+    if rule is not None:
+        point = _fit_operating_point(im, rule, apply_temperature(logits, temps, im.taxonomy.head_names), labels,
+                                     temps, {k: info[k] for k in ("data", "split", "count", "step")})
+    return {"temperatures": temps, **info, "path": str(path), "failed": part["failed"], "operating_point": point}
+
+
+def _fit_operating_point(im: InferenceModel, rule, scaled: Sequence[Tensor], labels: Tensor,
+                         temps: dict[str, float], info: dict[str, Any]) -> dict[str, Any] | None:
+    """Fit and store (or, for argmax, remove) the checkpoint's operating point; see `calibrate_checkpoint`."""
+    from bcc.operating_point import OPERATING_POINT_FILE, fit_threshold, rates, write_operating_point
+
+    if rule.is_argmax:
+        (im.checkpoint / OPERATING_POINT_FILE).unlink(missing_ok=True)
+        return None
+    h, head = binary_head(im.taxonomy)
+    target = im.taxonomy.target_table()[labels, h]
+    scores = torch.softmax(scaled[h].double(), dim=1)[:, 1]
+    threshold = fit_threshold(scores, target, rule)
+    val = {"argmax": rates(scores, target, None), "chosen": rates(scores, target, threshold)}
+    path = write_operating_point(im.checkpoint, rule, threshold, im.taxonomy, temps.get(head, 1.0),
+                                 {**info, "calibrated": True, "val": val})
+    return {"rule": str(rule), "head": head, "threshold": threshold, "val": val, "path": str(path)}

@@ -22,6 +22,8 @@ or the training loop. Use it like this:
     t = preprocess.temperatures                         # {head: T}, empty when uncalibrated
     probs = [(z / t.get(h, 1.0)).softmax(-1) for h, z in zip(taxonomy.head_names, logits)]
     answer = taxonomy.classes[int(taxonomy.decide(probs))].name
+    # with an operating point (preprocess.threshold, else None) the root binary head says positive
+    # when probs[0][:, 1] >= preprocess.threshold (bcc.metrics.decide(..., threshold=) does this)
 """
 
 from __future__ import annotations
@@ -53,12 +55,14 @@ class Preprocess:
     its T before the softmax.
     """
 
-    def __init__(self, image_size: int, crop_pct: float, mean, std, temperatures: dict[str, float] | None = None):
+    def __init__(self, image_size: int, crop_pct: float, mean, std, temperatures: dict[str, float] | None = None,
+                 threshold: float | None = None):
         from bcc.transforms import EvalPreset
 
         self.image_size, self.crop_pct = int(image_size), float(crop_pct)
         self.mean, self.std = tuple(mean), tuple(std)
         self.temperatures = dict(temperatures or {})
+        self.threshold = threshold  # binary operating point on the temperature-scaled probabilities; None: argmax
         self._preset = EvalPreset(size=self.image_size, crop_pct=self.crop_pct, mean=self.mean, std=self.std)
 
     def __call__(self, image) -> torch.Tensor:
@@ -88,7 +92,9 @@ def load_exported(directory: str | os.PathLike, device: str | torch.device = "cp
     model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device="cpu"))
     model.to(device).eval()
     p = info["preprocess"]
-    preprocess = Preprocess(p["image_size"], p["crop_pct"], p["mean"], p["std"], info.get("temperatures"))
+    point = info.get("operating_point") or {}
+    preprocess = Preprocess(p["image_size"], p["crop_pct"], p["mean"], p["std"], info.get("temperatures"),
+                            point.get("threshold"))
     return model, Taxonomy.from_dict(info["taxonomy"]), preprocess
 
 
@@ -130,6 +136,10 @@ def export_info(im) -> dict[str, Any]:
                       "crop image_size; scale to [0, 1]; normalise with mean and std",
         },
         "temperatures": im.temperatures or None,
+        # the root binary head says positive when its (temperature-scaled) probability >= threshold
+        "operating_point": None if im.operating_point is None else {
+            "rule": im.operating_point.get("rule"), "head": im.operating_point["head"],
+            "positive_label": im.operating_point.get("positive_label"), "threshold": im.threshold},
     }
 
 

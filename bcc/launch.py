@@ -50,11 +50,10 @@ def train_run(config, args: Sequence[str], processes: int = 1) -> int:
     Used by `bcc compare` (one run per mode) and `bcc cv` (one run per fold).
     """
     if processes == 1:
-        from bcc.config import load_config
         from bcc.errors import EXIT_PREEMPTED
-        from bcc.train.fit import fit
+        from bcc.train.fit import train_from_config
 
-        result = fit(load_config(config, list(args)))
+        result = train_from_config(config, args)
         return EXIT_PREEMPTED if result.get("preempted") else 0
     cmd, env = accelerate_command(processes, [*(["--config", str(config)] if config else []), *args])
     return run_launch(cmd, env)

@@ -81,14 +81,24 @@ def combined_probs(taxonomy, logits: Sequence[Tensor]) -> Tensor:
     return torch.softmax(log_p, dim=1)
 
 
-def decide(taxonomy, logits: Sequence[Tensor], probs: Tensor | None = None) -> Tensor:
+def decide(taxonomy, logits: Sequence[Tensor], probs: Tensor | None = None,
+           threshold: float | None = None) -> Tensor:
     """Leaf class index [N] of the hierarchical decision (`Taxonomy.decide`) for per-head `logits`.
 
+    `threshold` is the operating point (`bcc.operating_point`): the root binary head says positive
+    (label 1) when its softmax probability is >= threshold instead of > 0.5; None keeps the argmax.
     A label combination that is no leaf class (impossible for the default taxonomy) falls back to the
     most probable leaf class (`probs`, the `combined_probs` when already computed) rather than being
     dropped. Log-probabilities are valid logits here.
     """
-    decided = taxonomy.decide(logits).to(logits[0].device)
+    outputs = list(logits)
+    if threshold is not None:
+        from bcc.operating_point import binary_head
+
+        h, _ = binary_head(taxonomy)
+        positive = torch.softmax(outputs[h].detach().float(), dim=-1)[:, 1] >= threshold
+        outputs[h] = torch.stack([~positive, positive], dim=1).float()  # argmax of this is the decision
+    decided = taxonomy.decide(outputs).to(logits[0].device)
     if bool((decided < 0).any()):
         fallback = (probs if probs is not None else combined_probs(taxonomy, logits)).argmax(dim=1)
         decided = torch.where(decided >= 0, decided, fallback.to(decided.device))
@@ -187,8 +197,13 @@ class EvalMetrics:
         taxonomy,
         device: torch.device | str | None = None,
         process_group: Any = None,
+        threshold: float | None = None,
     ) -> None:
+        """`threshold`: the operating point of the combined decision (`decide`); with it, the binary
+        head also reports `H_op_sens`, `H_op_spec`, `H_op_bacc` and `H_op_threshold` beside its argmax
+        `H_sens`, `H_spec`, `H_bacc`. May be set between passes (`metrics.threshold = t`)."""
         self.taxonomy = taxonomy
+        self.threshold = threshold
         self.device = torch.device(device or "cpu")
         self.head_names = tuple(taxonomy.head_names)
         self.head_sizes = dict(taxonomy.head_sizes)
@@ -225,7 +240,7 @@ class EvalMetrics:
             self._samples[name].update(probs, probs.argmax(dim=-1), target[valid])
 
         probs = combined_probs(self.taxonomy, logits)
-        self._samples[COMBINED].update(probs, decide(self.taxonomy, logits, probs), labels)
+        self._samples[COMBINED].update(probs, decide(self.taxonomy, logits, probs, self.threshold), labels)
 
         if loss_sum is not None:
             self._loss.update(torch.as_tensor(loss_sum, dtype=torch.float64).detach(), labels.numel())
@@ -252,6 +267,14 @@ class EvalMetrics:
                 if key in head:
                     out[f"{name}_{key}"] = head[key]
             out[f"{name}_count"] = target.numel()
+        if self.threshold is not None:
+            from bcc.operating_point import binary_head, rates
+
+            name = binary_head(self.taxonomy)[1]
+            probs, _, target = gathered[name]
+            for key, value in rates(probs[:, 1], target, self.threshold).items():
+                out[f"{name}_op_{key}"] = value
+            out[f"{name}_op_threshold"] = float(self.threshold)
 
         if loss_count:
             out["loss"] = loss_total / loss_count
@@ -301,4 +324,8 @@ def format_table(metrics: Mapping[str, Any], title: str | None = None):
     for head in heads:
         row = [_fmt(metrics.get(f"{head}_{col}", "")) for col in columns]
         table.add_row(head, *row, _fmt(metrics.get(f"{head}_count", "")))
+        if f"{head}_op_threshold" in metrics:  # the same head at the operating point (the decision's)
+            row = [_fmt(metrics.get(f"{head}_op_{col}", "")) if col in ("bacc", "sens", "spec") else ""
+                   for col in columns]
+            table.add_row(f"{head} @ p>={metrics[f'{head}_op_threshold']:.3f}", *row, "")
     return table

@@ -118,6 +118,18 @@ class InferenceModel:
     device: torch.device
     temperatures: dict[str, float] = field(default_factory=dict)
     stored_temperatures: dict[str, float] | None = None  # what the checkpoint has, used or not
+    # `operating_point.json` of the checkpoint (`bcc.operating_point`), None for the argmax decision
+    operating_point: dict[str, Any] | None = None
+
+    @property
+    def threshold(self) -> float | None:
+        """The operating point on the probabilities this model reports (after the temperatures in use),
+        or None for argmax. The same decision whatever the temperatures (`threshold_for`)."""
+        if self.operating_point is None:
+            return None
+        from bcc.operating_point import threshold_for
+
+        return threshold_for(self.operating_point, self.temperatures.get(self.operating_point["head"], 1.0))
 
     @property
     def image_size(self) -> int:
@@ -158,9 +170,13 @@ class InferenceModel:
 
 
 def load_inference_model(
-    path: str | Path, *, device: str | torch.device | None = None, calibrated: bool = True
+    path: str | Path, *, device: str | torch.device | None = None, calibrated: bool = True,
+    operating_point: bool = True,
 ) -> InferenceModel:
-    """Load a checkpoint for inference (see the module docstring for what `path` may be)."""
+    """Load a checkpoint for inference (see the module docstring for what `path` may be).
+
+    `calibrated=False` ignores stored temperatures, `operating_point=False` a stored operating point
+    (the binary decision is then the argmax)."""
     from bcc.config import ConfigError, config_from_dict
     from bcc.model import build_model
     from bcc.transforms import EvalPreset
@@ -192,6 +208,9 @@ def load_inference_model(
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     stored = read_temperatures(ckpt, taxonomy.head_names)
+    from bcc.operating_point import read_operating_point
+
+    point = read_operating_point(ckpt, taxonomy) if operating_point else None
     d = cfg.data
     return InferenceModel(
         model=model,
@@ -203,6 +222,7 @@ def load_inference_model(
         device=device,
         temperatures=dict(stored) if (calibrated and stored) else {},
         stored_temperatures=stored,
+        operating_point=point,
     )
 
 
@@ -218,13 +238,13 @@ def _load_weights(path: Path) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------- decisions
 
 
-def decide(taxonomy: Taxonomy, probs: Sequence[Tensor]) -> Tensor:
+def decide(taxonomy: Taxonomy, probs: Sequence[Tensor], threshold: float | None = None) -> Tensor:
     """Leaf class index [N] of the hierarchical decision for per-head probabilities (`bcc.metrics.decide`,
-    with its fallback to the most probable leaf)."""
+    with its fallback to the most probable leaf, and the binary operating point `threshold`)."""
     from bcc.metrics import decide as decide_logits
 
     # log-probabilities are valid logits: combined_probs takes log_softmax, which leaves them as they are
-    return decide_logits(taxonomy, [p.clamp_min(1e-12).log() for p in probs])
+    return decide_logits(taxonomy, [p.clamp_min(1e-12).log() for p in probs], threshold=threshold)
 
 
 def answer_text(taxonomy: Taxonomy, class_index: int) -> str:
@@ -252,7 +272,8 @@ class Prediction:
     path: str
     answer: str  # e.g. "Malignant: Pro-B"
     class_name: str  # leaf class of the decision
-    head_labels: dict[str, str]  # argmax label of every head (also of heads that do not apply)
+    # label of every head (also of heads that do not apply): the argmax, the binary head's at the operating point
+    head_labels: dict[str, str]
     head_probs: dict[str, dict[str, float]]  # head -> label -> probability
     class_probs: dict[str, float]  # leaf class -> combined hierarchical probability
     gradcam: list[str] = field(default_factory=list)
@@ -267,6 +288,7 @@ class PredictResult:
     failures: list[tuple[str, str]]  # (path, reason)
     calibrated: bool
     tta: bool
+    threshold: float | None = None  # the binary operating point used (None: argmax)
 
 
 def predict_paths(
@@ -309,9 +331,14 @@ def predict_paths(
             continue
         x = torch.stack(tensors)
         probs = [p.cpu() for p in im.head_probs(x, tta=tta)]
-        decided = decide(taxonomy, probs)
+        decided = decide(taxonomy, probs, im.threshold)
         combined = combined_probs(taxonomy, [p.clamp_min(1e-12).log() for p in probs])
         classes = {h: p.argmax(dim=1) for h, p in zip(taxonomy.head_names, probs, strict=True)}
+        if im.threshold is not None:  # the binary head's label is the one the decision used
+            from bcc.operating_point import binary_head
+
+            name = binary_head(taxonomy)[1]
+            classes[name] = (probs[taxonomy.head_names.index(name)][:, 1] >= im.threshold).long()
         maps = cam(x.to(im.device), classes) if cam is not None else None
         for i, path in enumerate(batch_paths):
             c = int(decided[i])
@@ -319,7 +346,7 @@ def predict_paths(
                 path=str(path),
                 answer=answer_text(taxonomy, c),
                 class_name=taxonomy.class_names[c],
-                head_labels={h.name: h.labels[int(probs[k][i].argmax())] for k, h in enumerate(taxonomy.heads)},
+                head_labels={h.name: h.labels[int(classes[h.name][i])] for h in taxonomy.heads},
                 head_probs={h.name: {lab: float(probs[k][i, j]) for j, lab in enumerate(h.labels)}
                             for k, h in enumerate(taxonomy.heads)},
                 class_probs={name: float(combined[i, j]) for j, name in enumerate(taxonomy.class_names)},
@@ -335,7 +362,7 @@ def predict_paths(
             predictions.append(pred)
             if on_prediction is not None:
                 on_prediction(pred)
-    return PredictResult(predictions, failures, calibrated=bool(im.temperatures), tta=tta)
+    return PredictResult(predictions, failures, calibrated=bool(im.temperatures), tta=tta, threshold=im.threshold)
 
 
 def _unique_stem(stem: str, used: set[str]) -> str:
@@ -399,6 +426,7 @@ def write_predictions_json(result: PredictResult, path: str | Path) -> Path:
     write_json(path, {
         "calibrated": result.calibrated,
         "tta": result.tta,
+        "threshold": result.threshold,
         "predictions": [p.to_dict() for p in result.predictions],
         "failures": [{"path": f, "error": r} for f, r in result.failures],
     })

@@ -487,6 +487,38 @@ def test_hub_preprocessing_is_known_without_a_download():
 # --------------------------------------------------------------------------- through the trainer
 
 
+def test_build_components_gives_the_model_its_taxonomy(tmp_path):
+    from bcc.train.setup import build_components
+
+    other = Taxonomy.from_dict({"name": "other", "heads": [{"name": "binary", "labels": ["x", "y"]}]})
+    mine = Taxonomy.from_dict(
+        {"name": "mine", "heads": [{"name": "binary", "labels": ["Benign", "Malignant"]}]}
+    )
+    run_dir = make_run(tmp_path / "run", [(tiny(other, seed=7), 0.8)], taxonomy=other)
+    model_cfg = ModelConfig(backbone=TINY, pretrained=str(run_dir), head_hidden=HIDDEN, head_dropout=0.0)
+    cfg = Config(model=model_cfg)
+    parts = build_components(cfg, mine, {"Benign": 1, "Malignant": 1}, torch.device("cpu"))
+    # same head name and shape, other taxonomy: only the taxonomy can tell, so it must have been passed
+    assert parts.model.pretrained_record.heads_reinitialised == ("binary",)
+    resumed = build_components(cfg, mine, {"Benign": 1, "Malignant": 1}, torch.device("cpu"), pretrained=False)
+    assert resumed.model.pretrained_record is None
+
+
+def test_config_key_allow_mismatch_reaches_the_loader(tmp_path):
+    from bcc.config import load_config
+
+    state = tiny(ALL, seed=3).state_dict()
+    del state["backbone.conv1.0.weight"]  # one backbone tensor missing: refused unless allowed
+    save_file(state, str(tmp_path / "w.safetensors"))
+    cfg = load_config(None, [f"model.backbone={TINY}", f"model.pretrained={tmp_path / 'w.safetensors'}"])
+    assert cfg.model.pretrained_allow_mismatch is False
+    with pytest.raises(PretrainedError):
+        build_model(cfg.model, ALL.head_sizes, taxonomy=ALL)
+    cfg = load_config(None, [f"model.backbone={TINY}", f"model.pretrained={tmp_path / 'w.safetensors'}",
+                             "model.pretrained_allow_mismatch=true"])
+    assert build_model(cfg.model, ALL.head_sizes, taxonomy=ALL).pretrained_record.loaded >= 1
+
+
 def test_training_from_a_run_prints_the_load_line(run, synth_shards, tmp_path):
     import subprocess
     import sys
@@ -510,10 +542,6 @@ def test_training_from_a_run_prints_the_load_line(run, synth_shards, tmp_path):
     assert "heads re-initialised: binary, subtype" in line
 
 
-@pytest.mark.xfail(
-    reason="bcc.train catches a fixed list of errors on this branch; passes once it catches BccError",
-    strict=False,
-)
 def test_a_bad_pretrained_file_ends_training_with_one_error_line(synth_shards, tmp_path):
     import subprocess
     import sys
@@ -530,3 +558,51 @@ def test_a_bad_pretrained_file_ends_training_with_one_error_line(synth_shards, t
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert f"error: pretrained weights {tmp_path / 'w.pt'}: cannot load it" in proc.stderr
+
+
+def test_a_run_follows_records_and_resumes_without_its_source(run, synth_shards, tmp_path):
+    """Normalisation follows the source (the YAML's image_size stays), the record lands in
+    RUN/pretrained.json and every checkpoint's meta, and a resume neither needs nor re-reads the source."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from bcc.checkpoint import find_latest, read_meta
+    from bcc.config import config_from_dict
+
+    from conftest import write_config
+
+    source = tmp_path / "source"
+    shutil.copytree(run.dir, source, symlinks=True)
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, out, model={"pretrained": str(source)})
+
+    def train(*overrides):
+        return subprocess.run(
+            [sys.executable, "-m", "bcc.train", "--config", str(cfg), "eval.test_at_end=false", *overrides],
+            capture_output=True, text=True, timeout=400,
+        )
+
+    proc = train("train.epochs=1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "data.mean: (0.485, 0.456, 0.406) -> (0.1, 0.2, 0.3), as the pretrained source" in proc.stdout
+    saved = yaml.safe_load((out / "config.yaml").read_text())["data"]
+    assert saved["mean"] == [0.1, 0.2, 0.3] and saved["std"] == [0.4, 0.5, 0.6] and saved["crop_pct"] == 0.875
+    assert saved["image_size"] == 32  # set in the YAML: the user's value wins
+    record = json.loads((out / "pretrained.json").read_text())
+    weights = source / "checkpoints" / "step-00000002" / "model.safetensors"
+    assert record["source"] == str(source) and record["kind"] == "run"
+    assert record["sha256"] == sha(weights) and record["loaded"] == record["total"] > 0
+    first = find_latest(out / "checkpoints")
+    assert read_meta(first)["pretrained"] == record
+
+    shutil.move(source, tmp_path / "moved")  # the source is gone: resuming must not need it
+    proc = train("train.epochs=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "pretrained: " not in proc.stdout
+    second = find_latest(out / "checkpoints")
+    assert second != first and read_meta(second)["pretrained"] == record
+    assert config_from_dict(read_meta(second)["config"]).data.mean == (0.1, 0.2, 0.3)
+    assert json.loads((out / "pretrained.json").read_text()) == record

@@ -120,15 +120,22 @@ def test_calibration_at_the_end_uses_every_rank_and_matches_bcc_calibrate(synth_
     the same temperatures `bcc calibrate` fits on the whole val split through the inference stack."""
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, run_dir, train={"epochs": 1},
-                       eval={"calibrate": True, "test_at_end": False})
+                       eval={"calibrate": True, "test_at_end": False, "operating_point": "sensitivity>=0.9"})
     proc = launch(cfg, processes=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stored = json.loads((run_dir / "checkpoints" / "best" / "temperature.json").read_text())
+    point = json.loads((run_dir / "checkpoints" / "best" / "operating_point.json").read_text())
     manifest = json.loads((synth_shards / "manifest.json").read_text())
     assert stored["count"] == manifest["splits"]["val"]["count"]  # every val sample once, across both ranks
-    proc = subprocess.run([sys.executable, "-m", "bcc", "calibrate", "--checkpoint", str(run_dir), "--workers", "0"],
-                          capture_output=True, text=True, timeout=300)
+    assert point["count"] == stored["count"] and point["calibrated"] and point["rule"] == "sensitivity>=0.9"
+    assert point["temperature"] == stored["temperatures"]["binary"] and point["val"]["chosen"]["sens"] >= 0.9
+    proc = subprocess.run([sys.executable, "-m", "bcc", "calibrate", "--checkpoint", str(run_dir), "--workers", "0",
+                           "--operating-point", "sensitivity>=0.9"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     refit = json.loads((run_dir / "checkpoints" / "best" / "temperature.json").read_text())
     for head, t in stored["temperatures"].items():
         assert t == pytest.approx(refit["temperatures"][head], rel=1e-2), (stored, refit)
+    # the rule depends only on the ranking of the val scores: the same samples pass on both paths
+    again = json.loads((run_dir / "checkpoints" / "best" / "operating_point.json").read_text())
+    for at in ("argmax", "chosen"):
+        assert again["val"][at] == pytest.approx(point["val"][at])

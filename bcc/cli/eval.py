@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="loader workers per process (default: the run's)")
     p.add_argument("--no-calibration", action="store_true",
                    help="ignore temperatures stored by `bcc calibrate` (report raw probabilities)")
+    p.add_argument("--argmax", action="store_true",
+                   help="ignore a stored operating point: the binary decision at probability 0.5")
 
 
 def register(subparsers) -> None:
@@ -40,5 +42,5 @@ def run(args: argparse.Namespace) -> int:
 
     evaluate_checkpoint(args.checkpoint, args.data, split=args.split, out=args.out,
                         batch_size=args.batch_size, workers=args.workers,
-                        calibrated=not args.no_calibration)
+                        calibrated=not args.no_calibration, operating_point=not args.argmax)
     return 0

@@ -22,6 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--tta", action="store_true", help="average over flips (4 forward passes per image)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-calibration", action="store_true", help="ignore stored temperatures")
+    p.add_argument("--argmax", action="store_true",
+                   help="ignore a stored operating point (the binary decision at probability 0.5)")
     p.set_defaults(func=run)
 
 
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from bcc.predict import load_inference_model, predict_paths, write_predictions_csv, write_predictions_json
 
-    im = load_inference_model(args.checkpoint, calibrated=not args.no_calibration)
+    im = load_inference_model(args.checkpoint, calibrated=not args.no_calibration, operating_point=not args.argmax)
     result = predict_paths(im, args.paths, tta=args.tta, batch_size=args.batch_size,
                            gradcam_dir=args.gradcam,
                            on_prediction=lambda p: console.print(_line(p), markup=False, soft_wrap=True))
@@ -52,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_predictions_json(result, args.json)
     n, bad = len(result.predictions), len(result.failures)
-    notes = [("temperature-scaled" if result.calibrated else "uncalibrated"), *(["TTA x4"] if args.tta else [])]
+    notes = [("temperature-scaled" if result.calibrated else "uncalibrated"), *(["TTA x4"] if args.tta else []),
+             *([f"{im.operating_point['head']} positive at p >= {result.threshold:.4f}"]
+               if result.threshold is not None else [])]
     if args.gradcam:
         notes.append(f"Grad-CAM in {args.gradcam}")
     console.print(f"{n} image(s) predicted, {bad} failed ({', '.join(notes)})", soft_wrap=True)

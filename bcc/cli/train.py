@@ -23,12 +23,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train; user errors (BccError) propagate to `bcc.cli.call`, which reports them."""
-    from bcc.config import load_config
     from bcc.errors import EXIT_PREEMPTED
     from bcc.runtime import shutdown_distributed
-    from bcc.train.fit import fit
+    from bcc.train.fit import train_from_config
 
-    result = fit(load_config(args.config, args.overrides))
+    result = train_from_config(args.config, args.overrides)
     shutdown_distributed()  # every rank got here (done or preempted): tear the group down in order
     return EXIT_PREEMPTED if result.get("preempted") else 0
 

@@ -18,13 +18,14 @@ from accelerate.utils import gather_object
 
 from bcc import __version__
 from bcc.atomic import write_json
-from bcc.calibration import fit_temperatures, write_temperatures
+from bcc.calibration import apply_temperature, fit_temperatures, write_temperatures
 from bcc.checkpoint import (
     Checkpoint,
     CheckpointManager,
     TrainState,
     find_latest,
     load_checkpoint,
+    read_meta,
     read_train_state,
     restore_rng_state,
     save_rng_state,
@@ -36,6 +37,14 @@ from bcc.finetune import stage_at
 from bcc.manifest import Manifest
 from bcc.metrics import EvalMetrics
 from bcc.model import count_parameters
+from bcc.operating_point import (
+    OperatingPointError,
+    binary_head,
+    fit_threshold,
+    parse_operating_point,
+    rates,
+    write_operating_point,
+)
 from bcc.runtime import cpu_report
 from bcc.stream import TrainLoader, batches_per_epoch, eval_loader
 from bcc.trackers import require_trackers, start_trackers
@@ -45,6 +54,8 @@ from bcc.train.preflight import check_precision, preflight
 from bcc.train.resume import restore, resume_path
 from bcc.train.runlog import RunLog, scalar_metrics
 from bcc.train.setup import Components, RunInfo, StageParts, TrainError, build_components, enter_stage
+
+PRETRAINED_FILE = "pretrained.json"  # RUN/pretrained.json: the `PretrainedRecord` of the run's start
 
 
 @dataclass
@@ -64,6 +75,7 @@ class Run:
     pin_memory: bool
     stage: StageParts | None = None
     state: TrainState | None = None
+    pretrained: dict | None = None  # `PretrainedRecord.to_dict()` of the weights the run started from
 
     def loader(self, split: str):
         return eval_loader(self.manifest, split, self.cfg.data, rank=self.info.rank,
@@ -87,6 +99,8 @@ def setup_run(cfg: Config) -> Run:
                                                         val=cfg.data.val_split)
     taxonomy = manifest.taxonomy
     preflight(cfg, manifest, acc)  # splits, shards, metric, backbone: once, before anything is built
+    if not parse_operating_point(cfg.eval.operating_point).is_argmax:
+        binary_head(taxonomy)  # refused before training when the task has no binary decision
     train_split = manifest.split(cfg.data.train_split)
     bpe = batches_per_epoch(train_split.count, cfg.data.batch_size, acc.num_processes)
     if bpe % cfg.train.grad_accum:
@@ -96,17 +110,37 @@ def setup_run(cfg: Config) -> Run:
                          f"got {cfg.train.preempt_check_steps}")
     info = RunInfo(world_size=acc.num_processes, rank=acc.process_index, batches_per_epoch=bpe,
                    steps_per_epoch=bpe // cfg.train.grad_accum, total_epochs=cfg.train.epochs)
-    parts = build_components(cfg, taxonomy, train_split.class_counts, acc.device)
+    run_dir = Path(cfg.run.dir)
+    # a resumed run takes its weights from the checkpoint: the pretrained source is not read again
+    resuming = resume_path(cfg, run_dir) is not None
+    parts = build_components(cfg, taxonomy, train_split.class_counts, acc.device, pretrained=not resuming)
+    record = getattr(parts.model, "pretrained_record", None)
     # per-rank seed for dropout: ranks see different data anyway, but should not share masks
     torch.manual_seed(cfg.train.seed * 1000 + acc.process_index)
-    run_dir = Path(cfg.run.dir)
     c = cfg.checkpoint
     return Run(cfg=cfg, accelerator=acc, info=info, manifest=manifest, parts=parts,
                metrics=EvalMetrics(taxonomy, device=acc.device),
                ckpt=CheckpointManager(run_dir / "checkpoints", keep_last=c.keep_last, keep_top_k=c.keep_top_k,
                                       metric=c.metric, mode=c.mode),
                log=RunLog(run_dir, acc.is_main_process, accelerator=acc), run_dir=run_dir,
-               name=cfg.run.name or run_dir.resolve().name, pin_memory=acc.device.type == "cuda")
+               name=cfg.run.name or run_dir.resolve().name, pin_memory=acc.device.type == "cuda",
+               pretrained=record.to_dict() if record is not None else None)
+
+
+def train_from_config(config_file, overrides) -> dict:
+    """What `python -m bcc.train --config FILE KEY=VALUE...` does, for the entry point and for `bcc compare`
+    / `bcc cv` runs in this process: load the config, let the data follow the pretrained source where the
+    user did not set them (before `fit` saves the config), train. Returns `fit`'s result."""
+    from bcc.config import load_config
+    from bcc.pretrained import explicit_keys
+    from bcc.train.resume import follow_run_source
+
+    cfg = load_config(config_file, list(overrides))
+    cfg, changed = follow_run_source(cfg, explicit_keys(config_file, list(overrides)))
+    for key, (old, new) in changed.items():
+        console.print(f"{key}: {old} -> {new}, as the pretrained source was trained (set {key} to keep yours)",
+                      markup=False, highlight=False, soft_wrap=True)
+    return fit(cfg)
 
 
 def fit(cfg: Config) -> dict:
@@ -117,12 +151,15 @@ def fit(cfg: Config) -> dict:
     if acc.is_main_process:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.run_dir / "config.yaml")
+        if run.pretrained is not None:  # a fresh start from pretrained weights (a resume keeps the file)
+            write_json(run.run_dir / PRETRAINED_FILE, run.pretrained)
         preemption.clear_marker(run.run_dir)
     acc.wait_for_everyone()
     flag = preemption.PreemptionFlag()
     path, pending_rng = resume_path(cfg, run.run_dir), None
     if path is not None:
         run.state, run.stage, pending_rng = restore(path, run.parts, acc, info)
+        run.pretrained = read_meta(path).get("pretrained")  # what the run started from, carried on
     elif find_latest(run.run_dir / "checkpoints") is not None:
         raise TrainError(f"{run.run_dir} already holds checkpoints of another run; continue it with "
                          "checkpoint.resume=auto or choose another run.dir")
@@ -206,7 +243,8 @@ def save(run: Run, metric_value: float | None = None) -> None:
     rng = gather_object([save_rng_state()])  # every rank's RNG, in rank order
     if acc.is_main_process:
         meta = {"taxonomy": run.parts.taxonomy.to_dict(), "model": config_to_dict(run.cfg.model),
-                "config": config_to_dict(run.cfg), "bcc_version": __version__, "world_size": run.info.world_size}
+                "config": config_to_dict(run.cfg), "bcc_version": __version__, "world_size": run.info.world_size,
+                "pretrained": run.pretrained}
         ckpt = Checkpoint(model=run.parts.model.state_dict(), optimizer=run.stage.optimizer.state_dict(),
                           scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
                           rng=rng, state=run.state, meta=meta)
@@ -216,18 +254,20 @@ def save(run: Run, metric_value: float | None = None) -> None:
 
 def best_checkpoint_passes(run: Run) -> dict:
     """With the best checkpoint's weights (the last ones if none), on every rank: fit the temperatures
-    on the val split (`eval.calibrate`) and evaluate the test split once (`eval.test_at_end`)."""
+    (`eval.calibrate`) and then the operating point (`eval.operating_point`) on the val split, and
+    evaluate the test split once (`eval.test_at_end`, at argmax)."""
     cfg, out = run.cfg, {}
     # preflight made sure the test split exists; an empty one (packed with a test fraction of 0) is skipped
     want_test = cfg.eval.test_at_end and run.manifest.split(cfg.data.test_split).count > 0
-    if not (want_test or cfg.eval.calibrate):
+    want_point = not parse_operating_point(cfg.eval.operating_point).is_argmax
+    if not (want_test or cfg.eval.calibrate or want_point):
         return out
     best = run.run_dir / "checkpoints" / "best"
     current = {k: v.clone() for k, v in run.parts.model.state_dict().items()}
     if best.exists():
         run.parts.model.load_state_dict(load_checkpoint(best).model)
-    if cfg.eval.calibrate:
-        out["calibration"] = calibrate_in_memory(run, best)
+    if cfg.eval.calibrate or want_point:
+        out.update(calibrate_in_memory(run, best))
     if want_test:
         split = cfg.data.test_split
         out["test"] = run.eval(split, f"with the {'best' if best.exists() else 'last'} checkpoint")
@@ -237,11 +277,13 @@ def best_checkpoint_passes(run: Run) -> dict:
     return out
 
 
-def calibrate_in_memory(run: Run, best: Path) -> dict | None:
-    """Temperature scaling fitted on every rank from the val logits of the training eval path.
+def calibrate_in_memory(run: Run, best: Path) -> dict:
+    """Temperature scaling (`eval.calibrate`), then the operating point (`eval.operating_point`, on the
+    temperature-scaled probabilities), fitted on every rank from the val logits of the training eval path.
 
     Each rank keeps its share of the val logits, all ranks gather them (every sample exactly once) and
-    fit the same temperatures; the main process stores them with the best checkpoint.
+    fit the same values; the main process stores them with the best checkpoint. Returns
+    {"calibration": ..., "operating_point": ...} for what was fitted (None where nothing could be).
     """
     logits: list[list[torch.Tensor]] = []
     labels: list[torch.Tensor] = []
@@ -257,15 +299,40 @@ def calibrate_in_memory(run: Run, best: Path) -> dict | None:
     shares = gather_object([mine])  # every rank's share, in rank order: each val sample once
     all_logits = [torch.cat([share[0][h] for share in shares]) for h in range(len(sizes))]
     all_labels = torch.cat([share[1] for share in shares]).long()
+    cfg, taxonomy, out = run.cfg, run.parts.taxonomy, {}
     if all_labels.numel() == 0 or not best.exists():
-        return None
-    temps = fit_temperatures(run.parts.taxonomy, all_logits, all_labels)
-    info = {"split": run.cfg.data.val_split, "count": int(all_labels.numel()), "step": read_train_state(best).step}
-    if run.accelerator.is_main_process:
-        write_temperatures(best, temps, info)
-        console.print(f"calibrated {best}: temperatures {temps}")
+        return {"calibration": None} if cfg.eval.calibrate else {"operating_point": None}
+    info = {"split": cfg.data.val_split, "count": int(all_labels.numel()), "step": read_train_state(best).step}
+    temps: dict[str, float] = {}
+    if cfg.eval.calibrate:
+        temps = fit_temperatures(taxonomy, all_logits, all_labels)
+        if run.accelerator.is_main_process:
+            write_temperatures(best, temps, info)
+            console.print(f"calibrated {best}: temperatures {temps}")
+        out["calibration"] = {"temperatures": temps, **info}
+    rule = parse_operating_point(cfg.eval.operating_point)
+    if not rule.is_argmax:
+        h, head = binary_head(taxonomy)
+        target = taxonomy.target_table()[all_labels, h]
+        scaled = apply_temperature(all_logits, temps, taxonomy.head_names) if temps else all_logits
+        scores = torch.softmax(scaled[h].double(), dim=1)[:, 1]
+        try:
+            threshold = fit_threshold(scores, target, rule)
+        except OperatingPointError as e:  # a val split without both classes: the run itself is fine
+            console.print(f"[yellow]warning:[/] operating point not fitted: {e}")
+            out["operating_point"] = None
+        else:
+            val = {"argmax": rates(scores, target, None), "chosen": rates(scores, target, threshold)}
+            point = {"rule": str(rule), "threshold": threshold, **info, "val": val}
+            if run.accelerator.is_main_process:
+                write_operating_point(best, rule, threshold, taxonomy, temps.get(head, 1.0),
+                                      {**info, "calibrated": bool(temps), "val": val})
+                console.print(f"operating point {rule} of {best}: {head} positive when p >= {threshold:.4f} "
+                              f"(val sens/spec {val['argmax']['sens']:.3f}/{val['argmax']['spec']:.3f} at argmax, "
+                              f"{val['chosen']['sens']:.3f}/{val['chosen']['spec']:.3f} there)")
+            out["operating_point"] = point
     run.accelerator.wait_for_everyone()
-    return {"temperatures": temps, **info}
+    return out
 
 
 def write_summary(run: Run, result: Mapping) -> None:

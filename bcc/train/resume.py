@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 
-from bcc.checkpoint import Checkpoint, TrainState, find_latest, load_checkpoint, resolve_checkpoint
+from bcc.checkpoint import Checkpoint, TrainState, find_latest, load_checkpoint, read_meta, resolve_checkpoint
 from bcc.config import Config, config_diff, config_from_dict, config_hash
 from bcc.console import console
 from bcc.finetune import check_resume_stages, resolve_stages
@@ -37,6 +39,32 @@ def resume_path(cfg: Config, run_dir: Path) -> Path | None:
     if not Path(choice).exists():
         raise TrainError(f"checkpoint.resume: {choice} does not exist")
     return resolve_checkpoint(choice, prefer="latest")
+
+
+def follow_run_source(cfg: Config, explicit: Collection[str] = ()) -> tuple[Config, dict[str, tuple[Any, Any]]]:
+    """`cfg` with data.mean/std/image_size/crop_pct following the run's pretrained source
+    (`bcc.pretrained.follow_pretrained`), unless `explicit` names them. Call it before `fit` and before
+    the config is saved.
+
+    A run that resumes follows its checkpoint's config instead: it holds the values the weights were
+    trained with, and the pretrained source may have moved or gone since.
+    Returns (config, {"data.<field>": (old, new)} for the values that changed).
+    """
+    from bcc.pretrained import SourcePreprocess, follow_pretrained, follow_source
+
+    if not cfg.model.pretrained:
+        return cfg, {}
+    path = resume_path(cfg, Path(cfg.run.dir))
+    if path is None:
+        return follow_pretrained(cfg, explicit)
+    saved = read_meta(path).get("config")
+    if not isinstance(saved, Mapping):
+        return cfg, {}
+    d = config_from_dict(saved).data
+    pre = SourcePreprocess(mean=d.mean, std=d.std, image_size=d.image_size, crop_pct=d.crop_pct,
+                           origin=f"checkpoint {path}")
+    data, changes = follow_source(cfg.data, pre, explicit)
+    return dataclasses.replace(cfg, data=data), {f"data.{k}": v for k, v in changes.items()}
 
 
 def check_resume_compatible(saved: Config, current: Config, saved_meta: Mapping, taxonomy: Taxonomy) -> list[str]:

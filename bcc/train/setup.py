@@ -7,6 +7,7 @@ DDP wrapper for it; `set_lr` sets the learning rate of a step. Nothing here read
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -95,14 +96,17 @@ class StageParts:
 
 
 def build_components(cfg: Config, taxonomy: Taxonomy, class_counts: Mapping[str, int], device: torch.device,
-                     finetune: FinetuneConfig | None = None) -> Components:
+                     finetune: FinetuneConfig | None = None, pretrained: bool = True) -> Components:
     """Model (seeded by `train.seed`: identical on every rank), groups, stages and loss of a run.
 
     `finetune` replaces `cfg.finetune` (bench and compare time one preset of the same config).
-    Raises TrainError/FinetuneError for a loss or plan that does not fit the taxonomy or model.
+    `pretrained=False` skips `model.pretrained` (a resumed run: the checkpoint holds the weights, and
+    the source may have moved). Raises TrainError/FinetuneError for a loss or plan that does not fit
+    the taxonomy or model, PretrainedError for weights that cannot be loaded.
     """
     set_seed(cfg.train.seed)
-    model = build_model(cfg.model, taxonomy.head_sizes)
+    model_cfg = cfg.model if pretrained else dataclasses.replace(cfg.model, pretrained="")
+    model = build_model(model_cfg, taxonomy.head_sizes, taxonomy=taxonomy)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = parameter_groups(model)

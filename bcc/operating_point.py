@@ -1,0 +1,217 @@
+"""The operating point of the binary decision: a threshold on the positive probability, chosen on validation.
+
+The hierarchical decision takes the argmax of every head, so the root binary head calls a sample
+positive (label 1, e.g. Malignant) when its probability exceeds 0.5. A screening task states its rule
+instead (`eval.operating_point`, `bcc calibrate --operating-point`):
+
+    argmax               no threshold (the default; the decision of an uncalibrated argmax)
+    youden               maximise sensitivity + specificity - 1 on the validation split
+    sensitivity>=X       the highest threshold whose validation sensitivity is at least X (0 < X < 1):
+                         the best specificity that keeps the sensitivity
+    specificity>=X       the lowest threshold whose validation specificity is at least X
+
+A sample is positive when `p >= threshold`. Thresholds are midpoints between neighbouring distinct
+validation scores, so no validation sample sits on one. The threshold is fitted on the probabilities
+the model reports (temperature-scaled where temperatures exist) and stored beside the checkpoint as
+`operating_point.json`, together with the binary head's temperature and the equivalent logit margin
+`T * logit(threshold)`. The decision `z1 - z0 >= margin` does not depend on the temperature, so the
+stored point stays the same decision when temperatures are refitted or switched off
+(`threshold_for`). The one decision that uses it is `bcc.metrics.decide(..., threshold=)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bcc.errors import BccError
+
+__all__ = [
+    "OPERATING_POINT_FILE",
+    "OperatingPoint",
+    "OperatingPointError",
+    "binary_head",
+    "fit_threshold",
+    "parse_operating_point",
+    "rates",
+    "read_operating_point",
+    "threshold_for",
+    "write_operating_point",
+]
+
+OPERATING_POINT_FILE = "operating_point.json"  # in a checkpoint directory, beside temperature.json
+OPERATING_POINT_FORMAT = "bcc-operating-point/1"
+RULES = ("argmax", "youden", "sensitivity>=X", "specificity>=X")
+_BOUND = re.compile(r"^(sensitivity|specificity)\s*>=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
+
+
+class OperatingPointError(BccError):
+    """An operating-point rule that cannot be parsed, fitted, stored or applied to this taxonomy."""
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A parsed rule: `kind` is argmax, youden, sensitivity or specificity; `target` the bound X."""
+
+    kind: str
+    target: float | None = None
+
+    @property
+    def is_argmax(self) -> bool:
+        return self.kind == "argmax"
+
+    def __str__(self) -> str:
+        return f"{self.kind}>={self.target:g}" if self.target is not None else self.kind
+
+
+def parse_operating_point(text: str) -> OperatingPoint:
+    """`argmax`, `youden`, `sensitivity>=X` or `specificity>=X` with 0 < X < 1; else OperatingPointError."""
+    rule = str(text).strip().lower()
+    if rule in ("argmax", "youden"):
+        return OperatingPoint(rule)
+    m = _BOUND.match(rule)
+    if m:
+        x = float(m.group(2))
+        if 0 < x < 1:
+            return OperatingPoint(m.group(1), x)
+        raise OperatingPointError(f"operating point {text!r}: the bound must lie in (0, 1), got {x:g}")
+    raise OperatingPointError(f"operating point {text!r} is not one of {', '.join(RULES)} (0 < X < 1)")
+
+
+def binary_head(taxonomy) -> tuple[int, str]:
+    """(index, name) of the root binary head: the first head that always applies and has two labels.
+
+    Its label 1 is the positive one (what `H_sens` measures). A taxonomy without one (a single head
+    with more than two classes) has no binary operating point: OperatingPointError.
+    """
+    for i, head in enumerate(taxonomy.heads):
+        if head.when is None and len(head.labels) == 2:
+            return i, head.name
+    heads = ", ".join(f"{h.name} ({len(h.labels)} labels)" for h in taxonomy.heads)
+    raise OperatingPointError(
+        f"taxonomy {taxonomy.name!r} has no root head with two labels (heads: {heads}): an operating "
+        "point other than argmax needs a binary decision; use argmax"
+    )
+
+
+def rates(scores: Tensor, targets: Tensor, threshold: float | None) -> dict[str, float]:
+    """Sensitivity, specificity and balanced accuracy of `scores >= threshold` (argmax: `> 0.5`).
+
+    `scores` [N] positive probabilities, `targets` [N] 0/1 (rows with -1 are ignored). NaN where a
+    class is absent.
+    """
+    scores, targets = scores.detach().double().flatten(), targets.detach().long().flatten()
+    valid = targets >= 0
+    scores, targets = scores[valid], targets[valid]
+    pred = scores > 0.5 if threshold is None else scores >= threshold
+    pos, neg = targets == 1, targets == 0
+    sens = int((pred & pos).sum()) / int(pos.sum()) if pos.any() else math.nan  # exact ratios of counts
+    spec = int((~pred & neg).sum()) / int(neg.sum()) if neg.any() else math.nan
+    return {"sens": sens, "spec": spec, "bacc": (sens + spec) / 2}
+
+
+def _candidates(scores: Tensor) -> Tensor:
+    """Thresholds between neighbouring distinct scores, plus one below all and one above all."""
+    u = torch.unique(scores)  # sorted
+    mids = (u[1:] + u[:-1]) / 2
+    low = u[:1] / 2
+    high = (u[-1:] + 1) / 2 if float(u[-1]) < 1 else torch.tensor([math.nextafter(1.0, 2.0)], dtype=u.dtype)
+    return torch.cat([low, mids, high])
+
+
+def fit_threshold(scores: Tensor, targets: Tensor, rule: OperatingPoint | str) -> float | None:
+    """The threshold of `rule` on validation scores (see the module docstring); None for argmax.
+
+    `scores` [N] positive-class probabilities, `targets` [N] 0/1 (-1 ignored). Needs positives and
+    negatives: OperatingPointError otherwise.
+    """
+    rule = parse_operating_point(rule) if isinstance(rule, str) else rule
+    if rule.is_argmax:
+        return None
+    scores, targets = scores.detach().double().flatten(), targets.detach().long().flatten()
+    valid = targets >= 0
+    scores, targets = scores[valid], targets[valid]
+    n_pos, n_neg = int((targets == 1).sum()), int((targets == 0).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise OperatingPointError(
+            f"operating point {rule}: the validation split has {n_pos} positive and {n_neg} negative samples; "
+            "a threshold needs both"
+        )
+    t = _candidates(scores)  # [T], ascending
+    pred = scores[None, :] >= t[:, None]  # [T, N]
+    sens = (pred & (targets == 1)).sum(dim=1).double() / n_pos  # non-increasing in t
+    spec = (~pred & (targets == 0)).sum(dim=1).double() / n_neg  # non-decreasing in t
+    if rule.kind == "youden":
+        j = sens + spec - 1
+        best = torch.nonzero(j >= j.max() - 1e-12).flatten()
+        # ties: the threshold nearest 0.5 (the least departure from argmax)
+        i = int(best[torch.argmin((t[best] - 0.5).abs())])
+    elif rule.kind == "sensitivity":
+        i = int(torch.nonzero(sens >= rule.target - 1e-12).flatten().max())  # t = low always qualifies
+    else:
+        i = int(torch.nonzero(spec >= rule.target - 1e-12).flatten().min())  # t = high always qualifies
+    return float(t[i])
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    return math.log(p / (1 - p))
+
+
+def threshold_for(point: Mapping[str, Any], temperature: float = 1.0) -> float:
+    """The stored point's threshold on probabilities scaled by `temperature` (1: raw softmax).
+
+    Exact for a two-class head: `softmax(z / T)[1] >= t` iff `z1 - z0 >= T * logit(t)`.
+    """
+    return 1.0 / (1.0 + math.exp(-float(point["margin"]) / float(temperature)))
+
+
+def write_operating_point(checkpoint_dir: str | Path, rule: OperatingPoint | str, threshold: float, taxonomy,
+                          temperature: float = 1.0, info: Mapping[str, Any] | None = None) -> Path:
+    """Store a fitted point in `<checkpoint>/operating_point.json` (a best/last link is followed)."""
+    from bcc.atomic import write_json
+
+    _, head = binary_head(taxonomy)
+    labels = next(h.labels for h in taxonomy.heads if h.name == head)
+    path = Path(checkpoint_dir).resolve() / OPERATING_POINT_FILE
+    write_json(path, {
+        "format": OPERATING_POINT_FORMAT,
+        "rule": str(rule),
+        "head": head,
+        "positive_label": labels[1],
+        "threshold": float(threshold),
+        "temperature": float(temperature),
+        "margin": float(temperature) * _logit(float(threshold)),
+        "fitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(info or {}),
+    })
+    return path
+
+
+def read_operating_point(checkpoint_dir: str | Path, taxonomy=None) -> dict[str, Any] | None:
+    """The point stored with a checkpoint, or None. With `taxonomy`, its head must be the binary root head."""
+    from bcc.checkpoint import CheckpointError
+
+    path = Path(checkpoint_dir) / OPERATING_POINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        point = json.loads(path.read_text())
+        margin, head = float(point["margin"]), str(point["head"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read the operating point {path}: {type(e).__name__}: {e}") from e
+    if not math.isfinite(margin):
+        raise CheckpointError(f"{path}: margin must be finite, got {margin}")
+    if taxonomy is not None and binary_head(taxonomy)[1] != head:
+        raise CheckpointError(f"{path}: the point is for head {head!r}, the model's binary head is "
+                              f"{binary_head(taxonomy)[1]!r}")
+    return point

@@ -1,0 +1,195 @@
+"""bcc.operating_point: parsing the rule, fitting the threshold on validation scores, the one decision
+that uses it (bcc.metrics.decide), and a stored point used by predict, eval, calibrate and export."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from bcc.errors import BccError
+from bcc.metrics import EvalMetrics, decide
+from bcc.operating_point import (
+    OperatingPoint,
+    OperatingPointError,
+    binary_head,
+    fit_threshold,
+    parse_operating_point,
+    rates,
+    threshold_for,
+    write_operating_point,
+)
+from bcc.taxonomy import Taxonomy
+
+from test_evaluate import trained_run  # noqa: F401 - session fixture shared by the evaluation tests
+
+ALL = Taxonomy.default()
+WBC = Taxonomy.from_dict({"name": "wbc", "heads": [{"name": "cell", "labels": ["EOS", "LYM", "MON", "NEU"]}]})
+
+
+def test_rules_parse_and_bad_ones_are_named():
+    assert parse_operating_point("argmax").is_argmax
+    assert parse_operating_point(" Youden ") == OperatingPoint("youden")
+    assert parse_operating_point("sensitivity>=0.95") == OperatingPoint("sensitivity", 0.95)
+    assert parse_operating_point("specificity >= .9") == OperatingPoint("specificity", 0.9)
+    assert str(parse_operating_point("sensitivity>=0.95")) == "sensitivity>=0.95"
+    for bad in ("sensitivity>=1", "specificity>=0", "sensitivity>=1.5", "sensitivity>0.9", "recall>=0.9", ""):
+        with pytest.raises(OperatingPointError, match="operating point") as e:
+            parse_operating_point(bad)
+        assert isinstance(e.value, BccError)
+
+
+def test_youden_is_exact_on_a_hand_made_example():
+    # negatives 0.1 0.2 0.3 0.45, positives 0.4 0.42 0.6 0.8: J is 0.75 only between 0.3 and 0.4
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.45, 0.4, 0.42, 0.6, 0.8])
+    target = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    t = fit_threshold(scores, target, "youden")
+    assert t == pytest.approx(0.35)
+    assert rates(scores, target, t) == {"sens": 1.0, "spec": 0.75, "bacc": 0.875}
+    assert rates(scores, target, None) == {"sens": 0.5, "spec": 1.0, "bacc": 0.75}  # argmax
+    assert fit_threshold(scores, target, "argmax") is None
+
+
+def test_bounds_are_met_on_validation_with_the_best_other_rate():
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(400, generator=g) < 0.4).long()
+    scores = torch.sigmoid(torch.randn(400, generator=g) + 1.2 * (2 * target - 1))
+    target[:5] = -1  # rows where the head does not apply are ignored
+    t = fit_threshold(scores, target, "sensitivity>=0.95")
+    r = rates(scores, target, t)
+    assert r["sens"] >= 0.95
+    above = scores[(target >= 0) & (scores > t)].min()  # the next candidate up loses the sensitivity
+    assert rates(scores, target, float(above) + 1e-9)["sens"] < 0.95
+    assert r["sens"] > rates(scores, target, None)["sens"]
+    t = fit_threshold(scores, target, "specificity>=0.95")
+    assert rates(scores, target, t)["spec"] >= 0.95
+    below = scores[(target >= 0) & (scores < t)].max()
+    assert rates(scores, target, float(below))["spec"] < 0.95
+
+
+def test_fitting_needs_both_classes_and_a_binary_root_head():
+    with pytest.raises(OperatingPointError, match="1 positive and 0 negative"):
+        fit_threshold(torch.tensor([0.3]), torch.tensor([1]), "youden")
+    assert binary_head(ALL) == (0, "binary")
+    with pytest.raises(OperatingPointError, match="no root head with two labels"):
+        binary_head(WBC)
+    with pytest.raises(OperatingPointError):
+        decide(WBC, [torch.zeros(2, 4)], threshold=0.3)
+
+
+def logits_of(p_malignant: list[float], subtype: int = 2) -> list[torch.Tensor]:
+    p = torch.tensor(p_malignant)
+    binary = torch.stack([torch.log1p(-p), torch.log(p)], dim=1)
+    sub = torch.full((len(p_malignant), 3), -2.0)
+    sub[:, subtype] = 2.0
+    return [binary, sub]
+
+
+def test_decide_flips_exactly_the_samples_between_threshold_and_half():
+    logits = logits_of([0.2, 0.41, 0.45, 0.6])
+    assert decide(ALL, logits).tolist() == [0, 0, 0, 3]  # argmax: Benign unless p > 0.5
+    assert decide(ALL, logits, threshold=None).tolist() == [0, 0, 0, 3]
+    assert decide(ALL, logits, threshold=0.42).tolist() == [0, 0, 3, 3]  # 0.45 flips to Malignant: Pro-B
+    assert decide(ALL, logits, threshold=0.7).tolist() == [0, 0, 0, 0]
+
+
+def test_the_stored_point_is_one_decision_whatever_the_temperature(tmp_path):
+    write_operating_point(tmp_path, "youden", 0.3, ALL, temperature=2.0)
+    point = json.loads((tmp_path / "operating_point.json").read_text())
+    assert point["head"] == "binary" and point["positive_label"] == "Malignant" and point["rule"] == "youden"
+    assert threshold_for(point, 2.0) == pytest.approx(0.3)
+    z = torch.randn(200, 2, generator=torch.Generator().manual_seed(1)) * 3
+    at = {t: torch.softmax(z / t, dim=1)[:, 1] >= threshold_for(point, t) for t in (0.5, 1.0, 2.0, 4.0)}
+    assert all(torch.equal(at[2.0], v) for v in at.values())
+
+
+def test_eval_metrics_report_argmax_and_the_operating_point():
+    logits = logits_of([0.2, 0.41, 0.45, 0.6])
+    labels = torch.tensor([0, 0, 3, 3])  # the 0.45 sample is malignant
+    plain = EvalMetrics(ALL)
+    plain.update(logits, labels)
+    out = plain.compute()
+    assert not any("_op_" in k for k in out) and out["binary_sens"] == 0.5
+    m = EvalMetrics(ALL, threshold=0.42)
+    m.update(logits, labels)
+    out = m.compute()
+    assert out["binary_sens"] == 0.5 and out["binary_spec"] == 1.0  # the head at argmax
+    assert out["binary_op_sens"] == 1.0 and out["binary_op_spec"] == 1.0 and out["binary_op_bacc"] == 1.0
+    assert out["binary_op_threshold"] == 0.42 and out["acc"] == 1.0  # the combined decision uses the point
+
+
+# --------------------------------------------------------------------------- a stored point in use
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):  # noqa: F811 - the fixture imported above
+    dst = tmp_path / "run"
+    shutil.copytree(trained_run, dst, symlinks=True)
+    return dst
+
+
+def test_predict_eval_and_export_use_the_stored_point(run_copy, synth_data, synth_shards, tmp_path):
+    from bcc.evaluate import evaluate_checkpoint
+    from bcc.export import export_checkpoint, load_exported
+    from bcc.predict import load_inference_model, predict_paths
+
+    images = sorted(p for p in synth_data.rglob("*") if p.is_file())[::6]
+    im = load_inference_model(run_copy, device="cpu")
+    assert im.threshold is None  # nothing stored: argmax, as before
+    before = predict_paths(im, images)
+    p = {r.path: r.head_probs["binary"]["Malignant"] for r in before.predictions}
+    below = [v for v in p.values() if v <= 0.5]
+    assert below, "the one-epoch model calls some image benign"
+    t = max(below) - 1e-6  # flips the most malignant-looking of the benign calls, nothing else
+    write_operating_point(im.checkpoint, "sensitivity>=0.95", t, im.taxonomy)
+
+    im = load_inference_model(run_copy, device="cpu")
+    assert im.threshold == pytest.approx(t)
+    after = predict_paths(im, images)
+    assert after.threshold == pytest.approx(t)
+    for a, b in zip(before.predictions, after.predictions, strict=True):
+        flips = t <= p[a.path] <= 0.5
+        assert (a.answer.startswith("Malignant") != b.answer.startswith("Malignant")) == flips, (a, b, t)
+        assert b.answer.startswith("Malignant") == (p[a.path] >= t)
+        assert b.head_labels["binary"] == ("Malignant" if p[a.path] >= t else "Benign")
+    assert sum(t <= v <= 0.5 for v in p.values()) >= 1
+    assert load_inference_model(run_copy, device="cpu", operating_point=False).threshold is None
+
+    report = evaluate_checkpoint(run_copy, synth_shards, split="val", out=tmp_path / "ev", workers=0)
+    assert report["operating_point"]["threshold"] == pytest.approx(t)
+    binary = report["heads"]["binary"]
+    assert {"sens", "spec", "bacc", "op_sens", "op_spec", "op_bacc", "op_threshold"} <= set(binary)
+    assert binary["op_sens"] >= binary["sens"]
+    plain = evaluate_checkpoint(run_copy, synth_shards, split="val", out=tmp_path / "ev0", workers=0,
+                                operating_point=False)
+    assert plain["operating_point"] is None and "op_sens" not in plain["heads"]["binary"]
+    assert plain["metrics"]["binary_sens"] == report["metrics"]["binary_sens"]  # argmax reported alike
+
+    export_checkpoint(run_copy, tmp_path / "export")
+    info = json.loads((tmp_path / "export" / "bcc_export.json").read_text())
+    assert info["operating_point"]["threshold"] == pytest.approx(t)
+    assert load_exported(tmp_path / "export")[2].threshold == pytest.approx(t)
+
+
+def test_bcc_calibrate_fits_the_point_after_the_temperatures(run_copy, synth_shards):
+    import subprocess
+    import sys
+
+    from bcc.evaluate import calibrate_checkpoint
+
+    result = calibrate_checkpoint(run_copy, synth_shards, "val", workers=0, operating_point="sensitivity>=0.9")
+    point = result["operating_point"]
+    assert point["val"]["chosen"]["sens"] >= 0.9
+    stored = json.loads((run_copy / "checkpoints" / "best" / "operating_point.json").read_text())
+    t = result["temperatures"]["binary"]
+    assert stored["threshold"] == point["threshold"] and stored["temperature"] == t and stored["calibrated"]
+    assert math.isclose(stored["margin"], t * math.log(point["threshold"] / (1 - point["threshold"])))
+    calibrate_checkpoint(run_copy, synth_shards, "val", workers=0, operating_point="argmax")
+    assert not (run_copy / "checkpoints" / "best" / "operating_point.json").exists()
+    proc = subprocess.run([sys.executable, "-m", "bcc", "calibrate", "-c", str(run_copy), "--workers", "0",
+                           "--operating-point", "sensitivity>=2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: operating point 'sensitivity>=2': the bound must lie in (0, 1)" in proc.stderr
