@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import time
@@ -33,14 +32,15 @@ from bcc.imageio import (
     to_rgb,
 )
 from bcc.manifest import split_entry, write_manifest
-from bcc.shards import sha256_file, shard_sizes, write_shard
+from bcc.shards import make_sample, sha256_file, shard_sizes, write_shard
 from bcc.split import SPLITS, assign_splits, compile_group_regex, parse_split
 from bcc.taxonomy import Taxonomy
 
 __all__ = ["PackError", "PackResult", "pack_folders"]
 
-_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp",
-               "GIF": "gif", "PPM": "ppm", "JPEG2000": "jp2"}
+# formats stored with their own bytes: those timm's wds reader (`jpg;png;webp`) and a plain
+# `WebDataset(...).to_tuple("jpg", ...)` read; 8-bit RGB in any other format is stored as PNG (lossless)
+_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 _LOSSY = {"JPEG", "MPO", "WEBP", "JPEG2000"}
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total); stages "decode", "write"
@@ -216,8 +216,7 @@ def _write_split(tmp: Path, staging: Path, split_name: str, members: list[dict[s
         for n, s in enumerate(members[start:start + size], start=start):
             meta = {"class": names[s["label"]], "folder": s["folder"], "source": s["source"],
                     "sha256": s["sha256"], "label": s["label"], **taxonomy.targets(s["label"])}
-            yield {"__key__": f"{split_name}-{n:08d}", s["ext"]: _stored_bytes(s, staging),
-                   "json": json.dumps(meta).encode("utf-8")}
+            yield make_sample(f"{split_name}-{n:08d}", s["ext"], _stored_bytes(s, staging), meta)
 
     shards = []
     start = 0
