@@ -45,6 +45,9 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    # a sample whose stored bytes fail their pack-time checksum (or do not decode): "error" stops the run
+    # naming shard and key; "skip" leaves it out of its batch and reports it (see bcc/stream.py)
+    on_corrupt: Literal["error", "skip"] = "error"
     # train augmentation: blood smears have no canonical orientation, so both flips and rotation are safe
     scale_min: float = 0.5
     rotation: float = 15.0

@@ -151,6 +151,11 @@ def fit(cfg: Config) -> dict:
                 preemption.write_marker(run.run_dir, run.state.step, flag.signum)
             console.print(f"[yellow]preempted[/]: saved at step {run.state.step}; exiting with {EXIT_PREEMPTED}")
             return {"preempted": True, "step": run.state.step}
+        if cfg.data.on_corrupt == "skip":  # damaged samples left out this epoch, all ranks (a resumed
+            # epoch counts its resumed part)
+            skipped = sum(gather_object([len(loader.skipped)]))
+            run.log.log({"epoch": epoch + 1, "split": cfg.data.train_split, "skipped_corrupt": skipped},
+                        run.state.step)
         run.state.epoch += 1
         run.state.batches_in_epoch = 0
         metric_value = None

@@ -21,6 +21,7 @@ SAFE_RESUME_KEYS = (
     "train.log_every",
     "data.workers",
     "data.eval_batch_size",
+    "data.on_corrupt",  # a run stopped by a damaged sample continues with skip from its last checkpoint
     "checkpoint.",
     "eval.",
     "run.",
