@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.bcc-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lint clean slurm-up slurm-down
+.PHONY: demo test install lint clean slurm-up slurm-down chromium
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check bcc tests
 
+# the headless browser tests/test_report.py renders the report with (system package; root or sudo)
+chromium:
+	bash .ci/install-chromium.sh
+
 slurm-up:
 	bash slurm/local/start.sh
 
@@ -31,4 +35,4 @@ slurm-down:
 	bash slurm/local/stop.sh
 
 clean:
-	rm -rf demo runs .pytest_cache
+	rm -rf demo runs .pytest_cache build dist

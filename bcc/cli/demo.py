@@ -4,15 +4,15 @@ test-split results. What `make demo` runs; everything lands under --out."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
-
-REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="end-to-end demo on built-in synthetic data", description=__doc__)
     p.add_argument("--out", default="demo", help="directory for data, shards and the run (default: demo)")
-    p.add_argument("--config", default=str(REPO_CONFIG), help="training config (default: configs/demo.yaml)")
+    p.add_argument("--config", default=None,
+                   help="training config (default: the demo config shipped with bcc, a copy of configs/demo.yaml)")
     p.add_argument("--per-class", type=int, default=240, help="synthetic images per class")
     p.add_argument("--size", type=int, default=64, help="synthetic image size in pixels")
     p.add_argument("--processes", type=int, default=2, help="DDP processes (CPU unless GPUs are present)")
@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from bcc.console import console, error
     from bcc.launch import accelerate_command, run_launch
     from bcc.pack import pack_folders
+    from bcc.resources import demo_config
     from bcc.synth import synthesize
 
     out = Path(args.out)
@@ -48,13 +49,15 @@ def run(args: argparse.Namespace) -> int:
                   f"test samples -> {shards}")
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the demo's own previous run: every demo trains from scratch
-    cmd, env = accelerate_command(
-        processes=args.processes,
-        args=["--config", args.config, f"data.shards={shards}", f"run.dir={run_dir}", "checkpoint.resume=none",
-              *args.overrides],
-    )
-    console.print(f"[bold]3/3 train[/]: {' '.join(cmd)}")
-    rc = run_launch(cmd, env)
+    # the shipped config is read through importlib.resources: it lies inside the installed package
+    with (contextlib.nullcontext(Path(args.config)) if args.config else demo_config()) as config:
+        cmd, env = accelerate_command(
+            processes=args.processes,
+            args=["--config", str(config), f"data.shards={shards}", f"run.dir={run_dir}", "checkpoint.resume=none",
+                  *args.overrides],
+        )
+        console.print(f"[bold]3/3 train[/]: {' '.join(cmd)}")
+        rc = run_launch(cmd, env)
     if rc != 0:
         error(f"training failed with exit code {rc}; see the output above and {run_dir}")
         return rc

@@ -55,7 +55,8 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=positive_int, default=1, metavar="N", help="decode processes (default 1)")
     p.add_argument("--group-regex", type=_group_regex, metavar="RE",
                    help="files whose names share RE's first group (e.g. a patient id) stay in one split")
-    p.add_argument("--taxonomy", metavar="FILE", help="taxonomy YAML (default: the built-in ALL taxonomy)")
+    p.add_argument("--taxonomy", metavar="NAME|FILE",
+                   help="taxonomy YAML, or a shipped one by name (all_4class, kvasir) (default: the built-in ALL taxonomy)")
     p.add_argument("--max-pixels", type=positive_int, metavar="N",
                    help="skip images above N pixels (default: Pillow's decompression-bomb limit)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only once done)")
@@ -82,9 +83,10 @@ def _pack(args: argparse.Namespace, console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from bcc.pack import pack_folders
+    from bcc.resources import load_taxonomy
     from bcc.taxonomy import Taxonomy
 
-    taxonomy = Taxonomy.from_yaml(args.taxonomy) if args.taxonomy else Taxonomy.default()
+    taxonomy = load_taxonomy(args.taxonomy) if args.taxonomy else Taxonomy.default()
     with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
         tasks: dict[str, int] = {}

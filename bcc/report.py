@@ -1,0 +1,451 @@
+"""A run report: one self-contained HTML page to look at what a run learned and where it goes wrong.
+
+    bcc report runs/all-224                 # -> runs/all-224/report.html
+    bcc report runs/all-224 --hide-paths    # no file names (they may carry patient identifiers)
+
+`write_report(run)` puts on one page, every image inlined as a `data:` URI (the file can be mailed or
+attached to a ticket as it is):
+
+* training curves: the validation metrics of `RUN/metrics.jsonl` per epoch (and the training loss
+  where the log has training rows), drawn with `bcc.plots.plot_curves`;
+* per-split metrics: the last row of every split in `metrics.jsonl` and the evaluation of the report's
+  split, combined and per head;
+* the confusion matrix and reliability diagram of that evaluation;
+* the worst mistakes of the split: wrongly decided images, ordered by the probability given to the
+  true class (lowest first), each with its probabilities and a Grad-CAM overlay per head for the label
+  that head predicted (`bcc.gradcam`). A two-class head also gets the map of its positive label (label
+  1: `Malignant` for the ALL task), so a missed malignant cell shows what malignant evidence there was.
+  A head whose map is all zero (no positive evidence for that label at the target layer) says so
+  instead of showing an empty overlay.
+
+The evaluation is what `bcc eval` writes (`RUN/eval-<split>/`: metrics.json, predictions.csv,
+confusion.png, reliability.png). It is reused when it was made from the run's current best checkpoint;
+otherwise (none yet, or an older checkpoint) it is run here through `bcc.evaluate.evaluate_checkpoint`
+and written to the same place, as `bcc eval` would. Images come from the evaluated data: the shards of
+a packed split (found by sample key) or the files of an image folder.
+
+File names are the samples' `source`, i.e. relative to the data root that was packed or evaluated.
+With `hide_paths` the page shows no file name, data path or checkpoint path at all: mistakes are
+numbered, the run is named by its directory name only.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import tarfile
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bcc.errors import BccError
+
+__all__ = ["ReportError", "canonical_metric", "read_metrics_log", "worst_mistakes", "write_report"]
+
+REPORT_FILE = "report.html"
+# shown first, in this order, in the metric tables and curves (others follow alphabetically)
+LEADING = ("count", "loss", "acc", "bacc", "f1", "auroc", "ece", "ece_raw")
+CURVES = ("loss", "bacc", "acc", "binary_bacc", "binary_auroc", "ece")
+
+
+class ReportError(BccError):
+    """A run that cannot be reported on (no metrics log, data gone, ...), with a message for the user."""
+
+
+# --------------------------------------------------------------------------- reading the run
+
+
+def canonical_metric(name: str) -> str:
+    """`acc4` -> `acc`, `bacc4` -> `bacc`: metric names without the class count (older runs carry it)."""
+    for base in ("bacc", "acc"):
+        if name.startswith(base) and name[len(base):].isdigit():
+            return base
+    return name
+
+
+def _canonical_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        name = canonical_metric(key)
+        if name == key or name not in row:  # `acc` wins over its alias `acc4` when a row has both
+            out[name] = value
+    return out
+
+
+def read_metrics_log(run: str | Path) -> list[dict[str, Any]]:
+    """The rows of `RUN/metrics.jsonl` with canonical metric names; a bad line is a ReportError naming it."""
+    path = Path(run) / "metrics.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ReportError(f"{path} does not exist: is {run} a bcc run directory?") from None
+    except OSError as e:
+        raise ReportError(f"cannot read {path}: {e}") from e
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ReportError(f"{path} line {n} is not JSON: {e}") from None
+        if isinstance(row, dict):
+            rows.append(_canonical_row(row))
+    return rows
+
+
+@dataclass(frozen=True)
+class Mistake:
+    rank: int  # 1 = worst
+    source: str  # relative to the data root
+    key: str
+    true_class: str
+    pred_class: str
+    p_true: float  # combined probability of the true class
+    p_pred: float
+    head_probs: dict[str, dict[str, float]]  # head -> label -> probability (as evaluated)
+
+
+def _read_predictions(path: Path) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except OSError as e:
+        raise ReportError(f"cannot read {path}: {e}") from e
+
+
+def worst_mistakes(rows: Sequence[Mapping[str, str]], taxonomy, limit: int) -> list[Mistake]:
+    """The wrongly decided rows of a `predictions.csv`, lowest probability of the true class first
+    (ties: most probable wrong answer first, then by source); at most `limit`."""
+    found = []
+    for row in rows:
+        if row["true_class"] == row["pred_class"]:
+            continue
+        head_probs = {h.name: {lab: float(row[f"{h.name}:{lab}"]) for lab in h.labels} for h in taxonomy.heads}
+        found.append(Mistake(0, row["source"], row["key"], row["true_class"], row["pred_class"],
+                             float(row[f"combined:{row['true_class']}"]), float(row[f"combined:{row['pred_class']}"]),
+                             head_probs))
+    found.sort(key=lambda m: (m.p_true, -m.p_pred, m.source, m.key))
+    return [replace(m, rank=i + 1) for i, m in enumerate(found[:limit])]
+
+
+# --------------------------------------------------------------------------- the evaluation
+
+
+def _load_eval(eval_dir: Path) -> dict[str, Any] | None:
+    path = eval_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # a broken evaluation is redone, not reported on
+
+
+def _evaluation(im, split: str, data: str | Path | None) -> tuple[Path, dict[str, Any]]:
+    """The evaluation `bcc eval` writes for this run: `RUN/eval-<split>` (a packed split) or
+    `RUN/eval-<folder name>` (`data` an image folder). Reused when its metrics.json says it was made from
+    the current best checkpoint with the temperatures in use now (and from `data`, when given); else
+    evaluated now and written there."""
+    from bcc.evaluate import evaluate_checkpoint
+
+    source = Path(data) if data is not None else Path(im.config.data.shards)
+    is_folder = data is not None and source.is_dir() and not (source / "manifest.json").is_file()
+    eval_dir = im.run_dir / f"eval-{source.resolve().name if is_folder else split}"
+    done = _load_eval(eval_dir)
+    files = ("metrics.json", "predictions.csv", "confusion.png", "reliability.png")
+    if (done is not None and done.get("checkpoint") == str(im.checkpoint)
+            and done.get("temperatures") == (im.temperatures or None)
+            and (done.get("kind") == "folder" if is_folder else done.get("split") == split)
+            and all((eval_dir / f).is_file() for f in files)
+            and (data is None or Path(done.get("data", "")) == source.resolve())):
+        return eval_dir, done
+    if not source.exists():
+        raise ReportError(f"the run's data {source} does not exist (moved?): pass --data with the packed dataset")
+    return eval_dir, evaluate_checkpoint(im.checkpoint, source, split=split, out=eval_dir, workers=0)
+
+
+def _read_images(evaluation: Mapping[str, Any], mistakes: Sequence[Mistake]):
+    """The evaluated images of `mistakes`, decoded (RGB PIL), in their order."""
+    from bcc.predict import read_image
+
+    root = Path(evaluation["data"])
+    if evaluation.get("kind") == "folder":
+        return [read_image(root / m.source) for m in mistakes]
+    from bcc.manifest import Manifest, ManifestError
+
+    wanted = {m.key for m in mistakes}
+    found: dict[str, bytes] = {}
+    try:
+        manifest = Manifest.load(root)
+    except ManifestError as e:
+        raise ReportError(f"the evaluated images are gone ({e}); pass --data with the packed dataset") from e
+    for shard in manifest.split(evaluation["split"]).shards:
+        if len(found) == len(wanted):
+            break
+        try:
+            with tarfile.open(shard.path) as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    if key in wanted and ext.lower() in ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"):
+                        found[key] = tar.extractfile(member).read()
+        except (OSError, tarfile.TarError) as e:
+            raise ReportError(f"cannot read shard {shard.path}: {e}") from e
+    missing = sorted(wanted - found.keys())
+    if missing:
+        raise ReportError(f"samples {', '.join(missing[:5])} are not in the {evaluation['split']!r} shards of {root}")
+    return [read_image(io.BytesIO(found[m.key])) for m in mistakes]
+
+
+def _gradcam_panels(im, images, mistakes: Sequence[Mistake]) -> list[list[dict[str, Any]]]:
+    """Per mistake, the panels to show: {title, png (bytes) or None, note}."""
+    import torch
+
+    from bcc.gradcam import GradCAM, overlay
+
+    taxonomy = im.taxonomy
+    cam = GradCAM(im.model, image_size=im.image_size)
+
+    def explain(classes: Mapping[str, torch.Tensor], chunk: int = 16) -> dict[str, torch.Tensor]:
+        parts = []
+        for lo in range(0, len(images), chunk):
+            x = torch.stack([im.preprocess(img) for img in images[lo:lo + chunk]]).to(im.device)
+            parts.append(cam(x, {h: c[lo:lo + chunk] for h, c in classes.items()}))
+        return {h: torch.cat([p[h] for p in parts]) for h in parts[0]}
+
+    # each head's map explains the label it predicted (as evaluated: the argmax of its probabilities)
+    predicted = {h.name: torch.tensor([h.labels.index(max(m.head_probs[h.name], key=m.head_probs[h.name].get))
+                                       for m in mistakes]) for h in taxonomy.heads}
+    maps = explain(predicted)
+    # a two-class head also explains its positive label (label 1: malignant), whatever it predicted
+    positive = {h.name: explain({**predicted, h.name: torch.ones(len(mistakes), dtype=torch.long)})[h.name]
+                for h in taxonomy.heads if len(h.labels) == 2}
+    crop = im.config.data.crop_pct
+    panels: list[list[dict[str, Any]]] = []
+    for i, (m, img) in enumerate(zip(mistakes, images, strict=True)):
+        row = [{"title": "image", "png": _png(img), "note": f"{img.size[0]}×{img.size[1]} px"}]
+        shown = [(h, int(predicted[h.name][i]), "predicted", maps[h.name][i]) for h in taxonomy.heads]
+        shown += [(h, 1, "positive label", positive[h.name][i]) for h in taxonomy.heads
+                  if h.name in positive and int(predicted[h.name][i]) != 1]  # else it is the map above
+        decided = dict(taxonomy.classes[taxonomy.class_names.index(m.pred_class)].targets)
+        for head, index, what, heat in shown:
+            label = head.labels[index]
+            title = f"{head.name}: {label} ({what}, p {m.head_probs[head.name][label]:.3f})"
+            if head.name not in decided:
+                title += f"; this head does not apply to the decision {m.pred_class}"
+            if float(heat.max()) <= 0:
+                row.append({"title": title, "png": None,
+                            "note": f"Grad-CAM map is all zero: no positive evidence for {label!r} at layer "
+                                    f"{cam.target_name}"})
+            else:
+                row.append({"title": title, "png": _png(overlay(img, heat, image_size=im.image_size, crop_pct=crop)),
+                            "note": ""})
+        panels.append(row)
+    return panels
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+GALLERY_SIDE = 320  # px: gallery images are shrunk to this (long side) to keep the page small
+
+
+def _png(image) -> bytes:
+    if max(image.size) > GALLERY_SIDE:
+        image = image.copy()
+        image.thumbnail((GALLERY_SIDE, GALLERY_SIDE))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _img(data: bytes, alt: str, cls: str = "") -> str:
+    uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    return f'<img src="{uri}" alt="{html.escape(alt)}"{f" class={cls!r}" if cls else ""}>'
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "–" if value is None else str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else f"{value:.4f}"
+    return html.escape(str(value))
+
+
+def _ordered(keys) -> list[str]:
+    keys = set(keys)
+    return [k for k in LEADING if k in keys] + sorted(keys - set(LEADING))
+
+
+def _table(columns: Mapping[str, Mapping[str, Any]], skip: Sequence[str] = ()) -> str:
+    """Metrics (rows) by column; only scalar values."""
+    names = _ordered({k for c in columns.values() for k, v in c.items()
+                      if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(f"<tr><th>{html.escape(n)}</th>" + "".join(f"<td>{_fmt(c.get(n))}</td>" for c in columns.values())
+                   + "</tr>" for n in names)
+    return f'<table><thead><tr><th>metric</th>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#222;
+background:#fff;padding:0 16px}
+h1{font-size:1.6em;margin-bottom:4px} h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:32px}
+.meta{color:#555} .warn{background:#fff4e5;border-left:4px solid #f0a020;padding:8px 12px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:.92em} th,td{border:1px solid #ddd;padding:3px 8px}
+td{text-align:right;font-variant-numeric:tabular-nums} thead th{background:#f3f3f3}
+.figs{display:flex;flex-wrap:wrap;gap:12px} .figs img{max-width:100%;border:1px solid #eee}
+.curve{width:380px} .mistake{border:1px solid #ddd;border-radius:6px;padding:8px 12px;margin:12px 0}
+.panels{display:flex;flex-wrap:wrap;gap:10px} .panel{width:170px;font-size:.85em}
+.panel img{width:160px;height:auto;image-rendering:pixelated;border:1px solid #ccc}
+.zero{width:150px;height:110px;border:1px dashed #c44;color:#a22;padding:4px;font-size:.85em}
+"""
+
+
+def _probs_text(m: Mistake) -> str:
+    parts = []
+    for head, probs in m.head_probs.items():
+        labels = ", ".join(f"{html.escape(lab)} {p:.3f}" for lab, p in sorted(probs.items(), key=lambda kv: -kv[1]))
+        parts.append(f"<b>{html.escape(head)}</b>: {labels}")
+    return "<br>".join(parts)
+
+
+def _gallery(mistakes: Sequence[Mistake], panels, hide_paths: bool) -> str:
+    blocks = []
+    for m, row in zip(mistakes, panels, strict=True):
+        name = f"mistake {m.rank}" if hide_paths else f"#{m.rank} {html.escape(m.source)}"
+        cells = []
+        for p in row:
+            inner = (_img(p["png"], p["title"]) if p["png"] is not None
+                     else f'<div class="zero">{html.escape(p["note"])}</div>')
+            note = f"<br><small>{html.escape(p['note'])}</small>" if p["png"] is not None and p["note"] else ""
+            cells.append(f'<div class="panel">{inner}<br>{html.escape(p["title"])}{note}</div>')
+        blocks.append(
+            f'<div class="mistake"><b>{name}</b> — true <b>{html.escape(m.true_class)}</b> '
+            f"(p {m.p_true:.3f}), decided <b>{html.escape(m.pred_class)}</b> (p {m.p_pred:.3f})"
+            f'<p>{_probs_text(m)}</p><div class="panels">{"".join(cells)}</div></div>'
+        )
+    return "".join(blocks)
+
+
+def _curves(rows: Sequence[Mapping[str, Any]], run_name: str, val_split: str, tmp: Path) -> list[bytes]:
+    from bcc.plots import plot_curves
+
+    figures = []
+    plans = [(metric, val_split) for metric in CURVES]
+    if any(r.get("split", "train") == "train" and "loss" in r for r in rows):
+        plans.insert(0, ("loss", "train"))
+    for metric, split in plans:
+        path = tmp / f"{split}-{metric}.png"
+        try:
+            plot_curves({run_name: rows}, metric, path, split=split)
+        except ValueError:  # no values of this metric in the log
+            continue
+        figures.append(path.read_bytes())
+    return figures
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def write_report(
+    run: str | Path,
+    *,
+    out: str | Path | None = None,
+    split: str | None = None,
+    data: str | Path | None = None,
+    hide_paths: bool = False,
+    worst: int = 12,
+    device: str | None = None,
+) -> Path:
+    """Write `OUT/report.html` (default OUT: the run directory) for the run `run`; returns its path.
+
+    `split` defaults to the run's test split; `data` overrides the run's packed data (when it moved) or
+    names an image folder to evaluate. Raises `ReportError` (and the checkpoint/evaluation errors of
+    `bcc.evaluate`) with a message naming what is missing.
+    """
+    from bcc.atomic import atomic_write
+    from bcc.predict import load_inference_model
+
+    if worst < 0:
+        raise ReportError(f"the number of mistakes to show must be >= 0, got {worst}")
+    run = Path(run)
+    if not run.is_dir():
+        raise ReportError(f"run directory {run} does not exist")
+    rows = read_metrics_log(run)
+    im = load_inference_model(run, device=device)
+    if im.run_dir is None:
+        raise ReportError(f"{run} is not a run directory (no config.yaml beside checkpoints/)")
+    cfg = im.config
+    split = split or cfg.data.test_split
+    eval_dir, evaluation = _evaluation(im, split, data)
+    mistakes = worst_mistakes(_read_predictions(eval_dir / "predictions.csv"), im.taxonomy, worst)
+    panels = _gradcam_panels(im, _read_images(evaluation, mistakes), mistakes) if mistakes else []
+
+    run_name = im.run_dir.name
+    with tempfile.TemporaryDirectory(prefix="bcc-report-") as tmp:
+        curves = _curves(rows, run_name, cfg.data.val_split, Path(tmp))
+
+    # per-split tables: the last row of each split in the log, then the evaluation
+    last: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        last[row.get("split", "train")] = row
+    columns = {f"{s} ({'epoch ' + str(r['epoch']) if 'epoch' in r else 'step ' + str(r.get('step'))}, log)": r
+               for s, r in last.items()}
+    columns[f"{split} (evaluation, step {evaluation.get('step')})"] = _canonical_row(evaluation.get("metrics", {}))
+    skip = ("epoch", "step", "stage", "time", "train_seconds")
+    heads = {h: dict(v) for h, v in evaluation.get("heads", {}).items()}
+
+    count = evaluation.get("count", 0)
+    wrong = sum(1 for r in _read_predictions(eval_dir / "predictions.csv") if r["true_class"] != r["pred_class"])
+    where = "" if hide_paths else (f"<br>checkpoint <code>{html.escape(str(im.checkpoint))}</code>; data "
+                                   f"<code>{html.escape(str(evaluation.get('data')))}</code> (file names below are "
+                                   "relative to it)")
+    calibrated = "temperature-scaled" if evaluation.get("calibrated") else "uncalibrated (raw softmax)"
+    failed = evaluation.get("failed") or []
+    failed_html = ""
+    if failed:
+        listed = "" if hide_paths else ": " + ", ".join(html.escape(f["source"]) for f in failed[:20])
+        failed_html = f'<p class="warn">{len(failed)} image(s) could not be read and are not counted{listed}</p>'
+    sections = [
+        f"<h1>bcc run report: {html.escape(run_name)}</h1>",
+        f'<p class="meta">backbone {html.escape(cfg.model.backbone)}, taxonomy {html.escape(im.taxonomy.name)} '
+        f"({', '.join(html.escape(c) for c in im.taxonomy.class_names)}), best checkpoint at step {im.step}; "
+        f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC{where}</p>",
+        '<p class="warn">Research software: not for clinical use.</p>',
+        "<h2>Training curves</h2>",
+        '<div class="figs">' + "".join(_img(f, "training curve", "curve") for f in curves) + "</div>"
+        if curves else "<p>metrics.jsonl has no per-epoch values to plot.</p>",
+        "<h2>Metrics per split</h2>",
+        _table(columns, skip),
+        f"<h3>Per head ({html.escape(split)}, {calibrated})</h3>",
+        _table(heads),
+        f"<h2>Confusion matrix ({html.escape(split)}, {count} images)</h2>",
+        '<div class="figs">' + _img((eval_dir / "confusion.png").read_bytes(), "confusion matrix") + "</div>",
+        f"<h2>Reliability ({html.escape(split)}, {calibrated})</h2>",
+        '<div class="figs">' + _img((eval_dir / "reliability.png").read_bytes(), "reliability diagram") + "</div>",
+        failed_html,
+        f"<h2>Worst mistakes ({html.escape(split)}: {len(mistakes)} shown of {wrong} wrong)</h2>",
+        "<p>Ordered by the probability given to the true class, lowest first. Overlays: Grad-CAM of each head "
+        "for the label it predicted; a two-class head also for its positive label. Dimmed borders lie outside "
+        "the centre crop the model saw.</p>",
+        _gallery(mistakes, panels, hide_paths) if mistakes else f"<p>No mistakes on the {html.escape(split)} split.</p>",
+    ]
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>bcc report: {html.escape(run_name)}</title><style>{CSS}</style></head>\n<body>\n"
+            + "\n".join(sections) + "\n</body></html>\n")
+    out_dir = Path(out) if out is not None else im.run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / REPORT_FILE
+    with atomic_write(path, encoding="utf-8") as f:
+        f.write(page)
+    return path

@@ -1,0 +1,196 @@
+"""`bcc report`: one self-contained HTML page, checked by rendering it in a real headless Chromium.
+
+Chromium comes from the system packages (`.ci/install-chromium.sh`, which `.ci/run` calls). Without it
+the browser test skips on a workstation and fails under CI=true, so CI cannot pass without looking.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_evaluate import trained_run, unpack_split  # noqa: F401 - trained_run: session fixture shared by the evaluation tests
+
+
+@pytest.fixture(scope="module")
+def report(trained_run, tmp_path_factory):  # noqa: F811
+    """The report of `trained_run` through the CLI, in its own directory (the run's eval-test is reused)."""
+    out = tmp_path_factory.mktemp("report")
+    proc = subprocess.run([sys.executable, "-m", "bcc", "report", str(trained_run), "--out", str(out), "--worst", "6"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / "report.html"
+
+
+def _wrong_sources(run: Path) -> list[str]:
+    with open(run / "eval-test" / "predictions.csv", newline="") as f:
+        return [r["source"] for r in csv.DictReader(f) if r["true_class"] != r["pred_class"]]
+
+
+def test_report_is_one_self_contained_page(report, trained_run):  # noqa: F811
+    page = report.read_text()
+    assert sorted(p.name for p in report.parent.iterdir()) == ["report.html"]
+    sources = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources), "only inlined images"
+    for section in ("Training curves", "Metrics per split", "Confusion matrix", "Reliability", "Worst mistakes"):
+        assert section in page
+    wrong = _wrong_sources(trained_run)
+    assert wrong, "the one-epoch run should make mistakes on the test split"
+    # file names relative to the data root, the binary head's malignant map offered
+    assert sum(s in page for s in wrong) == min(6, len(wrong))
+    assert "(positive label" in page or "binary: Malignant (predicted" in page
+    assert page.count('class="mistake"') == min(6, len(wrong))
+
+
+def test_hide_paths_shows_no_file_name_or_path(trained_run, tmp_path):  # noqa: F811
+    from bcc.report import write_report
+
+    evaluated = (trained_run / "eval-test" / "metrics.json").stat().st_mtime_ns
+    path = write_report(trained_run, out=tmp_path, hide_paths=True, worst=50)
+    assert (trained_run / "eval-test" / "metrics.json").stat().st_mtime_ns == evaluated, "evaluation not reused"
+    page = path.read_text()
+    metrics = json.loads((trained_run / "eval-test" / "metrics.json").read_text())
+    for secret in [*_wrong_sources(trained_run), metrics["data"], metrics["checkpoint"], str(trained_run.parent)]:
+        assert secret not in page
+    assert "mistake 1" in page
+
+
+def test_worst_mistakes_order_and_metric_names(trained_run):  # noqa: F811
+    from bcc.report import canonical_metric, worst_mistakes
+    from bcc.taxonomy import Taxonomy
+
+    with open(trained_run / "eval-test" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    got = worst_mistakes(rows, Taxonomy.default(), limit=1000)
+    assert [m.rank for m in got] == list(range(1, len(got) + 1))
+    assert [m.p_true for m in got] == sorted(m.p_true for m in got)
+    assert all(m.true_class != m.pred_class for m in got) and len(got) == len(_wrong_sources(trained_run))
+    assert [canonical_metric(n) for n in ("acc4", "bacc4", "acc", "bacc", "binary_bacc", "acc_x")] == [
+        "acc", "bacc", "acc", "bacc", "binary_bacc", "acc_x"]
+
+
+def test_all_zero_gradcam_map_says_so(trained_run, monkeypatch):  # noqa: F811
+    import bcc.gradcam
+    from bcc.predict import load_inference_model
+    from bcc.report import _gradcam_panels, _read_images, worst_mistakes
+
+    im = load_inference_model(trained_run, device="cpu")
+    evaluation = json.loads((trained_run / "eval-test" / "metrics.json").read_text())
+    with open(trained_run / "eval-test" / "predictions.csv", newline="") as f:
+        mistakes = worst_mistakes(list(csv.DictReader(f)), im.taxonomy, 2)
+    real = bcc.gradcam.GradCAM.__call__
+
+    def zero_subtype(self, x, classes=None):
+        maps = real(self, x, classes)
+        return {**maps, "subtype": torch.zeros_like(maps["subtype"])}
+
+    monkeypatch.setattr(bcc.gradcam.GradCAM, "__call__", zero_subtype)
+    panels = _gradcam_panels(im, _read_images(evaluation, mistakes), mistakes)
+    for row in panels:
+        subtype = [p for p in row if p["title"].startswith("subtype:")]
+        assert subtype and subtype[0]["png"] is None and "all zero" in subtype[0]["note"]
+        assert any(p["title"].startswith("binary:") and p["png"] for p in row)
+
+
+def test_an_evaluation_of_another_checkpoint_is_redone(trained_run, tmp_path):  # noqa: F811
+    from bcc.report import write_report
+
+    path = trained_run / "eval-test" / "metrics.json"
+    real = json.loads(path.read_text())
+    path.write_text(json.dumps({**real, "checkpoint": str(tmp_path / "older")}))
+    write_report(trained_run, out=tmp_path, worst=1)
+    assert json.loads(path.read_text())["checkpoint"] == real["checkpoint"]
+
+
+def test_report_on_an_image_folder(trained_run, synth_shards, tmp_path):  # noqa: F811
+    from bcc.report import write_report
+
+    folder = unpack_split(synth_shards, "test", tmp_path / "cells")
+    page = write_report(trained_run, out=tmp_path, data=folder, worst=3).read_text()
+    metrics = json.loads((trained_run / "eval-cells" / "metrics.json").read_text())
+    assert metrics["kind"] == "folder" and Path(metrics["data"]) == folder.resolve()
+    with open(trained_run / "eval-cells" / "predictions.csv", newline="") as f:
+        wrong = [r["source"] for r in csv.DictReader(f) if r["true_class"] != r["pred_class"]]
+    assert wrong and sum(s in page for s in wrong) == min(3, len(wrong))  # relative to the folder
+    assert str(folder.resolve() / wrong[0]) not in page
+
+
+def test_report_errors_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bcc", "report", str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "error:" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "bcc", "report", str(tmp_path), "--worst", "-1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--worst" in bad.stderr
+
+
+# --------------------------------------------------------------------------- the real browser
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--hide-scrollbars"]
+# written into the DOM after `load` (which waits for every image): how many images failed to decode
+PROBE = ("<script>addEventListener('load', () => { const all = [...document.images];"
+         " document.body.setAttribute('data-images', all.length);"
+         " document.body.setAttribute('data-broken', all.filter(i => !i.complete || i.naturalWidth === 0).length);"
+         " });</script>")
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    message = "chromium is not installed (run .ci/install-chromium.sh)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + "; under CI the browser test must run")
+    pytest.skip(message)
+
+
+def test_missing_chromium_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="under CI"):
+        _chromium()
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception):
+        _chromium()
+
+
+def _browser(chromium: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
+    return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    from PIL import Image
+
+    chromium = _chromium()
+    page = report.read_text()
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", PROBE + "</body>"))
+    dom = _browser(chromium, tmp_path, "--virtual-time-budget=10000", "--dump-dom", probed.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    images = re.search(r'data-images="(\d+)"', dom.stdout)
+    broken = re.search(r'data-broken="(\d+)"', dom.stdout)
+    assert images and broken, "the probe did not run: " + dom.stdout[:500] + dom.stderr[-1000:]
+    assert int(images.group(1)) == page.count("<img ") >= 3 + 2 * page.count('class="mistake"')
+    assert broken.group(1) == "0", f"{broken.group(1)} of {images.group(1)} images did not load"
+
+    shot = tmp_path / "report.png"
+    proc = _browser(chromium, tmp_path, f"--screenshot={shot}", "--window-size=1280,2400", report.as_uri())
+    assert proc.returncode == 0 and shot.is_file() and shot.stat().st_size > 0, proc.stderr[-2000:]
+    with Image.open(shot) as img:
+        assert img.size == (1280, 2400)
+        colours = img.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is None or len(colours) > 50, "the screenshot is (nearly) one colour"
