@@ -69,6 +69,7 @@ __all__ = [
     "find_latest_intact",
     "is_complete",
     "load_checkpoint",
+    "load_model_weights",
     "read_meta",
     "read_train_state",
     "resolve_checkpoint",
@@ -311,6 +312,12 @@ def read_train_state(path: str | Path) -> TrainState:
 def read_meta(path: str | Path) -> dict:
     """Only the `meta.json` of a checkpoint dir, so a mismatch is found before tensors are read."""
     return _load_json(Path(path) / META_FILE)
+
+
+def load_model_weights(path: str | Path, map_location: Any = "cpu") -> dict[str, Tensor]:
+    """Only the model state dict of a checkpoint dir (inference), checked against its hashes.json."""
+    path = Path(path)
+    return _load_safetensors(path / MODEL_FILE, map_location, read_hashes(path))
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:

@@ -454,3 +454,13 @@ def test_find_latest_intact_walks_back_past_damaged_checkpoints(tmp_path):
     for p in paths:  # checkpoints of an older bcc: no hashes, taken as they are
         (p / "hashes.json").unlink()
     assert find_latest_intact(root) == (paths[2], [])
+
+
+def test_inference_weights_are_checked_too(tmp_path):
+    from bcc.checkpoint import load_model_weights
+
+    path = manager(tmp_path / "checkpoints").save(make_ckpt(1))
+    assert load_model_weights(path).keys() == load_checkpoint(path).model.keys()
+    _flip(path / "model.safetensors")
+    with pytest.raises(DamagedCheckpointError, match="model.safetensors"):
+        load_model_weights(path)
