@@ -1,28 +1,34 @@
 """Shards -> batches: the WebDataset stream for training and evaluation.
 
-Training (`train_loader`):
-- The split's shards are shuffled by (seed, epoch) and then dealt to the (rank, worker) parts. Every rank
-  computes the same deal from the manifest alone, so no communication is needed, and the deal changes
-  every epoch. Dealing is greedy by sample count (each shard goes to the part holding the fewest samples
-  so far), which is plain round robin (split by node, then by worker) for equal shards and keeps uneven
-  layouts (30, 3, 3, 40 samples) as balanced as shards allow.
-- Every rank yields exactly `batches_per_epoch(...)` batches, so all ranks run the same number of steps
-  and DDP cannot hang on a rank that ran dry. A worker's part is cycled (repeated) as often as needed.
-- Exactness with W workers rests on the DataLoader's in-order round robin over workers: output batch i
-  comes from worker i % W, so worker w yields exactly len(range(w, N, W)) batches. The order cannot
-  depend on timing: a worker is only retired once its StopIteration arrives, which can only happen after
-  batch N - 1 was requested, so batches 0 .. N - 1 are all requested in strict round robin.
-- Determinism: the sample shuffle buffer of each worker uses a `random.Random` seeded from (seed, epoch,
-  rank, worker), and torch's global RNG, which the torchvision presets draw from, is re-seeded before
-  every batch from (seed, epoch, rank, batch index) inside `torch.random.fork_rng` (the presets draw
-  from torch's RNG only, not from Python's `random`). Forking keeps the
-  same single code path safe for workers=0, where the batches are made in the trainer's process and must
-  not disturb the trainer's own RNG (dropout, resume). Per-batch seeding also makes `skip_batches=k`
-  exact without decoding: the skipped batches are read and shuffled as raw bytes, never decoded; and
-  since the DataLoader always asks worker 0 first, physical worker p then plays the logical worker that
-  owns batch k + p.
-  The stream depends on (seed, epoch, rank, world_size, workers, batch_size, shuffle_buffer); resuming
-  mid-epoch needs the same values.
+Training (`TrainLoader`, or `train_loader` for one epoch): an epoch is ONE pass over the split.
+- Plan (`EpochPlan`, computed from the manifest's per-shard counts alone, the same in every process, no
+  file is opened or stat'ed to make it): the split's shards are shuffled by (seed, epoch) and their
+  samples concatenated; `dropped_per_epoch(...) = total mod (world_size x batch_size)` samples, chosen
+  uniformly at random by (seed, epoch), are left out, so the number dropped is ALWAYS below
+  `world_size x batch_size` and which samples are dropped changes every epoch. The rest is cut into
+  world_size equal contiguous runs of `batches_per_epoch(...) x batch_size` samples, one per rank:
+  every rank runs the same number of batches and no sample is read twice. Planning costs
+  O(shards + parts x log shards) (`time_plan` measures it); a cut can fall inside a shard, so any
+  number of shards feeds any number of ranks and workers.
+- Lanes: a rank's run is cut into `LANES` (8) contiguous lanes. Lane l owns the rank's batches
+  l, l + 8, l + 16, ...; its samples pass through its own shuffle buffer (`data.shuffle_buffer`
+  samples, seeded by (seed, epoch, rank, lane)) and are cut into batches in order. The buffer only ever
+  holds the lane's samples of this epoch (nothing is cycled or read twice). So the batch sequence of a
+  rank depends on (seed, epoch, rank, world_size, batch_size, shuffle_buffer) and NOT on the number of
+  loader workers: a mid-epoch resume with another `data.workers` is exact.
+- Workers: batch i is made by loader worker i mod W (the DataLoader's strict in-order round robin;
+  after `skip_batches=k`, physical worker p makes batches k + p, k + p + W, ...). When W divides 8
+  (0, 1, 2, 4, 8 workers) a worker reads exactly its own lanes, every sample once. Other counts are
+  exact too, but a lane whose batches are shared by several workers is read (not decoded) by each of
+  them: W / gcd(W, 8) times the raw bytes. A worker holds the shuffle buffers of the lanes it reads
+  (8 / W of them when W divides 8, up to 8 otherwise), raw bytes only. A lane that starts inside a
+  local shard seeks to its first sample by scanning the tar headers instead of reading the data before.
+- Determinism: torch's global RNG, which the torchvision presets draw from, is re-seeded before every
+  batch from (seed, epoch, rank, batch index) inside `torch.random.fork_rng`, so workers=0 (batches
+  made in the trainer's process) cannot disturb the trainer's RNG, and skipped batches are read and
+  shuffled as raw bytes, never decoded.
+- `TrainLoader` keeps its loader workers across epochs (persistent workers; the epoch and the number
+  of batches to skip reach them through a small shared array); `close()` ends them.
 
 Integrity (packs of format 2 on, `Manifest.has_checksums`): every sample is checked as it is decoded,
 in the loader worker: the CRC-32 of its stored image bytes against the json's `stored_crc32` and its
@@ -47,14 +53,19 @@ workers read disjoint parts of the shards.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import random
 import signal
+import time
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Sequence
+from multiprocessing.sharedctypes import RawArray
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -67,11 +78,16 @@ from bcc.transforms import presets_from_config
 
 # sample keys (extensions) that hold the image: every suffix bcc.imageio reads
 IMAGE_KEYS = tuple(s[1:] for s in IMAGE_SUFFIXES)
+LANES = 8  # per rank; fixed, so that the batch sequence does not depend on the number of loader workers
 
 
 class ShardError(BccError):
     """A shard that is missing, unreadable or disagrees with the manifest, or shards too few or too
     small for the requested batches, ranks and loader workers."""
+
+
+class StreamError(ShardError, ValueError):
+    """Settings the stream cannot serve (too few samples for one batch, a resume point past the end)."""
 
 
 class CorruptSampleError(ShardError):
@@ -88,61 +104,112 @@ def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int
     """Training batches every rank runs per epoch (drop_last over the whole world)."""
     n = num_samples // (world_size * batch_size)
     if n < 1:
-        raise ShardError(
+        raise StreamError(
             f"{num_samples} training samples cannot fill one batch of {batch_size} on each of {world_size} "
             f"ranks (needs {world_size * batch_size}); lower data.batch_size or use fewer processes"
         )
     return n
 
 
-# --------------------------------------------------------------------------- shard plans
+def dropped_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
+    """Training samples left out of every epoch: `num_samples mod (world_size x batch_size)`, so always
+    fewer than world_size x batch_size (which ones changes every epoch)."""
+    return num_samples - world_size * batch_size * batches_per_epoch(num_samples, batch_size, world_size)
 
 
-def _deal(shards: Sequence, parts: int) -> list[list]:
-    """Give each shard, in order, to the part with the fewest samples so far (ties: lowest index)."""
-    out: list[list] = [[] for _ in range(parts)]
-    load = [0] * parts
-    for shard in shards:
-        i = min(range(parts), key=lambda p: (load[p], p))
-        out[i].append(shard)
-        load[i] += shard.count
-    return out
+# --------------------------------------------------------------------------- epoch plan
 
 
-def shard_assignment(
-    shards: Sequence, *, seed: int, epoch: int, world_size: int, workers: int
-) -> list[list[list]]:
-    """`[rank][worker] -> shards` for one training epoch; the same on every rank.
+class Segment(NamedTuple):
+    """Samples [lo, hi) of one shard in tar order, less those in `drop` (left out this epoch)."""
 
-    Shards are shuffled by (seed, epoch) first, then dealt to the world_size x workers parts (workers=0
-    counts as one). Raises ShardError, naming the shard count needed, when some worker would get none.
+    shard: int  # index into the split's shard list (manifest order)
+    lo: int
+    hi: int
+    drop: frozenset[int] = frozenset()
+
+
+class EpochPlan:
+    """Which samples every (rank, lane) reads in one training epoch; see the module docstring.
+
+    Built from the per-shard sample counts only, in O(shards + dropped) time; `segments(rank, lane)`
+    costs O(log shards + its segments). The same arguments give the same plan in every process.
     """
-    per_rank = max(workers, 1)
-    need = world_size * per_rank
-    if len(shards) < need:
-        fewer = len(shards) // world_size
-        hint = f" or set data.workers={fewer}" if fewer >= 1 else ""
-        raise ShardError(
-            f"{len(shards)} training shards cannot feed {world_size} rank(s) x {per_rank} loader worker(s): "
-            f"at least {need} shards are needed; repack with `bcc pack --min-shards {need}`{hint}"
-        )
-    order = list(shards)
-    random.Random(_mix_seed("shards", seed, epoch)).shuffle(order)
-    # one deal over all (rank, worker) parts: greedy dealing fills every empty part before any part gets
-    # a second shard, so each worker has a shard; part p is rank p % world_size, worker p // world_size,
-    # which for equal shards is exactly split_by_node followed by split_by_worker
-    parts = _deal(order, need)
-    plan = [[parts[w * world_size + r] for w in range(per_rank)] for r in range(world_size)]
-    for rank, rank_parts in enumerate(plan):
-        for worker, part in enumerate(rank_parts):
-            if sum(s.count for s in part) == 0:
-                raise ShardError(
-                    f"rank {rank} worker {worker} got only empty shards: {[str(s.path) for s in part]}"
-                )
-    return plan
+
+    def __init__(
+        self, counts: Sequence[int], *, seed: int, epoch: int, world_size: int, batch_size: int, lanes: int = LANES
+    ):
+        self.world_size, self.batch_size, self.lanes = world_size, batch_size, lanes
+        total = sum(counts)
+        self.batches = batches_per_epoch(total, batch_size, world_size)  # per rank
+        # shard order of this epoch, before splitting by rank; numpy's legacy RandomState stream is frozen
+        # across numpy versions, and permutes 100,000 shards in milliseconds (random.shuffle: 0.2 s)
+        order = np.random.RandomState(_mix_seed("shards", seed, epoch) % 2**32).permutation(len(counts))
+        self.order: list[int] = order.tolist()
+        # start of each shard in the concatenation
+        self.starts: list[int] = [0, *np.cumsum(np.asarray(counts, dtype=np.int64)[order]).tolist()]
+        kept = world_size * batch_size * self.batches
+        # positions in the concatenation left out this epoch; sample() is O(dropped), not O(total)
+        self.dropped = sorted(random.Random(_mix_seed("drop", seed, epoch)).sample(range(total), total - kept))
+        self._shifted = [d - j for j, d in enumerate(self.dropped)]  # non-decreasing: kept index -> position
+
+    def _position(self, kept: int) -> int:
+        """Position in the concatenation of the `kept`-th sample that is not dropped."""
+        return kept + bisect_right(self._shifted, kept)
+
+    def lane_batches(self, lane: int) -> int:
+        """Batches of a lane (the rank's batches lane, lane + lanes, ...)."""
+        q, r = divmod(self.batches, self.lanes)
+        return q + (lane < r)
+
+    def segments(self, rank: int, lane: int) -> list[Segment]:
+        """What lane `lane` of rank `rank` reads, in order: exactly lane_batches(lane) x batch_size samples."""
+        q, r = divmod(self.batches, self.lanes)
+        first = rank * self.batches + lane * q + min(lane, r)  # in batches over the whole world
+        n = self.lane_batches(lane)
+        if n == 0:
+            return []
+        a = self._position(first * self.batch_size)
+        b = self._position((first + n) * self.batch_size - 1) + 1
+        out = []
+        i = bisect_right(self.starts, a) - 1
+        while i < len(self.order) and self.starts[i] < b:
+            s0, s1 = self.starts[i], self.starts[i + 1]
+            lo, hi = max(a, s0), min(b, s1)
+            if lo < hi:
+                drops = self.dropped[bisect_left(self.dropped, lo) : bisect_left(self.dropped, hi)]
+                out.append(Segment(self.order[i], lo - s0, hi - s0, frozenset(d - s0 for d in drops)))
+            i += 1
+        return out
 
 
-def _check_exist(shards: Sequence, split: str) -> None:
+def time_plan(num_shards: int = 100_000, parts: int = 1024, *, shard_size: int = 1000, batch_size: int = 32,
+              repeat: int = 3) -> dict[str, float]:
+    """Seconds to plan one epoch at `num_shards` shards and `parts` = ranks x LANES (for `bcc bench data
+    --plan`): `plan_s` builds the plan (what every rank pays once per epoch), `rank_s` adds one rank's
+    lanes, `all_parts_s` adds every part of every rank. Best of `repeat`."""
+    world = max(1, parts // LANES)
+    counts = [shard_size - (i % 7 == 0) for i in range(num_shards)]  # slightly uneven, like a real pack
+    best = {"plan_s": math.inf, "rank_s": math.inf, "all_parts_s": math.inf}
+    for r in range(repeat):
+        t0 = time.perf_counter()
+        plan = EpochPlan(counts, seed=0, epoch=r, world_size=world, batch_size=batch_size)
+        t1 = time.perf_counter()
+        for lane in range(LANES):
+            plan.segments(world - 1, lane)
+        t2 = time.perf_counter()
+        for rank in range(world):
+            for lane in range(LANES):
+                plan.segments(rank, lane)
+        t3 = time.perf_counter()
+        best = {"plan_s": min(best["plan_s"], t1 - t0), "rank_s": min(best["rank_s"], t2 - t0),
+                "all_parts_s": min(best["all_parts_s"], (t1 - t0) + (t3 - t2))}
+    return {"shards": num_shards, "parts": world * LANES, **best}
+
+
+def check_shards_exist(shards: Sequence, split: str) -> None:
+    """Raise ShardError naming missing local shards. Meant to run once at start-up (on one rank), not
+    per epoch: the stream itself never stats shards, a missing one fails when it is opened."""
     missing = [str(s.path) for s in shards if not Path(s.path).is_file()]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -152,18 +219,133 @@ def _check_exist(shards: Sequence, split: str) -> None:
 # --------------------------------------------------------------------------- reading and decoding
 
 
-def _read_shard(shard) -> Iterator[dict]:
-    """Raw samples of one shard; any failure names the shard, and so does a count that disagrees."""
+class _NoSeek(BccError):
+    """A tar layout the header scan does not handle (global pax header, base-256 size): read through.
+    Internal (caught in _read_range); a BccError only because every bcc exception is one."""
+
+
+def _pax_path(payload: bytes) -> str | None:
+    """The `path` record of a pax extended header ("<len> <key>=<value>\\n" records), if any."""
+    pos, path = 0, None
+    while pos < len(payload) and payload[pos:pos + 1] != b"\0":
+        space = payload.index(b" ", pos)
+        length = int(payload[pos:space])
+        key, _, value = payload[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8")
+        pos += length
+    return path
+
+
+def _sample_offset(path: str, index: int) -> tuple[int | None, int]:
+    """(byte offset where sample `index` of a local plain tar starts, samples before it).
+
+    Reads only the 512-byte headers and seeks over the data (tarfile's own scan costs ~20x more per
+    member), so a lane that starts inside a shard does not read the samples before its start. The
+    offset is that of the sample's first header (a pax or GNU long-name header included). None when the
+    shard ends first (the second value then counts its samples). Raises _NoSeek for layouts it leaves
+    to a full read."""
+    n, key, offset = 0, None, 0
+    start, name = None, None  # where the current member's headers begin; a long name from them
+    with open(path, "rb") as f:
+        while True:
+            f.seek(offset)
+            block = f.read(512)
+            if len(block) < 512 or not block.strip(b"\0"):
+                break
+            if block[124] & 0x80:
+                raise _NoSeek("base-256 size")
+            size = int(block[124:136].split(b"\0")[0].strip() or b"0", 8)
+            flag = block[156:157]
+            following = offset + 512 + -(-size // 512) * 512
+            start = offset if start is None else start
+            if flag in (b"x", b"L"):
+                payload = f.read(size)
+                name = (_pax_path(payload) or name) if flag == b"x" else payload.split(b"\0")[0].decode("utf-8")
+            elif flag == b"g":
+                raise _NoSeek("global pax header")
+            elif flag in (b"0", b"\0", b"7"):
+                if name is None:
+                    prefix = block[345:500].split(b"\0")[0].decode("utf-8") if block[257:262] == b"ustar" else ""
+                    base = block[:100].split(b"\0")[0].decode("utf-8")
+                    name = f"{prefix}/{base}" if prefix else base
+                member_key = wds.tariterators.base_plus_ext(name)[0]
+                if member_key != key:
+                    n += key is not None
+                    key = member_key
+                    if n == index:
+                        return start, n
+                start, name = None, None
+            else:  # directories, links: no sample data
+                start, name = None, None
+            offset = following
+    return None, n + (key is not None)
+
+
+def _tar_samples(path: str, start: int) -> Iterator[dict]:
+    """Samples of a local tar from byte `start` (a member header), grouped by key like webdataset's."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        files = wds.tariterators.tar_file_iterator(f, handler=wds.reraise_exception)
+        yield from wds.tariterators.group_by_keys({**x, "__url__": path} for x in files)
+
+
+def _read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] = frozenset()) -> Iterator[dict]:
+    """Raw samples [lo, hi) of one shard in tar order, less `drop`. Any failure names the shard; so does
+    a shard shorter than `hi`, or, when read to its end, one whose count disagrees with the manifest."""
     path = str(shard.path)
+    hi = shard.count if hi is None else hi
     n = 0
     try:
-        for sample in wds.tariterators.tarfile_samples([{"url": path}], handler=wds.reraise_exception):
+        samples = None
+        if lo > 0 and Path(path).is_file():  # a local shard: seek to the lane's first sample
+            try:
+                offset, n = _sample_offset(path, lo)
+                samples = _tar_samples(path, offset) if offset is not None else iter(())
+            except _NoSeek:
+                n = 0
+        if samples is None:
+            samples = wds.tariterators.tarfile_samples([{"url": path}], handler=wds.reraise_exception)
+        for sample in samples:
+            if lo <= n < hi and n not in drop:
+                yield sample
             n += 1
-            yield sample
+            if n >= hi and hi < shard.count:
+                break  # the rest belongs to someone else: stop reading
     except Exception as e:
         raise ShardError(f"cannot read shard {path}: {e}") from e
-    if n != shard.count:
+    if n < hi or (hi == shard.count and n != shard.count):
         raise ShardError(f"shard {path} holds {n} samples but the manifest says {shard.count}; repack it")
+
+
+def _read_shard(shard) -> Iterator[dict]:
+    """All raw samples of one shard, count checked against the manifest."""
+    return _read_range(shard)
+
+
+def _shuffled(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """A shuffle buffer of `size` samples: fill it, then swap each new sample for a random held one."""
+    buf: list[dict] = []
+    for sample in samples:
+        if len(buf) < size:
+            buf.append(sample)
+            continue
+        i = rng.randrange(size)
+        yield buf[i]
+        buf[i] = sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _batched(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    batch: list[dict] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _decode(sample: dict, transform, checked: bool) -> tuple[torch.Tensor, int, str, str]:
@@ -235,42 +417,54 @@ def _worker() -> tuple[int, int]:
 
 
 class _TrainStream(IterableDataset):
-    """One rank's training stream; see the module docstring for the contract."""
+    """One rank's training stream; see the module docstring for the contract.
 
-    def __init__(self, parts, *, num_batches, batch_size, shuffle_buffer, transform, seed, epoch, rank, skip,
+    `epoch_state` holds (epoch, skip_batches): a shared array, so that persistent workers read each
+    epoch's values when the next epoch's iteration starts."""
+
+    def __init__(self, shards, *, seed, rank, world_size, batch_size, shuffle_buffer, transform, epoch_state,
                  checked=False, on_corrupt="error"):
-        self.parts = parts  # this rank's shards per worker
+        self.shards = list(shards)
         self.checked, self.on_corrupt = checked, on_corrupt
-        self.num_batches = num_batches
+        self.counts = [s.count for s in self.shards]
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.batch_size = batch_size
         self.shuffle_buffer = shuffle_buffer
         self.transform = transform
-        self.seed, self.epoch, self.rank, self.skip = seed, epoch, rank, skip
+        self.epoch_state = epoch_state
 
-    def _samples(self, worker: int) -> Iterator[dict]:
-        while True:  # cycle: a short part repeats until the worker has made its batches
-            for shard in self.parts[worker]:
-                yield from _read_shard(shard)
+    def _lane(self, plan: EpochPlan, epoch: int, lane: int) -> Iterator[list[dict]]:
+        """Raw batches of one lane: its segments read in order, shuffled, cut into batches."""
+        samples: Iterable[dict] = itertools.chain.from_iterable(
+            _read_range(self.shards[s.shard], s.lo, s.hi, s.drop) for s in plan.segments(self.rank, lane)
+        )
+        if self.shuffle_buffer > 1:
+            rng = random.Random(_mix_seed("buffer", self.seed, epoch, self.rank, lane))
+            samples = _shuffled(samples, self.shuffle_buffer, rng)
+        return _batched(samples, self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch, skip = int(self.epoch_state[0]), int(self.epoch_state[1])
+        plan = EpochPlan(self.counts, seed=self.seed, epoch=epoch, world_size=self.world_size,
+                         batch_size=self.batch_size)
         physical, num_workers = _worker()
-        # the DataLoader always starts at worker 0; after skipping k batches, batch k must come first, so
-        # physical worker p plays the logical worker that owns batch k + p
-        worker = (physical + self.skip) % num_workers
-        samples = self._samples(worker)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(_mix_seed("buffer", self.seed, self.epoch, self.rank, worker))
-            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-        raw_batches = wds.batched(self.batch_size, collation_fn=None, partial=False)(samples)
-        indices = range(worker, self.num_batches, num_workers)
-        if not indices or indices[-1] < self.skip:
-            return  # everything this worker owns was consumed before the resume
-        # the range comes first in zip so that no raw batch beyond this worker's share is read
-        for index, raw in zip(indices, raw_batches, strict=False):
-            if index < self.skip:
-                continue  # read and shuffled like the full stream, never decoded
+        open_lanes: dict[int, list] = {}  # lane -> [raw batch iterator, index of its next batch]
+        # the DataLoader asks worker 0 first, so after a resume at batch `skip` worker p makes skip + p, ...
+        for index in range(skip + physical, plan.batches, num_workers):
+            lane, nth = index % plan.lanes, index // plan.lanes
+            state = open_lanes.get(lane)
+            if state is None:
+                state = open_lanes[lane] = [self._lane(plan, epoch, lane), 0]
+            while state[1] < nth:  # another worker's batch, or one consumed before the resume
+                next(state[0])  # read and shuffled like the full stream, never decoded
+                state[1] += 1
+            raw = next(state[0])
+            state[1] += 1
+            if state[1] == plan.lane_batches(lane):
+                next(state[0], None)  # run the lane's reader to its end, which checks the last shard's count
+                del open_lanes[lane]
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_mix_seed("augment", self.seed, self.epoch, self.rank, index))
+                torch.manual_seed(_mix_seed("augment", self.seed, epoch, self.rank, index))
                 batch = _collate(raw, self.transform, self.checked, self.on_corrupt)
             yield batch
 
@@ -348,16 +542,20 @@ def _from_worker(e: BccError) -> BccError:
 
 
 class BatchLoader:
-    """An iterable of batch dicts with a known length; iterate it once per epoch."""
+    """An iterable of batch dicts with a known length; iterate it once per epoch.
+
+    With `persistent=True` (and workers > 0) the workers outlive a completed iteration and serve the
+    next one; `close()` ends them. An iteration that stops early or fails always ends them."""
 
     def __init__(
         self, dataset: IterableDataset, num_batches: int, *, workers: int, seed: int, pin_memory: bool,
-        what: str = "", rank: int = 0,
+        persistent: bool = False, what: str = "", rank: int = 0,
     ):
         self.dataset = dataset
         self.num_batches = num_batches
         self.what, self.rank = what, rank
         self.skipped: list[str] = []  # damaged samples left out by the last pass (data.on_corrupt=skip)
+        self.persistent = persistent and workers > 0
         # an explicit generator: otherwise the DataLoader draws its worker base seed from the global RNG,
         # which would shift the trainer's random state by whether and when a loader was created
         self.loader = DataLoader(
@@ -368,6 +566,7 @@ class BatchLoader:
             in_order=True,  # the exact batch count and order rely on strict round robin over workers
             generator=torch.Generator().manual_seed(seed),
             worker_init_fn=_worker_signals if workers else None,
+            persistent_workers=self.persistent,
         )
 
     def __len__(self) -> int:
@@ -375,11 +574,13 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batches = iter(self.loader)
+        complete = False
         self.skipped = []
         try:
             for batch in batches:
                 self.skipped += batch.get("corrupt", ())
                 yield batch
+            complete = True
             if self.skipped:  # every rank says it: the damage is in that rank's share
                 err_console.print(
                     f"[yellow]warning:[/] rank {self.rank} skipped {len(self.skipped)} damaged sample(s) of "
@@ -387,11 +588,99 @@ class BatchLoader:
         except BccError as e:
             raise _from_worker(e) from None
         finally:
-            # workers end now, also when iteration stops early or fails, instead of whenever the
-            # iterator is garbage collected (a traceback can keep it alive indefinitely)
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+            if not (complete and self.persistent):
+                # workers end now, also when iteration stops early or fails, instead of whenever the
+                # iterator is garbage collected (a traceback can keep it alive indefinitely)
+                self._shutdown(batches)
+
+    def _shutdown(self, batches) -> None:
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        if self.persistent:
+            self.loader._iterator = None  # a later iteration starts fresh workers instead of dead ones
+
+    def close(self) -> None:
+        """End persistent workers (a no-op otherwise)."""
+        batches = getattr(self.loader, "_iterator", None)
+        if batches is not None:
+            self._shutdown(batches)
+
+
+class EpochBatches:
+    """The batches of one epoch of a `TrainLoader` (after `skip_batches`); iterate once."""
+
+    def __init__(self, owner: TrainLoader, epoch: int, skip_batches: int):
+        self.owner, self.epoch, self.skip_batches = owner, epoch, skip_batches
+
+    def __len__(self) -> int:
+        return self.owner.batches_per_epoch - self.skip_batches
+
+    @property
+    def skipped(self) -> list[str]:
+        """Damaged samples this epoch's pass left out (data.on_corrupt=skip), once iterated."""
+        return self.owner._batches.skipped
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # set when iteration starts: workers (persistent or new) read it when their iteration starts
+        self.owner._epoch_state[0], self.owner._epoch_state[1] = self.epoch, self.skip_batches
+        yield from self.owner._batches
+
+
+class TrainLoader:
+    """One rank's augmented training batches, epoch after epoch, from loader workers started once.
+
+    `epoch(e, skip_batches=k)` gives batches k .. batches_per_epoch - 1 of epoch e: dicts of image
+    FloatTensor[N, 3, S, S], label LongTensor[N] (leaf class index), key and source (lists of str).
+    The same (manifest, data settings but workers, seed, rank, world_size, epoch) give the bitwise same
+    batches in any process, with any number of loader workers. `close()` (or `with`) ends the workers.
+    Raises StreamError when the split cannot fill one batch per rank; ShardError (when read) names a
+    missing, unreadable or miscounted shard.
+    """
+
+    def __init__(
+        self, manifest, data_cfg, *, seed: int, rank: int, world_size: int, pin_memory: bool = False,
+        persistent: bool = True,
+    ):
+        if not 0 <= rank < world_size:
+            raise StreamError(f"rank {rank} is outside 0..{world_size - 1}")
+        split = manifest.split(data_cfg.train_split)
+        shards = list(split.shards)
+        if sum(s.count for s in shards) != split.count:
+            raise ShardError(
+                f"split '{split.name}': its shards hold {sum(s.count for s in shards)} samples by the manifest's "
+                f"per-shard counts but the split's count is {split.count}; repack it"
+            )
+        self.batches_per_epoch = batches_per_epoch(split.count, data_cfg.batch_size, world_size)
+        self.dropped_per_epoch = dropped_per_epoch(split.count, data_cfg.batch_size, world_size)
+        self._epoch_state = RawArray("q", 2)  # (epoch, skip_batches), shared with the workers
+        train_tf, _ = presets_from_config(data_cfg)
+        _note_unchecked(manifest)
+        dataset = _TrainStream(
+            shards, seed=seed, rank=rank, world_size=world_size, batch_size=data_cfg.batch_size,
+            shuffle_buffer=data_cfg.shuffle_buffer, transform=train_tf, epoch_state=self._epoch_state,
+            checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt,
+        )
+        self._batches = BatchLoader(
+            dataset, self.batches_per_epoch, workers=data_cfg.workers, seed=_mix_seed("loader", seed, rank),
+            pin_memory=pin_memory, persistent=persistent, what=f"split '{data_cfg.train_split}'", rank=rank,
+        )
+
+    def epoch(self, epoch: int, skip_batches: int = 0) -> EpochBatches:
+        if not 0 <= skip_batches <= self.batches_per_epoch:
+            raise StreamError(
+                f"skip_batches={skip_batches} is outside 0..{self.batches_per_epoch} (batches per epoch)"
+            )
+        return EpochBatches(self, epoch, skip_batches)
+
+    def close(self) -> None:
+        self._batches.close()
+
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def train_loader(
@@ -404,41 +693,12 @@ def train_loader(
     world_size: int,
     skip_batches: int = 0,
     pin_memory: bool = False,
-) -> BatchLoader:
-    """Exactly `batches_per_epoch(...) - skip_batches` augmented training batches for this rank.
-
-    Batches are dicts: image FloatTensor[N, 3, S, S], label LongTensor[N] (leaf class index), key and
-    source (lists of str). The same arguments give the bitwise same batches in any process.
-    """
-    split = manifest.split(data_cfg.train_split)
-    shards = list(split.shards)
-    num_batches = batches_per_epoch(split.count, data_cfg.batch_size, world_size)
-    if not 0 <= skip_batches <= num_batches:
-        raise ValueError(f"skip_batches={skip_batches} is outside 0..{num_batches} (batches per epoch)")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-    plan = shard_assignment(shards, seed=seed, epoch=epoch, world_size=world_size, workers=data_cfg.workers)
-    _check_exist(shards, data_cfg.train_split)
-    train_tf, _ = presets_from_config(data_cfg)
-    _note_unchecked(manifest)
-    dataset = _TrainStream(
-        plan[rank],
-        num_batches=num_batches,
-        batch_size=data_cfg.batch_size,
-        shuffle_buffer=data_cfg.shuffle_buffer,
-        transform=train_tf,
-        seed=seed,
-        epoch=epoch,
-        rank=rank,
-        skip=skip_batches,
-        checked=manifest.has_checksums,
-        on_corrupt=data_cfg.on_corrupt,
-    )
-    loader_seed = _mix_seed("loader", seed, epoch, rank)
-    return BatchLoader(
-        dataset, num_batches - skip_batches, workers=data_cfg.workers, seed=loader_seed, pin_memory=pin_memory,
-        what=f"split '{data_cfg.train_split}' in epoch {epoch + 1}", rank=rank,
-    )
+) -> EpochBatches:
+    """Exactly `batches_per_epoch(...) - skip_batches` training batches of one epoch for this rank, from
+    loader workers that end with the epoch (`TrainLoader` keeps them across epochs)."""
+    loader = TrainLoader(manifest, data_cfg, seed=seed, rank=rank, world_size=world_size,
+                         pin_memory=pin_memory, persistent=False)
+    return loader.epoch(epoch, skip_batches)
 
 
 def eval_loader(
@@ -450,10 +710,9 @@ def eval_loader(
     samples than there are ranks); the last batch of a rank may be short.
     """
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        raise StreamError(f"rank {rank} is outside 0..{world_size - 1}")
     info = manifest.split(split)
     shards = list(info.shards)
-    _check_exist(shards, split)
     total = sum(s.count for s in shards)
     start, stop = rank * total // world_size, (rank + 1) * total // world_size
     batch_size = data_cfg.eval_batch_size

@@ -78,12 +78,12 @@ def test_checkpoint_commands(tmp_path, capsys, command):
 
 
 def test_stream_user_errors_are_bcc_errors():
-    from bcc.stream import ShardError, batches_per_epoch, shard_assignment
+    from bcc.stream import ShardError, StreamError, batches_per_epoch
 
     with pytest.raises(ShardError, match="lower data.batch_size"):
         batches_per_epoch(10, 8, 2)
-    with pytest.raises(BccError, match="--min-shards 4"):
-        shard_assignment([], seed=0, epoch=0, world_size=2, workers=2)
+    # (too few shards for ranks x workers is no error any more: the epoch plan cuts inside shards)
+    assert issubclass(StreamError, ShardError) and issubclass(ShardError, BccError)
 
 
 def test_a_worker_error_keeps_its_own_message():

@@ -1,4 +1,6 @@
-"""Stream: exact batch counts per rank, eval exactly once, per-epoch shard deal, determinism, errors.
+"""Stream: exact batch counts per rank, eval exactly once, per-epoch plan, determinism, errors.
+
+The one-pass epoch over a grid of world sizes, workers and buffers is in test_epoch_pass.py.
 
 Ranks are simulated in one process by passing rank/world_size. Shards are written directly with
 webdataset's TarWriter so that layouts can be deliberately uneven.
@@ -21,13 +23,18 @@ import webdataset as wds
 from PIL import Image
 
 from bcc.config import DataConfig
+from bcc.errors import BccError
 from bcc.manifest import Manifest
 from bcc.stream import (
+    EpochPlan,
     ShardError,
+    StreamError,
+    TrainLoader,
     batches_per_epoch,
+    check_shards_exist,
+    dropped_per_epoch,
     eval_loader,
     iter_keys,
-    shard_assignment,
     train_loader,
 )
 from bcc.taxonomy import Taxonomy
@@ -80,8 +87,11 @@ def pack(tmp_path_factory) -> Manifest:
 def test_batches_per_epoch():
     assert batches_per_epoch(76, 4, 1) == 19
     assert batches_per_epoch(76, 4, 2) == 9
-    with pytest.raises(ShardError, match="lower data.batch_size"):
+    with pytest.raises(StreamError, match="lower data.batch_size"):
         batches_per_epoch(7, 4, 2)
+    assert dropped_per_epoch(76, 4, 2) == 4 and dropped_per_epoch(76, 4, 1) == 0
+    assert all(dropped_per_epoch(n, 4, 3) < 3 * 4 for n in range(12, 100))
+    assert issubclass(StreamError, BccError) and issubclass(ShardError, BccError)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -131,30 +141,40 @@ def test_eval_images_do_not_depend_on_workers(pack):
     assert all(torch.equal(by_key_a[k], by_key_b[k]) for k in by_key_a)
 
 
-def test_shard_assignment_changes_with_epoch_and_seed(tmp_path):
-    manifest = write_pack(tmp_path, {"train": [2] * 12})
-    shards = manifest.split("train").shards
+def test_plan_shard_order_changes_with_epoch_and_seed(tmp_path):
+    counts = [2] * 12
 
-    def plan(seed, epoch):
-        deal = shard_assignment(shards, seed=seed, epoch=epoch, world_size=2, workers=2)
-        return [[[s.path.name for s in part] for part in rank] for rank in deal]
+    def order(seed, epoch):
+        return EpochPlan(counts, seed=seed, epoch=epoch, world_size=2, batch_size=2).order
 
-    assert plan(0, 0) == plan(0, 0)
-    assert plan(0, 0) != plan(0, 1)
-    assert plan(0, 0) != plan(1, 0)
-    for seed, epoch in [(0, 0), (0, 1), (5, 3)]:
-        parts = [part for rank in plan(seed, epoch) for part in rank]
-        assert sorted(n for part in parts for n in part) == sorted(s.path.name for s in shards)
-        assert [len(p) for p in parts] == [3, 3, 3, 3]
+    assert order(0, 0) == order(0, 0)
+    assert order(0, 0) != order(0, 1)
+    assert order(0, 0) != order(1, 0)
+    assert sorted(order(5, 3)) == list(range(12))
 
 
-def test_uneven_shards_are_dealt_by_sample_count(pack):
-    deal = shard_assignment(pack.split("train").shards, seed=0, epoch=0, world_size=2, workers=0)
-    loads = sorted(sum(s.count for s in rank[0]) for rank in deal)
-    assert loads in ([33, 43], [36, 40])  # never {30, 40} against {3, 3}
-    for epoch in range(8):  # as many shards as (rank, worker) parts: one each, whatever the sizes
-        deal = shard_assignment(pack.split("train").shards, seed=0, epoch=epoch, world_size=2, workers=2)
-        assert [len(part) for rank in deal for part in rank] == [1, 1, 1, 1]
+def test_plan_cuts_ranks_inside_shards_whatever_the_layout():
+    # uneven shards used to be dealt whole, which left one rank with {30, 3, 3} and another with {40};
+    # now every rank gets exactly batches x batch_size samples, cut inside shards where needed
+    for counts in (UNEVEN, [76], [0, 50, 0, 26], [1] * 76):
+        for world in (1, 2, 3, 4):
+            plan = EpochPlan(counts, seed=0, epoch=1, world_size=world, batch_size=4)
+            for rank in range(world):
+                for lane in range(plan.lanes):
+                    segs = plan.segments(rank, lane)
+                    n = sum(s.hi - s.lo - len(s.drop) for s in segs)
+                    assert n == plan.lane_batches(lane) * 4
+                    assert all(0 <= s.lo < s.hi <= counts[s.shard] for s in segs)
+            assert len(plan.dropped) == dropped_per_epoch(76, 4, world)
+
+
+def test_plan_cost_grows_with_shards_not_with_parts():
+    from bcc.stream import time_plan
+
+    small = time_plan(2_000, 64, repeat=1)
+    big = time_plan(2_000, 1024, repeat=1)
+    assert small["parts"] == 64 and big["parts"] == 1024
+    assert big["rank_s"] < 0.5  # one rank's plan, whatever the number of parts (0.9 s before at 10k x 1024)
 
 
 def test_rank_streams_change_with_epoch(pack):
@@ -214,26 +234,33 @@ def test_skip_batches_is_the_tail_of_the_full_stream(pack, workers):
         assert len(loader) == len(tail) == len(full) - k
         for a, b in zip(full[k:], tail, strict=True):
             assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
-    with pytest.raises(ValueError, match="skip_batches"):
+    with pytest.raises(StreamError, match="skip_batches"):
         train_loader(pack, cfg, seed=0, epoch=0, rank=0, world_size=1, skip_batches=len(full) + 1)
 
 
-def test_too_few_shards_names_the_needed_count(tmp_path):
-    manifest = write_pack(tmp_path, {"train": [10, 10, 10]})
-    with pytest.raises(ShardError, match=r"at least 4 shards.*--min-shards 4.*data.workers=1"):
-        train_loader(manifest, data_cfg(workers=2), seed=0, epoch=0, rank=0, world_size=2)
-    with pytest.raises(ShardError, match=r"at least 4 shards.*--min-shards 4`$"):
-        train_loader(manifest, data_cfg(workers=1), seed=0, epoch=0, rank=0, world_size=4)
+def test_one_shard_feeds_many_ranks_and_workers(tmp_path):
+    # this used to be refused ("at least 4 shards are needed"): the plan now cuts sample ranges, so any
+    # number of shards feeds any number of ranks x workers (a small pack has a single train shard)
+    manifest = write_pack(tmp_path, {"train": [40]})
+    keys = [k for rank in range(3) for k in iter_keys(
+        train_loader(manifest, data_cfg(workers=3), seed=0, epoch=0, rank=rank, world_size=3))]
+    assert len(keys) == len(set(keys)) == 3 * 3 * 4
 
 
 def test_missing_shard_is_named(tmp_path):
     manifest = write_pack(tmp_path, {"train": [8, 8], "val": [3, 3]})
     (tmp_path / "train-000001.tar").unlink()
     (tmp_path / "val-000000.tar").unlink()
-    with pytest.raises(ShardError, match="train-000001.tar"):
-        train_loader(manifest, data_cfg(), seed=0, epoch=0, rank=0, world_size=1)
-    with pytest.raises(ShardError, match="val-000000.tar"):
-        eval_loader(manifest, "val", data_cfg(), rank=0, world_size=1)
+    # the loaders stat nothing (no per-epoch stat of every shard on every rank): a missing shard is named
+    # when it is opened, as one line, also from a worker; check_shards_exist is the start-up check
+    for workers in (0, 2):
+        with pytest.raises(ShardError, match=r"^cannot read shard .*train-000001.tar") as e:
+            list(train_loader(manifest, data_cfg(workers=workers), seed=0, epoch=0, rank=0, world_size=1))
+        assert "Traceback" not in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(ShardError, match="val-000000.tar"):
+            list(eval_loader(manifest, "val", data_cfg(workers=workers), rank=0, world_size=1))
+    with pytest.raises(ShardError, match="missing shard .*train-000001.tar"):
+        check_shards_exist(manifest.split("train").shards, "train")
 
 
 def _live_children() -> set[int]:
@@ -275,3 +302,65 @@ def test_workers_outlive_sigterm_only_for_a_grace_period():
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+def test_persistent_workers_serve_every_epoch_like_fresh_loaders(pack):
+    cfg = data_cfg(workers=2)
+    before = _live_children()
+    with TrainLoader(pack, cfg, seed=1, rank=1, world_size=2) as loader:
+        pids = []
+        for epoch, skip in [(0, 0), (1, 3), (2, 0)]:
+            batches = loader.epoch(epoch, skip_batches=skip)
+            got = list(batches)
+            assert len(got) == len(batches) == loader.batches_per_epoch - skip
+            fresh = list(train_loader(pack, cfg, seed=1, epoch=epoch, rank=1, world_size=2, skip_batches=skip))
+            for a, b in zip(got, fresh, strict=True):
+                assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+            pids.append(_live_children() - before)
+        assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]  # the same two workers all along
+        # an epoch abandoned half-way (preemption) ends the workers; the next epoch starts new ones
+        it = iter(loader.epoch(3))
+        next(it)
+        it.close()
+        assert not (_live_children() - before)
+        assert iter_keys(loader.epoch(3)) == iter_keys(train_loader(pack, cfg, seed=1, epoch=3, rank=1, world_size=2))
+    assert _live_children() <= before
+
+
+def test_split_count_must_match_its_shards(tmp_path):
+    write_pack(tmp_path, {"train": [8, 8]})
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    data["splits"]["train"]["count"] = 17
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ShardError, match="hold 16 samples .* count is 17"):
+        train_loader(Manifest.load(tmp_path), data_cfg(), seed=0, epoch=0, rank=0, world_size=1)
+
+
+def test_a_range_read_seeks_past_its_start_and_matches_a_full_read(tmp_path):
+    from bcc import stream
+
+    manifest = write_pack(tmp_path, {"train": [30]})
+    shard = manifest.split("train").shards[0]
+    full = [s["__key__"] for s in stream._read_shard(shard)]
+    assert full == [f"train-{i:08d}" for i in range(30)]
+    for lo, hi, drop in [(1, 30, set()), (7, 12, {8}), (29, 30, set()), (0, 30, {0, 29}), (12, 13, set())]:
+        got = list(stream._read_range(shard, lo, hi, frozenset(drop)))
+        assert [s["__key__"] for s in got] == [k for i, k in enumerate(full) if lo <= i < hi and i not in drop]
+        assert all(set(s) >= {"png", "json", "__key__", "__url__"} for s in got)
+    # a shard shorter than the manifest says: named, whether the range starts before or after its end
+    broken = tmp_path / "train-000000.tar"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    for lo, hi in [(0, 30), (5, 30), (25, 30)]:
+        with pytest.raises(ShardError, match="train-000000.tar"):
+            list(stream._read_range(shard, lo, hi))
+
+
+def test_a_range_read_of_a_bcc_pack_shard_matches_a_full_read(synth_shards):
+    from bcc import stream
+
+    shard = Manifest.load(synth_shards).split("train").shards[1]
+    full = [(s["__key__"], s["json"]) for s in stream._read_shard(shard)]
+    for lo in (1, shard.count // 2, shard.count - 1):
+        got = [(s["__key__"], s["json"]) for s in stream._read_range(shard, lo, shard.count)]
+        assert got == full[lo:]
+    assert stream._sample_offset(str(shard.path), shard.count) == (None, shard.count)
