@@ -42,7 +42,7 @@ stream stays a pure function of its arguments (a mid-epoch resume stays exact), 
 on that many fewer samples. A batch left with fewer than half its samples is an error even with skip:
 that much damage is a broken shard, not a stray bit. A shard that cannot be read as a tar (truncated,
 bad header) or whose sample count disagrees with the manifest is always an error (what is left of it is
-unknown). Packs of format 1 carry no checksums: they are read unchecked, with a note.
+unknown). Packs of format 1 carry no checksums: they are read unchecked (the trainer says so once).
 
 Evaluation (`eval_loader`): samples are numbered in manifest order (shards in order, samples in tar
 order); rank r takes the r-th contiguous slice of that numbering, so every sample is seen exactly once
@@ -70,7 +70,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bcc.console import console, err_console
+from bcc.console import err_console
 from bcc.errors import BccError
 from bcc.imageio import IMAGE_SUFFIXES, decode_rgb
 from bcc.shards import SampleError, check_sample
@@ -395,19 +395,6 @@ def _collate(samples: list[dict], transform, checked: bool = False, on_corrupt: 
     }
 
 
-_NOTED: set[str] = set()
-
-
-def _note_unchecked(manifest) -> None:
-    """Once per process and pack: say that a format-1 pack's samples are read unchecked."""
-    if manifest.has_checksums or str(manifest.root) in _NOTED:
-        return
-    _NOTED.add(str(manifest.root))
-    console.print(f"note: {manifest.root} is pack format {manifest.format_version}: its samples carry no "
-                  "checksum, so a damaged image is not detected as it is read; repack it with this bcc to "
-                  "check every sample", soft_wrap=True)
-
-
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -655,7 +642,6 @@ class TrainLoader:
         self.dropped_per_epoch = dropped_per_epoch(split.count, data_cfg.batch_size, world_size)
         self._epoch_state = RawArray("q", 2)  # (epoch, skip_batches), shared with the workers
         train_tf, _ = presets_from_config(data_cfg)
-        _note_unchecked(manifest)
         dataset = _TrainStream(
             shards, seed=seed, rank=rank, world_size=world_size, batch_size=data_cfg.batch_size,
             shuffle_buffer=data_cfg.shuffle_buffer, transform=train_tf, epoch_state=self._epoch_state,
@@ -717,7 +703,6 @@ def eval_loader(
     start, stop = rank * total // world_size, (rank + 1) * total // world_size
     batch_size = data_cfg.eval_batch_size
     _, eval_tf = presets_from_config(data_cfg)
-    _note_unchecked(manifest)
     dataset = _EvalStream(shards, start=start, stop=stop, batch_size=batch_size, transform=eval_tf,
                           checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt)
     num_batches = math.ceil((stop - start) / batch_size)

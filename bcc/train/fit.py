@@ -79,6 +79,10 @@ def setup_run(cfg: Config) -> Run:
     print(f"bcc: rank {acc.process_index}/{acc.num_processes} local {acc.local_process_index} "
           f"on {socket.gethostname()} device {acc.device} {cpu_report()}", flush=True)
     manifest = Manifest.load(cfg.data.shards)
+    if not manifest.has_checksums:
+        console.print(f"note: {manifest.root} is pack format {manifest.format_version}: its samples carry no "
+                      "checksum, so a damaged image is not detected as it is read; repack it with this bcc to "
+                      "check every sample", soft_wrap=True)
     taxonomy = manifest.taxonomy
     names = metric_names(taxonomy)
     if cfg.checkpoint.metric not in names:
