@@ -348,7 +348,7 @@ def _batched(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
         yield batch
 
 
-def _decode(sample: dict, transform, checked: bool) -> tuple[torch.Tensor, int, str, str]:
+def _decode(sample: dict, transform, checked: bool = False) -> tuple[torch.Tensor, int, str, str]:
     """(image, label, key, source) of one raw sample; `checked`: verify it first (format 2 on).
     Raises CorruptSampleError naming shard and key."""
     key = sample["__key__"]
