@@ -30,6 +30,20 @@ Training (`TrainLoader`, or `train_loader` for one epoch): an epoch is ONE pass 
 - `TrainLoader` keeps its loader workers across epochs (persistent workers; the epoch and the number
   of batches to skip reach them through a small shared array); `close()` ends them.
 
+Integrity (packs of format 2 on, `Manifest.has_checksums`): every sample is checked as it is decoded,
+in the loader worker: the CRC-32 of its stored image bytes against the json's `stored_crc32` and its
+`cls` against the json's label (`bcc.shards.check_sample`, ~1.8 GB/s: far below the decode cost). A
+damaged sample (or one that does not decode) stops the run with a ShardError naming shard and key
+(`data.on_corrupt: error`, the default), or with `data.on_corrupt: skip` is left out of its batch,
+listed in the batch's `corrupt` entry, and reported (one warning line per rank and pass, and the
+trainer's per-epoch `skipped_corrupt` row). Skipping shrinks that one batch and never moves a sample
+into another batch, so every rank still runs the same number of batches (DDP stays in step), the
+stream stays a pure function of its arguments (a mid-epoch resume stays exact), and the epoch trains
+on that many fewer samples. A batch left with fewer than half its samples is an error even with skip:
+that much damage is a broken shard, not a stray bit. A shard that cannot be read as a tar (truncated,
+bad header) or whose sample count disagrees with the manifest is always an error (what is left of it is
+unknown). Packs of format 1 carry no checksums: they are read unchecked (the trainer says so once).
+
 Evaluation (`eval_loader`): samples are numbered in manifest order (shards in order, samples in tar
 order); rank r takes the r-th contiguous slice of that numbering, so every sample is seen exactly once
 even with fewer shards than ranks. Within a rank each worker takes a contiguous run of whole batches, so
@@ -56,8 +70,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from bcc.console import err_console
 from bcc.errors import BccError
 from bcc.imageio import IMAGE_SUFFIXES, decode_rgb
+from bcc.shards import SampleError, check_sample
 from bcc.transforms import presets_from_config
 
 # sample keys (extensions) that hold the image: every suffix bcc.imageio reads
@@ -72,6 +88,10 @@ class ShardError(BccError):
 
 class StreamError(ShardError, ValueError):
     """Settings the stream cannot serve (too few samples for one batch, a resume point past the end)."""
+
+
+class CorruptSampleError(ShardError):
+    """One sample whose stored bytes fail their pack-time checksum, or that does not decode."""
 
 
 def _mix_seed(*parts: Any) -> int:
@@ -324,29 +344,52 @@ def _batched(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
             batch = []
     if batch:
         yield batch
-def _decode(sample: dict, transform) -> tuple[torch.Tensor, int, str, str]:
+
+
+def _decode(sample: dict, transform, checked: bool = False) -> tuple[torch.Tensor, int, str, str]:
+    """(image, label, key, source) of one raw sample; `checked`: verify it first (format 2 on).
+    Raises CorruptSampleError naming shard and key."""
     key = sample["__key__"]
+    where = f"sample {key} in shard {sample.get('__url__')}"
     try:
-        data = next(sample[k] for k in IMAGE_KEYS if k in sample)
+        meta = json.loads(sample["json"])
+        if checked:
+            data = check_sample(sample, meta)
+        else:
+            data = next(sample[k] for k in IMAGE_KEYS if k in sample)
         # the packer checked the size limit; the stored image is read by the one policy of bcc.imageio
         image = transform(decode_rgb(data, max_pixels=None))
-        meta = json.loads(sample["json"])
         return image, int(meta["label"]), key, str(meta.get("source", ""))
     except StopIteration:
-        raise ShardError(
-            f"sample {key} in {sample.get('__url__')} has no image ({', '.join(IMAGE_KEYS)})"
-        ) from None
+        raise CorruptSampleError(f"{where} has no image ({', '.join(IMAGE_KEYS)})") from None
+    except SampleError as e:
+        raise CorruptSampleError(f"{where}: {e}") from None
     except Exception as e:
-        raise ShardError(f"cannot decode sample {key} in {sample.get('__url__')}: {e}") from e
+        raise CorruptSampleError(f"cannot decode {where}: {type(e).__name__}: {e}") from e
 
 
-def _collate(samples: list[dict], transform) -> dict[str, Any]:
-    images, labels, keys, sources = zip(*(_decode(s, transform) for s in samples), strict=True)
+def _collate(samples: list[dict], transform, checked: bool = False, on_corrupt: str = "error") -> dict[str, Any]:
+    """A batch dict; damaged samples raise ShardError, or with on_corrupt="skip" are left out and listed
+    under "corrupt" (see the module docstring)."""
+    decoded, corrupt = [], []
+    for s in samples:
+        try:
+            decoded.append(_decode(s, transform, checked))
+        except CorruptSampleError as e:
+            if on_corrupt != "skip":
+                raise ShardError(f"{e}. Repack from the source, or set data.on_corrupt=skip to leave damaged "
+                                 "samples out") from None
+            corrupt.append(str(e))
+    if len(decoded) < max(1, math.ceil(len(samples) / 2)):
+        raise ShardError(f"{len(corrupt)} of the {len(samples)} samples of one batch are damaged "
+                         f"(data.on_corrupt=skip tolerates fewer than half): {corrupt[0]}; repack the shard")
+    images, labels, keys, sources = zip(*decoded, strict=True)
     return {
         "image": torch.stack(images),
         "label": torch.tensor(labels, dtype=torch.long),
         "key": list(keys),
         "source": list(sources),
+        "corrupt": corrupt,
     }
 
 
@@ -364,8 +407,10 @@ class _TrainStream(IterableDataset):
     `epoch_state` holds (epoch, skip_batches): a shared array, so that persistent workers read each
     epoch's values when the next epoch's iteration starts."""
 
-    def __init__(self, shards, *, seed, rank, world_size, batch_size, shuffle_buffer, transform, epoch_state):
+    def __init__(self, shards, *, seed, rank, world_size, batch_size, shuffle_buffer, transform, epoch_state,
+                 checked=False, on_corrupt="error"):
         self.shards = list(shards)
+        self.checked, self.on_corrupt = checked, on_corrupt
         self.counts = [s.count for s in self.shards]
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.batch_size = batch_size
@@ -405,15 +450,16 @@ class _TrainStream(IterableDataset):
                 del open_lanes[lane]
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_mix_seed("augment", self.seed, epoch, self.rank, index))
-                batch = _collate(raw, self.transform)
+                batch = _collate(raw, self.transform, self.checked, self.on_corrupt)
             yield batch
 
 
 class _EvalStream(IterableDataset):
     """Samples [start, stop) of a split in manifest order, in batches; workers take contiguous runs."""
 
-    def __init__(self, shards, *, start, stop, batch_size, transform):
+    def __init__(self, shards, *, start, stop, batch_size, transform, checked=False, on_corrupt="error"):
         self.shards = shards
+        self.checked, self.on_corrupt = checked, on_corrupt
         self.start, self.stop = start, stop
         self.batch_size = batch_size
         self.transform = transform
@@ -445,7 +491,7 @@ class _EvalStream(IterableDataset):
         lo, hi = self.worker_range(*_worker())
         raw_batches = wds.batched(self.batch_size, collation_fn=None, partial=True)(self._samples(lo, hi))
         for raw in raw_batches:
-            yield _collate(raw, self.transform)
+            yield _collate(raw, self.transform, self.checked, self.on_corrupt)
 
 
 # --------------------------------------------------------------------------- loaders
@@ -488,10 +534,12 @@ class BatchLoader:
 
     def __init__(
         self, dataset: IterableDataset, num_batches: int, *, workers: int, seed: int, pin_memory: bool,
-        persistent: bool = False,
+        persistent: bool = False, what: str = "", rank: int = 0,
     ):
         self.dataset = dataset
         self.num_batches = num_batches
+        self.what, self.rank = what, rank
+        self.skipped: list[str] = []  # damaged samples left out by the last pass (data.on_corrupt=skip)
         self.persistent = persistent and workers > 0
         # an explicit generator: otherwise the DataLoader draws its worker base seed from the global RNG,
         # which would shift the trainer's random state by whether and when a loader was created
@@ -512,9 +560,16 @@ class BatchLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batches = iter(self.loader)
         complete = False
+        self.skipped = []
         try:
-            yield from batches
+            for batch in batches:
+                self.skipped += batch.get("corrupt", ())
+                yield batch
             complete = True
+            if self.skipped:  # every rank says it: the damage is in that rank's share
+                err_console.print(
+                    f"[yellow]warning:[/] rank {self.rank} skipped {len(self.skipped)} damaged sample(s) of "
+                    f"{self.what} (data.on_corrupt=skip): {self.skipped[0]}", soft_wrap=True)
         except BccError as e:
             raise _from_worker(e) from None
         finally:
@@ -545,6 +600,11 @@ class EpochBatches:
 
     def __len__(self) -> int:
         return self.owner.batches_per_epoch - self.skip_batches
+
+    @property
+    def skipped(self) -> list[str]:
+        """Damaged samples this epoch's pass left out (data.on_corrupt=skip), once iterated."""
+        return self.owner._batches.skipped
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # set when iteration starts: workers (persistent or new) read it when their iteration starts
@@ -583,10 +643,11 @@ class TrainLoader:
         dataset = _TrainStream(
             shards, seed=seed, rank=rank, world_size=world_size, batch_size=data_cfg.batch_size,
             shuffle_buffer=data_cfg.shuffle_buffer, transform=train_tf, epoch_state=self._epoch_state,
+            checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt,
         )
         self._batches = BatchLoader(
             dataset, self.batches_per_epoch, workers=data_cfg.workers, seed=_mix_seed("loader", seed, rank),
-            pin_memory=pin_memory, persistent=persistent,
+            pin_memory=pin_memory, persistent=persistent, what=f"split '{data_cfg.train_split}'", rank=rank,
         )
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> EpochBatches:
@@ -640,9 +701,11 @@ def eval_loader(
     start, stop = rank * total // world_size, (rank + 1) * total // world_size
     batch_size = data_cfg.eval_batch_size
     _, eval_tf = presets_from_config(data_cfg)
-    dataset = _EvalStream(shards, start=start, stop=stop, batch_size=batch_size, transform=eval_tf)
+    dataset = _EvalStream(shards, start=start, stop=stop, batch_size=batch_size, transform=eval_tf,
+                          checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt)
     num_batches = math.ceil((stop - start) / batch_size)
-    return BatchLoader(dataset, num_batches, workers=data_cfg.workers, seed=0, pin_memory=pin_memory)
+    return BatchLoader(dataset, num_batches, workers=data_cfg.workers, seed=0, pin_memory=pin_memory,
+                       what=f"split '{split}'", rank=rank)
 
 
 def iter_keys(batches: Iterable[dict[str, Any]]) -> list[str]:
