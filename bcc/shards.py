@@ -19,15 +19,18 @@ import json
 import math
 import tarfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import webdataset as wds
+
 from bcc.errors import BccError
 
-__all__ = ["IMAGE_KEYS", "SampleError", "ShardCheck", "VerifyResult", "check_sample", "crc32_hex", "make_sample",
-           "sha256_file", "shard_sizes", "verify_shards", "write_shard"]
+__all__ = ["IMAGE_KEYS", "SampleError", "ShardCheck", "ShardError", "VerifyResult", "check_sample", "crc32_hex",
+           "make_sample", "read_range", "read_shard", "sample_offset", "sha256_file", "shard_sizes", "verify_shards",
+           "write_shard"]
 
 # sample entries (extensions) that may hold the image, in the order readers look for them; bcc writes
 # only jpg, png and webp since format 2 (what timm's wds reader looks for), older packs hold the others
@@ -192,3 +195,122 @@ def verify_shards(out: str | Path) -> VerifyResult:
         if path.name not in listed:
             checks.append(ShardCheck(path.resolve(), "extra", "not listed in manifest.json"))
     return VerifyResult(manifest.root, checks)
+
+
+class ShardError(BccError):
+    """A shard that is missing, unreadable or disagrees with the manifest, or shards too few or too
+    small for the requested batches, ranks and loader workers."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _NoSeek(BccError):
+    """A tar layout the header scan does not handle (global pax header, base-256 size): read through.
+    Internal (caught in _read_range); a BccError only because every bcc exception is one."""
+
+
+def _pax_path(payload: bytes) -> str | None:
+    """The `path` record of a pax extended header ("<len> <key>=<value>\\n" records), if any."""
+    pos, path = 0, None
+    while pos < len(payload) and payload[pos:pos + 1] != b"\0":
+        space = payload.index(b" ", pos)
+        length = int(payload[pos:space])
+        key, _, value = payload[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8")
+        pos += length
+    return path
+
+
+def sample_offset(path: str, index: int) -> tuple[int | None, int]:
+    """(byte offset where sample `index` of a local plain tar starts, samples before it).
+
+    Reads only the 512-byte headers and seeks over the data (tarfile's own scan costs ~20x more per
+    member), so a lane that starts inside a shard does not read the samples before its start. The
+    offset is that of the sample's first header (a pax or GNU long-name header included). None when the
+    shard ends first (the second value then counts its samples). Raises _NoSeek for layouts it leaves
+    to a full read."""
+    n, key, offset = 0, None, 0
+    start, name = None, None  # where the current member's headers begin; a long name from them
+    with open(path, "rb") as f:
+        while True:
+            f.seek(offset)
+            block = f.read(512)
+            if len(block) < 512 or not block.strip(b"\0"):
+                break
+            if block[124] & 0x80:
+                raise _NoSeek("base-256 size")
+            size = int(block[124:136].split(b"\0")[0].strip() or b"0", 8)
+            flag = block[156:157]
+            following = offset + 512 + -(-size // 512) * 512
+            start = offset if start is None else start
+            if flag in (b"x", b"L"):
+                payload = f.read(size)
+                name = (_pax_path(payload) or name) if flag == b"x" else payload.split(b"\0")[0].decode("utf-8")
+            elif flag == b"g":
+                raise _NoSeek("global pax header")
+            elif flag in (b"0", b"\0", b"7"):
+                if name is None:
+                    prefix = block[345:500].split(b"\0")[0].decode("utf-8") if block[257:262] == b"ustar" else ""
+                    base = block[:100].split(b"\0")[0].decode("utf-8")
+                    name = f"{prefix}/{base}" if prefix else base
+                member_key = wds.tariterators.base_plus_ext(name)[0]
+                if member_key != key:
+                    n += key is not None
+                    key = member_key
+                    if n == index:
+                        return start, n
+                start, name = None, None
+            else:  # directories, links: no sample data
+                start, name = None, None
+            offset = following
+    return None, n + (key is not None)
+
+
+def _tar_samples(path: str, start: int) -> Iterator[dict]:
+    """Samples of a local tar from byte `start` (a member header), grouped by key like webdataset's."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        files = wds.tariterators.tar_file_iterator(f, handler=wds.reraise_exception)
+        yield from wds.tariterators.group_by_keys({**x, "__url__": path} for x in files)
+
+
+def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] = frozenset()) -> Iterator[dict]:
+    """Raw samples [lo, hi) of one shard in tar order, less `drop`. Any failure names the shard; so does
+    a shard shorter than `hi`, or, when read to its end, one whose count disagrees with the manifest.
+
+    A shard of a cross-validation view (`Manifest.with_fold`, `shard.folds` set) holds only its folds'
+    samples: the others are skipped by their json `fold` and not counted, so indices and `count` are
+    those of the view. Its lanes read through from the shard's start (the header scan cannot tell folds)."""
+    path = str(shard.path)
+    hi = shard.count if hi is None else hi
+    folded = getattr(shard, "folds", None) is not None
+    n = 0
+    try:
+        samples = None
+        if lo > 0 and not folded and Path(path).is_file():  # a local shard: seek to the lane's first sample
+            try:
+                offset, n = sample_offset(path, lo)
+                samples = _tar_samples(path, offset) if offset is not None else iter(())
+            except _NoSeek:
+                n = 0
+        if samples is None:
+            samples = wds.tariterators.tarfile_samples([{"url": path}], handler=wds.reraise_exception)
+        for sample in samples:
+            if folded and not shard.is_kept(json.loads(sample["json"])):
+                continue
+            if lo <= n < hi and n not in drop:
+                yield sample
+            n += 1
+            if n >= hi and hi < shard.count:
+                break  # the rest belongs to someone else: stop reading
+    except Exception as e:
+        raise ShardError(f"cannot read shard {path}: {e}") from e
+    if n < hi or (hi == shard.count and n != shard.count):
+        raise ShardError(f"shard {path} holds {n} samples but the manifest says {shard.count}; repack it")
+
+
+def read_shard(shard) -> Iterator[dict]:
+    """All raw samples of one shard, count checked against the manifest."""
+    return read_range(shard)
