@@ -235,7 +235,7 @@ def test_hard_crash_leftovers_are_ignored_then_cleaned(tmp_path, monkeypatch):
         raise KeyboardInterrupt  # stands in for SIGKILL: nothing after this point runs
 
     monkeypatch.setattr(ck.CheckpointManager, "_install", killed)
-    monkeypatch.setattr(ck.shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing
     with pytest.raises(KeyboardInterrupt):
         mgr.save(make_ckpt(20))
     monkeypatch.undo()

@@ -21,7 +21,6 @@ from bcc.atomic import write_json
 from bcc.calibration import apply_temperature, fit_temperatures, write_temperatures
 from bcc.checkpoint import (
     Checkpoint,
-    CheckpointManager,
     TrainState,
     find_latest,
     load_checkpoint,
@@ -30,6 +29,7 @@ from bcc.checkpoint import (
     restore_rng_state,
     save_rng_state,
 )
+from bcc.checkpoint_store import CheckpointManager
 from bcc.config import Config, config_hash, config_to_dict, save_config
 from bcc.console import console, set_main_process
 from bcc.errors import EXIT_PREEMPTED
