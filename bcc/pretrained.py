@@ -54,6 +54,7 @@ from torch import Tensor
 
 from bcc.errors import BccError
 from bcc.model import HEADS_GROUP, VGG_NAME, MultitaskNet
+from bcc.shards import sha256_file
 
 __all__ = [
     "PretrainedError",
@@ -337,14 +338,6 @@ def resolve_source(source: str | Path, backbone: str | None = None) -> Pretraine
 
 
 # --------------------------------------------------------------------------- reading tensors
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sha256_tensors(state: Mapping[str, Tensor]) -> str:
