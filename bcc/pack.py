@@ -43,7 +43,6 @@ __all__ = ["PackError", "PackResult", "pack_folders"]
 
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp",
                "GIF": "gif", "PPM": "ppm", "JPEG2000": "jp2"}
-_LOSSY = {"JPEG", "MPO", "WEBP", "JPEG2000"}
 
 # A pack made with default options must feed 2 loader workers on each of up to 8 ranks, one shard each
 DEFAULT_MIN_SHARDS = 16
@@ -136,10 +135,10 @@ def _convert(img, data: bytes, opts: _Options, rgb: Callable[[], Any]) -> dict[s
                     "ext": "png", "data": _encode(rgb(), "PNG", opts.quality)}
         # stored as they are: the reader applies the same orientation (bcc.imageio.decode_rgb)
         return {"format": fmt, "mode": mode, "converted": None, "ext": _EXTENSIONS[fmt], "data": None}
-    target = "JPEG" if fmt in _LOSSY else "PNG"
-    return {"format": fmt, "mode": mode, "converted": converted,
-            "ext": "jpg" if target == "JPEG" else "png",
-            "data": _encode(rgb(), target, opts.quality)}
+    # converted pixels are stored losslessly (PNG), even from a lossy source: the shard then holds exactly
+    # what bcc.imageio.decode_rgb gives for the source file, so pack -> stream equals predict / folder eval
+    return {"format": fmt, "mode": mode, "converted": converted, "ext": "png",
+            "data": _encode(rgb(), "PNG", opts.quality)}
 
 
 def _inspect(task: tuple[int, str, _Options]) -> dict[str, Any]:
