@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bcc.bench import Progress, Timing, quiet
+from bcc.bench import BenchError, Progress, Timing, quiet
 
 
 @dataclass(frozen=True)
@@ -191,14 +191,17 @@ def bench_data(
             root = tmp
         else:
             root = str(source)
-        folder = ImageFolder(root, transform=transform)
+        try:
+            folder = ImageFolder(root, transform=transform)
+        except FileNotFoundError as e:  # no such folder, or no class folder with images in it
+            raise BenchError(f"--source {root}: {e}") from None
 
         # never ask for more batches than one epoch of either loader holds
         stream_len = len(train_loader(manifest, cfg, seed=0, epoch=0, rank=0, world_size=1))
         folder_len = len(folder) // batch_size
         available = min(stream_len, folder_len) - warmup
         if available < 1:
-            raise ValueError(
+            raise BenchError(
                 f"{min(stream_len, folder_len)} batches of {batch_size} per epoch leave none after "
                 f"{warmup} warm-up batches; lower --batch-size or the warm-up"
             )
