@@ -442,3 +442,19 @@ def test_many_near_duplicate_groups_go_to_a_side_file(tmp_path, monkeypatch, mak
     assert m["near_duplicates"] == {"file": "near_duplicates.json", "count": 1}
     groups = Manifest.load(tmp_path / "out").near_duplicates()
     assert [g["paths"] for g in groups] == [[a, b]]
+
+
+@pytest.mark.parametrize("files", [{}, {"Benign": []}, {"Benign": ["bad.jpg"], "Early": []}])
+def test_source_without_a_usable_image_is_refused(tmp_path, files):
+    """No images at all (an empty SRC, only empty class folders, only corrupt files) is a PackError naming
+    SRC, and OUT is not written; an empty class folder next to full ones stays a warning (test above)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for folder, names in files.items():
+        (src / folder).mkdir()
+        for name in names:
+            (src / folder / name).write_bytes(b"not an image")
+    with pytest.raises(PackError, match=f"SRC {src}: no (usable )?images"):
+        pack_folders(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob("out.tmp-*"))
