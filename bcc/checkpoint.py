@@ -9,7 +9,9 @@ Layout (`ROOT` = `RUN/checkpoints`):
                        rng.pt               RNG states, one entry per rank
                        extra.safetensors    extra tensors, e.g. a temperature (only when given)
                        meta.json            taxonomy, model config, resolved config, version, world size
-                       trainer_state.json   `TrainState`; written last, so its presence marks completeness
+                       trainer_state.json   `TrainState`; its presence marks completeness
+                       hashes.json          sha256 of every file above, written last (since bcc 0.x;
+                                            older checkpoints have none and load unchecked)
     ROOT/last -> step-...                   relative symlinks, replaced atomically
     ROOT/best -> step-...
     RUN/model_best.safetensors (+ .json)    the best model's weights alone, for users who want only those
@@ -20,6 +22,11 @@ checkpoints are deleted only after the new one is in place (accelerate's `total_
 `find_latest` scans the directory instead of trusting `last`, so a crash between the rename and the
 link update still resumes from the newest checkpoint.
 
+Damage after writing (a flipped byte, a truncated file) is found on load: `load_checkpoint` hashes
+each file from the same bytes it deserialises (one read) and raises `DamagedCheckpointError` naming the
+file; `find_latest_intact` (resume: auto) walks back from the newest complete checkpoint to the first
+intact one and reports the damaged ones it passed.
+
 Everything loads with `weights_only=True` or from safetensors: no checkpoint can execute code. That is
 why the RNG states are stored as tensors and plain lists rather than numpy arrays and tuples.
 
@@ -29,40 +36,39 @@ and calls `CheckpointManager.save` on the main process only.
 
 from __future__ import annotations
 
-import errno
+import hashlib
+import io
 import json
-import math
-import os
 import re
-import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes
 from torch import Tensor
 
-from bcc.atomic import atomic_path, atomic_write
 from bcc.errors import BccError
 from bcc.state import TrainState, restore_rng_state, save_rng_state
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
-    "CheckpointManager",
+    "DamagedCheckpointError",
     "TrainState",
     "checkpoint_name",
     "find_latest",
+    "find_latest_intact",
     "is_complete",
     "load_checkpoint",
+    "load_model_weights",
     "read_meta",
     "read_train_state",
     "resolve_checkpoint",
     "restore_rng_state",
     "save_rng_state",
+    "verify_checkpoint",
 ]
 
 MODEL_FILE = "model.safetensors"
@@ -73,6 +79,8 @@ RNG_FILE = "rng.pt"
 EXTRA_FILE = "extra.safetensors"
 META_FILE = "meta.json"
 STATE_FILE = "trainer_state.json"
+HASHES_FILE = "hashes.json"
+HASHES_FORMAT = "bcc-checkpoint-hashes/1"
 LAST_LINK = "last"
 BEST_LINK = "best"
 BEST_WEIGHTS = "model_best.safetensors"
@@ -86,6 +94,10 @@ _OLD_RE = re.compile(r"^\.tmp-old-(step-\d+)-\d+$")
 
 class CheckpointError(BccError):
     """A checkpoint that is missing, incomplete, corrupt or cannot be written."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A file of a complete checkpoint differs from what was written (its sha256 in hashes.json)."""
 
 
 @dataclass
@@ -118,7 +130,8 @@ def _step_of(path: Path) -> int | None:
 
 
 def is_complete(path: Path) -> bool:
-    """A checkpoint dir is complete when it has its model and `trainer_state.json` (written last)."""
+    """A checkpoint dir is complete when it has its model and `trainer_state.json` (a step dir appears
+    by one rename of a fully written temp dir; this also accepts checkpoints of bcc before hashes.json)."""
     return (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file()
 
 
@@ -131,6 +144,15 @@ def _step_dirs(root: Path) -> dict[int, Path]:
     return out
 
 
+def _complete(root: Path) -> dict[int, Path]:
+    candidates = {s: p for s, p in _step_dirs(root).items() if is_complete(p)}
+    for p in root.iterdir() if root.is_dir() else ():
+        m = _OLD_RE.match(p.name)
+        if m and not (root / m.group(1)).exists() and is_complete(p):
+            candidates.setdefault(int(m.group(1)[len("step-") :]), p)
+    return candidates
+
+
 def find_latest(root: str | Path) -> Path | None:
     """The complete `root/step-*` directory with the highest step, or None.
 
@@ -139,13 +161,27 @@ def find_latest(root: str | Path) -> Path | None:
     that a complete step dir moved aside by an interrupted re-save of the same step counts for that
     step (the crash came between its two renames).
     """
-    root = Path(root)
-    candidates = {s: p for s, p in _step_dirs(root).items() if is_complete(p)}
-    for p in root.iterdir() if root.is_dir() else ():
-        m = _OLD_RE.match(p.name)
-        if m and not (root / m.group(1)).exists() and is_complete(p):
-            candidates.setdefault(int(m.group(1)[len("step-") :]), p)
+    candidates = _complete(Path(root))
     return candidates[max(candidates)] if candidates else None
+
+
+def find_latest_intact(root: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint whose files match their hashes (`verify_checkpoint`), and the
+    newer complete ones passed over as damaged, newest first, each with the reason.
+
+    Reads every file of each checkpoint it checks (the first intact one included). Checkpoints
+    without `hashes.json` (older bcc) count as intact.
+    """
+    candidates = _complete(Path(root))
+    damaged: list[tuple[Path, str]] = []
+    for step in sorted(candidates, reverse=True):
+        try:
+            verify_checkpoint(candidates[step])
+        except CheckpointError as e:
+            damaged.append((candidates[step], str(e)))
+            continue
+        return candidates[step], damaged
+    return None, damaged
 
 
 def resolve_checkpoint(path: str | Path, prefer: Literal["best", "latest"] = "best") -> Path:
@@ -177,25 +213,75 @@ def resolve_checkpoint(path: str | Path, prefer: Literal["best", "latest"] = "be
     return latest
 
 
+# --------------------------------------------------------------------------- hashes
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_hashes(path: str | Path) -> dict[str, str] | None:
+    """`file name -> sha256` written with the checkpoint dir `path`; None for one without hashes.json."""
+    file = Path(path) / HASHES_FILE
+    if not file.exists():
+        return None
+    data = _load_json(file)
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or data.get("format") != HASHES_FORMAT:
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {HASHES_FILE} is not a {HASHES_FORMAT} file")
+    return {str(k): str(v) for k, v in files.items()}
+
+
+def _read_checked(path: Path, hashes: dict[str, str] | None) -> bytes:
+    """The bytes of one checkpoint file, checked against its hash when the checkpoint has hashes."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if hashes is not None and path.name in hashes:
+            raise DamagedCheckpointError(f"checkpoint {path.parent} is damaged: {path.name} is missing") from None
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from e
+    if hashes is not None and path.name in hashes:
+        digest = _sha256(data)
+        if digest != hashes[path.name]:
+            raise DamagedCheckpointError(
+                f"checkpoint {path.parent} is damaged: {path.name} ({len(data):,} bytes) has sha256 "
+                f"{digest[:12]}…, written as {hashes[path.name][:12]}… ({HASHES_FILE})"
+            )
+    return data
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise DamagedCheckpointError unless every file listed in `path/hashes.json` has its hash.
+
+    A checkpoint without hashes.json (written by an older bcc) passes unchecked.
+    """
+    path = Path(path)
+    hashes = read_hashes(path)
+    for name in hashes or ():
+        _read_checked(path / name, hashes)
+
+
 # --------------------------------------------------------------------------- loading
 
 
-def _load_pt(path: Path, map_location: Any) -> Any:
+def _load_pt(path: Path, map_location: Any, hashes: dict[str, str] | None = None) -> Any:
+    data = _read_checked(path, hashes)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing") from None
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt zip, truncated file, or a pickle weights_only refuses
         raise CheckpointError(f"cannot load checkpoint file {path} (weights_only=True): {e}") from e
 
 
-def _load_safetensors(path: Path, map_location: Any) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing")
+def _load_safetensors(path: Path, map_location: Any, hashes: dict[str, str] | None = None) -> dict[str, Tensor]:
+    data = _read_checked(path, hashes)
     try:
-        return load_file(path, device=str(map_location))
+        tensors = load_safetensors_bytes(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot load checkpoint file {path}: {e}") from e
+    device = torch.device(map_location) if not isinstance(map_location, torch.device) else map_location
+    return tensors if device.type == "cpu" else {k: v.to(device) for k, v in tensors.items()}
 
 
 def _load_json(path: Path) -> Any:
@@ -221,8 +307,18 @@ def read_meta(path: str | Path) -> dict:
     return _load_json(Path(path) / META_FILE)
 
 
+def load_model_weights(path: str | Path, map_location: Any = "cpu") -> dict[str, Tensor]:
+    """Only the model state dict of a checkpoint dir (inference), checked against its hashes.json."""
+    path = Path(path)
+    return _load_safetensors(path / MODEL_FILE, map_location, read_hashes(path))
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:
-    """Load a checkpoint dir (or a link to one); every file weights-only. RNG states stay on CPU."""
+    """Load a checkpoint dir (or a link to one); every file weights-only. RNG states stay on CPU.
+
+    Each file is hashed from the bytes it is loaded from and checked against `hashes.json` (when the
+    checkpoint has one): raises DamagedCheckpointError naming the first file that differs.
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint directory at {path}")
@@ -232,288 +328,36 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:
             f"{path} is an incomplete checkpoint (missing {', '.join(missing)}; {STATE_FILE} is written "
             "last, so its save was interrupted); use find_latest() to pick a complete one"
         )
-    state = read_train_state(path)
-    rng = _load_pt(path / RNG_FILE, "cpu")
+    hashes = read_hashes(path)
+    try:
+        state = TrainState.from_dict(json.loads(_read_checked(path / STATE_FILE, hashes)))
+        meta = json.loads(_read_checked(path / META_FILE, hashes))
+    except ValueError as e:  # JSON or TrainState
+        raise CheckpointError(f"cannot read {path / STATE_FILE} or {META_FILE}: {e}") from e
+    rng = _load_pt(path / RNG_FILE, "cpu", hashes)
     if not isinstance(rng, list):
         raise CheckpointError(
             f"{path / RNG_FILE}: expected a list of per-rank RNG states, got {type(rng).__name__}"
         )
+    def optional(name: str) -> bool:  # present, or listed as written (then a missing file is damage)
+        return (path / name).exists() or (hashes is not None and name in hashes)
+
     return Checkpoint(
-        model=_load_safetensors(path / MODEL_FILE, map_location),
-        optimizer=_load_pt(path / OPTIMIZER_FILE, map_location),
-        scaler=_load_pt(path / SCALER_FILE, "cpu") if (path / SCALER_FILE).exists() else None,
+        model=_load_safetensors(path / MODEL_FILE, map_location, hashes),
+        optimizer=_load_pt(path / OPTIMIZER_FILE, map_location, hashes),
+        scaler=_load_pt(path / SCALER_FILE, "cpu", hashes) if optional(SCALER_FILE) else None,
         rng=rng,
         state=state,
-        meta=read_meta(path),
-        extra=_load_safetensors(path / EXTRA_FILE, map_location) if (path / EXTRA_FILE).exists() else {},
-        scheduler=_load_pt(path / SCHEDULER_FILE, "cpu") if (path / SCHEDULER_FILE).exists() else None,
+        meta=meta,
+        extra=_load_safetensors(path / EXTRA_FILE, map_location, hashes) if optional(EXTRA_FILE) else {},
+        scheduler=_load_pt(path / SCHEDULER_FILE, "cpu", hashes) if optional(SCHEDULER_FILE) else None,
     )
 
 
-# --------------------------------------------------------------------------- writing
+def __getattr__(name: str) -> Any:
+    # `CheckpointManager` (the writer) lives in bcc.checkpoint_store, which imports this module's layout
+    if name == "CheckpointManager":
+        from bcc.checkpoint_store import CheckpointManager
 
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes the renames inside it durable)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # e.g. directories on Windows: nothing more we can do
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _cpu_tensors(tensors: Mapping[str, Any], what: str) -> dict[str, Tensor]:
-    """CPU, contiguous, unshared tensors: safetensors refuses shared storage, so later sharers are cloned."""
-    out, seen = {}, set()
-    for key, value in tensors.items():
-        if not isinstance(value, Tensor):
-            raise CheckpointError(f"{what}[{key!r}] is a {type(value).__name__}, not a tensor")
-        t = value.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen and t.numel():
-            t = t.clone()
-        seen.add(ptr)
-        out[key] = t
-    return out
-
-
-# file writes go through bcc.atomic (temp sibling, fsync, rename); the step directory around them is
-# this module's own atomic unit (`CheckpointManager.save`)
-
-
-def _write_safetensors(tensors: Mapping[str, Tensor], path: Path, what: str) -> None:
-    cpu = _cpu_tensors(tensors, what)
-    with atomic_path(path) as tmp:
-        save_file(cpu, tmp, metadata={"format": "pt"})
-
-
-def _write_pt(obj: Any, path: Path) -> None:
-    with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    try:
-        text = json.dumps(obj, indent=2, sort_keys=False)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path.name}: content is not JSON-serialisable: {e}") from e
-    with atomic_write(path) as f:
-        f.write(text + "\n")
-
-
-def _replace_link(link: Path, target: str) -> None:
-    """Point `link` at the relative `target` atomically: a temp link renamed over the old one."""
-    tmp = link.with_name(f"{_TMP_PREFIX}link-{link.name}-{os.getpid()}")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-
-
-def _remove_dir(path: Path) -> None:
-    """Rename aside, then delete: a half-deleted checkpoint never sits under a `step-*` name."""
-    aside = path.with_name(f"{_TMP_PREFIX}del-{path.name}-{os.getpid()}")
-    os.replace(path, aside)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-class CheckpointManager:
-    """Writes checkpoints under `root` and keeps the last `keep_last`, the top `keep_top_k` by the
-    tracked metric, and the best. Only the main process may call `save`; the manager's state lives in the
-    checkpoints themselves (`TrainState.top_k`, `best_*`), so a new manager on the same root, given
-    the restored `TrainState`, continues where the old one stopped.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        *,
-        keep_last: int,
-        keep_top_k: int,
-        metric: str,
-        mode: Literal["max", "min"],
-    ):
-        if not isinstance(keep_last, int) or keep_last < 1:
-            raise ValueError(
-                f"keep_last must be >= 1 (the newest checkpoint is what resume needs), got {keep_last!r}"
-            )
-        if not isinstance(keep_top_k, int) or keep_top_k < 0:
-            raise ValueError(f"keep_top_k must be >= 0, got {keep_top_k!r}")
-        if mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-        self.root = Path(root)
-        self.run_dir = self.root.parent
-        self.keep_last = keep_last
-        self.keep_top_k = keep_top_k
-        self.metric = metric
-        self.mode = mode
-        # no cleanup here: the loop may build a manager on every rank, and only the saver may touch tmp dirs
-
-    # -- metric bookkeeping (pure: only touches the given state)
-
-    def is_better(self, a: float, b: float) -> bool:
-        return a > b if self.mode == "max" else a < b
-
-    def record(self, state: TrainState, value: float) -> bool:
-        """Enter `value` for `state.step` into `state.top_k` and `state.best_*`; True if it is a new best.
-
-        A NaN metric (a diverged run) is never best and never enters the top-k. Ties keep the earlier step.
-        """
-        value = float(value)
-        if math.isnan(value):
-            return False
-        name = checkpoint_name(state.step)
-        # re-saving a step (epoch end right after a periodic save) replaces its entry
-        entries = [e for e in state.top_k if e["step"] != state.step]
-        if self.keep_top_k:
-            entries.append({"step": state.step, "metric": value, "name": name})
-            sign = -1.0 if self.mode == "max" else 1.0
-            entries.sort(key=lambda e: (sign * e["metric"], e["step"]))
-            entries = entries[: self.keep_top_k]
-        state.top_k = entries
-        if (
-            state.best_step == state.step
-            or state.best_metric is None
-            or self.is_better(value, state.best_metric)
-        ):
-            state.best_metric, state.best_step = value, state.step
-            return True
-        return False
-
-    # -- saving
-
-    def save(self, ckpt: Checkpoint, metric_value: float | None = None) -> Path:
-        """Write `ckpt` atomically as `root/step-XXXXXXXX` and apply retention; returns that path.
-
-        With `metric_value`, `ckpt.state.top_k` and `best_*` are updated before writing, so the
-        written `trainer_state.json` carries them. Checkpoints with a step above `ckpt.state.step`
-        belong to a timeline abandoned by resuming from an earlier checkpoint and are deleted, or
-        `find_latest` would resume from them.
-        """
-        state = ckpt.state
-        name = checkpoint_name(state.step)
-        self.root.mkdir(parents=True, exist_ok=True)
-        before = (list(state.top_k), state.best_metric, state.best_step)
-        if metric_value is not None:
-            self.record(state, metric_value)
-        self._clean_tmp()
-        tmp = self.root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
-        try:
-            tmp.mkdir()
-            self._write_files(ckpt, tmp)
-            _fsync_path(tmp)
-            final = self._install(tmp, self.root / name)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            # a checkpoint that was never written must not become the best or enter the top-k
-            state.top_k, state.best_metric, state.best_step = before
-            if isinstance(e, OSError):  # a full disk, a quota, a read-only mount: the user's to fix
-                raise CheckpointError(self._write_failure(name, e)) from e
-            raise
-        self._sync_best(ckpt)
-        _replace_link(self.root / LAST_LINK, name)
-        _fsync_path(self.root)
-        self._retain(state)
-        return final
-
-    def _write_failure(self, name: str, e: OSError) -> str:
-        """What a failed write means for the user: the cause, and which checkpoint resume will use."""
-        previous = find_latest(self.root)
-        kept = (f"the previous checkpoint {previous} is intact" if previous is not None
-                else "no earlier checkpoint exists")
-        cause = e.strerror or str(e)
-        if e.errno == errno.ENOSPC:
-            cause += f" ({shutil.disk_usage(self.root).free / 2**20:.0f} MiB free)"
-        return f"cannot write checkpoint {name} in {self.root}: {cause}; {kept} (nothing was written)"
-
-    def _write_files(self, ckpt: Checkpoint, d: Path) -> None:
-        _write_safetensors(ckpt.model, d / MODEL_FILE, "model")
-        if ckpt.extra:
-            _write_safetensors(ckpt.extra, d / EXTRA_FILE, "extra")
-        _write_pt(ckpt.optimizer, d / OPTIMIZER_FILE)
-        if ckpt.scheduler is not None:
-            _write_pt(ckpt.scheduler, d / SCHEDULER_FILE)
-        if ckpt.scaler is not None:
-            _write_pt(ckpt.scaler, d / SCALER_FILE)
-        _write_pt(list(ckpt.rng), d / RNG_FILE)
-        _write_json(ckpt.meta, d / META_FILE)
-        _write_json(ckpt.state.to_dict(), d / STATE_FILE)  # last: its presence marks the dir complete
-
-    def _install(self, tmp: Path, final: Path) -> Path:
-        """Rename `tmp` to `final`. A dir of that name (same step saved again) is renamed aside first and
-        deleted after; `find_latest` and `_clean_tmp` recover it if a crash falls between the renames."""
-        old = None
-        if final.exists():
-            old = self.root / f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_path(self.root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def _clean_tmp(self) -> None:
-        """Remove what an interrupted save left behind (only the main process saves, so none is live)."""
-        for p in self.root.iterdir():
-            if not p.name.startswith(_TMP_PREFIX):
-                continue
-            m = _OLD_RE.match(p.name)
-            if m and not (self.root / m.group(1)).exists() and is_complete(p):
-                os.replace(p, self.root / m.group(1))  # the re-save died between its two renames
-            elif p.is_symlink() or p.is_file():
-                p.unlink()
-            else:
-                shutil.rmtree(p, ignore_errors=True)
-        for p in self.run_dir.glob(f".{BEST_WEIGHTS[:-len('.safetensors')]}.*.tmp-*"):  # bcc.atomic's temp names
-            p.unlink(missing_ok=True)
-
-    def _sync_best(self, ckpt: Checkpoint) -> None:
-        """Point `best` and `RUN/model_best.*` at `state.best_step` if they do not already (also repairs
-        a crash between an earlier rename and this update)."""
-        state = ckpt.state
-        if state.best_step is None:
-            return
-        name = checkpoint_name(state.best_step)
-        source = self.root / name
-        if not is_complete(source):
-            return  # best from an earlier run whose dir is gone: nothing to point at
-        link = self.root / BEST_LINK
-        if not (link.is_symlink() and os.readlink(link) == name):
-            _replace_link(link, name)
-        weights, info = self.run_dir / BEST_WEIGHTS, self.run_dir / BEST_META
-        try:
-            current = json.loads(info.read_text()).get("step")
-        except (OSError, ValueError):
-            current = None
-        if current == state.best_step and weights.is_file():
-            return
-        # weights first: model_best.json naming a step is the promise that the weights are that step's
-        if state.best_step == state.step:
-            _write_safetensors(ckpt.model, weights, "model")
-            meta = ckpt.meta
-        else:
-            with atomic_path(weights) as tmp:
-                shutil.copyfile(source / MODEL_FILE, tmp)
-            meta = read_meta(source)
-        _write_json(
-            {"step": state.best_step, "metric": self.metric, "value": state.best_metric, "checkpoint": name,
-             "meta": meta},
-            info,
-        )
-        _fsync_path(self.run_dir)
-
-    def _retain(self, state: TrainState) -> None:
-        dirs = _step_dirs(self.root)
-        complete = sorted(s for s, p in dirs.items() if s <= state.step and is_complete(p))
-        keep = set(complete[-self.keep_last :]) | {state.step}
-        keep |= {int(e["step"]) for e in state.top_k}
-        if state.best_step is not None:
-            keep.add(state.best_step)
-        for step, path in sorted(dirs.items()):
-            if step not in keep:
-                _remove_dir(path)
+        return CheckpointManager
+    raise AttributeError(f"module 'bcc.checkpoint' has no attribute {name!r}")

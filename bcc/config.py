@@ -51,6 +51,9 @@ class DataConfig:
     # cross-validation (a pack made with --folds K): fold k validates, the other folds train; the val
     # split is then fold k of train+val and test is unchanged. None: the pack's own train/val split
     fold: int | None = None
+    # a sample whose stored bytes fail their pack-time checksum (or do not decode): "error" stops the run
+    # naming shard and key; "skip" leaves it out of its batch and reports it (see bcc/stream.py)
+    on_corrupt: Literal["error", "skip"] = "error"
     # train augmentation: blood smears have no canonical orientation, so both flips and rotation are safe
     scale_min: float = 0.5
     rotation: float = 15.0

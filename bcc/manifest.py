@@ -3,6 +3,18 @@ benchmarks' synthetic shards) beside the one reader (`Manifest.load`, used by ev
 
 The writer also writes timm's `_info.json` (read by `timm.data.readers.reader_wds`) from the same data.
 
+Format versions (`"format": "bcc-shards/N"`). Every change to what a pack holds bumps N; the reader
+accepts every version up to `FORMAT_VERSION` (a pack from a newer bcc is refused by name), and readers
+ask `Manifest.format_version` (or `has_checksums`) instead of guessing from what a sample holds:
+  1  the first format: image + `json` per sample, shard sha256 in the manifest.
+  2  per sample: `stored_crc32` in the json (CRC-32 of the stored image bytes, checked as the stream
+     reads them) and a `cls` entry (leaf class index as ASCII digits, the WebDataset convention read by
+     timm's wds reader and `WebDataset(...).to_tuple("jpg", "cls")`); images stored as jpg/png/webp only.
+  3  near-duplicate groups (`near_duplicates`, or the side file `near_duplicates.json` when large;
+     `phash` per sample) and k-fold cross-validation (`bcc pack --folds K`: `folds` in the manifest,
+     `fold_counts` per train/val shard, `fold` in each train/val sample's json). Readers of versions
+     1-2 see neither and train on the pack's own train/val split.
+
 Optional parts (additive; a reader that does not know them ignores them):
 - `near_duplicates`: groups of near-identical images kept on one side (`bcc.neardup`), a list of
   `{"paths", "max_distance", "split"}`, or `{"file": "near_duplicates.json", "count": n}` when the
@@ -27,12 +39,23 @@ from typing import Any
 from bcc.errors import BccError
 from bcc.taxonomy import Taxonomy, TaxonomyError
 
-__all__ = ["FORMAT", "FoldError", "Manifest", "ManifestError", "ManifestNotFoundError", "NEAR_DUP_INLINE",
-           "ShardInfo", "SplitInfo", "split_entry", "write_manifest"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "FoldError", "Manifest", "ManifestError", "ManifestNotFoundError",
+           "NEAR_DUP_INLINE", "ShardInfo", "SplitInfo", "split_entry", "write_manifest"]
 
-FORMAT = "bcc-shards/1"
+FORMAT_NAME = "bcc-shards"
+FORMAT_VERSION = 3  # what `write_manifest` writes; see the module docstring for the history
+FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
+CHECKSUM_VERSION = 2  # first version with per-sample `stored_crc32` and `cls`
 NEAR_DUP_INLINE = 1000  # more near-duplicate groups than this go to near_duplicates.json
 NEAR_DUP_FILE = "near_duplicates.json"
+
+
+def parse_format(value: Any) -> int | None:
+    """`"bcc-shards/N"` -> N (an int >= 1); None for anything else."""
+    if not isinstance(value, str) or not value.startswith(f"{FORMAT_NAME}/"):
+        return None
+    number = value[len(FORMAT_NAME) + 1:]
+    return int(number) if number.isdigit() and int(number) >= 1 else None
 
 
 class ManifestError(BccError, ValueError):
@@ -96,9 +119,15 @@ class Manifest:
             raise ManifestError(f"cannot read {file}: {e}") from e
         except json.JSONDecodeError as e:
             raise ManifestError(f"{file} is not valid JSON: {e}") from e
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        version = parse_format(data.get("format")) if isinstance(data, dict) else None
+        if version is None:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ManifestError(f"{file} is not a {FORMAT} manifest (format: {found!r})")
+            raise ManifestError(f"{file} is not a {FORMAT_NAME} manifest (format: {found!r})")
+        if version > FORMAT_VERSION:
+            raise ManifestError(
+                f"{file} is format {FORMAT_NAME}/{version}, written by a newer bcc; this bcc reads up to "
+                f"{FORMAT}: upgrade bcc"
+            )
         for key in ("taxonomy", "classes", "splits"):
             if key not in data:
                 raise ManifestError(f"{file} lacks the key {key!r}")
@@ -163,6 +192,15 @@ class Manifest:
             except (OSError, json.JSONDecodeError) as e:
                 raise ManifestError(f"cannot read the near-duplicate groups {path}: {e}") from e
         return list(groups)
+
+    @property
+    def format_version(self) -> int:
+        return parse_format(self.data["format"]) or 0
+
+    @property
+    def has_checksums(self) -> bool:
+        """True when every sample carries `stored_crc32` (format 2 on); older packs are read unchecked."""
+        return self.format_version >= CHECKSUM_VERSION
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import json
 import os
 import shutil
 import time
@@ -35,14 +34,15 @@ from bcc.imageio import (
 )
 from bcc.manifest import split_entry, write_manifest
 from bcc.neardup import DEFAULT_THRESHOLD, is_enabled, phash
-from bcc.shards import sha256_file, shard_sizes, write_shard
+from bcc.shards import make_sample, sha256_file, shard_sizes, write_shard
 from bcc.split import SPLITS, assign_folds, assign_splits, compile_group_regex, parse_split, sample_units
 from bcc.taxonomy import Taxonomy
 
 __all__ = ["PackError", "PackResult", "pack_folders"]
 
-_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp",
-               "GIF": "gif", "PPM": "ppm", "JPEG2000": "jp2"}
+# formats stored with their own bytes: those timm's wds reader (`jpg;png;webp`) and a plain
+# `WebDataset(...).to_tuple("jpg", ...)` read; 8-bit RGB in any other format is stored as PNG (lossless)
+_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 
 # A pack made with default options must feed 2 loader workers on each of up to 8 ranks, one shard each
 DEFAULT_MIN_SHARDS = 16
@@ -235,8 +235,7 @@ def _write_split(tmp: Path, staging: Path, split_name: str, members: list[dict[s
                 meta["phash"] = f"{s['phash']:016x}"  # imagehash's hex form
             if s.get("fold") is not None:
                 meta["fold"] = s["fold"]
-            yield {"__key__": f"{split_name}-{n:08d}", s["ext"]: _stored_bytes(s, staging),
-                   "json": json.dumps(meta).encode("utf-8")}
+            yield make_sample(f"{split_name}-{n:08d}", s["ext"], _stored_bytes(s, staging), meta)
 
     shards = []
     start = 0

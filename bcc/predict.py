@@ -28,7 +28,13 @@ from torch import Tensor
 
 from bcc.atomic import atomic_write, write_json
 from bcc.calibration import TEMPERATURE_FILE, TEMPERATURE_FORMAT, write_temperatures  # noqa: F401 (re-exported)
-from bcc.checkpoint import MODEL_FILE, CheckpointError, read_meta, read_train_state, resolve_checkpoint
+from bcc.checkpoint import (
+    CheckpointError,
+    load_model_weights,
+    read_meta,
+    read_train_state,
+    resolve_checkpoint,
+)
 from bcc.imageio import collect_images, decode_rgb
 from bcc.taxonomy import Taxonomy, TaxonomyError
 
@@ -192,7 +198,7 @@ def load_inference_model(
         raise CheckpointError(f"{ckpt / 'meta.json'}: {e}") from e
     # the weights come from the checkpoint: never read (or download) the pretrained file again
     model = build_model(dataclasses.replace(cfg.model, pretrained=""), taxonomy.head_sizes)
-    state = _load_weights(ckpt / MODEL_FILE)
+    state = load_model_weights(ckpt)  # checked against the checkpoint's hashes.json (when it has one)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -226,13 +232,6 @@ def load_inference_model(
     )
 
 
-def _load_weights(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # missing, truncated or not a safetensors file
-        raise CheckpointError(f"cannot load weights {path}: {type(e).__name__}: {e}") from e
 
 
 # --------------------------------------------------------------------------- decisions

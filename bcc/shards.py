@@ -1,20 +1,40 @@
 """The shard files of a packed dataset: writing a tar reproducibly, sizing, hashing and verifying.
 
-Shards are plain WebDataset tars (`{key}.{ext}` + `{key}.json` per sample). Tar headers carry fixed
-mtime and owner, so the same samples give byte-identical shards.
+Shards are plain WebDataset tars (`{key}.{ext}` + `{key}.json` + `{key}.cls` per sample). Tar headers
+carry fixed mtime and owner, so the same samples give byte-identical shards.
+
+A sample is built by `make_sample` and checked by `check_sample` (the one owner of the per-sample
+format, both sides). The image's integrity field is `stored_crc32`: CRC-32 (zlib) of the STORED bytes,
+8 hex digits. CRC-32 rather than a cryptographic hash because it guards against accidental damage
+(bit rot, truncated copies), not tampering -- the manifest's per-shard sha256 (`bcc pack --verify`)
+is the strong check -- and the stream checks every sample on every epoch: zlib's CRC-32 runs at
+~1.8 GB/s per core here against ~0.75 GB/s for sha256, and both are far below the decode cost of the
+same image. It catches every single-bit flip and every burst up to 32 bits.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import tarfile
-from collections.abc import Iterable
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ShardCheck", "VerifyResult", "sha256_file", "shard_sizes", "verify_shards", "write_shard"]
+import webdataset as wds
+
+from bcc.errors import BccError
+
+__all__ = ["IMAGE_KEYS", "SampleError", "ShardCheck", "ShardError", "VerifyResult", "check_sample", "crc32_hex",
+           "make_sample", "read_range", "read_shard", "sample_offset", "sha256_file", "shard_sizes", "verify_shards",
+           "write_shard"]
+
+# sample entries (extensions) that may hold the image, in the order readers look for them; bcc writes
+# only jpg, png and webp since format 2 (what timm's wds reader looks for), older packs hold the others
+IMAGE_KEYS = ("jpg", "png", "webp", "jpeg", "bmp", "tif", "tiff", "gif", "ppm", "jp2")
 
 # Fixed tar header fields so that the same inputs and seed give byte-identical shards.
 _TAR_MTIME = 0
@@ -37,6 +57,42 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class SampleError(BccError):
+    """A sample whose stored bytes or label disagree with what was written at pack time."""
+
+
+def crc32_hex(data: bytes) -> str:
+    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+
+
+def make_sample(key: str, ext: str, data: bytes, meta: dict[str, Any]) -> dict[str, Any]:
+    """A format-2 WebDataset sample: the image under `ext`, `json` = `meta` plus `stored_crc32`, and
+    `cls` = the leaf class index `meta["label"]` as ASCII digits."""
+    meta = {**meta, "stored_crc32": crc32_hex(data)}
+    return {"__key__": key, ext: data, "json": json.dumps(meta).encode("utf-8"),
+            "cls": str(int(meta["label"])).encode("ascii")}
+
+
+def check_sample(sample: dict[str, Any], meta: dict[str, Any]) -> bytes:
+    """The image bytes of a format-2 sample whose json is `meta`, checked against `stored_crc32`, and its
+    `cls` against the json's `label`. Raises SampleError naming what disagrees (never for a well-formed
+    sample; callers skip this for format-1 packs, whose samples carry no checksum)."""
+    ext = next((k for k in IMAGE_KEYS if k in sample), None)
+    if ext is None:
+        raise SampleError(f"no image entry ({', '.join(IMAGE_KEYS)})")
+    data = sample[ext]
+    want = meta.get("stored_crc32")
+    if not isinstance(want, str):
+        raise SampleError("its json has no stored_crc32 (damaged json)")
+    got = crc32_hex(data)
+    if got != want:
+        raise SampleError(f"stored image bytes fail their checksum (crc32 {got} != {want} written at pack time)")
+    cls = sample.get("cls")
+    if cls is None or cls.strip() != str(meta.get("label")).encode("ascii", "replace"):
+        raise SampleError(f"cls entry {cls!r} disagrees with the json label {meta.get('label')!r}")
+    return data
 
 
 def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> None:
@@ -89,12 +145,33 @@ def _count_tar_samples(path: Path) -> int:
     return len(keys)
 
 
-def _check(shard) -> ShardCheck:
+def damaged_samples(path: Path) -> list[str]:
+    """`key: reason` for every sample of a format-2 shard that fails `check_sample`, or the tar error."""
+    import webdataset as wds
+
+    out = []
+    try:
+        for sample in wds.tariterators.tarfile_samples([{"url": str(path)}], handler=wds.reraise_exception):
+            try:
+                check_sample(sample, json.loads(sample["json"]))
+            except (SampleError, KeyError, ValueError) as e:
+                out.append(f"{sample.get('__key__')}: {e}")
+    except Exception as e:  # noqa: BLE001 - a tar error ends the scan; report it with what was found
+        out.append(f"unreadable tar: {e}")
+    return out
+
+
+def _check(shard, has_checksums: bool) -> ShardCheck:
     if not shard.path.is_file():
         return ShardCheck(shard.path, "missing", "listed in manifest.json but not on disk")
     digest = sha256_file(shard.path)
     if digest != shard.sha256:
-        return ShardCheck(shard.path, "mismatch", f"sha256 {digest[:12]}… != manifest {shard.sha256[:12]}…")
+        detail = f"sha256 {digest[:12]}… != manifest {shard.sha256[:12]}…"
+        damaged = damaged_samples(shard.path) if has_checksums else []
+        if damaged:
+            more = f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else ""
+            detail += "; damaged: " + "; ".join(damaged[:3]) + more
+        return ShardCheck(shard.path, "mismatch", detail)
     try:
         count = _count_tar_samples(shard.path)
     except (tarfile.TarError, OSError) as e:
@@ -114,8 +191,127 @@ def verify_shards(out: str | Path) -> VerifyResult:
     for split_name in manifest.splits:
         for shard in manifest.split(split_name).shards:
             listed.add(shard.path.name)
-            checks.append(_check(shard))
+            checks.append(_check(shard, manifest.has_checksums))
     for path in sorted(manifest.root.glob("*.tar")):
         if path.name not in listed:
             checks.append(ShardCheck(path.resolve(), "extra", "not listed in manifest.json"))
     return VerifyResult(manifest.root, checks)
+
+
+class ShardError(BccError):
+    """A shard that is missing, unreadable or disagrees with the manifest, or shards too few or too
+    small for the requested batches, ranks and loader workers."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _NoSeek(BccError):
+    """A tar layout the header scan does not handle (global pax header, base-256 size): read through.
+    Internal (caught in _read_range); a BccError only because every bcc exception is one."""
+
+
+def _pax_path(payload: bytes) -> str | None:
+    """The `path` record of a pax extended header ("<len> <key>=<value>\\n" records), if any."""
+    pos, path = 0, None
+    while pos < len(payload) and payload[pos:pos + 1] != b"\0":
+        space = payload.index(b" ", pos)
+        length = int(payload[pos:space])
+        key, _, value = payload[space + 1 : pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8")
+        pos += length
+    return path
+
+
+def sample_offset(path: str, index: int) -> tuple[int | None, int]:
+    """(byte offset where sample `index` of a local plain tar starts, samples before it).
+
+    Reads only the 512-byte headers and seeks over the data (tarfile's own scan costs ~20x more per
+    member), so a lane that starts inside a shard does not read the samples before its start. The
+    offset is that of the sample's first header (a pax or GNU long-name header included). None when the
+    shard ends first (the second value then counts its samples). Raises _NoSeek for layouts it leaves
+    to a full read."""
+    n, key, offset = 0, None, 0
+    start, name = None, None  # where the current member's headers begin; a long name from them
+    with open(path, "rb") as f:
+        while True:
+            f.seek(offset)
+            block = f.read(512)
+            if len(block) < 512 or not block.strip(b"\0"):
+                break
+            if block[124] & 0x80:
+                raise _NoSeek("base-256 size")
+            size = int(block[124:136].split(b"\0")[0].strip() or b"0", 8)
+            flag = block[156:157]
+            following = offset + 512 + -(-size // 512) * 512
+            start = offset if start is None else start
+            if flag in (b"x", b"L"):
+                payload = f.read(size)
+                name = (_pax_path(payload) or name) if flag == b"x" else payload.split(b"\0")[0].decode("utf-8")
+            elif flag == b"g":
+                raise _NoSeek("global pax header")
+            elif flag in (b"0", b"\0", b"7"):
+                if name is None:
+                    prefix = block[345:500].split(b"\0")[0].decode("utf-8") if block[257:262] == b"ustar" else ""
+                    base = block[:100].split(b"\0")[0].decode("utf-8")
+                    name = f"{prefix}/{base}" if prefix else base
+                member_key = wds.tariterators.base_plus_ext(name)[0]
+                if member_key != key:
+                    n += key is not None
+                    key = member_key
+                    if n == index:
+                        return start, n
+                start, name = None, None
+            else:  # directories, links: no sample data
+                start, name = None, None
+            offset = following
+    return None, n + (key is not None)
+
+
+def _tar_samples(path: str, start: int) -> Iterator[dict]:
+    """Samples of a local tar from byte `start` (a member header), grouped by key like webdataset's."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        files = wds.tariterators.tar_file_iterator(f, handler=wds.reraise_exception)
+        yield from wds.tariterators.group_by_keys({**x, "__url__": path} for x in files)
+
+
+def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] = frozenset()) -> Iterator[dict]:
+    """Raw samples [lo, hi) of one shard in tar order, less `drop`. Any failure names the shard; so does
+    a shard shorter than `hi`, or, when read to its end, one whose count disagrees with the manifest.
+
+    A shard of a cross-validation view (`Manifest.with_fold`, `shard.folds` set) holds only its folds'
+    samples: the others are skipped by their json `fold` and not counted, so indices and `count` are
+    those of the view. Its lanes read through from the shard's start (the header scan cannot tell folds)."""
+    path = str(shard.path)
+    hi = shard.count if hi is None else hi
+    folded = getattr(shard, "folds", None) is not None
+    n = 0
+    try:
+        samples = None
+        if lo > 0 and not folded and Path(path).is_file():  # a local shard: seek to the lane's first sample
+            try:
+                offset, n = sample_offset(path, lo)
+                samples = _tar_samples(path, offset) if offset is not None else iter(())
+            except _NoSeek:
+                n = 0
+        if samples is None:
+            samples = wds.tariterators.tarfile_samples([{"url": path}], handler=wds.reraise_exception)
+        for sample in samples:
+            if folded and not shard.is_kept(json.loads(sample["json"])):
+                continue
+            if lo <= n < hi and n not in drop:
+                yield sample
+            n += 1
+            if n >= hi and hi < shard.count:
+                break  # the rest belongs to someone else: stop reading
+    except Exception as e:
+        raise ShardError(f"cannot read shard {path}: {e}") from e
+    if n < hi or (hi == shard.count and n != shard.count):
+        raise ShardError(f"shard {path} holds {n} samples but the manifest says {shard.count}; repack it")
+
+
+def read_shard(shard) -> Iterator[dict]:
+    """All raw samples of one shard, count checked against the manifest."""
+    return read_range(shard)

@@ -30,6 +30,20 @@ Training (`TrainLoader`, or `train_loader` for one epoch): an epoch is ONE pass 
 - `TrainLoader` keeps its loader workers across epochs (persistent workers; the epoch and the number
   of batches to skip reach them through a small shared array); `close()` ends them.
 
+Integrity (packs of format 2 on, `Manifest.has_checksums`): every sample is checked as it is decoded,
+in the loader worker: the CRC-32 of its stored image bytes against the json's `stored_crc32` and its
+`cls` against the json's label (`bcc.shards.check_sample`, ~1.8 GB/s: far below the decode cost). A
+damaged sample (or one that does not decode) stops the run with a ShardError naming shard and key
+(`data.on_corrupt: error`, the default), or with `data.on_corrupt: skip` is left out of its batch,
+listed in the batch's `corrupt` entry, and reported (one warning line per rank and pass, and the
+trainer's per-epoch `skipped_corrupt` row). Skipping shrinks that one batch and never moves a sample
+into another batch, so every rank still runs the same number of batches (DDP stays in step), the
+stream stays a pure function of its arguments (a mid-epoch resume stays exact), and the epoch trains
+on that many fewer samples. A batch left with fewer than half its samples is an error even with skip:
+that much damage is a broken shard, not a stray bit. A shard that cannot be read as a tar (truncated,
+bad header) or whose sample count disagrees with the manifest is always an error (what is left of it is
+unknown). Packs of format 1 carry no checksums: they are read unchecked (the trainer says so once).
+
 Evaluation (`eval_loader`): samples are numbered in manifest order (shards in order, samples in tar
 order); rank r takes the r-th contiguous slice of that numbering, so every sample is seen exactly once
 even with fewer shards than ranks. Within a rank each worker takes a contiguous run of whole batches, so
@@ -38,267 +52,47 @@ workers read disjoint parts of the shards.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
 import random
 import signal
-import time
-from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from multiprocessing.sharedctypes import RawArray
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from bcc.console import err_console
 from bcc.errors import BccError
-from bcc.imageio import IMAGE_SUFFIXES, decode_rgb
+from bcc.imageio import decode_rgb
+from bcc.plan import (
+    LANES,
+    EpochPlan,
+    Segment,
+    StreamError,
+    batches_per_epoch,
+    dropped_per_epoch,
+    mix_seed,
+    time_plan,
+)
+from bcc.shards import IMAGE_KEYS, SampleError, ShardError, check_sample, read_range, read_shard
 from bcc.transforms import presets_from_config
 
-# sample keys (extensions) that hold the image: every suffix bcc.imageio reads
-IMAGE_KEYS = tuple(s[1:] for s in IMAGE_SUFFIXES)
-LANES = 8  # per rank; fixed, so that the batch sequence does not depend on the number of loader workers
+# re-exported: the stream's public names live where they are owned (plan: bcc.plan; tar reading: bcc.shards)
+__all__ = ["IMAGE_KEYS", "LANES", "CorruptSampleError", "EpochPlan", "Segment", "ShardError", "StreamError",
+           "TrainLoader", "batches_per_epoch", "dropped_per_epoch", "eval_loader", "iter_keys", "time_plan",
+           "train_loader"]
 
 
-class ShardError(BccError):
-    """A shard that is missing, unreadable or disagrees with the manifest, or shards too few or too
-    small for the requested batches, ranks and loader workers."""
 
-
-class StreamError(ShardError, ValueError):
-    """Settings the stream cannot serve (too few samples for one batch, a resume point past the end)."""
-
-
-def _mix_seed(*parts: Any) -> int:
-    """A stable 63-bit seed from any tuple of ints/strings (Python's hash() is salted per process)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def batches_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
-    """Training batches every rank runs per epoch (drop_last over the whole world)."""
-    n = num_samples // (world_size * batch_size)
-    if n < 1:
-        raise StreamError(
-            f"{num_samples} training samples cannot fill one batch of {batch_size} on each of {world_size} "
-            f"ranks (needs {world_size * batch_size}); lower data.batch_size or use fewer processes"
-        )
-    return n
-
-
-def dropped_per_epoch(num_samples: int, batch_size: int, world_size: int) -> int:
-    """Training samples left out of every epoch: `num_samples mod (world_size x batch_size)`, so always
-    fewer than world_size x batch_size (which ones changes every epoch)."""
-    return num_samples - world_size * batch_size * batches_per_epoch(num_samples, batch_size, world_size)
-
-
-# --------------------------------------------------------------------------- epoch plan
-
-
-class Segment(NamedTuple):
-    """Samples [lo, hi) of one shard in tar order, less those in `drop` (left out this epoch)."""
-
-    shard: int  # index into the split's shard list (manifest order)
-    lo: int
-    hi: int
-    drop: frozenset[int] = frozenset()
-
-
-class EpochPlan:
-    """Which samples every (rank, lane) reads in one training epoch; see the module docstring.
-
-    Built from the per-shard sample counts only, in O(shards + dropped) time; `segments(rank, lane)`
-    costs O(log shards + its segments). The same arguments give the same plan in every process.
-    """
-
-    def __init__(
-        self, counts: Sequence[int], *, seed: int, epoch: int, world_size: int, batch_size: int, lanes: int = LANES
-    ):
-        self.world_size, self.batch_size, self.lanes = world_size, batch_size, lanes
-        total = sum(counts)
-        self.batches = batches_per_epoch(total, batch_size, world_size)  # per rank
-        # shard order of this epoch, before splitting by rank; numpy's legacy RandomState stream is frozen
-        # across numpy versions, and permutes 100,000 shards in milliseconds (random.shuffle: 0.2 s)
-        order = np.random.RandomState(_mix_seed("shards", seed, epoch) % 2**32).permutation(len(counts))
-        self.order: list[int] = order.tolist()
-        # start of each shard in the concatenation
-        self.starts: list[int] = [0, *np.cumsum(np.asarray(counts, dtype=np.int64)[order]).tolist()]
-        kept = world_size * batch_size * self.batches
-        # positions in the concatenation left out this epoch; sample() is O(dropped), not O(total)
-        self.dropped = sorted(random.Random(_mix_seed("drop", seed, epoch)).sample(range(total), total - kept))
-        self._shifted = [d - j for j, d in enumerate(self.dropped)]  # non-decreasing: kept index -> position
-
-    def _position(self, kept: int) -> int:
-        """Position in the concatenation of the `kept`-th sample that is not dropped."""
-        return kept + bisect_right(self._shifted, kept)
-
-    def lane_batches(self, lane: int) -> int:
-        """Batches of a lane (the rank's batches lane, lane + lanes, ...)."""
-        q, r = divmod(self.batches, self.lanes)
-        return q + (lane < r)
-
-    def segments(self, rank: int, lane: int) -> list[Segment]:
-        """What lane `lane` of rank `rank` reads, in order: exactly lane_batches(lane) x batch_size samples."""
-        q, r = divmod(self.batches, self.lanes)
-        first = rank * self.batches + lane * q + min(lane, r)  # in batches over the whole world
-        n = self.lane_batches(lane)
-        if n == 0:
-            return []
-        a = self._position(first * self.batch_size)
-        b = self._position((first + n) * self.batch_size - 1) + 1
-        out = []
-        i = bisect_right(self.starts, a) - 1
-        while i < len(self.order) and self.starts[i] < b:
-            s0, s1 = self.starts[i], self.starts[i + 1]
-            lo, hi = max(a, s0), min(b, s1)
-            if lo < hi:
-                drops = self.dropped[bisect_left(self.dropped, lo) : bisect_left(self.dropped, hi)]
-                out.append(Segment(self.order[i], lo - s0, hi - s0, frozenset(d - s0 for d in drops)))
-            i += 1
-        return out
-
-
-def time_plan(num_shards: int = 100_000, parts: int = 1024, *, shard_size: int = 1000, batch_size: int = 32,
-              repeat: int = 3) -> dict[str, float]:
-    """Seconds to plan one epoch at `num_shards` shards and `parts` = ranks x LANES (for `bcc bench data
-    --plan`): `plan_s` builds the plan (what every rank pays once per epoch), `rank_s` adds one rank's
-    lanes, `all_parts_s` adds every part of every rank. Best of `repeat`."""
-    world = max(1, parts // LANES)
-    counts = [shard_size - (i % 7 == 0) for i in range(num_shards)]  # slightly uneven, like a real pack
-    best = {"plan_s": math.inf, "rank_s": math.inf, "all_parts_s": math.inf}
-    for r in range(repeat):
-        t0 = time.perf_counter()
-        plan = EpochPlan(counts, seed=0, epoch=r, world_size=world, batch_size=batch_size)
-        t1 = time.perf_counter()
-        for lane in range(LANES):
-            plan.segments(world - 1, lane)
-        t2 = time.perf_counter()
-        for rank in range(world):
-            for lane in range(LANES):
-                plan.segments(rank, lane)
-        t3 = time.perf_counter()
-        best = {"plan_s": min(best["plan_s"], t1 - t0), "rank_s": min(best["rank_s"], t2 - t0),
-                "all_parts_s": min(best["all_parts_s"], (t1 - t0) + (t3 - t2))}
-    return {"shards": num_shards, "parts": world * LANES, **best}
+class CorruptSampleError(ShardError):
+    """One sample whose stored bytes fail their pack-time checksum, or that does not decode."""
 
 
 # --------------------------------------------------------------------------- reading and decoding
-
-
-class _NoSeek(BccError):
-    """A tar layout the header scan does not handle (global pax header, base-256 size): read through.
-    Internal (caught in _read_range); a BccError only because every bcc exception is one."""
-
-
-def _pax_path(payload: bytes) -> str | None:
-    """The `path` record of a pax extended header ("<len> <key>=<value>\\n" records), if any."""
-    pos, path = 0, None
-    while pos < len(payload) and payload[pos:pos + 1] != b"\0":
-        space = payload.index(b" ", pos)
-        length = int(payload[pos:space])
-        key, _, value = payload[space + 1 : pos + length - 1].partition(b"=")
-        if key == b"path":
-            path = value.decode("utf-8")
-        pos += length
-    return path
-
-
-def _sample_offset(path: str, index: int) -> tuple[int | None, int]:
-    """(byte offset where sample `index` of a local plain tar starts, samples before it).
-
-    Reads only the 512-byte headers and seeks over the data (tarfile's own scan costs ~20x more per
-    member), so a lane that starts inside a shard does not read the samples before its start. The
-    offset is that of the sample's first header (a pax or GNU long-name header included). None when the
-    shard ends first (the second value then counts its samples). Raises _NoSeek for layouts it leaves
-    to a full read."""
-    n, key, offset = 0, None, 0
-    start, name = None, None  # where the current member's headers begin; a long name from them
-    with open(path, "rb") as f:
-        while True:
-            f.seek(offset)
-            block = f.read(512)
-            if len(block) < 512 or not block.strip(b"\0"):
-                break
-            if block[124] & 0x80:
-                raise _NoSeek("base-256 size")
-            size = int(block[124:136].split(b"\0")[0].strip() or b"0", 8)
-            flag = block[156:157]
-            following = offset + 512 + -(-size // 512) * 512
-            start = offset if start is None else start
-            if flag in (b"x", b"L"):
-                payload = f.read(size)
-                name = (_pax_path(payload) or name) if flag == b"x" else payload.split(b"\0")[0].decode("utf-8")
-            elif flag == b"g":
-                raise _NoSeek("global pax header")
-            elif flag in (b"0", b"\0", b"7"):
-                if name is None:
-                    prefix = block[345:500].split(b"\0")[0].decode("utf-8") if block[257:262] == b"ustar" else ""
-                    base = block[:100].split(b"\0")[0].decode("utf-8")
-                    name = f"{prefix}/{base}" if prefix else base
-                member_key = wds.tariterators.base_plus_ext(name)[0]
-                if member_key != key:
-                    n += key is not None
-                    key = member_key
-                    if n == index:
-                        return start, n
-                start, name = None, None
-            else:  # directories, links: no sample data
-                start, name = None, None
-            offset = following
-    return None, n + (key is not None)
-
-
-def _tar_samples(path: str, start: int) -> Iterator[dict]:
-    """Samples of a local tar from byte `start` (a member header), grouped by key like webdataset's."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        files = wds.tariterators.tar_file_iterator(f, handler=wds.reraise_exception)
-        yield from wds.tariterators.group_by_keys({**x, "__url__": path} for x in files)
-
-
-def _read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] = frozenset()) -> Iterator[dict]:
-    """Raw samples [lo, hi) of one shard in tar order, less `drop`. Any failure names the shard; so does
-    a shard shorter than `hi`, or, when read to its end, one whose count disagrees with the manifest.
-
-    A shard of a cross-validation view (`Manifest.with_fold`, `shard.folds` set) holds only its folds'
-    samples: the others are skipped by their json `fold` and not counted, so indices and `count` are
-    those of the view. Its lanes read through from the shard's start (the header scan cannot tell folds)."""
-    path = str(shard.path)
-    hi = shard.count if hi is None else hi
-    folded = getattr(shard, "folds", None) is not None
-    n = 0
-    try:
-        samples = None
-        if lo > 0 and not folded and Path(path).is_file():  # a local shard: seek to the lane's first sample
-            try:
-                offset, n = _sample_offset(path, lo)
-                samples = _tar_samples(path, offset) if offset is not None else iter(())
-            except _NoSeek:
-                n = 0
-        if samples is None:
-            samples = wds.tariterators.tarfile_samples([{"url": path}], handler=wds.reraise_exception)
-        for sample in samples:
-            if folded and not shard.is_kept(json.loads(sample["json"])):
-                continue
-            if lo <= n < hi and n not in drop:
-                yield sample
-            n += 1
-            if n >= hi and hi < shard.count:
-                break  # the rest belongs to someone else: stop reading
-    except Exception as e:
-        raise ShardError(f"cannot read shard {path}: {e}") from e
-    if n < hi or (hi == shard.count and n != shard.count):
-        raise ShardError(f"shard {path} holds {n} samples but the manifest says {shard.count}; repack it")
-
-
-def _read_shard(shard) -> Iterator[dict]:
-    """All raw samples of one shard, count checked against the manifest."""
-    return _read_range(shard)
 
 
 def _shuffled(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
@@ -324,29 +118,52 @@ def _batched(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
             batch = []
     if batch:
         yield batch
-def _decode(sample: dict, transform) -> tuple[torch.Tensor, int, str, str]:
+
+
+def _decode(sample: dict, transform, checked: bool = False) -> tuple[torch.Tensor, int, str, str]:
+    """(image, label, key, source) of one raw sample; `checked`: verify it first (format 2 on).
+    Raises CorruptSampleError naming shard and key."""
     key = sample["__key__"]
+    where = f"sample {key} in shard {sample.get('__url__')}"
     try:
-        data = next(sample[k] for k in IMAGE_KEYS if k in sample)
+        meta = json.loads(sample["json"])
+        if checked:
+            data = check_sample(sample, meta)
+        else:
+            data = next(sample[k] for k in IMAGE_KEYS if k in sample)
         # the packer checked the size limit; the stored image is read by the one policy of bcc.imageio
         image = transform(decode_rgb(data, max_pixels=None))
-        meta = json.loads(sample["json"])
         return image, int(meta["label"]), key, str(meta.get("source", ""))
     except StopIteration:
-        raise ShardError(
-            f"sample {key} in {sample.get('__url__')} has no image ({', '.join(IMAGE_KEYS)})"
-        ) from None
+        raise CorruptSampleError(f"{where} has no image ({', '.join(IMAGE_KEYS)})") from None
+    except SampleError as e:
+        raise CorruptSampleError(f"{where}: {e}") from None
     except Exception as e:
-        raise ShardError(f"cannot decode sample {key} in {sample.get('__url__')}: {e}") from e
+        raise CorruptSampleError(f"cannot decode {where}: {type(e).__name__}: {e}") from e
 
 
-def _collate(samples: list[dict], transform) -> dict[str, Any]:
-    images, labels, keys, sources = zip(*(_decode(s, transform) for s in samples), strict=True)
+def _collate(samples: list[dict], transform, checked: bool = False, on_corrupt: str = "error") -> dict[str, Any]:
+    """A batch dict; damaged samples raise ShardError, or with on_corrupt="skip" are left out and listed
+    under "corrupt" (see the module docstring)."""
+    decoded, corrupt = [], []
+    for s in samples:
+        try:
+            decoded.append(_decode(s, transform, checked))
+        except CorruptSampleError as e:
+            if on_corrupt != "skip":
+                raise ShardError(f"{e}. Repack from the source, or set data.on_corrupt=skip to leave damaged "
+                                 "samples out") from None
+            corrupt.append(str(e))
+    if len(decoded) < max(1, math.ceil(len(samples) / 2)):
+        raise ShardError(f"{len(corrupt)} of the {len(samples)} samples of one batch are damaged "
+                         f"(data.on_corrupt=skip tolerates fewer than half): {corrupt[0]}; repack the shard")
+    images, labels, keys, sources = zip(*decoded, strict=True)
     return {
         "image": torch.stack(images),
         "label": torch.tensor(labels, dtype=torch.long),
         "key": list(keys),
         "source": list(sources),
+        "corrupt": corrupt,
     }
 
 
@@ -364,8 +181,10 @@ class _TrainStream(IterableDataset):
     `epoch_state` holds (epoch, skip_batches): a shared array, so that persistent workers read each
     epoch's values when the next epoch's iteration starts."""
 
-    def __init__(self, shards, *, seed, rank, world_size, batch_size, shuffle_buffer, transform, epoch_state):
+    def __init__(self, shards, *, seed, rank, world_size, batch_size, shuffle_buffer, transform, epoch_state,
+                 checked=False, on_corrupt="error"):
         self.shards = list(shards)
+        self.checked, self.on_corrupt = checked, on_corrupt
         self.counts = [s.count for s in self.shards]
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.batch_size = batch_size
@@ -376,10 +195,10 @@ class _TrainStream(IterableDataset):
     def _lane(self, plan: EpochPlan, epoch: int, lane: int) -> Iterator[list[dict]]:
         """Raw batches of one lane: its segments read in order, shuffled, cut into batches."""
         samples: Iterable[dict] = itertools.chain.from_iterable(
-            _read_range(self.shards[s.shard], s.lo, s.hi, s.drop) for s in plan.segments(self.rank, lane)
+            read_range(self.shards[s.shard], s.lo, s.hi, s.drop) for s in plan.segments(self.rank, lane)
         )
         if self.shuffle_buffer > 1:
-            rng = random.Random(_mix_seed("buffer", self.seed, epoch, self.rank, lane))
+            rng = random.Random(mix_seed("buffer", self.seed, epoch, self.rank, lane))
             samples = _shuffled(samples, self.shuffle_buffer, rng)
         return _batched(samples, self.batch_size)
 
@@ -404,16 +223,17 @@ class _TrainStream(IterableDataset):
                 next(state[0], None)  # run the lane's reader to its end, which checks the last shard's count
                 del open_lanes[lane]
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(_mix_seed("augment", self.seed, epoch, self.rank, index))
-                batch = _collate(raw, self.transform)
+                torch.manual_seed(mix_seed("augment", self.seed, epoch, self.rank, index))
+                batch = _collate(raw, self.transform, self.checked, self.on_corrupt)
             yield batch
 
 
 class _EvalStream(IterableDataset):
     """Samples [start, stop) of a split in manifest order, in batches; workers take contiguous runs."""
 
-    def __init__(self, shards, *, start, stop, batch_size, transform):
+    def __init__(self, shards, *, start, stop, batch_size, transform, checked=False, on_corrupt="error"):
         self.shards = shards
+        self.checked, self.on_corrupt = checked, on_corrupt
         self.start, self.stop = start, stop
         self.batch_size = batch_size
         self.transform = transform
@@ -434,7 +254,7 @@ class _EvalStream(IterableDataset):
             if first >= hi:
                 return
             if first + shard.count > lo:
-                for i, sample in enumerate(_read_shard(shard), start=first):
+                for i, sample in enumerate(read_shard(shard), start=first):
                     if i >= hi:
                         break  # stop reading; the count check only runs on shards read to the end
                     if i >= lo:
@@ -445,7 +265,7 @@ class _EvalStream(IterableDataset):
         lo, hi = self.worker_range(*_worker())
         raw_batches = wds.batched(self.batch_size, collation_fn=None, partial=True)(self._samples(lo, hi))
         for raw in raw_batches:
-            yield _collate(raw, self.transform)
+            yield _collate(raw, self.transform, self.checked, self.on_corrupt)
 
 
 # --------------------------------------------------------------------------- loaders
@@ -488,10 +308,12 @@ class BatchLoader:
 
     def __init__(
         self, dataset: IterableDataset, num_batches: int, *, workers: int, seed: int, pin_memory: bool,
-        persistent: bool = False,
+        persistent: bool = False, what: str = "", rank: int = 0,
     ):
         self.dataset = dataset
         self.num_batches = num_batches
+        self.what, self.rank = what, rank
+        self.skipped: list[str] = []  # damaged samples left out by the last pass (data.on_corrupt=skip)
         self.persistent = persistent and workers > 0
         # an explicit generator: otherwise the DataLoader draws its worker base seed from the global RNG,
         # which would shift the trainer's random state by whether and when a loader was created
@@ -512,9 +334,16 @@ class BatchLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batches = iter(self.loader)
         complete = False
+        self.skipped = []
         try:
-            yield from batches
+            for batch in batches:
+                self.skipped += batch.get("corrupt", ())
+                yield batch
             complete = True
+            if self.skipped:  # every rank says it: the damage is in that rank's share
+                err_console.print(
+                    f"[yellow]warning:[/] rank {self.rank} skipped {len(self.skipped)} damaged sample(s) of "
+                    f"{self.what} (data.on_corrupt=skip): {self.skipped[0]}", soft_wrap=True)
         except BccError as e:
             raise _from_worker(e) from None
         finally:
@@ -545,6 +374,11 @@ class EpochBatches:
 
     def __len__(self) -> int:
         return self.owner.batches_per_epoch - self.skip_batches
+
+    @property
+    def skipped(self) -> list[str]:
+        """Damaged samples this epoch's pass left out (data.on_corrupt=skip), once iterated."""
+        return self.owner._batches.skipped
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # set when iteration starts: workers (persistent or new) read it when their iteration starts
@@ -583,10 +417,11 @@ class TrainLoader:
         dataset = _TrainStream(
             shards, seed=seed, rank=rank, world_size=world_size, batch_size=data_cfg.batch_size,
             shuffle_buffer=data_cfg.shuffle_buffer, transform=train_tf, epoch_state=self._epoch_state,
+            checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt,
         )
         self._batches = BatchLoader(
-            dataset, self.batches_per_epoch, workers=data_cfg.workers, seed=_mix_seed("loader", seed, rank),
-            pin_memory=pin_memory, persistent=persistent,
+            dataset, self.batches_per_epoch, workers=data_cfg.workers, seed=mix_seed("loader", seed, rank),
+            pin_memory=pin_memory, persistent=persistent, what=f"split '{data_cfg.train_split}'", rank=rank,
         )
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> EpochBatches:
@@ -640,9 +475,11 @@ def eval_loader(
     start, stop = rank * total // world_size, (rank + 1) * total // world_size
     batch_size = data_cfg.eval_batch_size
     _, eval_tf = presets_from_config(data_cfg)
-    dataset = _EvalStream(shards, start=start, stop=stop, batch_size=batch_size, transform=eval_tf)
+    dataset = _EvalStream(shards, start=start, stop=stop, batch_size=batch_size, transform=eval_tf,
+                          checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt)
     num_batches = math.ceil((stop - start) / batch_size)
-    return BatchLoader(dataset, num_batches, workers=data_cfg.workers, seed=0, pin_memory=pin_memory)
+    return BatchLoader(dataset, num_batches, workers=data_cfg.workers, seed=0, pin_memory=pin_memory,
+                       what=f"split '{split}'", rank=rank)
 
 
 def iter_keys(batches: Iterable[dict[str, Any]]) -> list[str]:

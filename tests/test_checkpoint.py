@@ -1,5 +1,6 @@
 """bcc.checkpoint: round trips, weights-only loading, find_latest, crash safety, retention, best."""
 
+import hashlib
 import json
 import os
 import random
@@ -16,9 +17,11 @@ from bcc.checkpoint import (
     Checkpoint,
     CheckpointError,
     CheckpointManager,
+    DamagedCheckpointError,
     TrainState,
     checkpoint_name,
     find_latest,
+    find_latest_intact,
     load_checkpoint,
     read_meta,
     read_train_state,
@@ -83,6 +86,7 @@ def test_round_trip_tensors_optimizer_rng(tmp_path):
             "extra.safetensors",
             "meta.json",
             "trainer_state.json",
+            "hashes.json",
         ]
     )
     back = load_checkpoint(path)
@@ -134,6 +138,7 @@ class Evil:
 def test_pickled_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = manager(tmp_path / "checkpoints").save(make_ckpt(1))
+    (path / "hashes.json").unlink()  # as an older checkpoint: the hash would refuse the file before unpickling
     with open(path / "optimizer.pt", "wb") as f:
         torch.save({"state": Evil()}, f)
     with pytest.raises(CheckpointError, match="optimizer.pt"):
@@ -230,7 +235,7 @@ def test_hard_crash_leftovers_are_ignored_then_cleaned(tmp_path, monkeypatch):
         raise KeyboardInterrupt  # stands in for SIGKILL: nothing after this point runs
 
     monkeypatch.setattr(ck.CheckpointManager, "_install", killed)
-    monkeypatch.setattr(ck.shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing
     with pytest.raises(KeyboardInterrupt):
         mgr.save(make_ckpt(20))
     monkeypatch.undo()
@@ -375,3 +380,87 @@ def test_sigkill_during_saves_leaves_a_loadable_latest(tmp_path):
     manager(root, keep_last=2, keep_top_k=1).save(ckpt)
     assert not [p for p in os.listdir(root) if p.startswith(".tmp-")]
     assert load_checkpoint(root / "last").state.step == ckpt.state.step
+
+
+# --------------------------------------------------------------------------- damage after writing
+
+
+def _flip(path, offset=None):
+    data = bytearray(path.read_bytes())
+    i = len(data) - 9 if offset is None else offset  # inside the last tensor's data, past the header
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_hashes_written_last_and_cover_every_file(tmp_path):
+    path = manager(tmp_path / "checkpoints").save(make_ckpt(3))
+    hashes = json.loads((path / "hashes.json").read_text())
+    assert hashes["format"] == "bcc-checkpoint-hashes/1" and hashes["algorithm"] == "sha256"
+    files = sorted(p.name for p in path.iterdir() if p.name != "hashes.json")
+    assert sorted(hashes["files"]) == files
+    for name in files:
+        assert hashes["files"][name] == hashlib.sha256((path / name).read_bytes()).hexdigest()
+
+
+def test_damage_after_writing_is_found_on_load(tmp_path):
+    """A flipped bit inside a tensor loads silently by itself (safetensors has no checksum); the hash
+    names the file. A truncated optimizer.pt, a missing listed file: named too."""
+    path = manager(tmp_path / "checkpoints").save(make_ckpt(1))
+    good = load_checkpoint(path)
+    _flip(path / "model.safetensors")
+    hashes = (path / "hashes.json").read_bytes()
+    (path / "hashes.json").unlink()
+    silent = load_checkpoint(path)  # what an older checkpoint (no hashes.json) gets: wrong weights, no error
+    assert any(not torch.equal(good.model[k], silent.model[k]) for k in good.model)
+    (path / "hashes.json").write_bytes(hashes)
+    with pytest.raises(DamagedCheckpointError, match=r"step-00000001 is damaged: model.safetensors .*sha256"):
+        load_checkpoint(path)
+    with pytest.raises(DamagedCheckpointError, match="model.safetensors"):
+        ck.verify_checkpoint(path)
+    _flip(path / "model.safetensors")  # flipped back: intact again
+    load_checkpoint(path)
+    _truncate(path / "optimizer.pt")
+    with pytest.raises(DamagedCheckpointError, match="is damaged: optimizer.pt"):
+        load_checkpoint(path)
+    (path / "optimizer.pt").unlink()
+    with pytest.raises(DamagedCheckpointError, match="optimizer.pt is missing"):
+        load_checkpoint(path)
+    (path / "hashes.json").write_text("{}")
+    with pytest.raises(DamagedCheckpointError, match="hashes.json is not"):
+        load_checkpoint(path)
+    assert issubclass(DamagedCheckpointError, CheckpointError)
+
+
+def test_find_latest_intact_walks_back_past_damaged_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    mgr = manager(root, keep_last=3, keep_top_k=0)
+    model, opt = tiny_training()
+    paths = [mgr.save(make_ckpt(s, model, opt)) for s in (2, 4, 6)]
+    assert find_latest_intact(root) == (paths[2], [])
+    _flip(paths[2] / "model.safetensors")
+    latest, damaged = find_latest_intact(root)
+    assert latest == paths[1] and [d for d, _ in damaged] == [paths[2]]
+    assert "model.safetensors" in damaged[0][1]
+    _truncate(paths[1] / "optimizer.pt")
+    latest, damaged = find_latest_intact(root)
+    assert latest == paths[0] and [d for d, _ in damaged] == [paths[2], paths[1]]
+    assert "optimizer.pt" in damaged[1][1]
+    assert find_latest(root) == paths[2]  # completeness alone does not read files
+    for p in paths:  # checkpoints of an older bcc: no hashes, taken as they are
+        (p / "hashes.json").unlink()
+    assert find_latest_intact(root) == (paths[2], [])
+
+
+def test_inference_weights_are_checked_too(tmp_path):
+    from bcc.checkpoint import load_model_weights
+
+    path = manager(tmp_path / "checkpoints").save(make_ckpt(1))
+    assert load_model_weights(path).keys() == load_checkpoint(path).model.keys()
+    _flip(path / "model.safetensors")
+    with pytest.raises(DamagedCheckpointError, match="model.safetensors"):
+        load_model_weights(path)

@@ -46,6 +46,10 @@ def test_wrong_type_names_key(tmp_path):
         load_config(write(tmp_path, "data: {hflip: 3}\n"))
     with pytest.raises(ConfigError, match=r"data\.mean: expected 3 values"):
         load_config(None, ["data.mean=[0.5, 0.5]"])
+    with pytest.raises(ConfigError, match=r"data\.on_corrupt: 'ignore' is not one of 'error', 'skip'"):
+        load_config(None, ["data.on_corrupt=ignore"])
+    assert load_config(None, ["data.on_corrupt=skip"]).data.on_corrupt == "skip"
+    assert load_config(None, []).data.on_corrupt == "error"
 
 
 def test_bad_yaml_names_file(tmp_path):

@@ -49,7 +49,7 @@ def packs(tmp_path_factory) -> dict[str, Manifest]:
 @pytest.fixture
 def keys_only(monkeypatch):
     """Batches of keys, undecoded: the grid checks which samples go where, not the pixels."""
-    monkeypatch.setattr(stream, "_collate", lambda raw, transform: {"key": [s["__key__"] for s in raw]})
+    monkeypatch.setattr(stream, "_collate", lambda raw, *_: {"key": [s["__key__"] for s in raw]})
 
 
 def simulate(manifest, cfg, *, seed=0, epoch, rank, world_size, skip=0) -> list[list[str]]:
@@ -120,7 +120,7 @@ def test_dropped_samples_are_spread_over_the_data(packs, keys_only):
 def test_real_workers_deliver_the_simulated_batches(packs, workers):
     manifest = packs["uneven"]
     cfg = data_cfg(batch_size=BATCH, workers=workers, shuffle_buffer=5)
-    with patch.object(stream, "_collate", lambda raw, transform: {"key": [s["__key__"] for s in raw]}):
+    with patch.object(stream, "_collate", lambda raw, *_: {"key": [s["__key__"] for s in raw]}):
         expected = [simulate(manifest, cfg, epoch=2, rank=r, world_size=2) for r in range(2)]
     for rank in range(2):
         got = [b["key"] for b in train_loader(manifest, cfg, seed=0, epoch=2, rank=rank, world_size=2)]

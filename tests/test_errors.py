@@ -32,7 +32,7 @@ def test_every_exception_class_derives_from_bcc_error():
             if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == info.name:
                 found.append(f"{info.name}.{name}")
                 assert issubclass(obj, BccError), f"{info.name}.{name} does not derive from BccError"
-    assert {"bcc.imageio.ImageError", "bcc.stream.ShardError", "bcc.checkpoint.CheckpointError",
+    assert {"bcc.imageio.ImageError", "bcc.shards.ShardError", "bcc.checkpoint.CheckpointError",
             "bcc.manifest.ManifestNotFoundError", "bcc.predict.TaxonomyMismatchError"} <= set(found)
 
 

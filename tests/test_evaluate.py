@@ -48,6 +48,7 @@ def unpack_split(shards: Path, split: str, dst: Path) -> Path:
                 samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
         for files in samples.values():
             meta = json.loads(files.pop("json"))
+            files.pop("cls", None)  # format 2: the label as text beside the json
             out = dst / meta["source"]
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(next(iter(files.values())))

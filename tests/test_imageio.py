@@ -104,7 +104,8 @@ def test_same_tensor_through_pack_stream_predict_and_folder_eval(tmp_path):
     from bcc.manifest import Manifest
     from bcc.pack import pack_folders
     from bcc.predict import read_image
-    from bcc.stream import _decode, _read_shard
+    from bcc.shards import read_shard as _read_shard
+    from bcc.stream import _decode
 
     root = _awkward_tree(tmp_path / "src")
     out = tmp_path / "packed"

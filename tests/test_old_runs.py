@@ -29,6 +29,7 @@ def _make_old(run_dir):
         meta = json.loads(meta_path.read_text())
         meta["config"] = _age(meta["config"])
         meta_path.write_text(json.dumps(meta))
+        (meta_path.parent / "hashes.json").unlink(missing_ok=True)  # an older bcc wrote none
     config_path = run_dir / "config.yaml"
     config_path.write_text(yaml.safe_dump(_age(yaml.safe_load(config_path.read_text())), sort_keys=False))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def test_round_trip_through_cli(tmp_path, make_class_tree):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no tmp left behind
 
     m = load_manifest(out)
-    assert m["format"] == "bcc-shards/1" and m["classes"] == list(Taxonomy.default().class_names)
+    assert m["format"] == "bcc-shards/3" and m["classes"] == list(Taxonomy.default().class_names)
     assert m["skipped"] == [] and m["converted"] == [] and m["source"] == str(src.resolve())
     taxonomy = Taxonomy.from_dict(m["taxonomy"])
     total = sum(FOLDERS.values()) + 1
@@ -89,7 +90,7 @@ def test_round_trip_through_cli(tmp_path, make_class_tree):
             assert shard["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
             names = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True,
                                    check=True).stdout.split()
-            assert len(names) == 2 * shard["count"]
+            assert len(names) == 3 * shard["count"]  # image, json, cls
             samples = list(wds.WebDataset(str(path), shardshuffle=False, empty_check=False))
             assert len(samples) == shard["count"]
             for sample in samples:
@@ -98,6 +99,8 @@ def test_round_trip_through_cli(tmp_path, make_class_tree):
                 ext = "png" if meta["source"].endswith(".png") else "jpg"
                 assert sample[ext] == (src / meta["source"]).read_bytes()  # unchanged bytes
                 assert meta["sha256"] == hashlib.sha256(sample[ext]).hexdigest()
+                assert meta["stored_crc32"] == f"{zlib.crc32(sample[ext]):08x}"
+                assert sample["cls"] == str(meta["label"]).encode()
                 cls = taxonomy.resolve_folder(meta["folder"])
                 assert meta["label"] == cls and meta["class"] == taxonomy.class_names[cls]
                 assert {h: meta[h] for h in taxonomy.head_names} == taxonomy.targets(cls)
@@ -255,7 +258,7 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, make_class_tree):
         for shard in s["shards"]:
             for x in wds.WebDataset(str(out / shard["path"]), shardshuffle=False, empty_check=False):
                 meta = json.loads(x["json"])
-                ext = next(k for k in x if k not in ("__key__", "__url__", "__local_path__", "json"))
+                ext = next(k for k in x if k not in ("__key__", "__url__", "__local_path__", "json", "cls"))
                 stored[meta["source"]] = (ext, x[ext])
     for path in ("Early/gray.png", "Early/rgba.png", "Early/palette.png", "Early/deep16.png", "Early/cmyk.jpg"):
         assert stored[path][0] == "png"
@@ -442,6 +445,69 @@ def test_many_near_duplicate_groups_go_to_a_side_file(tmp_path, monkeypatch, mak
     assert m["near_duplicates"] == {"file": "near_duplicates.json", "count": 1}
     groups = Manifest.load(tmp_path / "out").near_duplicates()
     assert [g["paths"] for g in groups] == [[a, b]]
+
+
+# --------------------------------------------------------------------------- format 2: checksums, cls
+
+
+def test_stored_crc32_is_of_the_stored_bytes_after_resize_and_conversion(tmp_path, make_class_tree):
+    """`sha256` is the source file's; `stored_crc32` is of what the shard holds, which differs after
+    --resize or a conversion. A BMP (RGB, stored as-is before format 2) is stored as lossless PNG."""
+    src = make_class_tree(tmp_path / "src", {"Benign": 3, "Early": 3, "Pre": 3, "Pro": 3}, size=40)
+    (src / "Pro" / "grey.png").write_bytes(image_bytes(5, 40, "PNG", mode="L"))
+    bmp = image_bytes(6, 40, "BMP")
+    (src / "Pro" / "bitmap.bmp").write_bytes(bmp)
+    for resize in (None, 24):
+        out = tmp_path / f"out-{resize}"
+        m = pack_folders(src, out, resize=resize, seed=1).manifest
+        assert m["format"] == "bcc-shards/3"
+        n = 0
+        for s in m["splits"].values():
+            for shard in s["shards"]:
+                for x in wds.WebDataset(str(out / shard["path"]), shardshuffle=False, empty_check=False):
+                    meta = json.loads(x["json"])
+                    ext = next(k for k in ("jpg", "png", "webp") if k in x)
+                    assert meta["stored_crc32"] == f"{zlib.crc32(x[ext]):08x}"
+                    assert x["cls"] == str(meta["label"]).encode()
+                    source = (src / meta["source"]).read_bytes()
+                    assert meta["sha256"] == hashlib.sha256(source).hexdigest()
+                    if resize or meta["source"] in ("Pro/grey.png", "Pro/bitmap.bmp"):
+                        assert x[ext] != source  # re-encoded: the source hash could not check it
+                    if meta["source"] == "Pro/bitmap.bmp":
+                        assert ext == ("jpg" if resize else "png")
+                        assert Image.open(io.BytesIO(x[ext])).tobytes() == Image.open(io.BytesIO(bmp)).tobytes() \
+                            or resize
+                    n += 1
+        assert n == 14
+
+
+def _timm_labels(out: Path, split: str) -> list[int]:
+    from timm.data import create_dataset
+
+    ds = create_dataset(f"wds/{out.name}", root=str(out), split=split)
+    return [int(target) for _img, target in ds]
+
+
+def test_timm_and_plain_webdataset_read_every_sample_with_its_label(tmp_path, make_class_tree, caplog):
+    """timm's `create_dataset("wds/NAME", root, split)` (reads `cls` by default) and
+    `WebDataset(url).decode("pil").to_tuple("jpg", "cls")` get every sample with the json's label."""
+    src = make_class_tree(tmp_path / "src", {"Benign": 5, "Early": 6, "Pre": 7, "Pro": 8})
+    out = tmp_path / "all4"
+    m = pack_folders(src, out, seed=2, shard_size=4, split=(0.6, 0.2, 0.2)).manifest
+    for split, s in m["splits"].items():
+        want = []
+        for shard in s["shards"]:
+            for x in wds.WebDataset(str(out / shard["path"]), shardshuffle=False, empty_check=False):
+                want.append(json.loads(x["json"])["label"])
+        assert len(want) == s["count"] > 0
+        caplog.clear()
+        assert _timm_labels(out, split) == want  # manifest order: shards in order, samples in tar order
+        assert "KeyError" not in caplog.text and "Ignoring" not in caplog.text
+
+        urls = [str(out / sh["path"]) for sh in s["shards"]]
+        pairs = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").to_tuple("jpg", "cls"))
+        assert [int(c) for _img, c in pairs] == want
+        assert all(isinstance(img, Image.Image) and img.size == (32, 32) for img, _ in pairs)
 
 
 @pytest.mark.parametrize("files", [{}, {"Benign": []}, {"Benign": ["bad.jpg"], "Early": []}])

@@ -207,7 +207,7 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, m
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ck.torch, "save", full)
+    monkeypatch.setattr(torch, "save", full)
     second = ckpt(2)
     with pytest.raises(ck.CheckpointError) as info:
         manager.save(second, 0.9)

@@ -198,3 +198,41 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_75(resume_config, tm
     assert marker["signal"] == signal.SIGTERM
     state = json.loads((run_dir / "checkpoints" / "last" / "trainer_state.json").read_text())
     assert state["step"] == marker["step"] > 0
+
+
+def test_damaged_latest_checkpoint_auto_resumes_from_previous_and_says_so(resume_config, tmp_path):
+    """Damage after writing: a flipped bit in the latest checkpoint's weights and a truncated optimizer.pt
+    in the one before. An explicit resume from the damaged one is a named error; resume=auto warns once
+    per damaged checkpoint, resumes from the newest intact one and, being exact, ends with the weights
+    the damaged latest checkpoint held."""
+    run_dir = tmp_path / "run"
+    cfg = resume_config(run_dir, train={"epochs": 1}, checkpoint={"every_steps": 2, "keep_last": 3, "keep_top_k": 0})
+    proc = subprocess.run(train_cmd(cfg), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    steps = step_dirs(run_dir)
+    assert len(steps) == 3, steps
+    root = run_dir / "checkpoints"
+    latest, previous, intact = (root / f"step-{s:08d}" for s in reversed(steps))
+    expected = {k: v.clone() for k, v in load_file(latest / "model.safetensors").items()}  # not the mmap
+    weights = bytearray((latest / "model.safetensors").read_bytes())
+    weights[-5] ^= 0x10  # inside the last tensor: safetensors alone would load it without complaint
+    (latest / "model.safetensors").write_bytes(bytes(weights))
+    optimizer = (previous / "optimizer.pt").read_bytes()
+    (previous / "optimizer.pt").write_bytes(optimizer[: len(optimizer) // 2])
+
+    explicit = subprocess.run(train_cmd(cfg, f"checkpoint.resume={latest}"), capture_output=True, text=True,
+                              timeout=300)
+    assert explicit.returncode == 2, explicit.stdout[-2000:] + explicit.stderr[-2000:]
+    errors = [line for line in explicit.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in explicit.stderr
+    assert f"{latest.name} is damaged: model.safetensors" in errors[0]
+
+    auto = subprocess.run(train_cmd(cfg), capture_output=True, text=True, timeout=300)
+    assert auto.returncode == 0, auto.stdout[-2000:] + auto.stderr[-2000:]
+    warnings = [line for line in auto.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, auto.stdout[-3000:]
+    assert f"{latest.name} is damaged: model.safetensors" in warnings[0]
+    assert f"{previous.name} is damaged: optimizer.pt" in warnings[1]
+    assert all(f"resuming from the previous complete checkpoint {intact.name}" in w for w in warnings)
+    assert f"resumed from {intact}" in auto.stdout.replace("\n", "")
+    assert_bitwise_equal(expected, final_weights(run_dir))

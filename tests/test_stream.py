@@ -25,6 +25,7 @@ from PIL import Image
 from bcc.config import DataConfig
 from bcc.errors import BccError
 from bcc.manifest import Manifest
+from bcc.shards import read_range, read_shard, sample_offset
 from bcc.stream import (
     EpochPlan,
     ShardError,
@@ -334,14 +335,13 @@ def test_split_count_must_match_its_shards(tmp_path):
 
 
 def test_a_range_read_seeks_past_its_start_and_matches_a_full_read(tmp_path):
-    from bcc import stream
 
     manifest = write_pack(tmp_path, {"train": [30]})
     shard = manifest.split("train").shards[0]
-    full = [s["__key__"] for s in stream._read_shard(shard)]
+    full = [s["__key__"] for s in read_shard(shard)]
     assert full == [f"train-{i:08d}" for i in range(30)]
     for lo, hi, drop in [(1, 30, set()), (7, 12, {8}), (29, 30, set()), (0, 30, {0, 29}), (12, 13, set())]:
-        got = list(stream._read_range(shard, lo, hi, frozenset(drop)))
+        got = list(read_range(shard, lo, hi, frozenset(drop)))
         assert [s["__key__"] for s in got] == [k for i, k in enumerate(full) if lo <= i < hi and i not in drop]
         assert all(set(s) >= {"png", "json", "__key__", "__url__"} for s in got)
     # a shard shorter than the manifest says: named, whether the range starts before or after its end
@@ -349,15 +349,14 @@ def test_a_range_read_seeks_past_its_start_and_matches_a_full_read(tmp_path):
     broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
     for lo, hi in [(0, 30), (5, 30), (25, 30)]:
         with pytest.raises(ShardError, match="train-000000.tar"):
-            list(stream._read_range(shard, lo, hi))
+            list(read_range(shard, lo, hi))
 
 
 def test_a_range_read_of_a_bcc_pack_shard_matches_a_full_read(synth_shards):
-    from bcc import stream
 
     shard = Manifest.load(synth_shards).split("train").shards[1]
-    full = [(s["__key__"], s["json"]) for s in stream._read_shard(shard)]
+    full = [(s["__key__"], s["json"]) for s in read_shard(shard)]
     for lo in (1, shard.count // 2, shard.count - 1):
-        got = [(s["__key__"], s["json"]) for s in stream._read_range(shard, lo, shard.count)]
+        got = [(s["__key__"], s["json"]) for s in read_range(shard, lo, shard.count)]
         assert got == full[lo:]
-    assert stream._sample_offset(str(shard.path), shard.count) == (None, shard.count)
+    assert sample_offset(str(shard.path), shard.count) == (None, shard.count)

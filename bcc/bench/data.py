@@ -84,11 +84,11 @@ def _time_batches(batches: Iterable, warmup: int, count: int, images_of: Callabl
 
 def _read_raw_samples(shards: Sequence, limit: int) -> list[tuple[str, bytes, dict]]:
     """(extension, image bytes, json metadata) of the first `limit` samples of `shards` in order."""
-    from bcc.stream import IMAGE_KEYS, _read_shard
+    from bcc.shards import IMAGE_KEYS, read_shard
 
     out = []
     for shard in shards:
-        for sample in _read_shard(shard):
+        for sample in read_shard(shard):
             ext = next(k for k in IMAGE_KEYS if k in sample)
             out.append((ext, sample[ext], json.loads(sample["json"])))
             if len(out) >= limit:

@@ -21,3 +21,11 @@ def positive_int(value: str) -> int:
 
 def count(value: str) -> int:
     return _int_at_least(value, 0, "an integer >= 0")
+
+
+def fold_count(value: str) -> int:
+    """K of k-fold cross-validation (`--folds K`, K >= 2)."""
+    n = positive_int(value)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"--folds needs K >= 2, got {value!r}")
+    return n

@@ -10,21 +10,14 @@ from __future__ import annotations
 
 import argparse
 
-from bcc.cli._types import positive_int
-
-
-def _folds(value: str) -> int:
-    n = positive_int(value)
-    if n < 2:
-        raise argparse.ArgumentTypeError(f"--folds needs K >= 2, got {value!r}")
-    return n
+from bcc.cli._types import fold_count, positive_int
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("cv", help="k-fold cross-validation: one run per fold, mean +- sd, out-of-fold predictions",
                               description=__doc__)
     p.add_argument("--config", "-c", help="training config (YAML); its data.shards must be packed with --folds K")
-    p.add_argument("--folds", type=_folds, required=True, metavar="K", help="number of folds of the pack")
+    p.add_argument("--folds", type=fold_count, required=True, metavar="K", help="number of folds of the pack")
     p.add_argument("--out", help="one run directory per fold goes here (default: the config's run.dir)")
     p.add_argument("--processes", type=positive_int, default=1,
                    help="processes per fold run: 1 trains in this process, more use accelerate launch")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bcc.cli._types import positive_int
+from bcc.cli._types import fold_count, positive_int
 from bcc.pack import DEFAULT_MIN_SHARDS
 
 
@@ -49,13 +49,6 @@ def _near_threshold(value: str) -> int:
     return n
 
 
-def _folds(value: str) -> int:
-    n = positive_int(value)
-    if n < 2:
-        raise argparse.ArgumentTypeError(f"--folds needs K >= 2, got {value!r}")
-    return n
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "pack",
@@ -85,7 +78,7 @@ def register(subparsers) -> None:
                    "and fold, like exact copies (default 6)")
     p.add_argument("--no-near-dup", action="store_true",
                    help="do not hash images: only exact copies and --group-regex groups are kept together")
-    p.add_argument("--folds", type=_folds, metavar="K",
+    p.add_argument("--folds", type=fold_count, metavar="K",
                    help="also deal train+val into K stratified, group-safe cross-validation folds "
                    "(train with data.fold=k, or run `bcc cv`)")
     p.add_argument("--taxonomy", metavar="NAME|FILE",

@@ -21,7 +21,6 @@ from bcc.atomic import write_json
 from bcc.calibration import apply_temperature, fit_temperatures, write_temperatures
 from bcc.checkpoint import (
     Checkpoint,
-    CheckpointManager,
     TrainState,
     find_latest,
     load_checkpoint,
@@ -30,6 +29,7 @@ from bcc.checkpoint import (
     restore_rng_state,
     save_rng_state,
 )
+from bcc.checkpoint_store import CheckpointManager
 from bcc.config import Config, config_hash, config_to_dict, save_config
 from bcc.console import console, set_main_process
 from bcc.errors import EXIT_PREEMPTED
@@ -97,6 +97,10 @@ def setup_run(cfg: Config) -> Run:
           f"on {socket.gethostname()} device {acc.device} {cpu_report()}", flush=True)
     manifest = Manifest.load(cfg.data.shards).with_fold(cfg.data.fold, train=cfg.data.train_split,
                                                         val=cfg.data.val_split)
+    if not manifest.has_checksums:
+        console.print(f"note: {manifest.root} is pack format {manifest.format_version}: its samples carry no "
+                      "checksum, so a damaged image is not detected as it is read; repack it with this bcc to "
+                      "check every sample", soft_wrap=True)
     taxonomy = manifest.taxonomy
     preflight(cfg, manifest, acc)  # splits, shards, metric, backbone: once, before anything is built
     if not parse_operating_point(cfg.eval.operating_point).is_argmax:
@@ -200,6 +204,11 @@ def fit(cfg: Config) -> dict:
         if preempted:
             save(run)
             return finish_preempted(run, flag, batches)
+        if cfg.data.on_corrupt == "skip":  # damaged samples left out this epoch, all ranks (a resumed
+            # epoch counts its resumed part)
+            skipped = sum(gather_object([len(loader.skipped)]))
+            run.log.log({"epoch": epoch + 1, "split": cfg.data.train_split, "skipped_corrupt": skipped},
+                        run.state.step)
         run.state.epoch += 1
         run.state.batches_in_epoch = 0
         metric_value = None

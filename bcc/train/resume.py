@@ -8,8 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from rich.markup import escape
 
-from bcc.checkpoint import Checkpoint, TrainState, find_latest, load_checkpoint, read_meta, resolve_checkpoint
+from bcc.checkpoint import (
+    Checkpoint,
+    TrainState,
+    find_latest_intact,
+    load_checkpoint,
+    read_meta,
+    resolve_checkpoint,
+)
 from bcc.config import Config, config_diff, config_from_dict, config_hash
 from bcc.console import console
 from bcc.finetune import check_resume_stages, resolve_stages
@@ -23,6 +31,7 @@ SAFE_RESUME_KEYS = (
     "train.preempt_check_steps",
     "data.workers",
     "data.eval_batch_size",
+    "data.on_corrupt",  # a run stopped by a damaged sample continues with skip from its last checkpoint
     "checkpoint.",
     "eval.",
     "run.",
@@ -30,12 +39,24 @@ SAFE_RESUME_KEYS = (
 
 
 def resume_path(cfg: Config, run_dir: Path) -> Path | None:
-    """The checkpoint `checkpoint.resume` names: none, the run dir's latest (auto), or a given path."""
+    """The checkpoint `checkpoint.resume` names: none, the run dir's latest intact one (auto), or a given
+    path (checked when loaded: a damaged one is an error, never replaced by another).
+
+    auto passes over damaged checkpoints (files that differ from their hashes) to the newest intact
+    one, with one warning line per damaged checkpoint; raises TrainError when every one is damaged.
+    """
     choice = cfg.checkpoint.resume
     if choice == "none":
         return None
     if choice == "auto":
-        return find_latest(run_dir / "checkpoints")
+        path, damaged = find_latest_intact(run_dir / "checkpoints")
+        for _damaged_path, reason in damaged:
+            then = f"resuming from the previous complete checkpoint {path.name}" if path else "no intact one is left"
+            # one line whatever the width: a grep-able record in a Slurm log
+            console.print(f"[yellow]warning:[/] {escape(reason)}; {then}", soft_wrap=True)
+        if path is None and damaged:
+            raise TrainError(f"every checkpoint in {run_dir / 'checkpoints'} is damaged; the newest: {damaged[0][1]}")
+        return path
     if not Path(choice).exists():
         raise TrainError(f"checkpoint.resume: {choice} does not exist")
     return resolve_checkpoint(choice, prefer="latest")
