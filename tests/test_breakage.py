@@ -168,7 +168,7 @@ def test_cmyk_jpeg_packed_pixels_equal_decode_rgb(make_class_tree, tmp_path):
             for name, m in members.items():
                 if name.endswith(".json") and b"cmyk.jpg" in tar.extractfile(m).read():
                     stem = name[: -len(".json")]
-                    img = next(n for n in members if n.startswith(stem + ".") and not n.endswith(".json"))
+                    img = next(n for n in members if n.startswith(stem + ".") and n.rsplit(".", 1)[1] in ("jpg", "png", "webp"))
                     stored = tar.extractfile(members[img]).read()
     assert stored is not None
     via_pack = np.asarray(decode_rgb(io.BytesIO(stored).getvalue()))
