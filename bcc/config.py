@@ -311,8 +311,10 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if not prefix and key in RENAMED_KEYS and cls is Config:
-            raise ConfigError(f"config key '{key}' is now '{RENAMED_KEYS[key]}'; rename it "
+            err = ConfigError(f"config key '{key}' is now '{RENAMED_KEYS[key]}'; rename it "
                               f"(e.g. {RENAMED_KEYS[key]}.preset=frozen)")
+            err.key = str(key)  # so `load_config` names the file or override that used it
+            raise err
         try:
             if key not in hints:
                 raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), names)}")

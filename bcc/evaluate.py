@@ -39,11 +39,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.markup import escape
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from bcc.atomic import write_json
-from bcc.errors import BccError
+from bcc.errors import EXIT_USAGE, BccError
 from bcc.imageio import IMAGE_SUFFIXES, decode_rgb, is_image_name
 from bcc.imageio import scan_class_folders as scan_folders
 from bcc.operating_point import binary_head
@@ -81,6 +82,9 @@ class FolderItem:
     path: str
     source: str  # relative to the data root, like a packed sample's `source`
     label: int  # leaf class index
+
+
+_SHOW_SKIPPED = 20  # skipped entries named on the console; metrics.json lists them all
 
 
 def scan_class_folders(root: str | Path, taxonomy: Taxonomy, model_label: str = "the checkpoint"):
@@ -379,13 +383,19 @@ def evaluate_checkpoint(
         console.print(format_table(flat, f"{source.kind} {source.name}: {count} images ({scaling})"))
         for f in merged["failed"]:
             console.print(f"[yellow]unreadable:[/] {f['source']}: {f['reason']}", soft_wrap=True)
+        # never dropped silently (pack's policy): each named, up to a screenful, all in metrics.json
+        for s in source.skipped[:_SHOW_SKIPPED]:
+            console.print(f"[yellow]skipped:[/] {escape(s['source'])}: {escape(s['reason'])}", soft_wrap=True)
+        if len(source.skipped) > _SHOW_SKIPPED:
+            console.print(f"[yellow]skipped:[/] {len(source.skipped) - _SHOW_SKIPPED} more, listed in metrics.json")
         if im.temperatures:
             raw = ", ".join(f"{h} {flat[h + '_ece_raw']:.4f}" for h in im.taxonomy.head_names)
             console.print(f"ECE raw -> temperature-scaled: combined {flat['ece_raw']:.4f} -> {flat['ece']:.4f}; "
                           f"per head raw {raw}")
         console.print(
             f"{count} images in {merged['seconds']:.2f} s ({report['images_per_second']} img/s) on "
-            f"{acc.num_processes} process(es); {len(merged['failed'])} unreadable -> {out_dir}", soft_wrap=True
+            f"{acc.num_processes} process(es); {len(merged['failed'])} unreadable, {len(source.skipped)} skipped "
+            f"-> {out_dir}", soft_wrap=True
         )
     report["out"] = str(out_dir)
     acc.wait_for_everyone()
@@ -472,3 +482,11 @@ def _fit_operating_point(im: InferenceModel, rule, scaled: Sequence[Tensor], lab
     path = write_operating_point(im.checkpoint, rule, threshold, im.taxonomy, temps.get(head, 1.0),
                                  {**info, "calibrated": True, "val": val})
     return {"rule": str(rule), "head": head, "threshold": threshold, "val": val, "path": str(path)}
+
+
+if __name__ == "__main__":  # the old entry point: say where it went instead of exiting 0 having done nothing
+    import sys
+
+    print("error: bcc.evaluate is a library module; run `bcc eval ...` "
+          "(or `accelerate launch -m bcc eval ...` for several processes)", file=sys.stderr)
+    sys.exit(EXIT_USAGE)

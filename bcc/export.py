@@ -38,14 +38,19 @@ from typing import Any
 import torch
 
 from bcc.atomic import atomic_path, write_json
+from bcc.errors import BccError
 
-__all__ = ["EXPORT_FILE", "ExportResult", "Preprocess", "export_checkpoint", "load_exported"]
+__all__ = ["EXPORT_FILE", "ExportError", "ExportResult", "Preprocess", "export_checkpoint", "load_exported"]
 
 EXPORT_FORMAT = "bcc-export/1"
 EXPORT_FILE = "bcc_export.json"
 WEIGHTS_FILE = "model.safetensors"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
+
+
+class ExportError(BccError):
+    """An export that cannot be written, with a message for the user."""
 
 
 class Preprocess:
@@ -151,14 +156,20 @@ def export_checkpoint(
     onnx: bool = False,
     calibrated: bool = True,
 ) -> ExportResult:
-    """Write the export of `checkpoint` (run dir, step dir, ...) into `out`; see the module docstring."""
+    """Write the export of `checkpoint` (run dir, step dir, ...) into `out`; see the module docstring.
+    Raises `ExportError` when `out` is not a directory and cannot be made one."""
     from safetensors.torch import save_file
 
     from bcc.predict import load_inference_model
 
-    im = load_inference_model(checkpoint, device="cpu", calibrated=calibrated)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():  # checked before the model is loaded: fail fast
+        raise ExportError(f"--out {out} is a file, not a directory")
+    im = load_inference_model(checkpoint, device="cpu", calibrated=calibrated)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create the export directory {out}: {e.strerror or e}") from e
     result = ExportResult(out)
     state = {k: v.detach().cpu().contiguous() for k, v in im.model.state_dict().items()}
     with atomic_path(out / WEIGHTS_FILE) as tmp:  # 0644: an export is meant to be shared

@@ -43,7 +43,6 @@ __all__ = ["PackError", "PackResult", "pack_folders"]
 # formats stored with their own bytes: those timm's wds reader (`jpg;png;webp`) and a plain
 # `WebDataset(...).to_tuple("jpg", ...)` read; 8-bit RGB in any other format is stored as PNG (lossless)
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
-_LOSSY = {"JPEG", "MPO", "WEBP", "JPEG2000"}
 
 # A pack made with default options must feed 2 loader workers on each of up to 8 ranks, one shard each
 DEFAULT_MIN_SHARDS = 16
@@ -136,10 +135,10 @@ def _convert(img, data: bytes, opts: _Options, rgb: Callable[[], Any]) -> dict[s
                     "ext": "png", "data": _encode(rgb(), "PNG", opts.quality)}
         # stored as they are: the reader applies the same orientation (bcc.imageio.decode_rgb)
         return {"format": fmt, "mode": mode, "converted": None, "ext": _EXTENSIONS[fmt], "data": None}
-    target = "JPEG" if fmt in _LOSSY else "PNG"
-    return {"format": fmt, "mode": mode, "converted": converted,
-            "ext": "jpg" if target == "JPEG" else "png",
-            "data": _encode(rgb(), target, opts.quality)}
+    # converted pixels are stored losslessly (PNG), even from a lossy source: the shard then holds exactly
+    # what bcc.imageio.decode_rgb gives for the source file, so pack -> stream equals predict / folder eval
+    return {"format": fmt, "mode": mode, "converted": converted, "ext": "png",
+            "data": _encode(rgb(), "PNG", opts.quality)}
 
 
 def _inspect(task: tuple[int, str, _Options]) -> dict[str, Any]:
@@ -327,6 +326,13 @@ def _commit(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
+def _skipped_note(skipped: Sequence[dict[str, str]]) -> str:
+    if not skipped:
+        return " (no class folder holds a file)"
+    first = skipped[0]
+    return f" ({len(skipped)} entries skipped, e.g. {first['path']}: {first['reason']})"
+
+
 def pack_folders(
     src: str | Path,
     out: str | Path,
@@ -351,7 +357,7 @@ def pack_folders(
 
     Raises `TaxonomyError` for an unknown class folder, `OutputExistsError` (a `FileExistsError`) for
     a non-empty `out` without `overwrite`, `SplitError` for bad split options and `PackError` for other
-    bad options or (with `strict`) any skipped file. `max_image_pixels` defaults to
+    bad options, a `src` without a usable image, or (with `strict`) any skipped file. `max_image_pixels` defaults to
     `bcc.imageio.MAX_IMAGE_PIXELS` (Pillow's decompression-bomb limit).
 
     near_dup_threshold: images whose 64-bit pHashes differ in at most this many bits (default 6)
@@ -383,6 +389,8 @@ def pack_folders(
     limit = max_image_pixels if max_image_pixels is not None else MAX_IMAGE_PIXELS
 
     entries, skipped, warnings_ = scan_class_folders(src, taxonomy.resolve_folder)
+    if not entries:  # a pack of no samples trains nothing; empty class folders alone stay warnings
+        raise PackError(f"SRC {src}: no images found{_skipped_note(skipped)}")
     scan_skipped = len(skipped)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -396,6 +404,8 @@ def pack_folders(
         if strict and skipped:
             lines = "\n".join(f"  {s['path']}: {s['reason']}" for s in skipped)
             raise PackError(f"{len(skipped)} file(s) would be skipped (--strict):\n{lines}")
+        if not samples:
+            raise PackError(f"SRC {src}: no usable images{_skipped_note(skipped)}")
         packed_folders = {s["folder"] for s in samples}
         warnings_ += [f"class folder {name!r} has no usable images"
                       for name in sorted({e.folder for e in entries} - packed_folders)]

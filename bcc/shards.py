@@ -51,6 +51,7 @@ def shard_sizes(n: int, shard_size: int, min_shards: int) -> list[int]:
 
 
 def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of the file at `path`, read in 1 MiB blocks (shards, pretrained weights)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -252,7 +252,7 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, make_class_tree):
     assert sum(s["count"] for s in m["splits"].values()) == 12 + 1 + 5
     assert tree_digest(src) == before
 
-    # converted images are stored as 8-bit RGB: PNG for lossless sources, JPEG for lossy ones
+    # converted images are stored as 8-bit RGB PNG, lossy sources too (the stored pixels are decode_rgb's)
     stored = {}
     for s in m["splits"].values():
         for shard in s["shards"]:
@@ -260,9 +260,8 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, make_class_tree):
                 meta = json.loads(x["json"])
                 ext = next(k for k in x if k not in ("__key__", "__url__", "__local_path__", "json", "cls"))
                 stored[meta["source"]] = (ext, x[ext])
-    for path in ("Early/gray.png", "Early/rgba.png", "Early/palette.png", "Early/deep16.png"):
+    for path in ("Early/gray.png", "Early/rgba.png", "Early/palette.png", "Early/deep16.png", "Early/cmyk.jpg"):
         assert stored[path][0] == "png"
-    assert stored["Early/cmyk.jpg"][0] == "jpg"
     for _ext, data in stored.values():
         assert Image.open(io.BytesIO(data)).mode == "RGB"
     deep = Image.open(io.BytesIO(stored["Early/deep16.png"][1]))
@@ -509,3 +508,19 @@ def test_timm_and_plain_webdataset_read_every_sample_with_its_label(tmp_path, ma
         pairs = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("pil").to_tuple("jpg", "cls"))
         assert [int(c) for _img, c in pairs] == want
         assert all(isinstance(img, Image.Image) and img.size == (32, 32) for img, _ in pairs)
+
+
+@pytest.mark.parametrize("files", [{}, {"Benign": []}, {"Benign": ["bad.jpg"], "Early": []}])
+def test_source_without_a_usable_image_is_refused(tmp_path, files):
+    """No images at all (an empty SRC, only empty class folders, only corrupt files) is a PackError naming
+    SRC, and OUT is not written; an empty class folder next to full ones stays a warning (test above)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for folder, names in files.items():
+        (src / folder).mkdir()
+        for name in names:
+            (src / folder / name).write_bytes(b"not an image")
+    with pytest.raises(PackError, match=f"SRC {src}: no (usable )?images"):
+        pack_folders(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob("out.tmp-*"))

@@ -15,11 +15,17 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bcc.errors import BccError
+
 Progress = Callable[[str], None]
 
 
 def quiet(_: str) -> None:
     pass
+
+
+class BenchError(BccError):
+    """A benchmark that cannot run on what it was given, with a message for the user."""
 
 
 @dataclass(frozen=True)
@@ -45,5 +51,5 @@ from bcc.bench.rss import RssPoint, bench_rss, write_synthetic_shards  # noqa: E
 from bcc.bench.step import StepBench, bench_step, step_seconds, time_steps  # noqa: E402
 from bcc.bench.vote import VotePoint, bench_vote  # noqa: E402
 
-__all__ = ["DataBench", "Progress", "RssPoint", "StepBench", "Timing", "bench_data", "bench_rss", "bench_step",
+__all__ = ["BenchError", "DataBench", "Progress", "RssPoint", "StepBench", "Timing", "bench_data", "bench_rss", "bench_step",
            "bench_vote", "step_seconds", "time_steps", "unpack_split", "VotePoint", "write_synthetic_shards"]

@@ -11,7 +11,6 @@ round in one process so that background load hits all of them alike:
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from bcc.bench import Progress, Timing, quiet
+from bcc.bench import BenchError, Progress, Timing, quiet
 
 
 @dataclass(frozen=True)
@@ -119,11 +118,10 @@ def _threads(n: int):
 
 
 def _decode_loop(raw: list[bytes], transform) -> None:
-    from PIL import Image
+    from bcc.imageio import decode_rgb  # the trainer's reader: the loop times what the stream decodes
 
     for data in raw:
-        with Image.open(io.BytesIO(data)) as img:
-            transform(img.convert("RGB"))
+        transform(decode_rgb(data))
 
 
 _PARALLEL: tuple = ()  # (raw, transform, barrier), inherited by the forked decode processes
@@ -193,14 +191,17 @@ def bench_data(
             root = tmp
         else:
             root = str(source)
-        folder = ImageFolder(root, transform=transform)
+        try:
+            folder = ImageFolder(root, transform=transform)
+        except FileNotFoundError as e:  # no such folder, or no class folder with images in it
+            raise BenchError(f"--source {root}: {e}") from None
 
         # never ask for more batches than one epoch of either loader holds
         stream_len = len(train_loader(manifest, cfg, seed=0, epoch=0, rank=0, world_size=1))
         folder_len = len(folder) // batch_size
         available = min(stream_len, folder_len) - warmup
         if available < 1:
-            raise ValueError(
+            raise BenchError(
                 f"{min(stream_len, folder_len)} batches of {batch_size} per epoch leave none after "
                 f"{warmup} warm-up batches; lower --batch-size or the warm-up"
             )

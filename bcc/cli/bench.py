@@ -103,19 +103,14 @@ def run_data(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from bcc.bench import bench_data, bench_rss
-    from bcc.console import console, error
-    from bcc.manifest import ManifestError
-    from bcc.stream import ShardError
+    from bcc.console import console
 
-    try:
-        result = bench_data(
-            args.shards, split=args.split, workers=args.workers, batches=args.batches, warmup=args.warmup,
-            batch_size=args.batch_size, image_size=args.image_size, source=args.source, rounds=args.rounds,
-            progress=_progress(console),
-        )
-    except (ManifestError, ShardError, ValueError, FileNotFoundError) as e:
-        error(str(e))
-        return 1
+    # user errors are BccErrors: bcc.cli.call prints them (exit 2; BCC_DEBUG=1 keeps the traceback)
+    result = bench_data(
+        args.shards, split=args.split, workers=args.workers, batches=args.batches, warmup=args.warmup,
+        batch_size=args.batch_size, image_size=args.image_size, source=args.source, rounds=args.rounds,
+        progress=_progress(console),
+    )
     w = max(result.workers, 1)
     baseline = args.source or f"split '{args.split}' unpacked to a temp dir"
     table = Table(
@@ -180,14 +175,10 @@ def run_step(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from bcc.bench import bench_step
-    from bcc.config import ConfigError, load_config
-    from bcc.console import console, error
+    from bcc.config import load_config
+    from bcc.console import console
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        error(str(e))
-        return 2
+    cfg = load_config(args.config, args.overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = bench_step(cfg, steps=args.steps, warmup=args.warmup, rounds=args.rounds,

@@ -63,7 +63,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the split and shuffles (default 0)")
     p.add_argument("--resize", type=positive_int, metavar="PX",
                    help="resize the shorter side to PX and store JPEG (default: keep original bytes)")
-    p.add_argument("--quality", type=_quality, default=90, metavar="Q", help="JPEG quality (default 90)")
+    p.add_argument("--quality", type=_quality, default=90, metavar="Q",
+                   help="JPEG quality of --resize (default 90; converted images are stored as PNG)")
     p.add_argument("--shard-size", type=positive_int, default=1000, metavar="N",
                    help="samples per shard at most (default 1000)")
     p.add_argument("--min-shards", type=positive_int, default=DEFAULT_MIN_SHARDS, metavar="K",

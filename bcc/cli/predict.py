@@ -4,7 +4,8 @@ Prints per image the decision (`Benign`, or `Malignant: Pro-B`: the subtype only
 says malignant) and the probabilities of every head. `--tta` averages the softmax over the identity and
 the horizontal, vertical and both flips. `--gradcam DIR` writes `DIR/<image stem>.<head>.png` per head:
 the original image (its own size) with the Grad-CAM map of that head's predicted class laid over the
-region the model saw. Exit code 1 when some file could not be read (the others are still predicted)."""
+region the model saw. Exit code 1 when some file could not be read (the others are still predicted);
+2 when nothing could be predicted (every input missing or unreadable, or no images given)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if args.gradcam:
         notes.append(f"Grad-CAM in {args.gradcam}")
     console.print(f"{n} image(s) predicted, {bad} failed ({', '.join(notes)})", soft_wrap=True)
-    if n == 0 and bad == 0:
-        error("no images given")
+    if n == 0:  # nothing to show for the run: a usage error, like any other bad input
+        if bad == 0:
+            error("no images given")
         return 2
     return 1 if bad else 0

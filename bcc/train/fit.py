@@ -154,9 +154,6 @@ def fit(cfg: Config) -> dict:
     acc, info = run.accelerator, run.info
     if acc.is_main_process:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.run_dir / "config.yaml")
-        if run.pretrained is not None:  # a fresh start from pretrained weights (a resume keeps the file)
-            write_json(run.run_dir / PRETRAINED_FILE, run.pretrained)
         preemption.clear_marker(run.run_dir)
     acc.wait_for_everyone()
     flag = preemption.PreemptionFlag()
@@ -170,6 +167,11 @@ def fit(cfg: Config) -> dict:
     else:
         run.state = TrainState(config_hash=config_hash(cfg))
         _enter(run, 0, carry=False)
+    # only now that a resume was accepted (or this is a fresh start): a refused one leaves the files alone
+    if acc.is_main_process:
+        save_config(cfg, run.run_dir / "config.yaml")
+        if path is None and run.pretrained is not None:  # a fresh start from pretrained weights
+            write_json(run.run_dir / PRETRAINED_FILE, run.pretrained)
     run.log.prune(run.state.step if path is not None else -1)
     start_trackers(acc, cfg.run.report_to, run.run_dir, run.name, config_to_dict(cfg),
                    resumed_step=run.state.step)
