@@ -150,13 +150,14 @@ def train_from_config(config_file, overrides) -> dict:
 def fit(cfg: Config) -> dict:
     """Train (or resume) the run described by `cfg`. Returns {"val", "test", "calibration", "train_time"}
     or {"preempted": True, "step"}. Raises TrainError (and other BccErrors) for the user."""
+    flag = preemption.PreemptionFlag()  # first: a signal during set-up is kept, not fatal
     run = setup_run(cfg)
+    flag.attach()
     acc, info = run.accelerator, run.info
     if acc.is_main_process:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         preemption.clear_marker(run.run_dir)
     acc.wait_for_everyone()
-    flag = preemption.PreemptionFlag()
     path, pending_rng = resume_path(cfg, run.run_dir), None
     if path is not None:
         run.state, run.stage, pending_rng = restore(path, run.parts, acc, info)

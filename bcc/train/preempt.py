@@ -23,8 +23,15 @@ class PreemptionFlag:
         self.group = None
         for sig in (signal.SIGUSR1, signal.SIGTERM) if install_handlers else ():
             signal.signal(sig, self._handle)
+        self.attach()
+
+    def attach(self) -> None:
+        """Join the vote's process group once the default group exists (collective on a non-gloo backend).
+
+        The handlers are installed at construction, which `fit` does before anything else, so a signal
+        that arrives during set-up is kept (the default action of SIGUSR1 would kill the rank)."""
         dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_backend() != "gloo":
+        if self.group is None and dist.is_available() and dist.is_initialized() and dist.get_backend() != "gloo":
             # the vote travels over a CPU (gloo) group: an NCCL all-reduce + .item() would stall the GPU
             # queue just to read one flag
             self.group = dist.new_group(backend="gloo")
