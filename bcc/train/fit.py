@@ -116,7 +116,7 @@ def setup_run(cfg: Config) -> Run:
                    steps_per_epoch=bpe // cfg.train.grad_accum, total_epochs=cfg.train.epochs)
     run_dir = Path(cfg.run.dir)
     # a resumed run takes its weights from the checkpoint: the pretrained source is not read again
-    resuming = resume_path(cfg, run_dir) is not None
+    resuming = resume_path(cfg, run_dir, warn=False) is not None
     parts = build_components(cfg, taxonomy, train_split.class_counts, acc.device, pretrained=not resuming)
     record = getattr(parts.model, "pretrained_record", None)
     # per-rank seed for dropout: ranks see different data anyway, but should not share masks

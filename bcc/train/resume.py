@@ -38,19 +38,20 @@ SAFE_RESUME_KEYS = (
 )
 
 
-def resume_path(cfg: Config, run_dir: Path) -> Path | None:
+def resume_path(cfg: Config, run_dir: Path, *, warn: bool = True) -> Path | None:
     """The checkpoint `checkpoint.resume` names: none, the run dir's latest intact one (auto), or a given
     path (checked when loaded: a damaged one is an error, never replaced by another).
 
     auto passes over damaged checkpoints (files that differ from their hashes) to the newest intact
-    one, with one warning line per damaged checkpoint; raises TrainError when every one is damaged.
+    one, with one warning line per damaged checkpoint (`warn=False` for a look ahead of the resume
+    itself, so a run says it once); raises TrainError when every one is damaged.
     """
     choice = cfg.checkpoint.resume
     if choice == "none":
         return None
     if choice == "auto":
         path, damaged = find_latest_intact(run_dir / "checkpoints")
-        for _damaged_path, reason in damaged:
+        for _damaged_path, reason in damaged if warn else ():
             then = f"resuming from the previous complete checkpoint {path.name}" if path else "no intact one is left"
             # one line whatever the width: a grep-able record in a Slurm log
             console.print(f"[yellow]warning:[/] {escape(reason)}; {then}", soft_wrap=True)
@@ -75,7 +76,7 @@ def follow_run_source(cfg: Config, explicit: Collection[str] = ()) -> tuple[Conf
 
     if not cfg.model.pretrained:
         return cfg, {}
-    path = resume_path(cfg, Path(cfg.run.dir))
+    path = resume_path(cfg, Path(cfg.run.dir), warn=False)
     if path is None:
         return follow_pretrained(cfg, explicit)
     saved = read_meta(path).get("config")
