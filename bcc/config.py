@@ -39,7 +39,10 @@ RENAMED_METRICS = {"acc4": "acc", "bacc4": "bacc"}  # combined metrics no longer
 
 @dataclass(frozen=True)
 class DataConfig:
-    shards: str = "shards/demo"  # a packed dataset (directory holding manifest.json)
+    # a packed dataset: a folder holding manifest.json, the http(s) URL of one (or of its manifest.json), or a
+    # `pipe:COMMAND` template with {name} where the file name goes (`pipe:aws s3 cp s3://b/ds/{name} -`);
+    # credentials from the environment only (BCC_HTTP_TOKEN, ~/.netrc, ${VAR}): docs/data.md
+    shards: str = "shards/demo"
     image_size: int = 224
     batch_size: int = 32  # per process
     eval_batch_size: int = 64  # per process
@@ -54,6 +57,11 @@ class DataConfig:
     # a sample whose stored bytes fail their pack-time checksum (or do not decode): "error" stops the run
     # naming shard and key; "skip" leaves it out of its batch and reports it (see bcc/stream.py)
     on_corrupt: Literal["error", "skip"] = "error"
+    # re-opens of a remote shard after a transient read error (dropped connection, failed pipe: command),
+    # with backoff; a re-open skips forward to the sample that failed, so the sample order never changes
+    retries: int = 3
+    # honour `pipe:` shard entries of the manifest (they run shell commands): only for a manifest you wrote
+    allow_pipe_in_manifest: bool = False
     # train augmentation: blood smears have no canonical orientation, so both flips and rotation are safe
     scale_min: float = 0.5
     rotation: float = 15.0
@@ -189,6 +197,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.eval_batch_size": _positive(),
     "data.workers": _at_least(0),
     "data.shuffle_buffer": _at_least(0),
+    "data.retries": _at_least(0),
     "data.scale_min": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     "data.rotation": ((lambda v: 0 <= v <= 180), "in [0, 180] degrees"),
     "data.color_jitter": _at_least(0),

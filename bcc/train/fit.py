@@ -95,10 +95,11 @@ def setup_run(cfg: Config) -> Run:
     check_precision(cfg.train.mixed_precision, acc.device)
     print(f"bcc: rank {acc.process_index}/{acc.num_processes} local {acc.local_process_index} "
           f"on {socket.gethostname()} device {acc.device} {cpu_report()}", flush=True)
-    manifest = Manifest.load(cfg.data.shards).with_fold(cfg.data.fold, train=cfg.data.train_split,
-                                                        val=cfg.data.val_split)
+    manifest = Manifest.load(cfg.data.shards, allow_pipe=cfg.data.allow_pipe_in_manifest,
+                             retries=cfg.data.retries).with_fold(cfg.data.fold, train=cfg.data.train_split,
+                                                                 val=cfg.data.val_split)
     if not manifest.has_checksums:
-        console.print(f"note: {manifest.root} is pack format {manifest.format_version}: its samples carry no "
+        console.print(f"note: {manifest.shown} is pack format {manifest.format_version}: its samples carry no "
                       "checksum, so a damaged image is not detected as it is read; repack it with this bcc to "
                       "check every sample", soft_wrap=True)
     taxonomy = manifest.taxonomy
