@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -189,7 +190,17 @@ class Manifest:
             raise ManifestError(f"{file} is malformed: {type(e).__name__}: {e}") from e
 
     def _parse_split(self, name: str, s: dict[str, Any]) -> SplitInfo:
-        shards = [shard for sh in s["shards"] for shard in self._parse_entry(name, sh)]
+        shards = []
+        local_root = None if self.is_remote else str(self.root)
+        for sh in s["shards"]:
+            entry = sh["path"]
+            if local_root is not None and "{" not in entry and ":" not in entry:  # the common case, fast
+                # lexical: `root` is resolved already, and resolving 100,000 shard paths would stat every one
+                shards.append(ShardInfo(Path(os.path.normpath(os.path.join(local_root, entry))), int(sh["count"]),
+                                        str(sh["sha256"]), tuple(int(n) for n in sh["fold_counts"])
+                                        if "fold_counts" in sh else None))
+            else:
+                shards += self._parse_entry(name, sh)
         return SplitInfo(name, int(s["count"]), {str(k): int(v) for k, v in s["class_counts"].items()}, shards)
 
     def _parse_entry(self, split: str, sh: dict[str, Any]) -> list[ShardInfo]:
@@ -217,8 +228,6 @@ class Manifest:
         counts, digests = each("count", sh["count"]), each("sha256", sh["sha256"])
         folds = each("fold_counts", sh["fold_counts"]) if "fold_counts" in sh else [None] * len(names)
         try:
-            # lexical for a local pack: `root` is resolved already, and resolving 100,000 shard paths
-            # would stat every one
             locations = [remote.join(self.root, n) for n in names]
         except remote.RemoteError as e:
             raise ManifestError(f"{self.shown}: split '{split}': {e}") from None
