@@ -191,7 +191,7 @@ def _fraction(closed_high: bool = True) -> tuple[Callable[[Any], bool], str]:
 
 
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "data.shards": ((lambda v: v != ""), "a packed dataset directory (not empty)"),
+    "data.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty)"),
     "data.image_size": _positive(),
     "data.batch_size": _positive(),
     "data.eval_batch_size": _positive(),

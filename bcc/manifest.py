@@ -129,15 +129,13 @@ class Manifest:
         """Load `<path>/manifest.json` (or `path` itself when it names the file). `path` may be remote
         (an http(s) URL or a `pipe:` template, see the module docstring): the manifest is fetched, with up
         to `retries` re-tries after a transient error. `allow_pipe`: honour `pipe:` shard entries."""
-        written = str(path)  # as the user wrote it: `${VAR}` may hold what must not be written out
-        if isinstance(path, str) and "${" in path:  # `${VAR}` from the environment (credentials, a whole URL)
+        if isinstance(path, str) and "${" in path and remote.is_local(path):  # a local folder from the environment
             try:
-                remote.check_no_secrets(path)
-                path = remote.expand_env(path)  # messages show `${VAR}` again (remote.redact)
+                path = remote.expand_env(path, remember=False)
             except remote.RemoteError as e:
                 raise ManifestError(str(e)) from None
         if not remote.is_local(path):
-            return cls._load_remote(str(path), allow_pipe, retries, check=written == str(path))
+            return cls._load_remote(str(path), allow_pipe, retries)
         path = Path(path)
         file = path if path.name == "manifest.json" and not path.is_dir() else path / "manifest.json"
         if not file.is_file():
@@ -151,10 +149,9 @@ class Manifest:
         return cls._from_data(file, file.parent.resolve(), data, allow_pipe)
 
     @classmethod
-    def _load_remote(cls, location: str, allow_pipe: bool, retries: int, check: bool = True) -> Manifest:
+    def _load_remote(cls, location: str, allow_pipe: bool, retries: int) -> Manifest:
         try:
-            if check:
-                remote.check_no_secrets(location)
+            remote.check_no_secrets(location)
             root, file = remote.manifest_location(location)
         except remote.RemoteError as e:
             raise ManifestError(str(e)) from None

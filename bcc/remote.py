@@ -9,7 +9,8 @@ The one owner of "a shard location" (`bcc.shards` opens every shard through `ope
   against it (`join`); an entry may also be a brace list (`train-{000000..000127}.tar`, `expand`).
 - Credentials come from the environment only: an `Authorization` header from `BCC_HTTP_TOKEN` (a bare
   token is sent as `Bearer TOKEN`), a `~/.netrc` (or `$NETRC`) entry for the host, or `${VAR}` in a
-  location, replaced by the variable's value when read (`https://${BCC_DATA_USERINFO}@host/ds`). A
+  location, replaced by the variable's value only when it is opened (`https://${BCC_DATA_USERINFO}@host/ds`,
+  or `${BCC_DATA_URL}` for a whole URL naming a folder): shards, configs and messages keep `${VAR}`. A
   location that spells a secret out (`user:password@`, a signed query such as `X-Amz-Signature=`) is
   refused by `check_no_secrets`, so no secret reaches `config.yaml`, a manifest or a log. `redact`
   masks what is left (userinfo, signed query values, tokens, the values of `${VAR}`s read) in every
@@ -75,6 +76,8 @@ class PipeError(RemoteError):
 def kind(location: str | os.PathLike) -> Kind:
     """"pipe" for `pipe:COMMAND`, "http" for http:// and https:// URLs, else "local"."""
     text = str(location) if not isinstance(location, Path) else ""
+    if text.startswith("${"):  # `${VAR}`: classified by the variable's value, which is read only when opened
+        text = _ENV_REF.sub(lambda m: os.environ.get(m.group(1), ""), text, count=1)
     if text.startswith("pipe:"):
         return "pipe"
     if text[:8].lower().startswith(("http://", "https://")):
@@ -123,15 +126,16 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _EXPANDED: dict[str, str] = {}  # value -> "${NAME}" of every variable expanded here (for redact)
 
 
-def expand_env(location: str) -> str:
-    """`location` with each `${NAME}` replaced by the environment variable's value. The value is
-    remembered so that `redact` shows `${NAME}` again. Raises RemoteError naming an unset variable."""
+def expand_env(location: str, remember: bool = True) -> str:
+    """`location` with each `${NAME}` replaced by the environment variable's value, as it is opened (a
+    location keeps its `${NAME}`s everywhere else). The value is remembered (`remember`) so that
+    `redact` shows `${NAME}` again. Raises RemoteError naming an unset variable."""
     def value(m: re.Match) -> str:
         name = m.group(1)
         if name not in os.environ:
             raise RemoteError(f"{location}: the environment variable {name} is not set")
         v = os.environ[name]
-        if len(v) >= 4:
+        if remember and len(v) >= 4:
             _EXPANDED[v] = m.group(0)
         return v
 
