@@ -208,6 +208,11 @@ class Manifest:
                 f"{self.shown}: split '{split}': the shard entry {remote.redact(entry)!r} is a pipe: command; a "
                 "manifest may not run commands. If you wrote this manifest and trust it, set "
                 "data.allow_pipe_in_manifest=true (or put the command in data.shards)")
+        if remote.sends_token_elsewhere(entry, self.root):
+            raise ManifestError(
+                f"{self.shown}: split '{split}': the shard entry {remote.redact(entry)!r} is on another host than "
+                f"the dataset, which would receive ${remote.TOKEN_ENV}; set {remote.TOKEN_HOSTS_ENV} to the hosts "
+                "that may (comma-separated)")
         names = remote.expand(entry) if "{" in entry else [entry]
 
         def each(key: str, value: Any) -> list[Any]:

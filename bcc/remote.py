@@ -8,7 +8,8 @@ The one owner of "a shard location" (`bcc.shards` opens every shard through `ope
   name goes (`pipe:aws s3 cp s3://bucket/ds/{name} -`). The manifest's relative shard entries resolve
   against it (`join`); an entry may also be a brace list (`train-{000000..000127}.tar`, `expand`).
 - Credentials come from the environment only: an `Authorization` header from `BCC_HTTP_TOKEN` (a bare
-  token is sent as `Bearer TOKEN`), a `~/.netrc` (or `$NETRC`) entry for the host, or `${VAR}` in a
+  token is sent as `Bearer TOKEN`; only to the hosts `BCC_HTTP_TOKEN_HOSTS` lists when that is set, and
+  a manifest whose absolute URL entries would carry it to another host is refused otherwise), a `~/.netrc` (or `$NETRC`) entry for the host, or `${VAR}` in a
   location, replaced by the variable's value only when it is opened (`https://${BCC_DATA_USERINFO}@host/ds`,
   or `${BCC_DATA_URL}` for a whole URL naming a folder): shards, configs and messages keep `${VAR}`. A
   location that spells a secret out (`user:password@`, a signed query such as `X-Amz-Signature=`) is
@@ -48,9 +49,11 @@ from bcc.errors import BccError
 
 __all__ = ["DEFAULT_RETRIES", "HTTP_TIMEOUT_S", "TOKEN_ENV", "PipeError", "RemoteError", "check_no_secrets",
            "display", "expand", "expand_env", "is_local", "is_plain_name", "is_transient", "join", "kind",
-           "manifest_location", "open_location", "probe", "probe_all", "read_bytes", "redact", "retry_delay"]
+           "manifest_location", "open_location", "probe", "probe_all", "read_bytes", "redact", "retry_delay",
+           "sends_token_elsewhere", "token_for"]
 
 TOKEN_ENV = "BCC_HTTP_TOKEN"
+TOKEN_HOSTS_ENV = "BCC_HTTP_TOKEN_HOSTS"  # optional: the only hosts BCC_HTTP_TOKEN is sent to
 DEFAULT_RETRIES = 3  # data.retries
 RETRY_BACKOFF_S = 0.5  # first wait before a re-open; doubles per attempt, at most RETRY_BACKOFF_MAX_S
 RETRY_BACKOFF_MAX_S = 8.0
@@ -250,7 +253,7 @@ def _auth_headers(url: str) -> tuple[str, dict[str, str]]:
         url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
         headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         return url, headers
-    token = os.environ.get(TOKEN_ENV, "").strip()
+    token = token_for(parts.hostname or "")
     if token:
         headers["Authorization"] = token if " " in token else f"Bearer {token}"
         return url, headers
@@ -262,6 +265,26 @@ def _auth_headers(url: str) -> tuple[str, dict[str, str]]:
         login, _, password = found
         headers["Authorization"] = "Basic " + base64.b64encode(f"{login}:{password or ''}".encode()).decode()
     return url, headers
+
+
+def token_for(host: str) -> str | None:
+    """`$BCC_HTTP_TOKEN` when it may go to `host`: every host, or only those `$BCC_HTTP_TOKEN_HOSTS`
+    lists (comma-separated host names) when that is set."""
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    hosts = os.environ.get(TOKEN_HOSTS_ENV, "").strip()
+    if not token or hosts and host.lower() not in {h.strip().lower() for h in hosts.split(",")}:
+        return None
+    return token
+
+
+def sends_token_elsewhere(entry: str, root: str | Path) -> bool:
+    """Whether reading the absolute URL `entry` of the manifest at `root` would send `$BCC_HTTP_TOKEN`
+    to a host other than the dataset's own, unasked (no `$BCC_HTTP_TOKEN_HOSTS`)."""
+    if kind(entry) != "http" or not os.environ.get(TOKEN_ENV, "").strip() or os.environ.get(TOKEN_HOSTS_ENV):
+        return False
+    host = urllib.parse.urlsplit(expand_env(entry, remember=False)).hostname
+    own = urllib.parse.urlsplit(expand_env(str(root), remember=False)).hostname if kind(root) == "http" else None
+    return host != own
 
 
 class _HttpBody:

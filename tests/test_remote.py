@@ -327,6 +327,18 @@ def test_a_manifest_cannot_run_commands(synth_shards, tmp_path):
     assert not (tmp_path / "pwned2").exists()
 
 
+def test_the_token_goes_only_where_the_user_sends_it(synth_shards, tmp_path, monkeypatch):
+    pack = _manifest_with_entry(synth_shards, tmp_path / "p", "https://elsewhere.example/train-000000.tar")
+    assert Manifest.load(pack).split("train").shards[0].path == "https://elsewhere.example/train-000000.tar"
+    monkeypatch.setenv(remote.TOKEN_ENV, TOKEN)
+    with pytest.raises(ManifestError, match=r"'https://elsewhere.example/train-000000.tar' is on another host than "
+                                            r"the dataset, which would receive \$BCC_HTTP_TOKEN; set BCC_HTTP_TOKEN_HOSTS"):
+        Manifest.load(pack)
+    monkeypatch.setenv(remote.TOKEN_HOSTS_ENV, "data.example, cdn.example")
+    Manifest.load(pack)
+    assert remote.token_for("DATA.example") == TOKEN and remote.token_for("elsewhere.example") is None
+
+
 def test_pipe_in_a_manifest_fails_training_with_one_line(synth_shards, tmp_path, capsys):
     from bcc.cli import main
 
