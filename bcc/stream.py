@@ -10,6 +10,11 @@ Training (`TrainLoader`, or `train_loader` for one epoch): an epoch is ONE pass 
   every rank runs the same number of batches and no sample is read twice. Planning costs
   O(shards + parts x log shards) (`time_plan` measures it); a cut can fall inside a shard, so any
   number of shards feeds any number of ranks and workers.
+- Sources and sampling (`bcc.plan.make_plan`): a shard of a `data.sources` source of weight r enters the
+  one-pass concatenation r times (each sample at most r times per epoch); with `data.sampling=resample`
+  each lane instead draws shards with replacement by (seed, epoch, rank, lane) for `data.epoch_samples`
+  samples per epoch (`ResamplePlan`; nothing dropped, any number of shards feeds any number of parts).
+  Everything below holds for both plans.
 - Lanes: a rank's run is cut into `LANES` (8) contiguous lanes. Lane l owns the rank's batches
   l, l + 8, l + 16, ...; its samples pass through its own shuffle buffer (`data.shuffle_buffer`
   samples, seeded by (seed, epoch, rank, lane)) and are cut into batches in order. The buffer only ever
