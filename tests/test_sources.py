@@ -28,6 +28,7 @@ from bcc.manifest import Manifest
 from bcc.plan import LANES, ResamplePlan, StreamError, batches_per_epoch, make_plan
 from bcc.sources import SourceError, load_data, shard_weights, weighted_class_counts
 from bcc.stream import TrainLoader
+from bcc.trackers import tracker_values
 
 BATCH = 4
 A, B = [30, 3, 3, 40], [5, 0, 12]  # 76 + 17 samples; B has an empty shard
@@ -66,6 +67,8 @@ def test_mixed_manifest_concatenates_the_sources_and_weights_them(mixed):
     counts = weighted_class_counts(mixed, "train")
     assert counts == {c: a.get(c, 0) + 3 * b.get(c, 0) for c in set(a) | set(b)}
     assert [s.name for s in mixed.sources] == ["a", "b"]
+    # per-source metrics rows reach the trackers under their source, beside the combined row's names
+    assert tracker_values({"split": "val", "source": "a", "bacc": 0.5}) == {"val/a/bacc": 0.5}
 
 
 def test_sources_that_cannot_mix_are_named(mixed, tmp_path):
