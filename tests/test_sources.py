@@ -172,6 +172,10 @@ def test_a_million_images_in_800_shards_start_on_128_ranks_by_8_workers():
     # with fewer shards than ranks x workers, each part reads from one or two draws, not the same shard
     firsts = {plan.segments(r, lane)[0][:2] for r in range(128) for lane in range(LANES)}
     assert len(firsts) > 900
+    # the one-pass plan starts there too (its cuts fall inside shards), dropping fewer than a world batch
+    one_pass = make_plan(counts, [1] * 800, sampling="without_replacement", epoch_samples=0, seed=0, epoch=3,
+                         world_size=128, batch_size=32)
+    assert one_pass.batches == plan.batches and len(one_pass.dropped) < 128 * 32
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 8])
