@@ -467,7 +467,12 @@ def train_batches(manifest, data_cfg, world_size: int) -> int:
     counts = [s.count for s in manifest.split(data_cfg.train_split).shards]
     samples = epoch_length(counts, shard_weights(manifest, data_cfg.train_split), data_cfg.sampling,
                            data_cfg.epoch_samples)
-    return batches_per_epoch(samples, data_cfg.batch_size, world_size)
+    try:
+        return batches_per_epoch(samples, data_cfg.batch_size, world_size)
+    except StreamError as e:
+        if data_cfg.sampling == "resample":
+            raise StreamError(f"data.sampling=resample: {e}, or raise data.epoch_samples") from None
+        raise
 
 
 def train_loader(

@@ -27,7 +27,7 @@ from bcc.config import ConfigError, SourceConfig, load_config
 from bcc.manifest import Manifest
 from bcc.plan import LANES, ResamplePlan, StreamError, batches_per_epoch, make_plan
 from bcc.sources import SourceError, load_data, shard_weights, weighted_class_counts
-from bcc.stream import TrainLoader
+from bcc.stream import TrainLoader, train_batches
 from bcc.trackers import tracker_values
 
 BATCH = 4
@@ -218,6 +218,8 @@ def test_resample_stream_is_worker_independent_and_resumes_exactly(mixed, keys_b
         assert simulate(mixed, replace(base, workers=2), epoch=2, rank=1, world_size=2, skip=k) == full[0][k:]
     loader = TrainLoader(mixed, base, seed=0, rank=0, world_size=2)
     assert loader.batches_per_epoch == 7 and loader.dropped_per_epoch == 0
+    with pytest.raises(StreamError, match="resample: .* or raise data.epoch_samples"):
+        train_batches(mixed, replace(base, epoch_samples=7), 2)
 
 
 # --------------------------------------------------------------------------- real runs
