@@ -339,6 +339,21 @@ def test_the_token_goes_only_where_the_user_sends_it(synth_shards, tmp_path, mon
     assert remote.token_for("DATA.example") == TOKEN and remote.token_for("elsewhere.example") is None
 
 
+def test_data_sources_take_urls_and_refuse_pipe_entries_too(synth_shards, tmp_path):
+    from bcc.config import DataConfig, SourceConfig
+    from bcc.sources import load_data
+
+    evil = _manifest_with_entry(synth_shards, tmp_path / "evil", f"pipe:cat {synth_shards}/train-000000.tar")
+    with serve(synth_shards) as (_, url):
+        mixed = load_data(DataConfig(sources=(SourceConfig(shards=url, name="web"),
+                                              SourceConfig(shards=f"pipe:cat {synth_shards}/{{name}}", name="s3"))))
+        local = Manifest.load(synth_shards).split("train")
+        assert mixed.split("train").count == 2 * local.count
+        with pytest.raises(ManifestError, match="may not run commands"):
+            load_data(DataConfig(sources=(SourceConfig(shards=url), SourceConfig(shards=str(evil)))))
+    assert load_data(DataConfig(shards=str(evil), allow_pipe_in_manifest=True)).split("train").count == local.count
+
+
 def test_pipe_in_a_manifest_fails_training_with_one_line(synth_shards, tmp_path, capsys):
     from bcc.cli import main
 
