@@ -213,6 +213,7 @@ def bench_steps(plan: GpuPlan, device: torch.device, deadline: float, progress: 
                     results.append(entry)
                     batch = None
                 loop = None
+                accelerator.free_memory()  # Accelerate holds every prepared model until told otherwise
                 _release(device)
     cudnn = torch.backends.cudnn
     return {"backbone": plan.backbone, "image_size": plan.image_size, "warmup": plan.warmup,
@@ -309,7 +310,9 @@ def bench_decode(plan: GpuPlan, packs: dict[str, Path], device: torch.device, pr
     for kind, shards in packs.items():
         progress(f"decode: {kind} pack")
         split = Manifest.load(shards).split("train")
-        raw = list(dict.fromkeys(data for _, data, _ in _read_raw_samples(split.shards, split.count)))
+        # the distinct images among the first few copies' worth of samples (each is stored `copies` times)
+        limit = min(split.count, 4 * plan.unique_images)
+        raw = list(dict.fromkeys(data for _, data, _ in _read_raw_samples(split.shards, limit)))
         tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in raw]
         entry: dict[str, Any] = {"images": len(raw), "mean_kib": sum(map(len, raw)) / len(raw) / 1024}
         with _threads(1):  # one core, as in a loader worker
@@ -399,6 +402,8 @@ def _ddp_step(spec: dict, device: torch.device, rank: int, sync_bn: bool) -> dic
     seconds = time.perf_counter() - t0
     flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
     fingerprint = torch.stack([flat.sum(), (flat * flat).sum()])
+    if dist.get_backend() == "gloo":
+        fingerprint = fingerprint.cpu()  # gloo's MIN/MAX of doubles: certain on the host
     low, high = fingerprint.clone(), fingerprint.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
@@ -571,6 +576,10 @@ def bench_gpu(device: str | None = None, *, steps: int | None = None, progress: 
 
 
 def _run_parts(plan: GpuPlan, dev: torch.device, deadline: float, report: dict, progress: Progress) -> None:
+    def share(fraction: float) -> float:
+        """A part's own deadline: at most `fraction` of the budget from now, never past the run's."""
+        return min(deadline, time.monotonic() + fraction * plan.budget_s)
+
     def part(name: str, run: Callable[[], dict]) -> None:
         if time.monotonic() > deadline:
             report[name] = {"skipped": f"the {plan.budget_s:.0f} s budget was spent before this part"}
@@ -585,13 +594,13 @@ def _run_parts(plan: GpuPlan, dev: torch.device, deadline: float, report: dict, 
 
     with tempfile.TemporaryDirectory(prefix="bcc-bench-gpu-") as tmp_name:
         tmp = Path(tmp_name)
-        part("steps", lambda: bench_steps(plan, dev, deadline, progress))
+        part("steps", lambda: bench_steps(plan, dev, share(0.4), progress))
         packs: dict[str, Path] = {}
 
         def loader() -> dict:
             progress("loader: rendering and packing synthetic cells")
             packs.update(make_packs(plan, tmp))
-            return bench_loader(plan, packs, dev, deadline, progress)
+            return bench_loader(plan, packs, dev, share(0.2), progress)
 
         part("loader", loader)
         part("decode", lambda: bench_decode(plan, packs, dev, progress) if packs
