@@ -17,7 +17,8 @@ nccl     one DDP step in a 1-rank NCCL group (CUDA only)  } the model and loss o
 gloo     one DDP step in a 2-rank gloo group              } batch with no malignant sample, so the subtype
                                                             head's targets are all masked: it must neither
                                                             fail nor hang (the ranks run under a timeout).
-sync_bn  the same step with BatchNorm converted to SyncBatchNorm, in the 1-rank NCCL group (CUDA only).
+sync_bn  the same step with BatchNorm converted to SyncBatchNorm in both groups (CUDA only: DDP refuses it
+         on the CPU; at world size 1 torch runs it as plain BatchNorm, the 2-rank group gathers statistics).
 compile  `torch.compile` of the prepared model: the first (compiling) step, then compiled vs eager rate.
 
 `--device cpu` runs the same code at tiny shapes (`plan_for`), which is what the test suite checks.
@@ -138,7 +139,8 @@ def _step_config(plan: GpuPlan, precision: str = "fp32", layout: str = "NCHW"):
     )
 
 
-def _taxonomy_and_counts():
+def _default_taxonomy():
+    """The default (ALL) taxonomy and equal class counts: every class weight 1."""
     from bcc.taxonomy import Taxonomy
 
     taxonomy = Taxonomy.default()
@@ -183,7 +185,7 @@ def bench_steps(plan: GpuPlan, device: torch.device, deadline: float, progress: 
     """img/s of bcc's train step per precision x layout x stage x batch size (a list of entries)."""
     from bcc.bench.step import _BccLoop
 
-    taxonomy, counts = _taxonomy_and_counts()
+    taxonomy, counts = _default_taxonomy()
     classes = list(range(len(taxonomy.class_names)))
     results: list[dict] = []
     for precision in PRECISIONS:
@@ -374,7 +376,7 @@ def _ddp_step(spec: dict, device: torch.device, rank: int, sync_bn: bool) -> dic
 
     plan = GpuPlan(**spec["plan"])
     cfg = _step_config(plan)
-    taxonomy, counts = _taxonomy_and_counts()
+    taxonomy, counts = _default_taxonomy()
     labels, masked = _masked_labels(taxonomy)
     parts = build_components(cfg, taxonomy, counts, device, finetune=FinetuneConfig(preset="full"))
     model = parts.model.to(device)
@@ -492,7 +494,7 @@ def bench_compile(plan: GpuPlan, device: torch.device, progress: Progress = quie
     precision, layout = ("bf16", "NHWC") if device.type == "cuda" else ("fp32", "NCHW")
     if plan.compile_backend == "inductor" and device.type == "cpu" and shutil.which("cc") is None:
         return {"skipped": "inductor needs a C compiler on the CPU and none is on PATH"}
-    taxonomy, counts = _taxonomy_and_counts()
+    taxonomy, counts = _default_taxonomy()
     n = plan.batch_sizes[0]
     accelerator = _accelerator(precision, device)
     loop = _BccLoop(_step_config(plan, precision, layout), accelerator, taxonomy, counts, "staged", stage=2)
