@@ -1,5 +1,6 @@
-"""`bcc bench gpu`: the CPU run through the real CLI writes every part, sane; a failing part is recorded
-and the others still run; a missing GPU and a bad --out are one `error:` line each."""
+"""`bcc bench gpu`: the CPU run through the real CLI writes every part, sane; a failing part is recorded,
+a hung rank is killed in bounded time, and the others still run; a missing GPU and a bad --out are one
+`error:` line each."""
 
 from __future__ import annotations
 
@@ -90,3 +91,30 @@ def test_out_in_a_missing_directory_is_one_error_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: --out {out}: directory {out.parent} does not exist"]
+
+
+def _hang_on_rank_1(rank, world_size, backend, device_type, run_dir, spec):
+    import time
+
+    while rank == 1:
+        time.sleep(1)
+
+
+def _raise_on_rank_0(rank, world_size, backend, device_type, run_dir, spec):
+    if rank == 0:
+        raise RuntimeError("NCCL error (simulated)")
+
+
+def test_a_hung_or_failing_rank_is_an_error_in_bounded_time(monkeypatch, tmp_path):
+    import dataclasses
+    import time
+
+    plan = dataclasses.replace(gpu.plan_for("cpu"), rank_timeout_s=0.5, rank_startup_s=1.5)
+    monkeypatch.setattr(gpu, "_rank_main", _hang_on_rank_1)
+    t0 = time.monotonic()
+    out = gpu.run_ranks(plan, 2, "gloo", torch.device("cpu"), tmp_path)
+    assert out == {"error": "2-rank gloo step: no result after 2 s (a rank hung); ranks killed"}
+    assert time.monotonic() - t0 < 30
+    monkeypatch.setattr(gpu, "_rank_main", _raise_on_rank_0)
+    out = gpu.run_ranks(plan, 2, "gloo", torch.device("cpu"), tmp_path)
+    assert out == {"error": "2-rank gloo step: a rank raised: RuntimeError: NCCL error (simulated)"}
