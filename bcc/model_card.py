@@ -29,7 +29,7 @@ import yaml
 
 __all__ = ["card_facts", "per_class_results", "render_card"]
 
-SHOWN = ("count", "acc", "bacc", "f1", "auroc", "ece", "ece_raw", "sens", "spec", "loss")
+SHOWN = ("count", "acc", "bacc", "f1", "auroc", "ece", "ece_raw", "sens", "spec", "op_sens", "op_spec", "op_bacc", "loss")
 
 
 def _read_json(path: Path) -> Any:
@@ -240,7 +240,8 @@ def render_card(config: Mapping[str, Any], facts: Mapping[str, Any], license: st
         rows = [["combined (leaf classes)", *(test["combined"].get(k) for k in keys)]]
         rows += [[f"head `{h}`", *(v.get(k) for k in keys)] for h, v in test["heads"].items()]
         out.append(_table(["scope", *keys], rows) + "\n")
-        out.append("`sens`/`spec`: sensitivity and specificity of a two-class head's second label (e.g. Malignant). "
+        out.append("`sens`/`spec`: sensitivity and specificity of a two-class head's second label (e.g. Malignant) "
+                   "at argmax, `op_*` at the operating point. "
                    "`ece`: expected calibration error (15 bins).\n")
         if test["per_class"]:
             out.append("Per class (hierarchical decision):\n")

@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint", "-c", default=None, metavar="RUN|CKPT",
                    help="run dir (its best checkpoint), checkpoints dir, step dir or best/last link")
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--format", default="bcc", choices=("bcc", "hf"),
+    p.add_argument("--format", default=None, choices=("bcc", "hf"),
                    help="bcc: bcc_export.json layout (default); hf: a Hugging Face Hub folder with a model card")
     p.add_argument("--weights", default="auto", choices=("auto", "raw", "ema"),
                    help="raw weights, or the EMA ones (model_ema.safetensors); auto: EMA when the checkpoint has them")
@@ -40,22 +40,23 @@ def run(args: argparse.Namespace) -> int:
         raise ExportError("--private only applies with --push-to-hub")
     if args.push_to_hub:
         check_repo_id(args.push_to_hub)  # before minutes of export work
-        if args.format != "hf":
-            raise ExportError(f"--push-to-hub uploads a Hub export: add --format hf (not --format {args.format})")
+        if args.format != "hf" and (args.checkpoint is not None or args.format is not None):
+            raise ExportError(f"--push-to-hub uploads a Hub export: add --format hf (not --format {args.format or 'bcc'})")
     if args.checkpoint is None:
         if not args.push_to_hub:
             raise ExportError("--checkpoint is required (only --push-to-hub may upload an existing export in --out)")
         url = push_export(args.out, args.push_to_hub, private=args.private)
         console.print(f"uploaded {args.out} to {url}", soft_wrap=True, markup=False)
         return 0
-    result = export_checkpoint(args.checkpoint, args.out, format=args.format, weights=args.weights,
+    fmt = args.format or "bcc"
+    result = export_checkpoint(args.checkpoint, args.out, format=fmt, weights=args.weights,
                                license=args.license, torchscript=args.torchscript, onnx=args.onnx,
                                calibrated=not args.no_calibration)
     for note in result.notes:
         warn(note)
     for f in result.files:
         console.print(f"wrote {f}", soft_wrap=True)
-    if args.format == "hf":
+    if fmt == "hf":
         console.print(f"load with: bcc predict --checkpoint {result.directory} IMAGE ...", soft_wrap=True, markup=False)
         if args.push_to_hub:
             url = push_export(result.directory, args.push_to_hub, private=args.private)
