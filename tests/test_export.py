@@ -302,3 +302,21 @@ def test_hub_specs_and_an_unreachable_hub_are_one_line(synth_data, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cannot download hf-hub:bcc-test/all-cells"), lines
+
+
+def test_hf_export_is_a_pretrained_source(hf_export):
+    """`model.pretrained=HF_EXPORT` (folder or its model.safetensors) loads backbone and heads back."""
+    import dataclasses
+
+    from bcc.model import build_model
+    from bcc.predict import load_inference_model
+
+    run, out, _ = hf_export
+    im = load_inference_model(run, device="cpu")
+    for source in (out, out / "model.safetensors"):
+        cfg = dataclasses.replace(im.config.model, pretrained=str(source))
+        model = build_model(cfg, im.taxonomy.head_sizes, taxonomy=im.taxonomy)
+        record = model.pretrained_record
+        assert record.kind == "hf-export" and record.loaded == record.total
+        assert record.heads_loaded == ("binary", "subtype") and not record.unexpected
+        assert all(torch.equal(v, im.model.state_dict()[k]) for k, v in model.state_dict().items())
