@@ -129,7 +129,8 @@ def card_facts(im, weights: str) -> dict[str, Any]:
         "weights": weights,
         "data": _data_facts(im),
         "test": _test_facts(im, weights),
-        "temperature_fit": {k: temps.get(k) for k in ("split", "count", "step")} if isinstance(temps, dict) else None,
+        "temperature_fit": {k: temps.get(k) for k in ("split", "count", "step", "ece_before", "ece_after")}
+        if isinstance(temps, dict) else None,
         "operating_point_fit": point if isinstance(point, dict) else None,
     }
 
@@ -260,6 +261,10 @@ def render_card(config: Mapping[str, Any], facts: Mapping[str, Any], license: st
                    + ", ".join(f"`{h}` T={t:.4f}" for h, t in temps.items())
                    + (f"; fitted on the `{fit.get('split')}` split ({fit.get('count')} images)" if fit.get("split")
                       else "") + ".\n")
+        before, after = fit.get("ece_before") or {}, fit.get("ece_after") or {}
+        if "combined" in before and "combined" in after:
+            out.append(f"ECE on that split, combined: {before['combined']:.4f} raw, {after['combined']:.4f} "
+                       "temperature-scaled.\n")
     else:
         out.append("No temperatures: the probabilities are the raw softmax, which is usually over-confident.\n")
     point = config.get("operating_point")

@@ -96,7 +96,8 @@ def hf_export(trained_run, synth_shards, tmp_path_factory):  # noqa: F811
     run = root / "run"
     shutil.copytree(trained_run, run, symlinks=True)
     im = load_inference_model(run, device="cpu", calibrated=False)
-    write_temperatures(im.checkpoint, {"binary": 1.5, "subtype": 0.8}, {"split": "val", "count": 36})
+    write_temperatures(im.checkpoint, {"binary": 1.5, "subtype": 0.8}, {"split": "val", "count": 36, "ece_before": {
+        "combined": 0.2}, "ece_after": {"combined": 0.1}})
     write_operating_point(im.checkpoint, "youden", 0.4, im.taxonomy, temperature=1.5,
                           info={"split": "val", "count": 36, "val": {"argmax": {"sens": 0.5, "spec": 1.0},
                                                                      "chosen": {"sens": 0.8, "spec": 0.9}}})
@@ -131,7 +132,7 @@ def test_hf_export_folder_config_and_card(hf_export):
     for text in ("Not for clinical use", "## Intended use", "## Not intended use", "## Training data",
                  "## Evaluation", "## Calibration", "## Limitations", "## Pretrained source", "raw trained weights",
                  f"**{evaluation['count']} images**", "`binary` T=1.5000", "Operating point `youden`",
-                 "0.800/0.900 at this point", "heads.<head>.0"):
+                 "0.800/0.900 at this point", "heads.<head>.0", "combined: 0.2000 raw, 0.1000 temperature-scaled"):
         assert text in card, text
     # split sizes from the manifest, per-class results from the evaluation's confusion matrix
     assert "| test | 36 | 9 | 9 | 9 | 9 |" in card
@@ -320,3 +321,12 @@ def test_hf_export_is_a_pretrained_source(hf_export):
         assert record.kind == "hf-export" and record.loaded == record.total
         assert record.heads_loaded == ("binary", "subtype") and not record.unexpected
         assert all(torch.equal(v, im.model.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_an_export_is_not_recalibrated_in_place(hf_export, synth_shards):
+    from bcc.evaluate import EvalError, calibrate_checkpoint
+
+    _, out, _ = hf_export
+    with pytest.raises(EvalError, match="is an export: calibrate the run's checkpoint"):
+        calibrate_checkpoint(out, synth_shards)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
