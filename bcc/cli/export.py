@@ -6,7 +6,8 @@ and ONNX (when the onnx package is installed). `--format hf`: a Hugging Face Hub
 `model.safetensors` (backbone keys as timm/torchvision name them, heads under `heads.`) + a versioned
 `config.json` + a `README.md` model card; `--push-to-hub OWNER/NAME` uploads it (the token from HF_TOKEN
 or `huggingface-cli login`). Without --checkpoint, `--push-to-hub` uploads the existing export in --out.
-`bcc predict --checkpoint DIR` and `--checkpoint hf-hub:OWNER/NAME[@REVISION]` load a Hub export."""
+`bcc predict --checkpoint DIR` and `--checkpoint hf-hub:OWNER/NAME` (optionally `@REVISION`) load a Hub
+export."""
 
 from __future__ import annotations
 
