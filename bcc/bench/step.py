@@ -63,13 +63,13 @@ def _sync(device: torch.device) -> None:
 
 def _taxonomy_and_counts(cfg):
     """The dataset's taxonomy and train class counts when its manifest exists, else the default's."""
-    from bcc.manifest import Manifest, ManifestError
+    from bcc.manifest import ManifestError
+    from bcc.sources import load_data, weighted_class_counts
     from bcc.taxonomy import Taxonomy
 
     try:
-        manifest = Manifest.load(cfg.data.shards)
-        split = manifest.split(cfg.data.train_split)
-        return manifest.taxonomy, split.class_counts
+        manifest = load_data(cfg.data)  # data.shards, or data.sources as the trainer mixes them
+        return manifest.taxonomy, weighted_class_counts(manifest, cfg.data.train_split)
     except ManifestError:
         taxonomy = Taxonomy.default()
         return taxonomy, {c: 1 for c in taxonomy.class_names}
