@@ -4,7 +4,8 @@
 what training and `bcc eval` already wrote:
 
 * the training data: split sizes and class counts from the packed dataset's `manifest.json`
-  (`data.shards` of the run's config), named by its directory name only;
+  (`data.shards` of the run's config, or its `data.sources` together), named by directory or source
+  name only;
 * test metrics: `RUN/eval-<test split>/metrics.json` when `bcc eval` made it from this checkpoint
   (combined and per head, and per class from its confusion matrix), else the test row training
   logged in `RUN/metrics.jsonl` (`eval.test_at_end`), with the test split's size;
@@ -53,19 +54,19 @@ def per_class_results(confusion: Sequence[Sequence[int]], classes: Sequence[str]
 
 
 def _data_facts(im) -> dict[str, Any] | None:
-    from bcc.manifest import Manifest, ManifestError
+    from bcc.errors import BccError
+    from bcc.sources import MixedManifest, load_data
 
     d = im.config.data
-    root = Path(d.shards)
-    if not root.is_absolute() and im.run_dir is not None and not (root / "manifest.json").is_file():
-        root = im.run_dir / root  # written relative to where the run was started: try the run dir too
     try:
-        manifest = Manifest.load(root)
-    except ManifestError:
+        manifest = load_data(d)  # data.shards (its data.fold view) or the sources of data.sources
+    except BccError:
         return None
     splits = {name: {"count": manifest.split(name).count, "class_counts": manifest.split(name).class_counts}
               for name in manifest.splits}
-    return {"name": manifest.root.name, "splits": splits, "train": d.train_split, "val": d.val_split,
+    name = (", ".join(s.name for s in manifest.sources) if isinstance(manifest, MixedManifest)
+            else manifest.root.name)
+    return {"name": name, "splits": splits, "train": d.train_split, "val": d.val_split,
             "test": d.test_split, "fold": d.fold, "classes": list(manifest.classes)}
 
 

@@ -181,6 +181,10 @@ def _evaluation(im, split: str, data: str | Path | None) -> tuple[Path, dict[str
     evaluated now and written there."""
     from bcc.evaluate import evaluate_checkpoint
 
+    if data is None and im.config.data.sources:
+        raise ReportError(f"{im.run_dir} was trained on data.sources "
+                          f"({', '.join(s.shards for s in im.config.data.sources)}); pass --data with the pack to "
+                          "report on")
     source = Path(data) if data is not None else Path(im.config.data.shards)
     is_folder = data is not None and source.is_dir() and not (source / "manifest.json").is_file()
     eval_dir = im.run_dir / f"eval-{source.resolve().name if is_folder else split}"
