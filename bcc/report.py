@@ -15,15 +15,17 @@ attached to a ticket as it is):
   true class (lowest first), each with its probabilities, its decision at the checkpoint's operating
   point (`bcc.operating_point`, stored by `bcc calibrate --operating-point` or `eval.operating_point`;
   the decision `bcc eval` and `bcc predict` make) beside the argmax decision, and a Grad-CAM overlay per
-  head for the label that head predicted (`bcc.gradcam`; the binary head's label at the operating point). A two-class head also gets the map of its positive label (label
-  1: `Malignant` for the ALL task), so a missed malignant cell shows what malignant evidence there was.
+  head for the label that head predicted (`bcc.gradcam`; the binary head's label at the operating
+  point). A two-class head also gets the map of its positive label (label 1: `Malignant` for the ALL
+  task), so a missed malignant cell shows what malignant evidence there was.
   A head whose map is all zero (no positive evidence for that label at the target layer) says so
   instead of showing an empty overlay.
 
 The evaluation is what `bcc eval` writes (`RUN/eval-<split>/`: metrics.json, predictions.csv,
-confusion.png, reliability.png). It is reused when it was made from the run's current best checkpoint;
-otherwise (none yet, an older checkpoint, other temperatures or another operating point) it is run here through `bcc.evaluate.evaluate_checkpoint`
-and written to the same place, as `bcc eval` would. Images come from the evaluated data: the shards of
+confusion.png, reliability.png). It is reused when it was made from the run's current best checkpoint
+with the temperatures and operating point stored now; otherwise (none yet, an older checkpoint, other
+temperatures or another operating point) it is run here through `bcc.evaluate.evaluate_checkpoint` and
+written to the same place, as `bcc eval` would. Images come from the evaluated data: the shards of
 a packed split (found by sample key, read with `bcc.shards.read_shard`) or the files of an image folder.
 
 File names are the samples' `source`, i.e. relative to the data root that was packed or evaluated.
