@@ -442,8 +442,11 @@ def calibrate_checkpoint(
 
     rule = parse_operating_point(operating_point) if operating_point is not None else None
     from bcc.calibration import apply_temperature, fit_temperatures
+    from bcc.export import HUB_PREFIX, is_export_dir
     from bcc.predict import write_temperatures
 
+    if str(checkpoint).startswith(HUB_PREFIX) or is_export_dir(checkpoint):  # its files are the export's, fixed
+        raise EvalError(f"{checkpoint} is an export: calibrate the run's checkpoint, then export it again")
     im = load_inference_model(checkpoint, device=device, calibrated=False)
     if rule is not None and not rule.is_argmax:
         binary_head(im.taxonomy)  # a named error before any inference
