@@ -208,6 +208,10 @@ class Manifest:
                 f"{self.shown}: split '{split}': the shard entry {remote.redact(entry)!r} is a pipe: command; a "
                 "manifest may not run commands. If you wrote this manifest and trust it, set "
                 "data.allow_pipe_in_manifest=true (or put the command in data.shards)")
+        if "${" in entry:  # expanded when opened: a manifest would send any variable to a host of its choice
+            raise ManifestError(
+                f"{self.shown}: split '{split}': the shard entry {entry!r} names an environment variable; "
+                "a manifest may not read the environment (put ${VAR} in data.shards)")
         if remote.sends_token_elsewhere(entry, self.root):
             raise ManifestError(
                 f"{self.shown}: split '{split}': the shard entry {remote.redact(entry)!r} is on another host than "
@@ -233,6 +237,9 @@ class Manifest:
             locations = [remote.join(self.root, n) for n in names]
         except remote.RemoteError as e:
             raise ManifestError(f"{self.shown}: split '{split}': {e}") from None
+        if self.is_remote and any(remote.is_local(loc) for loc in locations):  # `PIPE:x`, `file:///x`: a local path
+            raise ManifestError(f"{self.shown}: split '{split}': the shard entry {remote.redact(entry)!r} is not a "
+                                "URL or a relative name: a fetched manifest may not name local files")
         return [ShardInfo(loc, int(c), str(d), tuple(int(n) for n in f) if f is not None else None)
                 for loc, c, d, f in zip(locations, counts, digests, folds, strict=True)]
 

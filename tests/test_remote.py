@@ -327,6 +327,25 @@ def test_a_manifest_cannot_run_commands(synth_shards, tmp_path):
     assert not (tmp_path / "pwned2").exists()
 
 
+def test_a_manifest_cannot_read_environment_variables(synth_shards, tmp_path, monkeypatch):
+    """`${VAR}` is the user's way to name a credential; in a manifest entry it would send any variable
+    (AWS_SECRET_ACCESS_KEY, HF_TOKEN, ...) to the host the entry names, so it is refused by name. So is a
+    fetched manifest's entry that resolves to a local path (another scheme: `PIPE:`, `file:`)."""
+    monkeypatch.setenv("MY_SECRET", "hunter2-secret")
+    for i, entry in enumerate(["http://127.0.0.1:9/leak/${MY_SECRET}.tar", "leak/${MY_SECRET}.tar", "${MY_SECRET}"]):
+        pack = _manifest_with_entry(synth_shards, tmp_path / f"env{i}", entry)
+        with serve(pack) as (server, url):
+            for where in (pack, url):
+                with pytest.raises(ManifestError, match=r"split 'train': the shard entry .*\$\{MY_SECRET\}.* names "
+                                                        r"an environment variable"):
+                    Manifest.load(where)
+            assert not any("hunter2" in g for g in server.gets)
+    pack = _manifest_with_entry(synth_shards, tmp_path / "scheme", f"file://{synth_shards}/train-000000.tar")
+    with serve(pack) as (_, url):
+        with pytest.raises(ManifestError, match=r"split 'train': the shard entry 'file://.*' is not a URL"):
+            Manifest.load(url)
+
+
 def test_the_token_goes_only_where_the_user_sends_it(synth_shards, tmp_path, monkeypatch):
     pack = _manifest_with_entry(synth_shards, tmp_path / "p", "https://elsewhere.example/train-000000.tar")
     assert Manifest.load(pack).split("train").shards[0].path == "https://elsewhere.example/train-000000.tar"
