@@ -313,7 +313,10 @@ def format_table(metrics: Mapping[str, Any], title: str | None = None):
     caption = [f"{metrics['count']} samples"] if "count" in metrics else []
     if "loss" in metrics:
         caption.insert(0, f"loss {_fmt(metrics['loss'])}")
-    table = Table(title=title, caption=" · ".join(caption) or None, title_justify="left")
+    from rich.text import Text
+
+    # plain text: a title holds source and file names (`val [big]`, `[Malignant] Pre-B`), not rich markup
+    table = Table(title=Text(title) if title is not None else None, caption=" · ".join(caption) or None, title_justify="left")
     table.add_column("", style="bold")
     for col in columns:
         table.add_column(col, justify="right")

@@ -248,3 +248,14 @@ def test_two_process_sync_equals_single_process(tmp_path):
             assert synced["count"] == N_SYNC, (name, rank)
             assert_same(single, synced)
     assert math.isnan(per_rank[0]["benign_only_rank0_empty"]["subtype_acc"])
+
+
+def test_table_titles_are_plain_text():
+    """`val [big] after epoch 1`: rich markup would swallow `[big]` (the per-source tables lost their name)."""
+    from rich.console import Console
+
+    from bcc.metrics import format_table
+
+    console = Console(record=True, width=100)
+    console.print(format_table({"acc": 0.5, "count": 4}, "val [big] after epoch 1 [/tmp/x]"))
+    assert "val [big] after epoch 1 [/tmp/x]" in console.export_text()
