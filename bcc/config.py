@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -197,11 +198,11 @@ class Config:
 
 
 def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v >= low), f">= {low:g}"
+    return (lambda v: math.isfinite(v) and v >= low), f">= {low:g}"
 
 
 def _positive() -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v > 0), "> 0"
+    return (lambda v: math.isfinite(v) and v > 0), "> 0"  # inf crashed int(weight), NaN-ed the lr
 
 
 def _fraction(closed_high: bool = True) -> tuple[Callable[[Any], bool], str]:

@@ -442,7 +442,7 @@ class TrainLoader:
             shards, seed=seed, rank=rank, world_size=world_size, batch_size=data_cfg.batch_size,
             shuffle_buffer=data_cfg.shuffle_buffer, transform=train_tf, epoch_state=self._epoch_state,
             checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt, weights=weights,
-            sampling=data_cfg.sampling, epoch_samples=data_cfg.epoch_samples, retries=data_cfg.retries,
+            sampling=data_cfg.sampling, epoch_samples=samples, retries=data_cfg.retries,  # 0 resolved
         )
         self._batches = BatchLoader(
             dataset, self.batches_per_epoch, workers=data_cfg.workers, seed=mix_seed("loader", seed, rank),

@@ -88,6 +88,9 @@ def test_sources_that_cannot_mix_are_named(mixed, tmp_path):
          r"data.sources\[1\].weight: 2.5 is not an integer.*data.sampling=resample"),
         ([f"data.sources=[{{shards: {a}, weight: 0}}]"], r"data.sources\[0\].weight: must be > 0"),
         ([f"data.sources=[{{shards: {a}, weight: -1}}]", "data.sampling=resample"], r"weight: must be > 0"),
+        ([f"data.sources=[{{shards: {a}, weight: .inf}}]"], r"data.sources\[0\].weight: must be > 0, got inf"),
+        ([f"data.sources=[{{shards: {a}, weight: .inf}}]", "data.sampling=resample"], r"weight: must be > 0, got inf"),
+        (["train.lr=.inf"], r"train.lr: must be > 0, got inf"),
         ([f"data.sources=[{{shards: {a}}}, {{shards: {a}}}]"], r"data.sources\[1\].name: 'a' also names"),
         (["data.epoch_samples=100"], "data.epoch_samples: sets the epoch length of data.sampling=resample"),
     ]:
@@ -220,6 +223,14 @@ def test_resample_stream_is_worker_independent_and_resumes_exactly(mixed, keys_b
     assert loader.batches_per_epoch == 7 and loader.dropped_per_epoch == 0
     with pytest.raises(StreamError, match="resample: .* or raise data.epoch_samples"):
         train_batches(mixed, replace(base, epoch_samples=7), 2)
+
+
+def test_resample_default_epoch_length_is_the_train_split(mixed, keys_by_source):
+    """data.epoch_samples=0 (the default) means the train split's size in the workers too (they planned
+    a 0-sample epoch: every resampled run without epoch_samples failed at its first batch)."""
+    base = cfg_of(mixed, sampling="resample", epoch_samples=0)
+    batches = simulate(mixed, base, epoch=0, rank=0, world_size=2)
+    assert len(batches) == train_batches(mixed, base, 2) == (76 + 17) // (2 * BATCH)
 
 
 # --------------------------------------------------------------------------- real runs
