@@ -53,6 +53,20 @@ def per_class_results(confusion: Sequence[Sequence[int]], classes: Sequence[str]
     return out
 
 
+def _dataset_name(root) -> str:
+    """A dataset's last path part: a local folder's name, or of a URL / `pipe:` template's location (its
+    `{name}` slot and any host or credential left out)."""
+    from pathlib import Path
+
+    from bcc import remote
+
+    if isinstance(root, Path):
+        return root.name
+    text = remote.display(root).replace("{name}", "").split("?")[0]
+    parts = [p for p in text.replace(" ", "/").split("/") if p and p not in ("-",)]
+    return parts[-1] if parts else text
+
+
 def _data_facts(im) -> dict[str, Any] | None:
     from bcc.errors import BccError
     from bcc.sources import MixedManifest, load_data
@@ -65,7 +79,7 @@ def _data_facts(im) -> dict[str, Any] | None:
     splits = {name: {"count": manifest.split(name).count, "class_counts": manifest.split(name).class_counts}
               for name in manifest.splits}
     name = (", ".join(s.name for s in manifest.sources) if isinstance(manifest, MixedManifest)
-            else manifest.root.name)
+            else _dataset_name(manifest.root))
     return {"name": name, "splits": splits, "train": d.train_split, "val": d.val_split,
             "test": d.test_split, "fold": d.fold, "classes": list(manifest.classes)}
 

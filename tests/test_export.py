@@ -330,3 +330,22 @@ def test_an_export_is_not_recalibrated_in_place(hf_export, synth_shards):
     with pytest.raises(EvalError, match="is an export: calibrate the run's checkpoint"):
         calibrate_checkpoint(out, synth_shards)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_the_card_names_a_dataset_read_from_a_url(synth_shards):
+    """A run trained from a URL (or pipe:) dataset: the card's training data is read from there and named
+    by the location's last part (its root is a str, and export died on `.name` with a traceback)."""
+    from types import SimpleNamespace
+
+    from test_remote import serve
+
+    from bcc.config import DataConfig
+    from bcc.manifest import Manifest
+    from bcc.model_card import _data_facts
+
+    count = Manifest.load(synth_shards).split("train").count
+    with serve(synth_shards.parent) as (_, url):
+        for shards in (f"{url}/{synth_shards.name}", f"{url}/{synth_shards.name}/manifest.json",
+                       f"pipe:cat {synth_shards}/{{name}}"):
+            facts = _data_facts(SimpleNamespace(config=SimpleNamespace(data=DataConfig(shards=shards))))
+            assert facts["name"] == synth_shards.name and facts["splits"]["train"]["count"] == count
