@@ -187,7 +187,19 @@ def _evaluation(im, split: str, data: str | Path | None) -> tuple[Path, dict[str
         raise ReportError(f"{im.run_dir} was trained on data.sources "
                           f"({', '.join(s.shards for s in im.config.data.sources)}); pass --data with the pack to "
                           "report on")
-    source = Path(data) if data is not None else Path(im.config.data.shards)
+    from bcc import remote
+
+    location = str(data) if data is not None else im.config.data.shards
+    if not remote.is_local(location):  # a URL or pipe: dataset: evaluated from there (not a Path: `http:/`)
+        eval_dir = im.run_dir / f"eval-{split}"
+        done = _load_eval(eval_dir)
+        if (done is not None and done.get("checkpoint") == str(im.checkpoint) and done.get("split") == split
+                and done.get("temperatures") == (im.temperatures or None) and _same_point(done.get("operating_point"), im)
+                and done.get("data") == location and all((eval_dir / f).is_file() for f in
+                                                          ("metrics.json", "predictions.csv", "confusion.png", "reliability.png"))):
+            return eval_dir, done
+        return eval_dir, evaluate_checkpoint(im.checkpoint, location, split=split, out=eval_dir, workers=0)
+    source = Path(location)
     is_folder = data is not None and source.is_dir() and not (source / "manifest.json").is_file()
     eval_dir = im.run_dir / f"eval-{source.resolve().name if is_folder else split}"
     done = _load_eval(eval_dir)
@@ -206,9 +218,10 @@ def _evaluation(im, split: str, data: str | Path | None) -> tuple[Path, dict[str
 
 def _read_images(evaluation: Mapping[str, Any], mistakes: Sequence[Mistake]):
     """The evaluated images of `mistakes`, decoded (RGB PIL), in their order."""
+    from bcc import remote
     from bcc.predict import read_image
 
-    root = Path(evaluation["data"])
+    root = Path(evaluation["data"]) if remote.is_local(evaluation["data"]) else evaluation["data"]
     if evaluation.get("kind") == "folder":
         return [read_image(root / m.source) for m in mistakes]
     from bcc.manifest import Manifest, ManifestError

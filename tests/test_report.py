@@ -223,3 +223,18 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         assert img.size == (1280, 2400)
         colours = img.convert("RGB").getcolors(maxcolors=1 << 16)
     assert colours is None or len(colours) > 50, "the screenshot is (nearly) one colour"
+
+
+def test_report_on_a_pack_served_over_http(trained_run, synth_shards, tmp_path):  # noqa: F811
+    """`--data URL` (or a run trained from a URL): evaluated from the server, its mistakes read back from
+    there; a Path turned `http://` into `http:/` ('does not exist (moved?)')."""
+    from test_remote import serve
+
+    from bcc.report import write_report
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    shutil.rmtree(run / "eval-test", ignore_errors=True)
+    with serve(synth_shards.parent) as (_, url):
+        page = write_report(run, out=tmp_path / "out", data=f"{url}/{synth_shards.name}", worst=2).read_text()
+    metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
+    assert metrics["data"] == f"{url}/{synth_shards.name}" and page.count("data:image/") >= 2
