@@ -80,6 +80,8 @@ def test_sources_that_cannot_mix_are_named(mixed, tmp_path):
     other.path.write_text(json.dumps(data))
     with pytest.raises(SourceError, match=r"taxonomies of 'a' \(.*\) and 'kvasir' \(.*\) differ"):
         load_data(data_cfg(sources=(SourceConfig(a), SourceConfig(str(other.root)))))
+    with pytest.raises(SourceError, match=r"^data.sources\[1\].shards: http://\*\*\*@h/ds holds a credential"):
+        load_data(data_cfg(sources=(SourceConfig(a), SourceConfig("http://u:pw12345678@h/ds"))))
     with pytest.raises(SourceError, match="data.fold"):
         load_data(data_cfg(sources=(SourceConfig(a), SourceConfig(b)), fold=1))
     for overrides, message in [
