@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
-
 from bcc.errors import BccError
 
 __all__ = ["IMAGE_KEYS", "SampleError", "ShardCheck", "ShardError", "VerifyResult", "check_sample", "crc32_hex",
@@ -288,6 +286,8 @@ def sample_offset(path: str, index: int) -> tuple[int | None, int]:
     offset is that of the sample's first header (a pax or GNU long-name header included). None when the
     shard ends first (the second value then counts its samples). Raises _NoSeek for layouts it leaves
     to a full read."""
+    import webdataset as wds  # imported where read: webdataset imports torch, which the packer does not need
+
     n, key, offset = 0, None, 0
     start, name = None, None  # where the current member's headers begin; a long name from them
     with open(path, "rb") as f:
@@ -327,6 +327,8 @@ def sample_offset(path: str, index: int) -> tuple[int | None, int]:
 
 def _tar_samples(path: str, start: int) -> Iterator[dict]:
     """Samples of a local tar from byte `start` (a member header), grouped by key like webdataset's."""
+    import webdataset as wds
+
     with open(path, "rb") as f:
         f.seek(start)
         files = wds.tariterators.tar_file_iterator(f, handler=wds.reraise_exception)
@@ -340,6 +342,8 @@ def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] =
     A shard of a cross-validation view (`Manifest.with_fold`, `shard.folds` set) holds only its folds'
     samples: the others are skipped by their json `fold` and not counted, so indices and `count` are
     those of the view. Its lanes read through from the shard's start (the header scan cannot tell folds)."""
+    import webdataset as wds
+
     path = str(shard.path)
     hi = shard.count if hi is None else hi
     folded = getattr(shard, "folds", None) is not None

@@ -1,4 +1,4 @@
-"""`bcc bench data|step|vote`: is the data path fast enough, and what does the trainer's step cost.
+"""`bcc bench data|step|vote|pack`: is the data path fast enough, and what does the trainer's step cost.
 
 Run on the machine you train on; every figure is a median over alternating rounds in one process, so
 background load hits all the compared variants alike. The ratios are the result; absolute img/s depend
@@ -88,6 +88,10 @@ def register(subparsers) -> None:
     v.add_argument("--every", type=_counts, default=(1, 10), metavar="S1,S2",
                    help="preempt_check_steps to show the per-step cost for (default 1,10)")
     v.set_defaults(func=run_vote)
+
+    from bcc.cli import _bench_pack  # `bcc bench pack`: its own module, beside the other benches
+
+    _bench_pack.register(sub)
 
 
 def _progress(console):
