@@ -1,10 +1,17 @@
 """Image class folders -> WebDataset shards + `manifest.json` (the first stage of the data path).
 
 `pack_folders(SRC, OUT)` walks SRC (one top-level folder per class, resolved through the taxonomy),
-decodes and hashes every file in parallel, splits the samples (seeded, stratified, duplicates and
-groups kept together), shuffles each split and writes `{split}-{index:06d}.tar` shards plus
-`manifest.json` and timm's `_info.json`. Bad files are skipped with a reason, never dropped silently.
-Output appears atomically: everything is written to a sibling `OUT.tmp-<pid>` and renamed at the end.
+reads, hashes and decodes every file once in a process pool, splits the samples (seeded, stratified,
+duplicates and groups kept together), shuffles each split and writes `{split}-{index:06d}.tar` shards
+in parallel plus `manifest.json` and timm's `_info.json`. Bad files are skipped with a reason, never
+dropped silently. Output appears atomically: everything is written to a sibling `OUT.tmp-<pid>` and
+renamed at the end (each shard also goes to a temporary name first).
+
+Scale: memory is the file list plus ~60 bytes of numpy columns per file (no image bytes, no dict per
+file), at most 4 x workers tasks are in flight, and the manifest's long per-file lists are streamed to
+side files. The write phase re-reads a source stored as read but does not re-hash it: its size and
+CRC-32 must match the first pass (`SourceChangedError` names the file otherwise). Output does not
+depend on the number of workers: tasks are made and their results taken in a fixed order.
 """
 
 from __future__ import annotations
@@ -421,10 +428,14 @@ def pack_folders(
     bad options, a `src` without a usable image, or (with `strict`) any skipped file. `max_image_pixels` defaults to
     `bcc.imageio.MAX_IMAGE_PIXELS` (Pillow's decompression-bomb limit).
 
+    workers: processes that read, hash and decode the sources and write the shards (1: all in this
+    process; `default_workers()` is the CPU affinity, `bcc pack`'s default); not an integer >= 1:
+    PackError naming it. A source that changes or vanishes between the first pass and the write:
+    `SourceChangedError` naming it (run again); an unreadable source in the first pass is skipped.
     near_dup_threshold: images whose 64-bit pHashes differ in at most this many bits (default 6)
     stay on one side of the split and of the folds, like exact duplicates; None or -1 switches the
-    hashing off. The groups are reported in the manifest's `near_duplicates` (in the side file
-    `near_duplicates.json` when there are more than `NEAR_DUP_INLINE`).
+    hashing off. The groups are reported in the manifest's `near_duplicates`. Each per-file list
+    longer than `bcc.manifest.LIST_INLINE` goes to its side file `<list>.jsonl`.
     folds: K >= 2 deals the train+val samples into K stratified, group-safe cross-validation folds
     (test stays fixed): `fold` in each sample's json, `fold_counts` per shard, `folds` in the manifest.
     """
