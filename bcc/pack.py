@@ -521,8 +521,8 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, taxo
         sha = rec.sha[ok]
         _, exact_id = np.unique(sha.view(np.dtype((np.void, 32))).reshape(-1), return_inverse=True)
         exact_id = exact_id.reshape(-1).astype(np.int64)
-        unit_root, unmatched, near = join_units(exact_id, (rels[i] for i in ok.tolist()), group_rx,
-                                                rec.phash[ok], near_dup_threshold)
+        sources = (rels[i] for i in ok.tolist()) if group_rx is not None else None  # read by the regex only
+        unit_root, unmatched, near = join_units(exact_id, sources, group_rx, rec.phash[ok], near_dup_threshold)
         assignment, rng = deal_splits(labels, unit_root, fractions, seed)
         fold_of = None
         fold_info = None

@@ -483,6 +483,8 @@ def test_long_lists_go_to_hashed_side_files_and_read_back(tmp_path, monkeypatch,
     side.write_bytes(side.read_bytes().replace(b"Pro/copy.jpg", b"Pro/cope.jpg"))
     with pytest.raises(ManifestError, match="duplicates.jsonl does not match the sha256"):
         m.file_list("duplicates")
+    proc = bcc("--verify", tmp_path / "out", check_rc=1)  # shards fine, one side file damaged
+    assert "MISMATCH  duplicates.jsonl" in proc.stdout and "OK        skipped.jsonl" in proc.stdout
     side.unlink()
     with pytest.raises(ManifestError, match="cannot read .*duplicates.jsonl"):
         m.file_list("duplicates")

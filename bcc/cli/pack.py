@@ -182,6 +182,7 @@ def _summary(result, console) -> None:
 
 
 def _verify(out: str, console) -> int:
+    from bcc.manifest import FILE_LISTS, Manifest, ManifestError
     from bcc.shards import verify_shards
 
     result = verify_shards(out)
@@ -191,8 +192,20 @@ def _verify(out: str, console) -> int:
         else:
             console.print(f"[red]{check.status.upper():<9}[/] {check.path.name}: {check.detail}")
     bad = len(result.mismatches)
-    if bad:
-        console.print(f"[red]{bad} of {len(result.shards)} shard(s) failed verification[/]")
+    manifest = Manifest.load(out)
+    side_bad = 0
+    for name in FILE_LISTS:  # the long per-file lists' side files, checked against their sha256
+        ref = manifest.data.get(name)
+        if isinstance(ref, dict):
+            try:
+                manifest.file_list(name)
+                console.print(f"[green]OK[/]        {ref.get('file')}")
+            except ManifestError as e:
+                console.print(f"[red]MISMATCH [/] {ref.get('file')}: {e}")
+                side_bad += 1
+    if bad or side_bad:
+        console.print(f"[red]{bad} of {len(result.shards)} shard(s) failed verification[/]"
+                      + (f"[red], and {side_bad} side file(s)[/]" if side_bad else ""))
         return 1
     console.print(f"[green]all {len(result.shards)} shards match the manifest[/]")
     return 0
