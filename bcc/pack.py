@@ -79,6 +79,7 @@ class PackResult:
     skipped_by_reason: dict[str, int]
     elapsed_s: float
     images_per_s: float
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds: scan, first pass, split, write, manifest
 
 
 # ---- per-file work (runs in worker processes) --------------------------------------------------
@@ -480,6 +481,14 @@ def pack_folders(
 def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, taxonomy: Taxonomy, opts: _Options,
           seed: int, shard_size: int, min_shards: int, strict: bool, near_dup_threshold: int | None,
           folds: int | None, progress: ProgressFn | None, t0: float, options: dict[str, Any]) -> PackResult:
+    stages: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def stage(name: str) -> None:
+        now = time.perf_counter()
+        stages[name] = round(now - clock[0], 3)
+        clock[0] = now
+
     entries, skipped, warnings_ = scan_class_folders(src, taxonomy.resolve_folder)
     if not entries:  # a pack of no samples trains nothing; empty class folders alone stay warnings
         raise PackError(f"SRC {src}: no images found{_skipped_note(skipped)}")
@@ -500,7 +509,9 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, taxo
     try:
         opts = dataclasses.replace(opts, staging=str(staging))
         paths = _JoinedPaths(root, rels)
+        stage("scan")
         rec = _inspect_all(pool, paths, opts, workers, progress)
+        stage("first pass")
         skipped += [{"path": rels[i], "reason": reason} for i, reason in rec.skip.items()]
         skipped.sort(key=lambda s: s["path"])
         if strict and skipped:
@@ -534,6 +545,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, taxo
 
         names = taxonomy.class_names
         targets = [taxonomy.targets(c) for c in range(len(names))]
+        stage("split")
 
         def items(members: np.ndarray, split_name: str, start: int):
             for k, s in enumerate(members.tolist(), start=start):
@@ -587,6 +599,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, taxo
             counts = np.bincount(labels[assignment == k], minlength=len(names))
             splits_info[split_name] = split_entry(shards, {c: int(counts[i]) for i, c in enumerate(names)})
         warnings_ += _split_warnings(splits_info, len(names))
+        stage("write")
 
         duplicates, dup_stats = _duplicates(exact_id, labels, ok, rels, split_of, sha, warnings_)
         converted_idx = np.flatnonzero(rec.converted)
@@ -601,6 +614,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, taxo
                                   folds=fold_info, warnings=warnings_, name=out.name)
         shutil.rmtree(staging)
         _commit(tmp, out)
+        stage("manifest")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -612,7 +626,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, taxo
               "duplicates": len(duplicates), **dup_stats, "near_duplicate_groups": len(groups),
               "shards": sum(len(v["shards"]) for v in manifest["splits"].values())}
     return PackResult(manifest, out, counts, dict(sorted(by_reason.items())), elapsed,
-                      n / elapsed if elapsed > 0 else 0.0)
+                      n / elapsed if elapsed > 0 else 0.0, stages)
 
 
 class _JoinedPaths:

@@ -45,6 +45,7 @@ class PackPoint:
     near_duplicate_groups: int
     side_files: tuple[str, ...]
     load: tuple[float, float, float]  # 1, 5, 15 min load average when the pack started
+    stages: dict  # seconds per stage of the pack (scan, first pass, split, write, manifest)
 
     @property
     def ratio(self) -> float:
@@ -116,7 +117,8 @@ import json, sys
 from bcc.pack import pack_folders
 r = pack_folders(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), shard_size=int(sys.argv[4]))
 side = [v["file"] for v in r.manifest.values() if isinstance(v, dict) and "file" in v]
-print(json.dumps({"seconds": r.elapsed_s, "images_per_s": r.images_per_s, "counts": r.counts, "side": side}))
+print(json.dumps({"seconds": r.elapsed_s, "images_per_s": r.images_per_s, "counts": r.counts, "side": side,
+                  "stages": r.stages}))
 """
 
 
@@ -184,6 +186,6 @@ def bench_pack(sizes: Sequence[int] = (20_000, 200_000), *, workers: int | None 
             result, peak, processes = _pack_in_child(src, tmp / f"out{n}", workers, shard_size)
             points.append(PackPoint(n, workers, result["seconds"], result["images_per_s"], limit, peak, processes,
                                     result["counts"]["shards"], result["counts"]["near_duplicate_groups"],
-                                    tuple(result["side"]), load))
+                                    tuple(result["side"]), load, result["stages"]))
             shutil.rmtree(tmp / f"out{n}")
     return points

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     for p in points:
         console.print(f"{p.images:,} images: throughput / (decode limit x workers) = [bold]{p.ratio:.2f}[/] "
-                      "(goal >= 0.8)")
+                      "(goal >= 0.8); seconds per stage: "
+                      + ", ".join(f"{name} {sec:.1f}" for name, sec in p.stages.items()))
     console.print(f"RSS {points[-1].images:,}/{points[0].images:,} = "
                   f"[bold]{points[-1].peak_rss / points[0].peak_rss:.2f}[/] (goal <= 1.5)")
     console.print(f"load average now: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
