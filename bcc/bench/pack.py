@@ -187,5 +187,7 @@ def bench_pack(sizes: Sequence[int] = (20_000, 200_000), *, workers: int | None 
             points.append(PackPoint(n, workers, result["seconds"], result["images_per_s"], limit, peak, processes,
                                     result["counts"]["shards"], result["counts"]["near_duplicate_groups"],
                                     tuple(result["side"]), load, result["stages"]))
+            progress(f"{n:,} images: {points[-1].images_per_s:,.0f} img/s, / (limit x workers) "
+                     f"{points[-1].ratio:.2f}, peak RSS {peak / 2**20:,.0f} MiB, stages {result['stages']}")
             shutil.rmtree(tmp / f"out{n}")
     return points
