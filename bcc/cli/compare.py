@@ -14,7 +14,7 @@ The table gives mean ± sd over seeds, 95% bootstrap intervals of the test metri
 samples), the mode chosen on validation (best mean val checkpoint.metric, never test) and paired
 differences to it on the same test samples. Finished runs are skipped, interrupted ones resume.
 `bcc compare --aggregate DIR` only builds the tables from existing run directories (after an sbatch
-array job, for example). See docs/transfer.md."""
+array job, for example). See docs/unfreezing.md."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def register(subparsers) -> None:
                               description=__doc__)
     p.add_argument("--config", "-c", help="training config (YAML); the runs differ only in finetune.preset, "
                    "model.pretrained (scratch), train.seed and data.shards (--packs)")
-    p.add_argument("--modes", default="frozen,staged,full",
+    p.add_argument("--modes", default=None,
                    help="finetune presets to compare, comma-separated, of frozen,staged,full,lpft "
-                        "(default: frozen,staged,full)")
+                        "(default: frozen,staged,full; with --aggregate: every mode found)")
     p.add_argument("--init", default=None,
                    help="initialisations, comma-separated: pretrained (model.pretrained of the config), scratch "
                         "(random weights; DIR/<mode>-scratch when the config is pretrained). Default: as configured")
@@ -58,11 +58,11 @@ def run(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from bcc.compare import aggregate, compare, load_bench
+    from bcc.compare import MODES, aggregate, compare, load_bench
     from bcc.console import console, error
     from bcc.errors import BccError
 
-    modes = _split(args.modes)
+    modes = _split(args.modes) or (list(MODES) if args.aggregate else ["frozen", "staged", "full"])
     command = "bcc " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         if args.bootstrap < 1:
