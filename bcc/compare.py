@@ -254,12 +254,14 @@ def write_test_predictions(run_dir: Path) -> Path | None:
     from bcc.predict import decide, load_inference_model
     from bcc.stream import eval_loader
 
-    im = load_inference_model(run_dir, device="cpu", calibrated=False, operating_point=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    im = load_inference_model(run_dir, device=device, calibrated=False, operating_point=False)
     data = im.config.data
     manifest = Manifest.load(data.shards).with_fold(data.fold, train=data.train_split, val=data.val_split)
     if data.test_split not in manifest.splits or manifest.split(data.test_split).count == 0:
         return None
-    raw = _infer(im, eval_loader(manifest, data.test_split, data, rank=0, world_size=1))
+    raw = _infer(im, eval_loader(manifest, data.test_split, data, rank=0, world_size=1,
+                                 pin_memory=device.type == "cuda"))
     order = sorted(range(len(raw["key"])), key=lambda i: (raw["source"][i], raw["key"][i]))
     decided = decide(im.taxonomy, [torch.softmax(z.double(), dim=1) for z in raw["logits"]])
     try:

@@ -19,11 +19,13 @@ from bcc.compare import (
     choose_arm,
     paired_difference,
     plan_arms,
+    read_predictions,
     run_overrides,
+    seed_list,
     seed_mean_ci,
     summarize_arms,
 )
-from bcc.stats import accuracy, balanced_accuracy, bootstrap_ci, mean_sd, recall_of
+from bcc.stats import SAMPLE_METRICS, accuracy, balanced_accuracy, bootstrap_ci, mean_sd, recall_of
 
 from conftest import REPO, write_config
 
@@ -200,6 +202,23 @@ def test_arms_refused(modes, inits, pretrained, message):
         plan_arms(modes, inits, pretrained)
 
 
+def test_seed_list():
+    assert seed_list(7, 3) == [7, 8, 9]
+    with pytest.raises(CompareError, match="--seeds must be >= 1"):
+        seed_list(0, 0)
+
+
+def test_bcc_compare_refuses_packs_that_do_not_match_the_seeds(synth_shards, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused")
+    proc = subprocess.run([sys.executable, "-m", "bcc", "compare", "--config", str(cfg), "--seeds", "2",
+                           "--packs", str(synth_shards), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        "error: --packs gives 1 pack(s) for --seeds 2: one pack per seed"]
+    assert not (tmp_path / "o").exists()
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -213,7 +232,10 @@ def test_bcc_compare_with_two_seeds(synth_shards, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["mode"], r["seed"]) for r in rows] == [("frozen", "0"), ("frozen", "1"), ("full", "0"), ("full", "1")]
-    assert all((out / r["mode"] / f"seed-{r['seed']}" / "test_predictions.csv").is_file() for r in rows)
+    for r in rows:  # the bootstrap's per-sample predictions are the run's own test decisions
+        p = read_predictions(out / r["mode"] / f"seed-{r['seed']}")
+        for m in ("acc", "bacc", "binary_bacc", "binary_sens"):
+            assert SAMPLE_METRICS[m][0](*p.columns(m)) == pytest.approx(float(r[f"test_{m}"]), abs=1e-5), (m, r)
     arms = {r["arm"]: r for r in csv.DictReader((out / "summary.csv").open())}
     assert set(arms) == {"frozen", "full"} and sum(int(a["chosen"]) for a in arms.values()) == 1
     chosen = next(a for a in arms.values() if a["chosen"] == "1")
