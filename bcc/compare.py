@@ -644,12 +644,12 @@ def _markdown(results: Sequence[ArmResult], metrics, test_metrics, bench, comman
         best = "highest" if select_mode == "max" else "lowest"
         lines += [f"**Chosen on validation: {chosen.name}** (✓), the {best} mean val {select} over seeds; "
                   "the test split played no part in the choice.", ""]
-    head = ["arm", "init", "seeds", "best ep", *(f"val {k}" for k in metrics), *(f"test {k}" for k in test_metrics),
+    head = ["arm", "chosen", "init", "seeds", "best ep", *(f"val {k}" for k in metrics), *(f"test {k}" for k in test_metrics),
             "train s", "s/step (wall)", "trainable final", "trainable mean"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in results:
         rs = a.runs
-        cells = [a.name + (" ✓" if a.chosen else ""), rs[0].init, str(len(rs)),
+        cells = [a.name, "✓" if a.chosen else "", rs[0].init, str(len(rs)),
                  " ".join(str(r.best_epoch) for r in rs)]
         cells += [_pm(a.val[m]) for m in metrics]
         cells += [_pm(a.test[m]) + _interval(a.ci[m]) for m in test_metrics]
