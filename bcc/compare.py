@@ -249,15 +249,15 @@ def write_test_predictions(run_dir: Path) -> Path | None:
     import torch
 
     from bcc.evaluate import _infer
-    from bcc.manifest import Manifest
     from bcc.operating_point import OperatingPointError, binary_head
     from bcc.predict import decide, load_inference_model
+    from bcc.sources import load_data
     from bcc.stream import eval_loader
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     im = load_inference_model(run_dir, device=device, calibrated=False, operating_point=False)
     data = im.config.data
-    manifest = Manifest.load(data.shards).with_fold(data.fold, train=data.train_split, val=data.val_split)
+    manifest = load_data(data)  # data.shards (its fold view) or the sources of data.sources
     if data.test_split not in manifest.splits or manifest.split(data.test_split).count == 0:
         return None
     raw = _infer(im, eval_loader(manifest, data.test_split, data, rank=0, world_size=1,
@@ -340,8 +340,9 @@ def read_mode(mode: str, run_dir: Path) -> ModeResult:
     sign = 1 if cfg.checkpoint.mode == "max" else -1
     names = table_metrics(metric)
     rows = read_rows(run_dir)
-    val = [r for r in rows if r.get("split") == cfg.data.val_split]
-    test = [r for r in rows if r.get("split") == cfg.data.test_split]
+    # rows with a `source` are one source's of data.sources; the combined rows have none
+    val = [r for r in rows if r.get("split") == cfg.data.val_split and "source" not in r]
+    test = [r for r in rows if r.get("split") == cfg.data.test_split and "source" not in r]
     if not val:
         raise CompareError(f"{run_dir}/metrics.jsonl has no '{cfg.data.val_split}' rows")
     best = max(val, key=lambda r: sign * r.get(metric, -sign * math.inf))

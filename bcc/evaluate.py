@@ -444,6 +444,9 @@ def calibrate_checkpoint(
     im = load_inference_model(checkpoint, device=device, calibrated=False)
     if rule is not None and not rule.is_argmax:
         binary_head(im.taxonomy)  # a named error before any inference
+    if data is None and im.config.data.sources:
+        raise EvalError(f"{checkpoint} was trained on data.sources ({', '.join(s.shards for s in im.config.data.sources)}); "
+                        "pass --data with the pack to calibrate on")
     data = data if data is not None else im.config.data.shards
     split = split or im.config.data.val_split
     if not Path(data).exists():
