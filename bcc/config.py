@@ -164,7 +164,9 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only at epoch ends and on preemption
     keep_last: int = 2
     keep_top_k: int = 1
-    metric: str = "bacc"  # tracked validation metric for best/top-k (a name of bcc.metrics.metric_names)
+    # tracked validation metric for best/top-k (a name of bcc.metrics.metric_names; `ema_<name>`, e.g. ema_bacc,
+    # tracks the EMA weights' when train.ema_decay is set)
+    metric: str = "bacc"
     mode: Literal["max", "min"] = "max"
 
 
