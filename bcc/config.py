@@ -41,7 +41,7 @@ RENAMED_METRICS = {"acc4": "acc", "bacc4": "bacc"}  # combined metrics no longer
 class SourceConfig:
     """One packed dataset of `data.sources` (see DataConfig and README "Mixing sources")."""
 
-    shards: str = ""  # a packed dataset (directory holding manifest.json)
+    shards: str = ""  # a packed dataset: the same forms as data.shards (folder, URL, pipe: template)
     # data.sampling=without_replacement: an integer repeat factor (3: the source's train split passes 3
     # times per epoch, each sample at most 3 times); resample: a real-valued upsampling factor (a shard
     # is drawn with probability proportional to weight x its sample count)
@@ -51,7 +51,10 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    shards: str = "shards/demo"  # a packed dataset (directory holding manifest.json)
+    # a packed dataset: a folder holding manifest.json, the http(s) URL of one (or of its manifest.json), or a
+    # `pipe:COMMAND` template with {name} where the file name goes (`pipe:aws s3 cp s3://b/ds/{name} -`);
+    # credentials from the environment only (BCC_HTTP_TOKEN, ~/.netrc, ${VAR}): docs/data.md
+    shards: str = "shards/demo"
     # several packed datasets trained as one (instead of `shards`; setting both is an error); their
     # taxonomies must agree. Val and test are evaluated per source and combined (bcc/sources.py)
     sources: tuple[SourceConfig, ...] = ()
@@ -74,6 +77,11 @@ class DataConfig:
     # a sample whose stored bytes fail their pack-time checksum (or do not decode): "error" stops the run
     # naming shard and key; "skip" leaves it out of its batch and reports it (see bcc/stream.py)
     on_corrupt: Literal["error", "skip"] = "error"
+    # re-opens of a remote shard after a transient read error (dropped connection, failed pipe: command),
+    # with backoff; a re-open skips forward to the sample that failed, so the sample order never changes
+    retries: int = 3
+    # honour `pipe:` shard entries of the manifest (they run shell commands): only for a manifest you wrote
+    allow_pipe_in_manifest: bool = False
     # train augmentation: blood smears have no canonical orientation, so both flips and rotation are safe
     scale_min: float = 0.5
     rotation: float = 15.0
@@ -210,8 +218,8 @@ def _fraction(closed_high: bool = True) -> tuple[Callable[[Any], bool], str]:
 
 
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "data.shards": ((lambda v: v != ""), "a packed dataset directory (not empty)"),
-    "data.sources.shards": ((lambda v: v != ""), "a packed dataset directory (not empty)"),
+    "data.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty)"),
+    "data.sources.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty)"),
     "data.sources.weight": _positive(),
     "data.epoch_samples": _at_least(0),
     "data.image_size": _positive(),
@@ -219,6 +227,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.eval_batch_size": _positive(),
     "data.workers": _at_least(0),
     "data.shuffle_buffer": _at_least(0),
+    "data.retries": _at_least(0),
     "data.scale_min": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     "data.rotation": ((lambda v: 0 <= v <= 180), "in [0, 180] degrees"),
     "data.color_jitter": _at_least(0),

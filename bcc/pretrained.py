@@ -5,7 +5,8 @@
     hub                          the backbone's published ImageNet weights (needs internet)
     RUN/                         a bcc run directory: its best checkpoint, else its latest
     RUN/checkpoints[/step-N]     a bcc checkpoints directory or one checkpoint (`best`, `last` links too)
-    EXPORT/                      a folder written by `bcc export` (`bcc_export.json` + `model.safetensors`)
+    EXPORT/                      a folder written by `bcc export` (`bcc_export.json` + `model.safetensors`,
+                                 or `--format hf`: `config.json` of format bcc-hf + `model.safetensors`)
     DIR/                         a timm/Hugging Face model folder (`config.json` + `model.safetensors`
                                  or `pytorch_model.bin`)
     FILE.safetensors|.pt|.pth|.bin|.ckpt
@@ -190,6 +191,10 @@ def load_pretrained(
     else:
         assert src.weights is not None
         state = read_state_dict(src.weights)
+        if src.kind == "hf-export":  # the Hub key layout: bare backbone keys beside `heads.*`
+            from bcc.export import from_hub_layout
+
+            state = from_hub_layout(state)
         label, digest, path = str(source), sha256_file(src.weights), str(src.weights)
         _check_written_hash(src.weights, digest)
     record = _load_state_dict(

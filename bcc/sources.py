@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bcc import remote
 from bcc.config import DataConfig, source_name
 from bcc.errors import BccError
 from bcc.manifest import Manifest, ShardInfo, SplitInfo, parse_format
@@ -50,12 +51,12 @@ class MixedManifest(Manifest):
             m = other.manifest
             if m.taxonomy.to_dict() != first.taxonomy.to_dict() or m.classes != first.classes:
                 raise SourceError(
-                    f"data.sources: the taxonomies of '{sources[0].name}' ({first.path}) and '{other.name}' "
-                    f"({m.path}) differ (classes {list(first.classes)} vs {list(m.classes)}); sources trained as "
+                    f"data.sources: the taxonomies of '{sources[0].name}' ({first.shown}) and '{other.name}' "
+                    f"({m.shown}) differ (classes {list(first.classes)} vs {list(m.classes)}); sources trained as "
                     "one must be packed with the same taxonomy (bcc pack --taxonomy)")
         self.sources = tuple(sources)
         self.root = first.root
-        self.path = "data.sources (" + ", ".join(f"{s.name}: {s.manifest.path}" for s in sources) + ")"
+        self.path = "data.sources (" + ", ".join(f"{s.name}: {s.manifest.shown}" for s in sources) + ")"
         self.taxonomy = first.taxonomy
         self.data = {"format": min((s.manifest.data["format"] for s in sources), key=_version),
                      "classes": list(first.classes), "taxonomy": first.taxonomy.to_dict(), "splits": {}}
@@ -85,9 +86,11 @@ def _concat(name: str, splits: Sequence[SplitInfo]) -> SplitInfo:
 def load_data(data: DataConfig) -> Manifest:
     """The manifest a run reads: `data.shards`' (its `data.fold` view), or the `MixedManifest` of
     `data.sources`. Raises ManifestError (a missing or broken manifest) or SourceError."""
+    # `pipe:` entries of a manifest run only when the user allows it; remote manifests are fetched with retries
+    opts = {"allow_pipe": data.allow_pipe_in_manifest, "retries": data.retries}
     if not data.sources:
-        return Manifest.load(data.shards).with_fold(data.fold, train=data.train_split, val=data.val_split)
-    sources = [Source(source_name(s), s.weight, Manifest.load(s.shards)) for s in data.sources]
+        return Manifest.load(data.shards, **opts).with_fold(data.fold, train=data.train_split, val=data.val_split)
+    sources = [Source(source_name(s), s.weight, Manifest.load(s.shards, **opts)) for s in data.sources]
     return MixedManifest(sources).with_fold(data.fold)
 
 
@@ -119,7 +122,7 @@ def source_counts(manifest: Manifest, splits: Sequence[str]) -> list[dict]:
     out = []
     for s in sources:
         row: dict = {"source": s.name or Path(s.manifest.root).name, "weight": s.weight,
-                     "shards": str(s.manifest.root)}
+                     "shards": remote.display(s.manifest.root)}
         row.update({f"{n}_samples": s.manifest.split(n).count for n in splits if n in s.manifest.splits})
         out.append(row)
     return out

@@ -86,7 +86,8 @@ from bcc.plan import (
     mix_seed,
     time_plan,
 )
-from bcc.shards import IMAGE_KEYS, SampleError, ShardError, check_sample, read_range, read_shard
+from bcc.remote import DEFAULT_RETRIES
+from bcc.shards import IMAGE_KEYS, SampleError, ShardError, check_sample, read_range
 from bcc.sources import shard_weights
 from bcc.transforms import presets_from_config
 
@@ -191,8 +192,10 @@ class _TrainStream(IterableDataset):
     epoch's values when the next epoch's iteration starts."""
 
     def __init__(self, shards, *, seed, rank, world_size, batch_size, shuffle_buffer, transform, epoch_state,
-                 checked=False, on_corrupt="error", weights=None, sampling="without_replacement", epoch_samples=0):
+                 checked=False, on_corrupt="error", weights=None, sampling="without_replacement", epoch_samples=0,
+                 retries=DEFAULT_RETRIES):
         self.shards = list(shards)
+        self.retries = retries
         self.checked, self.on_corrupt = checked, on_corrupt
         self.counts = [s.count for s in self.shards]
         self.weights = list(weights) if weights is not None else [1.0] * len(self.shards)
@@ -210,7 +213,8 @@ class _TrainStream(IterableDataset):
     def _lane(self, plan: EpochPlan | ResamplePlan, epoch: int, lane: int) -> Iterator[list[dict]]:
         """Raw batches of one lane: its segments read in order, shuffled, cut into batches."""
         samples: Iterable[dict] = itertools.chain.from_iterable(
-            read_range(self.shards[s.shard], s.lo, s.hi, s.drop) for s in plan.segments(self.rank, lane)
+            read_range(self.shards[s.shard], s.lo, s.hi, s.drop, retries=self.retries)
+            for s in plan.segments(self.rank, lane)
         )
         if self.shuffle_buffer > 1:
             rng = random.Random(mix_seed("buffer", self.seed, epoch, self.rank, lane))
@@ -245,8 +249,10 @@ class _TrainStream(IterableDataset):
 class _EvalStream(IterableDataset):
     """Samples [start, stop) of a split in manifest order, in batches; workers take contiguous runs."""
 
-    def __init__(self, shards, *, start, stop, batch_size, transform, checked=False, on_corrupt="error"):
+    def __init__(self, shards, *, start, stop, batch_size, transform, checked=False, on_corrupt="error",
+                 retries=DEFAULT_RETRIES):
         self.shards = shards
+        self.retries = retries
         self.checked, self.on_corrupt = checked, on_corrupt
         self.start, self.stop = start, stop
         self.batch_size = batch_size
@@ -268,7 +274,7 @@ class _EvalStream(IterableDataset):
             if first >= hi:
                 return
             if first + shard.count > lo:
-                for i, sample in enumerate(read_shard(shard), start=first):
+                for i, sample in enumerate(read_range(shard, retries=self.retries), start=first):
                     if i >= hi:
                         break  # stop reading; the count check only runs on shards read to the end
                     if i >= lo:
@@ -436,7 +442,7 @@ class TrainLoader:
             shards, seed=seed, rank=rank, world_size=world_size, batch_size=data_cfg.batch_size,
             shuffle_buffer=data_cfg.shuffle_buffer, transform=train_tf, epoch_state=self._epoch_state,
             checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt, weights=weights,
-            sampling=data_cfg.sampling, epoch_samples=data_cfg.epoch_samples,
+            sampling=data_cfg.sampling, epoch_samples=data_cfg.epoch_samples, retries=data_cfg.retries,
         )
         self._batches = BatchLoader(
             dataset, self.batches_per_epoch, workers=data_cfg.workers, seed=mix_seed("loader", seed, rank),
@@ -510,7 +516,7 @@ def eval_loader(
     batch_size = data_cfg.eval_batch_size
     _, eval_tf = presets_from_config(data_cfg)
     dataset = _EvalStream(shards, start=start, stop=stop, batch_size=batch_size, transform=eval_tf,
-                          checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt)
+                          checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt, retries=data_cfg.retries)
     num_batches = math.ceil((stop - start) / batch_size)
     return BatchLoader(dataset, num_batches, workers=data_cfg.workers, seed=0, pin_memory=pin_memory,
                        what=f"split '{split}'", rank=rank)

@@ -119,7 +119,7 @@ def setup_run(cfg: Config) -> Run:
           f"on {socket.gethostname()} device {acc.device} {cpu_report()}", flush=True)
     manifest = load_data(cfg.data)  # data.shards (its fold view), or the sources of data.sources
     if not manifest.has_checksums:
-        console.print(f"note: {manifest.root} is pack format {manifest.format_version}: its samples carry no "
+        console.print(f"note: {manifest.shown} is pack format {manifest.format_version}: its samples carry no "
                       "checksum, so a damaged image is not detected as it is read; repack it with this bcc to "
                       "check every sample", soft_wrap=True)
     taxonomy = manifest.taxonomy
