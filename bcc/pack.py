@@ -598,10 +598,10 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, taxo
             del results[:len(sizes)]
             counts = np.bincount(labels[assignment == k], minlength=len(names))
             splits_info[split_name] = split_entry(shards, {c: int(counts[i]) for i, c in enumerate(names)})
-        warnings_ += _split_warnings(splits_info, len(names))
         stage("write")
 
         duplicates, dup_stats = _duplicates(exact_id, labels, ok, rels, split_of, sha, warnings_)
+        warnings_ += _split_warnings(splits_info, len(names))
         converted_idx = np.flatnonzero(rec.converted)
         converted = _Lazy(len(converted_idx), lambda: ({"path": rels[i], "mode": rec.modes[rec.converted[i] - 1]}
                                                        for i in converted_idx.tolist()))
