@@ -22,6 +22,7 @@ from accelerate.utils import (
     DynamoBackend,
     InitProcessGroupKwargs,
     TorchDynamoPlugin,
+    parse_flag_from_env,
 )
 from torch import nn
 
@@ -192,7 +193,8 @@ def make_accelerator(cfg: Config, **kwargs) -> tuple[Accelerator, Config]:
     The process group starts first (with `train.timeout_s`), so the device is known before the precision
     is chosen. `kwargs` go to the Accelerator (log_with, project_dir). Raises DeviceSettingError."""
     handlers = kwargs_handlers(cfg.train)
-    state = PartialState(**handlers[0].to_kwargs())
+    # as AcceleratorState would start it: ACCELERATE_USE_CPU=true is the CPU opt-in (gloo across processes)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **handlers[0].to_kwargs())
     caps = device_caps(state.device)
     run_cfg = resolve_config(cfg, caps, state.num_processes)
     if run_cfg.train.sync_bn:
