@@ -179,7 +179,8 @@ def test_compile_compiles_once_per_stage_and_resume_is_bitwise_exact(synth_shard
     stages = [{"epochs": 1, "train": ["heads"]}, {"epochs": 1, "train": ["heads", "block4"]}]
     cfg = write_config(tmp_path / "c.yaml", synth_shards, tmp_path / "straight",
                        train={"compile": True, "compile_backend": "aot_eager"}, finetune={"stages": stages},
-                       checkpoint={"every_steps": 3, "keep_last": 100}, eval={"test_at_end": False})
+                       data={"batch_size": 32}, checkpoint={"every_steps": 2, "keep_last": 100},
+                       eval={"test_at_end": False})
     cmd = [sys.executable, "-m", "bcc.train", "--config", str(cfg)]
     straight = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-2000:]
@@ -257,7 +258,7 @@ def test_a_read_error_on_one_rank_ends_the_job_with_the_error_line(synth_shards,
     pack = copy_pack(synth_shards, tmp_path / "pack")
     shard = Manifest.load(pack).split("train").shards[1].path
     key = flip_image_bit(shard)
-    cfg = write_config(tmp_path / "c.yaml", pack, tmp_path / "run", train={"epochs": 2, "timeout_s": 20},
+    cfg = write_config(tmp_path / "c.yaml", pack, tmp_path / "run", train={"epochs": 1, "timeout_s": 20},
                        data={"on_corrupt": "error"})
     cmd, env = accelerate_command(2, ["--config", str(cfg)])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=20 + 240)
