@@ -24,6 +24,7 @@ from bcc.train.accel import (
     CompileCounter,
     DeviceCaps,
     DeviceSettingError,
+    StageCompiles,
     apply_backend_flags,
     check_compile,
     check_sync_bn,
@@ -152,16 +153,33 @@ def test_backend_flags_on_a_cuda_device_and_none_on_cpu(monkeypatch):
         torch.set_float32_matmul_precision(before[2])
 
 
-def test_compile_counter_counts_per_stage(monkeypatch):
+def test_compile_counter_counts_frames_and_recompilations_per_stage(monkeypatch):
+    from types import SimpleNamespace
+
     import bcc.train.accel as accel
 
-    count = iter([0, 0, 1, 1, 3])  # construction, enter 0, enter 1, finish... as dynamo's frames.ok grows
-    monkeypatch.setattr(accel, "compile_count", lambda: next(count))
+    frames, records = [0], []
+    monkeypatch.setattr(accel, "compile_count", lambda: frames[0])
+    monkeypatch.setattr(accel, "compile_records", lambda: list(records))
+
+    def compile_frames(n: int, reason: str | None = None) -> None:
+        frames[0] += n
+        records.extend(SimpleNamespace(recompile_reason=reason) for _ in range(n))
+
     counter = CompileCounter()
     assert counter.enter(0) is None
-    assert counter.enter(1) == (0, 1)
-    assert counter.finish() == (1, 2)
+    compile_frames(3)  # the first stage: DDP's frames, compiled once each
+    assert counter.enter(1) == StageCompiles(0, frames=3, recompiles=0)
+    compile_frames(1, "requires_grad mismatch")
+    compile_frames(1, "size mismatch")
+    done = counter.finish()
+    assert (done.stage, done.frames, done.recompiles, done.reasons) == (1, 2, 2, ("requires_grad mismatch",
+                                                                                "size mismatch"))
     assert counter.finish() is None
+    records.clear()  # the bounded deque dropped the marker: every record left counts
+    counter.enter(2)
+    records.append(SimpleNamespace(recompile_reason="x"))
+    assert counter.finish().recompiles == 1
 
 
 # --------------------------------------------------------------------------- through the entry points
@@ -186,8 +204,10 @@ def test_compile_compiles_once_per_stage_and_resume_is_bitwise_exact(synth_shard
     assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-2000:]
     assert "compile aot_eager/default" in straight.stdout
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    compiles = {r["stage"]: r["compiles"] for r in rows if r.get("split") == "compile"}
-    assert compiles.keys() == {0, 1} and compiles[0] == 1 and compiles[1] <= 1, compiles
+    compiles = {r["stage"]: (r["frames"], r["recompiles"]) for r in rows if r.get("split") == "compile"}
+    assert compiles.keys() == {0, 1}, compiles
+    assert compiles[0][0] >= 1 and compiles[0][1] == 0, compiles  # compiled at the first step, never again
+    assert compiles[1][1] <= 1, compiles  # the stage change: at most one recompilation
 
     states = {p: json.loads((p / "trainer_state.json").read_text())
               for p in (tmp_path / "straight" / "checkpoints").glob("step-*")}
@@ -196,7 +216,7 @@ def test_compile_compiles_once_per_stage_and_resume_is_bitwise_exact(synth_shard
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["compiles"]) for r in rows if r.get("split") == "compile"] == [(1, 1)]
+    assert [(r["stage"], r["recompiles"]) for r in rows if r.get("split") == "compile"] == [(1, 0)]
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
 

@@ -212,32 +212,55 @@ def convert_sync_bn(model: nn.Module) -> nn.Module:
 
 
 def compile_count() -> int:
-    """Frames torch.compile has compiled in this process so far (dynamo's `frames.ok` counter): a first
-    compile and every recompilation count one per compiled frame."""
+    """Frames torch.compile has compiled in this process so far (dynamo's `frames.ok` counter); a first
+    compile of a DDP-wrapped model is several frames (DDP's own code between graph breaks)."""
     from torch._dynamo.utils import counters
 
     return int(counters["frames"]["ok"])
 
 
+def compile_records() -> list:
+    """Dynamo's records of its recent compilations (`torch._dynamo.utils.get_compilation_metrics`, a
+    bounded deque), each with `recompile_reason` set when a frame compiled before was compiled again."""
+    from torch._dynamo.utils import get_compilation_metrics
+
+    return list(get_compilation_metrics())
+
+
+@dataclass(frozen=True)
+class StageCompiles:
+    stage: int
+    frames: int  # frames compiled while the stage ran (first compiles and recompilations)
+    recompiles: int  # of those, frames compiled again after their guards failed
+    reasons: tuple[str, ...] = ()  # dynamo's first guard failure of each recompilation
+
+
 class CompileCounter:
-    """Compilations per fine-tuning stage. A stage compiles once, at its first step (a stage change
-    changes `requires_grad` and BatchNorm modes, which the compiled graph's guards check); any more is a
-    recompilation within the stage, which costs a compile each time and is logged as a warning."""
+    """torch.compile's compilations per fine-tuning stage. The first stage a process runs compiles its
+    frames once; a stage change recompiles the forward frame once (a stage changes `requires_grad` and
+    BatchNorm modes, which the compiled graph's guards check); a recompilation beyond that means a guard
+    fails within the stage (a compile per occurrence) and is worth a warning."""
 
     def __init__(self) -> None:
         self.stage: int | None = None
-        self.start = compile_count()
+        self.frames = 0
+        self.last = None  # the newest compile record when the stage started
 
-    def enter(self, stage: int) -> tuple[int, int] | None:
-        """Start counting `stage`; returns (previous stage, its compiles), or None at the first stage."""
+    def enter(self, stage: int) -> StageCompiles | None:
+        """Start counting `stage`; returns the previous stage's counts, or None at the first stage."""
         done = self.finish()
-        self.stage, self.start = stage, compile_count()
+        records = compile_records()
+        self.stage, self.frames, self.last = stage, compile_count(), records[-1] if records else None
         return done
 
-    def finish(self) -> tuple[int, int] | None:
-        """(stage, compiles since it was entered), and stop counting; None when no stage is open."""
+    def finish(self) -> StageCompiles | None:
+        """The open stage's counts, and stop counting; None when no stage is open."""
         if self.stage is None:
             return None
-        done = (self.stage, compile_count() - self.start)
+        records = compile_records()
+        # records after the stage's start marker (all of them if the bounded deque dropped the marker)
+        start = next((i + 1 for i in range(len(records) - 1, -1, -1) if records[i] is self.last), 0)
+        reasons = tuple(r.recompile_reason for r in records[start:] if getattr(r, "recompile_reason", None))
+        done = StageCompiles(self.stage, compile_count() - self.frames, len(reasons), reasons)
         self.stage = None
         return done

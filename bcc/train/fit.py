@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from rich.markup import escape
 
 from bcc import __version__
 from bcc.atomic import write_json
@@ -49,7 +50,7 @@ from bcc.runtime import cpu_report
 from bcc.stream import TrainLoader, batches_per_epoch, eval_loader
 from bcc.trackers import require_trackers, start_trackers
 from bcc.train import preempt as preemption
-from bcc.train.accel import CompileCounter, describe, make_accelerator
+from bcc.train.accel import CompileCounter, StageCompiles, describe, make_accelerator
 from bcc.train.epoch import evaluate_split, sync_buffers, train_one_epoch
 from bcc.train.preflight import check_precision, preflight
 from bcc.train.resume import restore, resume_path
@@ -261,18 +262,20 @@ def _enter(run: Run, index: int, carry: bool) -> None:
     log_compiles(run, run.compiles.enter(index))
 
 
-def log_compiles(run: Run, done: tuple[int, int] | None) -> None:
-    """With `train.compile`: the compilations of a finished stage, on the console and in metrics.jsonl
-    (`{"split": "compile", "stage", "compiles"}`). One is the stage's own compile; more means recompilations within it."""
+def log_compiles(run: Run, done: StageCompiles | None) -> None:
+    """With `train.compile`: a finished stage's compilations, on the console and in metrics.jsonl
+    (`{"split": "compile", "stage", "frames", "recompiles"}`); a warning with dynamo's reason when the stage
+    recompiled more than once (one is the stage change)."""
     if done is None or not run.cfg.train.compile:
         return
-    stage, count = done
-    run.log.log({"epoch": run.state.epoch, "split": "compile", "stage": stage, "compiles": count}, run.state.step)
-    if count > 1:
-        console.print(f"[yellow]warning:[/] stage {stage} compiled {count} times (recompiled within the stage; "
-                      "TORCH_LOGS=recompiles shows why)", soft_wrap=True)
+    run.log.log({"epoch": run.state.epoch, "split": "compile", "stage": done.stage, "frames": done.frames,
+                 "recompiles": done.recompiles}, run.state.step)
+    line = f"stage {done.stage}: {done.frames} frame(s) compiled, {done.recompiles} recompilation(s)"
+    if done.recompiles > 1:
+        console.print(f"[yellow]warning:[/] compile: {line}, more than the stage change's one; the first: "
+                      f"{escape(done.reasons[0])} (TORCH_LOGS=recompiles shows all)", soft_wrap=True)
     else:
-        console.print(f"compile: stage {stage} compiled {count} time(s)")
+        console.print(f"compile: {line}", markup=False, highlight=False)
 
 
 def save(run: Run, metric_value: float | None = None) -> None:
