@@ -101,6 +101,17 @@ def test_resolved_config_is_concrete_for_the_device_and_resolving_twice_changes_
     assert "precision bf16 (auto)" in line and "lr 0.2 = 0.1 x (512/256) (linear" in line, line
 
 
+def test_sync_bn_conversion_keeps_the_parameters_and_frozen_batchnorms_still_find_the_layers():
+    from bcc.finetune import frozen_batchnorms
+    from bcc.train.accel import convert_sync_bn
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    weight = model[1].weight
+    converted = convert_sync_bn(model)
+    assert isinstance(converted[1], torch.nn.SyncBatchNorm) and converted[1].weight is weight
+    assert frozen_batchnorms(converted, {"1": "block0"}, ["heads"]) == [converted[1]]
+
+
 def test_sync_bn_is_refused_off_cuda_and_on_gloo_with_a_named_error():
     with pytest.raises(DeviceSettingError, match=r"train.sync_bn=true needs CUDA GPUs .* this run is on cpu"):
         resolve_config(load_config(None, ["train.sync_bn=true"]), CPU, world_size=2)
@@ -234,13 +245,15 @@ def test_a_stuck_or_dead_rank_ends_the_two_process_job_within_train_timeout_s(sy
     connections, the worst case of a dead rank, or one stuck in a read): rank 0 fails its next collective
     after train.timeout_s (gloo: "Timed out waiting 5000ms"; with the default 30 minutes the test's own
     bound would fail), then rank 1 is killed (SIGKILL) and the launch ends non-zero. The same run checks
-    lr scaling through the entry point: linear, global batch 2 x 16 against a base of 16."""
+    lr scaling through the entry point (linear, global batch 2 x 16 against a base of 16) and trains its
+    first steps with both DDP options on."""
     import psutil
 
     run_dir = tmp_path / "run"
     timeout_s = 5
     cfg = write_config(tmp_path / "c.yaml", synth_shards, run_dir,
-                       train={"epochs": 3, "timeout_s": timeout_s, "lr_scale": "linear", "lr_base_batch": 16},
+                       train={"epochs": 3, "timeout_s": timeout_s, "lr_scale": "linear", "lr_base_batch": 16,
+                              "ddp_static_graph": True, "ddp_gradient_as_bucket_view": True},
                        checkpoint={"every_steps": 2, "keep_last": 10})
     cmd, env = accelerate_command(2, ["--config", str(cfg)])
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
