@@ -104,7 +104,7 @@ def test_every_rank_yields_exactly_the_planned_batches(pack, world_size, workers
         batches = list(loader)
         assert len(loader) == len(batches) == expected
         for b in batches:
-            assert b["image"].shape == (4, 3, 16, 16) and b["image"].dtype == torch.float32
+            assert b["image"].shape == (4, 3, 16, 16) and b["image"].dtype == torch.uint8  # crops; float on the device
             assert b["label"].dtype == torch.long and len(b["key"]) == len(b["source"]) == 4
             assert all(
                 int(k.split("-")[1]) % 4 == label
