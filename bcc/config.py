@@ -55,6 +55,7 @@ class DataConfig:
     # naming shard and key; "skip" leaves it out of its batch and reports it (see bcc/stream.py)
     on_corrupt: Literal["error", "skip"] = "error"
     # train augmentation: blood smears have no canonical orientation, so both flips and rotation are safe
+    # (crop and flips run in the loader workers on uint8; rotation, jitter, mean/std batched on the device)
     scale_min: float = 0.5
     rotation: float = 15.0
     hflip: bool = True
