@@ -182,8 +182,9 @@ def read_mode(mode: str, run_dir: Path) -> ModeResult:
     sign = 1 if cfg.checkpoint.mode == "max" else -1
     names = table_metrics(metric)
     rows = read_rows(run_dir)
-    val = [r for r in rows if r.get("split") == cfg.data.val_split]
-    test = [r for r in rows if r.get("split") == cfg.data.test_split]
+    # rows with a `source` are one source's of data.sources; the combined rows have none
+    val = [r for r in rows if r.get("split") == cfg.data.val_split and "source" not in r]
+    test = [r for r in rows if r.get("split") == cfg.data.test_split and "source" not in r]
     if not val:
         raise CompareError(f"{run_dir}/metrics.jsonl has no '{cfg.data.val_split}' rows")
     best = max(val, key=lambda r: sign * r.get(metric, -sign * math.inf))

@@ -38,8 +38,31 @@ RENAMED_METRICS = {"acc4": "acc", "bacc4": "bacc"}  # combined metrics no longer
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One packed dataset of `data.sources` (see DataConfig and README "Mixing sources")."""
+
+    shards: str = ""  # a packed dataset: the same forms as data.shards (folder, URL, pipe: template)
+    # data.sampling=without_replacement: an integer repeat factor (3: the source's train split passes 3
+    # times per epoch, each sample at most 3 times); resample: a real-valued upsampling factor (a shard
+    # is drawn with probability proportional to weight x its sample count)
+    weight: float = 1.0
+    name: str = ""  # names the source in metrics rows and logs; default: the last part of `shards`
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    shards: str = "shards/demo"  # a packed dataset (directory holding manifest.json)
+    # a packed dataset: a folder holding manifest.json, the http(s) URL of one (or of its manifest.json), or a
+    # `pipe:COMMAND` template with {name} where the file name goes (`pipe:aws s3 cp s3://b/ds/{name} -`);
+    # credentials from the environment only (BCC_HTTP_TOKEN, ~/.netrc, ${VAR}): docs/data.md
+    shards: str = "shards/demo"
+    # several packed datasets trained as one (instead of `shards`; setting both is an error); their
+    # taxonomies must agree. Val and test are evaluated per source and combined (bcc/sources.py)
+    sources: tuple[SourceConfig, ...] = ()
+    # without_replacement: an epoch is exactly one pass over the train split (times each source's
+    # integer weight). resample: every (seed, epoch, rank, lane) draws shards with replacement, so any
+    # number of shards feeds any number of ranks x workers; the epoch is `epoch_samples` long
+    sampling: Literal["without_replacement", "resample"] = "without_replacement"
+    epoch_samples: int = 0  # samples per epoch with sampling=resample; 0: the train split's size
     image_size: int = 224
     batch_size: int = 32  # per process
     eval_batch_size: int = 64  # per process
@@ -54,6 +77,11 @@ class DataConfig:
     # a sample whose stored bytes fail their pack-time checksum (or do not decode): "error" stops the run
     # naming shard and key; "skip" leaves it out of its batch and reports it (see bcc/stream.py)
     on_corrupt: Literal["error", "skip"] = "error"
+    # re-opens of a remote shard after a transient read error (dropped connection, failed pipe: command),
+    # with backoff; a re-open skips forward to the sample that failed, so the sample order never changes
+    retries: int = 3
+    # honour `pipe:` shard entries of the manifest (they run shell commands): only for a manifest you wrote
+    allow_pipe_in_manifest: bool = False
     # train augmentation: blood smears have no canonical orientation, so both flips and rotation are safe
     # (crop and flips run in the loader workers on uint8; rotation, jitter, mean/std batched on the device)
     scale_min: float = 0.5
@@ -184,12 +212,16 @@ def _fraction(closed_high: bool = True) -> tuple[Callable[[Any], bool], str]:
 
 
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "data.shards": ((lambda v: v != ""), "a packed dataset directory (not empty)"),
+    "data.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty)"),
+    "data.sources.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty)"),
+    "data.sources.weight": _positive(),
+    "data.epoch_samples": _at_least(0),
     "data.image_size": _positive(),
     "data.batch_size": _positive(),
     "data.eval_batch_size": _positive(),
     "data.workers": _at_least(0),
     "data.shuffle_buffer": _at_least(0),
+    "data.retries": _at_least(0),
     "data.scale_min": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     "data.rotation": ((lambda v: 0 <= v <= 180), "in [0, 180] degrees"),
     "data.color_jitter": _at_least(0),
@@ -325,7 +357,46 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
             if e.key is None:  # the innermost key; `load_config` blames the layer that set it
                 e.key = full
             raise
+    if cls is DataConfig:
+        _check_data(data, kwargs)
     return cls(**kwargs)
+
+
+def _check_data(given: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:
+    """The rules of `data` that span keys: `sources` excludes `shards`, names are unique, weights fit
+    `sampling`, `epoch_samples` needs resample. Raises ConfigError naming the key at fault."""
+
+    def fail(key: str, message: str) -> None:
+        err = ConfigError(f"{key}: {message}")
+        err.key = key
+        raise err
+
+    sources = kwargs.get("sources", ())
+    sampling = kwargs.get("sampling", DataConfig.sampling)
+    if sources and "shards" in given:
+        fail("data.sources", f"data.sources and data.shards ({given['shards']!r}) are exclusive: the sources "
+                             "list every packed dataset; remove data.shards")
+    names: dict[str, int] = {}
+    for i, src in enumerate(sources):
+        if not src.shards:
+            fail(f"data.sources[{i}].shards", "must name a packed dataset directory")
+        if sampling == "without_replacement" and src.weight != int(src.weight):
+            fail(f"data.sources[{i}].weight", f"{src.weight:g} is not an integer: with data.sampling="
+                 "without_replacement a weight is a repeat factor (passes per epoch); set data.sampling=resample "
+                 "for real-valued weights")
+        name = source_name(src)
+        if name in names:
+            fail(f"data.sources[{i}].name", f"'{name}' also names data.sources[{names[name]}]; give each "
+                 "source a distinct name")
+        names[name] = i
+    if kwargs.get("epoch_samples", 0) and sampling != "resample":
+        fail("data.epoch_samples", "sets the epoch length of data.sampling=resample; without_replacement "
+                                   "epochs are one pass over the train split")
+
+
+def source_name(src: SourceConfig) -> str:
+    """A source's name: `name`, else the last part of its `shards` path (`/data/all-224/` -> `all-224`)."""
+    return src.name or Path(src.shards.rstrip("/")).name or src.shards
 
 
 def _normalise(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -465,7 +536,11 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """A saved config (checkpoint meta, `config_to_dict` output); older names are migrated."""
-    return _build(Config, _normalise(migrate_saved(data)))
+    data = _normalise(migrate_saved(data))
+    if isinstance(data.get("data"), Mapping) and data["data"].get("sources"):
+        # a saved config lists every key: `shards` is the unused default beside the sources
+        data["data"] = {k: v for k, v in data["data"].items() if k != "shards"}
+    return _build(Config, data)
 
 
 def load_saved_config(path: str | Path) -> Config:

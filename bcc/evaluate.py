@@ -173,8 +173,11 @@ def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size:
         workers=d.workers if workers is None else workers,
     )
     model_label = f"checkpoint {im.checkpoint}"
-    if (path / "manifest.json").is_file() or (path.name == "manifest.json" and path.is_file()):
-        manifest = Manifest.load(path)
+    from bcc.remote import is_local
+
+    if not is_local(str(data)) or (path / "manifest.json").is_file() or (path.name == "manifest.json"
+                                                                         and path.is_file()):
+        manifest = Manifest.load(path if is_local(str(data)) else str(data))  # a URL or pipe: pack too
         check_taxonomy(im.taxonomy, manifest.taxonomy, model_label, f"dataset {manifest.root}")
         info = manifest.split(split)
         return EvalSource(
@@ -439,14 +442,22 @@ def calibrate_checkpoint(
 
     rule = parse_operating_point(operating_point) if operating_point is not None else None
     from bcc.calibration import apply_temperature, fit_temperatures
+    from bcc.export import HUB_PREFIX, is_export_dir
     from bcc.predict import write_temperatures
 
+    if str(checkpoint).startswith(HUB_PREFIX) or is_export_dir(checkpoint):  # its files are the export's, fixed
+        raise EvalError(f"{checkpoint} is an export: calibrate the run's checkpoint, then export it again")
     im = load_inference_model(checkpoint, device=device, calibrated=False)
     if rule is not None and not rule.is_argmax:
         binary_head(im.taxonomy)  # a named error before any inference
+    if data is None and im.config.data.sources:
+        raise EvalError(f"{checkpoint} was trained on data.sources ({', '.join(s.shards for s in im.config.data.sources)}); "
+                        "pass --data with the pack to calibrate on")
     data = data if data is not None else im.config.data.shards
     split = split or im.config.data.val_split
-    if not Path(data).exists():
+    from bcc.remote import is_local
+
+    if is_local(str(data)) and not Path(data).exists():  # a URL or pipe: pack is checked as it is fetched
         raise EvalError(f"calibration data {data} (the run's data.shards) does not exist; pass --data")
     source = open_source(data, split, im, batch_size=batch_size, workers=workers)
     part = _infer(im, source.loader(0, 1))

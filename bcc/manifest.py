@@ -15,6 +15,13 @@ ask `Manifest.format_version` (or `has_checksums`) instead of guessing from what
      `fold_counts` per train/val shard, `fold` in each train/val sample's json). Readers of versions
      1-2 see neither and train on the pack's own train/val split.
 
+Where a pack lives (`bcc.remote`): `Manifest.load` takes a local folder, the http(s) URL of a folder or
+of its manifest.json, or a `pipe:` template with `{name}`; shard entries resolve against it. An entry
+may also be an absolute URL, a brace list (`train-{000000..000127}.tar`: one entry for many shards,
+`count` and `sha256` then either one value for every shard or a list with one per shard), or a
+`pipe:` command -- refused unless the caller allows it (`data.allow_pipe_in_manifest`): a manifest
+must not be able to run commands the user did not write.
+
 Optional parts (additive; a reader that does not know them ignores them):
 - `near_duplicates`: groups of near-identical images kept on one side (`bcc.neardup`), a list of
   `{"paths", "max_distance", "split"}`, or `{"file": "near_duplicates.json", "count": n}` when the
@@ -36,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from bcc import remote
 from bcc.errors import BccError
 from bcc.taxonomy import Taxonomy, TaxonomyError
 
@@ -72,7 +80,7 @@ class FoldError(ManifestError):
 
 @dataclass(frozen=True)
 class ShardInfo:
-    path: Path  # absolute
+    path: Path | str  # a local shard: an absolute Path; a remote one: its URL or `pipe:` command (bcc.remote)
     count: int  # samples the readers take from it (only those of `folds` when that is set)
     sha256: str
     fold_counts: tuple[int, ...] | None = None  # samples per cross-validation fold, if packed with folds
@@ -96,19 +104,38 @@ class Manifest:
 
     fold: int | None = None  # the validation fold of a `with_fold` view
 
-    def __init__(self, root: Path, data: dict[str, Any]):
-        self.root = root
+    def __init__(self, root: Path | str, data: dict[str, Any], *, allow_pipe: bool = False):
+        self.root = root  # a local pack's resolved folder, or a remote pack's location (str)
         self.data = data
-        self.path = root / "manifest.json"
+        self.allow_pipe = allow_pipe
+        self.path = remote.join(root, "manifest.json") if isinstance(root, str) else root / "manifest.json"
         try:
             self.taxonomy = Taxonomy.from_dict(data["taxonomy"])
         except TaxonomyError as e:
-            raise ManifestError(f"{self.path}: invalid taxonomy: {e}") from e
+            raise ManifestError(f"{self.shown}: invalid taxonomy: {e}") from e
         self._splits = {name: self._parse_split(name, s) for name, s in data["splits"].items()}
 
+    @property
+    def shown(self) -> str:
+        """The manifest's location as messages show it (credentials redacted)."""
+        return remote.display(self.path)
+
+    @property
+    def is_remote(self) -> bool:
+        return isinstance(self.root, str)
+
     @classmethod
-    def load(cls, path: str | Path) -> Manifest:
-        """Load `<path>/manifest.json` (or `path` itself when it names the file)."""
+    def load(cls, path: str | Path, *, allow_pipe: bool = False, retries: int = remote.DEFAULT_RETRIES) -> Manifest:
+        """Load `<path>/manifest.json` (or `path` itself when it names the file). `path` may be remote
+        (an http(s) URL or a `pipe:` template, see the module docstring): the manifest is fetched, with up
+        to `retries` re-tries after a transient error. `allow_pipe`: honour `pipe:` shard entries."""
+        if isinstance(path, str) and "${" in path and remote.is_local(path):  # a local folder from the environment
+            try:
+                path = remote.expand_env(path, remember=False)
+            except remote.RemoteError as e:
+                raise ManifestError(str(e)) from None
+        if not remote.is_local(path):
+            return cls._load_remote(str(path), allow_pipe, retries)
         path = Path(path)
         file = path if path.name == "manifest.json" and not path.is_dir() else path / "manifest.json"
         if not file.is_file():
@@ -119,6 +146,27 @@ class Manifest:
             raise ManifestError(f"cannot read {file}: {e}") from e
         except json.JSONDecodeError as e:
             raise ManifestError(f"{file} is not valid JSON: {e}") from e
+        return cls._from_data(file, file.parent.resolve(), data, allow_pipe)
+
+    @classmethod
+    def _load_remote(cls, location: str, allow_pipe: bool, retries: int) -> Manifest:
+        try:
+            remote.check_no_secrets(location)
+            root, file = remote.manifest_location(location)
+        except remote.RemoteError as e:
+            raise ManifestError(str(e)) from None
+        try:
+            raw = remote.read_bytes(file, retries)
+        except remote.RemoteError as e:
+            raise ManifestError(f"cannot fetch the manifest {e}") from None
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{remote.display(file)} is not valid JSON: {e}") from None
+        return cls._from_data(remote.display(file), root, data, allow_pipe)
+
+    @classmethod
+    def _from_data(cls, file: Path | str, root: Path | str, data: Any, allow_pipe: bool) -> Manifest:
         version = parse_format(data.get("format")) if isinstance(data, dict) else None
         if version is None:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
@@ -132,20 +180,61 @@ class Manifest:
             if key not in data:
                 raise ManifestError(f"{file} lacks the key {key!r}")
         try:
-            return cls(file.parent.resolve(), data)
+            return cls(root, data, allow_pipe=allow_pipe)
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, ManifestError):
                 raise
             raise ManifestError(f"{file} is malformed: {type(e).__name__}: {e}") from e
 
     def _parse_split(self, name: str, s: dict[str, Any]) -> SplitInfo:
-        # lexical: `root` is resolved already, and resolving 100,000 shard paths would stat every one
-        root = str(self.root)
-        shards = [ShardInfo(Path(os.path.normpath(os.path.join(root, sh["path"]))), int(sh["count"]),
-                            str(sh["sha256"]),
-                            tuple(int(n) for n in sh["fold_counts"]) if "fold_counts" in sh else None)
-                  for sh in s["shards"]]
+        shards = []
+        local_root = None if self.is_remote else str(self.root)
+        for sh in s["shards"]:
+            entry = sh["path"]
+            if local_root is not None and "{" not in entry and ":" not in entry:  # the common case, fast
+                # lexical: `root` is resolved already, and resolving 100,000 shard paths would stat every one
+                shards.append(ShardInfo(Path(os.path.normpath(os.path.join(local_root, entry))), int(sh["count"]),
+                                        str(sh["sha256"]), tuple(int(n) for n in sh["fold_counts"])
+                                        if "fold_counts" in sh else None))
+            else:
+                shards += self._parse_entry(name, sh)
         return SplitInfo(name, int(s["count"]), {str(k): int(v) for k, v in s["class_counts"].items()}, shards)
+
+    def _parse_entry(self, split: str, sh: dict[str, Any]) -> list[ShardInfo]:
+        """The shards of one manifest entry: one, or those of a brace list."""
+        entry = str(sh["path"])
+        if entry.startswith("pipe:") and not self.allow_pipe:
+            raise ManifestError(
+                f"{self.shown}: split '{split}': the shard entry {remote.redact(entry)!r} is a pipe: command; a "
+                "manifest may not run commands. If you wrote this manifest and trust it, set "
+                "data.allow_pipe_in_manifest=true (or put the command in data.shards)")
+        if remote.sends_token_elsewhere(entry, self.root):
+            raise ManifestError(
+                f"{self.shown}: split '{split}': the shard entry {remote.redact(entry)!r} is on another host than "
+                f"the dataset, which would receive ${remote.TOKEN_ENV}; set {remote.TOKEN_HOSTS_ENV} to the hosts "
+                "that may (comma-separated)")
+        names = remote.expand(entry) if "{" in entry else [entry]
+
+        def each(key: str, value: Any) -> list[Any]:
+            """One value per shard: a brace entry's list, or its one value repeated."""
+            if len(names) == 1:
+                return [value]
+            per_shard = isinstance(value, list) and (key != "fold_counts" or bool(value) and isinstance(value[0], list))
+            if not per_shard:
+                return [value] * len(names)
+            if len(value) != len(names):
+                raise ManifestError(f"{self.shown}: split '{split}': the brace entry {entry!r} names "
+                                    f"{len(names)} shards but its {key} lists {len(value)}")
+            return list(value)
+
+        counts, digests = each("count", sh["count"]), each("sha256", sh["sha256"])
+        folds = each("fold_counts", sh["fold_counts"]) if "fold_counts" in sh else [None] * len(names)
+        try:
+            locations = [remote.join(self.root, n) for n in names]
+        except remote.RemoteError as e:
+            raise ManifestError(f"{self.shown}: split '{split}': {e}") from None
+        return [ShardInfo(loc, int(c), str(d), tuple(int(n) for n in f) if f is not None else None)
+                for loc, c, d, f in zip(locations, counts, digests, folds, strict=True)]
 
     @property
     def folds(self) -> int | None:
@@ -163,13 +252,13 @@ class Manifest:
             return self
         k = self.folds
         if k is None:
-            raise FoldError(f"data.fold={fold} but {self.path} has no folds; repack with `bcc pack --folds K`")
+            raise FoldError(f"data.fold={fold} but {self.shown} has no folds; repack with `bcc pack --folds K`")
         if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < k:
             raise FoldError(f"data.fold={fold!r} is outside 0..{k - 1} (the pack at {self.root} has {k} folds)")
         info = self.data["folds"]
         pool = [sh for name in info["splits"] for sh in self.split(name).shards]
         if any(sh.fold_counts is None or len(sh.fold_counts) != k for sh in pool):
-            raise FoldError(f"{self.path}: a train/val shard lacks fold_counts for {k} folds; repack it")
+            raise FoldError(f"{self.shown}: a train/val shard lacks fold_counts for {k} folds; repack it")
         view = Manifest.__new__(Manifest)
         view.__dict__.update(self.__dict__)
         view._splits = dict(self._splits)
@@ -186,11 +275,11 @@ class Manifest:
         """The near-duplicate groups (`{"paths", "max_distance", "split"}`), from the side file if large."""
         groups = self.data.get("near_duplicates") or []
         if isinstance(groups, dict):
-            path = self.root / groups["file"]
+            path = remote.join(self.root, groups["file"])
             try:
-                return json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as e:
-                raise ManifestError(f"cannot read the near-duplicate groups {path}: {e}") from e
+                return json.loads(remote.read_bytes(path).decode("utf-8"))
+            except (OSError, remote.RemoteError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ManifestError(f"cannot read the near-duplicate groups {remote.display(path)}: {e}") from e
         return list(groups)
 
     @property
@@ -219,12 +308,12 @@ class Manifest:
             return self._splits[name]
         except KeyError:
             raise ManifestError(
-                f"unknown split {name!r} in {self.path}; available: {', '.join(self._splits) or 'none'}"
+                f"unknown split {name!r} in {self.shown}; available: {', '.join(self._splits) or 'none'}"
             ) from None
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{n}={s.count}" for n, s in self._splits.items())
-        return f"Manifest({str(self.root)!r}, {counts})"
+        return f"Manifest({remote.display(self.root)!r}, {counts})"
 
 
 # --------------------------------------------------------------------------- writing

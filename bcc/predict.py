@@ -1,6 +1,7 @@
 """Inference from a checkpoint: load the model once, predict images, explain the hierarchical answer.
 
-`load_inference_model(path)` turns a run dir, checkpoints dir, step dir or `best`/`last` link into an
+`load_inference_model(path)` turns a run dir, checkpoints dir, step dir, `best`/`last` link, export folder
+(`bcc export`, either format) or `hf-hub:OWNER/NAME` into an
 `InferenceModel`: the `MultitaskNet` in eval mode with the checkpoint's weights, its taxonomy, the eval
 preprocessing of its config and, unless disabled, the temperatures stored next to it by
 `bcc calibrate` (`<checkpoint>/temperature.json`). Only `meta.json` and `model.safetensors` are read:
@@ -199,12 +200,17 @@ def load_inference_model(
 ) -> InferenceModel:
     """Load a checkpoint for inference (see the module docstring for what `path` may be).
 
+    `path` may also be a folder written by `bcc export` (either format) or `hf-hub:OWNER/NAME[@REVISION]`
+    (downloaded first): `bcc.export.load_export_model` loads those.
     `calibrated=False` ignores stored temperatures, `operating_point=False` a stored operating point
     (the binary decision is then the argmax)."""
     from bcc.config import ConfigError, config_from_dict
+    from bcc.export import HUB_PREFIX, is_export_dir, load_export_model
     from bcc.model import build_model
     from bcc.transforms import EvalPreset
 
+    if str(path).startswith(HUB_PREFIX) or is_export_dir(path):
+        return load_export_model(path, device=device, calibrated=calibrated, operating_point=operating_point)
     ckpt = resolve_checkpoint(path, prefer="best")
     meta = read_meta(ckpt)
     if not isinstance(meta, dict) or "taxonomy" not in meta or "config" not in meta:

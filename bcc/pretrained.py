@@ -5,7 +5,8 @@
     hub                          the backbone's published ImageNet weights (needs internet)
     RUN/                         a bcc run directory: its best checkpoint, else its latest
     RUN/checkpoints[/step-N]     a bcc checkpoints directory or one checkpoint (`best`, `last` links too)
-    EXPORT/                      a folder written by `bcc export` (`bcc_export.json` + `model.safetensors`)
+    EXPORT/                      a folder written by `bcc export` (`bcc_export.json` + `model.safetensors`,
+                                 or `--format hf`: `config.json` of format bcc-hf + `model.safetensors`)
     DIR/                         a timm/Hugging Face model folder (`config.json` + `model.safetensors`
                                  or `pytorch_model.bin`)
     FILE.safetensors|.pt|.pth|.bin|.ckpt
@@ -150,6 +151,22 @@ def _taxonomy_dict(taxonomy: Any) -> dict | None:
     return taxonomy.to_dict() if hasattr(taxonomy, "to_dict") else dict(taxonomy)
 
 
+def _check_written_hash(weights: Path, digest: str) -> None:
+    """Refuse weights inside a bcc checkpoint whose bytes differ from the sha256 its hashes.json recorded
+    (a damaged checkpoint must not seed a run quietly). Files outside checkpoints pass unchecked."""
+    from bcc import checkpoint as ck
+
+    try:
+        written = (ck.read_hashes(weights.parent) or {}).get(weights.name)
+    except ck.CheckpointError as e:
+        raise PretrainedError(f"pretrained source {weights.parent}: {e}") from None
+    if written is not None and written != digest:
+        raise PretrainedError(
+            f"pretrained weights {weights} are damaged: sha256 {digest[:12]}…, written as {written[:12]}… "
+            f"({ck.HASHES_FILE})"
+        )
+
+
 def load_pretrained(
     model: MultitaskNet,
     source: str | Path,
@@ -174,7 +191,12 @@ def load_pretrained(
     else:
         assert src.weights is not None
         state = read_state_dict(src.weights)
+        if src.kind == "hf-export":  # the Hub key layout: bare backbone keys beside `heads.*`
+            from bcc.export import from_hub_layout
+
+            state = from_hub_layout(state)
         label, digest, path = str(source), sha256_file(src.weights), str(src.weights)
+        _check_written_hash(src.weights, digest)
     record = _load_state_dict(
         model, state, src, label, digest, path, allow_mismatch, _taxonomy_dict(taxonomy)
     )

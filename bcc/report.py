@@ -12,17 +12,21 @@ attached to a ticket as it is):
   split, combined and per head;
 * the confusion matrix and reliability diagram of that evaluation;
 * the worst mistakes of the split: wrongly decided images, ordered by the probability given to the
-  true class (lowest first), each with its probabilities and a Grad-CAM overlay per head for the label
-  that head predicted (`bcc.gradcam`). A two-class head also gets the map of its positive label (label
-  1: `Malignant` for the ALL task), so a missed malignant cell shows what malignant evidence there was.
+  true class (lowest first), each with its probabilities, its decision at the checkpoint's operating
+  point (`bcc.operating_point`, stored by `bcc calibrate --operating-point` or `eval.operating_point`;
+  the decision `bcc eval` and `bcc predict` make) beside the argmax decision, and a Grad-CAM overlay per
+  head for the label that head predicted (`bcc.gradcam`; the binary head's label at the operating
+  point). A two-class head also gets the map of its positive label (label 1: `Malignant` for the ALL
+  task), so a missed malignant cell shows what malignant evidence there was.
   A head whose map is all zero (no positive evidence for that label at the target layer) says so
   instead of showing an empty overlay.
 
 The evaluation is what `bcc eval` writes (`RUN/eval-<split>/`: metrics.json, predictions.csv,
-confusion.png, reliability.png). It is reused when it was made from the run's current best checkpoint;
-otherwise (none yet, or an older checkpoint) it is run here through `bcc.evaluate.evaluate_checkpoint`
-and written to the same place, as `bcc eval` would. Images come from the evaluated data: the shards of
-a packed split (found by sample key) or the files of an image folder.
+confusion.png, reliability.png). It is reused when it was made from the run's current best checkpoint
+with the temperatures and operating point stored now; otherwise (none yet, an older checkpoint, other
+temperatures or another operating point) it is run here through `bcc.evaluate.evaluate_checkpoint` and
+written to the same place, as `bcc eval` would. Images come from the evaluated data: the shards of
+a packed split (found by sample key, read with `bcc.shards.read_shard`) or the files of an image folder.
 
 File names are the samples' `source`, i.e. relative to the data root that was packed or evaluated.
 With `hide_paths` the page shows no file name, data path or checkpoint path at all: mistakes are
@@ -37,7 +41,6 @@ import html
 import io
 import json
 import math
-import tarfile
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -47,7 +50,8 @@ from typing import Any
 
 from bcc.errors import BccError
 
-__all__ = ["ReportError", "canonical_metric", "read_metrics_log", "worst_mistakes", "write_report"]
+__all__ = ["ReportError", "argmax_classes", "canonical_metric", "decision_text", "read_metrics_log", "worst_mistakes",
+           "write_report"]
 
 REPORT_FILE = "report.html"
 # shown first, in this order, in the metric tables and curves (others follow alphabetically)
@@ -111,6 +115,7 @@ class Mistake:
     p_true: float  # combined probability of the true class
     p_pred: float
     head_probs: dict[str, dict[str, float]]  # head -> label -> probability (as evaluated)
+    argmax_class: str = ""  # the decision at argmax (pred_class is at the operating point, when there is one)
 
 
 def _read_predictions(path: Path) -> list[dict[str, str]]:
@@ -121,17 +126,31 @@ def _read_predictions(path: Path) -> list[dict[str, str]]:
         raise ReportError(f"cannot read {path}: {e}") from e
 
 
+def argmax_classes(rows: Sequence[Mapping[str, str]], taxonomy) -> list[str]:
+    """The hierarchical decision at argmax (no operating point) of `predictions.csv` rows, from their
+    head probabilities."""
+    import torch
+
+    from bcc.predict import decide
+
+    if not rows:
+        return []
+    probs = [torch.tensor([[float(r[f"{h.name}:{lab}"]) for lab in h.labels] for r in rows], dtype=torch.float64)
+             for h in taxonomy.heads]
+    return [taxonomy.class_names[int(c)] for c in decide(taxonomy, probs, None)]
+
+
 def worst_mistakes(rows: Sequence[Mapping[str, str]], taxonomy, limit: int) -> list[Mistake]:
-    """The wrongly decided rows of a `predictions.csv`, lowest probability of the true class first
+    """The wrongly decided rows of a `predictions.csv` (its `pred_class`: the decision `bcc eval` made,
+    at the operating point when the checkpoint has one), lowest probability of the true class first
     (ties: most probable wrong answer first, then by source); at most `limit`."""
+    wrong = [row for row in rows if row["true_class"] != row["pred_class"]]
     found = []
-    for row in rows:
-        if row["true_class"] == row["pred_class"]:
-            continue
+    for row, argmax in zip(wrong, argmax_classes(wrong, taxonomy), strict=True):
         head_probs = {h.name: {lab: float(row[f"{h.name}:{lab}"]) for lab in h.labels} for h in taxonomy.heads}
         found.append(Mistake(0, row["source"], row["key"], row["true_class"], row["pred_class"],
                              float(row[f"combined:{row['true_class']}"]), float(row[f"combined:{row['pred_class']}"]),
-                             head_probs))
+                             head_probs, argmax))
     found.sort(key=lambda m: (m.p_true, -m.p_pred, m.source, m.key))
     return [replace(m, rank=i + 1) for i, m in enumerate(found[:limit])]
 
@@ -149,6 +168,14 @@ def _load_eval(eval_dir: Path) -> dict[str, Any] | None:
         return None  # a broken evaluation is redone, not reported on
 
 
+def _same_point(recorded: Mapping[str, Any] | None, im) -> bool:
+    """Whether an evaluation's `operating_point` is the decision `im` makes now (None: argmax both)."""
+    if recorded is None or im.threshold is None:
+        return recorded is None and im.threshold is None
+    return (recorded.get("rule") == im.operating_point.get("rule")
+            and math.isclose(float(recorded.get("threshold", math.nan)), im.threshold, rel_tol=1e-9, abs_tol=1e-12))
+
+
 def _evaluation(im, split: str, data: str | Path | None) -> tuple[Path, dict[str, Any]]:
     """The evaluation `bcc eval` writes for this run: `RUN/eval-<split>` (a packed split) or
     `RUN/eval-<folder name>` (`data` an image folder). Reused when its metrics.json says it was made from
@@ -156,6 +183,10 @@ def _evaluation(im, split: str, data: str | Path | None) -> tuple[Path, dict[str
     evaluated now and written there."""
     from bcc.evaluate import evaluate_checkpoint
 
+    if data is None and im.config.data.sources:
+        raise ReportError(f"{im.run_dir} was trained on data.sources "
+                          f"({', '.join(s.shards for s in im.config.data.sources)}); pass --data with the pack to "
+                          "report on")
     source = Path(data) if data is not None else Path(im.config.data.shards)
     is_folder = data is not None and source.is_dir() and not (source / "manifest.json").is_file()
     eval_dir = im.run_dir / f"eval-{source.resolve().name if is_folder else split}"
@@ -163,6 +194,7 @@ def _evaluation(im, split: str, data: str | Path | None) -> tuple[Path, dict[str
     files = ("metrics.json", "predictions.csv", "confusion.png", "reliability.png")
     if (done is not None and done.get("checkpoint") == str(im.checkpoint)
             and done.get("temperatures") == (im.temperatures or None)
+            and _same_point(done.get("operating_point"), im)
             and (done.get("kind") == "folder" if is_folder else done.get("split") == split)
             and all((eval_dir / f).is_file() for f in files)
             and (data is None or Path(done.get("data", "")) == source.resolve())):
@@ -180,6 +212,7 @@ def _read_images(evaluation: Mapping[str, Any], mistakes: Sequence[Mistake]):
     if evaluation.get("kind") == "folder":
         return [read_image(root / m.source) for m in mistakes]
     from bcc.manifest import Manifest, ManifestError
+    from bcc.shards import IMAGE_KEYS, read_shard
 
     wanted = {m.key for m in mistakes}
     found: dict[str, bytes] = {}
@@ -190,14 +223,14 @@ def _read_images(evaluation: Mapping[str, Any], mistakes: Sequence[Mistake]):
     for shard in manifest.split(evaluation["split"]).shards:
         if len(found) == len(wanted):
             break
-        try:
-            with tarfile.open(shard.path) as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    if key in wanted and ext.lower() in ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"):
-                        found[key] = tar.extractfile(member).read()
-        except (OSError, tarfile.TarError) as e:
-            raise ReportError(f"cannot read shard {shard.path}: {e}") from e
+        # the one reader of the shard format (a ShardError names the shard); stop once all are found
+        for sample in read_shard(shard):
+            if sample["__key__"] in wanted:
+                image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+                if image is not None:
+                    found[sample["__key__"]] = image
+                    if len(found) == len(wanted):
+                        break
     missing = sorted(wanted - found.keys())
     if missing:
         raise ReportError(f"samples {', '.join(missing[:5])} are not in the {evaluation['split']!r} shards of {root}")
@@ -220,9 +253,16 @@ def _gradcam_panels(im, images, mistakes: Sequence[Mistake]) -> list[list[dict[s
             parts.append(cam(x, {h: c[lo:lo + chunk] for h, c in classes.items()}))
         return {h: torch.cat([p[h] for p in parts]) for h in parts[0]}
 
-    # each head's map explains the label it predicted (as evaluated: the argmax of its probabilities)
+    # each head's map explains the label it predicted as evaluated: the argmax of its probabilities, the
+    # binary head's label at the operating point when the checkpoint has one
     predicted = {h.name: torch.tensor([h.labels.index(max(m.head_probs[h.name], key=m.head_probs[h.name].get))
                                        for m in mistakes]) for h in taxonomy.heads}
+    if im.threshold is not None:
+        from bcc.operating_point import binary_head
+
+        head = taxonomy.heads[binary_head(taxonomy)[0]]
+        predicted[head.name] = torch.tensor([int(m.head_probs[head.name][head.labels[1]] >= im.threshold)
+                                             for m in mistakes])
     maps = explain(predicted)
     # a two-class head also explains its positive label (label 1: malignant), whatever it predicted
     positive = {h.name: explain({**predicted, h.name: torch.ones(len(mistakes), dtype=torch.long)})[h.name]
@@ -319,7 +359,17 @@ def _probs_text(m: Mistake) -> str:
     return "<br>".join(parts)
 
 
-def _gallery(mistakes: Sequence[Mistake], panels, hide_paths: bool) -> str:
+def decision_text(point: Mapping[str, Any] | None) -> str:
+    """How the report's decisions are made: the operating point stored with the checkpoint, or argmax."""
+    if point is None:
+        return "Decisions: argmax of every head (no operating point stored with the checkpoint)."
+    return (f"Decisions: head {html.escape(str(point['head']))} says {html.escape(str(point.get('positive_label')))} "
+            f"when its probability is &ge; {point['threshold']:.4f} (operating point "
+            f"{html.escape(str(point.get('rule')))}, stored with the checkpoint); argmax for the other heads. "
+            "Each mistake also shows the argmax decision.")
+
+
+def _gallery(mistakes: Sequence[Mistake], panels, hide_paths: bool, point: Mapping[str, Any] | None = None) -> str:
     blocks = []
     for m, row in zip(mistakes, panels, strict=True):
         name = f"mistake {m.rank}" if hide_paths else f"#{m.rank} {html.escape(m.source)}"
@@ -329,9 +379,13 @@ def _gallery(mistakes: Sequence[Mistake], panels, hide_paths: bool) -> str:
                      else f'<div class="zero">{html.escape(p["note"])}</div>')
             note = f"<br><small>{html.escape(p['note'])}</small>" if p["png"] is not None and p["note"] else ""
             cells.append(f'<div class="panel">{inner}<br>{html.escape(p["title"])}{note}</div>')
+        where = ""
+        if point is not None:  # both decisions: the one made (at the point) and the argmax one
+            where = (f' at the operating point (p &ge; {point["threshold"]:.4f}); '
+                     f'argmax: <b class="argmax">{html.escape(m.argmax_class)}</b>')
         blocks.append(
             f'<div class="mistake"><b>{name}</b> — true <b>{html.escape(m.true_class)}</b> '
-            f"(p {m.p_true:.3f}), decided <b>{html.escape(m.pred_class)}</b> (p {m.p_pred:.3f})"
+            f"(p {m.p_true:.3f}), decided <b>{html.escape(m.pred_class)}</b> (p {m.p_pred:.3f}){where}"
             f'<p>{_probs_text(m)}</p><div class="panels">{"".join(cells)}</div></div>'
         )
     return "".join(blocks)
@@ -406,7 +460,16 @@ def write_report(
     heads = {h: dict(v) for h, v in evaluation.get("heads", {}).items()}
 
     count = evaluation.get("count", 0)
-    wrong = sum(1 for r in _read_predictions(eval_dir / "predictions.csv") if r["true_class"] != r["pred_class"])
+    predictions = _read_predictions(eval_dir / "predictions.csv")
+    wrong = sum(1 for r in predictions if r["true_class"] != r["pred_class"])
+    point = None
+    if im.threshold is not None:
+        point = {**im.operating_point, "threshold": im.threshold}
+        wrong_argmax = sum(1 for r, c in zip(predictions, argmax_classes(predictions, im.taxonomy), strict=True)
+                           if r["true_class"] != c)
+        wrong_text = f"{wrong} wrong at the operating point, {wrong_argmax} at argmax"
+    else:
+        wrong_text = f"{wrong} wrong"
     where = "" if hide_paths else (f"<br>checkpoint <code>{html.escape(str(im.checkpoint))}</code>; data "
                                    f"<code>{html.escape(str(evaluation.get('data')))}</code> (file names below are "
                                    "relative to it)")
@@ -422,6 +485,7 @@ def write_report(
         f"({', '.join(html.escape(c) for c in im.taxonomy.class_names)}), best checkpoint at step {im.step}; "
         f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC{where}</p>",
         '<p class="warn">Research software: not for clinical use.</p>',
+        f'<p class="meta decision">{decision_text(point)}</p>',
         "<h2>Training curves</h2>",
         '<div class="figs">' + "".join(_img(f, "training curve", "curve") for f in curves) + "</div>"
         if curves else "<p>metrics.jsonl has no per-epoch values to plot.</p>",
@@ -434,11 +498,11 @@ def write_report(
         f"<h2>Reliability ({html.escape(split)}, {calibrated})</h2>",
         '<div class="figs">' + _img((eval_dir / "reliability.png").read_bytes(), "reliability diagram") + "</div>",
         failed_html,
-        f"<h2>Worst mistakes ({html.escape(split)}: {len(mistakes)} shown of {wrong} wrong)</h2>",
+        f"<h2>Worst mistakes ({html.escape(split)}: {len(mistakes)} shown of {wrong_text})</h2>",
         "<p>Ordered by the probability given to the true class, lowest first. Overlays: Grad-CAM of each head "
         "for the label it predicted; a two-class head also for its positive label. Dimmed borders lie outside "
         "the centre crop the model saw.</p>",
-        _gallery(mistakes, panels, hide_paths) if mistakes else f"<p>No mistakes on the {html.escape(split)} split.</p>",
+        _gallery(mistakes, panels, hide_paths, point) if mistakes else f"<p>No mistakes on the {html.escape(split)} split.</p>",
     ]
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>bcc report: {html.escape(run_name)}</title><style>{CSS}</style></head>\n<body>\n"

@@ -15,10 +15,12 @@ same image. It catches every single-bit flip and every burst up to 32 bits.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
 import tarfile
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from typing import Any
 
 import webdataset as wds
 
+from bcc import remote
 from bcc.errors import BccError
 
 __all__ = ["IMAGE_KEYS", "SampleError", "ShardCheck", "ShardError", "VerifyResult", "check_sample", "crc32_hex",
@@ -270,15 +273,14 @@ def sample_offset(path: str, index: int) -> tuple[int | None, int]:
     return None, n + (key is not None)
 
 
-def _tar_files(f, path: str, start: int) -> Iterator[dict]:
-    """{fname, data, __url__} of the regular files of a local tar from byte `start` (a member header).
+def _tar_files(f, path: str) -> Iterator[dict]:
+    """{fname, data, __url__} of the regular files of a local tar file `f` (positioned at a member header).
 
     Parses the 512-byte ustar headers itself (checksum checked, pax and GNU long names read): Python's
     `tarfile` costs ~30 us per member, about as much as decoding a 64 px JPEG for a 3-member sample.
     A header it leaves to `tarfile` (global pax, base-256 size) hands the rest of the file to webdataset's
     reader from that header on. Skips webdataset's meta files (`__...__`) as its reader does."""
-    offset, name = start, None
-    f.seek(offset)
+    offset, name = f.tell(), None
     while True:
         block = f.read(512)
         if len(block) < 512 or not block.strip(b"\0"):
@@ -317,45 +319,86 @@ def _tar_files(f, path: str, start: int) -> Iterator[dict]:
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 
 
-def _tar_samples(path: str, start: int = 0) -> Iterator[dict]:
-    """Samples of a local tar from byte `start` (a member header), grouped by key like webdataset's."""
-    with open(path, "rb", buffering=1 << 20) as f:
-        yield from wds.tariterators.group_by_keys(_tar_files(f, path, start))
+def _tar_samples(stream, url: str) -> Iterator[dict]:
+    """Samples of a tar stream (positioned at a member header), grouped by key like webdataset's. A local
+    file is parsed by `_tar_files`; remote streams by webdataset's `tarfile` reader."""
+    if isinstance(stream, io.BufferedReader):
+        files = _tar_files(stream, url)
+    else:
+        files = ({**x, "__url__": url} for x in wds.tariterators.tar_file_iterator(stream, handler=wds.reraise_exception))
+    yield from wds.tariterators.group_by_keys(files)
 
 
-def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] = frozenset()) -> Iterator[dict]:
+def _open_samples(location, where: str, lo: int, seek: bool) -> tuple[Any, Iterator[dict], int]:
+    """(open stream, its raw samples, index of the first one). A local shard read from `lo` > 0 seeks
+    to that sample by its tar headers (`seek`); anything else is read from its start."""
+    start = 0
+    if seek and lo > 0 and remote.is_local(location) and Path(location).is_file():
+        try:
+            offset, start = sample_offset(str(location), lo)
+            if offset is None:
+                return None, iter(()), start
+        except _NoSeek:
+            offset, start = 0, 0
+        stream = open(location, "rb")
+        stream.seek(offset)
+    else:
+        stream = remote.open_location(location)
+    return stream, _tar_samples(stream, where), start
+
+
+def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] = frozenset(),
+               retries: int = remote.DEFAULT_RETRIES) -> Iterator[dict]:
     """Raw samples [lo, hi) of one shard in tar order, less `drop`. Any failure names the shard; so does
-    a shard shorter than `hi`, or, when read to its end, one whose count disagrees with the manifest.
+    a shard shorter than `hi` (naming the first missing sample), or, when read to its end, one whose
+    count disagrees with the manifest.
+
+    The shard may be remote (`bcc.remote`: an http(s) URL or a `pipe:` command). A transient read error
+    there (a dropped connection, a failed command) re-opens the shard, up to `retries` times with
+    backoff, and skips forward by count to the sample that failed: the samples and their order are those
+    of an undisturbed read, or the read fails with a ShardError naming the shard and the sample.
 
     A shard of a cross-validation view (`Manifest.with_fold`, `shard.folds` set) holds only its folds'
     samples: the others are skipped by their json `fold` and not counted, so indices and `count` are
     those of the view. Its lanes read through from the shard's start (the header scan cannot tell folds)."""
-    path = str(shard.path)
+    location = shard.path
+    where = remote.display(location)
     hi = shard.count if hi is None else hi
     folded = getattr(shard, "folds", None) is not None
-    n = 0
-    try:
-        samples = None
-        if Path(path).is_file():  # a local shard: bcc's header parser, seeking to the lane's first sample
-            try:
-                offset, n = sample_offset(path, lo) if lo > 0 and not folded else (0, 0)
-                samples = _tar_samples(path, offset) if offset is not None else iter(())
-            except _NoSeek:
-                n = 0
-        if samples is None:
-            samples = wds.tariterators.tarfile_samples([{"url": path}], handler=wds.reraise_exception)
-        for sample in samples:
-            if folded and not shard.is_kept(json.loads(sample["json"])):
-                continue
-            if lo <= n < hi and n not in drop:
-                yield sample
-            n += 1
-            if n >= hi and hi < shard.count:
-                break  # the rest belongs to someone else: stop reading
-    except Exception as e:
-        raise ShardError(f"cannot read shard {path}: {e}") from e
+    n = 0  # index (in the view) of the next sample
+    raw = 0  # samples taken from the tar so far: a re-open skips this many
+    attempt = 0
+    while True:
+        stream = None
+        try:
+            stream, samples, raw_start = _open_samples(location, where, lo, seek=not folded and raw == 0)
+            if raw == 0:
+                raw = n = raw_start
+            for i, sample in enumerate(samples, start=raw_start):
+                if i < raw:
+                    continue  # a re-open: read again up to the sample that failed
+                raw += 1
+                if folded and not shard.is_kept(json.loads(sample["json"])):
+                    continue
+                if lo <= n < hi and n not in drop:
+                    yield sample
+                n += 1
+                if n >= hi and hi < shard.count:
+                    break  # the rest belongs to someone else: stop reading
+            break
+        except Exception as e:
+            if remote.is_local(location) or not remote.is_transient(e) or attempt >= retries:
+                tried = f" (after {attempt} retr{'y' if attempt == 1 else 'ies'})" if attempt else ""
+                detail = str(e) if isinstance(e, remote.RemoteError) else remote.redact(f"{type(e).__name__}: {e}")
+                raise ShardError(f"cannot read shard {where} at sample {raw}{tried}: {detail}") from None
+            attempt += 1
+            time.sleep(remote.retry_delay(attempt))
+        finally:
+            if stream is not None:
+                stream.close()
     if n < hi or (hi == shard.count and n != shard.count):
-        raise ShardError(f"shard {path} holds {n} samples but the manifest says {shard.count}; repack it")
+        missing = f" (it ends before sample {n}: a truncated copy?)" if n < shard.count else ""
+        raise ShardError(f"shard {where} holds {n} samples but the manifest says {shard.count}{missing}; repack it")
 
 
 def read_shard(shard) -> Iterator[dict]:

@@ -10,6 +10,11 @@ Training (`TrainLoader`, or `train_loader` for one epoch): an epoch is ONE pass 
   every rank runs the same number of batches and no sample is read twice. Planning costs
   O(shards + parts x log shards) (`time_plan` measures it); a cut can fall inside a shard, so any
   number of shards feeds any number of ranks and workers.
+- Sources and sampling (`bcc.plan.make_plan`): a shard of a `data.sources` source of weight r enters the
+  one-pass concatenation r times (each sample at most r times per epoch); with `data.sampling=resample`
+  each lane instead draws shards with replacement by (seed, epoch, rank, lane) for `data.epoch_samples`
+  samples per epoch (`ResamplePlan`; nothing dropped, any number of shards feeds any number of parts).
+  Everything below holds for both plans.
 - Lanes: a rank's run is cut into `LANES` (8) contiguous lanes. Lane l owns the rank's batches
   l, l + 8, l + 16, ...; its samples pass through its own shuffle buffer (`data.shuffle_buffer`
   samples, seeded by (seed, epoch, rank, lane)) and are cut into batches in order. The buffer only ever
@@ -76,20 +81,25 @@ from bcc.imageio import decode_rgb
 from bcc.plan import (
     LANES,
     EpochPlan,
+    ResamplePlan,
     Segment,
     StreamError,
     batches_per_epoch,
     dropped_per_epoch,
+    epoch_length,
+    make_plan,
     mix_seed,
     time_plan,
 )
-from bcc.shards import IMAGE_KEYS, SampleError, ShardError, check_sample, read_range, read_shard
+from bcc.remote import DEFAULT_RETRIES
+from bcc.shards import IMAGE_KEYS, SampleError, ShardError, check_sample, read_range
+from bcc.sources import shard_weights
 from bcc.transforms import crops_from_config
 
 # re-exported: the stream's public names live where they are owned (plan: bcc.plan; tar reading: bcc.shards)
-__all__ = ["IMAGE_KEYS", "LANES", "CorruptSampleError", "EpochPlan", "Segment", "ShardError", "StreamError",
-           "TrainLoader", "batches_per_epoch", "dropped_per_epoch", "eval_loader", "iter_keys", "time_plan",
-           "train_loader"]
+__all__ = ["IMAGE_KEYS", "LANES", "CorruptSampleError", "EpochPlan", "ResamplePlan", "Segment", "ShardError",
+           "StreamError", "TrainLoader", "batches_per_epoch", "dropped_per_epoch", "eval_loader", "iter_keys",
+           "time_plan", "train_batches", "train_loader"]
 
 
 
@@ -187,20 +197,29 @@ class _TrainStream(IterableDataset):
     epoch's values when the next epoch's iteration starts."""
 
     def __init__(self, shards, *, seed, rank, world_size, batch_size, shuffle_buffer, transform, epoch_state,
-                 checked=False, on_corrupt="error"):
+                 checked=False, on_corrupt="error", weights=None, sampling="without_replacement", epoch_samples=0,
+                 retries=DEFAULT_RETRIES):
         self.shards = list(shards)
+        self.retries = retries
         self.checked, self.on_corrupt = checked, on_corrupt
         self.counts = [s.count for s in self.shards]
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.shards)
+        self.sampling, self.epoch_samples = sampling, epoch_samples
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.batch_size = batch_size
         self.shuffle_buffer = shuffle_buffer
         self.transform = transform
         self.epoch_state = epoch_state
 
-    def _lane(self, plan: EpochPlan, epoch: int, lane: int) -> Iterator[list[dict]]:
+    def plan(self, epoch: int) -> EpochPlan | ResamplePlan:
+        return make_plan(self.counts, self.weights, sampling=self.sampling, epoch_samples=self.epoch_samples,
+                         seed=self.seed, epoch=epoch, world_size=self.world_size, batch_size=self.batch_size)
+
+    def _lane(self, plan: EpochPlan | ResamplePlan, epoch: int, lane: int) -> Iterator[list[dict]]:
         """Raw batches of one lane: its segments read in order, shuffled, cut into batches."""
         samples: Iterable[dict] = itertools.chain.from_iterable(
-            read_range(self.shards[s.shard], s.lo, s.hi, s.drop) for s in plan.segments(self.rank, lane)
+            read_range(self.shards[s.shard], s.lo, s.hi, s.drop, retries=self.retries)
+            for s in plan.segments(self.rank, lane)
         )
         if self.shuffle_buffer > 1:
             rng = random.Random(mix_seed("buffer", self.seed, epoch, self.rank, lane))
@@ -209,8 +228,7 @@ class _TrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch, skip = int(self.epoch_state[0]), int(self.epoch_state[1])
-        plan = EpochPlan(self.counts, seed=self.seed, epoch=epoch, world_size=self.world_size,
-                         batch_size=self.batch_size)
+        plan = self.plan(epoch)
         physical, num_workers = _worker()
         open_lanes: dict[int, list] = {}  # lane -> [raw batch iterator, index of its next batch]
         # the DataLoader asks worker 0 first, so after a resume at batch `skip` worker p makes skip + p, ...
@@ -237,8 +255,10 @@ class _TrainStream(IterableDataset):
 class _EvalStream(IterableDataset):
     """Samples [start, stop) of a split in manifest order, in batches; workers take contiguous runs."""
 
-    def __init__(self, shards, *, start, stop, batch_size, transform, checked=False, on_corrupt="error"):
+    def __init__(self, shards, *, start, stop, batch_size, transform, checked=False, on_corrupt="error",
+                 retries=DEFAULT_RETRIES):
         self.shards = shards
+        self.retries = retries
         self.checked, self.on_corrupt = checked, on_corrupt
         self.start, self.stop = start, stop
         self.batch_size = batch_size
@@ -260,7 +280,7 @@ class _EvalStream(IterableDataset):
             if first >= hi:
                 return
             if first + shard.count > lo:
-                for i, sample in enumerate(read_shard(shard), start=first):
+                for i, sample in enumerate(read_range(shard, retries=self.retries), start=first):
                     if i >= hi:
                         break  # stop reading; the count check only runs on shards read to the end
                     if i >= lo:
@@ -423,15 +443,20 @@ class TrainLoader:
                 f"split '{split.name}': its shards hold {sum(s.count for s in shards)} samples by the manifest's "
                 f"per-shard counts but the split's count is {split.count}; repack it"
             )
-        self.batches_per_epoch = batches_per_epoch(split.count, data_cfg.batch_size, world_size)
-        self.dropped_per_epoch = dropped_per_epoch(split.count, data_cfg.batch_size, world_size)
+        weights = shard_weights(manifest, data_cfg.train_split)
+        samples = epoch_length([s.count for s in shards], weights, data_cfg.sampling, data_cfg.epoch_samples)
+        self.batches_per_epoch = batches_per_epoch(samples, data_cfg.batch_size, world_size)
+        # without_replacement: samples of the pass left out; resample draws whole batches, drops nothing
+        self.dropped_per_epoch = (dropped_per_epoch(samples, data_cfg.batch_size, world_size)
+                                  if data_cfg.sampling == "without_replacement" else 0)
         self._epoch_state = RawArray("q", 2)  # (epoch, skip_batches), shared with the workers
         train_tf, _ = crops_from_config(data_cfg)
         self.device_transform, _ = device_transforms_from_config(data_cfg)
         dataset = _TrainStream(
             shards, seed=seed, rank=rank, world_size=world_size, batch_size=data_cfg.batch_size,
             shuffle_buffer=data_cfg.shuffle_buffer, transform=train_tf, epoch_state=self._epoch_state,
-            checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt,
+            checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt, weights=weights,
+            sampling=data_cfg.sampling, epoch_samples=data_cfg.epoch_samples, retries=data_cfg.retries,
         )
         self._batches = BatchLoader(
             dataset, self.batches_per_epoch, workers=data_cfg.workers, seed=mix_seed("loader", seed, rank),
@@ -453,6 +478,21 @@ class TrainLoader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def train_batches(manifest, data_cfg, world_size: int) -> int:
+    """Training batches every rank runs per epoch for `data_cfg` (its sampling, source weights and
+    epoch length); what `TrainLoader.batches_per_epoch` will be. Raises StreamError when the epoch
+    cannot fill one batch per rank."""
+    counts = [s.count for s in manifest.split(data_cfg.train_split).shards]
+    samples = epoch_length(counts, shard_weights(manifest, data_cfg.train_split), data_cfg.sampling,
+                           data_cfg.epoch_samples)
+    try:
+        return batches_per_epoch(samples, data_cfg.batch_size, world_size)
+    except StreamError as e:
+        if data_cfg.sampling == "resample":
+            raise StreamError(f"data.sampling=resample: {e}, or raise data.epoch_samples") from None
+        raise
 
 
 def train_loader(
@@ -492,7 +532,7 @@ def eval_loader(
     batch_size = data_cfg.eval_batch_size
     _, eval_tf = crops_from_config(data_cfg)
     dataset = _EvalStream(shards, start=start, stop=stop, batch_size=batch_size, transform=eval_tf,
-                          checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt)
+                          checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt, retries=data_cfg.retries)
     num_batches = math.ceil((stop - start) / batch_size)
     return BatchLoader(dataset, num_batches, workers=data_cfg.workers, seed=0, pin_memory=pin_memory,
                        what=f"split '{split}'", rank=rank, device_transform=device_transforms_from_config(data_cfg)[1])

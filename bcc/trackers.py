@@ -88,8 +88,11 @@ def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, bool 
 
 def tracker_values(row: Mapping[str, Any]) -> dict[str, float]:
     """A metrics.jsonl row as tracker metrics: numeric values under the row's split (`val/bacc`,
-    `test/loss`); `step` is the tracker step itself and strings (split, checkpoint) are dropped."""
+    `test/loss`), and its source when it has one (`val/SOURCE/bacc`, data.sources); `step` is the tracker
+    step itself and strings (split, checkpoint) are dropped."""
     split = row.get("split", "train")
+    if row.get("source"):
+        split = f"{split}/{row['source']}"
     return {f"{split}/{k}": v for k, v in row.items()
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 

@@ -64,7 +64,7 @@ class PretrainedSource:
     """What `model.pretrained` points at, found from metadata only (no tensor is read)."""
 
     given: str  # the string the user wrote
-    kind: str  # "hub", "run", "checkpoint", "export", "hf-folder" or "file"
+    kind: str  # "hub", "run", "checkpoint", "export", "hf-export", "hf-folder" or "file"
     weights: Path | None  # the weights file (None for the hub)
     backbone: str | None = None  # the source's backbone name, when it says
     taxonomy: dict | None = None  # the source's taxonomy (`Taxonomy.to_dict()`), when it says
@@ -153,6 +153,34 @@ def _from_export(given: str, directory: Path) -> PretrainedSource:
     )
 
 
+def _is_hf_export(directory: Path) -> bool:
+    """A `bcc export --format hf` folder (its config.json says so), whose weights use the Hub key layout."""
+    from bcc.export import HF_CONFIG_FILE, HF_FORMAT
+
+    info = _read_json(directory / HF_CONFIG_FILE) if (directory / HF_CONFIG_FILE).is_file() else None
+    return isinstance(info, Mapping) and info.get("format") == HF_FORMAT
+
+
+def _from_hf_export(given: str, directory: Path) -> PretrainedSource:
+    from bcc.export import WEIGHTS_FILE, ExportError, read_hf_config
+
+    try:
+        info = read_hf_config(directory)
+    except ExportError as e:
+        raise PretrainedError(f"pretrained source {directory}: {e}") from None
+    p = info.get("preprocess") if isinstance(info.get("preprocess"), Mapping) else {}
+    return PretrainedSource(
+        given,
+        "hf-export",  # `load_pretrained` maps its Hub key layout back (`bcc.export.from_hub_layout`)
+        directory / WEIGHTS_FILE,
+        backbone=info.get("backbone"),
+        taxonomy=info.get("taxonomy") if isinstance(info.get("taxonomy"), Mapping) else None,
+        preprocess=_preprocess(
+            p.get("mean"), p.get("std"), p.get("image_size"), p.get("crop_pct"), "bcc hf export"
+        ),
+    )
+
+
 def _from_hf_config(given: str, kind: str, weights: Path, config_file: Path) -> PretrainedSource:
     cfg = _read_json(config_file)
     cfg = cfg if isinstance(cfg, Mapping) else {}
@@ -198,6 +226,8 @@ def resolve_source(source: str | Path, backbone: str | None = None) -> Pretraine
         # a weights file inside a bcc checkpoint, export or model folder keeps that folder's metadata
         if (path.parent / EXPORT_FILE).is_file() and path.name == "model.safetensors":
             return dataclasses.replace(_from_export(given, path.parent), kind="file")
+        if path.name == "model.safetensors" and _is_hf_export(path.parent):
+            return _from_hf_export(given, path.parent)
         if (path.parent / ck.META_FILE).is_file() and path.name == ck.MODEL_FILE:
             return _from_checkpoint_meta(given, "file", path, _read_json(path.parent / ck.META_FILE))
         if path.name == ck.BEST_WEIGHTS and (path.parent / ck.BEST_META).is_file():
@@ -209,6 +239,8 @@ def resolve_source(source: str | Path, backbone: str | None = None) -> Pretraine
         raise PretrainedError(f"pretrained source {path}: neither a file nor a directory")
     if (path / EXPORT_FILE).is_file():
         return _from_export(given, path)
+    if _is_hf_export(path):
+        return _from_hf_export(given, path)
     try:
         step = ck.resolve_checkpoint(path, prefer="best").resolve()  # the step dir: `best` moves on
     except ck.CheckpointError as e:

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from unittest.mock import patch
@@ -184,23 +185,37 @@ def test_trainer_resume_mid_epoch_with_other_workers_is_bitwise_exact(synth_shar
 
 
 def _ddp_main(argv: list[str]) -> None:
-    """Run under `accelerate launch`: each rank writes the keys of two epochs from persistent workers."""
+    """Run under `accelerate launch`: each rank writes the keys of two epochs from persistent workers,
+    and (argv[2:], `PACK=WEIGHT` each) of one epoch of those weighted sources (data.sources), as
+    `PACK_NAME/key` (keys repeat across packs; images left undecoded)."""
     from accelerate import Accelerator
+
+    from bcc.config import SourceConfig
+    from bcc.sources import load_data
 
     state = Accelerator()  # as the trainer makes it: rank and world size come from the launcher
     manifest, out = Manifest.load(argv[0]), Path(argv[1])
     cfg = data_cfg(batch_size=BATCH, workers=2, shuffle_buffer=5)
     with TrainLoader(manifest, cfg, seed=0, rank=state.process_index, world_size=state.num_processes) as loader:
         epochs = {str(e): iter_keys(loader.epoch(e)) for e in (0, 1)}
+    if argv[2:]:
+        cfg = replace(cfg, sources=tuple(SourceConfig(p, float(w)) for p, w in (a.rsplit("=", 1) for a in argv[2:])))
+        stream._collate = lambda raw, *_: {"key": [f"{Path(s['__url__']).parent.name}/{s['__key__']}" for s in raw]}
+        with TrainLoader(load_data(cfg), cfg, seed=0, rank=state.process_index,
+                         world_size=state.num_processes) as loader:
+            epochs["sources"] = iter_keys(loader.epoch(1))
     (out / f"rank{state.process_index}.json").write_text(json.dumps(epochs))
 
 
 def test_two_process_accelerate_epoch_is_one_pass(packs, tmp_path):
+    """Also data.sources (issue 12.2): source b of weight 3 passes three times in a real 2-process epoch."""
     from bcc.launch import accelerate_command
 
     tests = Path(__file__).parent
     manifest = packs["uneven"]
-    cmd, env = accelerate_command(2, [str(manifest.root), str(tmp_path)], module="test_epoch_pass")
+    a, b = write_pack(tmp_path / "a", {"train": [30, 3, 3, 40]}), write_pack(tmp_path / "b", {"train": [5, 0, 12]})
+    cmd, env = accelerate_command(2, [str(manifest.root), str(tmp_path), f"{a.root}=1", f"{b.root}=3"],
+                                  module="test_epoch_pass")
     env["PYTHONPATH"] = os.pathsep.join([str(tests), str(tests.parent), env.get("PYTHONPATH", "")])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -212,6 +227,11 @@ def test_two_process_accelerate_epoch_is_one_pass(packs, tmp_path):
         assert len(keys) == len(set(keys)) == 76 - dropped_per_epoch(76, BATCH, 2)
         sets.append(set(keys))
     assert sets[0] != sets[1]  # 4 of 76 dropped, a different 4 each epoch
+    total, per_rank = 76 + 3 * 17, batches_per_epoch(76 + 3 * 17, BATCH, 2) * BATCH
+    assert len(ranks[0]["sources"]) == len(ranks[1]["sources"]) == per_rank
+    seen = Counter(ranks[0]["sources"] + ranks[1]["sources"])
+    assert max(n for k, n in seen.items() if k.startswith("a/")) == 1 and max(seen.values()) == 3
+    assert {k.split("/")[0] for k in seen} == {"a", "b"} and total - seen.total() < 2 * BATCH
 
 
 if __name__ == "__main__":

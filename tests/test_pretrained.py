@@ -136,6 +136,18 @@ def test_checkpoint_dir_and_checkpoints_root(run):
     assert_same(model, run.best, prefix="")
 
 
+def test_a_damaged_checkpoint_is_refused_as_a_source(tmp_path):
+    """Weights whose bytes differ from the checkpoint's hashes.json do not seed a run quietly."""
+    run_dir = make_run(tmp_path / "run", [(tiny(seed=5), 0.9)])
+    weights = run_dir / "checkpoints" / "step-00000002" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # inside a tensor: the file still loads
+    weights.write_bytes(bytes(data))
+    for source in (run_dir, weights):
+        with pytest.raises(PretrainedError, match=r"model.safetensors are damaged: sha256 .* \(hashes.json\)"):
+            load_pretrained(tiny(), source, echo=False)
+
+
 def test_export_folder(run, tmp_path):
     from bcc.export import export_checkpoint
 

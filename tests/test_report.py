@@ -124,6 +124,35 @@ def test_report_on_an_image_folder(trained_run, synth_shards, tmp_path):  # noqa
     assert str(folder.resolve() / wrong[0]) not in page
 
 
+def test_decisions_use_the_stored_operating_point_and_show_argmax(trained_run, tmp_path):  # noqa: F811
+    """A checkpoint with an operating point: the evaluation is redone at that point (the reused one was
+    at argmax), the page says which decision it shows, and every mistake shows the argmax decision too."""
+    from bcc.operating_point import write_operating_point
+    from bcc.predict import load_inference_model
+    from bcc.report import argmax_classes, write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, symlinks=True)
+    rows = list(csv.DictReader((run / "eval-test" / "predictions.csv").read_text().splitlines()))
+    im = load_inference_model(run, device="cpu")
+    assert argmax_classes(rows, im.taxonomy) == [r["pred_class"] for r in rows]  # evaluated at argmax
+    # a threshold between the binary probabilities, so that the point changes some decisions
+    p = sorted(float(r["binary:Malignant"]) for r in rows)
+    t = p[len(p) // 2] + 1e-6
+    write_operating_point(im.checkpoint, "youden", t, im.taxonomy)
+    page = write_report(run, out=tmp_path / "out", worst=50).read_text()
+    evaluation = json.loads((run / "eval-test" / "metrics.json").read_text())
+    assert evaluation["operating_point"]["threshold"] == pytest.approx(t)  # redone at the point
+    rows = list(csv.DictReader((run / "eval-test" / "predictions.csv").read_text().splitlines()))
+    argmax = argmax_classes(rows, im.taxonomy)
+    assert any(a != r["pred_class"] for a, r in zip(argmax, rows, strict=True))
+    assert f"when its probability is &ge; {t:.4f} (operating point youden" in page
+    wrong = sum(r["true_class"] != r["pred_class"] for r in rows)
+    wrong_argmax = sum(r["true_class"] != a for r, a in zip(rows, argmax, strict=True))
+    assert f"{wrong} wrong at the operating point, {wrong_argmax} at argmax" in page
+    assert page.count('class="mistake"') == page.count('argmax: <b class="argmax">') == min(50, wrong)
+
+
 def test_report_errors_are_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bcc", "report", str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=120)

@@ -383,9 +383,10 @@ def test_own_tar_reader_reads_what_webdataset_reads(tmp_path, layout):
                 tar.addfile(info, io.BytesIO(data))
     expected = list(wds.tariterators.tarfile_samples([{"url": str(path)}], handler=wds.reraise_exception))
     assert [s["__key__"] for s in expected] == ["a", "d" * 120 + "/b", "__meta__", "c"]
-    assert list(_tar_samples(str(path))) == expected
+    with open(path, "rb") as f:
+        assert list(_tar_samples(f, str(path))) == expected
     raw = bytearray(path.read_bytes())
     raw[0] ^= 1  # the first header's checksum no longer matches
     path.write_bytes(bytes(raw))
-    with pytest.raises(tarfile.ReadError, match="checksum"):
-        list(_tar_samples(str(path)))
+    with open(path, "rb") as f, pytest.raises(tarfile.ReadError, match="checksum"):
+        list(_tar_samples(f, str(path)))

@@ -63,13 +63,13 @@ def _sync(device: torch.device) -> None:
 
 def _taxonomy_and_counts(cfg):
     """The dataset's taxonomy and train class counts when its manifest exists, else the default's."""
-    from bcc.manifest import Manifest, ManifestError
+    from bcc.manifest import ManifestError
+    from bcc.sources import load_data, weighted_class_counts
     from bcc.taxonomy import Taxonomy
 
     try:
-        manifest = Manifest.load(cfg.data.shards)
-        split = manifest.split(cfg.data.train_split)
-        return manifest.taxonomy, split.class_counts
+        manifest = load_data(cfg.data)  # data.shards, or data.sources as the trainer mixes them
+        return manifest.taxonomy, weighted_class_counts(manifest, cfg.data.train_split)
     except ManifestError:
         taxonomy = Taxonomy.default()
         return taxonomy, {c: 1 for c in taxonomy.class_names}
@@ -79,9 +79,10 @@ class _BccLoop:
     """The trainer's own set-up (`build_components`, `enter_stage`) for one preset, and the per-micro-batch
     work of `train_one_epoch` around `train_step`: the LR at each window's start, the loss kept on the
     device (`LossWatch`), the preemption vote every `train.preempt_check_steps` steps and the log-time
-    sync every `train.log_every` steps."""
+    sync every `train.log_every` steps. `stage` picks the stage of the preset's plan (`staged`: 0 heads,
+    1 the deepest block and heads, 2 everything)."""
 
-    def __init__(self, cfg, accelerator, taxonomy, class_counts, preset: str):
+    def __init__(self, cfg, accelerator, taxonomy, class_counts, preset: str, stage: int = 0):
         from bcc.config import FinetuneConfig
         from bcc.model import count_parameters
         from bcc.train.epoch import LossWatch
@@ -91,7 +92,7 @@ class _BccLoop:
         self.cfg, self.acc = cfg, accelerator
         plan = FinetuneConfig(preset=preset, frozen_bn=cfg.finetune.frozen_bn)
         self.parts = build_components(cfg, taxonomy, class_counts, accelerator.device, finetune=plan)
-        self.stage = enter_stage(self.parts, accelerator, 0)
+        self.stage = enter_stage(self.parts, accelerator, stage)
         self.trainable = count_parameters(self.parts.model, trainable_only=True)
         self.step_index = 0
         self.micro = 0
@@ -105,7 +106,7 @@ class _BccLoop:
 
         acc, cfg = self.acc, self.cfg
         if self.micro % cfg.train.grad_accum == 0:
-            set_lr(self.stage.optimizer, cfg, self.parts.stages[0], self.step_index, 1000)
+            set_lr(self.stage.optimizer, cfg, self.parts.stages[self.stage.index], self.step_index, 1000)
         batch = move_batch(batch, acc.device, cfg.model.channels_last)
         self.losses.add(train_step(self.stage.wrapped, batch, self.parts.loss_fn, self.stage.optimizer, acc,
                                    self.parts.targets_of, cfg.train.clip_grad))

@@ -8,8 +8,9 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", "-c", required=True, metavar="RUN|CKPT",
-                   help="run dir (its best checkpoint), checkpoints dir, step dir or best/last link")
+    p.add_argument("--checkpoint", "-c", required=True, metavar="RUN|CKPT|EXPORT",
+                   help="run dir (its best checkpoint), checkpoints dir, step dir, best/last link, a `bcc export` "
+                        "folder or hf-hub:OWNER/NAME (optionally @REVISION)")
     p.add_argument("--data", "-d", required=True, metavar="PATH",
                    help="packed dataset (dir with manifest.json) or image folder of class folders")
     p.add_argument("--split", default="test", help="split of a packed dataset (default: test)")

@@ -14,8 +14,9 @@ import argparse
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="predict images with a checkpoint", description=__doc__)
-    p.add_argument("--checkpoint", "-c", required=True, metavar="RUN|CKPT",
-                   help="run dir (its best checkpoint), checkpoints dir, step dir or best/last link")
+    p.add_argument("--checkpoint", "-c", required=True, metavar="RUN|CKPT|EXPORT",
+                   help="run dir (its best checkpoint), checkpoints dir, step dir, best/last link, a `bcc export` "
+                        "folder or hf-hub:OWNER/NAME (optionally @REVISION)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories")
     p.add_argument("--csv", default=None, metavar="FILE", help="write one row per image (failures included)")
     p.add_argument("--json", default=None, metavar="FILE", help="write predictions and failures as JSON")

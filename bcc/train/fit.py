@@ -46,7 +46,8 @@ from bcc.operating_point import (
     write_operating_point,
 )
 from bcc.runtime import cpu_report
-from bcc.stream import TrainLoader, batches_per_epoch, eval_loader
+from bcc.sources import load_data, source_counts, sources_of, weighted_class_counts
+from bcc.stream import TrainLoader, eval_loader, train_batches
 from bcc.trackers import require_trackers, start_trackers
 from bcc.train import preempt as preemption
 from bcc.train.epoch import evaluate_split, sync_buffers, train_one_epoch
@@ -54,6 +55,7 @@ from bcc.train.preflight import check_precision, preflight
 from bcc.train.resume import restore, resume_path
 from bcc.train.runlog import RunLog, scalar_metrics
 from bcc.train.setup import Components, RunInfo, StageParts, TrainError, build_components, enter_stage
+from bcc.train.source_eval import evaluate_split_by_source
 
 PRETRAINED_FILE = "pretrained.json"  # RUN/pretrained.json: the `PretrainedRecord` of the run's start
 
@@ -76,14 +78,33 @@ class Run:
     stage: StageParts | None = None
     state: TrainState | None = None
     pretrained: dict | None = None  # `PretrainedRecord.to_dict()` of the weights the run started from
+    by_source: dict | None = None  # data.sources: the last `eval`'s metrics per source
 
-    def loader(self, split: str):
-        return eval_loader(self.manifest, split, self.cfg.data, rank=self.info.rank,
+    def loader(self, split: str, manifest: Manifest | None = None):
+        return eval_loader(manifest or self.manifest, split, self.cfg.data, rank=self.info.rank,
                            world_size=self.info.world_size, pin_memory=self.pin_memory)
 
     def eval(self, split: str, title: str, collect=None) -> dict:
-        return evaluate_split(split, self.loader(split), self.parts, self.stage, self.metrics, self.accelerator,
-                              self.info, title, collect)
+        """The split's metrics (of all sources together); with data.sources, `by_source` holds each
+        source's, from the same pass."""
+        sources = {name: m for name, m in sources_of(self.manifest).items() if m.split(split).count}
+        if not sources:
+            return evaluate_split(split, self.loader(split), self.parts, self.stage, self.metrics,
+                                  self.accelerator, self.info, title, collect)
+        loaders = {name: self.loader(split, m) for name, m in sources.items()}
+        per_source = {name: EvalMetrics(self.parts.taxonomy, device=self.accelerator.device) for name in sources}
+        result, self.by_source = evaluate_split_by_source(split, loaders, self.parts, self.stage, self.metrics,
+                                                          per_source, self.accelerator, self.info, title, collect)
+        return result
+
+    def log_eval(self, row: dict, result: dict) -> None:
+        """The metrics rows of an `eval`: one per source (`source`: its name) when there are several, then
+        the combined row (no `source`), all at the current step."""
+        if self.by_source:
+            for name, res in self.by_source.items():
+                self.log.log({**row, "source": name, **scalar_metrics(res)}, self.state.step)
+            self.by_source = None
+        self.log.log({**row, **scalar_metrics(result)}, self.state.step)
 
 
 def setup_run(cfg: Config) -> Run:
@@ -95,10 +116,9 @@ def setup_run(cfg: Config) -> Run:
     check_precision(cfg.train.mixed_precision, acc.device)
     print(f"bcc: rank {acc.process_index}/{acc.num_processes} local {acc.local_process_index} "
           f"on {socket.gethostname()} device {acc.device} {cpu_report()}", flush=True)
-    manifest = Manifest.load(cfg.data.shards).with_fold(cfg.data.fold, train=cfg.data.train_split,
-                                                        val=cfg.data.val_split)
+    manifest = load_data(cfg.data)  # data.shards (its fold view), or the sources of data.sources
     if not manifest.has_checksums:
-        console.print(f"note: {manifest.root} is pack format {manifest.format_version}: its samples carry no "
+        console.print(f"note: {manifest.shown} is pack format {manifest.format_version}: its samples carry no "
                       "checksum, so a damaged image is not detected as it is read; repack it with this bcc to "
                       "check every sample", soft_wrap=True)
     taxonomy = manifest.taxonomy
@@ -106,7 +126,7 @@ def setup_run(cfg: Config) -> Run:
     if not parse_operating_point(cfg.eval.operating_point).is_argmax:
         binary_head(taxonomy)  # refused before training when the task has no binary decision
     train_split = manifest.split(cfg.data.train_split)
-    bpe = batches_per_epoch(train_split.count, cfg.data.batch_size, acc.num_processes)
+    bpe = train_batches(manifest, cfg.data, acc.num_processes)
     if bpe % cfg.train.grad_accum:
         raise TrainError(f"{bpe} batches per epoch per rank is not a multiple of train.grad_accum={cfg.train.grad_accum}")
     if cfg.train.preempt_check_steps < 1:
@@ -117,7 +137,9 @@ def setup_run(cfg: Config) -> Run:
     run_dir = Path(cfg.run.dir)
     # a resumed run takes its weights from the checkpoint: the pretrained source is not read again
     resuming = resume_path(cfg, run_dir, warn=False) is not None
-    parts = build_components(cfg, taxonomy, train_split.class_counts, acc.device, pretrained=not resuming)
+    # loss.class_weights=auto: the class counts an epoch trains on (each source's counted weight times)
+    parts = build_components(cfg, taxonomy, weighted_class_counts(manifest, train_split.name), acc.device,
+                             pretrained=not resuming)
     record = getattr(parts.model, "pretrained_record", None)
     # per-rank seed for dropout: ranks see different data anyway, but should not share masks
     torch.manual_seed(cfg.train.seed * 1000 + acc.process_index)
@@ -174,6 +196,7 @@ def fit(cfg: Config) -> dict:
         if path is None and run.pretrained is not None:  # a fresh start from pretrained weights
             write_json(run.run_dir / PRETRAINED_FILE, run.pretrained)
     run.log.prune(run.state.step if path is not None else -1)
+    log_sources(run, fresh=path is None)
     start_trackers(acc, cfg.run.report_to, run.run_dir, run.name, config_to_dict(cfg),
                    resumed_step=run.state.step)
     acc.wait_for_everyone()
@@ -215,9 +238,9 @@ def fit(cfg: Config) -> dict:
         metric_value = None
         if (epoch + 1) % cfg.eval.every_epochs == 0 or run.state.epoch == info.total_epochs:
             last_val = run.eval(cfg.data.val_split, f"after epoch {run.state.epoch}")
-            run.log.log({"epoch": epoch + 1, "split": cfg.data.val_split, "stage": run.state.stage,
-                         "time": round(run.log.elapsed(), 2), "train_seconds": round(run.log.elapsed() - t_epoch, 2),
-                         **scalar_metrics(last_val)}, run.state.step)
+            run.log_eval({"epoch": epoch + 1, "split": cfg.data.val_split, "stage": run.state.stage,
+                          "time": round(run.log.elapsed(), 2), "train_seconds": round(run.log.elapsed() - t_epoch, 2)},
+                         last_val)
             metric_value = float(last_val[cfg.checkpoint.metric])
         save(run, metric_value)
         if run.state.epoch < info.total_epochs and flag.agreed():  # the epoch's last vote, after its checkpoint
@@ -228,6 +251,22 @@ def fit(cfg: Config) -> dict:
     acc.wait_for_everyone()
     acc.end_training()  # finishes the trackers and ends the process group
     return result
+
+
+def log_sources(run: Run, fresh: bool) -> None:
+    """The sources of `data.sources` with their weights and sample counts: printed at every start, and
+    logged as metrics rows (`split: sources`, one per source) at a fresh start."""
+    if not sources_of(run.manifest):
+        return
+    d = run.cfg.data
+    rows = source_counts(run.manifest, [d.train_split, d.val_split, d.test_split])
+    for row in rows:
+        console.print(f"source {row['source']}: weight {row['weight']:g}, "
+                      + ", ".join(f"{k.removesuffix('_samples')} {v}" for k, v in row.items() if k.endswith("_samples"))
+                      + f" samples ({row['shards']}); data.sampling={d.sampling}", markup=False, highlight=False,
+                      soft_wrap=True)
+        if fresh:
+            run.log.log({"epoch": 0, "split": "sources", **row}, 0)
 
 
 def finish_preempted(run: Run, flag: preemption.PreemptionFlag, batches: TrainLoader) -> dict:
@@ -283,8 +322,8 @@ def best_checkpoint_passes(run: Run) -> dict:
     if want_test:
         split = cfg.data.test_split
         out["test"] = run.eval(split, f"with the {'best' if best.exists() else 'last'} checkpoint")
-        run.log.log({"epoch": run.state.epoch, "split": split, "checkpoint": "best" if best.exists() else "last",
-                     **scalar_metrics(out["test"])}, run.state.step)
+        run.log_eval({"epoch": run.state.epoch, "split": split, "checkpoint": "best" if best.exists() else "last"},
+                     out["test"])
     run.parts.model.load_state_dict(current)
     return out
 

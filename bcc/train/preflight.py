@@ -5,8 +5,10 @@ surface after an epoch, or after the whole run. `check_run` looks at the config 
 (splits, their shards with the manifest's sample counts, the tracked metric, the backbone name);
 `preflight` runs it on the main process only and hands the verdict to every rank, so a job of 64
 ranks stats the storage once, not 64 times. The cost is one `os.stat` per local shard and no
-opening of any shard (about a second at 100,000 shards); remote shards (`scheme://`) are left to the
-stream, which names them when it cannot read them.
+opening of any shard (about a second at 100,000 shards). A remote shard (`bcc.remote`: http(s) URL or
+`pipe:` command) is checked by opening it: a HEAD request (its size against the manifest's count), or
+the command started, its first tar block read and the command stopped; 16 at a time, each with
+`data.retries` re-tries after a transient error.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from bcc import remote
 from bcc.config import RENAMED_METRICS, Config
 from bcc.errors import BccError
 from bcc.manifest import Manifest, SplitInfo
@@ -44,18 +47,21 @@ def splits_needed(cfg: Config) -> dict[str, str]:
     return keys
 
 
-def check_shards(split: SplitInfo) -> None:
-    """Every local shard of `split` exists, is a file and is large enough for its manifest count.
+def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES) -> None:
+    """Every local shard of `split` exists, is a file and is large enough for its manifest count; every
+    remote one opens (`remote.probe`) and, when the server gives its size, is large enough.
 
-    Raises TrainError naming the split and (up to three of) the shards. One `os.stat` per shard.
+    Raises TrainError naming the split and (up to three of) the shards. One `os.stat` per local shard,
+    one request (or command) per remote one.
     """
     if sum(s.count for s in split.shards) != split.count:
         raise TrainError(f"split '{split.name}': its shards hold {sum(s.count for s in split.shards)} samples "
                          f"but the manifest says {split.count}; repack it")
-    missing, short = [], []
+    missing, short, remote_shards = [], [], []
     for shard in split.shards:
         path = str(shard.path)
-        if "://" in path:
+        if not remote.is_local(shard.path):
+            remote_shards.append(shard)
             continue
         try:
             st = os.stat(path)
@@ -64,6 +70,14 @@ def check_shards(split: SplitInfo) -> None:
             continue
         if not (st.st_mode & 0o170000 == 0o100000) or st.st_size < shard.count * MIN_BYTES_PER_SAMPLE:
             short.append(f"{path} ({st.st_size} bytes for {shard.count} samples)")
+    probes = remote.probe_all([s.path for s in remote_shards], retries)
+    unreachable = [str(v) for v in probes.values() if isinstance(v, remote.RemoteError)]
+    if unreachable:
+        raise TrainError(f"split '{split.name}': cannot open remote shard {_named(unreachable)}")
+    for shard in remote_shards:
+        size = probes[str(shard.path)]
+        if size is not None and size < shard.count * MIN_BYTES_PER_SAMPLE:
+            short.append(f"{remote.display(shard.path)} ({size} bytes for {shard.count} samples)")
     if missing:
         raise TrainError(f"split '{split.name}': missing shard {_named(missing)}")
     if short:
@@ -81,14 +95,14 @@ def check_run(cfg: Config, manifest: Manifest) -> None:
     for key, name in splits_needed(cfg).items():
         if name not in manifest.splits:
             hint = "; or set eval.test_at_end=false" if key == "data.test_split" else ""
-            raise TrainError(f"{key} '{name}' names no split of {manifest.path}; "
+            raise TrainError(f"{key} '{name}' names no split of {manifest.shown}; "
                              f"available: {', '.join(manifest.splits) or 'none'}{hint}")
         split = manifest.split(name)
         if split.count == 0 and key != "data.test_split":
             # an empty val split gives NaN metrics, and a "best" checkpoint chosen on NaN
-            raise TrainError(f"{key} '{name}' of {manifest.path} is empty; repack with a non-zero "
+            raise TrainError(f"{key} '{name}' of {manifest.shown} is empty; repack with a non-zero "
                              f"{'validation' if key == 'data.val_split' else 'training'} fraction")
-        check_shards(split)
+        check_shards(split, cfg.data.retries)
 
 
 def check_precision(mixed_precision: str, device: torch.device) -> None:

@@ -1,0 +1,464 @@
+"""Where shards live: a local path, an `http(s)://` URL or a `pipe:COMMAND`, and how to read one.
+
+The one owner of "a shard location" (`bcc.shards` opens every shard through `open_location`):
+- `kind(location)`: "local", "http" or "pipe". A `pipe:` location runs COMMAND in a shell and reads its
+  standard output (object stores through their own client: `pipe:aws s3 cp s3://bucket/x.tar -`).
+- A dataset location (`data.shards`) is a local folder, the URL of a folder (its `manifest.json` is
+  fetched first), the URL of the manifest itself, or a `pipe:` template holding `{name}` where the file
+  name goes (`pipe:aws s3 cp s3://bucket/ds/{name} -`). The manifest's relative shard entries resolve
+  against it (`join`); an entry may also be a brace list (`train-{000000..000127}.tar`, `expand`).
+- Credentials come from the environment only: an `Authorization` header from `BCC_HTTP_TOKEN` (a bare
+  token is sent as `Bearer TOKEN`; only to the hosts `BCC_HTTP_TOKEN_HOSTS` lists when that is set, and
+  a manifest whose absolute URL entries would carry it to another host is refused otherwise), a `~/.netrc` (or `$NETRC`) entry for the host, or `${VAR}` in a
+  location, replaced by the variable's value only when it is opened (`https://${BCC_DATA_USERINFO}@host/ds`,
+  or `${BCC_DATA_URL}` for a whole URL naming a folder): shards, configs and messages keep `${VAR}`. A
+  location that spells a secret out (`user:password@`, a signed query such as `X-Amz-Signature=`) is
+  refused by `check_no_secrets`, so no secret reaches `config.yaml`, a manifest or a log. `redact`
+  masks what is left (userinfo, signed query values, tokens, the values of `${VAR}`s read) in every
+  message this module and `bcc.shards` build.
+- Errors: `RemoteError` (a BccError) names the location (redacted); `is_transient` marks the ones a
+  re-open may cure (a dropped connection, a timeout, HTTP 5xx/429, a `pipe:` command that failed),
+  which `bcc.shards.read_range` retries `data.retries` times.
+
+Security: a `pipe:` location runs a shell command. Only the user's own `data.shards` (config file or
+command line) may be one; a manifest's `pipe:` entries are refused (`bcc.manifest`) unless the user set
+`data.allow_pipe_in_manifest: true`, and a name from a manifest put into the user's `{name}` template
+must be a plain relative file name (`is_plain_name`), so a manifest cannot smuggle shell syntax in.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import netrc
+import os
+import re
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+from bcc.errors import BccError
+
+__all__ = ["DEFAULT_RETRIES", "HTTP_TIMEOUT_S", "TOKEN_ENV", "PipeError", "RemoteError", "check_no_secrets",
+           "display", "expand", "expand_env", "is_local", "is_plain_name", "is_transient", "join", "kind",
+           "manifest_location", "open_location", "probe", "probe_all", "read_bytes", "redact", "retry_delay",
+           "sends_token_elsewhere", "token_for"]
+
+TOKEN_ENV = "BCC_HTTP_TOKEN"
+TOKEN_HOSTS_ENV = "BCC_HTTP_TOKEN_HOSTS"  # optional: the only hosts BCC_HTTP_TOKEN is sent to
+DEFAULT_RETRIES = 3  # data.retries
+RETRY_BACKOFF_S = 0.5  # first wait before a re-open; doubles per attempt, at most RETRY_BACKOFF_MAX_S
+RETRY_BACKOFF_MAX_S = 8.0
+HTTP_TIMEOUT_S = 60.0  # per blocking socket operation, not per shard
+PROBE_THREADS = 16
+STDERR_TAIL = 400  # characters of a failed pipe command's stderr put into its error
+
+Kind = Literal["local", "http", "pipe"]
+
+
+class RemoteError(BccError):
+    """A location that cannot be reached or read; `transient` when a re-open may succeed."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(redact(message))
+        self.transient = transient
+
+
+class PipeError(RemoteError):
+    """A `pipe:` command that exited non-zero (its exit code and the tail of its stderr are named)."""
+
+
+def kind(location: str | os.PathLike) -> Kind:
+    """"pipe" for `pipe:COMMAND`, "http" for http:// and https:// URLs, else "local"."""
+    text = str(location) if not isinstance(location, Path) else ""
+    if text.startswith("${"):  # `${VAR}`: classified by the variable's value, which is read only when opened
+        text = _ENV_REF.sub(lambda m: os.environ.get(m.group(1), ""), text, count=1)
+    if text.startswith("pipe:"):
+        return "pipe"
+    if text[:8].lower().startswith(("http://", "https://")):
+        return "http"
+    return "local"
+
+
+def is_local(location: str | os.PathLike) -> bool:
+    return kind(location) == "local"
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a read error of a remote shard may be cured by opening it again."""
+    if isinstance(e, RemoteError):
+        return e.transient
+    return isinstance(e, (ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException))
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait before re-open number `attempt` (1, 2, ...): 0.5, 1, 2, ... up to 8."""
+    return min(RETRY_BACKOFF_S * 2 ** (attempt - 1), RETRY_BACKOFF_MAX_S)
+
+
+# --------------------------------------------------------------------------- names, braces, env
+
+
+def expand(pattern: str) -> list[str]:
+    """A brace list as the names it stands for, in order (`a-{000..002}.tar` -> a-000, a-001, a-002;
+    `{x,y}` alternatives too; braceexpand, webdataset's own dependency). A `{name}` placeholder (no
+    comma, no `..`) stays as it is."""
+    from braceexpand import braceexpand
+
+    return list(braceexpand(pattern))
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=,@-]*")
+
+
+def is_plain_name(name: str) -> bool:
+    """A relative file name (`/`-separated parts of letters, digits and `._+=,@-`, none `.` or `..`):
+    what a manifest may put into a user's `pipe:` template without becoming shell syntax."""
+    return bool(name) and all(_PLAIN.fullmatch(part) and part not in (".", "..") for part in name.split("/"))
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_EXPANDED: dict[str, str] = {}  # value -> "${NAME}" of every variable expanded here (for redact)
+
+
+def expand_env(location: str, remember: bool = True) -> str:
+    """`location` with each `${NAME}` replaced by the environment variable's value, as it is opened (a
+    location keeps its `${NAME}`s everywhere else). The value is remembered (`remember`) so that
+    `redact` shows `${NAME}` again. Raises RemoteError naming an unset variable."""
+    def value(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in os.environ:
+            raise RemoteError(f"{location}: the environment variable {name} is not set")
+        v = os.environ[name]
+        if remember and len(v) >= 4:
+            _EXPANDED[v] = m.group(0)
+        return v
+
+    return _ENV_REF.sub(value, location) if "${" in location else location
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+_SECRET_PARAM = re.compile(r"(sig|signature|token|secret|password|passwd|key|credential|auth|session)", re.I)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"]+)@")
+_QUERY_PARAM = re.compile(r"(?P<sep>[?&])(?P<name>[^=&#\s'\"]+)=(?P<value>[^&#\s'\"]*)")
+_BEARER = re.compile(r"\b(?P<word>Bearer|Basic|token)(?P<gap>[ =:]+)(?P<value>[A-Za-z0-9._~+/=-]{8,})", re.I)
+
+
+def redact(text: str) -> str:
+    """`text` with credentials masked: URL userinfo (`***@`), the values of query parameters whose name
+    suggests a secret (`X-Amz-Signature=***`, `token=***`), bearer/basic tokens, `$BCC_HTTP_TOKEN`'s
+    value, and the values of the `${VAR}`s `expand_env` read (shown as `${VAR}`)."""
+    if not text:
+        return text
+    for value, ref in sorted(_EXPANDED.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(value, ref)
+    token = os.environ.get(TOKEN_ENV, "")
+    if len(token) >= 4:
+        text = text.replace(token, "***")
+    text = _USERINFO.sub(lambda m: m.group("scheme") + ("***@" if not m.group("info").startswith("${") else
+                                                        m.group("info") + "@"), text)
+    text = _QUERY_PARAM.sub(lambda m: m.group(0) if not _SECRET_PARAM.search(m.group("name"))
+                            else f"{m.group('sep')}{m.group('name')}=***", text)
+    return _BEARER.sub(lambda m: f"{m.group('word')}{m.group('gap')}***", text)
+
+
+def display(location: str | os.PathLike) -> str:
+    """A location as messages, logs and samples' `__url__` show it (redacted)."""
+    return str(location) if isinstance(location, Path) else redact(str(location))
+
+
+def check_no_secrets(location: str, key: str = "data.shards") -> None:
+    """Refuse a location that spells a credential out (URL userinfo with a password, or a query
+    parameter that looks like a signature or token): it would be written to config.yaml and logs.
+    `${VAR}` references are fine: only the reference is written."""
+    if kind(location) == "local":
+        return
+    if redact(location) != location:
+        raise RemoteError(
+            f"{key}: {redact(location)} holds a credential, which would be written to config.yaml and the "
+            f"logs; put it in the environment instead: {TOKEN_ENV} (Authorization header), ~/.netrc, or "
+            "${VAR} in the location (e.g. https://${BCC_DATA_USERINFO}@host/dataset)")
+
+
+# --------------------------------------------------------------------------- dataset locations
+
+
+def join(root: str | Path, name: str) -> str | Path:
+    """The location of `name` (a manifest's shard entry or `manifest.json`) in the dataset at `root`.
+
+    Local root: a normalised path (lexical, no stat). URL root: resolved like a link on the folder's
+    page. `pipe:` root: the template with `{name}` replaced, `name` a plain relative name. An entry that
+    is itself a URL or `pipe:` location is returned as it is (the manifest reader decides whether a
+    `pipe:` entry may run). Raises RemoteError for a name a `pipe:` template cannot take."""
+    if kind(name) != "local":
+        return name
+    root_kind = kind(root)
+    if root_kind == "local":
+        return Path(os.path.normpath(os.path.join(str(root), name)))
+    if root_kind == "http":
+        return urllib.parse.urljoin(str(root).rstrip("/") + "/", name)
+    if not is_plain_name(name):
+        raise RemoteError(f"shard entry {name!r} is not a plain relative file name, so it cannot go into "
+                          f"the pipe: template {root}")
+    return str(root).replace("{name}", name)
+
+
+def manifest_location(dataset: str | Path) -> tuple[str | Path, str | Path]:
+    """(root, manifest location) of a dataset location: a folder holds `manifest.json`; a location
+    ending in `.json` is the manifest itself (its folder is the root). Raises RemoteError for a `pipe:`
+    dataset without `{name}` and for a brace list (which names shards, not a dataset)."""
+    text = str(dataset)
+    k = kind(text)
+    if k == "pipe":
+        if "{name}" not in text:
+            raise RemoteError(f"data.shards: the pipe: dataset {text} needs {{name}} where the file name goes "
+                              "(e.g. pipe:aws s3 cp s3://bucket/dataset/{name} -): bcc reads the dataset's "
+                              "manifest.json first, then its shards, through that command")
+        return text, join(text, "manifest.json")
+    if expand(text) != [text]:
+        raise RemoteError(f"data.shards: {redact(text)} is a brace list of shards; bcc needs the dataset's "
+                          "manifest.json (sample counts, taxonomy): point data.shards at the folder that holds it "
+                          "and put the brace list in the manifest's shard entries")
+    if k == "http":
+        path = urllib.parse.urlsplit(text).path
+        if path.endswith(".json"):
+            return text.rsplit("/", 1)[0], text
+        return text.rstrip("/"), text.rstrip("/") + "/manifest.json"
+    return dataset, dataset
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def _auth_headers(url: str) -> tuple[str, dict[str, str]]:
+    """(url without userinfo, headers) with the credentials the environment gives for `url`."""
+    parts = urllib.parse.urlsplit(url)
+    headers = {"User-Agent": "bcc"}
+    if parts.username is not None or parts.password is not None:
+        user = urllib.parse.unquote(parts.username or "")
+        password = urllib.parse.unquote(parts.password or "")
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        return url, headers
+    token = token_for(parts.hostname or "")
+    if token:
+        headers["Authorization"] = token if " " in token else f"Bearer {token}"
+        return url, headers
+    try:
+        found = netrc.netrc(os.environ.get("NETRC")).authenticators(parts.hostname or "")
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        found = None
+    if found:
+        login, _, password = found
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{login}:{password or ''}".encode()).decode()
+    return url, headers
+
+
+def token_for(host: str) -> str | None:
+    """`$BCC_HTTP_TOKEN` when it may go to `host`: every host, or only those `$BCC_HTTP_TOKEN_HOSTS`
+    lists (comma-separated host names) when that is set."""
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    hosts = os.environ.get(TOKEN_HOSTS_ENV, "").strip()
+    if not token or hosts and host.lower() not in {h.strip().lower() for h in hosts.split(",")}:
+        return None
+    return token
+
+
+def sends_token_elsewhere(entry: str, root: str | Path) -> bool:
+    """Whether reading the absolute URL `entry` of the manifest at `root` would send `$BCC_HTTP_TOKEN`
+    to a host other than the dataset's own, unasked (no `$BCC_HTTP_TOKEN_HOSTS`)."""
+    if kind(entry) != "http" or not os.environ.get(TOKEN_ENV, "").strip() or os.environ.get(TOKEN_HOSTS_ENV):
+        return False
+    host = urllib.parse.urlsplit(expand_env(entry, remember=False)).hostname
+    own = urllib.parse.urlsplit(expand_env(str(root), remember=False)).hostname if kind(root) == "http" else None
+    return host != own
+
+
+class _HttpBody:
+    """An HTTP response body that raises a transient RemoteError when the connection ends before
+    Content-Length bytes (http.client returns a short body silently)."""
+
+    def __init__(self, response, where: str):
+        self.response, self.where = response, where
+        length = response.headers.get("Content-Length")
+        self.remaining = int(length) if length and length.isdigit() else None
+        self.received = 0
+
+    def read(self, n: int = -1) -> bytes:
+        whole = n is None or n < 0
+        try:
+            data = self.response.read() if whole else self.response.read(n)
+        except (OSError, http.client.HTTPException) as e:
+            raise RemoteError(f"{self.where}: connection lost after {self.received} bytes: "
+                              f"{type(e).__name__}: {e}", transient=True) from None
+        self.received += len(data)
+        if self.remaining is not None:
+            self.remaining -= len(data)
+            if self.remaining > 0 and (whole or (n and not data)):
+                raise RemoteError(f"{self.where}: connection closed after {self.received} of "
+                                  f"{self.received + self.remaining} bytes", transient=True)
+        return data
+
+    def close(self) -> None:
+        self.response.close()
+
+    def __repr__(self) -> str:
+        return self.where
+
+
+class _PipeOutput:
+    """A `pipe:` command's standard output; at its end a non-zero exit raises PipeError naming the
+    exit code and the tail of the command's stderr. Closing early ends the command."""
+
+    def __init__(self, command: str, where: str):
+        self.where = where
+        self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty stderr cannot block the command
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     stdin=subprocess.DEVNULL)
+
+    def _stderr_tail(self) -> str:
+        self.stderr.seek(0)
+        text = self.stderr.read().decode("utf-8", "replace").strip()
+        text = text[-STDERR_TAIL:] if len(text) > STDERR_TAIL else text
+        return " | ".join(line for line in text.splitlines() if line.strip())
+
+    def read(self, n: int = -1) -> bytes:
+        whole = n is None or n < 0
+        data = self.proc.stdout.read() if whole else self.proc.stdout.read(n)
+        if whole or (n and not data):
+            code = self.proc.wait()
+            if code != 0:
+                tail = self._stderr_tail()
+                raise PipeError(f"{self.where}: the command exited with code {code}"
+                                + (f"; its stderr ends: {tail}" if tail else " (no stderr)"), transient=True)
+        return data
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # read far enough (a lane's end) or failed: the rest is not wanted
+        self.proc.stdout.close()
+        self.proc.wait()
+        self.stderr.close()
+
+    def __repr__(self) -> str:
+        return self.where
+
+
+def _http_error(where: str, e: BaseException) -> RemoteError:
+    if isinstance(e, urllib.error.HTTPError):
+        transient = e.code >= 500 or e.code == 429
+        hint = {401: " (credentials: set BCC_HTTP_TOKEN or a ~/.netrc entry)",
+                403: " (credentials: set BCC_HTTP_TOKEN or a ~/.netrc entry)", 404: " (not found)"}.get(e.code, "")
+        return RemoteError(f"{where}: HTTP {e.code} {e.reason}{hint}", transient=transient)
+    reason = getattr(e, "reason", e)
+    if isinstance(reason, socket.gaierror):
+        return RemoteError(f"{where}: unknown host ({reason})")
+    return RemoteError(f"{where}: cannot reach the host: {reason}", transient=True)
+
+
+def open_location(location: str | Path, *, method: str = "GET") -> Any:
+    """A readable binary stream (`read(n)`, `close()`) of the bytes at `location`.
+
+    Local: the file. http(s): a GET with the environment's credentials (`method="HEAD"` returns the
+    response of a HEAD instead). `pipe:`: the command's standard output. Raises RemoteError (transient
+    for errors a retry may cure); FileNotFoundError/OSError for a local path."""
+    k = kind(location)
+    if k == "local":
+        return open(location, "rb")
+    where = display(location)
+    text = expand_env(str(location))
+    if k == "pipe":
+        return _PipeOutput(text[len("pipe:"):], where)
+    url, headers = _auth_headers(text)
+    request = urllib.request.Request(url, headers=headers, method=method)
+    try:
+        response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)  # noqa: S310 - http(s) only (kind)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise _http_error(where, e) from None
+    return response if method == "HEAD" else _HttpBody(response, where)
+
+
+def _with_retries(action: Callable[[], Any], retries: int) -> Any:
+    attempt = 0
+    while True:
+        try:
+            return action()
+        except RemoteError as e:
+            attempt += 1
+            if not e.transient or attempt > retries:
+                if attempt > 1:
+                    raise type(e)(f"{e} (after {attempt - 1} retr{'y' if attempt == 2 else 'ies'})") from None
+                raise
+            time.sleep(retry_delay(attempt))
+
+
+def read_bytes(location: str | Path, retries: int = DEFAULT_RETRIES) -> bytes:
+    """All bytes at `location` (a manifest), re-read up to `retries` times after a transient error."""
+    def once() -> bytes:
+        stream = open_location(location)
+        try:
+            return stream.read()
+        finally:
+            stream.close()
+
+    return _with_retries(once, retries)
+
+
+def probe(location: str | Path, retries: int = DEFAULT_RETRIES) -> int | None:
+    """Check that a remote shard can be opened, cheaply: a HEAD request (its size in bytes, or None when
+    the server does not say), or for `pipe:` start the command, read its first tar block and stop it
+    (None). Raises RemoteError naming the location (404, unreachable host, a failing command)."""
+    if kind(location) == "pipe":
+        def once() -> None:
+            stream = open_location(location)
+            try:
+                if len(stream.read(512)) < 512:
+                    stream.read()  # the command's exit status decides the error
+                    raise RemoteError(f"{display(location)}: the command printed less than one tar block")
+            finally:
+                stream.close()
+
+        return _with_retries(once, retries)
+
+    def head() -> int | None:
+        try:
+            response = open_location(location, method="HEAD")
+        except RemoteError as e:
+            if "HTTP 405" not in str(e):
+                raise
+            response = open_location(location)  # a server without HEAD: open and close
+            response = response.response
+        with response:
+            length = response.headers.get("Content-Length")
+            return int(length) if length and length.isdigit() else None
+
+    return _with_retries(head, retries)
+
+
+def probe_all(locations: Iterable[str | Path], retries: int = DEFAULT_RETRIES) -> dict[str, Any]:
+    """`probe` of every location, PROBE_THREADS at a time: {location: size, or the RemoteError}."""
+    locations = list(locations)
+    if not locations:
+        return {}
+
+    def one(loc):
+        try:
+            return probe(loc, retries)
+        except RemoteError as e:
+            return e
+
+    with ThreadPoolExecutor(min(PROBE_THREADS, len(locations))) as pool:
+        return dict(zip(map(str, locations), pool.map(one, locations), strict=True))

@@ -1,0 +1,414 @@
+"""Shards where large data lives (bcc.remote): http(s) URLs served by a real HTTP server started here on
+127.0.0.1, `pipe:` commands standing in for an object-store client, brace lists, credentials from the
+environment only (redacted everywhere), bounded retries that never change the sample order, and the
+security rule that a manifest cannot run commands."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import http.server
+import json
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from bcc import remote
+from bcc.config import load_config
+from bcc.manifest import Manifest, ManifestError
+from bcc.shards import ShardError, read_range
+from bcc.train.preflight import MIN_BYTES_PER_SAMPLE, check_shards
+from bcc.train.setup import TrainError
+
+from conftest import launch, write_config
+
+TOKEN = "s3cr3t-t0ken-value"
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; `server.drops[name] = k` cuts the next k GETs of `name` off half-way (the
+    headers promise the whole file); `server.token` requires `Authorization: Bearer TOKEN` (or Basic
+    auth when it is `user:password`)."""
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _authorised(self) -> bool:
+        token = self.server.token
+        wanted = ("Basic " + base64.b64encode(token.encode()).decode()) if token and ":" in token else f"Bearer {token}"
+        if token and self.headers.get("Authorization") != wanted:
+            self.send_error(401, "Unauthorized")
+            return False
+        return True
+
+    def do_HEAD(self):
+        if self._authorised():
+            super().do_HEAD()
+
+    def do_GET(self):
+        if not self._authorised():
+            return
+        name = self.path.lstrip("/").split("?")[0]
+        self.server.gets.append(name)
+        if self.server.drops.get(name, 0):
+            self.server.drops[name] -= 1
+            data = (Path(self.directory) / name).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True  # the connection drops mid-shard
+            return
+        super().do_GET()
+
+
+@contextlib.contextmanager
+def serve(root: Path, token: str | None = None):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
+    server.drops, server.gets, server.token = {}, [], token
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server, f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def no_backoff(monkeypatch):
+    monkeypatch.setattr(remote, "RETRY_BACKOFF_S", 0.0)
+
+
+def keys(samples) -> list[tuple[str, bytes]]:
+    return [(s["__key__"], s["json"]) for s in samples]
+
+
+def copy_pack(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+@pytest.mark.parametrize("location, expected", [
+    ("shards/all", "local"), ("/data/x.tar", "local"), (Path("http://x"), "local"), ("C:/data", "local"),
+    ("http://host/ds", "http"), ("HTTPS://host/ds/train-000000.tar", "http"), ("pipe:cat x.tar", "pipe"),
+    ("s3://bucket/x.tar", "local"),  # no scheme but http(s) and pipe: is read; s3 goes through pipe:
+])
+def test_kind(location, expected):
+    assert remote.kind(location) == expected
+
+
+@pytest.mark.parametrize("pattern, expected", [
+    ("train-{000000..000002}.tar", ["train-000000.tar", "train-000001.tar", "train-000002.tar"]),
+    ("{train,val}-0.tar", ["train-0.tar", "val-0.tar"]),
+    ("http://h/a-{0..1}.tar", ["http://h/a-0.tar", "http://h/a-1.tar"]),
+    ("pipe:aws s3 cp s3://b/x-{8..10}.tar -", [f"pipe:aws s3 cp s3://b/x-{i}.tar -" for i in (8, 9, 10)]),
+    ("pipe:cat /d/{name}", ["pipe:cat /d/{name}"]),  # a template placeholder is not a brace list
+    ("plain.tar", ["plain.tar"]),
+])
+def test_brace_lists_expand_in_order(pattern, expected):
+    assert remote.expand(pattern) == expected
+
+
+@pytest.mark.parametrize("text, hidden, shown", [
+    ("https://alice:pw123456@host/ds/x.tar", "pw123456", "https://***@host/ds/x.tar"),
+    ("https://b.s3.amazonaws.com/x.tar?X-Amz-Credential=AKIA1234&X-Amz-Signature=abcdef0123&n=1", "abcdef0123",
+     "https://b.s3.amazonaws.com/x.tar?X-Amz-Credential=***&X-Amz-Signature=***&n=1"),
+    ("https://h/x.tar?sig=zzzzzzzz&token=yyyyyyyy", "yyyyyyyy", "https://h/x.tar?sig=***&token=***"),
+    ("pipe:curl -H 'Authorization: Bearer abcdefghijkl' https://h/x.tar", "abcdefghijkl",
+     "pipe:curl -H 'Authorization: Bearer ***' https://h/x.tar"),
+    ("cannot read shard https://h/x.tar?page=2", None, "cannot read shard https://h/x.tar?page=2"),
+    ("https://${BCC_DATA_USERINFO}@h/ds", None, "https://${BCC_DATA_USERINFO}@h/ds"),
+])
+def test_redact_masks_credentials_only(text, hidden, shown):
+    assert remote.redact(text) == shown
+    if hidden:
+        assert hidden not in remote.redact(text)
+
+
+def test_env_values_and_the_token_are_redacted(monkeypatch):
+    monkeypatch.setenv("BCC_TEST_URL", "https://bob:hunter2hunter2@h.example/ds")
+    monkeypatch.setenv(remote.TOKEN_ENV, TOKEN)
+    url = remote.expand_env("${BCC_TEST_URL}/x.tar")
+    assert url == "https://bob:hunter2hunter2@h.example/ds/x.tar"
+    assert remote.redact(f"error at {url} with {TOKEN}") == "error at ${BCC_TEST_URL}/x.tar with ***"
+    with pytest.raises(remote.RemoteError, match="BCC_NOT_SET_ANYWHERE is not set"):
+        remote.expand_env("https://${BCC_NOT_SET_ANYWHERE}@h/ds")
+
+
+@pytest.mark.parametrize("location, refused", [
+    ("https://alice:pw@host/ds", True), ("https://host/ds/manifest.json?X-Amz-Signature=abc", True),
+    ("https://${BCC_DATA_USERINFO}@host/ds", False), ("https://host/ds", False), ("shards/x", False),
+    ("pipe:aws s3 cp s3://b/ds/{name} -", False),
+])
+def test_a_location_that_spells_a_secret_out_is_refused(location, refused):
+    if refused:
+        with pytest.raises(remote.RemoteError, match=r"environment.*BCC_HTTP_TOKEN") as e:
+            remote.check_no_secrets(location)
+        assert "pw@" not in str(e.value) and "=abc" not in str(e.value)
+    else:
+        remote.check_no_secrets(location)
+
+
+@pytest.mark.parametrize("root, name, expected", [
+    (Path("/d/pack"), "train-0.tar", Path("/d/pack/train-0.tar")),
+    ("http://h/ds", "train-0.tar", "http://h/ds/train-0.tar"),
+    ("http://h/ds/", "sub/train-0.tar", "http://h/ds/sub/train-0.tar"),
+    ("http://h/ds", "https://cdn/x.tar", "https://cdn/x.tar"),
+    ("pipe:aws s3 cp s3://b/ds/{name} -", "train-0.tar", "pipe:aws s3 cp s3://b/ds/train-0.tar -"),
+])
+def test_entries_resolve_against_the_dataset(root, name, expected):
+    assert remote.join(root, name) == expected
+
+
+@pytest.mark.parametrize("name", ["x.tar; touch pwned", "$(id).tar", "../x.tar", "a b.tar", "`id`", "x'.tar", ""])
+def test_a_pipe_template_takes_plain_names_only(name):
+    assert not remote.is_plain_name(name)
+    with pytest.raises(remote.RemoteError, match="not a plain relative file name"):
+        remote.join("pipe:cat /d/{name}", name)
+
+
+@pytest.mark.parametrize("location, match", [
+    ("pipe:aws s3 cp s3://b/ds/manifest.json -", r"needs \{name\}"),
+    ("http://h/ds/train-{000..003}.tar", "brace list of shards"),
+])
+def test_dataset_locations_that_name_no_dataset(location, match):
+    with pytest.raises(remote.RemoteError, match=match):
+        remote.manifest_location(location)
+
+
+def test_config_keys():
+    cfg = load_config(overrides=["data.shards=http://h/ds", "data.retries=0"])
+    assert cfg.data.retries == 0 and cfg.data.allow_pipe_in_manifest is False
+    with pytest.raises(Exception, match="data.retries"):
+        load_config(overrides=["data.retries=-1"])
+
+
+# --------------------------------------------------------------------------- reading over HTTP and pipe:
+
+
+def test_a_pack_read_over_http_and_pipe_is_the_local_pack(synth_shards, monkeypatch):
+    """Manifest fetched from the URL (folder, folder/, manifest.json) and through a pipe: command
+    standing in for an object-store client; every shard and a grid of ranges read as from the disk."""
+    local = Manifest.load(synth_shards)
+    monkeypatch.setenv(remote.TOKEN_ENV, TOKEN)
+    with serve(synth_shards, token=TOKEN) as (_, url):
+        for form in (url, url + "/", url + "/manifest.json"):
+            assert Manifest.load(form).split("train").shards[0].path == url + "/train-000000.tar"
+        over_http = Manifest.load(url)
+        over_pipe = Manifest.load(f"pipe:cat {synth_shards}/{{name}}")
+        assert over_http.is_remote and over_http.shown == url + "/manifest.json"
+        for name in local.splits:
+            want = local.split(name)
+            for got in (over_http.split(name), over_pipe.split(name)):
+                assert (got.count, got.class_counts) == (want.count, want.class_counts)
+                for a, b in zip(want.shards, got.shards, strict=True):
+                    assert keys(read_range(b)) == keys(read_range(a))
+        shard_l, shard_h = local.split("train").shards[0], over_http.split("train").shards[0]
+        for lo, hi in [(0, 1), (3, 9), (shard_l.count - 1, shard_l.count)]:
+            assert keys(read_range(shard_h, lo, hi, frozenset({lo + 1}))) == \
+                keys(read_range(shard_l, lo, hi, frozenset({lo + 1})))
+        assert shard_h.path in [f"{url}/{sh.path.name}" for sh in local.split("train").shards]
+        check_shards(over_http.split("train"))  # HEADs pass, sizes fit
+        check_shards(over_pipe.split("val"))
+
+
+def test_credentials_from_env_vars_never_show(synth_shards, monkeypatch, capsys):
+    """`${VAR}` in data.shards: userinfo from the environment becomes Basic auth; messages show `${VAR}`."""
+    with serve(synth_shards, token="alice:wonderland-pw") as (_, url):
+        monkeypatch.setenv("BCC_TEST_DATA_URL", url.replace("http://", "http://alice:wonderland-pw@"))
+        manifest = Manifest.load("${BCC_TEST_DATA_URL}")
+        assert manifest.shown == "${BCC_TEST_DATA_URL}/manifest.json"
+        shard = manifest.split("val").shards[0]
+        assert len(keys(read_range(shard))) == shard.count
+        assert shard.path == "${BCC_TEST_DATA_URL}/" + Path(shard.path).name  # expanded only as it is opened
+        monkeypatch.setenv("BCC_TEST_DATA_URL", url.replace("http://", "http://alice:wrong-pw@"))
+        with pytest.raises(ManifestError, match=r"^cannot fetch the manifest \$\{BCC_TEST_DATA_URL\}/manifest.json: "
+                                                r"HTTP 401 .*credentials") as e:
+            Manifest.load("${BCC_TEST_DATA_URL}", retries=0)
+        assert "wrong-pw" not in str(e.value)
+    with pytest.raises(ManifestError, match=r"https://\*\*\*@h/ds holds a credential"):
+        Manifest.load("https://alice:wonderland-pw@h/ds")
+
+
+def test_a_dropped_connection_resumes_at_the_failed_sample(synth_shards, no_backoff):
+    local = Manifest.load(synth_shards).split("train").shards[1]
+    with serve(synth_shards) as (server, url):
+        shard = Manifest.load(url).split("train").shards[1]
+        name = Path(shard.path).name
+        server.drops[name] = 1
+        assert keys(read_range(shard, retries=1)) == keys(read_range(local))  # same samples, same order
+        assert server.gets.count(name) == 2 and server.drops[name] == 0
+        server.drops[name] = 99  # a server that always fails: a named error within the bound
+        with pytest.raises(ShardError, match=rf"^cannot read shard {url}/{name} at sample \d+ \(after 2 "
+                                             r"retries\): .*connection closed after \d+ of \d+ bytes") as e:
+            list(read_range(shard, retries=2))
+        assert int(str(e.value).split(" at sample ")[1].split()[0]) > 0  # it failed half-way, not at 0
+        assert server.gets.count(name) == 2 + 3  # one read and two re-opens
+
+
+def test_bad_remote_inputs_are_named(synth_shards, tmp_path, no_backoff):
+    pack = copy_pack(synth_shards, tmp_path / "pack")
+    shards = Manifest.load(pack).split("train").shards
+    gone, short = shards[1].path, shards[2].path
+    gone.unlink()
+    short.write_bytes(short.read_bytes()[: shards[2].count * MIN_BYTES_PER_SAMPLE - 512])  # below the bound
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/ds"
+    with pytest.raises(ManifestError, match=rf"{dead}/manifest.json: cannot reach the host.*\(after 1 retry\)"):
+        Manifest.load(dead, retries=1)
+    with serve(pack) as (_, url):
+        with pytest.raises(ManifestError, match=rf"{url}/nowhere/manifest.json: HTTP 404"):
+            Manifest.load(url + "/nowhere")
+        split = Manifest.load(url).split("train")
+        with pytest.raises(TrainError, match=rf"split 'train': cannot open remote shard {url}/{gone.name}: HTTP 404"):
+            check_shards(split)
+        only_short = type(split)(split.name, sum(s.count for s in split.shards[2:3]), {}, split.shards[2:3])
+        with pytest.raises(TrainError, match=rf"truncated or not a shard: {url}/{short.name} \(\d+ bytes"):
+            check_shards(only_short)
+        # a truncated remote shard at read time: named with the sample where it ends
+        with pytest.raises(ShardError, match=rf"{url}/{short.name}.*(at sample|ends before sample) \d+"):
+            list(read_range(split.shards[2], retries=0))
+    # a pipe: command that fails: exit code and the tail of its stderr, after the retries
+    script = tmp_path / "fake-s3"
+    script.write_text("#!/bin/sh\necho 'fetching s3://bucket/ds/'\"$1\" >&2\necho 'AccessDenied: no such bucket' >&2\n"
+                      "exit 3\n")
+    script.chmod(0o755)
+    failing = Manifest.load(f"pipe:cat {synth_shards}/{{name}}").split("train").shards[0]
+    failing = type(failing)(failing.path.replace("cat ", f"{script} "), failing.count, "")
+    with pytest.raises(ShardError, match=r"exited with code 3; its stderr ends: fetching s3://bucket/ds/.* \| "
+                                         r"AccessDenied: no such bucket") as e:
+        list(read_range(failing, retries=1))
+    assert "(after 1 retry)" in str(e.value)
+    with pytest.raises(TrainError, match="cannot open remote shard pipe:.*exited with code 3"):
+        check_shards(type(split)("train", failing.count, {}, [failing]), retries=0)
+
+
+# --------------------------------------------------------------------------- security
+
+
+def _manifest_with_entry(src: Path, dst: Path, entry, **extra) -> Path:
+    pack = copy_pack(src, dst)
+    data = json.loads((pack / "manifest.json").read_text())
+    data["splits"]["train"]["shards"][0] = {**data["splits"]["train"]["shards"][0], "path": entry, **extra}
+    (pack / "manifest.json").write_text(json.dumps(data))
+    return pack
+
+
+def test_a_manifest_cannot_run_commands(synth_shards, tmp_path):
+    marker = tmp_path / "pwned"
+    entry = f"pipe:touch {marker}; cat {synth_shards}/train-000000.tar"
+    pack = _manifest_with_entry(synth_shards, tmp_path / "evil", entry)
+    with pytest.raises(ManifestError, match=r"split 'train': the shard entry 'pipe:touch .*pwned; cat .*' is a "
+                                            r"pipe: command; a manifest may not run commands.*allow_pipe_in_manifest"):
+        Manifest.load(pack)
+    with serve(pack) as (_, url):  # fetched from a URL: the same
+        with pytest.raises(ManifestError, match="may not run commands"):
+            Manifest.load(url)
+        with pytest.raises(ManifestError, match="may not run commands"):  # even with the user's pipe: template
+            Manifest.load(f"pipe:cat {pack}/{{name}}")
+    assert not marker.exists()
+    # the user allows it for a manifest they wrote: honoured
+    shard = Manifest.load(pack, allow_pipe=True).split("train").shards[0]
+    assert keys(read_range(shard)) == keys(read_range(Manifest.load(synth_shards).split("train").shards[0]))
+    assert marker.exists()
+    # a name smuggling shell syntax into the user's pipe: template is refused before anything runs
+    evil = _manifest_with_entry(synth_shards, tmp_path / "evil2", f"x.tar;touch {tmp_path}/pwned2")
+    with pytest.raises(ManifestError, match="not a plain relative file name"):
+        Manifest.load(f"pipe:cat {evil}/{{name}}")
+    assert not (tmp_path / "pwned2").exists()
+
+
+def test_the_token_goes_only_where_the_user_sends_it(synth_shards, tmp_path, monkeypatch):
+    pack = _manifest_with_entry(synth_shards, tmp_path / "p", "https://elsewhere.example/train-000000.tar")
+    assert Manifest.load(pack).split("train").shards[0].path == "https://elsewhere.example/train-000000.tar"
+    monkeypatch.setenv(remote.TOKEN_ENV, TOKEN)
+    with pytest.raises(ManifestError, match=r"'https://elsewhere.example/train-000000.tar' is on another host than "
+                                            r"the dataset, which would receive \$BCC_HTTP_TOKEN; set BCC_HTTP_TOKEN_HOSTS"):
+        Manifest.load(pack)
+    monkeypatch.setenv(remote.TOKEN_HOSTS_ENV, "data.example, cdn.example")
+    Manifest.load(pack)
+    assert remote.token_for("DATA.example") == TOKEN and remote.token_for("elsewhere.example") is None
+
+
+def test_data_sources_take_urls_and_refuse_pipe_entries_too(synth_shards, tmp_path):
+    from bcc.config import DataConfig, SourceConfig
+    from bcc.sources import load_data
+
+    evil = _manifest_with_entry(synth_shards, tmp_path / "evil", f"pipe:cat {synth_shards}/train-000000.tar")
+    with serve(synth_shards) as (_, url):
+        mixed = load_data(DataConfig(sources=(SourceConfig(shards=url, name="web"),
+                                              SourceConfig(shards=f"pipe:cat {synth_shards}/{{name}}", name="s3"))))
+        local = Manifest.load(synth_shards).split("train")
+        assert mixed.split("train").count == 2 * local.count
+        with pytest.raises(ManifestError, match="may not run commands"):
+            load_data(DataConfig(sources=(SourceConfig(shards=url), SourceConfig(shards=str(evil)))))
+    assert load_data(DataConfig(shards=str(evil), allow_pipe_in_manifest=True)).split("train").count == local.count
+
+
+def test_pipe_in_a_manifest_fails_training_with_one_line(synth_shards, tmp_path, capsys):
+    from bcc.cli import main
+
+    pack = _manifest_with_entry(synth_shards, tmp_path / "evil", f"pipe:cat {synth_shards}/train-000000.tar")
+    cfg = write_config(tmp_path / "cfg.yaml", pack, tmp_path / "run")
+    assert main(["train", "--config", str(cfg)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "pipe:cat" in lines[0] and "train-000000.tar" in lines[0] and "allow_pipe_in_manifest" in lines[0]
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_brace_entries_in_a_manifest(synth_shards, tmp_path):
+    pack = copy_pack(synth_shards, tmp_path / "pack")
+    data = json.loads((pack / "manifest.json").read_text())
+    shards = data["splits"]["train"]["shards"]
+    n = len(shards)
+    assert [s["path"] for s in shards] == [f"train-{i:06d}.tar" for i in range(n)]
+    data["splits"]["train"]["shards"] = [{"path": f"train-{{000000..{n - 1:06d}}}.tar",
+                                          "count": [s["count"] for s in shards],
+                                          "sha256": [s["sha256"] for s in shards]}]
+    (pack / "manifest.json").write_text(json.dumps(data))
+    want = Manifest.load(synth_shards).split("train").shards
+    assert [(s.path.name, s.count, s.sha256) for s in Manifest.load(pack).split("train").shards] == \
+        [(s.path.name, s.count, s.sha256) for s in want]
+    data["splits"]["train"]["shards"][0]["count"] = [1, 2]
+    (pack / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=rf"names {n} shards but its count lists 2"):
+        Manifest.load(pack)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_ddp_training_from_a_url_is_bitwise_training_from_the_local_copy(synth_shards, tmp_path):
+    """2-process DDP from an HTTP server that needs a token and drops one train shard's connection once
+    half-way: the retry resumes at the failed sample, and the final weights equal a local run's bitwise.
+    The token never reaches config.yaml, the run's files or its output."""
+    runs = {}
+    sections = dict(train={"epochs": 1, "log_every": 1}, eval={"test_at_end": False})
+    local_cfg = write_config(tmp_path / "local.yaml", synth_shards, tmp_path / "local", **sections)
+    proc = launch(local_cfg)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs["local"] = json.loads((tmp_path / "local" / "summary.json").read_text())
+    with serve(synth_shards, token=TOKEN) as (server, url):
+        server.drops["train-000001.tar"] = 1
+        cfg = write_config(tmp_path / "url.yaml", url, tmp_path / "url", **sections)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(remote.TOKEN_ENV, TOKEN)  # the launcher passes the environment on
+            proc = launch(cfg)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert server.drops["train-000001.tar"] == 0 and server.gets.count("train-000001.tar") >= 2
+    runs["url"] = json.loads((tmp_path / "url" / "summary.json").read_text())
+    got = {name: {r["weights_sha256"] for r in run["ranks"]} for name, run in runs.items()}
+    assert len(got["local"]) == 1 and got["url"] == got["local"], got
+    assert (tmp_path / "url" / "config.yaml").read_text().count(url) == 1
+    leaked = [p for p in (tmp_path / "url").rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert not leaked and TOKEN not in proc.stdout + proc.stderr

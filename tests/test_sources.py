@@ -1,0 +1,295 @@
+"""Several sources (`data.sources`, issue 12.2) and resampled epochs (`data.sampling=resample`, 12.3).
+
+The promises are proven where they are made: the plans over a grid of world sizes, loader workers and
+accumulation windows (ranks and workers simulated in one process as in test_epoch_pass, reading real
+tiny shards, images left undecoded), the 1M-image cluster start with fake counts, and two real runs:
+2-process DDP training from two weighted sources through `accelerate launch -m bcc.train`, and a
+resampled run resumed mid-epoch that ends with bitwise the uninterrupted run's weights.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_epoch_pass import simulate
+from test_stream import data_cfg, write_pack
+
+from bcc import stream
+from bcc.config import ConfigError, SourceConfig, load_config
+from bcc.manifest import Manifest
+from bcc.plan import LANES, ResamplePlan, StreamError, batches_per_epoch, make_plan
+from bcc.sources import SourceError, load_data, shard_weights, weighted_class_counts
+from bcc.stream import TrainLoader, train_batches
+from bcc.trackers import tracker_values
+
+BATCH = 4
+A, B = [30, 3, 3, 40], [5, 0, 12]  # 76 + 17 samples; B has an empty shard
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Manifest:
+    """Source a (weight 1) and source b (weight 3) of the same taxonomy, with train, val and test."""
+    root = tmp_path_factory.mktemp("sources")
+    write_pack(root / "a", {"train": A, "val": [3, 2], "test": [4]})
+    write_pack(root / "b", {"train": B, "val": [2], "test": [3]})
+    return load_data(data_cfg(sources=(SourceConfig(str(root / "a"), 1), SourceConfig(str(root / "b"), 3))))
+
+
+@pytest.fixture
+def keys_by_source(monkeypatch):
+    """Batches of `source/key` (keys repeat across packs), undecoded."""
+    monkeypatch.setattr(stream, "_collate", lambda raw, *_: {
+        "key": [f"{Path(s['__url__']).parent.name}/{s['__key__']}" for s in raw]})
+
+
+def cfg_of(manifest, **kw):
+    sources = tuple(SourceConfig(str(s.manifest.root), s.weight) for s in manifest.sources)
+    return data_cfg(batch_size=BATCH, sources=sources, **kw)
+
+
+# --------------------------------------------------------------------------- the mixed manifest
+
+
+def test_mixed_manifest_concatenates_the_sources_and_weights_them(mixed):
+    train = mixed.split("train")
+    assert train.count == 93 and [s.count for s in train.shards] == A + B
+    assert shard_weights(mixed, "train") == [1.0] * 4 + [3.0] * 3
+    assert mixed.split("val").count == 7 and mixed.split("test").count == 7
+    a, b = (s.manifest.split("train").class_counts for s in mixed.sources)
+    counts = weighted_class_counts(mixed, "train")
+    assert counts == {c: a.get(c, 0) + 3 * b.get(c, 0) for c in set(a) | set(b)}
+    assert [s.name for s in mixed.sources] == ["a", "b"]
+    # per-source metrics rows reach the trackers under their source, beside the combined row's names
+    assert tracker_values({"split": "val", "source": "a", "bacc": 0.5}) == {"val/a/bacc": 0.5}
+
+
+def test_sources_that_cannot_mix_are_named(mixed, tmp_path):
+    a, b = (str(s.manifest.root) for s in mixed.sources)
+    other = write_pack(tmp_path / "kvasir", {"train": [4]})
+    data = json.loads(other.path.read_text())
+    data["taxonomy"] = yaml.safe_load((Path(__file__).parents[1] / "configs/taxonomy/kvasir.yaml").read_text())
+    data["classes"] = data["taxonomy"]["heads"][0]["labels"]
+    other.path.write_text(json.dumps(data))
+    with pytest.raises(SourceError, match=r"taxonomies of 'a' \(.*\) and 'kvasir' \(.*\) differ"):
+        load_data(data_cfg(sources=(SourceConfig(a), SourceConfig(str(other.root)))))
+    with pytest.raises(SourceError, match="data.fold"):
+        load_data(data_cfg(sources=(SourceConfig(a), SourceConfig(b)), fold=1))
+    for overrides, message in [
+        ([f"data.shards={a}", f"data.sources=[{{shards: {b}}}]"], "data.sources and data.shards .* are exclusive"),
+        ([f"data.sources=[{{shards: {a}}}, {{shards: {b}, weight: 2.5}}]"],
+         r"data.sources\[1\].weight: 2.5 is not an integer.*data.sampling=resample"),
+        ([f"data.sources=[{{shards: {a}, weight: 0}}]"], r"data.sources\[0\].weight: must be > 0"),
+        ([f"data.sources=[{{shards: {a}, weight: -1}}]", "data.sampling=resample"], r"weight: must be > 0"),
+        ([f"data.sources=[{{shards: {a}}}, {{shards: {a}}}]"], r"data.sources\[1\].name: 'a' also names"),
+        (["data.epoch_samples=100"], "data.epoch_samples: sets the epoch length of data.sampling=resample"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, overrides)
+    cfg = load_config(None, [f"data.sources=[{{shards: {a}}}, {{shards: {b}, weight: 2.5}}]", "data.sampling=resample"])
+    assert cfg.data.sources[1].weight == 2.5
+
+
+# --------------------------------------------------------------------------- one pass, repeated sources
+
+
+def rank_batches(plan, rank: int) -> list[list[tuple[int, int]]]:
+    """A rank's batches of (shard, index) in batch order, from the plan alone (the stream's lane order:
+    batch i is the (i // LANES)-th batch of lane i % LANES; no shuffle buffer)."""
+    lanes = []
+    for lane in range(plan.lanes):
+        samples = [(s.shard, i) for s in plan.segments(rank, lane) for i in range(s.lo, s.hi) if i not in s.drop]
+        lanes.append([samples[j:j + plan.batch_size] for j in range(0, len(samples), plan.batch_size)])
+    return [lanes[i % plan.lanes][i // plan.lanes] for i in range(plan.batches)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+def test_repeat_factors_pass_each_source_that_many_times(world_size):
+    counts, weights = A + B, [1] * 4 + [3] * 3
+    total = sum(c * w for c, w in zip(counts, weights, strict=True))  # 76 + 51
+    for epoch in range(3):
+        plan = make_plan(counts, weights, sampling="without_replacement", epoch_samples=0, seed=1, epoch=epoch,
+                         world_size=world_size, batch_size=BATCH)
+        ranks = [rank_batches(plan, r) for r in range(world_size)]
+        assert all(len(r) == batches_per_epoch(total, BATCH, world_size) for r in ranks)
+        assert all(len(b) == BATCH for r in ranks for b in r)
+        seen = Counter(x for r in ranks for b in r for x in b)
+        assert all(n <= weights[shard] for (shard, _), n in seen.items())  # each sample at most `weight` times
+        assert total - seen.total() < world_size * BATCH  # the pass, less fewer than one world batch
+        for shard, count in enumerate(counts):  # and every sample of a weight-3 shard is there about 3 times
+            assert all(seen[(shard, i)] >= weights[shard] - (total - seen.total()) for i in range(count))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_two_sources_one_pass_over_workers_and_accumulation(mixed, keys_by_source, world_size):
+    """The real stream over the grid: every rank the same number of batches and optimizer steps, source b
+    passing 3 times, the same batches whatever the number of workers, and a resume at any optimizer
+    step (of 1, 2 or 3 accumulated batches) with other workers continuing exactly."""
+    everything = {f"a/train-{i:08d}" for i in range(76)} | {f"b/train-{i:08d}" for i in range(17)}
+    total = 76 + 3 * 17
+    by_workers = {}
+    for workers in (0, 1, 2, 3):
+        cfg = cfg_of(mixed, workers=workers, shuffle_buffer=5)
+        ranks = [simulate(mixed, cfg, epoch=1, rank=r, world_size=world_size) for r in range(world_size)]
+        assert [len(r) for r in ranks] == [batches_per_epoch(total, BATCH, world_size)] * world_size
+        seen = Counter(k for r in ranks for b in r for k in b)
+        assert set(seen) <= everything and max(n for k, n in seen.items() if k.startswith("a/")) == 1
+        assert max(seen.values()) <= 3 and total - seen.total() < world_size * BATCH
+        from_b = sum(n for k, n in seen.items() if k.startswith("b/"))
+        assert 3 * 17 - from_b <= total - seen.total()  # source b passes three times, less its drops
+        by_workers[workers] = ranks
+    assert all(ranks == by_workers[0] for ranks in by_workers.values())
+    full = by_workers[0]
+    for accum in (1, 2, 3):
+        for rank in range(world_size):
+            for step in {1, len(full[rank]) // accum}:
+                k = step * accum
+                rest = simulate(mixed, cfg_of(mixed, workers=(accum + rank) % 4, shuffle_buffer=5), epoch=1,
+                                rank=rank, world_size=world_size, skip=k)
+                assert rest == full[rank][k:]
+
+
+# --------------------------------------------------------------------------- resampled epochs
+
+
+def test_a_million_images_in_800_shards_start_on_128_ranks_by_8_workers():
+    counts = [1250] * 800  # 1,000,000 samples; 800 shards < 128 x 8 = 1,024 (rank, worker) pairs
+    plan = make_plan(counts, [1.0] * 800, sampling="resample", epoch_samples=sum(counts), seed=0, epoch=3,
+                     world_size=128, batch_size=32)
+    assert plan.batches == 1_000_000 // (128 * 32)
+    for rank in (0, 77, 127):
+        for lane in range(LANES):
+            segments = plan.segments(rank, lane)
+            assert sum(s.hi - s.lo for s in segments) == plan.lane_batches(lane) * 32
+            assert all(0 <= s.shard < 800 and 0 <= s.lo < s.hi <= 1250 for s in segments)
+    # with fewer shards than ranks x workers, each part reads from one or two draws, not the same shard
+    firsts = {plan.segments(r, lane)[0][:2] for r in range(128) for lane in range(LANES)}
+    assert len(firsts) > 900
+    # the one-pass plan starts there too (its cuts fall inside shards), dropping fewer than a world batch
+    one_pass = make_plan(counts, [1] * 800, sampling="without_replacement", epoch_samples=0, seed=0, epoch=3,
+                         world_size=128, batch_size=32)
+    assert one_pass.batches == plan.batches and len(one_pass.dropped) < 128 * 32
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_resample_plans_the_epoch_length_on_every_rank(world_size):
+    counts, weights = [40, 1, 0, 7], [1.0, 1.0, 1.0, 2.5]  # a shard of one sample, an empty one
+    for samples in (sum(counts), 1000):
+        plan = ResamplePlan(counts, weights=weights, seed=2, epoch=0, world_size=world_size, batch_size=BATCH,
+                            epoch_samples=samples)
+        ranks = [rank_batches(plan, r) for r in range(world_size)]
+        assert [len(r) for r in ranks] == [samples // (world_size * BATCH)] * world_size
+        assert all(len(b) == BATCH for r in ranks for b in r)
+        drawn = Counter(shard for r in ranks for b in r for shard, _ in b)
+        assert drawn[2] == 0 and all(0 <= i < counts[s] for r in ranks for b in r for s, i in b)
+    with pytest.raises(StreamError, match="one batch"):
+        ResamplePlan(counts, seed=0, epoch=0, world_size=4, batch_size=BATCH, epoch_samples=15)
+    with pytest.raises(StreamError, match="no sample"):
+        ResamplePlan([0, 0], seed=0, epoch=0, world_size=1, batch_size=BATCH, epoch_samples=8)
+
+
+def test_resample_weights_are_sampling_probabilities():
+    # two equal sources, weights 1 and 3: three quarters of the draws come from the second
+    counts, weights = [100] * 20, [1.0] * 10 + [3.0] * 10
+    plan = make_plan(counts, weights, sampling="resample", epoch_samples=40_000, seed=0, epoch=0, world_size=4,
+                     batch_size=BATCH)
+    drawn = Counter(s.shard >= 10 for r in range(4) for lane in range(LANES) for s in plan.segments(r, lane)
+                    for _ in range(s.lo, s.hi))
+    assert abs(drawn[True] / drawn.total() - 0.75) < 0.05
+    # and every sample of a shard is read about as often (the read starts at a random sample)
+    hits = Counter(i for r in range(4) for lane in range(LANES) for s in plan.segments(r, lane) for i in range(s.lo, s.hi))
+    assert max(hits.values()) < 1.5 * min(hits.values())
+
+
+def test_resample_stream_is_worker_independent_and_resumes_exactly(mixed, keys_by_source):
+    base = cfg_of(mixed, shuffle_buffer=5, sampling="resample", epoch_samples=60)
+    base = replace(base, sources=(replace(base.sources[0], weight=1.0), replace(base.sources[1], weight=2.5)))
+    full = [simulate(mixed, replace(base, workers=w), epoch=2, rank=1, world_size=2) for w in (0, 1, 3)]
+    assert full[0] == full[1] == full[2] and len(full[0]) == 60 // (2 * BATCH)
+    assert full[0] != simulate(mixed, base, epoch=3, rank=1, world_size=2)  # a new draw every epoch
+    for k in (1, 4, len(full[0])):
+        assert simulate(mixed, replace(base, workers=2), epoch=2, rank=1, world_size=2, skip=k) == full[0][k:]
+    loader = TrainLoader(mixed, base, seed=0, rank=0, world_size=2)
+    assert loader.batches_per_epoch == 7 and loader.dropped_per_epoch == 0
+    with pytest.raises(StreamError, match="resample: .* or raise data.epoch_samples"):
+        train_batches(mixed, replace(base, epoch_samples=7), 2)
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+@pytest.fixture(scope="module")
+def second_source(tmp_path_factory) -> Path:
+    """A second, smaller pack of the synthetic task (2 shards per split)."""
+    from bcc.pack import pack_folders
+    from bcc.synth import synthesize
+
+    root = tmp_path_factory.mktemp("second")
+    synthesize(root / "data", per_class=10, size=32, seed=1)
+    pack_folders(root / "data", root / "shards", split=(0.6, 0.2, 0.2), seed=0, min_shards=2)
+    return root / "shards"
+
+
+def sources_config(path: Path, synth_shards: Path, second: Path, run_dir: Path, **data) -> Path:
+    from conftest import write_config
+
+    second_weight = data.pop("second_weight", 3)
+    write_config(path, synth_shards, run_dir, data=data, train={"epochs": 1, "lr": 0.05, "log_every": 5})
+    cfg = yaml.safe_load(path.read_text())
+    del cfg["data"]["shards"]
+    cfg["data"]["sources"] = [{"shards": str(synth_shards), "name": "big"},
+                              {"shards": str(second), "weight": second_weight}]
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_two_process_training_from_two_weighted_sources(synth_shards, second_source, tmp_path):
+    from conftest import launch
+
+    run_dir = tmp_path / "run"
+    done = launch(sources_config(tmp_path / "cfg.yaml", synth_shards, second_source, run_dir))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    big, small = Manifest.load(synth_shards), Manifest.load(second_source)
+    assert "source big: weight 1" in done.stdout and "source shards: weight 3" in done.stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["source"]: r for r in rows if r["split"] == "sources"}
+    assert logged["big"]["train_samples"] == big.split("train").count
+    assert logged["shards"]["train_samples"] == small.split("train").count
+    for split in ("val", "test"):
+        by = {r.get("source"): r for r in rows if r["split"] == split}
+        assert set(by) == {"big", "shards", None}
+        assert by["big"]["count"] + by["shards"]["count"] == by[None]["count"] == big.split(split).count + small.split(split).count
+    summary = json.loads((run_dir / "summary.json").read_text())
+    bpe = batches_per_epoch(big.split("train").count + 3 * small.split("train").count, 16, 2)
+    assert [r["batches"] for r in summary["ranks"]] == [bpe, bpe]
+    assert len({r["weights_sha256"] for r in summary["ranks"]}) == 1
+
+
+@pytest.mark.slow
+def test_resampled_run_resumed_mid_epoch_is_bitwise_exact(synth_shards, second_source, tmp_path):
+    from safetensors.torch import load_file
+
+    def train(name: str, workers: int, **checkpoint) -> Path:
+        run_dir = tmp_path / name
+        cfg = sources_config(tmp_path / f"{name}.yaml", synth_shards, second_source, run_dir, sampling="resample",
+                             epoch_samples=128, second_weight=2.5, workers=workers)
+        done = subprocess.run([sys.executable, "-m", "bcc.train", "--config", str(cfg), "eval.test_at_end=false",
+                               *(f"checkpoint.{k}={v}" for k, v in checkpoint.items())],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert ("resumed from" in done.stdout) == ("resume" in checkpoint)
+        return run_dir
+
+    straight = train("straight", 1, every_steps=3, keep_last=100)  # 128 / 16 = 8 steps in the epoch
+    resumed = train("resumed", 2, resume=str(straight / "checkpoints" / f"step-{3:08d}"))
+    a = load_file(straight / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(resumed / "checkpoints" / "last" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
