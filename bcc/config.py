@@ -133,6 +133,11 @@ class TrainConfig:
     # optimizer steps between preemption votes (an all-reduce over every rank; also one at each epoch end):
     # a signal is acted on within this many steps, then the run saves and exits
     preempt_check_steps: int = 10
+    # exponential moving average of the weights (bcc/train/ema.py, timm's ModelEmaV3), updated after every
+    # optimizer step, evaluated and checkpointed (model_ema.safetensors) beside the raw weights; its val and
+    # test metrics are the `ema_*` columns, and checkpoint.metric=ema_bacc selects on them. None: no EMA
+    ema_decay: float | None = None
+    ema_warmup: bool = False  # decay ramps up as 1 - (1 + step)^(-2/3), capped at ema_decay (timm's warmup)
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,7 @@ class StageConfig:
 class FinetuneConfig:
     """The fine-tuning plan (which parameter groups train in which epochs); see bcc/finetune.py."""
 
-    preset: Literal["frozen", "staged", "full", "custom"] = "full"
+    preset: Literal["frozen", "staged", "full", "lpft", "custom"] = "full"
     stages: tuple[StageConfig, ...] = ()  # given stages make the preset "custom"
     frozen_bn: Literal["eval", "train"] = "eval"
 
@@ -168,7 +173,9 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only at epoch ends and on preemption
     keep_last: int = 2
     keep_top_k: int = 1
-    metric: str = "bacc"  # tracked validation metric for best/top-k (a name of bcc.metrics.metric_names)
+    # tracked validation metric for best/top-k (a name of bcc.metrics.metric_names; `ema_<name>`, e.g. ema_bacc,
+    # tracks the EMA weights' when train.ema_decay is set)
+    metric: str = "bacc"
     mode: Literal["max", "min"] = "max"
 
 
@@ -241,6 +248,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.grad_accum": _at_least(1),
     "train.clip_grad": _at_least(0),
     "train.log_every": _at_least(1),
+    "train.ema_decay": ((lambda v: v is None or 0 < v < 1), "in (0, 1), or null for no EMA"),
     "finetune.stages.epochs": _at_least(1),
     "finetune.stages.lr_mult": ((lambda v: all(x >= 0 for x in v.values())), ">= 0 for every group"),
     "finetune.stages.warmup_steps": ((lambda v: v is None or v >= 0), ">= 0"),

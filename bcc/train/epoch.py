@@ -129,6 +129,8 @@ def train_one_epoch(loader, parts: Components, stage: StageParts, state: TrainSt
             continue  # inside a window: nothing may stop or save here
         state.step += 1
         step_in_stage += 1
+        if parts.ema is not None:  # bcc.train.ema: the decay is a function of the step, so resume is exact
+            parts.ema.update(parts.model, step=state.step)
         epoch_end = state.batches_in_epoch == info.batches_per_epoch
         if state.step % cfg.train.log_every == 0 or epoch_end:
             loss = losses.mean(state.epoch)  # a sync point: only at log time

@@ -50,6 +50,7 @@ from bcc.sources import load_data, source_counts, sources_of, weighted_class_cou
 from bcc.stream import TrainLoader, eval_loader, train_batches
 from bcc.trackers import require_trackers, start_trackers
 from bcc.train import preempt as preemption
+from bcc.train.ema import ema_state, evaluate_ema
 from bcc.train.epoch import evaluate_split, sync_buffers, train_one_epoch
 from bcc.train.preflight import check_precision, preflight
 from bcc.train.resume import restore, resume_path
@@ -238,6 +239,7 @@ def fit(cfg: Config) -> dict:
         metric_value = None
         if (epoch + 1) % cfg.eval.every_epochs == 0 or run.state.epoch == info.total_epochs:
             last_val = run.eval(cfg.data.val_split, f"after epoch {run.state.epoch}")
+            last_val.update(evaluate_ema(run, cfg.data.val_split, f"after epoch {run.state.epoch}"))  # ema_* (if any)
             run.log_eval({"epoch": epoch + 1, "split": cfg.data.val_split, "stage": run.state.stage,
                           "time": round(run.log.elapsed(), 2), "train_seconds": round(run.log.elapsed() - t_epoch, 2)},
                          last_val)
@@ -292,13 +294,14 @@ def save(run: Run, metric_value: float | None = None) -> None:
     acc = run.accelerator
     sync_buffers(run.parts.model, run.info.world_size)
     rng = gather_object([save_rng_state()])  # every rank's RNG, in rank order
+    ema = ema_state(run.parts.ema, run.info.world_size)  # collective: the EMA's buffers become rank 0's
     if acc.is_main_process:
         meta = {"taxonomy": run.parts.taxonomy.to_dict(), "model": config_to_dict(run.cfg.model),
                 "config": config_to_dict(run.cfg), "bcc_version": __version__, "world_size": run.info.world_size,
                 "pretrained": run.pretrained}
         ckpt = Checkpoint(model=run.parts.model.state_dict(), optimizer=run.stage.optimizer.state_dict(),
                           scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
-                          rng=rng, state=run.state, meta=meta)
+                          rng=rng, state=run.state, meta=meta, ema=ema)
         run.ckpt.save(ckpt, metric_value)
     acc.wait_for_everyone()
 
@@ -315,16 +318,24 @@ def best_checkpoint_passes(run: Run) -> dict:
         return out
     best = run.run_dir / "checkpoints" / "best"
     current = {k: v.clone() for k, v in run.parts.model.state_dict().items()}
+    ema = run.parts.ema
+    current_ema = {k: v.clone() for k, v in ema.module.state_dict().items()} if ema is not None else None
     if best.exists():
-        run.parts.model.load_state_dict(load_checkpoint(best).model)
+        saved = load_checkpoint(best)
+        run.parts.model.load_state_dict(saved.model)
+        if ema is not None and saved.ema is not None:
+            ema.module.load_state_dict(saved.ema)
     if cfg.eval.calibrate or want_point:
         out.update(calibrate_in_memory(run, best))
     if want_test:
         split = cfg.data.test_split
         out["test"] = run.eval(split, f"with the {'best' if best.exists() else 'last'} checkpoint")
+        out["test"].update(evaluate_ema(run, split, f"with the {'best' if best.exists() else 'last'} checkpoint"))
         run.log_eval({"epoch": run.state.epoch, "split": split, "checkpoint": "best" if best.exists() else "last"},
                      out["test"])
     run.parts.model.load_state_dict(current)
+    if current_ema is not None:
+        ema.module.load_state_dict(current_ema)
     return out
 
 
@@ -390,15 +401,22 @@ def write_summary(run: Run, result: Mapping) -> None:
     """summary.json with cross-rank integrity: each rank's step count and a checksum of its weights."""
     acc = run.accelerator
     sync_buffers(run.parts.model, run.info.world_size)
-    digest = hashlib.sha256()
-    for tensor in run.parts.model.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    per_rank = gather_object([{"rank": run.info.rank, "steps": run.state.step,
-                               "batches": run.state.epoch * run.info.batches_per_epoch,
-                               "weights_sha256": digest.hexdigest()}])
+    mine = {"rank": run.info.rank, "steps": run.state.step, "batches": run.state.epoch * run.info.batches_per_epoch,
+            "weights_sha256": _weights_sha256(run.parts.model.state_dict())}
+    ema = ema_state(run.parts.ema, run.info.world_size)  # collective
+    if ema is not None:
+        mine["ema_sha256"] = _weights_sha256(ema)
+    per_rank = gather_object([mine])
     if acc.is_main_process:
-        if len({r["weights_sha256"] for r in per_rank}) > 1:
+        if len({(r["weights_sha256"], r.get("ema_sha256")) for r in per_rank}) > 1:
             console.print("[bold red]warning:[/] ranks hold different weights at the end of training")
         summary = {"name": run.name, "ranks": per_rank, "state": run.state.to_dict(), "train_time": result["train_time"],
                    **{k: scalar_metrics(result[k]) for k in ("val", "test") if k in result}}
         write_json(run.run_dir / "summary.json", summary)
+
+
+def _weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for tensor in state_dict.values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -22,6 +22,7 @@ from bcc.config import Config, config_diff, config_from_dict, config_hash
 from bcc.console import console
 from bcc.finetune import check_resume_stages, resolve_stages
 from bcc.taxonomy import Taxonomy
+from bcc.train.ema import restore_ema
 from bcc.train.setup import Components, RunInfo, StageParts, TrainError, enter_stage
 
 # Config keys that may change when a run resumes; anything else is refused.
@@ -152,6 +153,7 @@ def restore(path: Path, parts: Components, accelerator: Accelerator, info: RunIn
                       "the partial window's gradients were not saved, so this resume is not exact")
     state.config_hash = config_hash(parts.cfg)
     parts.model.load_state_dict(ckpt.model)
+    restore_ema(parts.ema, ckpt.ema, path)
     stage = enter_stage(parts, accelerator, state.stage)
     stage.optimizer.load_state_dict(ckpt.optimizer)
     if ckpt.scaler is not None and accelerator.scaler is not None:

@@ -80,6 +80,7 @@ class Components:
     stages: list[Stage]
     loss_fn: MultitaskLoss
     table: torch.Tensor  # leaf class -> head targets, on the device
+    ema: nn.Module | None = None  # timm ModelEmaV3 of `model` (train.ema_decay; bcc.train.ema), on the device
 
     def targets_of(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return head_targets(self.table, labels, self.taxonomy.head_names)
@@ -116,8 +117,11 @@ def build_components(cfg: Config, taxonomy: Taxonomy, class_counts: Mapping[str,
         raise TrainError(f"loss.head_weights: unknown head(s) {sorted(unknown)}; heads: {list(taxonomy.head_names)}")
     weights = class_weights_from_manifest(taxonomy, class_counts) if cfg.loss.class_weights == "auto" else None
     loss_fn = MultitaskLoss(taxonomy.head_names, cfg.loss.head_weights, weights, cfg.loss.label_smoothing)
+    from bcc.train.ema import build_ema  # imports this module's TrainError
+
     return Components(cfg=cfg, taxonomy=taxonomy, model=model, groups=groups, module_groups=group_of_module(model),
-                      stages=stages, loss_fn=loss_fn.to(device), table=taxonomy.target_table().to(device))
+                      stages=stages, loss_fn=loss_fn.to(device), table=taxonomy.target_table().to(device),
+                      ema=build_ema(model, cfg.train.ema_decay, cfg.train.ema_warmup, device))
 
 
 def make_optimizer(cfg: Config, param_groups: list[dict]) -> torch.optim.Optimizer:
