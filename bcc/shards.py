@@ -15,8 +15,10 @@ same image. It catches every single-bit flip and every burst up to 32 bits.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
+import re
 import tarfile
 import time
 import zlib
@@ -327,12 +329,64 @@ def sample_offset(path: str, index: int) -> tuple[int | None, int]:
     return None, n + (key is not None)
 
 
+def _tar_files(f, path: str) -> Iterator[dict]:
+    """{fname, data, __url__} of the regular files of a local tar file `f` (positioned at a member header).
+
+    Parses the 512-byte ustar headers itself (checksum checked, pax and GNU long names read): Python's
+    `tarfile` costs ~30 us per member, about as much as decoding a 64 px JPEG for a 3-member sample.
+    A header it leaves to `tarfile` (global pax, base-256 size) hands the rest of the file to webdataset's
+    reader from that header on. Skips webdataset's meta files (`__...__`) as its reader does."""
+    offset, name = f.tell(), None
+    while True:
+        block = f.read(512)
+        if len(block) < 512 or not block.strip(b"\0"):
+            return  # end of archive (two zero blocks, or the end of the file)
+        try:
+            stored = int(block[148:156].split(b"\0")[0].strip() or b"-1", 8)
+        except ValueError:
+            stored = -1
+        if stored != sum(block[:148]) + 256 + sum(block[156:]):  # the checksum field counts as 8 spaces
+            raise tarfile.ReadError(f"bad tar header checksum at byte {offset}")
+        flag = block[156:157]
+        if block[124] & 0x80 or flag == b"g":
+            import webdataset as wds
+
+            f.seek(offset)
+            for x in wds.tariterators.tar_file_iterator(f, handler=wds.reraise_exception):
+                yield {**x, "__url__": path}
+            return
+        size = int(block[124:136].split(b"\0")[0].strip() or b"0", 8)
+        padded = -(-size // 512) * 512
+        data = f.read(padded)[:size] if size else b""
+        if len(data) < size:
+            raise tarfile.ReadError(f"unexpected end of data in the member at byte {offset}")
+        offset += 512 + padded
+        if flag in (b"x", b"L"):
+            name = (_pax_path(data) or name) if flag == b"x" else data.split(b"\0")[0].decode("utf-8")
+            continue
+        if flag in (b"0", b"\0", b"7"):
+            if name is None:
+                prefix = block[345:500].split(b"\0")[0].decode("utf-8") if block[257:262] == b"ustar" else ""
+                base = block[:100].split(b"\0")[0].decode("utf-8")
+                name = f"{prefix}/{base}" if prefix else base
+            if not _META.match(name):
+                yield {"fname": name, "data": data, "__url__": path}
+        name = None  # directories, links: no sample data
+
+
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
+
+
 def _tar_samples(stream, url: str) -> Iterator[dict]:
-    """Samples of a tar stream (positioned at a member header), grouped by key like webdataset's."""
+    """Samples of a tar stream (positioned at a member header), grouped by key like webdataset's. A local
+    file is parsed by `_tar_files`; remote streams by webdataset's `tarfile` reader."""
     import webdataset as wds
 
-    files = wds.tariterators.tar_file_iterator(stream, handler=wds.reraise_exception)
-    yield from wds.tariterators.group_by_keys({**x, "__url__": url} for x in files)
+    if isinstance(stream, io.BufferedReader):
+        files = _tar_files(stream, url)
+    else:
+        files = ({**x, "__url__": url} for x in wds.tariterators.tar_file_iterator(stream, handler=wds.reraise_exception))
+    yield from wds.tariterators.group_by_keys(files)
 
 
 def _open_samples(location, where: str, lo: int, seek: bool) -> tuple[Any, Iterator[dict], int]:

@@ -31,6 +31,7 @@ from bcc.finetune import (
 from bcc.loss import MultitaskLoss, inverse_frequency_weights
 from bcc.model import build_model, group_of_module, parameter_groups
 from bcc.taxonomy import Taxonomy
+from bcc.train.accel import check_sync_bn, convert_sync_bn, device_caps
 
 
 class TrainError(BccError):
@@ -108,8 +109,12 @@ def build_components(cfg: Config, taxonomy: Taxonomy, class_counts: Mapping[str,
     set_seed(cfg.train.seed)
     model_cfg = cfg.model if pretrained else dataclasses.replace(cfg.model, pretrained="")
     model = build_model(model_cfg, taxonomy.head_sizes, taxonomy=taxonomy)
-    if cfg.model.channels_last:
+    if cfg.model.channels_last is True:  # resolved for the device by bcc.train.accel.resolve_config
         model = model.to(memory_format=torch.channels_last)
+    if cfg.train.sync_bn:
+        check_sync_bn(device_caps(device), torch.distributed.get_backend() if torch.distributed.is_initialized()
+                      else None)
+        model = convert_sync_bn(model)  # before the groups: they hold the same Parameters either way
     groups = parameter_groups(model)
     stages = resolve_stages(finetune or cfg.finetune, cfg.train.epochs, list(groups), cfg.train.warmup_steps)
     unknown = set(cfg.loss.head_weights) - set(taxonomy.head_names)
