@@ -3,6 +3,7 @@
 Layout (`ROOT` = `RUN/checkpoints`):
 
     ROOT/step-00000040/model.safetensors    unwrapped model state dict
+                       model_ema.safetensors  EMA of the weights (only with train.ema_decay; bcc.train.ema)
                        optimizer.pt         optimizer.state_dict()
                        scheduler.pt         LR scheduler state (only when given)
                        scaler.pt            grad scaler state (only when given)
@@ -62,6 +63,7 @@ __all__ = [
     "find_latest_intact",
     "is_complete",
     "load_checkpoint",
+    "load_ema_weights",
     "load_model_weights",
     "read_meta",
     "read_train_state",
@@ -72,6 +74,7 @@ __all__ = [
 ]
 
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "model_ema.safetensors"  # the name `bcc export` looks for
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 SCALER_FILE = "scaler.pt"
@@ -112,6 +115,7 @@ class Checkpoint:
     meta: dict  # JSON-serialisable -> meta.json
     extra: dict[str, Tensor] = field(default_factory=dict)  # -> extra.safetensors (absent when empty)
     scheduler: dict | None = None  # LR scheduler state -> scheduler.pt (absent when None)
+    ema: dict[str, Tensor] | None = None  # EMA of the model state dict -> model_ema.safetensors (absent when None)
 
 
 def checkpoint_name(step: int) -> str:
@@ -313,6 +317,16 @@ def load_model_weights(path: str | Path, map_location: Any = "cpu") -> dict[str,
     return _load_safetensors(path / MODEL_FILE, map_location, read_hashes(path))
 
 
+def load_ema_weights(path: str | Path, map_location: Any = "cpu") -> dict[str, Tensor] | None:
+    """The EMA state dict of a checkpoint dir (`model_ema.safetensors`), checked against its hashes.json;
+    None when the run kept no EMA (`train.ema_decay` unset)."""
+    path = Path(path)
+    hashes = read_hashes(path)
+    if not (path / EMA_FILE).exists() and (hashes is None or EMA_FILE not in hashes):
+        return None
+    return _load_safetensors(path / EMA_FILE, map_location, hashes)
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:
     """Load a checkpoint dir (or a link to one); every file weights-only. RNG states stay on CPU.
 
@@ -351,6 +365,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:
         meta=meta,
         extra=_load_safetensors(path / EXTRA_FILE, map_location, hashes) if optional(EXTRA_FILE) else {},
         scheduler=_load_pt(path / SCHEDULER_FILE, "cpu", hashes) if optional(SCHEDULER_FILE) else None,
+        ema=_load_safetensors(path / EMA_FILE, map_location, hashes) if optional(EMA_FILE) else None,
     )
 
 

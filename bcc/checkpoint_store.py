@@ -25,6 +25,7 @@ from bcc.checkpoint import (
     BEST_LINK,
     BEST_META,
     BEST_WEIGHTS,
+    EMA_FILE,
     EXTRA_FILE,
     HASHES_FILE,
     HASHES_FORMAT,
@@ -230,6 +231,8 @@ class CheckpointManager:
 
     def _write_files(self, ckpt: Checkpoint, d: Path) -> None:
         _write_safetensors(ckpt.model, d / MODEL_FILE, "model")
+        if ckpt.ema is not None:
+            _write_safetensors(ckpt.ema, d / EMA_FILE, "ema")
         if ckpt.extra:
             _write_safetensors(ckpt.extra, d / EXTRA_FILE, "extra")
         _write_pt(ckpt.optimizer, d / OPTIMIZER_FILE)

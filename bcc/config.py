@@ -84,6 +84,7 @@ class DataConfig:
     # honour `pipe:` shard entries of the manifest (they run shell commands): only for a manifest you wrote
     allow_pipe_in_manifest: bool = False
     # train augmentation: blood smears have no canonical orientation, so both flips and rotation are safe
+    # (crop and flips run in the loader workers on uint8; rotation, jitter, mean/std batched on the device)
     scale_min: float = 0.5
     rotation: float = 15.0
     hflip: bool = True
@@ -105,7 +106,9 @@ class ModelConfig:
     pretrained_allow_mismatch: bool = False  # load what fits instead of refusing a backbone that differs
     head_hidden: int = 256
     head_dropout: float = 0.5
-    channels_last: bool = False
+    # NHWC weights and batches (faster convolutions on tensor-core GPUs); auto: on CUDA unless
+    # train.deterministic. Resolved once at start-up (bcc/train/accel.py); the checkpoint records the result
+    channels_last: bool | Literal["auto"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -127,12 +130,40 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_accum: int = 1
     clip_grad: float = 0.0  # max grad norm; 0 disables clipping
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 on a CUDA GPU that has it, fp16 (with a loss scaler) on one that has not, no on CPU.
+    # Resolved once at start-up and logged (bcc/train/accel.py); the checkpoint records the result
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     seed: int = 0
+    # lr scaling with the global batch (batch_size x processes x grad_accum), timm's rule: train.lr is
+    # the rate at lr_base_batch samples; linear: lr x global/base, sqrt: lr x sqrt(global/base); none: as given
+    lr_scale: Literal["none", "linear", "sqrt"] = "none"
+    lr_base_batch: int = 256
+    # GPU speed switches, each auto (on CUDA unless deterministic), true or false. Not bitwise reproducible:
+    # cudnn.benchmark picks convolution algorithms by timing them, TF32 rounds fp32 matmuls/convolutions
+    cudnn_benchmark: bool | Literal["auto"] = "auto"
+    tf32: bool | Literal["auto"] = "auto"
+    # deterministic algorithms (torch.use_deterministic_algorithms, cuDNN deterministic); turns the auto
+    # switches above and model.channels_last off, and refuses them set to true
+    deterministic: bool = False
+    # torch.compile the DDP-wrapped model (Accelerate's TorchDynamoPlugin); one compile per stage
+    compile: bool = False
+    compile_backend: str = "inductor"  # a torch._dynamo backend: inductor, aot_eager, eager, cudagraphs...
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    sync_bn: bool = False  # BatchNorm statistics over all ranks (SyncBatchNorm; CUDA + NCCL only)
+    ddp_static_graph: bool = False  # DDP static_graph: the graph is the same every step within a stage
+    ddp_gradient_as_bucket_view: bool = False  # DDP gradients as views into the all-reduce buckets (less memory)
+    # seconds a collective may wait for the other ranks before the process group fails the run (a dead,
+    # stuck or failed rank ends the job within this bound instead of hanging it)
+    timeout_s: float = 1800.0
     log_every: int = 10  # steps between progress updates
     # optimizer steps between preemption votes (an all-reduce over every rank; also one at each epoch end):
     # a signal is acted on within this many steps, then the run saves and exits
     preempt_check_steps: int = 10
+    # exponential moving average of the weights (bcc/train/ema.py, timm's ModelEmaV3), updated after every
+    # optimizer step, evaluated and checkpointed (model_ema.safetensors) beside the raw weights; its val and
+    # test metrics are the `ema_*` columns, and checkpoint.metric=ema_bacc selects on them. None: no EMA
+    ema_decay: float | None = None
+    ema_warmup: bool = False  # decay ramps up as 1 - (1 + step)^(-2/3), capped at ema_decay (timm's warmup)
 
 
 @dataclass(frozen=True)
@@ -147,7 +178,7 @@ class StageConfig:
 class FinetuneConfig:
     """The fine-tuning plan (which parameter groups train in which epochs); see bcc/finetune.py."""
 
-    preset: Literal["frozen", "staged", "full", "custom"] = "full"
+    preset: Literal["frozen", "staged", "full", "lpft", "custom"] = "full"
     stages: tuple[StageConfig, ...] = ()  # given stages make the preset "custom"
     frozen_bn: Literal["eval", "train"] = "eval"
 
@@ -168,7 +199,9 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only at epoch ends and on preemption
     keep_last: int = 2
     keep_top_k: int = 1
-    metric: str = "bacc"  # tracked validation metric for best/top-k (a name of bcc.metrics.metric_names)
+    # tracked validation metric for best/top-k (a name of bcc.metrics.metric_names; `ema_<name>`, e.g. ema_bacc,
+    # tracks the EMA weights' when train.ema_decay is set)
+    metric: str = "bacc"
     mode: Literal["max", "min"] = "max"
 
 
@@ -241,6 +274,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.grad_accum": _at_least(1),
     "train.clip_grad": _at_least(0),
     "train.log_every": _at_least(1),
+    "train.lr_base_batch": _positive(),
+    "train.compile_backend": ((lambda v: v != ""), "a torch._dynamo backend name (not empty)"),
+    "train.timeout_s": _positive(),
+    "train.ema_decay": ((lambda v: v is None or 0 < v < 1), "in (0, 1), or null for no EMA"),
     "finetune.stages.epochs": _at_least(1),
     "finetune.stages.lr_mult": ((lambda v: all(x >= 0 for x in v.values())), ">= 0 for every group"),
     "finetune.stages.warmup_steps": ((lambda v: v is None or v >= 0), ">= 0"),
@@ -267,6 +304,11 @@ def _suggest(key: str, valid: Sequence[str]) -> str:
 
 
 def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # `bool | Literal["auto"]` -> "bool or 'auto'"
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is Literal:
+        return ", ".join(map(repr, typing.get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -94,7 +94,6 @@ CARD_FILE = "README.md"
 HF_FILES = (WEIGHTS_FILE, HF_CONFIG_FILE, CARD_FILE)  # what a Hub export holds, and all that is uploaded
 HEADS_PREFIX = "heads."  # the heads' tensors in the Hub layout (the backbone's carry no prefix)
 _BACKBONE_PREFIX = "backbone."
-EMA_FILE = "model_ema.safetensors"  # EMA weights beside the raw ones in a checkpoint (train.ema_decay)
 FORMATS = ("bcc", "hf")
 WEIGHT_CHOICES = ("auto", "raw", "ema")  # auto: the EMA weights when the checkpoint has them
 HUB_PREFIX = "hf-hub:"
@@ -264,16 +263,17 @@ def export_checkpoint(
 
 def _choose_weights(im, weights: str) -> str:
     """Load the EMA weights into `im.model` when chosen; returns "raw" or "ema"."""
-    path = im.checkpoint / EMA_FILE
-    if weights == "raw" or (weights == "auto" and not path.is_file()):
+    from bcc.checkpoint import EMA_FILE, load_ema_weights
+
+    if weights == "raw":
         return "raw"
-    if not path.is_file():
+    path = im.checkpoint / EMA_FILE
+    ema = load_ema_weights(im.checkpoint)  # checked against hashes.json like the raw weights
+    if ema is None:
+        if weights == "auto":
+            return "raw"
         raise ExportError(f"--weights ema: checkpoint {im.checkpoint} holds no EMA weights ({EMA_FILE}; the run "
                           "trains them with train.ema_decay)")
-    from bcc.checkpoint import _load_safetensors, read_hashes
-
-    # checked against hashes.json like the raw weights (bcc.checkpoint's reader)
-    ema = _load_safetensors(path, "cpu", read_hashes(im.checkpoint))
     own = im.model.state_dict()
     # a BatchNorm step counter is not a weight: take the raw model's where the EMA has none
     ema = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **ema}

@@ -3,8 +3,12 @@
 A plan (`finetune:` in the config) is a list of stages. Each stage names the parameter groups that train (the rest are
 frozen: `requires_grad=False`, so no gradient is computed through them), a learning-rate
 multiplier per group, and its own warmup; the learning rate restarts its warmup + cosine at every
-stage boundary. Presets: `frozen` (heads only), `full` (everything from the start) and `staged`
-(heads, then the deepest block at 0.1x, then everything with deeper blocks faster than shallow ones).
+stage boundary. Presets: `frozen` (heads only), `full` (everything from the start), `staged`
+(heads, then the deepest block at 0.1x, then everything with deeper blocks faster than shallow ones) and
+`lpft` (linear probe, then fine-tuning: the heads alone for the first half of the epochs, then every group
+at 0.1x the rate; Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features and Underperform
+Out-of-Distribution": fitting the heads first means fine-tuning starts from heads that already fit the
+features, so the early large gradients through random heads do not distort the pretrained features).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import nn
 from bcc.errors import BccError
 
 HEADS = "heads"
+LPFT_FT_MULT = 0.1  # lpft: the fine-tuning stage's rate, a fraction of train.lr (the probe's rate)
 
 
 class FinetuneError(BccError, ValueError):
@@ -52,6 +57,14 @@ def resolve_stages(plan, total_epochs: int, group_names: Sequence[str], warmup_s
         return [Stage(total_epochs, (HEADS,), {}, warmup_steps)]
     if plan.preset == "full":
         return [Stage(total_epochs, tuple(groups), {}, warmup_steps)]
+    if plan.preset == "lpft":
+        if total_epochs < 2:
+            raise FinetuneError(f"finetune preset 'lpft' has 2 stages and needs train.epochs >= 2, got {total_epochs}")
+        probe = max(1, total_epochs // 2)
+        return [
+            Stage(probe, (HEADS,), {}, warmup_steps),
+            Stage(total_epochs - probe, tuple(groups), {g: LPFT_FT_MULT for g in groups}, warmup_steps),
+        ]
     if plan.preset == "staged":
         if total_epochs < 3:
             raise FinetuneError(f"finetune preset 'staged' has 3 stages and needs train.epochs >= 3, got {total_epochs}")

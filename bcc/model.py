@@ -141,7 +141,7 @@ def build_model(
         model.pretrained_record = load_pretrained(
             model, cfg.pretrained, allow_mismatch=allow_mismatch, taxonomy=taxonomy
         )
-    if cfg.channels_last:
+    if cfg.channels_last is True:  # "auto" is resolved by the trainer for its device (bcc/train/accel.py)
         model = model.to(memory_format=torch.channels_last)
     return model
 

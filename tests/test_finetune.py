@@ -110,6 +110,18 @@ def test_staged_splits_epochs_and_ramps_lr_multipliers():
         resolve_stages(FinetuneConfig(preset="staged"), 2, groups, 0)
 
 
+@pytest.mark.parametrize(("epochs", "probe"), [(2, 1), (3, 1), (4, 2), (9, 4)])
+def test_lpft_probes_the_heads_then_fine_tunes_everything_slower(epochs, probe):
+    groups = ["block1", "block2", "heads"]
+    stages = resolve_stages(FinetuneConfig(preset="lpft"), epochs, groups, 3)
+    assert [s.epochs for s in stages] == [probe, epochs - probe]
+    assert [s.train for s in stages] == [("heads",), tuple(groups)]
+    assert stages[0].mult("heads") == 1.0
+    assert all(stages[1].mult(g) == pytest.approx(0.1) for g in groups)
+    with pytest.raises(FinetuneError, match="needs train.epochs >= 2"):
+        resolve_stages(FinetuneConfig(preset="lpft"), 1, groups, 0)
+
+
 # --------------------------------------------------------------------------- custom stages
 
 GROUPS = ["block0", "block1", "block2", "heads"]

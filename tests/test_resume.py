@@ -23,8 +23,8 @@ from conftest import write_config
 EXIT_PREEMPTED = 75
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "checkpoints" / "last" / "model.safetensors")
+def final_weights(run_dir: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / "last" / name)
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:
@@ -69,13 +69,15 @@ def resume_config(synth_shards, tmp_path):
 
 
 def test_sigkill_then_auto_resume_is_bitwise_exact(resume_config, tmp_path):
-    """One process, 2 loader workers: killed at a random checkpoint mid-epoch, resumed, equal to uninterrupted."""
+    """One process, 2 loader workers: killed at a random checkpoint mid-epoch, resumed, equal to uninterrupted
+    in the raw weights and in their EMA (train.ema_decay, bcc/train/ema.py)."""
+    ema = {"ema_decay": 0.9}
     straight = tmp_path / "straight"
-    proc = subprocess.run(train_cmd(resume_config(straight)), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(train_cmd(resume_config(straight, train=ema)), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
     killed = tmp_path / "killed"
-    cfg = resume_config(killed)
+    cfg = resume_config(killed, train=ema)
     steps_per_epoch = json.loads((straight / "summary.json").read_text())["ranks"][0]["steps"] // 3
     # a random checkpoint that is not at an epoch boundary, so the resume must skip consumed batches
     candidates = [s for s in range(2, 3 * steps_per_epoch, 2) if s % steps_per_epoch]
@@ -90,9 +92,13 @@ def test_sigkill_then_auto_resume_is_bitwise_exact(resume_config, tmp_path):
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     assert_bitwise_equal(final_weights(straight), final_weights(killed))
+    assert_bitwise_equal(final_weights(straight, "model_ema.safetensors"), final_weights(killed, "model_ema.safetensors"))
     a = json.loads((straight / "summary.json").read_text())
     b = json.loads((killed / "summary.json").read_text())
     assert a["state"]["step"] == b["state"]["step"] and a["val"] == b["val"]
+    assert "ema_bacc" in a["val"] and "ema_bacc" in a["test"]  # the EMA weights evaluated beside the raw ones
+    hashes = json.loads((killed / "checkpoints" / "last" / "hashes.json").read_text())["files"]
+    assert "model_ema.safetensors" in hashes
     # metrics.jsonl tells one story: the rows of redone work were replaced, not duplicated
     rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [(r["split"], r["epoch"]) for r in rows] == [("val", 1), ("val", 2), ("val", 3), ("test", 3)]
@@ -149,14 +155,16 @@ def _children(pid: int) -> dict[int, int]:
 
 def test_sigusr1_preempts_two_process_training_and_resume_matches(resume_config, tmp_path):
     """SIGUSR1 to rank 1 only: all ranks agree at the next vote, save together, exit 75, and the marker
-    names the signal rank 1 got; resume is exact."""
+    names the signal rank 1 got; resume is exact, the EMA (with its warmup) included, and both ranks hold
+    the same EMA."""
+    ema = {"ema_decay": 0.95, "ema_warmup": True}
     straight = tmp_path / "straight"
-    cmd, env = accelerate_command(2, ["--config", str(resume_config(straight))])
+    cmd, env = accelerate_command(2, ["--config", str(resume_config(straight, train=ema))])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
     run_dir = tmp_path / "preempted"
-    cfg = resume_config(run_dir, checkpoint={"every_steps": 0}, train={"preempt_check_steps": 2})
+    cfg = resume_config(run_dir, checkpoint={"every_steps": 0}, train={"preempt_check_steps": 2, **ema})
     cmd, env = accelerate_command(2, ["--config", str(cfg)])
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: (run_dir / "metrics.jsonl").exists(), proc)  # after the first epoch
@@ -183,6 +191,9 @@ def test_sigusr1_preempts_two_process_training_and_resume_matches(resume_config,
     b = json.loads((run_dir / "summary.json").read_text())
     assert a["val"] == b["val"]
     assert a["ranks"][0]["weights_sha256"] == b["ranks"][0]["weights_sha256"]
+    # the EMA: the same on both ranks, and equal after the preemption and resume
+    assert a["ranks"][0]["ema_sha256"] == a["ranks"][1]["ema_sha256"] == b["ranks"][0]["ema_sha256"]
+    assert_bitwise_equal(final_weights(straight, "model_ema.safetensors"), final_weights(run_dir, "model_ema.safetensors"))
 
 
 def test_sigterm_to_the_whole_process_group_saves_and_exits_75(resume_config, tmp_path):

@@ -178,16 +178,17 @@ class _PlainLoop:
 
 
 def _setup(cfg):
-    """Accelerator, taxonomy, class counts and one fixed random batch of `data.batch_size` x `data.image_size`."""
-    from accelerate import Accelerator
+    """Accelerator, the config resolved for its device (`make_accelerator`), taxonomy, class counts and one
+    fixed random batch of `data.batch_size` x `data.image_size`."""
+    from bcc.train.accel import make_accelerator
 
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    accelerator, cfg = make_accelerator(cfg)
     taxonomy, counts = _taxonomy_and_counts(cfg)
     n, size = cfg.data.batch_size, cfg.data.image_size
     gen = torch.Generator().manual_seed(cfg.train.seed)
     batch = {"image": torch.randn(n, 3, size, size, generator=gen),
              "label": torch.randint(len(taxonomy.class_names), (n,), generator=gen)}
-    return accelerator, taxonomy, counts, batch
+    return accelerator, cfg, taxonomy, counts, batch
 
 
 def _run_rounds(loops: dict, batch: dict, steps: int, warmup: int, rounds: int, device, progress: Progress
@@ -208,7 +209,7 @@ def bench_step(cfg, *, steps: int = 10, warmup: int = 2, rounds: int = 3, progre
     Only `model`, `data.image_size`, `data.batch_size`, `loss`, `finetune.frozen_bn` and `train` of `cfg`
     are used. Rounds alternate plain, full, frozen; each runs `warmup` untimed steps, then `steps` timed ones.
     """
-    accelerator, taxonomy, counts, batch = _setup(cfg)
+    accelerator, cfg, taxonomy, counts, batch = _setup(cfg)
     device = accelerator.device
     progress(f"building 3 x {cfg.model.backbone} on {device}")
     loops = {
@@ -229,7 +230,7 @@ def step_seconds(cfg, presets: Sequence[str] = ("frozen", "full"), *, steps: int
                  rounds: int = 1, progress: Progress = quiet) -> dict[str, float]:
     """Median seconds of one bcc train step per fine-tuning preset, on the same fixed batch (no data
     loading, no evaluation: this isolates what freezing saves)."""
-    accelerator, taxonomy, counts, batch = _setup(cfg)
+    accelerator, cfg, taxonomy, counts, batch = _setup(cfg)
     loops = {p: _BccLoop(cfg, accelerator, taxonomy, counts, p) for p in presets}
     timings = _run_rounds(loops, batch, steps, warmup, rounds, accelerator.device, progress)
     return {p: statistics.median(t.seconds) / steps for p, t in timings.items()}

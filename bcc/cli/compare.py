@@ -1,8 +1,20 @@
-"""`bcc compare --config FILE --modes frozen,staged,full [--out DIR] [--processes N] [key=value ...]`:
-train each fine-tuning preset (`finetune.preset`: frozen, staged, full) on the same shards, seed and epoch budget (one run directory per mode under
---out; finished modes are skipped, interrupted ones resume), then write RESULTS.md, results.csv and
-val_curves.png. `bcc compare --aggregate OUT` only builds the table from existing run directories
-(after an sbatch array job, for example)."""
+"""`bcc compare --config FILE [--modes frozen,staged,full,lpft] [--init pretrained,scratch] [--seeds N]
+[--packs P0,P1,...] [--out DIR] [--processes N] KEY=VALUE...`: train each fine-tuning mode
+(`finetune.preset`: frozen = linear probe of the heads, staged, full, lpft = linear probe then full
+fine-tuning at 0.1x the rate) on the same shards and epoch budget, each with N training seeds, then write
+RESULTS.md, results.csv (one row per run), summary.csv (one row per arm) and val_curves.png.
+
+Pretrained vs scratch: the config's `model.pretrained` is the pretrained arm (`DIR/<mode>`); `--init
+pretrained,scratch` adds the same mode from random weights (`DIR/<mode>-scratch`, `model.pretrained=''`).
+Without --init, each mode runs as the config says. With `--seeds N` (N > 1) the runs are
+`DIR/<arm>/seed-<s>` with train.seed = the config's seed + 0..N-1; `--packs` gives one pack per seed
+(made with `bcc pack --seed s`), so that the split varies with the seed as well.
+
+The table gives mean ± sd over seeds, 95% bootstrap intervals of the test metrics (resampling the test
+samples), the mode chosen on validation (best mean val checkpoint.metric, never test) and paired
+differences to it on the same test samples. Finished runs are skipped, interrupted ones resume.
+`bcc compare --aggregate DIR` only builds the tables from existing run directories (after an sbatch
+array job, for example). See docs/unfreezing.md."""
 
 from __future__ import annotations
 
@@ -10,41 +22,65 @@ import argparse
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("compare", help="frozen vs staged vs full fine-tuning, one table",
+    p = subparsers.add_parser("compare", help="frozen vs staged vs full vs LP-FT, pretrained vs scratch, over seeds",
                               description=__doc__)
-    p.add_argument("--config", "-c", help="training config (YAML); the modes differ only in finetune.preset")
-    p.add_argument("--modes", default="frozen,staged,full", help="finetune presets to compare, comma-separated (default: frozen,staged,full)")
-    p.add_argument("--out", default="runs/compare", help="one run directory per mode goes here (default: runs/compare)")
+    p.add_argument("--config", "-c", help="training config (YAML); the runs differ only in finetune.preset, "
+                   "model.pretrained (scratch), train.seed and data.shards (--packs)")
+    p.add_argument("--modes", default=None,
+                   help="finetune presets to compare, comma-separated, of frozen,staged,full,lpft "
+                        "(default: frozen,staged,full; with --aggregate: every mode found)")
+    p.add_argument("--init", default=None,
+                   help="initialisations, comma-separated: pretrained (model.pretrained of the config), scratch "
+                        "(random weights; DIR/<mode>-scratch when the config is pretrained). Default: as configured")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="training seeds per arm: train.seed, seed+1, ... (default: 1)")
+    p.add_argument("--packs", default="",
+                   help="one pack per seed, comma-separated (e.g. packed with `bcc pack --seed 0`, `--seed 1`): "
+                        "the train/val/test split varies with the seed; default: data.shards for every seed")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="B",
+                   help="bootstrap resamples of the test samples for the intervals (default: 1000)")
+    p.add_argument("--out", default="runs/compare", help="one run directory per arm (and seed) goes here "
+                   "(default: runs/compare)")
     p.add_argument("--processes", type=int, default=1,
                    help="processes per run: 1 trains in this process, more use accelerate launch")
     p.add_argument("--aggregate", metavar="OUT", help="only aggregate the finished run directories under OUT")
     p.add_argument("--bench-steps", type=int, default=5,
                    help="timed bcc train steps per preset for the frozen/full step-time ratio (0: skip)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides for every mode")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides for every run")
     p.set_defaults(func=run)
+
+
+def _split(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from bcc.compare import aggregate, compare, load_bench
+    from bcc.compare import MODES, aggregate, compare, load_bench
     from bcc.console import console, error
     from bcc.errors import BccError
 
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = _split(args.modes) or (list(MODES) if args.aggregate else ["frozen", "staged", "full"])
     command = "bcc " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
+        if args.bootstrap < 1:
+            from bcc.compare import CompareError
+
+            raise CompareError(f"--bootstrap must be >= 1, got {args.bootstrap}")
         if args.aggregate:
             out = args.aggregate
-            aggregate(out, modes, load_bench(out), command)
+            aggregate(out, modes, load_bench(out), command, n_boot=args.bootstrap)
         else:
             out = args.out
-            compare(args.config, modes, out, args.processes, args.overrides, command, args.bench_steps)
+            compare(args.config, modes, out, args.processes, args.overrides, command, args.bench_steps,
+                    seeds=args.seeds, inits=_split(args.init) or None, packs=_split(args.packs),
+                    n_boot=args.bootstrap)
     except BccError as e:  # CompareError, ConfigError, FinetuneError, TrainError, ...
         error(str(e))
         return 2
     from pathlib import Path
 
-    console.print(Path(out, "RESULTS.md").read_text())
+    console.print(Path(out, "RESULTS.md").read_text(), markup=False, highlight=False)  # [lo, hi] is no markup
     return 0

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from rich.markup import escape
 
 from bcc import __version__
 from bcc.atomic import write_json
@@ -50,6 +51,8 @@ from bcc.sources import load_data, source_counts, sources_of, weighted_class_cou
 from bcc.stream import TrainLoader, eval_loader, train_batches
 from bcc.trackers import require_trackers, start_trackers
 from bcc.train import preempt as preemption
+from bcc.train.accel import CompileCounter, StageCompiles, describe, make_accelerator
+from bcc.train.ema import ema_state, evaluate_ema
 from bcc.train.epoch import evaluate_split, sync_buffers, train_one_epoch
 from bcc.train.preflight import check_precision, preflight
 from bcc.train.resume import restore, resume_path
@@ -77,6 +80,7 @@ class Run:
     pin_memory: bool
     stage: StageParts | None = None
     state: TrainState | None = None
+    compiles: CompileCounter = field(default_factory=CompileCounter)  # torch.compile compilations per stage
     pretrained: dict | None = None  # `PretrainedRecord.to_dict()` of the weights the run started from
     by_source: dict | None = None  # data.sources: the last `eval`'s metrics per source
 
@@ -108,14 +112,19 @@ class Run:
 
 
 def setup_run(cfg: Config) -> Run:
-    """Accelerator, data sizes, components; validates what can fail before the first step."""
+    """Accelerator, data sizes, components; validates what can fail before the first step.
+
+    The run's config is `cfg` resolved for the device (`bcc.train.accel.resolve_config`: precision, memory
+    format, cuDNN/TF32 switches and the scaled lr made concrete), logged once; checkpoints record it."""
     trackers = require_trackers(cfg.run.report_to)  # before the Accelerator, which drops missing ones silently
-    acc = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
-                      log_with=trackers or None, project_dir=cfg.run.dir)
+    raw = cfg
+    acc, cfg = make_accelerator(raw, log_with=trackers or None, project_dir=raw.run.dir)
     set_main_process(acc.is_main_process)
     check_precision(cfg.train.mixed_precision, acc.device)
     print(f"bcc: rank {acc.process_index}/{acc.num_processes} local {acc.local_process_index} "
           f"on {socket.gethostname()} device {acc.device} {cpu_report()}", flush=True)
+    console.print(f"device settings: {describe(raw, cfg, acc.num_processes)}", markup=False, highlight=False,
+                  soft_wrap=True)
     manifest = load_data(cfg.data)  # data.shards (its fold view), or the sources of data.sources
     if not manifest.has_checksums:
         console.print(f"note: {manifest.shown} is pack format {manifest.format_version}: its samples carry no "
@@ -140,6 +149,8 @@ def setup_run(cfg: Config) -> Run:
     # loss.class_weights=auto: the class counts an epoch trains on (each source's counted weight times)
     parts = build_components(cfg, taxonomy, weighted_class_counts(manifest, train_split.name), acc.device,
                              pretrained=not resuming)
+    if cfg.train.compile:  # every stage adds a compiled variant; past dynamo's limit it would fall back to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(parts.stages) + 2)
     record = getattr(parts.model, "pretrained_record", None)
     # per-rank seed for dropout: ranks see different data anyway, but should not share masks
     torch.manual_seed(cfg.train.seed * 1000 + acc.process_index)
@@ -174,7 +185,7 @@ def fit(cfg: Config) -> dict:
     or {"preempted": True, "step"}. Raises TrainError (and other BccErrors) for the user."""
     flag = preemption.PreemptionFlag()  # first: a signal during set-up is kept, not fatal
     run = setup_run(cfg)
-    flag.attach()
+    flag.attach(timeout_s=run.cfg.train.timeout_s)
     acc, info = run.accelerator, run.info
     if acc.is_main_process:
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -183,12 +194,13 @@ def fit(cfg: Config) -> dict:
     path, pending_rng = resume_path(cfg, run.run_dir), None
     if path is not None:
         run.state, run.stage, pending_rng = restore(path, run.parts, acc, info)
+        run.compiles.enter(run.state.stage)
         run.pretrained = read_meta(path).get("pretrained")  # what the run started from, carried on
     elif find_latest(run.run_dir / "checkpoints") is not None:
         raise TrainError(f"{run.run_dir} already holds checkpoints of another run; continue it with "
                          "checkpoint.resume=auto or choose another run.dir")
     else:
-        run.state = TrainState(config_hash=config_hash(cfg))
+        run.state = TrainState(config_hash=config_hash(run.cfg))
         _enter(run, 0, carry=False)
     # only now that a resume was accepted (or this is a fresh start): a refused one leaves the files alone
     if acc.is_main_process:
@@ -238,6 +250,7 @@ def fit(cfg: Config) -> dict:
         metric_value = None
         if (epoch + 1) % cfg.eval.every_epochs == 0 or run.state.epoch == info.total_epochs:
             last_val = run.eval(cfg.data.val_split, f"after epoch {run.state.epoch}")
+            last_val.update(evaluate_ema(run, cfg.data.val_split, f"after epoch {run.state.epoch}"))  # ema_* (if any)
             run.log_eval({"epoch": epoch + 1, "split": cfg.data.val_split, "stage": run.state.stage,
                           "time": round(run.log.elapsed(), 2), "train_seconds": round(run.log.elapsed() - t_epoch, 2)},
                          last_val)
@@ -246,6 +259,7 @@ def fit(cfg: Config) -> dict:
         if run.state.epoch < info.total_epochs and flag.agreed():  # the epoch's last vote, after its checkpoint
             return finish_preempted(run, flag, batches)
     batches.close()
+    log_compiles(run, run.compiles.finish())
     result = {"val": last_val, "train_time": run.log.elapsed(), **best_checkpoint_passes(run)}
     write_summary(run, result)
     acc.wait_for_everyone()
@@ -273,6 +287,7 @@ def finish_preempted(run: Run, flag: preemption.PreemptionFlag, batches: TrainLo
     """After the preemption checkpoint: the marker with the signal the ranks agreed on, the loader
     workers and trackers ended (a requeued run continues the trackers), and the result."""
     batches.close()
+    log_compiles(run, run.compiles.finish())
     if run.accelerator.is_main_process:
         preemption.write_marker(run.run_dir, run.state.step, flag.agreed_signum)
     console.print(f"[yellow]preempted[/]: saved at step {run.state.step}; exiting with {EXIT_PREEMPTED}")
@@ -285,6 +300,23 @@ def _enter(run: Run, index: int, carry: bool) -> None:
     run.stage = enter_stage(run.parts, run.accelerator, index, run.stage, carry)
     run.state.stage = index
     run.state.trainable = list(run.parts.stages[index].train)
+    log_compiles(run, run.compiles.enter(index))
+
+
+def log_compiles(run: Run, done: StageCompiles | None) -> None:
+    """With `train.compile`: a finished stage's compilations, on the console and in metrics.jsonl
+    (`{"split": "compile", "stage", "frames", "recompiles"}`); a warning with dynamo's reason when the stage
+    recompiled more than once (one is the stage change)."""
+    if done is None or not run.cfg.train.compile:
+        return
+    run.log.log({"epoch": run.state.epoch, "split": "compile", "stage": done.stage, "frames": done.frames,
+                 "recompiles": done.recompiles}, run.state.step)
+    line = f"stage {done.stage}: {done.frames} frame(s) compiled, {done.recompiles} recompilation(s)"
+    if done.recompiles > 1:
+        console.print(f"[yellow]warning:[/] compile: {line}, more than the stage change's one; the first: "
+                      f"{escape(done.reasons[0])} (TORCH_LOGS=recompiles shows all)", soft_wrap=True)
+    else:
+        console.print(f"compile: {line}", markup=False, highlight=False)
 
 
 def save(run: Run, metric_value: float | None = None) -> None:
@@ -292,13 +324,14 @@ def save(run: Run, metric_value: float | None = None) -> None:
     acc = run.accelerator
     sync_buffers(run.parts.model, run.info.world_size)
     rng = gather_object([save_rng_state()])  # every rank's RNG, in rank order
+    ema = ema_state(run.parts.ema, run.info.world_size)  # collective: the EMA's buffers become rank 0's
     if acc.is_main_process:
         meta = {"taxonomy": run.parts.taxonomy.to_dict(), "model": config_to_dict(run.cfg.model),
                 "config": config_to_dict(run.cfg), "bcc_version": __version__, "world_size": run.info.world_size,
                 "pretrained": run.pretrained}
         ckpt = Checkpoint(model=run.parts.model.state_dict(), optimizer=run.stage.optimizer.state_dict(),
                           scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
-                          rng=rng, state=run.state, meta=meta)
+                          rng=rng, state=run.state, meta=meta, ema=ema)
         run.ckpt.save(ckpt, metric_value)
     acc.wait_for_everyone()
 
@@ -315,16 +348,24 @@ def best_checkpoint_passes(run: Run) -> dict:
         return out
     best = run.run_dir / "checkpoints" / "best"
     current = {k: v.clone() for k, v in run.parts.model.state_dict().items()}
+    ema = run.parts.ema
+    current_ema = {k: v.clone() for k, v in ema.module.state_dict().items()} if ema is not None else None
     if best.exists():
-        run.parts.model.load_state_dict(load_checkpoint(best).model)
+        saved = load_checkpoint(best)
+        run.parts.model.load_state_dict(saved.model)
+        if ema is not None and saved.ema is not None:
+            ema.module.load_state_dict(saved.ema)
     if cfg.eval.calibrate or want_point:
         out.update(calibrate_in_memory(run, best))
     if want_test:
         split = cfg.data.test_split
         out["test"] = run.eval(split, f"with the {'best' if best.exists() else 'last'} checkpoint")
+        out["test"].update(evaluate_ema(run, split, f"with the {'best' if best.exists() else 'last'} checkpoint"))
         run.log_eval({"epoch": run.state.epoch, "split": split, "checkpoint": "best" if best.exists() else "last"},
                      out["test"])
     run.parts.model.load_state_dict(current)
+    if current_ema is not None:
+        ema.module.load_state_dict(current_ema)
     return out
 
 
@@ -390,15 +431,22 @@ def write_summary(run: Run, result: Mapping) -> None:
     """summary.json with cross-rank integrity: each rank's step count and a checksum of its weights."""
     acc = run.accelerator
     sync_buffers(run.parts.model, run.info.world_size)
-    digest = hashlib.sha256()
-    for tensor in run.parts.model.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    per_rank = gather_object([{"rank": run.info.rank, "steps": run.state.step,
-                               "batches": run.state.epoch * run.info.batches_per_epoch,
-                               "weights_sha256": digest.hexdigest()}])
+    mine = {"rank": run.info.rank, "steps": run.state.step, "batches": run.state.epoch * run.info.batches_per_epoch,
+            "weights_sha256": _weights_sha256(run.parts.model.state_dict())}
+    ema = ema_state(run.parts.ema, run.info.world_size)  # collective
+    if ema is not None:
+        mine["ema_sha256"] = _weights_sha256(ema)
+    per_rank = gather_object([mine])
     if acc.is_main_process:
-        if len({r["weights_sha256"] for r in per_rank}) > 1:
+        if len({(r["weights_sha256"], r.get("ema_sha256")) for r in per_rank}) > 1:
             console.print("[bold red]warning:[/] ranks hold different weights at the end of training")
         summary = {"name": run.name, "ranks": per_rank, "state": run.state.to_dict(), "train_time": result["train_time"],
                    **{k: scalar_metrics(result[k]) for k in ("val", "test") if k in result}}
         write_json(run.run_dir / "summary.json", summary)
+
+
+def _weights_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for tensor in state_dict.values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

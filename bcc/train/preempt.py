@@ -4,6 +4,7 @@ saves and exits with `EXIT_PREEMPTED` after leaving a `PREEMPTED` marker in the 
 from __future__ import annotations
 
 import signal
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -25,8 +26,9 @@ class PreemptionFlag:
             signal.signal(sig, self._handle)
         self.attach()
 
-    def attach(self) -> None:
+    def attach(self, timeout_s: float | None = None) -> None:
         """Join the vote's process group once the default group exists (collective on a non-gloo backend).
+        `timeout_s` bounds its collectives like the default group's (`train.timeout_s`).
 
         The handlers are installed at construction, which `fit` does before anything else, so a signal
         that arrives during set-up is kept (the default action of SIGUSR1 would kill the rank)."""
@@ -34,7 +36,8 @@ class PreemptionFlag:
         if self.group is None and dist.is_available() and dist.is_initialized() and dist.get_backend() != "gloo":
             # the vote travels over a CPU (gloo) group: an NCCL all-reduce + .item() would stall the GPU
             # queue just to read one flag
-            self.group = dist.new_group(backend="gloo")
+            timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+            self.group = dist.new_group(backend="gloo", timeout=timeout)
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum

@@ -87,10 +87,15 @@ def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES) -> Non
 def check_run(cfg: Config, manifest: Manifest) -> None:
     """Raise TrainError (or another BccError) for the first thing the run would fail on later."""
     names = metric_names(manifest.taxonomy)
+    if cfg.train.ema_decay is not None:  # the EMA weights' metrics (bcc.train.ema)
+        names += [f"ema_{n}" for n in names]
     if cfg.checkpoint.metric not in names:
         renamed = RENAMED_METRICS.get(cfg.checkpoint.metric)
         raise TrainError(f"checkpoint.metric '{cfg.checkpoint.metric}' is not a metric of this task"
-                         + (f" (it is now '{renamed}')" if renamed else "") + f"; available: {', '.join(sorted(names))}")
+                         + (f" (it is now '{renamed}')" if renamed else "")
+                         + (" (ema_* metrics need train.ema_decay)" if cfg.checkpoint.metric.startswith("ema_")
+                            and cfg.train.ema_decay is None else "")
+                         + f"; available: {', '.join(sorted(names))}")
     check_backbone_name(cfg.model.backbone)
     for key, name in splits_needed(cfg).items():
         if name not in manifest.splits:

@@ -22,6 +22,8 @@ from bcc.config import Config, config_diff, config_from_dict, config_hash
 from bcc.console import console
 from bcc.finetune import check_resume_stages, resolve_stages
 from bcc.taxonomy import Taxonomy
+from bcc.train.accel import device_caps, resolve_config
+from bcc.train.ema import restore_ema
 from bcc.train.setup import Components, RunInfo, StageParts, TrainError, enter_stage
 
 # Config keys that may change when a run resumes; anything else is refused.
@@ -127,7 +129,10 @@ def restore(path: Path, parts: Components, accelerator: Accelerator, info: RunIn
     older bcc is read in today's config names (`config_from_dict` migrates them).
     """
     ckpt: Checkpoint = load_checkpoint(path)
-    saved_cfg = config_from_dict(ckpt.meta["config"])
+    # resolved as the running config was (a no-op for a checkpoint of this bcc, which records resolved
+    # values; an older one holds `auto` switches it never resolved)
+    saved_cfg = resolve_config(config_from_dict(ckpt.meta["config"]), device_caps(accelerator.device),
+                               info.world_size)
     changes = check_resume_compatible(saved_cfg, parts.cfg, ckpt.meta, parts.taxonomy)
     # a safe-looking change (more epochs) must not move stage boundaries the run has passed
     saved_stages = resolve_stages(saved_cfg.finetune, saved_cfg.train.epochs, list(parts.groups),
@@ -152,6 +157,7 @@ def restore(path: Path, parts: Components, accelerator: Accelerator, info: RunIn
                       "the partial window's gradients were not saved, so this resume is not exact")
     state.config_hash = config_hash(parts.cfg)
     parts.model.load_state_dict(ckpt.model)
+    restore_ema(parts.ema, ckpt.ema, path)
     stage = enter_stage(parts, accelerator, state.stage)
     stage.optimizer.load_state_dict(ckpt.optimizer)
     if ckpt.scaler is not None and accelerator.scaler is not None:

@@ -31,6 +31,7 @@ from bcc.finetune import (
 from bcc.loss import MultitaskLoss, inverse_frequency_weights
 from bcc.model import build_model, group_of_module, parameter_groups
 from bcc.taxonomy import Taxonomy
+from bcc.train.accel import check_sync_bn, convert_sync_bn, device_caps
 
 
 class TrainError(BccError):
@@ -80,6 +81,7 @@ class Components:
     stages: list[Stage]
     loss_fn: MultitaskLoss
     table: torch.Tensor  # leaf class -> head targets, on the device
+    ema: nn.Module | None = None  # timm ModelEmaV3 of `model` (train.ema_decay; bcc.train.ema), on the device
 
     def targets_of(self, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return head_targets(self.table, labels, self.taxonomy.head_names)
@@ -107,8 +109,12 @@ def build_components(cfg: Config, taxonomy: Taxonomy, class_counts: Mapping[str,
     set_seed(cfg.train.seed)
     model_cfg = cfg.model if pretrained else dataclasses.replace(cfg.model, pretrained="")
     model = build_model(model_cfg, taxonomy.head_sizes, taxonomy=taxonomy)
-    if cfg.model.channels_last:
+    if cfg.model.channels_last is True:  # resolved for the device by bcc.train.accel.resolve_config
         model = model.to(memory_format=torch.channels_last)
+    if cfg.train.sync_bn:
+        check_sync_bn(device_caps(device), torch.distributed.get_backend() if torch.distributed.is_initialized()
+                      else None)
+        model = convert_sync_bn(model)  # before the groups: they hold the same Parameters either way
     groups = parameter_groups(model)
     stages = resolve_stages(finetune or cfg.finetune, cfg.train.epochs, list(groups), cfg.train.warmup_steps)
     unknown = set(cfg.loss.head_weights) - set(taxonomy.head_names)
@@ -116,8 +122,11 @@ def build_components(cfg: Config, taxonomy: Taxonomy, class_counts: Mapping[str,
         raise TrainError(f"loss.head_weights: unknown head(s) {sorted(unknown)}; heads: {list(taxonomy.head_names)}")
     weights = class_weights_from_manifest(taxonomy, class_counts) if cfg.loss.class_weights == "auto" else None
     loss_fn = MultitaskLoss(taxonomy.head_names, cfg.loss.head_weights, weights, cfg.loss.label_smoothing)
+    from bcc.train.ema import build_ema  # imports this module's TrainError
+
     return Components(cfg=cfg, taxonomy=taxonomy, model=model, groups=groups, module_groups=group_of_module(model),
-                      stages=stages, loss_fn=loss_fn.to(device), table=taxonomy.target_table().to(device))
+                      stages=stages, loss_fn=loss_fn.to(device), table=taxonomy.target_table().to(device),
+                      ema=build_ema(model, cfg.train.ema_decay, cfg.train.ema_warmup, device))
 
 
 def make_optimizer(cfg: Config, param_groups: list[dict]) -> torch.optim.Optimizer:

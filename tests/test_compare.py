@@ -1,0 +1,250 @@
+"""`bcc compare` over seeds: the bootstrap, the aggregation and the choice on validation as pure functions
+(grids of small cases), and one end-to-end `bcc compare --seeds 2`."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bcc.compare import (
+    CompareError,
+    ModeResult,
+    Predictions,
+    choose_arm,
+    paired_difference,
+    plan_arms,
+    read_predictions,
+    run_overrides,
+    seed_list,
+    seed_mean_ci,
+    summarize_arms,
+)
+from bcc.stats import SAMPLE_METRICS, accuracy, balanced_accuracy, bootstrap_ci, mean_sd, recall_of
+
+from conftest import REPO, write_config
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def _mean_of(data):
+    data = np.asarray(data, dtype=float)
+    return lambda idx: float(data[idx[0]].mean())
+
+
+def test_bootstrap_two_points_known_case():
+    # the mean of a resample of [0, 1] is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4: the 2.5% and
+    # 97.5% quantiles are the extremes
+    assert bootstrap_ci(_mean_of([0, 1]), [2], n_boot=1000, seed=0) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.3, 1.0])
+def test_bootstrap_of_a_constant_is_a_point(value):
+    assert bootstrap_ci(_mean_of([value] * 7), [7]) == (value, value)
+
+
+@pytest.mark.parametrize("n", [50, 400])
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.9])
+def test_bootstrap_of_a_proportion_matches_the_normal_interval(n, p):
+    data = np.zeros(n)
+    data[: round(p * n)] = 1
+    lo, hi = bootstrap_ci(_mean_of(data), [n], n_boot=2000, seed=1)
+    m = data.mean()
+    se = math.sqrt(m * (1 - m) / n)
+    assert lo <= m <= hi
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.2)
+
+
+def test_bootstrap_is_reproducible_and_rejects_a_bad_level():
+    data = np.random.default_rng(3).random(30)
+    assert bootstrap_ci(_mean_of(data), [30], seed=5) == bootstrap_ci(_mean_of(data), [30], seed=5)
+    assert bootstrap_ci(_mean_of(data), [30], seed=5) != bootstrap_ci(_mean_of(data), [30], seed=6)
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_ci(_mean_of(data), [30], level=1.0)
+
+
+def test_bootstrap_drops_nan_replicates():
+    assert all(math.isnan(v) for v in bootstrap_ci(lambda idx: math.nan, [3]))
+    # NaN whenever the resample misses row 0: the finite replicates are the ones that hold it
+    lo, hi = bootstrap_ci(lambda idx: 1.0 if 0 in idx[0] else math.nan, [4], n_boot=200)
+    assert (lo, hi) == (1.0, 1.0)
+
+
+# --------------------------------------------------------------------------- metrics and mean +- sd
+
+
+@pytest.mark.parametrize(("y", "p", "acc", "bacc"), [
+    ([0, 0, 0, 1], [0, 0, 0, 0], 0.75, 0.5),
+    ([0, 1, 2, 2], [0, 1, 2, 2], 1.0, 1.0),
+    ([0, 1, 1, 1], [1, 1, 1, 0], 0.5, (0 + 2 / 3) / 2),
+    ([2, 2], [0, 2], 0.5, 0.5),  # classes absent from y do not count
+])
+def test_accuracy_and_balanced_accuracy(y, p, acc, bacc):
+    y, p = np.array(y), np.array(p)
+    assert accuracy(y, p) == pytest.approx(acc) and balanced_accuracy(y, p) == pytest.approx(bacc)
+
+
+def test_sensitivity_and_specificity():
+    y, p = np.array([1, 1, 1, 0, 0]), np.array([1, 0, 1, 0, 1])
+    assert recall_of(1)(y, p) == pytest.approx(2 / 3) and recall_of(0)(y, p) == pytest.approx(0.5)
+    assert math.isnan(recall_of(1)(np.array([0]), np.array([0])))
+
+
+@pytest.mark.parametrize(("values", "mean", "sd"), [
+    ([1.0], 1.0, math.nan), ([1.0, 3.0], 2.0, math.sqrt(2)), ([2.0, math.nan, 4.0], 3.0, math.sqrt(2)),
+    ([math.nan], math.nan, math.nan), ([0.5, 0.5, 0.5], 0.5, 0.0),
+])
+def test_mean_sd(values, mean, sd):
+    got = mean_sd(values)
+    for g, w in zip(got, (mean, sd), strict=True):
+        assert (math.isnan(g) and math.isnan(w)) or g == pytest.approx(w)
+
+
+# --------------------------------------------------------------------------- aggregation over seeds
+
+
+def preds(y, p, keys=None, binary=False) -> Predictions:
+    y, p = np.array(y), np.array(p)
+    keys = tuple(keys or (f"k{i}" for i in range(len(y))))
+    return Predictions(keys, y, p, (y > 0).astype(int) if binary else None, (p > 0).astype(int) if binary else None)
+
+
+def test_paired_difference_grid():
+    y = [0, 1, 2, 0, 1, 2]
+    right, wrong = preds(y, y), preds(y, [1, 2, 0, 1, 2, 0])
+    same = paired_difference([right, right], [right, right], "acc", n_boot=200)
+    assert same["per_seed"] == [0.0, 0.0] and same["mean"] == 0.0 and same["ci"] == (0.0, 0.0)
+    better = paired_difference([right, right], [wrong, wrong], "acc", n_boot=200)
+    assert better["per_seed"] == [1.0, 1.0] and better["ci"] == (1.0, 1.0)
+    half = preds(y, [0, 1, 2, 1, 2, 0])  # right on the first three
+    mixed = paired_difference([half], [wrong], "bacc", n_boot=500)
+    assert mixed["per_seed"] == [pytest.approx(0.5)] and mixed["ci"][0] < 0.5 < mixed["ci"][1]
+    assert math.isnan(paired_difference([right], [wrong], "binary_sens")["mean"])  # no binary head
+    with pytest.raises(CompareError, match="different test samples"):
+        paired_difference([right], [preds(y, y, keys=[f"x{i}" for i in range(6)])], "acc")
+
+
+def test_seed_mean_ci_shares_the_resample_of_one_test_set():
+    y = [0, 1] * 10
+    a, b = preds(y, y), preds(y, [1 - v for v in y])  # one seed always right, one always wrong
+    # on one test set both seeds see the same resample: their mean accuracy is 0.5 in every replicate
+    assert seed_mean_ci([a, b], "acc", n_boot=300) == (0.5, 0.5)
+    other = preds(y, [1 - v for v in y], keys=[f"o{i}" for i in range(20)])
+    assert seed_mean_ci([a, other], "acc", n_boot=300) == (0.5, 0.5)  # still exact: both constant
+    noisy = preds(y, [0] * 20, keys=[f"o{i}" for i in range(20)])
+    lo, hi = seed_mean_ci([a, noisy], "acc", n_boot=300)
+    assert lo < 0.75 < hi  # independent resamples of another pack's test set add their noise
+    assert all(math.isnan(v) for v in seed_mean_ci([a, b], "binary_bacc"))  # no binary head
+
+
+@pytest.mark.parametrize(("vals", "mode", "want"), [
+    ({"a": 0.5, "b": 0.7}, "max", "b"), ({"a": 0.5, "b": 0.7}, "min", "a"), ({"a": 0.7, "b": 0.7}, "max", "a"),
+    ({"a": math.nan, "b": 0.1}, "max", "b"), ({"a": math.nan}, "max", None), ({}, "max", None),
+])
+def test_choose_arm(vals, mode, want):
+    assert choose_arm(vals, mode) == want
+
+
+def _result(arm, seed, val, test) -> ModeResult:
+    return ModeResult(mode=arm, run_dir=Path(arm), best_epoch=1, val={"bacc": val}, test={"bacc": test},
+                      train_time=1.0, steps=1, epochs=1, trainable_final=1, trainable_mean=1.0, total_params=1,
+                      metrics=["bacc"], finetune=arm, init="scratch", seed=seed, test_all={"bacc": test, "acc": test})
+
+
+def test_summarize_chooses_on_validation_never_on_test():
+    y = [0, 1, 2, 3] * 3
+    good, bad = preds(y, y), preds(y, [0] * 12)
+    # "probe" has the better validation, "full" the better test: the choice is "probe"
+    runs = {"probe": [_result("probe", 0, 0.9, 0.25), _result("probe", 1, 0.8, 0.25)],
+            "full": [_result("full", 0, 0.6, 1.0), _result("full", 1, 0.7, 1.0)]}
+    out = summarize_arms(runs, {"probe": [bad, bad], "full": [good, good]}, ["bacc"], ["bacc", "acc"], "bacc", "max",
+                         n_boot=100)
+    probe, full = out
+    assert probe.chosen and not full.chosen
+    assert probe.val["bacc"][0] == pytest.approx(0.85) and probe.val["bacc"][1] == pytest.approx(math.sqrt(0.005))
+    assert full.test["bacc"] == (1.0, 0.0) and full.ci["bacc"] == (1.0, 1.0)
+    assert probe.paired == {} and full.paired["bacc"]["per_seed"] == [0.75, 0.75]
+    assert full.paired["acc"]["mean"] == pytest.approx(0.75)
+    # a seed missing from the chosen arm is left out of the pairing
+    runs["full"].append(_result("full", 2, 0.5, 1.0))
+    out = summarize_arms(runs, {"probe": [bad, bad], "full": [good, good, good]}, ["bacc"], ["bacc"], "bacc", "max",
+                         n_boot=50)
+    assert out[1].paired["bacc"]["per_seed"] == [0.75, 0.75]
+
+
+@pytest.mark.parametrize(("modes", "inits", "pretrained", "names"), [
+    (["frozen", "full"], None, "", ["frozen", "full"]),
+    (["frozen", "full"], None, "w.safetensors", ["frozen", "full"]),
+    (["lpft"], ["pretrained", "scratch"], "runs/wbc", ["lpft", "lpft-scratch"]),
+    (["frozen", "lpft"], ["scratch"], "runs/wbc", ["frozen-scratch", "lpft-scratch"]),
+    (["full"], ["scratch"], "", ["full"]),
+])
+def test_arms(modes, inits, pretrained, names):
+    arms = plan_arms(modes, inits, pretrained)
+    assert [a.name for a in arms] == names
+    scratch = [a for a in arms if a.forces_scratch]
+    assert all("model.pretrained=''" in run_overrides(a, Path("o") / a.name, None, None) for a in scratch)
+    assert run_overrides(arms[0], Path("o"), 3, "p1")[-2:] == ["train.seed=3", "data.shards=p1"]
+
+
+@pytest.mark.parametrize(("modes", "inits", "pretrained", "message"), [
+    (["warm"], None, "", "unknown mode 'warm'"),
+    (["full"], ["imagenet"], "", "unknown init 'imagenet'"),
+    (["full"], ["pretrained", "scratch"], "", "--init pretrained needs model.pretrained"),
+])
+def test_arms_refused(modes, inits, pretrained, message):
+    with pytest.raises(CompareError, match=message):
+        plan_arms(modes, inits, pretrained)
+
+
+def test_seed_list():
+    assert seed_list(7, 3) == [7, 8, 9]
+    with pytest.raises(CompareError, match="--seeds must be >= 1"):
+        seed_list(0, 0)
+
+
+def test_bcc_compare_refuses_packs_that_do_not_match_the_seeds(synth_shards, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused")
+    proc = subprocess.run([sys.executable, "-m", "bcc", "compare", "--config", str(cfg), "--seeds", "2",
+                           "--packs", str(synth_shards), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        "error: --packs gives 1 pack(s) for --seeds 2: one pack per seed"]
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_bcc_compare_with_two_seeds(synth_shards, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused",
+                       train={"epochs": 1, "warmup_steps": 1, "log_every": 50}, data={"batch_size": 32, "workers": 0})
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "bcc", "compare", "--config", str(cfg), "--modes", "frozen,full", "--seeds", "2",
+           "--bench-steps", "0", "--bootstrap", "200", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["mode"], r["seed"]) for r in rows] == [("frozen", "0"), ("frozen", "1"), ("full", "0"), ("full", "1")]
+    for r in rows:  # the bootstrap's per-sample predictions are the run's own test decisions
+        p = read_predictions(out / r["mode"] / f"seed-{r['seed']}")
+        for m in ("acc", "bacc", "binary_bacc", "binary_sens"):
+            assert SAMPLE_METRICS[m][0](*p.columns(m)) == pytest.approx(float(r[f"test_{m}"]), abs=1e-5), (m, r)
+    arms = {r["arm"]: r for r in csv.DictReader((out / "summary.csv").open())}
+    assert set(arms) == {"frozen", "full"} and sum(int(a["chosen"]) for a in arms.values()) == 1
+    chosen = next(a for a in arms.values() if a["chosen"] == "1")
+    other = next(a for a in arms.values() if a["chosen"] == "0")
+    assert float(chosen["val_bacc_mean"]) >= float(other["val_bacc_mean"])  # on validation
+    for a in arms.values():
+        seeds = [float(r["test_bacc"]) for r in rows if r["mode"] == a["arm"]]
+        assert float(a["test_bacc_mean"]) == pytest.approx(np.mean(seeds), abs=1e-5)
+        assert float(a["test_bacc_ci_lo"]) <= float(a["test_bacc_ci_hi"])
+    assert len(other["delta_bacc_per_seed"].split()) == 2 and other["delta_bacc_ci_lo"] != "nan"
+    md = (out / "RESULTS.md").read_text()
+    assert f"Chosen on validation: {chosen['arm']}" in md and "Paired differences" in md and " ± " in md
