@@ -122,7 +122,11 @@ def test_sync_bn_is_refused_off_cuda_and_on_gloo_with_a_named_error():
 
 
 def test_unknown_values_are_named_errors():
-    for override, message in [("train.timeout_s=0", r"train.timeout_s: must be > 0"),
+    for override, message in [("train.timeout_s=0", r"train.timeout_s: must be in \[1, 31536000\] seconds"),
+                              ("train.timeout_s=.inf", r"train.timeout_s: must be in \[1, 31536000\]"),  # was an
+                              ("train.timeout_s=1e14", r"train.timeout_s: must be in \[1, 31536000\]"),  # Overflow-
+                              ("train.timeout_s=.nan", r"train.timeout_s: must be in \[1, 31536000\]"),  # Error
+                              ("train.timeout_s=abc", r"train.timeout_s: expected a number, got 'abc'"),
                               ("train.lr_scale=cube", r"train.lr_scale: 'cube' is not one of"),
                               ("train.mixed_precision=fp8", r"train.mixed_precision: 'fp8' is not one of 'auto'"),
                               ("model.channels_last=maybe", r"model.channels_last: 'maybe' fits none of bool or 'auto'"),
