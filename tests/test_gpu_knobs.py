@@ -197,6 +197,24 @@ def test_compile_counter_counts_frames_and_recompilations_per_stage(monkeypatch)
     assert counter.finish().recompiles == 1
 
 
+def test_a_later_stage_in_one_process_is_compiled_again():
+    """Accelerate returns a model it prepared before as it is; in one process that is the bare (uncompiled)
+    model, so every stage after the first trained eagerly under train.compile=true."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DynamoBackend, TorchDynamoPlugin, is_compiled_module
+
+    from bcc.train.setup import compile_again
+
+    model = torch.nn.Linear(2, 2)
+    on = SimpleNamespace(state=SimpleNamespace(dynamo_plugin=TorchDynamoPlugin(backend="aot_eager")))
+    again = compile_again(on, model)
+    assert is_compiled_module(again) and again._orig_mod is model
+    assert compile_again(on, again) is again  # a DDP stage: Accelerate compiled its new wrapper already
+    off = SimpleNamespace(state=SimpleNamespace(dynamo_plugin=TorchDynamoPlugin(backend=DynamoBackend.NO)))
+    assert compile_again(off, model) is model
+
+
 # --------------------------------------------------------------------------- through the entry points
 
 
@@ -222,7 +240,9 @@ def test_compile_compiles_once_per_stage_and_resume_is_bitwise_exact(synth_shard
     compiles = {r["stage"]: (r["frames"], r["recompiles"]) for r in rows if r.get("split") == "compile"}
     assert compiles.keys() == {0, 1}, compiles
     assert compiles[0][0] >= 1 and compiles[0][1] == 0, compiles  # compiled at the first step, never again
-    assert compiles[1][1] <= 1, compiles  # the stage change: at most one recompilation
+    # the stage change: one recompilation, and the new stage does run compiled (in one process Accelerate
+    # used to hand stage 1 back uncompiled: 0 frames, silently eager)
+    assert compiles[1][0] >= 1 and compiles[1][1] <= 1, compiles
 
     states = {p: json.loads((p / "trainer_state.json").read_text())
               for p in (tmp_path / "straight" / "checkpoints").glob("step-*")}
