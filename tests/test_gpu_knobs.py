@@ -4,6 +4,7 @@ made-up device, torch.compile through the entry point (one compile per stage, ex
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -136,6 +137,14 @@ def test_unknown_values_are_named_errors():
             load_config(None, [override])
     with pytest.raises(DeviceSettingError, match=r"train.compile_backend: 'turbo' is not a torch.compile backend"):
         check_compile(load_config(None, ["train.compile=true", "train.compile_backend=turbo"]).train)
+    for stale in ("fx2trt", "nvprims_nvfuser", "onnxrt"):  # in Accelerate's list, not in this torch: a traceback
+        with pytest.raises(DeviceSettingError, match=rf"train.compile_backend: '{stale}' is not available in this "
+                                                     r"torch .*usable here: .*aot_eager"):
+            check_compile(load_config(None, ["train.compile=true", f"train.compile_backend={stale}"]).train)
+    if importlib.util.find_spec("tvm") is None:
+        with pytest.raises(DeviceSettingError, match=r"train.compile_backend=tvm needs the 'tvm' package"):
+            check_compile(load_config(None, ["train.compile=true", "train.compile_backend=tvm"]).train)
+    check_compile(load_config(None, ["train.compile=true", "train.compile_backend=aot_eager"]).train)
     with pytest.raises(DeviceSettingError, match=r"train.compile_mode=max-autotune is a mode of the inductor"):
         check_compile(load_config(None, ["train.compile=true", "train.compile_backend=eager",
                                          "train.compile_mode=max-autotune"]).train)
