@@ -83,6 +83,7 @@ class DataConfig:
     # honour `pipe:` shard entries of the manifest (they run shell commands): only for a manifest you wrote
     allow_pipe_in_manifest: bool = False
     # train augmentation: blood smears have no canonical orientation, so both flips and rotation are safe
+    # (crop and flips run in the loader workers on uint8; rotation, jitter, mean/std batched on the device)
     scale_min: float = 0.5
     rotation: float = 15.0
     hflip: bool = True

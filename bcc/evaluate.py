@@ -194,7 +194,7 @@ def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size:
         )
 
     def loader(rank: int, world: int):
-        dataset = _FolderDataset(items[rank::world], im.preprocess)
+        dataset = _FolderDataset(items[rank::world], im.crop)  # uint8: normalised on the device by im.inputs
         return DataLoader(dataset, batch_size=data_cfg.eval_batch_size, num_workers=data_cfg.workers,
                           collate_fn=_collate_folder)
 
@@ -213,7 +213,7 @@ def _infer(im: InferenceModel, batches: Iterable[dict[str, Any]], metrics=None) 
             failed += batch.get("failed", [])
             if batch["image"] is None or batch["label"].numel() == 0:
                 continue
-            out = im.model(batch["image"].to(im.device, non_blocking=True))
+            out = im.model(im.inputs(batch["image"]))
             y = batch["label"].to(im.device)
             if metrics is not None:
                 metrics.update(im.scale(out), y)

@@ -152,12 +152,20 @@ def decode_rgb(source: bytes | str | os.PathLike, *, max_pixels: int | None = MA
 # --------------------------------------------------------------------------- listing
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageEntry:
-    path: str  # absolute
+    """One listed file. Slotted, with the root string shared by every entry and `path` made on demand:
+    a million-file listing holds one object and one relative path per file (~140 bytes, not ~290)."""
+
     rel: str  # relative to the listed root, posix
     folder: str  # top-level class folder ("" for loose files)
     class_index: int  # -1 for loose files
+    root: str  # the listed root, absolute (not resolved)
+
+    @property
+    def path(self) -> str:
+        """Absolute path of the file (root joined with `rel`)."""
+        return os.path.join(self.root, self.rel)
 
 
 def _is_within(path: Path, root: Path) -> bool:
@@ -232,6 +240,7 @@ def scan_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], i
     """
     src = Path(src)
     root = src.resolve()
+    listed = str(src.absolute())
     skipped: list[dict[str, str]] = []
     warnings_: list[str] = []
     names: list[str] = []
@@ -256,12 +265,12 @@ def scan_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], i
                 skipped.append({"path": name, "reason": loop or f"symlink outside SRC: -> {target}"})
                 continue
         found = 0
-        for path, rel, reason in _walk(top, root, src):
+        for _path, rel, reason in _walk(top, root, src):
             found += 1
             if reason:
                 skipped.append({"path": rel, "reason": reason})
             else:
-                entries.append(ImageEntry(str(path.absolute()), rel, name, class_index))
+                entries.append(ImageEntry(rel, name, class_index, listed))
         if found == 0:
             warnings_.append(f"class folder {name!r} is empty")
     entries.sort(key=lambda e: e.rel)

@@ -14,6 +14,10 @@ ask `Manifest.format_version` (or `has_checksums`) instead of guessing from what
      `phash` per sample) and k-fold cross-validation (`bcc pack --folds K`: `folds` in the manifest,
      `fold_counts` per train/val shard, `fold` in each train/val sample's json). Readers of versions
      1-2 see neither and train on the pack's own train/val split.
+  4  the per-file lists (`skipped`, `converted`, `duplicates`, `near_duplicates`) longer than
+     `LIST_INLINE` entries live in side files (`<list>.jsonl`, one entry per line) that the manifest
+     names with their count and sha256 (`{"file", "count", "sha256"}`); `Manifest.file_list` reads
+     either form and checks the hash. A million-image pack keeps a small manifest.json.
 
 Where a pack lives (`bcc.remote`): `Manifest.load` takes a local folder, the http(s) URL of a folder or
 of its manifest.json, or a `pipe:` template with `{name}`; shard entries resolve against it. An entry
@@ -24,8 +28,8 @@ must not be able to run commands the user did not write.
 
 Optional parts (additive; a reader that does not know them ignores them):
 - `near_duplicates`: groups of near-identical images kept on one side (`bcc.neardup`), a list of
-  `{"paths", "max_distance", "split"}`, or `{"file": "near_duplicates.json", "count": n}` when the
-  list is longer than `NEAR_DUP_INLINE` (the side file holds the list).
+  `{"paths", "max_distance", "split"}` (or a side file, as the other lists; format 3 wrote
+  `{"file": "near_duplicates.json", "count": n}`, a JSON list without a hash, still read).
 - `folds` (`bcc pack --folds K`): `{"k", "seed", "splits": ["train", "val"], "counts": [n per fold],
   "class_counts": [{class: n} per fold]}`; each train/val shard entry then has `fold_counts` (samples
   per fold) and each of its samples' json a `fold`. `Manifest.with_fold(k)` is the view that trains
@@ -35,9 +39,10 @@ Optional parts (additive; a reader that does not know them ignores them):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,14 +53,15 @@ from bcc.errors import BccError
 from bcc.taxonomy import Taxonomy, TaxonomyError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "FoldError", "Manifest", "ManifestError", "ManifestNotFoundError",
-           "NEAR_DUP_INLINE", "ShardInfo", "SplitInfo", "split_entry", "write_manifest"]
+           "FILE_LISTS", "LIST_INLINE", "ShardInfo", "SplitInfo", "split_entry", "write_manifest"]
 
 FORMAT_NAME = "bcc-shards"
-FORMAT_VERSION = 3  # what `write_manifest` writes; see the module docstring for the history
+FORMAT_VERSION = 4  # what `write_manifest` writes; see the module docstring for the history
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 CHECKSUM_VERSION = 2  # first version with per-sample `stored_crc32` and `cls`
-NEAR_DUP_INLINE = 1000  # more near-duplicate groups than this go to near_duplicates.json
-NEAR_DUP_FILE = "near_duplicates.json"
+# per-file lists of the manifest; one longer than LIST_INLINE entries goes to the side file <name>.jsonl
+FILE_LISTS = ("skipped", "converted", "duplicates", "near_duplicates")
+LIST_INLINE = 1000
 
 
 def parse_format(value: Any) -> int | None:
@@ -271,16 +277,40 @@ class Manifest:
         view.fold = fold
         return view
 
+    def file_list(self, name: str) -> list[dict[str, Any]]:
+        """One of the per-file lists (`FILE_LISTS`), inline or from its side file, whose sha256 and
+        count are checked against the manifest (ManifestError naming the file otherwise). Absent: []."""
+        if name not in FILE_LISTS:
+            raise ManifestError(f"unknown list {name!r}; the manifest's per-file lists are {', '.join(FILE_LISTS)}")
+        value = self.data.get(name) or []
+        if not isinstance(value, dict):
+            return list(value)
+        file = str(value.get("file", ""))
+        if "/" in file or not remote.is_plain_name(file):  # a name beside manifest.json, nothing else
+            raise ManifestError(f"{self.shown}: {name} names the side file {file!r}, not a file beside the manifest")
+        location = remote.join(self.root, file)
+        shown = remote.display(location)
+        try:
+            raw = remote.read_bytes(location)
+        except (OSError, remote.RemoteError) as e:
+            raise ManifestError(f"cannot read {shown} (the manifest's {name}): {getattr(e, 'strerror', None) or e}"
+                                ) from e
+        want = value.get("sha256")
+        if want is not None and hashlib.sha256(raw).hexdigest() != want:
+            raise ManifestError(f"{shown} does not match the sha256 in {self.shown}: damaged or replaced")
+        try:
+            text = raw.decode("utf-8")
+            entries = ([json.loads(line) for line in text.splitlines() if line.strip()] if file.endswith(".jsonl")
+                       else json.loads(text))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{shown} is not valid JSON: {e}") from e
+        if "count" in value and len(entries) != value["count"]:
+            raise ManifestError(f"{shown} holds {len(entries)} entries but {self.shown} says {value['count']}")
+        return entries
+
     def near_duplicates(self) -> list[dict[str, Any]]:
         """The near-duplicate groups (`{"paths", "max_distance", "split"}`), from the side file if large."""
-        groups = self.data.get("near_duplicates") or []
-        if isinstance(groups, dict):
-            path = remote.join(self.root, groups["file"])
-            try:
-                return json.loads(remote.read_bytes(path).decode("utf-8"))
-            except (OSError, remote.RemoteError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ManifestError(f"cannot read the near-duplicate groups {remote.display(path)}: {e}") from e
-        return list(groups)
+        return self.file_list("near_duplicates")
 
     @property
     def format_version(self) -> int:
@@ -337,6 +367,24 @@ def _timm_info(name: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {"name": name, "num_classes": len(classes), "classes": classes, "splits": splits}
 
 
+def _write_list(out: Path, name: str, entries: Collection[Mapping[str, Any]]) -> list | dict:
+    """A per-file list: inline when short, else streamed to `<name>.jsonl` (atomically, hashed as it
+    is written, one entry at a time: a lazy `entries` is never held whole) and named by the manifest."""
+    from bcc.atomic import atomic_write
+
+    if len(entries) <= LIST_INLINE:
+        return [dict(e) for e in entries]
+    file = f"{name}.jsonl"
+    h, n = hashlib.sha256(), 0
+    with atomic_write(out / file, "wb") as f:
+        for e in entries:
+            line = (json.dumps(dict(e)) + "\n").encode("utf-8")
+            h.update(line)
+            f.write(line)
+            n += 1
+    return {"file": file, "count": n, "sha256": h.hexdigest()}
+
+
 def write_manifest(
     out: str | Path,
     taxonomy: Taxonomy,
@@ -344,10 +392,10 @@ def write_manifest(
     *,
     source: str,
     options: Mapping[str, Any] | None = None,
-    skipped: Sequence[Mapping[str, str]] = (),
-    converted: Sequence[Mapping[str, str]] = (),
-    duplicates: Sequence[Mapping[str, Any]] = (),
-    near_duplicates: Sequence[Mapping[str, Any]] | None = None,
+    skipped: Collection[Mapping[str, str]] = (),
+    converted: Collection[Mapping[str, str]] = (),
+    duplicates: Collection[Mapping[str, Any]] = (),
+    near_duplicates: Collection[Mapping[str, Any]] | None = None,
     folds: Mapping[str, Any] | None = None,
     warnings: Sequence[str] = (),
     name: str | None = None,
@@ -356,7 +404,8 @@ def write_manifest(
 
     `splits` maps a split name to its `split_entry`; shard paths are relative to `out`. `name` is the
     dataset name in `_info.json` (default: `out`'s name). `near_duplicates` (None: not searched) and
-    `folds` are the optional parts described in the module docstring.
+    `folds` are the optional parts described in the module docstring. The per-file lists may be lazy
+    (anything with `len` and iteration): one longer than `LIST_INLINE` is streamed to its side file.
     """
     from bcc import __version__
     from bcc.atomic import write_json
@@ -371,18 +420,13 @@ def write_manifest(
         "taxonomy": taxonomy.to_dict(),
         "classes": list(taxonomy.class_names),
         "splits": {k: dict(v) for k, v in splits.items()},
-        "skipped": [dict(s) for s in skipped],
-        "converted": [dict(c) for c in converted],
-        "duplicates": [dict(d) for d in duplicates],
+        "skipped": _write_list(out, "skipped", skipped),
+        "converted": _write_list(out, "converted", converted),
+        "duplicates": _write_list(out, "duplicates", duplicates),
         "warnings": list(warnings),
     }
     if near_duplicates is not None:
-        groups = [dict(g) for g in near_duplicates]
-        if len(groups) > NEAR_DUP_INLINE:
-            write_json(out / NEAR_DUP_FILE, groups)
-            manifest["near_duplicates"] = {"file": NEAR_DUP_FILE, "count": len(groups)}
-        else:
-            manifest["near_duplicates"] = groups
+        manifest["near_duplicates"] = _write_list(out, "near_duplicates", near_duplicates)
     if folds is not None:
         manifest["folds"] = dict(folds)
     write_json(out / "manifest.json", manifest)

@@ -49,6 +49,7 @@ __all__ = [
     "is_enabled",
     "join_near_duplicates",
     "merge_labels",
+    "near_duplicate_edges",
     "near_duplicate_groups",
     "near_pairs",
     "phash",
@@ -229,12 +230,18 @@ class _Index:
 
     def edges(self) -> Iterable[tuple[int, int]]:
         """Sample pairs that connect exactly the near-duplicate components (not every pair)."""
-        for u in np.flatnonzero(self.counts > 1).tolist():
-            first, *rest = self.members(u)
-            for i in rest:
-                yield first, i
-        for a, b in self.pairs[:, :2].tolist():
-            yield int(self.first[a]), int(self.first[b])
+        a, b = self.edge_arrays()
+        return zip(a.tolist(), b.tolist(), strict=True)
+
+    def edge_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """`edges` as two int64 arrays (equal-hash edges first, then near pairs); O(edges) memory."""
+        n = len(self.order)
+        group = np.repeat(np.arange(len(self.counts)), self.counts)  # distinct hash of each sorted position
+        rest = np.ones(n, dtype=bool)
+        rest[self.starts] = False  # every position but each group's first
+        same_a, same_b = self.first[group[rest]], self.order[rest]
+        near_a, near_b = self.first[self.pairs[:, 0]], self.first[self.pairs[:, 1]]
+        return (np.concatenate([same_a, near_a]).astype(np.int64), np.concatenate([same_b, near_b]).astype(np.int64))
 
 
 def near_pairs(hashes: Sequence[int] | np.ndarray, threshold: int | None = DEFAULT_THRESHOLD,
@@ -327,7 +334,25 @@ def join_near_duplicates(uf: UnionFind, hashes: Sequence[int] | np.ndarray,
     return NearDuplicates(_groups(index, edges, exact_keys), merged)
 
 
-def _groups(index: _Index, edges: list[tuple[int, int]], exact_keys: Sequence | None):
+def near_duplicate_edges(hashes: Sequence[int] | np.ndarray, threshold: int | None = DEFAULT_THRESHOLD,
+                         exact_keys: Sequence | np.ndarray | None = None
+                         ) -> tuple[np.ndarray, np.ndarray, tuple[NearDuplicateGroup, ...]]:
+    """`join_near_duplicates` without a union-find, for callers that join sets with arrays (the packer
+    at a million images): (a, b, groups), where the int64 arrays a[k]-b[k] are the sample pairs that
+    connect the near-duplicate components (equal hashes included; O(n) memory) and groups is the
+    report. Off: empty arrays, no groups."""
+    if exact_keys is not None and len(exact_keys) != len(hashes):
+        raise NearDupError(f"{len(exact_keys)} exact keys for {len(hashes)} hashes")
+    if not is_enabled(threshold):
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, ()
+    index = _Index(hashes, int(threshold))
+    a, b = index.edge_arrays()
+    return a, b, _groups(index, zip(a.tolist(), b.tolist(), strict=True), exact_keys)
+
+
+def _groups(index: _Index, edges: Iterable[tuple[int, int]], exact_keys: Sequence | None):
+    edges = list(edges)
     touched = sorted({i for edge in edges for i in edge})
     local = {i: k for k, i in enumerate(touched)}  # a union-find over the touched samples only
     near = UnionFind(len(touched))

@@ -1,31 +1,42 @@
 """Image class folders -> WebDataset shards + `manifest.json` (the first stage of the data path).
 
 `pack_folders(SRC, OUT)` walks SRC (one top-level folder per class, resolved through the taxonomy),
-decodes and hashes every file in parallel, splits the samples (seeded, stratified, duplicates and
-groups kept together), shuffles each split and writes `{split}-{index:06d}.tar` shards plus
-`manifest.json` and timm's `_info.json`. Bad files are skipped with a reason, never dropped silently.
-Output appears atomically: everything is written to a sibling `OUT.tmp-<pid>` and renamed at the end.
+reads, hashes and decodes every file once in a process pool, splits the samples (seeded, stratified,
+duplicates and groups kept together), shuffles each split and writes `{split}-{index:06d}.tar` shards
+in parallel plus `manifest.json` and timm's `_info.json`. Bad files are skipped with a reason, never
+dropped silently. Output appears atomically: everything is written to a sibling `OUT.tmp-<pid>` and
+renamed at the end (each shard also goes to a temporary name first).
+
+Scale: memory is the file list plus ~60 bytes of numpy columns per file (no image bytes, no dict per
+file), at most 4 x workers tasks are in flight, and the manifest's long per-file lists are streamed to
+side files. The write phase re-reads a source stored as read but does not re-hash it: its size and
+CRC-32 must match the first pass (`SourceChangedError` names the file otherwise). Output does not
+depend on the number of workers: tasks are made and their results taken in a fixed order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
 import os
 import shutil
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+import zlib
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from bcc.atomic import atomic_path
 from bcc.errors import BccError
 from bcc.imageio import (
     MAX_IMAGE_PIXELS,
-    ImageEntry,
     ImageError,
     is_image_name,
     open_image,
@@ -35,10 +46,10 @@ from bcc.imageio import (
 from bcc.manifest import split_entry, write_manifest
 from bcc.neardup import DEFAULT_THRESHOLD, is_enabled, phash
 from bcc.shards import make_sample, sha256_file, shard_sizes, write_shard
-from bcc.split import SPLITS, assign_folds, assign_splits, compile_group_regex, parse_split, sample_units
+from bcc.split import SPLITS, compile_group_regex, deal_folds, deal_splits, join_units, parse_split
 from bcc.taxonomy import Taxonomy
 
-__all__ = ["PackError", "PackResult", "pack_folders"]
+__all__ = ["PackError", "PackResult", "SourceChangedError", "default_workers", "pack_folders"]
 
 # formats stored with their own bytes: those timm's wds reader (`jpg;png;webp`) and a plain
 # `WebDataset(...).to_tuple("jpg", ...)` read; 8-bit RGB in any other format is stored as PNG (lossless)
@@ -47,6 +58,7 @@ _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 # A pack made with default options must feed 2 loader workers on each of up to 8 ranks, one shard each
 DEFAULT_MIN_SHARDS = 16
 TINY_SPLIT_PER_CLASS = 5  # a val/test split with fewer samples per class than this gets a warning
+_CHUNK = 64  # files per first-pass task: big enough to amortise the pipe, small enough to balance
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total); stages "decode", "write"
 
@@ -67,6 +79,7 @@ class PackResult:
     skipped_by_reason: dict[str, int]
     elapsed_s: float
     images_per_s: float
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds: scan, first pass, split, write, manifest
 
 
 # ---- per-file work (runs in worker processes) --------------------------------------------------
@@ -141,133 +154,177 @@ def _convert(img, data: bytes, opts: _Options, rgb: Callable[[], Any]) -> dict[s
             "data": _encode(rgb(), "PNG", opts.quality)}
 
 
-def _inspect(task: tuple[int, str, _Options]) -> dict[str, Any]:
-    """Read, hash, fully decode and (if needed) re-encode one file; never raises."""
-    index, path, opts = task
+# One image's first-pass record: (skip reason or None, sha256 digest (32 bytes), pHash, stored extension,
+# re-encoded into the staging folder, converted-from mode, source size in bytes, CRC-32 of the source bytes)
+_Record = tuple[str | None, bytes | None, int, str | None, bool, str | None, int, int]
+_EXTS = ("jpg", "png", "webp")  # codes 1..3 of the `ext` column; 0: skipped
+
+
+def _inspect(index: int, path: str, opts: _Options) -> _Record:
+    """Read, hash, fully decode and (if needed) re-encode one file: the only read of a source that is
+    decoded; never raises. Re-encoded bytes go to the staging folder, not through the result pipe."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        return {"skip": f"unreadable: {e.strerror or e}"}
+        return (f"unreadable: {e.strerror or e}", None, 0, None, False, None, 0, 0)
     if not data:
-        return {"skip": "zero-byte file"}
-    digest = hashlib.sha256(data).hexdigest()
+        return ("zero-byte file", None, 0, None, False, None, 0, 0)
+    digest = hashlib.sha256(data).digest()
     try:
         info = _decode(data, Path(path).suffix.lower(), opts)
     except ImageError as e:
-        return {"skip": e.reason, "sha256": digest}
+        return (e.reason, digest, 0, None, False, None, len(data), 0)
     except Exception as e:  # a decoder bug must not kill a long pack
-        return {"skip": f"corrupt image: {type(e).__name__}: {e}", "sha256": digest}
-    encoded = info.pop("data")
+        return (f"corrupt image: {type(e).__name__}: {e}", digest, 0, None, False, None, len(data), 0)
+    encoded = info["data"]
     if encoded is not None:
-        # re-encoded bytes go to disk, not through the result pipe, so memory stays flat
         Path(opts.staging, f"{index:08d}.{info['ext']}").write_bytes(encoded)
-    info.update(skip=None, sha256=digest, staged=encoded is not None)
-    return info
+    return (None, digest, info["phash"] or 0, info["ext"], encoded is not None, info["converted"], len(data),
+            zlib.crc32(data))
 
 
-def _inspect_all(entries: list[ImageEntry], opts: _Options, workers: int, progress: ProgressFn | None):
-    tasks = [(i, e.path, opts) for i, e in enumerate(entries)]
-    total = len(tasks)
-    results: list[dict[str, Any]] = []
+def _inspect_chunk(task: tuple[int, list[str], _Options]) -> list[_Record]:
+    start, paths, opts = task
+    return [_inspect(start + k, path, opts) for k, path in enumerate(paths)]
+
+
+def default_workers() -> int:
+    """Processes `bcc pack` uses by default: the CPUs this process may run on (its affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _noop() -> None:
+    return None
+
+
+def _start_pool(workers: int):
+    """A fork pool started now, while the parent is small: forked later, every worker's RSS would
+    count the file list again. None for one worker (everything then runs in this process)."""
+    if workers <= 1:
+        return None
+    import multiprocessing
+
+    # fork where available: workers start at once and callers need no `if __name__ == "__main__"`
+    # guard; the workers only run the chunk and shard functions here (PIL, hashlib, tar writing)
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx)
+    pool.submit(_noop).result()  # with fork, all workers start on the first submit
+    return pool
+
+
+def _ordered(pool, fn: Callable[[Any], Any], tasks: Iterable[Any], window: int) -> Iterator[Any]:
+    """fn(task) for each task in order, at most `window` tasks in flight (memory stays bounded)."""
+    if pool is None:
+        yield from map(fn, tasks)
+        return
+    pending: deque = deque()
+    try:
+        for task in tasks:
+            pending.append(pool.submit(fn, task))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+
+
+class _Records:
+    """The first pass's compact per-file columns (about 60 bytes a file; no Python object per file
+    beyond the file list, except skip reasons)."""
+
+    def __init__(self, n: int):
+        self.sha = np.zeros((n, 32), dtype=np.uint8)
+        self.phash = np.zeros(n, dtype=np.uint64)
+        self.ext = np.zeros(n, dtype=np.uint8)  # 0: skipped, else 1 + index into _EXTS
+        self.staged = np.zeros(n, dtype=bool)
+        self.size = np.zeros(n, dtype=np.int64)
+        self.crc = np.zeros(n, dtype=np.uint32)
+        self.converted = np.zeros(n, dtype=np.uint16)  # 0: stored as read, else 1 + index into modes
+        self.modes: list[str] = []
+        self.skip: dict[int, str] = {}
+
+    def put(self, i: int, r: _Record) -> None:
+        skip, digest, ph, ext, staged, converted, size, crc = r
+        if skip:
+            self.skip[i] = skip
+            return
+        self.sha[i] = np.frombuffer(digest, dtype=np.uint8)
+        self.phash[i] = ph
+        self.ext[i] = 1 + _EXTS.index(ext)
+        self.staged[i] = staged
+        self.size[i] = size
+        self.crc[i] = crc
+        if converted:
+            if converted not in self.modes:
+                self.modes.append(converted)
+            self.converted[i] = 1 + self.modes.index(converted)
+
+
+def _inspect_all(pool, paths: Sequence[str], opts: _Options, workers: int,
+                 progress: ProgressFn | None) -> _Records:
+    total = len(paths)
+    records = _Records(total)
+    chunk = max(1, min(_CHUNK, total // max(1, workers * 4)))
+    tasks = ((start, list(paths[start:start + chunk]), opts) for start in range(0, total, chunk))
     if progress:
         progress("decode", 0, total)
-    if workers <= 1 or total < 2:
-        it = map(_inspect, tasks)
-        pool = None
-    else:
-        import multiprocessing
-
-        # fork where available: workers start at once and callers need no `if __name__ == "__main__"`
-        # guard; the workers only run _inspect (PIL + hashlib), so inherited threads are harmless
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-        pool = ProcessPoolExecutor(workers, mp_context=ctx)
-        chunk = max(1, min(64, total // (workers * 8)))
-        it = pool.map(_inspect, tasks, chunksize=chunk)  # ordered: independent of worker count
-    try:
-        for r in it:
-            results.append(r)
-            if progress:
-                progress("decode", len(results), total)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    return results
+    done = 0
+    for results in _ordered(pool, _inspect_chunk, tasks, window=4 * workers):
+        for r in results:
+            records.put(done, r)
+            done += 1
+        if progress:
+            progress("decode", done, total)
+    return records
 
 
 # ---- writing ----------------------------------------------------------------------------------
-def _stored_bytes(sample: dict[str, Any], staging: Path) -> bytes:
-    if sample["staged"]:
-        return (staging / f"{sample['index']:08d}.{sample['ext']}").read_bytes()
-    data = Path(sample["path"]).read_bytes()
-    if hashlib.sha256(data).hexdigest() != sample["sha256"]:
-        raise PackError(f"{sample['source']} changed while packing; run again")
+class SourceChangedError(PackError):
+    """A source file changed, vanished or became unreadable between the first pass and the write."""
+
+
+def _stored_bytes(path: str, staged: bool, size: int, crc: int, source: str) -> bytes:
+    """What a sample stores. A source stored as read is read again (no re-hash: its sha256 is the
+    first pass's) and must still have the first pass's size and CRC-32: the bytes written are the
+    bytes hashed, or the pack fails naming the file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        if staged:
+            raise
+        raise SourceChangedError(f"SRC file {source} became unreadable while packing ({e.strerror or e}); "
+                                 "run again") from e
+    if not staged and (len(data) != size or zlib.crc32(data) != crc):
+        raise SourceChangedError(f"SRC file {source} changed while packing ({size} -> {len(data)} bytes"
+                                 f"{', other content' if len(data) == size else ''}); run again")
     return data
 
 
-def _collect(entries: list[ImageEntry], results: list[dict[str, Any]], skipped: list[dict[str, str]]):
-    """Worker results -> (samples, converted); skips are appended to `skipped` (sorted by path)."""
-    samples: list[dict[str, Any]] = []
-    converted: list[dict[str, str]] = []
-    for index, (entry, r) in enumerate(zip(entries, results, strict=True)):
-        if r["skip"]:
-            skipped.append({"path": entry.rel, "reason": r["skip"]})
-            continue
-        if r["converted"]:
-            converted.append({"path": entry.rel, "mode": r["converted"]})
-        samples.append({"index": index, "path": entry.path, "source": entry.rel, "folder": entry.folder,
-                        "label": entry.class_index, **r})
-    skipped.sort(key=lambda s: s["path"])
-    return samples, converted
+# (shard path, [(key, ext, path to read, staged, source size, source crc32, json meta)], folds or None)
+_ShardTask = tuple[str, list[tuple[str, str, str, bool, int, int, dict[str, Any]]], int | None]
 
 
-def _write_split(tmp: Path, staging: Path, split_name: str, members: list[dict[str, Any]], taxonomy: Taxonomy,
-                 sizes: list[int], on_shard: Callable[[int], None], folds: int | None = None) -> dict[str, Any]:
-    """Write one split's shards; returns its manifest entry. With `folds`, samples holding a `fold`
-    store it in their json and each shard entry gets `fold_counts` (samples per fold)."""
-    names = taxonomy.class_names
+def _write_one_shard(task: _ShardTask) -> tuple[str, int, str, list[int] | None]:
+    """Write one shard atomically (temporary name, then rename); (name, count, sha256, fold counts)."""
+    path, items, folds = task
 
-    def encoded(start: int, size: int):
-        for n, s in enumerate(members[start:start + size], start=start):
-            meta = {"class": names[s["label"]], "folder": s["folder"], "source": s["source"],
-                    "sha256": s["sha256"], "label": s["label"], **taxonomy.targets(s["label"])}
-            if s.get("phash") is not None:
-                meta["phash"] = f"{s['phash']:016x}"  # imagehash's hex form
-            if s.get("fold") is not None:
-                meta["fold"] = s["fold"]
-            yield make_sample(f"{split_name}-{n:08d}", s["ext"], _stored_bytes(s, staging), meta)
+    def samples():
+        for key, ext, src, staged, size, crc, meta in items:
+            yield make_sample(key, ext, _stored_bytes(src, staged, size, crc, meta["source"]), meta)
 
-    shards = []
-    start = 0
-    for j, size in enumerate(sizes):
-        path = tmp / f"{split_name}-{j:06d}.tar"
-        write_shard(path, encoded(start, size))
-        entry = {"path": path.name, "count": size, "sha256": sha256_file(path)}
-        if folds:
-            in_shard = Counter(s.get("fold") for s in members[start:start + size])
-            entry["fold_counts"] = [in_shard.get(k, 0) for k in range(folds)]
-        shards.append(entry)
-        start += size
-        on_shard(size)
-    for s in members:
-        s["split"] = split_name
-    counts = Counter(names[s["label"]] for s in members)
-    return split_entry(shards, {c: counts.get(c, 0) for c in names})
-
-
-def _find_duplicates(samples: list[dict[str, Any]], warnings_: list[str]) -> list[dict[str, Any]]:
-    by_hash: dict[str, list[dict[str, Any]]] = {}
-    for s in samples:
-        by_hash.setdefault(s["sha256"], []).append(s)
-    duplicates = []
-    for digest, group in by_hash.items():
-        if len(group) > 1:
-            conflict = len({s["label"] for s in group}) > 1
-            paths = sorted(s["source"] for s in group)
-            duplicates.append({"sha256": digest, "paths": paths, "split": group[0]["split"], "conflict": conflict})
-            if conflict:
-                warnings_.append(f"identical images in different classes: {', '.join(paths)}")
-    return sorted(duplicates, key=lambda d: d["paths"][0])
+    with atomic_path(path) as tmp:
+        write_shard(tmp, samples())
+    fold_counts = None
+    if folds:
+        in_shard = Counter(meta.get("fold") for *_, meta in items)
+        fold_counts = [in_shard.get(k, 0) for k in range(folds)]
+    return Path(path).name, len(items), sha256_file(Path(path)), fold_counts
 
 
 def _split_warnings(splits_info: dict[str, Any], num_classes: int) -> list[str]:
@@ -285,17 +342,29 @@ def _split_warnings(splits_info: dict[str, Any], num_classes: int) -> list[str]:
     return out
 
 
-def _fold_entry(samples: list[dict[str, Any]], fold_of: list[int | None], folds: int, seed: int,
-                taxonomy: Taxonomy) -> dict[str, Any]:
+def _fold_entry(labels: np.ndarray, fold_of: np.ndarray, folds: int, seed: int, taxonomy: Taxonomy) -> dict[str, Any]:
     """The manifest's `folds`: K, seed, the splits dealt and per fold its sample and class counts."""
     names = taxonomy.class_names
-    per_fold = [Counter() for _ in range(folds)]
-    for s, f in zip(samples, fold_of, strict=True):
-        if f is not None:
-            per_fold[f][names[s["label"]]] += 1
+    class_counts = []
+    for f in range(folds):
+        per_class = np.bincount(labels[fold_of == f], minlength=len(names))
+        class_counts.append({n: int(per_class[i]) for i, n in enumerate(names)})
     return {"k": folds, "seed": seed, "splits": ["train", "val"],
-            "counts": [sum(c.values()) for c in per_fold],
-            "class_counts": [{n: c.get(n, 0) for n in names} for c in per_fold]}
+            "counts": [sum(c.values()) for c in class_counts], "class_counts": class_counts}
+
+
+class _Lazy:
+    """A manifest list made on demand (`len` known up front): the writer streams a long one to its
+    side file entry by entry, so a million-entry list is never held."""
+
+    def __init__(self, count: int, make: Callable[[], Iterator[dict[str, Any]]]):
+        self.count, self.make = count, make
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.make()
 
 
 def _imagehash_version() -> str:
@@ -360,10 +429,14 @@ def pack_folders(
     bad options, a `src` without a usable image, or (with `strict`) any skipped file. `max_image_pixels` defaults to
     `bcc.imageio.MAX_IMAGE_PIXELS` (Pillow's decompression-bomb limit).
 
+    workers: processes that read, hash and decode the sources and write the shards (1: all in this
+    process; `default_workers()` is the CPU affinity, `bcc pack`'s default); not an integer >= 1:
+    PackError naming it. A source that changes or vanishes between the first pass and the write:
+    `SourceChangedError` naming it (run again); an unreadable source in the first pass is skipped.
     near_dup_threshold: images whose 64-bit pHashes differ in at most this many bits (default 6)
     stay on one side of the split and of the folds, like exact duplicates; None or -1 switches the
-    hashing off. The groups are reported in the manifest's `near_duplicates` (in the side file
-    `near_duplicates.json` when there are more than `NEAR_DUP_INLINE`).
+    hashing off. The groups are reported in the manifest's `near_duplicates`. Each per-file list
+    longer than `bcc.manifest.LIST_INLINE` goes to its side file `<list>.jsonl`.
     folds: K >= 2 deals the train+val samples into K stratified, group-safe cross-validation folds
     (test stays fixed): `fold` in each sample's json, `fold_counts` per shard, `folds` in the manifest.
     """
@@ -376,8 +449,9 @@ def pack_folders(
         raise PackError(f"resize must be a positive number of pixels, got {resize}")
     if not 1 <= quality <= 100:
         raise PackError(f"quality must be in 1..100, got {quality}")
-    if shard_size < 1 or min_shards < 1 or workers < 1:
-        raise PackError("shard_size, min_shards and workers must be >= 1")
+    for key, value in (("shard_size", shard_size), ("min_shards", min_shards), ("workers", workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PackError(f"{key} must be an integer >= 1, got {value!r}")
     near_on = is_enabled(near_dup_threshold)  # raises NearDupError on a threshold out of range
     if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
         raise PackError(f"folds must be an integer >= 2, got {folds!r}")
@@ -388,9 +462,44 @@ def pack_folders(
     _check_out(src, out, overwrite)
     limit = max_image_pixels if max_image_pixels is not None else MAX_IMAGE_PIXELS
 
+    pool = _start_pool(workers)  # before the file list exists: see _start_pool
+    try:
+        return _pack(src, out, pool, workers=workers, fractions=fractions, group_rx=group_rx, taxonomy=taxonomy,
+                     opts=_Options(resize, quality, limit, "", phash=near_on), seed=seed, shard_size=shard_size,
+                     min_shards=min_shards, strict=strict, near_dup_threshold=near_dup_threshold if near_on else None,
+                     folds=folds, progress=progress, t0=t0,
+                     options={"split": list(fractions), "seed": seed, "resize": resize, "quality": quality,
+                              "shard_size": shard_size, "min_shards": min_shards, "group_regex": group_regex,
+                              "max_image_pixels": limit,
+                              "near_dup_threshold": near_dup_threshold if near_on else None,
+                              "imagehash": _imagehash_version() if near_on else None, "folds": folds})
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, taxonomy: Taxonomy, opts: _Options,
+          seed: int, shard_size: int, min_shards: int, strict: bool, near_dup_threshold: int | None,
+          folds: int | None, progress: ProgressFn | None, t0: float, options: dict[str, Any]) -> PackResult:
+    stages: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def stage(name: str) -> None:
+        now = time.perf_counter()
+        stages[name] = round(now - clock[0], 3)
+        clock[0] = now
+
     entries, skipped, warnings_ = scan_class_folders(src, taxonomy.resolve_folder)
     if not entries:  # a pack of no samples trains nothing; empty class folders alone stay warnings
         raise PackError(f"SRC {src}: no images found{_skipped_note(skipped)}")
+    # the file list, compact: relative paths, folder and class per file (absolute paths are src + rel)
+    root = str(src.absolute())
+    rels = [e.rel for e in entries]
+    folder_names = sorted({e.folder for e in entries})
+    folder_id = {name: k for k, name in enumerate(folder_names)}
+    folder_of = np.fromiter((folder_id[e.folder] for e in entries), dtype=np.int32, count=len(entries))
+    label_of = np.fromiter((e.class_index for e in entries), dtype=np.int32, count=len(entries))
+    del entries
     scan_skipped = len(skipped)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -398,68 +507,165 @@ def pack_folders(
     staging = tmp / "_staging"
     staging.mkdir(parents=True)
     try:
-        opts = _Options(resize, quality, limit, str(staging), phash=near_on)
-        results = _inspect_all(entries, opts, workers, progress)
-        samples, converted = _collect(entries, results, skipped)
+        opts = dataclasses.replace(opts, staging=str(staging))
+        paths = _JoinedPaths(root, rels)
+        stage("scan")
+        rec = _inspect_all(pool, paths, opts, workers, progress)
+        stage("first pass")
+        skipped += [{"path": rels[i], "reason": reason} for i, reason in rec.skip.items()]
+        skipped.sort(key=lambda s: s["path"])
         if strict and skipped:
             lines = "\n".join(f"  {s['path']}: {s['reason']}" for s in skipped)
             raise PackError(f"{len(skipped)} file(s) would be skipped (--strict):\n{lines}")
-        if not samples:
+        ok = np.flatnonzero(rec.ext > 0)  # sample k is file ok[k]
+        if not ok.size:
             raise PackError(f"SRC {src}: no usable images{_skipped_note(skipped)}")
-        packed_folders = {s["folder"] for s in samples}
+        n = len(ok)
+        labels = label_of[ok]
+        packed_folders = set(folder_of[ok].tolist())
         warnings_ += [f"class folder {name!r} has no usable images"
-                      for name in sorted({e.folder for e in entries} - packed_folders)]
-        per_class = Counter(s["label"] for s in samples)
+                      for k, name in enumerate(folder_names) if k not in packed_folders]
+        per_class = np.bincount(labels, minlength=len(taxonomy.class_names))
         warnings_ += [f"class {c!r} has no samples" for i, c in enumerate(taxonomy.class_names) if not per_class[i]]
 
-        units = sample_units(samples, group_rx, near_dup_threshold if near_on else None)
-        assignment, unmatched, rng = assign_splits(samples, fractions, seed, group_rx, units=units)
+        # identical files: one id per distinct sha256 (first 8 bytes sort, then the full digest)
+        sha = rec.sha[ok]
+        _, exact_id = np.unique(sha.view(np.dtype((np.void, 32))).reshape(-1), return_inverse=True)
+        exact_id = exact_id.reshape(-1).astype(np.int64)
+        sources = (rels[i] for i in ok.tolist()) if group_rx is not None else None  # read by the regex only
+        unit_root, unmatched, near = join_units(exact_id, sources, group_rx, rec.phash[ok], near_dup_threshold)
+        assignment, rng = deal_splits(labels, unit_root, fractions, seed)
+        fold_of = None
         fold_info = None
         if folds:
-            fold_of = assign_folds(samples, units, folds, seed, include=[a in (0, 1) for a in assignment])
-            for s, f in zip(samples, fold_of, strict=True):
-                s["fold"] = f
-            fold_info = _fold_entry(samples, fold_of, folds, seed, taxonomy)
+            fold_of = deal_folds(labels, unit_root, folds, seed, include=assignment <= 1)
+            fold_info = _fold_entry(labels, fold_of, folds, seed, taxonomy)
         if unmatched:
             warnings_.append(f"{unmatched} file name(s) do not match the group regex; each is its own group")
-        splits_info: dict[str, Any] = {}
-        written = [0]
 
-        def on_shard(size: int) -> None:
-            written[0] += size
-            if progress:
-                progress("write", written[0], len(samples))
+        names = taxonomy.class_names
+        targets = [taxonomy.targets(c) for c in range(len(names))]
+        stage("split")
 
+        def items(members: np.ndarray, split_name: str, start: int):
+            for k, s in enumerate(members.tolist(), start=start):
+                i = int(ok[s])
+                label = int(labels[s])
+                ext = _EXTS[rec.ext[i] - 1]
+                meta = {"class": names[label], "folder": folder_names[folder_of[i]], "source": rels[i],
+                        "sha256": sha[s].tobytes().hex(), "label": label, **targets[label]}
+                if near_dup_threshold is not None:
+                    meta["phash"] = f"{int(rec.phash[i]):016x}"  # imagehash's hex form
+                if fold_of is not None and fold_of[s] >= 0:
+                    meta["fold"] = int(fold_of[s])
+                staged = bool(rec.staged[i])
+                path = str(staging / f"{i:08d}.{ext}") if staged else os.path.join(root, rels[i])
+                yield (f"{split_name}-{k:08d}", ext, path, staged, int(rec.size[i]), int(rec.crc[i]), meta)
+
+        plan = []  # (split, its members in shard order, shard sizes)
         for k, split_name in enumerate(SPLITS):
-            members = [s for s, a in zip(samples, assignment, strict=True) if a == k]
+            members = np.flatnonzero(assignment == k).tolist()
             rng.shuffle(members)  # every shard mixes classes
-            splits_info[split_name] = _write_split(tmp, staging, split_name, members, taxonomy,
-                                                   shard_sizes(len(members), shard_size, min_shards), on_shard,
-                                                   folds)
-        duplicates = _find_duplicates(samples, warnings_)
-        warnings_ += _split_warnings(splits_info, len(taxonomy.class_names))
-        near_groups = [{**g.entry([s["source"] for s in samples]), "split": samples[g.members[0]]["split"]}
-                       for g in units.near.groups]
+            plan.append((split_name, np.array(members, dtype=np.int64), shard_sizes(len(members), shard_size,
+                                                                                  min_shards)))
 
-        options = {"split": list(fractions), "seed": seed, "resize": resize, "quality": quality,
-                   "shard_size": shard_size, "min_shards": min_shards, "group_regex": group_regex,
-                   "max_image_pixels": limit, "near_dup_threshold": near_dup_threshold if near_on else None,
-                   "imagehash": _imagehash_version() if near_on else None, "folds": folds}
+        def tasks():
+            for split_name, members, sizes in plan:
+                start = 0
+                for j, size in enumerate(sizes):
+                    yield (str(tmp / f"{split_name}-{j:06d}.tar"),
+                           list(items(members[start:start + size], split_name, start)), folds)
+                    start += size
+
+        written = 0
+        results = []
+        if progress:
+            progress("write", 0, n)
+        for result in _ordered(pool, _write_one_shard, tasks(), window=2 * workers):
+            results.append(result)
+            written += result[1]
+            if progress:
+                progress("write", written, n)
+        splits_info: dict[str, Any] = {}
+        split_of = np.array(SPLITS)[assignment]
+        for k, (split_name, _members, sizes) in enumerate(plan):
+            shards = []
+            for name, count, digest, fold_counts in results[:len(sizes)]:
+                entry = {"path": name, "count": count, "sha256": digest}
+                if folds:
+                    entry["fold_counts"] = fold_counts
+                shards.append(entry)
+            del results[:len(sizes)]
+            counts = np.bincount(labels[assignment == k], minlength=len(names))
+            splits_info[split_name] = split_entry(shards, {c: int(counts[i]) for i, c in enumerate(names)})
+        stage("write")
+
+        duplicates, dup_stats = _duplicates(exact_id, labels, ok, rels, split_of, sha, warnings_)
+        warnings_ += _split_warnings(splits_info, len(names))
+        converted_idx = np.flatnonzero(rec.converted)
+        converted = _Lazy(len(converted_idx), lambda: ({"path": rels[i], "mode": rec.modes[rec.converted[i] - 1]}
+                                                       for i in converted_idx.tolist()))
+        groups = near.groups
+        near_list = _Lazy(len(groups), lambda: ({**_near_paths(g, ok, rels), "split": str(split_of[g.members[0]])}
+                                                 for g in groups))
         manifest = write_manifest(tmp, taxonomy, splits_info, source=str(src.resolve()), options=options,
                                   skipped=skipped, converted=converted, duplicates=duplicates,
-                                  near_duplicates=near_groups if near_on else None, folds=fold_info,
-                                  warnings=warnings_, name=out.name)
+                                  near_duplicates=near_list if near_dup_threshold is not None else None,
+                                  folds=fold_info, warnings=warnings_, name=out.name)
         shutil.rmtree(staging)
         _commit(tmp, out)
+        stage("manifest")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
     elapsed = time.perf_counter() - t0
     by_reason = Counter(s["reason"].split(":", 1)[0] for s in skipped)
-    counts = {"files": len(entries) + scan_skipped,
-              "packed": len(samples), "skipped": len(skipped), "converted": len(converted),
-              "duplicates": len(duplicates), "near_duplicate_groups": len(units.near.groups),
+    counts = {"files": len(rels) + scan_skipped,
+              "packed": n, "skipped": len(skipped), "converted": len(converted),
+              "duplicates": len(duplicates), **dup_stats, "near_duplicate_groups": len(groups),
               "shards": sum(len(v["shards"]) for v in manifest["splits"].values())}
     return PackResult(manifest, out, counts, dict(sorted(by_reason.items())), elapsed,
-                      len(samples) / elapsed if elapsed > 0 else 0.0)
+                      n / elapsed if elapsed > 0 else 0.0, stages)
+
+
+class _JoinedPaths:
+    """Absolute paths of the file list, made on demand (root + relative path)."""
+
+    def __init__(self, root: str, rels: list[str]):
+        self.root, self.rels = root, rels
+
+    def __len__(self) -> int:
+        return len(self.rels)
+
+    def __getitem__(self, k: slice) -> list[str]:
+        return [os.path.join(self.root, r) for r in self.rels[k]]
+
+
+def _near_paths(group, ok: np.ndarray, rels: list[str]) -> dict[str, Any]:
+    """A near-duplicate group's manifest entry; its members are sample indices."""
+    return {"paths": [rels[int(ok[m])] for m in group.members], "max_distance": group.max_distance}
+
+
+def _duplicates(exact_id: np.ndarray, labels: np.ndarray, ok: np.ndarray, rels: list[str], split_of: np.ndarray,
+                sha: np.ndarray, warnings_: list[str]) -> tuple[_Lazy, dict[str, int]]:
+    """Sets of identical files (ordered by first path) as a lazy manifest list, and their totals;
+    a set spanning classes is also a warning."""
+    sizes = np.bincount(exact_id)
+    multi = np.flatnonzero(sizes[exact_id] > 1)  # samples in a set of 2+, ascending (= by path)
+    order = multi[np.argsort(exact_id[multi], kind="stable")]
+    bounds = np.flatnonzero(np.r_[True, exact_id[order][1:] != exact_id[order][:-1], True])
+    sets = [order[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)] if multi.size else []
+    sets.sort(key=lambda m: int(m[0]))
+    conflicts = 0
+    for m in sets:
+        if len(set(labels[m].tolist())) > 1:
+            conflicts += 1
+            warnings_.append("identical images in different classes: " + ", ".join(rels[int(ok[i])] for i in m))
+
+    def entries():
+        for m in sets:
+            yield {"sha256": sha[m[0]].tobytes().hex(), "paths": [rels[int(ok[i])] for i in m.tolist()],
+                   "split": str(split_of[m[0]]), "conflict": len(set(labels[m].tolist())) > 1}
+
+    return _Lazy(len(sets), entries), {"duplicate_files": int(len(multi)), "duplicate_conflicts": conflicts}

@@ -143,6 +143,23 @@ class InferenceModel:
         return self.config.data.image_size
 
     @property
+    def crop(self):
+        """`bcc.transforms.EvalCrop` of the run: PIL image -> uint8 [3, S, S], what eval loaders make."""
+        from bcc.transforms import EvalCrop
+
+        return EvalCrop(size=self.image_size, crop_pct=self.config.data.crop_pct)
+
+    def inputs(self, images: Tensor) -> Tensor:
+        """The model's input for a batch on its device: uint8 crops [N, 3, S, S] are normalised there
+        (`bcc.device_aug.normalize`, as training and evaluation do); float batches are taken as normalised."""
+        from bcc.device_aug import normalize
+
+        x = images.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = normalize(x, self.config.data.mean, self.config.data.std)
+        return x
+
+    @property
     def run_dir(self) -> Path | None:
         """`RUN` when the checkpoint is `RUN/checkpoints/<step>` of a run with a config.yaml."""
         parent = self.checkpoint.parent
@@ -160,12 +177,13 @@ class InferenceModel:
 
     @torch.no_grad()
     def head_probs(self, images: Tensor, tta: bool = False) -> list[Tensor]:
-        """Softmax of every head (after temperature scaling), [N, K_h] each, for a normalised batch.
+        """Softmax of every head (after temperature scaling), [N, K_h] each, for a batch of uint8 crops
+        or normalised images (`inputs`).
 
         With `tta` the probabilities are averaged over the identity, horizontal, vertical and both flips
         (blood smears have no canonical orientation, which is why training flips them too).
         """
-        x = images.to(self.device)
+        x = self.inputs(images)
         views = [x, x.flip(-1), x.flip(-2), x.flip(-2, -1)] if tta else [x]
         logits = self.model(torch.cat(views))
         n = x.shape[0]
@@ -326,7 +344,7 @@ def predict_paths(
         for path in files[start:start + batch_size]:
             try:
                 img = read_image(path)
-                tensors.append(im.preprocess(img))
+                tensors.append(im.crop(img))  # uint8; normalised on the device as in bcc eval
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
                 failures.append((str(path), str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"))
                 continue
@@ -344,7 +362,7 @@ def predict_paths(
 
             name = binary_head(taxonomy)[1]
             classes[name] = (probs[taxonomy.head_names.index(name)][:, 1] >= im.threshold).long()
-        maps = cam(x.to(im.device), classes) if cam is not None else None
+        maps = cam(im.inputs(x), classes) if cam is not None else None
         for i, path in enumerate(batch_paths):
             c = int(decided[i])
             pred = Prediction(

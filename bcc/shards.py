@@ -15,8 +15,10 @@ same image. It catches every single-bit flip and every burst up to 32 bits.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
+import re
 import tarfile
 import time
 import zlib
@@ -24,8 +26,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import webdataset as wds
 
 from bcc import remote
 from bcc.errors import BccError
@@ -97,20 +97,76 @@ def check_sample(sample: dict[str, Any], meta: dict[str, Any]) -> bytes:
     return data
 
 
+def _header_template(mtime: int, user: str, group: str, mode: int) -> bytes:
+    """tarfile's own 512-byte header for a regular file, fields name/size/chksum to be filled in."""
+    info = tarfile.TarInfo("x")
+    info.size, info.mtime, info.mode, info.uname, info.gname = 0, mtime, mode, user, group
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+class _TarStream:
+    """The bytes `webdataset.TarWriter(f, encoder=False, mtime=, user=, group=)` writes, without its
+    per-member cost: tarfile builds each header in Python (~25 us, three members a sample); here a
+    plain short ASCII name patches a header template made by tarfile itself (name, size, checksum),
+    and any other name goes through tarfile's own `tobuf`. tests/test_shards.py checks byte identity."""
+
+    _MODE = 0o444  # webdataset's default member mode
+
+    def __init__(self, f, mtime: int, user: str, group: str):
+        self.f, self.mtime, self.user, self.group = f, mtime, user, group
+        self.template = _header_template(mtime, user, group, self._MODE)
+        self.offset = 0
+
+    def _header(self, name: str, size: int) -> bytes:
+        if len(name) < 100 and name.isascii() and size < 8 ** 11 and "\0" not in name:
+            h = bytearray(self.template)
+            h[0:100] = name.encode("ascii").ljust(100, b"\0")
+            h[124:136] = b"%011o\0" % size
+            h[148:156] = b"        "
+            h[148:155] = b"%06o\0" % sum(h)
+            return bytes(h)
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = size, self.mtime, self._MODE, self.user, self.group
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        for k in sorted(sample):  # webdataset's member order
+            if k[0] == "_":
+                continue
+            data = sample[k]
+            if isinstance(data, str):
+                data = data.encode("utf-8")
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise ValueError(f"{k} doesn't map to bytes ({type(data)})")
+            header = self._header(f"{key}.{k}", len(data))
+            pad = -len(data) % tarfile.BLOCKSIZE
+            self.f.write(header)
+            self.f.write(data)
+            if pad:
+                self.f.write(b"\0" * pad)
+            self.offset += len(header) + len(data) + pad
+
+    def close(self) -> None:
+        # tarfile.close(): two zero blocks, then zeros up to a whole record
+        end = self.offset + 2 * tarfile.BLOCKSIZE
+        self.f.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+        rest = end % tarfile.RECORDSIZE
+        if rest:
+            self.f.write(b"\0" * (tarfile.RECORDSIZE - rest))
+
+
 def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> None:
-    """Write WebDataset samples (`__key__` plus raw bytes per extension) as the tar `path`.
+    """Write WebDataset samples (`__key__` plus raw bytes per extension) as the tar `path`: the same
+    bytes as `webdataset.TarWriter` with fixed mtime and owner, so the same samples give the same shard.
 
-    Not atomic on its own: the packer writes into a temporary directory renamed as a whole.
+    Not atomic on its own: callers write to a temporary name and rename (`bcc.pack` does per shard).
     """
-    import webdataset as wds
-
     with open(path, "wb") as f:
-        writer = wds.TarWriter(f, encoder=False, mtime=_TAR_MTIME, user=_TAR_USER, group=_TAR_USER)
-        try:
-            for s in samples:
-                writer.write(s)
-        finally:
-            writer.close()
+        tar = _TarStream(f, _TAR_MTIME, _TAR_USER, _TAR_USER)
+        for s in samples:
+            tar.write(s)
+        tar.close()
 
 
 # --------------------------------------------------------------------------- verification
@@ -234,6 +290,8 @@ def sample_offset(path: str, index: int) -> tuple[int | None, int]:
     offset is that of the sample's first header (a pax or GNU long-name header included). None when the
     shard ends first (the second value then counts its samples). Raises _NoSeek for layouts it leaves
     to a full read."""
+    import webdataset as wds  # imported where read: webdataset imports torch, which the packer does not need
+
     n, key, offset = 0, None, 0
     start, name = None, None  # where the current member's headers begin; a long name from them
     with open(path, "rb") as f:
@@ -271,10 +329,64 @@ def sample_offset(path: str, index: int) -> tuple[int | None, int]:
     return None, n + (key is not None)
 
 
+def _tar_files(f, path: str) -> Iterator[dict]:
+    """{fname, data, __url__} of the regular files of a local tar file `f` (positioned at a member header).
+
+    Parses the 512-byte ustar headers itself (checksum checked, pax and GNU long names read): Python's
+    `tarfile` costs ~30 us per member, about as much as decoding a 64 px JPEG for a 3-member sample.
+    A header it leaves to `tarfile` (global pax, base-256 size) hands the rest of the file to webdataset's
+    reader from that header on. Skips webdataset's meta files (`__...__`) as its reader does."""
+    offset, name = f.tell(), None
+    while True:
+        block = f.read(512)
+        if len(block) < 512 or not block.strip(b"\0"):
+            return  # end of archive (two zero blocks, or the end of the file)
+        try:
+            stored = int(block[148:156].split(b"\0")[0].strip() or b"-1", 8)
+        except ValueError:
+            stored = -1
+        if stored != sum(block[:148]) + 256 + sum(block[156:]):  # the checksum field counts as 8 spaces
+            raise tarfile.ReadError(f"bad tar header checksum at byte {offset}")
+        flag = block[156:157]
+        if block[124] & 0x80 or flag == b"g":
+            import webdataset as wds
+
+            f.seek(offset)
+            for x in wds.tariterators.tar_file_iterator(f, handler=wds.reraise_exception):
+                yield {**x, "__url__": path}
+            return
+        size = int(block[124:136].split(b"\0")[0].strip() or b"0", 8)
+        padded = -(-size // 512) * 512
+        data = f.read(padded)[:size] if size else b""
+        if len(data) < size:
+            raise tarfile.ReadError(f"unexpected end of data in the member at byte {offset}")
+        offset += 512 + padded
+        if flag in (b"x", b"L"):
+            name = (_pax_path(data) or name) if flag == b"x" else data.split(b"\0")[0].decode("utf-8")
+            continue
+        if flag in (b"0", b"\0", b"7"):
+            if name is None:
+                prefix = block[345:500].split(b"\0")[0].decode("utf-8") if block[257:262] == b"ustar" else ""
+                base = block[:100].split(b"\0")[0].decode("utf-8")
+                name = f"{prefix}/{base}" if prefix else base
+            if not _META.match(name):
+                yield {"fname": name, "data": data, "__url__": path}
+        name = None  # directories, links: no sample data
+
+
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
+
+
 def _tar_samples(stream, url: str) -> Iterator[dict]:
-    """Samples of a tar stream (positioned at a member header), grouped by key like webdataset's."""
-    files = wds.tariterators.tar_file_iterator(stream, handler=wds.reraise_exception)
-    yield from wds.tariterators.group_by_keys({**x, "__url__": url} for x in files)
+    """Samples of a tar stream (positioned at a member header), grouped by key like webdataset's. A local
+    file is parsed by `_tar_files`; remote streams by webdataset's `tarfile` reader."""
+    import webdataset as wds
+
+    if isinstance(stream, io.BufferedReader):
+        files = _tar_files(stream, url)
+    else:
+        files = ({**x, "__url__": url} for x in wds.tariterators.tar_file_iterator(stream, handler=wds.reraise_exception))
+    yield from wds.tariterators.group_by_keys(files)
 
 
 def _open_samples(location, where: str, lo: int, seek: bool) -> tuple[Any, Iterator[dict], int]:

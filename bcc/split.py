@@ -14,17 +14,20 @@ from __future__ import annotations
 import math
 import random
 import re
+from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any
 
-from bcc.errors import BccError
-from bcc.neardup import NearDuplicates, UnionFind, is_enabled, join_near_duplicates
+import numpy as np
 
-__all__ = ["SPLITS", "SplitError", "Units", "assign_folds", "assign_splits", "compile_group_regex",
-           "largest_remainder", "parse_split", "sample_units"]
+from bcc.errors import BccError
+from bcc.neardup import NearDuplicates, is_enabled, near_duplicate_edges
+
+__all__ = ["SPLITS", "SplitError", "Units", "assign_folds", "assign_splits", "compile_group_regex", "deal_folds",
+           "deal_splits", "join_units", "largest_remainder", "parse_split", "sample_units"]
 
 SPLITS = ("train", "val", "test")
 
@@ -90,45 +93,150 @@ class Units:
     near: NearDuplicates
 
 
+def _exact_edges(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges (first, other) joining samples with equal keys (e.g. sha256 ids), as int64 arrays."""
+    order = np.argsort(keys, kind="stable")
+    sk = keys[order]
+    same = np.flatnonzero(sk[1:] == sk[:-1]) + 1  # sorted positions equal to the one before
+    if not same.size:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    run_start = np.maximum.accumulate(np.where(np.r_[True, sk[1:] != sk[:-1]], np.arange(len(sk)), 0))
+    return order[run_start[same]].astype(np.int64), order[same].astype(np.int64)
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per element of 0..n-1, the smallest element of its connected component under edges a-b."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if not len(a):
+        return np.arange(n, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n)).tocsr()
+    _, label = connected_components(graph, directed=False)
+    first = np.full(int(label.max()) + 1, n, dtype=np.int64)
+    np.minimum.at(first, label, np.arange(n, dtype=np.int64))
+    return first[label]
+
+
+def join_units(exact_ids: np.ndarray, names: Iterable[str] | None = None, group_rx: re.Pattern | None = None,
+               hashes: np.ndarray | None = None, near_threshold: int | None = None
+               ) -> tuple[np.ndarray, int, NearDuplicates]:
+    """`sample_units` on arrays, for packs of millions of images (memory O(n) in numpy, no per-sample
+    Python objects beyond the group regex's ids).
+
+    exact_ids: (n,) ints, equal for identical files (e.g. the inverse of a sha256 `np.unique`).
+    names: the samples' source paths (only read with `group_rx`); hashes: (n,) uint64 pHashes (only
+    read when `near_threshold` is on). Returns (root, unmatched, near): root[i] is the smallest sample
+    index of sample i's unit.
+    """
+    n = len(exact_ids)
+    a, b = _exact_edges(np.asarray(exact_ids))
+    parts_a, parts_b = [a], [b]
+    unmatched = 0
+    if group_rx is not None:
+        first_of: dict[str, int] = {}
+        ga, gb = array("q"), array("q")
+        for i, name in enumerate(names or ()):
+            m = group_rx.search(PurePosixPath(name).name)
+            if m and m.group(1) is not None:
+                j = first_of.setdefault(m.group(1), i)
+                if j != i:
+                    ga.append(j)
+                    gb.append(i)
+            else:
+                unmatched += 1
+        parts_a.append(np.frombuffer(ga, dtype=np.int64))
+        parts_b.append(np.frombuffer(gb, dtype=np.int64))
+    near = NearDuplicates((), 0)
+    if is_enabled(near_threshold):
+        before = _components(n, np.concatenate(parts_a), np.concatenate(parts_b))
+        na, nb, groups = near_duplicate_edges(hashes, near_threshold, exact_keys=exact_ids)
+        parts_a.append(na)
+        parts_b.append(nb)
+        root = _components(n, np.concatenate(parts_a), np.concatenate(parts_b))
+        merged = int(np.count_nonzero(before == np.arange(n))) - int(np.count_nonzero(root == np.arange(n)))
+        return root, unmatched, NearDuplicates(groups, merged)
+    return _components(n, np.concatenate(parts_a), np.concatenate(parts_b)), unmatched, near
+
+
 def sample_units(samples: Sequence[dict[str, Any]], group_rx: re.Pattern | None = None,
                  near_threshold: int | None = None) -> Units:
     """Join samples that must stay together: identical files (same `sha256`), names sharing the
     group regex's id, and (when `near_threshold` is a bit count, see `bcc.neardup.is_enabled`)
     near-identical images by their 64-bit `phash` (every sample needs one then)."""
-    uf = UnionFind(len(samples))
-    first_of: dict[tuple[str, str], int] = {}
-    unmatched = 0
-    for i, s in enumerate(samples):
-        keys = [("sha", s["sha256"])]
-        if group_rx is not None:
-            m = group_rx.search(Path(s["source"]).name)
-            if m and m.group(1) is not None:
-                keys.append(("group", m.group(1)))
-            else:
-                unmatched += 1
-        for key in keys:
-            j = first_of.setdefault(key, i)
-            if j != i:
-                uf.union(j, i)
-    near = NearDuplicates((), 0)
+    ids: dict[str, int] = {}
+    exact = np.array([ids.setdefault(s["sha256"], len(ids)) for s in samples], dtype=np.int64)
+    hashes = None
     if is_enabled(near_threshold):
-        hashes = [s["phash"] for s in samples]
-        near = join_near_duplicates(uf, hashes, near_threshold, exact_keys=[s["sha256"] for s in samples])
+        hashes = np.fromiter((s["phash"] for s in samples), dtype=np.uint64, count=len(samples))
+    root, unmatched, near = join_units(exact, [s["source"] for s in samples], group_rx, hashes, near_threshold)
+    return Units(_members(root), unmatched, near)
+
+
+def _members(root: np.ndarray) -> list[list[int]]:
     units: dict[int, list[int]] = {}
-    for i in range(len(samples)):
-        units.setdefault(uf.find(i), []).append(i)
-    return Units(list(units.values()), unmatched, near)
+    for i, r in enumerate(root.tolist()):
+        units.setdefault(r, []).append(i)
+    return list(units.values())
 
 
-def _by_class(samples: Sequence[dict[str, Any]], units: Sequence[list[int]]) -> dict[int, list[list[int]]]:
-    # a unit spanning classes (a cross-class duplicate or a patient in two folders) is stratified
-    # under its most common class
-    by_class: dict[int, list[list[int]]] = {}
-    for members in units:
-        votes = Counter(samples[i]["label"] for i in members)
-        cls = min(votes, key=lambda c: (-votes[c], c))
-        by_class.setdefault(cls, []).append(members)
-    return by_class
+def _roots(units: Units, n: int) -> np.ndarray:
+    root = np.arange(n, dtype=np.int64)
+    for members in units.members:
+        root[members] = min(members)
+    return root
+
+
+def _unit_classes(labels: np.ndarray, root: np.ndarray, units: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Class of each unit (`units`: roots): its members' most common label (ties: the lowest); a unit
+    spanning classes (a cross-class duplicate or a patient in two folders) is stratified under it."""
+    cls = labels[units].astype(np.int64)
+    multi = np.flatnonzero(sizes > 1)
+    if multi.size:
+        position = {int(units[k]): int(k) for k in multi}
+        votes: dict[int, Counter] = {}
+        for i in np.flatnonzero(np.isin(root, units[multi])).tolist():
+            votes.setdefault(int(root[i]), Counter())[int(labels[i])] += 1
+        for r, v in votes.items():
+            cls[position[r]] = min(v, key=lambda c: (-v[c], c))
+    return cls
+
+
+def _ordered_units(rng: random.Random, roots: np.ndarray, sizes: np.ndarray) -> tuple[list[int], list[int]]:
+    """One class's units (ascending roots) in dealing order: seeded shuffle, then big units first
+    (stable). Returns (roots, sizes) as lists in that order."""
+    order = list(range(len(roots)))
+    rng.shuffle(order)
+    size_list = sizes.tolist()
+    if any(x > 1 for x in size_list):
+        order.sort(key=lambda k: -size_list[k])
+    root_list = roots.tolist()
+    return [root_list[k] for k in order], [size_list[k] for k in order]
+
+
+def deal_splits(labels: np.ndarray, root: np.ndarray, fractions: Sequence[float], seed: int
+                ) -> tuple[np.ndarray, random.Random]:
+    """`assign_splits` on arrays: split index per sample (int8) and the seeded RNG after dealing."""
+    n = len(labels)
+    units = np.flatnonzero(root == np.arange(n))
+    sizes = np.bincount(root, minlength=n)[units]
+    cls = _unit_classes(np.asarray(labels), root, units, sizes)
+    rng = random.Random(seed)
+    unit_split = np.zeros(n, dtype=np.int8)
+    allowed = [k for k, f in enumerate(fractions) if f > 0]
+    for c in np.unique(cls).tolist():
+        pick = cls == c
+        roots, cls_sizes = _ordered_units(rng, units[pick], sizes[pick])
+        targets = largest_remainder(sum(cls_sizes), fractions)
+        filled = [0, 0, 0]
+        dealt = []
+        for size in cls_sizes:
+            k = max(allowed, key=lambda k: (targets[k] - filled[k], fractions[k], -k))
+            filled[k] += size
+            dealt.append(k)
+        unit_split[np.array(roots, dtype=np.int64)] = dealt
+    return unit_split[root], rng
 
 
 def assign_splits(samples: list[dict[str, Any]], fractions: Sequence[float], seed: int,
@@ -141,22 +249,45 @@ def assign_splits(samples: list[dict[str, Any]], fractions: Sequence[float], see
     """
     if units is None:
         units = sample_units(samples, group_rx)
-    by_class = _by_class(samples, units.members)
-    rng = random.Random(seed)
-    assignment = [0] * len(samples)
-    for cls in sorted(by_class):
-        cls_units = sorted(by_class[cls], key=lambda m: m[0])
-        rng.shuffle(cls_units)
-        cls_units.sort(key=len, reverse=True)  # big units first; singletons then fill targets exactly
-        targets = largest_remainder(sum(len(u) for u in cls_units), fractions)
-        filled = [0, 0, 0]
-        allowed = [k for k, f in enumerate(fractions) if f > 0]
-        for members in cls_units:
-            k = max(allowed, key=lambda k: (targets[k] - filled[k], fractions[k], -k))
-            filled[k] += len(members)
-            for i in members:
-                assignment[i] = k
-    return assignment, units.unmatched, rng
+    labels = np.array([s["label"] for s in samples], dtype=np.int64)
+    assignment, rng = deal_splits(labels, _roots(units, len(samples)), fractions, seed)
+    return assignment.tolist(), units.unmatched, rng
+
+
+def deal_folds(labels: np.ndarray, root: np.ndarray, folds: int, seed: int,
+               include: np.ndarray | None = None) -> np.ndarray:
+    """`assign_folds` on arrays: fold id per sample (int16), -1 where `include` is False."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise SplitError(f"folds must be an integer >= 2, got {folds!r}")
+    n = len(labels)
+    include = np.ones(n, dtype=bool) if include is None else np.asarray(include, dtype=bool)
+    units = np.flatnonzero(root == np.arange(n))
+    sizes = np.bincount(root, minlength=n)[units]
+    inside = np.bincount(root, weights=include, minlength=n)[units].astype(np.int64)
+    torn = np.flatnonzero((inside > 0) & (inside < sizes))
+    if torn.size:
+        members = np.flatnonzero(root == units[torn[0]]).tolist()
+        raise SplitError(f"samples {members} must stay together but only some of them take part in the folds")
+    chosen = inside == sizes
+    units, sizes = units[chosen], sizes[chosen]
+    if int(sizes.sum()) < folds:
+        raise SplitError(f"{int(sizes.sum())} train+val samples cannot fill {folds} folds")
+    cls = _unit_classes(np.asarray(labels), root, units, sizes)
+    rng = random.Random(f"bcc-folds:{seed}")  # its own stream: folds do not shift the split or shuffles
+    unit_fold = np.full(n, -1, dtype=np.int16)
+    total = [0] * folds
+    for c in np.unique(cls).tolist():
+        pick = cls == c
+        roots, cls_sizes = _ordered_units(rng, units[pick], sizes[pick])
+        filled = [0] * folds
+        dealt = []
+        for size in cls_sizes:
+            k = min(range(folds), key=lambda k: (filled[k], total[k], k))
+            filled[k] += size
+            total[k] += size
+            dealt.append(k)
+        unit_fold[np.array(roots, dtype=np.int64)] = dealt
+    return np.where(include, unit_fold[root], -1).astype(np.int16)
 
 
 def assign_folds(samples: Sequence[dict[str, Any]], units: Units, folds: int, seed: int,
@@ -170,30 +301,7 @@ def assign_folds(samples: Sequence[dict[str, Any]], units: Units, folds: int, se
     then the lowest fold). With single-sample units every class is balanced within +-1 per fold; a
     group is never divided. The same samples and seed give the same folds.
     """
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
-        raise SplitError(f"folds must be an integer >= 2, got {folds!r}")
-    include = [True] * len(samples) if include is None else list(include)
-    chosen = []
-    for members in units.members:
-        inside = {include[i] for i in members}
-        if len(inside) > 1:
-            raise SplitError(f"samples {members} must stay together but only some of them take part in the folds")
-        if inside == {True}:
-            chosen.append(members)
-    if sum(len(u) for u in chosen) < folds:
-        raise SplitError(f"{sum(len(u) for u in chosen)} train+val samples cannot fill {folds} folds")
-    rng = random.Random(f"bcc-folds:{seed}")  # its own stream: folds do not shift the split or shuffles
-    fold_of: list[int | None] = [None] * len(samples)
-    total = [0] * folds
-    for _cls, cls_units in sorted(_by_class(samples, chosen).items()):
-        cls_units = sorted(cls_units, key=lambda m: m[0])
-        rng.shuffle(cls_units)
-        cls_units.sort(key=len, reverse=True)
-        filled = [0] * folds
-        for members in cls_units:
-            k = min(range(folds), key=lambda k: (filled[k], total[k], k))
-            filled[k] += len(members)
-            total[k] += len(members)
-            for i in members:
-                fold_of[i] = k
-    return fold_of
+    labels = np.array([s["label"] for s in samples], dtype=np.int64)
+    fold = deal_folds(labels, _roots(units, len(samples)), folds, seed,
+                      None if include is None else np.array(list(include), dtype=bool))
+    return [None if f < 0 else f for f in fold.tolist()]

@@ -28,10 +28,14 @@ Training (`TrainLoader`, or `train_loader` for one epoch): an epoch is ONE pass 
   them: W / gcd(W, 8) times the raw bytes. A worker holds the shuffle buffers of the lanes it reads
   (8 / W of them when W divides 8, up to 8 otherwise), raw bytes only. A lane that starts inside a
   local shard seeks to its first sample by scanning the tar headers instead of reading the data before.
-- Determinism: torch's global RNG, which the torchvision presets draw from, is re-seeded before every
-  batch from (seed, epoch, rank, batch index) inside `torch.random.fork_rng`, so workers=0 (batches
-  made in the trainer's process) cannot disturb the trainer's RNG, and skipped batches are read and
-  shuffled as raw bytes, never decoded.
+- Determinism: torch's global RNG, which the worker's random crop and flips draw from, is re-seeded
+  before every batch from (seed, epoch, rank, batch index) inside `torch.random.fork_rng`, so workers=0
+  (batches made in the trainer's process) cannot disturb the trainer's RNG, and skipped batches are read
+  and shuffled as raw bytes, never decoded. Each batch also carries `augment_seed`, derived from the same
+  four numbers, from which `bcc.device_aug` draws the batch's rotation and colour jitter on the device.
+- What a worker makes (`bcc.transforms.TrainCrop`/`EvalCrop`): uint8 crops [N, 3, S, S]. Conversion to
+  float, rotation, colour jitter and normalisation run batched on the training device
+  (`bcc.device_aug`; every loader here carries its batch transform as `device_transform`).
 - `TrainLoader` keeps its loader workers across epochs (persistent workers; the epoch and the number
   of batches to skip reach them through a small shared array); `close()` ends them.
 
@@ -71,6 +75,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bcc.console import err_console
+from bcc.device_aug import device_transforms_from_config
 from bcc.errors import BccError
 from bcc.imageio import decode_rgb
 from bcc.plan import (
@@ -89,7 +94,7 @@ from bcc.plan import (
 from bcc.remote import DEFAULT_RETRIES
 from bcc.shards import IMAGE_KEYS, SampleError, ShardError, check_sample, read_range
 from bcc.sources import shard_weights
-from bcc.transforms import presets_from_config
+from bcc.transforms import crops_from_config
 
 # re-exported: the stream's public names live where they are owned (plan: bcc.plan; tar reading: bcc.shards)
 __all__ = ["IMAGE_KEYS", "LANES", "CorruptSampleError", "EpochPlan", "ResamplePlan", "Segment", "ShardError",
@@ -243,6 +248,7 @@ class _TrainStream(IterableDataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(mix_seed("augment", self.seed, epoch, self.rank, index))
                 batch = _collate(raw, self.transform, self.checked, self.on_corrupt)
+            batch["augment_seed"] = mix_seed("device-augment", self.seed, epoch, self.rank, index)
             yield batch
 
 
@@ -328,9 +334,10 @@ class BatchLoader:
 
     def __init__(
         self, dataset: IterableDataset, num_batches: int, *, workers: int, seed: int, pin_memory: bool,
-        persistent: bool = False, what: str = "", rank: int = 0,
+        persistent: bool = False, what: str = "", rank: int = 0, device_transform=None,
     ):
         self.dataset = dataset
+        self.device_transform = device_transform  # uint8 batch -> model input, for bcc.device_aug.on_device
         self.num_batches = num_batches
         self.what, self.rank = what, rank
         self.skipped: list[str] = []  # damaged samples left out by the last pass (data.on_corrupt=skip)
@@ -396,6 +403,10 @@ class EpochBatches:
         return self.owner.batches_per_epoch - self.skip_batches
 
     @property
+    def device_transform(self):
+        return self.owner.device_transform
+
+    @property
     def skipped(self) -> list[str]:
         """Damaged samples this epoch's pass left out (data.on_corrupt=skip), once iterated."""
         return self.owner._batches.skipped
@@ -410,7 +421,9 @@ class TrainLoader:
     """One rank's augmented training batches, epoch after epoch, from loader workers started once.
 
     `epoch(e, skip_batches=k)` gives batches k .. batches_per_epoch - 1 of epoch e: dicts of image
-    FloatTensor[N, 3, S, S], label LongTensor[N] (leaf class index), key and source (lists of str).
+    ByteTensor[N, 3, S, S] (uint8 crops), label LongTensor[N] (leaf class index), key and source (lists
+    of str) and augment_seed (int); `device_transform` (a `bcc.device_aug.DeviceAugment`) turns image
+    and augment_seed into the model's input on the device.
     The same (manifest, data settings but workers, seed, rank, world_size, epoch) give the bitwise same
     batches in any process, with any number of loader workers. `close()` (or `with`) ends the workers.
     Raises StreamError when the split cannot fill one batch per rank; ShardError (when read) names a
@@ -437,7 +450,8 @@ class TrainLoader:
         self.dropped_per_epoch = (dropped_per_epoch(samples, data_cfg.batch_size, world_size)
                                   if data_cfg.sampling == "without_replacement" else 0)
         self._epoch_state = RawArray("q", 2)  # (epoch, skip_batches), shared with the workers
-        train_tf, _ = presets_from_config(data_cfg)
+        train_tf, _ = crops_from_config(data_cfg)
+        self.device_transform, _ = device_transforms_from_config(data_cfg)
         dataset = _TrainStream(
             shards, seed=seed, rank=rank, world_size=world_size, batch_size=data_cfg.batch_size,
             shuffle_buffer=data_cfg.shuffle_buffer, transform=train_tf, epoch_state=self._epoch_state,
@@ -505,7 +519,9 @@ def eval_loader(
     """This rank's share of `split`, every sample once across all ranks, in a fixed order.
 
     Ranks may get different numbers of batches (and a rank may get none when the split has fewer
-    samples than there are ranks); the last batch of a rank may be short.
+    samples than there are ranks); the last batch of a rank may be short. Images are uint8 crops
+    (`bcc.transforms.EvalCrop`); the loader's `device_transform` (`bcc.device_aug.DeviceNormalize`)
+    makes them the model's input.
     """
     if not 0 <= rank < world_size:
         raise StreamError(f"rank {rank} is outside 0..{world_size - 1}")
@@ -514,12 +530,12 @@ def eval_loader(
     total = sum(s.count for s in shards)
     start, stop = rank * total // world_size, (rank + 1) * total // world_size
     batch_size = data_cfg.eval_batch_size
-    _, eval_tf = presets_from_config(data_cfg)
+    _, eval_tf = crops_from_config(data_cfg)
     dataset = _EvalStream(shards, start=start, stop=stop, batch_size=batch_size, transform=eval_tf,
                           checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt, retries=data_cfg.retries)
     num_batches = math.ceil((stop - start) / batch_size)
     return BatchLoader(dataset, num_batches, workers=data_cfg.workers, seed=0, pin_memory=pin_memory,
-                       what=f"split '{split}'", rank=rank)
+                       what=f"split '{split}'", rank=rank, device_transform=device_transforms_from_config(data_cfg)[1])
 
 
 def iter_keys(batches: Iterable[dict[str, Any]]) -> list[str]:

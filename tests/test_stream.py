@@ -104,7 +104,7 @@ def test_every_rank_yields_exactly_the_planned_batches(pack, world_size, workers
         batches = list(loader)
         assert len(loader) == len(batches) == expected
         for b in batches:
-            assert b["image"].shape == (4, 3, 16, 16) and b["image"].dtype == torch.float32
+            assert b["image"].shape == (4, 3, 16, 16) and b["image"].dtype == torch.uint8  # crops; float on the device
             assert b["label"].dtype == torch.long and len(b["key"]) == len(b["source"]) == 4
             assert all(
                 int(k.split("-")[1]) % 4 == label
@@ -360,3 +360,33 @@ def test_a_range_read_of_a_bcc_pack_shard_matches_a_full_read(synth_shards):
         got = [(s["__key__"], s["json"]) for s in read_range(shard, lo, shard.count)]
         assert got == full[lo:]
     assert sample_offset(str(shard.path), shard.count) == (None, shard.count)
+
+
+@pytest.mark.parametrize("layout", ["gnu-long-names", "pax", "pax-global"])
+def test_own_tar_reader_reads_what_webdataset_reads(tmp_path, layout):
+    """bcc's header parser (local shards) against webdataset's tarfile reader: long names, pax records,
+    a global pax header (handed to tarfile from there); a bad header checksum is named."""
+    import tarfile
+
+    from bcc.shards import _tar_samples
+
+    path = tmp_path / "x.tar"
+    fmt = tarfile.GNU_FORMAT if layout == "gnu-long-names" else tarfile.PAX_FORMAT
+    headers = {"comment": "global"} if layout == "pax-global" else {}
+    with tarfile.open(path, "w", format=fmt, pax_headers=headers) as tar:
+        for i, name in enumerate(["a", "d" * 120 + "/b", "__meta__", "c"]):
+            for ext, data in (("png", bytes([i]) * (700 + i)), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{name}.{ext}")
+                info.size = len(data)
+                if layout == "pax":
+                    info.pax_headers = {"comment": "é" * 3}
+                tar.addfile(info, io.BytesIO(data))
+    expected = list(wds.tariterators.tarfile_samples([{"url": str(path)}], handler=wds.reraise_exception))
+    assert [s["__key__"] for s in expected] == ["a", "d" * 120 + "/b", "__meta__", "c"]
+    with open(path, "rb") as f:
+        assert list(_tar_samples(f, str(path))) == expected
+    raw = bytearray(path.read_bytes())
+    raw[0] ^= 1  # the first header's checksum no longer matches
+    path.write_bytes(bytes(raw))
+    with open(path, "rb") as f, pytest.raises(tarfile.ReadError, match="checksum"):
+        list(_tar_samples(f, str(path)))

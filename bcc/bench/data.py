@@ -1,11 +1,14 @@
-"""`bench_data`: three ways of making augmented training batches from the same images, alternated round by
-round in one process so that background load hits all of them alike:
+"""`bench_data`: three ways of making training batches from the same images, alternated round by round in
+one process so that background load hits all of them alike. All three run the loader workers' part of
+the training transform (`bcc.transforms.TrainCrop`: decode, random resized crop, flips -> uint8); the
+float part (rotation, jitter, normalise) runs batched on the training device (`bcc.device_aug`) and is not
+timed here: the figures are batches arriving in the main process, before the on-device step.
   (a) bcc's stream (`bcc.stream.train_loader`) reading the packed shards;
   (b) torchvision `ImageFolder` + `DataLoader` over a class-folder tree of the same images;
-  (c) the per-core limit: decode + transform of the same JPEG bytes in a tight loop in one process, one
+  (c) the per-core limit: decode + crop of the same image bytes in a tight loop in one process, one
       intra-op thread (as in a loader worker); multiplied by the number of workers it is what (a) could
-      reach if the loader cost nothing beyond decode and augmentation. With several workers the same loop
-      also runs in that many processes at once, which shows how many cores the machine really has free.
+      reach if the loader cost nothing beyond decode and crop. With several workers the same loop also
+      runs in that many processes at once, which shows how many cores the machine really has free.
 """
 
 from __future__ import annotations
@@ -177,11 +180,11 @@ def bench_data(
 
     from bcc.manifest import Manifest
     from bcc.stream import train_loader
-    from bcc.transforms import presets_from_config
+    from bcc.transforms import crops_from_config
 
     manifest = Manifest.load(shards)
     cfg = data_config(shards, split, workers, batch_size, image_size)
-    transform, _ = presets_from_config(cfg)
+    transform, _ = crops_from_config(cfg)  # what a loader worker runs; the float part is on the device
     info = manifest.split(split)
 
     with tempfile.TemporaryDirectory(prefix="bcc-bench-") as tmp:

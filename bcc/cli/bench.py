@@ -1,4 +1,4 @@
-"""`bcc bench data|step|vote|gpu`: is the data path fast enough, and what does the trainer's step cost.
+"""`bcc bench data|step|vote|gpu|pack`: is the data path fast enough, and what does the trainer's step cost.
 
 Run on the machine you train on; every figure is a median over alternating rounds in one process, so
 background load hits all the compared variants alike. The ratios are the result; absolute img/s depend
@@ -22,14 +22,18 @@ def _sizes(value: str) -> tuple[int, ...]:
     return sizes
 
 
-def _counts(value: str) -> tuple[int, ...]:
+def _counts(value: str, least: int = 1) -> tuple[int, ...]:
     try:
         counts = tuple(int(v) for v in value.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected counts like 2,4,8, got {value!r}") from None
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive counts, got {value!r}")
+    if not counts or min(counts) < least:
+        raise argparse.ArgumentTypeError(f"expected counts >= {least}, got {value!r}")
     return counts
+
+
+def _worker_counts(value: str) -> tuple[int, ...]:
+    return _counts(value, least=0)
 
 
 def register(subparsers) -> None:
@@ -39,19 +43,22 @@ def register(subparsers) -> None:
     d = sub.add_parser(
         "data",
         help="bcc stream vs ImageFolder vs the per-core decode limit",
-        description="Time (a) bcc's streaming loader over packed shards, (b) torchvision ImageFolder + "
-        "DataLoader over the same images, (c) decode + transform in one process x workers; same training "
-        "transform and workers for all, alternating rounds, medians reported.",
+        description="Time (a) bcc's streaming loader over packed shards (batches arriving in the main process, "
+        "before the on-device step), (b) torchvision ImageFolder + DataLoader over the same images, (c) decode + "
+        "crop in one process x workers and in W processes at once; the loader workers' transform (decode, "
+        "random resized crop, flips -> uint8) and the workers are the same for all; alternating rounds, medians "
+        "reported. Lists of image sizes and worker counts run every combination and end with a summary.",
     )
     d.add_argument("--shards", required=True, metavar="DIR", help="a packed dataset (holds manifest.json)")
     d.add_argument("--split", default="train", help="split to read (default train)")
-    d.add_argument("--workers", type=count, default=2, metavar="N", help="loader worker processes (default 2)")
+    d.add_argument("--workers", type=_worker_counts, default=(2,), metavar="N[,N2...]",
+                   help="loader worker processes, or a list of counts to run each (default 2)")
     d.add_argument("--batches", type=positive_int, default=50, metavar="K",
                    help="timed batches per measurement (default 50; capped at one epoch)")
     d.add_argument("--warmup", type=count, default=5, metavar="W", help="untimed batches first (default 5)")
     d.add_argument("--batch-size", type=positive_int, default=32, metavar="B", help="default 32")
-    d.add_argument("--image-size", type=positive_int, default=224, metavar="S",
-                   help="training crop size (default 224)")
+    d.add_argument("--image-size", type=_counts, default=(224,), metavar="S[,S2...]",
+                   help="training crop size, or a list of sizes to run each (default 224)")
     d.add_argument("--rounds", type=positive_int, default=3, metavar="R", help="alternating rounds (default 3)")
     d.add_argument("--source", metavar="DIR",
                    help="class-folder tree for the ImageFolder baseline (default: unpack the split to a temp dir)")
@@ -107,6 +114,10 @@ def register(subparsers) -> None:
                    help="timed steps per step measurement (default 10 on cuda, 2 on cpu)")
     g.set_defaults(func=run_gpu)
 
+    from bcc.cli import _bench_pack  # `bcc bench pack`: its own module, beside the other benches
+
+    _bench_pack.register(sub)
+
 
 def _progress(console):
     return lambda message: console.print(f"[dim]{message}[/]")
@@ -118,17 +129,28 @@ def _spread(timing) -> str:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from bcc.bench import bench_data, bench_rss
+    from bcc.bench import bench_data
     from bcc.console import console
 
     # user errors are BccErrors: bcc.cli.call prints them (exit 2; BCC_DEBUG=1 keeps the traceback)
-    result = bench_data(
-        args.shards, split=args.split, workers=args.workers, batches=args.batches, warmup=args.warmup,
-        batch_size=args.batch_size, image_size=args.image_size, source=args.source, rounds=args.rounds,
-        progress=_progress(console),
-    )
+    results = []
+    for size in args.image_size:
+        for workers in args.workers:
+            result = bench_data(
+                args.shards, split=args.split, workers=workers, batches=args.batches, warmup=args.warmup,
+                batch_size=args.batch_size, image_size=size, source=args.source, rounds=args.rounds,
+                progress=_progress(console),
+            )
+            _data_table(args, result, console)
+            results.append(result)
+    if len(results) > 1:
+        _data_summary(args, results, console)
+    return _rss(args, console) if args.rss else 0
+
+
+def _data_table(args: argparse.Namespace, result, console) -> None:
+    from rich.table import Table
+
     w = max(result.workers, 1)
     baseline = args.source or f"split '{args.split}' unpacked to a temp dir"
     table = Table(
@@ -136,7 +158,7 @@ def run_data(args: argparse.Namespace) -> int:
         f"worker(s), {result.image_size} px, batch {result.batch_size}; median of {result.rounds} rounds x "
         f"{result.batches} batches after {result.warmup} warm-up",
         caption=f"(b) reads {baseline} ({result.folder_images} images); (c) = one process, one thread, "
-        f"decode + the same transform, x {w} worker(s)",
+        f"decode + the same crop (uint8), x {w} worker(s)",
     )
     table.add_column("loader")
     table.add_column("img/s", justify="right")
@@ -158,8 +180,9 @@ def run_data(args: argparse.Namespace) -> int:
                       f"{rate / result.folder.rate:.2f}")
     console.print(table)
     console.print(
+        f"{result.image_size} px, {result.workers} worker(s): "
         f"(a)/(c*workers) = [bold]{result.stream_vs_limit:.2f}[/] (goal >= 0.9)   "
-        f"(a)/(b) = [bold]{result.stream_vs_folder:.2f}[/] (goal >= 2 where storage is the bottleneck)"
+        f"(a)/(b) = [bold]{result.stream_vs_folder:.2f}[/] (goal >= 1)"
     )
     if result.parallel.rates:
         console.print(
@@ -167,24 +190,46 @@ def run_data(args: argparse.Namespace) -> int:
             f"cores free for decoding ~ {result.parallel.rate / result.decode.rate:.1f} of {w}"
         )
 
-    if args.rss:
-        points = bench_rss(args.rss_samples, workers=args.workers, batch_size=args.batch_size,
-                           progress=_progress(console))
-        rss = Table(title=f"loader peak RSS (main + {args.workers} worker(s), summed), one epoch of synthetic "
-                    f"16 px JPEGs, batch {args.batch_size}")
-        rss.add_column("samples", justify="right")
-        rss.add_column("batches", justify="right")
-        rss.add_column("processes", justify="right")
-        rss.add_column("seconds", justify="right")
-        rss.add_column("peak RSS MiB", justify="right")
-        rss.add_column(f"/ {points[0].samples:,}", justify="right")
-        for p in points:
-            rss.add_row(f"{p.samples:,}", str(p.batches), str(p.processes), f"{p.seconds:.1f}",
-                        f"{p.peak_rss / 2**20:,.0f}", f"{p.peak_rss / points[0].peak_rss:.3f}")
-        console.print(rss)
-        growth = points[-1].peak_rss / points[0].peak_rss
-        console.print(f"peak RSS {points[-1].samples:,} / {points[0].samples:,} samples = [bold]{growth:.3f}[/] "
-                      f"(goal <= 1.10)")
+
+def _data_summary(args: argparse.Namespace, results, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"bcc bench data summary: {args.shards}, batch {args.batch_size}, medians of {args.rounds} rounds")
+    for column in ("px", "workers", "(a) img/s", "(b) img/s", "(c) x workers", "(c) in W at once",
+                   "(a)/(c*workers)", "(a)/(b)", "(a)/(c in W)"):
+        table.add_column(column, justify="right")
+    for r in results:
+        together = r.parallel.rate if r.parallel.rates else None
+        table.add_row(str(r.image_size), str(r.workers), f"{r.stream.rate:,.0f}", f"{r.folder.rate:,.0f}",
+                      f"{r.limit:,.0f}", "-" if together is None else f"{together:,.0f}",
+                      f"{r.stream_vs_limit:.2f}", f"{r.stream_vs_folder:.2f}",
+                      "-" if together is None else f"{r.stream.rate / together:.2f}")
+    console.print(table)
+
+
+def _rss(args: argparse.Namespace, console) -> int:
+    from rich.table import Table
+
+    from bcc.bench import bench_rss
+
+    workers = max(args.workers)
+    points = bench_rss(args.rss_samples, workers=workers, batch_size=args.batch_size,
+                       progress=_progress(console))
+    rss = Table(title=f"loader peak RSS (main + {workers} worker(s), summed), one epoch of synthetic "
+                f"16 px JPEGs, batch {args.batch_size}")
+    rss.add_column("samples", justify="right")
+    rss.add_column("batches", justify="right")
+    rss.add_column("processes", justify="right")
+    rss.add_column("seconds", justify="right")
+    rss.add_column("peak RSS MiB", justify="right")
+    rss.add_column(f"/ {points[0].samples:,}", justify="right")
+    for p in points:
+        rss.add_row(f"{p.samples:,}", str(p.batches), str(p.processes), f"{p.seconds:.1f}",
+                    f"{p.peak_rss / 2**20:,.0f}", f"{p.peak_rss / points[0].peak_rss:.3f}")
+    console.print(rss)
+    growth = points[-1].peak_rss / points[0].peak_rss
+    console.print(f"peak RSS {points[-1].samples:,} / {points[0].samples:,} samples = [bold]{growth:.3f}[/] "
+                  f"(goal <= 1.10)")
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from bcc.cli._types import fold_count, positive_int
-from bcc.pack import DEFAULT_MIN_SHARDS
+from bcc.pack import DEFAULT_MIN_SHARDS, default_workers
 
 
 def _split_arg(value: str) -> tuple[float, float, float]:
@@ -70,7 +70,9 @@ def register(subparsers) -> None:
     p.add_argument("--min-shards", type=positive_int, default=DEFAULT_MIN_SHARDS, metavar="K",
                    help=f"at least K shards per split when it has K samples (default {DEFAULT_MIN_SHARDS}: "
                    "2 loader workers on each of 8 ranks)")
-    p.add_argument("--workers", type=positive_int, default=1, metavar="N", help="decode processes (default 1)")
+    p.add_argument("--workers", type=positive_int, default=default_workers(), metavar="N",
+                   help="processes that read, hash and decode the sources and write the shards "
+                   f"(default: the CPUs this process may use, here {default_workers()})")
     p.add_argument("--group-regex", type=_group_regex, metavar="RE",
                    help="files whose names share RE's first group (e.g. a patient id) stay in one split")
     p.add_argument("--near-dup-threshold", type=_near_threshold, default=6, metavar="BITS",
@@ -156,17 +158,18 @@ def _summary(result, console) -> None:
             skipped.add_row(reason, str(n))
         console.print(skipped)
     extra = []
-    if m["converted"]:
-        extra.append(f"{len(m['converted'])} converted to 8-bit RGB")
-    if m["duplicates"]:
-        n_files = sum(len(d["paths"]) for d in m["duplicates"])
-        conflicts = sum(d["conflict"] for d in m["duplicates"])
-        extra.append(f"{len(m['duplicates'])} duplicate sets ({n_files} files, {conflicts} across classes)")
-    near = m.get("near_duplicates")
-    if near:
-        n_groups = near["count"] if isinstance(near, dict) else len(near)
-        extra.append(f"{n_groups} near-duplicate groups (pHash within {m['options']['near_dup_threshold']} bits) "
-                     "kept on one side")
+    counts = result.counts
+    if counts["converted"]:
+        extra.append(f"{counts['converted']} converted to 8-bit RGB")
+    if counts["duplicates"]:
+        extra.append(f"{counts['duplicates']} duplicate sets ({counts['duplicate_files']} files, "
+                     f"{counts['duplicate_conflicts']} across classes)")
+    if counts["near_duplicate_groups"]:
+        extra.append(f"{counts['near_duplicate_groups']} near-duplicate groups (pHash within "
+                     f"{m['options']['near_dup_threshold']} bits) kept on one side")
+    side = [f"{v['file']} ({v['count']})" for v in m.values() if isinstance(v, dict) and "file" in v]
+    if side:
+        extra.append("long lists in side files: " + ", ".join(side))
     if m.get("folds"):
         extra.append(f"{m['folds']['k']} cross-validation folds of train+val: "
                      + ", ".join(str(n) for n in m["folds"]["counts"]) + " samples")
@@ -179,6 +182,7 @@ def _summary(result, console) -> None:
 
 
 def _verify(out: str, console) -> int:
+    from bcc.manifest import FILE_LISTS, Manifest, ManifestError
     from bcc.shards import verify_shards
 
     result = verify_shards(out)
@@ -188,8 +192,20 @@ def _verify(out: str, console) -> int:
         else:
             console.print(f"[red]{check.status.upper():<9}[/] {check.path.name}: {check.detail}")
     bad = len(result.mismatches)
-    if bad:
-        console.print(f"[red]{bad} of {len(result.shards)} shard(s) failed verification[/]")
+    manifest = Manifest.load(out)
+    side_bad = 0
+    for name in FILE_LISTS:  # the long per-file lists' side files, checked against their sha256
+        ref = manifest.data.get(name)
+        if isinstance(ref, dict):
+            try:
+                manifest.file_list(name)
+                console.print(f"[green]OK[/]        {ref.get('file')}")
+            except ManifestError as e:
+                console.print(f"[red]MISMATCH [/] {ref.get('file')}: {e}")
+                side_bad += 1
+    if bad or side_bad:
+        console.print(f"[red]{bad} of {len(result.shards)} shard(s) failed verification[/]"
+                      + (f"[red], and {side_bad} side file(s)[/]" if side_bad else ""))
         return 1
     console.print(f"[green]all {len(result.shards)} shards match the manifest[/]")
     return 0

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 
 from bcc.checkpoint import TrainState
 from bcc.console import console
+from bcc.device_aug import on_device
 from bcc.finetune import set_train_mode, stage_at
 from bcc.metrics import EvalMetrics, format_table
 from bcc.train.preempt import PreemptionFlag, is_vote_step
@@ -116,10 +117,10 @@ def train_one_epoch(loader, parts: Components, stage: StageParts, state: TrainSt
     t0, seen0 = time.perf_counter(), state.samples_seen
     losses = LossWatch(state.step + 1, accum)
     lr = None
-    for batch in loader:
+    # uint8 batches become the model's input here, on the device (bcc.device_aug: rotation, jitter, normalise)
+    for batch in on_device(loader, accelerator.device, channels_last=cfg.model.channels_last):
         if lr is None or state.batches_in_epoch % accum == 0:  # a window starts: the rate of its step
             lr = set_lr(stage.optimizer, cfg, plan, step_in_stage, stage_steps)
-        batch = move_batch(batch, accelerator.device, cfg.model.channels_last)
         losses.add(train_step(stage.wrapped, batch, parts.loss_fn, stage.optimizer, accelerator,
                               parts.targets_of, cfg.train.clip_grad))
         state.batches_in_epoch += 1
@@ -168,8 +169,7 @@ def evaluate(model, loader, metrics: EvalMetrics, loss_fn, accelerator: Accelera
     was_training = model.training
     model.eval()
     metrics.reset()
-    for batch in loader:
-        batch = move_batch(batch, accelerator.device)
+    for batch in on_device(loader, accelerator.device):
         logits = model(batch["image"])
         labels = batch["label"]
         loss, _ = loss_fn(logits, targets_of(labels))

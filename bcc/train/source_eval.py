@@ -13,9 +13,10 @@ import torch
 from accelerate import Accelerator
 
 from bcc.console import console
+from bcc.device_aug import on_device
 from bcc.finetune import set_train_mode
 from bcc.metrics import EvalMetrics, format_table
-from bcc.train.epoch import move_batch, sync_buffers
+from bcc.train.epoch import sync_buffers
 from bcc.train.setup import Components, RunInfo, StageParts
 
 
@@ -33,8 +34,7 @@ def evaluate_sources(model, loaders: Mapping[str, object], combined: EvalMetrics
     for name, loader in loaders.items():
         metrics = per_source[name]
         metrics.reset()
-        for batch in loader:
-            batch = move_batch(batch, accelerator.device)
+        for batch in on_device(loader, accelerator.device):  # uint8 crops -> normalised, on the device
             logits = model(batch["image"])
             labels = batch["label"]
             loss, _ = loss_fn(logits, targets_of(labels))

@@ -1,0 +1,193 @@
+"""`bench_pack`: `bcc pack`'s throughput against the decode limit, and its peak memory, at two sizes.
+
+The sources are synthetic blood-smear JPEGs: a pool of cells rendered by `bcc.synth.render_cell`, each
+image a crop of a random 2x2 mosaic of its class's cells (so pHashes differ as real images' do, and
+a million images cost a few minutes to make, not hours). They are made once, for the largest size, and
+the smaller sizes are hard-linked subsets; making them is not timed.
+
+The decode limit is the per-image first-pass work (read, sha256, full decode, pHash: `bcc.pack`'s
+own `_inspect`) in this one process, on the first images of the set, just before each pack; the pack
+runs with `workers` processes, so the goal is throughput >= 0.8 x limit x workers. Peak RSS is summed
+over the packer's process tree (a fresh interpreter running `pack_folders`, and its workers), sampled
+every 20 ms: the packer's own footprint, not this benchmark's imports.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bcc.bench import BenchError, Progress, quiet
+
+__all__ = ["PackPoint", "bench_pack", "synthetic_sources"]
+
+_CELLS_PER_CLASS = 64
+
+
+@dataclass(frozen=True)
+class PackPoint:
+    images: int
+    workers: int
+    seconds: float
+    images_per_s: float
+    limit_per_process: float  # img/s of the first-pass work in one process (the decode limit)
+    peak_rss: int  # bytes, summed over the packer's process tree
+    processes: int
+    shards: int
+    near_duplicate_groups: int
+    side_files: tuple[str, ...]
+    load: tuple[float, float, float]  # 1, 5, 15 min load average when the pack started
+    stages: dict  # seconds per stage of the pack (scan, first pass, split, write, manifest)
+
+    @property
+    def ratio(self) -> float:
+        """throughput / (decode limit x workers); goal >= 0.8."""
+        return self.images_per_s / (self.limit_per_process * self.workers)
+
+
+def synthetic_sources(root: str | Path, n: int, *, image_px: int = 64, seed: int = 0) -> Path:
+    """`n` synthetic JPEGs (image_px square) under `root/<Class>/`, classes in turn."""
+    from PIL import Image
+
+    from bcc.synth import SYNTH_CLASSES, render_cell
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    cells = [[np.asarray(render_cell(c, image_px, rng)) for _ in range(_CELLS_PER_CLASS)] for c in SYNTH_CLASSES]
+    for c in SYNTH_CLASSES:
+        (root / c).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        ci = i % len(SYNTH_CLASSES)
+        pick = rng.integers(0, _CELLS_PER_CLASS, 4)
+        pool = cells[ci]
+        mosaic = np.concatenate([np.concatenate([pool[pick[0]], pool[pick[1]]], axis=1),
+                                 np.concatenate([pool[pick[2]], pool[pick[3]]], axis=1)], axis=0)
+        y, x = rng.integers(0, image_px, 2)
+        crop = mosaic[y:y + image_px, x:x + image_px]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(crop)).save(buf, "JPEG", quality=90)
+        (root / SYNTH_CLASSES[ci] / f"img{i // len(SYNTH_CLASSES):07d}.jpg").write_bytes(buf.getvalue())
+    return root
+
+
+def _subset(full: Path, out: Path, n: int) -> Path:
+    """The first n images of `full` (classes in turn) as hard links under `out`."""
+    from bcc.synth import SYNTH_CLASSES
+
+    k = len(SYNTH_CLASSES)
+    for ci, c in enumerate(SYNTH_CLASSES):
+        (out / c).mkdir(parents=True, exist_ok=True)
+        for j in range(n // k + (ci < n % k)):
+            os.link(full / c / f"img{j:07d}.jpg", out / c / f"img{j:07d}.jpg")
+    return out
+
+
+def decode_limit(src: Path, staging: Path, *, images: int = 2000, seconds: float = 5.0) -> float:
+    """img/s of the packer's first-pass work per image in this one process (up to `images` files or
+    `seconds`, whichever comes first)."""
+    from bcc.imageio import MAX_IMAGE_PIXELS
+    from bcc.pack import _inspect, _Options
+
+    staging.mkdir(parents=True, exist_ok=True)
+    paths = sorted(str(p) for p in src.rglob("*.jpg"))[:images]
+    opts = _Options(None, 90, MAX_IMAGE_PIXELS, str(staging), phash=True)
+    _inspect(0, paths[0], opts)  # imports and first-call costs
+    t0 = time.perf_counter()
+    done = 0
+    for k, p in enumerate(paths):
+        _inspect(k, p, opts)
+        done += 1
+        if time.perf_counter() - t0 > seconds:
+            break
+    return done / (time.perf_counter() - t0)
+
+
+_CHILD = """
+import json, sys
+from bcc.pack import pack_folders
+r = pack_folders(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), shard_size=int(sys.argv[4]))
+side = [v["file"] for v in r.manifest.values() if isinstance(v, dict) and "file" in v]
+print(json.dumps({"seconds": r.elapsed_s, "images_per_s": r.images_per_s, "counts": r.counts, "side": side,
+                  "stages": r.stages}))
+"""
+
+
+def _tree_rss(proc) -> tuple[int, int]:
+    """(summed RSS in bytes, processes) of `proc` (psutil.Process) and its descendants now."""
+    import psutil
+
+    try:
+        tree = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0, 0
+    total, n = 0, 0
+    for p in tree:
+        try:
+            total += p.memory_info().rss
+            n += 1
+        except psutil.Error:  # exited between listing and reading
+            pass
+    return total, n
+
+
+def _pack_in_child(src: Path, out: Path, workers: int, shard_size: int) -> tuple[dict, int, int]:
+    """Run `pack_folders` in a fresh interpreter (the packer's own imports, not this benchmark's) and
+    poll the peak RSS of its process tree every 20 ms. Returns (its result, peak bytes, processes)."""
+    import json
+    import subprocess
+    import sys
+
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(src), str(out), str(workers), str(shard_size)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = psutil.Process(child.pid)
+    peak, processes = 0, 0
+    while child.poll() is None:
+        rss, n = _tree_rss(proc)
+        peak, processes = max(peak, rss), max(processes, n)
+        time.sleep(0.02)
+    stdout, stderr = child.communicate()
+    if child.returncode != 0:
+        raise BenchError(f"bcc pack of {src} failed in its benchmark process: {stderr.strip()[-2000:]}")
+    return json.loads(stdout.strip().splitlines()[-1]), peak, processes
+
+
+def bench_pack(sizes: Sequence[int] = (20_000, 200_000), *, workers: int | None = None, image_px: int = 64,
+               shard_size: int = 1000, progress: Progress = quiet) -> list[PackPoint]:
+    """Pack synthetic sources of each size with `workers` processes (default: the CPU affinity) in a
+    fresh interpreter; one `PackPoint` per size (near-duplicate grouping on, as by default)."""
+    from bcc.pack import default_workers
+
+    workers = workers or default_workers()
+    if len(sizes) < 1 or min(sizes) < 8:
+        raise BenchError(f"bench pack needs sizes of at least 8 images, got {list(sizes)}")
+    points = []
+    with tempfile.TemporaryDirectory(prefix="bcc-bench-pack-") as tmp:
+        tmp = Path(tmp)
+        largest = max(sizes)
+        progress(f"making {largest:,} synthetic {image_px} px JPEGs (not timed)")
+        full = synthetic_sources(tmp / f"src{largest}", largest, image_px=image_px)
+        for n in sizes:
+            src = full if n == largest else _subset(full, tmp / f"src{n}", n)
+            limit = decode_limit(src, tmp / "staging-limit")
+            progress(f"packing {n:,} images with {workers} worker(s); one process does {limit:,.0f} img/s")
+            load = os.getloadavg()
+            result, peak, processes = _pack_in_child(src, tmp / f"out{n}", workers, shard_size)
+            points.append(PackPoint(n, workers, result["seconds"], result["images_per_s"], limit, peak, processes,
+                                    result["counts"]["shards"], result["counts"]["near_duplicate_groups"],
+                                    tuple(result["side"]), load, result["stages"]))
+            progress(f"{n:,} images: {points[-1].images_per_s:,.0f} img/s, / (limit x workers) "
+                     f"{points[-1].ratio:.2f}, peak RSS {peak / 2**20:,.0f} MiB, stages {result['stages']}")
+            shutil.rmtree(tmp / f"out{n}")
+    return points

@@ -1,0 +1,62 @@
+"""`bcc bench pack`: bcc pack's images/s against the decode limit x workers, and its peak RSS, at two sizes."""
+
+from __future__ import annotations
+
+import argparse
+
+from bcc.cli._types import positive_int
+
+
+def register(sub) -> None:
+    """Add `pack` to `bcc bench`'s subcommands (called by bcc.cli.bench.register)."""
+    from bcc.cli.bench import _sizes
+
+    p = sub.add_parser(
+        "pack",
+        help="bcc pack throughput vs the decode limit, and peak memory, at two sizes",
+        description="Make synthetic JPEGs once (not timed), then pack SIZES of them with N workers: images/s "
+        "against (the first-pass work per image in one process) x N, and the peak RSS of the packer's process "
+        "tree. Goals: throughput >= 0.8 x limit x workers; peak RSS of the largest / the smallest <= 1.5.",
+    )
+    p.add_argument("--sizes", type=_sizes, default=(20_000, 200_000), metavar="N1,N2",
+                   help="images per pack (default 20000,200000)")
+    p.add_argument("--workers", type=positive_int, metavar="N", help="pack workers (default: the CPU affinity)")
+    p.add_argument("--image-px", type=positive_int, default=64, metavar="PX",
+                   help="side of the synthetic JPEGs (default 64; at least 16)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from rich.table import Table
+
+    from bcc.bench import BenchError
+    from bcc.bench.pack import bench_pack
+    from bcc.console import console
+
+    if args.image_px < 16:
+        raise BenchError(f"--image-px must be at least 16, got {args.image_px}")
+    points = bench_pack(args.sizes, workers=args.workers, image_px=args.image_px,
+                        progress=lambda message: console.print(f"[dim]{message}[/]"))
+    table = Table(title=f"bcc bench pack: synthetic {args.image_px} px JPEGs, {points[0].workers} worker(s), "
+                  "near-duplicate grouping on",
+                  caption="limit = the first-pass work per image (read, sha256, decode, pHash) in one process")
+    for name in ("images", "seconds", "img/s", "limit img/s x workers", "/ limit", "peak RSS MiB",
+                 f"/ {points[0].images:,}", "processes", "shards", "near-dup groups", "side files", "load avg"):
+        table.add_column(name, justify="left" if name == "side files" else "right")
+    for p in points:
+        table.add_row(f"{p.images:,}", f"{p.seconds:.1f}", f"{p.images_per_s:,.0f}",
+                      f"{p.limit_per_process:,.0f} x {p.workers}", f"{p.ratio:.2f}", f"{p.peak_rss / 2**20:,.0f}",
+                      f"{p.peak_rss / points[0].peak_rss:.2f}", str(p.processes), str(p.shards),
+                      str(p.near_duplicate_groups), ", ".join(p.side_files) or "-",
+                      " ".join(f"{x:.1f}" for x in p.load))
+    console.print(table)
+    for p in points:
+        console.print(f"{p.images:,} images: throughput / (decode limit x workers) = [bold]{p.ratio:.2f}[/] "
+                      "(goal >= 0.8); seconds per stage: "
+                      + ", ".join(f"{name} {sec:.1f}" for name, sec in p.stages.items()))
+    console.print(f"RSS {points[-1].images:,}/{points[0].images:,} = "
+                  f"[bold]{points[-1].peak_rss / points[0].peak_rss:.2f}[/] (goal <= 1.5)")
+    console.print(f"load average now: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    return 0
