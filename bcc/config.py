@@ -276,7 +276,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.log_every": _at_least(1),
     "train.lr_base_batch": _positive(),
     "train.compile_backend": ((lambda v: v != ""), "a torch._dynamo backend name (not empty)"),
-    "train.timeout_s": _positive(),
+    # timedelta and the process groups' millisecond clocks overflow on inf/huge values; under 1 s no collective fits
+    "train.timeout_s": ((lambda v: 1 <= v <= 31_536_000), "in [1, 31536000] seconds (1 s to a year)"),
     "train.ema_decay": ((lambda v: v is None or 0 < v < 1), "in (0, 1), or null for no EMA"),
     "finetune.stages.epochs": _at_least(1),
     "finetune.stages.lr_mult": ((lambda v: all(x >= 0 for x in v.values())), ">= 0 for every group"),
@@ -310,6 +311,9 @@ def _type_name(tp: Any) -> str:
     if origin is Literal:
         return ", ".join(map(repr, typing.get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -367,6 +371,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads `3e-4` and `1e12` as strings, YAML 1.2 as numbers
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -93,6 +93,27 @@ def test_out_in_a_missing_directory_is_one_error_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: --out {out}: directory {out.parent} does not exist"]
 
 
+
+def test_out_that_is_a_directory_or_unwritable_is_one_error_before_measuring(monkeypatch, tmp_path):
+    import argparse
+
+    from bcc.cli import bench as cli_bench
+
+    ran = []
+    monkeypatch.setattr(gpu, "bench_gpu", lambda *a, **k: ran.append(1) or {})
+    args = argparse.Namespace(device="cpu", steps=None, out=str(tmp_path))  # a directory, not a file
+    with pytest.raises(BenchError, match=f"--out {tmp_path}: is a directory"):
+        cli_bench.run_gpu(args)
+    assert ran == []  # refused before minutes of measuring
+
+    def read_only(path, report):  # what a read-only filesystem does even to root
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr("bcc.atomic.write_json", read_only)
+    args.out = str(tmp_path / "gpu.json")
+    with pytest.raises(BenchError, match="cannot write the report: Read-only file system"):
+        cli_bench.run_gpu(args)
+
 def _hang_on_rank_1(rank, world_size, backend, device_type, run_dir, spec):
     import time
 

@@ -104,6 +104,15 @@ def test_bare_no_is_the_string_no():
     assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
 
 
+def test_exponent_floats_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `3e-4` without a dot as a string; `lr: 3e-4` was refused as not a number."""
+    assert load_config(write(tmp_path, "train: {lr: 3e-4, weight_decay: 5E-2}\n")).train.lr == 3e-4
+    assert load_config(None, ["train.weight_decay=5E-2"]).train.weight_decay == 0.05
+    assert load_config(None, ["train.timeout_s=1e3"]).train.timeout_s == 1000.0
+    for bad in ("nan", "e5", "1e", "1e-"):
+        with pytest.raises(ConfigError, match=rf"train\.lr: expected a number, got '{bad}'"):
+            load_config(None, [f"train.lr={bad}"])
+
 def test_pretrained_true_means_hub():
     assert load_config(None, ["model.pretrained=true"]).model.pretrained == "hub"
     assert load_config(None, ["model.pretrained=/w/vgg.safetensors"]).model.pretrained == "/w/vgg.safetensors"

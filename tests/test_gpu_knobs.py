@@ -4,6 +4,7 @@ made-up device, torch.compile through the entry point (one compile per stage, ex
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -122,7 +123,11 @@ def test_sync_bn_is_refused_off_cuda_and_on_gloo_with_a_named_error():
 
 
 def test_unknown_values_are_named_errors():
-    for override, message in [("train.timeout_s=0", r"train.timeout_s: must be > 0"),
+    for override, message in [("train.timeout_s=0", r"train.timeout_s: must be in \[1, 31536000\] seconds"),
+                              ("train.timeout_s=.inf", r"train.timeout_s: must be in \[1, 31536000\]"),  # was an
+                              ("train.timeout_s=1e14", r"train.timeout_s: must be in \[1, 31536000\]"),  # Overflow-
+                              ("train.timeout_s=.nan", r"train.timeout_s: must be in \[1, 31536000\]"),  # Error
+                              ("train.timeout_s=abc", r"train.timeout_s: expected a number, got 'abc'"),
                               ("train.lr_scale=cube", r"train.lr_scale: 'cube' is not one of"),
                               ("train.mixed_precision=fp8", r"train.mixed_precision: 'fp8' is not one of 'auto'"),
                               ("model.channels_last=maybe", r"model.channels_last: 'maybe' fits none of bool or 'auto'"),
@@ -132,6 +137,14 @@ def test_unknown_values_are_named_errors():
             load_config(None, [override])
     with pytest.raises(DeviceSettingError, match=r"train.compile_backend: 'turbo' is not a torch.compile backend"):
         check_compile(load_config(None, ["train.compile=true", "train.compile_backend=turbo"]).train)
+    for stale in ("fx2trt", "nvprims_nvfuser", "onnxrt"):  # in Accelerate's list, not in this torch: a traceback
+        with pytest.raises(DeviceSettingError, match=rf"train.compile_backend: '{stale}' is not available in this "
+                                                     r"torch .*usable here: .*aot_eager"):
+            check_compile(load_config(None, ["train.compile=true", f"train.compile_backend={stale}"]).train)
+    if importlib.util.find_spec("tvm") is None:
+        with pytest.raises(DeviceSettingError, match=r"train.compile_backend=tvm needs the 'tvm' package"):
+            check_compile(load_config(None, ["train.compile=true", "train.compile_backend=tvm"]).train)
+    check_compile(load_config(None, ["train.compile=true", "train.compile_backend=aot_eager"]).train)
     with pytest.raises(DeviceSettingError, match=r"train.compile_mode=max-autotune is a mode of the inductor"):
         check_compile(load_config(None, ["train.compile=true", "train.compile_backend=eager",
                                          "train.compile_mode=max-autotune"]).train)
@@ -193,6 +206,24 @@ def test_compile_counter_counts_frames_and_recompilations_per_stage(monkeypatch)
     assert counter.finish().recompiles == 1
 
 
+def test_a_later_stage_in_one_process_is_compiled_again():
+    """Accelerate returns a model it prepared before as it is; in one process that is the bare (uncompiled)
+    model, so every stage after the first trained eagerly under train.compile=true."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DynamoBackend, TorchDynamoPlugin, is_compiled_module
+
+    from bcc.train.setup import compile_again
+
+    model = torch.nn.Linear(2, 2)
+    on = SimpleNamespace(state=SimpleNamespace(dynamo_plugin=TorchDynamoPlugin(backend="aot_eager")))
+    again = compile_again(on, model)
+    assert is_compiled_module(again) and again._orig_mod is model
+    assert compile_again(on, again) is again  # a DDP stage: Accelerate compiled its new wrapper already
+    off = SimpleNamespace(state=SimpleNamespace(dynamo_plugin=TorchDynamoPlugin(backend=DynamoBackend.NO)))
+    assert compile_again(off, model) is model
+
+
 # --------------------------------------------------------------------------- through the entry points
 
 
@@ -218,7 +249,9 @@ def test_compile_compiles_once_per_stage_and_resume_is_bitwise_exact(synth_shard
     compiles = {r["stage"]: (r["frames"], r["recompiles"]) for r in rows if r.get("split") == "compile"}
     assert compiles.keys() == {0, 1}, compiles
     assert compiles[0][0] >= 1 and compiles[0][1] == 0, compiles  # compiled at the first step, never again
-    assert compiles[1][1] <= 1, compiles  # the stage change: at most one recompilation
+    # the stage change: one recompilation, and the new stage does run compiled (in one process Accelerate
+    # used to hand stage 1 back uncompiled: 0 frames, silently eager)
+    assert compiles[1][0] >= 1 and compiles[1][1] <= 1, compiles
 
     states = {p: json.loads((p / "trainer_state.json").read_text())
               for p in (tmp_path / "straight" / "checkpoints").glob("step-*")}

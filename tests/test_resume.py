@@ -247,3 +247,31 @@ def test_damaged_latest_checkpoint_auto_resumes_from_previous_and_says_so(resume
     assert all(f"resuming from the previous complete checkpoint {intact.name}" in w for w in warnings)
     assert f"resumed from {intact}" in auto.stdout.replace("\n", "")
     assert_bitwise_equal(expected, final_weights(run_dir))
+
+
+def test_resume_accepts_execution_keys_and_explains_a_scaled_lr():
+    """timeout, compile and DDP options change how a run executes, not what it computes: a requeued job
+    may raise its timeout or drop the compiler (they were refused). A train.lr difference that comes from
+    train.lr_scale (another process count at an epoch-end resume) says so and how to continue."""
+    from bcc.config import load_config
+    from bcc.taxonomy import Taxonomy
+    from bcc.train.accel import device_caps, resolve_config
+    from bcc.train.resume import check_resume_compatible
+    from bcc.train.setup import TrainError
+
+    tax = Taxonomy.default()
+    meta = {"taxonomy": tax.to_dict()}
+    saved = load_config(None, ["train.compile=true", "train.compile_backend=aot_eager"])
+    current = load_config(None, ["train.timeout_s=60", "train.ddp_static_graph=true",
+                                 "train.ddp_gradient_as_bucket_view=true"])
+    changes = check_resume_compatible(saved, current, meta, tax)
+    assert {c.split(":")[0] for c in changes} == {"train.timeout_s", "train.compile", "train.compile_backend",
+                                                   "train.ddp_static_graph", "train.ddp_gradient_as_bucket_view"}
+    cpu = device_caps(torch.device("cpu"))
+    scaled = load_config(None, ["train.lr_scale=linear", "train.lr_base_batch=64", "train.lr=0.1"])
+    one, two = resolve_config(scaled, cpu, 1), resolve_config(scaled, cpu, 2)
+    with pytest.raises(TrainError, match=r"train.lr: .*checkpoint trained at 0\.1; .* set train.lr=0.1 "
+                                         r"train.lr_scale=none to continue at it"):
+        check_resume_compatible(two, one, meta, tax)
+    fixed = resolve_config(load_config(None, ["train.lr=0.1", "train.lr_scale=none", "train.lr_base_batch=64"]), cpu, 1)
+    assert check_resume_compatible(two, fixed, meta, tax) == []

@@ -317,6 +317,7 @@ def _rank_line(part: dict) -> str:
 
 
 def run_gpu(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from rich.table import Table
@@ -329,8 +330,15 @@ def run_gpu(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.parent.is_dir():  # before minutes of measuring, not after
         raise BenchError(f"--out {out}: directory {out.parent} does not exist")
+    if out.is_dir():
+        raise BenchError(f"--out {out}: is a directory; name the report file, e.g. {out / 'bench-gpu.json'}")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise BenchError(f"--out {out}: directory {out.parent} is not writable")
     report = bench_gpu(args.device, steps=args.steps, progress=_progress(console))
-    write_json(out, report)
+    try:
+        write_json(out, report)
+    except OSError as e:  # a read-only filesystem (root passes os.access), a full disk
+        raise BenchError(f"--out {out}: cannot write the report: {e.strerror or e}") from e
 
     env = report["environment"]
     console.print(f"bcc bench gpu: {env.get('gpu', 'cpu')}, torch {env['torch']}, {report['seconds']:.0f} s")

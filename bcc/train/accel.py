@@ -10,6 +10,7 @@ concrete, `train.lr` scaled), which the checkpoint records.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 from dataclasses import dataclass
@@ -104,6 +105,23 @@ def check_compile(t: TrainConfig) -> None:
     if t.compile_backend not in known:
         raise DeviceSettingError(f"train.compile_backend: {t.compile_backend!r} is not a torch.compile backend "
                                  f"Accelerate can use; one of {', '.join(sorted(known))}")
+    # Accelerate's list holds names this torch no longer registers (fx2trt, nvprims_nvfuser, ...) or registers
+    # only with a plugin installed (onnxrt, tensorrt); tvm is registered but imports its package at the
+    # first compile. Each failed as a traceback at the first step.
+    from torch._dynamo.backends.registry import list_backends, lookup_backend
+    from torch._dynamo.exc import InvalidBackend
+
+    try:
+        lookup_backend(t.compile_backend)
+    except InvalidBackend:
+        usable = sorted(known & set(list_backends(exclude_tags=())))
+        raise DeviceSettingError(f"train.compile_backend: {t.compile_backend!r} is not available in this torch "
+                                 f"{torch.__version__} (a plugin package may be missing); usable here: "
+                                 f"{', '.join(usable)}") from None
+    package = {"tvm": "tvm"}.get(t.compile_backend)
+    if package and importlib.util.find_spec(package) is None:
+        raise DeviceSettingError(f"train.compile_backend={t.compile_backend} needs the {package!r} package, "
+                                 "which is not installed")
     if t.compile_mode != "default" and t.compile_backend != "inductor":
         raise DeviceSettingError(f"train.compile_mode={t.compile_mode} is a mode of the inductor backend; "
                                  f"train.compile_backend={t.compile_backend} would ignore it")

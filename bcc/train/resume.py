@@ -34,6 +34,14 @@ SAFE_RESUME_KEYS = (
     "data.workers",
     "data.eval_batch_size",
     "data.on_corrupt",  # a run stopped by a damaged sample continues with skip from its last checkpoint
+    # how the run is executed, not what it computes: a requeued job may need a longer collective timeout,
+    # or to drop a compiler that fails on another node (compiled and eager runs share checkpoints)
+    "train.timeout_s",
+    "train.compile",
+    "train.compile_backend",
+    "train.compile_mode",
+    "train.ddp_static_graph",
+    "train.ddp_gradient_as_bucket_view",
     "checkpoint.",
     "eval.",
     "run.",
@@ -112,9 +120,14 @@ def check_resume_compatible(saved: Config, current: Config, saved_meta: Mapping,
         if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in SAFE_RESUME_KEYS):
             unsafe.append(key)
     if unsafe:
+        hint = ""
+        if "train.lr" in unsafe:  # both sides hold the rate after train.lr_scale, which the user may not have touched
+            hint = (f" (train.lr is compared after train.lr_scale: the checkpoint trained at {saved.train.lr:g}; "
+                    "with train.lr_scale, another number of processes, data.batch_size or train.grad_accum gives "
+                    f"another rate: set train.lr={saved.train.lr:g} train.lr_scale=none to continue at it)")
         raise TrainError(
             "config differs from the checkpoint's in keys that change the run: "
-            + "; ".join(c for c in changes if c.split(":")[0] in unsafe)
+            + "; ".join(c for c in changes if c.split(":")[0] in unsafe) + hint
             + f". Safe to change on resume: {', '.join(SAFE_RESUME_KEYS)}. Start a new run.dir instead."
         )
     return changes

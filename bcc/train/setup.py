@@ -150,6 +150,19 @@ def cache_accelerate_probes() -> None:
         accelerated.is_lomo_available = functools.cache(probe)
 
 
+def compile_again(accelerator: Accelerator, wrapped: nn.Module) -> nn.Module:
+    """With `train.compile` in one process, the model of a stage after the first comes back uncompiled:
+    Accelerate marks the first stage's compiled module `_is_accelerate_prepared`, the mark passes through
+    to the bare model (no DDP wrapper in between) and `prepare` returns such a model as it is. Compile it
+    here as Accelerate would have (with DDP each stage gets a new wrapper, which Accelerate compiles)."""
+    from accelerate.utils import DynamoBackend, is_compiled_module
+
+    plugin = accelerator.state.dynamo_plugin
+    if plugin.backend == DynamoBackend.NO or is_compiled_module(wrapped):
+        return wrapped
+    return torch.compile(wrapped, **plugin.to_kwargs())
+
+
 def enter_stage(parts: Components, accelerator: Accelerator, index: int, previous: StageParts | None = None,
                 carry: bool = False) -> StageParts:
     """Set the trainable groups of stage `index`, then build a new DDP wrapper and optimizer.
@@ -169,6 +182,7 @@ def enter_stage(parts: Components, accelerator: Accelerator, index: int, previou
     if carry and old_opt is not None:
         carry_optimizer_state(old_opt, opt)
     wrapped, optimizer = accelerator.prepare(parts.model, opt)
+    wrapped = compile_again(accelerator, wrapped)
     cache_accelerate_probes()
     set_train_mode(parts.model, frozen_bn)
     return StageParts(index, wrapped, optimizer, frozen_bn)
