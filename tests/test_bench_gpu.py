@@ -114,6 +114,17 @@ def test_out_that_is_a_directory_or_unwritable_is_one_error_before_measuring(mon
     with pytest.raises(BenchError, match="cannot write the report: Read-only file system"):
         cli_bench.run_gpu(args)
 
+def test_steps_is_bounded_so_the_budget_holds():
+    import argparse
+
+    from bcc.cli.bench import MAX_GPU_STEPS, gpu_steps
+
+    assert gpu_steps(str(MAX_GPU_STEPS)) == MAX_GPU_STEPS
+    for bad in ("0", "-3", "abc", str(MAX_GPU_STEPS + 1), "100000"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            gpu_steps(bad)
+
+
 def _hang_on_rank_1(rank, world_size, backend, device_type, run_dir, spec):
     import time
 

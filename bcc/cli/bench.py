@@ -11,6 +11,16 @@ import argparse
 
 from bcc.cli._types import count, positive_int
 
+MAX_GPU_STEPS = 100  # a step measurement does not check the time budget: bound its length instead
+
+
+def gpu_steps(value: str) -> int:
+    """`bcc bench gpu --steps`: 1 to MAX_GPU_STEPS."""
+    n = positive_int(value)
+    if n > MAX_GPU_STEPS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_GPU_STEPS} (each of the 16 step measurements runs N steps), got {n}")
+    return n
+
 
 def _sizes(value: str) -> tuple[int, ...]:
     try:
@@ -110,8 +120,9 @@ def register(subparsers) -> None:
     g.add_argument("--device", choices=("cuda", "cpu"),
                    help="default: cuda when a GPU is visible, else an error asking for --device cpu")
     g.add_argument("--out", required=True, metavar="FILE.json", help="the report (written atomically)")
-    g.add_argument("--steps", type=positive_int, metavar="N",
-                   help="timed steps per step measurement (default 10 on cuda, 2 on cpu)")
+    g.add_argument("--steps", type=gpu_steps, metavar="N",
+                   help=f"timed steps per step measurement, 1-{MAX_GPU_STEPS} (default 10 on cuda, 2 on cpu; "
+                        "the 5-minute budget holds up to the default)")
     g.set_defaults(func=run_gpu)
 
     from bcc.cli import _bench_pack  # `bcc bench pack`: its own module, beside the other benches
