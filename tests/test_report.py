@@ -101,7 +101,7 @@ def test_all_zero_gradcam_map_says_so(trained_run, monkeypatch):  # noqa: F811
         assert any(p["title"].startswith("binary:") and p["png"] for p in row)
 
 
-def test_an_evaluation_of_another_checkpoint_is_redone(trained_run, tmp_path):  # noqa: F811
+def test_an_evaluation_of_another_checkpoint_is_redone(report, trained_run, tmp_path):  # noqa: F811
     from bcc.report import write_report
 
     path = trained_run / "eval-test" / "metrics.json"
