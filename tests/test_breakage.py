@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import write_config
+from test_evaluate import trained_run  # noqa: F401 - session fixture shared by the evaluation tests
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +67,7 @@ def test_image_size_zero_is_blamed_on_data_image_size(cfg):
     assert_one_error_line(proc, "data.image_size")
 
 
-def test_export_out_that_is_a_file_is_one_error(trained_run, tmp_path):
+def test_export_out_that_is_a_file_is_one_error(trained_run, tmp_path):  # noqa: F811
     target = tmp_path / "afile"
     target.write_text("x")
     proc = bcc("export", "--checkpoint", trained_run, "--out", target)
@@ -104,7 +105,7 @@ def test_bench_data_user_error_goes_through_the_one_catch(tmp_path):
     assert "Traceback" in debug.stderr  # BCC_DEBUG=1 shows it, as for every other command
 
 
-def test_predict_of_only_missing_or_corrupt_files_exits_2(trained_run, tmp_path):
+def test_predict_of_only_missing_or_corrupt_files_exits_2(trained_run, tmp_path):  # noqa: F811
     bad = tmp_path / "bad.jpg"
     bad.write_text("garbage")
     for path in (tmp_path / "missing.jpg", bad):
@@ -130,7 +131,7 @@ def test_pack_of_an_empty_source_is_refused(tmp_path):
 # --------------------------------------------------------------------------- refused resume leaves a lie
 
 
-def test_refused_resume_keeps_the_runs_config_yaml(trained_run, synth_shards, tmp_path):
+def test_refused_resume_keeps_the_runs_config_yaml(trained_run, synth_shards, tmp_path):  # noqa: F811
     saved = (trained_run / "config.yaml").read_text()
     cfg = write_config(tmp_path / "cfg2.yaml", synth_shards, trained_run, train={"epochs": 1, "lr": 0.5})
     proc = bcc("train", "--config", cfg)
@@ -176,7 +177,7 @@ def test_cmyk_jpeg_packed_pixels_equal_decode_rgb(make_class_tree, tmp_path):
     assert np.array_equal(via_pack, via_predict), f"max abs diff {np.abs(via_pack.astype(int) - via_predict).max()}"
 
 
-def test_folder_eval_reports_a_symlinked_class_folder_as_skipped(trained_run, make_class_tree, tmp_path):
+def test_folder_eval_reports_a_symlinked_class_folder_as_skipped(trained_run, make_class_tree, tmp_path):  # noqa: F811
     src = make_class_tree(tmp_path / "src", {"Benign": 3, "Early": 3, "Pre": 3})
     outside = make_class_tree(tmp_path / "elsewhere", {"Pro": 3})
     (src / "Pro").symlink_to(outside / "Pro")
@@ -205,18 +206,4 @@ def test_bench_data_uses_the_one_image_reader():
 def test_sha256_file_has_one_owner():
     owners = [p for p in ROOT.glob("bcc/**/*.py") if "def sha256_file(" in p.read_text()]
     assert len(owners) == 1, owners
-
-
-# --------------------------------------------------------------------------- fixture
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, synth_shards):
-    tmp = tmp_path_factory.mktemp("brk")
-    run = tmp / "run"
-    cfg = write_config(tmp / "cfg.yaml", synth_shards, run, train={"epochs": 1, "warmup_steps": 0},
-                       data={"workers": 0}, eval={"test_at_end": False})
-    proc = bcc("train", "--config", cfg)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return run
 
