@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from bcc.bench import BenchError, gpu
+from bcc.bench import BenchError, gpu, gpu_ddp
 
 
 def _is_rate(x) -> bool:
@@ -142,11 +142,11 @@ def test_a_hung_or_failing_rank_is_an_error_in_bounded_time(monkeypatch, tmp_pat
     import time
 
     plan = dataclasses.replace(gpu.plan_for("cpu"), rank_timeout_s=0.5, rank_startup_s=1.5)
-    monkeypatch.setattr(gpu, "_rank_main", _hang_on_rank_1)
+    monkeypatch.setattr(gpu_ddp, "_rank_main", _hang_on_rank_1)
     t0 = time.monotonic()
-    out = gpu.run_ranks(plan, 2, "gloo", torch.device("cpu"), tmp_path)
+    out = gpu_ddp.run_ranks(plan, 2, "gloo", torch.device("cpu"), tmp_path)
     assert out == {"error": "2-rank gloo step: no result after 2 s (a rank hung); ranks killed"}
     assert time.monotonic() - t0 < 30
-    monkeypatch.setattr(gpu, "_rank_main", _raise_on_rank_0)
-    out = gpu.run_ranks(plan, 2, "gloo", torch.device("cpu"), tmp_path)
+    monkeypatch.setattr(gpu_ddp, "_rank_main", _raise_on_rank_0)
+    out = gpu_ddp.run_ranks(plan, 2, "gloo", torch.device("cpu"), tmp_path)
     assert out == {"error": "2-rank gloo step: a rank raised: RuntimeError: NCCL error (simulated)"}

@@ -22,84 +22,46 @@ sync_bn  the same step with BatchNorm converted to SyncBatchNorm in both groups 
 compile  `torch.compile` of the prepared model: the first (compiling) step, then compiled vs eager rate.
 
 `--device cpu` runs the same code at tiny shapes (`plan_for`), which is what the test suite checks.
+
+This module runs the parts and owns steps, loader, decode, compile and the report; the plan and the shared
+pieces are `bench.gpu_plan`'s, the rank processes of nccl, gloo and sync_bn are `bench.gpu_ddp`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import shutil
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bcc.bench import BenchError, Progress, quiet
+from bcc.bench.gpu_ddp import run_ranks
+from bcc.bench.gpu_plan import (
+    LAYOUTS,
+    PRECISIONS,
+    STAGES,
+    GpuPlan,
+    _accelerator,
+    _default_taxonomy,
+    _device_batch,
+    _error,
+    _release,
+    _step_config,
+    plan_for,
+)
 from bcc.bench.step import time_steps
 
 FORMAT = "bcc-bench-gpu/1"
 PARTS = ("steps", "loader", "decode", "nccl", "gloo", "sync_bn", "compile")  # the report's sections, in run order
-STAGES = ("frozen", "deepest", "full")  # the `staged` plan's stages 0, 1, 2
-PRECISIONS = {"fp32": "no", "bf16": "bf16"}  # report name -> train.mixed_precision
-LAYOUTS = {"NCHW": False, "NHWC": True}  # report name -> model.channels_last
-
-
-@dataclass(frozen=True)
-class GpuPlan:
-    """Shapes and counts of one run; `plan_for` gives the GPU plan and the tiny CPU one."""
-
-    device: str  # "cuda" or "cpu"
-    backbone: str
-    image_size: int  # training crop, px
-    batch_sizes: tuple[int, ...]  # per step measurement
-    steps: int  # timed steps per measurement
-    warmup: int  # untimed steps first (cudnn autotuning, allocator)
-    loader_workers: tuple[int, ...]
-    loader_batch_size: int
-    loader_batches: int  # timed batches per loader measurement, after one per worker untimed
-    original_px: int  # side of the synthetic "original" images
-    unique_images: int  # rendered images (a multiple of 4 classes) ...
-    copies: int  # ... each stored this many times (rendering is the slow part)
-    decode_batch: int  # images per batched device decode call
-    decode_seconds: float  # time each decode measurement at least this long
-    rank_timeout_s: float  # process-group timeout of the DDP parts; the parent waits this + start-up
-    rank_startup_s: float
-    compile_backend: str
-    budget_s: float  # parts not started by then are skipped
-
-    @property
-    def samples(self) -> int:
-        return self.unique_images * self.copies
-
-
-def plan_for(device: str, steps: int | None = None) -> GpuPlan:
-    """The design's model at 224 px on a GPU; the `test_resnet` backbone at 16 px on the CPU.
-
-    `steps` replaces the timed steps per measurement (the warm-up stays)."""
-    if device == "cuda":
-        plan = GpuPlan(
-            device="cuda", backbone="vgg16_bn", image_size=224, batch_sizes=(32, 128), steps=10, warmup=3,
-            loader_workers=(4, 8, 12, 16), loader_batch_size=32, loader_batches=32, original_px=1024,
-            unique_images=64, copies=32, decode_batch=64, decode_seconds=2.0, rank_timeout_s=60.0,
-            rank_startup_s=90.0, compile_backend="inductor", budget_s=300.0,
-        )
-    else:
-        # dynamo's capture alone (backend "eager"): inductor's C++ compile takes minutes on a small CPU
-        plan = GpuPlan(
-            device="cpu", backbone="test_resnet", image_size=16, batch_sizes=(4, 8), steps=2, warmup=1,
-            loader_workers=(1, 2), loader_batch_size=4, loader_batches=4, original_px=32,
-            unique_images=16, copies=2, decode_batch=8, decode_seconds=0.1, rank_timeout_s=30.0,
-            rank_startup_s=60.0, compile_backend="eager", budget_s=600.0,
-        )
-    return dataclasses.replace(plan, steps=steps) if steps else plan
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -114,68 +76,6 @@ def resolve_device(name: str | None) -> torch.device:
         raise BenchError(f"no CUDA device visible{where}: torch.cuda.is_available() is False; "
                          "pass --device cpu for the small CPU run of the same checks")
     return torch.device("cuda", torch.cuda.current_device())
-
-
-# --------------------------------------------------------------------------- shared pieces
-
-
-def _error(e: BaseException) -> dict[str, str]:
-    return {"error": f"{type(e).__name__}: {e}".strip()}
-
-
-def _step_config(plan: GpuPlan, precision: str = "fp32", layout: str = "NCHW"):
-    """The design's loss and optimizer (all_vgg16_multitask: SGD 0.01, momentum, clipping at 5, label
-    smoothing 0.05) with the plan's model and shapes, and the 3-stage `staged` plan."""
-    from bcc.config import Config, FinetuneConfig
-
-    c = Config()
-    return dataclasses.replace(
-        c,
-        data=dataclasses.replace(c.data, image_size=plan.image_size, batch_size=plan.batch_sizes[0]),
-        model=dataclasses.replace(c.model, backbone=plan.backbone, channels_last=LAYOUTS[layout]),
-        loss=dataclasses.replace(c.loss, label_smoothing=0.05),
-        train=dataclasses.replace(c.train, epochs=3, lr=0.01, clip_grad=5.0, mixed_precision=PRECISIONS[precision]),
-        finetune=FinetuneConfig(preset="staged"),
-    )
-
-
-def _default_taxonomy():
-    """The default (ALL) taxonomy and equal class counts: every class weight 1."""
-    from bcc.taxonomy import Taxonomy
-
-    taxonomy = Taxonomy.default()
-    return taxonomy, dict.fromkeys(taxonomy.class_names, 1)
-
-
-def _device_batch(n: int, size: int, device: torch.device, channels_last: bool, labels: Sequence[int],
-                  seed: int = 0) -> dict:
-    """image FloatTensor[n, 3, size, size] and label LongTensor[n] drawn from `labels`, made on `device`."""
-    gen = torch.Generator().manual_seed(seed)
-    image = torch.randn(n, 3, size, size, generator=gen)
-    label = torch.tensor(labels)[torch.randint(len(labels), (n,), generator=gen)]
-    image = image.to(device)
-    if channels_last:
-        image = image.contiguous(memory_format=torch.channels_last)
-    return {"image": image, "label": label.to(device)}
-
-
-def _accelerator(precision: str, device: torch.device):
-    """A fresh Accelerator at `precision`. Accelerate keeps one state per process and refuses another
-    precision, so its singletons are reset first (as accelerate's own tests do between cases)."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    return Accelerator(mixed_precision=PRECISIONS[precision], cpu=device.type == "cpu")
-
-
-def _release(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------- steps
@@ -349,138 +249,6 @@ def _cuda_decode_rate(tensors: list[torch.Tensor], device: torch.device, plan: G
 
     work()  # warm-up: nvjpeg handles and buffers
     return {"img_per_s": _rate(work, plan.decode_seconds), "batch": plan.decode_batch}
-
-
-# --------------------------------------------------------------------------- DDP, SyncBatchNorm
-
-
-def _masked_labels(taxonomy) -> tuple[list[int], list[str]]:
-    """Leaf classes whose targets leave some head masked (-1; Benign: no subtype), and those heads."""
-    table = taxonomy.target_table()
-    rows = [i for i in range(table.shape[0]) if bool((table[i] < 0).any())]
-    if not rows:
-        raise BenchError("the taxonomy has no class that masks a head")
-    heads = [h for j, h in enumerate(taxonomy.head_names) if bool((table[rows, j] < 0).all())]
-    return rows, heads
-
-
-def _ddp_step(spec: dict, device: torch.device, rank: int, sync_bn: bool) -> dict:
-    """Two DDP steps (the first untimed) of the plan's model on a batch without malignant samples; the
-    result holds the per-head losses, whether the masked heads' losses are 0 and whether the ranks'
-    weights agree afterwards."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    from bcc.config import FinetuneConfig
-    from bcc.train.setup import build_components, make_optimizer
-
-    plan = GpuPlan(**spec["plan"])
-    cfg = _step_config(plan)
-    taxonomy, counts = _default_taxonomy()
-    labels, masked = _masked_labels(taxonomy)
-    parts = build_components(cfg, taxonomy, counts, device, finetune=FinetuneConfig(preset="full"))
-    model = parts.model.to(device)
-    converted = 0
-    if sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        converted = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-    model.train()
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = make_optimizer(cfg, [{"params": [p for p in model.parameters() if p.requires_grad]}])
-    # each rank its own batch (seeded by rank): the all-reduce has something to average
-    batch = _device_batch(plan.batch_sizes[0], plan.image_size, device, False, labels, seed=rank)
-    per_head = {}
-    for i in range(2):
-        if i == 1:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-        loss, per_head = parts.loss_fn(ddp(batch["image"]), parts.targets_of(batch["label"]))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-    fingerprint = torch.stack([flat.sum(), (flat * flat).sum()])
-    if dist.get_backend() == "gloo":
-        fingerprint = fingerprint.cpu()  # gloo's MIN/MAX of doubles: certain on the host
-    low, high = fingerprint.clone(), fingerprint.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    losses = {h: float(v) for h, v in per_head.items()}
-    return {"world_size": dist.get_world_size(), "backend": dist.get_backend(), "device": str(device),
-            "batch_size": plan.batch_sizes[0], "labels": [taxonomy.class_names[i] for i in labels],
-            "masked_heads": masked, "head_losses": losses, "loss": float(loss.detach()),
-            "is_loss_finite": bool(torch.isfinite(loss.detach())), "are_masked_losses_zero": all(losses[h] == 0.0 for h in masked),
-            "are_weights_in_sync": bool(torch.equal(low, high)), "seconds_per_step": seconds,
-            **({"sync_batchnorm_layers": converted} if sync_bn else {})}
-
-
-def _rank_main(rank: int, world_size: int, backend: str, device_type: str, run_dir: str, spec: dict) -> None:
-    """One rank of a DDP part (started by torch.multiprocessing); rank 0 writes `result.json`."""
-    import torch.distributed as dist
-
-    from bcc.atomic import write_json
-
-    if device_type == "cpu":
-        torch.set_num_threads(1)  # the ranks share the machine's cores
-    device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cuda":
-        torch.cuda.set_device(device)  # every rank on the one GPU (gloo allows that, NCCL needs 1 rank)
-    dist.init_process_group(backend, init_method=f"file://{run_dir}/rendezvous", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=spec["timeout_s"]))
-    try:
-        out: dict[str, Any] = {}
-        for name, sync_bn in (("ddp", False), ("sync_bn", True)):
-            if name == "sync_bn" and not spec["sync_bn"]:
-                continue
-            try:
-                out[name] = _ddp_step(spec, device, rank, sync_bn)
-            except Exception as e:  # noqa: BLE001 -- a failure on one rank leaves the others waiting: the
-                # process-group timeout, then the parent's, ends them
-                out[name] = {**_error(e), "traceback": traceback.format_exc(limit=-3)}
-        if rank == 0:
-            write_json(Path(run_dir) / "result.json", out)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ranks(plan: GpuPlan, world_size: int, backend: str, device: torch.device, tmp: Path,
-              sync_bn: bool = False) -> dict:
-    """Run `_rank_main` in `world_size` processes and return rank 0's result; ranks that have not ended
-    `rank_timeout_s + rank_startup_s` seconds after the start are killed and the part is an error."""
-    import torch.multiprocessing as mp
-
-    run_dir = Path(tempfile.mkdtemp(prefix=f"{backend}{world_size}-", dir=tmp))
-    spec = {"plan": dataclasses.asdict(plan), "timeout_s": plan.rank_timeout_s, "sync_bn": sync_bn}
-    # CUDA cannot be used in a forked child of a process that has used it; fork is much faster on the CPU
-    method = "spawn" if device.type == "cuda" else "fork"
-    context = mp.start_processes(_rank_main, args=(world_size, backend, device.type, str(run_dir), spec),
-                                 nprocs=world_size, join=False, start_method=method)
-    limit = plan.rank_timeout_s + plan.rank_startup_s
-    t0 = time.monotonic()
-    try:
-        while not context.join(timeout=0.5):
-            if time.monotonic() - t0 > limit:
-                return {"error": f"{world_size}-rank {backend} step: no result after {limit:.0f} s (a rank hung); "
-                                 "ranks killed"}
-    except mp.ProcessRaisedException as e:
-        return {"error": f"{world_size}-rank {backend} step: a rank raised: {str(e).strip().splitlines()[-1]}"}
-    except mp.ProcessExitedException as e:
-        return {"error": f"{world_size}-rank {backend} step: {e}"}
-    finally:
-        for p in context.processes:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    result = run_dir / "result.json"
-    if not result.is_file():
-        return {"error": f"{world_size}-rank {backend} step: rank 0 wrote no result"}
-    out = json.loads(result.read_text())
-    out["ddp"]["wall_s"] = time.monotonic() - t0
-    return out
 
 
 # --------------------------------------------------------------------------- compile
