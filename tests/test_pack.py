@@ -15,6 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from bcc import pack as pack_mod
+from bcc import pack_pool
 from bcc.pack import PackError, pack_folders
 from bcc.shards import shard_sizes, verify_shards
 from bcc.taxonomy import Taxonomy, TaxonomyError
@@ -317,18 +318,18 @@ def test_interrupted_pack_leaves_nothing(tmp_path, make_class_tree, monkeypatch)
             raise KeyboardInterrupt
         return real(path, samples)
 
-    real = pack_mod.write_shard
-    monkeypatch.setattr(pack_mod, "write_shard", boom)
+    real = pack_pool.write_shard
+    monkeypatch.setattr(pack_pool, "write_shard", boom)
     with pytest.raises(KeyboardInterrupt):
         pack_folders(src, tmp_path / "out", shard_size=5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
     # with --overwrite, the old OUT survives an interrupted replacement untouched
-    monkeypatch.setattr(pack_mod, "write_shard", real)
+    monkeypatch.setattr(pack_pool, "write_shard", real)
     pack_folders(src, tmp_path / "out", shard_size=5)
     old = shard_bytes(tmp_path / "out")
     calls.clear()
-    monkeypatch.setattr(pack_mod, "write_shard", boom)
+    monkeypatch.setattr(pack_pool, "write_shard", boom)
     with pytest.raises(KeyboardInterrupt):
         pack_folders(src, tmp_path / "out", shard_size=5, seed=1, overwrite=True)
     assert shard_bytes(tmp_path / "out") == old

@@ -5,10 +5,10 @@ image a crop of a random 2x2 mosaic of its class's cells (so pHashes differ as r
 a million images cost a few minutes to make, not hours). They are made once, for the largest size, and
 the smaller sizes are hard-linked subsets; making them is not timed.
 
-The decode limit is the per-image first-pass work (read, sha256, full decode, pHash: `bcc.pack`'s
-own `_inspect`) in this one process, on the first images of the set, just before each pack; the pack
-runs with `workers` processes, so the goal is throughput >= 0.8 x limit x workers. Peak RSS is summed
-over the packer's process tree (a fresh interpreter running `pack_folders`, and its workers), sampled
+The decode limit is the per-image first-pass work (read, sha256, full decode, pHash: `bcc.pack_pool`'s
+`_inspect`, which `bcc.pack` runs) in this one process, on the first images of the set, just before each
+pack; the pack runs with `workers` processes, so the goal is throughput >= 0.8 x limit x workers. Peak RSS is
+summed over the packer's process tree (a fresh interpreter running `pack_folders`, and its workers), sampled
 every 20 ms: the packer's own footprint, not this benchmark's imports.
 """
 
@@ -96,7 +96,7 @@ def decode_limit(src: Path, staging: Path, *, images: int = 2000, seconds: float
     """img/s of the packer's first-pass work per image in this one process (up to `images` files or
     `seconds`, whichever comes first)."""
     from bcc.imageio import MAX_IMAGE_PIXELS
-    from bcc.pack import _inspect, _Options
+    from bcc.pack_pool import _inspect, _Options
 
     staging.mkdir(parents=True, exist_ok=True)
     paths = sorted(str(p) for p in src.rglob("*.jpg"))[:images]
