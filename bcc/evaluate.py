@@ -442,7 +442,8 @@ def calibrate_checkpoint(
 
     rule = parse_operating_point(operating_point) if operating_point is not None else None
     from bcc.calibration import apply_temperature, fit_temperatures
-    from bcc.export import HUB_PREFIX, is_export_dir
+    from bcc.export import is_export_dir
+    from bcc.export_hf import HUB_PREFIX
     from bcc.predict import write_temperatures
 
     if str(checkpoint).startswith(HUB_PREFIX) or is_export_dir(checkpoint):  # its files are the export's, fixed

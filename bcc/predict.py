@@ -205,7 +205,8 @@ def load_inference_model(
     `calibrated=False` ignores stored temperatures, `operating_point=False` a stored operating point
     (the binary decision is then the argmax)."""
     from bcc.config import ConfigError, config_from_dict
-    from bcc.export import HUB_PREFIX, is_export_dir, load_export_model
+    from bcc.export import is_export_dir, load_export_model
+    from bcc.export_hf import HUB_PREFIX
     from bcc.model import build_model
     from bcc.transforms import EvalPreset
 

@@ -192,7 +192,7 @@ def load_pretrained(
         assert src.weights is not None
         state = read_state_dict(src.weights)
         if src.kind == "hf-export":  # the Hub key layout: bare backbone keys beside `heads.*`
-            from bcc.export import from_hub_layout
+            from bcc.export_hf import from_hub_layout
 
             state = from_hub_layout(state)
         label, digest, path = str(source), sha256_file(src.weights), str(src.weights)

@@ -155,14 +155,15 @@ def _from_export(given: str, directory: Path) -> PretrainedSource:
 
 def _is_hf_export(directory: Path) -> bool:
     """A `bcc export --format hf` folder (its config.json says so), whose weights use the Hub key layout."""
-    from bcc.export import HF_CONFIG_FILE, HF_FORMAT
+    from bcc.export_hf import HF_CONFIG_FILE, HF_FORMAT
 
     info = _read_json(directory / HF_CONFIG_FILE) if (directory / HF_CONFIG_FILE).is_file() else None
     return isinstance(info, Mapping) and info.get("format") == HF_FORMAT
 
 
 def _from_hf_export(given: str, directory: Path) -> PretrainedSource:
-    from bcc.export import WEIGHTS_FILE, ExportError, read_hf_config
+    from bcc.export import WEIGHTS_FILE, ExportError
+    from bcc.export_hf import read_hf_config
 
     try:
         info = read_hf_config(directory)
@@ -171,7 +172,7 @@ def _from_hf_export(given: str, directory: Path) -> PretrainedSource:
     p = info.get("preprocess") if isinstance(info.get("preprocess"), Mapping) else {}
     return PretrainedSource(
         given,
-        "hf-export",  # `load_pretrained` maps its Hub key layout back (`bcc.export.from_hub_layout`)
+        "hf-export",  # `load_pretrained` maps its Hub key layout back (`bcc.export_hf.from_hub_layout`)
         directory / WEIGHTS_FILE,
         backbone=info.get("backbone"),
         taxonomy=info.get("taxonomy") if isinstance(info.get("taxonomy"), Mapping) else None,

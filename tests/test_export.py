@@ -160,7 +160,7 @@ def test_vgg16_bn_layout_is_torchvision_features():
     vgg16_bn `features.*` key of the same shape, and every `features.*` key is there."""
     import torchvision
 
-    from bcc.export import from_hub_layout, to_hub_layout
+    from bcc.export_hf import from_hub_layout, to_hub_layout
     from bcc.model import MultitaskNet, build_backbone
 
     with torch.device("meta"):
@@ -212,7 +212,8 @@ def test_predict_and_eval_from_the_export_and_the_hub_equal_the_checkpoint(hf_ex
 def test_ema_weights_are_chosen_and_said(trained_run, tmp_path):  # noqa: F811
     from safetensors.torch import load_file, save_file
 
-    from bcc.export import ExportError, export_checkpoint, to_hub_layout
+    from bcc.export import ExportError, export_checkpoint
+    from bcc.export_hf import to_hub_layout
     from bcc.predict import load_inference_model
 
     ckpt = tmp_path / "ckpt"
@@ -289,7 +290,8 @@ def test_push_to_hub_offline_up_to_the_upload(hf_export, tmp_path, monkeypatch, 
 
 
 def test_hub_specs_and_an_unreachable_hub_are_one_line(synth_data, tmp_path):
-    from bcc.export import ExportError, parse_hub_spec
+    from bcc.export import ExportError
+    from bcc.export_hf import parse_hub_spec
 
     assert parse_hub_spec("hf-hub:org/name") == ("org/name", None)
     assert parse_hub_spec("hf-hub:org/name@main") == ("org/name", "main")

@@ -35,7 +35,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bcc.console import console, warn
-    from bcc.export import ExportError, check_repo_id, export_checkpoint, push_export
+    from bcc.export import ExportError, export_checkpoint
+    from bcc.export_hf import check_repo_id, push_export
 
     if args.private and not args.push_to_hub:
         raise ExportError("--private only applies with --push-to-hub")
