@@ -2,20 +2,19 @@
 
 Defaults live here once. A YAML file overrides them, dotted command-line overrides
 (`train.lr=0.003`) come last. Unknown keys and wrong types are errors that name the key and
-suggest the closest valid one; the resolved tree is written into every run directory.
+suggest the closest valid one; the resolved tree is written into every run directory. The generic
+machinery (YAML reading, override parsing, layer merging, the value rules) is `bcc/config_parse.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
-import math
 import re
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,14 +22,18 @@ from typing import Any, Literal
 import yaml
 
 from bcc.atomic import atomic_write
-from bcc.errors import BccError
-
-
-class ConfigError(BccError, ValueError):
-    """A config file or override that does not fit the config tree; `key` is the dotted key at fault."""
-
-    key: str | None = None
-
+from bcc.config_parse import (
+    ConfigError,
+    blame,
+    check_value,
+    leaf_paths,
+    merge_layers,
+    nest,
+    parse_override,
+    read_yaml,
+    suggest,
+    type_name,
+)
 
 # Keys renamed since configs were first written. A config a user writes with the old key is refused
 # (naming the new one); a config saved by an older bcc (run dir, checkpoint meta) is migrated on read.
@@ -225,92 +228,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-# --------------------------------------------------------------------------- value rules
-# One table for every key whose type alone admits nonsense (a zero batch, a negative rate). Keys are
-# dotted paths with list indices dropped (`finetune.stages.epochs`); enums are `Literal` types above.
-
-
-def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: math.isfinite(v) and v >= low), f">= {low:g}"
-
-
-def _positive() -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: math.isfinite(v) and v > 0), "> 0"  # inf crashed int(weight), NaN-ed the lr
-
-
-def _fraction(closed_high: bool = True) -> tuple[Callable[[Any], bool], str]:
-    if closed_high:
-        return (lambda v: 0 <= v <= 1), "in [0, 1]"
-    return (lambda v: 0 <= v < 1), "in [0, 1)"
-
-
-_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "data.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty)"),
-    "data.sources.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty)"),
-    "data.sources.weight": _positive(),
-    "data.epoch_samples": _at_least(0),
-    "data.image_size": _positive(),
-    "data.batch_size": _positive(),
-    "data.eval_batch_size": _positive(),
-    "data.workers": _at_least(0),
-    "data.shuffle_buffer": _at_least(0),
-    "data.retries": _at_least(0),
-    "data.scale_min": ((lambda v: 0 < v <= 1), "in (0, 1]"),
-    "data.rotation": ((lambda v: 0 <= v <= 180), "in [0, 180] degrees"),
-    "data.color_jitter": _at_least(0),
-    "data.crop_pct": ((lambda v: 0 < v <= 1), "in (0, 1]"),
-    "data.std": ((lambda v: all(x > 0 for x in v)), "> 0 for every channel"),
-    "model.backbone": ((lambda v: v != ""), "a backbone name (not empty)"),
-    "model.head_hidden": _positive(),
-    "model.head_dropout": _fraction(closed_high=False),
-    "loss.head_weights": ((lambda v: all(x >= 0 for x in v.values())), ">= 0 for every head"),
-    "loss.label_smoothing": _fraction(closed_high=False),
-    "train.epochs": _at_least(1),
-    "train.lr": _positive(),
-    "train.momentum": _fraction(closed_high=False),
-    "train.weight_decay": _at_least(0),
-    "train.warmup_steps": _at_least(0),
-    "train.min_lr_ratio": _fraction(),
-    "train.grad_accum": _at_least(1),
-    "train.clip_grad": _at_least(0),
-    "train.log_every": _at_least(1),
-    "train.lr_base_batch": _positive(),
-    "train.compile_backend": ((lambda v: v != ""), "a torch._dynamo backend name (not empty)"),
-    # timedelta and the process groups' millisecond clocks overflow on inf/huge values; under 1 s no collective fits
-    "train.timeout_s": ((lambda v: 1 <= v <= 31_536_000), "in [1, 31536000] seconds (1 s to a year)"),
-    "train.ema_decay": ((lambda v: v is None or 0 < v < 1), "in (0, 1), or null for no EMA"),
-    "finetune.stages.epochs": _at_least(1),
-    "finetune.stages.lr_mult": ((lambda v: all(x >= 0 for x in v.values())), ">= 0 for every group"),
-    "finetune.stages.warmup_steps": ((lambda v: v is None or v >= 0), ">= 0"),
-    "eval.every_epochs": _at_least(1),
-    "checkpoint.every_steps": _at_least(0),
-    "checkpoint.keep_last": _at_least(1),
-    "checkpoint.keep_top_k": _at_least(0),
-    "checkpoint.metric": ((lambda v: v != ""), "a metric name (not empty)"),
-}
-
-
-def _check_value(key: str, value: Any) -> None:
-    rule = _RULES.get(re.sub(r"\[\d+\]", "", key))
-    if rule is not None and not rule[0](value):
-        raise ConfigError(f"{key}: must be {rule[1]}, got {value!r}")
-
-
 # --------------------------------------------------------------------------- building from dicts
-
-
-def _suggest(key: str, valid: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):  # `bool | Literal["auto"]` -> "bool or 'auto'"
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin is Literal:
-        return ", ".join(map(repr, typing.get_args(tp)))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -337,7 +255,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {_type_name(tp)}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {type_name(tp)}")
     if origin is Literal:
         if isinstance(value, bool) and "no" in args:
             value = "yes" if value else "no"  # YAML 1.1 reads a bare `no` as false
@@ -382,7 +300,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+    raise ConfigError(f"{key}: unsupported config type {type_name(tp)}")
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
@@ -398,9 +316,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
             raise err
         try:
             if key not in hints:
-                raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), names)}")
+                raise ConfigError(f"unknown config key '{full}'{suggest(str(key), names)}")
             kwargs[key] = _coerce(value, hints[key], full)
-            _check_value(full, kwargs[key])
+            check_value(full, kwargs[key])
         except ConfigError as e:
             if e.key is None:  # the innermost key; `load_config` blames the layer that set it
                 e.key = full
@@ -474,71 +392,6 @@ def migrate_saved(data: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=0.003` -> (['train', 'lr'], 0.003); the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=0.003)")
-    key, raw = text.split("=", 1)
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
-    return key.split("."), value
-
-
-def _nest(path: list[str], value: Any) -> dict[str, Any]:
-    for part in reversed(path):
-        value = {part: value}
-    return value
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
-    return dict(data)
-
-
-def _leaf_paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    out = []
-    for k, v in data.items():
-        path = (*prefix, str(k))
-        out += _leaf_paths(v, path) if isinstance(v, Mapping) and v else [path]
-    return out
-
-
-def _blame(key: str | None, origins: Mapping[tuple[str, ...], str], default: str) -> str:
-    """The source (file path or override text) that last set `key` or a key above or below it."""
-    if key is None:
-        return default
-    path = tuple(p for p in re.sub(r"\[\d+\]", "", key).split(".") if p)
-    hits = [src for p, src in origins.items()  # insertion order: later layers come last
-            if p[:len(path)] == path or path[:len(p)] == p]
-    return hits[-1] if hits else default
-
-
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file at `path`, then dotted `key=value` overrides.
 
@@ -556,16 +409,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         for text in overrides:
             source = f"override '{text}'"
             keys, value = parse_override(text)
-            layers.append((source, _normalise(_nest(keys, value))))
+            layers.append((source, _normalise(nest(keys, value))))
         for source, layer in layers:
-            data = _merge(data, layer)
-            for leaf in _leaf_paths(layer):
+            data = merge_layers(data, layer)
+            for leaf in leaf_paths(layer):
                 origins.pop(leaf, None)
                 origins[leaf] = source
         source = "config"
         return _build(Config, data)
     except ConfigError as e:
-        where = _blame(e.key, origins, source)
+        where = blame(e.key, origins, source)
         raise (ConfigError(f"{where}: {e}") if not str(e).startswith(where) else e) from None
 
 

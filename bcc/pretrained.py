@@ -334,7 +334,7 @@ def follow_pretrained(cfg: Any, explicit: Collection[str] = ()) -> tuple[Any, di
 
 def explicit_keys(config_file: str | Path | None, overrides: Collection[str] = ()) -> set[str]:
     """Dotted keys the user set in a YAML config file or a `key=value` override (leaves only)."""
-    from bcc.config import parse_override, read_yaml
+    from bcc.config_parse import parse_override, read_yaml
 
     def leaves(d: Mapping, prefix: str) -> set[str]:
         out = set()

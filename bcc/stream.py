@@ -62,7 +62,6 @@ workers read disjoint parts of the shards.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 import signal
@@ -77,7 +76,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from bcc.console import err_console
 from bcc.device_aug import device_transforms_from_config
 from bcc.errors import BccError
-from bcc.imageio import decode_rgb
 from bcc.plan import (
     LANES,
     EpochPlan,
@@ -92,8 +90,9 @@ from bcc.plan import (
     time_plan,
 )
 from bcc.remote import DEFAULT_RETRIES
-from bcc.shards import IMAGE_KEYS, SampleError, ShardError, check_sample, read_range
+from bcc.shards import IMAGE_KEYS, ShardError, read_range
 from bcc.sources import shard_weights
+from bcc.stream_samples import CorruptSampleError, batched, decode_sample, shuffled
 from bcc.transforms import crops_from_config
 
 # re-exported: the stream's public names live where they are owned (plan: bcc.plan; tar reading: bcc.shards)
@@ -102,59 +101,7 @@ __all__ = ["IMAGE_KEYS", "LANES", "CorruptSampleError", "EpochPlan", "ResamplePl
            "time_plan", "train_batches", "train_loader"]
 
 
-
-class CorruptSampleError(ShardError):
-    """One sample whose stored bytes fail their pack-time checksum, or that does not decode."""
-
-
-# --------------------------------------------------------------------------- reading and decoding
-
-
-def _shuffled(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    """A shuffle buffer of `size` samples: fill it, then swap each new sample for a random held one."""
-    buf: list[dict] = []
-    for sample in samples:
-        if len(buf) < size:
-            buf.append(sample)
-            continue
-        i = rng.randrange(size)
-        yield buf[i]
-        buf[i] = sample
-    rng.shuffle(buf)
-    yield from buf
-
-
-def _batched(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
-    batch: list[dict] = []
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _decode(sample: dict, transform, checked: bool = False) -> tuple[torch.Tensor, int, str, str]:
-    """(image, label, key, source) of one raw sample; `checked`: verify it first (format 2 on).
-    Raises CorruptSampleError naming shard and key."""
-    key = sample["__key__"]
-    where = f"sample {key} in shard {sample.get('__url__')}"
-    try:
-        meta = json.loads(sample["json"])
-        if checked:
-            data = check_sample(sample, meta)
-        else:
-            data = next(sample[k] for k in IMAGE_KEYS if k in sample)
-        # the packer checked the size limit; the stored image is read by the one policy of bcc.imageio
-        image = transform(decode_rgb(data, max_pixels=None))
-        return image, int(meta["label"]), key, str(meta.get("source", ""))
-    except StopIteration:
-        raise CorruptSampleError(f"{where} has no image ({', '.join(IMAGE_KEYS)})") from None
-    except SampleError as e:
-        raise CorruptSampleError(f"{where}: {e}") from None
-    except Exception as e:
-        raise CorruptSampleError(f"cannot decode {where}: {type(e).__name__}: {e}") from e
+# --------------------------------------------------------------------------- batches (samples: bcc.stream_samples)
 
 
 def _collate(samples: list[dict], transform, checked: bool = False, on_corrupt: str = "error") -> dict[str, Any]:
@@ -163,7 +110,7 @@ def _collate(samples: list[dict], transform, checked: bool = False, on_corrupt: 
     decoded, corrupt = [], []
     for s in samples:
         try:
-            decoded.append(_decode(s, transform, checked))
+            decoded.append(decode_sample(s, transform, checked))
         except CorruptSampleError as e:
             if on_corrupt != "skip":
                 raise ShardError(f"{e}. Repack from the source, or set data.on_corrupt=skip to leave damaged "
@@ -223,8 +170,8 @@ class _TrainStream(IterableDataset):
         )
         if self.shuffle_buffer > 1:
             rng = random.Random(mix_seed("buffer", self.seed, epoch, self.rank, lane))
-            samples = _shuffled(samples, self.shuffle_buffer, rng)
-        return _batched(samples, self.batch_size)
+            samples = shuffled(samples, self.shuffle_buffer, rng)
+        return batched(samples, self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch, skip = int(self.epoch_state[0]), int(self.epoch_state[1])

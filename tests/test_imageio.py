@@ -105,7 +105,7 @@ def test_same_tensor_through_pack_stream_predict_and_folder_eval(tmp_path):
     from bcc.pack import pack_folders
     from bcc.predict import read_image
     from bcc.shards import read_shard as _read_shard
-    from bcc.stream import _decode
+    from bcc.stream_samples import decode_sample
 
     root = _awkward_tree(tmp_path / "src")
     out = tmp_path / "packed"
@@ -114,7 +114,7 @@ def test_same_tensor_through_pack_stream_predict_and_folder_eval(tmp_path):
     streamed = {}
     for shard in manifest.split("train").shards:
         for sample in _read_shard(shard):
-            image, _, _, source = _decode(sample, _tensor)
+            image, _, _, source = decode_sample(sample, _tensor)
             streamed[source] = image
     taxonomy = manifest.taxonomy
     items, skipped = eval_scan(root, taxonomy)

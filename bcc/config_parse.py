@@ -1,0 +1,180 @@
+"""The generic machinery behind bcc.config: reading YAML, parsing `key=value` overrides, merging layers,
+the value rules, and naming types, keys and the layer at fault in errors.
+
+`bcc/config.py` owns the typed tree (the dataclasses and their defaults) and builds it with these;
+`ConfigError` lives here so both can raise it and stays importable from bcc.config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from bcc.errors import BccError
+
+
+class ConfigError(BccError, ValueError):
+    """A config file or override that does not fit the config tree; `key` is the dotted key at fault."""
+
+    key: str | None = None
+
+
+# --------------------------------------------------------------------------- value rules
+# One table for every key whose type alone admits nonsense (a zero batch, a negative rate). Keys are
+# dotted paths with list indices dropped (`finetune.stages.epochs`); enums are `Literal` types in bcc/config.py.
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: math.isfinite(v) and v >= low), f">= {low:g}"
+
+
+def _positive() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: math.isfinite(v) and v > 0), "> 0"  # inf crashed int(weight), NaN-ed the lr
+
+
+def _fraction(closed_high: bool = True) -> tuple[Callable[[Any], bool], str]:
+    if closed_high:
+        return (lambda v: 0 <= v <= 1), "in [0, 1]"
+    return (lambda v: 0 <= v < 1), "in [0, 1)"
+
+
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty)"),
+    "data.sources.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty)"),
+    "data.sources.weight": _positive(),
+    "data.epoch_samples": _at_least(0),
+    "data.image_size": _positive(),
+    "data.batch_size": _positive(),
+    "data.eval_batch_size": _positive(),
+    "data.workers": _at_least(0),
+    "data.shuffle_buffer": _at_least(0),
+    "data.retries": _at_least(0),
+    "data.scale_min": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "data.rotation": ((lambda v: 0 <= v <= 180), "in [0, 180] degrees"),
+    "data.color_jitter": _at_least(0),
+    "data.crop_pct": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "data.std": ((lambda v: all(x > 0 for x in v)), "> 0 for every channel"),
+    "model.backbone": ((lambda v: v != ""), "a backbone name (not empty)"),
+    "model.head_hidden": _positive(),
+    "model.head_dropout": _fraction(closed_high=False),
+    "loss.head_weights": ((lambda v: all(x >= 0 for x in v.values())), ">= 0 for every head"),
+    "loss.label_smoothing": _fraction(closed_high=False),
+    "train.epochs": _at_least(1),
+    "train.lr": _positive(),
+    "train.momentum": _fraction(closed_high=False),
+    "train.weight_decay": _at_least(0),
+    "train.warmup_steps": _at_least(0),
+    "train.min_lr_ratio": _fraction(),
+    "train.grad_accum": _at_least(1),
+    "train.clip_grad": _at_least(0),
+    "train.log_every": _at_least(1),
+    "train.lr_base_batch": _positive(),
+    "train.compile_backend": ((lambda v: v != ""), "a torch._dynamo backend name (not empty)"),
+    # timedelta and the process groups' millisecond clocks overflow on inf/huge values; under 1 s no collective fits
+    "train.timeout_s": ((lambda v: 1 <= v <= 31_536_000), "in [1, 31536000] seconds (1 s to a year)"),
+    "train.ema_decay": ((lambda v: v is None or 0 < v < 1), "in (0, 1), or null for no EMA"),
+    "finetune.stages.epochs": _at_least(1),
+    "finetune.stages.lr_mult": ((lambda v: all(x >= 0 for x in v.values())), ">= 0 for every group"),
+    "finetune.stages.warmup_steps": ((lambda v: v is None or v >= 0), ">= 0"),
+    "eval.every_epochs": _at_least(1),
+    "checkpoint.every_steps": _at_least(0),
+    "checkpoint.keep_last": _at_least(1),
+    "checkpoint.keep_top_k": _at_least(0),
+    "checkpoint.metric": ((lambda v: v != ""), "a metric name (not empty)"),
+}
+
+
+def check_value(key: str, value: Any) -> None:
+    rule = _RULES.get(re.sub(r"\[\d+\]", "", key))
+    if rule is not None and not rule[0](value):
+        raise ConfigError(f"{key}: must be {rule[1]}, got {value!r}")
+
+
+# --------------------------------------------------------------------------- keys, types, layers
+
+
+def suggest(key: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # `bool | Literal["auto"]` -> "bool or 'auto'"
+        return " or ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is Literal:
+        return ", ".join(map(repr, typing.get_args(tp)))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def merge_layers(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_layers(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=0.003` -> (['train', 'lr'], 0.003); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=0.003)")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+    return key.split("."), value
+
+
+def nest(path: list[str], value: Any) -> dict[str, Any]:
+    for part in reversed(path):
+        value = {part: value}
+    return value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
+    return dict(data)
+
+
+def leaf_paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for k, v in data.items():
+        path = (*prefix, str(k))
+        out += leaf_paths(v, path) if isinstance(v, Mapping) and v else [path]
+    return out
+
+
+def blame(key: str | None, origins: Mapping[tuple[str, ...], str], default: str) -> str:
+    """The source (file path or override text) that last set `key` or a key above or below it."""
+    if key is None:
+        return default
+    path = tuple(p for p in re.sub(r"\[\d+\]", "", key).split(".") if p)
+    hits = [src for p, src in origins.items()  # insertion order: later layers come last
+            if p[:len(path)] == path or path[:len(p)] == p]
+    return hits[-1] if hits else default

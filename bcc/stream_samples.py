@@ -1,0 +1,68 @@
+"""The worker-side sample work of bcc.stream: the shuffle buffer, cutting samples into raw batches, and
+decoding one raw sample (checked against its pack-time checksum for packs of format 2 on).
+
+`bcc/stream.py` owns the plan-driven streams and the loaders and builds its batches from these; see its
+docstring for the contract (lanes, determinism, `data.on_corrupt`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from bcc.imageio import decode_rgb
+from bcc.shards import IMAGE_KEYS, SampleError, ShardError, check_sample
+
+
+class CorruptSampleError(ShardError):
+    """One sample whose stored bytes fail their pack-time checksum, or that does not decode."""
+
+
+def shuffled(samples: Iterable[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """A shuffle buffer of `size` samples: fill it, then swap each new sample for a random held one."""
+    buf: list[dict] = []
+    for sample in samples:
+        if len(buf) < size:
+            buf.append(sample)
+            continue
+        i = rng.randrange(size)
+        yield buf[i]
+        buf[i] = sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+def batched(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    batch: list[dict] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def decode_sample(sample: dict, transform, checked: bool = False) -> tuple[torch.Tensor, int, str, str]:
+    """(image, label, key, source) of one raw sample; `checked`: verify it first (format 2 on).
+    Raises CorruptSampleError naming shard and key."""
+    key = sample["__key__"]
+    where = f"sample {key} in shard {sample.get('__url__')}"
+    try:
+        meta = json.loads(sample["json"])
+        if checked:
+            data = check_sample(sample, meta)
+        else:
+            data = next(sample[k] for k in IMAGE_KEYS if k in sample)
+        # the packer checked the size limit; the stored image is read by the one policy of bcc.imageio
+        image = transform(decode_rgb(data, max_pixels=None))
+        return image, int(meta["label"]), key, str(meta.get("source", ""))
+    except StopIteration:
+        raise CorruptSampleError(f"{where} has no image ({', '.join(IMAGE_KEYS)})") from None
+    except SampleError as e:
+        raise CorruptSampleError(f"{where}: {e}") from None
+    except Exception as e:
+        raise CorruptSampleError(f"cannot decode {where}: {type(e).__name__}: {e}") from e
