@@ -16,15 +16,12 @@ from bcc.compare import (
     CompareError,
     ModeResult,
     Predictions,
-    choose_arm,
-    paired_difference,
     plan_arms,
     read_predictions,
     run_overrides,
     seed_list,
-    seed_mean_ci,
-    summarize_arms,
 )
+from bcc.compare_table import choose_arm, paired_difference, seed_mean_ci, summarize_arms
 from bcc.stats import SAMPLE_METRICS, accuracy, balanced_accuracy, bootstrap_ci, mean_sd, recall_of
 
 from conftest import REPO, write_config

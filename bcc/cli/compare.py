@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from bcc.compare import MODES, aggregate, compare, load_bench
+    from bcc.compare import MODES, compare, load_bench
+    from bcc.compare_table import aggregate
     from bcc.console import console, error
     from bcc.errors import BccError
 
