@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -314,7 +315,12 @@ def test_a_stuck_or_dead_rank_ends_the_two_process_job_within_train_timeout_s(sy
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     assert proc.returncode != 0, out[-3000:]
-    assert f"Timed out waiting {timeout_s * 1000}ms" in out, out[-3000:]
+    # rank 0 ends on its own, within the bound, on a failed collective: gloo's "Timed out waiting 5000ms"
+    # (rarely a connection error instead, when the stopped rank's side of the link is torn down first)
+    rank0 = [line for line in out.splitlines() if line.startswith("[rank0]:") and "Error" in line]
+    assert waited < timeout_s + 60, f"rank 0 ran {waited:.0f} s past rank 1's stop"
+    assert any(re.search(r"Timed out waiting|Connection (closed|reset)", line) for line in rank0), (
+        "\n".join(line for line in out.splitlines() if "rank0" in line or "rror" in line)[-6000:])
     assert "lr 0.1 = 0.05 x (32/16) (linear; global batch 16 x 2 process(es) x 1 accum)" in out, out[:3000]
     assert not (run_dir / "summary.json").exists()
     print(f"rank 0 ended {waited:.1f} s after rank 1 stopped")

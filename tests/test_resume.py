@@ -104,13 +104,16 @@ def test_sigkill_then_auto_resume_is_bitwise_exact(resume_config, tmp_path):
     assert [(r["split"], r["epoch"]) for r in rows] == [("val", 1), ("val", 2), ("val", 3), ("test", 3)]
 
 
-def test_resume_refuses_unsafe_config_change(resume_config, tmp_path):
+def test_resume_refuses_unsafe_config_change_and_another_model(resume_config, tmp_path):
     run_dir = tmp_path / "run"
     cfg = resume_config(run_dir, train={"epochs": 1})
     assert subprocess.run(train_cmd(cfg), capture_output=True, timeout=300).returncode == 0
     proc = subprocess.run(train_cmd(cfg, "train.lr=0.5"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "train.lr" in proc.stderr
+    proc = subprocess.run(train_cmd(cfg, "model.head_hidden=64"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "another model" in proc.stderr and "head_hidden" in proc.stderr
     # more epochs is safe: the run continues from its last checkpoint
     proc = subprocess.run(train_cmd(cfg, "train.epochs=2"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -129,15 +132,6 @@ def test_epoch_end_checkpoint_resumes_on_another_process_count(resume_config, tm
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "1 -> 2 processes at an epoch boundary" in proc.stdout
     assert json.loads((run_dir / "summary.json").read_text())["state"]["epoch"] == 2
-
-
-def test_resume_refuses_another_model(resume_config, tmp_path):
-    run_dir = tmp_path / "run"
-    cfg = resume_config(run_dir, train={"epochs": 1})
-    assert subprocess.run(train_cmd(cfg), capture_output=True, timeout=300).returncode == 0
-    proc = subprocess.run(train_cmd(cfg, "model.head_hidden=64"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    assert "another model" in proc.stderr and "head_hidden" in proc.stderr
 
 
 def _children(pid: int) -> dict[int, int]:
