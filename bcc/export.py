@@ -201,6 +201,14 @@ def export_checkpoint(
     out = Path(out)
     if out.exists() and not out.is_dir():  # checked before the model is loaded: fail fast
         raise ExportError(f"--out {out} is a file, not a directory")
+    if out.is_dir():  # an earlier export is replaced; anything else there would be shared or pushed with it
+        from bcc.export_hf import HF_FILES
+
+        ours = {EXPORT_FILE, WEIGHTS_FILE, TORCHSCRIPT_FILE, ONNX_FILE, *HF_FILES}
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
+        if foreign:
+            raise ExportError(f"--out {out} holds files that are not an export ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new directory")
     im = load_inference_model(checkpoint, device="cpu", calibrated=calibrated)
     kind = _choose_weights(im, weights)
     try:

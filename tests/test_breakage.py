@@ -72,6 +72,12 @@ def test_export_out_that_is_a_file_is_one_error(trained_run, tmp_path):  # noqa:
     target.write_text("x")
     proc = bcc("export", "--checkpoint", trained_run, "--out", target)
     assert_one_error_line(proc, str(target.name))
+    crowded = tmp_path / "crowded"  # files beside an export would be shared or pushed with it
+    crowded.mkdir()
+    (crowded / "notes.txt").write_text("keep")
+    proc = bcc("export", "--checkpoint", trained_run, "--out", crowded)
+    assert_one_error_line(proc, "holds files that are not an export (notes.txt)")
+    assert sorted(p.name for p in crowded.iterdir()) == ["notes.txt"]
 
 
 # --------------------------------------------------------------------------- wrong blame (11.8)
