@@ -92,6 +92,7 @@ from bcc.plan import (
 from bcc.remote import DEFAULT_RETRIES
 from bcc.shards import IMAGE_KEYS, ShardError, read_range
 from bcc.sources import shard_weights
+from bcc.stream_ring import BatchRing, as_is, make_ring, worker_slots
 from bcc.stream_samples import CorruptSampleError, batched, decode_sample, shuffled
 from bcc.transforms import crops_from_config
 
@@ -104,9 +105,12 @@ __all__ = ["IMAGE_KEYS", "LANES", "CorruptSampleError", "EpochPlan", "ResamplePl
 # --------------------------------------------------------------------------- batches (samples: bcc.stream_samples)
 
 
-def _collate(samples: list[dict], transform, checked: bool = False, on_corrupt: str = "error") -> dict[str, Any]:
+def _collate(samples: list[dict], transform, checked: bool = False, on_corrupt: str = "error",
+             put=None) -> dict[str, Any]:
     """A batch dict; damaged samples raise ShardError, or with on_corrupt="skip" are left out and listed
-    under "corrupt" (see the module docstring)."""
+    under "corrupt" (see the module docstring). With `put` (a loader worker's `BatchRing.put` for this
+    batch) the images go into shared memory and the dict carries their address under "_slot" and the
+    labels as a list: `BatchLoader` makes both tensors in the main process."""
     decoded, corrupt = [], []
     for s in samples:
         try:
@@ -120,6 +124,9 @@ def _collate(samples: list[dict], transform, checked: bool = False, on_corrupt: 
         raise ShardError(f"{len(corrupt)} of the {len(samples)} samples of one batch are damaged "
                          f"(data.on_corrupt=skip tolerates fewer than half): {corrupt[0]}; repack the shard")
     images, labels, keys, sources = zip(*decoded, strict=True)
+    if put is not None:
+        return {"_slot": put(images), "label": list(labels), "key": list(keys), "source": list(sources),
+                "corrupt": corrupt}
     return {
         "image": torch.stack(images),
         "label": torch.tensor(labels, dtype=torch.long),
@@ -157,6 +164,7 @@ class _TrainStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.transform = transform
         self.epoch_state = epoch_state
+        self.ring: BatchRing | None = None  # set by BatchLoader before its workers start
 
     def plan(self, epoch: int) -> EpochPlan | ResamplePlan:
         return make_plan(self.counts, self.weights, sampling=self.sampling, epoch_samples=self.epoch_samples,
@@ -178,6 +186,7 @@ class _TrainStream(IterableDataset):
         plan = self.plan(epoch)
         physical, num_workers = _worker()
         open_lanes: dict[int, list] = {}  # lane -> [raw batch iterator, index of its next batch]
+        slots = worker_slots(self.ring, physical)
         # the DataLoader asks worker 0 first, so after a resume at batch `skip` worker p makes skip + p, ...
         for index in range(skip + physical, plan.batches, num_workers):
             lane, nth = index % plan.lanes, index // plan.lanes
@@ -193,8 +202,10 @@ class _TrainStream(IterableDataset):
                 next(state[0], None)  # run the lane's reader to its end, which checks the last shard's count
                 del open_lanes[lane]
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(mix_seed("augment", self.seed, epoch, self.rank, index))
-                batch = _collate(raw, self.transform, self.checked, self.on_corrupt)
+                # the CPU generator only: torch.manual_seed also seeds CUDA/XPU/MTIA, lazily, formatting a stack
+                # trace each (~1.8 ms a batch), and with workers=0 it reseeded the trainer's CUDA generator
+                torch.default_generator.manual_seed(mix_seed("augment", self.seed, epoch, self.rank, index))
+                batch = _collate(raw, self.transform, self.checked, self.on_corrupt, next(slots))
             batch["augment_seed"] = mix_seed("device-augment", self.seed, epoch, self.rank, index)
             yield batch
 
@@ -210,6 +221,7 @@ class _EvalStream(IterableDataset):
         self.start, self.stop = start, stop
         self.batch_size = batch_size
         self.transform = transform
+        self.ring: BatchRing | None = None  # set by BatchLoader before its workers start
 
     def worker_range(self, worker: int, num_workers: int) -> tuple[int, int]:
         """Global sample range of a worker: whole batches w, w+W, ... counted in sample space."""
@@ -235,15 +247,17 @@ class _EvalStream(IterableDataset):
             first += shard.count
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        lo, hi = self.worker_range(*_worker())
+        worker, num_workers = _worker()
+        lo, hi = self.worker_range(worker, num_workers)
         raw_batches = wds.batched(self.batch_size, collation_fn=None, partial=True)(self._samples(lo, hi))
-        for raw in raw_batches:
-            yield _collate(raw, self.transform, self.checked, self.on_corrupt)
+        for raw, put in zip(raw_batches, worker_slots(self.ring, worker), strict=False):
+            yield _collate(raw, self.transform, self.checked, self.on_corrupt, put)
 
 
 # --------------------------------------------------------------------------- loaders
 
 
+PREFETCH = 2  # batches each loader worker makes ahead (the DataLoader's prefetch_factor)
 WORKER_TERM_GRACE_S = 60  # a loader worker outlives a SIGTERM by at most this long
 
 
@@ -277,11 +291,14 @@ class BatchLoader:
     """An iterable of batch dicts with a known length; iterate it once per epoch.
 
     With `persistent=True` (and workers > 0) the workers outlive a completed iteration and serve the
-    next one; `close()` ends them. An iteration that stops early or fails always ends them."""
+    next one; `close()` ends them. An iteration that stops early or fails always ends them.
+    `batch_shape` (batch, 3, S, S) of the dataset's images: with workers, they come through a
+    `BatchRing` (bcc.stream_ring) instead of a new shared-memory segment per batch."""
 
     def __init__(
         self, dataset: IterableDataset, num_batches: int, *, workers: int, seed: int, pin_memory: bool,
         persistent: bool = False, what: str = "", rank: int = 0, device_transform=None,
+        batch_shape: tuple[int, ...] | None = None,
     ):
         self.dataset = dataset
         self.device_transform = device_transform  # uint8 batch -> model input, for bcc.device_aug.on_device
@@ -289,13 +306,17 @@ class BatchLoader:
         self.what, self.rank = what, rank
         self.skipped: list[str] = []  # damaged samples left out by the last pass (data.on_corrupt=skip)
         self.persistent = persistent and workers > 0
+        self.pin_memory = pin_memory
+        self.ring = dataset.ring = make_ring(workers, batch_shape, PREFETCH + 1) if workers and batch_shape else None
         # an explicit generator: otherwise the DataLoader draws its worker base seed from the global RNG,
         # which would shift the trainer's random state by whether and when a loader was created
         self.loader = DataLoader(
             dataset,
             batch_size=None,
+            collate_fn=as_is,  # no per-batch conversion (the default walks every key: ~0.5 ms a batch)
             num_workers=workers,
-            pin_memory=pin_memory,
+            pin_memory=pin_memory and self.ring is None,  # the ring copies out into pinned memory itself
+            prefetch_factor=PREFETCH if workers else None,
             in_order=True,  # the exact batch count and order rely on strict round robin over workers
             generator=torch.Generator().manual_seed(seed),
             worker_init_fn=_worker_signals if workers else None,
@@ -311,6 +332,8 @@ class BatchLoader:
         self.skipped = []
         try:
             for batch in batches:
+                if "_slot" in batch:
+                    self.ring.receive(batch, self.pin_memory)
                 self.skipped += batch.get("corrupt", ())
                 yield batch
             complete = True
@@ -330,6 +353,8 @@ class BatchLoader:
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+        if self.ring is not None:
+            self.ring.reset()  # the workers are gone: slots they held are free
         if self.persistent:
             self.loader._iterator = None  # a later iteration starts fresh workers instead of dead ones
 
@@ -408,6 +433,7 @@ class TrainLoader:
         self._batches = BatchLoader(
             dataset, self.batches_per_epoch, workers=data_cfg.workers, seed=mix_seed("loader", seed, rank),
             pin_memory=pin_memory, persistent=persistent, what=f"split '{data_cfg.train_split}'", rank=rank,
+            batch_shape=(data_cfg.batch_size, 3, data_cfg.image_size, data_cfg.image_size),
         )
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> EpochBatches:
@@ -482,7 +508,8 @@ def eval_loader(
                           checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt, retries=data_cfg.retries)
     num_batches = math.ceil((stop - start) / batch_size)
     return BatchLoader(dataset, num_batches, workers=data_cfg.workers, seed=0, pin_memory=pin_memory,
-                       what=f"split '{split}'", rank=rank, device_transform=device_transforms_from_config(data_cfg)[1])
+                       what=f"split '{split}'", rank=rank, device_transform=device_transforms_from_config(data_cfg)[1],
+                       batch_shape=(batch_size, 3, data_cfg.image_size, data_cfg.image_size))
 
 
 def iter_keys(batches: Iterable[dict[str, Any]]) -> list[str]:
