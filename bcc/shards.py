@@ -375,10 +375,10 @@ def _tar_files(f, path: str) -> Iterator[tuple[str, bytes]]:
             continue
         if flag in (b"0", b"\0", b"7"):
             if name is None:
-                prefix = block[345:500].split(b"\0")[0].decode("utf-8") if block[257:262] == b"ustar" else ""
+                prefix = block[345:500].split(b"\0")[0].decode("utf-8") if block[345] and block[257:262] == b"ustar" else ""
                 base = block[:100].split(b"\0")[0].decode("utf-8")
                 name = f"{prefix}/{base}" if prefix else base
-            if not _META.match(name):
+            if name[:2] != "__" or not _META.match(name):
                 yield name, data
         name = None  # directories, links: no sample data
 

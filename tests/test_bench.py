@@ -41,6 +41,7 @@ def test_bench_data_prints_the_three_loaders_ratios_and_rss(synth_shards):
     assert re.search(rf"\(a\)/\(c\*workers\) = {NUMBER}", out), out
     assert re.search(rf"\(a\)/\(b\) = {NUMBER}", out), out
     assert re.search(rf"\(a\)/\(c in 2 processes\) = {NUMBER}", out), out
+    assert re.search(rf"\(c\)/\(a\) CPU = {NUMBER}", out), out  # what explains (a)/(c*workers)
     assert "unpacking split 'train'" in out  # no --source: the ImageFolder tree came from the shards
     assert len(row(out, "     200 │")) >= 4 and len(row(out, "     400 │")) >= 4, out
     assert re.search(rf"peak RSS 400 / 200 samples = {NUMBER}", out), out

@@ -9,12 +9,18 @@ timed here: the figures are batches arriving in the main process, before the on-
       intra-op thread (as in a loader worker); multiplied by the number of workers it is what (a) could
       reach if the loader cost nothing beyond decode and crop. With several workers the same loop also
       runs in that many processes at once, which shows how many cores the machine really has free.
+Each also reports the CPU time it spends per image (loader workers and main process apart; (c): the one
+process): (c)/(a)'s CPU per image is what (a)/(c*workers) would be with a free core per worker and one for
+the main process, and it holds still on a busy machine where the img/s do not. (a) and (c) do the same
+work per image where it counts: the same reader (`decode_rgb` without a pixel limit, as the stream reads
+stored images), the same crop object, one torch thread (DataLoader workers run with one).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -42,6 +48,18 @@ class DataBench:
     folder_root: str
     folder_images: int
     split_images: int
+    # CPU seconds per image, one entry per round: "(a) workers", "(a) main", "(b) workers", "(b) main", "(c)"
+    cpu: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+    def cpu_per_image(self, name: str) -> float:
+        """Median CPU seconds per image of `name` over the rounds (nan when not measured)."""
+        values = self.cpu.get(name, [])
+        return statistics.median(values) if values else float("nan")
+
+    @property
+    def stream_cpu_vs_limit(self) -> float:
+        """(c)'s CPU per image over (a)'s (workers + main process): (a)/(c*workers) given a core each."""
+        return self.cpu_per_image("(c)") / (self.cpu_per_image("(a) workers") + self.cpu_per_image("(a) main"))
 
     @property
     def limit(self) -> float:
@@ -70,17 +88,33 @@ def data_config(shards: str | Path, split: str, workers: int, batch_size: int, i
     )
 
 
-def _time_batches(batches: Iterable, warmup: int, count: int, images_of: Callable) -> tuple[int, float]:
-    """(images, seconds) of `count` batches after `warmup` untimed ones; worker start-up falls in the warm-up."""
+def _cpu_seconds(processes: list) -> float:
+    total = 0.0
+    for p in processes:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except Exception:  # noqa: BLE001 - a worker that already ended: psutil.NoSuchProcess and kin
+            pass
+    return total
+
+
+def _time_batches(batches: Iterable, warmup: int, count: int, images_of: Callable) -> tuple[int, float, float, float]:
+    """(images, seconds, loader workers' CPU seconds, main process CPU seconds) of `count` batches after
+    `warmup` untimed ones; worker start-up falls in the warm-up."""
+    import psutil
+
     it = iter(batches)
     try:
         for _ in range(warmup):
             next(it)
+        workers = psutil.Process().children()
         images = 0
-        t0 = time.perf_counter()
+        w0, m0, t0 = _cpu_seconds(workers), time.process_time(), time.perf_counter()
         for _ in range(count):
             images += images_of(next(it))
-        return images, time.perf_counter() - t0
+        seconds, main = time.perf_counter() - t0, time.process_time() - m0
+        return images, seconds, _cpu_seconds(workers) - w0, main
     finally:
         del it  # shuts the workers down before the next measurement starts
 
@@ -124,7 +158,7 @@ def _decode_loop(raw: list[bytes], transform) -> None:
     from bcc.imageio import decode_rgb  # the trainer's reader: the loop times what the stream decodes
 
     for data in raw:
-        transform(decode_rgb(data))
+        transform(decode_rgb(data, max_pixels=None))  # as the stream reads stored images (bcc.stream_samples)
 
 
 _PARALLEL: tuple = ()  # (raw, transform, barrier), inherited by the forked decode processes
@@ -216,28 +250,34 @@ def bench_data(
 
         stream_t, folder_t, decode_t = Timing("stream"), Timing("folder"), Timing("decode")
         parallel_t = Timing("parallel")
+        cpu: dict[str, list[float]] = {k: [] for k in ("(a) workers", "(a) main", "(b) workers", "(b) main", "(c)")}
         for r in range(rounds):
             progress(f"round {r + 1}/{rounds}: (a) bcc stream")
             loader = train_loader(manifest, cfg, seed=0, epoch=r, rank=0, world_size=1)
-            n, s = _time_batches(loader, warmup, count, lambda b: b["label"].numel())
+            n, s, wcpu, mcpu = _time_batches(loader, warmup, count, lambda b: b["label"].numel())
             stream_t.images.append(n)
             stream_t.seconds.append(s)
+            cpu["(a) workers"].append(wcpu / n)
+            cpu["(a) main"].append(mcpu / n)
 
             progress(f"round {r + 1}/{rounds}: (b) ImageFolder + DataLoader")
             folder_loader = DataLoader(
                 folder, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
                 generator=torch.Generator().manual_seed(r),
             )
-            n, s = _time_batches(folder_loader, warmup, count, lambda b: b[1].numel())
+            n, s, wcpu, mcpu = _time_batches(folder_loader, warmup, count, lambda b: b[1].numel())
             folder_t.images.append(n)
             folder_t.seconds.append(s)
+            cpu["(b) workers"].append(wcpu / n)
+            cpu["(b) main"].append(mcpu / n)
 
             progress(f"round {r + 1}/{rounds}: (c) decode + transform, one process")
             with _threads(1):  # a DataLoader worker runs torch with one thread
                 _decode_loop(raw[: min(len(raw), batch_size)], transform)  # warm-up
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 _decode_loop(raw, transform)
                 decode_t.seconds.append(time.perf_counter() - t0)
+                cpu["(c)"].append((time.process_time() - c0) / len(raw))
             decode_t.images.append(len(raw))
             if workers > 1:
                 progress(f"round {r + 1}/{rounds}: (c) in {workers} processes at once")
@@ -248,5 +288,5 @@ def bench_data(
     return DataBench(
         stream=stream_t, folder=folder_t, decode=decode_t, parallel=parallel_t, workers=workers, batch_size=batch_size,
         batches=count, warmup=warmup, image_size=image_size, rounds=rounds, folder_root=root if source else "",
-        folder_images=len(folder), split_images=info.count,
+        folder_images=len(folder), split_images=info.count, cpu=cpu,
     )

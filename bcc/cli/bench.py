@@ -200,6 +200,14 @@ def _data_table(args: argparse.Namespace, result, console) -> None:
             f"(a)/(c in {w} processes) = [bold]{result.stream.rate / result.parallel.rate:.2f}[/]   "
             f"cores free for decoding ~ {result.parallel.rate / result.decode.rate:.1f} of {w}"
         )
+    if result.cpu:
+        us = {k: 1e6 * result.cpu_per_image(k) for k in result.cpu}
+        console.print(
+            f"CPU per image: (c) {us['(c)']:.0f} us; (a) workers {us['(a) workers']:.0f} + main process "
+            f"{us['(a) main']:.0f} us; (b) workers {us['(b) workers']:.0f} + main {us['(b) main']:.0f} us   "
+            f"(c)/(a) CPU = [bold]{result.stream_cpu_vs_limit:.2f}[/] (= (a)/(c*workers) with a free core per "
+            f"worker and one for the main process)"
+        )
 
 
 def _data_summary(args: argparse.Namespace, results, console) -> None:
@@ -207,14 +215,14 @@ def _data_summary(args: argparse.Namespace, results, console) -> None:
 
     table = Table(title=f"bcc bench data summary: {args.shards}, batch {args.batch_size}, medians of {args.rounds} rounds")
     for column in ("px", "workers", "(a) img/s", "(b) img/s", "(c) x workers", "(c) in W at once",
-                   "(a)/(c*workers)", "(a)/(b)", "(a)/(c in W)"):
+                   "(a)/(c*workers)", "(a)/(b)", "(a)/(c in W)", "(c)/(a) CPU"):
         table.add_column(column, justify="right")
     for r in results:
         together = r.parallel.rate if r.parallel.rates else None
         table.add_row(str(r.image_size), str(r.workers), f"{r.stream.rate:,.0f}", f"{r.folder.rate:,.0f}",
                       f"{r.limit:,.0f}", "-" if together is None else f"{together:,.0f}",
                       f"{r.stream_vs_limit:.2f}", f"{r.stream_vs_folder:.2f}",
-                      "-" if together is None else f"{r.stream.rate / together:.2f}")
+                      "-" if together is None else f"{r.stream.rate / together:.2f}", f"{r.stream_cpu_vs_limit:.2f}")
     console.print(table)
 
 
