@@ -33,9 +33,9 @@ Training (`TrainLoader`, or `train_loader` for one epoch): an epoch is ONE pass 
   (batches made in the trainer's process) cannot disturb the trainer's RNG, and skipped batches are read
   and shuffled as raw bytes, never decoded. Each batch also carries `augment_seed`, derived from the same
   four numbers, from which `bcc.device_aug` draws the batch's rotation and colour jitter on the device.
-- What a worker makes (`bcc.transforms.TrainCrop`/`EvalCrop`): uint8 crops [N, 3, S, S]. Conversion to
-  float, rotation, colour jitter and normalisation run batched on the training device
-  (`bcc.device_aug`; every loader here carries its batch transform as `device_transform`).
+- What a worker makes (`bcc.transforms.TrainCrop`/`EvalCrop`): uint8 crops [N, 3, S, S], handed over in
+  shared memory allocated once (`bcc.stream_ring`). Conversion to float, rotation, colour jitter and
+  normalisation run batched on the device (`bcc.device_aug`; each loader carries its `device_transform`).
 - `TrainLoader` keeps its loader workers across epochs (persistent workers; the epoch and the number
   of batches to skip reach them through a small shared array); `close()` ends them.
 

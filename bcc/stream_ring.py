@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import itertools
 import multiprocessing
-import os
 import shutil
 from collections.abc import Iterator, Sequence
 
@@ -50,7 +49,6 @@ class BatchRing:
     def __init__(self, workers: int, shape: Sequence[int], slots: int):
         self.workers, self.slots, self.shape = workers, slots, tuple(shape)
         self.buffer = torch.zeros((workers, slots, *self.shape), dtype=torch.uint8).share_memory_()
-        self.parent = os.getpid()
         self.reset()
 
     def reset(self) -> None:
@@ -59,7 +57,7 @@ class BatchRing:
     def put(self, worker: int, nth: int, images: Sequence[torch.Tensor]) -> tuple[int, int, int]:
         """Write `images` (uint8 [3, S, S] each) into worker `worker`'s slot for its `nth` batch."""
         while not self.free[worker].acquire(timeout=WAIT_S):
-            if os.getppid() != self.parent:  # the main process is gone: nobody will free a slot
+            if not _main_alive():  # nobody will free a slot
                 raise RuntimeError("the main process ended while a loader worker waited for a batch slot")
         slot = nth % self.slots
         torch.stack(list(images), out=self.buffer[worker, slot, : len(images)])
@@ -82,6 +80,12 @@ class BatchRing:
         batch["image"] = self.take(batch.pop("_slot"), pin_memory)
         label = torch.tensor(batch["label"], dtype=torch.long)
         batch["label"] = label.pin_memory() if pin_memory else label
+
+
+def _main_alive() -> bool:
+    """Whether the process that started this one still runs (any start method: fork, spawn, forkserver)."""
+    parent = multiprocessing.parent_process()
+    return parent is None or parent.is_alive()
 
 
 def make_ring(workers: int, shape: Sequence[int], slots: int) -> BatchRing | None:

@@ -88,6 +88,6 @@ def test_a_worker_waiting_for_a_slot_ends_when_the_main_process_is_gone(monkeypa
     assert torch.equal(ring.take(address), torch.stack(images))  # taken: the slot is free again
     ring.put(0, 1, images)  # the one slot is full now
     monkeypatch.setattr(stream_ring, "WAIT_S", 0.01)
-    ring.parent = -1  # as if the main process had ended
+    monkeypatch.setattr(stream_ring, "_main_alive", lambda: False)  # as if the main process had ended
     with pytest.raises(RuntimeError, match="main process ended"):
         ring.put(0, 2, images)
