@@ -25,6 +25,23 @@ from bcc.trackers import tracker_values
 _OLD_METRIC = re.compile(r"^(b?acc)\d+$")  # acc4, bacc4: combined metrics that once carried the class count
 
 
+def process_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its children (loader workers, live or ended)
+    since it started: what a run costs on shared CPUs, where wall time depends on the load."""
+    import psutil
+
+    me = psutil.Process()
+    t = me.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in me.children(recursive=True):
+        try:
+            c = child.cpu_times()
+            total += c.user + c.system
+        except psutil.Error:  # ended meanwhile: then counted in children_* of its parent
+            pass
+    return total
+
+
 def scalar_metrics(metrics: Mapping) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
