@@ -37,6 +37,7 @@ from torch.utils.data import get_worker_info
 from bcc.console import err_console
 
 WAIT_S = 1.0  # a waiting worker checks this often that the main process is still there
+_WARNED: set[tuple] = set()
 
 
 class BatchRing:
@@ -97,6 +98,9 @@ def make_ring(workers: int, shape: Sequence[int], slots: int) -> BatchRing | Non
     except OSError:
         free = None  # no /dev/shm: another platform's shared memory, nothing to check here
     if free is not None and free < 2 * need:
+        if tuple(shape) in _WARNED:
+            return None
+        _WARNED.add(tuple(shape))  # once per batch shape and process, not at every evaluation
         err_console.print(f"[yellow]warning:[/] /dev/shm has {free / 2**20:.0f} MiB free, too little for "
                           f"{workers} x {slots} batches of {tuple(shape)} uint8 ({need / 2**20:.0f} MiB): "
                           "batches are handed over in one shared-memory segment each (slower)", soft_wrap=True)

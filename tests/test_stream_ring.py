@@ -74,6 +74,7 @@ def test_a_pass_stopped_early_leaves_no_slot_taken(pack):
 
 def test_without_room_in_dev_shm_batches_go_the_dataloader_way(pack, monkeypatch, capsys):
     monkeypatch.setattr(stream_ring.shutil, "disk_usage", lambda _: SimpleNamespace(free=1024))
+    monkeypatch.setattr(stream_ring, "_WARNED", set())  # warned once per shape and process
     cfg = data_cfg(workers=1)
     with TrainLoader(pack, cfg, seed=3, rank=0, world_size=1) as loader:
         assert loader._batches.ring is None
