@@ -49,7 +49,10 @@ class BatchRing:
 
     def __init__(self, workers: int, shape: Sequence[int], slots: int):
         self.workers, self.slots, self.shape = workers, slots, tuple(shape)
-        self.buffer = torch.zeros((workers, slots, *self.shape), dtype=torch.uint8).share_memory_()
+        # straight into shared memory (as torch's default_collate allocates its batches in workers): the
+        # kernel's zero pages, faulted in where first written, not a private copy of the whole ring first
+        storage = torch.UntypedStorage._new_shared(workers * slots * int(torch.Size(self.shape).numel()))
+        self.buffer = torch.empty(0, dtype=torch.uint8).set_(storage).view(workers, slots, *self.shape)
         self.reset()
 
     def reset(self) -> None:
