@@ -56,7 +56,7 @@ from bcc.train.ema import ema_state, evaluate_ema
 from bcc.train.epoch import evaluate_split, sync_buffers, train_one_epoch
 from bcc.train.preflight import check_precision, preflight
 from bcc.train.resume import restore, resume_path
-from bcc.train.runlog import RunLog, process_cpu_seconds, scalar_metrics
+from bcc.train.runlog import RunLog, scalar_metrics
 from bcc.train.setup import Components, RunInfo, StageParts, TrainError, build_components, enter_stage
 from bcc.train.source_eval import evaluate_split_by_source
 
@@ -432,7 +432,7 @@ def write_summary(run: Run, result: Mapping) -> None:
     acc = run.accelerator
     sync_buffers(run.parts.model, run.info.world_size)
     mine = {"rank": run.info.rank, "steps": run.state.step, "batches": run.state.epoch * run.info.batches_per_epoch,
-            "weights_sha256": _weights_sha256(run.parts.model.state_dict()), "cpu_seconds": round(process_cpu_seconds(), 1)}
+            "weights_sha256": _weights_sha256(run.parts.model.state_dict()), "cpu_seconds": round(run.log.cpu_elapsed(), 1)}
     ema = ema_state(run.parts.ema, run.info.world_size)  # collective
     if ema is not None:
         mine["ema_sha256"] = _weights_sha256(ema)

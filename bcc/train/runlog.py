@@ -115,6 +115,12 @@ class RunLog:
 
     def start_clock(self) -> None:
         self.t_start = time.perf_counter()
+        self.cpu_start = process_cpu_seconds()
+
+    def cpu_elapsed(self) -> float:
+        """CPU seconds of this process tree since `start_clock` (one run's, also when several runs
+        train one after another in one process, as `bcc compare --processes 1` does)."""
+        return process_cpu_seconds() - getattr(self, "cpu_start", 0.0)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start
