@@ -114,17 +114,19 @@ class _TarStream:
 
     def __init__(self, f, mtime: int, user: str, group: str):
         self.f, self.mtime, self.user, self.group = f, mtime, user, group
-        self.template = _header_template(mtime, user, group, self._MODE)
+        t = _header_template(mtime, user, group, self._MODE)
+        # the fields around name, size and checksum, and their share of the checksum (which counts
+        # its own field as 8 spaces): a header is then joined, not summed over 512 bytes (3 a sample)
+        self.mode_to_uid, self.mtime_field, self.tail = t[100:124], t[136:148], t[156:]
+        self.base_sum = sum(self.mode_to_uid) + sum(self.mtime_field) + sum(self.tail) + 8 * 32
         self.offset = 0
 
     def _header(self, name: str, size: int) -> bytes:
         if len(name) < 100 and name.isascii() and size < 8 ** 11 and "\0" not in name:
-            h = bytearray(self.template)
-            h[0:100] = name.encode("ascii").ljust(100, b"\0")
-            h[124:136] = b"%011o\0" % size
-            h[148:156] = b"        "
-            h[148:155] = b"%06o\0" % sum(h)
-            return bytes(h)
+            raw, size_field = name.encode("ascii"), b"%011o\0" % size
+            checksum = self.base_sum + sum(raw) + sum(size_field)
+            return b"".join((raw.ljust(100, b"\0"), self.mode_to_uid, size_field, self.mtime_field,
+                             b"%06o\0 " % checksum, self.tail))
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode, info.uname, info.gname = size, self.mtime, self._MODE, self.user, self.group
         return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")

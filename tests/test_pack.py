@@ -273,14 +273,14 @@ def test_unreadable_file_is_skipped(tmp_path, make_class_tree, monkeypatch):
     """A permission error while reading (simulated: the suite may run as root, who can read anything)."""
     src = make_class_tree(tmp_path / "src", {"Benign": 3})
     locked = src / "Benign" / "img0000.jpg"
-    real_read = Path.read_bytes
+    real_read = pack_pool._read
 
-    def read_bytes(self):
-        if self == locked:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_read(self)
+    def read(path):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read(path)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(pack_pool, "_read", read)
     m = pack_folders(src, tmp_path / "out").manifest
     assert m["skipped"] == [{"path": "Benign/img0000.jpg", "reason": "unreadable: Permission denied"}]
     assert m["splits"]["train"]["count"] + m["splits"]["val"]["count"] + m["splits"]["test"]["count"] == 2
