@@ -172,6 +172,22 @@ def _choose_blocks(n: int, d: int) -> int:
     return best_m
 
 
+def _table_key(uh: np.ndarray, masks: list[int]) -> np.ndarray:
+    """The bits of `uh` under the (disjoint, contiguous) block masks, packed low to high into the
+    narrowest unsigned type: ordered exactly as `uh & sum(masks)`, but 16-bit keys (two 8-bit blocks
+    of 8, the usual table at d = 6) take numpy's radix sort, ~20x faster than sorting uint64."""
+    bits = sum(mask.bit_count() for mask in masks)
+    if bits > 32:
+        return uh & np.uint64(sum(masks))
+    key = np.zeros(len(uh), dtype=np.uint64)
+    shift = 0
+    for mask in sorted(masks):
+        low = (mask & -mask).bit_length() - 1
+        key |= ((uh >> np.uint64(low)) & np.uint64(mask >> low)) << np.uint64(shift)
+        shift += mask.bit_count()
+    return key.astype(np.uint16 if bits <= 16 else np.uint32)
+
+
 def _distinct_pairs(uh: np.ndarray, d: int, stats: dict | None = None) -> np.ndarray:
     """All (a, b, dist) with a < b, indices into the distinct hashes `uh`, dist <= d; each pair once."""
     n = len(uh)
@@ -182,7 +198,7 @@ def _distinct_pairs(uh: np.ndarray, d: int, stats: dict | None = None) -> np.nda
     tables = 0
     for chosen in itertools.combinations(range(m), m - d):
         tables += 1
-        key = uh & np.uint64(sum(masks[b] for b in chosen))
+        key = _table_key(uh, [masks[b] for b in chosen])
         order = np.argsort(key, kind="stable")
         sk = key[order]
         del key  # peak memory: a handful of n-long arrays per table, freed as soon as possible

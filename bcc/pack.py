@@ -213,6 +213,8 @@ def pack_folders(
     limit = max_image_pixels if max_image_pixels is not None else MAX_IMAGE_PIXELS
 
     pool = _start_pool(workers)  # before the file list exists: see _start_pool
+    # the split's graph library (~0.3 s to import), loaded while the new workers make their own imports
+    import scipy.sparse.csgraph  # noqa: F401
     try:
         return _pack(src, out, pool, workers=workers, fractions=fractions, group_rx=group_rx, taxonomy=taxonomy,
                      opts=_Options(resize, quality, limit, "", phash=near_on), seed=seed, shard_size=shard_size,
