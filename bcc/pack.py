@@ -299,20 +299,26 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, taxo
         targets = [taxonomy.targets(c) for c in range(len(names))]
         stage("split")
 
+        prefix = os.path.join(root, "")  # prefix + rel == os.path.join(root, rel)
+
         def items(members: np.ndarray, split_name: str, start: int):
-            for k, s in enumerate(members.tolist(), start=start):
-                i = int(ok[s])
-                label = int(labels[s])
-                ext = _EXTS[rec.ext[i] - 1]
-                meta = {"class": names[label], "folder": folder_names[folder_of[i]], "source": rels[i],
-                        "sha256": sha[s].tobytes().hex(), "label": label, **targets[label]}
+            # one shard's columns as lists first: per-element numpy access costs ~0.1 us a field
+            files = ok[members]
+            hexes = sha[members].tobytes().hex()
+            columns = (files.tolist(), labels[members].tolist(), rec.ext[files].tolist(),
+                       folder_of[files].tolist(), rec.phash[files].tolist(), rec.staged[files].tolist(),
+                       rec.size[files].tolist(), rec.crc[files].tolist(),
+                       fold_of[members].tolist() if fold_of is not None else [-1] * len(files))
+            for j, (i, label, code, folder, ph, staged, size, crc, fold) in enumerate(zip(*columns, strict=True)):
+                ext = _EXTS[code - 1]
+                meta = {"class": names[label], "folder": folder_names[folder], "source": rels[i],
+                        "sha256": hexes[64 * j:64 * j + 64], "label": label, **targets[label]}
                 if near_dup_threshold is not None:
-                    meta["phash"] = f"{int(rec.phash[i]):016x}"  # imagehash's hex form
-                if fold_of is not None and fold_of[s] >= 0:
-                    meta["fold"] = int(fold_of[s])
-                staged = bool(rec.staged[i])
-                path = str(staging / f"{i:08d}.{ext}") if staged else os.path.join(root, rels[i])
-                yield (f"{split_name}-{k:08d}", ext, path, staged, int(rec.size[i]), int(rec.crc[i]), meta)
+                    meta["phash"] = f"{ph:016x}"  # imagehash's hex form
+                if fold >= 0:
+                    meta["fold"] = fold
+                path = str(staging / f"{i:08d}.{ext}") if staged else prefix + rels[i]
+                yield (f"{split_name}-{start + j:08d}", ext, path, staged, size, crc, meta)
 
         plan = []  # (split, its members in shard order, shard sizes)
         for k, split_name in enumerate(SPLITS):
