@@ -317,6 +317,7 @@ class ModeResult:
     init: str = ""  # "pretrained" or "scratch" (whether model.pretrained was set)
     seed: int = 0  # train.seed
     test_all: dict[str, float] = field(default_factory=dict)  # every scalar test metric of the run
+    cpu_time: float = math.nan  # CPU seconds of all ranks' process trees (summary.json; nan for older runs)
 
     @property
     def sec_per_step(self) -> float:
@@ -361,6 +362,7 @@ def read_mode(mode: str, run_dir: Path) -> ModeResult:
         val={k: float(best[k]) for k in names if k in best},
         test={k: float(test[-1][k]) for k in names if test and k in test[-1]},
         train_time=float(summary["train_time"]),
+        cpu_time=sum(float(r.get("cpu_seconds", math.nan)) for r in summary.get("ranks", [{}])),
         steps=int(summary["state"]["step"]),
         epochs=cfg.train.epochs,
         trainable_final=info.trainable_final(),

@@ -164,7 +164,7 @@ def csv_columns(metrics: Sequence[str], test_metrics: Sequence[str] | None = Non
     tests = list(dict.fromkeys([*metrics, *(test_metrics or ())]))
     return (["mode", "finetune", "init", "seed", "epochs", "best_epoch"] + [f"val_{k}" for k in metrics]
             + [f"test_{k}" for k in tests]
-            + ["train_time_s", "sec_per_step", "step_time_s", "trainable_final", "trainable_mean", "total_params"])
+            + ["train_time_s", "cpu_time_s", "sec_per_step", "step_time_s", "trainable_final", "trainable_mean", "total_params"])
 
 
 def _row(r: ModeResult, step_time: float | None, metrics: Sequence[str], test_metrics: Sequence[str] = ()) -> dict:
@@ -172,7 +172,7 @@ def _row(r: ModeResult, step_time: float | None, metrics: Sequence[str], test_me
            "best_epoch": r.best_epoch}
     row.update({f"val_{k}": r.val.get(k, math.nan) for k in metrics})
     row.update({f"test_{k}": r.test_all.get(k, r.test.get(k, math.nan)) for k in dict.fromkeys([*metrics, *test_metrics])})
-    row.update({"train_time_s": r.train_time, "sec_per_step": r.sec_per_step,
+    row.update({"train_time_s": r.train_time, "cpu_time_s": r.cpu_time, "sec_per_step": r.sec_per_step,
                 "step_time_s": math.nan if step_time is None else step_time,
                 "trainable_final": r.trainable_final, "trainable_mean": round(r.trainable_mean),
                 "total_params": r.total_params})
@@ -301,13 +301,15 @@ def _markdown(results: Sequence[ArmResult], metrics, test_metrics, bench, comman
               f"{select}, the runs' checkpoint.metric); test metrics are the test split evaluated once with the "
               "best checkpoint. Cells are mean ± sd over seeds; [lo, hi] is the 95% percentile bootstrap "
               f"interval of the seed mean ({n_boot} resamples of the test samples, fixed rng). "
-              "`s/step (wall)` is train time / optimizer steps, evaluation and checkpoints included.", ""]
+              "`s/step (wall)` is train time / optimizer steps, evaluation and checkpoints included; `CPU min` is the "
+              "CPU time of all ranks' processes and loader workers (the cost on shared cores, where wall time "
+              "follows the load).", ""]
     if chosen is not None:
         best = "highest" if select_mode == "max" else "lowest"
         lines += [f"**Chosen on validation: {chosen.name}** (✓), the {best} mean val {select} over seeds; "
                   "the test split played no part in the choice.", ""]
     head = ["arm", "chosen", "init", "seeds", "best ep", *(f"val {k}" for k in metrics), *(f"test {k}" for k in test_metrics),
-            "train s", "s/step (wall)", "trainable final", "trainable mean"]
+            "train s", "CPU min", "s/step (wall)", "trainable final", "trainable mean"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in results:
         rs = a.runs
@@ -315,7 +317,7 @@ def _markdown(results: Sequence[ArmResult], metrics, test_metrics, bench, comman
                  " ".join(str(r.best_epoch) for r in rs)]
         cells += [_pm(a.val[m]) for m in metrics]
         cells += [_pm(a.test[m]) + _interval(a.ci[m]) for m in test_metrics]
-        cells += [_fmt(statistics.fmean(r.train_time for r in rs)),
+        cells += [_fmt(statistics.fmean(r.train_time for r in rs)), _fmt(statistics.fmean(r.cpu_time for r in rs) / 60),
                   _fmt(statistics.fmean(r.sec_per_step for r in rs)),
                   _fmt(rs[0].trainable_final), _fmt(float(round(rs[0].trainable_mean)))]
         lines.append("| " + " | ".join(cells) + " |")

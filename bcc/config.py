@@ -141,6 +141,11 @@ class TrainConfig:
     # the rate at lr_base_batch samples; linear: lr x global/base, sqrt: lr x sqrt(global/base); none: as given
     lr_scale: Literal["none", "linear", "sqrt"] = "none"
     lr_base_batch: int = 256
+    # multiplier of the rate for the heads' parameters in every stage (times the stage's lr_mult). The
+    # design's head reads 25,088 non-negative features: an SGD step moves each hidden unit by about
+    # lr x |x|^2 ~ 35,000 x lr times its error, so from random backbone weights lr 0.01 kills its ReLUs
+    # within ~10 steps (docs/transfer.md, "Why vgg16_bn stays at chance"); ~0.01 keeps them alive
+    head_lr_mult: float = 1.0
     # GPU speed switches, each auto (on CUDA unless deterministic), true or false. Not bitwise reproducible:
     # cudnn.benchmark picks convolution algorithms by timing them, TF32 rounds fp32 matmuls/convolutions
     cudnn_benchmark: bool | Literal["auto"] = "auto"

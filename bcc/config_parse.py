@@ -69,6 +69,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "loss.label_smoothing": _fraction(closed_high=False),
     "train.epochs": _at_least(1),
     "train.lr": _positive(),
+    "train.head_lr_mult": _positive(),
     "train.momentum": _fraction(closed_high=False),
     "train.weight_decay": _at_least(0),
     "train.warmup_steps": _at_least(0),

@@ -153,10 +153,12 @@ def frozen_batchnorms(model: nn.Module, module_groups: Mapping[str, str], traina
 
 
 def build_param_groups(
-    groups: Mapping[str, Sequence[tuple[str, nn.Parameter]]], stage: Stage, weight_decay: float
+    groups: Mapping[str, Sequence[tuple[str, nn.Parameter]]], stage: Stage, weight_decay: float,
+    head_lr_mult: float = 1.0,
 ) -> list[dict]:
     """Optimizer param groups for the trainable groups of `stage`: per group, decayed weights and
-    undecayed biases/norm parameters, each carrying its group name and lr multiplier."""
+    undecayed biases/norm parameters, each carrying its group name and lr multiplier (the stage's;
+    for the heads times `head_lr_mult`, `train.head_lr_mult`)."""
     out = []
     for name in stage.train:
         params = [p for _, p in groups[name] if p.requires_grad]
@@ -164,7 +166,8 @@ def build_param_groups(
         no_decay = [p for p in params if p.ndim <= 1]
         for plist, wd in ((decay, weight_decay), (no_decay, 0.0)):
             if plist:
-                out.append({"params": plist, "weight_decay": wd, "group": name, "lr_mult": stage.mult(name)})
+                out.append({"params": plist, "weight_decay": wd, "group": name,
+                            "lr_mult": stage.mult(name) * (head_lr_mult if name == HEADS else 1.0)})
     return out
 
 

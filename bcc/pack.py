@@ -44,7 +44,16 @@ from bcc.pack_pool import (
     _write_one_shard,
 )
 from bcc.shards import shard_sizes
-from bcc.split import SPLITS, compile_group_regex, deal_folds, deal_splits, join_units, parse_split
+from bcc.split import (
+    GROUP_SCOPES,
+    SPLITS,
+    SplitError,
+    compile_group_regex,
+    deal_folds,
+    deal_splits,
+    join_units,
+    parse_split,
+)
 from bcc.taxonomy import Taxonomy
 
 __all__ = ["PackError", "PackResult", "SourceChangedError", "default_workers", "pack_folders"]
@@ -75,6 +84,23 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def _big_unit_warning(unit_root: np.ndarray, fractions, near_threshold: int | None, grouped: bool) -> list[str]:
+    """A warning when one unit (samples joined by exact copies, the group regex and near-duplicates, which
+    chain: A~B and B~C join A and C) outgrows the smallest non-empty split, which then cannot get its share."""
+    sizes = np.bincount(unit_root)
+    big = int(sizes.max()) if sizes.size else 0
+    smallest = min((f for f in fractions if f > 0), default=1.0) * len(unit_root)
+    if big <= max(1.0, 0.5 * smallest):
+        return []
+    causes = ["exact copies"] + (["--group-regex ids"] if grouped else [])
+    hint = ""
+    if near_threshold is not None:
+        causes.append(f"near-duplicates within {near_threshold} bits (they chain)")
+        hint = "; if the images look alike overall, lower --near-dup-threshold or pass --no-near-dup"
+    return [f"one group of {big} samples ({big / len(unit_root):.0%} of the images) joined by {', '.join(causes)} "
+            f"must stay in one split: the split fractions cannot be met{hint}"]
 
 
 def _split_warnings(splits_info: dict[str, Any], num_classes: int) -> list[str]:
@@ -164,6 +190,7 @@ def pack_folders(
     min_shards: int = DEFAULT_MIN_SHARDS,
     workers: int = 1,
     group_regex: str | None = None,
+    group_scope: str = "dataset",
     taxonomy: Taxonomy | None = None,
     overwrite: bool = False,
     strict: bool = False,
@@ -187,6 +214,8 @@ def pack_folders(
     stay on one side of the split and of the folds, like exact duplicates; None or -1 switches the
     hashing off. The groups are reported in the manifest's `near_duplicates`. Each per-file list
     longer than `bcc.manifest.LIST_INLINE` goes to its side file `<list>.jsonl`.
+    group_scope: "dataset" (a `group_regex` id joins files across class folders) or "class" (ids are
+    per class folder, as in image sets whose augmented copies are numbered per class); SplitError else.
     folds: K >= 2 deals the train+val samples into K stratified, group-safe cross-validation folds
     (test stays fixed): `fold` in each sample's json, `fold_counts` per shard, `folds` in the manifest.
     """
@@ -194,6 +223,8 @@ def pack_folders(
     src, out = Path(src), Path(out)
     fractions = parse_split(split)
     group_rx = compile_group_regex(group_regex)
+    if group_scope not in GROUP_SCOPES:
+        raise SplitError(f"group scope must be one of {', '.join(GROUP_SCOPES)}, got {group_scope!r}")
     taxonomy = taxonomy or Taxonomy.default()
     if resize is not None and resize < 1:
         raise PackError(f"resize must be a positive number of pixels, got {resize}")
@@ -217,11 +248,12 @@ def pack_folders(
     import scipy.sparse.csgraph  # noqa: F401
     try:
         return _pack(src, out, pool, workers=workers, fractions=fractions, group_rx=group_rx, taxonomy=taxonomy,
-                     opts=_Options(resize, quality, limit, "", phash=near_on), seed=seed, shard_size=shard_size,
+                     opts=_Options(resize, quality, limit, "", phash=near_on), group_scope=group_scope, seed=seed, shard_size=shard_size,
                      min_shards=min_shards, strict=strict, near_dup_threshold=near_dup_threshold if near_on else None,
                      folds=folds, progress=progress, t0=t0,
                      options={"split": list(fractions), "seed": seed, "resize": resize, "quality": quality,
                               "shard_size": shard_size, "min_shards": min_shards, "group_regex": group_regex,
+                              "group_scope": group_scope,
                               "max_image_pixels": limit,
                               "near_dup_threshold": near_dup_threshold if near_on else None,
                               "imagehash": _imagehash_version() if near_on else None, "folds": folds})
@@ -230,7 +262,7 @@ def pack_folders(
             pool.shutdown(cancel_futures=True)
 
 
-def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, taxonomy: Taxonomy, opts: _Options,
+def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, group_scope: str, taxonomy: Taxonomy, opts: _Options,
           seed: int, shard_size: int, min_shards: int, strict: bool, near_dup_threshold: int | None,
           folds: int | None, progress: ProgressFn | None, t0: float, options: dict[str, Any]) -> PackResult:
     stages: dict[str, float] = {}
@@ -285,7 +317,8 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, taxo
         _, exact_id = np.unique(sha.view(np.dtype((np.void, 32))).reshape(-1), return_inverse=True)
         exact_id = exact_id.reshape(-1).astype(np.int64)
         sources = (rels[i] for i in ok.tolist()) if group_rx is not None else None  # read by the regex only
-        unit_root, unmatched, near = join_units(exact_id, sources, group_rx, rec.phash[ok], near_dup_threshold)
+        unit_root, unmatched, near = join_units(exact_id, sources, group_rx, rec.phash[ok], near_dup_threshold,
+                                                group_scope)
         assignment, rng = deal_splits(labels, unit_root, fractions, seed)
         fold_of = None
         fold_info = None
@@ -294,6 +327,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, taxo
             fold_info = _fold_entry(labels, fold_of, folds, seed, taxonomy)
         if unmatched:
             warnings_.append(f"{unmatched} file name(s) do not match the group regex; each is its own group")
+        warnings_ += _big_unit_warning(unit_root, fractions, near_dup_threshold, group_rx is not None)
 
         names = taxonomy.class_names
         targets = [taxonomy.targets(c) for c in range(len(names))]

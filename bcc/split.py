@@ -26,7 +26,7 @@ import numpy as np
 from bcc.errors import BccError
 from bcc.neardup import NearDuplicates, is_enabled, near_duplicate_edges
 
-__all__ = ["SPLITS", "SplitError", "Units", "assign_folds", "assign_splits", "compile_group_regex", "deal_folds",
+__all__ = ["GROUP_SCOPES", "SPLITS", "SplitError", "Units", "assign_folds", "assign_splits", "compile_group_regex", "deal_folds",
            "deal_splits", "join_units", "largest_remainder", "parse_split", "sample_units"]
 
 SPLITS = ("train", "val", "test")
@@ -54,6 +54,9 @@ def parse_split(value: str | Sequence[float]) -> tuple[float, float, float]:
     if parts[0] <= 0:
         raise SplitError(f"the train fraction must be > 0, got {value!r}")
     return (parts[0], parts[1], parts[2])
+
+
+GROUP_SCOPES = ("dataset", "class")
 
 
 def compile_group_regex(pattern: str | None) -> re.Pattern | None:
@@ -120,16 +123,20 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def join_units(exact_ids: np.ndarray, names: Iterable[str] | None = None, group_rx: re.Pattern | None = None,
-               hashes: np.ndarray | None = None, near_threshold: int | None = None
+               hashes: np.ndarray | None = None, near_threshold: int | None = None, group_scope: str = "dataset"
                ) -> tuple[np.ndarray, int, NearDuplicates]:
     """`sample_units` on arrays, for packs of millions of images (memory O(n) in numpy, no per-sample
     Python objects beyond the group regex's ids).
 
     exact_ids: (n,) ints, equal for identical files (e.g. the inverse of a sha256 `np.unique`).
     names: the samples' source paths (only read with `group_rx`); hashes: (n,) uint64 pHashes (only
-    read when `near_threshold` is on). Returns (root, unmatched, near): root[i] is the smallest sample
-    index of sample i's unit.
+    read when `near_threshold` is on). group_scope: "dataset" (one id joins files in any class folder,
+    e.g. a patient's cells of several types) or "class" (ids are per class folder, the first part of a
+    name: `EOSINOPHIL/_0_1.jpeg` and `MONOCYTE/_0_7.jpeg` are different sources). Returns (root,
+    unmatched, near): root[i] is the smallest sample index of sample i's unit.
     """
+    if group_scope not in GROUP_SCOPES:
+        raise SplitError(f"group scope must be one of {', '.join(GROUP_SCOPES)}, got {group_scope!r}")
     n = len(exact_ids)
     a, b = _exact_edges(np.asarray(exact_ids))
     parts_a, parts_b = [a], [b]
@@ -138,9 +145,11 @@ def join_units(exact_ids: np.ndarray, names: Iterable[str] | None = None, group_
         first_of: dict[str, int] = {}
         ga, gb = array("q"), array("q")
         for i, name in enumerate(names or ()):
-            m = group_rx.search(PurePosixPath(name).name)
+            path = PurePosixPath(name)
+            m = group_rx.search(path.name)
             if m and m.group(1) is not None:
-                j = first_of.setdefault(m.group(1), i)
+                key = m.group(1) if group_scope == "dataset" else f"{path.parts[0]}/{m.group(1)}"
+                j = first_of.setdefault(key, i)
                 if j != i:
                     ga.append(j)
                     gb.append(i)

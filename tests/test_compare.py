@@ -245,3 +245,19 @@ def test_bcc_compare_with_two_seeds(synth_shards, tmp_path):
     assert len(other["delta_bacc_per_seed"].split()) == 2 and other["delta_bacc_ci_lo"] != "nan"
     md = (out / "RESULTS.md").read_text()
     assert f"Chosen on validation: {chosen['arm']}" in md and "Paired differences" in md and " ± " in md
+
+
+def test_a_runs_cpu_seconds_count_from_its_own_start_not_the_process_start():
+    """`bcc compare --processes 1` trains the runs one after another in one process: each run's
+    `cpu_seconds` (summary.json, the table's CPU minutes) must be its own, not the process's total."""
+    import time
+
+    from bcc.train.runlog import RunLog, process_cpu_seconds
+
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.3:  # CPU spent before this run starts (an earlier run)
+        sum(range(1000))
+    log = RunLog.__new__(RunLog)
+    log.start_clock()
+    assert process_cpu_seconds() >= 0.3
+    assert 0 <= log.cpu_elapsed() < 0.2

@@ -335,3 +335,17 @@ def test_resume_refuses_an_epoch_budget_that_moves_the_stage():
         check_resume_stages(ten, twenty, 3)  # would re-freeze block2
     frozen = resolve_stages(FinetuneConfig(preset="frozen"), 10, groups, 0)
     check_resume_stages(frozen, resolve_stages(FinetuneConfig(preset="frozen"), 20, groups, 0), 9)
+
+
+def test_head_lr_mult_scales_only_the_heads_on_top_of_the_stage_multipliers():
+    from bcc.errors import BccError
+
+    model = build_model(ModelConfig(backbone=TINY_BACKBONE), HEADS)
+    groups = parameter_groups(model)
+    sched = _custom(StageConfig(epochs=1, train=("heads", "block4"), lr_mult={"block4": 0.1, "heads": 0.5}))
+    (stage,) = resolve_stages(sched, 1, list(groups), 0)
+    mults = {g["group"]: g["lr_mult"] for g in build_param_groups(groups, stage, 1e-4, head_lr_mult=0.01)}
+    assert mults == {"heads": pytest.approx(0.005), "block4": pytest.approx(0.1)}
+    assert {g["group"]: g["lr_mult"] for g in build_param_groups(groups, stage, 1e-4)}["heads"] == 0.5
+    with pytest.raises(BccError, match="train.head_lr_mult: must be > 0"):
+        load_config(None, ["train.head_lr_mult=0"])

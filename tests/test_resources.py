@@ -19,7 +19,8 @@ from conftest import REPO
 
 # shipped file -> the copy in configs/ that users read and edit
 COPIES = {"demo.yaml": "configs/demo.yaml", "taxonomy/all_4class.yaml": "configs/taxonomy/all_4class.yaml",
-          "taxonomy/kvasir.yaml": "configs/taxonomy/kvasir.yaml"}
+          "taxonomy/kvasir.yaml": "configs/taxonomy/kvasir.yaml",
+          "taxonomy/wbc_4class.yaml": "configs/taxonomy/wbc_4class.yaml"}
 
 
 def test_configs_copies_are_identical_to_the_shipped_files():
@@ -40,11 +41,11 @@ def test_named_taxonomies_resolve_by_stem_declared_name_or_file(tmp_path):
     from bcc.resources import load_taxonomy, taxonomy_names
     from bcc.taxonomy import Taxonomy, TaxonomyError
 
-    assert taxonomy_names() == ["all_4class", "kvasir"]
+    assert taxonomy_names() == ["all_4class", "kvasir", "wbc_4class"]
     assert load_taxonomy("kvasir").name == load_taxonomy("kvasir-v1").name == "kvasir-v1"
     assert load_taxonomy("all_4class").to_dict() == Taxonomy.default().to_dict()
     assert load_taxonomy(REPO / "configs" / "taxonomy" / "kvasir.yaml").name == "kvasir-v1"
-    with pytest.raises(TaxonomyError, match="shipped: all_4class, kvasir"):
+    with pytest.raises(TaxonomyError, match="shipped: all_4class, kvasir, wbc_4class"):
         load_taxonomy("nope")
     with pytest.raises(TaxonomyError, match="cannot read taxonomy file"):
         load_taxonomy(tmp_path / "missing.yaml")

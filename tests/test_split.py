@@ -31,3 +31,27 @@ def test_units_stay_together_and_the_split_is_seeded():
     assert all(len(v) == 1 for v in by_patient.values())
     assert by_patient["P5"] == by_patient["P0"]  # samples 5 (P5) and 50 (P0) are identical files
     assert assign_splits(samples, (0.6, 0.2, 0.2), 3, rx)[0] == assignment
+
+
+def test_group_scope_class_keeps_ids_per_class_folder_and_a_giant_unit_is_warned_about():
+    import numpy as np
+
+    from bcc.pack import _big_unit_warning
+    from bcc.split import join_units
+
+    # augmented copies numbered per class: `_<source>_<n>`, the same source ids in every class folder
+    names = [f"{c}/_{i % 50}_{i}.jpeg" for c in ("EOS", "LYM") for i in range(200)]
+    exact = np.arange(len(names))
+    rx = compile_group_regex(r"^_(\d+)_")
+    per_dataset, _, _ = join_units(exact, names, rx)
+    per_class, unmatched, _ = join_units(exact, names, rx, group_scope="class")
+    assert unmatched == 0
+    assert len(set(per_dataset.tolist())) == 50 and len(set(per_class.tolist())) == 100
+    assert all(names[r].split("/")[0] == n.split("/")[0] for r, n in zip(per_class.tolist(), names, strict=True))
+    with pytest.raises(SplitError, match="group scope must be one of dataset, class"):
+        join_units(exact, names, rx, group_scope="patient")
+
+    assert _big_unit_warning(per_class, (0.8, 0.1, 0.1), None, True) == []
+    chained = np.zeros(len(names), dtype=np.int64)  # everything joined into one unit
+    (msg,) = _big_unit_warning(chained, (0.8, 0.1, 0.1), 6, True)
+    assert "one group of 400 samples (100% of the images)" in msg and "--no-near-dup" in msg

@@ -75,6 +75,9 @@ def register(subparsers) -> None:
                    f"(default: the CPUs this process may use, here {default_workers()})")
     p.add_argument("--group-regex", type=_group_regex, metavar="RE",
                    help="files whose names share RE's first group (e.g. a patient id) stay in one split")
+    p.add_argument("--group-scope", choices=("dataset", "class"), default="dataset",
+                   help="dataset: one group id joins files in any class folder (a patient); class: ids are "
+                   "per class folder (augmented copies numbered per class) (default dataset)")
     p.add_argument("--near-dup-threshold", type=_near_threshold, default=6, metavar="BITS",
                    help="images whose 64-bit perceptual hashes differ in at most BITS bits stay in one split "
                    "and fold, like exact copies (default 6)")
@@ -84,7 +87,7 @@ def register(subparsers) -> None:
                    help="also deal train+val into K stratified, group-safe cross-validation folds "
                    "(train with data.fold=k, or run `bcc cv`)")
     p.add_argument("--taxonomy", metavar="NAME|FILE",
-                   help="taxonomy YAML, or a shipped one by name (all_4class, kvasir) (default: the built-in ALL taxonomy)")
+                   help="taxonomy YAML, or a shipped one by name (all_4class, kvasir, wbc_4class) (default: the built-in ALL taxonomy)")
     p.add_argument("--max-pixels", type=positive_int, metavar="N",
                    help="skip images above N pixels (default: Pillow's decompression-bomb limit)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only once done)")
@@ -127,7 +130,7 @@ def _pack(args: argparse.Namespace, console) -> int:
         result = pack_folders(
             args.src, args.out, split=args.split, seed=args.seed, resize=args.resize, quality=args.quality,
             shard_size=args.shard_size, min_shards=args.min_shards, workers=args.workers,
-            group_regex=args.group_regex, taxonomy=taxonomy, overwrite=args.overwrite, strict=args.strict,
+            group_regex=args.group_regex, group_scope=args.group_scope, taxonomy=taxonomy, overwrite=args.overwrite, strict=args.strict,
             max_image_pixels=args.max_pixels, near_dup_threshold=None if args.no_near_dup else args.near_dup_threshold,
             folds=args.folds, progress=progress,
         )

@@ -432,7 +432,7 @@ def write_summary(run: Run, result: Mapping) -> None:
     acc = run.accelerator
     sync_buffers(run.parts.model, run.info.world_size)
     mine = {"rank": run.info.rank, "steps": run.state.step, "batches": run.state.epoch * run.info.batches_per_epoch,
-            "weights_sha256": _weights_sha256(run.parts.model.state_dict())}
+            "weights_sha256": _weights_sha256(run.parts.model.state_dict()), "cpu_seconds": round(run.log.cpu_elapsed(), 1)}
     ema = ema_state(run.parts.ema, run.info.world_size)  # collective
     if ema is not None:
         mine["ema_sha256"] = _weights_sha256(ema)

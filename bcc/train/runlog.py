@@ -25,6 +25,23 @@ from bcc.trackers import tracker_values
 _OLD_METRIC = re.compile(r"^(b?acc)\d+$")  # acc4, bacc4: combined metrics that once carried the class count
 
 
+def process_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its children (loader workers, live or ended)
+    since it started: what a run costs on shared CPUs, where wall time depends on the load."""
+    import psutil
+
+    me = psutil.Process()
+    t = me.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in me.children(recursive=True):
+        try:
+            c = child.cpu_times()
+            total += c.user + c.system
+        except psutil.Error:  # ended meanwhile: then counted in children_* of its parent
+            pass
+    return total
+
+
 def scalar_metrics(metrics: Mapping) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -98,6 +115,12 @@ class RunLog:
 
     def start_clock(self) -> None:
         self.t_start = time.perf_counter()
+        self.cpu_start = process_cpu_seconds()
+
+    def cpu_elapsed(self) -> float:
+        """CPU seconds of this process tree since `start_clock` (one run's, also when several runs
+        train one after another in one process, as `bcc compare --processes 1` does)."""
+        return process_cpu_seconds() - getattr(self, "cpu_start", 0.0)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start

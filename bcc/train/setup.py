@@ -178,7 +178,8 @@ def enter_stage(parts: Components, accelerator: Accelerator, index: int, previou
     apply_trainable(parts.groups, stage.train)
     frozen_bn = (frozen_batchnorms(parts.model, parts.module_groups, stage.train)
                  if parts.cfg.finetune.frozen_bn == "eval" else [])
-    opt = make_optimizer(parts.cfg, build_param_groups(parts.groups, stage, parts.cfg.train.weight_decay))
+    opt = make_optimizer(parts.cfg, build_param_groups(parts.groups, stage, parts.cfg.train.weight_decay,
+                                                          parts.cfg.train.head_lr_mult))
     if carry and old_opt is not None:
         carry_optimizer_state(old_opt, opt)
     wrapped, optimizer = accelerator.prepare(parts.model, opt)
