@@ -13,7 +13,8 @@ the one they share. Readers take it where they take a `Manifest`; what is per so
 
 open_clip's `--train-data "a::b" --train-data-upsampling-factors "1::3"` is the model (there the
 factor scales a source's share of resampled shards); bcc adds the exact one-pass meaning of integer
-weights and requires the sources to share one taxonomy, since the labels are class indices.
+weights and requires the sources to share one taxonomy, since the labels are class indices (heads,
+classes, aliases and targets equal; a taxonomy `name` may differ, the first source's is the run's).
 """
 
 from __future__ import annotations
@@ -49,11 +50,15 @@ class MixedManifest(Manifest):
         first = sources[0].manifest
         for other in sources[1:]:
             m = other.manifest
-            if m.taxonomy.to_dict() != first.taxonomy.to_dict() or m.classes != first.classes:
+            a, b = first.taxonomy.to_dict(), m.taxonomy.to_dict()
+            a.pop("name"), b.pop("name")  # a name-only difference is accepted: the labels mean the same
+            if a != b or m.classes != first.classes:
+                what = (f"classes {list(first.classes)} vs {list(m.classes)}" if m.classes != first.classes else
+                        "; ".join(f"{k}: {a[k]} vs {b[k]}" for k in ("heads", "classes") if a[k] != b[k]))
                 raise SourceError(
                     f"data.sources: the taxonomies of '{sources[0].name}' ({first.shown}) and '{other.name}' "
-                    f"({m.shown}) differ (classes {list(first.classes)} vs {list(m.classes)}); sources trained as "
-                    "one must be packed with the same taxonomy (bcc pack --taxonomy)")
+                    f"({m.shown}) differ ({what}); sources trained as one must be packed with the same "
+                    "taxonomy (bcc pack --taxonomy)")
         self.sources = tuple(sources)
         self.root = first.root
         self.path = "data.sources (" + ", ".join(f"{s.name}: {s.manifest.shown}" for s in sources) + ")"
