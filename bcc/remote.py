@@ -150,7 +150,7 @@ def expand_env(location: str, remember: bool = True) -> str:
 
 # The one list of what looks like a secret: query parameters, `NAME=value` assignments and `--flag value`s in a
 # `pipe:` command (`env AWS_SECRET_ACCESS_KEY=...`, `--password ...`), Authorization-like headers. An ID is not one.
-_SECRET_PARAM = re.compile(r"(sig|signature|token|secret|password|passwd|key|credential|auth|session)(?!.*id$)", re.I)
+_SECRET_PARAM = re.compile(r"(sig|signature|token|secret|password|passwd|key|credential|auth|session)(?![_-]?id$)", re.I)
 _ASSIGN = re.compile(r"(?<![?&\w.$-])(?P<name>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>[^\s'\"$&;|][^\s'\"&;|]*)")
 _FLAG = re.compile(r"(?P<flag>\s--?[A-Za-z-]*(?:password|passwd|token|secret|api-?key|credential)[A-Za-z-]*)"
                    r"(?P<gap>=|\s+)(?P<value>[^\s'\"$-][^\s'\"]*)", re.I)
