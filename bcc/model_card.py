@@ -89,7 +89,7 @@ def _test_facts(im, weights: str) -> dict[str, Any] | None:
     if run is None:
         return None
     evaluation = _read_json(run / f"eval-{split}" / "metrics.json")
-    if (isinstance(evaluation, dict) and evaluation.get("checkpoint") == str(im.checkpoint)
+    if (weights != "ema" and isinstance(evaluation, dict) and evaluation.get("checkpoint") == str(im.checkpoint)
             and evaluation.get("kind") == "packed" and evaluation.get("split") == split):
         combined = evaluation.get("combined", {})
         return {
@@ -135,6 +135,10 @@ def card_facts(im, weights: str) -> dict[str, Any]:
     state = read_train_state(im.checkpoint)
     temps = _read_json(im.checkpoint / TEMPERATURE_FILE)
     point = _read_json(im.checkpoint / OPERATING_POINT_FILE)
+    if weights == "ema":  # the fit of the EMA weights (`bcc.export.ema_calibration`), on the same val split
+        where = {k: temps.get(k) for k in ("split", "count", "step")} if isinstance(temps, dict) else {}
+        temps = {**where, **(temps.get("ema") or {})} if isinstance(temps, dict) else None
+        point = point.get("ema") if isinstance(point, dict) else None
     return {
         "run": im.run_dir.name if im.run_dir is not None else None,
         "step": im.step,
@@ -256,8 +260,9 @@ def render_card(config: Mapping[str, Any], facts: Mapping[str, Any], license: st
         rows = [["combined (leaf classes)", *(test["combined"].get(k) for k in keys)]]
         rows += [[f"head `{h}`", *(v.get(k) for k in keys)] for h, v in test["heads"].items()]
         out.append(_table(["scope", *keys], rows) + "\n")
+        op = any(k.startswith("op_") for k in keys)
         out.append("`sens`/`spec`: sensitivity and specificity of a two-class head's second label (e.g. Malignant) "
-                   "at argmax, `op_*` at the operating point. "
+                   "at argmax" + (", `op_*` at the operating point" if op else "") + ". "
                    "`ece`: expected calibration error (15 bins).\n")
         if test["per_class"]:
             out.append("Per class (hierarchical decision):\n")
