@@ -130,11 +130,11 @@ def test_an_ema_run_fits_and_exports_the_ema_weights_own_calibration(synth_shard
     import subprocess
     import sys
 
-    from conftest import write_config
-
     from bcc.export import ExportError, export_checkpoint
     from bcc.operating_point import threshold_for
     from bcc.predict import load_inference_model
+
+    from conftest import write_config
 
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", synth_shards, run, train={"epochs": 1, "ema_decay": 0.5},
