@@ -10,7 +10,8 @@ what training and `bcc eval` already wrote:
   (combined and per head, and per class from its confusion matrix), else the test row training
   logged in `RUN/metrics.jsonl` (`eval.test_at_end`), with the test split's size;
 * calibration: `temperature.json` and `operating_point.json` of the checkpoint (split and size they
-  were fitted on, the validation sensitivity/specificity at argmax and at the point);
+  were fitted on, the validation sensitivity/specificity at argmax and at the point); for an EMA
+  export their `ema` entries (the EMA weights' own fit) and the `ema_*` test columns;
 * the run: its name, the checkpoint's step and epoch, the tracked metric.
 
 `render_card(config, facts, license)` writes the card: YAML front matter the Hub reads
