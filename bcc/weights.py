@@ -87,7 +87,7 @@ def _torch_load_reason(e: BaseException) -> str:
         detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
         what = detail.group(1).strip().rstrip(".") if detail else "an object that is not a tensor"
         return f"a damaged pickle, or one holding more than tensors: {what[:120]}"
-    return _first_line(e)
+    return _first_line(e).split(". ")[0]  # PyTorch's first sentence says what; the rest is advice
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
