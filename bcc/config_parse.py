@@ -139,12 +139,15 @@ def merge_layers(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, A
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=0.003` -> (['train', 'lr'], 0.003); the value is parsed as YAML."""
+    """`train.lr=0.003` -> (['train', 'lr'], 0.003); the value is parsed as YAML, except a `pipe:COMMAND`,
+    kept as the string it is."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=0.003)")
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key")
+    if raw.startswith("pipe:"):  # a shell command stays as written (YAML would read `a: b` in it as a map)
+        return key.split("."), raw
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:

@@ -5,7 +5,8 @@ reads, hashes and decodes every file once in a process pool, splits the samples 
 duplicates and groups kept together), shuffles each split and writes `{split}-{index:06d}.tar` shards
 in parallel plus `manifest.json` and timm's `_info.json`. Bad files are skipped with a reason, never
 dropped silently. Output appears atomically: everything is written to a sibling `OUT.tmp-<pid>` and
-renamed at the end (each shard also goes to a temporary name first). The worker-side pipeline (first
+renamed at the end (each shard also goes to a temporary name first); a killed pack's `OUT.tmp-<pid>`
+is removed by the next pack to OUT once that process is gone. The worker-side pipeline (first
 pass, pool, shard tasks) is `bcc.pack_pool`; this module plans the splits and writes the manifest.
 
 Scale: memory is the file list plus ~60 bytes of numpy columns per file (no image bytes, no dict per
@@ -18,6 +19,7 @@ depend on the number of workers: tasks are made and their results taken in a fix
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import shutil
 import time
@@ -172,6 +174,21 @@ def _commit(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
+def _remove_stale(out: Path) -> None:
+    """Remove `OUT.tmp-PID`/`OUT.old-PID` siblings whose process is gone (a killed pack's leftovers; a
+    live PID's, another pack still running, stay; on a shared file system another host's PIDs are unknown
+    here, so its leftovers stay until a pack on that host removes them)."""
+    for path in out.parent.glob(f"{glob.escape(out.name)}.[to][ml][pd]-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if path.name[len(out.name):].startswith((".tmp-", ".old-")) and pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(path, ignore_errors=True)
+            except OSError:
+                pass  # alive, another user's
+
+
 def _skipped_note(skipped: Sequence[dict[str, str]]) -> str:
     if not skipped:
         return " (no class folder holds a file)"
@@ -287,6 +304,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    _remove_stale(out)
     staging = tmp / "_staging"
     staging.mkdir(parents=True)
     try:

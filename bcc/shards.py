@@ -174,7 +174,7 @@ def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> None:
 
 @dataclass(frozen=True)
 class ShardCheck:
-    path: Path
+    path: Path | str  # a remote shard: its URL or pipe: command (bcc.remote)
     status: str  # "ok", "mismatch", "missing" or "extra"
     detail: str = ""
 
@@ -219,7 +219,29 @@ def damaged_samples(path: Path) -> list[str]:
     return out
 
 
+def _check_remote(shard, has_checksums: bool) -> ShardCheck:
+    """`_check` of a URL or `pipe:` shard: read once through `bcc.remote` into a temporary file."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bcc-verify-") as tmp:
+        local = Path(tmp) / "shard.tar"
+        try:
+            stream = remote.open_location(shard.path)
+            try:
+                with open(local, "wb") as f:
+                    shutil.copyfileobj(stream, f, 1 << 20)
+            finally:
+                stream.close()
+        except remote.RemoteError as e:
+            return ShardCheck(shard.path, "missing", str(e))
+        return dataclasses.replace(_check(dataclasses.replace(shard, path=local), has_checksums), path=shard.path)
+
+
 def _check(shard, has_checksums: bool) -> ShardCheck:
+    if not isinstance(shard.path, Path):
+        return _check_remote(shard, has_checksums)
     if not shard.path.is_file():
         return ShardCheck(shard.path, "missing", "listed in manifest.json but not on disk")
     digest = sha256_file(shard.path)
@@ -248,9 +270,9 @@ def verify_shards(out: str | Path) -> VerifyResult:
     listed: set[str] = set()
     for split_name in manifest.splits:
         for shard in manifest.split(split_name).shards:
-            listed.add(shard.path.name)
+            listed.add(shard.path.name if isinstance(shard.path, Path) else "")
             checks.append(_check(shard, manifest.has_checksums))
-    for path in sorted(manifest.root.glob("*.tar")):
+    for path in [] if manifest.is_remote else sorted(manifest.root.glob("*.tar")):  # a URL lists no folder
         if path.name not in listed:
             checks.append(ShardCheck(path.resolve(), "extra", "not listed in manifest.json"))
     return VerifyResult(manifest.root, checks)

@@ -334,6 +334,15 @@ def test_interrupted_pack_leaves_nothing(tmp_path, make_class_tree, monkeypatch)
         pack_folders(src, tmp_path / "out", shard_size=5, seed=1, overwrite=True)
     assert shard_bytes(tmp_path / "out") == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    # a killed pack (kill -9) leaves OUT.tmp-PID: the next pack to OUT removes it once PID is gone,
+    # and leaves a running pack's alone
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    monkeypatch.setattr(pack_pool, "write_shard", real)
+    for pid in (dead, str(os.getppid())):
+        (tmp_path / f"out.tmp-{pid}" / "_staging").mkdir(parents=True)
+    pack_folders(src, tmp_path / "out", shard_size=5, seed=1, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", f"out.tmp-{os.getppid()}", "src"]
 
 
 def test_refuses_non_empty_out_and_nested_paths(tmp_path, make_class_tree):

@@ -92,7 +92,8 @@ def register(subparsers) -> None:
                    help="skip images above N pixels (default: Pillow's decompression-bomb limit)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only once done)")
     p.add_argument("--strict", action="store_true", help="fail, writing nothing, if any file would be skipped")
-    p.add_argument("--verify", metavar="OUT", help="re-hash the shards of a packed OUT against its manifest")
+    p.add_argument("--verify", metavar="OUT", help="re-hash the shards of a packed OUT (a folder, a dataset "
+                   "URL or a pipe: template with {name}) against its manifest")
     p.set_defaults(func=run)
 
 
@@ -196,14 +197,16 @@ def _summary(result, console) -> None:
 
 def _verify(out: str, console) -> int:
     from bcc.manifest import FILE_LISTS, Manifest, ManifestError
+    from bcc.remote import display
     from bcc.shards import verify_shards
 
-    result = verify_shards(out)
+    result = verify_shards(out)  # a local folder, a URL or a pipe: template: each shard read as training reads it
     for check in result.shards:
+        name = display(check.path) if isinstance(check.path, str) else check.path.name
         if check.status == "ok":
-            console.print(f"[green]OK[/]        {check.path.name}")
+            console.print(f"[green]OK[/]        {name}")
         else:
-            console.print(f"[red]{check.status.upper():<9}[/] {check.path.name}: {check.detail}")
+            console.print(f"[red]{check.status.upper():<9}[/] {name}: {check.detail}")
     bad = len(result.mismatches)
     manifest = Manifest.load(out)
     side_bad = 0
