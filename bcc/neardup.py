@@ -128,7 +128,8 @@ def is_enabled(threshold: int | None) -> bool:
     if threshold > MAX_THRESHOLD:
         raise NearDupError(
             f"near-duplicate threshold {threshold} is above {MAX_THRESHOLD} of {HASH_BITS} bits: "
-            "that no longer means near-identical; use a smaller value or -1 to switch it off")
+            "that no longer means near-identical; use a smaller value, or switch near-duplicate grouping off "
+            "(bcc pack --no-near-dup; near_dup_threshold=None)")
     return True
 
 

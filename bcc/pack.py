@@ -53,6 +53,7 @@ from bcc.split import (
     compile_group_regex,
     deal_folds,
     deal_splits,
+    fold_warnings,
     join_units,
     parse_split,
 )
@@ -343,6 +344,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         if folds:
             fold_of = deal_folds(labels, unit_root, folds, seed, include=assignment <= 1)
             fold_info = _fold_entry(labels, fold_of, folds, seed, taxonomy)
+            warnings_ += fold_warnings(fold_info["class_counts"])
         if unmatched:
             warnings_.append(f"{unmatched} file name(s) do not match the group regex; each is its own group")
         warnings_ += _big_unit_warning(unit_root, fractions, near_dup_threshold, group_rx is not None)
@@ -416,8 +418,9 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         converted = _Lazy(len(converted_idx), lambda: ({"path": rels[i], "mode": rec.modes[rec.converted[i] - 1]}
                                                        for i in converted_idx.tolist()))
         groups = near.groups
-        near_list = _Lazy(len(groups), lambda: ({**_near_paths(g, ok, rels), "split": str(split_of[g.members[0]])}
+        near_list = _Lazy(len(groups), lambda: ({**_near_paths(g, ok, rels, labels), "split": str(split_of[g.members[0]])}
                                                  for g in groups))
+        dup_stats["near_duplicate_conflicts"] = sum(np.unique(labels[list(g.members)]).size > 1 for g in groups)
         manifest = write_manifest(tmp, taxonomy, splits_info, source=str(src.resolve()), options=options,
                                   skipped=skipped, converted=converted, duplicates=duplicates,
                                   near_duplicates=near_list if near_dup_threshold is not None else None,
@@ -452,9 +455,11 @@ class _JoinedPaths:
         return [os.path.join(self.root, r) for r in self.rels[k]]
 
 
-def _near_paths(group, ok: np.ndarray, rels: list[str]) -> dict[str, Any]:
-    """A near-duplicate group's manifest entry; its members are sample indices."""
-    return {"paths": [rels[int(ok[m])] for m in group.members], "max_distance": group.max_distance}
+def _near_paths(group, ok: np.ndarray, rels: list[str], labels: np.ndarray) -> dict[str, Any]:
+    """A near-duplicate group's manifest entry; its members are sample indices. `conflict`: the group
+    spans classes (one image filed under two labels), as for identical files."""
+    return {"paths": [rels[int(ok[m])] for m in group.members], "max_distance": group.max_distance,
+            "conflict": bool(np.unique(labels[list(group.members)]).size > 1)}
 
 
 def _duplicates(exact_id: np.ndarray, labels: np.ndarray, ok: np.ndarray, rels: list[str], split_of: np.ndarray,

@@ -443,6 +443,30 @@ def test_near_duplicates_never_straddle_splits_and_are_listed(tmp_path, make_cla
     bcc(src, tmp_path / "cli_bad", "--near-dup-threshold", "40", check_rc=2)
 
 
+def test_near_duplicates_across_classes_are_conflicts(tmp_path, make_class_tree):
+    """The same field filed under two classes (re-encoded): grouped, and flagged like identical files."""
+    src = make_class_tree(tmp_path / "src", {"Benign": 4, "Early": 4, "Pre": 4, "Pro": 4}, size=16)
+    a, b = _plant_near_pair(src)
+    (src / b).rename(src / "Pro" / "field_a_reshot.jpg")
+    result = pack_folders(src, tmp_path / "out", split=(0.5, 0.25, 0.25), seed=0)
+    (group,) = load_manifest(tmp_path / "out")["near_duplicates"]
+    assert group["paths"] == [a, "Pro/field_a_reshot.jpg"] and group["conflict"] is True
+    assert result.counts["near_duplicate_conflicts"] == 1
+
+
+def test_near_dup_options_agree_and_do_not_contradict(tmp_path, capsys):
+    from bcc.cli import main
+
+    for value in ("64", "-1"):
+        with pytest.raises(SystemExit):
+            main(["pack", "src", str(tmp_path / "o"), "--near-dup-threshold", value])
+        assert "--no-near-dup" in capsys.readouterr().err and "-1 to switch" not in value
+    assert main(["pack", "src", str(tmp_path / "o"), "--no-near-dup", "--near-dup-threshold", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --no-near-dup and --near-dup-threshold 3 contradict each other" in err
+    assert not (tmp_path / "o").exists()
+
+
 def _messy_tree(tmp_path, make_class_tree) -> Path:
     """A small tree with one of each per-file list entry: a near pair, an exact copy, a converted image
     (re-encoded through the staging folder) and a skipped file."""
