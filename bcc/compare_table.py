@@ -257,8 +257,10 @@ def aggregate(out: str | Path, modes: Sequence[str] = MODES, bench: Mapping[str,
     test_metrics = list(dict.fromkeys([*metrics, *sample_metrics(has_binary)]))
     results = summarize_arms(runs, preds, metrics, test_metrics, metrics[0], cfg.checkpoint.mode, n_boot=n_boot)
 
-    _write_csv(out / "results.csv", csv_columns(metrics, test_metrics),
-               [_row(r, (bench or {}).get(r.finetune), metrics, test_metrics) for rs in runs.values() for r in rs])
+    # the binary head at the operating point (`H_op_*`, eval.operating_point): per run in results.csv
+    per_run = [*test_metrics, *(k for k in first.test_all if "_op_" in k and not k.startswith("ema_"))]
+    _write_csv(out / "results.csv", csv_columns(metrics, per_run),
+               [_row(r, (bench or {}).get(r.finetune), metrics, per_run) for rs in runs.values() for r in rs])
     _write_csv(out / "summary.csv", summary_columns(metrics, test_metrics),
                [_summary_row(a, metrics, test_metrics) for a in results])
     _plot([rs[0] for rs in runs.values()], out / "val_curves.png")

@@ -86,11 +86,23 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "finetune.stages.lr_mult": ((lambda v: all(x >= 0 for x in v.values())), ">= 0 for every group"),
     "finetune.stages.warmup_steps": ((lambda v: v is None or v >= 0), ">= 0"),
     "eval.every_epochs": _at_least(1),
+    "eval.operating_point": ((lambda v: _is_operating_point(v)),
+                             "argmax, youden, sensitivity>=X or specificity>=X with 0 < X < 1"),
     "checkpoint.every_steps": _at_least(0),
     "checkpoint.keep_last": _at_least(1),
     "checkpoint.keep_top_k": _at_least(0),
     "checkpoint.metric": ((lambda v: v != ""), "a metric name (not empty)"),
 }
+
+
+def _is_operating_point(text: Any) -> bool:
+    from bcc.operating_point import OperatingPointError, parse_operating_point  # the one parser of the rule
+
+    try:
+        parse_operating_point(text)
+    except OperatingPointError:
+        return False
+    return True
 
 
 def check_value(key: str, value: Any) -> None:
@@ -127,12 +139,15 @@ def merge_layers(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, A
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=0.003` -> (['train', 'lr'], 0.003); the value is parsed as YAML."""
+    """`train.lr=0.003` -> (['train', 'lr'], 0.003); the value is parsed as YAML, except a `pipe:COMMAND`,
+    kept as the string it is."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=0.003)")
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key")
+    if raw.startswith("pipe:"):  # a shell command stays as written (YAML would read `a: b` in it as a map)
+        return key.split("."), raw
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:

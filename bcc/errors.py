@@ -4,13 +4,19 @@ A `BccError` is a user's mistake or an environment problem (bad config key, miss
 image, full disk): the entry points (`bcc ...`, `python -m bcc.train`) catch it in one place, print one
 `error: ...` line that names the file, key or shard, and exit with `EXIT_USAGE` (2). Anything else is a
 bug and keeps its traceback. `BCC_DEBUG=1` shows the traceback of a `BccError` too.
+
+One exception that is not a bug of this process: a collective (gloo/NCCL) that fails because another rank
+died or stopped (`lost_peer_message`). The survivors print one line pointing at the failed rank's error
+and exit with `EXIT_LOST_PEER` (1) instead of a page of traceback.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 EXIT_USAGE = 2  # bad config, data or arguments (argparse uses 2 as well)
+EXIT_LOST_PEER = 1  # this rank's collective failed because another rank failed (its own error says why)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on SIGUSR1/SIGTERM; launchers requeue on this code
 
 
@@ -23,3 +29,20 @@ class BccError(Exception):
 def is_debug() -> bool:
     """True when `BCC_DEBUG=1`: user errors then keep their traceback."""
     return os.environ.get("BCC_DEBUG", "") not in ("", "0")
+
+
+_DIST_BACKEND = re.compile(r"\b(gloo|nccl)\b", re.I)
+_LOST = re.compile(r"connection (closed|reset|refused)|tim(ed|ing) out|broken pipe|peer", re.I)
+
+
+def lost_peer_message(e: BaseException) -> str | None:
+    """The one line for a distributed error raised because another rank failed (torch's DistBackendError,
+    or a RuntimeError naming gloo/NCCL and a closed connection or a time-out); None for anything else."""
+    text = str(e).strip()
+    if not isinstance(e, RuntimeError) or not (type(e).__name__ == "DistBackendError"
+                                               or _DIST_BACKEND.search(text) and _LOST.search(text)):
+        return None
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else "")  # gloo's "[.../pair.cc:561] "
+    first = first if len(first) <= 160 else first[:157] + "..."
+    return (f"rank {os.environ.get('RANK', '?')}: lost contact with the other ranks (another rank failed or "
+            f"stopped: see its error above; {type(e).__name__}: {first})")

@@ -10,7 +10,11 @@ This module owns the bcc format, TorchScript/ONNX and the dispatch between the t
     out/model.safetensors      the MultitaskNet state dict (backbone.*, heads.*)
     out/bcc_export.json        format, model (backbone, head sizes in order, head_hidden, head_dropout),
                                taxonomy (`Taxonomy.to_dict()`), preprocess (image_size, crop_pct, mean, std,
-                               the EvalPreset recipe), temperatures (head -> T, or null), source checkpoint
+                               the EvalPreset recipe), temperatures (head -> T, or null), the operating
+                               point, source checkpoint, weights (raw|ema). The temperatures and the point
+                               are those fitted on the exported weights: training fits the EMA weights'
+                               own (stored under `ema` beside the raw ones); an EMA export of a checkpoint
+                               calibrated on its raw weights only is refused (`auto` then takes the raw)
     out/model.torchscript.pt   with `torchscript=True`, when `torch.jit.trace` works and reproduces the model
     out/model.onnx             with `onnx=True`, only when the `onnx` package is importable
 
@@ -248,6 +252,17 @@ def _choose_weights(im, weights: str) -> str:
             return "raw"
         raise ExportError(f"--weights ema: checkpoint {im.checkpoint} holds no EMA weights ({EMA_FILE}; the run "
                           "trains them with train.ema_decay)")
+    fitted = ema_calibration(im.checkpoint)
+    if fitted is None:  # temperatures / operating point fitted on the raw weights only (e.g. by bcc calibrate)
+        why = (f"the temperatures and operating point of checkpoint {im.checkpoint} were fitted on its raw "
+               "weights, not on the EMA weights")
+        if weights == "ema":
+            raise ExportError(f"--weights ema: {why}; export --weights raw, or drop them "
+                              "(temperature.json, operating_point.json) to export the EMA weights at argmax")
+        from bcc.console import console
+
+        console.print(f"[yellow]note:[/] exporting the raw weights: {why}")
+        return "raw"
     own = im.model.state_dict()
     # a BatchNorm step counter is not a weight: take the raw model's where the EMA has none
     ema = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **ema}
@@ -257,7 +272,35 @@ def _choose_weights(im, weights: str) -> str:
         raise ExportError(f"{path} does not fit the model of the checkpoint: {len(missing)} missing {missing[:3]}, "
                           f"{len(bad)} of another shape {bad[:3]}, {len(set(ema) - set(own))} unexpected")
     im.model.load_state_dict(ema)
+    temps, point = fitted  # what training fitted on the EMA weights: the export ships those
+    im.stored_temperatures = temps
+    im.temperatures = dict(temps) if (im.temperatures and temps) else {}
+    im.operating_point = point
     return "ema"
+
+
+def ema_calibration(checkpoint: Path) -> tuple[dict[str, float] | None, dict | None] | None:
+    """The EMA weights' own (temperatures, operating point) stored by training under `ema` in the
+    checkpoint's temperature.json / operating_point.json ((None, None) when neither file exists), or
+    None when a file holds a fit of the raw weights only."""
+    from bcc.calibration import TEMPERATURE_FILE
+    from bcc.operating_point import OPERATING_POINT_FILE
+
+    found = []
+    for name in (TEMPERATURE_FILE, OPERATING_POINT_FILE):
+        path = Path(checkpoint) / name
+        if not path.is_file():
+            found.append(None)
+            continue
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ExportError(f"cannot read {path}: {e}") from e
+        if not isinstance(stored, dict) or "ema" not in stored:
+            return None
+        found.append(stored["ema"])
+    temps = (found[0] or {}).get("temperatures") or None
+    return ({k: float(v) for k, v in temps.items()} if temps else None), found[1]
 
 
 # --------------------------------------------------------------------------- loading either format

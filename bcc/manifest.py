@@ -22,7 +22,7 @@ ask `Manifest.format_version` (or `has_checksums`) instead of guessing from what
 Where a pack lives (`bcc.remote`): `Manifest.load` takes a local folder, the http(s) URL of a folder or
 of its manifest.json, or a `pipe:` template with `{name}`; shard entries resolve against it. An entry
 may also be an absolute URL, a brace list (`train-{000000..000127}.tar`: one entry for many shards,
-`count` and `sha256` then either one value for every shard or a list with one per shard), or a
+`count` then one value for every shard or a list with one per shard, `sha256` a list with one per shard), or a
 `pipe:` command -- refused unless the caller allows it (`data.allow_pipe_in_manifest`): a manifest
 must not be able to run commands the user did not write.
 
@@ -142,6 +142,11 @@ class Manifest:
                 raise ManifestError(str(e)) from None
         if not remote.is_local(path):
             return cls._load_remote(str(path), allow_pipe, retries)
+        if isinstance(path, str) and "{" in path:
+            try:
+                remote.manifest_location(path)  # a brace list names shards, not a dataset: the same message as a URL's
+            except remote.RemoteError as e:
+                raise ManifestError(str(e)) from None
         path = Path(path)
         file = path if path.name == "manifest.json" and not path.is_dir() else path / "manifest.json"
         if not file.is_file():
@@ -197,13 +202,15 @@ class Manifest:
         local_root = None if self.is_remote else str(self.root)
         for sh in s["shards"]:
             entry = sh["path"]
-            if local_root is not None and "{" not in entry and ":" not in entry:  # the common case, fast
-                # lexical: `root` is resolved already, and resolving 100,000 shard paths would stat every one
-                shards.append(ShardInfo(Path(os.path.normpath(os.path.join(local_root, entry))), int(sh["count"]),
-                                        str(sh["sha256"]), tuple(int(n) for n in sh["fold_counts"])
-                                        if "fold_counts" in sh else None))
-            else:
-                shards += self._parse_entry(name, sh)
+            if local_root is not None and "{" not in entry and ":" not in entry and isinstance(sh["sha256"], str):
+                try:  # the common case, fast; lexical: `root` is resolved, resolving 100,000 paths would stat each
+                    shards.append(ShardInfo(Path(os.path.normpath(os.path.join(local_root, entry))), int(sh["count"]),
+                                            sh["sha256"], tuple(int(n) for n in sh["fold_counts"])
+                                            if "fold_counts" in sh else None))
+                    continue
+                except (TypeError, ValueError):
+                    pass  # `_parse_entry` names the entry and the field
+            shards += self._parse_entry(name, sh)
         return SplitInfo(name, int(s["count"]), {str(k): int(v) for k, v in s["class_counts"].items()}, shards)
 
     def _parse_entry(self, split: str, sh: dict[str, Any]) -> list[ShardInfo]:
@@ -229,6 +236,9 @@ class Manifest:
             """One value per shard: a brace entry's list, or its one value repeated."""
             if len(names) == 1:
                 return [value]
+            if key == "sha256" and not isinstance(value, list):  # one digest cannot fit several different shards
+                raise ManifestError(f"{self.shown}: split '{split}': the brace entry {entry!r} names {len(names)} "
+                                    "shards but gives one sha256; list one per shard")
             per_shard = isinstance(value, list) and (key != "fold_counts" or bool(value) and isinstance(value[0], list))
             if not per_shard:
                 return [value] * len(names)
@@ -243,11 +253,21 @@ class Manifest:
             locations = [remote.join(self.root, n) for n in names]
         except remote.RemoteError as e:
             raise ManifestError(f"{self.shown}: split '{split}': {e}") from None
-        if self.is_remote and any(remote.is_local(loc) for loc in locations):  # `PIPE:x`, `file:///x`: a local path
+        absolute = entry.startswith(("/", "\\")) or os.path.isabs(entry)  # would become http://host/abs/path
+        if self.is_remote and (absolute and remote.is_local(entry) or any(remote.is_local(loc) for loc in locations)):
             raise ManifestError(f"{self.shown}: split '{split}': the shard entry {remote.redact(entry)!r} is not a "
                                 "URL or a relative name: a fetched manifest may not name local files")
-        return [ShardInfo(loc, int(c), str(d), tuple(int(n) for n in f) if f is not None else None)
-                for loc, c, d, f in zip(locations, counts, digests, folds, strict=True)]
+        def number(key: str, value: Any) -> int:
+            if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.isdigit():
+                return int(value)
+            raise ManifestError(f"{self.shown}: split '{split}': the shard entry {entry!r}: {key} must be a whole "
+                                f"number (or, for a brace list, a list of one per shard), got {value!r}")
+
+        if not all(isinstance(d, str) for d in digests):
+            raise ManifestError(f"{self.shown}: split '{split}': the shard entry {entry!r}: sha256 must be a hex "
+                                f"string (or, for a brace list, a list of one per shard), got {sh['sha256']!r}")
+        return [ShardInfo(loc, number("count", c), d, tuple(number("fold_counts", n) for n in f) if f is not None
+                          else None) for loc, c, d, f in zip(locations, counts, digests, folds, strict=True)]
 
     @property
     def folds(self) -> int | None:

@@ -201,9 +201,12 @@ class EvalMetrics:
     ) -> None:
         """`threshold`: the operating point of the combined decision (`decide`); with it, the binary
         head also reports `H_op_sens`, `H_op_spec`, `H_op_bacc` and `H_op_threshold` beside its argmax
-        `H_sens`, `H_spec`, `H_bacc`. May be set between passes (`metrics.threshold = t`)."""
+        `H_sens`, `H_spec`, `H_bacc`. May be set between passes (`metrics.threshold = t`).
+        `report_threshold` (set between passes) reports `H_op_*` at a point while the decisions stay at
+        argmax: training's final test, whose combined metrics are the argmax ones."""
         self.taxonomy = taxonomy
         self.threshold = threshold
+        self.report_threshold: float | None = None
         self.device = torch.device(device or "cpu")
         self.head_names = tuple(taxonomy.head_names)
         self.head_sizes = dict(taxonomy.head_sizes)
@@ -267,14 +270,15 @@ class EvalMetrics:
                 if key in head:
                     out[f"{name}_{key}"] = head[key]
             out[f"{name}_count"] = target.numel()
-        if self.threshold is not None:
+        point = self.threshold if self.threshold is not None else self.report_threshold
+        if point is not None:
             from bcc.operating_point import binary_head, rates
 
             name = binary_head(self.taxonomy)[1]
             probs, _, target = gathered[name]
-            for key, value in rates(probs[:, 1], target, self.threshold).items():
+            for key, value in rates(probs[:, 1], target, point).items():
                 out[f"{name}_op_{key}"] = value
-            out[f"{name}_op_threshold"] = float(self.threshold)
+            out[f"{name}_op_threshold"] = float(point)
 
         if loss_count:
             out["loss"] = loss_total / loss_count

@@ -10,7 +10,8 @@ what training and `bcc eval` already wrote:
   (combined and per head, and per class from its confusion matrix), else the test row training
   logged in `RUN/metrics.jsonl` (`eval.test_at_end`), with the test split's size;
 * calibration: `temperature.json` and `operating_point.json` of the checkpoint (split and size they
-  were fitted on, the validation sensitivity/specificity at argmax and at the point);
+  were fitted on, the validation sensitivity/specificity at argmax and at the point); for an EMA
+  export their `ema` entries (the EMA weights' own fit) and the `ema_*` test columns;
 * the run: its name, the checkpoint's step and epoch, the tracked metric.
 
 `render_card(config, facts, license)` writes the card: YAML front matter the Hub reads
@@ -89,7 +90,7 @@ def _test_facts(im, weights: str) -> dict[str, Any] | None:
     if run is None:
         return None
     evaluation = _read_json(run / f"eval-{split}" / "metrics.json")
-    if (isinstance(evaluation, dict) and evaluation.get("checkpoint") == str(im.checkpoint)
+    if (weights != "ema" and isinstance(evaluation, dict) and evaluation.get("checkpoint") == str(im.checkpoint)
             and evaluation.get("kind") == "packed" and evaluation.get("split") == split):
         combined = evaluation.get("combined", {})
         return {
@@ -135,6 +136,10 @@ def card_facts(im, weights: str) -> dict[str, Any]:
     state = read_train_state(im.checkpoint)
     temps = _read_json(im.checkpoint / TEMPERATURE_FILE)
     point = _read_json(im.checkpoint / OPERATING_POINT_FILE)
+    if weights == "ema":  # the fit of the EMA weights (`bcc.export.ema_calibration`), on the same val split
+        where = {k: temps.get(k) for k in ("split", "count", "step")} if isinstance(temps, dict) else {}
+        temps = {**where, **(temps.get("ema") or {})} if isinstance(temps, dict) else None
+        point = point.get("ema") if isinstance(point, dict) else None
     return {
         "run": im.run_dir.name if im.run_dir is not None else None,
         "step": im.step,
@@ -256,8 +261,9 @@ def render_card(config: Mapping[str, Any], facts: Mapping[str, Any], license: st
         rows = [["combined (leaf classes)", *(test["combined"].get(k) for k in keys)]]
         rows += [[f"head `{h}`", *(v.get(k) for k in keys)] for h, v in test["heads"].items()]
         out.append(_table(["scope", *keys], rows) + "\n")
+        op = any(k.startswith("op_") for k in keys)
         out.append("`sens`/`spec`: sensitivity and specificity of a two-class head's second label (e.g. Malignant) "
-                   "at argmax, `op_*` at the operating point. "
+                   "at argmax" + (", `op_*` at the operating point" if op else "") + ". "
                    "`ece`: expected calibration error (15 bins).\n")
         if test["per_class"]:
             out.append("Per class (hierarchical decision):\n")

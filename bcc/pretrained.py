@@ -95,7 +95,7 @@ class PretrainedRecord:
     heads_loaded: tuple[str, ...] = ()
     heads_reinitialised: tuple[str, ...] = ()
     heads_note: str = ""  # why heads were re-initialised
-    missing: tuple[str, ...] = ()  # model keys left as initialised (backbone and heads)
+    missing: tuple[str, ...] = ()  # model keys left as initialised (backbone and heads), not under skipped
     unexpected: tuple[str, ...] = ()  # source keys the model has no place for (e.g. `fc.*`)
     skipped: tuple[str, ...] = ()  # model keys whose source tensor has another shape
     backbone: str | None = None
@@ -230,9 +230,16 @@ def _load_state_dict(
 
     where = f"pretrained {label}"
     if not loaded:
+        named = [k for k in wrong_shape if k.startswith(_BACKBONE) and not k.endswith(_COUNTER)]
+        if named:  # the names agree: another width or depth of the same family, say so
+            raise PretrainedError(
+                f"{where}: no tensor fits backbone {model.backbone_name}: {len(named)} of {len(backbone_keys)} "
+                f"keys match by name but differ in shape, e.g. {shapes(named[0])}"
+            )
         raise PretrainedError(
             f"{where}: no tensor matches backbone {model.backbone_name}: first keys of the source: "
-            f"{_preview(list(state), 5)}; first keys expected: {_preview(backbone_keys, 5)}"
+            f"{_preview([k for k in state if not k.endswith(_COUNTER)], 5)}; first keys expected: "
+            f"{_preview(backbone_keys, 5)}"
         )
     if not allow_mismatch:
         problems = []
@@ -283,9 +290,10 @@ def _load_state_dict(
         heads_loaded=tuple(heads_loaded),
         heads_reinitialised=tuple(heads_reinit),
         heads_note=", ".join(notes) if heads_reinit else "",
-        missing=tuple(k for k in own if k not in take and not k.endswith(_COUNTER)),
+        # a tensor of another shape is listed once, under skipped
+        missing=tuple(k for k in own if k not in take and k not in wrong_shape and not k.endswith(_COUNTER)),
         unexpected=tuple(k for k in state if k not in used),
-        skipped=tuple(wrong_shape),
+        skipped=tuple(k for k in wrong_shape if not k.endswith(_COUNTER)),
         backbone=src.backbone,
         preprocess=src.preprocess,
     )

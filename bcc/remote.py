@@ -148,7 +148,14 @@ def expand_env(location: str, remember: bool = True) -> str:
 # --------------------------------------------------------------------------- secrets
 
 
-_SECRET_PARAM = re.compile(r"(sig|signature|token|secret|password|passwd|key|credential|auth|session)", re.I)
+# The one list of what looks like a secret: query parameters, `NAME=value` assignments and `--flag value`s in a
+# `pipe:` command (`env AWS_SECRET_ACCESS_KEY=...`, `--password ...`), Authorization-like headers. An ID is not one.
+_SECRET_PARAM = re.compile(r"(sig|signature|token|secret|password|passwd|key|credential|auth|session)(?![_-]?id$)", re.I)
+_ASSIGN = re.compile(r"(?<![?&\w.$-])(?P<name>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>[^\s'\"$&;|][^\s'\"&;|]*)")
+_FLAG = re.compile(r"(?P<flag>\s--?[A-Za-z-]*(?:password|passwd|token|secret|api-?key|credential)[A-Za-z-]*)"
+                   r"(?P<gap>=|\s+)(?P<value>[^\s'\"$-][^\s'\"]*)", re.I)
+_HEADER = re.compile(r"(?P<head>\b(?:Authorization|Proxy-Authorization|X-Api-Key|Api-Key|Private-Token)\s*:\s*"
+                     r"(?:(?:Bearer|Basic|Token)\s+|(?!(?:Bearer|Basic|Token)\b)))(?P<value>[^\s'\"$][^\s'\"]*)", re.I)
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"]+)@")
 _QUERY_PARAM = re.compile(r"(?P<sep>[?&])(?P<name>[^=&#\s'\"]+)=(?P<value>[^&#\s'\"]*)")
 _BEARER = re.compile(r"\b(?P<word>Bearer|Basic|token)(?P<gap>[ =:]+)(?P<value>[A-Za-z0-9._~+/=-]{8,})", re.I)
@@ -169,6 +176,10 @@ def redact(text: str) -> str:
                                                         m.group("info") + "@"), text)
     text = _QUERY_PARAM.sub(lambda m: m.group(0) if not _SECRET_PARAM.search(m.group("name"))
                             else f"{m.group('sep')}{m.group('name')}=***", text)
+    text = _ASSIGN.sub(lambda m: m.group(0) if not _SECRET_PARAM.search(m.group("name"))
+                       else f"{m.group('name')}=***", text)
+    text = _FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)
+    text = _HEADER.sub(lambda m: f"{m.group('head')}***", text)
     return _BEARER.sub(lambda m: f"{m.group('word')}{m.group('gap')}***", text)
 
 
@@ -183,6 +194,11 @@ def check_no_secrets(location: str, key: str = "data.shards") -> None:
     `${VAR}` references are fine: only the reference is written."""
     if kind(location) == "local":
         return
+    if redact(location) != location and kind(location) == "pipe":
+        raise RemoteError(
+            f"{key}: the pipe: command {redact(location)} spells a secret out (a NAME=value, --password/--token "
+            "value or Authorization header), which would be written to config.yaml, checkpoints and the logs; "
+            "leave it in the environment (the command inherits it) or write ${VAR} in its place")
     if redact(location) != location:
         raise RemoteError(
             f"{key}: {redact(location)} holds a credential, which would be written to config.yaml and the "
@@ -205,8 +221,11 @@ def join(root: str | Path, name: str) -> str | Path:
     root_kind = kind(root)
     if root_kind == "local":
         return Path(os.path.normpath(os.path.join(str(root), name)))
-    if root_kind == "http":
-        return urllib.parse.urljoin(str(root).rstrip("/") + "/", name)
+    if root_kind == "http":  # on the path: the root's query goes to every entry without its own; no fragment
+        parts = urllib.parse.urlsplit(str(root))
+        base = urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/", query="", fragment=""))
+        joined = urllib.parse.urlsplit(urllib.parse.urljoin(base, name))
+        return urllib.parse.urlunsplit(joined._replace(query=joined.query or parts.query, fragment=""))
     if not is_plain_name(name):
         raise RemoteError(f"shard entry {name!r} is not a plain relative file name, so it cannot go into "
                           f"the pipe: template {root}")
@@ -229,11 +248,12 @@ def manifest_location(dataset: str | Path) -> tuple[str | Path, str | Path]:
         raise RemoteError(f"data.shards: {redact(text)} is a brace list of shards; bcc needs the dataset's "
                           "manifest.json (sample counts, taxonomy): point data.shards at the folder that holds it "
                           "and put the brace list in the manifest's shard entries")
-    if k == "http":
-        path = urllib.parse.urlsplit(text).path
-        if path.endswith(".json"):
-            return text.rsplit("/", 1)[0], text
-        return text.rstrip("/"), text.rstrip("/") + "/manifest.json"
+    if k == "http":  # `?query` kept for the manifest and the shards (see `join`), `#fragment` dropped
+        parts = urllib.parse.urlsplit(text)._replace(fragment="")
+        if parts.path.endswith(".json"):
+            return urllib.parse.urlunsplit(parts._replace(path=parts.path.rsplit("/", 1)[0])), parts.geturl()
+        root = urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/")))
+        return root, join(root, "manifest.json")
     return dataset, dataset
 
 
@@ -357,6 +377,27 @@ class _PipeOutput:
         return self.where
 
 
+def _origin(url: str) -> tuple:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+
+
+class _Redirect(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect; the credentials go along only to the same scheme, host and port. (urllib copies
+    the headers added with `add_header` to any host; bcc adds `Authorization` unredirected and puts it
+    back here.) A redirect to another host gets no credentials, as a link to it in a manifest would not."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.get_header("Authorization")
+        if new is not None and auth and _origin(newurl) == _origin(req.full_url):
+            new.add_unredirected_header("Authorization", auth)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_Redirect)
+
+
 def _http_error(where: str, e: BaseException) -> RemoteError:
     if isinstance(e, urllib.error.HTTPError):
         transient = e.code >= 500 or e.code == 429
@@ -383,9 +424,12 @@ def open_location(location: str | Path, *, method: str = "GET") -> Any:
     if k == "pipe":
         return _PipeOutput(text[len("pipe:"):], where)
     url, headers = _auth_headers(text)
+    auth = headers.pop("Authorization", None)
     request = urllib.request.Request(url, headers=headers, method=method)
+    if auth:
+        request.add_unredirected_header("Authorization", auth)  # not to another host (`_Redirect`)
     try:
-        response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)  # noqa: S310 - http(s) only (kind)
+        response = _OPENER.open(request, timeout=HTTP_TIMEOUT_S)
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise _http_error(where, e) from None
     return response if method == "HEAD" else _HttpBody(response, where)

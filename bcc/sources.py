@@ -13,7 +13,9 @@ the one they share. Readers take it where they take a `Manifest`; what is per so
 
 open_clip's `--train-data "a::b" --train-data-upsampling-factors "1::3"` is the model (there the
 factor scales a source's share of resampled shards); bcc adds the exact one-pass meaning of integer
-weights and requires the sources to share one taxonomy, since the labels are class indices.
+weights and requires the sources to share one taxonomy, since the labels are class indices (heads,
+class names and targets equal; a taxonomy's `name` and folder aliases may differ, the first source's
+taxonomy is the run's).
 """
 
 from __future__ import annotations
@@ -35,6 +37,20 @@ class SourceError(BccError, ValueError):
     """Sources that cannot be trained together (taxonomies differ, a fold asked of several sources)."""
 
 
+def _difference(a: Manifest, b: Manifest) -> str | None:
+    """What makes two sources' labels mean different things (heads, class names and order, targets), or
+    None. A taxonomy's `name` and its classes' folder `aliases` may differ: the labels mean the same."""
+    ta, tb = a.taxonomy.to_dict(), b.taxonomy.to_dict()
+    if ta["heads"] != tb["heads"]:
+        return f"heads {ta['heads']} vs {tb['heads']}"
+    if a.classes != b.classes or [c["name"] for c in ta["classes"]] != [c["name"] for c in tb["classes"]]:
+        return f"classes {list(a.classes)} vs {list(b.classes)}"
+    for ca, cb in zip(ta["classes"], tb["classes"], strict=True):
+        if ca["targets"] != cb["targets"]:
+            return f"class '{ca['name']}': targets {ca['targets']} vs {cb['targets']}"
+    return None
+
+
 @dataclass(frozen=True)
 class Source:
     name: str
@@ -49,11 +65,12 @@ class MixedManifest(Manifest):
         first = sources[0].manifest
         for other in sources[1:]:
             m = other.manifest
-            if m.taxonomy.to_dict() != first.taxonomy.to_dict() or m.classes != first.classes:
+            what = _difference(first, m)
+            if what:
                 raise SourceError(
                     f"data.sources: the taxonomies of '{sources[0].name}' ({first.shown}) and '{other.name}' "
-                    f"({m.shown}) differ (classes {list(first.classes)} vs {list(m.classes)}); sources trained as "
-                    "one must be packed with the same taxonomy (bcc pack --taxonomy)")
+                    f"({m.shown}) differ ({what}); sources trained as one must be packed with the same "
+                    "taxonomy (bcc pack --taxonomy)")
         self.sources = tuple(sources)
         self.root = first.root
         self.path = "data.sources (" + ", ".join(f"{s.name}: {s.manifest.shown}" for s in sources) + ")"

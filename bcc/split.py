@@ -16,7 +16,7 @@ import random
 import re
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -26,7 +26,7 @@ import numpy as np
 from bcc.errors import BccError
 from bcc.neardup import NearDuplicates, is_enabled, near_duplicate_edges
 
-__all__ = ["GROUP_SCOPES", "SPLITS", "SplitError", "Units", "assign_folds", "assign_splits", "compile_group_regex", "deal_folds",
+__all__ = ["GROUP_SCOPES", "SPLITS", "SplitError", "Units", "assign_folds", "assign_splits", "compile_group_regex", "deal_folds", "fold_warnings",
            "deal_splits", "join_units", "largest_remainder", "parse_split", "sample_units"]
 
 SPLITS = ("train", "val", "test")
@@ -314,3 +314,19 @@ def assign_folds(samples: Sequence[dict[str, Any]], units: Units, folds: int, se
     fold = deal_folds(labels, _roots(units, len(samples)), folds, seed,
                       None if include is None else np.array(list(include), dtype=bool))
     return [None if f < 0 else f for f in fold.tolist()]
+
+
+def fold_warnings(class_counts: Sequence[Mapping[str, int]]) -> list[str]:
+    """One warning naming the classes of train+val that some folds lack (per fold `{class: count}`, as
+    the manifest's `folds.class_counts`): a class with fewer groups than folds cannot reach them all, so
+    those folds validate without it. Empty when every fold holds every class present."""
+    k = len(class_counts)
+    present = [c for c in (class_counts[0] if k else {}) if any(f.get(c, 0) for f in class_counts)]
+    short = {c: sum(1 for f in class_counts if f.get(c, 0)) for c in present}
+    short = {c: n for c, n in short.items() if n < k}
+    if not short:
+        return []
+    names = ", ".join(f"{c!r} (in {n})" for c, n in short.items())
+    return [f"{len(short)} class(es) are missing from some of the {k} folds: {names}; they have fewer "
+            "groups in train+val than folds, so those folds validate without them (use fewer folds)"]
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,19 @@ class PretrainedSource:
 def _preview(keys: list[str], n: int = 4) -> str:
     shown = ", ".join(keys[:n])
     return shown + (f", ... (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _torch_load_reason(e: BaseException) -> str:
+    """Why `torch.load(weights_only=True)` refused a file, without PyTorch's advice to retry with
+    weights_only=False (which would run the file's code: never right for a file one did not make)."""
+    import pickle
+
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in text:
+        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+        what = detail.group(1).strip().rstrip(".") if detail else "an object that is not a tensor"
+        return f"a damaged pickle, or one holding more than tensors: {what[:120]}"
+    return _first_line(e).split(". ")[0]  # PyTorch's first sentence says what; the rest is advice
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
@@ -314,7 +328,10 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt zip, truncated header, a pickle weights_only refuses
-        raise PretrainedError(f"pretrained weights {path}: cannot load it ({_first_line(e)})") from None
+        if is_safetensors:
+            raise PretrainedError(f"pretrained weights {path}: cannot load it ({_first_line(e)})") from None
+        raise PretrainedError(f"pretrained weights {path}: not a loadable weights file ({_torch_load_reason(e)}; "
+                              "bcc loads torch files with weights_only=True, which runs no code from them)") from None
     for key in _NESTING_KEYS:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]

@@ -221,7 +221,8 @@ def test_bcc_compare_refuses_packs_that_do_not_match_the_seeds(synth_shards, tmp
 
 def test_bcc_compare_with_two_seeds(synth_shards, tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused",
-                       train={"epochs": 1, "warmup_steps": 1, "log_every": 50}, data={"batch_size": 32, "workers": 0})
+                       train={"epochs": 1, "warmup_steps": 1, "log_every": 50}, data={"batch_size": 32, "workers": 0},
+                       eval={"operating_point": "youden"})
     out = tmp_path / "cmp"
     cmd = [sys.executable, "-m", "bcc", "compare", "--config", str(cfg), "--modes", "frozen,full", "--seeds", "2",
            "--bench-steps", "0", "--bootstrap", "200", "--out", str(out)]
@@ -233,6 +234,8 @@ def test_bcc_compare_with_two_seeds(synth_shards, tmp_path):
         p = read_predictions(out / r["mode"] / f"seed-{r['seed']}")
         for m in ("acc", "bacc", "binary_bacc", "binary_sens"):
             assert SAMPLE_METRICS[m][0](*p.columns(m)) == pytest.approx(float(r[f"test_{m}"]), abs=1e-5), (m, r)
+        # and the binary head at the operating point fitted on val (eval.operating_point), per run
+        assert 0 <= float(r["test_binary_op_sens"]) <= 1 and 0 < float(r["test_binary_op_threshold"]) < 1
     arms = {r["arm"]: r for r in csv.DictReader((out / "summary.csv").open())}
     assert set(arms) == {"frozen", "full"} and sum(int(a["chosen"]) for a in arms.values()) == 1
     chosen = next(a for a in arms.values() if a["chosen"] == "1")

@@ -121,3 +121,53 @@ def test_ema_metric_needs_an_ema(synth_shards, tmp_path):
 
 def test_ema_columns_keep_scalars():
     assert ema_columns({"bacc": 0.5, "count": 3, "per_class": [1, 2], "ok": True}) == {"ema_bacc": 0.5, "ema_count": 3}
+
+
+def test_an_ema_run_fits_and_exports_the_ema_weights_own_calibration(synth_shards, tmp_path):
+    """Training fits temperatures and the operating point for the EMA weights too (under `ema`); the
+    final test rows carry the point's `op_*` columns; an EMA export ships the EMA's fit, its card quotes
+    the EMA's val rates; a checkpoint calibrated on its raw weights only is not exported as EMA."""
+    import subprocess
+    import sys
+
+    from bcc.export import ExportError, export_checkpoint
+    from bcc.operating_point import threshold_for
+    from bcc.predict import load_inference_model
+
+    from conftest import write_config
+
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", synth_shards, run, train={"epochs": 1, "ema_decay": 0.5},
+                       eval={"calibrate": True, "operating_point": "youden", "test_at_end": True})
+    proc = subprocess.run([sys.executable, "-m", "bcc.train", "--config", str(cfg)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    best = run / "checkpoints" / "best"
+    temps = json.loads((best / "temperature.json").read_text())
+    point = json.loads((best / "operating_point.json").read_text())
+    ema_t, ema_p = temps["ema"]["temperatures"], point["ema"]
+    assert ema_t != temps["temperatures"] and ema_p["margin"] != point["margin"]  # fitted on other weights
+    test = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+            if '"split": "test"' in line][-1]
+    assert test["operating_point"] == "youden"
+    assert test["binary_op_threshold"] == pytest.approx(threshold_for(point, 1.0))
+    assert test["ema_binary_op_threshold"] == pytest.approx(threshold_for(ema_p, 1.0))
+    assert {"binary_op_sens", "binary_op_spec", "ema_binary_op_sens", "binary_sens"} <= set(test)
+
+    export_checkpoint(run, tmp_path / "hf", format="hf")  # auto: the EMA weights, with their own fit
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["weights"] == "ema" and config["temperatures"] == pytest.approx(ema_t)
+    assert config["operating_point"]["margin"] == pytest.approx(ema_p["margin"])
+    im = load_inference_model(tmp_path / "hf", device="cpu")
+    assert im.threshold == pytest.approx(threshold_for(ema_p, ema_t["binary"]))
+    chosen = ema_p["val"]["chosen"]
+    assert f"{chosen['sens']:.3f}/{chosen['spec']:.3f} at this point" in (tmp_path / "hf" / "README.md").read_text()
+
+    for name in ("temperature.json", "operating_point.json"):  # as `bcc calibrate` leaves them: raw only
+        stored = json.loads((best / name).read_text())
+        del stored["ema"]
+        (best.resolve() / name).write_text(json.dumps(stored))
+    with pytest.raises(ExportError, match="fitted on its raw weights, not on the EMA weights"):
+        export_checkpoint(run, tmp_path / "ema", weights="ema")
+    export_checkpoint(run, tmp_path / "auto")
+    assert json.loads((tmp_path / "auto" / "bcc_export.json").read_text())["weights"] == "raw"

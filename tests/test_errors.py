@@ -108,3 +108,38 @@ def test_real_entry_point_and_bcc_debug(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "BCC_DEBUG": "1"})
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "PackError: SRC" in proc.stderr
+
+
+@pytest.mark.parametrize("message, lost", [
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:37772. "
+     "This is typically caused by a remote worker crashing.", True),
+    ("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv operation", True),
+    ("NCCL communicator was aborted on rank 1: Watchdog caught collective operation timeout: ran for 600000 "
+     "milliseconds before timing out.", True),
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
+    ("Connection closed by peer", False),  # no distributed backend named: a bug keeps its traceback
+])
+def test_a_rank_that_lost_its_peers_prints_one_line(monkeypatch, capsys, message, lost):
+    """A collective failing because another rank died: the survivor says so on one line and exits 1."""
+    from bcc.cli import call
+    from bcc.errors import EXIT_LOST_PEER, lost_peer_message
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("BCC_DEBUG", raising=False)
+
+    def fails(_):
+        raise RuntimeError(message)
+
+    if not lost:
+        assert lost_peer_message(RuntimeError(message)) is None
+        with pytest.raises(RuntimeError):
+            call(fails, None)
+        return
+    assert call(fails, None) == EXIT_LOST_PEER
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: rank 1: lost contact with the other ranks "
+                                                         "(another rank failed or stopped: see its error above;")
+    assert "RuntimeError: " in err and "pair.cc" not in err
+    monkeypatch.setenv("BCC_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        call(fails, None)

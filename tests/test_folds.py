@@ -155,3 +155,17 @@ def test_fold_errors_are_named(fold_pack, synth_shards):
     for bad in (3, -1):
         with pytest.raises(FoldError, match=r"outside 0\.\.2"):
             Manifest.load(fold_pack).with_fold(bad)
+
+
+def test_folds_missing_a_class_are_a_warning(tmp_path, make_class_tree):
+    from bcc.pack import pack_folders
+    from bcc.split import fold_warnings
+
+    assert fold_warnings([{"A": 2, "B": 1}, {"A": 1, "B": 1}]) == []
+    assert fold_warnings([{"A": 2, "B": 0, "C": 0}, {"A": 1, "B": 1, "C": 0}]) == [
+        "1 class(es) are missing from some of the 2 folds: 'B' (in 1); they have fewer groups in train+val "
+        "than folds, so those folds validate without them (use fewer folds)"]  # C: not in train+val at all
+    src = make_class_tree(tmp_path / "src", {"Benign": 6, "Early": 6, "Pre": 2, "Pro": 6}, size=16)
+    result = pack_folders(src, tmp_path / "out", split=(0.8, 0.2, 0.0), seed=0, folds=3, near_dup_threshold=None)
+    warned = [w for w in result.manifest["warnings"] if "missing from some of the 3 folds" in w]
+    assert len(warned) == 1 and "'Pre-B' (in 2)" in warned[0] and "Benign" not in warned[0]

@@ -227,11 +227,23 @@ def _reencoded(img: Image.Image) -> Image.Image:
 
 
 def test_phash_is_imagehash_phash():
+    """Bit for bit imagehash's pHash (bcc's own median and no ImageHash object, same scipy DCT) over
+    sizes down to 1 px, flat images (all-zero AC: ties at the median), noise, edges and modes."""
     import imagehash
 
     img = _textured(0)
     assert format(phash(img), "016x") == str(imagehash.phash(img))
     assert phash(img.convert("L")) == phash(img)
+    rng = np.random.default_rng(0)
+    for w, h in ((1, 1), (3, 2), (31, 33), (64, 64)):
+        flat = np.full((h, w, 3), 97, np.uint8)
+        edge = np.zeros((h, w, 3), np.uint8)
+        edge[:, : w // 2] = 255
+        noise = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for a in (flat, edge, noise):
+            for mode in ("RGB", "L", "P", "RGBA"):
+                im = Image.fromarray(a).convert(mode)
+                assert format(phash(im), "016x") == str(imagehash.phash(im)), (w, h, mode)
 
 
 def test_reencoded_copy_is_near_and_distinct_images_are_not():

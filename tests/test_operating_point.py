@@ -42,6 +42,18 @@ def test_rules_parse_and_bad_ones_are_named():
         assert isinstance(e.value, BccError)
 
 
+def test_a_bad_rule_in_the_config_names_the_key_and_its_source(tmp_path):
+    from bcc.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {shards: /x}\nmodel: {backbone: test_resnet}\neval: {operating_point: 'sensitivity>=2'}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: eval\.operating_point: must be argmax, youden, .* got 'sensitivity>=2'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"override 'eval\.operating_point=youdn': eval\.operating_point: must be"):
+        load_config(path, ["eval.operating_point=youdn"])
+    assert load_config(path, ["eval.operating_point=youden"]).eval.operating_point == "youden"
+
+
 def test_youden_is_exact_on_a_hand_made_example():
     # negatives 0.1 0.2 0.3 0.45, positives 0.4 0.42 0.6 0.8: J is 0.75 only between 0.3 and 0.4
     scores = torch.tensor([0.1, 0.2, 0.3, 0.45, 0.4, 0.42, 0.6, 0.8])

@@ -273,14 +273,14 @@ def test_unreadable_file_is_skipped(tmp_path, make_class_tree, monkeypatch):
     """A permission error while reading (simulated: the suite may run as root, who can read anything)."""
     src = make_class_tree(tmp_path / "src", {"Benign": 3})
     locked = src / "Benign" / "img0000.jpg"
-    real_read = Path.read_bytes
+    real_read = pack_pool._read
 
-    def read_bytes(self):
-        if self == locked:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_read(self)
+    def read(path):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read(path)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(pack_pool, "_read", read)
     m = pack_folders(src, tmp_path / "out").manifest
     assert m["skipped"] == [{"path": "Benign/img0000.jpg", "reason": "unreadable: Permission denied"}]
     assert m["splits"]["train"]["count"] + m["splits"]["val"]["count"] + m["splits"]["test"]["count"] == 2
@@ -334,6 +334,15 @@ def test_interrupted_pack_leaves_nothing(tmp_path, make_class_tree, monkeypatch)
         pack_folders(src, tmp_path / "out", shard_size=5, seed=1, overwrite=True)
     assert shard_bytes(tmp_path / "out") == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    # a killed pack (kill -9) leaves OUT.tmp-PID: the next pack to OUT removes it once PID is gone,
+    # and leaves a running pack's alone
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    monkeypatch.setattr(pack_pool, "write_shard", real)
+    for pid in (dead, str(os.getppid())):
+        (tmp_path / f"out.tmp-{pid}" / "_staging").mkdir(parents=True)
+    pack_folders(src, tmp_path / "out", shard_size=5, seed=1, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", f"out.tmp-{os.getppid()}", "src"]
 
 
 def test_refuses_non_empty_out_and_nested_paths(tmp_path, make_class_tree):
@@ -432,6 +441,30 @@ def test_near_duplicates_never_straddle_splits_and_are_listed(tmp_path, make_cla
     m = load_manifest(tmp_path / "cli_off")
     assert m["options"]["near_dup_threshold"] is None and "near_duplicates" not in m
     bcc(src, tmp_path / "cli_bad", "--near-dup-threshold", "40", check_rc=2)
+
+
+def test_near_duplicates_across_classes_are_conflicts(tmp_path, make_class_tree):
+    """The same field filed under two classes (re-encoded): grouped, and flagged like identical files."""
+    src = make_class_tree(tmp_path / "src", {"Benign": 4, "Early": 4, "Pre": 4, "Pro": 4}, size=16)
+    a, b = _plant_near_pair(src)
+    (src / b).rename(src / "Pro" / "field_a_reshot.jpg")
+    result = pack_folders(src, tmp_path / "out", split=(0.5, 0.25, 0.25), seed=0)
+    (group,) = load_manifest(tmp_path / "out")["near_duplicates"]
+    assert group["paths"] == [a, "Pro/field_a_reshot.jpg"] and group["conflict"] is True
+    assert result.counts["near_duplicate_conflicts"] == 1
+
+
+def test_near_dup_options_agree_and_do_not_contradict(tmp_path, capsys):
+    from bcc.cli import main
+
+    for value in ("64", "-1"):
+        with pytest.raises(SystemExit):
+            main(["pack", "src", str(tmp_path / "o"), "--near-dup-threshold", value])
+        assert "--no-near-dup" in capsys.readouterr().err and "-1 to switch" not in value
+    assert main(["pack", "src", str(tmp_path / "o"), "--no-near-dup", "--near-dup-threshold", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --no-near-dup and --near-dup-threshold 3 contradict each other" in err
+    assert not (tmp_path / "o").exists()
 
 
 def _messy_tree(tmp_path, make_class_tree) -> Path:

@@ -301,11 +301,23 @@ def test_backbone_of_another_shape_is_refused_unless_allowed(tmp_path, capsys):
     assert record.loaded == 6 and record.total == 12  # the first block fits, the second does not
     assert_same(model, donor, prefix="backbone.features.0.")
     assert "backbone.features.4.weight" in record.skipped
+    assert not set(record.skipped) & set(record.missing)  # listed once, under skipped
+    assert "num_batches_tracked" not in " ".join(record.skipped)
     line = capsys.readouterr().out
     assert (
         line.startswith(f"pretrained: 6 of 12 backbone tensors loaded from {path}")
         and "skipped (other shape)" in line
     )
+
+
+def test_names_that_all_match_with_other_shapes_are_said_so(tmp_path):
+    path = tmp_path / "wider.safetensors"
+    save_file(vgg_net(widths=(16, 32)).state_dict(), str(path))  # every backbone tensor of another shape
+    with pytest.raises(PretrainedError) as e:
+        load_pretrained(vgg_net(), path, echo=False)
+    msg = str(e.value)
+    assert "12 of 12 keys match by name but differ in shape" in msg and "num_batches_tracked" not in msg
+    assert "backbone.features.0.weight (source (16, 3, 3, 3), model (8, 3, 3, 3))" in msg
 
 
 def test_missing_backbone_tensors_are_refused_unless_allowed(tmp_path):
@@ -324,7 +336,7 @@ def test_missing_backbone_tensors_are_refused_unless_allowed(tmp_path):
 
 def test_source_trained_as_another_backbone_is_refused(tmp_path, run):
     model = tiny(backbone="resnet10t")  # a bcc run of test_resnet into a resnet10t: nothing fits anyway
-    with pytest.raises(PretrainedError, match="no tensor matches backbone resnet10t"):
+    with pytest.raises(PretrainedError, match="no tensor fits backbone resnet10t: .* keys match by name but differ"):
         load_pretrained(model, run.dir, allow_mismatch=True)
     # same tensors, but the run says it trained another backbone: refused, allowed on request
     donor = vgg_net()
@@ -368,6 +380,7 @@ def _bad_sources(tmp_path):
     (tmp_path / "corrupt.safetensors").write_bytes(b"\x00not a weights file" * 10)
     (tmp_path / "corrupt.pth").write_bytes(b"PK\x03\x04 truncated zip" * 10)
     (tmp_path / "truncated.pt").write_bytes(b"\x80\x02}q\x00")
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x02garbage, not a pickle")
     (tmp_path / "notes.json").write_text('{"a": 1}')
     (tmp_path / "image.jpg").write_bytes(b"\xff\xd8\xff\xe0 jpeg")
     torch.save([torch.zeros(2)], tmp_path / "list.pt")
@@ -380,8 +393,9 @@ def _bad_sources(tmp_path):
     return {
         "missing.safetensors": "no such file or directory",
         "corrupt.safetensors": "cannot load it",
-        "corrupt.pth": "cannot load it",
-        "truncated.pt": "cannot load it",
+        "corrupt.pth": "not a loadable weights file",
+        "truncated.pt": "not a loadable weights file",
+        "garbage.pt": "not a loadable weights file (a damaged pickle, or one holding more than tensors: Unsupported",
         "notes.json": "not a weights file",
         "image.jpg": "not a weights file",
         "list.pt": "holds a list, not a state dict",
@@ -398,7 +412,9 @@ def test_every_bad_source_is_one_named_error(tmp_path):
         with pytest.raises(PretrainedError) as e:
             load_pretrained(tiny(), tmp_path / name, echo=False)
         msg = str(e.value)
-        assert isinstance(e.value, BccError) and name in msg and reason in msg and "\n" not in msg, (
+        # never PyTorch's advice to retry with weights_only=False: that would run an untrusted file's code
+        assert isinstance(e.value, BccError) and name in msg and reason in msg and "\n" not in msg and (
+            "weights_only=False" not in msg and "weights_only` set to `False" not in msg), (
             name,
             msg,
         )
@@ -569,7 +585,8 @@ def test_a_bad_pretrained_file_ends_training_with_one_error_line(synth_shards, t
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert f"error: pretrained weights {tmp_path / 'w.pt'}: cannot load it" in proc.stderr
+    assert (f"error: pretrained weights {tmp_path / 'w.pt'}: not a loadable weights file (RuntimeError: "
+            "PytorchStreamReader failed reading zip archive: not a ZIP archive; bcc loads") in proc.stderr
 
 
 def test_a_run_follows_records_and_resumes_without_its_source(run, synth_shards, tmp_path):

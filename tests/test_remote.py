@@ -45,15 +45,26 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             return False
         return True
 
+    def _redirected(self) -> bool:
+        self.server.auths.append(self.headers.get("Authorization"))
+        target = self.server.redirects.get(self.path.lstrip("/").split("?")[0])
+        if target:
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        return bool(target)
+
     def do_HEAD(self):
-        if self._authorised():
+        if not self._redirected() and self._authorised():
             super().do_HEAD()
 
     def do_GET(self):
-        if not self._authorised():
+        if self._redirected() or not self._authorised():
             return
         name = self.path.lstrip("/").split("?")[0]
         self.server.gets.append(name)
+        self.server.paths.append(self.path)
         if self.server.drops.get(name, 0):
             self.server.drops[name] -= 1
             data = (Path(self.directory) / name).read_bytes()
@@ -70,6 +81,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 def serve(root: Path, token: str | None = None):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
     server.drops, server.gets, server.token = {}, [], token
+    server.auths, server.paths, server.redirects = [], [], {}  # Authorization headers seen; raw paths; name -> URL
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -402,6 +414,117 @@ def test_brace_entries_in_a_manifest(synth_shards, tmp_path):
     (pack / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ManifestError, match=rf"names {n} shards but its count lists 2"):
         Manifest.load(pack)
+
+
+def test_a_redirect_to_another_host_gets_no_credentials(synth_shards, tmp_path, monkeypatch):
+    """The token (and a ~/.netrc login) follow a redirect on the same scheme, host and port only: a
+    trusted server answering 302 to another host must not hand it the credentials."""
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine 127.0.0.1 login alice password pw-of-alice\n")
+    netrc_file.chmod(0o600)
+    raw = (synth_shards / "manifest.json").read_bytes()
+    with serve(synth_shards) as (a, url_a), serve(synth_shards) as (b, url_b):
+        other = url_b.replace("127.0.0.1", "localhost")
+        a.redirects = {"moved.json": f"{url_a}/manifest.json", "away.json": f"{other}/manifest.json"}
+        for env in ({remote.TOKEN_ENV: TOKEN, remote.TOKEN_HOSTS_ENV: "127.0.0.1"}, {"NETRC": str(netrc_file)}):
+            for name in (remote.TOKEN_ENV, remote.TOKEN_HOSTS_ENV, "NETRC"):
+                monkeypatch.delenv(name, raising=False)
+            for name, value in env.items():
+                monkeypatch.setenv(name, value)
+            a.auths.clear(), b.auths.clear()
+            assert remote.read_bytes(f"{url_a}/moved.json") == raw  # same host: the credentials go along
+            assert len(a.auths) == 2 and a.auths[0] and a.auths[1] == a.auths[0]
+            assert remote.read_bytes(f"{url_a}/away.json") == raw
+            assert b.auths == [None], f"{env}: {b.auths}"
+
+
+def test_a_url_query_is_kept_and_a_fragment_dropped(synth_shards):
+    local = Manifest.load(synth_shards).split("train").shards[0]
+    with serve(synth_shards) as (server, url):
+        for dataset in (f"{url}?v=1", f"{url}/?v=1#top", f"{url}/manifest.json?v=1"):
+            shard = Manifest.load(dataset).split("train").shards[0]
+            assert shard.path == f"{url}/{local.path.name}?v=1"
+            assert remote.read_bytes(shard.path) == local.path.read_bytes()
+        assert set(server.paths) == {"/manifest.json?v=1", f"/{local.path.name}?v=1"}
+
+
+@pytest.mark.parametrize("command", [
+    "pipe:env AWS_SECRET_ACCESS_KEY=wJalrSEKRIT cat /d/{name}", "pipe:GITHUB_TOKEN=wJalrSEKRIT gh get {name}",
+    "pipe:curl --password wJalrSEKRIT h/{name}", "pipe:tool --api-key=wJalrSEKRIT {name}",
+    "pipe:curl -H 'Authorization: wJalrSEKRIT' h/{name}", "pipe:curl -H 'X-Api-Key: wJalrSEKRIT' h/{name}",
+    "pipe:sh -c 'DB_PASSWORD=wJalrSEKRIT cat /d/{name}'",
+])
+def test_a_pipe_command_that_spells_a_secret_out_is_refused(command):
+    with pytest.raises(remote.RemoteError, match=r"spells a secret out.*\$\{VAR\}") as e:
+        remote.check_no_secrets(command)
+    assert "wJalrSEKRIT" not in str(e.value)
+
+
+def test_a_pipe_command_with_secrets_from_the_environment_is_accepted(synth_shards, tmp_path, monkeypatch):
+    from bcc.config import load_config
+
+    monkeypatch.setenv("BCC_TEST_SECRET", "wJalrSEKRIT")
+    for ok in ("pipe:env AWS_SECRET_ACCESS_KEY=${BCC_TEST_SECRET} AWS_ACCESS_KEY_ID=AKIA1 cat /d/{name}",
+               "pipe:curl -H 'Authorization: Bearer ${BCC_TEST_SECRET}' h/{name}", "pipe:aws s3 cp s3://b/{name} -"):
+        remote.check_no_secrets(ok)
+    env = f"pipe:env AWS_SECRET_ACCESS_KEY=${{BCC_TEST_SECRET}} cat {synth_shards}/{{name}}"
+    assert Manifest.load(env).split("train").count == Manifest.load(synth_shards).split("train").count
+    with pytest.raises(ManifestError, match="spells a secret out") as e:
+        Manifest.load(f"pipe:env AWS_SECRET_ACCESS_KEY=wJalrSEKRIT cat {synth_shards}/{{name}}")
+    assert "wJalrSEKRIT" not in str(e.value)
+    # a command holding ': ' on the command line stays one string (not a YAML map)
+    cmd = "pipe:sh -c 'echo note: x >&2; cat /d/{name}'"
+    assert load_config(overrides=[f"data.shards={cmd}"]).data.shards == cmd
+
+
+def test_pack_verify_reads_a_remote_pack(synth_shards, tmp_path, capsys):
+    from bcc.cli import main
+
+    pack = copy_pack(synth_shards, tmp_path / "pack")
+    with serve(pack) as (_, url):
+        for where in (url, f"pipe:cat {pack}/{{name}}"):
+            assert main(["pack", "--verify", where]) == 0, capsys.readouterr()
+            out = capsys.readouterr().out
+            assert "all" in out and "shards match the manifest" in out and "OK" in out
+        shard = Manifest.load(pack).split("train").shards[1].path
+        data = bytearray(shard.read_bytes())
+        data[700] ^= 1
+        shard.write_bytes(bytes(data))
+        assert main(["pack", "--verify", url]) == 1
+        out = capsys.readouterr().out
+        assert f"{url}/{shard.name}: sha256" in " ".join(out.split()), out
+        (pack / "val-000000.tar").unlink()
+        assert main(["pack", "--verify", url]) == 1
+        assert "HTTP 404" in capsys.readouterr().out
+
+
+def test_malformed_manifest_entries_are_named(synth_shards, tmp_path):
+    local = Manifest.load(synth_shards).split("train").shards
+    n = len(local)
+    brace = f"train-{{000000..{n - 1:06d}}}.tar"
+    cases = [
+        ({"path": "train-{}.tar", "count": [], "sha256": "ab"}, r"'train-\{\}.tar': count must be a whole number"),
+        ({"path": brace, "count": 3, "sha256": local[0].sha256}, rf"'.*' names {n} shards but gives one "
+                                                                  "sha256"),
+        ({"path": "train-000000.tar", "count": 3, "sha256": 7}, "'train-000000.tar': sha256 must be a hex string"),
+    ]
+    for i, (entry, match) in enumerate(cases):
+        pack = copy_pack(synth_shards, tmp_path / f"p{i}")
+        data = json.loads((pack / "manifest.json").read_text())
+        data["splits"]["train"]["shards"] = [entry]
+        (pack / "manifest.json").write_text(json.dumps(data))
+        with pytest.raises(ManifestError, match=rf"split 'train': the (shard|brace) entry {match}"):
+            Manifest.load(pack)
+    # a local brace list in data.shards: the message a URL brace list gets
+    with pytest.raises(ManifestError, match="is a brace list of shards"):
+        Manifest.load(f"{synth_shards}/{brace}")
+    # an absolute local path in a fetched manifest is refused by name (not turned into http://host/abs/path)
+    pack = _manifest_with_entry(synth_shards, tmp_path / "abs", str(local[0].path))
+    assert Manifest.load(pack).split("train").shards[0].path == local[0].path  # the user's own local manifest
+    with serve(pack) as (server, url):
+        with pytest.raises(ManifestError, match=rf"the shard entry '{local[0].path}' is not a URL or a relative "
+                                                "name: a fetched manifest may not name local files"):
+            Manifest.load(url)
 
 
 # --------------------------------------------------------------------------- end to end

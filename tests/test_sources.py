@@ -80,6 +80,18 @@ def test_sources_that_cannot_mix_are_named(mixed, tmp_path):
     other.path.write_text(json.dumps(data))
     with pytest.raises(SourceError, match=r"taxonomies of 'a' \(.*\) and 'kvasir' \(.*\) differ"):
         load_data(data_cfg(sources=(SourceConfig(a), SourceConfig(str(other.root)))))
+    # the same labels under another taxonomy name mix; another difference is named (not two equal class lists)
+    renamed = json.loads(mixed.sources[1].manifest.path.read_text())
+    renamed["taxonomy"]["name"] = "renamed"
+    (tmp_path / "renamed").mkdir()
+    (tmp_path / "renamed" / "manifest.json").write_text(json.dumps(renamed))
+    load_data(data_cfg(sources=(SourceConfig(a), SourceConfig(str(tmp_path / "renamed")))))
+    classes = renamed["taxonomy"]["classes"]  # two classes' subtypes swapped: same names, other meaning
+    classes[1]["targets"]["subtype"], classes[2]["targets"]["subtype"] = "Pre-B", "early Pre-B"
+    (tmp_path / "renamed" / "manifest.json").write_text(json.dumps(renamed))
+    with pytest.raises(SourceError, match=r"differ \(class 'early Pre-B': targets \{.*'subtype': 'early Pre-B'\} "
+                                          r"vs \{.*'subtype': 'Pre-B'\}\)"):
+        load_data(data_cfg(sources=(SourceConfig(a), SourceConfig(str(tmp_path / "renamed")))))
     with pytest.raises(SourceError, match=r"^data.sources\[1\].shards: http://\*\*\*@h/ds holds a credential"):
         load_data(data_cfg(sources=(SourceConfig(a), SourceConfig("http://u:pw12345678@h/ds"))))
     with pytest.raises(SourceError, match="data.fold"):

@@ -6,7 +6,8 @@ stays fast.
 
 Errors: `main` is the one place that turns a `bcc.errors.BccError` into one `error: ...` line and its
 exit code (2); commands do not catch them. Anything else is a bug and keeps its traceback, and
-`BCC_DEBUG=1` keeps the traceback of a `BccError` too.
+`BCC_DEBUG=1` keeps the traceback of a `BccError` too. A rank whose collective fails because another rank
+failed prints one line naming that (`bcc.errors.lost_peer_message`) and exits 1.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namesp
     Used by `bcc` and by `python -m bcc.train`. Anything else is a bug and keeps its traceback;
     `BCC_DEBUG=1` keeps the traceback of a `BccError` too.
     """
-    from bcc.errors import BccError, is_debug
+    from bcc.errors import EXIT_LOST_PEER, BccError, is_debug, lost_peer_message
 
     try:
         return int(func(args) or 0)
@@ -66,6 +67,14 @@ def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namesp
 
         error(str(e))
         return e.exit_code
+    except RuntimeError as e:  # a collective that failed because another rank did: one line, not its traceback
+        line = lost_peer_message(e)
+        if line is None or is_debug():
+            raise
+        from bcc.console import error
+
+        error(line)
+        return EXIT_LOST_PEER
 
 
 def main(argv: Sequence[str] | None = None) -> int:

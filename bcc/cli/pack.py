@@ -45,7 +45,7 @@ def _near_threshold(value: str) -> int:
     except NearDupError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     if n < 0:
-        raise argparse.ArgumentTypeError("use --no-near-dup to switch near-duplicate grouping off")
+        raise argparse.ArgumentTypeError(f"{n} bits: use --no-near-dup to switch near-duplicate grouping off")
     return n
 
 
@@ -78,7 +78,7 @@ def register(subparsers) -> None:
     p.add_argument("--group-scope", choices=("dataset", "class"), default="dataset",
                    help="dataset: one group id joins files in any class folder (a patient); class: ids are "
                    "per class folder (augmented copies numbered per class) (default dataset)")
-    p.add_argument("--near-dup-threshold", type=_near_threshold, default=6, metavar="BITS",
+    p.add_argument("--near-dup-threshold", type=_near_threshold, metavar="BITS",
                    help="images whose 64-bit perceptual hashes differ in at most BITS bits stay in one split "
                    "and fold, like exact copies (default 6)")
     p.add_argument("--no-near-dup", action="store_true",
@@ -92,7 +92,8 @@ def register(subparsers) -> None:
                    help="skip images above N pixels (default: Pillow's decompression-bomb limit)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only once done)")
     p.add_argument("--strict", action="store_true", help="fail, writing nothing, if any file would be skipped")
-    p.add_argument("--verify", metavar="OUT", help="re-hash the shards of a packed OUT against its manifest")
+    p.add_argument("--verify", metavar="OUT", help="re-hash the shards of a packed OUT (a folder, a dataset "
+                   "URL or a pipe: template with {name}) against its manifest")
     p.set_defaults(func=run)
 
 
@@ -113,9 +114,18 @@ def run(args: argparse.Namespace) -> int:
 def _pack(args: argparse.Namespace, console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from bcc.console import error
+    from bcc.neardup import DEFAULT_THRESHOLD
     from bcc.pack import pack_folders
     from bcc.resources import load_taxonomy
     from bcc.taxonomy import Taxonomy
+
+    if args.no_near_dup and args.near_dup_threshold is not None:
+        error(f"--no-near-dup and --near-dup-threshold {args.near_dup_threshold} contradict each other: "
+              "give one of them")
+        return 2
+    near = None if args.no_near_dup else (DEFAULT_THRESHOLD if args.near_dup_threshold is None
+                                          else args.near_dup_threshold)
 
     taxonomy = load_taxonomy(args.taxonomy) if args.taxonomy else Taxonomy.default()
     with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -131,7 +141,7 @@ def _pack(args: argparse.Namespace, console) -> int:
             args.src, args.out, split=args.split, seed=args.seed, resize=args.resize, quality=args.quality,
             shard_size=args.shard_size, min_shards=args.min_shards, workers=args.workers,
             group_regex=args.group_regex, group_scope=args.group_scope, taxonomy=taxonomy, overwrite=args.overwrite, strict=args.strict,
-            max_image_pixels=args.max_pixels, near_dup_threshold=None if args.no_near_dup else args.near_dup_threshold,
+            max_image_pixels=args.max_pixels, near_dup_threshold=near,
             folds=args.folds, progress=progress,
         )
     _summary(result, console)
@@ -169,7 +179,8 @@ def _summary(result, console) -> None:
                      f"{counts['duplicate_conflicts']} across classes)")
     if counts["near_duplicate_groups"]:
         extra.append(f"{counts['near_duplicate_groups']} near-duplicate groups (pHash within "
-                     f"{m['options']['near_dup_threshold']} bits) kept on one side")
+                     f"{m['options']['near_dup_threshold']} bits, {counts.get('near_duplicate_conflicts', 0)} "
+                     "across classes) kept on one side")
     side = [f"{v['file']} ({v['count']})" for v in m.values() if isinstance(v, dict) and "file" in v]
     if side:
         extra.append("long lists in side files: " + ", ".join(side))
@@ -186,14 +197,16 @@ def _summary(result, console) -> None:
 
 def _verify(out: str, console) -> int:
     from bcc.manifest import FILE_LISTS, Manifest, ManifestError
+    from bcc.remote import display
     from bcc.shards import verify_shards
 
-    result = verify_shards(out)
+    result = verify_shards(out)  # a local folder, a URL or a pipe: template: each shard read as training reads it
     for check in result.shards:
+        name = display(check.path) if isinstance(check.path, str) else check.path.name
         if check.status == "ok":
-            console.print(f"[green]OK[/]        {check.path.name}")
+            console.print(f"[green]OK[/]        {name}")
         else:
-            console.print(f"[red]{check.status.upper():<9}[/] {check.path.name}: {check.detail}")
+            console.print(f"[red]{check.status.upper():<9}[/] {name}: {check.detail}")
     bad = len(result.mismatches)
     manifest = Manifest.load(out)
     side_bad = 0

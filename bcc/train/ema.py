@@ -70,9 +70,10 @@ def restore_ema(ema: ModelEmaV3 | None, saved: Mapping[str, torch.Tensor] | None
     ema.module.load_state_dict(saved)
 
 
-def evaluate_ema(run, split: str, title: str) -> dict:
+def evaluate_ema(run, split: str, title: str, collect=None) -> dict:
     """`evaluate` with the EMA weights on `split` (collective), printed as its own table; returns the
-    metrics under `ema_` names, or {} when the run keeps no EMA. `run` is `bcc.train.fit.Run`."""
+    metrics under `ema_` names, or {} when the run keeps no EMA. `run` is `bcc.train.fit.Run`;
+    `collect(batch, logits)` as in `evaluate`."""
     from bcc.train.epoch import evaluate
 
     ema = run.parts.ema
@@ -81,7 +82,7 @@ def evaluate_ema(run, split: str, title: str) -> dict:
     _sync(ema, run.info.world_size)
     with run.accelerator.autocast():  # as the raw model's forward, which Accelerate wraps
         result = evaluate(ema.module, run.loader(split), run.metrics, run.parts.loss_fn, run.accelerator,
-                          run.parts.targets_of)
+                          run.parts.targets_of, collect)
     console.print(format_table(result, f"{split} {title}, EMA weights"))
     return ema_columns(result)
 

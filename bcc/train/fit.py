@@ -40,10 +40,12 @@ from bcc.metrics import EvalMetrics
 from bcc.model import count_parameters
 from bcc.operating_point import (
     OperatingPointError,
+    _logit,
     binary_head,
     fit_threshold,
     parse_operating_point,
     rates,
+    threshold_for,
     write_operating_point,
 )
 from bcc.runtime import cpu_report
@@ -338,8 +340,9 @@ def save(run: Run, metric_value: float | None = None) -> None:
 
 def best_checkpoint_passes(run: Run) -> dict:
     """With the best checkpoint's weights (the last ones if none), on every rank: fit the temperatures
-    (`eval.calibrate`) and then the operating point (`eval.operating_point`) on the val split, and
-    evaluate the test split once (`eval.test_at_end`, at argmax)."""
+    (`eval.calibrate`) and then the operating point (`eval.operating_point`) on the val split, for the
+    raw and (with `train.ema_decay`) the EMA weights, and evaluate the test split once
+    (`eval.test_at_end`): the decisions at argmax, the binary head also at the fitted point (`H_op_*`)."""
     cfg, out = run.cfg, {}
     # preflight made sure the test split exists; an empty one (packed with a test fraction of 0) is skipped
     want_test = cfg.eval.test_at_end and run.manifest.split(cfg.data.test_split).count > 0
@@ -358,25 +361,28 @@ def best_checkpoint_passes(run: Run) -> dict:
     if cfg.eval.calibrate or want_point:
         out.update(calibrate_in_memory(run, best))
     if want_test:
-        split = cfg.data.test_split
-        out["test"] = run.eval(split, f"with the {'best' if best.exists() else 'last'} checkpoint")
-        out["test"].update(evaluate_ema(run, split, f"with the {'best' if best.exists() else 'last'} checkpoint"))
-        run.log_eval({"epoch": run.state.epoch, "split": split, "checkpoint": "best" if best.exists() else "last"},
-                     out["test"])
+        split, where = cfg.data.test_split, f"with the {'best' if best.exists() else 'last'} checkpoint"
+        point = out.get("operating_point")
+        run.metrics.report_threshold = _raw_threshold(point)  # the eval path's probabilities are unscaled
+        out["test"] = run.eval(split, where)
+        run.metrics.report_threshold = _raw_threshold((point or {}).get("ema"))
+        out["test"].update(evaluate_ema(run, split, where))
+        run.metrics.report_threshold = None
+        row = {"epoch": run.state.epoch, "split": split, "checkpoint": "best" if best.exists() else "last"}
+        run.log_eval({**row, **({"operating_point": point["rule"]} if point else {})}, out["test"])
     run.parts.model.load_state_dict(current)
     if current_ema is not None:
         ema.module.load_state_dict(current_ema)
     return out
 
 
-def calibrate_in_memory(run: Run, best: Path) -> dict:
-    """Temperature scaling (`eval.calibrate`), then the operating point (`eval.operating_point`, on the
-    temperature-scaled probabilities), fitted on every rank from the val logits of the training eval path.
+def _raw_threshold(point: Mapping | None) -> float | None:
+    """A fitted point's threshold on the unscaled softmax (the same decision: `threshold_for`)."""
+    return None if not point else threshold_for(point, 1.0)
 
-    Each rank keeps its share of the val logits, all ranks gather them (every sample exactly once) and
-    fit the same values; the main process stores them with the best checkpoint. Returns
-    {"calibration": ..., "operating_point": ...} for what was fitted (None where nothing could be).
-    """
+
+def _val_logits(run: Run, ema: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The val logits of the raw (or EMA) weights, per head, and the labels: every sample once, on every rank."""
     logits: list[list[torch.Tensor]] = []
     labels: list[torch.Tensor] = []
 
@@ -384,45 +390,88 @@ def calibrate_in_memory(run: Run, best: Path) -> dict:
         logits.append([z.detach().float().cpu() for z in out])
         labels.append(batch["label"].cpu())
 
-    run.eval(run.cfg.data.val_split, "for calibration", collect=keep)
+    if ema:
+        evaluate_ema(run, run.cfg.data.val_split, "for calibration", collect=keep)
+    else:
+        run.eval(run.cfg.data.val_split, "for calibration", collect=keep)
     sizes = list(run.parts.taxonomy.head_sizes.values())
     mine = ([torch.cat([b[h] for b in logits]) if logits else torch.zeros(0, k) for h, k in enumerate(sizes)],
             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
     shares = gather_object([mine])  # every rank's share, in rank order: each val sample once
-    all_logits = [torch.cat([share[0][h] for share in shares]) for h in range(len(sizes))]
-    all_labels = torch.cat([share[1] for share in shares]).long()
+    return ([torch.cat([share[0][h] for share in shares]) for h in range(len(sizes))],
+            torch.cat([share[1] for share in shares]).long())
+
+
+def _fit_val(cfg: Config, taxonomy, logits, labels) -> tuple[dict[str, float], dict | None, str | None]:
+    """(temperatures, operating point, why no point) fitted on one set of weights' val logits."""
+    temps = fit_temperatures(taxonomy, logits, labels) if cfg.eval.calibrate else {}
+    rule = parse_operating_point(cfg.eval.operating_point)
+    if rule.is_argmax:
+        return temps, None, None
+    h, head = binary_head(taxonomy)
+    target = taxonomy.target_table()[labels, h]
+    scaled = apply_temperature(logits, temps, taxonomy.head_names) if temps else logits
+    scores = torch.softmax(scaled[h].double(), dim=1)[:, 1]
+    try:
+        threshold = fit_threshold(scores, target, rule)
+    except OperatingPointError as e:  # a val split without both classes: the run itself is fine
+        return temps, None, str(e)
+    t = temps.get(head, 1.0)
+    labels_ = next(x.labels for x in taxonomy.heads if x.name == head)
+    return temps, {"rule": str(rule), "head": head, "positive_label": labels_[1], "threshold": threshold,
+                   "temperature": t, "margin": t * _logit(threshold), "calibrated": bool(temps),
+                   "val": {"argmax": rates(scores, target, None), "chosen": rates(scores, target, threshold)}}, None
+
+
+def calibrate_in_memory(run: Run, best: Path) -> dict:
+    """Temperature scaling (`eval.calibrate`), then the operating point (`eval.operating_point`, on the
+    temperature-scaled probabilities), fitted on every rank from the val logits of the training eval path.
+
+    Each rank keeps its share of the val logits, all ranks gather them (every sample exactly once) and
+    fit the same values; the main process stores them with the best checkpoint. With an EMA, the EMA
+    weights get their own fit, stored under `ema` in the same files (`bcc export` of the EMA weights
+    ships those). Returns {"calibration": ..., "operating_point": ...} for what was fitted (None where
+    nothing could be), each with an `ema` entry when the run keeps an EMA.
+    """
+    all_logits, all_labels = _val_logits(run, ema=False)
+    ema_logits = _val_logits(run, ema=True)[0] if run.parts.ema is not None else None
     cfg, taxonomy, out = run.cfg, run.parts.taxonomy, {}
     if all_labels.numel() == 0 or not best.exists():
         return {"calibration": None} if cfg.eval.calibrate else {"operating_point": None}
     info = {"split": cfg.data.val_split, "count": int(all_labels.numel()), "step": read_train_state(best).step}
-    temps: dict[str, float] = {}
+    temps, point, why = _fit_val(cfg, taxonomy, all_logits, all_labels)
+    fits = {"": (temps, point, why)}
+    if ema_logits is not None:
+        fits["ema"] = _fit_val(cfg, taxonomy, ema_logits, all_labels)
+    main = run.accelerator.is_main_process
     if cfg.eval.calibrate:
-        temps = fit_temperatures(taxonomy, all_logits, all_labels)
-        if run.accelerator.is_main_process:
-            write_temperatures(best, temps, info)
-            console.print(f"calibrated {best}: temperatures {temps}")
-        out["calibration"] = {"temperatures": temps, **info}
-    rule = parse_operating_point(cfg.eval.operating_point)
-    if not rule.is_argmax:
-        h, head = binary_head(taxonomy)
-        target = taxonomy.target_table()[all_labels, h]
-        scaled = apply_temperature(all_logits, temps, taxonomy.head_names) if temps else all_logits
-        scores = torch.softmax(scaled[h].double(), dim=1)[:, 1]
-        try:
-            threshold = fit_threshold(scores, target, rule)
-        except OperatingPointError as e:  # a val split without both classes: the run itself is fine
-            console.print(f"[yellow]warning:[/] operating point not fitted: {e}")
-            out["operating_point"] = None
-        else:
-            val = {"argmax": rates(scores, target, None), "chosen": rates(scores, target, threshold)}
-            point = {"rule": str(rule), "threshold": threshold, **info, "val": val}
-            if run.accelerator.is_main_process:
-                write_operating_point(best, rule, threshold, taxonomy, temps.get(head, 1.0),
-                                      {**info, "calibrated": bool(temps), "val": val})
-                console.print(f"operating point {rule} of {best}: {head} positive when p >= {threshold:.4f} "
-                              f"(val sens/spec {val['argmax']['sens']:.3f}/{val['argmax']['spec']:.3f} at argmax, "
-                              f"{val['chosen']['sens']:.3f}/{val['chosen']['spec']:.3f} there)")
-            out["operating_point"] = point
+        ema_temps = {"ema": {"temperatures": fits["ema"][0]}} if "ema" in fits else {}
+        if main:
+            write_temperatures(best, temps, {**info, **ema_temps})
+            for key, (t, _, _) in fits.items():
+                console.print(f"calibrated {best}{' (EMA weights)' if key else ''}: temperatures {t}")
+        out["calibration"] = {"temperatures": temps, **info, **ema_temps}
+    if parse_operating_point(cfg.eval.operating_point).is_argmax:
+        run.accelerator.wait_for_everyone()
+        return out
+    for key, (_, p, reason) in fits.items():
+        if p is None and main:
+            console.print(f"[yellow]warning:[/] operating point{' of the EMA weights' if key else ''} not fitted: "
+                          f"{reason}")
+        elif main:
+            val = p["val"]
+            console.print(f"operating point {p['rule']} of {best}{' (EMA weights)' if key else ''}: {p['head']} "
+                          f"positive when p >= {p['threshold']:.4f} (val sens/spec {val['argmax']['sens']:.3f}/"
+                          f"{val['argmax']['spec']:.3f} at argmax, {val['chosen']['sens']:.3f}/"
+                          f"{val['chosen']['spec']:.3f} there)")
+    ema_point = {"ema": fits["ema"][1]} if "ema" in fits else {}  # None: the EMA decides by argmax
+    if point is not None:
+        if main:
+            write_operating_point(best, point["rule"], point["threshold"], taxonomy, point["temperature"],
+                                  {**info, "calibrated": point["calibrated"], "val": point["val"], **ema_point})
+        out["operating_point"] = {**point, **info, **ema_point}
+    else:
+        out["operating_point"] = None
     run.accelerator.wait_for_everyone()
     return out
 
