@@ -354,15 +354,13 @@ def sample_offset(path: str, index: int) -> tuple[int | None, int]:
 
 
 def _header_ok(block: bytes) -> bool:
-    """Whether a 512-byte tar header matches its checksum: the byte sum of the header with the 8-byte
-    checksum field counted as spaces. zlib's adler32 gives that byte sum mod 65521 at C speed (Python's
-    `sum` over 512 bytes costs ~4.5 us, three headers a sample); a header's sum is below 2 x 65521, so
-    the only damage this lets through is a sum off by exactly 65521."""
+    """Whether a tar header matches its checksum (its byte sum, the checksum field counted as spaces), by
+    adler32's low half, (1 + byte sum) mod 65521, at C speed (Python's `sum` costs ~4.5 us a header): a
+    header's sum is below 2 x 65521, so only a sum off by exactly 65521 gets through."""
     try:
         stored = int(block[148:156].split(b"\0")[0].strip() or b"-1", 8)
     except ValueError:
         return False
-    # adler32's low half is (1 + byte sum) mod 65521
     return stored >= 0 and ((zlib.adler32(block) & 0xFFFF) - 1 - sum(block[148:156]) + 256 - stored) % 65521 == 0
 
 
@@ -410,24 +408,16 @@ def _tar_files(f, path: str) -> Iterator[tuple[str, bytes]]:
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta
 
 
-def _split_name(name: str) -> tuple[str | None, str | None]:
-    """(key, extensions) of a member name: webdataset's `base_plus_ext`, without its regex for the usual
-    name (a dot after the last slash, not first in the last component)."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot > slash + 1:
-        return name[:dot], name[dot + 1 :]
+def _group(files: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
+    """Consecutive members with one key as one sample, as webdataset's `group_by_keys` + `base_plus_ext` make
+    them (extensions lower-cased, a repeat an error, a true `__bad__` entry drops it), at a third of the cost."""
     from webdataset.tariterators import base_plus_ext
 
-    return base_plus_ext(name)
-
-
-def _group(files: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
-    """Consecutive members with one key as one sample: webdataset's `group_by_keys` (extensions lower-cased,
-    a repeated extension an error, a sample with a true `__bad__` entry dropped) at a third of its cost."""
     sample: dict | None = None
     for name, data in files:
-        key, ext = _split_name(name)
+        slash = name.rfind("/")
+        dot = name.find(".", slash + 1)  # the usual name: a dot after the last slash, not first there
+        key, ext = (name[:dot], name[dot + 1 :]) if dot > slash + 1 else base_plus_ext(name)
         if key is None:
             continue
         ext = ext.lower()
