@@ -176,7 +176,7 @@ def bench_loader(plan: GpuPlan, packs: dict[str, Path], device: torch.device, de
             try:
                 with TrainLoader(manifest, cfg, seed=0, rank=0, world_size=1, pin_memory=pin) as loader:
                     # one untimed batch per worker: each worker's first batch carries its start-up
-                    images, seconds = _time_batches(_epoch_batches(loader), workers, plan.loader_batches,
+                    images, seconds, _, _ = _time_batches(_epoch_batches(loader), workers, plan.loader_batches,
                                                     lambda b: b["label"].numel())
                 entry |= {"batches": plan.loader_batches, "img_per_s": images / seconds,
                           "img_per_s_per_worker": images / seconds / workers}
