@@ -47,9 +47,8 @@ from bcc.pack_pool import (
 )
 from bcc.shards import shard_sizes
 from bcc.split import (
-    GROUP_SCOPES,
     SPLITS,
-    SplitError,
+    check_group_scope,
     compile_group_regex,
     deal_folds,
     deal_splits,
@@ -241,8 +240,7 @@ def pack_folders(
     src, out = Path(src), Path(out)
     fractions = parse_split(split)
     group_rx = compile_group_regex(group_regex)
-    if group_scope not in GROUP_SCOPES:
-        raise SplitError(f"group scope must be one of {', '.join(GROUP_SCOPES)}, got {group_scope!r}")
+    check_group_scope(group_scope)
     taxonomy = taxonomy or Taxonomy.default()
     if resize is not None and resize < 1:
         raise PackError(f"resize must be a positive number of pixels, got {resize}")

@@ -26,7 +26,7 @@ import numpy as np
 from bcc.errors import BccError
 from bcc.neardup import NearDuplicates, is_enabled, near_duplicate_edges
 
-__all__ = ["GROUP_SCOPES", "SPLITS", "SplitError", "Units", "assign_folds", "assign_splits", "compile_group_regex", "deal_folds", "fold_warnings",
+__all__ = ["GROUP_SCOPES", "SPLITS", "SplitError", "Units", "assign_folds", "assign_splits", "check_group_scope", "compile_group_regex", "deal_folds", "fold_warnings",
            "deal_splits", "join_units", "largest_remainder", "parse_split", "sample_units"]
 
 SPLITS = ("train", "val", "test")
@@ -57,6 +57,12 @@ def parse_split(value: str | Sequence[float]) -> tuple[float, float, float]:
 
 
 GROUP_SCOPES = ("dataset", "class")
+
+
+def check_group_scope(scope: str) -> None:
+    """Raise SplitError unless `scope` is one of GROUP_SCOPES (see `join_units`)."""
+    if scope not in GROUP_SCOPES:
+        raise SplitError(f"group scope must be one of {', '.join(GROUP_SCOPES)}, got {scope!r}")
 
 
 def compile_group_regex(pattern: str | None) -> re.Pattern | None:
@@ -135,8 +141,7 @@ def join_units(exact_ids: np.ndarray, names: Iterable[str] | None = None, group_
     name: `EOSINOPHIL/_0_1.jpeg` and `MONOCYTE/_0_7.jpeg` are different sources). Returns (root,
     unmatched, near): root[i] is the smallest sample index of sample i's unit.
     """
-    if group_scope not in GROUP_SCOPES:
-        raise SplitError(f"group scope must be one of {', '.join(GROUP_SCOPES)}, got {group_scope!r}")
+    check_group_scope(group_scope)
     n = len(exact_ids)
     a, b = _exact_edges(np.asarray(exact_ids))
     parts_a, parts_b = [a], [b]

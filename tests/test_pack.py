@@ -673,3 +673,38 @@ def test_shard_writer_gives_webdataset_tarwriters_bytes():
             stream.write(x)
         stream.close()
         assert got.getvalue() == want.getvalue()
+
+
+def test_group_scope_class_through_bcc_pack(tmp_path):
+    """`bcc pack --group-regex '^_(\\d+)_' --group-scope class`: copies `_<source>_<n>` of one source stay
+    in one split, while the same source number in another class folder is another source; the default
+    scope (dataset) joins them across classes; a bad scope is one argparse error (exit 2)."""
+    from bcc.cli import main
+
+    src = tmp_path / "src"
+    seed = 0
+    for folder in ("Benign", "Pre", "Pro"):
+        (src / folder).mkdir(parents=True)
+        for source in range(10):
+            for n in range(3):
+                seed += 1
+                (src / folder / f"_{source}_{n}.jpg").write_bytes(image_bytes(seed))
+    common = ["--group-regex", r"^_(\d+)_", "--no-near-dup", "--split", "0.6,0.2,0.2", "--min-shards", "1"]
+    for scope in ("class", "dataset"):
+        assert main(["pack", str(src), str(tmp_path / scope), "--group-scope", scope, *common]) == 0
+        m = load_manifest(tmp_path / scope)
+        assert m["options"]["group_scope"] == scope
+        units = defaultdict(set)
+        for path, split in split_of(m).items():
+            folder, name = path.split("/")
+            units[(folder if scope == "class" else "", name.split("_")[1])].add(split)
+        assert len(units) == (30 if scope == "class" else 10)
+        assert all(len(v) == 1 for v in units.values()), units
+        by_number = defaultdict(set)
+        for (_, number), splits in units.items():
+            by_number[number] |= splits
+        # class scope: one number in three class folders is three sources, dealt on their own
+        assert any(len(v) > 1 for v in by_number.values()) == (scope == "class")
+    with pytest.raises(SystemExit) as e:
+        main(["pack", str(src), str(tmp_path / "bad"), "--group-scope", "patient"])
+    assert e.value.code == 2
