@@ -321,8 +321,12 @@ def evaluate_checkpoint(
     workers: int | None = None,
     calibrated: bool = True,
     operating_point: bool = True,
+    weights: str = "raw",
 ) -> dict[str, Any]:
     """Evaluate on every process of the current launch; returns the metrics.json content (on every rank).
+
+    `weights` raw|ema|auto as `bcc.predict.load_inference_model` (`bcc eval --weights`, default auto);
+    metrics.json records the kind used under "weights".
 
     Must be called on every rank (the metrics sync and the gather are collectives).
     """
@@ -335,7 +339,8 @@ def evaluate_checkpoint(
 
     acc = Accelerator()
     set_main_process(acc.is_main_process)
-    im = load_inference_model(checkpoint, device=acc.device, calibrated=calibrated, operating_point=operating_point)
+    im = load_inference_model(checkpoint, device=acc.device, calibrated=calibrated, operating_point=operating_point,
+                              weights=weights)
     source = open_source(data, split, im, batch_size=batch_size, workers=workers)
     metrics = EvalMetrics(im.taxonomy, device=acc.device, threshold=im.threshold)
     part = _infer(im, source.loader(acc.process_index, acc.num_processes), metrics)
@@ -363,6 +368,7 @@ def evaluate_checkpoint(
         "processes": acc.num_processes,
         "seconds": round(merged["seconds"], 3),
         "images_per_second": round(count / merged["seconds"], 2) if merged["seconds"] > 0 else None,
+        "weights": im.weights,  # raw or ema (model_ema.safetensors)
         "calibrated": bool(im.temperatures),
         "temperatures": im.temperatures or None,
         # the binary decision's threshold (on the reported probabilities); null: argmax
@@ -383,7 +389,7 @@ def evaluate_checkpoint(
         scaling = "temperature-scaled" if im.temperatures else "uncalibrated"
         plot_reliability(combined_probs(im.taxonomy, im.scale(merged["logits"])), merged["label"],
                          out_dir / "reliability.png", title=f"combined, {scaling}")
-        console.print(format_table(flat, f"{source.kind} {source.name}: {count} images ({scaling})"))
+        console.print(format_table(flat, f"{source.kind} {source.name}: {count} images ({im.weights} weights, {scaling})"))
         for f in merged["failed"]:
             console.print(f"[yellow]unreadable:[/] {f['source']}: {f['reason']}", soft_wrap=True)
         # never dropped silently (pack's policy): each named, up to a screenful, all in metrics.json

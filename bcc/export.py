@@ -213,8 +213,8 @@ def export_checkpoint(
         if foreign:
             raise ExportError(f"--out {out} holds files that are not an export ({', '.join(foreign[:3])}"
                               f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new directory")
-    im = load_inference_model(checkpoint, device="cpu", calibrated=calibrated)
-    kind = _choose_weights(im, weights)
+    im = load_inference_model(checkpoint, device="cpu", calibrated=calibrated, weights=weights)
+    kind = im.weights
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -239,10 +239,18 @@ def export_checkpoint(
     return result
 
 
-def _choose_weights(im, weights: str) -> str:
-    """Load the EMA weights into `im.model` when chosen; returns "raw" or "ema"."""
+def choose_weights(im, weights: str, *, operating_point: bool = True) -> str:
+    """The one decision of `--weights raw|ema|auto` (`bcc export`, `bcc eval`, `bcc predict`, all through
+    `bcc.predict.load_inference_model`): load the EMA weights into `im.model` when chosen, with the
+    temperatures and operating point training fitted on them; returns "raw" or "ema".
+
+    auto: EMA when the checkpoint has `model_ema.safetensors` and its calibration (if any) has the EMA's
+    own fit, else raw (said in a note). Raises `ExportError` naming the checkpoint when `ema` cannot be
+    honoured."""
     from bcc.checkpoint import EMA_FILE, load_ema_weights
 
+    if weights not in WEIGHT_CHOICES:
+        raise ExportError(f"--weights {weights!r}: choose one of {', '.join(WEIGHT_CHOICES)}")
     if weights == "raw":
         return "raw"
     path = im.checkpoint / EMA_FILE
@@ -257,11 +265,11 @@ def _choose_weights(im, weights: str) -> str:
         why = (f"the temperatures and operating point of checkpoint {im.checkpoint} were fitted on its raw "
                "weights, not on the EMA weights")
         if weights == "ema":
-            raise ExportError(f"--weights ema: {why}; export --weights raw, or drop them "
-                              "(temperature.json, operating_point.json) to export the EMA weights at argmax")
+            raise ExportError(f"--weights ema: {why}; use --weights raw, or drop them "
+                              "(temperature.json, operating_point.json) to use the EMA weights at argmax")
         from bcc.console import console
 
-        console.print(f"[yellow]note:[/] exporting the raw weights: {why}")
+        console.print(f"[yellow]note:[/] using the raw weights: {why}")
         return "raw"
     own = im.model.state_dict()
     # a BatchNorm step counter is not a weight: take the raw model's where the EMA has none
@@ -275,7 +283,7 @@ def _choose_weights(im, weights: str) -> str:
     temps, point = fitted  # what training fitted on the EMA weights: the export ships those
     im.stored_temperatures = temps
     im.temperatures = dict(temps) if (im.temperatures and temps) else {}
-    im.operating_point = point
+    im.operating_point = point if operating_point else None
     return "ema"
 
 
@@ -380,7 +388,7 @@ def load_export_model(path: str | os.PathLike, *, device=None, calibrated: bool 
         preprocess=EvalPreset(size=p["image_size"], crop_pct=p["crop_pct"], mean=p["mean"], std=p["std"]),
         config=cfg, checkpoint=directory.resolve(), step=int(info.get("step") or 0), device=device,
         temperatures=dict(stored) if (calibrated and stored) else {}, stored_temperatures=stored,
-        operating_point=point,
+        operating_point=point, weights=info.get("weights") or "raw",
     )
 
 

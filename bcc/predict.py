@@ -127,6 +127,7 @@ class InferenceModel:
     stored_temperatures: dict[str, float] | None = None  # what the checkpoint has, used or not
     # `operating_point.json` of the checkpoint (`bcc.operating_point`), None for the argmax decision
     operating_point: dict[str, Any] | None = None
+    weights: str = "raw"  # "raw" or "ema" (`model_ema.safetensors`): which weights `model` holds
 
     @property
     def threshold(self) -> float | None:
@@ -196,22 +197,28 @@ class InferenceModel:
 
 def load_inference_model(
     path: str | Path, *, device: str | torch.device | None = None, calibrated: bool = True,
-    operating_point: bool = True,
+    operating_point: bool = True, weights: str = "raw",
 ) -> InferenceModel:
     """Load a checkpoint for inference (see the module docstring for what `path` may be).
 
     `path` may also be a folder written by `bcc export` (either format) or `hf-hub:OWNER/NAME[@REVISION]`
     (downloaded first): `bcc.export.load_export_model` loads those.
     `calibrated=False` ignores stored temperatures, `operating_point=False` a stored operating point
-    (the binary decision is then the argmax)."""
+    (the binary decision is then the argmax). `weights` "raw", "ema" or "auto" (the `--weights` of
+    `bcc export`, `bcc eval` and `bcc predict`, decided by `bcc.export.choose_weights`: the EMA weights
+    come with the temperatures and operating point fitted on them); `InferenceModel.weights` says which.
+    An export holds one kind: asking it for the other is an `ExportError`."""
     from bcc.config import ConfigError, config_from_dict
-    from bcc.export import is_export_dir, load_export_model
+    from bcc.export import ExportError, choose_weights, is_export_dir, load_export_model
     from bcc.export_hf import HUB_PREFIX
     from bcc.model import build_model
     from bcc.transforms import EvalPreset
 
     if str(path).startswith(HUB_PREFIX) or is_export_dir(path):
-        return load_export_model(path, device=device, calibrated=calibrated, operating_point=operating_point)
+        im = load_export_model(path, device=device, calibrated=calibrated, operating_point=operating_point)
+        if weights not in ("auto", im.weights):
+            raise ExportError(f"--weights {weights}: the export {path} holds the {im.weights} weights only")
+        return im
     ckpt = resolve_checkpoint(path, prefer="best")
     meta = read_meta(ckpt)
     if not isinstance(meta, dict) or "taxonomy" not in meta or "config" not in meta:
@@ -243,7 +250,7 @@ def load_inference_model(
 
     point = read_operating_point(ckpt, taxonomy) if operating_point else None
     d = cfg.data
-    return InferenceModel(
+    im = InferenceModel(
         model=model,
         taxonomy=taxonomy,
         preprocess=EvalPreset(size=d.image_size, crop_pct=d.crop_pct, mean=d.mean, std=d.std),
@@ -255,8 +262,8 @@ def load_inference_model(
         stored_temperatures=stored,
         operating_point=point,
     )
-
-
+    im.weights = choose_weights(im, weights, operating_point=operating_point)
+    return im
 
 
 # --------------------------------------------------------------------------- decisions

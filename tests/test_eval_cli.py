@@ -75,3 +75,55 @@ def test_calibrate_lowers_ece_of_an_overconfident_model(trained_run, synth_shard
     assert report["calibrated"] and report["temperatures"] == pytest.approx(stored["temperatures"])
     assert all(report["metrics"][f"{h}_ece"] < report["metrics"][f"{h}_ece_raw"] for h in ("binary", "subtype"))
     assert all(f"{h}_ece_raw" in report["metrics"] for h in ("binary", "subtype"))
+
+
+@pytest.fixture(scope="session")
+def ema_checkpoint(trained_run, tmp_path_factory):  # noqa: F811
+    """A copy of `trained_run`'s best checkpoint with EMA weights (the raw ones halved: other outputs)
+    and no calibration, as a run with train.ema_decay leaves it, without training a second run."""
+    from safetensors.torch import load_file, save_file
+
+    from bcc.predict import load_inference_model
+
+    ckpt = tmp_path_factory.mktemp("ema") / "ckpt"
+    shutil.copytree(load_inference_model(trained_run, device="cpu").checkpoint, ckpt)
+    raw = load_file(ckpt / "model.safetensors")
+    save_file({k: v * 0.5 if v.is_floating_point() else v for k, v in raw.items()}, ckpt / "model_ema.safetensors")
+    return ckpt
+
+
+def _probs(path):
+    return [row.split(",", 2)[2] for row in path.read_text().splitlines()[1:]]  # after source, key
+
+
+def test_eval_weights_auto_is_the_ema_as_exported_raw_on_request(ema_checkpoint, trained_run, synth_shards,  # noqa: F811
+                                                                 tmp_path, capsys):
+    """`bcc eval --weights` decides as `bcc export --weights` does: auto evaluates the EMA weights (the
+    same predictions as the EMA export), raw the raw ones; ema without EMA weights is one error line."""
+    from bcc.cli import main
+    from bcc.export import export_checkpoint
+
+    def evaluate(checkpoint, out, *weights):
+        code = main(["eval", "-c", str(checkpoint), "-d", str(synth_shards), "--workers", "0",
+                     "--out", str(tmp_path / out), *weights])
+        return code, capsys.readouterr()
+
+    code, io = evaluate(ema_checkpoint, "auto")
+    assert code == 0 and "(ema weights" in io.out
+    assert json.loads((tmp_path / "auto" / "metrics.json").read_text())["weights"] == "ema"
+    export_checkpoint(ema_checkpoint, tmp_path / "export", weights="ema")
+    capsys.readouterr()
+    assert evaluate(tmp_path / "export", "exported")[0] == 0
+    assert json.loads((tmp_path / "exported" / "metrics.json").read_text())["weights"] == "ema"
+    assert _probs(tmp_path / "auto" / "predictions.csv") == _probs(tmp_path / "exported" / "predictions.csv")
+    code, io = evaluate(ema_checkpoint, "raw", "--weights", "raw")
+    assert code == 0 and "(raw weights" in io.out
+    assert json.loads((tmp_path / "raw" / "metrics.json").read_text())["weights"] == "raw"
+    assert _probs(tmp_path / "raw" / "predictions.csv") != _probs(tmp_path / "auto" / "predictions.csv")
+
+    for checkpoint, weights, expected in ((trained_run, "ema", "holds no EMA weights"),
+                                          (tmp_path / "export", "raw", "holds the ema weights only")):
+        code, io = evaluate(checkpoint, "bad", "--weights", weights)
+        message = " ".join(io.err.split())  # rich may wrap the one line at the console width
+        assert code == 2 and message.startswith(f"error: --weights {weights}: ") and "Traceback" not in message
+        assert expected in message and str(checkpoint) in "".join(io.err.split())  # named, even if wrapped

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from test_eval_cli import ema_checkpoint  # noqa: F401 - a copy of trained_run's checkpoint with EMA weights
 
 from test_evaluate import trained_run  # noqa: F401 - session fixture shared by the evaluation tests
 
@@ -69,3 +70,33 @@ def test_predict_cli(trained_run, synth_data, tmp_path):  # noqa: F811
         rows = list(csv.DictReader(f))
     assert len(rows) == 5 and [r["error"] != "" for r in rows].count(True) == 1
     assert "4 image(s) predicted, 1 failed" in proc.stdout
+
+
+def test_predict_weights_auto_is_the_ema_model_raw_on_request(ema_checkpoint, trained_run, synth_data,  # noqa: F811
+                                                              tmp_path, capsys):
+    """`bcc predict --weights` as `bcc export`: auto answers with model_ema.safetensors loaded into the
+    model (compared with loading it by hand), raw with the raw weights, ema without EMA weights is one
+    error line naming the checkpoint."""
+    from safetensors.torch import load_file
+
+    from bcc.cli import main
+    from bcc.predict import load_inference_model, predict_paths
+
+    images = [str(p) for p in sorted((synth_data / "Pro").iterdir())[:2]]
+    raw = load_inference_model(ema_checkpoint, device="cpu")  # the library's default: raw
+    ema = load_inference_model(ema_checkpoint, device="cpu")
+    ema.model.load_state_dict({**ema.model.state_dict(), **load_file(ema_checkpoint / "model_ema.safetensors")})
+    got = {}
+    for kind, weights, im in (("ema", [], ema), ("raw", ["--weights", "raw"], raw)):  # auto first
+        out = tmp_path / f"{kind}.json"
+        assert main(["predict", "-c", str(ema_checkpoint), *images, "--json", str(out), *weights]) == 0
+        assert f"({kind} weights, uncalibrated)" in " ".join(capsys.readouterr().out.split())
+        got[kind] = [p["head_probs"] for p in json.loads(out.read_text())["predictions"]]
+        expected = [p.to_dict()["head_probs"] for p in predict_paths(im, images).predictions]
+        assert len(got[kind]) == len(expected) == 2
+        assert all(g[h] == pytest.approx(e[h], abs=1e-6) for g, e in zip(got[kind], expected, strict=True) for h in e)
+    assert got["ema"] != got["raw"]
+    assert main(["predict", "-c", str(trained_run), *images, "--weights", "ema"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --weights ema: checkpoint") and "holds no EMA weights" in " ".join(err.split())
+    assert len(err.strip().splitlines()) <= 2  # one line, which rich may wrap at the console width

@@ -4,6 +4,10 @@ Each module defines `register(subparsers)`, which adds its parser and sets `func
 `run(args) -> int` returns the exit code. Modules import torch inside `run`, so `bcc --help`
 stays fast.
 
+Usage errors (an unknown option, a bad value) are one line too, `error: bcc pack: argument --folds: ...
+(bcc pack --help for usage)`, exit 2, from every subcommand's parser (`BccArgumentParser`); `--help` is
+argparse's own.
+
 Errors: `main` is the one place that turns a `bcc.errors.BccError` into one `error: ...` line and its
 exit code (2); commands do not catch them. Anything else is a bug and keeps its traceback, and
 `BCC_DEBUG=1` keeps the traceback of a `BccError` too. A rank whose collective fails because another rank
@@ -23,13 +27,37 @@ from rich_argparse import RichHelpFormatter
 _ORDER = ("synth", "pack", "train", "demo", "eval", "predict", "calibrate", "export", "compare", "cv", "report", "model", "bench")
 
 
+class BccArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one `error:` line naming the command (exit 2), like
+    every other bad input, instead of the usage block; subparsers it creates are of this class too."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        import sys
+
+        from bcc.errors import EXIT_USAGE
+
+        sys.stderr.write(f"error: {self.prog}: {message} ({self.prog} --help for usage)\n")
+        sys.exit(EXIT_USAGE)
+
+
+WEIGHT_CHOICES = ("auto", "raw", "ema")  # bcc.export.WEIGHT_CHOICES, spelled here so `bcc --help` skips torch
+
+
+def add_weights_option(parser: argparse.ArgumentParser) -> None:
+    """`--weights auto|raw|ema` of `bcc export`, `bcc eval` and `bcc predict`: one meaning and default,
+    decided by `bcc.export.choose_weights`."""
+    parser.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES,
+                        help="raw weights, or the EMA ones (model_ema.safetensors) with the temperatures and "
+                             "operating point fitted on them; auto (default): EMA when the checkpoint has them")
+
+
 def _command_modules() -> list[str]:
     found = {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
     return [n for n in _ORDER if n in found] + sorted(found - set(_ORDER))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = BccArgumentParser(
         prog="bcc",
         description="Distributed trainer for medical image classification: pack, stream, train, evaluate.",
         formatter_class=RichHelpFormatter,
@@ -41,7 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     # every subcommand gets the same rich help formatting
     for choice in sub.choices.values():
         choice.formatter_class = RichHelpFormatter
+    _tag_commands(parser)
     return parser
+
+
+def _tag_commands(parser: argparse.ArgumentParser) -> None:
+    """Record in every (sub)command's defaults its parser, so that `main` names the innermost command
+    (`bcc bench data`, not `bcc`) in an error about arguments left over."""
+    parser.set_defaults(_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action.choices.values():
+                _tag_commands(choice)
 
 
 def _version() -> str:
@@ -87,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return accelerate_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from bcc.cli import add_weights_option
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", "-c", required=True, metavar="RUN|CKPT|EXPORT",
@@ -22,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ignore temperatures stored by `bcc calibrate` (report raw probabilities)")
     p.add_argument("--argmax", action="store_true",
                    help="ignore a stored operating point: the binary decision at probability 0.5")
+    add_weights_option(p)
 
 
 def register(subparsers) -> None:
@@ -43,5 +46,5 @@ def run(args: argparse.Namespace) -> int:
 
     evaluate_checkpoint(args.checkpoint, args.data, split=args.split, out=args.out,
                         batch_size=args.batch_size, workers=args.workers,
-                        calibrated=not args.no_calibration, operating_point=not args.argmax)
+                        calibrated=not args.no_calibration, operating_point=not args.argmax, weights=args.weights)
     return 0

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 
+from bcc.cli import add_weights_option
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="export a checkpoint for inference or the Hugging Face Hub",
@@ -22,8 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output directory")
     p.add_argument("--format", default=None, choices=("bcc", "hf"),
                    help="bcc: bcc_export.json layout (default); hf: a Hugging Face Hub folder with a model card")
-    p.add_argument("--weights", default="auto", choices=("auto", "raw", "ema"),
-                   help="raw weights, or the EMA ones (model_ema.safetensors); auto: EMA when the checkpoint has them")
+    add_weights_option(p)
     p.add_argument("--license", default=None, metavar="ID", help="Hub license id for the card (--format hf; default other)")
     p.add_argument("--push-to-hub", default=None, metavar="OWNER/NAME", help="create the Hub repo and upload the hf export")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")

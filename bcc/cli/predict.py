@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from bcc.cli import add_weights_option
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="predict images with a checkpoint", description=__doc__)
@@ -26,6 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-calibration", action="store_true", help="ignore stored temperatures")
     p.add_argument("--argmax", action="store_true",
                    help="ignore a stored operating point (the binary decision at probability 0.5)")
+    add_weights_option(p)
     p.set_defaults(func=run)
 
 
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from bcc.predict import load_inference_model, predict_paths, write_predictions_csv, write_predictions_json
 
-    im = load_inference_model(args.checkpoint, calibrated=not args.no_calibration, operating_point=not args.argmax)
+    im = load_inference_model(args.checkpoint, calibrated=not args.no_calibration, operating_point=not args.argmax,
+                              weights=args.weights)
     result = predict_paths(im, args.paths, tta=args.tta, batch_size=args.batch_size,
                            gradcam_dir=args.gradcam,
                            on_prediction=lambda p: console.print(_line(p), markup=False, soft_wrap=True))
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_predictions_json(result, args.json)
     n, bad = len(result.predictions), len(result.failures)
-    notes = [("temperature-scaled" if result.calibrated else "uncalibrated"), *(["TTA x4"] if args.tta else []),
+    notes = [f"{im.weights} weights", ("temperature-scaled" if result.calibrated else "uncalibrated"), *(["TTA x4"] if args.tta else []),
              *([f"{im.operating_point['head']} positive at p >= {result.threshold:.4f}"]
                if result.threshold is not None else [])]
     if args.gradcam:

@@ -33,8 +33,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bcc.train", description=__doc__)
+    from bcc.cli import BccArgumentParser, call
+
+    parser = BccArgumentParser(prog="python -m bcc.train", description=__doc__)
     add_arguments(parser)
-    from bcc.cli import call
 
     return call(run, parser.parse_args(argv))
