@@ -239,14 +239,15 @@ def export_checkpoint(
     return result
 
 
-def choose_weights(im, weights: str, *, operating_point: bool = True) -> str:
+def choose_weights(im, weights: str, *, calibrated: bool = True, operating_point: bool = True) -> str:
     """The one decision of `--weights raw|ema|auto` (`bcc export`, `bcc eval`, `bcc predict`, all through
     `bcc.predict.load_inference_model`): load the EMA weights into `im.model` when chosen, with the
     temperatures and operating point training fitted on them; returns "raw" or "ema".
 
     auto: EMA when the checkpoint has `model_ema.safetensors` and its calibration (if any) has the EMA's
-    own fit, else raw (said in a note). Raises `ExportError` naming the checkpoint when `ema` cannot be
-    honoured."""
+    own fit, else raw (said in a note); a raw-only fit does not matter when neither the temperatures
+    (`calibrated`) nor the operating point are used. Raises `ExportError` naming the checkpoint when
+    `ema` cannot be honoured."""
     from bcc.checkpoint import EMA_FILE, load_ema_weights
 
     if weights not in WEIGHT_CHOICES:
@@ -260,13 +261,14 @@ def choose_weights(im, weights: str, *, operating_point: bool = True) -> str:
             return "raw"
         raise ExportError(f"--weights ema: checkpoint {im.checkpoint} holds no EMA weights ({EMA_FILE}; the run "
                           "trains them with train.ema_decay)")
-    fitted = ema_calibration(im.checkpoint)
+    fitted = ema_calibration(im.checkpoint) if (calibrated or operating_point) else (None, None)
     if fitted is None:  # temperatures / operating point fitted on the raw weights only (e.g. by bcc calibrate)
         why = (f"the temperatures and operating point of checkpoint {im.checkpoint} were fitted on its raw "
                "weights, not on the EMA weights")
         if weights == "ema":
-            raise ExportError(f"--weights ema: {why}; use --weights raw, or drop them "
-                              "(temperature.json, operating_point.json) to use the EMA weights at argmax")
+            raise ExportError(f"--weights ema: {why}; use --weights raw, or the EMA weights uncalibrated at argmax "
+                              "(eval/predict --no-calibration --argmax; export: drop temperature.json and "
+                              "operating_point.json)")
         from bcc.console import console
 
         console.print(f"[yellow]note:[/] using the raw weights: {why}")

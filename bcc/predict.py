@@ -262,7 +262,7 @@ def load_inference_model(
         stored_temperatures=stored,
         operating_point=point,
     )
-    im.weights = choose_weights(im, weights, operating_point=operating_point)
+    im.weights = choose_weights(im, weights, calibrated=calibrated, operating_point=operating_point)
     return im
 
 

@@ -213,3 +213,39 @@ def test_sha256_file_has_one_owner():
     owners = [p for p in ROOT.glob("bcc/**/*.py") if "def sha256_file(" in p.read_text()]
     assert len(owners) == 1, owners
 
+
+
+# --------------------------------------------------------------------------- argparse usage errors
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["pack", "src", "out", "--folds", "abc"], ["error: bcc pack: argument --folds", "'abc'", "bcc pack --help"]),
+    (["pack", "src", "out", "--near-dup-threshold", "2.5"], ["bcc pack: argument --near-dup-threshold", "'2.5'"]),
+    (["eval", "-c", "run", "-d", "data", "--weights", "best"], ["error: bcc eval: argument --weights", "'best'"]),
+    (["bench", "data", "--shards", "s", "--bogus"], ["error: bcc bench data: unrecognized arguments: --bogus"]),
+    (["nosuch"], ["error: bcc: argument COMMAND: invalid choice: 'nosuch'", "bcc --help"]),
+])
+def test_a_usage_error_is_one_error_line_naming_the_command(argv, names, capsys):
+    from bcc.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "usage" not in err.lower().split("(")[0], err
+    for name in names:
+        assert name in err, err
+
+
+def test_python_m_bcc_train_usage_error_is_one_line_and_help_is_unchanged(capsys):
+    from bcc.cli import main
+    from bcc.cli.train import main as train_main
+
+    with pytest.raises(SystemExit) as e:
+        train_main(["--config"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == ("error: python -m bcc.train: argument --config/-c: expected one argument "
+                                         "(python -m bcc.train --help for usage)\n")
+    with pytest.raises(SystemExit) as e:  # --help is argparse's own: the usage block and options, exit 0
+        main(["pack", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "usage: bcc pack" in out.lower() and "--near-dup-threshold" in out

@@ -100,3 +100,21 @@ def test_predict_weights_auto_is_the_ema_model_raw_on_request(ema_checkpoint, tr
     err = capsys.readouterr().err
     assert err.startswith("error: --weights ema: checkpoint") and "holds no EMA weights" in " ".join(err.split())
     assert len(err.strip().splitlines()) <= 2  # one line, which rich may wrap at the console width
+
+
+def test_a_raw_only_calibration_keeps_the_ema_weights_out_unless_unused(ema_checkpoint, tmp_path):  # noqa: F811
+    """Temperatures fitted on the raw weights (`bcc calibrate`): auto takes the raw weights, ema is
+    refused naming the checkpoint, and ema with neither temperatures nor operating point is allowed."""
+    import shutil
+
+    from bcc.export import ExportError
+    from bcc.predict import load_inference_model, write_temperatures
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ema_checkpoint, ckpt)
+    write_temperatures(ckpt, {"binary": 2.0, "subtype": 2.0}, {})
+    assert load_inference_model(ckpt, device="cpu", weights="auto").weights == "raw"
+    with pytest.raises(ExportError, match=f"checkpoint {ckpt}.* fitted on its raw weights"):
+        load_inference_model(ckpt, device="cpu", weights="ema")
+    im = load_inference_model(ckpt, device="cpu", weights="ema", calibrated=False, operating_point=False)
+    assert im.weights == "ema" and im.temperatures == {} and im.threshold is None
