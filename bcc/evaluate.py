@@ -321,7 +321,7 @@ def evaluate_checkpoint(
     workers: int | None = None,
     calibrated: bool = True,
     operating_point: bool = True,
-    weights: str = "raw",
+    weights: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate on every process of the current launch; returns the metrics.json content (on every rank).
 

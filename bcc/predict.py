@@ -197,7 +197,7 @@ class InferenceModel:
 
 def load_inference_model(
     path: str | Path, *, device: str | torch.device | None = None, calibrated: bool = True,
-    operating_point: bool = True, weights: str = "raw",
+    operating_point: bool = True, weights: str | None = None,
 ) -> InferenceModel:
     """Load a checkpoint for inference (see the module docstring for what `path` may be).
 
@@ -206,8 +206,9 @@ def load_inference_model(
     `calibrated=False` ignores stored temperatures, `operating_point=False` a stored operating point
     (the binary decision is then the argmax). `weights` "raw", "ema" or "auto" (the `--weights` of
     `bcc export`, `bcc eval` and `bcc predict`, decided by `bcc.export.choose_weights`: the EMA weights
-    come with the temperatures and operating point fitted on them); `InferenceModel.weights` says which.
-    An export holds one kind: asking it for the other is an `ExportError`."""
+    come with the temperatures and operating point fitted on them); None (the default): a checkpoint's
+    raw weights, or whatever an export holds. `InferenceModel.weights` says which. An export holds one
+    kind: asking it for the other is an `ExportError`."""
     from bcc.config import ConfigError, config_from_dict
     from bcc.export import ExportError, choose_weights, is_export_dir, load_export_model
     from bcc.export_hf import HUB_PREFIX
@@ -216,7 +217,7 @@ def load_inference_model(
 
     if str(path).startswith(HUB_PREFIX) or is_export_dir(path):
         im = load_export_model(path, device=device, calibrated=calibrated, operating_point=operating_point)
-        if weights not in ("auto", im.weights):
+        if weights not in (None, "auto", im.weights):
             raise ExportError(f"--weights {weights}: the export {path} holds the {im.weights} weights only")
         return im
     ckpt = resolve_checkpoint(path, prefer="best")
@@ -262,7 +263,7 @@ def load_inference_model(
         stored_temperatures=stored,
         operating_point=point,
     )
-    im.weights = choose_weights(im, weights, calibrated=calibrated, operating_point=operating_point)
+    im.weights = choose_weights(im, weights or "raw", calibrated=calibrated, operating_point=operating_point)
     return im
 
 
