@@ -83,6 +83,37 @@ def write_config(path: Path, shards: Path, run_dir: Path, **sections) -> Path:
     return path
 
 
+@pytest.fixture
+def bcc_main(capsys):
+    """`bcc ARGS` run in this process (`bcc.cli.main`, which is all `python -m bcc` runs): returns
+    (returncode, stdout, stderr) like `subprocess.run`, without a new interpreter importing torch again
+    (seconds a call). For commands that end early (an `error:` line) or load a checkpoint; training runs
+    stay subprocesses. A bug (not a BccError) raises here instead of printing its traceback, so it fails
+    the test all the same. Accelerate's process-wide state is emptied for the call and put back after
+    it, so a call sees a fresh process and leaves the test process as it found it."""
+    from types import SimpleNamespace
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from bcc.cli import main
+
+    def run(*args):
+        saved = [(state, dict(state._shared_state)) for state in (AcceleratorState, GradientState)]
+        for state, _ in saved:
+            state._shared_state.clear()
+        capsys.readouterr()
+        try:
+            rc = main([str(a) for a in args])
+        finally:
+            for state, values in saved:
+                state._shared_state.clear()
+                state._shared_state.update(values)
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+
+    return run
+
+
 def launch(config: Path, *overrides: str, processes: int = 2, timeout: float = 300):
     """Run `accelerate launch -m bcc.train` with real multi-process CPU DDP; returns the CompletedProcess."""
     import subprocess
