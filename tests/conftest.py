@@ -104,6 +104,8 @@ def bcc_main(capsys):
         capsys.readouterr()
         try:
             rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse refusing an argument
+            rc = e.code
         finally:
             for state, values in saved:
                 state._shared_state.clear()

@@ -205,11 +205,9 @@ def test_seed_list():
         seed_list(0, 0)
 
 
-def test_bcc_compare_refuses_packs_that_do_not_match_the_seeds(synth_shards, tmp_path):
+def test_bcc_compare_refuses_packs_that_do_not_match_the_seeds(synth_shards, tmp_path, bcc_main):
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused")
-    proc = subprocess.run([sys.executable, "-m", "bcc", "compare", "--config", str(cfg), "--seeds", "2",
-                           "--packs", str(synth_shards), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = bcc_main("compare", "--config", cfg, "--seeds", "2", "--packs", synth_shards, "--out", tmp_path / "o")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         "error: --packs gives 1 pack(s) for --seeds 2: one pack per seed"]

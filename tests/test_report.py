@@ -153,12 +153,10 @@ def test_decisions_use_the_stored_operating_point_and_show_argmax(trained_run, t
     assert page.count('class="mistake"') == page.count('argmax: <b class="argmax">') == min(50, wrong)
 
 
-def test_report_errors_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bcc", "report", str(tmp_path / "nope")],
-                          capture_output=True, text=True, timeout=120)
+def test_report_errors_are_one_line(tmp_path, bcc_main):
+    proc = bcc_main("report", tmp_path / "nope")
     assert proc.returncode == 2 and "error:" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
-    bad = subprocess.run([sys.executable, "-m", "bcc", "report", str(tmp_path), "--worst", "-1"],
-                         capture_output=True, text=True, timeout=120)
+    bad = bcc_main("report", tmp_path, "--worst", "-1")
     assert bad.returncode == 2 and "--worst" in bad.stderr
 
 
