@@ -90,7 +90,9 @@ def bcc_main(capsys):
     (seconds a call). For commands that end early (an `error:` line) or load a checkpoint; training runs
     stay subprocesses. A bug (not a BccError) raises here instead of printing its traceback, so it fails
     the test all the same. Accelerate's process-wide state is emptied for the call and put back after
-    it, so a call sees a fresh process and leaves the test process as it found it."""
+    it, and so are the SIGUSR1/SIGTERM handlers a training run installs (`bcc.train.preempt`), so a call sees a
+    fresh process and leaves the test process as it found it."""
+    import signal
     from types import SimpleNamespace
 
     from accelerate.state import AcceleratorState, GradientState
@@ -99,6 +101,7 @@ def bcc_main(capsys):
 
     def run(*args):
         saved = [(state, dict(state._shared_state)) for state in (AcceleratorState, GradientState)]
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
         for state, _ in saved:
             state._shared_state.clear()
         capsys.readouterr()
@@ -110,6 +113,8 @@ def bcc_main(capsys):
             for state, values in saved:
                 state._shared_state.clear()
                 state._shared_state.update(values)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
         out = capsys.readouterr()
         return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
 

@@ -104,14 +104,15 @@ def test_sigkill_then_auto_resume_is_bitwise_exact(resume_config, tmp_path):
     assert [(r["split"], r["epoch"]) for r in rows] == [("val", 1), ("val", 2), ("val", 3), ("test", 3)]
 
 
-def test_resume_refuses_unsafe_config_change_and_another_model(resume_config, tmp_path):
+def test_resume_refuses_unsafe_config_change_and_another_model(resume_config, tmp_path, bcc_main):
+    """The refusals run in-process (`bcc_main`): each ends before a step, after reading the checkpoint."""
     run_dir = tmp_path / "run"
     cfg = resume_config(run_dir, train={"epochs": 1})
     assert subprocess.run(train_cmd(cfg), capture_output=True, timeout=300).returncode == 0
-    proc = subprocess.run(train_cmd(cfg, "train.lr=0.5"), capture_output=True, text=True, timeout=300)
+    proc = bcc_main("train", "--config", cfg, "train.lr=0.5")
     assert proc.returncode == 2
     assert "train.lr" in proc.stderr
-    proc = subprocess.run(train_cmd(cfg, "model.head_hidden=64"), capture_output=True, text=True, timeout=300)
+    proc = bcc_main("train", "--config", cfg, "model.head_hidden=64")
     assert proc.returncode == 2
     assert "another model" in proc.stderr and "head_hidden" in proc.stderr
     # more epochs is safe: the run continues from its last checkpoint
@@ -119,7 +120,7 @@ def test_resume_refuses_unsafe_config_change_and_another_model(resume_config, tm
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "config change accepted: train.epochs" in proc.stdout
     # starting over into a run dir that holds checkpoints would mix two runs
-    proc = subprocess.run(train_cmd(cfg, "checkpoint.resume=none"), capture_output=True, text=True, timeout=300)
+    proc = bcc_main("train", "--config", cfg, "checkpoint.resume=none")
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
 
 
@@ -147,7 +148,7 @@ def _children(pid: int) -> dict[int, int]:
     return ranks
 
 
-def test_sigusr1_preempts_two_process_training_and_resume_matches(resume_config, tmp_path):
+def test_sigusr1_preempts_two_process_training_and_resume_matches(resume_config, tmp_path, bcc_main):
     """SIGUSR1 to rank 1 only: all ranks agree at the next vote, save together, exit 75, and the marker
     names the signal rank 1 got; resume is exact, the EMA (with its warmup) included, and both ranks hold
     the same EMA."""
@@ -174,7 +175,7 @@ def test_sigusr1_preempts_two_process_training_and_resume_matches(resume_config,
 
     # a mid-epoch checkpoint replays each rank's stream: another process count is refused, clearly
     if state["batches_in_epoch"]:
-        other = subprocess.run(train_cmd(cfg), capture_output=True, text=True, timeout=300)
+        other = bcc_main("train", "--config", cfg)  # one process, in-process: refused before a step
         assert other.returncode == 2 and "mid-epoch by 2 processes" in other.stderr, other.stderr[-2000:]
 
     cmd, env = accelerate_command(2, ["--config", str(cfg)])
@@ -205,7 +206,7 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_75(resume_config, tm
     assert state["step"] == marker["step"] > 0
 
 
-def test_damaged_latest_checkpoint_auto_resumes_from_previous_and_says_so(resume_config, tmp_path):
+def test_damaged_latest_checkpoint_auto_resumes_from_previous_and_says_so(resume_config, tmp_path, bcc_main):
     """Damage after writing: a flipped bit in the latest checkpoint's weights and a truncated optimizer.pt
     in the one before. An explicit resume from the damaged one is a named error; resume=auto warns once
     per damaged checkpoint, resumes from the newest intact one and, being exact, ends with the weights
@@ -225,8 +226,7 @@ def test_damaged_latest_checkpoint_auto_resumes_from_previous_and_says_so(resume
     optimizer = (previous / "optimizer.pt").read_bytes()
     (previous / "optimizer.pt").write_bytes(optimizer[: len(optimizer) // 2])
 
-    explicit = subprocess.run(train_cmd(cfg, f"checkpoint.resume={latest}"), capture_output=True, text=True,
-                              timeout=300)
+    explicit = bcc_main("train", "--config", cfg, f"checkpoint.resume={latest}")  # refused before a step
     assert explicit.returncode == 2, explicit.stdout[-2000:] + explicit.stderr[-2000:]
     errors = [line for line in explicit.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in explicit.stderr
