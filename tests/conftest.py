@@ -83,38 +83,44 @@ def write_config(path: Path, shards: Path, run_dir: Path, **sections) -> Path:
     return path
 
 
-@pytest.fixture
-def bcc_main(capsys):
-    """`bcc ARGS` run in this process (`bcc.cli.main`, which is all `python -m bcc` runs): returns
-    (returncode, stdout, stderr) like `subprocess.run`, without a new interpreter importing torch again
-    (seconds a call). For commands that end early (an `error:` line) or load a checkpoint; training runs
-    stay subprocesses. A bug (not a BccError) raises here instead of printing its traceback, so it fails
-    the test all the same. Accelerate's process-wide state is emptied for the call and put back after
-    it, and so are the SIGUSR1/SIGTERM handlers a training run installs (`bcc.train.preempt`), so a call sees a
-    fresh process and leaves the test process as it found it."""
+def bcc_in_process(*args) -> int:
+    """`bcc ARGS` run in this process (`bcc.cli.main`, which is all `python -m bcc` runs); returns the exit
+    code. It saves a new interpreter importing torch, timm and accelerate again (seconds a call), so use it
+    for commands that end early (an `error:` line) or only load a checkpoint (eval, predict, export,
+    report); training runs stay subprocesses. A bug (not a BccError) raises here instead of printing its
+    traceback, so it fails the test all the same. Accelerate's process-wide state is emptied for the call
+    and put back after it, and so are the SIGUSR1/SIGTERM handlers a training run installs
+    (`bcc.train.preempt`): the call sees a fresh process and leaves the test process as it found it."""
     import signal
-    from types import SimpleNamespace
 
     from accelerate.state import AcceleratorState, GradientState
 
     from bcc.cli import main
 
-    def run(*args):
-        saved = [(state, dict(state._shared_state)) for state in (AcceleratorState, GradientState)]
-        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
-        for state, _ in saved:
+    saved = [(state, dict(state._shared_state)) for state in (AcceleratorState, GradientState)]
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    for state, _ in saved:
+        state._shared_state.clear()
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as e:  # argparse refusing an argument
+        return e.code
+    finally:
+        for state, values in saved:
             state._shared_state.clear()
+            state._shared_state.update(values)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+@pytest.fixture
+def bcc_main(capsys):
+    """`bcc_in_process` with its output: returns (returncode, stdout, stderr) like `subprocess.run`."""
+    from types import SimpleNamespace
+
+    def run(*args):
         capsys.readouterr()
-        try:
-            rc = main([str(a) for a in args])
-        except SystemExit as e:  # argparse refusing an argument
-            rc = e.code
-        finally:
-            for state, values in saved:
-                state._shared_state.clear()
-                state._shared_state.update(values)
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+        rc = bcc_in_process(*args)
         out = capsys.readouterr()
         return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
 
