@@ -135,3 +135,19 @@ def launch(config: Path, *overrides: str, processes: int = 2, timeout: float = 3
 
     cmd, env = accelerate_command(processes, ["--config", str(config), *overrides])
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def ddp_run(synth_shards, tmp_path_factory):
+    """One real 2-process CPU DDP run (`accelerate launch`) shared by the tests that check what such a run
+    writes: 2 epochs, test at the end, eval.calibrate and an operating point fitted on val from every
+    rank's logits, and TensorBoard + MLflow reporting. Returns (run dir, the launch's CompletedProcess).
+    Read it, don't change it (copy the run dir first)."""
+    root = tmp_path_factory.mktemp("ddp")
+    run_dir = root / "ddp"
+    cfg = write_config(root / "cfg.yaml", synth_shards, run_dir,
+                       eval={"calibrate": True, "operating_point": "sensitivity>=0.9"},
+                       run={"report_to": ["tensorboard", "mlflow"]})
+    proc = launch(cfg, processes=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc
