@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -529,30 +529,54 @@ def test_long_lists_go_to_hashed_side_files_and_read_back(tmp_path, monkeypatch,
     assert m.near_duplicates() == groups
 
 
-@pytest.mark.parametrize("change", ["edited", "removed"])
-def test_a_source_changed_between_the_passes_is_named(tmp_path, make_class_tree, monkeypatch, change):
-    """The write phase does not re-hash sources: it checks each one's size and CRC-32 against the first
-    pass, so an edit (same size, other bytes) or a removal fails the pack naming the file; OUT is not
-    written and nothing is left behind."""
+def test_each_source_is_read_once_and_its_first_pass_bytes_are_stored(tmp_path, make_class_tree, monkeypatch):
+    """The write phase copies the bytes the first pass staged: every source is read exactly once, and a
+    source edited or removed after the first pass changes nothing (the shard holds the bytes hashed);
+    a staging file cut under the pack fails it naming the file, leaving nothing behind."""
     src = make_class_tree(tmp_path / "src", {"Benign": 3, "Early": 3})
-    victim = src / "Early" / "img0001.jpg"
-    real = pack_mod._inspect_all
+    (src / "Early" / "grey.png").write_bytes(image_bytes(77, 32, "PNG", "L"))  # re-encoded, also staged
+    edited, removed = src / "Early" / "img0001.jpg", src / "Benign" / "img0000.jpg"
+    before = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*.*")}
+    reads = Counter()
+    real_read, real_all = pack_pool._read, pack_mod._inspect_all
+
+    def read(path):
+        reads[Path(path).relative_to(src).as_posix()] += 1
+        return real_read(path)
 
     def then_change(*args, **kwargs):
-        records = real(*args, **kwargs)
-        if change == "edited":
-            data = bytearray(victim.read_bytes())
-            data[-3] ^= 0xFF
-            victim.write_bytes(bytes(data))
-        else:
-            victim.unlink()
+        records = real_all(*args, **kwargs)
+        edited.write_bytes(edited.read_bytes()[:-3] + b"\0\0\0")
+        removed.unlink()
         return records
 
+    monkeypatch.setattr(pack_pool, "_read", read)
     monkeypatch.setattr(pack_mod, "_inspect_all", then_change)
-    message = "changed while packing" if change == "edited" else "became unreadable while packing"
-    with pytest.raises(pack_mod.SourceChangedError, match=f"SRC file Early/img0001.jpg {message}"):
-        pack_folders(src, tmp_path / "out", min_shards=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    m = pack_folders(src, tmp_path / "out", min_shards=1).manifest
+    assert reads == dict.fromkeys(before, 1)
+    stored = {}
+    for s in m["splits"].values():
+        for shard in s["shards"]:
+            for x in wds.WebDataset(str(tmp_path / "out" / shard["path"]), shardshuffle=False, empty_check=False):
+                meta = json.loads(x["json"])
+                stored[meta["source"]] = (x.get("jpg") or x["png"], meta["sha256"])
+    assert set(stored) == set(before)
+    for rel, (data, sha) in stored.items():
+        assert sha == hashlib.sha256(before[rel]).hexdigest()
+        assert data == before[rel] or rel == "Early/grey.png"
+    assert verify_shards(tmp_path / "out").ok
+    assert not list(tmp_path.glob("out.tmp-*"))
+
+    def then_cut(*args, **kwargs):
+        records = real_all(*args, **kwargs)
+        for staged in (tmp_path / f"out2.tmp-{os.getpid()}" / "_staging").iterdir():
+            os.truncate(staged, 10)
+        return records
+
+    monkeypatch.setattr(pack_mod, "_inspect_all", then_cut)
+    with pytest.raises(PackError, match=r"staging file .*_staging/\d+\.bin lost bytes"):
+        pack_folders(src, tmp_path / "out2", min_shards=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 def test_bad_workers_value_is_named(tmp_path, make_class_tree):
