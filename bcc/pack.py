@@ -1,7 +1,7 @@
 """Image class folders -> WebDataset shards + `manifest.json` (the first stage of the data path).
 
-`pack_folders(SRC, OUT)` walks SRC (one top-level folder per class, resolved through the taxonomy),
-reads, hashes and decodes every file once in a process pool, splits the samples (seeded, stratified,
+`pack_folders(SRC, OUT)` walks SRC (one top-level folder per class, resolved through the taxonomy)
+and, as the walk goes, reads, hashes and decodes every file once in a process pool, splits the samples (seeded, stratified,
 duplicates and groups kept together), shuffles each split and writes `{split}-{index:06d}.tar` shards
 in parallel plus `manifest.json` and timm's `_info.json`. Bad files are skipped with a reason, never
 dropped silently. Output appears atomically: everything is written to a sibling `OUT.tmp-<pid>` and
@@ -24,8 +24,10 @@ fixed order, and where a worker staged an image does not change its bytes.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import glob
+import itertools
 import os
 import shutil
 import time
@@ -37,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from bcc.imageio import MAX_IMAGE_PIXELS, scan_class_folders
+from bcc.imageio import MAX_IMAGE_PIXELS, iter_class_folders
 from bcc.manifest import split_entry, write_manifest
 from bcc.neardup import DEFAULT_THRESHOLD, is_enabled
 from bcc.pack_pool import (
@@ -82,7 +84,7 @@ class PackResult:
     skipped_by_reason: dict[str, int]
     elapsed_s: float
     images_per_s: float
-    stages: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds: scan, first pass, split, write, manifest
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds: scan + first pass (overlapped), split, write, manifest
 
 
 def default_workers() -> int:
@@ -295,18 +297,9 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         stages[name] = round(now - clock[0], 3)
         clock[0] = now
 
-    entries, skipped, warnings_ = scan_class_folders(src, taxonomy.resolve_folder)
-    if not entries:  # a pack of no samples trains nothing; empty class folders alone stay warnings
-        raise PackError(f"SRC {src}: no images found{_skipped_note(skipped)}")
-    # the file list, compact: relative paths, folder and class per file (absolute paths are src + rel)
-    root = str(src.absolute())
-    rels = [e.rel for e in entries]
-    folder_names = sorted({e.folder for e in entries})
-    folder_id = {name: k for k, name in enumerate(folder_names)}
-    folder_of = np.fromiter((folder_id[e.folder] for e in entries), dtype=np.int32, count=len(entries))
-    label_of = np.fromiter((e.class_index for e in entries), dtype=np.int32, count=len(entries))
-    del entries
-    scan_skipped = len(skipped)
+    skipped: list[dict[str, str]] = []
+    warnings_: list[str] = []
+    listing = iter_class_folders(src, taxonomy.resolve_folder, skipped, warnings_)  # unknown folder: raises now
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -315,10 +308,40 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
     staging.mkdir(parents=True)
     try:
         opts = dataclasses.replace(opts, staging=str(staging))
-        paths = _JoinedPaths(root, rels)
-        stage("scan")
-        rec = _inspect_all(pool, paths, opts, workers, progress)
-        stage("first pass")
+        # the file list, compact: relative paths, folder and class per file (absolute paths are src + rel),
+        # made while the first pass runs on what is listed so far
+        root = str(src.absolute())
+        rels: list[str] = []
+        folder_id: dict[str, int] = {}
+        folder_ids, class_ids = array.array("i"), array.array("i")
+
+        def paths():
+            for e in listing:
+                rels.append(e.rel)
+                folder_ids.append(folder_id.setdefault(e.folder, len(folder_id)))
+                class_ids.append(e.class_index)
+                yield os.path.join(root, e.rel)
+
+        rec = _inspect_all(pool, paths(), opts, workers, progress, listed=rels.__len__)
+        if not rels:  # a pack of no samples trains nothing; empty class folders alone stay warnings
+            raise PackError(f"SRC {src}: no images found{_skipped_note(skipped)}")
+        scan_skipped = len(skipped)
+        # files in sorted order, as the split expects; the walk's order already is, unless a folder name
+        # sorts before a sibling's "/" (e.g. "a b" and "a/"): then the columns are permuted, not re-read
+        order = None
+        if not all(map(str.__lt__, rels, itertools.islice(rels, 1, None))):
+            order = np.array(sorted(range(len(rels)), key=rels.__getitem__), dtype=np.int64)
+            rels[:] = [rels[i] for i in order.tolist()]
+        rec.finish(order)
+        folder_names = sorted(folder_id)
+        renumber = np.zeros(len(folder_names), dtype=np.int32)
+        for k, name in enumerate(folder_names):
+            renumber[folder_id[name]] = k
+        folder_of = renumber[np.frombuffer(folder_ids, dtype=np.int32)]
+        label_of = np.frombuffer(class_ids, dtype=np.int32).copy()
+        if order is not None:
+            folder_of, label_of = folder_of[order], label_of[order]
+        stage("scan + first pass")
         skipped += [{"path": rels[i], "reason": reason} for i, reason in rec.skip.items()]
         skipped.sort(key=lambda s: s["path"])
         if strict and skipped:
@@ -444,19 +467,6 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
               "shards": sum(len(v["shards"]) for v in manifest["splits"].values())}
     return PackResult(manifest, out, counts, dict(sorted(by_reason.items())), elapsed,
                       n / elapsed if elapsed > 0 else 0.0, stages)
-
-
-class _JoinedPaths:
-    """Absolute paths of the file list, made on demand (root + relative path)."""
-
-    def __init__(self, root: str, rels: list[str]):
-        self.root, self.rels = root, rels
-
-    def __len__(self) -> int:
-        return len(self.rels)
-
-    def __getitem__(self, k: slice) -> list[str]:
-        return [os.path.join(self.root, r) for r in self.rels[k]]
 
 
 def _near_paths(group, ok: np.ndarray, rels: list[str], labels: np.ndarray) -> dict[str, Any]:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import os
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,53 +251,77 @@ def _ordered(pool, fn: Callable[[Any], Any], tasks: Iterable[Any], window: int) 
 
 class _Records:
     """The first pass's compact per-file columns (about 60 bytes a file; no Python object per file
-    beyond the file list, except skip reasons). Where each stored image lies: staging file
-    `stage_files[stage[i]]`, bytes `offset[i]` to `offset[i] + length[i]`."""
+    beyond the file list, except skip reasons), in the order the files were listed. Where each stored
+    image lies: staging file `stage_files[stage[i]]`, bytes `offset[i]` to `offset[i] + length[i]`.
+    Filled chunk by chunk (`put`, the total not known while the listing runs), then `finish`ed."""
 
-    def __init__(self, n: int):
-        self.sha = np.zeros((n, 32), dtype=np.uint8)
-        self.phash = np.zeros(n, dtype=np.uint64)
-        self.ext = np.zeros(n, dtype=np.uint8)  # 0: skipped, else 1 + index into _EXTS
-        self.stage = np.zeros(n, dtype=np.uint16)
-        self.offset = np.zeros(n, dtype=np.int64)
-        self.length = np.zeros(n, dtype=np.int64)
-        self.converted = np.zeros(n, dtype=np.uint16)  # 0: stored as read, else 1 + index into modes
+    _COLUMNS = ("sha", "phash", "ext", "stage", "offset", "length", "converted")
+
+    def __init__(self):
+        self.parts: list[tuple[np.ndarray, ...]] = []
         self.modes: list[str] = []
         self.stage_files: list[str] = []  # names in the staging folder, one per process
         self.skip: dict[int, str] = {}
+        self.count = 0
 
     def put(self, chunk: _Chunk) -> int:
-        """Store one task's columns (slice assignments); returns the number of files in it."""
+        """Keep one task's columns; returns the number of files in it."""
         start, skips, sha, ph, ext, offset, length, converted, stage_file = chunk
-        end = start + len(ph)
+        n = len(ph)
         if stage_file not in self.stage_files:
             self.stage_files.append(stage_file)
-        self.sha[start:end] = np.frombuffer(sha, dtype=np.uint8).reshape(-1, 32)
-        self.phash[start:end], self.ext[start:end] = ph, ext
-        self.stage[start:end] = self.stage_files.index(stage_file)
-        self.offset[start:end], self.length[start:end] = offset, length
-        for k, reason in skips.items():
-            self.skip[start + k] = reason
+        modes = np.zeros(n, dtype=np.uint16)  # 0: stored as read, else 1 + index into modes
         for k, mode in converted.items():
             if mode not in self.modes:
                 self.modes.append(mode)
-            self.converted[start + k] = 1 + self.modes.index(mode)
-        return end - start
+            modes[k] = 1 + self.modes.index(mode)
+        stage = np.full(n, self.stage_files.index(stage_file), dtype=np.uint16)
+        self.parts.append((np.frombuffer(sha, dtype=np.uint8).reshape(-1, 32), ph, ext, stage, offset, length,
+                           modes))
+        for k, reason in skips.items():
+            self.skip[start + k] = reason
+        self.count += n
+        return n
+
+    def finish(self, order: np.ndarray | None = None) -> _Records:
+        """The columns as arrays (`sha` n x 32 uint8, `phash`, `ext` (0: skipped, else 1 + index into
+        `_EXTS`), `stage`, `offset`, `length`, `converted`), permuted by `order` (new row k = old row
+        order[k]) when given; one column at a time, so the peak is one column over the parts."""
+        inverse = None
+        if order is not None:
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(len(order))
+            self.skip = {int(inverse[i]): reason for i, reason in self.skip.items()}
+        for k, name in enumerate(self._COLUMNS):
+            column = np.concatenate([part[k] for part in self.parts]) if self.parts else np.zeros(
+                (0, 32) if name == "sha" else 0, dtype=np.uint8)
+            setattr(self, name, column if order is None else column[order])
+        self.parts = []
+        return self
 
 
-def _inspect_all(pool, paths: Sequence[str], opts: _Options, workers: int,
-                 progress: ProgressFn | None) -> _Records:
-    total = len(paths)
-    records = _Records(total)
-    chunk = max(1, min(_CHUNK, total // max(1, workers * 4)))
-    tasks = ((start, list(paths[start:start + chunk]), opts) for start in range(0, total, chunk))
+def _inspect_all(pool, paths: Iterable[str], opts: _Options, workers: int,
+                 progress: ProgressFn | None, listed: Callable[[], int] = lambda: 0) -> _Records:
+    """The first pass over `paths` (absolute, consumed as tasks are made, so a listing that yields them
+    runs while the workers decode): chunks of up to `_CHUNK` files, growing from 8 so that small packs
+    and the first tasks spread over the workers. `listed()`: files listed so far, the progress total."""
+    records = _Records()
+
+    def tasks():
+        it = iter(paths)
+        start, size = 0, 8
+        while chunk := list(itertools.islice(it, size)):
+            yield start, chunk, opts
+            start += len(chunk)
+            size = min(_CHUNK, 2 * size)
+
     if progress:
-        progress("decode", 0, total)
+        progress("decode", 0, listed())
     done = 0
-    for result in _ordered(pool, _inspect_chunk, tasks, window=4 * workers):
+    for result in _ordered(pool, _inspect_chunk, tasks(), window=4 * workers):
         done += records.put(result)
         if progress:
-            progress("decode", done, total)
+            progress("decode", done, listed())
     return records
 
 

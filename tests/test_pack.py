@@ -480,19 +480,28 @@ def _messy_tree(tmp_path, make_class_tree) -> Path:
 
 def test_workers_do_not_change_a_byte(tmp_path, make_class_tree, monkeypatch):
     """--workers 1 and 2 give byte-identical shards, side files and manifest (apart from `created`),
-    with every per-file list in a side file, folds, a staged conversion and shards written out of order."""
+    with every per-file list in a side file, folds, a staged conversion and shards written out of order;
+    so does a listing fed to the first pass in walk order, which here differs from the sorted order the
+    split uses (files beside subfolders, "a b/" sorting before "a/"): the same bytes as a sorted listing."""
+    from bcc import imageio
     from bcc import manifest as manifest_mod
 
     src = _messy_tree(tmp_path, make_class_tree)
+    for sub, name in (("a", "img0002.jpg"), ("a b", "img0003.jpg")):
+        (src / "Benign" / sub).mkdir()
+        (src / "Benign" / name).rename(src / "Benign" / sub / name)
     monkeypatch.setattr(manifest_mod, "LIST_INLINE", 0)
     outs = {}
-    for workers in (1, 2):
+    for workers in (1, 2, "sorted"):
+        if workers == "sorted":  # the listing as before the overlap: all of it, sorted, then the pass
+            monkeypatch.setattr(pack_mod, "iter_class_folders",
+                                lambda *a: iter(sorted(imageio.iter_class_folders(*a), key=lambda e: e.rel)))
         out = tmp_path / f"w{workers}" / "data"  # the name goes into _info.json
-        pack_folders(src, out, seed=4, shard_size=3, min_shards=2, folds=2, workers=workers)
+        pack_folders(src, out, seed=4, shard_size=3, min_shards=2, folds=2, workers=2 if workers == "sorted" else workers)
         outs[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
         outs[workers]["manifest.json"] = {k: v for k, v in json.loads(outs[workers]["manifest.json"]).items()
                                           if k != "created"}
-    assert outs[1] == outs[2]
+    assert outs[1] == outs[2] == outs["sorted"]
     m = outs[1]["manifest.json"]
     for key in ("skipped", "converted", "duplicates", "near_duplicates"):
         assert m[key] == {"file": f"{key}.jsonl", "count": 1,
