@@ -10,7 +10,7 @@ The decode limit is the per-image first-pass work (read, sha256, full decode, pH
 pack; the pack runs with `workers` processes, so the goal is throughput >= 0.8 x limit x workers. The
 same work is also measured in `workers` processes at once (disjoint files, rates summed): what the cores
 really give together, which "limit x workers" takes to be linear; both ratios are reported. The limit
-is the packer's necessary per-image work, no more (no pool, no write) and no less (a bare decode would
+is the packer's necessary per-image work, no more (no pool, no staging copy, no shard write) and no less (a bare decode would
 leave out the sha256 and the pHash that the duplicate and near-duplicate promises need). Peak RSS is
 summed over the packer's process tree (a fresh interpreter running `pack_folders`, and its workers), sampled
 every 20 ms: the packer's own footprint, not this benchmark's imports. Listing the tree is done every
