@@ -588,6 +588,21 @@ def test_each_source_is_read_once_and_its_first_pass_bytes_are_stored(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
+def test_a_full_disk_while_staging_is_named(tmp_path, make_class_tree, monkeypatch):
+    """The staged copy needs room for about one more output: a failed staging write stops the pack with
+    one PackError naming the staging file and the reason, and leaves nothing behind."""
+    src = make_class_tree(tmp_path / "src", {"Benign": 2})
+
+    def full(path, mode="r"):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(pack_pool, "open", full, raising=False)  # the module's `open`, not the builtin
+    with pytest.raises(PackError, match=r"cannot write the staging file .*_staging/\d+\.bin \(No space left on "
+                       r"device\): the pack needs free room for one more copy of its output"):
+        pack_folders(src, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
 def test_bad_workers_value_is_named(tmp_path, make_class_tree):
     src = make_class_tree(tmp_path / "src", {"Benign": 2})
     for bad in (0, -1, 1.5, True):
