@@ -379,13 +379,22 @@ def read_mode(mode: str, run_dir: Path) -> ModeResult:
     )
 
 
-def compare(config: str | Path | None, modes: Sequence[str], out: str | Path, processes: int = 1,
-            overrides: Sequence[str] = (), command: str = "", bench_steps: int = 5, seeds: int = 1,
-            inits: Sequence[str] | None = None, packs: Sequence[str] = (), n_boot: int = N_BOOT) -> list[ArmResult]:
-    """Train every arm (mode x init) with every seed (skipping finished runs), time frozen vs full steps,
-    then aggregate. `packs`, when given, holds one pack per seed (the split varies with the seed)."""
-    out = Path(out)
-    cfg = load_config(config, list(overrides))
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training run of a comparison: its arm, train.seed (None: the config's, single-seed layout),
+    run directory and the overrides that make it (applied after the user's)."""
+
+    arm: Arm
+    seed: int | None
+    run_dir: Path
+    overrides: tuple[str, ...]
+
+
+def plan_runs(cfg: Config, modes: Sequence[str], out: str | Path, seeds: int = 1,
+              inits: Sequence[str] | None = None, packs: Sequence[str] = ()) -> list[PlannedRun]:
+    """Every run of a comparison, arm by arm (`plan_arms`), seed by seed: what `compare` trains in turn
+    and what `slurm/compare.sbatch` trains one per array task (`bcc compare --plan`).
+    Raises CompareError for an unknown mode or init, --seeds < 1, or --packs that do not match."""
     arms = plan_arms(modes, inits, cfg.model.pretrained)  # unknown modes fail before any training
     seed_values = seed_list(cfg.train.seed, seeds)
     if packs and len(packs) != seeds:
@@ -393,15 +402,30 @@ def compare(config: str | Path | None, modes: Sequence[str], out: str | Path, pr
     for pack in packs:
         if not (Path(pack) / "manifest.json").is_file():
             raise CompareError(f"--packs: {pack} is not a packed dataset (no manifest.json)")
-    out.mkdir(parents=True, exist_ok=True)
-    failed = []
+    runs = []
     for arm in arms:
         for k, seed in enumerate(seed_values):
-            run_dir = run_dir_of(out, arm.name, seed if seeds > 1 else None)
-            rc = train_mode(config, overrides, run_overrides(arm, run_dir, seed if seeds > 1 else None,
-                                                             packs[k] if packs else None), run_dir, processes)
-            if rc != 0:
-                failed.append(f"{run_dir.relative_to(out)} (exit {rc})")
+            seed_or_none = seed if seeds > 1 else None
+            run_dir = run_dir_of(Path(out), arm.name, seed_or_none)
+            runs.append(PlannedRun(arm, seed_or_none, run_dir,
+                                   tuple(run_overrides(arm, run_dir, seed_or_none, packs[k] if packs else None))))
+    return runs
+
+
+def compare(config: str | Path | None, modes: Sequence[str], out: str | Path, processes: int = 1,
+            overrides: Sequence[str] = (), command: str = "", bench_steps: int = 5, seeds: int = 1,
+            inits: Sequence[str] | None = None, packs: Sequence[str] = (), n_boot: int = N_BOOT) -> list[ArmResult]:
+    """Train every arm (mode x init) with every seed (skipping finished runs), time frozen vs full steps,
+    then aggregate. `packs`, when given, holds one pack per seed (the split varies with the seed)."""
+    out = Path(out)
+    cfg = load_config(config, list(overrides))
+    runs = plan_runs(cfg, modes, out, seeds, inits, packs)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for run in runs:
+        rc = train_mode(config, overrides, run.overrides, run.run_dir, processes)
+        if rc != 0:
+            failed.append(f"{run.run_dir.relative_to(out)} (exit {rc})")
     bench = None
     if bench_steps > 0:
         from bcc.bench import step_seconds
@@ -410,8 +434,8 @@ def compare(config: str | Path | None, modes: Sequence[str], out: str | Path, pr
         write_json(out / "step_times.json", bench)
     from bcc.compare_table import aggregate  # the tables build on this module
 
-    results = aggregate(out, modes, bench, command, arms=[a.name for a in arms], n_boot=n_boot,
-                        expected_seeds=seeds)
+    results = aggregate(out, modes, bench, command, arms=list(dict.fromkeys(r.arm.name for r in runs)),
+                        n_boot=n_boot, expected_seeds=seeds)
     if failed:
         raise CompareError(f"training failed for {', '.join(failed)}; the table holds the other runs")
     return results

@@ -28,12 +28,14 @@ import numpy as np
 from bcc.atomic import atomic_write
 from bcc.compare import (
     MODES,
+    PREDICTIONS_FILE,
     SCRATCH_SUFFIX,
     CompareError,
     ModeResult,
     Predictions,
     read_mode,
     read_predictions,
+    write_test_predictions,
 )
 from bcc.config import load_saved_config
 from bcc.stats import LEVEL, N_BOOT, SAMPLE_METRICS, bootstrap_ci, mean_sd, sample_metrics
@@ -230,6 +232,22 @@ def find_runs(out: Path, arm: str) -> list[Path]:
     return sorted(seeds, key=lambda p: int(p.name[5:]))
 
 
+def _predictions(run_dir: Path) -> Predictions | None:
+    """A finished run's test predictions, made now when the run was trained outside `bcc compare` (an
+    sbatch array task, a plain `bcc train`); None, with a warning, when its test split cannot be read."""
+    from bcc.errors import BccError
+
+    if not (run_dir / PREDICTIONS_FILE).is_file():
+        try:
+            write_test_predictions(run_dir)
+        except BccError as e:
+            from bcc.console import warn
+
+            warn(f"no test predictions for {run_dir} (its test metrics get no bootstrap interval): {e}")
+            return None
+    return read_predictions(run_dir)
+
+
 def discover_arms(out: Path, modes: Sequence[str]) -> list[str]:
     """The arm directories under `out` for `modes`: each mode, then its `-scratch` arm."""
     names = [n for m in modes for n in (m, m + SCRATCH_SUFFIX)]
@@ -249,7 +267,7 @@ def aggregate(out: str | Path, modes: Sequence[str] = MODES, bench: Mapping[str,
         looked = ", ".join(f"{n}/summary.json" for n in (names or modes))
         raise CompareError(f"no finished run under {out} (looked for {looked} and {{arm}}/seed-*/summary.json)")
     runs = {n: [read_mode(n, d) for d in find_runs(out, n)] for n in present}
-    preds = {n: [read_predictions(d) for d in find_runs(out, n)] for n in present}
+    preds = {n: [_predictions(d) for d in find_runs(out, n)] for n in present}
     first = runs[present[0]][0]
     metrics = first.metrics
     cfg = load_saved_config(first.run_dir / "config.yaml")

@@ -83,11 +83,29 @@ def write_config(path: Path, shards: Path, run_dir: Path, **sections) -> Path:
     return path
 
 
-def launch(config: Path, *overrides: str, processes: int = 2, timeout: float = 300):
-    """Run `accelerate launch -m bcc.train` with real multi-process CPU DDP; returns the CompletedProcess."""
+def run_bounded(cmd, timeout: float, env=None, **kwargs):
+    """`subprocess.run(cmd, capture_output=True, text=True)` in a new session; past `timeout` seconds the
+    WHOLE process tree is killed (subprocess.run kills only the child: accelerate's ranks would linger and
+    load every later test) and the test fails with the tail of what it printed, so a hang says where."""
+    import os
+    import signal
     import subprocess
 
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd))} still ran after {timeout:.0f} s; it printed:\n"
+                    f"{out[-4000:]}\n--- stderr ---\n{err[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def launch(config: Path, *overrides: str, processes: int = 2, timeout: float = 300):
+    """Run `accelerate launch -m bcc.train` with real multi-process CPU DDP; returns the CompletedProcess."""
     from bcc.launch import accelerate_command
 
     cmd, env = accelerate_command(processes, ["--config", str(config), *overrides])
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_bounded(cmd, timeout, env=env)

@@ -264,3 +264,29 @@ def test_a_runs_cpu_seconds_count_from_its_own_start_not_the_process_start():
     log.start_clock()
     assert process_cpu_seconds() >= 0.3
     assert 0 <= log.cpu_elapsed() < 0.2
+
+
+def test_bcc_compare_plan_lists_every_arm_and_seed_once_with_its_pack(synth_shards, tmp_path):
+    # what slurm/compare.sbatch trains one per array task: modes x inits x seeds, arm-major, pack k for seed k
+    packs = [tmp_path / "p0", tmp_path / "p1"]
+    for p in packs:
+        p.mkdir()
+        (p / "manifest.json").write_text("{}")
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused",
+                       model={"backbone": "test_resnet", "pretrained": str(tmp_path / "weights.pt")},
+                       train={"seed": 5})
+    proc = subprocess.run([sys.executable, "-m", "bcc", "compare", "--plan", "--config", str(cfg), "--modes",
+                           "frozen,lpft", "--init", "pretrained,scratch", "--seeds", "2", "--packs",
+                           ",".join(map(str, packs)), "--out", "o", "data.batch_size=8"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert [r[0] for r in rows] == [str(k) for k in range(8)]
+    want = [(mode, init, seed) for mode in ("frozen", "lpft") for init in ("pretrained", "scratch") for seed in (5, 6)]
+    for row, (mode, init, seed) in zip(rows, want, strict=True):
+        arm = mode + ("-scratch" if init == "scratch" else "")
+        assert row[1] == f"o/{arm}/seed-{seed}"
+        assert row[2:] == [f"finetune.preset={mode}", f"run.dir=o/{arm}/seed-{seed}",
+                           *(["model.pretrained=''"] if init == "scratch" else []),
+                           f"train.seed={seed}", f"data.shards={packs[seed - 5]}"]
+    assert not (tmp_path / "o").exists()  # --plan trains nothing

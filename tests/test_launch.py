@@ -83,3 +83,16 @@ def test_missing_accelerate_config_is_one_error_line(tmp_path):
         tmp_path,
     )
     assert out.returncode == 2 and out.stderr.strip() == "error: accelerate config file nope.yaml not found"
+
+
+def test_bcc_launch_of_two_ranks_keeps_their_error_line_and_exit_code_without_a_traceback(tmp_path):
+    # plain `accelerate launch` exits 1 and prints torch elastic's ChildFailedError traceback under the
+    # ranks' `error:` lines; `bcc launch` (also what bcc demo / compare / cv launch with) exits 2
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data:\n  shards: {tmp_path / 'nowhere'}\nmodel:\n  backbone: test_resnet\n")
+    out = run([sys.executable, "-m", "bcc", "launch", "--multi_gpu", "--num_processes", "2", "-m", "bcc.train",
+               "--config", str(cfg)], no_gpu_env(ACCELERATE_USE_CPU="true"), tmp_path)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2, out.stderr
+    assert len(errors) == 2 and all(str(tmp_path / "nowhere") in e for e in errors), out.stderr  # one per rank
+    assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr, out.stderr

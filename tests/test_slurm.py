@@ -354,3 +354,31 @@ def test_sweep_sbatch_runs_one_sweep_entry_per_array_task(slurm_conf, train_conf
         assert_completed(wait_for_job(f"{job}_{task}", env, log, timeout=240), log)
         assert f"sweep entry {task}: train.lr={lr}" in read_log(log)
         assert list((tmp_path / "runs" / f"sweep-{task}" / "checkpoints").glob("step-*")), read_log(log)
+
+
+@pytest.mark.timeout(400)
+def test_compare_sbatch_trains_one_planned_run_per_array_task_then_aggregates(slurm_conf, train_config, tmp_path):
+    # bcc compare --seeds 2 as an array job: task N trains line N of `bcc compare --plan`; task 2 has no
+    # run (one clear line, exit 2); the dependent --aggregate job predicts each run's test split and
+    # writes the table over both seeds
+    env = job_env(slurm_conf, tmp_path / "runs")
+    opts = ("--modes", "full", "--seeds", "2")
+    job = submit("compare.sbatch", *opts, str(train_config), name="cmp", cwd=tmp_path, env=env,
+                 sbatch_args=("--array=0-2",))
+    agg_log = tmp_path / "cmp-aggregate.out"
+    agg = submit("compare.sbatch", *opts, "--aggregate", name="cmp", cwd=tmp_path, env=env,
+                 sbatch_args=(f"--dependency=afterany:{job}", "-o", str(agg_log)))
+    out = tmp_path / "runs" / "cmp"
+    for task in (0, 1):
+        log = tmp_path / f"cmp-{task}.out"
+        assert_completed(wait_for_job(f"{job}_{task}", env, log, timeout=240), log)
+        assert f"run {task} -> {out}/full/seed-{task}: finetune.preset=full" in read_log(log)
+        assert f"train.seed={task}" in read_log(log)
+        assert (out / "full" / f"seed-{task}" / "summary.json").is_file(), read_log(log)
+    log = tmp_path / "cmp-2.out"
+    assert wait_for_job(f"{job}_2", env, log, timeout=60)["ExitCode"].startswith("2:")
+    assert "the comparison has 2 runs (array tasks 0-1); no run 2" in read_log(log)
+    assert_completed(wait_for_job(agg, env, agg_log, timeout=120), agg_log)
+    results = (out / "RESULTS.md").read_text()
+    assert "| full |" in results and "| 2 |" in results and "[" in results, results  # 2 seeds, intervals
+    assert all((out / "full" / f"seed-{s}" / "test_predictions.csv").is_file() for s in (0, 1))

@@ -78,6 +78,14 @@ def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namesp
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["launch"] and argv[1:2] not in (["-h"], ["--help"]):
+        # accelerate's own options follow in accelerate's order: argparse would take them for bcc's
+        from bcc.launch import accelerate_main
+
+        return accelerate_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -14,7 +14,10 @@ The table gives mean ± sd over seeds, 95% bootstrap intervals of the test metri
 samples), the mode chosen on validation (best mean val checkpoint.metric, never test) and paired
 differences to it on the same test samples. Finished runs are skipped, interrupted ones resume.
 `bcc compare --aggregate DIR` only builds the tables from existing run directories (after an sbatch
-array job, for example). See docs/unfreezing.md."""
+array job, for example; runs trained outside compare get their test predictions then).
+`bcc compare --plan ...` trains nothing: it prints the runs, one line each, tab-separated: index (from 0),
+run directory, then the overrides that make that run (after the command line's): what
+slurm/compare.sbatch trains one per array task. See docs/unfreezing.md."""
 
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--processes", type=int, default=1,
                    help="processes per run: 1 trains in this process, more use accelerate launch")
     p.add_argument("--aggregate", metavar="OUT", help="only aggregate the finished run directories under OUT")
+    p.add_argument("--plan", action="store_true",
+                   help="train nothing; print the runs (index, run dir, overrides; tab-separated), one per line")
     p.add_argument("--bench-steps", type=int, default=5,
                    help="timed bcc train steps per preset for the frozen/full step-time ratio (0: skip)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides for every run")
@@ -73,6 +78,15 @@ def run(args: argparse.Namespace) -> int:
         if args.aggregate:
             out = args.aggregate
             aggregate(out, modes, load_bench(out), command, n_boot=args.bootstrap)
+        elif args.plan:
+            from bcc.compare import plan_runs
+            from bcc.config import load_config
+
+            runs = plan_runs(load_config(args.config, list(args.overrides)), modes, args.out, args.seeds,
+                             _split(args.init) or None, _split(args.packs))
+            for k, r in enumerate(runs):
+                print("\t".join([str(k), str(r.run_dir), *r.overrides]))
+            return 0
         else:
             out = args.out
             compare(args.config, modes, out, args.processes, args.overrides, command, args.bench_steps,
