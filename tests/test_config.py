@@ -134,3 +134,25 @@ def test_config_is_frozen():
     cfg = Config()
     with pytest.raises(AttributeError):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("seed", "ok"), [(0, True), (2**32 - 1, True), (-3, False), (2**32, False)])
+def test_train_seed_must_fit_numpy(seed, ok):
+    # numpy (accelerate's set_seed) refuses seeds outside [0, 2**32 - 1]: a traceback after set-up before
+    if ok:
+        assert load_config(None, [f"train.seed={seed}"]).train.seed == seed
+    else:
+        with pytest.raises(ConfigError, match=rf"train\.seed: must be in \[0, 4294967295\].*got {seed}$"):
+            load_config(None, [f"train.seed={seed}"])
+
+
+def test_bcc_train_refuses_a_bad_seed_in_one_line(tmp_path, capsys):
+    from bcc.cli import main
+
+    assert main(["train", "--config", str(write(tmp_path, "train:\n  epochs: 1\n")), "train.seed=-3",
+                 f"run.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: override 'train.seed=-3': train.seed: must be in [0, 4294967295] (2**32 - 1, numpy's seed range), "
+        "got -3"] and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
