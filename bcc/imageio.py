@@ -233,7 +233,7 @@ def _walk(top: Path, root: Path, base: Path) -> Iterator[tuple[str, str, str | N
 
 
 def scan_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], int]):
-    """Files under `src/<class folder>/` -> (entries, skipped, warnings).
+    """Files under `src/<class folder>/` -> (entries sorted by `rel`, skipped, warnings).
 
     `resolve_folder(name)` gives a folder's class index (e.g. `Taxonomy.resolve_folder`, which raises
     `TaxonomyError` for an unknown name); every folder is resolved before any file is listed, so a typo
@@ -241,11 +241,19 @@ def scan_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], i
     `{"path", "reason"}` for loose files at the top, links not followed and unreadable entries;
     `warnings` names empty class folders.
     """
-    src = Path(src)
-    root = src.resolve()
-    listed = str(src.absolute())
     skipped: list[dict[str, str]] = []
     warnings_: list[str] = []
+    entries = sorted(iter_class_folders(src, resolve_folder, skipped, warnings_), key=lambda e: e.rel)
+    return entries, skipped, warnings_
+
+
+def iter_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], int], skipped: list[dict[str, str]],
+                       warnings_: list[str]) -> Iterator[ImageEntry]:
+    """`scan_class_folders` as the walk goes: entries in walk order (folder by folder, not sorted by
+    `rel`), skips and warnings appended to the lists given. Folders are resolved (TaxonomyError) in
+    this call, before the iterator is returned; files are listed as it is consumed."""
+    src = Path(src)
+    root = src.resolve()
     names: list[str] = []
     for item in sorted(os.scandir(src), key=lambda e: e.name):
         if item.name.startswith("."):
@@ -258,8 +266,12 @@ def scan_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], i
         else:
             skipped.append({"path": item.name, "reason": "not in a class folder"})
     folders = [(name, resolve_folder(name)) for name in names]
+    return _list_folders(src, root, folders, skipped, warnings_)
 
-    entries: list[ImageEntry] = []
+
+def _list_folders(src: Path, root: Path, folders, skipped: list[dict[str, str]],
+                  warnings_: list[str]) -> Iterator[ImageEntry]:
+    listed = str(src.absolute())
     for name, class_index in folders:
         top = src / name
         if top.is_symlink():
@@ -273,11 +285,9 @@ def scan_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], i
             if reason:
                 skipped.append({"path": rel, "reason": reason})
             else:
-                entries.append(ImageEntry(rel, name, class_index, listed))
+                yield ImageEntry(rel, name, class_index, listed)
         if found == 0:
             warnings_.append(f"class folder {name!r} is empty")
-    entries.sort(key=lambda e: e.rel)
-    return entries, skipped, warnings_
 
 
 def collect_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:

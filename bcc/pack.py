@@ -1,7 +1,7 @@
 """Image class folders -> WebDataset shards + `manifest.json` (the first stage of the data path).
 
-`pack_folders(SRC, OUT)` walks SRC (one top-level folder per class, resolved through the taxonomy),
-reads, hashes and decodes every file once in a process pool, splits the samples (seeded, stratified,
+`pack_folders(SRC, OUT)` walks SRC (one top-level folder per class, resolved through the taxonomy)
+and, as the walk goes, reads, hashes and decodes every file once in a process pool, splits the samples (seeded, stratified,
 duplicates and groups kept together), shuffles each split and writes `{split}-{index:06d}.tar` shards
 in parallel plus `manifest.json` and timm's `_info.json`. Bad files are skipped with a reason, never
 dropped silently. Output appears atomically: everything is written to a sibling `OUT.tmp-<pid>` and
@@ -9,17 +9,25 @@ renamed at the end (each shard also goes to a temporary name first); a killed pa
 is removed by the next pack to OUT once that process is gone. The worker-side pipeline (first
 pass, pool, shard tasks) is `bcc.pack_pool`; this module plans the splits and writes the manifest.
 
-Scale: memory is the file list plus ~60 bytes of numpy columns per file (no image bytes, no dict per
+Scale: memory is the file list plus ~70 bytes of numpy columns per file (no image bytes, no dict per
 file), at most 4 x workers tasks are in flight, and the manifest's long per-file lists are streamed to
-side files. The write phase re-reads a source stored as read but does not re-hash it: its size and
-CRC-32 must match the first pass (`SourceChangedError` names the file otherwise). Output does not
-depend on the number of workers: tasks are made and their results taken in a fixed order.
+side files. Each source is read once: in the first pass every worker appends the bytes each image will
+store (the source's own bytes, exactly those hashed, or its re-encoding) to its staging file in
+`OUT.tmp-<pid>/_staging`, and the write phase copies those byte ranges into the shards in split and
+shuffle order. No source is read, hashed or decoded again (on a cluster file system a second read of
+the whole data set), so a source edited after the first pass cannot reach a shard; a staged range that
+comes back short fails the pack naming the staging file. Disk: the staging holds one more copy of the
+stored images (about the output's size) until the shards are written, and is deleted before the
+rename. Output does not depend on the number of workers: tasks are made and their results taken in a
+fixed order, and where a worker staged an image does not change its bytes.
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import glob
+import itertools
 import os
 import shutil
 import time
@@ -31,14 +39,13 @@ from typing import Any
 
 import numpy as np
 
-from bcc.imageio import MAX_IMAGE_PIXELS, scan_class_folders
+from bcc.imageio import MAX_IMAGE_PIXELS, iter_class_folders
 from bcc.manifest import split_entry, write_manifest
 from bcc.neardup import DEFAULT_THRESHOLD, is_enabled
 from bcc.pack_pool import (
     _EXTS,
     PackError,
     ProgressFn,
-    SourceChangedError,
     _inspect_all,
     _Options,
     _ordered,
@@ -58,7 +65,7 @@ from bcc.split import (
 )
 from bcc.taxonomy import Taxonomy
 
-__all__ = ["PackError", "PackResult", "SourceChangedError", "default_workers", "pack_folders"]
+__all__ = ["PackError", "PackResult", "default_workers", "pack_folders"]
 
 # A pack made with default options must feed 2 loader workers on each of up to 8 ranks, one shard each
 DEFAULT_MIN_SHARDS = 16
@@ -77,7 +84,7 @@ class PackResult:
     skipped_by_reason: dict[str, int]
     elapsed_s: float
     images_per_s: float
-    stages: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds: scan, first pass, split, write, manifest
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds: scan + first pass (overlapped), split, write, manifest
 
 
 def default_workers() -> int:
@@ -225,8 +232,9 @@ def pack_folders(
 
     workers: processes that read, hash and decode the sources and write the shards (1: all in this
     process; `default_workers()` is the CPU affinity, `bcc pack`'s default); not an integer >= 1:
-    PackError naming it. A source that changes or vanishes between the first pass and the write:
-    `SourceChangedError` naming it (run again); an unreadable source in the first pass is skipped.
+    PackError naming it. Each source is read once (an unreadable one is skipped): the bytes hashed are
+    the bytes stored, staged in `out`'s temporary sibling until the shards are written, so free room
+    for about twice the output is needed while packing (PackError naming the staging file otherwise).
     near_dup_threshold: images whose 64-bit pHashes differ in at most this many bits (default 6)
     stay on one side of the split and of the folds, like exact duplicates; None or -1 switches the
     hashing off. The groups are reported in the manifest's `near_duplicates`. Each per-file list
@@ -289,18 +297,9 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         stages[name] = round(now - clock[0], 3)
         clock[0] = now
 
-    entries, skipped, warnings_ = scan_class_folders(src, taxonomy.resolve_folder)
-    if not entries:  # a pack of no samples trains nothing; empty class folders alone stay warnings
-        raise PackError(f"SRC {src}: no images found{_skipped_note(skipped)}")
-    # the file list, compact: relative paths, folder and class per file (absolute paths are src + rel)
-    root = str(src.absolute())
-    rels = [e.rel for e in entries]
-    folder_names = sorted({e.folder for e in entries})
-    folder_id = {name: k for k, name in enumerate(folder_names)}
-    folder_of = np.fromiter((folder_id[e.folder] for e in entries), dtype=np.int32, count=len(entries))
-    label_of = np.fromiter((e.class_index for e in entries), dtype=np.int32, count=len(entries))
-    del entries
-    scan_skipped = len(skipped)
+    skipped: list[dict[str, str]] = []
+    warnings_: list[str] = []
+    listing = iter_class_folders(src, taxonomy.resolve_folder, skipped, warnings_)  # unknown folder: raises now
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -309,10 +308,40 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
     staging.mkdir(parents=True)
     try:
         opts = dataclasses.replace(opts, staging=str(staging))
-        paths = _JoinedPaths(root, rels)
-        stage("scan")
-        rec = _inspect_all(pool, paths, opts, workers, progress)
-        stage("first pass")
+        # the file list, compact: relative paths, folder and class per file (absolute paths are src + rel),
+        # made while the first pass runs on what is listed so far
+        root = str(src.absolute())
+        rels: list[str] = []
+        folder_id: dict[str, int] = {}
+        folder_ids, class_ids = array.array("i"), array.array("i")
+
+        def paths():
+            for e in listing:
+                rels.append(e.rel)
+                folder_ids.append(folder_id.setdefault(e.folder, len(folder_id)))
+                class_ids.append(e.class_index)
+                yield os.path.join(root, e.rel)
+
+        rec = _inspect_all(pool, paths(), opts, workers, progress, listed=rels.__len__)
+        if not rels:  # a pack of no samples trains nothing; empty class folders alone stay warnings
+            raise PackError(f"SRC {src}: no images found{_skipped_note(skipped)}")
+        scan_skipped = len(skipped)
+        # files in sorted order, as the split expects; the walk's order already is, unless a folder name
+        # sorts before a sibling's "/" (e.g. "a b" and "a/"): then the columns are permuted, not re-read
+        order = None
+        if not all(map(str.__lt__, rels, itertools.islice(rels, 1, None))):
+            order = np.array(sorted(range(len(rels)), key=rels.__getitem__), dtype=np.int64)
+            rels[:] = [rels[i] for i in order.tolist()]
+        rec.finish(order)
+        folder_names = sorted(folder_id)
+        renumber = np.zeros(len(folder_names), dtype=np.int32)
+        for k, name in enumerate(folder_names):
+            renumber[folder_id[name]] = k
+        folder_of = renumber[np.frombuffer(folder_ids, dtype=np.int32)]
+        label_of = np.frombuffer(class_ids, dtype=np.int32).copy()
+        if order is not None:
+            folder_of, label_of = folder_of[order], label_of[order]
+        stage("scan + first pass")
         skipped += [{"path": rels[i], "reason": reason} for i, reason in rec.skip.items()]
         skipped.sort(key=lambda s: s["path"])
         if strict and skipped:
@@ -351,17 +380,16 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         targets = [taxonomy.targets(c) for c in range(len(names))]
         stage("split")
 
-        prefix = os.path.join(root, "")  # prefix + rel == os.path.join(root, rel)
-
         def items(members: np.ndarray, split_name: str, start: int):
             # one shard's columns as lists first: per-element numpy access costs ~0.1 us a field
             files = ok[members]
             hexes = sha[members].tobytes().hex()
             columns = (files.tolist(), labels[members].tolist(), rec.ext[files].tolist(),
-                       folder_of[files].tolist(), rec.phash[files].tolist(), rec.staged[files].tolist(),
-                       rec.size[files].tolist(), rec.crc[files].tolist(),
+                       folder_of[files].tolist(), rec.phash[files].tolist(), rec.stage[files].tolist(),
+                       rec.offset[files].tolist(), rec.length[files].tolist(),
                        fold_of[members].tolist() if fold_of is not None else [-1] * len(files))
-            for j, (i, label, code, folder, ph, staged, size, crc, fold) in enumerate(zip(*columns, strict=True)):
+            for j, (i, label, code, folder, ph, stage_file, offset, length, fold) in enumerate(zip(*columns,
+                                                                                               strict=True)):
                 ext = _EXTS[code - 1]
                 meta = {"class": names[label], "folder": folder_names[folder], "source": rels[i],
                         "sha256": hexes[64 * j:64 * j + 64], "label": label, **targets[label]}
@@ -369,8 +397,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
                     meta["phash"] = f"{ph:016x}"  # imagehash's hex form
                 if fold >= 0:
                     meta["fold"] = fold
-                path = str(staging / f"{i:08d}.{ext}") if staged else prefix + rels[i]
-                yield (f"{split_name}-{start + j:08d}", ext, path, staged, size, crc, meta)
+                yield (f"{split_name}-{start + j:08d}", ext, stage_file, offset, length, meta)
 
         plan = []  # (split, its members in shard order, shard sizes)
         for k, split_name in enumerate(SPLITS):
@@ -379,11 +406,13 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
             plan.append((split_name, np.array(members, dtype=np.int64), shard_sizes(len(members), shard_size,
                                                                                   min_shards)))
 
+        stage_files = [str(staging / name) for name in rec.stage_files]
+
         def tasks():
             for split_name, members, sizes in plan:
                 start = 0
                 for j, size in enumerate(sizes):
-                    yield (str(tmp / f"{split_name}-{j:06d}.tar"),
+                    yield (str(tmp / f"{split_name}-{j:06d}.tar"), stage_files,
                            list(items(members[start:start + size], split_name, start)), folds)
                     start += size
 
@@ -396,6 +425,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
             written += result[1]
             if progress:
                 progress("write", written, n)
+        shutil.rmtree(staging)  # every stored byte is in the shards now
         splits_info: dict[str, Any] = {}
         split_of = np.array(SPLITS)[assignment]
         for k, (split_name, _members, sizes) in enumerate(plan):
@@ -423,7 +453,6 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
                                   skipped=skipped, converted=converted, duplicates=duplicates,
                                   near_duplicates=near_list if near_dup_threshold is not None else None,
                                   folds=fold_info, warnings=warnings_, name=out.name)
-        shutil.rmtree(staging)
         _commit(tmp, out)
         stage("manifest")
     except BaseException:
@@ -438,19 +467,6 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
               "shards": sum(len(v["shards"]) for v in manifest["splits"].values())}
     return PackResult(manifest, out, counts, dict(sorted(by_reason.items())), elapsed,
                       n / elapsed if elapsed > 0 else 0.0, stages)
-
-
-class _JoinedPaths:
-    """Absolute paths of the file list, made on demand (root + relative path)."""
-
-    def __init__(self, root: str, rels: list[str]):
-        self.root, self.rels = root, rels
-
-    def __len__(self) -> int:
-        return len(self.rels)
-
-    def __getitem__(self, k: slice) -> list[str]:
-        return [os.path.join(self.root, r) for r in self.rels[k]]
 
 
 def _near_paths(group, ok: np.ndarray, rels: list[str], labels: np.ndarray) -> dict[str, Any]:

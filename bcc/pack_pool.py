@@ -1,12 +1,14 @@
 """`bcc.pack`'s process-pool pipeline: the per-file first pass and the shard-writing tasks.
 
 Owns what runs in the worker processes and how work reaches them: `_inspect` (read, sha256, full
-decode, pHash, re-encode into the staging folder) over chunks of files, the first pass's compact
-per-file columns (`_Records`), the fork pool (`_start_pool`) and ordered, bounded submission
-(`_ordered`: at most `window` tasks in flight, results taken in task order, so output does not depend
-on the number of workers), and `_write_one_shard` (one shard per task, atomically; a source stored as
-read must still match the first pass's size and CRC-32, else `SourceChangedError`). Worker functions
-are top-level so a process pool can run them. `bcc.pack` plans the splits and calls these.
+decode, pHash, re-encode where needed) over chunks of files, each worker appending every stored
+image's bytes to its own staging file (`_inspect_chunk`), the first pass's compact per-file columns
+(`_Records`: hashes, and where each image's bytes lie in the staging files), the fork pool
+(`_start_pool`) and ordered, bounded submission (`_ordered`: at most `window` tasks in flight, results
+taken in task order, so output does not depend on the number of workers), and `_write_one_shard` (one
+shard per task, atomically, from byte ranges of the staging files: sources are read once, in the first
+pass). Worker functions are top-level so a process pool can run them. `bcc.pack` plans the splits and
+calls these.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import os
-import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,14 +119,14 @@ def _convert(img, data: bytes, opts: _Options, rgb: Callable[[], Any]) -> dict[s
 
 
 # One image's first-pass record: (skip reason or None, sha256 digest (32 bytes), pHash, stored extension,
-# re-encoded into the staging folder, converted-from mode, source size in bytes, CRC-32 of the source bytes)
-_Record = tuple[str | None, bytes | None, int, str | None, bool, str | None, int, int]
+# converted-from mode); `_inspect` returns it with the bytes to store
+_Record = tuple[str | None, bytes | None, int, str | None, str | None]
 _EXTS = ("jpg", "png", "webp")  # codes 1..3 of the `ext` column; 0: skipped
 
 
 def _read(path: str) -> bytes:
     """The bytes of the file at `path`, by file descriptor: ~5 us a small file, where `open().read()`
-    (a buffered file object) takes ~10 and pathlib's `read_bytes()` ~15 (twice per packed file)."""
+    (a buffered file object) takes ~10 and pathlib's `read_bytes()` ~15."""
     fd = os.open(path, os.O_RDONLY)
     try:
         parts = [os.read(fd, os.fstat(fd).st_size + 1)]
@@ -135,55 +137,68 @@ def _read(path: str) -> bytes:
         os.close(fd)
 
 
-def _inspect(index: int, path: str, opts: _Options) -> _Record:
-    """Read, hash, fully decode and (if needed) re-encode one file: the only read of a source that is
-    decoded; never raises. Re-encoded bytes go to the staging folder, not through the result pipe."""
+def _inspect(path: str, opts: _Options) -> tuple[_Record, bytes | None]:
+    """Read, hash, fully decode and (if needed) re-encode one file, the only read of a source; never
+    raises. Returns its record and the bytes a shard will store (the source's own bytes, exactly those
+    hashed, or the re-encoded image; None when skipped)."""
     try:
         data = _read(path)
     except OSError as e:
-        return (f"unreadable: {e.strerror or e}", None, 0, None, False, None, 0, 0)
+        return (f"unreadable: {e.strerror or e}", None, 0, None, None), None
     if not data:
-        return ("zero-byte file", None, 0, None, False, None, 0, 0)
+        return ("zero-byte file", None, 0, None, None), None
     digest = hashlib.sha256(data).digest()
     try:
         info = _decode(data, os.path.splitext(path)[1].lower(), opts)
     except ImageError as e:
-        return (e.reason, digest, 0, None, False, None, len(data), 0)
+        return (e.reason, digest, 0, None, None), None
     except Exception as e:  # a decoder bug must not kill a long pack
-        return (f"corrupt image: {type(e).__name__}: {e}", digest, 0, None, False, None, len(data), 0)
-    encoded = info["data"]
-    if encoded is not None:
-        with open(os.path.join(opts.staging, f"{index:08d}.{info['ext']}"), "wb") as f:
-            f.write(encoded)
-    return (None, digest, info["phash"] or 0, info["ext"], encoded is not None, info["converted"], len(data),
-            zlib.crc32(data))
+        return (f"corrupt image: {type(e).__name__}: {e}", digest, 0, None, None), None
+    stored = data if info["data"] is None else info["data"]
+    return (None, digest, info["phash"] or 0, info["ext"], info["converted"]), stored
 
 
-# A task's records as columns (what crosses the pipe: a few arrays per chunk, not a tuple per file):
-# (first index, skip reasons {offset: reason}, sha256 digests (n x 32 bytes), pHash, ext code, staged,
-# size, CRC-32, converted-from modes {offset: mode})
-_Chunk = tuple[int, dict[int, str], bytes, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-               dict[int, str]]
+# A task's records as columns (what crosses the pipe: a few arrays per chunk, not a tuple per file, and
+# no image bytes): (first index, skip reasons {offset: reason}, sha256 digests (n x 32 bytes), pHash,
+# ext code, offset and length of the stored bytes in the staging file, converted-from modes {offset:
+# mode}, the staging file's name)
+_Chunk = tuple[int, dict[int, str], bytes, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str], str]
+
+
+def _staging_error(path: str, e: OSError) -> PackError:
+    return PackError(f"cannot write the staging file {path} ({e.strerror or e}): the pack needs free room "
+                     "for one more copy of its output while it runs")
 
 
 def _inspect_chunk(task: tuple[int, list[str], _Options]) -> _Chunk:
+    """`_inspect` over one chunk of files; each stored image is appended to this process's staging file
+    (`<staging>/<pid>.bin`: one writer per file, so its offsets are this process's to know)."""
     start, paths, opts = task
     n = len(paths)
     skips: dict[int, str] = {}
     converted: dict[int, str] = {}
     sha = bytearray(32 * n)
     ph, ext = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint8)
-    staged, size, crc = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.uint32)
-    for k, path in enumerate(paths):
-        skip, digest, h, e, st, conv, sz, c = _inspect(start + k, path, opts)
-        if skip:
-            skips[k] = skip
-            continue
-        sha[32 * k:32 * k + 32] = digest
-        ph[k], ext[k], staged[k], size[k], crc[k] = h, 1 + _EXTS.index(e), st, sz, c
-        if conv:
-            converted[k] = conv
-    return start, skips, bytes(sha), ph, ext, staged, size, crc, converted
+    offset, length = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    name = f"{os.getpid()}.bin"
+    staging = os.path.join(opts.staging, name)
+    try:
+        with open(staging, "ab") as f:
+            at = f.tell()
+            for k, path in enumerate(paths):
+                (skip, digest, h, e, conv), stored = _inspect(path, opts)
+                if skip:
+                    skips[k] = skip
+                    continue
+                f.write(stored)
+                sha[32 * k:32 * k + 32] = digest
+                ph[k], ext[k], offset[k], length[k] = h, 1 + _EXTS.index(e), at, len(stored)
+                at += len(stored)
+                if conv:
+                    converted[k] = conv
+    except OSError as e:
+        raise _staging_error(staging, e) from e
+    return start, skips, bytes(sha), ph, ext, offset, length, converted, name
 
 
 def _noop() -> None:
@@ -236,87 +251,116 @@ def _ordered(pool, fn: Callable[[Any], Any], tasks: Iterable[Any], window: int) 
 
 class _Records:
     """The first pass's compact per-file columns (about 60 bytes a file; no Python object per file
-    beyond the file list, except skip reasons)."""
+    beyond the file list, except skip reasons), in the order the files were listed. Where each stored
+    image lies: staging file `stage_files[stage[i]]`, bytes `offset[i]` to `offset[i] + length[i]`.
+    Filled chunk by chunk (`put`, the total not known while the listing runs), then `finish`ed."""
 
-    def __init__(self, n: int):
-        self.sha = np.zeros((n, 32), dtype=np.uint8)
-        self.phash = np.zeros(n, dtype=np.uint64)
-        self.ext = np.zeros(n, dtype=np.uint8)  # 0: skipped, else 1 + index into _EXTS
-        self.staged = np.zeros(n, dtype=bool)
-        self.size = np.zeros(n, dtype=np.int64)
-        self.crc = np.zeros(n, dtype=np.uint32)
-        self.converted = np.zeros(n, dtype=np.uint16)  # 0: stored as read, else 1 + index into modes
+    _COLUMNS = ("sha", "phash", "ext", "stage", "offset", "length", "converted")
+
+    def __init__(self):
+        self.parts: list[tuple[np.ndarray, ...]] = []
         self.modes: list[str] = []
+        self.stage_files: list[str] = []  # names in the staging folder, one per process
         self.skip: dict[int, str] = {}
+        self.count = 0
 
     def put(self, chunk: _Chunk) -> int:
-        """Store one task's columns (slice assignments); returns the number of files in it."""
-        start, skips, sha, ph, ext, staged, size, crc, converted = chunk
-        end = start + len(ph)
-        self.sha[start:end] = np.frombuffer(sha, dtype=np.uint8).reshape(-1, 32)
-        self.phash[start:end], self.ext[start:end], self.staged[start:end] = ph, ext, staged
-        self.size[start:end], self.crc[start:end] = size, crc
-        for k, reason in skips.items():
-            self.skip[start + k] = reason
+        """Keep one task's columns; returns the number of files in it."""
+        start, skips, sha, ph, ext, offset, length, converted, stage_file = chunk
+        n = len(ph)
+        if stage_file not in self.stage_files:
+            self.stage_files.append(stage_file)
+        modes = np.zeros(n, dtype=np.uint16)  # 0: stored as read, else 1 + index into modes
         for k, mode in converted.items():
             if mode not in self.modes:
                 self.modes.append(mode)
-            self.converted[start + k] = 1 + self.modes.index(mode)
-        return end - start
+            modes[k] = 1 + self.modes.index(mode)
+        stage = np.full(n, self.stage_files.index(stage_file), dtype=np.uint16)
+        self.parts.append((np.frombuffer(sha, dtype=np.uint8).reshape(-1, 32), ph, ext, stage, offset, length,
+                           modes))
+        for k, reason in skips.items():
+            self.skip[start + k] = reason
+        self.count += n
+        return n
+
+    def finish(self, order: np.ndarray | None = None) -> _Records:
+        """The columns as arrays (`sha` n x 32 uint8, `phash`, `ext` (0: skipped, else 1 + index into
+        `_EXTS`), `stage`, `offset`, `length`, `converted`), permuted by `order` (new row k = old row
+        order[k]) when given; one column at a time, so the peak is one column over the parts."""
+        inverse = None
+        if order is not None:
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(len(order))
+            self.skip = {int(inverse[i]): reason for i, reason in self.skip.items()}
+        for k, name in enumerate(self._COLUMNS):
+            column = np.concatenate([part[k] for part in self.parts]) if self.parts else np.zeros(
+                (0, 32) if name == "sha" else 0, dtype=np.uint8)
+            setattr(self, name, column if order is None else column[order])
+        self.parts = []
+        return self
 
 
-def _inspect_all(pool, paths: Sequence[str], opts: _Options, workers: int,
-                 progress: ProgressFn | None) -> _Records:
-    total = len(paths)
-    records = _Records(total)
-    chunk = max(1, min(_CHUNK, total // max(1, workers * 4)))
-    tasks = ((start, list(paths[start:start + chunk]), opts) for start in range(0, total, chunk))
+def _inspect_all(pool, paths: Iterable[str], opts: _Options, workers: int,
+                 progress: ProgressFn | None, listed: Callable[[], int] = lambda: 0) -> _Records:
+    """The first pass over `paths` (absolute, consumed as tasks are made, so a listing that yields them
+    runs while the workers decode): chunks of up to `_CHUNK` files, growing from 8 so that small packs
+    and the first tasks spread over the workers. `listed()`: files listed so far, the progress total."""
+    records = _Records()
+
+    def tasks():
+        it = iter(paths)
+        start, size = 0, 8
+        while chunk := list(itertools.islice(it, size)):
+            yield start, chunk, opts
+            start += len(chunk)
+            size = min(_CHUNK, 2 * size)
+
     if progress:
-        progress("decode", 0, total)
+        progress("decode", 0, listed())
     done = 0
-    for result in _ordered(pool, _inspect_chunk, tasks, window=4 * workers):
+    for result in _ordered(pool, _inspect_chunk, tasks(), window=4 * workers):
         done += records.put(result)
         if progress:
-            progress("decode", done, total)
+            progress("decode", done, listed())
     return records
 
 
 # ---- writing ----------------------------------------------------------------------------------
-class SourceChangedError(PackError):
-    """A source file changed, vanished or became unreadable between the first pass and the write."""
-
-
-def _stored_bytes(path: str, staged: bool, size: int, crc: int, source: str) -> bytes:
-    """What a sample stores. A source stored as read is read again (no re-hash: its sha256 is the
-    first pass's) and must still have the first pass's size and CRC-32: the bytes written are the
-    bytes hashed, or the pack fails naming the file."""
-    try:
-        data = _read(path)
-    except OSError as e:
-        if staged:
-            raise
-        raise SourceChangedError(f"SRC file {source} became unreadable while packing ({e.strerror or e}); "
-                                 "run again") from e
-    if not staged and (len(data) != size or zlib.crc32(data) != crc):
-        raise SourceChangedError(f"SRC file {source} changed while packing ({size} -> {len(data)} bytes"
-                                 f"{', other content' if len(data) == size else ''}); run again")
-    return data
-
-
-# (shard path, [(key, ext, path to read, staged, source size, source crc32, json meta)], folds or None)
-_ShardTask = tuple[str, list[tuple[str, str, str, bool, int, int, dict[str, Any]]], int | None]
+# (shard path, staging file paths, [(key, ext, staging file index, offset, length, json meta)], folds or None)
+_ShardTask = tuple[str, list[str], list[tuple[str, str, int, int, int, dict[str, Any]]], int | None]
 
 
 def _write_one_shard(task: _ShardTask) -> tuple[str, int, str, list[int] | None]:
-    """Write one shard atomically (temporary name, then rename); (name, count, sha256, fold counts)."""
-    path, items, folds = task
+    """Write one shard atomically (temporary name, then rename) from byte ranges of the staging files;
+    (name, count, sha256, fold counts). No source is read here: each sample stores the bytes the first
+    pass staged. A range shorter than staged (a staging file cut or removed under the pack) raises
+    PackError naming it."""
+    path, stage_files, items, folds = task
+    fds: dict[int, int] = {}
+
+    def stored(stage: int, offset: int, length: int) -> bytes:
+        fd = fds.get(stage)
+        if fd is None:
+            try:
+                fd = fds[stage] = os.open(stage_files[stage], os.O_RDONLY)
+            except FileNotFoundError as e:
+                raise PackError(f"staging file {stage_files[stage]} vanished while packing; run again") from e
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise PackError(f"staging file {stage_files[stage]} lost bytes {offset}..{offset + length} "
+                            "while packing (removed or cut by someone else?); run again")
+        return data
 
     def samples():
-        for key, ext, src, staged, size, crc, meta in items:
-            yield make_sample(key, ext, _stored_bytes(src, staged, size, crc, meta["source"]), meta)
+        for key, ext, stage, offset, length, meta in items:
+            yield make_sample(key, ext, stored(stage, offset, length), meta)
 
-    with atomic_path(path) as tmp:
-        write_shard(tmp, samples())
+    try:
+        with atomic_path(path) as tmp:
+            write_shard(tmp, samples())
+    finally:
+        for fd in fds.values():
+            os.close(fd)
     fold_counts = None
     if folds:
         in_shard = Counter(meta.get("fold") for *_, meta in items)

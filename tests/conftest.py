@@ -83,6 +83,50 @@ def write_config(path: Path, shards: Path, run_dir: Path, **sections) -> Path:
     return path
 
 
+def bcc_in_process(*args) -> int:
+    """`bcc ARGS` run in this process (`bcc.cli.main`, which is all `python -m bcc` runs); returns the exit
+    code. It saves a new interpreter importing torch, timm and accelerate again (seconds a call), so use it
+    for commands that end early (an `error:` line) or only load a checkpoint (eval, predict, export,
+    report); training runs stay subprocesses. A bug (not a BccError) raises here instead of printing its
+    traceback, so it fails the test all the same. Accelerate's process-wide state is emptied for the call
+    and put back after it, and so are the SIGUSR1/SIGTERM handlers a training run installs
+    (`bcc.train.preempt`): the call sees a fresh process and leaves the test process as it found it."""
+    import signal
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from bcc.cli import main
+
+    saved = [(state, dict(state._shared_state)) for state in (AcceleratorState, GradientState)]
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    for state, _ in saved:
+        state._shared_state.clear()
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as e:  # argparse refusing an argument
+        return e.code
+    finally:
+        for state, values in saved:
+            state._shared_state.clear()
+            state._shared_state.update(values)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+@pytest.fixture
+def bcc_main(capsys):
+    """`bcc_in_process` with its output: returns (returncode, stdout, stderr) like `subprocess.run`."""
+    from types import SimpleNamespace
+
+    def run(*args):
+        capsys.readouterr()
+        rc = bcc_in_process(*args)
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
+
+    return run
+
+
 def run_bounded(cmd, timeout: float, env=None, **kwargs):
     """`subprocess.run(cmd, capture_output=True, text=True)` in a new session; past `timeout` seconds the
     WHOLE process tree is killed (subprocess.run kills only the child: accelerate's ranks would linger and
@@ -109,3 +153,19 @@ def launch(config: Path, *overrides: str, processes: int = 2, timeout: float = 3
 
     cmd, env = accelerate_command(processes, ["--config", str(config), *overrides])
     return run_bounded(cmd, timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def ddp_run(synth_shards, tmp_path_factory):
+    """One real 2-process CPU DDP run (`accelerate launch`) shared by the tests that check what such a run
+    writes: 2 epochs, test at the end, eval.calibrate and an operating point fitted on val from every
+    rank's logits, and TensorBoard + MLflow reporting. Returns (run dir, the launch's CompletedProcess).
+    Read it, don't change it (copy the run dir first)."""
+    root = tmp_path_factory.mktemp("ddp")
+    run_dir = root / "ddp"
+    cfg = write_config(root / "cfg.yaml", synth_shards, run_dir,
+                       eval={"calibrate": True, "operating_point": "sensitivity>=0.9"},
+                       run={"report_to": ["tensorboard", "mlflow"]})
+    proc = launch(cfg, processes=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, proc

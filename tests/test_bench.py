@@ -73,9 +73,8 @@ def test_bench_step_without_a_dataset_uses_the_default_taxonomy(tmp_path):
     assert len(row(out, "bcc train_step, finetune full")) >= 6
 
 
-def test_bench_step_names_a_bad_key(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bcc", "bench", "step", "train.lrr=1"], capture_output=True,
-                          text=True, timeout=60)
+def test_bench_step_names_a_bad_key(bcc_main):
+    proc = bcc_main("bench", "step", "train.lrr=1")
     assert proc.returncode == 2
     assert "train.lrr" in proc.stderr
 

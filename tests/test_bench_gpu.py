@@ -85,10 +85,9 @@ def test_no_gpu_asks_for_device_cpu(monkeypatch):
     assert gpu.resolve_device("cpu").type == "cpu"
 
 
-def test_out_in_a_missing_directory_is_one_error_line(tmp_path):
+def test_out_in_a_missing_directory_is_one_error_line(tmp_path, bcc_main):
     out = tmp_path / "absent" / "gpu.json"
-    proc = subprocess.run([sys.executable, "-m", "bcc", "bench", "gpu", "--device", "cpu", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = bcc_main("bench", "gpu", "--device", "cpu", "--out", out)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: --out {out}: directory {out.parent} does not exist"]
 

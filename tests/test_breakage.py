@@ -6,7 +6,6 @@ size check, which the lead owns).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bcc.errors import BccError
+
 from conftest import write_config
 from test_evaluate import trained_run  # noqa: F401 - session fixture shared by the evaluation tests
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bcc(*args, env=None, timeout=400):
-    return subprocess.run([sys.executable, "-m", "bcc", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+@pytest.fixture
+def bcc(bcc_main):
+    return bcc_main
 
 
 def assert_one_error_line(proc, *names):
@@ -44,30 +45,30 @@ def cfg(synth_shards, tmp_path):
 
 
 @pytest.mark.parametrize("value", [0, -3])
-def test_nonpositive_batch_size_is_one_error_naming_the_key(cfg, value):
+def test_nonpositive_batch_size_is_one_error_naming_the_key(cfg, value, bcc):
     # 0: ZeroDivisionError traceback in stream.batches_per_epoch; -3: "cannot fill one batch of -3 ... lower it"
     proc = bcc("train", "--config", cfg, f"data.batch_size={value}")
     assert_one_error_line(proc, "data.batch_size")
     assert "lower data.batch_size" not in proc.stderr
 
 
-def test_unknown_backbone_is_one_error_naming_it(cfg):
+def test_unknown_backbone_is_one_error_naming_it(cfg, bcc):
     proc = bcc("train", "--config", cfg, "model.backbone=nosuchnet")
     assert_one_error_line(proc, "model.backbone", "nosuchnet")
 
 
-def test_negative_lr_is_one_error_naming_train_lr(cfg):
+def test_negative_lr_is_one_error_naming_train_lr(cfg, bcc):
     proc = bcc("train", "--config", cfg, "train.lr=-0.1")
     assert_one_error_line(proc, "train.lr")
 
 
-def test_image_size_zero_is_blamed_on_data_image_size(cfg):
+def test_image_size_zero_is_blamed_on_data_image_size(cfg, bcc):
     # today: "error: cannot decode sample train-000000xx in .../train-000001.tar: Input and output sizes ..."
     proc = bcc("train", "--config", cfg, "data.image_size=0")
     assert_one_error_line(proc, "data.image_size")
 
 
-def test_export_out_that_is_a_file_is_one_error(trained_run, tmp_path):  # noqa: F811
+def test_export_out_that_is_a_file_is_one_error(trained_run, tmp_path, bcc):  # noqa: F811
     target = tmp_path / "afile"
     target.write_text("x")
     proc = bcc("export", "--checkpoint", trained_run, "--out", target)
@@ -83,20 +84,20 @@ def test_export_out_that_is_a_file_is_one_error(trained_run, tmp_path):  # noqa:
 # --------------------------------------------------------------------------- wrong blame (11.8)
 
 
-def test_renamed_key_in_config_file_is_blamed_on_the_file(synth_shards, tmp_path):
+def test_renamed_key_in_config_file_is_blamed_on_the_file(synth_shards, tmp_path, bcc):
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "run", schedule={"preset": "frozen"})
     proc = bcc("train", "--config", cfg, "train.epochs=1")
     assert_one_error_line(proc, "finetune", "cfg.yaml")
     assert "train.epochs=1" not in proc.stderr
 
 
-def test_bad_override_value_is_blamed_on_that_override(cfg, tmp_path):
+def test_bad_override_value_is_blamed_on_that_override(cfg, tmp_path, bcc):
     proc = bcc("train", "--config", cfg, "train.weight_decay=[1,2]", f"run.dir={tmp_path / 'other'}")
     assert_one_error_line(proc, "train.weight_decay")
     assert "run.dir=" not in proc.stderr
 
 
-def test_fp16_on_cpu_is_refused(cfg):
+def test_fp16_on_cpu_is_refused(cfg, bcc):
     proc = bcc("train", "--config", cfg, "train.mixed_precision=fp16")
     assert_one_error_line(proc, "train.mixed_precision")
 
@@ -104,14 +105,15 @@ def test_fp16_on_cpu_is_refused(cfg):
 # --------------------------------------------------------------------------- issue 10: one catch, exit 2
 
 
-def test_bench_data_user_error_goes_through_the_one_catch(tmp_path):
+def test_bench_data_user_error_goes_through_the_one_catch(tmp_path, bcc, monkeypatch):
     proc = bcc("bench", "data", "--shards", tmp_path / "nope")
     assert_one_error_line(proc, "nope")
-    debug = bcc("bench", "data", "--shards", tmp_path / "nope", env={**os.environ, "BCC_DEBUG": "1"})
-    assert "Traceback" in debug.stderr  # BCC_DEBUG=1 shows it, as for every other command
+    monkeypatch.setenv("BCC_DEBUG", "1")
+    with pytest.raises(BccError, match="nope"):  # BCC_DEBUG=1 lets it out with its traceback, as for every command
+        bcc("bench", "data", "--shards", tmp_path / "nope")
 
 
-def test_predict_of_only_missing_or_corrupt_files_exits_2(trained_run, tmp_path):  # noqa: F811
+def test_predict_of_only_missing_or_corrupt_files_exits_2(trained_run, tmp_path, bcc):  # noqa: F811
     bad = tmp_path / "bad.jpg"
     bad.write_text("garbage")
     for path in (tmp_path / "missing.jpg", bad):
@@ -128,7 +130,7 @@ def test_python_m_bcc_evaluate_points_to_bcc_eval(synth_shards, tmp_path):
     assert len(lines) == 1 and "bcc eval" in lines[0], proc.stderr
 
 
-def test_pack_of_an_empty_source_is_refused(tmp_path):
+def test_pack_of_an_empty_source_is_refused(tmp_path, bcc):
     (tmp_path / "src").mkdir()
     proc = bcc("pack", tmp_path / "src", tmp_path / "out")
     assert_one_error_line(proc, "src")
@@ -137,7 +139,7 @@ def test_pack_of_an_empty_source_is_refused(tmp_path):
 # --------------------------------------------------------------------------- refused resume leaves a lie
 
 
-def test_refused_resume_keeps_the_runs_config_yaml(trained_run, synth_shards, tmp_path):  # noqa: F811
+def test_refused_resume_keeps_the_runs_config_yaml(trained_run, synth_shards, tmp_path, bcc):  # noqa: F811
     saved = (trained_run / "config.yaml").read_text()
     cfg = write_config(tmp_path / "cfg2.yaml", synth_shards, trained_run, train={"epochs": 1, "lr": 0.5})
     proc = bcc("train", "--config", cfg)
@@ -183,7 +185,7 @@ def test_cmyk_jpeg_packed_pixels_equal_decode_rgb(make_class_tree, tmp_path):
     assert np.array_equal(via_pack, via_predict), f"max abs diff {np.abs(via_pack.astype(int) - via_predict).max()}"
 
 
-def test_folder_eval_reports_a_symlinked_class_folder_as_skipped(trained_run, make_class_tree, tmp_path):  # noqa: F811
+def test_folder_eval_reports_a_symlinked_class_folder_as_skipped(trained_run, make_class_tree, tmp_path, bcc):  # noqa: F811
     src = make_class_tree(tmp_path / "src", {"Benign": 3, "Early": 3, "Pre": 3})
     outside = make_class_tree(tmp_path / "elsewhere", {"Pro": 3})
     (src / "Pro").symlink_to(outside / "Pro")

@@ -205,11 +205,9 @@ def test_seed_list():
         seed_list(0, 0)
 
 
-def test_bcc_compare_refuses_packs_that_do_not_match_the_seeds(synth_shards, tmp_path):
+def test_bcc_compare_refuses_packs_that_do_not_match_the_seeds(synth_shards, tmp_path, bcc_main):
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused")
-    proc = subprocess.run([sys.executable, "-m", "bcc", "compare", "--config", str(cfg), "--seeds", "2",
-                           "--packs", str(synth_shards), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = bcc_main("compare", "--config", cfg, "--seeds", "2", "--packs", synth_shards, "--out", tmp_path / "o")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         "error: --packs gives 1 pack(s) for --seeds 2: one pack per seed"]
@@ -266,7 +264,7 @@ def test_a_runs_cpu_seconds_count_from_its_own_start_not_the_process_start():
     assert 0 <= log.cpu_elapsed() < 0.2
 
 
-def test_bcc_compare_plan_lists_every_arm_and_seed_once_with_its_pack(synth_shards, tmp_path):
+def test_bcc_compare_plan_lists_every_arm_and_seed_once_with_its_pack(synth_shards, tmp_path, bcc_main, monkeypatch):
     # what slurm/compare.sbatch trains one per array task: modes x inits x seeds, arm-major, pack k for seed k
     packs = [tmp_path / "p0", tmp_path / "p1"]
     for p in packs:
@@ -275,10 +273,9 @@ def test_bcc_compare_plan_lists_every_arm_and_seed_once_with_its_pack(synth_shar
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused",
                        model={"backbone": "test_resnet", "pretrained": str(tmp_path / "weights.pt")},
                        train={"seed": 5})
-    proc = subprocess.run([sys.executable, "-m", "bcc", "compare", "--plan", "--config", str(cfg), "--modes",
-                           "frozen,lpft", "--init", "pretrained,scratch", "--seeds", "2", "--packs",
-                           ",".join(map(str, packs)), "--out", "o", "data.batch_size=8"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)  # --out o is relative
+    proc = bcc_main("compare", "--plan", "--config", cfg, "--modes", "frozen,lpft", "--init", "pretrained,scratch",
+                    "--seeds", "2", "--packs", ",".join(map(str, packs)), "--out", "o", "data.batch_size=8")
     assert proc.returncode == 0, proc.stderr
     rows = [line.split("\t") for line in proc.stdout.splitlines()]
     assert [r[0] for r in rows] == [str(k) for k in range(8)]

@@ -20,7 +20,7 @@ def _bcc(*args, cwd=None):
 
 
 @pytest.mark.slow
-def test_cv_two_folds_end_to_end(synth_data, synth_shards, tmp_path):
+def test_cv_two_folds_end_to_end(synth_data, synth_shards, tmp_path, bcc_main):
     from bcc.pack import pack_folders
 
     shards = tmp_path / "shards"
@@ -63,12 +63,13 @@ def test_cv_two_folds_end_to_end(synth_data, synth_shards, tmp_path):
     assert (out / "CV.md").is_file()
 
     # aggregation alone reads the runs back; a pack without folds, or K that disagrees, is one error line
-    again = _bcc("cv", "--aggregate", out, "--folds", 2)
+    # (in-process: each ends before training)
+    again = bcc_main("cv", "--aggregate", out, "--folds", 2)
     assert again.returncode == 0, again.stderr
-    bad = _bcc("cv", "--config", cfg, "--folds", 3, "--out", tmp_path / "x")
+    bad = bcc_main("cv", "--config", cfg, "--folds", 3, "--out", tmp_path / "x")
     assert bad.returncode == 2 and "packed with 2 folds" in bad.stderr and "Traceback" not in bad.stderr
     nofolds = write_config(tmp_path / "nf.yaml", synth_shards, tmp_path / "nf")
-    bad = _bcc("cv", "--config", nofolds, "--folds", 2)
+    bad = bcc_main("cv", "--config", nofolds, "--folds", 2)
     assert bad.returncode == 2 and "no cross-validation folds" in bad.stderr
-    bad = _bcc("train", "--config", nofolds, "data.fold=0")
+    bad = bcc_main("train", "--config", nofolds, "data.fold=0")
     assert bad.returncode == 2 and "has no folds" in bad.stderr and "Traceback" not in bad.stderr

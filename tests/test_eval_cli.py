@@ -6,20 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from test_evaluate import trained_run  # noqa: F401 - session fixture shared by the evaluation tests
 
 
-def bcc(*args: str):
-    return subprocess.run([sys.executable, "-m", "bcc", *map(str, args)], capture_output=True, text=True, timeout=300)
-
-
-def test_bcc_eval_writes_into_the_run_and_prints_a_table(trained_run, synth_shards):  # noqa: F811
-    proc = bcc("eval", "--checkpoint", trained_run, "--data", synth_shards, "--workers", "0")
+def test_bcc_eval_writes_into_the_run_and_prints_a_table(trained_run, synth_shards, bcc_main):  # noqa: F811
+    proc = bcc_main("eval", "--checkpoint", trained_run, "--data", synth_shards, "--workers", "0")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = trained_run / "eval-test"
     for name in ("metrics.json", "predictions.csv", "confusion.png", "reliability.png"):
@@ -45,7 +39,7 @@ def test_bcc_eval_names_both_taxonomies_on_a_mismatch(trained_run, synth_shards,
     assert "'all-4class'" in message and "'all-3class'" in message and str(tmp_path) in message
 
 
-def test_calibrate_lowers_ece_of_an_overconfident_model(trained_run, synth_shards, tmp_path):  # noqa: F811
+def test_calibrate_lowers_ece_of_an_overconfident_model(trained_run, synth_shards, tmp_path, bcc_main):  # noqa: F811
     from safetensors.torch import load_file, save_file
 
     from bcc.evaluate import evaluate_checkpoint
@@ -60,7 +54,7 @@ def test_calibrate_lowers_ece_of_an_overconfident_model(trained_run, synth_shard
     save_file(state, ckpt / "model.safetensors")
     (ckpt / "hashes.json").unlink()  # weights edited on purpose: load them unchecked, as an older checkpoint
 
-    proc = bcc("calibrate", "--checkpoint", ckpt, "--data", synth_shards, "--workers", "0")
+    proc = bcc_main("calibrate", "--checkpoint", ckpt, "--data", synth_shards, "--workers", "0")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "ECE before" in proc.stdout and "temperature.json" in proc.stdout
     stored = json.loads((ckpt / "temperature.json").read_text())

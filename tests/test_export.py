@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import bcc_in_process
 from test_evaluate import trained_run  # noqa: F401 - session fixture shared by the evaluation tests
 
 # Runs in a fresh interpreter: loads the export, predicts every image given, and reports which heavy
@@ -44,7 +45,7 @@ print(json.dumps({
 """
 
 
-def test_export_round_trip(trained_run, synth_data, tmp_path):  # noqa: F811
+def test_export_round_trip(trained_run, synth_data, tmp_path, bcc_main):  # noqa: F811
     from bcc.predict import load_inference_model, predict_paths, write_temperatures
 
     # a calibrated checkpoint: the temperatures must travel with the export
@@ -56,8 +57,7 @@ def test_export_round_trip(trained_run, synth_data, tmp_path):  # noqa: F811
     write_temperatures(calibrated, {"binary": 1.5, "subtype": 0.8}, {"split": "val"})
 
     out = tmp_path / "export"
-    proc = subprocess.run([sys.executable, "-m", "bcc", "export", "--checkpoint", str(calibrated), "--out", str(out),
-                           "--torchscript", "--onnx"], capture_output=True, text=True, timeout=300)
+    proc = bcc_main("export", "--checkpoint", calibrated, "--out", out, "--torchscript", "--onnx")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "ONNX skipped: the onnx package is not installed" in proc.stdout
     info = json.loads((out / "bcc_export.json").read_text())
@@ -103,9 +103,7 @@ def hf_export(trained_run, synth_shards, tmp_path_factory):  # noqa: F811
                                                                      "chosen": {"sens": 0.8, "spec": 0.9}}})
     evaluation = evaluate_checkpoint(run, synth_shards, split="test", out=run / "eval-test", workers=0)
     out = root / "export"
-    proc = subprocess.run([sys.executable, "-m", "bcc", "export", "--format", "hf", "--checkpoint", str(run),
-                           "--out", str(out), "--license", "cc-by-nc-4.0"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert bcc_in_process("export", "--format", "hf", "--checkpoint", run, "--out", out, "--license", "cc-by-nc-4.0") == 0
     return run, out, evaluation
 
 

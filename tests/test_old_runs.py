@@ -37,7 +37,7 @@ def _make_old(run_dir):
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
 
 
-def test_old_run_resumes_evaluates_and_aggregates(synth_shards, tmp_path):
+def test_old_run_resumes_evaluates_and_aggregates(synth_shards, tmp_path, bcc_main):
     from bcc.compare import read_mode
     from bcc.predict import load_inference_model
 
@@ -53,7 +53,7 @@ def test_old_run_resumes_evaluates_and_aggregates(synth_shards, tmp_path):
     # predict/evaluate read the checkpoint's config in today's names
     im = load_inference_model(old_ckpt, device="cpu")
     assert im.config.finetune.preset == "full" and im.config.checkpoint.metric == "bacc"
-    proc = bcc("eval", "--checkpoint", old_ckpt, "--data", synth_shards, "--workers", "0", "--out", tmp_path / "ev")
+    proc = bcc_main("eval", "--checkpoint", old_ckpt, "--data", synth_shards, "--workers", "0", "--out", tmp_path / "ev")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
     # compare reads the old run dir: config.yaml migrated, acc4/bacc4 rows read as acc/bacc
@@ -69,18 +69,16 @@ def test_old_run_resumes_evaluates_and_aggregates(synth_shards, tmp_path):
     assert "bacc" in rows[-1] and "bacc4" not in rows[-1]
 
 
-def test_a_user_config_with_the_old_key_is_refused_naming_the_new_one(synth_shards, tmp_path):
+def test_a_user_config_with_the_old_key_is_refused_naming_the_new_one(synth_shards, tmp_path, bcc_main):
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "run", schedule={"preset": "frozen"})
-    proc = subprocess.run([sys.executable, "-m", "bcc.train", "--config", str(cfg)], capture_output=True, text=True,
-                          timeout=120)
+    proc = bcc_main("train", "--config", cfg)
     assert proc.returncode == 2
     assert "'schedule' is now 'finetune'" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_checkpoint_metric_is_checked_before_the_first_step(synth_shards, tmp_path):
+def test_checkpoint_metric_is_checked_before_the_first_step(synth_shards, tmp_path, bcc_main):
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "run", checkpoint={"metric": "bacc4"})
-    proc = subprocess.run([sys.executable, "-m", "bcc.train", "--config", str(cfg)], capture_output=True, text=True,
-                          timeout=120)
+    proc = bcc_main("train", "--config", cfg)
     assert proc.returncode == 2
     assert "checkpoint.metric 'bacc4'" in proc.stderr and "binary_bacc" in proc.stderr
     assert "epoch 1/" not in proc.stdout  # refused before any training step

@@ -186,9 +186,7 @@ def test_predict_eval_and_export_use_the_stored_point(run_copy, synth_data, synt
     assert load_exported(tmp_path / "export")[2].threshold == pytest.approx(t)
 
 
-def test_bcc_calibrate_fits_the_point_after_the_temperatures(run_copy, synth_shards):
-    import subprocess
-    import sys
+def test_bcc_calibrate_fits_the_point_after_the_temperatures(run_copy, synth_shards, bcc_main):
 
     from bcc.evaluate import calibrate_checkpoint
 
@@ -201,7 +199,6 @@ def test_bcc_calibrate_fits_the_point_after_the_temperatures(run_copy, synth_sha
     assert math.isclose(stored["margin"], t * math.log(point["threshold"] / (1 - point["threshold"])))
     calibrate_checkpoint(run_copy, synth_shards, "val", workers=0, operating_point="argmax")
     assert not (run_copy / "checkpoints" / "best" / "operating_point.json").exists()
-    proc = subprocess.run([sys.executable, "-m", "bcc", "calibrate", "-c", str(run_copy), "--workers", "0",
-                           "--operating-point", "sensitivity>=2"], capture_output=True, text=True, timeout=300)
+    proc = bcc_main("calibrate", "-c", run_copy, "--workers", "0", "--operating-point", "sensitivity>=2")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: operating point 'sensitivity>=2': the bound must lie in (0, 1)" in proc.stderr

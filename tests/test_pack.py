@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
@@ -480,19 +480,28 @@ def _messy_tree(tmp_path, make_class_tree) -> Path:
 
 def test_workers_do_not_change_a_byte(tmp_path, make_class_tree, monkeypatch):
     """--workers 1 and 2 give byte-identical shards, side files and manifest (apart from `created`),
-    with every per-file list in a side file, folds, a staged conversion and shards written out of order."""
+    with every per-file list in a side file, folds, a staged conversion and shards written out of order;
+    so does a listing fed to the first pass in walk order, which here differs from the sorted order the
+    split uses (files beside subfolders, "a b/" sorting before "a/"): the same bytes as a sorted listing."""
+    from bcc import imageio
     from bcc import manifest as manifest_mod
 
     src = _messy_tree(tmp_path, make_class_tree)
+    for sub, name in (("a", "img0002.jpg"), ("a b", "img0003.jpg")):
+        (src / "Benign" / sub).mkdir()
+        (src / "Benign" / name).rename(src / "Benign" / sub / name)
     monkeypatch.setattr(manifest_mod, "LIST_INLINE", 0)
     outs = {}
-    for workers in (1, 2):
+    for workers in (1, 2, "sorted"):
+        if workers == "sorted":  # the listing as before the overlap: all of it, sorted, then the pass
+            monkeypatch.setattr(pack_mod, "iter_class_folders",
+                                lambda *a: iter(sorted(imageio.iter_class_folders(*a), key=lambda e: e.rel)))
         out = tmp_path / f"w{workers}" / "data"  # the name goes into _info.json
-        pack_folders(src, out, seed=4, shard_size=3, min_shards=2, folds=2, workers=workers)
+        pack_folders(src, out, seed=4, shard_size=3, min_shards=2, folds=2, workers=2 if workers == "sorted" else workers)
         outs[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
         outs[workers]["manifest.json"] = {k: v for k, v in json.loads(outs[workers]["manifest.json"]).items()
                                           if k != "created"}
-    assert outs[1] == outs[2]
+    assert outs[1] == outs[2] == outs["sorted"]
     m = outs[1]["manifest.json"]
     for key in ("skipped", "converted", "duplicates", "near_duplicates"):
         assert m[key] == {"file": f"{key}.jsonl", "count": 1,
@@ -529,29 +538,68 @@ def test_long_lists_go_to_hashed_side_files_and_read_back(tmp_path, monkeypatch,
     assert m.near_duplicates() == groups
 
 
-@pytest.mark.parametrize("change", ["edited", "removed"])
-def test_a_source_changed_between_the_passes_is_named(tmp_path, make_class_tree, monkeypatch, change):
-    """The write phase does not re-hash sources: it checks each one's size and CRC-32 against the first
-    pass, so an edit (same size, other bytes) or a removal fails the pack naming the file; OUT is not
-    written and nothing is left behind."""
+def test_each_source_is_read_once_and_its_first_pass_bytes_are_stored(tmp_path, make_class_tree, monkeypatch):
+    """The write phase copies the bytes the first pass staged: every source is read exactly once, and a
+    source edited or removed after the first pass changes nothing (the shard holds the bytes hashed);
+    a staging file cut under the pack fails it naming the file, leaving nothing behind."""
     src = make_class_tree(tmp_path / "src", {"Benign": 3, "Early": 3})
-    victim = src / "Early" / "img0001.jpg"
-    real = pack_mod._inspect_all
+    (src / "Early" / "grey.png").write_bytes(image_bytes(77, 32, "PNG", "L"))  # re-encoded, also staged
+    edited, removed = src / "Early" / "img0001.jpg", src / "Benign" / "img0000.jpg"
+    before = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*.*")}
+    reads = Counter()
+    real_read, real_all = pack_pool._read, pack_mod._inspect_all
+
+    def read(path):
+        reads[Path(path).relative_to(src).as_posix()] += 1
+        return real_read(path)
 
     def then_change(*args, **kwargs):
-        records = real(*args, **kwargs)
-        if change == "edited":
-            data = bytearray(victim.read_bytes())
-            data[-3] ^= 0xFF
-            victim.write_bytes(bytes(data))
-        else:
-            victim.unlink()
+        records = real_all(*args, **kwargs)
+        edited.write_bytes(edited.read_bytes()[:-3] + b"\0\0\0")
+        removed.unlink()
         return records
 
+    monkeypatch.setattr(pack_pool, "_read", read)
     monkeypatch.setattr(pack_mod, "_inspect_all", then_change)
-    message = "changed while packing" if change == "edited" else "became unreadable while packing"
-    with pytest.raises(pack_mod.SourceChangedError, match=f"SRC file Early/img0001.jpg {message}"):
-        pack_folders(src, tmp_path / "out", min_shards=1)
+    m = pack_folders(src, tmp_path / "out", min_shards=1).manifest
+    assert reads == dict.fromkeys(before, 1)
+    stored = {}
+    for s in m["splits"].values():
+        for shard in s["shards"]:
+            for x in wds.WebDataset(str(tmp_path / "out" / shard["path"]), shardshuffle=False, empty_check=False):
+                meta = json.loads(x["json"])
+                stored[meta["source"]] = (x.get("jpg") or x["png"], meta["sha256"])
+    assert set(stored) == set(before)
+    for rel, (data, sha) in stored.items():
+        assert sha == hashlib.sha256(before[rel]).hexdigest()
+        assert data == before[rel] or rel == "Early/grey.png"
+    assert verify_shards(tmp_path / "out").ok
+    assert not list(tmp_path.glob("out.tmp-*"))
+
+    def then_cut(*args, **kwargs):
+        records = real_all(*args, **kwargs)
+        for staged in (tmp_path / f"out2.tmp-{os.getpid()}" / "_staging").iterdir():
+            os.truncate(staged, 10)
+        return records
+
+    monkeypatch.setattr(pack_mod, "_inspect_all", then_cut)
+    with pytest.raises(PackError, match=r"staging file .*_staging/\d+\.bin lost bytes"):
+        pack_folders(src, tmp_path / "out2", min_shards=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_a_full_disk_while_staging_is_named(tmp_path, make_class_tree, monkeypatch):
+    """The staged copy needs room for about one more output: a failed staging write stops the pack with
+    one PackError naming the staging file and the reason, and leaves nothing behind."""
+    src = make_class_tree(tmp_path / "src", {"Benign": 2})
+
+    def full(path, mode="r"):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(pack_pool, "open", full, raising=False)  # the module's `open`, not the builtin
+    with pytest.raises(PackError, match=r"cannot write the staging file .*_staging/\d+\.bin \(No space left on "
+                       r"device\): the pack needs free room for one more copy of its output"):
+        pack_folders(src, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 

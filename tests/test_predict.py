@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,7 +26,7 @@ def test_answer_names_the_subtype_only_for_malignant_decisions():
     assert [answer_text(t, int(c)) for c in decide(t, [binary, subtype])] == ["Benign", "Malignant: Pro-B", "Benign"]
 
 
-def test_predict_cli(trained_run, synth_data, tmp_path):  # noqa: F811
+def test_predict_cli(trained_run, synth_data, tmp_path, bcc_main):  # noqa: F811
     images = tmp_path / "images"
     (images / "nested").mkdir(parents=True)
     sources = sorted((synth_data / "Benign").iterdir())[:2] + sorted((synth_data / "Pro").iterdir())[:2]
@@ -39,10 +37,8 @@ def test_predict_cli(trained_run, synth_data, tmp_path):  # noqa: F811
         img.save(images / ("nested" if i == 3 else "") / f"cell{i}.png")
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bcc", "predict", "--checkpoint", str(trained_run), str(images), "--tta",
-         "--json", str(out / "p.json"), "--csv", str(out / "p.csv"), "--gradcam", str(out / "cam")],
-        capture_output=True, text=True, timeout=300)
+    proc = bcc_main("predict", "--checkpoint", trained_run, images, "--tta", "--json", out / "p.json",
+                    "--csv", out / "p.csv", "--gradcam", out / "cam")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]  # one file failed
     assert "broken.jpg" in proc.stderr
     data = json.loads((out / "p.json").read_text())

@@ -570,19 +570,14 @@ def test_training_from_a_run_prints_the_load_line(run, synth_shards, tmp_path):
     assert "heads re-initialised: binary, subtype" in line
 
 
-def test_a_bad_pretrained_file_ends_training_with_one_error_line(synth_shards, tmp_path):
-    import subprocess
-    import sys
-
+def test_a_bad_pretrained_file_ends_training_with_one_error_line(synth_shards, tmp_path, bcc_main):
     from conftest import write_config
 
     (tmp_path / "w.pt").write_bytes(b"PK\x03\x04 not a zip")
     cfg = write_config(
         tmp_path / "cfg.yaml", synth_shards, tmp_path / "run", model={"pretrained": str(tmp_path / "w.pt")}
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "bcc.train", "--config", str(cfg)], capture_output=True, text=True, timeout=300
-    )
+    proc = bcc_main("train", "--config", cfg)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert (f"error: pretrained weights {tmp_path / 'w.pt'}: not a loadable weights file (RuntimeError: "

@@ -12,12 +12,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import bcc_in_process
 from test_evaluate import trained_run, unpack_split  # noqa: F401 - trained_run: session fixture shared by the evaluation tests
 
 
@@ -25,9 +25,7 @@ from test_evaluate import trained_run, unpack_split  # noqa: F401 - trained_run:
 def report(trained_run, tmp_path_factory):  # noqa: F811
     """The report of `trained_run` through the CLI, in its own directory (the run's eval-test is reused)."""
     out = tmp_path_factory.mktemp("report")
-    proc = subprocess.run([sys.executable, "-m", "bcc", "report", str(trained_run), "--out", str(out), "--worst", "6"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert bcc_in_process("report", trained_run, "--out", out, "--worst", "6") == 0
     return out / "report.html"
 
 
@@ -153,12 +151,10 @@ def test_decisions_use_the_stored_operating_point_and_show_argmax(trained_run, t
     assert page.count('class="mistake"') == page.count('argmax: <b class="argmax">') == min(50, wrong)
 
 
-def test_report_errors_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bcc", "report", str(tmp_path / "nope")],
-                          capture_output=True, text=True, timeout=120)
+def test_report_errors_are_one_line(tmp_path, bcc_main):
+    proc = bcc_main("report", tmp_path / "nope")
     assert proc.returncode == 2 and "error:" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
-    bad = subprocess.run([sys.executable, "-m", "bcc", "report", str(tmp_path), "--worst", "-1"],
-                         capture_output=True, text=True, timeout=120)
+    bad = bcc_main("report", tmp_path, "--worst", "-1")
     assert bad.returncode == 2 and "--worst" in bad.stderr
 
 

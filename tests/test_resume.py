@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from bcc.launch import accelerate_command
 
 from conftest import write_config
+from test_evaluate import trained_run  # noqa: F401 - session fixture: a one-epoch, one-process run
 
 EXIT_PREEMPTED = 75
 
@@ -69,8 +72,10 @@ def resume_config(synth_shards, tmp_path):
 
 
 def test_sigkill_then_auto_resume_is_bitwise_exact(resume_config, tmp_path):
-    """One process, 2 loader workers: killed at a random checkpoint mid-epoch, resumed, equal to uninterrupted
-    in the raw weights and in their EMA (train.ema_decay, bcc/train/ema.py)."""
+    """One process, 2 loader workers: killed at a random checkpoint mid-epoch, resumed with 3 workers
+    (data.workers is a safe resume change: the batch sequence does not depend on it), equal to
+    uninterrupted in the raw weights and in their EMA (train.ema_decay, bcc/train/ema.py). The one
+    end-to-end test of both promises (it was two runs each: this and an unkilled resume with other workers)."""
     ema = {"ema_decay": 0.9}
     straight = tmp_path / "straight"
     proc = subprocess.run(train_cmd(resume_config(straight, train=ema)), capture_output=True, text=True, timeout=300)
@@ -88,9 +93,9 @@ def test_sigkill_then_auto_resume_is_bitwise_exact(resume_config, tmp_path):
     proc.wait(timeout=30)
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
 
-    resumed = subprocess.run(train_cmd(cfg), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(train_cmd(cfg, "data.workers=3"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "data.workers: 2 -> 3" in resumed.stdout, resumed.stdout[-2000:]
     assert_bitwise_equal(final_weights(straight), final_weights(killed))
     assert_bitwise_equal(final_weights(straight, "model_ema.safetensors"), final_weights(killed, "model_ema.safetensors"))
     a = json.loads((straight / "summary.json").read_text())
@@ -104,14 +109,26 @@ def test_sigkill_then_auto_resume_is_bitwise_exact(resume_config, tmp_path):
     assert [(r["split"], r["epoch"]) for r in rows] == [("val", 1), ("val", 2), ("val", 3), ("test", 3)]
 
 
-def test_resume_refuses_unsafe_config_change_and_another_model(resume_config, tmp_path):
+def copy_of_trained_run(source: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(config, run dir): a copy of the session's one-epoch, one-process run (`trained_run`: its last
+    checkpoint is at the epoch end) and that run's config pointing at the copy (run.* is safe on resume).
+    What a first `train.epochs=1` run of the test would have made, without training it again."""
     run_dir = tmp_path / "run"
-    cfg = resume_config(run_dir, train={"epochs": 1})
-    assert subprocess.run(train_cmd(cfg), capture_output=True, timeout=300).returncode == 0
-    proc = subprocess.run(train_cmd(cfg, "train.lr=0.5"), capture_output=True, text=True, timeout=300)
+    shutil.copytree(source, run_dir, symlinks=True)  # best/last are relative links
+    cfg = yaml.safe_load((source.parent / "cfg.yaml").read_text())
+    cfg["run"]["dir"] = str(run_dir)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, run_dir
+
+
+def test_resume_refuses_unsafe_config_change_and_another_model(trained_run, tmp_path, bcc_main):  # noqa: F811
+    """The refusals run in-process (`bcc_main`): each ends before a step, after reading the checkpoint."""
+    cfg, run_dir = copy_of_trained_run(trained_run, tmp_path)
+    proc = bcc_main("train", "--config", cfg, "train.lr=0.5")
     assert proc.returncode == 2
     assert "train.lr" in proc.stderr
-    proc = subprocess.run(train_cmd(cfg, "model.head_hidden=64"), capture_output=True, text=True, timeout=300)
+    proc = bcc_main("train", "--config", cfg, "model.head_hidden=64")
     assert proc.returncode == 2
     assert "another model" in proc.stderr and "head_hidden" in proc.stderr
     # more epochs is safe: the run continues from its last checkpoint
@@ -119,14 +136,12 @@ def test_resume_refuses_unsafe_config_change_and_another_model(resume_config, tm
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "config change accepted: train.epochs" in proc.stdout
     # starting over into a run dir that holds checkpoints would mix two runs
-    proc = subprocess.run(train_cmd(cfg, "checkpoint.resume=none"), capture_output=True, text=True, timeout=300)
+    proc = bcc_main("train", "--config", cfg, "checkpoint.resume=none")
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
 
 
-def test_epoch_end_checkpoint_resumes_on_another_process_count(resume_config, tmp_path):
-    run_dir = tmp_path / "run"
-    cfg = resume_config(run_dir, train={"epochs": 1}, checkpoint={"every_steps": 0})
-    assert subprocess.run(train_cmd(cfg), capture_output=True, timeout=300).returncode == 0
+def test_epoch_end_checkpoint_resumes_on_another_process_count(trained_run, tmp_path):  # noqa: F811
+    cfg, run_dir = copy_of_trained_run(trained_run, tmp_path)  # one process, checkpointed at the epoch end
     cmd, env = accelerate_command(2, ["--config", str(cfg), "train.epochs=2"])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -147,7 +162,7 @@ def _children(pid: int) -> dict[int, int]:
     return ranks
 
 
-def test_sigusr1_preempts_two_process_training_and_resume_matches(resume_config, tmp_path):
+def test_sigusr1_preempts_two_process_training_and_resume_matches(resume_config, tmp_path, bcc_main):
     """SIGUSR1 to rank 1 only: all ranks agree at the next vote, save together, exit 75, and the marker
     names the signal rank 1 got; resume is exact, the EMA (with its warmup) included, and both ranks hold
     the same EMA."""
@@ -174,7 +189,7 @@ def test_sigusr1_preempts_two_process_training_and_resume_matches(resume_config,
 
     # a mid-epoch checkpoint replays each rank's stream: another process count is refused, clearly
     if state["batches_in_epoch"]:
-        other = subprocess.run(train_cmd(cfg), capture_output=True, text=True, timeout=300)
+        other = bcc_main("train", "--config", cfg)  # one process, in-process: refused before a step
         assert other.returncode == 2 and "mid-epoch by 2 processes" in other.stderr, other.stderr[-2000:]
 
     cmd, env = accelerate_command(2, ["--config", str(cfg)])
@@ -205,7 +220,7 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_75(resume_config, tm
     assert state["step"] == marker["step"] > 0
 
 
-def test_damaged_latest_checkpoint_auto_resumes_from_previous_and_says_so(resume_config, tmp_path):
+def test_damaged_latest_checkpoint_auto_resumes_from_previous_and_says_so(resume_config, tmp_path, bcc_main):
     """Damage after writing: a flipped bit in the latest checkpoint's weights and a truncated optimizer.pt
     in the one before. An explicit resume from the damaged one is a named error; resume=auto warns once
     per damaged checkpoint, resumes from the newest intact one and, being exact, ends with the weights
@@ -225,8 +240,7 @@ def test_damaged_latest_checkpoint_auto_resumes_from_previous_and_says_so(resume
     optimizer = (previous / "optimizer.pt").read_bytes()
     (previous / "optimizer.pt").write_bytes(optimizer[: len(optimizer) // 2])
 
-    explicit = subprocess.run(train_cmd(cfg, f"checkpoint.resume={latest}"), capture_output=True, text=True,
-                              timeout=300)
+    explicit = bcc_main("train", "--config", cfg, f"checkpoint.resume={latest}")  # refused before a step
     assert explicit.returncode == 2, explicit.stdout[-2000:] + explicit.stderr[-2000:]
     errors = [line for line in explicit.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in explicit.stderr

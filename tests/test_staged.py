@@ -172,7 +172,7 @@ def test_kill_in_stage_two_resumes_to_the_same_weights(synth_shards, tmp_path):
     assert all(torch.equal(ref_opt[i]["momentum_buffer"], got_opt[i]["momentum_buffer"]) for i in ref_opt)
 
 
-def test_bcc_compare_writes_a_table_of_the_three_modes(synth_shards, tmp_path):
+def test_bcc_compare_writes_a_table_of_the_three_modes(synth_shards, tmp_path, bcc_main):
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused",
                        train={"epochs": 3, "lr": 0.05, "warmup_steps": 1, "log_every": 50},
                        data={"batch_size": 32})
@@ -195,16 +195,14 @@ def test_bcc_compare_writes_a_table_of_the_three_modes(synth_shards, tmp_path):
     assert (out / "val_curves.png").stat().st_size > 1000
     # aggregation alone rebuilds the same table from the run directories (the sbatch array's last step)
     (out / "results.csv").unlink()
-    proc = subprocess.run([sys.executable, "-m", "bcc", "compare", "--aggregate", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = bcc_main("compare", "--aggregate", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["mode"] for r in csv.DictReader((out / "results.csv").open())] == ["frozen", "staged", "full"]
 
 
 @pytest.mark.parametrize("bad", ["--modes frozen,warm", "--aggregate {tmp}/nothing"])
-def test_bcc_compare_refuses_unknown_modes_and_empty_dirs(bad, tmp_path):
+def test_bcc_compare_refuses_unknown_modes_and_empty_dirs(bad, tmp_path, bcc_main):
     args = bad.format(tmp=tmp_path).split()
-    proc = subprocess.run([sys.executable, "-m", "bcc", "compare", "--out", str(tmp_path / "o"), *args],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = bcc_main("compare", "--out", tmp_path / "o", *args)
     assert proc.returncode == 2
     assert "unknown mode 'warm'" in proc.stderr or "no finished run" in proc.stderr

@@ -1,6 +1,4 @@
 import hashlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -59,15 +57,13 @@ def test_refuses_non_empty_output(tmp_path):
         render_cell("Mystery", 32, np.random.default_rng(0))
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, bcc_main):
     out = tmp_path / "d"
-    proc = subprocess.run([sys.executable, "-m", "bcc", "synth", str(out), "--per-class", "2", "--size", "32",
-                           "--format", "png"], capture_output=True, text=True, timeout=120)
+    proc = bcc_main("synth", out, "--per-class", "2", "--size", "32", "--format", "png")
     assert proc.returncode == 0, proc.stderr
     assert "wrote 8 images" in proc.stdout
     assert len(list(out.rglob("*.png"))) == 8
-    again = subprocess.run([sys.executable, "-m", "bcc", "synth", str(out)], capture_output=True, text=True,
-                           timeout=120)
+    again = bcc_main("synth", out)
     assert again.returncode == 2 and "not empty" in again.stderr
 
 

@@ -17,11 +17,8 @@ def read_rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_process_ddp_keeps_ranks_identical_and_counts_eval_once(synth_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, run_dir)
-    proc = launch(cfg, processes=2)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_two_process_ddp_keeps_ranks_identical_and_counts_eval_once(ddp_run, synth_shards):
+    run_dir, proc = ddp_run  # 2 processes, 2 epochs (tests/conftest.py)
     assert "rank 0/2" in proc.stdout and "rank 1/2" in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     ranks = summary["ranks"]
@@ -99,38 +96,35 @@ def test_short_cpu_run_learns_the_synthetic_task(synth_shards, tmp_path):
     assert set(temps["temperatures"]) == {"binary", "subtype"}
 
 
-def test_bad_config_key_fails_cleanly(synth_shards, tmp_path):
+def test_bad_config_key_fails_cleanly(synth_shards, tmp_path, bcc_main):
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-m", "bcc.train", "--config", str(cfg), "train.lrr=0.1"],
-                          capture_output=True, text=True, timeout=120)
+    proc = bcc_main("train", "--config", cfg, "train.lrr=0.1")
     assert proc.returncode == 2
     assert "train.lrr" in proc.stderr and "did you mean 'lr'" in proc.stderr
 
 
-def test_missing_dataset_is_named(tmp_path):
+def test_missing_dataset_is_named(tmp_path, bcc_main):
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "nowhere", tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-m", "bcc.train", "--config", str(cfg)],
-                          capture_output=True, text=True, timeout=120)
+    proc = bcc_main("train", "--config", cfg)
     assert proc.returncode == 2
     assert "nowhere" in proc.stderr
 
 
-def test_calibration_at_the_end_uses_every_rank_and_matches_bcc_calibrate(synth_shards, tmp_path):
+def test_calibration_at_the_end_uses_every_rank_and_matches_bcc_calibrate(ddp_run, synth_shards, tmp_path, bcc_main):
     """eval.calibrate fits the temperatures from the training eval path, all ranks' val logits gathered:
-    the same temperatures `bcc calibrate` fits on the whole val split through the inference stack."""
+    the same temperatures `bcc calibrate` fits on the whole val split through the inference stack (both on
+    the best checkpoint)."""
+    import shutil
+
     run_dir = tmp_path / "run"
-    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, run_dir, train={"epochs": 1},
-                       eval={"calibrate": True, "test_at_end": False, "operating_point": "sensitivity>=0.9"})
-    proc = launch(cfg, processes=2)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shutil.copytree(ddp_run[0], run_dir, symlinks=True)  # bcc calibrate rewrites the files in its copy
     stored = json.loads((run_dir / "checkpoints" / "best" / "temperature.json").read_text())
     point = json.loads((run_dir / "checkpoints" / "best" / "operating_point.json").read_text())
     manifest = json.loads((synth_shards / "manifest.json").read_text())
     assert stored["count"] == manifest["splits"]["val"]["count"]  # every val sample once, across both ranks
     assert point["count"] == stored["count"] and point["calibrated"] and point["rule"] == "sensitivity>=0.9"
     assert point["temperature"] == stored["temperatures"]["binary"] and point["val"]["chosen"]["sens"] >= 0.9
-    proc = subprocess.run([sys.executable, "-m", "bcc", "calibrate", "--checkpoint", str(run_dir), "--workers", "0",
-                           "--operating-point", "sensitivity>=0.9"], capture_output=True, text=True, timeout=300)
+    proc = bcc_main("calibrate", "--checkpoint", run_dir, "--workers", "0", "--operating-point", "sensitivity>=0.9")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     refit = json.loads((run_dir / "checkpoints" / "best" / "temperature.json").read_text())
     for head, t in stored["temperatures"].items():

@@ -10,7 +10,7 @@ The decode limit is the per-image first-pass work (read, sha256, full decode, pH
 pack; the pack runs with `workers` processes, so the goal is throughput >= 0.8 x limit x workers. The
 same work is also measured in `workers` processes at once (disjoint files, rates summed): what the cores
 really give together, which "limit x workers" takes to be linear; both ratios are reported. The limit
-is the packer's necessary per-image work, no more (no pool, no write) and no less (a bare decode would
+is the packer's necessary per-image work, no more (no pool, no staging copy, no shard write) and no less (a bare decode would
 leave out the sha256 and the pHash that the duplicate and near-duplicate promises need). Peak RSS is
 summed over the packer's process tree (a fresh interpreter running `pack_folders`, and its workers), sampled
 every 20 ms: the packer's own footprint, not this benchmark's imports. Listing the tree is done every
@@ -105,45 +105,44 @@ def _subset(full: Path, out: Path, n: int) -> Path:
     return out
 
 
-def decode_limit(src: Path, staging: Path, *, images: int = 2000, seconds: float = 5.0,
+def decode_limit(src: Path, *, images: int = 2000, seconds: float = 5.0,
                  part: tuple[int, int] = (0, 1)) -> float:
     """img/s of the packer's first-pass work per image in this one process (up to `images` files or
     `seconds`, whichever comes first); `part` (k, W): every W-th file from the k-th."""
     from bcc.imageio import MAX_IMAGE_PIXELS
     from bcc.pack_pool import _inspect, _Options
 
-    staging.mkdir(parents=True, exist_ok=True)
     k, every = part
     paths = sorted(str(p) for p in src.rglob("*.jpg"))[k::every][:images]
-    opts = _Options(None, 90, MAX_IMAGE_PIXELS, str(staging), phash=True)
-    _inspect(0, paths[0], opts)  # imports and first-call costs
+    opts = _Options(None, 90, MAX_IMAGE_PIXELS, "", phash=True)  # nothing to stage: JPEGs are stored as read
+    _inspect(paths[0], opts)  # imports and first-call costs
     t0 = time.perf_counter()
     done = 0
-    for k, p in enumerate(paths):
-        _inspect(k, p, opts)
+    for p in paths:
+        _inspect(p, opts)
         done += 1
         if time.perf_counter() - t0 > seconds:
             break
     return done / (time.perf_counter() - t0)
 
 
-def _limit_part(args: tuple[Path, Path, int, int]) -> float:
-    src, staging, k, workers = args
-    return decode_limit(src, staging, part=(k, workers))
+def _limit_part(args: tuple[Path, int, int]) -> float:
+    src, k, workers = args
+    return decode_limit(src, part=(k, workers))
 
 
-def decode_limit_together(src: Path, staging: Path, workers: int) -> float:
+def decode_limit_together(src: Path, workers: int) -> float:
     """Summed img/s of `decode_limit` run in `workers` processes at once on disjoint files: what the
     machine's cores give together for the same work (shared caches, memory bandwidth, clock limits),
     which `decode_limit` x workers assumes to be linear."""
     if workers <= 1:
-        return decode_limit(src, staging)
+        return decode_limit(src)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        return sum(pool.map(_limit_part, [(src, staging, k, workers) for k in range(workers)]))
+        return sum(pool.map(_limit_part, [(src, k, workers) for k in range(workers)]))
 
 
 _CHILD = """
@@ -225,8 +224,8 @@ def bench_pack(sizes: Sequence[int] = (20_000, 200_000), *, workers: int | None 
         full = synthetic_sources(tmp / f"src{largest}", largest, image_px=image_px)
         for n in sizes:
             src = full if n == largest else _subset(full, tmp / f"src{n}", n)
-            limit = decode_limit(src, tmp / "staging-limit")
-            together = decode_limit_together(src, tmp / "staging-limit", workers)
+            limit = decode_limit(src)
+            together = decode_limit_together(src, workers)
             progress(f"packing {n:,} images with {workers} worker(s); one process does {limit:,.0f} img/s, "
                      f"{workers} at once {together:,.0f}")
             load = os.getloadavg()

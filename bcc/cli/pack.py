@@ -54,7 +54,9 @@ def register(subparsers) -> None:
         "pack",
         help="pack image class folders into WebDataset shards with a manifest",
         description="Pack SRC (one folder per class) into seeded train/val/test WebDataset shards in OUT, "
-        "with manifest.json and timm's _info.json. Bad files are skipped with a reason.",
+        "with manifest.json and timm's _info.json. Bad files are skipped with a reason. Each source is "
+        "read once; its stored bytes wait in OUT's temporary sibling until the shards are written, so "
+        "the pack needs free room for about twice the output while it runs.",
     )
     p.add_argument("src", metavar="SRC", nargs="?", help="folder with one sub-folder per class")
     p.add_argument("out", metavar="OUT", nargs="?", help="output folder (must be empty or absent)")
