@@ -373,34 +373,31 @@ def test_every_planned_runs_finetune_plan_is_checked_before_training(tmp_path, m
         check_runs(cfg, [f"train.epochs={epochs}"], runs)
 
 
-def _compare_cli(cfg, out, *args):
-    from bcc.cli import main
-
-    return main(["compare", "--config", str(cfg), "--out", str(out), "--bench-steps", "0", *args])
-
-
-def test_bcc_compare_refuses_a_late_failing_mode_before_training_anything(tmp_path, capsys):
+def test_bcc_compare_refuses_a_late_failing_mode_before_training_anything(tmp_path, bcc_main):
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "shards", tmp_path / "unused")
-    assert _compare_cli(cfg, tmp_path / "o", "--modes", "frozen,lpft", "--seeds", "2", "train.epochs=1") == 2
-    err = capsys.readouterr().err
-    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+    common = ("compare", "--config", cfg, "--out", tmp_path / "o", "--bench-steps", "0", "--seeds", "2")
+    proc = bcc_main(*common, "--modes", "frozen,lpft", "train.epochs=1")
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         f"error: {tmp_path / 'o' / 'lpft' / 'seed-0'}: finetune preset 'lpft' has 2 stages and needs train.epochs "
         ">= 2, got 1 (nothing trained)"]
     assert not (tmp_path / "o").exists()  # no frozen run trained first
-    assert _compare_cli(cfg, tmp_path / "o", "--seeds", "2", "train.seed=4294967295") == 2
-    assert "past the largest train.seed 4294967295" in capsys.readouterr().err
+    proc = bcc_main(*common, "train.seed=4294967295")
+    assert proc.returncode == 2 and "past the largest train.seed 4294967295" in proc.stderr
     assert not (tmp_path / "o").exists()
 
 
-def test_bcc_compare_rerun_with_another_budget_is_refused_before_training(tmp_path, capsys):
+def test_bcc_compare_rerun_with_another_budget_is_refused_before_training(tmp_path, bcc_main):
     # the 1-epoch frozen runs of an earlier command are not reused beside 2-epoch lpft runs
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "shards", tmp_path / "unused")
     out = tmp_path / "o"
     for run in _planned(cfg, out, overrides=["train.epochs=1"]):
         run.run_dir.mkdir(parents=True)
         _fake_run(run, cfg, ["train.epochs=1"], finished=run.seed == 0)  # seed 1: interrupted
-    assert _compare_cli(cfg, out, "--modes", "frozen,lpft", "--seeds", "2", "train.epochs=2") == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    proc = bcc_main("compare", "--config", cfg, "--out", out, "--bench-steps", "0", "--modes", "frozen,lpft",
+                    "--seeds", "2", "train.epochs=2")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert lines == [f"error: {out / 'frozen' / 'seed-0'} holds a run of another config than this command's "
                      "(train.epochs: 1 -> 2): compare would reuse it beside runs of this config; use another --out, "
                      "or delete the run to train it again"]

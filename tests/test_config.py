@@ -146,12 +146,11 @@ def test_train_seed_must_fit_numpy(seed, ok):
             load_config(None, [f"train.seed={seed}"])
 
 
-def test_bcc_train_refuses_a_bad_seed_in_one_line(tmp_path, capsys):
-    from bcc.cli import main
-
-    assert main(["train", "--config", str(write(tmp_path, "train:\n  epochs: 1\n")), "train.seed=-3",
-                 f"run.dir={tmp_path / 'run'}"]) == 2
-    err = capsys.readouterr().err
+def test_bcc_train_refuses_a_bad_seed_in_one_line(tmp_path, bcc_main):
+    proc = bcc_main("train", "--config", write(tmp_path, "train:\n  epochs: 1\n"), "train.seed=-3",
+                    f"run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    err = proc.stderr
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
         "error: override 'train.seed=-3': train.seed: must be in [0, 4294967295] (2**32 - 1, numpy's seed range), "
         "got -3"] and "Traceback" not in err
