@@ -95,6 +95,7 @@ from bcc.sources import shard_weights
 from bcc.stream_ring import BatchRing, as_is, make_ring, worker_slots
 from bcc.stream_samples import CorruptSampleError, batched, decode_sample, shuffled
 from bcc.transforms import crops_from_config
+from bcc.worker_start import mark_started, start_flags, start_workers
 
 # re-exported: the stream's public names live where they are owned (plan: bcc.plan; tar reading: bcc.shards)
 __all__ = ["IMAGE_KEYS", "LANES", "CorruptSampleError", "EpochPlan", "ResamplePlan", "Segment", "ShardError",
@@ -270,6 +271,7 @@ def _worker_signals(worker_id: int) -> None:
     process's business: it saves, then ends the workers through the loader. So a worker ignores
     SIGUSR1 and outlives SIGTERM by a grace period (a worker killed at once would turn an orderly save
     into a crash), but is never immortal (a parent exiting with a stray worker still gets it back)."""
+    mark_started(worker_id)  # out of the fork (bcc.worker_start)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _defer_term)
 
@@ -308,6 +310,7 @@ class BatchLoader:
         self.persistent = persistent and workers > 0
         self.pin_memory = pin_memory
         self.ring = dataset.ring = make_ring(workers, batch_shape, PREFETCH + 1) if workers and batch_shape else None
+        self.started = dataset.started = start_flags(workers)  # set by each worker: bcc.worker_start
         # an explicit generator: otherwise the DataLoader draws its worker base seed from the global RNG,
         # which would shift the trainer's random state by whether and when a loader was created
         self.loader = DataLoader(
@@ -327,7 +330,7 @@ class BatchLoader:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        batches = iter(self.loader)
+        batches = start_workers(self.loader, self.started, self.what, self._shutdown)  # iter(), checked
         complete = False
         self.skipped = []
         try:

@@ -92,3 +92,48 @@ def test_a_worker_waiting_for_a_slot_ends_when_the_main_process_is_gone(monkeypa
     monkeypatch.setattr(stream_ring, "_main_alive", lambda: False)  # as if the main process had ended
     with pytest.raises(RuntimeError, match="main process ended"):
         ring.put(0, 2, images)
+
+
+def _hang_once_in_fork(marker):
+    """A worker_init stand-in: the first worker to get here hangs as a child stuck in fork() would
+    (python/cpython#112275), every later one marks itself started."""
+    import os
+    import time
+
+    from bcc import worker_start
+
+    def mark(worker_id):
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))  # only the first worker of all attempts
+        except FileExistsError:
+            return worker_start.mark_started(worker_id)
+        time.sleep(3600)
+
+    return mark
+
+
+@pytest.mark.timeout(120)  # without the fix it waits for the stuck worker forever
+@pytest.mark.parametrize("persistent", [True, False])
+def test_a_worker_stuck_in_fork_is_killed_and_the_loader_started_again(pack, tmp_path, monkeypatch, capsys, persistent):
+    # the hang of CI's demo: a DataLoader worker that never returns from fork(); the loader must not wait
+    # for it forever but kill it and start its workers again, giving the same batches
+    from bcc import stream, worker_start
+
+    monkeypatch.setattr(worker_start, "WORKER_START_S", 2.0)
+    cfg, ref = data_cfg(workers=2), data_cfg(workers=0)
+    want = batches(pack, ref, epoch=1)
+    monkeypatch.setattr(stream, "mark_started", _hang_once_in_fork(str(tmp_path / "hung")))
+    loader = TrainLoader(pack, cfg, seed=3, rank=0, world_size=1, persistent=persistent)
+    try:
+        assert_same(batches(pack, cfg, epoch=1, loader=loader), want)
+        assert (tmp_path / "hung").exists()
+        assert_same(batches(pack, cfg, epoch=1, loader=loader), want)  # later starts: no warning, same
+    finally:
+        loader.close()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "did not start" in line]
+    assert len(warnings) == 1 and "python/cpython#112275" in warnings[0], warnings
+    # a worker that never starts, every time: one clear error after START_ATTEMPTS tries, no hang
+    monkeypatch.setattr(stream, "mark_started", lambda worker_id: __import__("time").sleep(3600))
+    monkeypatch.setattr(worker_start, "WORKER_START_S", 0.5)
+    with pytest.raises(worker_start.WorkerStartError, match="did not start in 3 tries"):
+        list(eval_loader(pack, "val", cfg, rank=0, world_size=1))
