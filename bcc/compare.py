@@ -11,7 +11,9 @@ aggregation can resample the test samples; then `bcc.compare_table.aggregate` wr
 
 This module owns planning and training the arms and reading one finished run back (`read_mode`: its best
 epoch, test metrics and epoch times; `read_predictions`: its per-sample test decisions), which
-`bcc.compare_table` (over seeds, the files) and `bcc cv` build on.
+`bcc.compare_table` (over seeds, the files) and `bcc cv` build on. `bcc.compare_check` refuses a comparison
+before it trains (a run that would fail, a run dir holding another config's run) and tables over runs of
+different configs.
 
 `describe_finetune` (used by `bcc model groups`) lists the parameter groups of the configured model
 and what each stage trains, without any data.
@@ -175,9 +177,15 @@ def plan_arms(modes: Sequence[str], inits: Sequence[str] | None, pretrained: str
 
 
 def seed_list(base: int, seeds: int) -> list[int]:
-    """`train.seed` of each of `seeds` runs: the config's seed, then the next ones."""
+    """`train.seed` of each of `seeds` runs: the config's seed, then the next ones; the last must be a
+    valid train.seed too (checked here, before the first run trains)."""
+    from bcc.config_parse import SEED_MAX
+
     if seeds < 1:
         raise CompareError(f"--seeds must be >= 1, got {seeds}")
+    if base + seeds - 1 > SEED_MAX:
+        raise CompareError(f"train.seed={base} with --seeds {seeds} runs seeds up to {base + seeds - 1}, past the "
+                           f"largest train.seed {SEED_MAX}; lower train.seed to at most {SEED_MAX - seeds + 1}")
     return [base + k for k in range(seeds)]
 
 
@@ -204,6 +212,9 @@ def run_overrides(arm: Arm, run_dir: Path, seed: int | None, pack: str | None) -
     return out
 
 
+RESUME = "checkpoint.resume=auto"  # every run of a comparison continues its run dir when interrupted
+
+
 def train_mode(config: str | Path | None, overrides: Sequence[str], run_overrides: Sequence[str], run_dir: Path,
                processes: int = 1) -> int:
     """Train one run into `run_dir` (resuming it when interrupted before), then predict its test split
@@ -214,7 +225,7 @@ def train_mode(config: str | Path | None, overrides: Sequence[str], run_override
     if not (run_dir / "summary.json").is_file():  # finished runs are skipped: compare is re-runnable
         from bcc.launch import train_run
 
-        rc = train_run(config, [*overrides, *run_overrides, "checkpoint.resume=auto"], processes)
+        rc = train_run(config, [*overrides, *run_overrides, RESUME], processes)
         if rc != 0:
             return rc
     if not (run_dir / PREDICTIONS_FILE).is_file():
@@ -420,6 +431,9 @@ def compare(config: str | Path | None, modes: Sequence[str], out: str | Path, pr
     out = Path(out)
     cfg = load_config(config, list(overrides))
     runs = plan_runs(cfg, modes, out, seeds, inits, packs)
+    from bcc.compare_check import check_runs
+
+    check_runs(config, overrides, runs)  # every error a run would meet, before the first one trains
     out.mkdir(parents=True, exist_ok=True)
     failed = []
     for run in runs:

@@ -37,6 +37,7 @@ from bcc.compare import (
     read_predictions,
     write_test_predictions,
 )
+from bcc.compare_check import check_same_config
 from bcc.config import load_saved_config
 from bcc.stats import LEVEL, N_BOOT, SAMPLE_METRICS, bootstrap_ci, mean_sd, sample_metrics
 
@@ -266,6 +267,7 @@ def aggregate(out: str | Path, modes: Sequence[str] = MODES, bench: Mapping[str,
     if not present:
         looked = ", ".join(f"{n}/summary.json" for n in (names or modes))
         raise CompareError(f"no finished run under {out} (looked for {looked} and {{arm}}/seed-*/summary.json)")
+    check_same_config([d for n in present for d in find_runs(out, n)])  # one budget and recipe, or no table
     runs = {n: [read_mode(n, d) for d in find_runs(out, n)] for n in present}
     preds = {n: [_predictions(d) for d in find_runs(out, n)] for n in present}
     first = runs[present[0]][0]

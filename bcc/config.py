@@ -136,7 +136,7 @@ class TrainConfig:
     # auto: bf16 on a CUDA GPU that has it, fp16 (with a loss scaler) on one that has not, no on CPU.
     # Resolved once at start-up and logged (bcc/train/accel.py); the checkpoint records the result
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    seed: int = 0
+    seed: int = 0  # in [0, 2**32 - 1] (numpy's seed range); bcc compare --seeds N trains seed .. seed + N - 1
     # lr scaling with the global batch (batch_size x processes x grad_accum), timm's rule: train.lr is
     # the rate at lr_base_batch samples; linear: lr x global/base, sqrt: lr x sqrt(global/base); none: as given
     lr_scale: Literal["none", "linear", "sqrt"] = "none"

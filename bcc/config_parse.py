@@ -20,6 +20,8 @@ import yaml
 
 from bcc.errors import BccError
 
+SEED_MAX = 2**32 - 1  # the largest train.seed: numpy's seeds are 32-bit
+
 
 class ConfigError(BccError, ValueError):
     """A config file or override that does not fit the config tree; `key` is the dotted key at fault."""
@@ -78,6 +80,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.clip_grad": _at_least(0),
     "train.log_every": _at_least(1),
     "train.lr_base_batch": _positive(),
+    # numpy (accelerate's set_seed, the data order) takes seeds in [0, 2**32 - 1] only
+    "train.seed": ((lambda v: 0 <= v <= SEED_MAX), f"in [0, {SEED_MAX}] (2**32 - 1, numpy's seed range)"),
     "train.compile_backend": ((lambda v: v != ""), "a torch._dynamo backend name (not empty)"),
     # timedelta and the process groups' millisecond clocks overflow on inf/huge values; under 1 s no collective fits
     "train.timeout_s": ((lambda v: 1 <= v <= 31_536_000), "in [1, 31536000] seconds (1 s to a year)"),

@@ -287,3 +287,159 @@ def test_bcc_compare_plan_lists_every_arm_and_seed_once_with_its_pack(synth_shar
                            *(["model.pretrained=''"] if init == "scratch" else []),
                            f"train.seed={seed}", f"data.shards={packs[seed - 5]}"]
     assert not (tmp_path / "o").exists()  # --plan trains nothing
+
+
+# --------------------------------------------------------------------------- checks before training and tables
+
+
+def test_seed_list_refuses_a_last_seed_past_numpy_range():
+    assert seed_list(2**32 - 2, 2) == [2**32 - 2, 2**32 - 1]
+    with pytest.raises(CompareError, match=r"seeds up to 4294967296, past the largest train.seed 4294967295; "
+                                           r"lower train.seed to at most 4294967294"):
+        seed_list(2**32 - 1, 2)
+
+
+def _planned(cfg_path, out, modes=("frozen",), seeds=2, overrides=(), inits=None):
+    from bcc.compare import plan_runs
+    from bcc.config import load_config
+
+    return plan_runs(load_config(cfg_path, list(overrides)), modes, out, seeds, inits)
+
+
+def _fake_run(run, cfg_path, overrides, finished=True):
+    """A run dir as an earlier `bcc compare` left it: its config.yaml (and summary.json when it finished)."""
+    from bcc.compare import RESUME
+    from bcc.config import load_config, save_config
+
+    save_config(load_config(cfg_path, [*overrides, *run.overrides, RESUME]), run.run_dir / "config.yaml")
+    if finished:
+        (run.run_dir / "summary.json").write_text("{}")
+
+
+@pytest.mark.parametrize(("old", "new", "refused"), [
+    ([], [], None),
+    # how a run executes: free, as on resume
+    (["data.workers=2", "train.log_every=3", "checkpoint.keep_last=5"], ["data.workers=0"], None),
+    (["train.epochs=1"], ["train.epochs=2"], "train.epochs: 1 -> 2"),  # free on resume, not across a table
+    (["train.lr=0.1"], [], "train.lr: 0.1 -> 0.05"),
+    ([], ["checkpoint.metric=acc"], "checkpoint.metric: 'bacc' -> 'acc'"),
+    (["data.shards=other"], [], "data.shards: 'other' -> "),
+])
+def test_a_run_dir_holding_another_configs_run_is_refused(tmp_path, old, new, refused):
+    from bcc.compare_check import check_runs
+
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "shards", tmp_path / "unused")
+    runs = _planned(cfg, tmp_path / "o", overrides=new)
+    runs[0].run_dir.mkdir(parents=True)
+    _fake_run(runs[0], cfg, old)
+    if refused is None:
+        check_runs(cfg, new, runs)
+        return
+    with pytest.raises(CompareError) as e:
+        check_runs(cfg, new, runs)
+    assert str(e.value).startswith(f"{runs[0].run_dir} holds a run of another config than this command's (")
+    assert refused in str(e.value) and "use another --out, or delete the run" in str(e.value)
+
+
+def test_a_pretrained_runs_followed_data_count_unless_the_user_sets_them(tmp_path):
+    from bcc.compare_check import check_runs
+
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "shards", tmp_path / "unused",
+                       model={"backbone": "test_resnet", "pretrained": str(tmp_path / "w.safetensors")})
+    runs = _planned(cfg, tmp_path / "o", seeds=1)
+    runs[0].run_dir.mkdir(parents=True)
+    _fake_run(runs[0], cfg, ["data.mean=[0.5,0.5,0.5]"])  # what the run took from its source
+    check_runs(cfg, [], runs)
+    with pytest.raises(CompareError, match=r"data.mean: \[0.5, 0.5, 0.5\] -> \[0.4"):
+        check_runs(cfg, ["data.mean=[0.4,0.4,0.4]"], runs)
+    (runs[0].run_dir / "config.yaml").unlink()  # a run nobody can tell the config of
+    with pytest.raises(CompareError, match="holds summary.json but no config.yaml"):
+        check_runs(cfg, [], runs)
+
+
+@pytest.mark.parametrize(("mode", "epochs", "refused"), [
+    ("frozen", 1, None), ("lpft", 1, "lpft' has 2 stages and needs train.epochs >= 2, got 1"),
+    ("lpft", 2, None), ("staged", 2, "staged' has 3 stages and needs train.epochs >= 3, got 2"), ("staged", 3, None),
+])
+def test_every_planned_runs_finetune_plan_is_checked_before_training(tmp_path, mode, epochs, refused):
+    from bcc.compare_check import check_runs
+
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "shards", tmp_path / "unused")
+    runs = _planned(cfg, tmp_path / "o", ("frozen", mode), 1, [f"train.epochs={epochs}"])
+    if refused is None:
+        check_runs(cfg, [f"train.epochs={epochs}"], runs)
+        return
+    with pytest.raises(CompareError, match=f"^{tmp_path / 'o' / mode}: finetune preset '{refused} \\(nothing trained\\)"):
+        check_runs(cfg, [f"train.epochs={epochs}"], runs)
+
+
+def test_bcc_compare_refuses_a_late_failing_mode_before_training_anything(tmp_path, bcc_main):
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "shards", tmp_path / "unused")
+    common = ("compare", "--config", cfg, "--out", tmp_path / "o", "--bench-steps", "0", "--seeds", "2")
+    proc = bcc_main(*common, "--modes", "frozen,lpft", "train.epochs=1")
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {tmp_path / 'o' / 'lpft' / 'seed-0'}: finetune preset 'lpft' has 2 stages and needs train.epochs "
+        ">= 2, got 1 (nothing trained)"]
+    assert not (tmp_path / "o").exists()  # no frozen run trained first
+    proc = bcc_main(*common, "train.seed=4294967295")
+    assert proc.returncode == 2 and "past the largest train.seed 4294967295" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_bcc_compare_rerun_with_another_budget_is_refused_before_training(tmp_path, bcc_main):
+    # the 1-epoch frozen runs of an earlier command are not reused beside 2-epoch lpft runs
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "shards", tmp_path / "unused")
+    out = tmp_path / "o"
+    for run in _planned(cfg, out, overrides=["train.epochs=1"]):
+        run.run_dir.mkdir(parents=True)
+        _fake_run(run, cfg, ["train.epochs=1"], finished=run.seed == 0)  # seed 1: interrupted
+    proc = bcc_main("compare", "--config", cfg, "--out", out, "--bench-steps", "0", "--modes", "frozen,lpft",
+                    "--seeds", "2", "train.epochs=2")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: {out / 'frozen' / 'seed-0'} holds a run of another config than this command's "
+                     "(train.epochs: 1 -> 2): compare would reuse it beside runs of this config; use another --out, "
+                     "or delete the run to train it again"]
+    assert not (out / "lpft").exists()
+    (out / "frozen" / "seed-0" / "summary.json").unlink()
+    (out / "frozen" / "seed-0" / "config.yaml").unlink()
+    with pytest.raises(CompareError, match=r"seed-1 holds a run .*\(train.epochs: 1 -> 2\): compare would resume"):
+        _planned_check(cfg, out)
+
+
+def _planned_check(cfg, out):
+    from bcc.compare_check import check_runs
+
+    check_runs(cfg, ["train.epochs=2"], _planned(cfg, out, ("frozen", "lpft"), 2, ["train.epochs=2"]))
+
+
+@pytest.mark.parametrize(("second", "init", "refused"), [
+    (["train.seed=1", "finetune.preset=full", "data.shards=p1", "data.workers=0"], "pretrained", None),
+    (["model.pretrained=''", "data.mean=[0.5,0.5,0.5]"], "pretrained", None),  # scratch keeps the config's
+    (["data.mean=[0.5,0.5,0.5]"], "pretrained", "data.mean: "),
+    (["finetune.preset=lpft", "train.epochs=2"], "scratch", "train.epochs: 1 -> 2"),
+    (["train.head_lr_mult=0.01"], "scratch", "train.head_lr_mult: 1.0 -> 0.01"),
+])
+def test_aggregate_refuses_runs_of_different_configs(tmp_path, second, init, refused):
+    from bcc.compare_table import aggregate
+    from bcc.config import load_config, save_config
+
+    base = ["train.epochs=1", "finetune.preset=frozen"]
+    if init == "pretrained":
+        base.append(f"model.pretrained={tmp_path / 'w.safetensors'}")
+    for k, arm in enumerate(["frozen", "other"]):
+        d = tmp_path / "o" / arm
+        d.mkdir(parents=True)
+        save_config(load_config(None, [*base, *(second if k else [])]), d / "config.yaml")
+        (d / "summary.json").write_text("{}")
+    if refused is None:
+        from bcc.compare_check import check_same_config
+
+        check_same_config([tmp_path / "o" / "frozen", tmp_path / "o" / "other"])
+        return
+    with pytest.raises(CompareError) as e:
+        aggregate(tmp_path / "o", arms=["frozen", "other"])
+    assert str(e.value).startswith(f"{tmp_path / 'o' / 'other'} was trained under another config than "
+                                   f"{tmp_path / 'o' / 'frozen'} (")
+    assert refused in str(e.value) and not (tmp_path / "o" / "RESULTS.md").exists()

@@ -134,3 +134,24 @@ def test_config_is_frozen():
     cfg = Config()
     with pytest.raises(AttributeError):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("seed", "ok"), [(0, True), (2**32 - 1, True), (-3, False), (2**32, False)])
+def test_train_seed_must_fit_numpy(seed, ok):
+    # numpy (accelerate's set_seed) refuses seeds outside [0, 2**32 - 1]: a traceback after set-up before
+    if ok:
+        assert load_config(None, [f"train.seed={seed}"]).train.seed == seed
+    else:
+        with pytest.raises(ConfigError, match=rf"train\.seed: must be in \[0, 4294967295\].*got {seed}$"):
+            load_config(None, [f"train.seed={seed}"])
+
+
+def test_bcc_train_refuses_a_bad_seed_in_one_line(tmp_path, bcc_main):
+    proc = bcc_main("train", "--config", write(tmp_path, "train:\n  epochs: 1\n"), "train.seed=-3",
+                    f"run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    err = proc.stderr
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: override 'train.seed=-3': train.seed: must be in [0, 4294967295] (2**32 - 1, numpy's seed range), "
+        "got -3"] and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

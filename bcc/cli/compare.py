@@ -12,9 +12,13 @@ Without --init, each mode runs as the config says. With `--seeds N` (N > 1) the 
 
 The table gives mean ± sd over seeds, 95% bootstrap intervals of the test metrics (resampling the test
 samples), the mode chosen on validation (best mean val checkpoint.metric, never test) and paired
-differences to it on the same test samples. Finished runs are skipped, interrupted ones resume.
+differences to it on the same test samples. Finished runs are skipped, interrupted ones resume, when
+their run dir's config.yaml is this command's (up to keys that do not change the result: workers, logging,
+checkpoint cadence...); a run dir holding a run of another config (another train.epochs, say) is refused
+before anything trains, as is a run whose config or fine-tuning plan fails (lpft needs train.epochs >= 2).
 `bcc compare --aggregate DIR` only builds the tables from existing run directories (after an sbatch
-array job, for example; runs trained outside compare get their test predictions then).
+array job, for example; runs trained outside compare get their test predictions then); it refuses runs
+trained under different configs (epochs, rates, ...: anything but the mode, init, seed and pack).
 `bcc compare --plan ...` trains nothing: it prints the runs, one line each, tab-separated: index (from 0),
 run directory, then the overrides that make that run (after the command line's): what
 slurm/compare.sbatch trains one per array task. See docs/unfreezing.md."""
@@ -84,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
 
             runs = plan_runs(load_config(args.config, list(args.overrides)), modes, args.out, args.seeds,
                              _split(args.init) or None, _split(args.packs))
+            from bcc.compare_check import check_runs
+
+            check_runs(args.config, args.overrides, runs)  # an array job's tasks fail before any trains
             for k, r in enumerate(runs):
                 print("\t".join([str(k), str(r.run_dir), *r.overrides]))
             return 0

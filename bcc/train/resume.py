@@ -48,6 +48,11 @@ SAFE_RESUME_KEYS = (
 )
 
 
+def is_safe_resume_key(key: str) -> bool:
+    """Whether a resumed run may hold `key` at another value than the run it continues (SAFE_RESUME_KEYS)."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in SAFE_RESUME_KEYS)
+
+
 def resume_path(cfg: Config, run_dir: Path, *, warn: bool = True) -> Path | None:
     """The checkpoint `checkpoint.resume` names: none, the run dir's latest intact one (auto), or a given
     path (checked when loaded: a damaged one is an error, never replaced by another).
@@ -117,7 +122,7 @@ def check_resume_compatible(saved: Config, current: Config, saved_meta: Mapping,
     unsafe = []
     for key, (old, new) in config_diff(saved, current).items():
         changes.append(f"{key}: {old!r} -> {new!r}")
-        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in SAFE_RESUME_KEYS):
+        if not is_safe_resume_key(key):
             unsafe.append(key)
     if unsafe:
         hint = ""

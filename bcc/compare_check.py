@@ -1,0 +1,98 @@
+"""Checks of a comparison's runs against each other: before `bcc compare` trains anything (every planned run
+can train to the end, and a run dir that already holds a run holds one of this command's config) and before
+the tables are built (every run of the comparison trained under one config but for what the arms vary).
+
+A comparison's runs may differ only in what makes them arms and seeds (`finetune.preset`, `model.pretrained`,
+`train.seed`, `data.shards` with --packs, the run dir) and in how they executed: the keys a resumed run may
+change (`bcc.train.resume.SAFE_RESUME_KEYS`), less those that change what the table reads (`COMPARED_KEYS`:
+the epoch budget first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from bcc.compare import RESUME, CompareError, PlannedRun, _replace
+from bcc.config import Config, config_diff, load_config, load_saved_config
+from bcc.errors import BccError
+
+# keys resume lets change (bcc.train.resume.SAFE_RESUME_KEYS) that still change what a comparison reads from a
+# run: its budget, the checkpoint it calls best, the epochs with val and test rows
+COMPARED_KEYS = ("train.epochs", "checkpoint.metric", "checkpoint.mode", "eval.every_epochs", "eval.test_at_end")
+
+
+def is_free_key(key: str) -> bool:
+    """Whether two runs of one comparison arm may differ in `key`: how a run executes (processes, workers,
+    logging, compile, checkpoint cadence), not what it computes or what the table reads."""
+    from bcc.train.resume import is_safe_resume_key
+
+    return key not in COMPARED_KEYS and is_safe_resume_key(key)
+
+
+def run_differences(old: Config, new: Config, also_free: Sequence[str] = ()) -> list[str]:
+    """`key: old -> new` for every key two runs may not differ in (`is_free_key`, and `also_free`)."""
+    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in config_diff(old, new).items()
+            if not is_free_key(k) and k not in also_free]
+
+
+def check_runs(config: str | Path | None, overrides: Sequence[str], runs: Sequence[PlannedRun]) -> None:
+    """Refuse a comparison before anything trains when a planned run could not train to the end (its
+    config, or its fine-tuning plan for its preset and train.epochs, fails) or when its run dir already
+    holds a run of another config (which compare would skip or resume, mixing budgets). CompareError."""
+    from bcc.finetune import resolve_stages
+    from bcc.model import build_model, parameter_groups
+    from bcc.pretrained import SourcePreprocess, explicit_keys, follow_source
+    from bcc.taxonomy import Taxonomy
+
+    groups: dict[object, list[str]] = {}  # group names per model config: one build each
+    for run in runs:
+        given = [*overrides, *run.overrides, RESUME]
+        try:
+            cfg = load_config(config, given)
+            # neither the weights nor the head sizes change the group names: read no weights, no manifest
+            model = _replace(cfg.model, pretrained="")
+            if model not in groups:
+                groups[model] = list(parameter_groups(build_model(model, dict(Taxonomy.default().head_sizes))))
+            resolve_stages(cfg.finetune, cfg.train.epochs, groups[model], cfg.train.warmup_steps)
+        except BccError as e:
+            raise CompareError(f"{run.run_dir}: {e} (nothing trained)") from None
+        held = [n for n in ("config.yaml", "summary.json", "checkpoints") if (run.run_dir / n).exists()]
+        if not held:
+            continue
+        fix = "use another --out, or delete the run to train it again"
+        if not (run.run_dir / "config.yaml").is_file():
+            raise CompareError(f"{run.run_dir} holds {', '.join(held)} but no config.yaml, so which config it "
+                               f"trained is unknown; {fix}")
+        saved = load_saved_config(run.run_dir / "config.yaml")
+        if cfg.model.pretrained:  # the data follow the run's source as a resumed run's do (bcc.train.resume)
+            d = saved.data
+            pre = SourcePreprocess(mean=d.mean, std=d.std, image_size=d.image_size, crop_pct=d.crop_pct)
+            cfg = _replace(cfg, data=follow_source(cfg.data, pre, explicit_keys(config, given))[0])
+        diff = run_differences(saved, cfg)
+        if diff:
+            raise CompareError(f"{run.run_dir} holds a run of another config than this command's ({'; '.join(diff)}): "
+                               f"compare would {'reuse' if 'summary.json' in held else 'resume'} it beside runs of "
+                               f"this config; {fix}")
+
+
+ARM_KEYS = ("finetune.preset", "model.pretrained", "train.seed", "data.shards")  # what makes arms, seeds, packs
+FOLLOWED_KEYS = ("data.mean", "data.std", "data.image_size", "data.crop_pct")  # follow model.pretrained's source
+
+
+def check_same_config(run_dirs: Sequence[Path]) -> None:
+    """Refuse to tabulate runs trained under different configs (another epoch budget, rate, batch...): a
+    table over them would choose and compare across budgets. They may differ in ARM_KEYS, in how they
+    executed (`is_free_key`), and in FOLLOWED_KEYS between a pretrained and a scratch run. CompareError."""
+    if not run_dirs:
+        return
+    first = Path(run_dirs[0])
+    ref = load_saved_config(first / "config.yaml")
+    for d in run_dirs[1:]:
+        cfg = load_saved_config(Path(d) / "config.yaml")
+        free = ARM_KEYS + (FOLLOWED_KEYS if cfg.model.pretrained != ref.model.pretrained else ())
+        diff = run_differences(ref, cfg, free)
+        if diff:
+            raise CompareError(f"{d} was trained under another config than {first} ({'; '.join(diff)}): a table "
+                               "over both would compare different budgets or recipes; aggregate only the runs of "
+                               f"one config (move the others to another directory) or retrain {d}")
