@@ -41,7 +41,8 @@ def start_flags(workers: int):
 
 def mark_started(worker_id: int) -> None:
     """Call first in the loader's worker_init_fn: this worker got out of the fork."""
-    flags = getattr(get_worker_info().dataset, "started", None)
+    info = get_worker_info()  # None outside a loader worker: nothing to mark
+    flags = getattr(info.dataset, "started", None) if info is not None else None
     if flags is not None:
         flags[worker_id] = 1
 
