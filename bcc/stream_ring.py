@@ -31,6 +31,7 @@ import multiprocessing
 import shutil
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
@@ -53,24 +54,33 @@ class BatchRing:
         # kernel's zero pages, faulted in where first written, not a private copy of the whole ring first
         storage = torch.UntypedStorage._new_shared(workers * slots * int(torch.Size(self.shape).numel()))
         self.buffer = torch.empty(0, dtype=torch.uint8).set_(storage).view(workers, slots, *self.shape)
+        self.arrays = self.buffer.numpy()  # numpy's memcpy: see the module docstring
         self.reset()
 
     def reset(self) -> None:
         self.free = [multiprocessing.Semaphore(self.slots) for _ in range(self.workers)]
 
-    def put(self, worker: int, nth: int, images: Sequence[torch.Tensor]) -> tuple[int, int, int]:
-        """Write `images` (uint8 [3, S, S] each) into worker `worker`'s slot for its `nth` batch."""
+    def acquire(self, worker: int, nth: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """Take worker `worker`'s slot for its `nth` batch: (its images, a uint8 array [batch, 3, S, S] to
+        write into, (worker, slot)); send (worker, slot, images written). Waits while the main process
+        still holds the slot's last batch."""
         while not self.free[worker].acquire(timeout=WAIT_S):
             if not _main_alive():  # nobody will free a slot
                 raise RuntimeError("the main process ended while a loader worker waited for a batch slot")
         slot = nth % self.slots
-        torch.stack(list(images), out=self.buffer[worker, slot, : len(images)])
-        return worker, slot, len(images)
+        return self.arrays[worker, slot], (worker, slot)
+
+    def put(self, worker: int, nth: int, images: Sequence[torch.Tensor]) -> tuple[int, int, int]:
+        """Write `images` (uint8 [3, S, S] each) into worker `worker`'s slot for its `nth` batch."""
+        out, where = self.acquire(worker, nth)
+        for i, image in enumerate(images):
+            out[i] = image.numpy()
+        return *where, len(images)
 
     def take(self, address: tuple[int, int, int], pin_memory: bool = False) -> torch.Tensor:
         """The images at `address` copied out (pinned when asked); frees the slot."""
         worker, slot, n = address
-        source = self.buffer[worker, slot, :n].numpy()
+        source = self.arrays[worker, slot, :n]
         if pin_memory:
             out = torch.empty(source.shape, dtype=torch.uint8, pin_memory=True)
             out.numpy()[...] = source
@@ -112,10 +122,10 @@ def make_ring(workers: int, shape: Sequence[int], slots: int) -> BatchRing | Non
 
 
 def worker_slots(ring: BatchRing | None, worker: int) -> Iterator:
-    """`put` for each next batch a loader worker makes: None in the main process or without a ring."""
+    """`acquire` for each next batch a loader worker makes: None in the main process or without a ring."""
     if ring is None or get_worker_info() is None:
         return itertools.repeat(None)
-    return (functools.partial(ring.put, worker, nth) for nth in itertools.count())
+    return (functools.partial(ring.acquire, worker, nth) for nth in itertools.count())
 
 
 def as_is(batch: dict) -> dict:
