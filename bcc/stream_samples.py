@@ -53,7 +53,6 @@ def decode_sample(sample: dict, transform, checked: bool = False) -> tuple[torch
     """(image, label, key, source) of one raw sample; `checked`: verify it first (format 2 on).
     Raises CorruptSampleError naming shard and key."""
     key = sample["__key__"]
-    where = f"sample {key} in shard {sample.get('__url__')}"
     try:
         meta = json.loads(sample["json"])
         if checked:
@@ -64,11 +63,15 @@ def decode_sample(sample: dict, transform, checked: bool = False) -> tuple[torch
         image = transform(decode_rgb(data, max_pixels=None))
         return image, int(meta["label"]), key, str(meta.get("source", ""))
     except StopIteration:
-        raise CorruptSampleError(f"{where} has no image ({', '.join(IMAGE_KEYS)})") from None
+        raise CorruptSampleError(f"{_where(sample)} has no image ({', '.join(IMAGE_KEYS)})") from None
     except SampleError as e:
-        raise CorruptSampleError(f"{where}: {e}") from None
+        raise CorruptSampleError(f"{_where(sample)}: {e}") from None
     except Exception as e:
-        raise CorruptSampleError(f"cannot decode {where}: {type(e).__name__}: {e}") from e
+        raise CorruptSampleError(f"cannot decode {_where(sample)}: {type(e).__name__}: {e}") from e
+
+
+def _where(sample: dict) -> str:
+    return f"sample {sample['__key__']} in shard {sample.get('__url__')}"  # made only for an error
 
 
 def collate(samples: list[dict], transform, checked: bool = False, on_corrupt: str = "error",
