@@ -46,15 +46,22 @@ def scalar_metrics(metrics: Mapping) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def canonical_metric(name: str) -> str:
+    """`acc4` -> `acc`, `bacc4` -> `bacc`: a metric's name without the class count older runs carried."""
+    m = _OLD_METRIC.match(name)
+    return m.group(1) if m else name
+
+
 def migrate_row(row: Mapping) -> dict:
-    """A metrics.jsonl row in today's names: `acc4`/`bacc4` -> `acc`/`bacc` (kept where both exist)."""
+    """A metrics row (metrics.jsonl, an evaluation's metrics.json) in today's names: `acc4`/`bacc4` ->
+    `acc`/`bacc`; where a row has both, today's name keeps its value."""
     out = {}
     for key, value in row.items():
-        m = _OLD_METRIC.match(key)
-        if m:
-            out.setdefault(m.group(1), value)
-        else:
+        name = canonical_metric(key)
+        if name == key:
             out[key] = value
+        else:
+            out.setdefault(name, value)
     return out
 
 
