@@ -49,7 +49,7 @@ from typing import Any
 
 from bcc.errors import BccError
 from bcc.report_html import CSS, decision_text, gallery, img_tag, metric_table, png
-from bcc.train.runlog import canonical_metric, migrate_row  # the one reader of old metric names
+from bcc.train.runlog import canonical_metric, migrate_row, read_rows  # the one metrics.jsonl reader
 
 __all__ = ["ReportError", "argmax_classes", "canonical_metric", "decision_text", "read_metrics_log", "worst_mistakes",
            "write_report"]
@@ -67,25 +67,12 @@ class ReportError(BccError):
 
 
 def read_metrics_log(run: str | Path) -> list[dict[str, Any]]:
-    """The rows of `RUN/metrics.jsonl` with canonical metric names; a bad line is a ReportError naming it."""
+    """The rows of `RUN/metrics.jsonl` with canonical metric names (`bcc.train.runlog.read_rows`: a bad
+    line is an error naming it); a missing log is a ReportError."""
     path = Path(run) / "metrics.jsonl"
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ReportError(f"{path} does not exist: is {run} a bcc run directory?") from None
-    except OSError as e:
-        raise ReportError(f"cannot read {path}: {e}") from e
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{path} line {n} is not JSON: {e}") from None
-        if isinstance(row, dict):
-            rows.append(migrate_row(row))
-    return rows
+    if not path.is_file():
+        raise ReportError(f"{path} does not exist: is {run} a bcc run directory?")
+    return read_rows(path)
 
 
 @dataclass(frozen=True)

@@ -223,6 +223,43 @@ def test_one_step_timer():
     assert not bad, "use bcc.bench.step.time_steps:\n" + "\n".join(bad)
 
 
+
+def test_one_set_up_for_fit_bench_and_compare():
+    """The run's components (model, groups, stages, loss, optimizer) come from `bcc.train.setup` for
+    `fit`, `bcc bench step`/`gpu` and `bcc compare`'s step times (through `bcc.bench.step_seconds`); the
+    only other optimizer is bench step's deliberately plain PyTorch baseline."""
+    def imported(name: str) -> set[str]:
+        return {mod for _, mod in _module_imports(name)}
+
+    for user in ("train/fit.py", "bench/step.py", "bench/gpu_ddp.py"):
+        assert "bcc.train.setup.build_components" in imported(user), f"bcc/{user} builds its own components"
+    assert "bcc.bench.step_seconds" in imported("compare.py"), "bcc compare times steps on its own"
+    optimizers = [f"bcc/{name}:{line} {call}" for name in MODULES for line, call in _module_calls(name)
+                  if call.startswith("torch.optim.") and not call.startswith("torch.optim.lr_scheduler")]
+    assert [o.split(":")[0] for o in optimizers] == ["bcc/bench/step.py", "bcc/train/setup.py", "bcc/train/setup.py"], \
+        optimizers
+
+
+def test_one_metrics_log_reader(tmp_path):
+    """metrics.jsonl is read by `bcc.train.runlog.read_rows` alone (compare, report, model card, demo):
+    old names migrated, a damaged line an error naming it, never a JSONDecodeError traceback."""
+    from bcc.report import read_metrics_log
+    from bcc.train.runlog import RunLogError, read_rows
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"split": "val", "bacc4": 0.5, "acc4": 0.6, "acc": 0.7}\n\n{"split": "test", "bacc": 0.8}\n')
+    assert read_rows(log) == read_metrics_log(tmp_path) == [{"split": "val", "bacc": 0.5, "acc": 0.7},
+                                                             {"split": "test", "bacc": 0.8}]
+    log.write_text('{"split": "val"}\n{"split": "te\n')
+    with pytest.raises(RunLogError, match=r"metrics.jsonl line 2 is not JSON"):
+        read_metrics_log(tmp_path)
+    readers = [name for name in MODULES for node in NODES[name]
+               if isinstance(node, ast.Constant) and node.value == "metrics.jsonl"
+               and name not in ("train/runlog.py", "report.py", "compare.py")]
+    for name in readers:  # any other module naming the file must read it through read_rows
+        calls = {c for _, c in _module_calls(name)}
+        assert "json.loads" not in calls or "read_rows" in calls, f"bcc/{name} reads metrics.jsonl itself"
+
 # --------------------------------------------------------------------------- the one catch, through the real CLI
 
 
