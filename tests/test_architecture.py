@@ -168,6 +168,8 @@ OWNERS = [
     ("ECE", lambda mod, call: "calibration_error" in mod or "calibration_error" in call, {"calibration.py"}),
     ("AUROC", lambda mod, call: "auroc" in mod.lower() or "roc_auc" in call, {"metrics.py"}),
     ("the leaf decision without its fallback", lambda mod, call: call.endswith("taxonomy.decide"), {"metrics.py"}),
+    ("tracker logging (the one `RunLog.log(row, step)` seam)", lambda mod, call: call.endswith("accelerator.log"),
+     {"train/runlog.py"}),
 ]
 
 
@@ -259,6 +261,14 @@ def test_one_metrics_log_reader(tmp_path):
     for name in readers:  # any other module naming the file must read it through read_rows
         calls = {c for _, c in _module_calls(name)}
         assert "json.loads" not in calls or "read_rows" in calls, f"bcc/{name} reads metrics.jsonl itself"
+
+
+@pytest.mark.parametrize("function", ["train_one_epoch", "evaluate", "train_step"])
+def test_the_epoch_functions_fit_on_one_screen(function):
+    """`bcc.train.epoch`'s loop is free functions in the torchvision references' style, each short
+    enough to read on one screen (docstring included)."""
+    fn = next(n for n in NODES["train/epoch.py"] if isinstance(n, ast.FunctionDef) and n.name == function)
+    assert fn.end_lineno - fn.lineno + 1 <= 60, f"bcc.train.epoch.{function} is {fn.end_lineno - fn.lineno + 1} lines"
 
 # --------------------------------------------------------------------------- the one catch, through the real CLI
 
