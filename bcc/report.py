@@ -49,6 +49,7 @@ from typing import Any
 
 from bcc.errors import BccError
 from bcc.report_html import CSS, decision_text, gallery, img_tag, metric_table, png
+from bcc.train.runlog import canonical_metric, migrate_row, read_rows  # the one metrics.jsonl reader
 
 __all__ = ["ReportError", "argmax_classes", "canonical_metric", "decision_text", "read_metrics_log", "worst_mistakes",
            "write_report"]
@@ -65,43 +66,13 @@ class ReportError(BccError):
 # --------------------------------------------------------------------------- reading the run
 
 
-def canonical_metric(name: str) -> str:
-    """`acc4` -> `acc`, `bacc4` -> `bacc`: metric names without the class count (older runs carry it)."""
-    for base in ("bacc", "acc"):
-        if name.startswith(base) and name[len(base):].isdigit():
-            return base
-    return name
-
-
-def _canonical_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in row.items():
-        name = canonical_metric(key)
-        if name == key or name not in row:  # `acc` wins over its alias `acc4` when a row has both
-            out[name] = value
-    return out
-
-
 def read_metrics_log(run: str | Path) -> list[dict[str, Any]]:
-    """The rows of `RUN/metrics.jsonl` with canonical metric names; a bad line is a ReportError naming it."""
+    """The rows of `RUN/metrics.jsonl` with canonical metric names (`bcc.train.runlog.read_rows`: a bad
+    line is an error naming it); a missing log is a ReportError."""
     path = Path(run) / "metrics.jsonl"
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ReportError(f"{path} does not exist: is {run} a bcc run directory?") from None
-    except OSError as e:
-        raise ReportError(f"cannot read {path}: {e}") from e
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{path} line {n} is not JSON: {e}") from None
-        if isinstance(row, dict):
-            rows.append(_canonical_row(row))
-    return rows
+    if not path.is_file():
+        raise ReportError(f"{path} does not exist: is {run} a bcc run directory?")
+    return read_rows(path)
 
 
 @dataclass(frozen=True)
@@ -370,7 +341,7 @@ def write_report(
         last[row.get("split", "train")] = row
     columns = {f"{s} ({'epoch ' + str(r['epoch']) if 'epoch' in r else 'step ' + str(r.get('step'))}, log)": r
                for s, r in last.items()}
-    columns[f"{split} (evaluation, step {evaluation.get('step')})"] = _canonical_row(evaluation.get("metrics", {}))
+    columns[f"{split} (evaluation, step {evaluation.get('step')})"] = migrate_row(evaluation.get("metrics", {}))
     skip = ("epoch", "step", "stage", "time", "train_seconds")
     heads = {h: dict(v) for h, v in evaluation.get("heads", {}).items()}
 
