@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bcc.atomic import atomic_write
-from bcc.console import console
+from bcc.console import console, warn
 from bcc.errors import BccError
 from bcc.trackers import tracker_values
 
@@ -134,9 +134,19 @@ class RunLog:
         """Drop rows of work a resume will redo (after `last_step`; all when -1) and the final test rows."""
         if not self.is_main or not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        keep = [line for line in lines if last_step >= 0 and json.loads(line).get("step", 0) <= last_step
-                and json.loads(line).get("split") != "test"]
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if n < len(lines):
+                    raise RunLogError(f"{self.path} line {n} is not JSON: the run log is damaged") from None
+                # the last row's write was cut (kill -9 mid-line): its work is redone by the resume
+                warn(f"{self.path}: dropped its last line, cut short while written: {line[:60]!r}")
+                rows.append(None)
+        keep = [line for line, row in zip(lines, rows, strict=True) if row is not None and last_step >= 0
+                and row.get("step", 0) <= last_step and row.get("split") != "test"]
         if len(keep) != len(lines):
             with atomic_write(self.path) as f:
                 f.write("".join(line + "\n" for line in keep))
