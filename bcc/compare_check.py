@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from bcc.compare import RESUME, CompareError, PlannedRun, _replace
 from bcc.config import Config, config_diff, load_config, load_saved_config
@@ -36,10 +37,19 @@ def run_differences(old: Config, new: Config, also_free: Sequence[str] = ()) -> 
             if not is_free_key(k) and k not in also_free]
 
 
-def check_runs(config: str | Path | None, overrides: Sequence[str], runs: Sequence[PlannedRun]) -> None:
-    """Refuse a comparison before anything trains when a planned run could not train to the end (its
-    config, or its fine-tuning plan for its preset and train.epochs, fails) or when its run dir already
-    holds a run of another config (which compare would skip or resume, mixing budgets). CompareError."""
+class RunPlan(Protocol):
+    """What `check_runs` reads of a planned run: a `bcc.compare.PlannedRun`, or a `bcc cv` fold."""
+
+    run_dir: Path
+    overrides: tuple[str, ...]  # applied after the user's overrides
+
+
+def check_runs(config: str | Path | None, overrides: Sequence[str], runs: Sequence[RunPlan | PlannedRun],
+               command: str = "compare") -> None:
+    """Refuse a comparison (or `bcc cv`, `command` "cv") before anything trains when a planned run could
+    not train to the end (its config, or its fine-tuning plan for its preset and train.epochs, fails) or
+    when its run dir already holds a run of another config (which `command` would skip or resume, mixing
+    budgets). CompareError naming the run dir and the differing keys."""
     from bcc.finetune import resolve_stages
     from bcc.model import build_model, parameter_groups
     from bcc.pretrained import SourcePreprocess, explicit_keys, follow_source
@@ -72,7 +82,7 @@ def check_runs(config: str | Path | None, overrides: Sequence[str], runs: Sequen
         diff = run_differences(saved, cfg)
         if diff:
             raise CompareError(f"{run.run_dir} holds a run of another config than this command's ({'; '.join(diff)}): "
-                               f"compare would {'reuse' if 'summary.json' in held else 'resume'} it beside runs of "
+                               f"{command} would {'reuse' if 'summary.json' in held else 'resume'} it beside runs of "
                                f"this config; {fix}")
 
 
