@@ -46,20 +46,27 @@ class RunPlan(Protocol):
 
 def check_runs(config: str | Path | None, overrides: Sequence[str], runs: Sequence[RunPlan | PlannedRun],
                command: str = "compare") -> None:
-    """Refuse a comparison (or `bcc cv`, `command` "cv") before anything trains when a planned run could
-    not train to the end (its config, or its fine-tuning plan for its preset and train.epochs, fails) or
-    when its run dir already holds a run of another config (which `command` would skip or resume, mixing
-    budgets). CompareError naming the run dir and the differing keys."""
+    """Refuse a comparison (or `bcc cv`, `command` "bcc cv") before anything trains when a planned run could
+    not train to the end (its config, its fine-tuning plan for its preset and train.epochs, or its
+    `eval.operating_point` on its val split fails) or when its run dir already holds a run of another
+    config (which `command` would skip or resume, mixing budgets). CompareError naming the run dir (and
+    the differing keys)."""
     from bcc.finetune import resolve_stages
     from bcc.model import build_model, parameter_groups
+    from bcc.operating_point import check_val_fittable, parse_operating_point
     from bcc.pretrained import SourcePreprocess, explicit_keys, follow_source
+    from bcc.sources import load_data
     from bcc.taxonomy import Taxonomy
 
     groups: dict[object, list[str]] = {}  # group names per model config: one build each
+    fittable: set[object] = set()  # data configs whose val split can fit eval.operating_point
     for run in runs:
         given = [*overrides, *run.overrides, RESUME]
         try:
             cfg = load_config(config, given)
+            if not parse_operating_point(cfg.eval.operating_point).is_argmax and (cfg.data, cfg.eval) not in fittable:
+                check_val_fittable(cfg, load_data(cfg.data))  # e.g. a --packs pack or a fold without benign cells
+                fittable.add((cfg.data, cfg.eval))
             # neither the weights nor the head sizes change the group names: read no weights, no manifest
             model = _replace(cfg.model, pretrained="")
             if model not in groups:

@@ -74,7 +74,8 @@ def plan_folds(out: str | Path, folds: int) -> list[FoldRun]:
 
 
 def check_fold_runs(config: str | Path | None, overrides: Sequence[str], runs: Sequence[FoldRun]) -> None:
-    """Before any fold trains: every fold's config loads and its fine-tuning plan resolves, and a fold
+    """Before any fold trains: every fold's config loads, its fine-tuning plan resolves and its
+    eval.operating_point can be fitted on its validation fold, and a fold
     dir that already holds a run (finished: it would be reused; interrupted: resumed) holds one of this
     config, compared as `bcc compare` compares its runs (`bcc.compare_check.check_runs`: the keys a
     resumed run may change are free, the budget and checkpoint metric are not). CvError naming the
@@ -86,21 +87,6 @@ def check_fold_runs(config: str | Path | None, overrides: Sequence[str], runs: S
         check_runs(config, overrides, runs, command="bcc cv")
     except CompareError as e:
         raise CvError(str(e)) from None
-
-
-def check_fold_operating_points(cfg, folds: int) -> None:
-    """A fold whose validation fold lacks positives or negatives of the binary head cannot fit
-    `eval.operating_point`: refused (OperatingPointError) before fold 0 trains, not after it."""
-    from bcc.manifest import Manifest
-    from bcc.operating_point import check_fittable
-
-    if cfg.eval.operating_point.strip().lower() == "argmax":
-        return
-    manifest = Manifest.load(cfg.data.shards)
-    for k in range(folds):
-        view = manifest.with_fold(k, train=cfg.data.train_split, val=cfg.data.val_split)
-        check_fittable(cfg.eval.operating_point, manifest.taxonomy, view.split(cfg.data.val_split).class_counts,
-                       f"fold {k} (the validation split of data.fold={k}) of {cfg.data.shards}")
 
 
 def train_fold(config: str | Path | None, overrides: Sequence[str], fold: int, out: str | Path,
@@ -267,7 +253,6 @@ def cross_validate(config: str | Path | None, folds: int, out: str | Path | None
     if cfg.data.fold is not None:
         raise CvError(f"the config sets data.fold={cfg.data.fold}; bcc cv sets it per fold")
     check_folds(cfg.data.shards, folds)
-    check_fold_operating_points(cfg, folds)
     out = Path(out) if out is not None else Path(cfg.run.dir)
     check_fold_runs(config, overrides, plan_folds(out, folds))  # a finished fold of another config is no result
     out.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ __all__ = [
     "OperatingPointError",
     "binary_head",
     "check_fittable",
+    "check_val_fittable",
     "fit_threshold",
     "parse_operating_point",
     "rates",
@@ -122,6 +123,18 @@ def check_fittable(rule: OperatingPoint | str, taxonomy, class_counts: Mapping[s
             f"eval.operating_point={rule}: {where} holds {n[1]} {labels[1]} and {n[0]} {labels[0]} samples; "
             f"fitting a threshold of head {name!r} needs both; use eval.operating_point=argmax or a validation "
             "split with both")
+
+
+def check_val_fittable(cfg, manifest) -> None:
+    """`check_fittable` for a run: `cfg.eval.operating_point` on the val split of `manifest` (the run's
+    data: `bcc.sources.load_data`, its fold view with `data.fold`). Training calls it before it trains,
+    `bcc compare` and `bcc cv` for every planned run before the first one trains."""
+    if parse_operating_point(cfg.eval.operating_point).is_argmax:
+        return
+    data = cfg.data
+    fold = "" if data.fold is None else f" (data.fold={data.fold})"
+    check_fittable(cfg.eval.operating_point, manifest.taxonomy, manifest.split(data.val_split).class_counts,
+                   f"the validation split {data.val_split!r}{fold} of {manifest.shown}")
 
 
 def rates(scores: Tensor, targets: Tensor, threshold: float | None) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -100,7 +101,8 @@ def test_cv_two_folds_end_to_end(cv_pack, cv_run, synth_shards, tmp_path, bcc_ma
 
 def test_cv_refuses_a_finished_fold_of_another_config(cv_pack, tmp_path, bcc_main):
     """A fold dir holding a finished run of another config is not reused in mean +- sd: one error line naming
-    the run dir and the key, before any fold trains (how a run executed, e.g. data.workers, is free)."""
+    the run dir and the key, before any fold trains (how a run executed, e.g. data.workers, is free); and a
+    fold that cannot fit eval.operating_point is refused before any fold trains."""
     from bcc.config import load_config, save_config
     from bcc.cv import CvError, aggregate
 
@@ -120,6 +122,21 @@ def test_cv_refuses_a_finished_fold_of_another_config(cv_pack, tmp_path, bcc_mai
     assert not (tmp_path / "cv" / "CV.md").exists()
     with pytest.raises(CvError, match=r"fold-1 was trained under another config than .*fold-0 \(train.lr: 0.1 -> 0.05\)"):
         aggregate(tmp_path / "cv", 2)  # --aggregate of fold runs trained elsewhere: the same check
+
+    # a fold whose validation fold has no benign cell cannot fit an operating point: refused before fold 0 trains
+    shards = tmp_path / "shards"
+    shutil.copytree(cv_pack[0], shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["folds"]["class_counts"][1]["Benign"] = 0
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    proc = bcc_main("cv", "--config", cfg, "--folds", 2, "--out", tmp_path / "op", f"data.shards={shards}",
+                    "eval.operating_point=youden")
+    assert proc.returncode == 2
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: {tmp_path / 'op' / 'fold-1'}: eval.operating_point=youden: the validation split "
+                           f"'val' (data.fold=1) of {shards / 'manifest.json'} holds ")
+    assert "Malignant and 0 Benign samples" in line and line.endswith("(nothing trained)")
+    assert not (tmp_path / "op" / "fold-0").exists()
 
 
 def _probs(path):

@@ -42,7 +42,7 @@ from bcc.operating_point import (
     OperatingPointError,
     _logit,
     binary_head,
-    check_fittable,
+    check_val_fittable,
     fit_threshold,
     parse_operating_point,
     rates,
@@ -135,10 +135,7 @@ def setup_run(cfg: Config) -> Run:
                       "check every sample", soft_wrap=True)
     taxonomy = manifest.taxonomy
     preflight(cfg, manifest, acc)  # splits, shards, metric, backbone: once, before anything is built
-    # refused before training: a task without a binary decision, or a val split without both of its classes
-    fold = "" if cfg.data.fold is None else f" (data.fold={cfg.data.fold})"
-    check_fittable(cfg.eval.operating_point, taxonomy, manifest.split(cfg.data.val_split).class_counts,
-                   f"the validation split {cfg.data.val_split!r}{fold} of {manifest.shown}")
+    check_val_fittable(cfg, manifest)  # refused before training: no binary head, or a val split lacking a class
     train_split = manifest.split(cfg.data.train_split)
     bpe = train_batches(manifest, cfg.data, acc.num_processes)
     if bpe % cfg.train.grad_accum:
