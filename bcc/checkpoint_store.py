@@ -27,6 +27,7 @@ from bcc.checkpoint import (
     BEST_WEIGHTS,
     EMA_FILE,
     EXTRA_FILE,
+    HASHED_KEY,
     HASHES_FILE,
     HASHES_FORMAT,
     LAST_LINK,
@@ -254,7 +255,7 @@ class CheckpointManager:
         if ckpt.scaler is not None:
             _write_pt(ckpt.scaler, d / SCALER_FILE)
         _write_pt(list(ckpt.rng), d / RNG_FILE)
-        _write_json(ckpt.meta, d / META_FILE)
+        _write_json({**ckpt.meta, HASHED_KEY: HASHES_FILE}, d / META_FILE)
         _write_json(ckpt.state.to_dict(), d / STATE_FILE)  # its presence marks the dir complete
         # last: the hashes of what is now on disk, read back (from the page cache; ~1 GB/s per core, a
         # fraction of the write time), so damage after this point is found on load
