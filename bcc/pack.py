@@ -19,7 +19,8 @@ the whole data set), so a source edited after the first pass cannot reach a shar
 comes back short fails the pack naming the staging file. Disk: the staging holds one more copy of the
 stored images (about the output's size) until the shards are written, and is deleted before the
 rename. Output does not depend on the number of workers: tasks are made and their results taken in a
-fixed order, and where a worker staged an image does not change its bytes.
+fixed order, and where a worker staged an image does not change its bytes. Between the two parallel
+phases, the split's near-duplicate search also runs in the pool (its tables in groups).
 """
 
 from __future__ import annotations
@@ -310,7 +311,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         opts = dataclasses.replace(opts, staging=str(staging))
         # the file list, compact: relative paths, folder and class per file (absolute paths are src + rel),
         # made while the first pass runs on what is listed so far
-        root = str(src.absolute())
+        root = os.path.join(str(src.absolute()), "")  # ends in the separator: a path is root + rel
         rels: list[str] = []
         folder_id: dict[str, int] = {}
         folder_ids, class_ids = array.array("i"), array.array("i")
@@ -320,7 +321,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
                 rels.append(e.rel)
                 folder_ids.append(folder_id.setdefault(e.folder, len(folder_id)))
                 class_ids.append(e.class_index)
-                yield os.path.join(root, e.rel)
+                yield root + e.rel
 
         rec = _inspect_all(pool, paths(), opts, workers, progress, listed=rels.__len__)
         if not rels:  # a pack of no samples trains nothing; empty class folders alone stay warnings
@@ -364,7 +365,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         exact_id = exact_id.reshape(-1).astype(np.int64)
         sources = (rels[i] for i in ok.tolist()) if group_rx is not None else None  # read by the regex only
         unit_root, unmatched, near = join_units(exact_id, sources, group_rx, rec.phash[ok], near_dup_threshold,
-                                                group_scope)
+                                                group_scope, mapper=map if pool is None else pool.map)
         assignment, rng = deal_splits(labels, unit_root, fractions, seed)
         fold_of = None
         fold_info = None

@@ -6,9 +6,11 @@ image's bytes to its own staging file (`_inspect_chunk`), the first pass's compa
 (`_Records`: hashes, and where each image's bytes lie in the staging files), the fork pool
 (`_start_pool`) and ordered, bounded submission (`_ordered`: at most `window` tasks in flight, results
 taken in task order, so output does not depend on the number of workers), and `_write_one_shard` (one
-shard per task, atomically, from byte ranges of the staging files: sources are read once, in the first
-pass). Worker functions are top-level so a process pool can run them. `bcc.pack` plans the splits and
-calls these.
+shard per task, from byte ranges of the staging files: sources are read once, in the first pass; the
+task carries the shard's numpy columns and the worker makes each sample's json, so the parent does no
+per-sample work; the shard is hashed as it is written and left under a temporary name, which the
+parent's thread fsyncs and renames while the workers write the next shards). Worker functions are
+top-level so a process pool can run them. `bcc.pack` plans the splits and calls these.
 """
 
 from __future__ import annotations

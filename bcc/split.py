@@ -16,7 +16,7 @@ import random
 import re
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -139,8 +139,8 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def join_units(exact_ids: np.ndarray, names: Iterable[str] | None = None, group_rx: re.Pattern | None = None,
-               hashes: np.ndarray | None = None, near_threshold: int | None = None, group_scope: str = "dataset"
-               ) -> tuple[np.ndarray, int, NearDuplicates]:
+               hashes: np.ndarray | None = None, near_threshold: int | None = None, group_scope: str = "dataset",
+               mapper: Callable = map) -> tuple[np.ndarray, int, NearDuplicates]:
     """`sample_units` on arrays, for packs of millions of images (memory O(n) in numpy, no per-sample
     Python objects beyond the group regex's ids).
 
@@ -149,7 +149,8 @@ def join_units(exact_ids: np.ndarray, names: Iterable[str] | None = None, group_
     read when `near_threshold` is on). group_scope: "dataset" (one id joins files in any class folder,
     e.g. a patient's cells of several types) or "class" (ids are per class folder, the first part of a
     name: `EOSINOPHIL/_0_1.jpeg` and `MONOCYTE/_0_7.jpeg` are different sources). Returns (root,
-    unmatched, near): root[i] is the smallest sample index of sample i's unit.
+    unmatched, near): root[i] is the smallest sample index of sample i's unit. `mapper`: a `map` for
+    the near-duplicate search's table groups (the packer passes its process pool's).
     """
     check_group_scope(group_scope)
     n = len(exact_ids)
@@ -175,7 +176,7 @@ def join_units(exact_ids: np.ndarray, names: Iterable[str] | None = None, group_
     near = NearDuplicates((), 0)
     if is_enabled(near_threshold):
         before = _components(n, np.concatenate(parts_a), np.concatenate(parts_b))
-        na, nb, groups = near_duplicate_edges(hashes, near_threshold, exact_keys=exact_ids)
+        na, nb, groups = near_duplicate_edges(hashes, near_threshold, exact_keys=exact_ids, mapper=mapper)
         parts_a.append(na)
         parts_b.append(nb)
         root = _components(n, np.concatenate(parts_a), np.concatenate(parts_b))
