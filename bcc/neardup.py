@@ -403,7 +403,7 @@ def _groups(index: _Index, edges: Iterable[tuple[int, int]], exact_keys: Sequenc
         members = sets[root]
         if exact_keys is not None and len({exact_keys[i] for i in members}) == 1:
             continue
-        groups.append(NearDuplicateGroup(tuple(members), _diameter(np.unique(index.hashes[members]))))
+        groups.append(NearDuplicateGroup(tuple(members), _diameter(index.hashes[members])))
     return tuple(groups)
 
 
@@ -428,7 +428,11 @@ def merge_labels(labels: Sequence, hashes: Sequence[int] | np.ndarray,
 
 
 def _diameter(values: np.ndarray, chunk: int = 1024) -> int:
-    """Largest pairwise Hamming distance among hashes, in row chunks (memory O(chunk * k))."""
+    """Largest pairwise Hamming distance among hashes, in row chunks (memory O(chunk * k)); a small
+    group (most are 2-3 images) by Python ints, ~20x cheaper than a numpy call per group."""
+    if len(values) <= 16:
+        return max((hamming(a, b) for a, b in itertools.combinations(values.tolist(), 2)), default=0)
+    values = np.unique(values)
     best = 0
     for s in range(0, len(values), chunk):
         x = values[s:s + chunk, None] ^ values[None, :]

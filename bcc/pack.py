@@ -443,7 +443,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         groups = near.groups
         near_list = _Lazy(len(groups), lambda: ({**_near_paths(g, ok, rels, labels), "split": str(split_of[g.members[0]])}
                                                  for g in groups))
-        dup_stats["near_duplicate_conflicts"] = sum(np.unique(labels[list(g.members)]).size > 1 for g in groups)
+        dup_stats["near_duplicate_conflicts"] = sum(len(set(labels[list(g.members)].tolist())) > 1 for g in groups)
         manifest = write_manifest(tmp, taxonomy, splits_info, source=str(src.resolve()), options=options,
                                   skipped=skipped, converted=converted, duplicates=duplicates,
                                   near_duplicates=near_list if near_dup_threshold is not None else None,
@@ -468,7 +468,7 @@ def _near_paths(group, ok: np.ndarray, rels: list[str], labels: np.ndarray) -> d
     """A near-duplicate group's manifest entry; its members are sample indices. `conflict`: the group
     spans classes (one image filed under two labels), as for identical files."""
     return {"paths": [rels[int(ok[m])] for m in group.members], "max_distance": group.max_distance,
-            "conflict": bool(np.unique(labels[list(group.members)]).size > 1)}
+            "conflict": len(set(labels[list(group.members)].tolist())) > 1}
 
 
 def _duplicates(exact_id: np.ndarray, labels: np.ndarray, ok: np.ndarray, rels: list[str], split_of: np.ndarray,
