@@ -185,7 +185,7 @@ def _inspect_chunk(task: tuple[int, list[str], _Options]) -> _Chunk:
     name = f"{os.getpid()}.bin"
     staging = os.path.join(opts.staging, name)
     try:
-        with open(staging, "ab", buffering=1 << 20) as f:  # few, large writes
+        with open(staging, "ab") as f:
             at = f.tell()
             for k, path in enumerate(paths):
                 (skip, digest, h, e, conv), stored = _inspect(path, opts)
