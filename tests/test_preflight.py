@@ -269,6 +269,24 @@ def test_an_unknown_key_in_a_file_is_blamed_on_the_file(tmp_path):
     assert load_config(path, ["train.lr=0.1"]).train.lr == 0.1  # an override that fixes the file wins
 
 
+@pytest.mark.parametrize("prog", ["bcc", "python -m bcc.train"])
+def test_overrides_on_both_sides_of_config_are_all_read_in_order(tmp_path, bcc_main, capsys, prog):
+    """`bcc train a=1 --config F b=2`: argparse leaves `b=2` over; it is an override like the others
+    (before: "unrecognized arguments: train.epochs=1", a valid key blamed), and the last one wins."""
+    from bcc.cli.train import main as train_main
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  epochs: 2\n")
+    argv = ["train.lr=0.5", "--config", str(path), "train.epochs=1", "nosuch.key=3"]
+    if prog == "bcc":
+        proc = bcc_main("train", *argv)
+        rc, err = proc.returncode, proc.stderr
+    else:
+        capsys.readouterr()
+        rc, err = train_main(argv), capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: override 'nosuch.key=3': unknown config key 'nosuch'"), err
+
+
 def test_fp16_on_a_cpu_is_refused_at_set_up(synth_shards, tmp_path):
     """The real entry point: without this check Accelerate silently trains fp16 runs in fp32 on a CPU."""
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "run")

@@ -116,6 +116,20 @@ def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namesp
         return EXIT_LOST_PEER
 
 
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """`parser.parse_args`, except that KEY=VALUE overrides may sit on both sides of an option
+    (`bcc train a.b=1 --config F c.d=2`): argparse takes only the first run of positionals, so the
+    later ones arrive as extras; they join the command's `overrides` in command-line order."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        later = [e for e in extra if "=" in e and not e.startswith("-")]
+        args.overrides = [*args.overrides, *later]
+        extra = [e for e in extra if e not in later]
+    if extra:
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import sys
 
@@ -126,9 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return call(lambda _: accelerate_main(argv[1:]), argparse.Namespace())
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parse_with_overrides(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
