@@ -79,6 +79,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.grad_accum": _at_least(1),
     "train.clip_grad": _at_least(0),
     "train.log_every": _at_least(1),
+    "train.preempt_check_steps": _at_least(1),
     "train.lr_base_batch": _positive(),
     # numpy (accelerate's set_seed, the data order) takes seeds in [0, 2**32 - 1] only
     "train.seed": ((lambda v: 0 <= v <= SEED_MAX), f"in [0, {SEED_MAX}] (2**32 - 1, numpy's seed range)"),

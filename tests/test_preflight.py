@@ -160,6 +160,7 @@ def test_preflight_at_100k_shards_is_cheap(tmp_path):
     ("data.batch_size=-4", "data.batch_size"), ("data.image_size=0", "data.image_size"),
     ("data.workers=-1", "data.workers"), ("train.min_lr_ratio=1.5", "train.min_lr_ratio"),
     ("model.head_dropout=1", "model.head_dropout"), ("train.grad_accum=0", "train.grad_accum"),
+    ("train.preempt_check_steps=0", "train.preempt_check_steps"),
 ])
 def test_invalid_values_name_the_key_and_the_override(capsys, tmp_path, shards, override, key):
     line = _train(capsys, tmp_path, shards, "train.epochs=1", override)
