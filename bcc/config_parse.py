@@ -26,6 +26,8 @@ SEED_MAX = 2**32 - 1  # the largest train.seed: numpy's seeds are 32-bit
 class ConfigError(BccError, ValueError):
     """A config file or override that does not fit the config tree; `key` is the dotted key at fault."""
 
+    shared = "node"  # every rank of a machine reads the same file and overrides
+
     key: str | None = None
 
 

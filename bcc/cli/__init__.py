@@ -103,8 +103,16 @@ def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namesp
         if is_debug():
             raise
         from bcc.console import error
+        from bcc.errors import quiet_on_this_rank
 
-        error(str(e))
+        if quiet_on_this_rank(e):
+            # rank 0 prints this line; a launcher (torch elastic) tears the job down when the first rank
+            # exits, so a silent rank leaving at once could take rank 0 down before it has printed
+            import time
+
+            time.sleep(2.0)
+        else:
+            error(str(e))
         return e.exit_code
     except RuntimeError as e:  # a collective that failed because another rank did: one line, not its traceback
         line = lost_peer_message(e)
