@@ -11,8 +11,9 @@ Layout (`ROOT` = `RUN/checkpoints`):
                        extra.safetensors    extra tensors, e.g. a temperature (only when given)
                        meta.json            taxonomy, model config, resolved config, version, world size
                        trainer_state.json   `TrainState`; its presence marks completeness
-                       hashes.json          sha256 of every file above, written last (since bcc 0.x;
-                                            older checkpoints have none and load unchecked)
+                       hashes.json          sha256 of every file above, written last; meta.json says
+                                            it exists (`_hashes`), so a lost one is damage (older
+                                            checkpoints have neither and load unchecked)
     ROOT/last -> step-...                   relative symlinks, replaced atomically
     ROOT/best -> step-...
     RUN/model_best.safetensors (+ .json)    the best model's weights alone, for users who want only those
@@ -84,6 +85,9 @@ META_FILE = "meta.json"
 STATE_FILE = "trainer_state.json"
 HASHES_FILE = "hashes.json"
 HASHES_FORMAT = "bcc-checkpoint-hashes/1"
+# written into meta.json by the store (and taken out again on load): this checkpoint was saved with a
+# hashes.json, so one that is missing is damage, not a checkpoint of a bcc from before hashes
+HASHED_KEY = "_hashes"
 LAST_LINK = "last"
 BEST_LINK = "best"
 BEST_WEIGHTS = "model_best.safetensors"
@@ -228,6 +232,14 @@ def read_hashes(path: str | Path) -> dict[str, str] | None:
     """`file name -> sha256` written with the checkpoint dir `path`; None for one without hashes.json."""
     file = Path(path) / HASHES_FILE
     if not file.exists():
+        meta = Path(path) / META_FILE
+        try:
+            hashed = meta.is_file() and HASHED_KEY in json.loads(meta.read_text())
+        except (OSError, ValueError):
+            hashed = False  # an unreadable meta.json is reported by whoever reads it
+        if hashed:
+            raise DamagedCheckpointError(f"checkpoint {path} is damaged: its {HASHES_FILE} is missing ({META_FILE} "
+                                         "says it was saved with one), so its files cannot be verified")
         return None
     data = _load_json(file)
     files = data.get("files") if isinstance(data, dict) else None
@@ -308,7 +320,10 @@ def read_train_state(path: str | Path) -> TrainState:
 
 def read_meta(path: str | Path) -> dict:
     """Only the `meta.json` of a checkpoint dir, so a mismatch is found before tensors are read."""
-    return _load_json(Path(path) / META_FILE)
+    meta = _load_json(Path(path) / META_FILE)
+    if isinstance(meta, dict):
+        meta.pop(HASHED_KEY, None)
+    return meta
 
 
 def load_model_weights(path: str | Path, map_location: Any = "cpu") -> dict[str, Tensor]:
@@ -346,6 +361,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> Checkpoint:
     try:
         state = TrainState.from_dict(json.loads(_read_checked(path / STATE_FILE, hashes)))
         meta = json.loads(_read_checked(path / META_FILE, hashes))
+        meta.pop(HASHED_KEY, None)
     except ValueError as e:  # JSON or TrainState
         raise CheckpointError(f"cannot read {path / STATE_FILE} or {META_FILE}: {e}") from e
     rng = _load_pt(path / RNG_FILE, "cpu", hashes)

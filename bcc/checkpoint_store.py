@@ -27,6 +27,7 @@ from bcc.checkpoint import (
     BEST_WEIGHTS,
     EMA_FILE,
     EXTRA_FILE,
+    HASHED_KEY,
     HASHES_FILE,
     HASHES_FORMAT,
     LAST_LINK,
@@ -88,6 +89,18 @@ def _write_safetensors(tensors: Mapping[str, Tensor], path: Path, what: str) -> 
     cpu = _cpu_tensors(tensors, what)
     with atomic_path(path) as tmp:
         save_file(cpu, tmp, metadata={"format": "pt"})
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e`, itself or in its chain: torch.save's zip writer turns a failed write
+    (ENOSPC, EDQUOT, EFBIG) into a RuntimeError ("unexpected pos ...") as it closes, the OSError kept
+    only as its __context__."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def _write_pt(obj: Any, path: Path) -> None:
@@ -210,8 +223,9 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             # a checkpoint that was never written must not become the best or enter the top-k
             state.top_k, state.best_metric, state.best_step = before
-            if isinstance(e, OSError):  # a full disk, a quota, a read-only mount: the user's to fix
-                raise CheckpointError(self._write_failure(name, e)) from e
+            cause = _os_error(e)
+            if cause is not None:  # a full disk, a quota, a read-only mount: the user's to fix
+                raise CheckpointError(self._write_failure(name, cause)) from e
             raise
         self._sync_best(ckpt)
         _replace_link(self.root / LAST_LINK, name)
@@ -241,7 +255,7 @@ class CheckpointManager:
         if ckpt.scaler is not None:
             _write_pt(ckpt.scaler, d / SCALER_FILE)
         _write_pt(list(ckpt.rng), d / RNG_FILE)
-        _write_json(ckpt.meta, d / META_FILE)
+        _write_json({**ckpt.meta, HASHED_KEY: HASHES_FILE}, d / META_FILE)
         _write_json(ckpt.state.to_dict(), d / STATE_FILE)  # its presence marks the dir complete
         # last: the hashes of what is now on disk, read back (from the page cache; ~1 GB/s per core, a
         # fraction of the write time), so damage after this point is found on load

@@ -77,7 +77,7 @@ class ManifestError(BccError, ValueError):
 
 
 class ManifestNotFoundError(ManifestError, FileNotFoundError):
-    pass
+    shared = "node"  # every rank of a machine looks at the same path
 
 
 class FoldError(ManifestError):

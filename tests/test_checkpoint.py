@@ -139,6 +139,7 @@ def test_pickled_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = manager(tmp_path / "checkpoints").save(make_ckpt(1))
     (path / "hashes.json").unlink()  # as an older checkpoint: the hash would refuse the file before unpickling
+    _older_bcc(path)
     with open(path / "optimizer.pt", "wb") as f:
         torch.save({"state": Evil()}, f)
     with pytest.raises(CheckpointError, match="optimizer.pt"):
@@ -415,8 +416,15 @@ def test_damage_after_writing_is_found_on_load(tmp_path):
     _flip(path / "model.safetensors")
     hashes = (path / "hashes.json").read_bytes()
     (path / "hashes.json").unlink()
+    with pytest.raises(DamagedCheckpointError, match="its hashes.json is missing"):  # meta.json says it had one
+        load_checkpoint(path)
+    with pytest.raises(DamagedCheckpointError, match="its hashes.json is missing"):
+        ck.load_model_weights(path)
+    meta = (path / "meta.json").read_bytes()
+    _older_bcc(path)
     silent = load_checkpoint(path)  # what an older checkpoint (no hashes.json) gets: wrong weights, no error
     assert any(not torch.equal(good.model[k], silent.model[k]) for k in good.model)
+    (path / "meta.json").write_bytes(meta)
     (path / "hashes.json").write_bytes(hashes)
     with pytest.raises(DamagedCheckpointError, match=r"step-00000001 is damaged: model.safetensors .*sha256"):
         load_checkpoint(path)
@@ -451,9 +459,20 @@ def test_find_latest_intact_walks_back_past_damaged_checkpoints(tmp_path):
     assert latest == paths[0] and [d for d, _ in damaged] == [paths[2], paths[1]]
     assert "optimizer.pt" in damaged[1][1]
     assert find_latest(root) == paths[2]  # completeness alone does not read files
+    (paths[0] / "hashes.json").unlink()  # lost: damage, since meta.json says it was written
+    latest, damaged = find_latest_intact(root)
+    assert latest is None and "hashes.json is missing" in damaged[2][1]
     for p in paths:  # checkpoints of an older bcc: no hashes, taken as they are
-        (p / "hashes.json").unlink()
+        (p / "hashes.json").unlink(missing_ok=True)
+        _older_bcc(p)
     assert find_latest_intact(root) == (paths[2], [])
+
+
+def _older_bcc(path):
+    """Make a checkpoint look written by a bcc from before hashes.json: no file, no mark in meta.json."""
+    meta = json.loads((path / "meta.json").read_text())
+    del meta[ck.HASHED_KEY]
+    (path / "meta.json").write_text(json.dumps(meta))
 
 
 def test_inference_weights_are_checked_too(tmp_path):

@@ -28,6 +28,7 @@ def _make_old(run_dir):
     for meta_path in run_dir.glob("checkpoints/step-*/meta.json"):
         meta = json.loads(meta_path.read_text())
         meta["config"] = _age(meta["config"])
+        meta.pop("_hashes", None)  # nor the mark saying a hashes.json was written
         meta_path.write_text(json.dumps(meta))
         (meta_path.parent / "hashes.json").unlink(missing_ok=True)  # an older bcc wrote none
     config_path = run_dir / "config.yaml"

@@ -160,6 +160,7 @@ def test_preflight_at_100k_shards_is_cheap(tmp_path):
     ("data.batch_size=-4", "data.batch_size"), ("data.image_size=0", "data.image_size"),
     ("data.workers=-1", "data.workers"), ("train.min_lr_ratio=1.5", "train.min_lr_ratio"),
     ("model.head_dropout=1", "model.head_dropout"), ("train.grad_accum=0", "train.grad_accum"),
+    ("train.preempt_check_steps=0", "train.preempt_check_steps"),
 ])
 def test_invalid_values_name_the_key_and_the_override(capsys, tmp_path, shards, override, key):
     line = _train(capsys, tmp_path, shards, "train.epochs=1", override)
@@ -267,6 +268,24 @@ def test_an_unknown_key_in_a_file_is_blamed_on_the_file(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{path}: train.lr: must be > 0, got -1"):
         load_config(path, ["train.epochs=1"])
     assert load_config(path, ["train.lr=0.1"]).train.lr == 0.1  # an override that fixes the file wins
+
+
+@pytest.mark.parametrize("prog", ["bcc", "python -m bcc.train"])
+def test_overrides_on_both_sides_of_config_are_all_read_in_order(tmp_path, bcc_main, capsys, prog):
+    """`bcc train a=1 --config F b=2`: argparse leaves `b=2` over; it is an override like the others
+    (before: "unrecognized arguments: train.epochs=1", a valid key blamed), and the last one wins."""
+    from bcc.cli.train import main as train_main
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  epochs: 2\n")
+    argv = ["train.lr=0.5", "--config", str(path), "train.epochs=1", "nosuch.key=3"]
+    if prog == "bcc":
+        proc = bcc_main("train", *argv)
+        rc, err = proc.returncode, proc.stderr
+    else:
+        capsys.readouterr()
+        rc, err = train_main(argv), capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: override 'nosuch.key=3': unknown config key 'nosuch'"), err
 
 
 def test_fp16_on_a_cpu_is_refused_at_set_up(synth_shards, tmp_path):

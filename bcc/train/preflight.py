@@ -136,4 +136,6 @@ def preflight(cfg: Config, manifest: Manifest, accelerator: Accelerator) -> None
     if accelerator.num_processes > 1:
         broadcast_object_list(verdict, from_process=0)
     if verdict[0] is not None:
-        raise TrainError(verdict[0])
+        error = TrainError(verdict[0])
+        error.shared = "job"  # one line for the job, from rank 0
+        raise error
