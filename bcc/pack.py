@@ -426,7 +426,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         for k, (split_name, _members, sizes) in enumerate(plan):
             shards = []
             for name, count, digest, fold_counts in results[:len(sizes)]:
-                entry = {"path": name, "count": count, "sha256": digest}
+                entry = {"path": name, "count": count, "sha256": digest, "bytes": os.path.getsize(tmp / name)}
                 if folds:
                     entry["fold_counts"] = fold_counts
                 shards.append(entry)

@@ -61,11 +61,29 @@ def test_missing_eval_shard_is_named_before_the_first_step(capsys, tmp_path, sha
     assert f"split '{split}': missing shard" in line and gone.name in line
 
 
-def test_truncated_shard_is_named_before_the_first_step(capsys, tmp_path, shards):
+@pytest.mark.parametrize("cut", [1, 512, "most"])
+def test_truncated_shard_is_named_before_the_first_step(capsys, tmp_path, shards, cut):
+    """A pack records each shard's size (format 5): a shard short by one byte is found by its stat,
+    before the first step (before: only a cut below 2 KiB per sample was, the rest after an epoch)."""
+    bad = sorted(shards.glob("val-*.tar"))[0]
+    size = bad.stat().st_size
+    keep = 1024 if cut == "most" else size - cut
+    os.truncate(bad, keep)
+    line = _train(capsys, tmp_path, shards)
+    assert "truncated" in line and bad.name in line and f"({keep} bytes, the manifest says {size})" in line
+
+
+def test_a_pack_before_format_5_keeps_the_per_sample_lower_bound(capsys, tmp_path, shards):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["format"] = "bcc-shards/4"
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            del entry["bytes"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
     bad = sorted(shards.glob("val-*.tar"))[0]
     os.truncate(bad, 1024)
     line = _train(capsys, tmp_path, shards)
-    assert "truncated" in line and bad.name in line and "1024 bytes" in line
+    assert "truncated" in line and bad.name in line and "(1024 bytes for" in line
 
 
 @pytest.mark.parametrize(("key", "value"), [("data.val_split", "valid"), ("data.test_split", "holdout"),
@@ -178,6 +196,7 @@ def test_corrupt_shard_found_by_a_loader_worker_is_one_line(capsys, tmp_path, sh
     if damage == "truncate":
         data = data[:shard.count * 2048 + 4096]  # above the preflight's lower bound, short of the whole
         assert len(data) < bad.stat().st_size
+        _forget_shard_sizes(shards)  # as a pack of format <= 4 (or a server that gives no size): read finds it
     else:
         data[len(data) // 2:len(data) // 2 + 2048] = b"\xff" * 2048  # a header block or image bytes garbled
     bad.write_bytes(bytes(data))
@@ -185,6 +204,14 @@ def test_corrupt_shard_found_by_a_loader_worker_is_one_line(capsys, tmp_path, sh
     line = _one_error(capsys, ["train", "--config", cfg, "data.workers=2", "train.epochs=1"])
     assert bad.name in line and ("cannot read shard" in line or "cannot decode sample" in line
                                  or "holds" in line), line
+
+
+def _forget_shard_sizes(shards: Path) -> None:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            entry.pop("bytes", None)
+    (shards / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_too_few_images_for_one_batch(capsys, tmp_path, shards):
