@@ -58,3 +58,28 @@ def test_a_linked_class_folder_inside_src_is_read_alike_by_pack_predict_and_eval
     files, _ = collect_images([root])
     predicted = {f.relative_to(root).as_posix() for f in files if not f.is_relative_to(root / "store")}
     assert packed == evaluated == predicted
+
+
+@pytest.mark.parametrize("accum", [1, 2, 3])
+def test_a_non_finite_loss_is_named_by_its_own_step_without_a_host_copy_per_step(monkeypatch, accum):
+    """Issue 11.12 over a grid (test_preempt checks one NaN through `fit`): wherever a nan/inf lands in the
+    pending losses, `verify` names the optimizer step it belongs to; `add` never copies to the host."""
+    import torch
+
+    from bcc.train.epoch import LossWatch
+    from bcc.train.setup import TrainError
+
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for at in range(3 * accum):
+            watch = LossWatch(first_step=11, accum=accum)
+            with monkeypatch.context() as m:  # any host copy inside add() fails the test
+                for name in ("item", "tolist", "__float__", "__bool__", "cpu", "numpy"):
+                    m.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("a host copy in LossWatch.add"))
+                for i in range(3 * accum):
+                    watch.add(torch.tensor(bad if i == at else 0.5))
+            with pytest.raises(TrainError, match=rf"^loss is {bad} at step {11 + at // accum} \(epoch 2\)"):
+                watch.verify(epoch=1)
+    watch = LossWatch(first_step=5, accum=accum)
+    for _ in range(2 * accum):
+        watch.add(torch.tensor(1.0))
+    assert watch.mean(epoch=0) == 1.0 and watch.first_step == 7  # checked windows move the step on
