@@ -83,3 +83,45 @@ def test_a_non_finite_loss_is_named_by_its_own_step_without_a_host_copy_per_step
     for _ in range(2 * accum):
         watch.add(torch.tensor(1.0))
     assert watch.mean(epoch=0) == 1.0 and watch.first_step == 7  # checked windows move the step on
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="issue 11.7 gap on main: a real full disk inside torch.save surfaces as torch's "
+                   "RuntimeError 'unexpected pos' (the OSError is only its __context__), not a CheckpointError")
+def test_a_full_disk_inside_torch_save_is_one_error_naming_the_intact_checkpoint(tmp_path, monkeypatch):
+    """As torch.save fails on a really full disk (found on a 5 MiB tmpfs): the file's write raises ENOSPC,
+    then torch's zip writer raises RuntimeError from its __exit__. test_preflight's full-disk test makes
+    torch.save raise the OSError itself, which the real one does not."""
+    import errno
+    import io
+    import os
+
+    import torch
+
+    from bcc import checkpoint as ck
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 64:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+    manager = ck.CheckpointManager(tmp_path / "checkpoints", keep_last=2, keep_top_k=1, metric="bacc", mode="max")
+
+    def ckpt(step):
+        return ck.Checkpoint(model={"w": torch.ones(3) * step}, optimizer={"state": {0: torch.ones(1000)}},
+                             scaler=None, rng=[], state=ck.TrainState(step=step), meta={})
+
+    manager.save(ckpt(1), 0.5)
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: real_save(obj, FullDisk(f), *a, **k))
+    with pytest.raises(ck.CheckpointError) as info:
+        manager.save(ckpt(2), 0.9)
+    assert "No space left on device" in str(info.value) and "step-00000001 is intact" in str(info.value)
