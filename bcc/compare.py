@@ -6,8 +6,11 @@ initialisation (`--init pretrained,scratch`: `OUT/<mode>` holds the config's own
 `OUT/<mode>-scratch` random weights where the config names `model.pretrained`); with `--seeds N` each arm
 trains N times (`train.seed` = the config's seed + 0..N-1; `OUT/<arm>/seed-<s>/`), on one pack or, with
 `--packs`, on one pack per seed (the split then varies with the seed too). After training, each run's
-best checkpoint predicts the test split once (`test_predictions.csv`, raw argmax decisions), so that the
-aggregation can resample the test samples; then `bcc.compare_table.aggregate` writes the tables.
+best checkpoint predicts the test split once (`test_predictions.csv`, argmax decisions of the weights
+`bcc eval` uses by default: `--weights auto`, `bcc.export.choose_weights`), so that the aggregation can
+resample the test samples; then `bcc.compare_table.aggregate` writes the tables. A run trained with
+`train.ema_decay` is then tabulated with the same weights throughout: its val and test metrics are the
+`ema_*` columns of its log when auto chose the EMA weights (`ModeResult.weights` says which).
 
 This module owns planning and training the arms and reading one finished run back (`read_mode`: its best
 epoch, test metrics and epoch times; `read_predictions`: its per-sample test decisions), which
@@ -228,7 +231,7 @@ def train_mode(config: str | Path | None, overrides: Sequence[str], run_override
         rc = train_run(config, [*overrides, *run_overrides, RESUME], processes)
         if rc != 0:
             return rc
-    if not (run_dir / PREDICTIONS_FILE).is_file():
+    if not has_current_predictions(run_dir):
         write_test_predictions(run_dir)
     return 0
 
@@ -246,6 +249,7 @@ class Predictions:
     p: np.ndarray
     y_binary: np.ndarray | None = None
     p_binary: np.ndarray | None = None
+    weights: str | None = None  # "raw" or "ema": which weights decided (None: a file of an older bcc)
 
     def columns(self, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
         kind = SAMPLE_METRICS[metric][1]
@@ -254,19 +258,40 @@ class Predictions:
         return self.y, self.p
 
 
+def load_run_model(run_dir: Path, device=None):
+    """The run's best checkpoint with the weights `bcc eval` takes by default (`--weights auto`, with the
+    temperatures and operating point in use, as `bcc.export.choose_weights` decides): the one choice of
+    every evaluation of a run (bcc compare, bcc cv, bcc report). `InferenceModel.weights` says which."""
+    from bcc.predict import load_inference_model
+
+    return load_inference_model(run_dir, device=device, weights="auto")
+
+
+def chosen_weights(run_dir: Path) -> str:
+    """"raw" or "ema": the weights `load_run_model` takes for this run."""
+    return load_run_model(run_dir, device="cpu").weights
+
+
+def has_current_predictions(run_dir: Path) -> bool:
+    """Whether `run_dir/test_predictions.csv` exists and says which weights made it (older files do not)."""
+    p = read_predictions(run_dir)
+    return p is not None and p.weights is not None
+
+
 def write_test_predictions(run_dir: Path) -> Path | None:
-    """Predict the test split with the run's best checkpoint (raw probabilities, argmax decisions: what
-    the run's own test metrics are) into `run_dir/test_predictions.csv`; None without a test split."""
+    """Predict the test split with the run's best checkpoint (`load_run_model`'s weights; unscaled
+    probabilities, argmax decisions: what the run's test metrics of those weights are) into
+    `run_dir/test_predictions.csv`; None without a test split."""
     import torch
 
     from bcc.evaluate import _infer
     from bcc.operating_point import OperatingPointError, binary_head
-    from bcc.predict import decide, load_inference_model
+    from bcc.predict import decide
     from bcc.sources import load_data
     from bcc.stream import eval_loader
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    im = load_inference_model(run_dir, device=device, calibrated=False, operating_point=False)
+    im = load_run_model(run_dir, device=device)
     data = im.config.data
     manifest = load_data(data)  # data.shards (its fold view) or the sources of data.sources
     if data.test_split not in manifest.splits or manifest.split(data.test_split).count == 0:
@@ -283,11 +308,11 @@ def write_test_predictions(run_dir: Path) -> Path | None:
     path = run_dir / PREDICTIONS_FILE
     with atomic_write(path, newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["source", "key", "label", "pred", "label_binary", "pred_binary"])
+        writer.writerow(["source", "key", "label", "pred", "label_binary", "pred_binary", "weights"])
         for i in order:
             y = int(raw["label"][i])
             binary = ["", ""] if h is None else [int(table[y, h]), int(raw["logits"][h][i].argmax())]
-            writer.writerow([raw["source"][i], raw["key"][i], y, int(decided[i]), *binary])
+            writer.writerow([raw["source"][i], raw["key"][i], y, int(decided[i]), *binary, im.weights])
     return path
 
 
@@ -301,8 +326,10 @@ def read_predictions(run_dir: Path) -> Predictions | None:
     def ints(col: str) -> np.ndarray:
         return np.array([int(r[col]) for r in rows], dtype=np.int64)
 
+    weights = {r.get("weights") or None for r in rows}
     return Predictions(tuple(f"{r['source']}/{r['key']}" for r in rows), ints("label"), ints("pred"),
-                       ints("label_binary") if has_binary else None, ints("pred_binary") if has_binary else None)
+                       ints("label_binary") if has_binary else None, ints("pred_binary") if has_binary else None,
+                       weights.pop() if len(weights) == 1 else None)
 
 
 # --------------------------------------------------------------------------- aggregation: one run
@@ -329,6 +356,7 @@ class ModeResult:
     seed: int = 0  # train.seed
     test_all: dict[str, float] = field(default_factory=dict)  # every scalar test metric of the run
     cpu_time: float = math.nan  # CPU seconds of all ranks' process trees (summary.json; nan for older runs)
+    weights: str = "raw"  # the weights whose metrics val/test/test_all hold: "raw", or "ema" (the `ema_*` columns)
 
     @property
     def sec_per_step(self) -> float:
@@ -339,8 +367,10 @@ def read_rows(run_dir: Path) -> list[dict]:
     return read_metrics_rows(Path(run_dir) / "metrics.jsonl")
 
 
-def read_mode(mode: str, run_dir: Path) -> ModeResult:
-    """Collect one finished run directory; its best epoch is the best by its `checkpoint.metric`."""
+def read_mode(mode: str, run_dir: Path, weights: str = "raw") -> ModeResult:
+    """Collect one finished run directory; its best epoch is the best by its `checkpoint.metric`. With
+    `weights` "ema" (what `chosen_weights` says for a run with an EMA) the val and test values are its EMA
+    weights' (`ema_<name>`) under the plain names, so the table reads the weights `bcc eval` evaluates."""
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
@@ -357,7 +387,12 @@ def read_mode(mode: str, run_dir: Path) -> ModeResult:
     test = [r for r in rows if r.get("split") == cfg.data.test_split and "source" not in r]
     if not val:
         raise CompareError(f"{run_dir}/metrics.jsonl has no '{cfg.data.val_split}' rows")
-    best = max(val, key=lambda r: sign * r.get(metric, -sign * math.inf))
+    # the best checkpoint, as training chose it
+    best_i = max(range(len(val)), key=lambda i: sign * val[i].get(metric, -sign * math.inf))
+    if weights == "ema":  # that checkpoint's EMA weights: `ema_bacc` read as `bacc` (an `ema_` name as it is)
+        val = [{**r, **{k[len("ema_"):]: v for k, v in r.items() if k.startswith("ema_")}} for r in val]
+        test = [{k[len("ema_"):]: v for k, v in r.items() if k.startswith("ema_")} for r in test]
+    best = val[best_i]
     # wall time of each epoch (train + eval + checkpoint), from the cumulative `time` of val rows;
     # only rows of one uninterrupted process are comparable, so a resumed run's first row is skipped
     per_stage: dict[int, list[float]] = {}
@@ -387,6 +422,7 @@ def read_mode(mode: str, run_dir: Path) -> ModeResult:
         seed=cfg.train.seed,
         test_all={k: float(v) for k, v in (test[-1] if test else {}).items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        weights=weights,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 from bcc.compare import RESUME, CompareError, PlannedRun, _replace
 from bcc.config import Config, config_diff, load_config, load_saved_config
@@ -36,20 +37,36 @@ def run_differences(old: Config, new: Config, also_free: Sequence[str] = ()) -> 
             if not is_free_key(k) and k not in also_free]
 
 
-def check_runs(config: str | Path | None, overrides: Sequence[str], runs: Sequence[PlannedRun]) -> None:
-    """Refuse a comparison before anything trains when a planned run could not train to the end (its
-    config, or its fine-tuning plan for its preset and train.epochs, fails) or when its run dir already
-    holds a run of another config (which compare would skip or resume, mixing budgets). CompareError."""
+class RunPlan(Protocol):
+    """What `check_runs` reads of a planned run: a `bcc.compare.PlannedRun`, or a `bcc cv` fold."""
+
+    run_dir: Path
+    overrides: tuple[str, ...]  # applied after the user's overrides
+
+
+def check_runs(config: str | Path | None, overrides: Sequence[str], runs: Sequence[RunPlan | PlannedRun],
+               command: str = "compare") -> None:
+    """Refuse a comparison (or `bcc cv`, `command` "bcc cv") before anything trains when a planned run could
+    not train to the end (its config, its fine-tuning plan for its preset and train.epochs, or its
+    `eval.operating_point` on its val split fails) or when its run dir already holds a run of another
+    config (which `command` would skip or resume, mixing budgets). CompareError naming the run dir (and
+    the differing keys)."""
     from bcc.finetune import resolve_stages
     from bcc.model import build_model, parameter_groups
+    from bcc.operating_point import check_val_fittable, parse_operating_point
     from bcc.pretrained import SourcePreprocess, explicit_keys, follow_source
+    from bcc.sources import load_data
     from bcc.taxonomy import Taxonomy
 
     groups: dict[object, list[str]] = {}  # group names per model config: one build each
+    fittable: set[object] = set()  # data configs whose val split can fit eval.operating_point
     for run in runs:
         given = [*overrides, *run.overrides, RESUME]
         try:
             cfg = load_config(config, given)
+            if not parse_operating_point(cfg.eval.operating_point).is_argmax and (cfg.data, cfg.eval) not in fittable:
+                check_val_fittable(cfg, load_data(cfg.data))  # e.g. a --packs pack or a fold without benign cells
+                fittable.add((cfg.data, cfg.eval))
             # neither the weights nor the head sizes change the group names: read no weights, no manifest
             model = _replace(cfg.model, pretrained="")
             if model not in groups:
@@ -72,7 +89,7 @@ def check_runs(config: str | Path | None, overrides: Sequence[str], runs: Sequen
         diff = run_differences(saved, cfg)
         if diff:
             raise CompareError(f"{run.run_dir} holds a run of another config than this command's ({'; '.join(diff)}): "
-                               f"compare would {'reuse' if 'summary.json' in held else 'resume'} it beside runs of "
+                               f"{command} would {'reuse' if 'summary.json' in held else 'resume'} it beside runs of "
                                f"this config; {fix}")
 
 

@@ -28,11 +28,12 @@ import numpy as np
 from bcc.atomic import atomic_write
 from bcc.compare import (
     MODES,
-    PREDICTIONS_FILE,
     SCRATCH_SUFFIX,
     CompareError,
     ModeResult,
     Predictions,
+    chosen_weights,
+    has_current_predictions,
     read_mode,
     read_predictions,
     write_test_predictions,
@@ -165,14 +166,14 @@ def summarize_arms(runs: Mapping[str, Sequence[ModeResult]], preds: Mapping[str,
 
 def csv_columns(metrics: Sequence[str], test_metrics: Sequence[str] | None = None) -> list[str]:
     tests = list(dict.fromkeys([*metrics, *(test_metrics or ())]))
-    return (["mode", "finetune", "init", "seed", "epochs", "best_epoch"] + [f"val_{k}" for k in metrics]
+    return (["mode", "finetune", "init", "seed", "weights", "epochs", "best_epoch"] + [f"val_{k}" for k in metrics]
             + [f"test_{k}" for k in tests]
             + ["train_time_s", "cpu_time_s", "sec_per_step", "step_time_s", "trainable_final", "trainable_mean", "total_params"])
 
 
 def _row(r: ModeResult, step_time: float | None, metrics: Sequence[str], test_metrics: Sequence[str] = ()) -> dict:
-    row = {"mode": r.mode, "finetune": r.finetune, "init": r.init, "seed": r.seed, "epochs": r.epochs,
-           "best_epoch": r.best_epoch}
+    row = {"mode": r.mode, "finetune": r.finetune, "init": r.init, "seed": r.seed, "weights": r.weights,
+           "epochs": r.epochs, "best_epoch": r.best_epoch}
     row.update({f"val_{k}": r.val.get(k, math.nan) for k in metrics})
     row.update({f"test_{k}": r.test_all.get(k, r.test.get(k, math.nan)) for k in dict.fromkeys([*metrics, *test_metrics])})
     row.update({"train_time_s": r.train_time, "cpu_time_s": r.cpu_time, "sec_per_step": r.sec_per_step,
@@ -238,7 +239,7 @@ def _predictions(run_dir: Path) -> Predictions | None:
     sbatch array task, a plain `bcc train`); None, with a warning, when its test split cannot be read."""
     from bcc.errors import BccError
 
-    if not (run_dir / PREDICTIONS_FILE).is_file():
+    if not has_current_predictions(run_dir):  # none yet, or of an older bcc that did not say which weights
         try:
             write_test_predictions(run_dir)
         except BccError as e:
@@ -268,8 +269,10 @@ def aggregate(out: str | Path, modes: Sequence[str] = MODES, bench: Mapping[str,
         looked = ", ".join(f"{n}/summary.json" for n in (names or modes))
         raise CompareError(f"no finished run under {out} (looked for {looked} and {{arm}}/seed-*/summary.json)")
     check_same_config([d for n in present for d in find_runs(out, n)])  # one budget and recipe, or no table
-    runs = {n: [read_mode(n, d) for d in find_runs(out, n)] for n in present}
     preds = {n: [_predictions(d) for d in find_runs(out, n)] for n in present}
+    # each run's metrics of the weights its test predictions (and `bcc eval`) use
+    runs = {n: [read_mode(n, d, p.weights if p is not None else chosen_weights(d))
+                for d, p in zip(find_runs(out, n), preds[n], strict=True)] for n in present}
     first = runs[present[0]][0]
     metrics = first.metrics
     cfg = load_saved_config(first.run_dir / "config.yaml")
@@ -300,6 +303,17 @@ def _plot(results: Sequence[ModeResult], path: Path) -> None:
                 title=f"validation {metric} by fine-tuning mode (first seed)")
 
 
+def _weights_text(results: Sequence[ArmResult]) -> str:
+    """Which weights the table's metrics are of: what `bcc eval` takes by default (`--weights auto`)."""
+    kinds = {r.weights for a in results for r in a.runs}
+    if kinds == {"raw"}:
+        return "raw weights (`bcc eval --weights auto`: no EMA)"
+    if kinds == {"ema"}:
+        return "EMA weights (model_ema.safetensors, `train.ema_decay`; what `bcc eval --weights auto` takes)"
+    mixed = "; ".join(f"{a.name}: {'/'.join(r.weights for r in a.runs)}" for a in results)
+    return f"weights as `bcc eval --weights auto` takes them, per run ({mixed})"
+
+
 def _pm(mean_sd_: tuple[float, float]) -> str:
     mean, sd = mean_sd_
     return _fmt(mean) if math.isnan(sd) else f"{_fmt(mean)} ± {_fmt(sd)}"
@@ -321,8 +335,8 @@ def _markdown(results: Sequence[ArmResult], metrics, test_metrics, bench, comman
     lines += [f"{r0.epochs} epochs per run; {r0.total_params:,} parameters in all; {n_seeds} seed(s) per arm "
               "(train.seed). Val metrics are each run's best epoch (by val "
               f"{select}, the runs' checkpoint.metric); test metrics are the test split evaluated once with the "
-              "best checkpoint. Cells are mean ± sd over seeds; [lo, hi] is the 95% percentile bootstrap "
-              f"interval of the seed mean ({n_boot} resamples of the test samples, fixed rng). "
+              f"best checkpoint, both of its {_weights_text(results)}. Cells are mean ± sd over seeds; [lo, hi] "
+              f"is the 95% percentile bootstrap interval of the seed mean ({n_boot} resamples of the test samples, fixed rng). "
               "`s/step (wall)` is train time / optimizer steps, evaluation and checkpoints included; `CPU min` is the "
               "CPU time of all ranks' processes and loader workers (the cost on shared cores, where wall time "
               "follows the load).", ""]

@@ -196,7 +196,8 @@ class EvalConfig:
     every_epochs: int = 1
     calibrate: bool = False  # fit temperature scaling on the val split after training
     # threshold of the root binary head fitted on val after training (bcc/operating_point.py):
-    # argmax | youden | sensitivity>=X | specificity>=X (0 < X < 1)
+    # argmax | youden | sensitivity>=X | specificity>=X (0 < X < 1); refused before training when the val split
+    # (or fold) lacks either binary class, as its manifest counts tell
     operating_point: str = "argmax"
     test_at_end: bool = True
 

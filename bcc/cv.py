@@ -12,8 +12,11 @@ checkpoint, so each train+val sample is predicted once, by the one model that di
   folds) of the best epoch's val metrics and of the test metrics, and the pooled out-of-fold
   accuracy and balanced accuracy.
 
-The out-of-fold probabilities are the raw (uncalibrated) ones: the run's temperature was fitted on
-the very fold they predict. Like `bcc compare`, finished folds are skipped on a re-run and
+Every fold is evaluated with the weights `bcc eval` takes by default (`--weights auto`: the EMA weights
+of a run trained with `train.ema_decay`, `bcc.compare.load_run_model`), its val and test metrics
+included (the `ema_*` columns then), and CV.md says which. The out-of-fold probabilities are unscaled
+and decided at argmax: the run's temperature and operating point were fitted on the very fold they
+predict. Like `bcc compare`, finished folds are skipped on a re-run and
 interrupted ones resume, and aggregation needs nothing but the run directories (an array job can
 train the folds).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +60,39 @@ def check_folds(shards: str | Path, folds: int) -> None:
         raise CvError(f"--folds {folds} but {shards} was packed with {k} folds; use --folds {k} or repack")
 
 
+@dataclass(frozen=True)
+class FoldRun:
+    """One fold's training run: its run dir and the overrides that make it (after the user's)."""
+
+    fold: int
+    run_dir: Path
+    overrides: tuple[str, ...]
+
+
+def plan_folds(out: str | Path, folds: int) -> list[FoldRun]:
+    return [FoldRun(k, fold_dir(out, k), (f"data.fold={k}", f"run.dir={fold_dir(out, k)}")) for k in range(folds)]
+
+
+def check_fold_runs(config: str | Path | None, overrides: Sequence[str], runs: Sequence[FoldRun]) -> None:
+    """Before any fold trains: every fold's config loads, its fine-tuning plan resolves and its
+    eval.operating_point can be fitted on its validation fold, and a fold
+    dir that already holds a run (finished: it would be reused; interrupted: resumed) holds one of this
+    config, compared as `bcc compare` compares its runs (`bcc.compare_check.check_runs`: the keys a
+    resumed run may change are free, the budget and checkpoint metric are not). CvError naming the
+    fold's run dir and the differing keys."""
+    from bcc.compare import CompareError
+    from bcc.compare_check import check_runs
+
+    try:
+        check_runs(config, overrides, runs, command="bcc cv")
+    except CompareError as e:
+        raise CvError(str(e)) from None
+
+
 def train_fold(config: str | Path | None, overrides: Sequence[str], fold: int, out: str | Path,
                processes: int = 1) -> int:
-    """Train fold `fold` into `out/fold-<fold>` (resuming it when interrupted). Returns the exit code."""
+    """Train fold `fold` into `out/fold-<fold>` (resuming it when interrupted). Returns the exit code.
+    A finished fold is skipped: `cross_validate` checked first that it holds a run of this config."""
     from bcc.launch import train_run
 
     run_dir = fold_dir(out, fold)
@@ -72,18 +106,20 @@ def predict_fold(run_dir: str | Path) -> dict[str, Any]:
     """Out-of-fold predictions of one finished fold run: its best checkpoint on its validation fold.
 
     Returns {"fold", "key", "source", "label" (LongTensor[N]), "head_probs" (per head [N, C_h]),
-    "probs" (combined [N, classes]), "decided" (LongTensor[N]), "taxonomy"}, sorted by (source, key).
+    "probs" (combined [N, classes]), "decided" (LongTensor[N]), "taxonomy", "weights" ("raw"/"ema")},
+    sorted by (source, key); probabilities unscaled, decisions at argmax.
     """
     import torch
 
+    from bcc.compare import load_run_model
     from bcc.evaluate import _infer, _merge
     from bcc.manifest import Manifest
     from bcc.metrics import combined_probs
-    from bcc.predict import decide, load_inference_model
+    from bcc.predict import decide
     from bcc.stream import eval_loader
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    im = load_inference_model(run_dir, device=device, calibrated=False)
+    im = load_run_model(run_dir, device=device)  # the weights bcc eval takes; their scaling is not used here
     data = im.config.data
     if data.fold is None:
         raise CvError(f"{run_dir} was not trained on a fold (its data.fold is unset)")
@@ -96,7 +132,7 @@ def predict_fold(run_dir: str | Path) -> dict[str, Any]:
     head_probs = [torch.softmax(z.double(), dim=1) for z in merged["logits"]]
     return {"fold": data.fold, "key": merged["key"], "source": merged["source"], "label": merged["label"],
             "head_probs": head_probs, "probs": combined_probs(im.taxonomy, merged["logits"]).double(),
-            "decided": decide(im.taxonomy, head_probs), "taxonomy": im.taxonomy}
+            "decided": decide(im.taxonomy, head_probs), "taxonomy": im.taxonomy, "weights": im.weights}
 
 
 def _mean_sd(values: Sequence[float]) -> dict[str, Any]:
@@ -127,8 +163,9 @@ def aggregate(out: str | Path, folds: int, command: str = "") -> dict[str, Any]:
     missing = [k for k in range(folds) if not (fold_dir(out, k) / "summary.json").is_file()]
     if missing:
         raise CvError(f"fold(s) {', '.join(map(str, missing))} under {out} did not finish (no summary.json)")
-    results = [read_mode(f"fold-{k}", fold_dir(out, k)) for k in range(folds)]
+    check_same_folds([fold_dir(out, k) for k in range(folds)])
     preds = [predict_fold(fold_dir(out, k)) for k in range(folds)]
+    results = [read_mode(f"fold-{k}", fold_dir(out, k), p["weights"]) for k, p in enumerate(preds)]
 
     taxonomy = preds[0]["taxonomy"]
     names = taxonomy.class_names
@@ -151,6 +188,7 @@ def aggregate(out: str | Path, folds: int, command: str = "") -> dict[str, Any]:
         "command": command,
         "shards": cfg.data.shards,
         "checkpoint_metric": cfg.checkpoint.metric,
+        "weights": [p["weights"] for p in preds],  # per fold: what bcc eval --weights auto takes
         "val": {m: _mean_sd([r.val.get(m, math.nan) for r in results]) for m in metrics},
         "test": {m: _mean_sd([r.test.get(m, math.nan) for r in results]) for m in metrics},
         "best_epoch": [r.best_epoch for r in results],
@@ -165,6 +203,19 @@ def aggregate(out: str | Path, folds: int, command: str = "") -> dict[str, Any]:
     return summary
 
 
+def check_same_folds(run_dirs: Sequence[Path]) -> None:
+    """The fold runs differ only in data.fold, their run dir and how they executed (`bcc compare`'s rule,
+    `bcc.compare_check.run_differences`): mean +- sd over folds of different configs is no result."""
+    from bcc.compare_check import run_differences
+
+    ref = load_saved_config(run_dirs[0] / "config.yaml")
+    for d in run_dirs[1:]:
+        diff = run_differences(ref, load_saved_config(d / "config.yaml"), ("data.fold", "run.dir"))
+        if diff:
+            raise CvError(f"{d} was trained under another config than {run_dirs[0]} ({'; '.join(diff)}): the "
+                          "folds' mean +- sd would mix recipes; retrain it (delete the fold dir and re-run bcc cv)")
+
+
 def _fmt(v: float) -> str:
     return "–" if math.isnan(v) else f"{v:.3f}"
 
@@ -174,7 +225,11 @@ def _markdown(summary: dict[str, Any], metrics: Sequence[str]) -> str:
     lines = [f"# {k}-fold cross-validation", ""]
     if summary["command"]:
         lines += [f"Command: `{summary['command']}`", ""]
-    lines += [f"Shards: `{summary['shards']}`. Fold k validates and the other {k - 1} folds of train+val train; "
+    kinds = set(summary["weights"])
+    weights = ("EMA weights (model_ema.safetensors)" if kinds == {"ema"} else "raw weights" if kinds == {"raw"}
+               else "per fold " + "/".join(summary["weights"]) + " weights")
+    lines += [f"Weights: {weights}, as `bcc eval --weights auto` takes them, for every metric and prediction below.",
+              "", f"Shards: `{summary['shards']}`. Fold k validates and the other {k - 1} folds of train+val train; "
               "val metrics are each fold's best epoch (by its checkpoint.metric "
               f"`{summary['checkpoint_metric']}`), test metrics the fixed test split evaluated with that "
               "fold's best checkpoint; sd is the sample standard deviation over the folds.", ""]
@@ -199,6 +254,7 @@ def cross_validate(config: str | Path | None, folds: int, out: str | Path | None
         raise CvError(f"the config sets data.fold={cfg.data.fold}; bcc cv sets it per fold")
     check_folds(cfg.data.shards, folds)
     out = Path(out) if out is not None else Path(cfg.run.dir)
+    check_fold_runs(config, overrides, plan_folds(out, folds))  # a finished fold of another config is no result
     out.mkdir(parents=True, exist_ok=True)
     failed = []
     for k in range(folds):

@@ -26,6 +26,10 @@ class BccError(Exception):
     exit_code: int = EXIT_USAGE
 
 
+class UsageError(BccError):
+    """A command line whose options contradict each other or are out of range, found after argparse."""
+
+
 def is_debug() -> bool:
     """True when `BCC_DEBUG=1`: user errors then keep their traceback."""
     return os.environ.get("BCC_DEBUG", "") not in ("", "0")

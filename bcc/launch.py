@@ -28,7 +28,11 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from bcc.errors import EXIT_USAGE
+from bcc.errors import BccError
+
+
+class LaunchError(BccError):
+    """A launch refused before any process starts (a missing accelerate config, a GPU launch without a GPU)."""
 
 FORWARDED_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
@@ -139,7 +143,8 @@ def missing_gpu_message() -> str | None:
 
 def accelerate_main(argv: Sequence[str] | None = None) -> int:
     """`accelerate launch ARGV` (accelerate's own options, then `-m MODULE` or a script and its
-    arguments); returns the exit code of the first training process that failed, else 0."""
+    arguments); returns the exit code of the first training process that failed, else 0. Raises
+    LaunchError (the entry points print its one line, exit 2) before starting anything it refuses."""
     # torchrun's agent would handle TERM itself (kill the workers); leave TERM to forward_to_children.
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", "SIGINT,SIGHUP,SIGQUIT")
     for signum in FORWARDED_SIGNALS:
@@ -150,13 +155,11 @@ def accelerate_main(argv: Sequence[str] | None = None) -> int:
 
     args = launch_command_parser().parse_args(None if argv is None else list(argv))
     if args.config_file and not os.path.isfile(args.config_file):
-        print(f"error: accelerate config file {args.config_file} not found", file=sys.stderr)
-        return EXIT_USAGE
+        raise LaunchError(f"accelerate config file {args.config_file} not found")
     if not is_cpu_launch(args):
         message = missing_gpu_message()
         if message:
-            print(f"error: {message}", file=sys.stderr)
-            return EXIT_USAGE
+            raise LaunchError(message)
     try:
         launch_command(args)
     except subprocess.CalledProcessError as error:  # one process (accelerate's simple launcher)

@@ -104,13 +104,11 @@ def _test_facts(im, weights: str) -> dict[str, Any] | None:
             "operating_point": evaluation.get("operating_point"),
         }
     # the final test of training: the last row of the test split in metrics.jsonl
-    rows = []
+    from bcc.train.runlog import RunLogError, read_rows
+
     try:
-        for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            row = json.loads(line) if line.strip() else None
-            if isinstance(row, dict) and row.get("split") == split:
-                rows.append(row)
-    except (OSError, ValueError):
+        rows = [row for row in read_rows(run / "metrics.jsonl") if row.get("split") == split]
+    except RunLogError:
         return None
     if not rows:
         return None

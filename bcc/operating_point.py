@@ -40,6 +40,8 @@ __all__ = [
     "OperatingPoint",
     "OperatingPointError",
     "binary_head",
+    "check_fittable",
+    "check_val_fittable",
     "fit_threshold",
     "parse_operating_point",
     "rates",
@@ -101,6 +103,38 @@ def binary_head(taxonomy) -> tuple[int, str]:
         f"taxonomy {taxonomy.name!r} has no root head with two labels (heads: {heads}): an operating "
         "point other than argmax needs a binary decision; use argmax"
     )
+
+
+def check_fittable(rule: OperatingPoint | str, taxonomy, class_counts: Mapping[str, int], where: str) -> None:
+    """Refuse, before anything trains, a rule that cannot be fitted on a validation split of these
+    per-class counts (`where` names the split): a threshold needs positive and negative samples of the
+    binary head. OperatingPointError naming the rule, the split and its counts; argmax always fits."""
+    rule = parse_operating_point(rule) if isinstance(rule, str) else rule
+    if rule.is_argmax:
+        return
+    h, name = binary_head(taxonomy)
+    labels = taxonomy.heads[h].labels
+    table = taxonomy.target_table()
+    n = [0, 0]
+    for i, cls in enumerate(taxonomy.class_names):
+        n[int(table[i, h])] += int(class_counts.get(cls, 0))
+    if n[0] == 0 or n[1] == 0:
+        raise OperatingPointError(
+            f"eval.operating_point={rule}: {where} holds {n[1]} {labels[1]} and {n[0]} {labels[0]} samples; "
+            f"fitting a threshold of head {name!r} needs both; use eval.operating_point=argmax or a validation "
+            "split with both")
+
+
+def check_val_fittable(cfg, manifest) -> None:
+    """`check_fittable` for a run: `cfg.eval.operating_point` on the val split of `manifest` (the run's
+    data: `bcc.sources.load_data`, its fold view with `data.fold`). Training calls it before it trains,
+    `bcc compare` and `bcc cv` for every planned run before the first one trains."""
+    if parse_operating_point(cfg.eval.operating_point).is_argmax:
+        return
+    data = cfg.data
+    fold = "" if data.fold is None else f" (data.fold={data.fold})"
+    check_fittable(cfg.eval.operating_point, manifest.taxonomy, manifest.split(data.val_split).class_counts,
+                   f"the validation split {data.val_split!r}{fold} of {manifest.shown}")
 
 
 def rates(scores: Tensor, targets: Tensor, threshold: float | None) -> dict[str, float]:

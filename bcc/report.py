@@ -22,8 +22,10 @@ attached to a ticket as it is):
   instead of showing an empty overlay.
 
 The evaluation is what `bcc eval` writes (`RUN/eval-<split>/`: metrics.json, predictions.csv,
-confusion.png, reliability.png). It is reused when it was made from the run's current best checkpoint
-with the temperatures and operating point stored now; otherwise (none yet, an older checkpoint, other
+confusion.png, reliability.png), with the weights `bcc eval` takes by default (`--weights auto`: the EMA
+weights of a run trained with `train.ema_decay`, `bcc.compare.load_run_model`; the page says which, and
+Grad-CAM explains those weights too). It is reused when it was made from the run's current best
+checkpoint with those weights and the temperatures and operating point stored now; otherwise (none yet, an older checkpoint, other
 temperatures or another operating point) it is run here through `bcc.evaluate.evaluate_checkpoint` and
 written to the same place, as `bcc eval` would. Images come from the evaluated data: the shards of
 a packed split (found by sample key, read with `bcc.shards.read_shard`) or the files of an image folder.
@@ -49,11 +51,13 @@ from typing import Any
 
 from bcc.errors import BccError
 from bcc.report_html import CSS, decision_text, gallery, img_tag, metric_table, png
+from bcc.train.runlog import canonical_metric, migrate_row, read_rows  # the one metrics.jsonl reader
 
 __all__ = ["ReportError", "argmax_classes", "canonical_metric", "decision_text", "read_metrics_log", "worst_mistakes",
            "write_report"]
 
 REPORT_FILE = "report.html"
+WEIGHTS_TEXT = {"raw": "raw weights", "ema": "EMA weights (model_ema.safetensors, train.ema_decay)"}
 # the curves drawn, in this order (the metric tables' order is bcc.report_html.LEADING)
 CURVES = ("loss", "bacc", "acc", "binary_bacc", "binary_auroc", "ece")
 
@@ -65,43 +69,13 @@ class ReportError(BccError):
 # --------------------------------------------------------------------------- reading the run
 
 
-def canonical_metric(name: str) -> str:
-    """`acc4` -> `acc`, `bacc4` -> `bacc`: metric names without the class count (older runs carry it)."""
-    for base in ("bacc", "acc"):
-        if name.startswith(base) and name[len(base):].isdigit():
-            return base
-    return name
-
-
-def _canonical_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in row.items():
-        name = canonical_metric(key)
-        if name == key or name not in row:  # `acc` wins over its alias `acc4` when a row has both
-            out[name] = value
-    return out
-
-
 def read_metrics_log(run: str | Path) -> list[dict[str, Any]]:
-    """The rows of `RUN/metrics.jsonl` with canonical metric names; a bad line is a ReportError naming it."""
+    """The rows of `RUN/metrics.jsonl` with canonical metric names (`bcc.train.runlog.read_rows`: a bad
+    line is an error naming it); a missing log is a ReportError."""
     path = Path(run) / "metrics.jsonl"
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ReportError(f"{path} does not exist: is {run} a bcc run directory?") from None
-    except OSError as e:
-        raise ReportError(f"cannot read {path}: {e}") from e
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ReportError(f"{path} line {n} is not JSON: {e}") from None
-        if isinstance(row, dict):
-            rows.append(_canonical_row(row))
-    return rows
+    if not path.is_file():
+        raise ReportError(f"{path} does not exist: is {run} a bcc run directory?")
+    return read_rows(path)
 
 
 @dataclass(frozen=True)
@@ -193,18 +167,19 @@ def _evaluation(im, split: str, data: str | Path | None) -> tuple[Path, dict[str
         eval_dir = im.run_dir / f"eval-{split}"
         done = _load_eval(eval_dir)
         if (done is not None and done.get("checkpoint") == str(im.checkpoint) and done.get("split") == split
-                and done.get("temperatures") == (im.temperatures or None) and _same_point(done.get("operating_point"), im)
+                and done.get("weights", "raw") == im.weights and done.get("temperatures") == (im.temperatures or None) and _same_point(done.get("operating_point"), im)
                 and done.get("data") == location and all((eval_dir / f).is_file() for f in
                                                           ("metrics.json", "predictions.csv", "confusion.png", "reliability.png"))):
             return eval_dir, done
-        return eval_dir, evaluate_checkpoint(im.checkpoint, location, split=split, out=eval_dir, workers=0)
+        return eval_dir, evaluate_checkpoint(im.checkpoint, location, split=split, out=eval_dir, workers=0,
+                                             weights=im.weights)
     source = Path(location)
     is_folder = data is not None and source.is_dir() and not (source / "manifest.json").is_file()
     eval_dir = im.run_dir / f"eval-{source.resolve().name if is_folder else split}"
     done = _load_eval(eval_dir)
     files = ("metrics.json", "predictions.csv", "confusion.png", "reliability.png")
     if (done is not None and done.get("checkpoint") == str(im.checkpoint)
-            and done.get("temperatures") == (im.temperatures or None)
+            and done.get("weights", "raw") == im.weights and done.get("temperatures") == (im.temperatures or None)
             and _same_point(done.get("operating_point"), im)
             and (done.get("kind") == "folder" if is_folder else done.get("split") == split)
             and all((eval_dir / f).is_file() for f in files)
@@ -212,7 +187,8 @@ def _evaluation(im, split: str, data: str | Path | None) -> tuple[Path, dict[str
         return eval_dir, done
     if not source.exists():
         raise ReportError(f"the run's data {source} does not exist (moved?): pass --data with the packed dataset")
-    return eval_dir, evaluate_checkpoint(im.checkpoint, source, split=split, out=eval_dir, workers=0)
+    return eval_dir, evaluate_checkpoint(im.checkpoint, source, split=split, out=eval_dir, workers=0,
+                                         weights=im.weights)
 
 
 def _read_images(evaluation: Mapping[str, Any], mistakes: Sequence[Mistake]):
@@ -343,7 +319,7 @@ def write_report(
     `bcc.evaluate`) with a message naming what is missing.
     """
     from bcc.atomic import atomic_write
-    from bcc.predict import load_inference_model
+    from bcc.compare import load_run_model
 
     if worst < 0:
         raise ReportError(f"the number of mistakes to show must be >= 0, got {worst}")
@@ -351,7 +327,7 @@ def write_report(
     if not run.is_dir():
         raise ReportError(f"run directory {run} does not exist")
     rows = read_metrics_log(run)
-    im = load_inference_model(run, device=device)
+    im = load_run_model(run, device=device)  # the weights (and their fit) bcc eval takes by default
     if im.run_dir is None:
         raise ReportError(f"{run} is not a run directory (no config.yaml beside checkpoints/)")
     cfg = im.config
@@ -370,7 +346,7 @@ def write_report(
         last[row.get("split", "train")] = row
     columns = {f"{s} ({'epoch ' + str(r['epoch']) if 'epoch' in r else 'step ' + str(r.get('step'))}, log)": r
                for s, r in last.items()}
-    columns[f"{split} (evaluation, step {evaluation.get('step')})"] = _canonical_row(evaluation.get("metrics", {}))
+    columns[f"{split} (evaluation, step {evaluation.get('step')})"] = migrate_row(evaluation.get("metrics", {}))
     skip = ("epoch", "step", "stage", "time", "train_seconds")
     heads = {h: dict(v) for h, v in evaluation.get("heads", {}).items()}
 
@@ -397,7 +373,8 @@ def write_report(
     sections = [
         f"<h1>bcc run report: {html.escape(run_name)}</h1>",
         f'<p class="meta">backbone {html.escape(cfg.model.backbone)}, taxonomy {html.escape(im.taxonomy.name)} '
-        f"({', '.join(html.escape(c) for c in im.taxonomy.class_names)}), best checkpoint at step {im.step}; "
+        f"({', '.join(html.escape(c) for c in im.taxonomy.class_names)}), best checkpoint at step {im.step}, "
+        f"{WEIGHTS_TEXT[im.weights]}; "
         f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC{where}</p>",
         '<p class="warn">Research software: not for clinical use.</p>',
         f'<p class="meta decision">{decision_text(point)}</p>',

@@ -6,9 +6,11 @@ SIGTERM forwarded to the training processes, and no silent CPU fallback of a GPU
     python launch/accelerate_launch.py [accelerate launch options] -m bcc.train --config FILE [key=value ...]
 """
 
+import argparse
 import sys
 
+from bcc.cli import call
 from bcc.launch import accelerate_main
 
 if __name__ == "__main__":
-    sys.exit(accelerate_main())
+    sys.exit(call(lambda _: accelerate_main(), argparse.Namespace()))  # a LaunchError: one `error:` line, exit 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,11 +20,12 @@ def _bcc(*args, cwd=None):
                           env={**os.environ, "COLUMNS": "200"}, cwd=cwd, timeout=900)
 
 
-@pytest.mark.slow
-def test_cv_two_folds_end_to_end(synth_data, synth_shards, tmp_path, bcc_main):
+@pytest.fixture(scope="module")
+def cv_pack(synth_data, tmp_path_factory):
+    """`synth_data` packed with 2 folds; returns (shards, fold of every train+val key)."""
     from bcc.pack import pack_folders
 
-    shards = tmp_path / "shards"
+    shards = tmp_path_factory.mktemp("cvpack") / "shards"
     pack_folders(synth_data, shards, split=(0.7, 0.15, 0.15), seed=0, min_shards=2, folds=2)
     manifest = json.loads((shards / "manifest.json").read_text())
     fold_of = {}
@@ -31,13 +33,32 @@ def test_cv_two_folds_end_to_end(synth_data, synth_shards, tmp_path, bcc_main):
         for sh in manifest["splits"][name]["shards"]:
             for s in wds.WebDataset(str(shards / sh["path"]), shardshuffle=False, empty_check=False):
                 fold_of[s["__key__"]] = json.loads(s["json"])["fold"]
+    return shards, fold_of
 
-    out = tmp_path / "cv"
-    cfg = write_config(tmp_path / "cv.yaml", shards, out, train={"epochs": 1, "lr": 0.05, "warmup_steps": 1},
-                       data={"workers": 0})
-    proc = _bcc("cv", "--config", cfg, "--folds", 2)
+
+@pytest.fixture(scope="module")
+def cv_run(cv_pack, tmp_path_factory):
+    """`bcc cv --folds 2` on `cv_pack`. The folds train with an EMA (decay 0.5: its weights differ from the
+    raw ones after the first step), two fine-tuning stages (heads + block4 at lr_mult 0.5, then all groups)
+    and train.head_lr_mult=3, uncalibrated at argmax (probabilities compare as they are).
+    Returns (out, config, the CompletedProcess)."""
+    root = tmp_path_factory.mktemp("cv")
+    out = root / "cv"
+    stages = [{"epochs": 1, "train": ["heads", "block4"], "lr_mult": {"block4": 0.5}},
+              {"epochs": 1, "train": ["all"]}]
+    cfg = write_config(root / "cv.yaml", cv_pack[0], out, data={"workers": 0},
+                       train={"epochs": 2, "lr": 0.05, "warmup_steps": 1, "ema_decay": 0.5, "head_lr_mult": 3.0},
+                       finetune={"preset": "custom", "stages": stages}, eval={"calibrate": False})
+    return out, cfg, _bcc("cv", "--config", cfg, "--folds", 2)
+
+
+@pytest.mark.slow
+def test_cv_two_folds_end_to_end(cv_pack, cv_run, synth_shards, tmp_path, bcc_main):
+    (shards, fold_of), (out, cfg, proc) = cv_pack, cv_run
+    manifest = json.loads((shards / "manifest.json").read_text())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2-fold cross-validation" in proc.stdout and "±" in proc.stdout
+    assert "Weights: EMA weights" in proc.stdout  # auto, as bcc eval: the folds' EMA weights throughout
 
     for k in range(2):  # each fold run validated on its fold, trained on the other
         saved = (out / f"fold-{k}" / "config.yaml").read_text()
@@ -73,3 +94,132 @@ def test_cv_two_folds_end_to_end(synth_data, synth_shards, tmp_path, bcc_main):
     assert bad.returncode == 2 and "no cross-validation folds" in bad.stderr
     bad = bcc_main("train", "--config", nofolds, "data.fold=0")
     assert bad.returncode == 2 and "has no folds" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --------------------------------------------------------------------------- one EMA fold run, read by every command
+
+
+def test_cv_refuses_a_finished_fold_of_another_config(cv_pack, tmp_path, bcc_main):
+    """A fold dir holding a finished run of another config is not reused in mean +- sd: one error line naming
+    the run dir and the key, before any fold trains (how a run executed, e.g. data.workers, is free); and a
+    fold that cannot fit eval.operating_point is refused before any fold trains."""
+    from bcc.config import load_config, save_config
+    from bcc.cv import CvError, aggregate
+
+    cfg = write_config(tmp_path / "cv.yaml", cv_pack[0], tmp_path / "cv", train={"epochs": 1})
+    for k, lr in ((0, 0.1), (1, 0.05)):
+        run = tmp_path / "cv" / f"fold-{k}"
+        run.mkdir(parents=True)
+        save_config(load_config(cfg, [f"train.lr={lr}", "data.workers=3", f"data.fold={k}", f"run.dir={run}",
+                                      "checkpoint.resume=auto"]), run / "config.yaml")
+        (run / "summary.json").write_text("{}")
+    proc = bcc_main("cv", "--config", cfg, "--folds", 2)
+    assert proc.returncode == 2
+    fold0 = tmp_path / "cv" / "fold-0"
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {fold0} holds a run of another config than this command's (train.lr: 0.1 -> 0.05): bcc cv would "
+        "reuse it beside runs of this config; use another --out, or delete the run to train it again"]
+    assert not (tmp_path / "cv" / "CV.md").exists()
+    with pytest.raises(CvError, match=r"fold-1 was trained under another config than .*fold-0 \(train.lr: 0.1 -> 0.05\)"):
+        aggregate(tmp_path / "cv", 2)  # --aggregate of fold runs trained elsewhere: the same check
+
+    # a fold whose validation fold has no benign cell cannot fit an operating point: refused before fold 0 trains
+    shards = tmp_path / "shards"
+    shutil.copytree(cv_pack[0], shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["folds"]["class_counts"][1]["Benign"] = 0
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    proc = bcc_main("cv", "--config", cfg, "--folds", 2, "--out", tmp_path / "op", f"data.shards={shards}",
+                    "eval.operating_point=youden")
+    assert proc.returncode == 2
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: {tmp_path / 'op' / 'fold-1'}: eval.operating_point=youden: the validation split "
+                           f"'val' (data.fold=1) of {shards / 'manifest.json'} holds ")
+    assert "Malignant and 0 Benign samples" in line and line.endswith("(nothing trained)")
+    assert not (tmp_path / "op" / "fold-0").exists()
+
+
+def _probs(path):
+    with open(path, newline="") as f:
+        return {r["key"]: r for r in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+def test_report_cv_and_compare_evaluate_the_ema_weights_bcc_eval_takes(cv_pack, cv_run, bcc_main):
+    """`bcc eval` takes the EMA weights by default (--weights auto); the report, the out-of-fold
+    predictions and the comparison's test predictions and metrics are of those weights too, and say so."""
+    import torch
+
+    from bcc.compare_table import aggregate
+    from bcc.cv import predict_fold
+    from bcc.evaluate import _infer
+    from bcc.predict import load_inference_model
+    from bcc.sources import load_data
+    from bcc.stream import eval_loader
+
+    (shards, _), (out, _, cv) = cv_pack, cv_run
+    assert cv.returncode == 0, cv.stdout + cv.stderr
+    run = out / "fold-0"
+    # a raw-weights evaluation where the report looks first: the report must not reuse it
+    assert bcc_main("eval", "-c", run, "-d", shards, "--weights", "raw").returncode == 0
+    raw = _probs(run / "eval-test" / "predictions.csv")
+    proc = bcc_main("eval", "-c", run, "-d", shards, "--out", out / "eval-auto")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "eval-auto" / "metrics.json").read_text())["weights"] == "ema"
+    ema = _probs(out / "eval-auto" / "predictions.csv")
+    col = next(c for c in ema[next(iter(ema))] if c.startswith("combined:"))
+    assert any(abs(float(ema[k][col]) - float(raw[k][col])) > 1e-4 for k in ema)  # the two weights differ
+
+    proc = bcc_main("report", run, "--worst", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "eval-test" / "metrics.json").read_text())["weights"] == "ema"
+    reported = _probs(run / "eval-test" / "predictions.csv")
+    assert all(float(reported[k][col]) == pytest.approx(float(ema[k][col]), abs=1e-6) for k in ema)
+    assert "EMA weights" in (run / "report.html").read_text()
+
+    # bcc compare's aggregation over this run: test predictions and metrics of the EMA weights
+    (arm,) = aggregate(out, arms=["fold-0"], n_boot=20)
+    with open(run / "test_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = json.loads((shards / "manifest.json").read_text())["classes"]
+    assert {r["weights"] for r in rows} == {"ema"}
+    assert {r["key"]: names[int(r["pred"])] for r in rows} == {k: r["pred_class"] for k, r in ema.items()}
+    evaluated = json.loads((out / "eval-auto" / "metrics.json").read_text())["metrics"]
+    assert arm.runs[0].weights == "ema" and arm.runs[0].test_all["bacc"] == pytest.approx(evaluated["bacc"], abs=1e-6)
+    with open(out / "results.csv", newline="") as f:
+        assert next(csv.DictReader(f))["weights"] == "ema"
+    assert "EMA weights" in (out / "RESULTS.md").read_text()
+
+    # bcc cv's out-of-fold predictions: the EMA weights' probabilities on fold 0
+    oof = predict_fold(run)
+    assert oof["weights"] == "ema"
+
+    def val_probs(weights):
+        im = load_inference_model(run, device="cpu", weights=weights, calibrated=False, operating_point=False)
+        data = im.config.data
+        got = _infer(im, eval_loader(load_data(data), data.val_split, data, rank=0, world_size=1))
+        return {k: torch.softmax(got["logits"][0][i].double(), 0) for i, k in enumerate(got["key"])}
+
+    want, raw_val = val_probs("ema"), val_probs("raw")
+    assert sorted(oof["key"]) == sorted(want)
+    for i, k in enumerate(oof["key"]):
+        torch.testing.assert_close(oof["head_probs"][0][i], want[k], rtol=0, atol=1e-6)
+    assert any(not torch.allclose(want[k], raw_val[k], atol=1e-4) for k in want)
+
+
+@pytest.mark.slow
+def test_head_lr_mult_holds_in_the_optimizer_that_trains_in_every_stage(cv_run):
+    """train.head_lr_mult: the heads' param group runs at mult x the rate of a backbone group of the same
+    stage multiplier, in the optimizer state each checkpoint saved (stage 0: heads + block4 at 0.5, stage
+    1 after the stage change: every group)."""
+    from bcc.checkpoint import load_checkpoint
+
+    run = cv_run[0] / "fold-0"
+    steps = sorted(p for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert len(steps) == 2
+    for path, backbone, mult in zip(steps, (["block4"], ["block0", "block2", "block4"]), (0.5, 1.0),
+                                    strict=True):
+        lr = {g["group"]: g["lr"] for g in load_checkpoint(path).optimizer["param_groups"]}
+        assert set(backbone) < set(lr), lr
+        for name in backbone:
+            assert lr[name] > 0 and lr["heads"] == pytest.approx(3.0 / mult * lr[name], rel=1e-9), (path.name, lr)

@@ -92,6 +92,45 @@ def test_fitting_needs_both_classes_and_a_binary_root_head():
         decide(WBC, [torch.zeros(2, 4)], threshold=0.3)
 
 
+@pytest.mark.parametrize(("rule", "counts", "refused"), [
+    ("youden", {"Benign": 3, "Pro-B": 1}, None),
+    ("argmax", {"Benign": 3}, None),  # argmax needs no threshold
+    ("sensitivity>=0.95", {"Benign": 0, "Pre-B": 2, "Pro-B": 1}, "holds 3 Malignant and 0 Benign samples"),
+    ("specificity>=0.9", {"Benign": 4}, "holds 0 Malignant and 4 Benign samples"),
+])
+def test_a_rule_that_cannot_be_fitted_on_the_val_counts_is_refused_up_front(rule, counts, refused):
+    from bcc.operating_point import check_fittable
+
+    if refused is None:
+        check_fittable(rule, ALL, counts, "split val")
+        return
+    with pytest.raises(OperatingPointError) as e:
+        check_fittable(rule, ALL, counts, "split val")
+    assert str(e.value).startswith(f"eval.operating_point={rule}: split val {refused}")
+    assert "use eval.operating_point=argmax" in str(e.value)
+    with pytest.raises(OperatingPointError, match="no root head with two labels"):
+        check_fittable(rule, WBC, {"EOS": 1}, "split val")
+
+
+def test_training_with_a_val_split_lacking_a_class_is_refused_before_it_trains(synth_shards, tmp_path, bcc_main):
+    from conftest import write_config
+
+    shards = tmp_path / "shards"
+    shutil.copytree(synth_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["splits"]["val"]["class_counts"]["Benign"] = 0  # as a val split without a benign sample reads
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    cfg = write_config(tmp_path / "c.yaml", shards, tmp_path / "run", eval={"operating_point": "sensitivity>=0.95"})
+    proc = bcc_main("train", "--config", cfg)
+    assert proc.returncode == 2, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: eval.operating_point=sensitivity>=0.95: the validation split 'val' of {shards / 'manifest.json'} holds "
+        f"{sum(v for k, v in manifest['splits']['val']['class_counts'].items() if k != 'Benign')} Malignant and 0 "
+        "Benign samples; fitting a threshold of head 'binary' needs both; use eval.operating_point=argmax or a "
+        "validation split with both"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def logits_of(p_malignant: list[float], subtype: int = 2) -> list[torch.Tensor]:
     p = torch.tensor(p_malignant)
     binary = torch.stack([torch.log1p(-p), torch.log(p)], dim=1)

@@ -49,7 +49,7 @@ def test_report_is_one_self_contained_page(report, trained_run):  # noqa: F811
     assert page.count('class="mistake"') == min(6, len(wrong))
 
 
-def test_hide_paths_shows_no_file_name_or_path(trained_run, tmp_path):  # noqa: F811
+def test_hide_paths_shows_no_file_name_or_path(report, trained_run, tmp_path):  # noqa: F811
     from bcc.report import write_report
 
     evaluated = (trained_run / "eval-test" / "metrics.json").stat().st_mtime_ns
@@ -62,7 +62,7 @@ def test_hide_paths_shows_no_file_name_or_path(trained_run, tmp_path):  # noqa: 
     assert "mistake 1" in page
 
 
-def test_worst_mistakes_order_and_metric_names(trained_run):  # noqa: F811
+def test_worst_mistakes_order_and_metric_names(report, trained_run):  # noqa: F811
     from bcc.report import canonical_metric, worst_mistakes
     from bcc.taxonomy import Taxonomy
 
@@ -76,7 +76,7 @@ def test_worst_mistakes_order_and_metric_names(trained_run):  # noqa: F811
         "acc", "bacc", "acc", "bacc", "binary_bacc", "acc_x"]
 
 
-def test_all_zero_gradcam_map_says_so(trained_run, monkeypatch):  # noqa: F811
+def test_all_zero_gradcam_map_says_so(report, trained_run, monkeypatch):  # noqa: F811
     import bcc.gradcam
     from bcc.predict import load_inference_model
     from bcc.report import _gradcam_panels, _read_images, worst_mistakes

@@ -283,3 +283,22 @@ def test_resume_accepts_execution_keys_and_explains_a_scaled_lr():
         check_resume_compatible(two, one, meta, tax)
     fixed = resolve_config(load_config(None, ["train.lr=0.1", "train.lr_scale=none", "train.lr_base_batch=64"]), cpu, 1)
     assert check_resume_compatible(two, fixed, meta, tax) == []
+
+
+def test_a_run_log_cut_mid_line_by_kill_is_pruned_on_resume_and_damage_elsewhere_is_named(tmp_path, capsys):
+    """kill -9 inside `RunLog.log`'s append leaves half a line; the resume's prune drops it with a
+    warning (its work is redone) instead of a JSONDecodeError traceback. A bad line that is not the
+    last one is real damage: RunLogError naming the line."""
+    from bcc.train.runlog import RunLog, RunLogError
+
+    log = RunLog(tmp_path, is_main=True, live=False)
+    rows = [{"step": 1, "split": "train", "loss": 1.0}, {"step": 2, "split": "val", "bacc": 0.5},
+            {"step": 3, "split": "train", "loss": 0.9}]
+    good = "".join(json.dumps(r) + "\n" for r in rows)
+    log.path.write_text(good + '{"step": 4, "split": "tr')
+    log.prune(2)
+    assert log.path.read_text() == "".join(json.dumps(r) + "\n" for r in rows[:2])
+    assert "dropped its last line" in capsys.readouterr().out
+    log.path.write_text(good.replace('"loss": 1.0}', '"loss": 1.0') + good)
+    with pytest.raises(RunLogError, match="metrics.jsonl line 1 is not JSON"):
+        log.prune(2)

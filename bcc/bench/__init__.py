@@ -5,6 +5,8 @@ rss.py   `bench_rss`: peak loader memory streaming a synthetic dataset at two si
 step.py  `bench_step`: bcc's train step (the trainer's own set-up) vs a plain PyTorch step, frozen vs full;
          `time_steps`, the one step timer (also behind `bcc compare`'s step times)
 vote.py  `bench_vote`: the preemption vote's cost with 2, 4, 8 gloo processes
+pack.py  `bench_pack`: `bcc pack`'s throughput against the decode limit, and its peak memory
+gpu.py   `bench_gpu`: the GPU check, one JSON report (its plan: gpu_plan.py; its DDP ranks: gpu_ddp.py)
 
 Everything here returns numbers; printing is the CLI's job (`bcc bench`).
 """

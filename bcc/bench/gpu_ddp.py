@@ -20,6 +20,7 @@ import torch
 
 from bcc.bench import BenchError
 from bcc.bench.gpu_plan import GpuPlan, _default_taxonomy, _device_batch, _error, _step_config
+from bcc.bench.step import time_steps
 
 
 def _masked_labels(taxonomy) -> tuple[list[int], list[str]]:
@@ -57,19 +58,17 @@ def _ddp_step(spec: dict, device: torch.device, rank: int, sync_bn: bool) -> dic
     optimizer = make_optimizer(cfg, [{"params": [p for p in model.parameters() if p.requires_grad]}])
     # each rank its own batch (seeded by rank): the all-reduce has something to average
     batch = _device_batch(plan.batch_sizes[0], plan.image_size, device, False, labels, seed=rank)
-    per_head = {}
-    for i in range(2):
-        if i == 1:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
+    last: dict = {}
+
+    def step() -> None:
         loss, per_head = parts.loss_fn(ddp(batch["image"]), parts.targets_of(batch["label"]))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
+        last.update(loss=loss, per_head=per_head)
+
+    seconds = time_steps(step, steps=1, warmup=1, device=device)  # the one step timer (bcc.bench.step)
+    loss, per_head = last["loss"], last["per_head"]
     flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
     fingerprint = torch.stack([flat.sum(), (flat * flat).sum()])
     if dist.get_backend() == "gloo":

@@ -4,9 +4,7 @@ process tree (main process + workers), which must not grow with the dataset."""
 from __future__ import annotations
 
 import io
-import json
 import os
-import tarfile
 import tempfile
 import threading
 import time
@@ -36,15 +34,15 @@ def _tiny_jpeg(seed: int, size: int) -> bytes:
     return buf.getvalue()
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    member = tarfile.TarInfo(name)
-    member.size = len(data)
-    tar.addfile(member, io.BytesIO(data))
-
-
 def write_synthetic_shards(out: str | Path, samples: int, *, per_shard: int = 1000, image_px: int = 16) -> Path:
     """A fake packed dataset of `samples` tiny JPEGs under `out` (one real shard, hard-linked as often as
-    needed, and a manifest listing them). Only for memory and throughput checks of the stream."""
+    needed, and a manifest listing them). Only for memory and throughput checks of the stream.
+
+    The samples and shards are written by their owners (`bcc.shards.make_sample`/`write_shard`), the
+    manifest by `bcc.manifest.write_manifest`: what the stream reads is today's pack format, checksums included.
+    """
+    from bcc.manifest import split_entry, write_manifest
+    from bcc.shards import make_sample, write_shard
     from bcc.taxonomy import Taxonomy
 
     out = Path(out)
@@ -52,36 +50,31 @@ def write_synthetic_shards(out: str | Path, samples: int, *, per_shard: int = 10
     taxonomy = Taxonomy.default()
     classes = list(taxonomy.class_names)
     images = [_tiny_jpeg(i, image_px) for i in range(8)]
+
+    def shard(path: Path, n: int) -> None:
+        write_shard(path, (make_sample(f"train-{i:08d}", "jpg", images[i % len(images)],
+                                       {"class": classes[i % len(classes)], "label": i % len(classes),
+                                        "source": f"synthetic/{i}"}) for i in range(n)))
+
     first = out / "train-000000.tar"
-    with tarfile.open(first, "w") as tar:
-        for i in range(per_shard):
-            label = i % len(classes)
-            meta = {"class": classes[label], "label": label, "source": f"synthetic/{i}"}
-            _add_bytes(tar, f"train-{i:08d}.jpg", images[i % len(images)])
-            _add_bytes(tar, f"train-{i:08d}.json", json.dumps(meta).encode())
+    shard(first, min(per_shard, samples))
     shards, left, index = [], samples, 0
+    per_class = dict.fromkeys(classes, 0)
     while left > 0:
         n = min(per_shard, left)
         path = out / f"train-{index:06d}.tar"
         if n < per_shard:  # a short last shard gets its own file
             path = out / f"train-{index:06d}-short.tar"
-            with tarfile.open(first) as src, tarfile.open(path, "w") as dst:
-                members = src.getmembers()[: 2 * n]
-                for m in members:
-                    dst.addfile(m, src.extractfile(m))
+            shard(path, n)
         elif index > 0:
             os.link(first, path)
+        for i in range(n):  # each shard holds samples 0..n-1 of the same label cycle
+            per_class[classes[i % len(classes)]] += 1
         shards.append({"path": path.name, "count": n, "sha256": ""})
         left -= n
         index += 1
-    per_class = {c: samples // len(classes) + (i < samples % len(classes)) for i, c in enumerate(classes)}
-    manifest = {
-        "format": "bcc-shards/1", "created": "synthetic", "bcc_version": "bench", "source": "synthetic",
-        "options": {}, "taxonomy": taxonomy.to_dict(), "classes": classes,
-        "splits": {"train": {"count": samples, "class_counts": per_class, "shards": shards}},
-        "skipped": [], "converted": [], "duplicates": [],
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(out, taxonomy, {"train": split_entry(shards, per_class)}, source="synthetic",
+                   options={"synthetic": True})
     return out
 
 

@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # accelerate's own options follow in accelerate's order: argparse would take them for bcc's
         from bcc.launch import accelerate_main
 
-        return accelerate_main(argv[1:])
+        return call(lambda _: accelerate_main(argv[1:]), argparse.Namespace())
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

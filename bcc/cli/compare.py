@@ -69,39 +69,35 @@ def run(args: argparse.Namespace) -> int:
 
     from bcc.compare import MODES, compare, load_bench
     from bcc.compare_table import aggregate
-    from bcc.console import console, error
-    from bcc.errors import BccError
+    from bcc.console import console
 
     modes = _split(args.modes) or (list(MODES) if args.aggregate else ["frozen", "staged", "full"])
     command = "bcc " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    try:
-        if args.bootstrap < 1:
-            from bcc.compare import CompareError
+    # user errors (CompareError, ConfigError, FinetuneError, ...) reach `bcc.cli.call`, the one place
+    if args.bootstrap < 1:
+        from bcc.compare import CompareError
 
-            raise CompareError(f"--bootstrap must be >= 1, got {args.bootstrap}")
-        if args.aggregate:
-            out = args.aggregate
-            aggregate(out, modes, load_bench(out), command, n_boot=args.bootstrap)
-        elif args.plan:
-            from bcc.compare import plan_runs
-            from bcc.config import load_config
+        raise CompareError(f"--bootstrap must be >= 1, got {args.bootstrap}")
+    if args.aggregate:
+        out = args.aggregate
+        aggregate(out, modes, load_bench(out), command, n_boot=args.bootstrap)
+    elif args.plan:
+        from bcc.compare import plan_runs
+        from bcc.config import load_config
 
-            runs = plan_runs(load_config(args.config, list(args.overrides)), modes, args.out, args.seeds,
-                             _split(args.init) or None, _split(args.packs))
-            from bcc.compare_check import check_runs
+        runs = plan_runs(load_config(args.config, list(args.overrides)), modes, args.out, args.seeds,
+                         _split(args.init) or None, _split(args.packs))
+        from bcc.compare_check import check_runs
 
-            check_runs(args.config, args.overrides, runs)  # an array job's tasks fail before any trains
-            for k, r in enumerate(runs):
-                print("\t".join([str(k), str(r.run_dir), *r.overrides]))
-            return 0
-        else:
-            out = args.out
-            compare(args.config, modes, out, args.processes, args.overrides, command, args.bench_steps,
-                    seeds=args.seeds, inits=_split(args.init) or None, packs=_split(args.packs),
-                    n_boot=args.bootstrap)
-    except BccError as e:  # CompareError, ConfigError, FinetuneError, TrainError, ...
-        error(str(e))
-        return 2
+        check_runs(args.config, args.overrides, runs)  # an array job's tasks fail before any trains
+        for k, r in enumerate(runs):
+            print("\t".join([str(k), str(r.run_dir), *r.overrides]))
+        return 0
+    else:
+        out = args.out
+        compare(args.config, modes, out, args.processes, args.overrides, command, args.bench_steps,
+                seeds=args.seeds, inits=_split(args.init) or None, packs=_split(args.packs),
+                n_boot=args.bootstrap)
     from pathlib import Path
 
     console.print(Path(out, "RESULTS.md").read_text(), markup=False, highlight=False)  # [lo, hi] is no markup

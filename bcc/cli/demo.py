@@ -63,7 +63,9 @@ def run(args: argparse.Namespace) -> int:
     if rc != 0:
         error(f"training failed with exit code {rc}; see the output above and {run_dir}")
         return rc
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from bcc.train.runlog import read_rows
+
+    rows = read_rows(run_dir / "metrics.jsonl")
     test = [r for r in rows if r["split"] == "test"][-1]
     chance = 1 / len(json.loads((shards / "manifest.json").read_text())["classes"])
     table = Table(title=f"bcc demo: test split ({int(test['count'])} images), {args.processes} processes")

@@ -35,13 +35,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bcc.console import error
+    from bcc.errors import UsageError
 
     for name in ("batch_size", "workers"):
         value = getattr(args, name)
         if value is not None and value < (1 if name == "batch_size" else 0):
-            error(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'batch_size' else '>= 0'}, got {value}")
-            return 2
+            raise UsageError(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'batch_size' else '>= 0'}, "
+                             f"got {value}")
     from bcc.evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, args.data, split=args.split, out=args.out,

@@ -100,32 +100,30 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bcc.console import console, error
+    from bcc.console import console
+    from bcc.errors import UsageError
 
     if args.verify:
         if args.src or args.out:
-            error("--verify OUT takes no SRC/OUT arguments")
-            return 2
+            raise UsageError("--verify OUT takes no SRC/OUT arguments")
         return _verify(args.verify, console)
     if not args.src or not args.out:
-        error("bcc pack needs SRC and OUT (or --verify OUT)")
-        return 2
+        raise UsageError("bcc pack needs SRC and OUT (or --verify OUT)")
     return _pack(args, console)
 
 
 def _pack(args: argparse.Namespace, console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from bcc.console import error
+    from bcc.errors import UsageError
     from bcc.neardup import DEFAULT_THRESHOLD
     from bcc.pack import pack_folders
     from bcc.resources import load_taxonomy
     from bcc.taxonomy import Taxonomy
 
     if args.no_near_dup and args.near_dup_threshold is not None:
-        error(f"--no-near-dup and --near-dup-threshold {args.near_dup_threshold} contradict each other: "
-              "give one of them")
-        return 2
+        raise UsageError(f"--no-near-dup and --near-dup-threshold {args.near_dup_threshold} contradict each "
+                         "other: give one of them")
     near = None if args.no_near_dup else (DEFAULT_THRESHOLD if args.near_dup_threshold is None
                                           else args.near_dup_threshold)
 

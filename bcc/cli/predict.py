@@ -42,10 +42,10 @@ def _line(pred) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from bcc.console import console, error
+    from bcc.errors import UsageError
 
     if args.batch_size < 1:
-        error(f"--batch-size must be >= 1, got {args.batch_size}")
-        return 2
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     from bcc.predict import load_inference_model, predict_paths, write_predictions_csv, write_predictions_json
 
     im = load_inference_model(args.checkpoint, calibrated=not args.no_calibration, operating_point=not args.argmax,
@@ -68,6 +68,6 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"{n} image(s) predicted, {bad} failed ({', '.join(notes)})", soft_wrap=True)
     if n == 0:  # nothing to show for the run: a usage error, like any other bad input
         if bad == 0:
-            error("no images given")
-        return 2
+            raise UsageError("no images given")
+        return 2  # each failed file had its own `error:` line above
     return 1 if bad else 0

@@ -7,15 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+from bcc.cli._types import count
 
 
 def register(subparsers) -> None:
@@ -29,20 +21,19 @@ def register(subparsers) -> None:
     p.add_argument("--data", default=None, metavar="PATH",
                    help="packed dataset (e.g. after moving it) or image folder of class folders to evaluate "
                         "(default: the run's data.shards)")
-    p.add_argument("--worst", type=_count, default=12, metavar="N", help="mistakes in the gallery (default 12)")
+    p.add_argument("--worst", type=count, default=12, metavar="N", help="mistakes in the gallery (default 12)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from bcc.console import console, error
-    from bcc.report import write_report
+    from bcc.console import console
+    from bcc.report import ReportError, write_report
 
     # BccErrors reach `bcc.cli.call`; an OS error writing the page is the user's too (e.g. --out not writable)
     try:
         path = write_report(args.run, out=args.out, split=args.split, data=args.data,
                             hide_paths=args.hide_paths, worst=args.worst)
     except OSError as e:
-        error(str(e))
-        return 2
+        raise ReportError(str(e)) from e
     console.print(f"report: [bold]{path}[/]", soft_wrap=True)
     return 0

@@ -42,6 +42,7 @@ from bcc.operating_point import (
     OperatingPointError,
     _logit,
     binary_head,
+    check_val_fittable,
     fit_threshold,
     parse_operating_point,
     rates,
@@ -134,8 +135,7 @@ def setup_run(cfg: Config) -> Run:
                       "check every sample", soft_wrap=True)
     taxonomy = manifest.taxonomy
     preflight(cfg, manifest, acc)  # splits, shards, metric, backbone: once, before anything is built
-    if not parse_operating_point(cfg.eval.operating_point).is_argmax:
-        binary_head(taxonomy)  # refused before training when the task has no binary decision
+    check_val_fittable(cfg, manifest)  # refused before training: no binary head, or a val split lacking a class
     train_split = manifest.split(cfg.data.train_split)
     bpe = train_batches(manifest, cfg.data, acc.num_processes)
     if bpe % cfg.train.grad_accum:
@@ -369,7 +369,8 @@ def best_checkpoint_passes(run: Run) -> dict:
         out["test"].update(evaluate_ema(run, split, where))
         run.metrics.report_threshold = None
         row = {"epoch": run.state.epoch, "split": split, "checkpoint": "best" if best.exists() else "last"}
-        run.log_eval({**row, **({"operating_point": point["rule"]} if point else {})}, out["test"])
+        chosen = point["rule"] if point else out.get("operating_point_fallback")  # None: argmax was asked
+        run.log_eval({**row, **({"operating_point": chosen} if chosen else {})}, out["test"])
     run.parts.model.load_state_dict(current)
     if current_ema is not None:
         ema.module.load_state_dict(current_ema)
@@ -455,9 +456,9 @@ def calibrate_in_memory(run: Run, best: Path) -> dict:
         run.accelerator.wait_for_everyone()
         return out
     for key, (_, p, reason) in fits.items():
-        if p is None and main:
-            console.print(f"[yellow]warning:[/] operating point{' of the EMA weights' if key else ''} not fitted: "
-                          f"{reason}")
+        if p is None and main:  # refused up front (check_fittable) where the split's counts tell; this is the rest
+            console.print(f"[yellow]warning:[/] operating point{' of the EMA weights' if key else ''}: argmax "
+                          f"(fallback: {reason})")
         elif main:
             val = p["val"]
             console.print(f"operating point {p['rule']} of {best}{' (EMA weights)' if key else ''}: {p['head']} "
@@ -471,7 +472,7 @@ def calibrate_in_memory(run: Run, best: Path) -> dict:
                                   {**info, "calibrated": point["calibrated"], "val": point["val"], **ema_point})
         out["operating_point"] = {**point, **info, **ema_point}
     else:
-        out["operating_point"] = None
+        out["operating_point"], out["operating_point_fallback"] = None, f"argmax (fallback: {why})"
     run.accelerator.wait_for_everyone()
     return out
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bcc.atomic import atomic_write
-from bcc.console import console
+from bcc.console import console, warn
+from bcc.errors import BccError
 from bcc.trackers import tracker_values
 
 _OLD_METRIC = re.compile(r"^(b?acc)\d+$")  # acc4, bacc4: combined metrics that once carried the class count
@@ -46,24 +47,51 @@ def scalar_metrics(metrics: Mapping) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def canonical_metric(name: str) -> str:
+    """`acc4` -> `acc`, `bacc4` -> `bacc`: a metric's name without the class count older runs carried."""
+    m = _OLD_METRIC.match(name)
+    return m.group(1) if m else name
+
+
 def migrate_row(row: Mapping) -> dict:
-    """A metrics.jsonl row in today's names: `acc4`/`bacc4` -> `acc`/`bacc` (kept where both exist)."""
+    """A metrics row (metrics.jsonl, an evaluation's metrics.json) in today's names: `acc4`/`bacc4` ->
+    `acc`/`bacc`; where a row has both, today's name keeps its value."""
     out = {}
     for key, value in row.items():
-        m = _OLD_METRIC.match(key)
-        if m:
-            out.setdefault(m.group(1), value)
-        else:
+        name = canonical_metric(key)
+        if name == key:
             out[key] = value
+        else:
+            out.setdefault(name, value)
     return out
 
 
+class RunLogError(BccError):
+    """A metrics.jsonl that cannot be read, naming the file and line."""
+
+
 def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl ([] when absent), older metric names migrated."""
+    """Rows of a metrics.jsonl ([] when absent), older metric names migrated: the one reader (compare,
+    report and the model card read through it). A line that is not a JSON object is a RunLogError naming it."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [migrate_row(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunLogError(f"cannot read {path}: {e}") from e
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RunLogError(f"{path} line {n} is not JSON: {e}") from None
+        if not isinstance(row, dict):
+            raise RunLogError(f"{path} line {n} is not a JSON object")
+        rows.append(migrate_row(row))
+    return rows
 
 
 def fmt_seconds(s: float) -> str:
@@ -106,9 +134,19 @@ class RunLog:
         """Drop rows of work a resume will redo (after `last_step`; all when -1) and the final test rows."""
         if not self.is_main or not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-        keep = [line for line in lines if last_step >= 0 and json.loads(line).get("step", 0) <= last_step
-                and json.loads(line).get("split") != "test"]
+        lines = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if n < len(lines):
+                    raise RunLogError(f"{self.path} line {n} is not JSON: the run log is damaged") from None
+                # the last row's write was cut (kill -9 mid-line): its work is redone by the resume
+                warn(f"{self.path}: dropped its last line, cut short while written: {line[:60]!r}")
+                rows.append(None)
+        keep = [line for line, row in zip(lines, rows, strict=True) if row is not None and last_step >= 0
+                and row.get("step", 0) <= last_step and row.get("split") != "test"]
         if len(keep) != len(lines):
             with atomic_write(self.path) as f:
                 f.write("".join(line + "\n" for line in keep))
