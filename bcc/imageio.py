@@ -184,6 +184,9 @@ def _link_target(link: Path) -> tuple[Path | None, str | None]:
         return None, f"symlink loop: -> {to}"
 
 
+_LINKED_FOLDER = "symlinked folder not followed"
+
+
 def _walk(top: Path, root: Path, base: Path) -> Iterator[tuple[str, str, str | None]]:
     """(path, path relative to `base`, skip reason or None) of every non-hidden file under `top`,
     sorted, under the module's link policy (`root` is what a link target must lie in). Per file: one
@@ -200,8 +203,7 @@ def _walk(top: Path, root: Path, base: Path) -> Iterator[tuple[str, str, str | N
             if sub.is_symlink():
                 target, loop = _link_target(sub)
                 inside = target is not None and _is_within(target, root)
-                yield str(sub), prefix + d, loop or (
-                    "symlinked folder not followed" if inside else f"symlink outside SRC: -> {target}")
+                yield str(sub), prefix + d, loop or (_LINKED_FOLDER if inside else f"symlink outside SRC: -> {target}")
                 continue
             keep.append(d)
         dirnames[:] = keep
@@ -303,7 +305,16 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list
         p = Path(raw)
         if p.is_dir():
             found = []
-            for name, _, reason in _walk(p, p.resolve(), p):
+            root = p.resolve()
+            listing = []
+            for name, rel, reason in _walk(p, root, p):
+                if reason == _LINKED_FOLDER and "/" not in rel:
+                    # a class folder linked to a folder inside the listed root: followed, as pack and
+                    # folder eval follow one inside SRC (links deeper down are not, there either)
+                    listing += _walk(Path(name), root, Path(name))
+                else:
+                    listing.append((name, rel, reason))
+            for name, _rel, reason in listing:
                 path = Path(name)
                 if reason and (is_image_name(path) or path.is_dir()):  # skipped non-images: none of ours
                     problems.append((str(path), reason))
