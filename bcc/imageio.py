@@ -260,9 +260,11 @@ def iter_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], i
     for item in sorted(os.scandir(src), key=lambda e: e.name):
         if item.name.startswith("."):
             continue
-        loop = _link_target(Path(item.path))[1] if item.is_symlink() else None
+        target, loop = _link_target(Path(item.path)) if item.is_symlink() else (None, None)
         if loop:
             skipped.append({"path": item.name, "reason": loop})
+        elif target is not None and not target.exists():
+            skipped.append({"path": item.name, "reason": f"broken symlink: -> {target}"})
         elif item.is_dir(follow_symlinks=True):
             names.append(item.name)
         else:
@@ -316,7 +318,8 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list
                     listing.append((name, rel, reason))
             for name, _rel, reason in listing:
                 path = Path(name)
-                if reason and (is_image_name(path) or path.is_dir()):  # skipped non-images: none of ours
+                # skipped non-images are none of ours; a link that leads nowhere might have been a folder
+                if reason and (is_image_name(path) or path.is_dir() or reason.startswith(("broken", "symlink loop"))):
                     problems.append((str(path), reason))
                 elif not reason and is_image_name(path):
                     found.append(path)

@@ -53,13 +53,17 @@ def test_a_linked_class_folder_inside_src_is_read_alike_by_pack_predict_and_eval
     (root / ".store" / "b.jpg").write_bytes(image_bytes(2, 16))
     (root / "Pro-B").symlink_to((root / ".store").resolve())  # a class folder linked inside SRC
     (root / "Benign" / "deep" / "link").symlink_to((root / ".store").resolve())  # deeper: not followed
+    (root / "Pre-B").symlink_to(root / "gone")  # a class folder link that leads nowhere: named everywhere
     taxonomy = Taxonomy.default()
     packed = {e.rel for e in scan_class_folders(root, taxonomy.resolve_folder)[0]}
     evaluated = {it.source for it in eval_scan(root, taxonomy)[0]}
     files, problems = collect_images([root])
     predicted = {f.relative_to(root).as_posix() for f in files}
     assert packed == evaluated == predicted == {"Benign/a.jpg", "Pro-B/b.jpg"}
-    assert problems == [(str(root / "Benign" / "deep" / "link"), "symlinked folder not followed")]
+    assert sorted(problems) == [(str(root / "Benign" / "deep" / "link"), "symlinked folder not followed"),
+                                (str(root / "Pre-B"), f"broken symlink: -> {root.resolve() / 'gone'}")]
+    assert {"path": "Pre-B", "reason": f"broken symlink: -> {root.resolve() / 'gone'}"} in \
+        scan_class_folders(root, taxonomy.resolve_folder)[1]
 
 
 @pytest.mark.parametrize("accum", [1, 2, 3])
