@@ -32,12 +32,19 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
     tmp = tmp_sibling(path)
     try:
         yield tmp
-        os.chmod(tmp, mode)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_durably(tmp, path, mode)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike, mode: int = 0o644) -> None:
+    """`atomic_path`'s commit on its own: `tmp` (complete, beside `path`) gets permissions `mode`, is
+    fsynced and renamed to `path`. For a file written elsewhere than where it is committed (a pool
+    worker writes a shard, the packer's thread makes it durable while the next ones are written)."""
+    os.chmod(tmp, mode)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

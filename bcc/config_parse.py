@@ -26,6 +26,8 @@ SEED_MAX = 2**32 - 1  # the largest train.seed: numpy's seeds are 32-bit
 class ConfigError(BccError, ValueError):
     """A config file or override that does not fit the config tree; `key` is the dotted key at fault."""
 
+    shared = "node"  # every rank of a machine reads the same file and overrides
+
     key: str | None = None
 
 
@@ -79,6 +81,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.grad_accum": _at_least(1),
     "train.clip_grad": _at_least(0),
     "train.log_every": _at_least(1),
+    "train.preempt_check_steps": _at_least(1),
     "train.lr_base_batch": _positive(),
     # numpy (accelerate's set_seed, the data order) takes seeds in [0, 2**32 - 1] only
     "train.seed": ((lambda v: 0 <= v <= SEED_MAX), f"in [0, {SEED_MAX}] (2**32 - 1, numpy's seed range)"),

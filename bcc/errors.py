@@ -24,6 +24,19 @@ class BccError(Exception):
     """Base of every exception bcc defines. The message is shown to the user as it is, on one line."""
 
     exit_code: int = EXIT_USAGE
+    # Which ranks of a launch raise this same error (`quiet_on_this_rank`): None, only this one (it prints
+    # it); "node", every rank reading the same files as rank 0 (a config or manifest error: rank 0's
+    # machine prints it once, another machine's local rank 0 once); "job", every rank (a verdict rank 0
+    # broadcast: rank 0 prints it for the job).
+    shared: str | None = None
+
+
+def quiet_on_this_rank(e: BccError) -> bool:
+    """True when rank 0 of this launch (or of this machine) prints `e`, so this rank should not repeat it.
+
+    Reads torchrun's RANK / LOCAL_RANK (unset outside a launch: rank 0, never quiet)."""
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    return rank != 0 and (e.shared == "job" or (e.shared == "node" and local != 0))
 
 
 class UsageError(BccError):

@@ -184,6 +184,9 @@ def _link_target(link: Path) -> tuple[Path | None, str | None]:
         return None, f"symlink loop: -> {to}"
 
 
+_LINKED_FOLDER = "symlinked folder not followed"
+
+
 def _walk(top: Path, root: Path, base: Path) -> Iterator[tuple[str, str, str | None]]:
     """(path, path relative to `base`, skip reason or None) of every non-hidden file under `top`,
     sorted, under the module's link policy (`root` is what a link target must lie in). Per file: one
@@ -200,8 +203,7 @@ def _walk(top: Path, root: Path, base: Path) -> Iterator[tuple[str, str, str | N
             if sub.is_symlink():
                 target, loop = _link_target(sub)
                 inside = target is not None and _is_within(target, root)
-                yield str(sub), prefix + d, loop or (
-                    "symlinked folder not followed" if inside else f"symlink outside SRC: -> {target}")
+                yield str(sub), prefix + d, loop or (_LINKED_FOLDER if inside else f"symlink outside SRC: -> {target}")
                 continue
             keep.append(d)
         dirnames[:] = keep
@@ -258,9 +260,11 @@ def iter_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], i
     for item in sorted(os.scandir(src), key=lambda e: e.name):
         if item.name.startswith("."):
             continue
-        loop = _link_target(Path(item.path))[1] if item.is_symlink() else None
+        target, loop = _link_target(Path(item.path)) if item.is_symlink() else (None, None)
         if loop:
             skipped.append({"path": item.name, "reason": loop})
+        elif target is not None and not target.exists():
+            skipped.append({"path": item.name, "reason": f"broken symlink: -> {target}"})
         elif item.is_dir(follow_symlinks=True):
             names.append(item.name)
         else:
@@ -303,9 +307,19 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list
         p = Path(raw)
         if p.is_dir():
             found = []
-            for name, _, reason in _walk(p, p.resolve(), p):
+            root = p.resolve()
+            listing = []
+            for name, rel, reason in _walk(p, root, p):
+                if reason == _LINKED_FOLDER and "/" not in rel:
+                    # a class folder linked to a folder inside the listed root: followed, as pack and
+                    # folder eval follow one inside SRC (links deeper down are not, there either)
+                    listing += _walk(Path(name), root, Path(name))
+                else:
+                    listing.append((name, rel, reason))
+            for name, _rel, reason in listing:
                 path = Path(name)
-                if reason and (is_image_name(path) or path.is_dir()):  # skipped non-images: none of ours
+                # skipped non-images are none of ours; a link that leads nowhere might have been a folder
+                if reason and (is_image_name(path) or path.is_dir() or reason.startswith(("broken", "symlink loop"))):
                     problems.append((str(path), reason))
                 elif not reason and is_image_name(path):
                     found.append(path)

@@ -18,6 +18,9 @@ ask `Manifest.format_version` (or `has_checksums`) instead of guessing from what
      `LIST_INLINE` entries live in side files (`<list>.jsonl`, one entry per line) that the manifest
      names with their count and sha256 (`{"file", "count", "sha256"}`); `Manifest.file_list` reads
      either form and checks the hash. A million-image pack keeps a small manifest.json.
+  5  per shard: `bytes`, the shard file's size, so the preflight finds a truncated (or replaced)
+     shard exactly from one `os.stat` (or a remote shard's HEAD) before the first step; versions 1-4
+     keep the lower bound of `MIN_BYTES_PER_SAMPLE` per sample (`bcc.train.preflight`).
 
 Where a pack lives (`bcc.remote`): `Manifest.load` takes a local folder, the http(s) URL of a folder or
 of its manifest.json, or a `pipe:` template with `{name}`; shard entries resolve against it. An entry
@@ -56,7 +59,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "FoldError", "Manifest", "ManifestError",
            "FILE_LISTS", "LIST_INLINE", "ShardInfo", "SplitInfo", "split_entry", "write_manifest"]
 
 FORMAT_NAME = "bcc-shards"
-FORMAT_VERSION = 4  # what `write_manifest` writes; see the module docstring for the history
+FORMAT_VERSION = 5  # what `write_manifest` writes; see the module docstring for the history
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 CHECKSUM_VERSION = 2  # first version with per-sample `stored_crc32` and `cls`
 # per-file lists of the manifest; one longer than LIST_INLINE entries goes to the side file <name>.jsonl
@@ -77,7 +80,7 @@ class ManifestError(BccError, ValueError):
 
 
 class ManifestNotFoundError(ManifestError, FileNotFoundError):
-    pass
+    shared = "node"  # every rank of a machine looks at the same path
 
 
 class FoldError(ManifestError):
@@ -91,6 +94,7 @@ class ShardInfo:
     sha256: str
     fold_counts: tuple[int, ...] | None = None  # samples per cross-validation fold, if packed with folds
     folds: frozenset[int] | None = None  # a fold view: readers keep only samples whose json `fold` is in it
+    bytes: int | None = None  # the shard file's size (format 5); None in older packs
 
     def is_kept(self, meta: Mapping[str, Any]) -> bool:
         """Whether a sample (its decoded json) belongs to this shard's view."""
@@ -206,7 +210,8 @@ class Manifest:
                 try:  # the common case, fast; lexical: `root` is resolved, resolving 100,000 paths would stat each
                     shards.append(ShardInfo(Path(os.path.normpath(os.path.join(local_root, entry))), int(sh["count"]),
                                             sh["sha256"], tuple(int(n) for n in sh["fold_counts"])
-                                            if "fold_counts" in sh else None))
+                                            if "fold_counts" in sh else None,
+                                            bytes=int(sh["bytes"]) if "bytes" in sh else None))
                     continue
                 except (TypeError, ValueError):
                     pass  # `_parse_entry` names the entry and the field
@@ -249,6 +254,7 @@ class Manifest:
 
         counts, digests = each("count", sh["count"]), each("sha256", sh["sha256"])
         folds = each("fold_counts", sh["fold_counts"]) if "fold_counts" in sh else [None] * len(names)
+        sizes = each("bytes", sh["bytes"]) if "bytes" in sh else [None] * len(names)
         try:
             locations = [remote.join(self.root, n) for n in names]
         except remote.RemoteError as e:
@@ -267,7 +273,8 @@ class Manifest:
             raise ManifestError(f"{self.shown}: split '{split}': the shard entry {entry!r}: sha256 must be a hex "
                                 f"string (or, for a brace list, a list of one per shard), got {sh['sha256']!r}")
         return [ShardInfo(loc, number("count", c), d, tuple(number("fold_counts", n) for n in f) if f is not None
-                          else None) for loc, c, d, f in zip(locations, counts, digests, folds, strict=True)]
+                          else None, bytes=number("bytes", b) if b is not None else None)
+                for loc, c, d, f, b in zip(locations, counts, digests, folds, sizes, strict=True)]
 
     @property
     def folds(self) -> int | None:

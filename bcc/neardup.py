@@ -31,7 +31,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -189,16 +189,32 @@ def _table_key(uh: np.ndarray, masks: list[int]) -> np.ndarray:
     return key.astype(np.uint16 if bits <= 16 else np.uint32)
 
 
-def _distinct_pairs(uh: np.ndarray, d: int, stats: dict | None = None) -> np.ndarray:
-    """All (a, b, dist) with a < b, indices into the distinct hashes `uh`, dist <= d; each pair once."""
+def _distinct_pairs(uh: np.ndarray, d: int, stats: dict | None = None, mapper: Callable = map) -> np.ndarray:
+    """All (a, b, dist) with a < b, indices into the distinct hashes `uh`, dist <= d; each pair once.
+    The tables are searched in a few groups through `mapper` (`map`, or a process pool's: tables are
+    independent, and the pairs are sorted at the end, so the result does not depend on it)."""
     n = len(uh)
-    found: list[np.ndarray] = []
     m = _choose_blocks(n, d)
+    tables = list(itertools.combinations(range(m), m - d))
+    groups = [tables[k::4] for k in range(min(4, len(tables)))]
+    found, candidates = [], 0
+    for pairs, count in mapper(_table_pairs, [(uh, d, m, group) for group in groups]):
+        found.append(pairs)
+        candidates += count
+    if stats is not None:
+        stats.update(blocks=m, tables=len(tables), candidates=candidates, distinct=n)
+    pairs = np.concatenate(found).astype(np.int64) if found else np.zeros((0, 3), dtype=np.int64)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
+def _table_pairs(task: tuple[np.ndarray, int, int, list[tuple[int, ...]]]) -> tuple[np.ndarray, int]:
+    """The pairs (a, b, dist) that the given tables of m blocks report, and how many pairs they compared."""
+    uh, d, m, tables = task
+    n = len(uh)
     masks = _block_masks(m)
+    found: list[np.ndarray] = [np.zeros((0, 3), dtype=np.int64)]
     candidates = 0
-    tables = 0
-    for chosen in itertools.combinations(range(m), m - d):
-        tables += 1
+    for chosen in tables:
         key = _table_key(uh, [masks[b] for b in chosen])
         order = np.argsort(key, kind="stable")
         sk = key[order]
@@ -220,33 +236,29 @@ def _distinct_pairs(uh: np.ndarray, d: int, stats: dict | None = None) -> np.nda
             left, right = order[active], order[active + k]
             x = uh[left] ^ uh[right]
             dist = _popcount(x)
-            ok = dist <= d
-            for mask in earlier:
-                ok &= (x & mask) != 0
+            ok = np.flatnonzero(dist <= d)  # few: the earlier-table test runs on these only
             candidates += int(active.size)
-            if ok.any():
+            for mask in earlier:
+                ok = ok[(x[ok] & mask) != 0]
+            if ok.size:
                 a, b = left[ok], right[ok]
                 found.append(np.stack([np.minimum(a, b), np.maximum(a, b), dist[ok].astype(np.int64)], axis=1))
             k += 1
-    if stats is not None:
-        stats.update(blocks=m, tables=tables, candidates=candidates, distinct=n)
-    if not found:
-        return np.zeros((0, 3), dtype=np.int64)
-    pairs = np.concatenate(found).astype(np.int64)
-    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    return np.concatenate(found).astype(np.int64), candidates
 
 
 class _Index:
     """Distinct hashes of n samples, which samples hold each, and the near pairs between them."""
 
-    def __init__(self, hashes: Sequence[int] | np.ndarray, threshold: int, stats: dict | None = None):
+    def __init__(self, hashes: Sequence[int] | np.ndarray, threshold: int, stats: dict | None = None,
+                 mapper: Callable = map):
         self.hashes = _as_array(hashes)
         self.distinct, inverse, counts = np.unique(self.hashes, return_inverse=True, return_counts=True)
         self.order = np.argsort(inverse.reshape(-1), kind="stable")  # samples grouped by distinct hash
         self.starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
         self.counts = counts
         self.first = self.order[self.starts]  # smallest sample index holding each distinct hash
-        self.pairs = _distinct_pairs(self.distinct, threshold, stats)
+        self.pairs = _distinct_pairs(self.distinct, threshold, stats, mapper)
 
     def members(self, u: int) -> list[int]:
         s = int(self.starts[u])
@@ -359,18 +371,19 @@ def join_near_duplicates(uf: UnionFind, hashes: Sequence[int] | np.ndarray,
 
 
 def near_duplicate_edges(hashes: Sequence[int] | np.ndarray, threshold: int | None = DEFAULT_THRESHOLD,
-                         exact_keys: Sequence | np.ndarray | None = None
+                         exact_keys: Sequence | np.ndarray | None = None, mapper: Callable = map
                          ) -> tuple[np.ndarray, np.ndarray, tuple[NearDuplicateGroup, ...]]:
     """`join_near_duplicates` without a union-find, for callers that join sets with arrays (the packer
     at a million images): (a, b, groups), where the int64 arrays a[k]-b[k] are the sample pairs that
     connect the near-duplicate components (equal hashes included; O(n) memory) and groups is the
-    report. Off: empty arrays, no groups."""
+    report. Off: empty arrays, no groups. `mapper`: how the pair search's table groups run (a process
+    pool's `map` spreads them over its workers)."""
     if exact_keys is not None and len(exact_keys) != len(hashes):
         raise NearDupError(f"{len(exact_keys)} exact keys for {len(hashes)} hashes")
     if not is_enabled(threshold):
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, ()
-    index = _Index(hashes, int(threshold))
+    index = _Index(hashes, int(threshold), mapper=mapper)
     a, b = index.edge_arrays()
     return a, b, _groups(index, zip(a.tolist(), b.tolist(), strict=True), exact_keys)
 
@@ -390,7 +403,7 @@ def _groups(index: _Index, edges: Iterable[tuple[int, int]], exact_keys: Sequenc
         members = sets[root]
         if exact_keys is not None and len({exact_keys[i] for i in members}) == 1:
             continue
-        groups.append(NearDuplicateGroup(tuple(members), _diameter(np.unique(index.hashes[members]))))
+        groups.append(NearDuplicateGroup(tuple(members), _diameter(index.hashes[members])))
     return tuple(groups)
 
 
@@ -415,7 +428,11 @@ def merge_labels(labels: Sequence, hashes: Sequence[int] | np.ndarray,
 
 
 def _diameter(values: np.ndarray, chunk: int = 1024) -> int:
-    """Largest pairwise Hamming distance among hashes, in row chunks (memory O(chunk * k))."""
+    """Largest pairwise Hamming distance among hashes, in row chunks (memory O(chunk * k)); a small
+    group (most are 2-3 images) by Python ints, ~20x cheaper than a numpy call per group."""
+    if len(values) <= 16:
+        return max((hamming(a, b) for a, b in itertools.combinations(values.tolist(), 2)), default=0)
+    values = np.unique(values)
     best = 0
     for s in range(0, len(values), chunk):
         x = values[s:s + chunk, None] ^ values[None, :]

@@ -19,7 +19,8 @@ the whole data set), so a source edited after the first pass cannot reach a shar
 comes back short fails the pack naming the staging file. Disk: the staging holds one more copy of the
 stored images (about the output's size) until the shards are written, and is deleted before the
 rename. Output does not depend on the number of workers: tasks are made and their results taken in a
-fixed order, and where a worker staged an image does not change its bytes.
+fixed order, and where a worker staged an image does not change its bytes. Between the two parallel
+phases, the split's near-duplicate search also runs in the pool (its tables in groups).
 """
 
 from __future__ import annotations
@@ -33,22 +34,24 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bcc.atomic import replace_durably
 from bcc.imageio import MAX_IMAGE_PIXELS, iter_class_folders
 from bcc.manifest import split_entry, write_manifest
 from bcc.neardup import DEFAULT_THRESHOLD, is_enabled
 from bcc.pack_pool import (
-    _EXTS,
     PackError,
     ProgressFn,
     _inspect_all,
     _Options,
     _ordered,
+    _SampleMeta,
     _start_pool,
     _write_one_shard,
 )
@@ -268,8 +271,6 @@ def pack_folders(
     limit = max_image_pixels if max_image_pixels is not None else MAX_IMAGE_PIXELS
 
     pool = _start_pool(workers)  # before the file list exists: see _start_pool
-    # the split's graph library (~0.3 s to import), loaded while the new workers make their own imports
-    import scipy.sparse.csgraph  # noqa: F401
     try:
         return _pack(src, out, pool, workers=workers, fractions=fractions, group_rx=group_rx, taxonomy=taxonomy,
                      opts=_Options(resize, quality, limit, "", phash=near_on), group_scope=group_scope, seed=seed, shard_size=shard_size,
@@ -310,7 +311,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         opts = dataclasses.replace(opts, staging=str(staging))
         # the file list, compact: relative paths, folder and class per file (absolute paths are src + rel),
         # made while the first pass runs on what is listed so far
-        root = str(src.absolute())
+        root = os.path.join(str(src.absolute()), "")  # ends in the separator: a path is root + rel
         rels: list[str] = []
         folder_id: dict[str, int] = {}
         folder_ids, class_ids = array.array("i"), array.array("i")
@@ -320,7 +321,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
                 rels.append(e.rel)
                 folder_ids.append(folder_id.setdefault(e.folder, len(folder_id)))
                 class_ids.append(e.class_index)
-                yield os.path.join(root, e.rel)
+                yield root + e.rel
 
         rec = _inspect_all(pool, paths(), opts, workers, progress, listed=rels.__len__)
         if not rels:  # a pack of no samples trains nothing; empty class folders alone stay warnings
@@ -364,7 +365,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         exact_id = exact_id.reshape(-1).astype(np.int64)
         sources = (rels[i] for i in ok.tolist()) if group_rx is not None else None  # read by the regex only
         unit_root, unmatched, near = join_units(exact_id, sources, group_rx, rec.phash[ok], near_dup_threshold,
-                                                group_scope)
+                                                group_scope, mapper=map if pool is None else pool.map)
         assignment, rng = deal_splits(labels, unit_root, fractions, seed)
         fold_of = None
         fold_info = None
@@ -380,25 +381,6 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         targets = [taxonomy.targets(c) for c in range(len(names))]
         stage("split")
 
-        def items(members: np.ndarray, split_name: str, start: int):
-            # one shard's columns as lists first: per-element numpy access costs ~0.1 us a field
-            files = ok[members]
-            hexes = sha[members].tobytes().hex()
-            columns = (files.tolist(), labels[members].tolist(), rec.ext[files].tolist(),
-                       folder_of[files].tolist(), rec.phash[files].tolist(), rec.stage[files].tolist(),
-                       rec.offset[files].tolist(), rec.length[files].tolist(),
-                       fold_of[members].tolist() if fold_of is not None else [-1] * len(files))
-            for j, (i, label, code, folder, ph, stage_file, offset, length, fold) in enumerate(zip(*columns,
-                                                                                               strict=True)):
-                ext = _EXTS[code - 1]
-                meta = {"class": names[label], "folder": folder_names[folder], "source": rels[i],
-                        "sha256": hexes[64 * j:64 * j + 64], "label": label, **targets[label]}
-                if near_dup_threshold is not None:
-                    meta["phash"] = f"{ph:016x}"  # imagehash's hex form
-                if fold >= 0:
-                    meta["fold"] = fold
-                yield (f"{split_name}-{start + j:08d}", ext, stage_file, offset, length, meta)
-
         plan = []  # (split, its members in shard order, shard sizes)
         for k, split_name in enumerate(SPLITS):
             members = np.flatnonzero(assignment == k).tolist()
@@ -407,31 +389,44 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
                                                                                   min_shards)))
 
         stage_files = [str(staging / name) for name in rec.stage_files]
+        meta = _SampleMeta(tuple(names), tuple(folder_names), tuple(targets), near_dup_threshold is not None, folds)
+        no_fold = np.full(n, -1, dtype=np.int16)
 
-        def tasks():
+        def tasks():  # a shard's columns by a few vectorised gathers, its json made by the worker
             for split_name, members, sizes in plan:
-                start = 0
-                for j, size in enumerate(sizes):
-                    yield (str(tmp / f"{split_name}-{j:06d}.tar"), stage_files,
-                           list(items(members[start:start + size], split_name, start)), folds)
-                    start += size
+                for j, (lo, hi) in enumerate(itertools.pairwise(np.cumsum([0, *sizes]).tolist())):
+                    part = members[lo:hi]
+                    files = ok[part]
+                    cols = {"label": labels[part], "folder": folder_of[files], "ext": rec.ext[files],
+                            "stage": rec.stage[files], "offset": rec.offset[files], "length": rec.length[files],
+                            "phash": rec.phash[files], "fold": (no_fold if fold_of is None else fold_of)[part],
+                            "sha": sha[part]}
+                    yield (str(tmp / f"{split_name}-{j:06d}.tar"), stage_files, split_name, lo, cols,
+                           [rels[i] for i in files.tolist()], meta)
 
         written = 0
         results = []
         if progress:
             progress("write", 0, n)
-        for result in _ordered(pool, _write_one_shard, tasks(), window=2 * workers):
-            results.append(result)
-            written += result[1]
-            if progress:
-                progress("write", written, n)
+        # each written shard is made durable and renamed by a thread here while the workers write the
+        # next ones: a worker waiting on fsync would leave its core idle
+        with ThreadPoolExecutor(2) as committer:
+            commits = []
+            for shard_tmp, *result in _ordered(pool, _write_one_shard, tasks(), window=2 * workers):
+                commits.append(committer.submit(replace_durably, shard_tmp, tmp / result[0]))
+                results.append(result)
+                written += result[1]
+                if progress:
+                    progress("write", written, n)
+            for c in commits:
+                c.result()
         shutil.rmtree(staging)  # every stored byte is in the shards now
         splits_info: dict[str, Any] = {}
         split_of = np.array(SPLITS)[assignment]
         for k, (split_name, _members, sizes) in enumerate(plan):
             shards = []
             for name, count, digest, fold_counts in results[:len(sizes)]:
-                entry = {"path": name, "count": count, "sha256": digest}
+                entry = {"path": name, "count": count, "sha256": digest, "bytes": os.path.getsize(tmp / name)}
                 if folds:
                     entry["fold_counts"] = fold_counts
                 shards.append(entry)
@@ -448,7 +443,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         groups = near.groups
         near_list = _Lazy(len(groups), lambda: ({**_near_paths(g, ok, rels, labels), "split": str(split_of[g.members[0]])}
                                                  for g in groups))
-        dup_stats["near_duplicate_conflicts"] = sum(np.unique(labels[list(g.members)]).size > 1 for g in groups)
+        dup_stats["near_duplicate_conflicts"] = sum(len(set(labels[list(g.members)].tolist())) > 1 for g in groups)
         manifest = write_manifest(tmp, taxonomy, splits_info, source=str(src.resolve()), options=options,
                                   skipped=skipped, converted=converted, duplicates=duplicates,
                                   near_duplicates=near_list if near_dup_threshold is not None else None,
@@ -473,7 +468,7 @@ def _near_paths(group, ok: np.ndarray, rels: list[str], labels: np.ndarray) -> d
     """A near-duplicate group's manifest entry; its members are sample indices. `conflict`: the group
     spans classes (one image filed under two labels), as for identical files."""
     return {"paths": [rels[int(ok[m])] for m in group.members], "max_distance": group.max_distance,
-            "conflict": bool(np.unique(labels[list(group.members)]).size > 1)}
+            "conflict": len(set(labels[list(group.members)].tolist())) > 1}
 
 
 def _duplicates(exact_id: np.ndarray, labels: np.ndarray, ok: np.ndarray, rels: list[str], split_of: np.ndarray,

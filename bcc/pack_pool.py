@@ -6,9 +6,11 @@ image's bytes to its own staging file (`_inspect_chunk`), the first pass's compa
 (`_Records`: hashes, and where each image's bytes lie in the staging files), the fork pool
 (`_start_pool`) and ordered, bounded submission (`_ordered`: at most `window` tasks in flight, results
 taken in task order, so output does not depend on the number of workers), and `_write_one_shard` (one
-shard per task, atomically, from byte ranges of the staging files: sources are read once, in the first
-pass). Worker functions are top-level so a process pool can run them. `bcc.pack` plans the splits and
-calls these.
+shard per task, from byte ranges of the staging files: sources are read once, in the first pass; the
+task carries the shard's numpy columns and the worker makes each sample's json, so the parent does no
+per-sample work; the shard is hashed as it is written and left under a temporary name, which the
+parent's thread fsyncs and renames while the workers write the next shards). Worker functions are
+top-level so a process pool can run them. `bcc.pack` plans the splits and calls these.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import hashlib
 import io
 import itertools
 import os
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -27,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from bcc.atomic import atomic_path
+from bcc.atomic import tmp_sibling
 from bcc.errors import BccError
 from bcc.imageio import ImageError, is_image_name, open_image, to_rgb
 from bcc.neardup import phash
-from bcc.shards import make_sample, sha256_file, write_shard
+from bcc.shards import _TAR_MTIME, _TAR_USER, _TarStream, make_sample
 
 # formats stored with their own bytes: those timm's wds reader (`jpg;png;webp`) and a plain
 # `WebDataset(...).to_tuple("jpg", ...)` read; 8-bit RGB in any other format is stored as PNG (lossless)
@@ -326,16 +328,67 @@ def _inspect_all(pool, paths: Iterable[str], opts: _Options, workers: int,
 
 
 # ---- writing ----------------------------------------------------------------------------------
-# (shard path, staging file paths, [(key, ext, staging file index, offset, length, json meta)], folds or None)
-_ShardTask = tuple[str, list[str], list[tuple[str, str, int, int, int, dict[str, Any]]], int | None]
+@dataclass(frozen=True)
+class _SampleMeta:
+    """What the samples' json of one pack share (sent with every shard task: a few hundred bytes)."""
+
+    class_names: tuple[str, ...]
+    folder_names: tuple[str, ...]
+    targets: tuple[dict[str, int], ...]  # per class index, `Taxonomy.targets`
+    phash: bool  # near-duplicate hashing on: each json has its `phash`
+    folds: int | None
 
 
-def _write_one_shard(task: _ShardTask) -> tuple[str, int, str, list[int] | None]:
-    """Write one shard atomically (temporary name, then rename) from byte ranges of the staging files;
-    (name, count, sha256, fold counts). No source is read here: each sample stores the bytes the first
-    pass staged. A range shorter than staged (a staging file cut or removed under the pack) raises
-    PackError naming it."""
-    path, stage_files, items, folds = task
+# One shard's task: (shard path, staging file paths, split name, the split index of its first sample,
+# its samples' columns, their source paths (relative), _SampleMeta). The columns are numpy arrays in
+# shard order: label, folder (index into folder_names), ext (code), stage, offset, length, phash, fold
+# (-1: none) and sha (n x 32 uint8): the task crosses the pipe as a few buffers, not a dict a sample,
+# and the samples' json is made in the worker, in parallel.
+_ShardTask = tuple[str, list[str], str, int, dict[str, np.ndarray], list[str], _SampleMeta]
+
+
+class _HashingSink:
+    """The file object a shard is written through: tar members are gathered in memory (`write` is the
+    buffer's own C method, no Python call a member) and `drain`ed to the file in blocks of ~1 MiB, with
+    the sha256 of every byte taken on the way (the shard is not read back to hash it)."""
+
+    BLOCK = 1 << 20
+
+    def __init__(self, f):
+        self.f, self.sha, self.buf = f, hashlib.sha256(), bytearray()
+        self.write = self.buf.extend
+
+    def drain(self, final: bool = False) -> None:
+        if final or len(self.buf) >= self.BLOCK:
+            self.sha.update(self.buf)
+            self.f.write(self.buf)
+            self.buf.clear()
+
+
+def _shard_samples(task: _ShardTask, stored: Callable[[int, int, int], bytes]) -> Iterator[dict[str, Any]]:
+    """The shard's samples (`bcc.shards.make_sample`), their json from the task's columns."""
+    _, _, split_name, start, cols, sources, meta = task
+    names, folders, targets = meta.class_names, meta.folder_names, meta.targets
+    hexes = cols["sha"].tobytes().hex()
+    columns = (cols["label"].tolist(), cols["folder"].tolist(), cols["ext"].tolist(), cols["stage"].tolist(),
+               cols["offset"].tolist(), cols["length"].tolist(), cols["phash"].tolist(), cols["fold"].tolist(), sources)
+    for j, (label, folder, code, stage, offset, length, ph, fold, source) in enumerate(zip(*columns, strict=True)):
+        sample_meta = {"class": names[label], "folder": folders[folder], "source": source,
+                       "sha256": hexes[64 * j:64 * j + 64], "label": label, **targets[label]}
+        if meta.phash:
+            sample_meta["phash"] = f"{ph:016x}"  # imagehash's hex form
+        if fold >= 0:
+            sample_meta["fold"] = fold
+        yield make_sample(f"{split_name}-{start + j:08d}", _EXTS[code - 1], stored(stage, offset, length), sample_meta)
+
+
+def _write_one_shard(task: _ShardTask) -> tuple[str, str, int, str, list[int] | None]:
+    """Write one shard to a temporary name beside its path from byte ranges of the staging files:
+    (temporary path, name, count, sha256, fold counts). The caller commits it
+    (`bcc.atomic.replace_durably`: fsync and rename), off this worker's path. No source is read here:
+    each sample stores the bytes the first pass staged. A range shorter than staged (a staging file cut
+    or removed under the pack) raises PackError naming it."""
+    path, stage_files, *_, cols, _, meta = task
     fds: dict[int, int] = {}
 
     def stored(stage: int, offset: int, length: int) -> bytes:
@@ -351,18 +404,21 @@ def _write_one_shard(task: _ShardTask) -> tuple[str, int, str, list[int] | None]
                             "while packing (removed or cut by someone else?); run again")
         return data
 
-    def samples():
-        for key, ext, stage, offset, length, meta in items:
-            yield make_sample(key, ext, stored(stage, offset, length), meta)
-
+    tmp = tmp_sibling(Path(path))
     try:
-        with atomic_path(path) as tmp:
-            write_shard(tmp, samples())
+        with open(tmp, "wb", buffering=0) as f:
+            sink = _HashingSink(f)
+            tar = _TarStream(sink, _TAR_MTIME, _TAR_USER, _TAR_USER)  # = bcc.shards.write_shard's bytes
+            for sample in _shard_samples(task, stored):
+                tar.write(sample)
+                sink.drain()
+            tar.close()
+            sink.drain(final=True)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         for fd in fds.values():
             os.close(fd)
-    fold_counts = None
-    if folds:
-        in_shard = Counter(meta.get("fold") for *_, meta in items)
-        fold_counts = [in_shard.get(k, 0) for k in range(folds)]
-    return Path(path).name, len(items), sha256_file(Path(path)), fold_counts
+    fold_counts = np.bincount(cols["fold"][cols["fold"] >= 0], minlength=meta.folds).tolist() if meta.folds else None
+    return str(tmp), Path(path).name, len(task[5]), sink.sha.hexdigest(), fold_counts

@@ -143,3 +143,23 @@ def test_a_rank_that_lost_its_peers_prints_one_line(monkeypatch, capsys, message
     monkeypatch.setenv("BCC_DEBUG", "1")
     with pytest.raises(RuntimeError):
         call(fails, None)
+
+
+@pytest.mark.parametrize(("rank", "local", "shared", "quiet"), [
+    (None, None, "job", False), (0, 0, "job", False), (1, 1, "job", True), (5, 1, "job", True),
+    (0, 0, "node", False), (1, 1, "node", True), (4, 0, "node", False), (5, 1, "node", True),
+    (1, 1, None, False), (4, 0, None, False),
+])
+def test_an_error_every_rank_raises_is_printed_once_per_job_or_machine(monkeypatch, rank, local, shared, quiet):
+    """A launch of N ranks printed a config error N times; rank 0 prints what every rank raises alike
+    ("job": a broadcast verdict; "node": the same files, so each machine's local rank 0 prints it)."""
+    from bcc.errors import BccError, quiet_on_this_rank
+
+    for name, value in (("RANK", rank), ("LOCAL_RANK", local)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, str(value))
+    error = BccError("x")
+    error.shared = shared
+    assert quiet_on_this_rank(error) is quiet

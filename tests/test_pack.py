@@ -77,7 +77,7 @@ def test_round_trip_through_cli(tmp_path, make_class_tree):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no tmp left behind
 
     m = load_manifest(out)
-    assert m["format"] == "bcc-shards/4" and m["classes"] == list(Taxonomy.default().class_names)
+    assert m["format"] == "bcc-shards/5" and m["classes"] == list(Taxonomy.default().class_names)
     assert m["skipped"] == [] and m["converted"] == [] and m["source"] == str(src.resolve())
     taxonomy = Taxonomy.from_dict(m["taxonomy"])
     total = sum(FOLDERS.values()) + 1
@@ -312,24 +312,24 @@ def test_interrupted_pack_leaves_nothing(tmp_path, make_class_tree, monkeypatch)
     src = make_class_tree(tmp_path / "src", FOLDERS)
     calls = []
 
-    def boom(path, samples):
-        calls.append(path)
+    def boom(task, stored):
+        calls.append(task[0])
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(path, samples)
+        return real(task, stored)
 
-    real = pack_pool.write_shard
-    monkeypatch.setattr(pack_pool, "write_shard", boom)
+    real = pack_pool._shard_samples
+    monkeypatch.setattr(pack_pool, "_shard_samples", boom)
     with pytest.raises(KeyboardInterrupt):
         pack_folders(src, tmp_path / "out", shard_size=5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
     # with --overwrite, the old OUT survives an interrupted replacement untouched
-    monkeypatch.setattr(pack_pool, "write_shard", real)
+    monkeypatch.setattr(pack_pool, "_shard_samples", real)
     pack_folders(src, tmp_path / "out", shard_size=5)
     old = shard_bytes(tmp_path / "out")
     calls.clear()
-    monkeypatch.setattr(pack_pool, "write_shard", boom)
+    monkeypatch.setattr(pack_pool, "_shard_samples", boom)
     with pytest.raises(KeyboardInterrupt):
         pack_folders(src, tmp_path / "out", shard_size=5, seed=1, overwrite=True)
     assert shard_bytes(tmp_path / "out") == old
@@ -338,7 +338,7 @@ def test_interrupted_pack_leaves_nothing(tmp_path, make_class_tree, monkeypatch)
     # and leaves a running pack's alone
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    monkeypatch.setattr(pack_pool, "write_shard", real)
+    monkeypatch.setattr(pack_pool, "_shard_samples", real)
     for pid in (dead, str(os.getppid())):
         (tmp_path / f"out.tmp-{pid}" / "_staging").mkdir(parents=True)
     pack_folders(src, tmp_path / "out", shard_size=5, seed=1, overwrite=True)
@@ -635,7 +635,7 @@ def test_stored_crc32_is_of_the_stored_bytes_after_resize_and_conversion(tmp_pat
     for resize in (None, 24):
         out = tmp_path / f"out-{resize}"
         m = pack_folders(src, out, resize=resize, seed=1).manifest
-        assert m["format"] == "bcc-shards/4"
+        assert m["format"] == "bcc-shards/5"
         n = 0
         for s in m["splits"].values():
             for shard in s["shards"]:

@@ -61,11 +61,29 @@ def test_missing_eval_shard_is_named_before_the_first_step(capsys, tmp_path, sha
     assert f"split '{split}': missing shard" in line and gone.name in line
 
 
-def test_truncated_shard_is_named_before_the_first_step(capsys, tmp_path, shards):
+@pytest.mark.parametrize("cut", [1, 512, "most"])
+def test_truncated_shard_is_named_before_the_first_step(capsys, tmp_path, shards, cut):
+    """A pack records each shard's size (format 5): a shard short by one byte is found by its stat,
+    before the first step (before: only a cut below 2 KiB per sample was, the rest after an epoch)."""
+    bad = sorted(shards.glob("val-*.tar"))[0]
+    size = bad.stat().st_size
+    keep = 1024 if cut == "most" else size - cut
+    os.truncate(bad, keep)
+    line = _train(capsys, tmp_path, shards)
+    assert "truncated" in line and bad.name in line and f"({keep} bytes, the manifest says {size})" in line
+
+
+def test_a_pack_before_format_5_keeps_the_per_sample_lower_bound(capsys, tmp_path, shards):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["format"] = "bcc-shards/4"
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            del entry["bytes"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
     bad = sorted(shards.glob("val-*.tar"))[0]
     os.truncate(bad, 1024)
     line = _train(capsys, tmp_path, shards)
-    assert "truncated" in line and bad.name in line and "1024 bytes" in line
+    assert "truncated" in line and bad.name in line and "(1024 bytes for" in line
 
 
 @pytest.mark.parametrize(("key", "value"), [("data.val_split", "valid"), ("data.test_split", "holdout"),
@@ -160,6 +178,7 @@ def test_preflight_at_100k_shards_is_cheap(tmp_path):
     ("data.batch_size=-4", "data.batch_size"), ("data.image_size=0", "data.image_size"),
     ("data.workers=-1", "data.workers"), ("train.min_lr_ratio=1.5", "train.min_lr_ratio"),
     ("model.head_dropout=1", "model.head_dropout"), ("train.grad_accum=0", "train.grad_accum"),
+    ("train.preempt_check_steps=0", "train.preempt_check_steps"),
 ])
 def test_invalid_values_name_the_key_and_the_override(capsys, tmp_path, shards, override, key):
     line = _train(capsys, tmp_path, shards, "train.epochs=1", override)
@@ -177,6 +196,7 @@ def test_corrupt_shard_found_by_a_loader_worker_is_one_line(capsys, tmp_path, sh
     if damage == "truncate":
         data = data[:shard.count * 2048 + 4096]  # above the preflight's lower bound, short of the whole
         assert len(data) < bad.stat().st_size
+        _forget_shard_sizes(shards)  # as a pack of format <= 4 (or a server that gives no size): read finds it
     else:
         data[len(data) // 2:len(data) // 2 + 2048] = b"\xff" * 2048  # a header block or image bytes garbled
     bad.write_bytes(bytes(data))
@@ -184,6 +204,14 @@ def test_corrupt_shard_found_by_a_loader_worker_is_one_line(capsys, tmp_path, sh
     line = _one_error(capsys, ["train", "--config", cfg, "data.workers=2", "train.epochs=1"])
     assert bad.name in line and ("cannot read shard" in line or "cannot decode sample" in line
                                  or "holds" in line), line
+
+
+def _forget_shard_sizes(shards: Path) -> None:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            entry.pop("bytes", None)
+    (shards / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_too_few_images_for_one_batch(capsys, tmp_path, shards):
@@ -267,6 +295,24 @@ def test_an_unknown_key_in_a_file_is_blamed_on_the_file(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{path}: train.lr: must be > 0, got -1"):
         load_config(path, ["train.epochs=1"])
     assert load_config(path, ["train.lr=0.1"]).train.lr == 0.1  # an override that fixes the file wins
+
+
+@pytest.mark.parametrize("prog", ["bcc", "python -m bcc.train"])
+def test_overrides_on_both_sides_of_config_are_all_read_in_order(tmp_path, bcc_main, capsys, prog):
+    """`bcc train a=1 --config F b=2`: argparse leaves `b=2` over; it is an override like the others
+    (before: "unrecognized arguments: train.epochs=1", a valid key blamed), and the last one wins."""
+    from bcc.cli.train import main as train_main
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  epochs: 2\n")
+    argv = ["train.lr=0.5", "--config", str(path), "train.epochs=1", "nosuch.key=3"]
+    if prog == "bcc":
+        proc = bcc_main("train", *argv)
+        rc, err = proc.returncode, proc.stderr
+    else:
+        capsys.readouterr()
+        rc, err = train_main(argv), capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: override 'nosuch.key=3': unknown config key 'nosuch'"), err
 
 
 def test_fp16_on_a_cpu_is_refused_at_set_up(synth_shards, tmp_path):

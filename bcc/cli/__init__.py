@@ -103,8 +103,16 @@ def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namesp
         if is_debug():
             raise
         from bcc.console import error
+        from bcc.errors import quiet_on_this_rank
 
-        error(str(e))
+        if quiet_on_this_rank(e):
+            # rank 0 prints this line; a launcher (torch elastic) tears the job down when the first rank
+            # exits, so a silent rank leaving at once could take rank 0 down before it has printed
+            import time
+
+            time.sleep(2.0)
+        else:
+            error(str(e))
         return e.exit_code
     except RuntimeError as e:  # a collective that failed because another rank did: one line, not its traceback
         line = lost_peer_message(e)
@@ -114,6 +122,20 @@ def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namesp
 
         error(line)
         return EXIT_LOST_PEER
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """`parser.parse_args`, except that KEY=VALUE overrides may sit on both sides of an option
+    (`bcc train a.b=1 --config F c.d=2`): argparse takes only the first run of positionals, so the
+    later ones arrive as extras; they join the command's `overrides` in command-line order."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        later = [e for e in extra if "=" in e and not e.startswith("-")]
+        args.overrides = [*args.overrides, *later]
+        extra = [e for e in extra if e not in later]
+    if extra:
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,9 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return call(lambda _: accelerate_main(argv[1:]), argparse.Namespace())
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = parse_with_overrides(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -33,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bcc.cli import BccArgumentParser, call
+    from bcc.cli import BccArgumentParser, call, parse_with_overrides
 
     parser = BccArgumentParser(prog="python -m bcc.train", description=__doc__)
     add_arguments(parser)
 
-    return call(run, parser.parse_args(argv))
+    return call(run, parse_with_overrides(parser, argv))

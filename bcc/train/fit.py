@@ -139,10 +139,9 @@ def setup_run(cfg: Config) -> Run:
     train_split = manifest.split(cfg.data.train_split)
     bpe = train_batches(manifest, cfg.data, acc.num_processes)
     if bpe % cfg.train.grad_accum:
-        raise TrainError(f"{bpe} batches per epoch per rank is not a multiple of train.grad_accum={cfg.train.grad_accum}")
-    if cfg.train.preempt_check_steps < 1:
-        raise TrainError(f"train.preempt_check_steps must be >= 1 (optimizer steps between preemption votes), "
-                         f"got {cfg.train.preempt_check_steps}")
+        error = TrainError(f"{bpe} batches per epoch per rank is not a multiple of train.grad_accum={cfg.train.grad_accum}")
+        error.shared = "job"  # computed from what the preflight checked
+        raise error
     info = RunInfo(world_size=acc.num_processes, rank=acc.process_index, batches_per_epoch=bpe,
                    steps_per_epoch=bpe // cfg.train.grad_accum, total_epochs=cfg.train.epochs)
     run_dir = Path(cfg.run.dir)

@@ -2,7 +2,7 @@
 
 A missing val shard, a `data.val_split` that names no split or an unknown backbone would otherwise
 surface after an epoch, or after the whole run. `check_run` looks at the config and the manifest
-(splits, their shards with the manifest's sample counts, the tracked metric, the backbone name);
+(splits, their shards with the manifest's sizes and sample counts, the tracked metric, the backbone name);
 `preflight` runs it on the main process only and hands the verdict to every rank, so a job of 64
 ranks stats the storage once, not 64 times. The cost is one `os.stat` per local shard and no
 opening of any shard (about a second at 100,000 shards). A remote shard (`bcc.remote`: http(s) URL or
@@ -23,7 +23,7 @@ from accelerate.utils import broadcast_object_list
 from bcc import remote
 from bcc.config import RENAMED_METRICS, Config
 from bcc.errors import BccError
-from bcc.manifest import Manifest, SplitInfo
+from bcc.manifest import Manifest, ShardInfo, SplitInfo
 from bcc.metrics import metric_names
 from bcc.model import check_backbone_name
 from bcc.train.setup import TrainError
@@ -47,9 +47,22 @@ def splits_needed(cfg: Config) -> dict[str, str]:
     return keys
 
 
+def _wrong_size(shard: ShardInfo, size: int) -> bool:
+    """A pack of format 5 records each shard's size: anything else was cut or replaced. Older packs: a
+    lower bound per sample."""
+    return size != shard.bytes if shard.bytes is not None else size < shard.count * MIN_BYTES_PER_SAMPLE
+
+
+def _size_text(shard: ShardInfo, size: int) -> str:
+    if shard.bytes is not None:
+        return f"{size} bytes, the manifest says {shard.bytes}"
+    return f"{size} bytes for {shard.count} samples"
+
+
 def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES) -> None:
-    """Every local shard of `split` exists, is a file and is large enough for its manifest count; every
-    remote one opens (`remote.probe`) and, when the server gives its size, is large enough.
+    """Every local shard of `split` exists, is a file and has the size the manifest records (format 5; older
+    packs: is large enough for its count); every remote one opens (`remote.probe`) and, when the server
+    gives its size, passes the same test.
 
     Raises TrainError naming the split and (up to three of) the shards. One `os.stat` per local shard,
     one request (or command) per remote one.
@@ -68,16 +81,16 @@ def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES) -> Non
         except OSError:
             missing.append(path)
             continue
-        if not (st.st_mode & 0o170000 == 0o100000) or st.st_size < shard.count * MIN_BYTES_PER_SAMPLE:
-            short.append(f"{path} ({st.st_size} bytes for {shard.count} samples)")
+        if not (st.st_mode & 0o170000 == 0o100000) or _wrong_size(shard, st.st_size):
+            short.append(f"{path} ({_size_text(shard, st.st_size)})")
     probes = remote.probe_all([s.path for s in remote_shards], retries)
     unreachable = [str(v) for v in probes.values() if isinstance(v, remote.RemoteError)]
     if unreachable:
         raise TrainError(f"split '{split.name}': cannot open remote shard {_named(unreachable)}")
     for shard in remote_shards:
         size = probes[str(shard.path)]
-        if size is not None and size < shard.count * MIN_BYTES_PER_SAMPLE:
-            short.append(f"{remote.display(shard.path)} ({size} bytes for {shard.count} samples)")
+        if size is not None and _wrong_size(shard, size):
+            short.append(f"{remote.display(shard.path)} ({_size_text(shard, size)})")
     if missing:
         raise TrainError(f"split '{split.name}': missing shard {_named(missing)}")
     if short:
@@ -136,4 +149,6 @@ def preflight(cfg: Config, manifest: Manifest, accelerator: Accelerator) -> None
     if accelerator.num_processes > 1:
         broadcast_object_list(verdict, from_process=0)
     if verdict[0] is not None:
-        raise TrainError(verdict[0])
+        error = TrainError(verdict[0])
+        error.shared = "job"  # one line for the job, from rank 0
+        raise error
