@@ -388,7 +388,7 @@ def _tar_files(f, path: str) -> Iterator[tuple[str, bytes]]:
             return
         size = int(block[124:136].split(b"\0")[0].strip() or b"0", 8)
         padded = -(-size // 512) * 512
-        data = f.read(padded)[:size] if size else b""
+        data, _ = f.read(size), f.read(padded - size)  # not read(padded)[:size]: a second copy of the image
         if len(data) < size:
             raise tarfile.ReadError(f"unexpected end of data in the member at byte {offset}")
         offset += 512 + padded

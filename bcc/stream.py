@@ -93,7 +93,8 @@ from bcc.remote import DEFAULT_RETRIES
 from bcc.shards import IMAGE_KEYS, ShardError, read_range
 from bcc.sources import shard_weights
 from bcc.stream_ring import BatchRing, as_is, make_ring, worker_slots
-from bcc.stream_samples import CorruptSampleError, batched, decode_sample, shuffled
+from bcc.stream_samples import CorruptSampleError, batched, shuffled
+from bcc.stream_samples import collate as _collate  # the seam tests replace to skip decoding
 from bcc.transforms import crops_from_config
 from bcc.worker_start import mark_started, start_flags, start_workers
 
@@ -103,38 +104,7 @@ __all__ = ["IMAGE_KEYS", "LANES", "CorruptSampleError", "EpochPlan", "ResamplePl
            "time_plan", "train_batches", "train_loader"]
 
 
-# --------------------------------------------------------------------------- batches (samples: bcc.stream_samples)
-
-
-def _collate(samples: list[dict], transform, checked: bool = False, on_corrupt: str = "error",
-             put=None) -> dict[str, Any]:
-    """A batch dict; damaged samples raise ShardError, or with on_corrupt="skip" are left out and listed
-    under "corrupt" (see the module docstring). With `put` (a loader worker's `BatchRing.put` for this
-    batch) the images go into shared memory and the dict carries their address under "_slot" and the
-    labels as a list: `BatchLoader` makes both tensors in the main process."""
-    decoded, corrupt = [], []
-    for s in samples:
-        try:
-            decoded.append(decode_sample(s, transform, checked))
-        except CorruptSampleError as e:
-            if on_corrupt != "skip":
-                raise ShardError(f"{e}. Repack from the source, or set data.on_corrupt=skip to leave damaged "
-                                 "samples out") from None
-            corrupt.append(str(e))
-    if len(decoded) < max(1, math.ceil(len(samples) / 2)):
-        raise ShardError(f"{len(corrupt)} of the {len(samples)} samples of one batch are damaged "
-                         f"(data.on_corrupt=skip tolerates fewer than half): {corrupt[0]}; repack the shard")
-    images, labels, keys, sources = zip(*decoded, strict=True)
-    if put is not None:
-        return {"_slot": put(images), "label": list(labels), "key": list(keys), "source": list(sources),
-                "corrupt": corrupt}
-    return {
-        "image": torch.stack(images),
-        "label": torch.tensor(labels, dtype=torch.long),
-        "key": list(keys),
-        "source": list(sources),
-        "corrupt": corrupt,
-    }
+# --------------------------------------------------------------------------- workers (batches: stream_samples.collate)
 
 
 def _worker() -> tuple[int, int]:
@@ -251,8 +221,8 @@ class _EvalStream(IterableDataset):
         worker, num_workers = _worker()
         lo, hi = self.worker_range(worker, num_workers)
         raw_batches = wds.batched(self.batch_size, collation_fn=None, partial=True)(self._samples(lo, hi))
-        for raw, put in zip(raw_batches, worker_slots(self.ring, worker), strict=False):
-            yield _collate(raw, self.transform, self.checked, self.on_corrupt, put)
+        for raw, acquire in zip(raw_batches, worker_slots(self.ring, worker), strict=False):
+            yield _collate(raw, self.transform, self.checked, self.on_corrupt, acquire)
 
 
 # --------------------------------------------------------------------------- loaders

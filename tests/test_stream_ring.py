@@ -72,6 +72,24 @@ def test_a_pass_stopped_early_leaves_no_slot_taken(pack):
         assert [s.get_value() for s in loader._batches.ring.free] == [PREFETCH + 1] * 2  # all free again
 
 
+def test_skipped_samples_leave_every_other_crop_with_its_key(pack, monkeypatch):
+    # each crop goes into the slot as it is made, so with data.on_corrupt=skip the batch's good crops are
+    # packed together there: every image must still come with its own key and label, as in-process
+    from bcc import stream_samples
+
+    decode = stream_samples.decode_sample
+
+    def damaged(sample, *args):  # workers are forked: they inherit the patch
+        if sample["__key__"].endswith("3"):
+            raise stream_samples.CorruptSampleError(f"sample {sample['__key__']}: damaged")
+        return decode(sample, *args)
+
+    monkeypatch.setattr(stream_samples, "decode_sample", damaged)
+    got, want = (batches(pack, data_cfg(workers=w, on_corrupt="skip")) for w in (2, 0))
+    assert_same(got, want)
+    assert sum(len(b["corrupt"]) for b in got) >= 5 and any(0 < len(b["key"]) < 4 for b in got)
+
+
 def test_without_room_in_dev_shm_batches_go_the_dataloader_way(pack, monkeypatch, capsys):
     monkeypatch.setattr(stream_ring.shutil, "disk_usage", lambda _: SimpleNamespace(free=1024))
     monkeypatch.setattr(stream_ring, "_WARNED", set())  # warned once per shape and process
