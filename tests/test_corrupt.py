@@ -144,6 +144,7 @@ def make_format1(src: Path, dst: Path) -> Path:
                                 **{k: v for k, v in s.items() if k in IMAGE_KEYS}})
             write_shard(path, samples)
             entry["sha256"] = sha256_file(path)
+            entry.pop("bytes", None)  # format 5 added it
     (dst / "manifest.json").write_text(json.dumps(data))
     return dst
 
