@@ -2,7 +2,8 @@
 
 Under Slurm a task is bound to the CPUs it was given (`--cpus-per-task`, task/affinity or cgroup);
 `os.cpu_count()` still reports the whole machine, so a process that sized its thread pools on it would
-oversubscribe the cores it shares with the other ranks and their loader workers.
+oversubscribe the cores it shares with the other ranks and their loader workers. `bcc runtime`
+(bcc/cli/runtime.py) prints these figures for launchers.
 """
 
 from __future__ import annotations
@@ -41,36 +42,3 @@ def cpu_report() -> str:
     if torch is not None:
         parts.append(f"torch_threads={torch.get_num_threads()}")
     return " ".join(parts)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m bcc.runtime` prints `cpu_report()`; `--threads-per-process N` prints the thread count
-    for N ranks (what launch/train.sh exports as OMP_NUM_THREADS)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--threads-per-process"] and len(argv) == 2 and argv[1].isdigit():
-        print(threads_per_process(int(argv[1])))
-    elif not argv:
-        print(cpu_report())
-    else:
-        print("usage: python -m bcc.runtime [--threads-per-process N]", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-def shutdown_distributed() -> None:
-    """End the process group in order: every rank meets at a barrier, then each destroys its group.
-
-    Without this each rank tears its gloo/NCCL group down at interpreter exit, in no agreed order: the
-    TCP store lives in rank 0, and a rank still closing its connections after rank 0 has gone can die
-    with SIGABRT (an exception thrown from a destructor), turning a finished or preempted run into a
-    crash. Call it only where every rank arrives (after `fit` returned on all of them), never after an
-    error that one rank alone raised.
-    """
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
