@@ -42,3 +42,18 @@ def cpu_report() -> str:
     if torch is not None:
         parts.append(f"torch_threads={torch.get_num_threads()}")
     return " ".join(parts)
+
+
+def shutdown_distributed() -> None:
+    """End the process group in order: every rank meets at a barrier, then each destroys its group.
+
+    Without this each rank tears its gloo/NCCL group down at interpreter exit, in no agreed order: the
+    TCP store lives in rank 0, and a rank still closing its connections after rank 0 has gone can die
+    with SIGABRT (an exception thrown from a destructor), turning a finished or preempted run into a
+    crash. Call it only where every rank arrives (after `fit` returned on all of them), never after an
+    error that one rank alone raised.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
