@@ -487,16 +487,12 @@ def calibrate_checkpoint(
 def _fit_operating_point(im: InferenceModel, rule, scaled: Sequence[Tensor], labels: Tensor,
                          temps: dict[str, float], info: dict[str, Any]) -> dict[str, Any] | None:
     """Fit and store (or, for argmax, remove) the checkpoint's operating point; see `calibrate_checkpoint`."""
-    from bcc.operating_point import OPERATING_POINT_FILE, fit_threshold, rates, write_operating_point
+    from bcc.operating_point import OPERATING_POINT_FILE, fit_on_logits, write_operating_point
 
     if rule.is_argmax:
         (im.checkpoint / OPERATING_POINT_FILE).unlink(missing_ok=True)
         return None
-    h, head = binary_head(im.taxonomy)
-    target = im.taxonomy.target_table()[labels, h]
-    scores = torch.softmax(scaled[h].double(), dim=1)[:, 1]
-    threshold = fit_threshold(scores, target, rule)
-    val = {"argmax": rates(scores, target, None), "chosen": rates(scores, target, threshold)}
+    head, threshold, val = fit_on_logits(im.taxonomy, scaled, labels, rule)
     path = write_operating_point(im.checkpoint, rule, threshold, im.taxonomy, temps.get(head, 1.0),
                                  {**info, "calibrated": True, "val": val})
     return {"rule": str(rule), "head": head, "threshold": threshold, "val": val, "path": str(path)}

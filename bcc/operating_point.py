@@ -196,6 +196,22 @@ def fit_threshold(scores: Tensor, targets: Tensor, rule: OperatingPoint | str) -
     return float(t[i])
 
 
+def fit_on_logits(taxonomy, logits, labels: Tensor, rule: OperatingPoint | str) -> tuple[str, float | None, dict]:
+    """Fit `rule` on a split's per-head logits: the one fit of training's end and `bcc calibrate`.
+
+    `logits` per head ([N, C_h] each, temperature-scaled where temperatures exist), `labels` [N] leaf
+    labels. Returns (binary head name, threshold (None for argmax), {"argmax": rates, "chosen": rates} on
+    these samples). Raises OperatingPointError when the taxonomy has no binary head or the samples lack
+    a class.
+    """
+    rule = parse_operating_point(rule) if isinstance(rule, str) else rule
+    h, head = binary_head(taxonomy)
+    target = taxonomy.target_table()[labels, h]
+    scores = torch.softmax(logits[h].double(), dim=1)[:, 1]
+    threshold = fit_threshold(scores, target, rule)
+    return head, threshold, {"argmax": rates(scores, target, None), "chosen": rates(scores, target, threshold)}
+
+
 def _logit(p: float) -> float:
     p = min(max(p, 1e-12), 1 - 1e-12)
     return math.log(p / (1 - p))

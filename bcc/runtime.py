@@ -2,7 +2,8 @@
 
 Under Slurm a task is bound to the CPUs it was given (`--cpus-per-task`, task/affinity or cgroup);
 `os.cpu_count()` still reports the whole machine, so a process that sized its thread pools on it would
-oversubscribe the cores it shares with the other ranks and their loader workers.
+oversubscribe the cores it shares with the other ranks and their loader workers. `bcc runtime`
+(bcc/cli/runtime.py) prints these figures for launchers.
 """
 
 from __future__ import annotations
@@ -41,24 +42,6 @@ def cpu_report() -> str:
     if torch is not None:
         parts.append(f"torch_threads={torch.get_num_threads()}")
     return " ".join(parts)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m bcc.runtime` prints `cpu_report()`; `--threads-per-process N` prints the thread count
-    for N ranks (what launch/train.sh exports as OMP_NUM_THREADS)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--threads-per-process"] and len(argv) == 2 and argv[1].isdigit():
-        print(threads_per_process(int(argv[1])))
-    elif not argv:
-        print(cpu_report())
-    else:
-        print("usage: python -m bcc.runtime [--threads-per-process N]", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def shutdown_distributed() -> None:

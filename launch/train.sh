@@ -67,7 +67,7 @@ py=${BCC_PYTHON:-python}
 
 # Intra-op threads per rank from the CPUs this task was given. accelerate passes OMP_NUM_THREADS to
 # every rank; unset, it gives GPU ranks 1 thread and a CPU launch the whole machine's cores.
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-$("$py" -m bcc.runtime --threads-per-process "$per_machine")}
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-$("$py" -m bcc runtime --threads-per-process "$per_machine")}
 export OMP_NUM_THREADS
 # A NCCL collective that fails or times out tears the process down (and the job with it) instead of
 # leaving the rank hanging; the name since torch 2.2 (torchrun's agent defaults it to 1 as well).
@@ -93,5 +93,5 @@ if [[ -z $(option num_processes) ]]; then
 fi
 
 cmd=("$py" "$here/accelerate_launch.py" "${accelerate_args[@]}" -m bcc.train --config "$config" "$@")
-echo "launch: node=${SLURMD_NODENAME:-$(hostname -s)} gpus=$gpus $("$py" -m bcc.runtime) ${cmd[*]}" >&2
+echo "launch: node=${SLURMD_NODENAME:-$(hostname -s)} gpus=$gpus $("$py" -m bcc runtime) ${cmd[*]}" >&2
 exec "${cmd[@]}"

@@ -39,7 +39,7 @@ def assert_refused(out: subprocess.CompletedProcess) -> None:
 
 def test_gpu_launch_without_gpu_refuses(tmp_path):
     out = run(
-        [sys.executable, str(LAUNCHER), "--config_file", str(REPO / "launch/1gpu.yaml"), "-m", "bcc.runtime"],
+        [sys.executable, str(LAUNCHER), "--config_file", str(REPO / "launch/1gpu.yaml"), "-m", "bcc", "runtime"],
         no_gpu_env(),
         tmp_path,
     )
@@ -60,7 +60,7 @@ def test_cpu_opt_in_launches_with_threads_from_the_slurm_cpus(tmp_path):
     # ACCELERATE_USE_CPU=true with a GPU config file: the environment is the opt-in.
     env = no_gpu_env(ACCELERATE_USE_CPU="true", SLURM_CPUS_PER_TASK="6", OMP_NUM_THREADS="3")
     out = run(
-        [sys.executable, str(LAUNCHER), "--config_file", str(REPO / "launch/1gpu.yaml"), "-m", "bcc.runtime"],
+        [sys.executable, str(LAUNCHER), "--config_file", str(REPO / "launch/1gpu.yaml"), "-m", "bcc", "runtime"],
         env,
         tmp_path,
     )
@@ -78,7 +78,7 @@ def test_cpu_opt_in_launches_with_threads_from_the_slurm_cpus(tmp_path):
 
 def test_missing_accelerate_config_is_one_error_line(tmp_path):
     out = run(
-        [sys.executable, str(LAUNCHER), "--config_file", "nope.yaml", "-m", "bcc.runtime"],
+        [sys.executable, str(LAUNCHER), "--config_file", "nope.yaml", "-m", "bcc", "runtime"],
         no_gpu_env(),
         tmp_path,
     )

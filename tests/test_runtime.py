@@ -31,14 +31,15 @@ def test_threads_per_process_shares_the_cpus_and_never_drops_below_one(cpus, pro
     assert runtime.threads_per_process(processes, cpus) == threads
 
 
-def test_cli_prints_the_thread_count_and_the_report(monkeypatch, capsys):
+def test_cli_prints_the_thread_count_and_the_report(monkeypatch, bcc_main):
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert runtime.main(["--threads-per-process", "2"]) == 0
-    assert capsys.readouterr().out == "3\n"
-    assert runtime.main([]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith(
+    out = bcc_main("runtime", "--threads-per-process", "2")
+    assert out.returncode == 0 and out.stdout == "3\n"
+    out = bcc_main("runtime")
+    assert out.returncode == 0 and out.stdout.startswith(
         f"cpu_affinity={runtime.cpu_affinity_count()} SLURM_CPUS_PER_TASK=6 OMP_NUM_THREADS=3"
     )
-    assert runtime.main(["--bogus"]) == 2
+    for bad in (["--bogus"], ["--threads-per-process", "0"], ["--threads-per-process", "x"]):
+        out = bcc_main("runtime", *bad)
+        assert out.returncode == 2 and out.stderr.startswith("error: ") and "Traceback" not in out.stderr

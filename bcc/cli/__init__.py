@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from rich_argparse import RichHelpFormatter
 
 # Order in `bcc --help`; modules not listed here follow alphabetically.
-_ORDER = ("synth", "pack", "train", "demo", "eval", "predict", "calibrate", "export", "compare", "cv", "report", "model", "bench")
+_ORDER = ("synth", "pack", "train", "demo", "eval", "predict", "calibrate", "export", "compare", "cv", "report", "model", "bench", "launch", "runtime")
 
 
 class BccArgumentParser(argparse.ArgumentParser):

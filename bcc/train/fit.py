@@ -41,11 +41,9 @@ from bcc.model import count_parameters
 from bcc.operating_point import (
     OperatingPointError,
     _logit,
-    binary_head,
     check_val_fittable,
-    fit_threshold,
+    fit_on_logits,
     parse_operating_point,
-    rates,
     threshold_for,
     write_operating_point,
 )
@@ -408,19 +406,15 @@ def _fit_val(cfg: Config, taxonomy, logits, labels) -> tuple[dict[str, float], d
     rule = parse_operating_point(cfg.eval.operating_point)
     if rule.is_argmax:
         return temps, None, None
-    h, head = binary_head(taxonomy)
-    target = taxonomy.target_table()[labels, h]
     scaled = apply_temperature(logits, temps, taxonomy.head_names) if temps else logits
-    scores = torch.softmax(scaled[h].double(), dim=1)[:, 1]
     try:
-        threshold = fit_threshold(scores, target, rule)
+        head, threshold, val = fit_on_logits(taxonomy, scaled, labels, rule)
     except OperatingPointError as e:  # a val split without both classes: the run itself is fine
         return temps, None, str(e)
     t = temps.get(head, 1.0)
     labels_ = next(x.labels for x in taxonomy.heads if x.name == head)
     return temps, {"rule": str(rule), "head": head, "positive_label": labels_[1], "threshold": threshold,
-                   "temperature": t, "margin": t * _logit(threshold), "calibrated": bool(temps),
-                   "val": {"argmax": rates(scores, target, None), "chosen": rates(scores, target, threshold)}}, None
+                   "temperature": t, "margin": t * _logit(threshold), "calibrated": bool(temps), "val": val}, None
 
 
 def calibrate_in_memory(run: Run, best: Path) -> dict:
