@@ -33,6 +33,10 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
     try:
         yield tmp
         replace_durably(tmp, path, mode)
+    except OSError as e:
+        if e.filename is None:  # a write() that failed (a full disk) names no file: name the one meant
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -48,6 +48,7 @@ from bcc.checkpoint import (
     is_complete,
     read_meta,
 )
+from bcc.errors import storage_error
 
 # --------------------------------------------------------------------------- writing
 
@@ -89,18 +90,6 @@ def _write_safetensors(tensors: Mapping[str, Tensor], path: Path, what: str) -> 
     cpu = _cpu_tensors(tensors, what)
     with atomic_path(path) as tmp:
         save_file(cpu, tmp, metadata={"format": "pt"})
-
-
-def _os_error(e: BaseException) -> OSError | None:
-    """The OSError behind `e`, itself or in its chain: torch.save's zip writer turns a failed write
-    (ENOSPC, EDQUOT, EFBIG) into a RuntimeError ("unexpected pos ...") as it closes, the OSError kept
-    only as its __context__."""
-    seen = 0
-    while e is not None and seen < 8:
-        if isinstance(e, OSError):
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
 
 
 def _write_pt(obj: Any, path: Path) -> None:
@@ -223,11 +212,18 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             # a checkpoint that was never written must not become the best or enter the top-k
             state.top_k, state.best_metric, state.best_step = before
-            cause = _os_error(e)
+            cause = storage_error(e) or (e if isinstance(e, OSError) else None)
             if cause is not None:  # a full disk, a quota, a read-only mount: the user's to fix
                 raise CheckpointError(self._write_failure(name, cause)) from e
             raise
-        self._sync_best(ckpt)
+        try:
+            self._sync_best(ckpt)
+        except Exception as e:
+            cause = storage_error(e) or (e if isinstance(e, OSError) else None)
+            if cause is None:
+                raise
+            raise CheckpointError(f"checkpoint {final} is complete (resume takes it), but the best model's copy "
+                                  f"{self.run_dir / BEST_WEIGHTS} could not be written: {cause.strerror or cause}") from e
         _replace_link(self.root / LAST_LINK, name)
         _fsync_path(self.root)
         self._retain(state)

@@ -35,6 +35,11 @@ def error(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
 
 
+def note(message: str) -> None:
+    """A one-line note on stderr from any rank (not an error: another line says what failed)."""
+    err_console.print(f"note: {message}", markup=False, highlight=False)
+
+
 def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}")
 

@@ -12,6 +12,7 @@ and exit with `EXIT_LOST_PEER` (1) instead of a page of traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -50,6 +51,26 @@ def is_debug() -> bool:
 
 _DIST_BACKEND = re.compile(r"\b(gloo|nccl)\b", re.I)
 _LOST = re.compile(r"connection (closed|reset|refused)|tim(ed|ing) out|broken pipe|peer", re.I)
+
+
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors) report errno
+
+
+def storage_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e` when it is a full disk, a quota, a file-size limit or a read-only mount:
+    `e` itself, one in its chain (torch.save re-raises ENOSPC as a RuntimeError as it closes), or an
+    error whose text carries "(os error N)" (safetensors' SafetensorError); None for anything else."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+            return e
+        found = _OS_ERROR_IN_TEXT.search(str(e))
+        if found and int(found.group(1)) in _STORAGE_ERRNOS:
+            number = int(found.group(1))
+            return OSError(number, os.strerror(number))
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def lost_peer_message(e: BaseException) -> str | None:

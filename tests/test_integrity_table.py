@@ -128,3 +128,28 @@ def test_a_full_disk_inside_torch_save_is_one_error_naming_the_intact_checkpoint
     with pytest.raises(ck.CheckpointError) as info:
         manager.save(ckpt(2), 0.9)
     assert "No space left on device" in str(info.value) and "step-00000001 is intact" in str(info.value)
+
+
+def test_a_full_disk_on_the_best_model_copy_is_one_error_naming_the_complete_checkpoint(tmp_path, monkeypatch):
+    """model_best.safetensors is written after the step dir is in place; safetensors reports ENOSPC as
+    its own error ("... (os error 28)"): one CheckpointError saying the checkpoint itself is complete."""
+    import torch
+
+    from bcc import checkpoint as ck
+    from bcc import checkpoint_store
+
+    manager = ck.CheckpointManager(tmp_path / "checkpoints", keep_last=2, keep_top_k=1, metric="bacc", mode="max")
+    real = checkpoint_store._write_safetensors
+
+    def full_disk_for_the_copy(tensors, path, what):
+        if path.name == ck.BEST_WEIGHTS:
+            raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, what)
+
+    monkeypatch.setattr(checkpoint_store, "_write_safetensors", full_disk_for_the_copy)
+    ckpt = ck.Checkpoint(model={"w": torch.ones(3)}, optimizer={}, scaler=None, rng=[], state=ck.TrainState(step=4),
+                         meta={})
+    with pytest.raises(ck.CheckpointError, match=r"step-00000004 is complete \(resume takes it\), but the best "
+                                                 r"model's copy .*model_best.safetensors could not be written: No space"):
+        manager.save(ckpt, 0.9)
+    assert ck.find_latest_intact(tmp_path / "checkpoints")[0].name == "step-00000004"

@@ -92,10 +92,13 @@ def _version() -> str:
 def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """Run a command; the one place a `BccError` becomes one `error:` line and its exit code (2).
 
-    Used by `bcc` and by `python -m bcc.train`. Anything else is a bug and keeps its traceback;
-    `BCC_DEBUG=1` keeps the traceback of a `BccError` too.
+    Used by `bcc` and by `python -m bcc.train`. A full disk, quota or read-only mount anywhere is one
+    line too (`bcc.errors.storage_error`), and so is a collective lost to another rank's failure.
+    Anything else is a bug and keeps its traceback; `BCC_DEBUG=1` keeps the traceback of these too.
     """
-    from bcc.errors import EXIT_LOST_PEER, BccError, is_debug, lost_peer_message
+    import re
+
+    from bcc.errors import EXIT_LOST_PEER, EXIT_USAGE, BccError, is_debug, lost_peer_message, storage_error
 
     try:
         return int(func(args) or 0)
@@ -114,13 +117,21 @@ def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namesp
         else:
             error(str(e))
         return e.exit_code
-    except RuntimeError as e:  # a collective that failed because another rank did: one line, not its traceback
-        line = lost_peer_message(e)
-        if line is None or is_debug():
+    except Exception as e:
+        full = storage_error(e)
+        line = lost_peer_message(e) if full is None else None
+        if full is None and line is None or is_debug():
             raise
-        from bcc.console import error
+        from bcc.console import error, note
 
-        error(line)
+        if full is not None:  # a full disk, quota or read-only mount: the user's to fix, not a bug
+            where = f"cannot write {full.filename}: " if full.filename else "cannot write: "
+            error(f"{where}{full.strerror or full}")
+            return EXIT_USAGE
+        # a collective that failed because another rank did: one line, not its traceback. A time-out is
+        # this rank's own finding (a peer hangs); a closed connection follows a peer that exited, whose own
+        # error line (or the launcher's exit code) says why: a note, so the job shows one error line
+        (error if re.search(r"tim(ed|ing) out", line, re.I) else note)(line)
         return EXIT_LOST_PEER
 
 
