@@ -34,7 +34,7 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
         yield tmp
         replace_durably(tmp, path, mode)
     except OSError as e:
-        if e.filename is None:  # a write() that failed (a full disk) names no file: name the one meant
+        if e.filename is None and e.errno is not None:  # a failed write() (a full disk) names no file
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     finally:
