@@ -92,6 +92,11 @@ def _write_safetensors(tensors: Mapping[str, Tensor], path: Path, what: str) -> 
         save_file(cpu, tmp, metadata={"format": "pt"})
 
 
+def _write_error(e: BaseException) -> OSError | None:
+    """The OSError that made a write fail (a full disk also inside torch's or safetensors' own error)."""
+    return storage_error(e) or (e if isinstance(e, OSError) else None)
+
+
 def _write_pt(obj: Any, path: Path) -> None:
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
@@ -212,14 +217,14 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             # a checkpoint that was never written must not become the best or enter the top-k
             state.top_k, state.best_metric, state.best_step = before
-            cause = storage_error(e) or (e if isinstance(e, OSError) else None)
+            cause = _write_error(e)
             if cause is not None:  # a full disk, a quota, a read-only mount: the user's to fix
                 raise CheckpointError(self._write_failure(name, cause)) from e
             raise
         try:
             self._sync_best(ckpt)
         except Exception as e:
-            cause = storage_error(e) or (e if isinstance(e, OSError) else None)
+            cause = _write_error(e)
             if cause is None:
                 raise
             raise CheckpointError(f"checkpoint {final} is complete (resume takes it), but the best model's copy "

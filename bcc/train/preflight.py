@@ -47,16 +47,12 @@ def splits_needed(cfg: Config) -> dict[str, str]:
     return keys
 
 
-def _wrong_size(shard: ShardInfo, size: int) -> bool:
-    """A pack of format 5 records each shard's size: anything else was cut or replaced. Older packs: a
-    lower bound per sample."""
-    return size != shard.bytes if shard.bytes is not None else size < shard.count * MIN_BYTES_PER_SAMPLE
-
-
-def _size_text(shard: ShardInfo, size: int) -> str:
+def _size_problem(shard: ShardInfo, size: int) -> str | None:
+    """Why a shard of `size` bytes is not the one packed, or None. A pack of format 5 records each shard's
+    size: anything else was cut or replaced. Older packs: a lower bound per sample."""
     if shard.bytes is not None:
-        return f"{size} bytes, the manifest says {shard.bytes}"
-    return f"{size} bytes for {shard.count} samples"
+        return None if size == shard.bytes else f"{size} bytes, the manifest says {shard.bytes}"
+    return None if size >= shard.count * MIN_BYTES_PER_SAMPLE else f"{size} bytes for {shard.count} samples"
 
 
 def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES) -> None:
@@ -81,16 +77,18 @@ def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES) -> Non
         except OSError:
             missing.append(path)
             continue
-        if not (st.st_mode & 0o170000 == 0o100000) or _wrong_size(shard, st.st_size):
-            short.append(f"{path} ({_size_text(shard, st.st_size)})")
+        problem = _size_problem(shard, st.st_size) if st.st_mode & 0o170000 == 0o100000 else "not a file"
+        if problem:
+            short.append(f"{path} ({problem})")
     probes = remote.probe_all([s.path for s in remote_shards], retries)
     unreachable = [str(v) for v in probes.values() if isinstance(v, remote.RemoteError)]
     if unreachable:
         raise TrainError(f"split '{split.name}': cannot open remote shard {_named(unreachable)}")
     for shard in remote_shards:
         size = probes[str(shard.path)]
-        if size is not None and _wrong_size(shard, size):
-            short.append(f"{remote.display(shard.path)} ({_size_text(shard, size)})")
+        problem = _size_problem(shard, size) if size is not None else None
+        if problem:
+            short.append(f"{remote.display(shard.path)} ({problem})")
     if missing:
         raise TrainError(f"split '{split.name}': missing shard {_named(missing)}")
     if short:
