@@ -122,8 +122,13 @@ class RunLog:
         """Append one row (JSON scalars: metric values, split name, ...) at optimizer step `step`;
         the trackers get its numbers as `SPLIT/NAME` at the same step."""
         if self.is_main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **row}) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"step": step, **row}) + "\n")
+            except OSError as e:  # a failed write (a full disk) names no file: name it
+                if e.filename is not None or e.errno is None:
+                    raise
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
             self._track(tracker_values(row), step)
 
     def _track(self, values: Mapping, step: int) -> None:
