@@ -16,9 +16,11 @@ Every command that reads an image goes through here: `bcc pack` (source files), 
 
 from __future__ import annotations
 
+import array
 import contextlib
 import io
 import math
+import operator
 import os
 import stat
 import warnings
@@ -33,6 +35,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "ImageEntry",
     "ImageError",
+    "PathList",
     "collect_images",
     "decode_rgb",
     "is_image_name",
@@ -247,6 +250,41 @@ def scan_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], i
     warnings_: list[str] = []
     entries = sorted(iter_class_folders(src, resolve_folder, skipped, warnings_), key=lambda e: e.rel)
     return entries, skipped, warnings_
+
+
+class PathList:
+    """Relative paths kept compact, for listings of millions of files: one UTF-8 blob (undecodable
+    names round-trip through surrogateescape, as `os` gives them) and an end offset per path, ~30
+    bytes a path against ~80 in a list of str (a million-file pack: ~30 MB, not ~80). Indexing
+    decodes one path (~0.3 us); `append`, `len`, iteration and `permuted` are what the packer needs."""
+
+    def __init__(self, paths: Iterable[str] = ()):
+        self._blob = bytearray()
+        self._ends = array.array("q")
+        for p in paths:
+            self.append(p)
+
+    def append(self, path: str) -> None:
+        self._blob += path.encode("utf-8", "surrogateescape")
+        self._ends.append(len(self._blob))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int) -> str:
+        i = operator.index(i)
+        if i < 0:
+            i += len(self._ends)
+        end = self._ends[i]  # IndexError past the end
+        start = self._ends[i - 1] if i else 0
+        return self._blob[start:end].decode("utf-8", "surrogateescape")
+
+    def __iter__(self) -> Iterator[str]:
+        return map(self.__getitem__, range(len(self._ends)))
+
+    def permuted(self, order: Iterable[int]) -> PathList:
+        """A new list whose path k is this list's path order[k]."""
+        return PathList(map(self.__getitem__, order))
 
 
 def iter_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], int], skipped: list[dict[str, str]],

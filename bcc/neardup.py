@@ -181,10 +181,14 @@ def _table_key(uh: np.ndarray, masks: list[int]) -> np.ndarray:
     if bits > 32:
         return uh & np.uint64(sum(masks))
     key = np.zeros(len(uh), dtype=np.uint64)
+    part = np.empty_like(key)  # in place: two n-long arrays, not one temporary per operation
     shift = 0
     for mask in sorted(masks):
         low = (mask & -mask).bit_length() - 1
-        key |= ((uh >> np.uint64(low)) & np.uint64(mask >> low)) << np.uint64(shift)
+        np.right_shift(uh, np.uint64(low), out=part)
+        np.bitwise_and(part, np.uint64(mask >> low), out=part)
+        np.left_shift(part, np.uint64(shift), out=part)
+        np.bitwise_or(key, part, out=key)
         shift += mask.bit_count()
     return key.astype(np.uint16 if bits <= 16 else np.uint32)
 
@@ -211,40 +215,55 @@ def _table_pairs(task: tuple[np.ndarray, int, int, list[tuple[int, ...]]]) -> tu
     """The pairs (a, b, dist) that the given tables of m blocks report, and how many pairs they compared."""
     uh, d, m, tables = task
     n = len(uh)
+    # positions as int32 below 2**31 hashes: half the memory of the n-long position arrays
+    position = np.int32 if n < 2**31 else np.int64
     masks = _block_masks(m)
     found: list[np.ndarray] = [np.zeros((0, 3), dtype=np.int64)]
     candidates = 0
     for chosen in tables:
         key = _table_key(uh, [masks[b] for b in chosen])
-        order = np.argsort(key, kind="stable")
+        order = np.argsort(key, kind="stable").astype(position)
         sk = key[order]
         del key  # peak memory: a handful of n-long arrays per table, freed as soon as possible
-        starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+        starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]]).astype(position)
         del sk
-        lengths = np.diff(np.r_[starts, n])
-        active = np.flatnonzero(np.repeat(lengths, lengths) > 1)  # sorted positions in buckets of 2+
+        lengths = np.diff(np.r_[starts, position(n)])
+        active = np.flatnonzero(np.repeat(lengths, lengths) > 1).astype(position)  # in buckets of 2+
         ends = np.repeat(starts + lengths, lengths)[active]
         del starts, lengths
         # a pair agreeing on an earlier block outside `chosen` belongs to an earlier table
         earlier = [np.uint64(masks[b]) for b in range(chosen[-1]) if b not in chosen]
-        k = 1
-        while active.size:
-            keep = ends - active > k
-            active, ends = active[keep], ends[keep]
-            if not active.size:
-                break
-            left, right = order[active], order[active + k]
-            x = uh[left] ^ uh[right]
-            dist = _popcount(x)
-            ok = np.flatnonzero(dist <= d)  # few: the earlier-table test runs on these only
-            candidates += int(active.size)
-            for mask in earlier:
-                ok = ok[(x[ok] & mask) != 0]
-            if ok.size:
-                a, b = left[ok], right[ok]
-                found.append(np.stack([np.minimum(a, b), np.maximum(a, b), dist[ok].astype(np.int64)], axis=1))
-            k += 1
+        for lo in range(0, active.size, _BLOCK):  # in blocks: the pair arrays stay small
+            candidates += _bucket_pairs(uh, order, active[lo:lo + _BLOCK], ends[lo:lo + _BLOCK], d, earlier, found)
     return np.concatenate(found).astype(np.int64), candidates
+
+
+_BLOCK = 1 << 16  # sorted positions compared at once by `_bucket_pairs`
+
+
+def _bucket_pairs(uh: np.ndarray, order: np.ndarray, active: np.ndarray, ends: np.ndarray, d: int,
+                  earlier: list[np.uint64], found: list[np.ndarray]) -> int:
+    """Compare each sorted position in `active` with the later positions of its bucket (`ends`: one
+    past the bucket's last), appending (a, b, dist) rows within `d` bits that no earlier table
+    reports to `found`. Returns the number of pairs compared."""
+    candidates, k = 0, 1
+    while active.size:
+        keep = ends - active > k
+        active, ends = active[keep], ends[keep]
+        if not active.size:
+            break
+        left, right = order[active], order[active + k]
+        x = uh[left] ^ uh[right]
+        dist = _popcount(x)
+        ok = np.flatnonzero(dist <= d)  # few: the earlier-table test runs on these only
+        candidates += int(active.size)
+        for mask in earlier:
+            ok = ok[(x[ok] & mask) != 0]
+        if ok.size:
+            a, b = left[ok], right[ok]
+            found.append(np.stack([np.minimum(a, b), np.maximum(a, b), dist[ok].astype(np.int64)], axis=1))
+        k += 1
+    return candidates
 
 
 class _Index:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from bcc.atomic import replace_durably
-from bcc.imageio import MAX_IMAGE_PIXELS, iter_class_folders
+from bcc.imageio import MAX_IMAGE_PIXELS, PathList, iter_class_folders
 from bcc.manifest import split_entry, write_manifest
 from bcc.neardup import DEFAULT_THRESHOLD, is_enabled
 from bcc.pack_pool import (
@@ -62,6 +62,7 @@ from bcc.split import (
     compile_group_regex,
     deal_folds,
     deal_splits,
+    digest_ids,
     fold_warnings,
     join_units,
     parse_split,
@@ -312,7 +313,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         # the file list, compact: relative paths, folder and class per file (absolute paths are src + rel),
         # made while the first pass runs on what is listed so far
         root = os.path.join(str(src.absolute()), "")  # ends in the separator: a path is root + rel
-        rels: list[str] = []
+        rels = PathList()
         folder_id: dict[str, int] = {}
         folder_ids, class_ids = array.array("i"), array.array("i")
 
@@ -332,7 +333,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         order = None
         if not all(map(str.__lt__, rels, itertools.islice(rels, 1, None))):
             order = np.array(sorted(range(len(rels)), key=rels.__getitem__), dtype=np.int64)
-            rels[:] = [rels[i] for i in order.tolist()]
+            rels = rels.permuted(order.tolist())
         rec.finish(order)
         folder_names = sorted(folder_id)
         renumber = np.zeros(len(folder_names), dtype=np.int32)
@@ -359,10 +360,9 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         per_class = np.bincount(labels, minlength=len(taxonomy.class_names))
         warnings_ += [f"class {c!r} has no samples" for i, c in enumerate(taxonomy.class_names) if not per_class[i]]
 
-        # identical files: one id per distinct sha256 (first 8 bytes sort, then the full digest)
-        sha = rec.sha[ok]
-        _, exact_id = np.unique(sha.view(np.dtype((np.void, 32))).reshape(-1), return_inverse=True)
-        exact_id = exact_id.reshape(-1).astype(np.int64)
+        # identical files: one id per distinct sha256
+        sha = rec.sha if n == len(rec.sha) else rec.sha[ok]
+        exact_id = digest_ids(sha)
         sources = (rels[i] for i in ok.tolist()) if group_rx is not None else None  # read by the regex only
         unit_root, unmatched, near = join_units(exact_id, sources, group_rx, rec.phash[ok], near_dup_threshold,
                                                 group_scope, mapper=map if pool is None else pool.map)
@@ -464,14 +464,14 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
                       n / elapsed if elapsed > 0 else 0.0, stages)
 
 
-def _near_paths(group, ok: np.ndarray, rels: list[str], labels: np.ndarray) -> dict[str, Any]:
+def _near_paths(group, ok: np.ndarray, rels: PathList, labels: np.ndarray) -> dict[str, Any]:
     """A near-duplicate group's manifest entry; its members are sample indices. `conflict`: the group
     spans classes (one image filed under two labels), as for identical files."""
     return {"paths": [rels[int(ok[m])] for m in group.members], "max_distance": group.max_distance,
             "conflict": len(set(labels[list(group.members)].tolist())) > 1}
 
 
-def _duplicates(exact_id: np.ndarray, labels: np.ndarray, ok: np.ndarray, rels: list[str], split_of: np.ndarray,
+def _duplicates(exact_id: np.ndarray, labels: np.ndarray, ok: np.ndarray, rels: PathList, split_of: np.ndarray,
                 sha: np.ndarray, warnings_: list[str]) -> tuple[_Lazy, dict[str, int]]:
     """Sets of identical files (ordered by first path) as a lazy manifest list, and their totals;
     a set spanning classes is also a warning."""

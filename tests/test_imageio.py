@@ -127,3 +127,15 @@ def test_same_tensor_through_pack_stream_predict_and_folder_eval(tmp_path):
         assert torch.equal(image, expected), source
         assert torch.equal(folder[source], expected), source
         assert torch.equal(_tensor(read_image(root / source)), expected), source
+
+
+def test_path_list_round_trips_names_as_a_list_of_str_would():
+    from bcc.imageio import PathList
+
+    names = ["Benign/a.jpg", "Pro/é ü.png", "Pre/\udcff\udc80.jpg", "", "x" * 300]  # undecodable bytes too
+    paths = PathList(names)
+    assert len(paths) == len(names) and list(paths) == names
+    assert [paths[i] for i in range(-len(names), len(names))] == names + names
+    assert list(paths.permuted([4, 0, 2])) == [names[4], names[0], names[2]]
+    with pytest.raises(IndexError):
+        paths[len(names)]

@@ -75,3 +75,23 @@ def test_components_are_scipys_with_the_smallest_member_as_root():
         for i, c in enumerate(label.tolist()):
             first.setdefault(c, i)
         assert root.tolist() == [first[c] for c in label.tolist()]
+
+
+def test_digest_ids_are_np_uniques_numbering_over_a_grid():
+    """`digest_ids` (first 8 bytes sorted, ties on the full digest) numbers rows exactly as
+    np.unique over 32-byte voids: copies, shared 8-byte prefixes with differing tails, one row."""
+    from bcc.split import digest_ids
+
+    rng = np.random.default_rng(0)
+    assert digest_ids(np.zeros((0, 32), dtype=np.uint8)).tolist() == []
+    for trial in range(300):
+        n = int(rng.integers(1, 300))
+        d = rng.integers(0, 256, (n, 32), dtype=np.uint8)
+        if trial % 2:
+            d[:, :8] = rng.integers(0, 3, (n, 1), dtype=np.uint8)  # many equal first words
+        if trial % 3 == 0:
+            d[:, 8:16] = 0  # equal second words too
+        copies = int(rng.integers(0, n))
+        d[rng.integers(0, n, copies)] = d[rng.integers(0, n, copies)]
+        _, expected = np.unique(d.view(np.dtype((np.void, 32))).reshape(-1), return_inverse=True)
+        assert digest_ids(d).tolist() == expected.reshape(-1).tolist(), trial
