@@ -1,4 +1,4 @@
-"""`bcc bench data|step` through the real CLI on tiny inputs: the output has the figures (not their values)."""
+"""`bcc bench data|step|pack|vote` through the real CLI on tiny inputs: the output has the figures (not their values)."""
 
 from __future__ import annotations
 
@@ -85,6 +85,16 @@ def test_bench_vote_prints_per_vote_and_per_step_cost():
         line = next(ln for ln in out.splitlines() if re.match(rf"│\s+{n} │", ln))
         median, _, per1, per10 = (float(v.replace(",", "")) for v in re.findall(NUMBER, line)[1:])
         assert median > 0 and per1 == pytest.approx(median, rel=0.01) and per10 == pytest.approx(median / 10, rel=0.05)
+
+
+def test_bench_pack_prints_both_ratios_the_limit_range_and_the_rss_ratio():
+    out = bcc("bench", "pack", "--sizes", "40,80", "--workers", "2", "--image-px", "16").stdout
+    for size in ("40", "80"):
+        line = next(ln for ln in out.splitlines() if re.match(rf"│\s+{size} │", ln))
+        assert re.search(rf"{NUMBER} x 2 \({NUMBER}-{NUMBER}\)", line), line  # median limit (range of 4)
+        assert re.search(rf"{size} images: throughput / \(decode limit x workers\) = {NUMBER} \(goal >= 0.8; "
+                         rf"the first pass alone {NUMBER}\)", out.replace("\n", " ")), out
+    assert re.search(rf"RSS 80/40 = {NUMBER} \(goal <= 1.5\)", out), out
 
 
 def test_train_step_makes_no_per_step_package_probes_or_signature_inspection(monkeypatch):
