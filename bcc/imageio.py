@@ -192,49 +192,64 @@ _LINKED_FOLDER = "symlinked folder not followed"
 
 def _walk(top: Path, root: Path, base: Path) -> Iterator[tuple[str, str, str | None]]:
     """(path, path relative to `base`, skip reason or None) of every non-hidden file under `top`,
-    sorted, under the module's link policy (`root` is what a link target must lie in). Per file: one
-    lstat and string joins (no Path objects: a million-file listing spent most of its time in them)."""
-    for dirpath, dirnames, filenames in os.walk(top):
-        here = Path(dirpath)
-        inner = here.relative_to(base).as_posix()
-        prefix = "" if inner == "." else inner + "/"
-        keep = []
-        for d in sorted(dirnames):
-            if d.startswith("."):
-                continue
-            sub = here / d
-            if sub.is_symlink():
-                target, loop = _link_target(sub)
-                inside = target is not None and _is_within(target, root)
-                yield str(sub), prefix + d, loop or (_LINKED_FOLDER if inside else f"symlink outside SRC: -> {target}")
-                continue
-            keep.append(d)
-        dirnames[:] = keep
-        for f in sorted(filenames):
-            if f.startswith("."):
-                continue
-            path, rel = os.path.join(dirpath, f), prefix + f
-            try:
-                mode = os.lstat(path).st_mode
-                if stat.S_ISLNK(mode):
-                    target, loop = _link_target(Path(path))
-                    if loop:
-                        yield path, rel, loop
-                        continue
-                    if not target.exists():
-                        yield path, rel, f"broken symlink: -> {target}"
-                        continue
-                    if not _is_within(target, root):
-                        yield path, rel, f"symlink outside SRC: -> {target}"
-                        continue
-                    mode = os.stat(path).st_mode
-            except OSError as e:
-                yield path, rel, f"unreadable: {e.strerror or e}"
-                continue
-            if not stat.S_ISREG(mode):  # a FIFO would block the reader forever
-                yield path, rel, "not a regular file"
-                continue
-            yield path, rel, None
+    sorted as a top-down walk (a folder's linked folders, then its files, then its sub-folders), under
+    the module's link policy (`root` is what a link target must lie in). File types come from the
+    directory listing itself (`os.scandir`'s d_type): no stat per file, only per link (a 200k-file
+    listing took 0.8 s of CPU with an lstat per file, 0.2 s without). A folder that cannot be listed
+    is reported, not passed over."""
+    try:
+        with os.scandir(top) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        if top != base:  # the class folder itself is checked by the caller
+            yield str(top), top.relative_to(base).as_posix(), f"unreadable folder: {e.strerror or e}"
+        return
+    inner = top.relative_to(base).as_posix()
+    prefix = "" if inner == "." else inner + "/"
+    folders, files = [], []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = entry.is_dir()  # a link to a folder counts as a folder, as in os.walk
+        except OSError:
+            is_dir = False
+        (folders if is_dir else files).append(entry)
+    subfolders = []
+    for entry in folders:
+        if entry.is_symlink():
+            sub = Path(entry.path)
+            target, loop = _link_target(sub)
+            inside = target is not None and _is_within(target, root)
+            yield entry.path, prefix + entry.name, loop or (_LINKED_FOLDER if inside else f"symlink outside SRC: -> {target}")
+        else:
+            subfolders.append(Path(entry.path))
+    for entry in files:
+        path, rel = entry.path, prefix + entry.name
+        try:
+            if entry.is_symlink():
+                target, loop = _link_target(Path(path))
+                if loop:
+                    yield path, rel, loop
+                    continue
+                if not target.exists():
+                    yield path, rel, f"broken symlink: -> {target}"
+                    continue
+                if not _is_within(target, root):
+                    yield path, rel, f"symlink outside SRC: -> {target}"
+                    continue
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            else:
+                regular = entry.is_file(follow_symlinks=False)
+        except OSError as e:
+            yield path, rel, f"unreadable: {e.strerror or e}"
+            continue
+        if not regular:  # a FIFO would block the reader forever
+            yield path, rel, "not a regular file"
+            continue
+        yield path, rel, None
+    for sub in subfolders:
+        yield from _walk(sub, root, base)
 
 
 def scan_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], int]):

@@ -286,6 +286,27 @@ def test_unreadable_file_is_skipped(tmp_path, make_class_tree, monkeypatch):
     assert m["splits"]["train"]["count"] + m["splits"]["val"]["count"] + m["splits"]["test"]["count"] == 2
 
 
+def test_unreadable_sub_folder_is_a_reported_skip(tmp_path, make_class_tree, monkeypatch):
+    """A folder that cannot be listed (simulated, as above) is named in `skipped`, not passed over
+    (os.walk's default silently dropped it and every image below it)."""
+    import os
+
+    src = make_class_tree(tmp_path / "src", {"Benign": 2, "Pro": 2})
+    make_class_tree(src / "Benign", {"day2": 2})
+    locked = str(src / "Benign" / "day2")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    m = pack_folders(src, tmp_path / "out").manifest
+    assert m["skipped"] == [{"path": "Benign/day2", "reason": "unreadable folder: Permission denied"}]
+    assert sum(m["splits"][k]["count"] for k in ("train", "val", "test")) == 4
+
+
 def test_unknown_folder_fails_before_work(tmp_path, make_class_tree):
     src = make_class_tree(tmp_path / "src", {"Benign": 2, "Weird": 2})
     proc = bcc(src, tmp_path / "out", check_rc=2)
