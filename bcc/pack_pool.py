@@ -208,9 +208,8 @@ def _noop() -> None:
 
 
 def _warm_worker() -> None:
-    # a worker's imports (~0.3 s of CPU, scipy's DCT most of it), made while the parent lists SRC on
-    # the other core, not on the first image: at 20k images they were ~5% of the first pass
-    import scipy.fftpack  # noqa: F401
+    # a worker's imports, made while the parent lists SRC, not on the first image (scipy, ~0.25 s of
+    # CPU a worker, is no longer one of them: `phash` imports it only for a near-tie)
     from PIL import Image, ImageOps  # noqa: F401
 
     Image.preinit()  # the common format plugins, which Image.open would load

@@ -226,14 +226,22 @@ def _reencoded(img: Image.Image) -> Image.Image:
         return out.convert("RGB")
 
 
-def test_phash_is_imagehash_phash():
-    """Bit for bit imagehash's pHash (bcc's own median and no ImageHash object, same scipy DCT) over
-    sizes down to 1 px, flat images (all-zero AC: ties at the median), noise, edges and modes."""
+def test_phash_is_imagehash_phash(monkeypatch):
+    """Bit for bit imagehash's pHash (bcc's own median, no ImageHash object, the DCT's 8x8 corner by
+    matrix products) over sizes down to 1 px, flat images (all-zero AC: ties at the median), noise,
+    edges and modes; only near-ties take scipy's DCT (a textured image never does)."""
     import imagehash
+    import scipy.fftpack
 
+    calls = []
+    real_dct = scipy.fftpack.dct
+    monkeypatch.setattr(scipy.fftpack, "dct", lambda *a, **k: calls.append(1) or real_dct(*a, **k))
     img = _textured(0)
     assert format(phash(img), "016x") == str(imagehash.phash(img))
     assert phash(img.convert("L")) == phash(img)
+    assert len(calls) == 2  # imagehash's own two; bcc's hash of a textured image needs no scipy
+    phash(Image.fromarray(np.full((8, 8, 3), 97, np.uint8)))
+    assert len(calls) == 4  # a flat image is all ties: scipy's arithmetic decides, as in imagehash
     rng = np.random.default_rng(0)
     for w, h in ((1, 1), (3, 2), (31, 33), (64, 64)):
         flat = np.full((h, w, 3), 97, np.uint8)
