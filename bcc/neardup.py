@@ -191,6 +191,9 @@ def _choose_blocks(n: int, d: int) -> int:
     return best_m
 
 
+_BLOCK = 1 << 16  # hashes keyed, or sorted positions compared, at once
+
+
 def _table_key(uh: np.ndarray, masks: list[int]) -> np.ndarray:
     """The bits of `uh` under the (disjoint, contiguous) block masks, packed low to high into the
     narrowest unsigned type: ordered exactly as `uh & sum(masks)`, but 16-bit keys (two 8-bit blocks
@@ -198,17 +201,17 @@ def _table_key(uh: np.ndarray, masks: list[int]) -> np.ndarray:
     bits = sum(mask.bit_count() for mask in masks)
     if bits > 32:
         return uh & np.uint64(sum(masks))
-    key = np.zeros(len(uh), dtype=np.uint64)
-    part = np.empty_like(key)  # in place: two n-long arrays, not one temporary per operation
-    shift = 0
-    for mask in sorted(masks):
-        low = (mask & -mask).bit_length() - 1
-        np.right_shift(uh, np.uint64(low), out=part)
-        np.bitwise_and(part, np.uint64(mask >> low), out=part)
-        np.left_shift(part, np.uint64(shift), out=part)
-        np.bitwise_or(key, part, out=key)
-        shift += mask.bit_count()
-    return key.astype(np.uint16 if bits <= 16 else np.uint32)
+    key = np.empty(len(uh), dtype=np.uint16 if bits <= 16 else np.uint32)
+    for lo in range(0, len(uh), _BLOCK):  # in blocks: no n-long uint64 temporaries
+        block = uh[lo:lo + _BLOCK]
+        packed = np.zeros(len(block), dtype=np.uint64)
+        shift = 0
+        for mask in sorted(masks):
+            low = (mask & -mask).bit_length() - 1
+            packed |= ((block >> np.uint64(low)) & np.uint64(mask >> low)) << np.uint64(shift)
+            shift += mask.bit_count()
+        key[lo:lo + _BLOCK] = packed
+    return key
 
 
 def _distinct_pairs(uh: np.ndarray, d: int, stats: dict | None = None, mapper: Callable = map) -> np.ndarray:
@@ -256,9 +259,6 @@ def _table_pairs(task: tuple[np.ndarray, int, int, list[tuple[int, ...]]]) -> tu
     return np.concatenate(found).astype(np.int64), candidates
 
 
-_BLOCK = 1 << 16  # sorted positions compared at once by `_bucket_pairs`
-
-
 def _bucket_pairs(uh: np.ndarray, order: np.ndarray, active: np.ndarray, ends: np.ndarray, d: int,
                   earlier: list[np.uint64], found: list[np.ndarray]) -> int:
     """Compare each sorted position in `active` with the later positions of its bucket (`ends`: one
@@ -290,10 +290,15 @@ class _Index:
     def __init__(self, hashes: Sequence[int] | np.ndarray, threshold: int, stats: dict | None = None,
                  mapper: Callable = map):
         self.hashes = _as_array(hashes)
-        self.distinct, inverse, counts = np.unique(self.hashes, return_inverse=True, return_counts=True)
-        self.order = np.argsort(inverse.reshape(-1), kind="stable")  # samples grouped by distinct hash
-        self.starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
-        self.counts = counts
+        n = len(self.hashes)
+        # what np.unique(return_inverse, return_counts) gives, from one stable sort and no inverse
+        # (its sorted copies and n-long int64 inverse were ~11 MiB of a 200k pack's peak)
+        self.order = np.argsort(self.hashes, kind="stable")  # samples grouped by distinct hash
+        ranked = self.hashes[self.order]
+        self.starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]]) if n else np.zeros(0, np.int64)
+        self.distinct = ranked[self.starts]
+        del ranked
+        self.counts = np.diff(np.r_[self.starts, n])
         self.first = self.order[self.starts]  # smallest sample index holding each distinct hash
         self.pairs = _distinct_pairs(self.distinct, threshold, stats, mapper)
 

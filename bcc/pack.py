@@ -353,7 +353,8 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         if not ok.size:
             raise PackError(f"SRC {src}: no usable images{_skipped_note(skipped)}")
         n = len(ok)
-        labels = label_of[ok]
+        every = n == len(rec.ext)  # nothing skipped: the columns are the samples' own (no copies)
+        labels = label_of if every else label_of[ok]
         packed_folders = set(folder_of[ok].tolist())
         warnings_ += [f"class folder {name!r} has no usable images"
                       for k, name in enumerate(folder_names) if k not in packed_folders]
@@ -361,11 +362,12 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         warnings_ += [f"class {c!r} has no samples" for i, c in enumerate(taxonomy.class_names) if not per_class[i]]
 
         # identical files: one id per distinct sha256
-        sha = rec.sha if n == len(rec.sha) else rec.sha[ok]
+        sha = rec.sha if every else rec.sha[ok]
         exact_id = digest_ids(sha)
         sources = (rels[i] for i in ok.tolist()) if group_rx is not None else None  # read by the regex only
-        unit_root, unmatched, near = join_units(exact_id, sources, group_rx, rec.phash[ok], near_dup_threshold,
-                                                group_scope, mapper=map if pool is None else pool.map)
+        hashes = rec.phash if every else rec.phash[ok]
+        unit_root, unmatched, near = join_units(exact_id, sources, group_rx, hashes, near_dup_threshold, group_scope,
+                                                mapper=map if pool is None else pool.map)
         assignment, rng = deal_splits(labels, unit_root, fractions, seed)
         fold_of = None
         fold_info = None

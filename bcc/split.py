@@ -172,6 +172,11 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return parent
 
 
+def _unit_count(root: np.ndarray) -> int:
+    """Number of components in a `_components` result (elements that are their own root)."""
+    return int(np.count_nonzero(root == np.arange(len(root))))
+
+
 def join_units(exact_ids: np.ndarray, names: Iterable[str] | None = None, group_rx: re.Pattern | None = None,
                hashes: np.ndarray | None = None, near_threshold: int | None = None, group_scope: str = "dataset",
                mapper: Callable = map) -> tuple[np.ndarray, int, NearDuplicates]:
@@ -209,12 +214,12 @@ def join_units(exact_ids: np.ndarray, names: Iterable[str] | None = None, group_
         parts_b.append(np.frombuffer(gb, dtype=np.int64))
     near = NearDuplicates((), 0)
     if is_enabled(near_threshold):
-        before = _components(n, np.concatenate(parts_a), np.concatenate(parts_b))
+        units_before = _unit_count(_components(n, np.concatenate(parts_a), np.concatenate(parts_b)))
         na, nb, groups = near_duplicate_edges(hashes, near_threshold, exact_keys=exact_ids, mapper=mapper)
         parts_a.append(na)
         parts_b.append(nb)
         root = _components(n, np.concatenate(parts_a), np.concatenate(parts_b))
-        merged = int(np.count_nonzero(before == np.arange(n))) - int(np.count_nonzero(root == np.arange(n)))
+        merged = units_before - _unit_count(root)
         return root, unmatched, NearDuplicates(groups, merged)
     return _components(n, np.concatenate(parts_a), np.concatenate(parts_b)), unmatched, near
 
