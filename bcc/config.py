@@ -334,6 +334,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+MAX_SOURCE_WEIGHT = 1e6  # data.sources[].weight: beyond this, weight x count stops being meaningful
+
+
 def _check_data(given: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:
     """The rules of `data` that span keys: `sources` excludes `shards`, names are unique, weights fit
     `sampling`, `epoch_samples` needs resample. Raises ConfigError naming the key at fault."""
@@ -352,6 +355,9 @@ def _check_data(given: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:
     for i, src in enumerate(sources):
         if not src.shards:
             fail(f"data.sources[{i}].shards", "must name a packed dataset directory")
+        if src.weight > MAX_SOURCE_WEIGHT:  # weight x count must stay a finite float (1e308 overflowed)
+            fail(f"data.sources[{i}].weight", f"{src.weight:g} is above {MAX_SOURCE_WEIGHT:g}: a weight is a "
+                 "repeat factor or a relative sampling weight; scale the weights down")
         if sampling == "without_replacement" and src.weight != int(src.weight):
             fail(f"data.sources[{i}].weight", f"{src.weight:g} is not an integer: with data.sampling="
                  "without_replacement a weight is a repeat factor (passes per epoch); set data.sampling=resample "

@@ -153,6 +153,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key")
+    if "[" in key:
+        listed = key.split("[", 1)[0]
+        raise ConfigError(f"override '{text}': one item of a list cannot be set on its own; give the whole list "
+                          f"as YAML, e.g. {listed}='[{{shards: A}}, {{shards: B, weight: 3}}]'")
     if raw.startswith("pipe:"):  # a shell command stays as written (YAML would read `a: b` in it as a map)
         return key.split("."), raw
     try:

@@ -235,7 +235,16 @@ class Manifest:
                 f"{self.shown}: split '{split}': the shard entry {remote.redact(entry)!r} is on another host than "
                 f"the dataset, which would receive ${remote.TOKEN_ENV}; set {remote.TOKEN_HOSTS_ENV} to the hosts "
                 "that may (comma-separated)")
-        names = remote.expand(entry) if "{" in entry else [entry]
+        # a brace entry lists one sha256 per shard, so the manifest's own size bounds the names it may make
+        # (`{0..99999999}` is not expanded: it would fill the memory); one digest alone: the message below
+        listed = isinstance(sh.get("sha256"), list)
+        most = len(sh["sha256"]) if listed else 10_000
+        try:
+            names = remote.expand(entry, limit=max(most, 1)) if "{" in entry else [entry]
+        except remote.RemoteError:
+            raise ManifestError(f"{self.shown}: split '{split}': the brace entry {remote.redact(entry)!r} names "
+                                f"more shards than " + (f"its sha256 list ({most})" if listed else
+                                                        f"{most:,} and gives one sha256")) from None
 
         def each(key: str, value: Any) -> list[Any]:
             """One value per shard: a brace entry's list, or its one value repeated."""

@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import base64
 import http.client
+import itertools
 import netrc
 import os
 import re
 import socket
-import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -47,7 +46,7 @@ from typing import Any, Literal
 
 from bcc.errors import BccError
 
-__all__ = ["DEFAULT_RETRIES", "HTTP_TIMEOUT_S", "TOKEN_ENV", "PipeError", "RemoteError", "check_no_secrets",
+__all__ = ["DEFAULT_RETRIES", "HTTP_TIMEOUT_S", "TOKEN_ENV", "RemoteError", "check_no_secrets",
            "display", "expand", "expand_env", "is_local", "is_plain_name", "is_transient", "join", "kind",
            "manifest_location", "open_location", "probe", "probe_all", "read_bytes", "redact", "retry_delay",
            "sends_token_elsewhere", "token_for"]
@@ -70,10 +69,6 @@ class RemoteError(BccError):
     def __init__(self, message: str, *, transient: bool = False):
         super().__init__(redact(message))
         self.transient = transient
-
-
-class PipeError(RemoteError):
-    """A `pipe:` command that exited non-zero (its exit code and the tail of its stderr are named)."""
 
 
 def kind(location: str | os.PathLike) -> Kind:
@@ -107,13 +102,17 @@ def retry_delay(attempt: int) -> float:
 # --------------------------------------------------------------------------- names, braces, env
 
 
-def expand(pattern: str) -> list[str]:
+def expand(pattern: str, limit: int | None = None) -> list[str]:
     """A brace list as the names it stands for, in order (`a-{000..002}.tar` -> a-000, a-001, a-002;
     `{x,y}` alternatives too; braceexpand, webdataset's own dependency). A `{name}` placeholder (no
-    comma, no `..`) stays as it is."""
+    comma, no `..`) stays as it is. `limit`: at most this many names are made; a pattern that stands
+    for more raises RemoteError (`{0..99999999}` would otherwise fill the memory before any check)."""
     from braceexpand import braceexpand
 
-    return list(braceexpand(pattern))
+    names = list(itertools.islice(braceexpand(pattern), None if limit is None else limit + 1))
+    if limit is not None and len(names) > limit:
+        raise RemoteError(f"the brace list {redact(pattern)!r} names more than {limit:,} shards")
+    return names
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=,@-]*")
@@ -158,6 +157,7 @@ _HEADER = re.compile(r"(?P<head>\b(?:Authorization|Proxy-Authorization|X-Api-Key
                      r"(?:(?:Bearer|Basic|Token)\s+|(?!(?:Bearer|Basic|Token)\b)))(?P<value>[^\s'\"$][^\s'\"]*)", re.I)
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"]+)@")
 _QUERY_PARAM = re.compile(r"(?P<sep>[?&])(?P<name>[^=&#\s'\"]+)=(?P<value>[^&#\s'\"]*)")
+_USER_FLAG = re.compile(r"(?P<flag>\s(?:-u|-U|--user|--proxy-user))(?P<gap>=|\s+)(?P<value>[^\s'\"$:][^\s'\":]*:[^\s'\"]+)")
 _BEARER = re.compile(r"\b(?P<word>Bearer|Basic|token)(?P<gap>[ =:]+)(?P<value>[A-Za-z0-9._~+/=-]{8,})", re.I)
 
 
@@ -179,6 +179,7 @@ def redact(text: str) -> str:
     text = _ASSIGN.sub(lambda m: m.group(0) if not _SECRET_PARAM.search(m.group("name"))
                        else f"{m.group('name')}=***", text)
     text = _FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)
+    text = _USER_FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)  # curl -u user:password
     text = _HEADER.sub(lambda m: f"{m.group('head')}***", text)
     return _BEARER.sub(lambda m: f"{m.group('word')}{m.group('gap')}***", text)
 
@@ -197,7 +198,7 @@ def check_no_secrets(location: str, key: str = "data.shards") -> None:
     if redact(location) != location and kind(location) == "pipe":
         raise RemoteError(
             f"{key}: the pipe: command {redact(location)} spells a secret out (a NAME=value, --password/--token "
-            "value or Authorization header), which would be written to config.yaml, checkpoints and the logs; "
+            "value, -u/--user user:password or Authorization header), which would be written to config.yaml, checkpoints and the logs; "
             "leave it in the environment (the command inherits it) or write ${VAR} in its place")
     if redact(location) != location:
         raise RemoteError(
@@ -232,6 +233,14 @@ def join(root: str | Path, name: str) -> str | Path:
     return str(root).replace("{name}", name)
 
 
+def _names_several(pattern: str) -> bool:
+    """Whether a brace pattern stands for more than one name (found without expanding it all)."""
+    try:
+        return len(expand(pattern, limit=1)) != 1
+    except RemoteError:
+        return True
+
+
 def manifest_location(dataset: str | Path) -> tuple[str | Path, str | Path]:
     """(root, manifest location) of a dataset location: a folder holds `manifest.json`; a location
     ending in `.json` is the manifest itself (its folder is the root). Raises RemoteError for a `pipe:`
@@ -244,7 +253,7 @@ def manifest_location(dataset: str | Path) -> tuple[str | Path, str | Path]:
                               "(e.g. pipe:aws s3 cp s3://bucket/dataset/{name} -): bcc reads the dataset's "
                               "manifest.json first, then its shards, through that command")
         return text, join(text, "manifest.json")
-    if expand(text) != [text]:
+    if "{" in text and _names_several(text):
         raise RemoteError(f"data.shards: {redact(text)} is a brace list of shards; bcc needs the dataset's "
                           "manifest.json (sample counts, taxonomy): point data.shards at the folder that holds it "
                           "and put the brace list in the manifest's shard entries")
@@ -339,44 +348,6 @@ class _HttpBody:
         return self.where
 
 
-class _PipeOutput:
-    """A `pipe:` command's standard output; at its end a non-zero exit raises PipeError naming the
-    exit code and the tail of the command's stderr. Closing early ends the command."""
-
-    def __init__(self, command: str, where: str):
-        self.where = where
-        self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty stderr cannot block the command
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     stdin=subprocess.DEVNULL)
-
-    def _stderr_tail(self) -> str:
-        self.stderr.seek(0)
-        text = self.stderr.read().decode("utf-8", "replace").strip()
-        text = text[-STDERR_TAIL:] if len(text) > STDERR_TAIL else text
-        return " | ".join(line for line in text.splitlines() if line.strip())
-
-    def read(self, n: int = -1) -> bytes:
-        whole = n is None or n < 0
-        data = self.proc.stdout.read() if whole else self.proc.stdout.read(n)
-        if whole or (n and not data):
-            code = self.proc.wait()
-            if code != 0:
-                tail = self._stderr_tail()
-                raise PipeError(f"{self.where}: the command exited with code {code}"
-                                + (f"; its stderr ends: {tail}" if tail else " (no stderr)"), transient=True)
-        return data
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()  # read far enough (a lane's end) or failed: the rest is not wanted
-        self.proc.stdout.close()
-        self.proc.wait()
-        self.stderr.close()
-
-    def __repr__(self) -> str:
-        return self.where
-
-
 def _origin(url: str) -> tuple:
     parts = urllib.parse.urlsplit(url)
     return parts.scheme.lower(), parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
@@ -405,6 +376,8 @@ def _http_error(where: str, e: BaseException) -> RemoteError:
                 403: " (credentials: set BCC_HTTP_TOKEN or a ~/.netrc entry)", 404: " (not found)"}.get(e.code, "")
         return RemoteError(f"{where}: HTTP {e.code} {e.reason}{hint}", transient=transient)
     reason = getattr(e, "reason", e)
+    if isinstance(reason, http.client.InvalidURL):  # control characters, a bad port: no retry cures it
+        return RemoteError(f"{where}: not a valid URL ({reason})")
     if isinstance(reason, socket.gaierror):
         return RemoteError(f"{where}: unknown host ({reason})")
     return RemoteError(f"{where}: cannot reach the host: {reason}", transient=True)
@@ -422,7 +395,9 @@ def open_location(location: str | Path, *, method: str = "GET") -> Any:
     where = display(location)
     text = expand_env(str(location))
     if k == "pipe":
-        return _PipeOutput(text[len("pipe:"):], where)
+        from bcc.remote_pipe import PipeOutput  # here: bcc.remote_pipe imports this module
+
+        return PipeOutput(text[len("pipe:"):], where)
     url, headers = _auth_headers(text)
     auth = headers.pop("Authorization", None)
     request = urllib.request.Request(url, headers=headers, method=method)
@@ -467,11 +442,17 @@ def probe(location: str | Path, retries: int = DEFAULT_RETRIES) -> int | None:
     (None). Raises RemoteError naming the location (404, unreachable host, a failing command)."""
     if kind(location) == "pipe":
         def once() -> None:
+            from bcc.shards import tar_header_ok
+
             stream = open_location(location)
             try:
-                if len(stream.read(512)) < 512:
+                block = stream.read(512)
+                if len(block) < 512:
                     stream.read()  # the command's exit status decides the error
                     raise RemoteError(f"{display(location)}: the command printed less than one tar block")
+                if not tar_header_ok(block):
+                    raise RemoteError(f"{display(location)}: the command's output does not start with a tar "
+                                      f"header (it begins {block[:40]!r}): not a shard")
             finally:
                 stream.close()
 

@@ -353,7 +353,7 @@ def sample_offset(path: str, index: int) -> tuple[int | None, int]:
     return None, n + (key is not None)
 
 
-def _header_ok(block: bytes) -> bool:
+def tar_header_ok(block: bytes) -> bool:
     """Whether a tar header matches its checksum (its byte sum, the checksum field counted as spaces), by
     adler32's low half, (1 + byte sum) mod 65521, at C speed (Python's `sum` costs ~4.5 us a header): a
     header's sum is below 2 x 65521, so only a sum off by exactly 65521 gets through."""
@@ -376,7 +376,7 @@ def _tar_files(f, path: str) -> Iterator[tuple[str, bytes]]:
         block = f.read(512)
         if len(block) < 512 or (block[0] == 0 and block.count(0) == 512):
             return  # end of archive (two zero blocks, or the end of the file)
-        if not _header_ok(block):
+        if not tar_header_ok(block):
             raise tarfile.ReadError(f"bad tar header checksum at byte {offset}")
         flag = block[156:157]
         if block[124] & 0x80 or flag == b"g":

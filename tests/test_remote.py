@@ -452,7 +452,8 @@ def test_a_url_query_is_kept_and_a_fragment_dropped(synth_shards):
     "pipe:env AWS_SECRET_ACCESS_KEY=wJalrSEKRIT cat /d/{name}", "pipe:GITHUB_TOKEN=wJalrSEKRIT gh get {name}",
     "pipe:curl --password wJalrSEKRIT h/{name}", "pipe:tool --api-key=wJalrSEKRIT {name}",
     "pipe:curl -H 'Authorization: wJalrSEKRIT' h/{name}", "pipe:curl -H 'X-Api-Key: wJalrSEKRIT' h/{name}",
-    "pipe:sh -c 'DB_PASSWORD=wJalrSEKRIT cat /d/{name}'",
+    "pipe:sh -c 'DB_PASSWORD=wJalrSEKRIT cat /d/{name}'", "pipe:curl -s -u user:wJalrSEKRIT h/{name}",
+    "pipe:curl --user=user:wJalrSEKRIT h/{name}", "pipe:curl --proxy-user me:wJalrSEKRIT h/{name}",
 ])
 def test_a_pipe_command_that_spells_a_secret_out_is_refused(command):
     with pytest.raises(remote.RemoteError, match=r"spells a secret out.*\$\{VAR\}") as e:
@@ -475,6 +476,36 @@ def test_a_pipe_command_with_secrets_from_the_environment_is_accepted(synth_shar
     # a command holding ': ' on the command line stays one string (not a YAML map)
     cmd = "pipe:sh -c 'echo note: x >&2; cat /d/{name}'"
     assert load_config(overrides=[f"data.shards={cmd}"]).data.shards == cmd
+
+
+def test_a_stalled_pipe_times_out_and_ends_its_process_group(monkeypatch):
+    """A command that stops printing is ended (with what it started) and raises a transient PipeError,
+    which the shard reader retries, instead of hanging the run; a command printing garbage is refused by
+    the probe (its first block is not a tar header) before training starts."""
+    import os
+    import time
+
+    from bcc import remote_pipe
+
+    monkeypatch.setattr(remote_pipe, "HTTP_TIMEOUT_S", 0.5)
+    stream = remote.open_location("pipe:printf abc; sleep 30")
+    t0 = time.monotonic()
+    with pytest.raises(remote_pipe.PipeError, match=r"printed nothing for 0 s \(stalled\)") as e:
+        stream.read(100)
+    assert e.value.transient and time.monotonic() - t0 < 10
+    pgid = stream.proc.pid
+    stream.close()
+    deadline = time.monotonic() + 10  # `sleep 30`, started by the shell, is gone too (once init reaps it)
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the pipe command's process group outlived close()")
+    with pytest.raises(remote.RemoteError, match="does not start with a tar header"):
+        remote.probe("pipe:head -c 2048 /dev/urandom", retries=0)
 
 
 def test_pack_verify_reads_a_remote_pack(synth_shards, tmp_path, capsys):
@@ -507,6 +538,11 @@ def test_malformed_manifest_entries_are_named(synth_shards, tmp_path):
         ({"path": brace, "count": 3, "sha256": local[0].sha256}, rf"'.*' names {n} shards but gives one "
                                                                   "sha256"),
         ({"path": "train-000000.tar", "count": 3, "sha256": 7}, "'train-000000.tar': sha256 must be a hex string"),
+        # a fetched manifest's brace list is not expanded past its own sha256 list (it filled 11 GB before)
+        ({"path": "train-{0..99999999}.tar", "count": 1, "sha256": ["ab"]},
+         r"'train-\{0..99999999\}.tar' names more shards than its sha256 list \(1\)"),
+        ({"path": "train-{0..99999999}.tar", "count": 1, "sha256": "ab"}, "'.*' names more shards than 10,000 and "
+                                                                         "gives one sha256"),
     ]
     for i, (entry, match) in enumerate(cases):
         pack = copy_pack(synth_shards, tmp_path / f"p{i}")

@@ -1,0 +1,81 @@
+"""`pipe:` locations: a shell command's standard output read as a shard (`bcc.remote.open_location`
+opens them here; what a location is and which may run a command is `bcc.remote`'s)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import tempfile
+
+from bcc.remote import HTTP_TIMEOUT_S, STDERR_TAIL, RemoteError
+
+__all__ = ["PipeError", "PipeOutput"]
+
+
+class PipeError(RemoteError):
+    """A `pipe:` command that exited non-zero (its exit code and the tail of its stderr are named) or
+    stalled (no output for HTTP_TIMEOUT_S)."""
+
+
+class PipeOutput:
+    """A `pipe:` command's standard output; at its end a non-zero exit raises PipeError naming the
+    exit code and the tail of the command's stderr. A command that prints nothing for HTTP_TIMEOUT_S
+    (a stalled download) is ended and raises PipeError (transient: the caller's retry reopens the
+    shard), as a socket read does. The command runs in its own process group, so ending it (early
+    close, stall, an interrupted run) ends what it started too (`sh -c`'s children)."""
+
+    def __init__(self, command: str, where: str):
+        self.where = where
+        self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty stderr cannot block the command
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.fd = self.proc.stdout.fileno()
+
+    def _stderr_tail(self) -> str:
+        self.stderr.seek(0)
+        text = self.stderr.read().decode("utf-8", "replace").strip()
+        text = text[-STDERR_TAIL:] if len(text) > STDERR_TAIL else text
+        return " | ".join(line for line in text.splitlines() if line.strip())
+
+    def _chunk(self, n: int) -> bytes:
+        """Up to n bytes as soon as some are there (b"" at the end); PipeError after a silent time-out."""
+        ready, _, _ = select.select([self.fd], [], [], HTTP_TIMEOUT_S)
+        if not ready:
+            self._end()
+            raise PipeError(f"{self.where}: the command printed nothing for {HTTP_TIMEOUT_S:.0f} s (stalled)",
+                            transient=True)
+        return os.read(self.fd, n)
+
+    def read(self, n: int = -1) -> bytes:
+        whole = n is None or n < 0
+        parts, got = [], 0
+        while whole or got < n:
+            data = self._chunk(1 << 20 if whole else n - got)
+            if not data:
+                break
+            parts.append(data)
+            got += len(data)
+        if whole or got < n:  # the end of the output: the exit status decides
+            code = self.proc.wait()
+            if code != 0:
+                tail = self._stderr_tail()
+                raise PipeError(f"{self.where}: the command exited with code {code}"
+                                + (f"; its stderr ends: {tail}" if tail else " (no stderr)"), transient=True)
+        return b"".join(parts)
+
+    def _end(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the command and what it started
+
+    def close(self) -> None:
+        self._end()  # read far enough (a lane's end) or failed: the rest is not wanted
+        self.proc.stdout.close()
+        self.proc.wait()
+        self.stderr.close()
+
+    def __repr__(self) -> str:
+        return self.where
