@@ -269,39 +269,33 @@ def test_bad_inputs_are_skipped_with_reasons(tmp_path, make_class_tree):
     assert deep.getpixel((0, 0)) == (40000 >> 8,) * 3  # scaled, not clipped to white
 
 
-def test_unreadable_file_is_skipped(tmp_path, make_class_tree, monkeypatch):
-    """A permission error while reading (simulated: the suite may run as root, who can read anything)."""
-    src = make_class_tree(tmp_path / "src", {"Benign": 3})
-    locked = src / "Benign" / "img0000.jpg"
-    real_read = pack_pool._read
-
-    def read(path):
-        if Path(path) == locked:
+def _denied(real, locked):
+    """`real` (a function of a path) raising a permission error for `locked`: simulated, since the suite
+    may run as root, who can read anything."""
+    def call(path, *args):
+        if str(path) == str(locked):
             raise PermissionError(13, "Permission denied", str(path))
-        return real_read(path)
+        return real(path, *args)
 
-    monkeypatch.setattr(pack_pool, "_read", read)
+    return call
+
+
+def test_unreadable_file_is_skipped(tmp_path, make_class_tree, monkeypatch):
+    src = make_class_tree(tmp_path / "src", {"Benign": 3})
+    monkeypatch.setattr(pack_pool, "_read", _denied(pack_pool._read, src / "Benign" / "img0000.jpg"))
     m = pack_folders(src, tmp_path / "out").manifest
     assert m["skipped"] == [{"path": "Benign/img0000.jpg", "reason": "unreadable: Permission denied"}]
     assert m["splits"]["train"]["count"] + m["splits"]["val"]["count"] + m["splits"]["test"]["count"] == 2
 
 
 def test_unreadable_sub_folder_is_a_reported_skip(tmp_path, make_class_tree, monkeypatch):
-    """A folder that cannot be listed (simulated, as above) is named in `skipped`, not passed over
-    (os.walk's default silently dropped it and every image below it)."""
+    """A folder that cannot be listed is named in `skipped`, not passed over (os.walk's default silently
+    dropped it and every image below it)."""
     import os
 
     src = make_class_tree(tmp_path / "src", {"Benign": 2, "Pro": 2})
     make_class_tree(src / "Benign", {"day2": 2})
-    locked = str(src / "Benign" / "day2")
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if str(path) == locked:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "scandir", _denied(os.scandir, src / "Benign" / "day2"))
     m = pack_folders(src, tmp_path / "out").manifest
     assert m["skipped"] == [{"path": "Benign/day2", "reason": "unreadable folder: Permission denied"}]
     assert sum(m["splits"][k]["count"] for k in ("train", "val", "test")) == 4
