@@ -218,25 +218,31 @@ class Manifest:
             shards += self._parse_entry(name, sh)
         return SplitInfo(name, int(s["count"]), {str(k): int(v) for k, v in s["class_counts"].items()}, shards)
 
+    def _check_name(self, split: str, name: str, entry: str) -> None:
+        """Refuse a shard name (an entry, or one name of its brace list) that runs a command, reads the
+        environment, would carry the token to another host, or (fetched) names a local file."""
+        shown = remote.redact(entry) if name == entry else f"{remote.redact(entry)} (its name {remote.redact(name)})"
+        where = f"{self.shown}: split '{split}': the shard entry {shown!r}"
+        if name.startswith("pipe:") and not self.allow_pipe:
+            raise ManifestError(f"{where} is a pipe: command; a manifest may not run commands. If you wrote this "
+                                "manifest and trust it, set data.allow_pipe_in_manifest=true (or put the command in "
+                                "data.shards)")
+        if "${" in name:  # expanded when opened: a manifest would send any variable to a host of its choice
+            raise ManifestError(f"{where} names an environment variable; a manifest may not read the "
+                                "environment (put ${VAR} in data.shards)")
+        if remote.sends_token_elsewhere(name, self.root):
+            raise ManifestError(f"{where} is on another host than the dataset, which would receive "
+                                f"${remote.TOKEN_ENV}; set {remote.TOKEN_HOSTS_ENV} to the hosts that may "
+                                "(comma-separated)")
+        if self.is_remote and name != entry and (name.startswith(("/", "\\")) or os.path.isabs(name)):
+            raise ManifestError(f"{where} is not a URL or a relative name: a fetched manifest may not name "
+                                "local files")
+
     def _parse_entry(self, split: str, sh: dict[str, Any]) -> list[ShardInfo]:
         """The shards of one manifest entry: one, or those of a brace list."""
         entry = str(sh["path"])
-        if entry.startswith("pipe:") and not self.allow_pipe:
-            raise ManifestError(
-                f"{self.shown}: split '{split}': the shard entry {remote.redact(entry)!r} is a pipe: command; a "
-                "manifest may not run commands. If you wrote this manifest and trust it, set "
-                "data.allow_pipe_in_manifest=true (or put the command in data.shards)")
-        if "${" in entry:  # expanded when opened: a manifest would send any variable to a host of its choice
-            raise ManifestError(
-                f"{self.shown}: split '{split}': the shard entry {entry!r} names an environment variable; "
-                "a manifest may not read the environment (put ${VAR} in data.shards)")
-        if remote.sends_token_elsewhere(entry, self.root):
-            raise ManifestError(
-                f"{self.shown}: split '{split}': the shard entry {remote.redact(entry)!r} is on another host than "
-                f"the dataset, which would receive ${remote.TOKEN_ENV}; set {remote.TOKEN_HOSTS_ENV} to the hosts "
-                "that may (comma-separated)")
         # a brace entry lists one sha256 per shard, so the manifest's own size bounds the names it may make
-        # (`{0..99999999}` is not expanded: it would fill the memory); one digest alone: the message below
+        # (`{0..99999999}` is refused unexpanded: it would fill the memory); one digest alone: the message below
         listed = isinstance(sh.get("sha256"), list)
         most = len(sh["sha256"]) if listed else 10_000
         try:
@@ -245,6 +251,8 @@ class Manifest:
             raise ManifestError(f"{self.shown}: split '{split}': the brace entry {remote.redact(entry)!r} names "
                                 f"more shards than " + (f"its sha256 list ({most})" if listed else
                                                         f"{most:,} and gives one sha256")) from None
+        for name in dict.fromkeys([entry, *names]):  # each name a brace list makes is checked as an entry is
+            self._check_name(split, name, entry)
 
         def each(key: str, value: Any) -> list[Any]:
             """One value per shard: a brace entry's list, or its one value repeated."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import itertools
 import netrc
 import os
 import re
@@ -102,17 +101,37 @@ def retry_delay(attempt: int) -> float:
 # --------------------------------------------------------------------------- names, braces, env
 
 
+_RANGE = re.compile(r"\{(-?\d+|[A-Za-z])\.\.(-?\d+|[A-Za-z])(?:\.\.(-?\d+))?\}")
+
+
+def count_bound(pattern: str) -> int:
+    """An upper bound on the names a brace pattern stands for, read from the pattern (nothing expanded):
+    the product of each range's length (`{0..99}`: 100) and each list's items (`{a,b,c}`: 3)."""
+    bound, commas = 1, []  # commas: the top-level commas of each open list
+    for m in _RANGE.finditer(pattern):
+        a, b, step = m.group(1), m.group(2), abs(int(m.group(3) or 1)) or 1
+        lo, hi = (int(a), int(b)) if a.lstrip("-").isdigit() and b.lstrip("-").isdigit() else (ord(a[0]), ord(b[0]))
+        bound *= abs(hi - lo) // step + 1
+    for c in _RANGE.sub("", pattern):
+        if c == "{":
+            commas.append(0)
+        elif c == "}" and commas:
+            bound *= commas.pop() + 1
+        elif c == "," and commas:
+            commas[-1] += 1
+    return bound
+
+
 def expand(pattern: str, limit: int | None = None) -> list[str]:
     """A brace list as the names it stands for, in order (`a-{000..002}.tar` -> a-000, a-001, a-002;
     `{x,y}` alternatives too; braceexpand, webdataset's own dependency). A `{name}` placeholder (no
-    comma, no `..`) stays as it is. `limit`: at most this many names are made; a pattern that stands
-    for more raises RemoteError (`{0..99999999}` would otherwise fill the memory before any check)."""
+    comma, no `..`) stays as it is. `limit`: a pattern that may stand for more names raises RemoteError
+    before anything is expanded (braceexpand builds a range whole: `{0..99999999}` took 7 GB)."""
     from braceexpand import braceexpand
 
-    names = list(itertools.islice(braceexpand(pattern), None if limit is None else limit + 1))
-    if limit is not None and len(names) > limit:
+    if limit is not None and count_bound(pattern) > limit:
         raise RemoteError(f"the brace list {redact(pattern)!r} names more than {limit:,} shards")
-    return names
+    return list(braceexpand(pattern))
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=,@-]*")
@@ -151,13 +170,18 @@ def expand_env(location: str, remember: bool = True) -> str:
 # `pipe:` command (`env AWS_SECRET_ACCESS_KEY=...`, `--password ...`), Authorization-like headers. An ID is not one.
 _SECRET_PARAM = re.compile(r"(sig|signature|token|secret|password|passwd|key|credential|auth|session)(?![_-]?id$)", re.I)
 _ASSIGN = re.compile(r"(?<![?&\w.$-])(?P<name>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>[^\s'\"$&;|][^\s'\"&;|]*)")
-_FLAG = re.compile(r"(?P<flag>\s--?[A-Za-z-]*(?:password|passwd|token|secret|api-?key|credential)[A-Za-z-]*)"
-                   r"(?P<gap>=|\s+)(?P<value>[^\s'\"$-][^\s'\"]*)", re.I)
-_HEADER = re.compile(r"(?P<head>\b(?:Authorization|Proxy-Authorization|X-Api-Key|Api-Key|Private-Token)\s*:\s*"
+_QUOTED = r"'(?!\$\{)[^']*'|\"(?!\$\{)[^\"]*\""  # a quoted value, unless it is a ${VAR}
+_FLAG = re.compile(r"(?P<flag>\s--?[A-Za-z0-9_-]*(?:password|passwd|token|secret|api[-_]?key|account[-_]?key|"
+                   r"access[-_]?key|credential|cookie)[A-Za-z0-9_-]*)(?<![-_]id)"
+                   rf"(?P<gap>=|\s+)(?P<value>{_QUOTED}|[^\s'\"$-][^\s'\"]*)", re.I)
+_HEADER = re.compile(r"(?P<head>\b(?:Authorization|Proxy-Authorization|X-Api-Key|Api-Key|Private-Token|Cookie)\s*:\s*"
                      r"(?:(?:Bearer|Basic|Token)\s+|(?!(?:Bearer|Basic|Token)\b)))(?P<value>[^\s'\"$][^\s'\"]*)", re.I)
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"]+)@")
 _QUERY_PARAM = re.compile(r"(?P<sep>[?&])(?P<name>[^=&#\s'\"]+)=(?P<value>[^&#\s'\"]*)")
-_USER_FLAG = re.compile(r"(?P<flag>\s(?:-u|-U|--user|--proxy-user))(?P<gap>=|\s+)(?P<value>[^\s'\"$:][^\s'\":]*:[^\s'\"]+)")
+# a user:password (curl -u/-U/-E/--user/--proxy-user/--cert, also -uNAME:PW and -su ...), lftp's
+# user,password, smbclient's user%password
+_USER_FLAG = re.compile(r"(?P<flag>\s(?:-[A-Za-z]{0,3}[uUE]|--user|--proxy-user|--cert))(?P<gap>=|\s*)"
+                        r"(?P<value>'[^'$]*[:,%][^']*'|\"[^\"$]*[:,%][^\"]*\"|[^\s'\"$:,%-][^\s'\":,%]*[:,%][^\s'\"]+)")
 _BEARER = re.compile(r"\b(?P<word>Bearer|Basic|token)(?P<gap>[ =:]+)(?P<value>[A-Za-z0-9._~+/=-]{8,})", re.I)
 
 
@@ -424,14 +448,21 @@ def _with_retries(action: Callable[[], Any], retries: int) -> Any:
             time.sleep(retry_delay(attempt))
 
 
-def read_bytes(location: str | Path, retries: int = DEFAULT_RETRIES) -> bytes:
-    """All bytes at `location` (a manifest), re-read up to `retries` times after a transient error."""
+MAX_MANIFEST_BYTES = 1 << 30  # a fetched manifest (side files hold the long per-file lists)
+
+
+def read_bytes(location: str | Path, retries: int = DEFAULT_RETRIES, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+    """All bytes at `location` (a manifest), re-read up to `retries` times after a transient error;
+    RemoteError beyond `limit` bytes (a response that never ends would fill the memory)."""
     def once() -> bytes:
         stream = open_location(location)
         try:
-            return stream.read()
+            data = stream.read(limit + 1)
         finally:
             stream.close()
+        if len(data) > limit:
+            raise RemoteError(f"{display(location)}: more than {limit:,} bytes: not a manifest")
+        return data
 
     return _with_retries(once, retries)
 

@@ -454,6 +454,12 @@ def test_a_url_query_is_kept_and_a_fragment_dropped(synth_shards):
     "pipe:curl -H 'Authorization: wJalrSEKRIT' h/{name}", "pipe:curl -H 'X-Api-Key: wJalrSEKRIT' h/{name}",
     "pipe:sh -c 'DB_PASSWORD=wJalrSEKRIT cat /d/{name}'", "pipe:curl -s -u user:wJalrSEKRIT h/{name}",
     "pipe:curl --user=user:wJalrSEKRIT h/{name}", "pipe:curl --proxy-user me:wJalrSEKRIT h/{name}",
+    "pipe:curl --user 'me:wJalrSEKRIT' h/{name}", 'pipe:curl -u "me:wJalrSEKRIT" h/{name}',
+    "pipe:curl -ume:wJalrSEKRIT h/{name}", "pipe:curl -su me:wJalrSEKRIT h/{name}", "pipe:curl -E c.pem:wJalrSEKRIT h/{name}",
+    "pipe:s3cmd --secret_key=wJalrSEKRIT get {name}", "pipe:rclone --s3-secret-access-key wJalrSEKRIT cat r:{name}",
+    "pipe:az --account-key wJalrSEKRIT get {name}", "pipe:lftp -u me,wJalrSEKRIT h/{name}",
+    "pipe:smbclient -U me%wJalrSEKRIT //h/{name}", "pipe:curl -H 'Cookie: sid=wJalrSEKRIT' h/{name}",
+    "pipe:curl --cookie sid=wJalrSEKRIT h/{name}",
 ])
 def test_a_pipe_command_that_spells_a_secret_out_is_refused(command):
     with pytest.raises(remote.RemoteError, match=r"spells a secret out.*\$\{VAR\}") as e:
@@ -466,7 +472,9 @@ def test_a_pipe_command_with_secrets_from_the_environment_is_accepted(synth_shar
 
     monkeypatch.setenv("BCC_TEST_SECRET", "wJalrSEKRIT")
     for ok in ("pipe:env AWS_SECRET_ACCESS_KEY=${BCC_TEST_SECRET} AWS_ACCESS_KEY_ID=AKIA1 cat /d/{name}",
-               "pipe:curl -H 'Authorization: Bearer ${BCC_TEST_SECRET}' h/{name}", "pipe:aws s3 cp s3://b/{name} -"):
+               "pipe:curl -H 'Authorization: Bearer ${BCC_TEST_SECRET}' h/{name}", "pipe:aws s3 cp s3://b/{name} -",
+               "pipe:curl -u '${BCC_TEST_SECRET}' h/{name}", "pipe:curl -u me h/{name}", "pipe:curl -sf http://h:80/{name}",
+               "pipe:tool --access-key-id AKIA1 get {name}"):
         remote.check_no_secrets(ok)
     env = f"pipe:env AWS_SECRET_ACCESS_KEY=${{BCC_TEST_SECRET}} cat {synth_shards}/{{name}}"
     assert Manifest.load(env).split("train").count == Manifest.load(synth_shards).split("train").count
@@ -506,6 +514,17 @@ def test_a_stalled_pipe_times_out_and_ends_its_process_group(monkeypatch):
         pytest.fail("the pipe command's process group outlived close()")
     with pytest.raises(remote.RemoteError, match="does not start with a tar header"):
         remote.probe("pipe:head -c 2048 /dev/urandom", retries=0)
+    with pytest.raises(remote.RemoteError, match="more than 1,000 bytes: not a manifest"):
+        remote.read_bytes("pipe:yes", retries=0, limit=1000)  # an endless manifest filled 24 GB before
+
+
+def test_brace_bounds_are_read_from_the_pattern():
+    for pattern, names in [("a-{000..127}.tar", 128), ("{a,b}-{0..9}", 20), ("{0..10..2}", 6), ("{a..z}", 26),
+                           ("x.tar", 1), ("{name}", 1), ("{a,{b,c}}", 3)]:
+        assert len(remote.expand(pattern)) == names <= remote.count_bound(pattern)
+    assert remote.count_bound("{{0..99999999},x}.tar") > 10**8
+    with pytest.raises(remote.RemoteError, match="names more than 5 shards"):
+        remote.expand("a-{0..99999999}.tar", limit=5)  # refused before braceexpand builds the range
 
 
 def test_pack_verify_reads_a_remote_pack(synth_shards, tmp_path, capsys):
@@ -543,6 +562,12 @@ def test_malformed_manifest_entries_are_named(synth_shards, tmp_path):
          r"'train-\{0..99999999\}.tar' names more shards than its sha256 list \(1\)"),
         ({"path": "train-{0..99999999}.tar", "count": 1, "sha256": "ab"}, "'.*' names more shards than 10,000 and "
                                                                          "gives one sha256"),
+        ({"path": "{{0..99999999},x}.tar", "count": 1, "sha256": ["ab"]}, "'.*' names more shards"),  # nested too
+        # a name of a brace list is checked as an entry is: no command smuggled in as an alternative
+        ({"path": f"{{pipe:touch {tmp_path}/PWNED #,train-000000.tar}}", "count": [1, 1], "sha256": ["ab", "cd"]},
+         r"'.*\(its name pipe:touch .*\)' is a pipe: command"),
+        ({"path": "{${HOME}/x,train-000000.tar}", "count": [1, 1], "sha256": ["ab", "cd"]},
+         "'.*' names an environment variable"),
     ]
     for i, (entry, match) in enumerate(cases):
         pack = copy_pack(synth_shards, tmp_path / f"p{i}")
