@@ -207,9 +207,13 @@ def _noop() -> None:
     return None
 
 
-def _warm_worker() -> None:
-    # a worker's imports, made while the parent lists SRC, not on the first image (scipy, ~0.25 s of
-    # CPU a worker, is no longer one of them: `phash` imports it only for a near-tie)
+def _warm_worker(parent: int) -> None:
+    # a worker ends with the packer (a killed `bcc pack` left its pool waiting), and makes its imports
+    # while the parent lists SRC, not on the first image (scipy, ~0.25 s of CPU a worker, is no longer
+    # one of them: `phash` imports it only for a near-tie)
+    from bcc.worker_start import end_with_parent
+
+    end_with_parent(parent)
     from PIL import Image, ImageOps  # noqa: F401
     Image.preinit()  # the common format plugins, which Image.open would load
 
@@ -226,7 +230,7 @@ def _start_pool(workers: int):
     # guard; the workers only run the chunk and shard functions here (PIL, hashlib, tar writing)
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_warm_worker)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_warm_worker, initargs=(os.getpid(),))
     pool.submit(_noop)  # with fork, all workers are forked here, in this call
     return pool
 

@@ -39,8 +39,29 @@ def start_flags(workers: int):
     return RawArray("b", workers) if workers else None
 
 
+def end_with_parent(parent: int | None = None) -> None:
+    """In a forked worker: be killed when the process that forked it dies (Linux `prctl(PR_SET_PDEATHSIG,
+    SIGKILL)`; a no-op elsewhere). Without it a killed `bcc pack` or training rank left its workers
+    waiting (a pack's pool) or retrying a shard (a loader) for minutes. `parent`: its pid at the fork,
+    checked after the call (a parent already gone means exit now)."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+
+
 def mark_started(worker_id: int) -> None:
-    """Call first in the loader's worker_init_fn: this worker got out of the fork."""
+    """Call first in the loader's worker_init_fn: this worker got out of the fork (and ends with its rank)."""
+    end_with_parent()
     info = get_worker_info()  # None outside a loader worker: nothing to mark
     flags = getattr(info.dataset, "started", None) if info is not None else None
     if flags is not None:

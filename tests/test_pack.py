@@ -301,6 +301,39 @@ def test_unreadable_sub_folder_is_a_reported_skip(tmp_path, make_class_tree, mon
     assert sum(m["splits"][k]["count"] for k in ("train", "val", "test")) == 4
 
 
+def test_a_killed_packer_takes_its_workers_with_it():
+    """SIGKILL (or an unhandled SIGTERM) of `bcc pack` left its pool's workers waiting for tasks for good;
+    they now end with it (PR_SET_PDEATHSIG, Linux)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("parent-death signals are Linux's")
+    code = ("import time\nfrom bcc.pack_pool import _start_pool\npool = _start_pool(2)\ntime.sleep(0.5)\n"
+            "print(' '.join(str(p) for p in pool._processes), flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 10
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [w for w in workers if running(w)]
+    assert not alive, f"pack workers {alive} outlived the killed packer"
+
+
 def test_unknown_folder_fails_before_work(tmp_path, make_class_tree):
     src = make_class_tree(tmp_path / "src", {"Benign": 2, "Weird": 2})
     proc = bcc(src, tmp_path / "out", check_rc=2)
