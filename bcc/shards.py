@@ -1,7 +1,7 @@
-"""The shard files of a packed dataset: writing a tar reproducibly, sizing, hashing and verifying.
+"""The shard files of a packed dataset: writing, sizing, hashing, verifying and reading them.
 
-Shards are plain WebDataset tars (`{key}.{ext}` + `{key}.json` + `{key}.cls` per sample). Tar headers
-carry fixed mtime and owner, so the same samples give byte-identical shards.
+Shards are plain WebDataset tars (`{key}.{ext}` + `{key}.json` + `{key}.cls` per sample), their bytes
+written by `bcc.tar_writer` (fixed mtime and owner: the same samples give byte-identical shards).
 
 A sample is built by `make_sample` and checked by `check_sample` (the one owner of the per-sample
 format, both sides). The image's integrity field is `stored_crc32`: CRC-32 (zlib) of the STORED bytes,
@@ -29,18 +29,15 @@ from typing import Any
 
 from bcc import remote
 from bcc.errors import BccError
+from bcc.tar_writer import TarStream
 
 __all__ = ["IMAGE_KEYS", "SampleError", "ShardCheck", "ShardError", "VerifyResult", "check_sample", "crc32_hex",
-           "make_sample", "read_range", "read_shard", "sample_offset", "sha256_file", "shard_sizes", "verify_shards",
+           "make_sample", "read_range", "sample_members", "read_shard", "sample_offset", "sha256_file", "shard_sizes", "verify_shards",
            "write_shard"]
 
 # sample entries (extensions) that may hold the image, in the order readers look for them; bcc writes
 # only jpg, png and webp since format 2 (what timm's wds reader looks for), older packs hold the others
 IMAGE_KEYS = ("jpg", "png", "webp", "jpeg", "bmp", "tif", "tiff", "gif", "ppm", "jp2")
-
-# Fixed tar header fields so that the same inputs and seed give byte-identical shards.
-_TAR_MTIME = 0
-_TAR_USER = "bcc"
 
 
 def shard_sizes(n: int, shard_size: int, min_shards: int) -> list[int]:
@@ -77,6 +74,14 @@ def make_sample(key: str, ext: str, data: bytes, meta: dict[str, Any]) -> dict[s
             "cls": str(int(meta["label"])).encode("ascii")}
 
 
+def sample_members(ext: str, data: bytes, fields: str, label: int) -> list[tuple[str, bytes]]:
+    """`make_sample`'s members, (ext, bytes) in tar order, from `fields`: the members of the json
+    object `meta` as `json.dumps(meta)` writes them, without the braces (callers that write many samples
+    build them from templates; tests/test_pack.py checks them against `make_sample`)."""
+    json_bytes = f'{{{fields}{", " if fields else ""}"stored_crc32": "{crc32_hex(data)}"}}'.encode("ascii")
+    return sorted(((ext, data), ("json", json_bytes), ("cls", b"%d" % label)))
+
+
 def check_sample(sample: dict[str, Any], meta: dict[str, Any]) -> bytes:
     """The image bytes of a format-2 sample whose json is `meta`, checked against `stored_crc32`, and its
     `cls` against the json's `label`. Raises SampleError naming what disagrees (never for a well-formed
@@ -97,67 +102,6 @@ def check_sample(sample: dict[str, Any], meta: dict[str, Any]) -> bytes:
     return data
 
 
-def _header_template(mtime: int, user: str, group: str, mode: int) -> bytes:
-    """tarfile's own 512-byte header for a regular file, fields name/size/chksum to be filled in."""
-    info = tarfile.TarInfo("x")
-    info.size, info.mtime, info.mode, info.uname, info.gname = 0, mtime, mode, user, group
-    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-
-
-class _TarStream:
-    """The bytes `webdataset.TarWriter(f, encoder=False, mtime=, user=, group=)` writes, without its
-    per-member cost: tarfile builds each header in Python (~25 us, three members a sample); here a
-    plain short ASCII name patches a header template made by tarfile itself (name, size, checksum),
-    and any other name goes through tarfile's own `tobuf`. tests/test_shards.py checks byte identity."""
-
-    _MODE = 0o444  # webdataset's default member mode
-
-    def __init__(self, f, mtime: int, user: str, group: str):
-        self.f, self.mtime, self.user, self.group = f, mtime, user, group
-        t = _header_template(mtime, user, group, self._MODE)
-        # the fields around name, size and checksum, and their share of the checksum (which counts
-        # its own field as 8 spaces): a header is then joined, not summed over 512 bytes (3 a sample)
-        self.mode_to_uid, self.mtime_field, self.tail = t[100:124], t[136:148], t[156:]
-        self.base_sum = sum(self.mode_to_uid) + sum(self.mtime_field) + sum(self.tail) + 8 * 32
-        self.offset = 0
-
-    def _header(self, name: str, size: int) -> bytes:
-        if len(name) < 100 and name.isascii() and size < 8 ** 11 and "\0" not in name:
-            raw, size_field = name.encode("ascii"), b"%011o\0" % size
-            checksum = self.base_sum + sum(raw) + sum(size_field)
-            return b"".join((raw.ljust(100, b"\0"), self.mode_to_uid, size_field, self.mtime_field,
-                             b"%06o\0 " % checksum, self.tail))
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uname, info.gname = size, self.mtime, self._MODE, self.user, self.group
-        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-
-    def write(self, sample: dict[str, Any]) -> None:
-        key = sample["__key__"]
-        for k in sorted(sample):  # webdataset's member order
-            if k[0] == "_":
-                continue
-            data = sample[k]
-            if isinstance(data, str):
-                data = data.encode("utf-8")
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise ValueError(f"{k} doesn't map to bytes ({type(data)})")
-            header = self._header(f"{key}.{k}", len(data))
-            pad = -len(data) % tarfile.BLOCKSIZE
-            self.f.write(header)
-            self.f.write(data)
-            if pad:
-                self.f.write(b"\0" * pad)
-            self.offset += len(header) + len(data) + pad
-
-    def close(self) -> None:
-        # tarfile.close(): two zero blocks, then zeros up to a whole record
-        end = self.offset + 2 * tarfile.BLOCKSIZE
-        self.f.write(b"\0" * (2 * tarfile.BLOCKSIZE))
-        rest = end % tarfile.RECORDSIZE
-        if rest:
-            self.f.write(b"\0" * (tarfile.RECORDSIZE - rest))
-
-
 def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> None:
     """Write WebDataset samples (`__key__` plus raw bytes per extension) as the tar `path`: the same
     bytes as `webdataset.TarWriter` with fixed mtime and owner, so the same samples give the same shard.
@@ -165,7 +109,7 @@ def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> None:
     Not atomic on its own: callers write to a temporary name and rename (`bcc.pack` does per shard).
     """
     with open(path, "wb") as f:
-        tar = _TarStream(f, _TAR_MTIME, _TAR_USER, _TAR_USER)
+        tar = TarStream(f)
         for s in samples:
             tar.write(s)
         tar.close()

@@ -163,7 +163,8 @@ OWNERS = [
     ("a file renamed into place (tmp-then-rename)", lambda mod, call: call in ("os.replace", "os.rename"),
      # files: bcc.atomic; checkpoint directories and their links; the packed OUT directory committed whole
      {"atomic.py", "checkpoint_store.py", "pack.py"}),
-    ("tar reading/writing", lambda mod, call: _is_under(mod, "tarfile"), {"shards.py"}),
+    # the tar bytes of a shard are written by bcc.tar_writer, read and verified by bcc.shards
+    ("tar reading/writing", lambda mod, call: _is_under(mod, "tarfile"), {"shards.py", "tar_writer.py"}),
     ("image decoding (PIL)", lambda mod, call: call.endswith("Image.open"), {"imageio.py"}),
     ("ECE", lambda mod, call: "calibration_error" in mod or "calibration_error" in call, {"calibration.py"}),
     ("AUROC", lambda mod, call: "auroc" in mod.lower() or "roc_auc" in call, {"metrics.py"}),

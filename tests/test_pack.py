@@ -755,10 +755,10 @@ def test_source_without_a_usable_image_is_refused(tmp_path, files):
 
 
 def test_shard_writer_gives_webdataset_tarwriters_bytes():
-    """`bcc.shards.write_shard` builds tar headers from a template (3x faster than tarfile's per-member
+    """`bcc.tar_writer.TarStream` builds tar headers from a template (3x faster than tarfile's per-member
     work) and must give byte for byte what `wds.TarWriter` with the same mtime and owner gives: short
     ASCII names on the fast path, long and non-ASCII names through tarfile, empty and odd-sized data."""
-    from bcc.shards import _TarStream
+    from bcc.tar_writer import TarStream
 
     keys = ["train-00000001", "x" * 97, "y" * 120, "caf\u00e9-1", "a/b-2"]
     samples = [{"__key__": key, "jpg": bytes(range(256)) * (k * 3), "json": b"{}" * (k * 200 + 1), "cls": b"3"}
@@ -769,11 +769,48 @@ def test_shard_writer_gives_webdataset_tarwriters_bytes():
         for x in batch:
             writer.write(x)
         writer.close()
-        stream = _TarStream(got, 0, "bcc", "bcc")
+        stream = TarStream(got, 0, "bcc", "bcc")
         for x in batch:
             stream.write(x)
         stream.close()
         assert got.getvalue() == want.getvalue()
+
+
+@pytest.mark.parametrize("targets", [({"binary": 0}, {"binary": 1, "subtype": 2}, {}), ({"fold": 1}, {"label": 0}, {})])
+def test_pack_write_phase_samples_are_make_samples(targets):
+    """The write phase makes each sample's json from per-shard templates (no dict, no `json.dumps` a
+    sample); it must be exactly `bcc.shards.make_sample`'s: names and sources with quotes, backslashes,
+    control characters, DEL, non-ASCII and astral characters; with and without pHash and folds; and
+    heads named like a fixed key (second case: the dict way, where the key keeps its first place)."""
+    import numpy as np
+
+    from bcc.pack_pool import _EXTS, _SampleMeta, _shard_samples
+    from bcc.shards import make_sample
+
+    odd = ["plain", 'q"uote', "back\\slash", "tab\tx", "caf\u00e9", "del\x7f", "\U0001f600", "a/b c.jpg"]
+    n = 24
+    rng = np.random.default_rng(0)
+    cols = {"label": np.arange(n) % 3, "folder": np.arange(n) % len(odd), "ext": 1 + np.arange(n) % len(_EXTS),
+            "stage": np.zeros(n, int), "offset": np.arange(n) * 7, "length": np.arange(n) % 5,
+            "phash": rng.integers(0, 2 ** 63, n, dtype=np.uint64), "fold": np.arange(n) % 4 - 1,
+            "sha": rng.integers(0, 256, (n, 32), dtype=np.uint8)}
+    sources = [f"{odd[i % len(odd)]}/{odd[(i * 5) % len(odd)]}{i}" for i in range(n)]
+    for phash in (True, False):
+        meta = _SampleMeta(tuple(odd[:3]), tuple(odd), targets, phash, 3)
+        task = ("x.tar", [], "train", 40, cols, sources, meta)
+        got = list(_shard_samples(task, lambda stage, offset, length: bytes([offset % 256]) * length))
+        for j, (key, members) in enumerate(got):
+            label, fold = int(cols["label"][j]), int(cols["fold"][j])
+            want_meta = {"class": odd[label], "folder": odd[int(cols["folder"][j])], "source": sources[j],
+                         "sha256": cols["sha"][j].tobytes().hex(), "label": label, **targets[label]}
+            if phash:
+                want_meta["phash"] = f"{int(cols['phash'][j]):016x}"
+            if fold >= 0:
+                want_meta["fold"] = fold
+            want = make_sample(f"train-{40 + j:08d}", _EXTS[int(cols["ext"][j]) - 1],
+                               bytes([(j * 7) % 256]) * (j % 5), want_meta)
+            assert key == want.pop("__key__")
+            assert members == sorted(want.items())
 
 
 def test_group_scope_class_through_bcc_pack(tmp_path):
