@@ -646,7 +646,7 @@ def test_a_full_disk_while_staging_is_named(tmp_path, make_class_tree, monkeypat
     one PackError naming the staging file and the reason, and leaves nothing behind."""
     src = make_class_tree(tmp_path / "src", {"Benign": 2})
 
-    def full(path, mode="r"):
+    def full(path, mode="r", **kwargs):
         raise OSError(28, "No space left on device", path)
 
     monkeypatch.setattr(pack_pool, "open", full, raising=False)  # the module's `open`, not the builtin
