@@ -13,7 +13,7 @@ The one owner of "a shard location" (`bcc.shards` opens every shard through `ope
   location, replaced by the variable's value only when it is opened (`https://${BCC_DATA_USERINFO}@host/ds`,
   or `${BCC_DATA_URL}` for a whole URL naming a folder): shards, configs and messages keep `${VAR}`. A
   location that spells a secret out (`user:password@`, a signed query such as `X-Amz-Signature=`) is
-  refused by `check_no_secrets`, so no secret reaches `config.yaml`, a manifest or a log. `redact`
+  refused by `check_no_secrets` (the forms: `bcc.remote_secrets`), so no secret reaches `config.yaml`, a manifest or a log. `redact`
   masks what is left (userinfo, signed query values, tokens, the values of `${VAR}`s read) in every
   message this module and `bcc.shards` build.
 - Errors: `RemoteError` (a BccError) names the location (redacted); `is_transient` marks the ones a
@@ -43,14 +43,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
+from bcc import remote_secrets
 from bcc.errors import BccError
+from bcc.remote_secrets import TOKEN_ENV, redact
 
 __all__ = ["DEFAULT_RETRIES", "HTTP_TIMEOUT_S", "TOKEN_ENV", "RemoteError", "check_no_secrets",
            "display", "expand", "expand_env", "is_local", "is_plain_name", "is_transient", "join", "kind",
            "manifest_location", "open_location", "probe", "probe_all", "read_bytes", "redact", "retry_delay",
            "sends_token_elsewhere", "token_for"]
 
-TOKEN_ENV = "BCC_HTTP_TOKEN"
 TOKEN_HOSTS_ENV = "BCC_HTTP_TOKEN_HOSTS"  # optional: the only hosts BCC_HTTP_TOKEN is sent to
 DEFAULT_RETRIES = 3  # data.retries
 RETRY_BACKOFF_S = 0.5  # first wait before a re-open; doubles per attempt, at most RETRY_BACKOFF_MAX_S
@@ -144,7 +145,6 @@ def is_plain_name(name: str) -> bool:
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_EXPANDED: dict[str, str] = {}  # value -> "${NAME}" of every variable expanded here (for redact)
 
 
 def expand_env(location: str, remember: bool = True) -> str:
@@ -157,55 +157,13 @@ def expand_env(location: str, remember: bool = True) -> str:
             raise RemoteError(f"{location}: the environment variable {name} is not set")
         v = os.environ[name]
         if remember and len(v) >= 4:
-            _EXPANDED[v] = m.group(0)
+            remote_secrets.remember(v, m.group(0))
         return v
 
     return _ENV_REF.sub(value, location) if "${" in location else location
 
 
-# --------------------------------------------------------------------------- secrets
-
-
-# The one list of what looks like a secret: query parameters, `NAME=value` assignments and `--flag value`s in a
-# `pipe:` command (`env AWS_SECRET_ACCESS_KEY=...`, `--password ...`), Authorization-like headers. An ID is not one.
-_SECRET_PARAM = re.compile(r"(sig|signature|token|secret|password|passwd|key|credential|auth|session)(?![_-]?id$)", re.I)
-_ASSIGN = re.compile(r"(?<![?&\w.$-])(?P<name>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>[^\s'\"$&;|][^\s'\"&;|]*)")
-_QUOTED = r"'(?!\$\{)[^']*'|\"(?!\$\{)[^\"]*\""  # a quoted value, unless it is a ${VAR}
-_FLAG = re.compile(r"(?P<flag>\s--?[A-Za-z0-9_-]*(?:password|passwd|token|secret|api[-_]?key|account[-_]?key|"
-                   r"access[-_]?key|credential|cookie)[A-Za-z0-9_-]*)(?<![-_]id)"
-                   rf"(?P<gap>=|\s+)(?P<value>{_QUOTED}|[^\s'\"$-][^\s'\"]*)", re.I)
-_HEADER = re.compile(r"(?P<head>\b(?:Authorization|Proxy-Authorization|X-Api-Key|Api-Key|Private-Token|Cookie)\s*:\s*"
-                     r"(?:(?:Bearer|Basic|Token)\s+|(?!(?:Bearer|Basic|Token)\b)))(?P<value>[^\s'\"$][^\s'\"]*)", re.I)
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"]+)@")
-_QUERY_PARAM = re.compile(r"(?P<sep>[?&])(?P<name>[^=&#\s'\"]+)=(?P<value>[^&#\s'\"]*)")
-# a user:password (curl -u/-U/-E/--user/--proxy-user/--cert, also -uNAME:PW and -su ...), lftp's
-# user,password, smbclient's user%password
-_USER_FLAG = re.compile(r"(?P<flag>\s(?:-[A-Za-z]{0,3}[uUE]|--user|--proxy-user|--cert))(?P<gap>=|\s*)"
-                        r"(?P<value>'[^'$]*[:,%][^']*'|\"[^\"$]*[:,%][^\"]*\"|[^\s'\"$:,%-][^\s'\":,%]*[:,%][^\s'\"]+)")
-_BEARER = re.compile(r"\b(?P<word>Bearer|Basic|token)(?P<gap>[ =:]+)(?P<value>[A-Za-z0-9._~+/=-]{8,})", re.I)
-
-
-def redact(text: str) -> str:
-    """`text` with credentials masked: URL userinfo (`***@`), the values of query parameters whose name
-    suggests a secret (`X-Amz-Signature=***`, `token=***`), bearer/basic tokens, `$BCC_HTTP_TOKEN`'s
-    value, and the values of the `${VAR}`s `expand_env` read (shown as `${VAR}`)."""
-    if not text:
-        return text
-    for value, ref in sorted(_EXPANDED.items(), key=lambda kv: -len(kv[0])):
-        text = text.replace(value, ref)
-    token = os.environ.get(TOKEN_ENV, "")
-    if len(token) >= 4:
-        text = text.replace(token, "***")
-    text = _USERINFO.sub(lambda m: m.group("scheme") + ("***@" if not m.group("info").startswith("${") else
-                                                        m.group("info") + "@"), text)
-    text = _QUERY_PARAM.sub(lambda m: m.group(0) if not _SECRET_PARAM.search(m.group("name"))
-                            else f"{m.group('sep')}{m.group('name')}=***", text)
-    text = _ASSIGN.sub(lambda m: m.group(0) if not _SECRET_PARAM.search(m.group("name"))
-                       else f"{m.group('name')}=***", text)
-    text = _FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)
-    text = _USER_FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)  # curl -u user:password
-    text = _HEADER.sub(lambda m: f"{m.group('head')}***", text)
-    return _BEARER.sub(lambda m: f"{m.group('word')}{m.group('gap')}***", text)
+# --------------------------------------------------------------------------- secrets (the forms: bcc.remote_secrets)
 
 
 def display(location: str | os.PathLike) -> str:

@@ -1,4 +1,5 @@
-"""The shard files of a packed dataset: writing a tar reproducibly, sizing, hashing and verifying.
+"""The shard files of a packed dataset: writing a tar reproducibly, sizing, hashing and reading (`bcc.verify`
+checks a pack against its manifest).
 
 Shards are plain WebDataset tars (`{key}.{ext}` + `{key}.json` + `{key}.cls` per sample). Tar headers
 carry fixed mtime and owner, so the same samples give byte-identical shards.
@@ -23,15 +24,14 @@ import tarfile
 import time
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bcc import remote
 from bcc.errors import BccError
 
-__all__ = ["IMAGE_KEYS", "SampleError", "ShardCheck", "ShardError", "VerifyResult", "check_sample", "crc32_hex",
-           "make_sample", "read_range", "read_shard", "sample_offset", "sha256_file", "shard_sizes", "verify_shards",
+__all__ = ["IMAGE_KEYS", "SampleError", "ShardError", "check_sample", "count_tar_samples", "crc32_hex",
+           "damaged_samples", "make_sample", "read_range", "read_shard", "sample_offset", "sha256_file", "shard_sizes",
            "write_shard"]
 
 # sample entries (extensions) that may hold the image, in the order readers look for them; bcc writes
@@ -174,34 +174,18 @@ def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------- verification
 
 
-@dataclass(frozen=True)
-class ShardCheck:
-    path: Path | str  # a remote shard: its URL or pipe: command (bcc.remote)
-    status: str  # "ok", "mismatch", "missing" or "extra"
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    out: Path
-    shards: list[ShardCheck] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(s.status == "ok" for s in self.shards)
-
-    @property
-    def mismatches(self) -> list[ShardCheck]:
-        return [s for s in self.shards if s.status != "ok"]
-
-
-def _count_tar_samples(path: Path) -> int:
+def count_tar_samples(path: Path) -> int:
+    """Distinct sample keys of the local tar `path` (tarfile's reader, for `bcc.verify`); ShardError
+    ("unreadable tar: ...") for a file tarfile cannot read."""
     keys = set()
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if member.isfile():
-                base = member.name.rsplit("/", 1)[-1]
-                keys.add(member.name[: len(member.name) - len(base)] + base.split(".", 1)[0])
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                if member.isfile():
+                    base = member.name.rsplit("/", 1)[-1]
+                    keys.add(member.name[: len(member.name) - len(base)] + base.split(".", 1)[0])
+    except tarfile.TarError as e:
+        raise ShardError(f"unreadable tar: {e}") from None
     return len(keys)
 
 
@@ -219,65 +203,6 @@ def damaged_samples(path: Path) -> list[str]:
     except Exception as e:  # noqa: BLE001 - a tar error ends the scan; report it with what was found
         out.append(f"unreadable tar: {e}")
     return out
-
-
-def _check_remote(shard, has_checksums: bool) -> ShardCheck:
-    """`_check` of a URL or `pipe:` shard: read once through `bcc.remote` into a temporary file."""
-    import dataclasses
-    import shutil
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="bcc-verify-") as tmp:
-        local = Path(tmp) / "shard.tar"
-        try:
-            stream = remote.open_location(shard.path)
-            try:
-                with open(local, "wb") as f:
-                    shutil.copyfileobj(stream, f, 1 << 20)
-            finally:
-                stream.close()
-        except remote.RemoteError as e:
-            return ShardCheck(shard.path, "missing", str(e))
-        return dataclasses.replace(_check(dataclasses.replace(shard, path=local), has_checksums), path=shard.path)
-
-
-def _check(shard, has_checksums: bool) -> ShardCheck:
-    if not isinstance(shard.path, Path):
-        return _check_remote(shard, has_checksums)
-    if not shard.path.is_file():
-        return ShardCheck(shard.path, "missing", "listed in manifest.json but not on disk")
-    digest = sha256_file(shard.path)
-    if digest != shard.sha256:
-        detail = f"sha256 {digest[:12]}… != manifest {shard.sha256[:12]}…"
-        damaged = damaged_samples(shard.path) if has_checksums else []
-        if damaged:
-            more = f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else ""
-            detail += "; damaged: " + "; ".join(damaged[:3]) + more
-        return ShardCheck(shard.path, "mismatch", detail)
-    try:
-        count = _count_tar_samples(shard.path)
-    except (tarfile.TarError, OSError) as e:
-        return ShardCheck(shard.path, "mismatch", f"unreadable tar: {e}")
-    if count != shard.count:
-        return ShardCheck(shard.path, "mismatch", f"{count} samples, manifest says {shard.count}")
-    return ShardCheck(shard.path, "ok")
-
-
-def verify_shards(out: str | Path) -> VerifyResult:
-    """Re-hash every shard of a packed dataset against its manifest and recount its samples."""
-    from bcc.manifest import Manifest
-
-    manifest = Manifest.load(out)
-    checks: list[ShardCheck] = []
-    listed: set[str] = set()
-    for split_name in manifest.splits:
-        for shard in manifest.split(split_name).shards:
-            listed.add(shard.path.name if isinstance(shard.path, Path) else "")
-            checks.append(_check(shard, manifest.has_checksums))
-    for path in [] if manifest.is_remote else sorted(manifest.root.glob("*.tar")):  # a URL lists no folder
-        if path.name not in listed:
-            checks.append(ShardCheck(path.resolve(), "extra", "not listed in manifest.json"))
-    return VerifyResult(manifest.root, checks)
 
 
 class ShardError(BccError):

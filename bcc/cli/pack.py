@@ -198,7 +198,7 @@ def _summary(result, console) -> None:
 def _verify(out: str, console) -> int:
     from bcc.manifest import FILE_LISTS, Manifest, ManifestError
     from bcc.remote import display
-    from bcc.shards import verify_shards
+    from bcc.verify import verify_shards
 
     result = verify_shards(out)  # a local folder, a URL or a pipe: template: each shard read as training reads it
     for check in result.shards:
