@@ -180,7 +180,7 @@ def check_no_secrets(location: str, key: str = "data.shards") -> None:
     if redact(location) != location and kind(location) == "pipe":
         raise RemoteError(
             f"{key}: the pipe: command {redact(location)} spells a secret out (a NAME=value, --password/--token "
-            "value, -u/--user user:password or Authorization header), which would be written to config.yaml, checkpoints and the logs; "
+            "value, -u/--user user:password, sshpass -p or Authorization header), which would be written to config.yaml, checkpoints and the logs; "
             "leave it in the environment (the command inherits it) or write ${VAR} in its place")
     if redact(location) != location:
         raise RemoteError(

@@ -38,6 +38,9 @@ _QUERY_PARAM = re.compile(r"(?P<sep>[?&])(?P<name>[^=&#\s'\"]+)=(?P<value>[^&#\s
 # user,password, smbclient's user%password
 _USER_FLAG = re.compile(r"(?P<flag>\s(?:-[A-Za-z]{0,3}[uUE]|--user|--proxy-user|--cert))(?P<gap>=|\s*)"
                         r"(?P<value>'[^'$]*[:,%][^']*'|\"[^\"$]*[:,%][^\"]*\"|[^\s'\"$:,%-][^\s'\":,%]*[:,%][^\s'\"]+)")
+# sshpass -p PASSWORD / -pPASSWORD (sshpass -e reads $SSHPASS instead), after any of its other options
+_SSHPASS = re.compile(rf"(?P<flag>\bsshpass(?:\s+-[vVh]|\s+-[PfdD]\s*\S+)*\s+-p)(?P<gap>\s*)"
+                      rf"(?P<value>{_QUOTED}|[^\s'\"$-][^\s'\"]*)")
 _BEARER = re.compile(r"\b(?P<word>Bearer|Basic|token)(?P<gap>[ =:]+)(?P<value>[A-Za-z0-9._~+/=-]{8,})", re.I)
 
 
@@ -60,5 +63,6 @@ def redact(text: str) -> str:
                        else f"{m.group('name')}=***", text)
     text = _FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)
     text = _USER_FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)  # curl -u user:password
+    text = _SSHPASS.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)
     text = _HEADER.sub(lambda m: f"{m.group('head')}***", text)
     return _BEARER.sub(lambda m: f"{m.group('word')}{m.group('gap')}***", text)

@@ -459,7 +459,9 @@ def test_a_url_query_is_kept_and_a_fragment_dropped(synth_shards):
     "pipe:s3cmd --secret_key=wJalrSEKRIT get {name}", "pipe:rclone --s3-secret-access-key wJalrSEKRIT cat r:{name}",
     "pipe:az --account-key wJalrSEKRIT get {name}", "pipe:lftp -u me,wJalrSEKRIT h/{name}",
     "pipe:smbclient -U me%wJalrSEKRIT //h/{name}", "pipe:curl -H 'Cookie: sid=wJalrSEKRIT' h/{name}",
-    "pipe:curl --cookie sid=wJalrSEKRIT h/{name}",
+    "pipe:curl --cookie sid=wJalrSEKRIT h/{name}", "pipe:sshpass -p wJalrSEKRIT ssh h cat /d/{name}",
+    "pipe:sshpass -pwJalrSEKRIT ssh h cat /d/{name}", "pipe:sshpass -v -p 'wJalrSEKRIT' scp h:/d/{name} /dev/stdout",
+    "pipe:sshpass -P assword -p wJalrSEKRIT ssh h cat /d/{name}",
 ])
 def test_a_pipe_command_that_spells_a_secret_out_is_refused(command):
     with pytest.raises(remote.RemoteError, match=r"spells a secret out.*\$\{VAR\}") as e:
@@ -474,7 +476,8 @@ def test_a_pipe_command_with_secrets_from_the_environment_is_accepted(synth_shar
     for ok in ("pipe:env AWS_SECRET_ACCESS_KEY=${BCC_TEST_SECRET} AWS_ACCESS_KEY_ID=AKIA1 cat /d/{name}",
                "pipe:curl -H 'Authorization: Bearer ${BCC_TEST_SECRET}' h/{name}", "pipe:aws s3 cp s3://b/{name} -",
                "pipe:curl -u '${BCC_TEST_SECRET}' h/{name}", "pipe:curl -u me h/{name}", "pipe:curl -sf http://h:80/{name}",
-               "pipe:tool --access-key-id AKIA1 get {name}"):
+               "pipe:tool --access-key-id AKIA1 get {name}", "pipe:sshpass -e ssh h cat /d/{name}",
+               "pipe:sshpass -p \"${BCC_TEST_SECRET}\" ssh h cat /d/{name}", "pipe:sshpass -f ~/.pw ssh h cat /d/{name}"):
         remote.check_no_secrets(ok)
     env = f"pipe:env AWS_SECRET_ACCESS_KEY=${{BCC_TEST_SECRET}} cat {synth_shards}/{{name}}"
     assert Manifest.load(env).split("train").count == Manifest.load(synth_shards).split("train").count
