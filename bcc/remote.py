@@ -223,21 +223,22 @@ def _names_several(pattern: str) -> bool:
         return True
 
 
-def manifest_location(dataset: str | Path) -> tuple[str | Path, str | Path]:
+def manifest_location(dataset: str | Path, key: str = "data.shards") -> tuple[str | Path, str | Path]:
     """(root, manifest location) of a dataset location: a folder holds `manifest.json`; a location
-    ending in `.json` is the manifest itself (its folder is the root). Raises RemoteError for a `pipe:`
-    dataset without `{name}` and for a brace list (which names shards, not a dataset)."""
+    ending in `.json` is the manifest itself (its folder is the root). Raises RemoteError, naming `key`
+    (where the user wrote the location: a config key or a command-line option), for a `pipe:` dataset
+    without `{name}` and for a brace list (which names shards, not a dataset)."""
     text = str(dataset)
     k = kind(text)
     if k == "pipe":
         if "{name}" not in text:
-            raise RemoteError(f"data.shards: the pipe: dataset {text} needs {{name}} where the file name goes "
+            raise RemoteError(f"{key}: the pipe: dataset {text} needs {{name}} where the file name goes "
                               "(e.g. pipe:aws s3 cp s3://bucket/dataset/{name} -): bcc reads the dataset's "
                               "manifest.json first, then its shards, through that command")
         return text, join(text, "manifest.json")
     if "{" in text and _names_several(text):
-        raise RemoteError(f"data.shards: {redact(text)} is a brace list of shards; bcc needs the dataset's "
-                          "manifest.json (sample counts, taxonomy): point data.shards at the folder that holds it "
+        raise RemoteError(f"{key}: {redact(text)} is a brace list of shards; bcc needs the dataset's "
+                          f"manifest.json (sample counts, taxonomy): point {key} at the folder that holds it "
                           "and put the brace list in the manifest's shard entries")
     if k == "http":  # `?query` kept for the manifest and the shards (see `join`), `#fragment` dropped
         parts = urllib.parse.urlsplit(text)._replace(fragment="")

@@ -80,11 +80,12 @@ def _check(shard, has_checksums: bool) -> ShardCheck:
     return ShardCheck(shard.path, "ok")
 
 
-def verify_shards(out: str | Path) -> VerifyResult:
-    """Re-hash every shard of a packed dataset against its manifest and recount its samples."""
+def verify_shards(out: str | Path, key: str = "--verify") -> VerifyResult:
+    """Re-hash every shard of a packed dataset against its manifest and recount its samples. `key`: where
+    the user wrote `out`, named by a ManifestError about the location itself."""
     from bcc.manifest import Manifest
 
-    manifest = Manifest.load(out)
+    manifest = Manifest.load(out, key=key)
     checks: list[ShardCheck] = []
     listed: set[str] = set()
     for split_name in manifest.splits:

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import http.server
 import json
+import re
 import shutil
 import socket
 import threading
@@ -549,6 +550,23 @@ def test_pack_verify_reads_a_remote_pack(synth_shards, tmp_path, capsys):
         (pack / "val-000000.tar").unlink()
         assert main(["pack", "--verify", url]) == 1
         assert "HTTP 404" in capsys.readouterr().out
+
+
+def test_a_bad_dataset_location_is_named_by_what_the_user_wrote(synth_shards, bcc_main):
+    """`bcc pack --verify LOC` names --verify, a data.sources entry its own key (they said data.shards)."""
+    from bcc.config import DataConfig, SourceConfig
+    from bcc.sources import load_data
+
+    for location, match in [(f"pipe:cat {synth_shards}/manifest.json", "the pipe: dataset .* needs {name}"),
+                            ("https://alice:wonderland-pw@h/ds", r"https://\*\*\*@h/ds holds a credential"),
+                            (f"{synth_shards}/train-{{000000..000003}}.tar", "is a brace list of shards; .* point "
+                                                                              "--verify at the folder")]:
+        proc = bcc_main("pack", "--verify", location)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert re.match(rf"error: --verify: .*{match}", lines[0]) and "data.shards" not in lines[0], lines[0]
+    with pytest.raises(ManifestError, match=r"^data.sources\[1\].shards: the pipe: dataset"):
+        load_data(DataConfig(sources=(SourceConfig(shards=str(synth_shards)), SourceConfig(shards="pipe:cat x"))))
 
 
 def test_malformed_manifest_entries_are_named(synth_shards, tmp_path):

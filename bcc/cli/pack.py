@@ -208,7 +208,7 @@ def _verify(out: str, console) -> int:
         else:
             console.print(f"[red]{check.status.upper():<9}[/] {name}: {check.detail}")
     bad = len(result.mismatches)
-    manifest = Manifest.load(out)
+    manifest = Manifest.load(out, key="--verify")
     side_bad = 0
     for name in FILE_LISTS:  # the long per-file lists' side files, checked against their sha256
         ref = manifest.data.get(name)
