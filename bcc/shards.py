@@ -289,26 +289,45 @@ def tar_header_ok(block: bytes) -> bool:
     return stored >= 0 and ((zlib.adler32(block) & 0xFFFF) - 1 - sum(block[148:156]) + 256 - stored) % 65521 == 0
 
 
+class _PutBack:
+    """A stream with `head` put back in front of it (a remote stream cannot seek back to a header)."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            head, self.head = self.head, b""
+            return head + self.stream.read()
+        head, self.head = self.head[:n], self.head[n:]
+        return head + (self.stream.read(n - len(head)) if len(head) < n else b"")
+
+
 def _tar_files(f, path: str) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files of a local tar file `f` (positioned at a member header).
+    """(name, data) of the regular files of a tar stream `f`: a local file positioned at a member header,
+    or a remote stream (`bcc.remote.open_location`) from its start.
 
     Parses the 512-byte ustar headers itself (checksum checked, pax and GNU long names read): Python's
-    `tarfile` costs ~30 us per member, about as much as decoding a 64 px JPEG for a 3-member sample.
+    `tarfile` costs ~30 us per member, about as much as decoding a 64 px JPEG for a 3-member sample, and
+    stops silently at a bad header past the first, so a corrupt shard would pass for a truncated one.
     A header it leaves to `tarfile` (global pax, base-256 size) hands the rest of the file to webdataset's
     reader from that header on. Skips webdataset's meta files (`__...__`) as its reader does."""
-    offset, name = f.tell(), None
+    seekable = isinstance(f, io.BufferedReader)
+    offset, name = f.tell() if seekable else 0, None
     while True:
         block = f.read(512)
         if len(block) < 512 or (block[0] == 0 and block.count(0) == 512):
             return  # end of archive (two zero blocks, or the end of the file)
         if not tar_header_ok(block):
-            raise tarfile.ReadError(f"bad tar header checksum at byte {offset}")
+            raise tarfile.ReadError(f"corrupt: not a valid tar past byte {offset} (the header there fails its checksum)")
         flag = block[156:157]
         if block[124] & 0x80 or flag == b"g":
             import webdataset as wds
 
-            f.seek(offset)
-            for x in wds.tariterators.tar_file_iterator(f, handler=wds.reraise_exception):
+            if seekable:
+                f.seek(offset)
+            for x in wds.tariterators.tar_file_iterator(f if seekable else _PutBack(block, f),
+                                                        handler=wds.reraise_exception):
                 yield x["fname"], x["data"]
             return
         size = int(block[124:136].split(b"\0")[0].strip() or b"0", 8)
@@ -358,14 +377,8 @@ def _group(files: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
 
 
 def _tar_samples(stream, url: str) -> Iterator[dict]:
-    """Samples of a tar stream (positioned at a member header), grouped by key like webdataset's. A local
-    file is parsed by `_tar_files`; remote streams by webdataset's `tarfile` reader."""
-    import webdataset as wds
-
-    if isinstance(stream, io.BufferedReader):
-        return _group(_tar_files(stream, url), url)
-    files = ({**x, "__url__": url} for x in wds.tariterators.tar_file_iterator(stream, handler=wds.reraise_exception))
-    return wds.tariterators.group_by_keys(files)
+    """Samples of a tar stream (positioned at a member header), grouped by key like webdataset's."""
+    return _group(_tar_files(stream, url), url)
 
 
 def _open_samples(location, where: str, lo: int, seek: bool) -> tuple[Any, Iterator[dict], int]:
@@ -428,7 +441,8 @@ def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] =
         except Exception as e:
             if remote.is_local(location) or not remote.is_transient(e) or attempt >= retries:
                 tried = f" (after {attempt} retr{'y' if attempt == 1 else 'ies'})" if attempt else ""
-                detail = str(e) if isinstance(e, remote.RemoteError) else remote.redact(f"{type(e).__name__}: {e}")
+                plain = isinstance(e, (remote.RemoteError, tarfile.ReadError))  # their messages say what it is
+                detail = str(e) if plain else remote.redact(f"{type(e).__name__}: {e}")
                 raise ShardError(f"cannot read shard {where} at sample {raw}{tried}: {detail}") from None
             attempt += 1
             time.sleep(remote.retry_delay(attempt))

@@ -305,6 +305,30 @@ def test_bad_remote_inputs_are_named(synth_shards, tmp_path, no_backoff):
         check_shards(type(split)("train", failing.count, {}, [failing]), retries=0)
 
 
+def test_a_corrupt_remote_shard_is_not_called_truncated(synth_shards, tmp_path, no_backoff):
+    """A shard whose first sample is fine but is followed by garbage is corrupt (not a valid tar past byte
+    N), over http and pipe:, as a local one is; a short one is still a truncated copy."""
+    from bcc.shards import sample_offset
+
+    pack = copy_pack(synth_shards, tmp_path / "pack")
+    shards = Manifest.load(pack).split("train").shards
+    bad, short = shards[0].path, shards[1].path
+    cut, _ = sample_offset(str(bad), 1)  # where the second sample's header starts
+    data = bad.read_bytes()
+    bad.write_bytes(data[:cut] + bytes((i * 7 + 13) % 256 for i in range(len(data) - cut)))
+    short.write_bytes(short.read_bytes()[:cut])  # whole samples, then the end: a truncated copy
+    with serve(pack) as (_, url):
+        for where in (pack, url, f"pipe:cat {pack}/{{name}}"):
+            split = Manifest.load(where).split("train")
+            shown = remote.display(split.shards[0].path)
+            with pytest.raises(ShardError, match=rf"^cannot read shard {re.escape(shown)} at sample \d+: corrupt: not "
+                                                 rf"a valid tar past byte {cut} ") as e:
+                list(read_range(split.shards[0], retries=0))
+            assert "truncated" not in str(e.value)
+            with pytest.raises(ShardError, match=r"ends before sample \d+: a truncated copy"):
+                list(read_range(split.shards[1], retries=0))
+
+
 # --------------------------------------------------------------------------- security
 
 
