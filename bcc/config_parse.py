@@ -61,6 +61,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.workers": _at_least(0),
     "data.shuffle_buffer": _at_least(0),
     "data.retries": _at_least(0),
+    # select() and socket time-outs overflow on huge values; a day is beyond any stall worth waiting out
+    "data.read_timeout_s": ((lambda v: 0 < v <= 86_400), "in (0, 86400] seconds (> 0, at most a day)"),
     "data.scale_min": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     "data.rotation": ((lambda v: 0 <= v <= 180), "in [0, 180] degrees"),
     "data.color_jitter": _at_least(0),

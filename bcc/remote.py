@@ -56,7 +56,7 @@ TOKEN_HOSTS_ENV = "BCC_HTTP_TOKEN_HOSTS"  # optional: the only hosts BCC_HTTP_TO
 DEFAULT_RETRIES = 3  # data.retries
 RETRY_BACKOFF_S = 0.5  # first wait before a re-open; doubles per attempt, at most RETRY_BACKOFF_MAX_S
 RETRY_BACKOFF_MAX_S = 8.0
-HTTP_TIMEOUT_S = 60.0  # per blocking socket operation, not per shard
+HTTP_TIMEOUT_S = 60.0  # data.read_timeout_s: per blocking socket operation or silent pipe, not per shard
 PROBE_THREADS = 16
 STDERR_TAIL = 400  # characters of a failed pipe command's stderr put into its error
 
@@ -366,8 +366,9 @@ def _http_error(where: str, e: BaseException) -> RemoteError:
     return RemoteError(f"{where}: cannot reach the host: {reason}", transient=True)
 
 
-def open_location(location: str | Path, *, method: str = "GET") -> Any:
-    """A readable binary stream (`read(n)`, `close()`) of the bytes at `location`.
+def open_location(location: str | Path, *, method: str = "GET", timeout_s: float = HTTP_TIMEOUT_S) -> Any:
+    """A readable binary stream (`read(n)`, `close()`) of the bytes at `location`; a remote read silent for
+    `timeout_s` seconds (`data.read_timeout_s`) raises a transient RemoteError.
 
     Local: the file. http(s): a GET with the environment's credentials (`method="HEAD"` returns the
     response of a HEAD instead). `pipe:`: the command's standard output. Raises RemoteError (transient
@@ -380,14 +381,14 @@ def open_location(location: str | Path, *, method: str = "GET") -> Any:
     if k == "pipe":
         from bcc.remote_pipe import PipeOutput  # here: bcc.remote_pipe imports this module
 
-        return PipeOutput(text[len("pipe:"):], where)
+        return PipeOutput(text[len("pipe:"):], where, timeout_s)
     url, headers = _auth_headers(text)
     auth = headers.pop("Authorization", None)
     request = urllib.request.Request(url, headers=headers, method=method)
     if auth:
         request.add_unredirected_header("Authorization", auth)  # not to another host (`_Redirect`)
     try:
-        response = _OPENER.open(request, timeout=HTTP_TIMEOUT_S)
+        response = _OPENER.open(request, timeout=timeout_s)
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise _http_error(where, e) from None
     return response if method == "HEAD" else _HttpBody(response, where)
@@ -410,11 +411,12 @@ def _with_retries(action: Callable[[], Any], retries: int) -> Any:
 MAX_MANIFEST_BYTES = 1 << 30  # a fetched manifest (side files hold the long per-file lists)
 
 
-def read_bytes(location: str | Path, retries: int = DEFAULT_RETRIES, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+def read_bytes(location: str | Path, retries: int = DEFAULT_RETRIES, limit: int = MAX_MANIFEST_BYTES,
+               timeout_s: float = HTTP_TIMEOUT_S) -> bytes:
     """All bytes at `location` (a manifest), re-read up to `retries` times after a transient error;
     RemoteError beyond `limit` bytes (a response that never ends would fill the memory)."""
     def once() -> bytes:
-        stream = open_location(location)
+        stream = open_location(location, timeout_s=timeout_s)
         try:
             data = stream.read(limit + 1)
         finally:
@@ -426,7 +428,7 @@ def read_bytes(location: str | Path, retries: int = DEFAULT_RETRIES, limit: int 
     return _with_retries(once, retries)
 
 
-def probe(location: str | Path, retries: int = DEFAULT_RETRIES) -> int | None:
+def probe(location: str | Path, retries: int = DEFAULT_RETRIES, timeout_s: float = HTTP_TIMEOUT_S) -> int | None:
     """Check that a remote shard can be opened, cheaply: a HEAD request (its size in bytes, or None when
     the server does not say), or for `pipe:` start the command, read its first tar block and stop it
     (None). Raises RemoteError naming the location (404, unreachable host, a failing command)."""
@@ -434,7 +436,7 @@ def probe(location: str | Path, retries: int = DEFAULT_RETRIES) -> int | None:
         def once() -> None:
             from bcc.shards import tar_header_ok
 
-            stream = open_location(location)
+            stream = open_location(location, timeout_s=timeout_s)
             try:
                 block = stream.read(512)
                 if len(block) < 512:
@@ -450,11 +452,11 @@ def probe(location: str | Path, retries: int = DEFAULT_RETRIES) -> int | None:
 
     def head() -> int | None:
         try:
-            response = open_location(location, method="HEAD")
+            response = open_location(location, method="HEAD", timeout_s=timeout_s)
         except RemoteError as e:
             if "HTTP 405" not in str(e):
                 raise
-            response = open_location(location)  # a server without HEAD: open and close
+            response = open_location(location, timeout_s=timeout_s)  # a server without HEAD: open and close
             response = response.response
         with response:
             length = response.headers.get("Content-Length")
@@ -463,7 +465,8 @@ def probe(location: str | Path, retries: int = DEFAULT_RETRIES) -> int | None:
     return _with_retries(head, retries)
 
 
-def probe_all(locations: Iterable[str | Path], retries: int = DEFAULT_RETRIES) -> dict[str, Any]:
+def probe_all(locations: Iterable[str | Path], retries: int = DEFAULT_RETRIES,
+              timeout_s: float = HTTP_TIMEOUT_S) -> dict[str, Any]:
     """`probe` of every location, PROBE_THREADS at a time: {location: size, or the RemoteError}."""
     locations = list(locations)
     if not locations:
@@ -471,7 +474,7 @@ def probe_all(locations: Iterable[str | Path], retries: int = DEFAULT_RETRIES) -
 
     def one(loc):
         try:
-            return probe(loc, retries)
+            return probe(loc, retries, timeout_s)
         except RemoteError as e:
             return e
 

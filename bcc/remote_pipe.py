@@ -10,25 +10,25 @@ import signal
 import subprocess
 import tempfile
 
-from bcc.remote import HTTP_TIMEOUT_S, STDERR_TAIL, RemoteError
+from bcc.remote import STDERR_TAIL, RemoteError
 
 __all__ = ["PipeError", "PipeOutput"]
 
 
 class PipeError(RemoteError):
     """A `pipe:` command that exited non-zero (its exit code and the tail of its stderr are named) or
-    stalled (no output for HTTP_TIMEOUT_S)."""
+    stalled (no output for `timeout_s`)."""
 
 
 class PipeOutput:
     """A `pipe:` command's standard output; at its end a non-zero exit raises PipeError naming the
-    exit code and the tail of the command's stderr. A command that prints nothing for HTTP_TIMEOUT_S
-    (a stalled download) is ended and raises PipeError (transient: the caller's retry reopens the
+    exit code and the tail of the command's stderr. A command that prints nothing for `timeout_s`
+    seconds (`data.read_timeout_s`; a stalled download) is ended and raises PipeError (transient: the caller's retry reopens the
     shard), as a socket read does. The command runs in its own process group, so ending it (early
     close, stall, an interrupted run) ends what it started too (`sh -c`'s children)."""
 
-    def __init__(self, command: str, where: str):
-        self.where = where
+    def __init__(self, command: str, where: str, timeout_s: float):
+        self.where, self.timeout_s = where, timeout_s
         self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty stderr cannot block the command
         self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
@@ -42,10 +42,11 @@ class PipeOutput:
 
     def _chunk(self, n: int) -> bytes:
         """Up to n bytes as soon as some are there (b"" at the end); PipeError after a silent time-out."""
-        ready, _, _ = select.select([self.fd], [], [], HTTP_TIMEOUT_S)
+        ready, _, _ = select.select([self.fd], [], [], self.timeout_s)
         if not ready:
             self._end()
-            raise PipeError(f"{self.where}: the command printed nothing for {HTTP_TIMEOUT_S:.0f} s (stalled)",
+            raise PipeError(f"{self.where}: the command printed nothing for {self.timeout_s:g} s (stalled; "
+                            "data.read_timeout_s)",
                             transient=True)
         return os.read(self.fd, n)
 

@@ -381,7 +381,7 @@ def _tar_samples(stream, url: str) -> Iterator[dict]:
     return _group(_tar_files(stream, url), url)
 
 
-def _open_samples(location, where: str, lo: int, seek: bool) -> tuple[Any, Iterator[dict], int]:
+def _open_samples(location, where: str, lo: int, seek: bool, timeout_s: float) -> tuple[Any, Iterator[dict], int]:
     """(open stream, its raw samples, index of the first one). A local shard read from `lo` > 0 seeks
     to that sample by its tar headers (`seek`); anything else is read from its start."""
     start = 0
@@ -395,19 +395,19 @@ def _open_samples(location, where: str, lo: int, seek: bool) -> tuple[Any, Itera
         stream = open(location, "rb")
         stream.seek(offset)
     else:
-        stream = remote.open_location(location)
+        stream = remote.open_location(location, timeout_s=timeout_s)
     return stream, _tar_samples(stream, where), start
 
 
 def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] = frozenset(),
-               retries: int = remote.DEFAULT_RETRIES) -> Iterator[dict]:
+               retries: int = remote.DEFAULT_RETRIES, timeout_s: float = remote.HTTP_TIMEOUT_S) -> Iterator[dict]:
     """Raw samples [lo, hi) of one shard in tar order, less `drop`. Any failure names the shard; so does
     a shard shorter than `hi` (naming the first missing sample), or, when read to its end, one whose
     count disagrees with the manifest.
 
     The shard may be remote (`bcc.remote`: an http(s) URL or a `pipe:` command). A transient read error
     there (a dropped connection, a failed command) re-opens the shard, up to `retries` times with
-    backoff, and skips forward by count to the sample that failed: the samples and their order are those
+    backoff (a read silent for `timeout_s` is one), and skips forward by count to the sample that failed: the samples and their order are those
     of an undisturbed read, or the read fails with a ShardError naming the shard and the sample.
 
     A shard of a cross-validation view (`Manifest.with_fold`, `shard.folds` set) holds only its folds'
@@ -423,7 +423,7 @@ def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] =
     while True:
         stream = None
         try:
-            stream, samples, raw_start = _open_samples(location, where, lo, seek=not folded and raw == 0)
+            stream, samples, raw_start = _open_samples(location, where, lo, not folded and raw == 0, timeout_s)
             if raw == 0:
                 raw = n = raw_start
             for i, sample in enumerate(samples, start=raw_start):

@@ -200,8 +200,32 @@ def test_dataset_locations_that_name_no_dataset(location, match):
 def test_config_keys():
     cfg = load_config(overrides=["data.shards=http://h/ds", "data.retries=0"])
     assert cfg.data.retries == 0 and cfg.data.allow_pipe_in_manifest is False
+    assert cfg.data.read_timeout_s == remote.HTTP_TIMEOUT_S == 60
+    assert load_config(overrides=["data.read_timeout_s=2.5"]).data.read_timeout_s == 2.5
     with pytest.raises(Exception, match="data.retries"):
         load_config(overrides=["data.retries=-1"])
+    for bad in ("0", "-1", "1e9", "nan", "soon"):
+        with pytest.raises(Exception, match=r"data.read_timeout_s: (must be|expected)"):
+            load_config(overrides=[f"data.read_timeout_s={bad}"])
+
+
+def test_the_read_timeout_is_the_configured_one_for_http_and_pipe():
+    """data.read_timeout_s bounds a silent server and a silent pipe: command (the manifest's fetch here,
+    as `bcc train` does it through load_data); the default would wait 60 s."""
+    import time
+
+    from bcc.config import DataConfig
+    from bcc.sources import load_data
+
+    with socket.socket() as s:  # a server that takes the connection and never answers
+        s.bind(("127.0.0.1", 0))
+        s.listen(4)
+        for shards, match in [(f"http://127.0.0.1:{s.getsockname()[1]}/ds", "timed out"),
+                              ("pipe:sleep 30; cat /d/{name}", r"printed nothing for 0.5 s")]:
+            t0 = time.monotonic()
+            with pytest.raises(ManifestError, match=match):
+                load_data(DataConfig(shards=shards, retries=0, read_timeout_s=0.5))
+            assert time.monotonic() - t0 < 10
 
 
 # --------------------------------------------------------------------------- reading over HTTP and pipe:
@@ -523,10 +547,9 @@ def test_a_stalled_pipe_times_out_and_ends_its_process_group(monkeypatch):
 
     from bcc import remote_pipe
 
-    monkeypatch.setattr(remote_pipe, "HTTP_TIMEOUT_S", 0.5)
-    stream = remote.open_location("pipe:printf abc; sleep 30")
+    stream = remote.open_location("pipe:printf abc; sleep 30", timeout_s=0.5)
     t0 = time.monotonic()
-    with pytest.raises(remote_pipe.PipeError, match=r"printed nothing for 0 s \(stalled\)") as e:
+    with pytest.raises(remote_pipe.PipeError, match=r"printed nothing for 0.5 s \(stalled; data.read_timeout_s\)") as e:
         stream.read(100)
     assert e.value.transient and time.monotonic() - t0 < 10
     pgid = stream.proc.pid
