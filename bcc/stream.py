@@ -145,7 +145,7 @@ class _TrainStream(IterableDataset):
         """Raw batches of one lane: its segments read in order, shuffled, cut into batches."""
         samples: Iterable[dict] = itertools.chain.from_iterable(
             read_range(self.shards[s.shard], s.lo, s.hi, s.drop, retries=self.retries, timeout_s=self.timeout_s)
-            for s in plan.segments(self.rank, lane)
+            for s in plan.iter_segments(self.rank, lane)
         )
         if self.shuffle_buffer > 1:
             rng = random.Random(mix_seed("buffer", self.seed, epoch, self.rank, lane))
