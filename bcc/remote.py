@@ -61,6 +61,18 @@ PROBE_THREADS = 16
 STDERR_TAIL = 400  # characters of a failed pipe command's stderr put into its error
 
 Kind = Literal["local", "http", "pipe"]
+_STOPPING = [False]  # a termination request (SIGTERM) reached this process: see `request_stop`
+
+
+def request_stop() -> None:
+    """Called from a SIGTERM handler (the trainer's, a loader worker's): from now on no remote read is
+    re-opened, and a `pipe:` read waiting on a silent command ends at once (the command's group ended)
+    instead of waiting out data.read_timeout_s and data.retries. A flag, not an Event: safe in a handler."""
+    _STOPPING[0] = True
+
+
+def is_stopping() -> bool:
+    return _STOPPING[0]
 
 
 class RemoteError(BccError):
@@ -401,7 +413,7 @@ def _with_retries(action: Callable[[], Any], retries: int) -> Any:
             return action()
         except RemoteError as e:
             attempt += 1
-            if not e.transient or attempt > retries:
+            if not e.transient or attempt > retries or is_stopping():
                 if attempt > 1:
                     raise type(e)(f"{e} (after {attempt - 1} retr{'y' if attempt == 2 else 'ies'})") from None
                 raise

@@ -9,10 +9,14 @@ import select
 import signal
 import subprocess
 import tempfile
+import time
 
-from bcc.remote import STDERR_TAIL, RemoteError
+from bcc.remote import STDERR_TAIL, RemoteError, is_stopping
 
 __all__ = ["PipeError", "PipeOutput"]
+
+
+STOP_POLL_S = 1.0  # a silent command is checked this often for a termination request (`request_stop`)
 
 
 class PipeError(RemoteError):
@@ -41,14 +45,22 @@ class PipeOutput:
         return " | ".join(line for line in text.splitlines() if line.strip())
 
     def _chunk(self, n: int) -> bytes:
-        """Up to n bytes as soon as some are there (b"" at the end); PipeError after a silent time-out."""
-        ready, _, _ = select.select([self.fd], [], [], self.timeout_s)
-        if not ready:
-            self._end()
-            raise PipeError(f"{self.where}: the command printed nothing for {self.timeout_s:g} s (stalled; "
-                            "data.read_timeout_s)",
-                            transient=True)
-        return os.read(self.fd, n)
+        """Up to n bytes as soon as some are there (b"" at the end); PipeError after a silent time-out, or
+        after STOP_POLL_S of silence once the process was asked to terminate (no retry follows then)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, min(STOP_POLL_S, deadline - time.monotonic())))
+            if ready:
+                return os.read(self.fd, n)
+            if is_stopping():
+                self._end()
+                raise PipeError(f"{self.where}: stopped waiting for the command, which printed nothing: the "
+                                "process was asked to terminate (SIGTERM)")
+            if time.monotonic() >= deadline:
+                break
+        self._end()
+        raise PipeError(f"{self.where}: the command printed nothing for {self.timeout_s:g} s (stalled; "
+                        "data.read_timeout_s)", transient=True)
 
     def read(self, n: int = -1) -> bytes:
         whole = n is None or n < 0

@@ -439,7 +439,7 @@ def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] =
                     break  # the rest belongs to someone else: stop reading
             break
         except Exception as e:
-            if remote.is_local(location) or not remote.is_transient(e) or attempt >= retries:
+            if remote.is_local(location) or not remote.is_transient(e) or attempt >= retries or remote.is_stopping():
                 tried = f" (after {attempt} retr{'y' if attempt == 1 else 'ies'})" if attempt else ""
                 plain = isinstance(e, (remote.RemoteError, tarfile.ReadError))  # their messages say what it is
                 detail = str(e) if plain else remote.redact(f"{type(e).__name__}: {e}")

@@ -89,7 +89,7 @@ from bcc.plan import (
     mix_seed,
     time_plan,
 )
-from bcc.remote import DEFAULT_RETRIES, HTTP_TIMEOUT_S
+from bcc.remote import DEFAULT_RETRIES, HTTP_TIMEOUT_S, request_stop
 from bcc.shards import IMAGE_KEYS, ShardError, read_range
 from bcc.sources import shard_weights
 from bcc.stream_ring import BatchRing, as_is, make_ring, worker_slots
@@ -234,6 +234,7 @@ WORKER_TERM_GRACE_S = 60  # a loader worker outlives a SIGTERM by at most this l
 
 def _defer_term(signum, frame) -> None:
     signal.alarm(WORKER_TERM_GRACE_S)  # SIGALRM's default action ends the worker then
+    request_stop()  # a read stalled on a silent pipe: command ends now, and nothing is retried
 
 
 def _worker_signals(worker_id: int) -> None:

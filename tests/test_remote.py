@@ -569,6 +569,58 @@ def test_a_stalled_pipe_times_out_and_ends_its_process_group(monkeypatch):
         remote.read_bytes("pipe:yes", retries=0, limit=1000)  # an endless manifest filled 24 GB before
 
 
+def test_sigterm_ends_a_run_stalled_on_a_pipe_promptly(synth_shards, tmp_path):
+    """Slurm's SIGTERM to a `bcc train` whose loader is waiting on a silent pipe: command: the run ends in
+    seconds (not after data.read_timeout_s x (1 + data.retries)) with one error line, and the command's
+    process group is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "stalled-pids"
+    script = tmp_path / "fetch"  # train shards: a few blocks, then silence; the rest whole
+    script.write_text(f'#!/bin/sh\ncase "$1" in train-*) head -c 3000 "{synth_shards}/$1"; echo $$ >> {pids}; '
+                      f'exec sleep 300;; *) exec cat "{synth_shards}/$1";; esac\n')
+    script.chmod(0o755)
+    cfg = write_config(tmp_path / "cfg.yaml", f"pipe:{script} {{name}}", tmp_path / "run",
+                       train={"epochs": 1}, eval={"test_at_end": False})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "bcc", "train", "--config", str(cfg)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    try:
+        stalled, seen, deadline = None, set(), time.monotonic() + 120
+        while stalled is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)  # the probe's commands end at once; the training read's stays: alive twice running
+            live = {int(p) for p in pids.read_text().split()} if pids.exists() else set()
+            live = {p for p in live if alive(p)}
+            stalled, seen = next(iter(live & seen), None), live
+        assert stalled is not None, "no read stalled on the pipe command"
+        os.killpg(proc.pid, signal.SIGTERM)  # Slurm signals the job step: the trainer and its loader worker
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=50)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert took < 20, (took, err[-2000:])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "asked to terminate" in lines[0], err[-3000:]
+    assert "retr" not in lines[0]  # nothing re-opened after the termination request
+    time.sleep(1)
+    assert not alive(stalled), "the pipe command outlived the run"
+
+
 def test_brace_bounds_are_read_from_the_pattern():
     for pattern, names in [("a-{000..127}.tar", 128), ("{a,b}-{0..9}", 20), ("{0..10..2}", 6), ("{a..z}", 26),
                            ("x.tar", 1), ("{name}", 1), ("{a,{b,c}}", 3)]:
