@@ -84,6 +84,9 @@ class DataConfig:
     # re-opens of a remote shard after a transient read error (dropped connection, failed pipe: command),
     # with backoff; a re-open skips forward to the sample that failed, so the sample order never changes
     retries: int = 3
+    # seconds a remote read (an http(s) socket operation, a `pipe:` command's output) may go silent before it
+    # counts as stalled: a transient error, retried as above
+    read_timeout_s: float = 60.0
     # honour `pipe:` shard entries of the manifest (they run shell commands): only for a manifest you wrote
     allow_pipe_in_manifest: bool = False
     # train augmentation: blood smears have no canonical orientation, so both flips and rotation are safe

@@ -50,17 +50,23 @@ def _fraction(closed_high: bool = True) -> tuple[Callable[[Any], bool], str]:
     return (lambda v: 0 <= v < 1), "in [0, 1)"
 
 
+MAX_EPOCH_SAMPLES = 10**10  # data.epoch_samples
+
+
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty)"),
     "data.sources.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty)"),
     "data.sources.weight": _positive(),
-    "data.epoch_samples": _at_least(0),
+    # an epoch of 10**10 samples is 11 days at 10,000 images/s; beyond, a typo (10**15 planned for ever)
+    "data.epoch_samples": ((lambda v: 0 <= v <= MAX_EPOCH_SAMPLES), f">= 0 and at most {MAX_EPOCH_SAMPLES:,} (10**10)"),
     "data.image_size": _positive(),
     "data.batch_size": _positive(),
     "data.eval_batch_size": _positive(),
     "data.workers": _at_least(0),
     "data.shuffle_buffer": _at_least(0),
     "data.retries": _at_least(0),
+    # select() and socket time-outs overflow on huge values; a day is beyond any stall worth waiting out
+    "data.read_timeout_s": ((lambda v: 0 < v <= 86_400), "in (0, 86400] seconds (> 0, at most a day)"),
     "data.scale_min": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     "data.rotation": ((lambda v: 0 <= v <= 180), "in [0, 180] degrees"),
     "data.color_jitter": _at_least(0),

@@ -160,8 +160,9 @@ class EvalSource:
 
 
 def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size: int | None = None,
-                workers: int | None = None) -> EvalSource:
-    """A packed dataset (directory with manifest.json) or an image folder, checked against `im`'s taxonomy."""
+                workers: int | None = None, key: str = "--data") -> EvalSource:
+    """A packed dataset (directory with manifest.json) or an image folder, checked against `im`'s taxonomy.
+    `key`: where the user wrote `data` (`--data`, or the run's `data.shards`), named by errors about it."""
     from bcc.manifest import Manifest
     from bcc.stream import eval_loader
 
@@ -177,7 +178,7 @@ def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size:
 
     if not is_local(str(data)) or (path / "manifest.json").is_file() or (path.name == "manifest.json"
                                                                          and path.is_file()):
-        manifest = Manifest.load(path if is_local(str(data)) else str(data))  # a URL or pipe: pack too
+        manifest = Manifest.load(path if is_local(str(data)) else str(data), key=key)  # a URL or pipe: pack too
         check_taxonomy(im.taxonomy, manifest.taxonomy, model_label, f"dataset {manifest.root}")
         info = manifest.split(split)
         return EvalSource(
@@ -185,7 +186,7 @@ def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size:
             lambda rank, world: eval_loader(manifest, split, data_cfg, rank=rank, world_size=world),
         )
     if not path.is_dir():
-        raise EvalError(f"--data {path} is neither a packed dataset (no manifest.json) nor a directory")
+        raise EvalError(f"{key} {path} is neither a packed dataset (no manifest.json) nor a directory")
     items, skipped = scan_class_folders(path, im.taxonomy, f"{model_label} (taxonomy {im.taxonomy.name!r})")
     if not items:
         raise EvalError(
@@ -460,13 +461,14 @@ def calibrate_checkpoint(
     if data is None and im.config.data.sources:
         raise EvalError(f"{checkpoint} was trained on data.sources ({', '.join(s.shards for s in im.config.data.sources)}); "
                         "pass --data with the pack to calibrate on")
+    key = "--data" if data is not None else "data.shards"
     data = data if data is not None else im.config.data.shards
     split = split or im.config.data.val_split
     from bcc.remote import is_local
 
     if is_local(str(data)) and not Path(data).exists():  # a URL or pipe: pack is checked as it is fetched
         raise EvalError(f"calibration data {data} (the run's data.shards) does not exist; pass --data")
-    source = open_source(data, split, im, batch_size=batch_size, workers=workers)
+    source = open_source(data, split, im, batch_size=batch_size, workers=workers, key=key)
     part = _infer(im, source.loader(0, 1))
     logits, labels = part["logits"], part["label"]
     if labels.numel() == 0:

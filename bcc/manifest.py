@@ -135,20 +135,22 @@ class Manifest:
         return isinstance(self.root, str)
 
     @classmethod
-    def load(cls, path: str | Path, *, allow_pipe: bool = False, retries: int = remote.DEFAULT_RETRIES) -> Manifest:
+    def load(cls, path: str | Path, *, allow_pipe: bool = False, retries: int = remote.DEFAULT_RETRIES,
+             key: str = "data.shards", timeout_s: float = remote.HTTP_TIMEOUT_S) -> Manifest:
         """Load `<path>/manifest.json` (or `path` itself when it names the file). `path` may be remote
         (an http(s) URL or a `pipe:` template, see the module docstring): the manifest is fetched, with up
-        to `retries` re-tries after a transient error. `allow_pipe`: honour `pipe:` shard entries."""
+        to `retries` re-tries after a transient error (a read silent for `timeout_s`). `allow_pipe`: honour `pipe:` shard entries. `key`:
+        where the user wrote `path` (`--data`, `--verify`), named by errors about the location itself."""
         if isinstance(path, str) and "${" in path and remote.is_local(path):  # a local folder from the environment
             try:
                 path = remote.expand_env(path, remember=False)
             except remote.RemoteError as e:
                 raise ManifestError(str(e)) from None
         if not remote.is_local(path):
-            return cls._load_remote(str(path), allow_pipe, retries)
+            return cls._load_remote(str(path), allow_pipe, retries, key, timeout_s)
         if isinstance(path, str) and "{" in path:
             try:
-                remote.manifest_location(path)  # a brace list names shards, not a dataset: the same message as a URL's
+                remote.manifest_location(path, key)  # a brace list names shards, not a dataset: the same message as a URL's
             except remote.RemoteError as e:
                 raise ManifestError(str(e)) from None
         path = Path(path)
@@ -164,14 +166,14 @@ class Manifest:
         return cls._from_data(file, file.parent.resolve(), data, allow_pipe)
 
     @classmethod
-    def _load_remote(cls, location: str, allow_pipe: bool, retries: int) -> Manifest:
+    def _load_remote(cls, location: str, allow_pipe: bool, retries: int, key: str, timeout_s: float) -> Manifest:
         try:
-            remote.check_no_secrets(location)
-            root, file = remote.manifest_location(location)
+            remote.check_no_secrets(location, key)
+            root, file = remote.manifest_location(location, key)
         except remote.RemoteError as e:
             raise ManifestError(str(e)) from None
         try:
-            raw = remote.read_bytes(file, retries)
+            raw = remote.read_bytes(file, retries, timeout_s=timeout_s)
         except remote.RemoteError as e:
             raise ManifestError(f"cannot fetch the manifest {e}") from None
         try:

@@ -23,7 +23,7 @@ import math
 import random
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -109,6 +109,9 @@ class EpochPlan:
         q, r = divmod(self.batches, self.lanes)
         return q + (lane < r)
 
+    def iter_segments(self, rank: int, lane: int) -> Iterator[Segment]:
+        return iter(self.segments(rank, lane))  # O(shards) already (ResamplePlan's draws are lazy)
+
     def segments(self, rank: int, lane: int) -> list[Segment]:
         """What lane `lane` of rank `rank` reads, in order: exactly lane_batches(lane) x batch_size samples."""
         q, r = divmod(self.batches, self.lanes)
@@ -164,9 +167,12 @@ class ResamplePlan:
 
     def segments(self, rank: int, lane: int) -> list[Segment]:
         """What lane `lane` of rank `rank` reads, in order: exactly lane_batches(lane) x batch_size samples."""
+        return list(self.iter_segments(rank, lane))
+
+    def iter_segments(self, rank: int, lane: int) -> Iterator[Segment]:
+        """`segments`, drawn as they are read: the stream's memory does not grow with `epoch_samples`."""
         need = self.lane_batches(lane) * self.batch_size
         rng = random.Random(mix_seed("resample", self.seed, self.epoch, rank, lane))
-        out: list[Segment] = []
         while need > 0:
             shard = self._draw(rng)
             count = self.counts[shard]
@@ -174,9 +180,8 @@ class ResamplePlan:
             for lo, hi in ((start, count), (0, start)):  # the shard from `start` on, then its head
                 take = min(hi - lo, need)
                 if take > 0:
-                    out.append(Segment(shard, lo, lo + take))
+                    yield Segment(shard, lo, lo + take)
                     need -= take
-        return out
 
 
 def make_plan(

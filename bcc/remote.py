@@ -13,7 +13,7 @@ The one owner of "a shard location" (`bcc.shards` opens every shard through `ope
   location, replaced by the variable's value only when it is opened (`https://${BCC_DATA_USERINFO}@host/ds`,
   or `${BCC_DATA_URL}` for a whole URL naming a folder): shards, configs and messages keep `${VAR}`. A
   location that spells a secret out (`user:password@`, a signed query such as `X-Amz-Signature=`) is
-  refused by `check_no_secrets`, so no secret reaches `config.yaml`, a manifest or a log. `redact`
+  refused by `check_no_secrets` (the forms: `bcc.remote_secrets`), so no secret reaches `config.yaml`, a manifest or a log. `redact`
   masks what is left (userinfo, signed query values, tokens, the values of `${VAR}`s read) in every
   message this module and `bcc.shards` build.
 - Errors: `RemoteError` (a BccError) names the location (redacted); `is_transient` marks the ones a
@@ -43,23 +43,36 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
+from bcc import remote_secrets
 from bcc.errors import BccError
+from bcc.remote_secrets import TOKEN_ENV, redact
 
 __all__ = ["DEFAULT_RETRIES", "HTTP_TIMEOUT_S", "TOKEN_ENV", "RemoteError", "check_no_secrets",
            "display", "expand", "expand_env", "is_local", "is_plain_name", "is_transient", "join", "kind",
            "manifest_location", "open_location", "probe", "probe_all", "read_bytes", "redact", "retry_delay",
            "sends_token_elsewhere", "token_for"]
 
-TOKEN_ENV = "BCC_HTTP_TOKEN"
 TOKEN_HOSTS_ENV = "BCC_HTTP_TOKEN_HOSTS"  # optional: the only hosts BCC_HTTP_TOKEN is sent to
 DEFAULT_RETRIES = 3  # data.retries
 RETRY_BACKOFF_S = 0.5  # first wait before a re-open; doubles per attempt, at most RETRY_BACKOFF_MAX_S
 RETRY_BACKOFF_MAX_S = 8.0
-HTTP_TIMEOUT_S = 60.0  # per blocking socket operation, not per shard
+HTTP_TIMEOUT_S = 60.0  # data.read_timeout_s: per blocking socket operation or silent pipe, not per shard
 PROBE_THREADS = 16
 STDERR_TAIL = 400  # characters of a failed pipe command's stderr put into its error
 
 Kind = Literal["local", "http", "pipe"]
+_STOPPING = [False]  # a termination request (SIGTERM) reached this process: see `request_stop`
+
+
+def request_stop() -> None:
+    """Called from a SIGTERM handler (the trainer's, a loader worker's): from now on no remote read is
+    re-opened, and a `pipe:` read waiting on a silent command ends at once (the command's group ended)
+    instead of waiting out data.read_timeout_s and data.retries. A flag, not an Event: safe in a handler."""
+    _STOPPING[0] = True
+
+
+def is_stopping() -> bool:
+    return _STOPPING[0]
 
 
 class RemoteError(BccError):
@@ -144,7 +157,6 @@ def is_plain_name(name: str) -> bool:
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_EXPANDED: dict[str, str] = {}  # value -> "${NAME}" of every variable expanded here (for redact)
 
 
 def expand_env(location: str, remember: bool = True) -> str:
@@ -157,55 +169,13 @@ def expand_env(location: str, remember: bool = True) -> str:
             raise RemoteError(f"{location}: the environment variable {name} is not set")
         v = os.environ[name]
         if remember and len(v) >= 4:
-            _EXPANDED[v] = m.group(0)
+            remote_secrets.remember(v, m.group(0))
         return v
 
     return _ENV_REF.sub(value, location) if "${" in location else location
 
 
-# --------------------------------------------------------------------------- secrets
-
-
-# The one list of what looks like a secret: query parameters, `NAME=value` assignments and `--flag value`s in a
-# `pipe:` command (`env AWS_SECRET_ACCESS_KEY=...`, `--password ...`), Authorization-like headers. An ID is not one.
-_SECRET_PARAM = re.compile(r"(sig|signature|token|secret|password|passwd|key|credential|auth|session)(?![_-]?id$)", re.I)
-_ASSIGN = re.compile(r"(?<![?&\w.$-])(?P<name>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>[^\s'\"$&;|][^\s'\"&;|]*)")
-_QUOTED = r"'(?!\$\{)[^']*'|\"(?!\$\{)[^\"]*\""  # a quoted value, unless it is a ${VAR}
-_FLAG = re.compile(r"(?P<flag>\s--?[A-Za-z0-9_-]*(?:password|passwd|token|secret|api[-_]?key|account[-_]?key|"
-                   r"access[-_]?key|credential|cookie)[A-Za-z0-9_-]*)(?<![-_]id)"
-                   rf"(?P<gap>=|\s+)(?P<value>{_QUOTED}|[^\s'\"$-][^\s'\"]*)", re.I)
-_HEADER = re.compile(r"(?P<head>\b(?:Authorization|Proxy-Authorization|X-Api-Key|Api-Key|Private-Token|Cookie)\s*:\s*"
-                     r"(?:(?:Bearer|Basic|Token)\s+|(?!(?:Bearer|Basic|Token)\b)))(?P<value>[^\s'\"$][^\s'\"]*)", re.I)
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"]+)@")
-_QUERY_PARAM = re.compile(r"(?P<sep>[?&])(?P<name>[^=&#\s'\"]+)=(?P<value>[^&#\s'\"]*)")
-# a user:password (curl -u/-U/-E/--user/--proxy-user/--cert, also -uNAME:PW and -su ...), lftp's
-# user,password, smbclient's user%password
-_USER_FLAG = re.compile(r"(?P<flag>\s(?:-[A-Za-z]{0,3}[uUE]|--user|--proxy-user|--cert))(?P<gap>=|\s*)"
-                        r"(?P<value>'[^'$]*[:,%][^']*'|\"[^\"$]*[:,%][^\"]*\"|[^\s'\"$:,%-][^\s'\":,%]*[:,%][^\s'\"]+)")
-_BEARER = re.compile(r"\b(?P<word>Bearer|Basic|token)(?P<gap>[ =:]+)(?P<value>[A-Za-z0-9._~+/=-]{8,})", re.I)
-
-
-def redact(text: str) -> str:
-    """`text` with credentials masked: URL userinfo (`***@`), the values of query parameters whose name
-    suggests a secret (`X-Amz-Signature=***`, `token=***`), bearer/basic tokens, `$BCC_HTTP_TOKEN`'s
-    value, and the values of the `${VAR}`s `expand_env` read (shown as `${VAR}`)."""
-    if not text:
-        return text
-    for value, ref in sorted(_EXPANDED.items(), key=lambda kv: -len(kv[0])):
-        text = text.replace(value, ref)
-    token = os.environ.get(TOKEN_ENV, "")
-    if len(token) >= 4:
-        text = text.replace(token, "***")
-    text = _USERINFO.sub(lambda m: m.group("scheme") + ("***@" if not m.group("info").startswith("${") else
-                                                        m.group("info") + "@"), text)
-    text = _QUERY_PARAM.sub(lambda m: m.group(0) if not _SECRET_PARAM.search(m.group("name"))
-                            else f"{m.group('sep')}{m.group('name')}=***", text)
-    text = _ASSIGN.sub(lambda m: m.group(0) if not _SECRET_PARAM.search(m.group("name"))
-                       else f"{m.group('name')}=***", text)
-    text = _FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)
-    text = _USER_FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)  # curl -u user:password
-    text = _HEADER.sub(lambda m: f"{m.group('head')}***", text)
-    return _BEARER.sub(lambda m: f"{m.group('word')}{m.group('gap')}***", text)
+# --------------------------------------------------------------------------- secrets (the forms: bcc.remote_secrets)
 
 
 def display(location: str | os.PathLike) -> str:
@@ -222,7 +192,7 @@ def check_no_secrets(location: str, key: str = "data.shards") -> None:
     if redact(location) != location and kind(location) == "pipe":
         raise RemoteError(
             f"{key}: the pipe: command {redact(location)} spells a secret out (a NAME=value, --password/--token "
-            "value, -u/--user user:password or Authorization header), which would be written to config.yaml, checkpoints and the logs; "
+            "value, -u/--user user:password, sshpass -p or Authorization header), which would be written to config.yaml, checkpoints and the logs; "
             "leave it in the environment (the command inherits it) or write ${VAR} in its place")
     if redact(location) != location:
         raise RemoteError(
@@ -265,21 +235,22 @@ def _names_several(pattern: str) -> bool:
         return True
 
 
-def manifest_location(dataset: str | Path) -> tuple[str | Path, str | Path]:
+def manifest_location(dataset: str | Path, key: str = "data.shards") -> tuple[str | Path, str | Path]:
     """(root, manifest location) of a dataset location: a folder holds `manifest.json`; a location
-    ending in `.json` is the manifest itself (its folder is the root). Raises RemoteError for a `pipe:`
-    dataset without `{name}` and for a brace list (which names shards, not a dataset)."""
+    ending in `.json` is the manifest itself (its folder is the root). Raises RemoteError, naming `key`
+    (where the user wrote the location: a config key or a command-line option), for a `pipe:` dataset
+    without `{name}` and for a brace list (which names shards, not a dataset)."""
     text = str(dataset)
     k = kind(text)
     if k == "pipe":
         if "{name}" not in text:
-            raise RemoteError(f"data.shards: the pipe: dataset {text} needs {{name}} where the file name goes "
+            raise RemoteError(f"{key}: the pipe: dataset {text} needs {{name}} where the file name goes "
                               "(e.g. pipe:aws s3 cp s3://bucket/dataset/{name} -): bcc reads the dataset's "
                               "manifest.json first, then its shards, through that command")
         return text, join(text, "manifest.json")
     if "{" in text and _names_several(text):
-        raise RemoteError(f"data.shards: {redact(text)} is a brace list of shards; bcc needs the dataset's "
-                          "manifest.json (sample counts, taxonomy): point data.shards at the folder that holds it "
+        raise RemoteError(f"{key}: {redact(text)} is a brace list of shards; bcc needs the dataset's "
+                          f"manifest.json (sample counts, taxonomy): point {key} at the folder that holds it "
                           "and put the brace list in the manifest's shard entries")
     if k == "http":  # `?query` kept for the manifest and the shards (see `join`), `#fragment` dropped
         parts = urllib.parse.urlsplit(text)._replace(fragment="")
@@ -407,8 +378,9 @@ def _http_error(where: str, e: BaseException) -> RemoteError:
     return RemoteError(f"{where}: cannot reach the host: {reason}", transient=True)
 
 
-def open_location(location: str | Path, *, method: str = "GET") -> Any:
-    """A readable binary stream (`read(n)`, `close()`) of the bytes at `location`.
+def open_location(location: str | Path, *, method: str = "GET", timeout_s: float = HTTP_TIMEOUT_S) -> Any:
+    """A readable binary stream (`read(n)`, `close()`) of the bytes at `location`; a remote read silent for
+    `timeout_s` seconds (`data.read_timeout_s`) raises a transient RemoteError.
 
     Local: the file. http(s): a GET with the environment's credentials (`method="HEAD"` returns the
     response of a HEAD instead). `pipe:`: the command's standard output. Raises RemoteError (transient
@@ -421,14 +393,14 @@ def open_location(location: str | Path, *, method: str = "GET") -> Any:
     if k == "pipe":
         from bcc.remote_pipe import PipeOutput  # here: bcc.remote_pipe imports this module
 
-        return PipeOutput(text[len("pipe:"):], where)
+        return PipeOutput(text[len("pipe:"):], where, timeout_s)
     url, headers = _auth_headers(text)
     auth = headers.pop("Authorization", None)
     request = urllib.request.Request(url, headers=headers, method=method)
     if auth:
         request.add_unredirected_header("Authorization", auth)  # not to another host (`_Redirect`)
     try:
-        response = _OPENER.open(request, timeout=HTTP_TIMEOUT_S)
+        response = _OPENER.open(request, timeout=timeout_s)
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise _http_error(where, e) from None
     return response if method == "HEAD" else _HttpBody(response, where)
@@ -441,7 +413,7 @@ def _with_retries(action: Callable[[], Any], retries: int) -> Any:
             return action()
         except RemoteError as e:
             attempt += 1
-            if not e.transient or attempt > retries:
+            if not e.transient or attempt > retries or is_stopping():
                 if attempt > 1:
                     raise type(e)(f"{e} (after {attempt - 1} retr{'y' if attempt == 2 else 'ies'})") from None
                 raise
@@ -451,11 +423,12 @@ def _with_retries(action: Callable[[], Any], retries: int) -> Any:
 MAX_MANIFEST_BYTES = 1 << 30  # a fetched manifest (side files hold the long per-file lists)
 
 
-def read_bytes(location: str | Path, retries: int = DEFAULT_RETRIES, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+def read_bytes(location: str | Path, retries: int = DEFAULT_RETRIES, limit: int = MAX_MANIFEST_BYTES,
+               timeout_s: float = HTTP_TIMEOUT_S) -> bytes:
     """All bytes at `location` (a manifest), re-read up to `retries` times after a transient error;
     RemoteError beyond `limit` bytes (a response that never ends would fill the memory)."""
     def once() -> bytes:
-        stream = open_location(location)
+        stream = open_location(location, timeout_s=timeout_s)
         try:
             data = stream.read(limit + 1)
         finally:
@@ -467,7 +440,7 @@ def read_bytes(location: str | Path, retries: int = DEFAULT_RETRIES, limit: int 
     return _with_retries(once, retries)
 
 
-def probe(location: str | Path, retries: int = DEFAULT_RETRIES) -> int | None:
+def probe(location: str | Path, retries: int = DEFAULT_RETRIES, timeout_s: float = HTTP_TIMEOUT_S) -> int | None:
     """Check that a remote shard can be opened, cheaply: a HEAD request (its size in bytes, or None when
     the server does not say), or for `pipe:` start the command, read its first tar block and stop it
     (None). Raises RemoteError naming the location (404, unreachable host, a failing command)."""
@@ -475,7 +448,7 @@ def probe(location: str | Path, retries: int = DEFAULT_RETRIES) -> int | None:
         def once() -> None:
             from bcc.shards import tar_header_ok
 
-            stream = open_location(location)
+            stream = open_location(location, timeout_s=timeout_s)
             try:
                 block = stream.read(512)
                 if len(block) < 512:
@@ -491,11 +464,11 @@ def probe(location: str | Path, retries: int = DEFAULT_RETRIES) -> int | None:
 
     def head() -> int | None:
         try:
-            response = open_location(location, method="HEAD")
+            response = open_location(location, method="HEAD", timeout_s=timeout_s)
         except RemoteError as e:
             if "HTTP 405" not in str(e):
                 raise
-            response = open_location(location)  # a server without HEAD: open and close
+            response = open_location(location, timeout_s=timeout_s)  # a server without HEAD: open and close
             response = response.response
         with response:
             length = response.headers.get("Content-Length")
@@ -504,7 +477,8 @@ def probe(location: str | Path, retries: int = DEFAULT_RETRIES) -> int | None:
     return _with_retries(head, retries)
 
 
-def probe_all(locations: Iterable[str | Path], retries: int = DEFAULT_RETRIES) -> dict[str, Any]:
+def probe_all(locations: Iterable[str | Path], retries: int = DEFAULT_RETRIES,
+              timeout_s: float = HTTP_TIMEOUT_S) -> dict[str, Any]:
     """`probe` of every location, PROBE_THREADS at a time: {location: size, or the RemoteError}."""
     locations = list(locations)
     if not locations:
@@ -512,7 +486,7 @@ def probe_all(locations: Iterable[str | Path], retries: int = DEFAULT_RETRIES) -
 
     def one(loc):
         try:
-            return probe(loc, retries)
+            return probe(loc, retries, timeout_s)
         except RemoteError as e:
             return e
 

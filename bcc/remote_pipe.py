@@ -9,26 +9,30 @@ import select
 import signal
 import subprocess
 import tempfile
+import time
 
-from bcc.remote import HTTP_TIMEOUT_S, STDERR_TAIL, RemoteError
+from bcc.remote import STDERR_TAIL, RemoteError, is_stopping
 
 __all__ = ["PipeError", "PipeOutput"]
 
 
+STOP_POLL_S = 1.0  # a silent command is checked this often for a termination request (`request_stop`)
+
+
 class PipeError(RemoteError):
     """A `pipe:` command that exited non-zero (its exit code and the tail of its stderr are named) or
-    stalled (no output for HTTP_TIMEOUT_S)."""
+    stalled (no output for `timeout_s`)."""
 
 
 class PipeOutput:
     """A `pipe:` command's standard output; at its end a non-zero exit raises PipeError naming the
-    exit code and the tail of the command's stderr. A command that prints nothing for HTTP_TIMEOUT_S
-    (a stalled download) is ended and raises PipeError (transient: the caller's retry reopens the
+    exit code and the tail of the command's stderr. A command that prints nothing for `timeout_s`
+    seconds (`data.read_timeout_s`; a stalled download) is ended and raises PipeError (transient: the caller's retry reopens the
     shard), as a socket read does. The command runs in its own process group, so ending it (early
     close, stall, an interrupted run) ends what it started too (`sh -c`'s children)."""
 
-    def __init__(self, command: str, where: str):
-        self.where = where
+    def __init__(self, command: str, where: str, timeout_s: float):
+        self.where, self.timeout_s = where, timeout_s
         self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty stderr cannot block the command
         self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
@@ -41,13 +45,22 @@ class PipeOutput:
         return " | ".join(line for line in text.splitlines() if line.strip())
 
     def _chunk(self, n: int) -> bytes:
-        """Up to n bytes as soon as some are there (b"" at the end); PipeError after a silent time-out."""
-        ready, _, _ = select.select([self.fd], [], [], HTTP_TIMEOUT_S)
-        if not ready:
-            self._end()
-            raise PipeError(f"{self.where}: the command printed nothing for {HTTP_TIMEOUT_S:.0f} s (stalled)",
-                            transient=True)
-        return os.read(self.fd, n)
+        """Up to n bytes as soon as some are there (b"" at the end); PipeError after a silent time-out, or
+        after STOP_POLL_S of silence once the process was asked to terminate (no retry follows then)."""
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, min(STOP_POLL_S, deadline - time.monotonic())))
+            if ready:
+                return os.read(self.fd, n)
+            if is_stopping():
+                self._end()
+                raise PipeError(f"{self.where}: stopped waiting for the command, which printed nothing: the "
+                                "process was asked to terminate (SIGTERM)")
+            if time.monotonic() >= deadline:
+                break
+        self._end()
+        raise PipeError(f"{self.where}: the command printed nothing for {self.timeout_s:g} s (stalled; "
+                        "data.read_timeout_s)", transient=True)
 
     def read(self, n: int = -1) -> bytes:
         whole = n is None or n < 0

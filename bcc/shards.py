@@ -1,4 +1,5 @@
-"""The shard files of a packed dataset: writing, sizing, hashing, verifying and reading them.
+"""The shard files of a packed dataset: the sample format, writing, sizing, hashing and reading (`bcc.verify`
+checks a pack against its manifest).
 
 Shards are plain WebDataset tars (`{key}.{ext}` + `{key}.json` + `{key}.cls` per sample), their bytes
 written by `bcc.tar_writer` (fixed mtime and owner: the same samples give byte-identical shards).
@@ -23,7 +24,6 @@ import tarfile
 import time
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,9 @@ from bcc import remote
 from bcc.errors import BccError
 from bcc.tar_writer import TarStream
 
-__all__ = ["IMAGE_KEYS", "SampleError", "ShardCheck", "ShardError", "VerifyResult", "check_sample", "crc32_hex",
-           "make_sample", "read_range", "sample_members", "read_shard", "sample_offset", "sha256_file", "shard_sizes", "verify_shards",
+__all__ = ["IMAGE_KEYS", "SampleError", "ShardError", "check_sample", "count_tar_samples", "crc32_hex",
+           "damaged_samples", "make_sample", "read_range", "read_shard", "sample_members", "sample_offset", "sha256_file",
+           "shard_sizes",
            "write_shard"]
 
 # sample entries (extensions) that may hold the image, in the order readers look for them; bcc writes
@@ -118,34 +119,18 @@ def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------- verification
 
 
-@dataclass(frozen=True)
-class ShardCheck:
-    path: Path | str  # a remote shard: its URL or pipe: command (bcc.remote)
-    status: str  # "ok", "mismatch", "missing" or "extra"
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    out: Path
-    shards: list[ShardCheck] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return all(s.status == "ok" for s in self.shards)
-
-    @property
-    def mismatches(self) -> list[ShardCheck]:
-        return [s for s in self.shards if s.status != "ok"]
-
-
-def _count_tar_samples(path: Path) -> int:
+def count_tar_samples(path: Path) -> int:
+    """Distinct sample keys of the local tar `path` (tarfile's reader, for `bcc.verify`); ShardError
+    ("unreadable tar: ...") for a file tarfile cannot read."""
     keys = set()
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if member.isfile():
-                base = member.name.rsplit("/", 1)[-1]
-                keys.add(member.name[: len(member.name) - len(base)] + base.split(".", 1)[0])
+    try:
+        with tarfile.open(path, "r") as tar:
+            for member in tar:
+                if member.isfile():
+                    base = member.name.rsplit("/", 1)[-1]
+                    keys.add(member.name[: len(member.name) - len(base)] + base.split(".", 1)[0])
+    except tarfile.TarError as e:
+        raise ShardError(f"unreadable tar: {e}") from None
     return len(keys)
 
 
@@ -163,65 +148,6 @@ def damaged_samples(path: Path) -> list[str]:
     except Exception as e:  # noqa: BLE001 - a tar error ends the scan; report it with what was found
         out.append(f"unreadable tar: {e}")
     return out
-
-
-def _check_remote(shard, has_checksums: bool) -> ShardCheck:
-    """`_check` of a URL or `pipe:` shard: read once through `bcc.remote` into a temporary file."""
-    import dataclasses
-    import shutil
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="bcc-verify-") as tmp:
-        local = Path(tmp) / "shard.tar"
-        try:
-            stream = remote.open_location(shard.path)
-            try:
-                with open(local, "wb") as f:
-                    shutil.copyfileobj(stream, f, 1 << 20)
-            finally:
-                stream.close()
-        except remote.RemoteError as e:
-            return ShardCheck(shard.path, "missing", str(e))
-        return dataclasses.replace(_check(dataclasses.replace(shard, path=local), has_checksums), path=shard.path)
-
-
-def _check(shard, has_checksums: bool) -> ShardCheck:
-    if not isinstance(shard.path, Path):
-        return _check_remote(shard, has_checksums)
-    if not shard.path.is_file():
-        return ShardCheck(shard.path, "missing", "listed in manifest.json but not on disk")
-    digest = sha256_file(shard.path)
-    if digest != shard.sha256:
-        detail = f"sha256 {digest[:12]}… != manifest {shard.sha256[:12]}…"
-        damaged = damaged_samples(shard.path) if has_checksums else []
-        if damaged:
-            more = f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else ""
-            detail += "; damaged: " + "; ".join(damaged[:3]) + more
-        return ShardCheck(shard.path, "mismatch", detail)
-    try:
-        count = _count_tar_samples(shard.path)
-    except (tarfile.TarError, OSError) as e:
-        return ShardCheck(shard.path, "mismatch", f"unreadable tar: {e}")
-    if count != shard.count:
-        return ShardCheck(shard.path, "mismatch", f"{count} samples, manifest says {shard.count}")
-    return ShardCheck(shard.path, "ok")
-
-
-def verify_shards(out: str | Path) -> VerifyResult:
-    """Re-hash every shard of a packed dataset against its manifest and recount its samples."""
-    from bcc.manifest import Manifest
-
-    manifest = Manifest.load(out)
-    checks: list[ShardCheck] = []
-    listed: set[str] = set()
-    for split_name in manifest.splits:
-        for shard in manifest.split(split_name).shards:
-            listed.add(shard.path.name if isinstance(shard.path, Path) else "")
-            checks.append(_check(shard, manifest.has_checksums))
-    for path in [] if manifest.is_remote else sorted(manifest.root.glob("*.tar")):  # a URL lists no folder
-        if path.name not in listed:
-            checks.append(ShardCheck(path.resolve(), "extra", "not listed in manifest.json"))
-    return VerifyResult(manifest.root, checks)
 
 
 class ShardError(BccError):
@@ -308,26 +234,45 @@ def tar_header_ok(block: bytes) -> bool:
     return stored >= 0 and ((zlib.adler32(block) & 0xFFFF) - 1 - sum(block[148:156]) + 256 - stored) % 65521 == 0
 
 
+class _PutBack:
+    """A stream with `head` put back in front of it (a remote stream cannot seek back to a header)."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            head, self.head = self.head, b""
+            return head + self.stream.read()
+        head, self.head = self.head[:n], self.head[n:]
+        return head + (self.stream.read(n - len(head)) if len(head) < n else b"")
+
+
 def _tar_files(f, path: str) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of the regular files of a local tar file `f` (positioned at a member header).
+    """(name, data) of the regular files of a tar stream `f`: a local file positioned at a member header,
+    or a remote stream (`bcc.remote.open_location`) from its start.
 
     Parses the 512-byte ustar headers itself (checksum checked, pax and GNU long names read): Python's
-    `tarfile` costs ~30 us per member, about as much as decoding a 64 px JPEG for a 3-member sample.
+    `tarfile` costs ~30 us per member, about as much as decoding a 64 px JPEG for a 3-member sample, and
+    stops silently at a bad header past the first, so a corrupt shard would pass for a truncated one.
     A header it leaves to `tarfile` (global pax, base-256 size) hands the rest of the file to webdataset's
     reader from that header on. Skips webdataset's meta files (`__...__`) as its reader does."""
-    offset, name = f.tell(), None
+    seekable = isinstance(f, io.BufferedReader)
+    offset, name = f.tell() if seekable else 0, None
     while True:
         block = f.read(512)
         if len(block) < 512 or (block[0] == 0 and block.count(0) == 512):
             return  # end of archive (two zero blocks, or the end of the file)
         if not tar_header_ok(block):
-            raise tarfile.ReadError(f"bad tar header checksum at byte {offset}")
+            raise tarfile.ReadError(f"corrupt: not a valid tar past byte {offset} (the header there fails its checksum)")
         flag = block[156:157]
         if block[124] & 0x80 or flag == b"g":
             import webdataset as wds
 
-            f.seek(offset)
-            for x in wds.tariterators.tar_file_iterator(f, handler=wds.reraise_exception):
+            if seekable:
+                f.seek(offset)
+            for x in wds.tariterators.tar_file_iterator(f if seekable else _PutBack(block, f),
+                                                        handler=wds.reraise_exception):
                 yield x["fname"], x["data"]
             return
         size = int(block[124:136].split(b"\0")[0].strip() or b"0", 8)
@@ -377,17 +322,11 @@ def _group(files: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict]:
 
 
 def _tar_samples(stream, url: str) -> Iterator[dict]:
-    """Samples of a tar stream (positioned at a member header), grouped by key like webdataset's. A local
-    file is parsed by `_tar_files`; remote streams by webdataset's `tarfile` reader."""
-    import webdataset as wds
-
-    if isinstance(stream, io.BufferedReader):
-        return _group(_tar_files(stream, url), url)
-    files = ({**x, "__url__": url} for x in wds.tariterators.tar_file_iterator(stream, handler=wds.reraise_exception))
-    return wds.tariterators.group_by_keys(files)
+    """Samples of a tar stream (positioned at a member header), grouped by key like webdataset's."""
+    return _group(_tar_files(stream, url), url)
 
 
-def _open_samples(location, where: str, lo: int, seek: bool) -> tuple[Any, Iterator[dict], int]:
+def _open_samples(location, where: str, lo: int, seek: bool, timeout_s: float) -> tuple[Any, Iterator[dict], int]:
     """(open stream, its raw samples, index of the first one). A local shard read from `lo` > 0 seeks
     to that sample by its tar headers (`seek`); anything else is read from its start."""
     start = 0
@@ -401,19 +340,19 @@ def _open_samples(location, where: str, lo: int, seek: bool) -> tuple[Any, Itera
         stream = open(location, "rb")
         stream.seek(offset)
     else:
-        stream = remote.open_location(location)
+        stream = remote.open_location(location, timeout_s=timeout_s)
     return stream, _tar_samples(stream, where), start
 
 
 def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] = frozenset(),
-               retries: int = remote.DEFAULT_RETRIES) -> Iterator[dict]:
+               retries: int = remote.DEFAULT_RETRIES, timeout_s: float = remote.HTTP_TIMEOUT_S) -> Iterator[dict]:
     """Raw samples [lo, hi) of one shard in tar order, less `drop`. Any failure names the shard; so does
     a shard shorter than `hi` (naming the first missing sample), or, when read to its end, one whose
     count disagrees with the manifest.
 
     The shard may be remote (`bcc.remote`: an http(s) URL or a `pipe:` command). A transient read error
     there (a dropped connection, a failed command) re-opens the shard, up to `retries` times with
-    backoff, and skips forward by count to the sample that failed: the samples and their order are those
+    backoff (a read silent for `timeout_s` is one), and skips forward by count to the sample that failed: the samples and their order are those
     of an undisturbed read, or the read fails with a ShardError naming the shard and the sample.
 
     A shard of a cross-validation view (`Manifest.with_fold`, `shard.folds` set) holds only its folds'
@@ -429,7 +368,7 @@ def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] =
     while True:
         stream = None
         try:
-            stream, samples, raw_start = _open_samples(location, where, lo, seek=not folded and raw == 0)
+            stream, samples, raw_start = _open_samples(location, where, lo, not folded and raw == 0, timeout_s)
             if raw == 0:
                 raw = n = raw_start
             for i, sample in enumerate(samples, start=raw_start):
@@ -445,9 +384,10 @@ def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] =
                     break  # the rest belongs to someone else: stop reading
             break
         except Exception as e:
-            if remote.is_local(location) or not remote.is_transient(e) or attempt >= retries:
+            if remote.is_local(location) or not remote.is_transient(e) or attempt >= retries or remote.is_stopping():
                 tried = f" (after {attempt} retr{'y' if attempt == 1 else 'ies'})" if attempt else ""
-                detail = str(e) if isinstance(e, remote.RemoteError) else remote.redact(f"{type(e).__name__}: {e}")
+                plain = isinstance(e, (remote.RemoteError, tarfile.ReadError))  # their messages say what it is
+                detail = str(e) if plain else remote.redact(f"{type(e).__name__}: {e}")
                 raise ShardError(f"cannot read shard {where} at sample {raw}{tried}: {detail}") from None
             attempt += 1
             time.sleep(remote.retry_delay(attempt))

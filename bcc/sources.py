@@ -104,15 +104,16 @@ def load_data(data: DataConfig) -> Manifest:
     """The manifest a run reads: `data.shards`' (its `data.fold` view), or the `MixedManifest` of
     `data.sources`. Raises ManifestError (a missing or broken manifest) or SourceError."""
     # `pipe:` entries of a manifest run only when the user allows it; remote manifests are fetched with retries
-    opts = {"allow_pipe": data.allow_pipe_in_manifest, "retries": data.retries}
+    opts = {"allow_pipe": data.allow_pipe_in_manifest, "retries": data.retries, "timeout_s": data.read_timeout_s}
     if not data.sources:
         return Manifest.load(data.shards, **opts).with_fold(data.fold, train=data.train_split, val=data.val_split)
-    for i, s in enumerate(data.sources):  # named by its own key (Manifest.load would say data.shards)
+    for i, s in enumerate(data.sources):  # every location checked before any is fetched
         try:
             remote.check_no_secrets(s.shards, f"data.sources[{i}].shards")
         except remote.RemoteError as e:
             raise SourceError(str(e)) from None
-    sources = [Source(source_name(s), s.weight, Manifest.load(s.shards, **opts)) for s in data.sources]
+    sources = [Source(source_name(s), s.weight, Manifest.load(s.shards, **opts, key=f"data.sources[{i}].shards"))
+               for i, s in enumerate(data.sources)]  # each named by its own key
     return MixedManifest(sources).with_fold(data.fold)
 
 

@@ -89,7 +89,7 @@ from bcc.plan import (
     mix_seed,
     time_plan,
 )
-from bcc.remote import DEFAULT_RETRIES
+from bcc.remote import DEFAULT_RETRIES, HTTP_TIMEOUT_S, request_stop
 from bcc.shards import IMAGE_KEYS, ShardError, read_range
 from bcc.sources import shard_weights
 from bcc.stream_ring import BatchRing, as_is, make_ring, worker_slots
@@ -123,9 +123,9 @@ class _TrainStream(IterableDataset):
 
     def __init__(self, shards, *, seed, rank, world_size, batch_size, shuffle_buffer, transform, epoch_state,
                  checked=False, on_corrupt="error", weights=None, sampling="without_replacement", epoch_samples=0,
-                 retries=DEFAULT_RETRIES):
+                 retries=DEFAULT_RETRIES, timeout_s=HTTP_TIMEOUT_S):
         self.shards = list(shards)
-        self.retries = retries
+        self.retries, self.timeout_s = retries, timeout_s
         self.checked, self.on_corrupt = checked, on_corrupt
         self.counts = [s.count for s in self.shards]
         self.weights = list(weights) if weights is not None else [1.0] * len(self.shards)
@@ -144,8 +144,8 @@ class _TrainStream(IterableDataset):
     def _lane(self, plan: EpochPlan | ResamplePlan, epoch: int, lane: int) -> Iterator[list[dict]]:
         """Raw batches of one lane: its segments read in order, shuffled, cut into batches."""
         samples: Iterable[dict] = itertools.chain.from_iterable(
-            read_range(self.shards[s.shard], s.lo, s.hi, s.drop, retries=self.retries)
-            for s in plan.segments(self.rank, lane)
+            read_range(self.shards[s.shard], s.lo, s.hi, s.drop, retries=self.retries, timeout_s=self.timeout_s)
+            for s in plan.iter_segments(self.rank, lane)
         )
         if self.shuffle_buffer > 1:
             rng = random.Random(mix_seed("buffer", self.seed, epoch, self.rank, lane))
@@ -185,9 +185,9 @@ class _EvalStream(IterableDataset):
     """Samples [start, stop) of a split in manifest order, in batches; workers take contiguous runs."""
 
     def __init__(self, shards, *, start, stop, batch_size, transform, checked=False, on_corrupt="error",
-                 retries=DEFAULT_RETRIES):
+                 retries=DEFAULT_RETRIES, timeout_s=HTTP_TIMEOUT_S):
         self.shards = shards
-        self.retries = retries
+        self.retries, self.timeout_s = retries, timeout_s
         self.checked, self.on_corrupt = checked, on_corrupt
         self.start, self.stop = start, stop
         self.batch_size = batch_size
@@ -210,7 +210,7 @@ class _EvalStream(IterableDataset):
             if first >= hi:
                 return
             if first + shard.count > lo:
-                for i, sample in enumerate(read_range(shard, retries=self.retries), start=first):
+                for i, sample in enumerate(read_range(shard, retries=self.retries, timeout_s=self.timeout_s), start=first):
                     if i >= hi:
                         break  # stop reading; the count check only runs on shards read to the end
                     if i >= lo:
@@ -234,6 +234,7 @@ WORKER_TERM_GRACE_S = 60  # a loader worker outlives a SIGTERM by at most this l
 
 def _defer_term(signum, frame) -> None:
     signal.alarm(WORKER_TERM_GRACE_S)  # SIGALRM's default action ends the worker then
+    request_stop()  # a read stalled on a silent pipe: command ends now, and nothing is retried
 
 
 def _worker_signals(worker_id: int) -> None:
@@ -402,6 +403,7 @@ class TrainLoader:
             shuffle_buffer=data_cfg.shuffle_buffer, transform=train_tf, epoch_state=self._epoch_state,
             checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt, weights=weights,
             sampling=data_cfg.sampling, epoch_samples=samples, retries=data_cfg.retries,  # 0 resolved
+            timeout_s=data_cfg.read_timeout_s,
         )
         self._batches = BatchLoader(
             dataset, self.batches_per_epoch, workers=data_cfg.workers, seed=mix_seed("loader", seed, rank),
@@ -478,7 +480,8 @@ def eval_loader(
     batch_size = data_cfg.eval_batch_size
     _, eval_tf = crops_from_config(data_cfg)
     dataset = _EvalStream(shards, start=start, stop=stop, batch_size=batch_size, transform=eval_tf,
-                          checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt, retries=data_cfg.retries)
+                          checked=manifest.has_checksums, on_corrupt=data_cfg.on_corrupt, retries=data_cfg.retries,
+                          timeout_s=data_cfg.read_timeout_s)
     num_batches = math.ceil((stop - start) / batch_size)
     return BatchLoader(dataset, num_batches, workers=data_cfg.workers, seed=0, pin_memory=pin_memory,
                        what=f"split '{split}'", rank=rank, device_transform=device_transforms_from_config(data_cfg)[1],

@@ -124,3 +124,14 @@ def test_eval_weights_auto_is_the_ema_as_exported_raw_on_request(ema_checkpoint,
         message = " ".join(io.err.split())  # rich may wrap the one line at the console width
         assert code == 2 and message.startswith(f"error: --weights {weights}: ") and "Traceback" not in message
         assert expected in message and str(checkpoint) in "".join(io.err.split())  # named, even if wrapped
+
+
+def test_bcc_eval_names_the_data_option_for_a_bad_location(trained_run, synth_shards, bcc_main):  # noqa: F811
+    """An error about the dataset location names `--data`, which the user wrote, not data.shards."""
+    for location, match in [(f"pipe:cat {synth_shards}/manifest.json", "the pipe: dataset .* needs {name}"),
+                            ("https://alice:wonderland-pw@h/ds", "holds a credential")]:
+        proc = bcc_main("eval", "--checkpoint", trained_run, "--data", location, "--workers", "0")
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith("error: --data: ") and match.split(" .*")[0] in lines[0], lines[0]
+        assert "data.shards" not in lines[0] and "wonderland-pw" not in lines[0]

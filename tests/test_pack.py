@@ -17,8 +17,9 @@ from PIL import Image
 from bcc import pack as pack_mod
 from bcc import pack_pool
 from bcc.pack import PackError, pack_folders
-from bcc.shards import shard_sizes, verify_shards
+from bcc.shards import shard_sizes
 from bcc.taxonomy import Taxonomy, TaxonomyError
+from bcc.verify import verify_shards
 
 from conftest import image_bytes
 

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import http.server
 import json
+import re
 import shutil
 import socket
 import threading
@@ -199,8 +200,32 @@ def test_dataset_locations_that_name_no_dataset(location, match):
 def test_config_keys():
     cfg = load_config(overrides=["data.shards=http://h/ds", "data.retries=0"])
     assert cfg.data.retries == 0 and cfg.data.allow_pipe_in_manifest is False
+    assert cfg.data.read_timeout_s == remote.HTTP_TIMEOUT_S == 60
+    assert load_config(overrides=["data.read_timeout_s=2.5"]).data.read_timeout_s == 2.5
     with pytest.raises(Exception, match="data.retries"):
         load_config(overrides=["data.retries=-1"])
+    for bad in ("0", "-1", "1e9", "nan", "soon"):
+        with pytest.raises(Exception, match=r"data.read_timeout_s: (must be|expected)"):
+            load_config(overrides=[f"data.read_timeout_s={bad}"])
+
+
+def test_the_read_timeout_is_the_configured_one_for_http_and_pipe():
+    """data.read_timeout_s bounds a silent server and a silent pipe: command (the manifest's fetch here,
+    as `bcc train` does it through load_data); the default would wait 60 s."""
+    import time
+
+    from bcc.config import DataConfig
+    from bcc.sources import load_data
+
+    with socket.socket() as s:  # a server that takes the connection and never answers
+        s.bind(("127.0.0.1", 0))
+        s.listen(4)
+        for shards, match in [(f"http://127.0.0.1:{s.getsockname()[1]}/ds", "timed out"),
+                              ("pipe:sleep 30; cat /d/{name}", r"printed nothing for 0.5 s")]:
+            t0 = time.monotonic()
+            with pytest.raises(ManifestError, match=match):
+                load_data(DataConfig(shards=shards, retries=0, read_timeout_s=0.5))
+            assert time.monotonic() - t0 < 10
 
 
 # --------------------------------------------------------------------------- reading over HTTP and pipe:
@@ -302,6 +327,30 @@ def test_bad_remote_inputs_are_named(synth_shards, tmp_path, no_backoff):
     assert "(after 1 retry)" in str(e.value)
     with pytest.raises(TrainError, match="cannot open remote shard pipe:.*exited with code 3"):
         check_shards(type(split)("train", failing.count, {}, [failing]), retries=0)
+
+
+def test_a_corrupt_remote_shard_is_not_called_truncated(synth_shards, tmp_path, no_backoff):
+    """A shard whose first sample is fine but is followed by garbage is corrupt (not a valid tar past byte
+    N), over http and pipe:, as a local one is; a short one is still a truncated copy."""
+    from bcc.shards import sample_offset
+
+    pack = copy_pack(synth_shards, tmp_path / "pack")
+    shards = Manifest.load(pack).split("train").shards
+    bad, short = shards[0].path, shards[1].path
+    cut, _ = sample_offset(str(bad), 1)  # where the second sample's header starts
+    data = bad.read_bytes()
+    bad.write_bytes(data[:cut] + bytes((i * 7 + 13) % 256 for i in range(len(data) - cut)))
+    short.write_bytes(short.read_bytes()[:cut])  # whole samples, then the end: a truncated copy
+    with serve(pack) as (_, url):
+        for where in (pack, url, f"pipe:cat {pack}/{{name}}"):
+            split = Manifest.load(where).split("train")
+            shown = remote.display(split.shards[0].path)
+            with pytest.raises(ShardError, match=rf"^cannot read shard {re.escape(shown)} at sample \d+: corrupt: not "
+                                                 rf"a valid tar past byte {cut} ") as e:
+                list(read_range(split.shards[0], retries=0))
+            assert "truncated" not in str(e.value)
+            with pytest.raises(ShardError, match=r"ends before sample \d+: a truncated copy"):
+                list(read_range(split.shards[1], retries=0))
 
 
 # --------------------------------------------------------------------------- security
@@ -459,7 +508,9 @@ def test_a_url_query_is_kept_and_a_fragment_dropped(synth_shards):
     "pipe:s3cmd --secret_key=wJalrSEKRIT get {name}", "pipe:rclone --s3-secret-access-key wJalrSEKRIT cat r:{name}",
     "pipe:az --account-key wJalrSEKRIT get {name}", "pipe:lftp -u me,wJalrSEKRIT h/{name}",
     "pipe:smbclient -U me%wJalrSEKRIT //h/{name}", "pipe:curl -H 'Cookie: sid=wJalrSEKRIT' h/{name}",
-    "pipe:curl --cookie sid=wJalrSEKRIT h/{name}",
+    "pipe:curl --cookie sid=wJalrSEKRIT h/{name}", "pipe:sshpass -p wJalrSEKRIT ssh h cat /d/{name}",
+    "pipe:sshpass -pwJalrSEKRIT ssh h cat /d/{name}", "pipe:sshpass -v -p 'wJalrSEKRIT' scp h:/d/{name} /dev/stdout",
+    "pipe:sshpass -P assword -p wJalrSEKRIT ssh h cat /d/{name}",
 ])
 def test_a_pipe_command_that_spells_a_secret_out_is_refused(command):
     with pytest.raises(remote.RemoteError, match=r"spells a secret out.*\$\{VAR\}") as e:
@@ -474,7 +525,8 @@ def test_a_pipe_command_with_secrets_from_the_environment_is_accepted(synth_shar
     for ok in ("pipe:env AWS_SECRET_ACCESS_KEY=${BCC_TEST_SECRET} AWS_ACCESS_KEY_ID=AKIA1 cat /d/{name}",
                "pipe:curl -H 'Authorization: Bearer ${BCC_TEST_SECRET}' h/{name}", "pipe:aws s3 cp s3://b/{name} -",
                "pipe:curl -u '${BCC_TEST_SECRET}' h/{name}", "pipe:curl -u me h/{name}", "pipe:curl -sf http://h:80/{name}",
-               "pipe:tool --access-key-id AKIA1 get {name}"):
+               "pipe:tool --access-key-id AKIA1 get {name}", "pipe:sshpass -e ssh h cat /d/{name}",
+               "pipe:sshpass -p \"${BCC_TEST_SECRET}\" ssh h cat /d/{name}", "pipe:sshpass -f ~/.pw ssh h cat /d/{name}"):
         remote.check_no_secrets(ok)
     env = f"pipe:env AWS_SECRET_ACCESS_KEY=${{BCC_TEST_SECRET}} cat {synth_shards}/{{name}}"
     assert Manifest.load(env).split("train").count == Manifest.load(synth_shards).split("train").count
@@ -495,10 +547,9 @@ def test_a_stalled_pipe_times_out_and_ends_its_process_group(monkeypatch):
 
     from bcc import remote_pipe
 
-    monkeypatch.setattr(remote_pipe, "HTTP_TIMEOUT_S", 0.5)
-    stream = remote.open_location("pipe:printf abc; sleep 30")
+    stream = remote.open_location("pipe:printf abc; sleep 30", timeout_s=0.5)
     t0 = time.monotonic()
-    with pytest.raises(remote_pipe.PipeError, match=r"printed nothing for 0 s \(stalled\)") as e:
+    with pytest.raises(remote_pipe.PipeError, match=r"printed nothing for 0.5 s \(stalled; data.read_timeout_s\)") as e:
         stream.read(100)
     assert e.value.transient and time.monotonic() - t0 < 10
     pgid = stream.proc.pid
@@ -516,6 +567,58 @@ def test_a_stalled_pipe_times_out_and_ends_its_process_group(monkeypatch):
         remote.probe("pipe:head -c 2048 /dev/urandom", retries=0)
     with pytest.raises(remote.RemoteError, match="more than 1,000 bytes: not a manifest"):
         remote.read_bytes("pipe:yes", retries=0, limit=1000)  # an endless manifest filled 24 GB before
+
+
+def test_sigterm_ends_a_run_stalled_on_a_pipe_promptly(synth_shards, tmp_path):
+    """Slurm's SIGTERM to a `bcc train` whose loader is waiting on a silent pipe: command: the run ends in
+    seconds (not after data.read_timeout_s x (1 + data.retries)) with one error line, and the command's
+    process group is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pids = tmp_path / "stalled-pids"
+    script = tmp_path / "fetch"  # train shards: a few blocks, then silence; the rest whole
+    script.write_text(f'#!/bin/sh\ncase "$1" in train-*) head -c 3000 "{synth_shards}/$1"; echo $$ >> {pids}; '
+                      f'exec sleep 300;; *) exec cat "{synth_shards}/$1";; esac\n')
+    script.chmod(0o755)
+    cfg = write_config(tmp_path / "cfg.yaml", f"pipe:{script} {{name}}", tmp_path / "run",
+                       train={"epochs": 1}, eval={"test_at_end": False})
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "bcc", "train", "--config", str(cfg)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    try:
+        stalled, seen, deadline = None, set(), time.monotonic() + 120
+        while stalled is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)  # the probe's commands end at once; the training read's stays: alive twice running
+            live = {int(p) for p in pids.read_text().split()} if pids.exists() else set()
+            live = {p for p in live if alive(p)}
+            stalled, seen = next(iter(live & seen), None), live
+        assert stalled is not None, "no read stalled on the pipe command"
+        os.killpg(proc.pid, signal.SIGTERM)  # Slurm signals the job step: the trainer and its loader worker
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=50)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert took < 20, (took, err[-2000:])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "asked to terminate" in lines[0], err[-3000:]
+    assert "retr" not in lines[0]  # nothing re-opened after the termination request
+    time.sleep(1)
+    assert not alive(stalled), "the pipe command outlived the run"
 
 
 def test_brace_bounds_are_read_from_the_pattern():
@@ -546,6 +649,23 @@ def test_pack_verify_reads_a_remote_pack(synth_shards, tmp_path, capsys):
         (pack / "val-000000.tar").unlink()
         assert main(["pack", "--verify", url]) == 1
         assert "HTTP 404" in capsys.readouterr().out
+
+
+def test_a_bad_dataset_location_is_named_by_what_the_user_wrote(synth_shards, bcc_main):
+    """`bcc pack --verify LOC` names --verify, a data.sources entry its own key (they said data.shards)."""
+    from bcc.config import DataConfig, SourceConfig
+    from bcc.sources import load_data
+
+    for location, match in [(f"pipe:cat {synth_shards}/manifest.json", "the pipe: dataset .* needs {name}"),
+                            ("https://alice:wonderland-pw@h/ds", r"https://\*\*\*@h/ds holds a credential"),
+                            (f"{synth_shards}/train-{{000000..000003}}.tar", "is a brace list of shards; .* point "
+                                                                              "--verify at the folder")]:
+        proc = bcc_main("pack", "--verify", location)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert re.match(rf"error: --verify: .*{match}", lines[0]) and "data.shards" not in lines[0], lines[0]
+    with pytest.raises(ManifestError, match=r"^data.sources\[1\].shards: the pipe: dataset"):
+        load_data(DataConfig(sources=(SourceConfig(shards=str(synth_shards)), SourceConfig(shards="pipe:cat x"))))
 
 
 def test_malformed_manifest_entries_are_named(synth_shards, tmp_path):

@@ -9,6 +9,7 @@ resampled run resumed mid-epoch that ends with bitwise the uninterrupted run's w
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -29,6 +30,8 @@ from bcc.plan import LANES, ResamplePlan, StreamError, batches_per_epoch, make_p
 from bcc.sources import SourceError, load_data, shard_weights, weighted_class_counts
 from bcc.stream import TrainLoader, train_batches
 from bcc.trackers import tracker_values
+
+from conftest import write_config
 
 BATCH = 4
 A, B = [30, 3, 3, 40], [5, 0, 12]  # 76 + 17 samples; B has an empty shard
@@ -322,3 +325,17 @@ def test_resampled_run_resumed_mid_epoch_is_bitwise_exact(synth_shards, second_s
     a = load_file(straight / "checkpoints" / "last" / "model.safetensors")
     b = load_file(resumed / "checkpoints" / "last" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_huge_epoch_samples_is_refused_up_front(tmp_path, synth_shards, bcc_main):
+    """data.epoch_samples=10**15 planned segment lists that filled the memory: one error line instead."""
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "run")
+    proc = bcc_main("train", "--config", cfg, "data.sampling=resample", f"data.epoch_samples={10**15}")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "data.epoch_samples: must be >= 0 and at most 10,000,000,000" in lines[0], lines[0]
+    assert not (tmp_path / "run").exists()
+    plan = ResamplePlan([5, 7], seed=0, epoch=0, world_size=1, batch_size=4, epoch_samples=10**10)
+    first = list(itertools.islice(plan.iter_segments(0, 0), 3))  # drawn as read, not planned whole
+    assert len(first) == 3 and sum(s.hi - s.lo for s in first) <= 7 * 3
+

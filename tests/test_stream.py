@@ -286,17 +286,19 @@ def test_unreadable_or_short_shard_is_named(tmp_path, workers):
     assert _live_children() <= before
 
 
-def test_workers_outlive_sigterm_only_for_a_grace_period():
+def test_workers_outlive_sigterm_only_for_a_grace_period(monkeypatch):
     import signal
 
-    from bcc import stream
+    from bcc import remote, stream
 
+    monkeypatch.setattr(remote, "_STOPPING", [False])  # the termination request stays in this test
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         stream._worker_signals(0)
         assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
         stream._defer_term(signal.SIGTERM, None)
         assert 0 < signal.alarm(0) <= stream.WORKER_TERM_GRACE_S  # an alarm was set, and is cancelled here
+        assert remote.is_stopping()  # and a stalled remote read ends now, without retries
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)

@@ -198,7 +198,7 @@ def _summary(result, console) -> None:
 def _verify(out: str, console) -> int:
     from bcc.manifest import FILE_LISTS, Manifest, ManifestError
     from bcc.remote import display
-    from bcc.shards import verify_shards
+    from bcc.verify import verify_shards
 
     result = verify_shards(out)  # a local folder, a URL or a pipe: template: each shard read as training reads it
     for check in result.shards:
@@ -208,7 +208,7 @@ def _verify(out: str, console) -> int:
         else:
             console.print(f"[red]{check.status.upper():<9}[/] {name}: {check.detail}")
     bad = len(result.mismatches)
-    manifest = Manifest.load(out)
+    manifest = Manifest.load(out, key="--verify")
     side_bad = 0
     for name in FILE_LISTS:  # the long per-file lists' side files, checked against their sha256
         ref = manifest.data.get(name)

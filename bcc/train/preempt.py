@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from bcc import remote
 from bcc.atomic import write_json
 from bcc.errors import EXIT_PREEMPTED
 
@@ -41,6 +42,8 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
+        if signum == signal.SIGTERM:  # the end is near: a stalled remote read must not outlast it
+            remote.request_stop()
 
     def agreed(self) -> bool:
         """True on every rank when any rank was signalled (a collective: all ranks must call it at the same

@@ -55,7 +55,7 @@ def _size_problem(shard: ShardInfo, size: int) -> str | None:
     return None if size >= shard.count * MIN_BYTES_PER_SAMPLE else f"{size} bytes for {shard.count} samples"
 
 
-def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES) -> None:
+def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES, timeout_s: float = remote.HTTP_TIMEOUT_S) -> None:
     """Every local shard of `split` exists, is a file and has the size the manifest records (format 5; older
     packs: is large enough for its count); every remote one opens (`remote.probe`) and, when the server
     gives its size, passes the same test.
@@ -80,7 +80,7 @@ def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES) -> Non
         problem = _size_problem(shard, st.st_size) if st.st_mode & 0o170000 == 0o100000 else "not a file"
         if problem:
             short.append(f"{path} ({problem})")
-    probes = remote.probe_all([s.path for s in remote_shards], retries)
+    probes = remote.probe_all([s.path for s in remote_shards], retries, timeout_s)
     unreachable = [str(v) for v in probes.values() if isinstance(v, remote.RemoteError)]
     if unreachable:
         raise TrainError(f"split '{split.name}': cannot open remote shard {_named(unreachable)}")
@@ -118,7 +118,7 @@ def check_run(cfg: Config, manifest: Manifest) -> None:
             # an empty val split gives NaN metrics, and a "best" checkpoint chosen on NaN
             raise TrainError(f"{key} '{name}' of {manifest.shown} is empty; repack with a non-zero "
                              f"{'validation' if key == 'data.val_split' else 'training'} fraction")
-        check_shards(split, cfg.data.retries)
+        check_shards(split, cfg.data.retries, cfg.data.read_timeout_s)
 
 
 def check_precision(mixed_precision: str, device: torch.device) -> None:

@@ -1,0 +1,68 @@
+"""What looks like a credential in a shard location, and `redact`, which masks it in every message.
+
+`bcc.remote` owns locations; this module owns the one list of secret-looking forms (URL userinfo, signed
+query values, `NAME=value` assignments, `--password value` flags, `user:password` options, Authorization
+headers, bearer tokens) that `redact` masks and `bcc.remote.check_no_secrets` refuses, so that no secret
+reaches config.yaml, a manifest or a log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+__all__ = ["TOKEN_ENV", "redact", "remember"]
+
+TOKEN_ENV = "BCC_HTTP_TOKEN"
+_EXPANDED: dict[str, str] = {}  # value -> "${NAME}" of every variable `bcc.remote.expand_env` read
+
+
+def remember(value: str, ref: str) -> None:
+    """Show `ref` (`${NAME}`) wherever `redact` meets `value`, the variable's value."""
+    _EXPANDED[value] = ref
+
+
+# The one list of what looks like a secret: query parameters, `NAME=value` assignments and `--flag value`s in a
+# `pipe:` command (`env AWS_SECRET_ACCESS_KEY=...`, `--password ...`), Authorization-like headers. An ID is not one.
+_SECRET_PARAM = re.compile(r"(sig|signature|token|secret|password|passwd|key|credential|auth|session)(?![_-]?id$)", re.I)
+_ASSIGN = re.compile(r"(?<![?&\w.$-])(?P<name>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>[^\s'\"$&;|][^\s'\"&;|]*)")
+_QUOTED = r"'(?!\$\{)[^']*'|\"(?!\$\{)[^\"]*\""  # a quoted value, unless it is a ${VAR}
+_FLAG = re.compile(r"(?P<flag>\s--?[A-Za-z0-9_-]*(?:password|passwd|token|secret|api[-_]?key|account[-_]?key|"
+                   r"access[-_]?key|credential|cookie)[A-Za-z0-9_-]*)(?<![-_]id)"
+                   rf"(?P<gap>=|\s+)(?P<value>{_QUOTED}|[^\s'\"$-][^\s'\"]*)", re.I)
+_HEADER = re.compile(r"(?P<head>\b(?:Authorization|Proxy-Authorization|X-Api-Key|Api-Key|Private-Token|Cookie)\s*:\s*"
+                     r"(?:(?:Bearer|Basic|Token)\s+|(?!(?:Bearer|Basic|Token)\b)))(?P<value>[^\s'\"$][^\s'\"]*)", re.I)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"]+)@")
+_QUERY_PARAM = re.compile(r"(?P<sep>[?&])(?P<name>[^=&#\s'\"]+)=(?P<value>[^&#\s'\"]*)")
+# a user:password (curl -u/-U/-E/--user/--proxy-user/--cert, also -uNAME:PW and -su ...), lftp's
+# user,password, smbclient's user%password
+_USER_FLAG = re.compile(r"(?P<flag>\s(?:-[A-Za-z]{0,3}[uUE]|--user|--proxy-user|--cert))(?P<gap>=|\s*)"
+                        r"(?P<value>'[^'$]*[:,%][^']*'|\"[^\"$]*[:,%][^\"]*\"|[^\s'\"$:,%-][^\s'\":,%]*[:,%][^\s'\"]+)")
+# sshpass -p PASSWORD / -pPASSWORD (sshpass -e reads $SSHPASS instead), after any of its other options
+_SSHPASS = re.compile(rf"(?P<flag>\bsshpass(?:\s+-[vVh]|\s+-[PfdD]\s*\S+)*\s+-p)(?P<gap>\s*)"
+                      rf"(?P<value>{_QUOTED}|[^\s'\"$-][^\s'\"]*)")
+_BEARER = re.compile(r"\b(?P<word>Bearer|Basic|token)(?P<gap>[ =:]+)(?P<value>[A-Za-z0-9._~+/=-]{8,})", re.I)
+
+
+def redact(text: str) -> str:
+    """`text` with credentials masked: URL userinfo (`***@`), the values of query parameters whose name
+    suggests a secret (`X-Amz-Signature=***`, `token=***`), bearer/basic tokens, `$BCC_HTTP_TOKEN`'s
+    value, and the values of the `${VAR}`s `expand_env` read (shown as `${VAR}`)."""
+    if not text:
+        return text
+    for value, ref in sorted(_EXPANDED.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(value, ref)
+    token = os.environ.get(TOKEN_ENV, "")
+    if len(token) >= 4:
+        text = text.replace(token, "***")
+    text = _USERINFO.sub(lambda m: m.group("scheme") + ("***@" if not m.group("info").startswith("${") else
+                                                        m.group("info") + "@"), text)
+    text = _QUERY_PARAM.sub(lambda m: m.group(0) if not _SECRET_PARAM.search(m.group("name"))
+                            else f"{m.group('sep')}{m.group('name')}=***", text)
+    text = _ASSIGN.sub(lambda m: m.group(0) if not _SECRET_PARAM.search(m.group("name"))
+                       else f"{m.group('name')}=***", text)
+    text = _FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)
+    text = _USER_FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)  # curl -u user:password
+    text = _SSHPASS.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)
+    text = _HEADER.sub(lambda m: f"{m.group('head')}***", text)
+    return _BEARER.sub(lambda m: f"{m.group('word')}{m.group('gap')}***", text)

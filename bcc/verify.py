@@ -1,0 +1,98 @@
+"""`bcc pack --verify`: every shard of a packed dataset re-hashed against its manifest and recounted.
+
+A remote shard (an http(s) URL or a `pipe:` command) is read once through `bcc.remote`, as training reads
+it, into a temporary file and checked there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bcc import remote
+from bcc.shards import ShardError, count_tar_samples, damaged_samples, sha256_file
+
+__all__ = ["ShardCheck", "VerifyResult", "verify_shards"]
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    path: Path | str  # a remote shard: its URL or pipe: command (bcc.remote)
+    status: str  # "ok", "mismatch", "missing" or "extra"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    out: Path
+    shards: list[ShardCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(s.status == "ok" for s in self.shards)
+
+    @property
+    def mismatches(self) -> list[ShardCheck]:
+        return [s for s in self.shards if s.status != "ok"]
+
+
+def _check_remote(shard, has_checksums: bool) -> ShardCheck:
+    """`_check` of a URL or `pipe:` shard: read once through `bcc.remote` into a temporary file."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bcc-verify-") as tmp:
+        local = Path(tmp) / "shard.tar"
+        try:
+            stream = remote.open_location(shard.path)
+            try:
+                with open(local, "wb") as f:
+                    shutil.copyfileobj(stream, f, 1 << 20)
+            finally:
+                stream.close()
+        except remote.RemoteError as e:
+            return ShardCheck(shard.path, "missing", str(e))
+        return dataclasses.replace(_check(dataclasses.replace(shard, path=local), has_checksums), path=shard.path)
+
+
+def _check(shard, has_checksums: bool) -> ShardCheck:
+    if not isinstance(shard.path, Path):
+        return _check_remote(shard, has_checksums)
+    if not shard.path.is_file():
+        return ShardCheck(shard.path, "missing", "listed in manifest.json but not on disk")
+    digest = sha256_file(shard.path)
+    if digest != shard.sha256:
+        detail = f"sha256 {digest[:12]}… != manifest {shard.sha256[:12]}…"
+        damaged = damaged_samples(shard.path) if has_checksums else []
+        if damaged:
+            more = f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else ""
+            detail += "; damaged: " + "; ".join(damaged[:3]) + more
+        return ShardCheck(shard.path, "mismatch", detail)
+    try:
+        count = count_tar_samples(shard.path)
+    except ShardError as e:
+        return ShardCheck(shard.path, "mismatch", str(e))
+    except OSError as e:
+        return ShardCheck(shard.path, "mismatch", f"unreadable tar: {e}")
+    if count != shard.count:
+        return ShardCheck(shard.path, "mismatch", f"{count} samples, manifest says {shard.count}")
+    return ShardCheck(shard.path, "ok")
+
+
+def verify_shards(out: str | Path, key: str = "--verify") -> VerifyResult:
+    """Re-hash every shard of a packed dataset against its manifest and recount its samples. `key`: where
+    the user wrote `out`, named by a ManifestError about the location itself."""
+    from bcc.manifest import Manifest
+
+    manifest = Manifest.load(out, key=key)
+    checks: list[ShardCheck] = []
+    listed: set[str] = set()
+    for split_name in manifest.splits:
+        for shard in manifest.split(split_name).shards:
+            listed.add(shard.path.name if isinstance(shard.path, Path) else "")
+            checks.append(_check(shard, manifest.has_checksums))
+    for path in [] if manifest.is_remote else sorted(manifest.root.glob("*.tar")):  # a URL lists no folder
+        if path.name not in listed:
+            checks.append(ShardCheck(path.resolve(), "extra", "not listed in manifest.json"))
+    return VerifyResult(manifest.root, checks)
