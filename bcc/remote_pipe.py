@@ -17,6 +17,10 @@ __all__ = ["PipeError", "PipeOutput"]
 
 
 STOP_POLL_S = 1.0  # a silent command is checked this often for a termination request (`request_stop`)
+# after a termination request, a command silent this long is ended: long enough that a slow but live
+# download (a storage hiccup while a whole cluster is preempted) still lets the run reach its preemption
+# checkpoint and exit 75; short enough to end well within Slurm's KillWait (30 s by default)
+STOP_SILENCE_S = 5.0
 
 
 class PipeError(RemoteError):
@@ -46,13 +50,14 @@ class PipeOutput:
 
     def _chunk(self, n: int) -> bytes:
         """Up to n bytes as soon as some are there (b"" at the end); PipeError after a silent time-out, or
-        after STOP_POLL_S of silence once the process was asked to terminate (no retry follows then)."""
-        deadline = time.monotonic() + self.timeout_s
+        after STOP_SILENCE_S of silence once the process was asked to terminate (no retry follows then)."""
+        start = time.monotonic()
+        deadline = start + self.timeout_s
         while True:
             ready, _, _ = select.select([self.fd], [], [], max(0.0, min(STOP_POLL_S, deadline - time.monotonic())))
             if ready:
                 return os.read(self.fd, n)
-            if is_stopping():
+            if is_stopping() and time.monotonic() - start >= min(STOP_SILENCE_S, self.timeout_s):
                 self._end()
                 raise PipeError(f"{self.where}: stopped waiting for the command, which printed nothing: the "
                                 "process was asked to terminate (SIGTERM)")

@@ -735,3 +735,24 @@ def test_ddp_training_from_a_url_is_bitwise_training_from_the_local_copy(synth_s
     assert (tmp_path / "url" / "config.yaml").read_text().count(url) == 1
     leaked = [p for p in (tmp_path / "url").rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
     assert not leaked and TOKEN not in proc.stdout + proc.stderr
+
+
+def test_after_sigterm_a_slow_pipe_is_read_and_a_silent_one_ended(monkeypatch):
+    """After a termination request a `pipe:` command that still prints (gaps shorter than STOP_SILENCE_S)
+    is read to its end, so the run can reach its preemption checkpoint; one silent for STOP_SILENCE_S is
+    ended with a non-transient error (no retry)."""
+    import time
+
+    from bcc import remote_pipe
+
+    monkeypatch.setattr(remote, "_STOPPING", [False])
+    monkeypatch.setattr(remote_pipe, "STOP_POLL_S", 0.1)
+    monkeypatch.setattr(remote_pipe, "STOP_SILENCE_S", 0.6)
+    remote.request_stop()
+    slow = remote_pipe.PipeOutput("for i in 1 2 3; do printf x; sleep 0.3; done", "slow", timeout_s=30)
+    assert slow.read() == b"xxx"
+    silent = remote_pipe.PipeOutput("printf x; exec sleep 30", "silent", timeout_s=30)
+    t0 = time.monotonic()
+    with pytest.raises(remote_pipe.PipeError, match="asked to terminate") as e:
+        silent.read()
+    assert time.monotonic() - t0 < 5 and not e.value.transient
