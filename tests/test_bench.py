@@ -88,10 +88,11 @@ def test_bench_vote_prints_per_vote_and_per_step_cost():
 
 
 def test_bench_pack_prints_both_ratios_the_limit_range_and_the_rss_ratio():
-    out = bcc("bench", "pack", "--sizes", "40,80", "--workers", "2", "--image-px", "16").stdout
+    out = bcc("bench", "pack", "--sizes", "40,80", "--workers", "2", "--image-px", "16", "--repeats", "2").stdout
     for size in ("40", "80"):
         line = next(ln for ln in out.splitlines() if re.match(rf"│\s+{size} │", ln))
         assert re.search(rf"{NUMBER} x 2 \({NUMBER}-{NUMBER}\)", line), line  # median limit (range of 4)
+        assert re.search(rf"{NUMBER} \({NUMBER}, {NUMBER}\)", line), line  # median pack (every pack's img/s)
         assert re.search(rf"{size} images: throughput / \(decode limit x workers\) = {NUMBER} \(goal >= 0.8; "
                          rf"the first pass alone {NUMBER}\)", out.replace("\n", " ")), out
     assert re.search(rf"RSS 80/40 = {NUMBER} \(goal <= 1.5\)", out), out

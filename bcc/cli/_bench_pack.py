@@ -23,6 +23,8 @@ def register(sub) -> None:
     p.add_argument("--workers", type=positive_int, metavar="N", help="pack workers (default: the CPU affinity)")
     p.add_argument("--image-px", type=positive_int, default=64, metavar="PX",
                    help="side of the synthetic JPEGs (default 64; at least 16)")
+    p.add_argument("--repeats", type=positive_int, default=3, metavar="R",
+                   help="packs per size; throughput is their median, peak RSS their highest (default 3)")
     p.set_defaults(func=run)
 
 
@@ -37,19 +39,20 @@ def run(args: argparse.Namespace) -> int:
 
     if args.image_px < 16:
         raise BenchError(f"--image-px must be at least 16, got {args.image_px}")
-    points = bench_pack(args.sizes, workers=args.workers, image_px=args.image_px,
+    points = bench_pack(args.sizes, workers=args.workers, image_px=args.image_px, repeats=args.repeats,
                         progress=lambda message: console.print(f"[dim]{message}[/]"))
     table = Table(title=f"bcc bench pack: synthetic {args.image_px} px JPEGs, {points[0].workers} worker(s), "
                   "near-duplicate grouping on",
-                  caption="limit = the first-pass work per image (read, sha256, decode, pHash) in one process: the "
-                  "median of 4 measurements, 2 before and 2 after the pack (their range in brackets); together = the "
-                  "same work in N processes at once, summed")
+                  caption="img/s = the median of the packs (every pack's in brackets); limit = the first-pass work "
+                  "per image (read, sha256, decode, pHash) in one process: the median of 4 measurements, 2 before and 2 "
+                  "after the packs (their range in brackets); together = the same work in N processes at once, summed")
     for name in ("images", "seconds", "img/s", "limit img/s x workers", "/ limit", "limit together", "/ together",
                  "peak RSS MiB",
                  f"/ {points[0].images:,}", "processes", "shards", "near-dup groups", "side files", "load avg"):
         table.add_column(name, justify="left" if name == "side files" else "right")
     for p in points:
-        table.add_row(f"{p.images:,}", f"{p.seconds:.1f}", f"{p.images_per_s:,.0f}",
+        table.add_row(f"{p.images:,}", f"{p.seconds:.1f}",
+                      f"{p.images_per_s:,.0f} ({', '.join(f'{r:,.0f}' for r in p.runs)})",
                       f"{p.limit_per_process:,.0f} x {p.workers} ({p.limit_range[0]:,.0f}-{p.limit_range[1]:,.0f})",
                       f"{p.ratio:.2f}", f"{p.limit_together:,.0f}",
                       f"{p.ratio_together:.2f}", f"{p.peak_rss / 2**20:,.0f}",
