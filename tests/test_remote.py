@@ -570,9 +570,9 @@ def test_a_stalled_pipe_times_out_and_ends_its_process_group(monkeypatch):
 
 
 def test_sigterm_ends_a_run_stalled_on_a_pipe_promptly(synth_shards, tmp_path):
-    """Slurm's SIGTERM to a `bcc train` whose loader is waiting on a silent pipe: command: the run ends in
+    """A SIGTERM to a `bcc train` whose loader worker is waiting on a silent pipe: command: the run ends in
     seconds (not after data.read_timeout_s x (1 + data.retries)) with one error line, and the command's
-    process group is gone."""
+    process group is gone; sent to the trainer process alone, it is passed on to its loader workers."""
     import os
     import signal
     import subprocess
@@ -605,7 +605,9 @@ def test_sigterm_ends_a_run_stalled_on_a_pipe_promptly(synth_shards, tmp_path):
             live = {p for p in live if alive(p)}
             stalled, seen = next(iter(live & seen), None), live
         assert stalled is not None, "no read stalled on the pipe command"
-        os.killpg(proc.pid, signal.SIGTERM)  # Slurm signals the job step: the trainer and its loader worker
+        # to the trainer alone (a launcher passing it on, `kill PID`): it must reach the loader worker that
+        # reads the pipe (Slurm's SIGTERM to the whole step reaches it directly, through the same handler)
+        os.kill(proc.pid, signal.SIGTERM)
         t0 = time.monotonic()
         out, err = proc.communicate(timeout=50)
         took = time.monotonic() - t0

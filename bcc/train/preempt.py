@@ -44,6 +44,7 @@ class PreemptionFlag:
         self.signum = signum
         if signum == signal.SIGTERM:  # the end is near: a stalled remote read must not outlast it
             remote.request_stop()
+            _forward_to_loader_workers(signum)
 
     def agreed(self) -> bool:
         """True on every rank when any rank was signalled (a collective: all ranks must call it at the same
@@ -57,6 +58,22 @@ class PreemptionFlag:
         if signum:
             self.agreed_signum = signum
         return signum > 0
+
+
+def _forward_to_loader_workers(signum: int) -> None:
+    """Pass a SIGTERM on to this rank's loader workers (its multiprocessing children), which read the
+    shards. Slurm signals every process of a job step, but a SIGTERM sent to the rank alone (a launcher
+    passing it on, `kill PID`, a container runtime) never reached them: a worker stalled on a silent
+    `pipe:` read went on retrying for minutes. A worker's handler (`bcc.stream._defer_term`) stops its
+    remote reads and gives itself a grace period, so the rank can still save at its next vote."""
+    import multiprocessing
+    import os
+
+    for child in multiprocessing.active_children():
+        try:
+            os.kill(child.pid, signum)
+        except (ProcessLookupError, TypeError):  # ended meanwhile; not started (pid None)
+            pass
 
 
 def is_vote_step(step: int, every: int) -> bool:
