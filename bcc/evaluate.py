@@ -164,8 +164,13 @@ def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size:
     """A packed dataset (directory with manifest.json) or an image folder, checked against `im`'s taxonomy.
     `key`: where the user wrote `data` (`--data`, or the run's `data.shards`), named by errors about it."""
     from bcc.manifest import Manifest
+    from bcc.remote import RemoteError, check_scheme
     from bcc.stream import eval_loader
 
+    try:
+        check_scheme(data, key)  # s3://..., htps://...: neither a folder nor a URL bcc reads
+    except RemoteError as e:
+        raise EvalError(str(e)) from None
     path = Path(data)
     d = im.config.data
     data_cfg = dataclasses.replace(

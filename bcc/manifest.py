@@ -148,6 +148,10 @@ class Manifest:
                 raise ManifestError(str(e)) from None
         if not remote.is_local(path):
             return cls._load_remote(str(path), allow_pipe, retries, key, timeout_s)
+        try:
+            remote.check_scheme(path, key)  # s3://..., htps://...: not a local folder
+        except remote.RemoteError as e:
+            raise ManifestError(str(e)) from None
         if isinstance(path, str) and "{" in path:
             try:
                 remote.manifest_location(path, key)  # a brace list names shards, not a dataset: the same message as a URL's

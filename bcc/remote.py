@@ -47,7 +47,7 @@ from bcc import remote_secrets
 from bcc.errors import BccError
 from bcc.remote_secrets import TOKEN_ENV, redact
 
-__all__ = ["DEFAULT_RETRIES", "HTTP_TIMEOUT_S", "TOKEN_ENV", "RemoteError", "check_no_secrets",
+__all__ = ["DEFAULT_RETRIES", "HTTP_TIMEOUT_S", "TOKEN_ENV", "RemoteError", "check_no_secrets", "check_scheme",
            "display", "expand", "expand_env", "is_local", "is_plain_name", "is_transient", "join", "kind",
            "manifest_location", "open_location", "probe", "probe_all", "read_bytes", "redact", "retry_delay",
            "sends_token_elsewhere", "token_for"]
@@ -97,6 +97,20 @@ def kind(location: str | os.PathLike) -> Kind:
 
 def is_local(location: str | os.PathLike) -> bool:
     return kind(location) == "local"
+
+
+_OTHER_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def check_scheme(location: str | os.PathLike, key: str = "data.shards") -> None:
+    """Refuse a location written as a URL of a scheme bcc does not read (`s3://`, `gs://`, a typo such as
+    `htps://`): taken for a local path it would be mangled (`s3:/bucket`) and reported as a missing
+    folder, credentials and all. RemoteError naming `key`, redacted, with the pipe: way to object storage."""
+    text = str(location) if not isinstance(location, Path) else ""
+    if kind(text) == "local" and _OTHER_SCHEME.match(text):
+        raise RemoteError(f"{key}: {redact(text)} is a {text.split('://', 1)[0]}:// URL; bcc reads local paths, "
+                          "http(s):// URLs and pipe: commands: reach object storage through its own client, e.g. "
+                          "pipe:aws s3 cp s3://bucket/dataset/{name} - (docs/data.md)")
 
 
 def is_transient(e: BaseException) -> bool:
@@ -186,7 +200,8 @@ def display(location: str | os.PathLike) -> str:
 def check_no_secrets(location: str, key: str = "data.shards") -> None:
     """Refuse a location that spells a credential out (URL userinfo with a password, or a query
     parameter that looks like a signature or token): it would be written to config.yaml and logs.
-    `${VAR}` references are fine: only the reference is written."""
+    `${VAR}` references are fine: only the reference is written. A URL of another scheme: `check_scheme`."""
+    check_scheme(location, key)
     if kind(location) == "local":
         return
     if redact(location) != location and kind(location) == "pipe":

@@ -24,20 +24,28 @@ def remember(value: str, ref: str) -> None:
 
 # The one list of what looks like a secret: query parameters, `NAME=value` assignments and `--flag value`s in a
 # `pipe:` command (`env AWS_SECRET_ACCESS_KEY=...`, `--password ...`), Authorization-like headers. An ID is not one.
-_SECRET_PARAM = re.compile(r"(sig|signature|token|secret|password|passwd|key|credential|auth|session)(?![_-]?id$)", re.I)
+_SECRET_PARAM = re.compile(r"(sig|signature|token|secret|password|passwd|passphrase|pwd|key|credential|auth|session)"
+                           r"(?![_-]?id$)|pass$|(?:^|[_-])pass(?:[_-]|$)", re.I)  # SSHPASS, RCLONE_X_PASS, ?pwd=
 _ASSIGN = re.compile(r"(?<![?&\w.$-])(?P<name>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>[^\s'\"$&;|][^\s'\"&;|]*)")
 _QUOTED = r"'(?!\$\{)[^']*'|\"(?!\$\{)[^\"]*\""  # a quoted value, unless it is a ${VAR}
-_FLAG = re.compile(r"(?P<flag>\s--?[A-Za-z0-9_-]*(?:password|passwd|token|secret|api[-_]?key|account[-_]?key|"
-                   r"access[-_]?key|credential|cookie)[A-Za-z0-9_-]*)(?<![-_]id)"
+# (rclone's --webdav-pass, --azureblob-key, --sftp-pass too; not an ID, a file or a path: --sftp-key-file)
+_FLAG = re.compile(r"(?P<flag>\s--?[A-Za-z0-9_-]*(?:password|passwd|pass(?![a-z])|pwd|token|secret|api[-_]?key|"
+                   r"account[-_]?key|access[-_]?key|[a-z0-9][-_]key(?![a-z])|credential|cookie)[A-Za-z0-9_-]*)"
+                   r"(?<![-_]id)(?<![-_]file)(?<![-_]path)"
                    rf"(?P<gap>=|\s+)(?P<value>{_QUOTED}|[^\s'\"$-][^\s'\"]*)", re.I)
 _HEADER = re.compile(r"(?P<head>\b(?:Authorization|Proxy-Authorization|X-Api-Key|Api-Key|Private-Token|Cookie)\s*:\s*"
                      r"(?:(?:Bearer|Basic|Token)\s+|(?!(?:Bearer|Basic|Token)\b)))(?P<value>[^\s'\"$][^\s'\"]*)", re.I)
+# any header named like a credential given to curl/wget (-H 'X-Secret: ...', --header=...)
+_HEADER_FLAG = re.compile(r"(?P<head>\s(?:-H|--header)(?:=|\s*)['\"]?[A-Za-z0-9-]*(?:auth|token|secret|key|pass|pwd|"
+                          r"cookie|signature|credential|session)[A-Za-z0-9-]*\s*:\s*(?:(?:Bearer|Basic|Token)\s+)?)"
+                          r"(?P<value>(?!\*\*\*|(?:Bearer|Basic|Token)\s)[^\s'\"$][^\s'\"]*)", re.I)
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"]+)@")
 _QUERY_PARAM = re.compile(r"(?P<sep>[?&])(?P<name>[^=&#\s'\"]+)=(?P<value>[^&#\s'\"]*)")
 # a user:password (curl -u/-U/-E/--user/--proxy-user/--cert, also -uNAME:PW and -su ...), lftp's
 # user,password, smbclient's user%password
 _USER_FLAG = re.compile(r"(?P<flag>\s(?:-[A-Za-z]{0,3}[uUE]|--user|--proxy-user|--cert))(?P<gap>=|\s*)"
-                        r"(?P<value>'[^'$]*[:,%][^']*'|\"[^\"$]*[:,%][^\"]*\"|[^\s'\"$:,%-][^\s'\":,%]*[:,%][^\s'\"]+)")
+                        r"(?P<value>'[^']*?[:,%](?!\$)[^']+'|\"[^\"]*?[:,%](?!\$)[^\"]+\"|"  # ${USER}:password too
+                        r"(?:\$\{\w+\}|[^\s'\"$:,%-][^\s'\":,%]*)[:,%](?!\$)[^\s'\"]+)")
 # sshpass -p PASSWORD / -pPASSWORD (sshpass -e reads $SSHPASS instead), after any of its other options
 _SSHPASS = re.compile(rf"(?P<flag>\bsshpass(?:\s+-[vVh]|\s+-[PfdD]\s*\S+)*\s+-p)(?P<gap>\s*)"
                       rf"(?P<value>{_QUOTED}|[^\s'\"$-][^\s'\"]*)")
@@ -65,4 +73,5 @@ def redact(text: str) -> str:
     text = _USER_FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)  # curl -u user:password
     text = _SSHPASS.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)
     text = _HEADER.sub(lambda m: f"{m.group('head')}***", text)
+    text = _HEADER_FLAG.sub(lambda m: f"{m.group('head')}***", text)
     return _BEARER.sub(lambda m: f"{m.group('word')}{m.group('gap')}***", text)

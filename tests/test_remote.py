@@ -511,6 +511,12 @@ def test_a_url_query_is_kept_and_a_fragment_dropped(synth_shards):
     "pipe:curl --cookie sid=wJalrSEKRIT h/{name}", "pipe:sshpass -p wJalrSEKRIT ssh h cat /d/{name}",
     "pipe:sshpass -pwJalrSEKRIT ssh h cat /d/{name}", "pipe:sshpass -v -p 'wJalrSEKRIT' scp h:/d/{name} /dev/stdout",
     "pipe:sshpass -P assword -p wJalrSEKRIT ssh h cat /d/{name}",
+    # the third breaker's: any header named like a credential, SSHPASS=, rclone's backend passwords and
+    # keys, a literal password after a ${USER}
+    "pipe:curl -s -H 'X-Secret: wJalrSEKRIT' h/{name}", "pipe:curl --header='X-Auth-Token: wJalrSEKRIT' h/{name}",
+    "pipe:SSHPASS=wJalrSEKRIT sshpass -e ssh h cat /d/{name}", "pipe:rclone cat --webdav-pass wJalrSEKRIT r:{name}",
+    "pipe:rclone cat --azureblob-key=wJalrSEKRIT r:{name}", "pipe:rclone cat --sftp-pass wJalrSEKRIT r:{name}",
+    'pipe:curl -u "${USER}:wJalrSEKRIT" h/{name}',
 ])
 def test_a_pipe_command_that_spells_a_secret_out_is_refused(command):
     with pytest.raises(remote.RemoteError, match=r"spells a secret out.*\$\{VAR\}") as e:
@@ -526,7 +532,9 @@ def test_a_pipe_command_with_secrets_from_the_environment_is_accepted(synth_shar
                "pipe:curl -H 'Authorization: Bearer ${BCC_TEST_SECRET}' h/{name}", "pipe:aws s3 cp s3://b/{name} -",
                "pipe:curl -u '${BCC_TEST_SECRET}' h/{name}", "pipe:curl -u me h/{name}", "pipe:curl -sf http://h:80/{name}",
                "pipe:tool --access-key-id AKIA1 get {name}", "pipe:sshpass -e ssh h cat /d/{name}",
-               "pipe:sshpass -p \"${BCC_TEST_SECRET}\" ssh h cat /d/{name}", "pipe:sshpass -f ~/.pw ssh h cat /d/{name}"):
+               "pipe:sshpass -p \"${BCC_TEST_SECRET}\" ssh h cat /d/{name}", "pipe:sshpass -f ~/.pw ssh h cat /d/{name}",
+               "pipe:curl -H 'Accept: application/x-tar' h/{name}", 'pipe:curl -u "${USER}:${BCC_TEST_SECRET}" h/{name}',
+               "pipe:rclone cat --sftp-key-file ~/.ssh/id r:{name}", "pipe:curl --key ~/k.pem h/{name}"):
         remote.check_no_secrets(ok)
     env = f"pipe:env AWS_SECRET_ACCESS_KEY=${{BCC_TEST_SECRET}} cat {synth_shards}/{{name}}"
     assert Manifest.load(env).split("train").count == Manifest.load(synth_shards).split("train").count
@@ -758,3 +766,17 @@ def test_after_sigterm_a_slow_pipe_is_read_and_a_silent_one_ended(monkeypatch):
     with pytest.raises(remote_pipe.PipeError, match="asked to terminate") as e:
         silent.read()
     assert time.monotonic() - t0 < 5 and not e.value.transient
+
+
+@pytest.mark.parametrize("location", ["s3://AKIAEXAMPLE:wJalrSEKRIT@bucket/ds", "gs://bucket/ds", "htps://me:wJalrSEKRIT@h/ds"])
+def test_a_url_of_a_scheme_bcc_does_not_read_is_named(location, tmp_path, bcc_main):
+    """`s3://...` (or a typo such as `htps://`) is no local folder: one error naming the option and the
+    scheme, with the pipe: way to object storage, credentials masked (`bcc train` printed `no manifest at
+    s3:/AKIA...:secret@bucket/...`), through `bcc train` and `bcc pack --verify`."""
+    for args, key in [(("train", "--config", str(write_config(tmp_path / "cfg.yaml", location, tmp_path / "run"))),
+                       "data.shards"), (("pack", "--verify", location), "--verify")]:
+        proc = bcc_main(*args)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"error: {key}: {location.split('://')[0]}://") and "pipe:aws s3 cp" in lines[0]
+        assert "wJalrSEKRIT" not in proc.stderr + proc.stdout
