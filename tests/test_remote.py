@@ -386,6 +386,17 @@ def test_a_manifest_cannot_run_commands(synth_shards, tmp_path):
     with pytest.raises(ManifestError, match="not a plain relative file name"):
         Manifest.load(f"pipe:cat {evil}/{{name}}")
     assert not (tmp_path / "pwned2").exists()
+    # the third breaker's: a fetched manifest's `PIPE:` or ` pipe:` entry passed the check and then ran,
+    # because joining it to the dataset URL (urljoin) made it a lower-case `pipe:` location
+    for k, entry in enumerate([f"PIPE:touch {marker}3", f" pipe:touch {marker}3", f"Pipe:touch {marker}3\n"]):
+        shifty = _manifest_with_entry(synth_shards, tmp_path / f"shifty{k}", entry)
+        with serve(shifty) as (_, url):
+            for where, allow in ((url, False), (url, True), (shifty, True)):
+                with pytest.raises(ManifestError, match=r"spells pipe: in another case|leading or trailing blanks"):
+                    Manifest.load(where, allow_pipe=allow)
+    with pytest.raises(remote.RemoteError, match="neither a relative name nor an http"):
+        remote.join("http://127.0.0.1:9/ds", f"PIPE:touch {marker}3")
+    assert not Path(f"{marker}3").exists()
 
 
 def test_a_manifest_cannot_read_environment_variables(synth_shards, tmp_path, monkeypatch):
