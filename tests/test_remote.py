@@ -791,3 +791,13 @@ def test_a_url_of_a_scheme_bcc_does_not_read_is_named(location, tmp_path, bcc_ma
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert lines[0].startswith(f"error: {key}: {location.split('://')[0]}://") and "pipe:aws s3 cp" in lines[0]
         assert "wJalrSEKRIT" not in proc.stderr + proc.stdout
+
+
+def test_a_var_whose_value_breaks_the_url_is_named_without_its_value(monkeypatch):
+    """`https://${VAR}@host/ds` with a password holding `/` (AWS secret keys often do): urllib took the text
+    before the `/` for a port and its error quoted it ("nonnumeric port: 'pa'"), a piece of the secret."""
+    monkeypatch.setenv("BCC_TEST_USERINFO", "me:paZZ/ss#word")
+    with pytest.raises(ManifestError) as e:
+        Manifest.load("http://${BCC_TEST_USERINFO}@127.0.0.1:9/ds", retries=0)
+    assert "not a valid URL" in str(e.value) and "${BCC_TEST_USERINFO}" in str(e.value)
+    assert "paZZ" not in str(e.value) and "ss#word" not in str(e.value), str(e.value)
