@@ -234,9 +234,9 @@ def join(root: str | Path, name: str) -> str | Path:
     if root_kind == "http":  # on the path: the root's query goes to every entry without its own; no fragment
         parts = urllib.parse.urlsplit(str(root))
         base = urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/", query="", fragment=""))
+        if urllib.parse.urlsplit(name).scheme:  # urljoin takes "PIPE:x" or " pipe:x" for a URL of its own
+            raise RemoteError(f"shard entry {redact(name)!r} is neither a relative name nor an http(s) URL")
         joined = urllib.parse.urlsplit(urllib.parse.urljoin(base, name))
-        if joined.scheme.lower() not in ("http", "https"):  # urljoin takes "PIPE:x" or " pipe:x" for a URL of
-            raise RemoteError(f"shard entry {redact(name)!r} is neither a relative name nor an http(s) URL")  # its own
         return urllib.parse.urlunsplit(joined._replace(query=joined.query or parts.query, fragment=""))
     if not is_plain_name(name):
         raise RemoteError(f"shard entry {name!r} is not a plain relative file name, so it cannot go into "

@@ -414,7 +414,8 @@ def test_a_manifest_cannot_read_environment_variables(synth_shards, tmp_path, mo
             assert not any("hunter2" in g for g in server.gets)
     pack = _manifest_with_entry(synth_shards, tmp_path / "scheme", f"file://{synth_shards}/train-000000.tar")
     with serve(pack) as (_, url):
-        with pytest.raises(ManifestError, match=r"split 'train': the shard entry 'file://.*' is not a URL"):
+        with pytest.raises(ManifestError, match=r"split 'train': shard entry 'file://.*' is neither a relative name "
+                                                r"nor an http\(s\) URL"):
             Manifest.load(url)
 
 
