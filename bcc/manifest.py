@@ -229,6 +229,12 @@ class Manifest:
         environment, would carry the token to another host, or (fetched) names a local file."""
         shown = remote.redact(entry) if name == entry else f"{remote.redact(entry)} (its name {remote.redact(name)})"
         where = f"{self.shown}: split '{split}': the shard entry {shown!r}"
+        if name != name.strip() or any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise ManifestError(f"{where} has leading or trailing blanks or control characters; a shard entry is "
+                                "a relative file name, an http(s) URL or (where allowed) a pipe: command")
+        if name[:5].lower() == "pipe:" and not name.startswith("pipe:"):  # PIPE:..., Pipe:...: a URL join
+            raise ManifestError(f"{where} spells pipe: in another case; a manifest may not run commands "  # lowercases
+                                "(and a pipe: entry is written pipe:)")  # the scheme: it would have run as pipe:
         if name.startswith("pipe:") and not self.allow_pipe:
             raise ManifestError(f"{where} is a pipe: command; a manifest may not run commands. If you wrote this "
                                 "manifest and trust it, set data.allow_pipe_in_manifest=true (or put the command in "

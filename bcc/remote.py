@@ -234,6 +234,8 @@ def join(root: str | Path, name: str) -> str | Path:
     if root_kind == "http":  # on the path: the root's query goes to every entry without its own; no fragment
         parts = urllib.parse.urlsplit(str(root))
         base = urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/", query="", fragment=""))
+        if urllib.parse.urlsplit(name).scheme:  # urljoin takes "PIPE:x" or " pipe:x" for a URL of its own
+            raise RemoteError(f"shard entry {redact(name)!r} is neither a relative name nor an http(s) URL")
         joined = urllib.parse.urlsplit(urllib.parse.urljoin(base, name))
         return urllib.parse.urlunsplit(joined._replace(query=joined.query or parts.query, fragment=""))
     if not is_plain_name(name):
@@ -387,7 +389,8 @@ def _http_error(where: str, e: BaseException) -> RemoteError:
         return RemoteError(f"{where}: HTTP {e.code} {e.reason}{hint}", transient=transient)
     reason = getattr(e, "reason", e)
     if isinstance(reason, http.client.InvalidURL):  # control characters, a bad port: no retry cures it
-        return RemoteError(f"{where}: not a valid URL ({reason})")
+        shown = "" if "${" in where else f" ({reason})"  # the reason may quote a piece of a ${VAR}'s value
+        return RemoteError(f"{where}: not a valid URL{shown}")
     if isinstance(reason, socket.gaierror):
         return RemoteError(f"{where}: unknown host ({reason})")
     return RemoteError(f"{where}: cannot reach the host: {reason}", transient=True)
@@ -409,7 +412,11 @@ def open_location(location: str | Path, *, method: str = "GET", timeout_s: float
         from bcc.remote_pipe import PipeOutput  # here: bcc.remote_pipe imports this module
 
         return PipeOutput(text[len("pipe:"):], where, timeout_s)
-    url, headers = _auth_headers(text)
+    try:
+        url, headers = _auth_headers(text)
+    except ValueError:  # urlsplit's port: its message would quote a piece of a ${VAR}'s value
+        raise RemoteError(f"{where}: not a valid URL once its ${{VAR}}s are filled in (a port that is no number? "
+                          "a user:password holding / # ? or @ must be percent-encoded)") from None
     auth = headers.pop("Authorization", None)
     request = urllib.request.Request(url, headers=headers, method=method)
     if auth:

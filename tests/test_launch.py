@@ -97,3 +97,51 @@ def test_bcc_launch_of_two_ranks_keeps_their_error_line_and_exit_code_without_a_
     # the same error on every rank from the same inputs: rank 0 prints it, once for the job
     assert len(errors) == 1 and str(tmp_path / "nowhere") in errors[0], out.stderr
     assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr, out.stderr
+
+
+def test_ranks_end_with_a_killed_launcher(synth_shards, tmp_path):
+    """SIGKILL of the launcher (the OOM killer, `kill -9`, a scheduler without cgroups) left both ranks
+    training on their own, in the sessions torch elastic starts them in, writing checkpoints into a run
+    dir a requeued run would use too: a rank started by a launcher now ends with it (PR_SET_PDEATHSIG)."""
+    import contextlib
+    import signal
+    import time
+
+    import psutil
+
+    from bcc.launch import accelerate_command
+
+    from conftest import write_config
+
+    if not sys.platform.startswith("linux"):
+        import pytest
+
+        pytest.skip("parent-death signals are Linux's")
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "run", train={"epochs": 500})
+    cmd, env = accelerate_command(2, ["--config", str(cfg)])
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ranks: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(ranks) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            ranks = [p for p in psutil.Process(proc.pid).children() if "bcc.train" in " ".join(p.cmdline())]
+        assert len(ranks) == 2, "the two ranks did not start"
+        while not list((tmp_path / "run").glob("metrics.jsonl")) and time.monotonic() < deadline:
+            time.sleep(0.5)  # training, not still importing
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's group: the ranks are in sessions of their own
+        proc.wait()
+        alive = ranks
+        deadline = time.monotonic() + 20
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, f"ranks {[p.pid for p in alive]} outlived their launcher"
+    finally:  # whatever happened, no rank (or its loader workers) outlives the test
+        for p in ranks:
+            with contextlib.suppress(psutil.Error):
+                for q in [*p.children(recursive=True), p]:
+                    q.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -386,6 +386,17 @@ def test_a_manifest_cannot_run_commands(synth_shards, tmp_path):
     with pytest.raises(ManifestError, match="not a plain relative file name"):
         Manifest.load(f"pipe:cat {evil}/{{name}}")
     assert not (tmp_path / "pwned2").exists()
+    # the third breaker's: a fetched manifest's `PIPE:` or ` pipe:` entry passed the check and then ran,
+    # because joining it to the dataset URL (urljoin) made it a lower-case `pipe:` location
+    for k, entry in enumerate([f"PIPE:touch {marker}3", f" pipe:touch {marker}3", f"Pipe:touch {marker}3\n"]):
+        shifty = _manifest_with_entry(synth_shards, tmp_path / f"shifty{k}", entry)
+        with serve(shifty) as (_, url):
+            for where, allow in ((url, False), (url, True), (shifty, True)):
+                with pytest.raises(ManifestError, match=r"spells pipe: in another case|leading or trailing blanks"):
+                    Manifest.load(where, allow_pipe=allow)
+    with pytest.raises(remote.RemoteError, match="neither a relative name nor an http"):
+        remote.join("http://127.0.0.1:9/ds", f"PIPE:touch {marker}3")
+    assert not Path(f"{marker}3").exists()
 
 
 def test_a_manifest_cannot_read_environment_variables(synth_shards, tmp_path, monkeypatch):
@@ -403,7 +414,8 @@ def test_a_manifest_cannot_read_environment_variables(synth_shards, tmp_path, mo
             assert not any("hunter2" in g for g in server.gets)
     pack = _manifest_with_entry(synth_shards, tmp_path / "scheme", f"file://{synth_shards}/train-000000.tar")
     with serve(pack) as (_, url):
-        with pytest.raises(ManifestError, match=r"split 'train': the shard entry 'file://.*' is not a URL"):
+        with pytest.raises(ManifestError, match=r"split 'train': shard entry 'file://.*' is neither a relative name "
+                                                r"nor an http\(s\) URL"):
             Manifest.load(url)
 
 
@@ -780,3 +792,13 @@ def test_a_url_of_a_scheme_bcc_does_not_read_is_named(location, tmp_path, bcc_ma
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert lines[0].startswith(f"error: {key}: {location.split('://')[0]}://") and "pipe:aws s3 cp" in lines[0]
         assert "wJalrSEKRIT" not in proc.stderr + proc.stdout
+
+
+def test_a_var_whose_value_breaks_the_url_is_named_without_its_value(monkeypatch):
+    """`https://${VAR}@host/ds` with a password holding `/` (AWS secret keys often do): urllib took the text
+    before the `/` for a port and its error quoted it ("nonnumeric port: 'pa'"), a piece of the secret."""
+    monkeypatch.setenv("BCC_TEST_USERINFO", "me:paZZ/ss#word")
+    with pytest.raises(ManifestError) as e:
+        Manifest.load("http://${BCC_TEST_USERINFO}@127.0.0.1:9/ds", retries=0)
+    assert "not a valid URL" in str(e.value) and "${BCC_TEST_USERINFO}" in str(e.value)
+    assert "paZZ" not in str(e.value) and "ss#word" not in str(e.value), str(e.value)

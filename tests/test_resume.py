@@ -258,8 +258,9 @@ def test_damaged_latest_checkpoint_auto_resumes_from_previous_and_says_so(resume
 
 
 def test_resume_accepts_execution_keys_and_explains_a_scaled_lr():
-    """timeout, compile and DDP options change how a run executes, not what it computes: a requeued job
-    may raise its timeout or drop the compiler (they were refused). A train.lr difference that comes from
+    """timeout, compile and DDP options, and how remote shards are read (data.read_timeout_s, data.retries),
+    change how a run executes, not what it computes: a requeued job may raise its timeout or drop the
+    compiler (they were refused). A train.lr difference that comes from
     train.lr_scale (another process count at an epoch-end resume) says so and how to continue."""
     from bcc.config import load_config
     from bcc.taxonomy import Taxonomy
@@ -271,10 +272,11 @@ def test_resume_accepts_execution_keys_and_explains_a_scaled_lr():
     meta = {"taxonomy": tax.to_dict()}
     saved = load_config(None, ["train.compile=true", "train.compile_backend=aot_eager"])
     current = load_config(None, ["train.timeout_s=60", "train.ddp_static_graph=true",
-                                 "train.ddp_gradient_as_bucket_view=true"])
+                                 "train.ddp_gradient_as_bucket_view=true", "data.read_timeout_s=120", "data.retries=5"])
     changes = check_resume_compatible(saved, current, meta, tax)
     assert {c.split(":")[0] for c in changes} == {"train.timeout_s", "train.compile", "train.compile_backend",
-                                                   "train.ddp_static_graph", "train.ddp_gradient_as_bucket_view"}
+                                                   "train.ddp_static_graph", "train.ddp_gradient_as_bucket_view",
+                                                   "data.read_timeout_s", "data.retries"}
     cpu = device_caps(torch.device("cpu"))
     scaled = load_config(None, ["train.lr_scale=linear", "train.lr_base_batch=64", "train.lr=0.1"])
     one, two = resolve_config(scaled, cpu, 1), resolve_config(scaled, cpu, 2)

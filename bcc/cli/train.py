@@ -23,10 +23,16 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train; user errors (BccError) propagate to `bcc.cli.call`, which reports them."""
+    import os
+
     from bcc.errors import EXIT_PREEMPTED
     from bcc.runtime import shutdown_distributed
     from bcc.train.fit import train_from_config
 
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a rank of torchrun / accelerate launch: it ends with that agent
+        from bcc.worker_start import end_with_parent  # (which starts ranks in sessions of their own: a killed
+
+        end_with_parent(os.getppid())  # launcher left them training, and writing its run dir, unwatched)
     result = train_from_config(args.config, args.overrides)
     shutdown_distributed()  # every rank got here (done or preempted): tear the group down in order
     return EXIT_PREEMPTED if result.get("preempted") else 0

@@ -34,6 +34,10 @@ SAFE_RESUME_KEYS = (
     "data.workers",
     "data.eval_batch_size",
     "data.on_corrupt",  # a run stopped by a damaged sample continues with skip from its last checkpoint
+    # how remote shards are read, not which samples: a retry resumes at the failed sample (a run that died
+    # of a slow object store is resumed with a longer time-out or more retries)
+    "data.read_timeout_s",
+    "data.retries",
     # how the run is executed, not what it computes: a requeued job may need a longer collective timeout,
     # or to drop a compiler that fails on another node (compiled and eager runs share checkpoints)
     "train.timeout_s",
