@@ -23,6 +23,7 @@ import yaml
 
 from bcc.atomic import atomic_write
 from bcc.config_parse import (
+    MAX_SOURCE_WEIGHT,
     ConfigError,
     blame,
     check_value,
@@ -336,8 +337,6 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         _check_data(data, kwargs)
     return cls(**kwargs)
 
-
-MAX_SOURCE_WEIGHT = 1e6  # data.sources[].weight: beyond this, weight x count stops being meaningful
 
 
 def _check_data(given: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:

@@ -51,12 +51,13 @@ def _fraction(closed_high: bool = True) -> tuple[Callable[[Any], bool], str]:
 
 
 MAX_EPOCH_SAMPLES = 10**10  # data.epoch_samples
+MAX_SOURCE_WEIGHT = 1e6  # data.sources[].weight: beyond this, weight x count stops being meaningful
 
 
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty)"),
     "data.sources.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty)"),
-    "data.sources.weight": _positive(),
+    "data.sources.weight": ((lambda v: math.isfinite(v) and 0 < v <= MAX_SOURCE_WEIGHT), "> 0 and at most 1e6"),
     # an epoch of 10**10 samples is 11 days at 10,000 images/s; beyond, a typo (10**15 planned for ever)
     "data.epoch_samples": ((lambda v: 0 <= v <= MAX_EPOCH_SAMPLES), f">= 0 and at most {MAX_EPOCH_SAMPLES:,} (10**10)"),
     "data.image_size": _positive(),

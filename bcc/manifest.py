@@ -179,7 +179,7 @@ class Manifest:
         try:
             raw = remote.read_bytes(file, retries, timeout_s=timeout_s)
         except remote.RemoteError as e:
-            raise ManifestError(f"cannot fetch the manifest {e}") from None
+            raise ManifestError(f"{key}: cannot fetch the manifest {e}") from None  # which source, of several
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -267,7 +267,7 @@ def test_credentials_from_env_vars_never_show(synth_shards, monkeypatch, capsys)
         assert len(keys(read_range(shard))) == shard.count
         assert shard.path == "${BCC_TEST_DATA_URL}/" + Path(shard.path).name  # expanded only as it is opened
         monkeypatch.setenv("BCC_TEST_DATA_URL", url.replace("http://", "http://alice:wrong-pw@"))
-        with pytest.raises(ManifestError, match=r"^cannot fetch the manifest \$\{BCC_TEST_DATA_URL\}/manifest.json: "
+        with pytest.raises(ManifestError, match=r"^data.shards: cannot fetch the manifest \$\{BCC_TEST_DATA_URL\}/manifest.json: "
                                                 r"HTTP 401 .*credentials") as e:
             Manifest.load("${BCC_TEST_DATA_URL}", retries=0)
         assert "wrong-pw" not in str(e.value)
@@ -688,6 +688,10 @@ def test_a_bad_dataset_location_is_named_by_what_the_user_wrote(synth_shards, bc
         assert re.match(rf"error: --verify: .*{match}", lines[0]) and "data.shards" not in lines[0], lines[0]
     with pytest.raises(ManifestError, match=r"^data.sources\[1\].shards: the pipe: dataset"):
         load_data(DataConfig(sources=(SourceConfig(shards=str(synth_shards)), SourceConfig(shards="pipe:cat x"))))
+    # an unreachable source is named by its key too (the URL alone does not say which of several it is)
+    with pytest.raises(ManifestError, match=r"^data.sources\[1\].shards: cannot fetch the manifest http://127.0.0.1:9/"):
+        load_data(DataConfig(sources=(SourceConfig(shards=str(synth_shards)),
+                                      SourceConfig(shards="http://127.0.0.1:9/ds")), retries=0))
 
 
 def test_malformed_manifest_entries_are_named(synth_shards, tmp_path):
