@@ -404,6 +404,15 @@ class Manifest:
                 f"unknown split {name!r} in {self.shown}; available: {', '.join(self._splits) or 'none'}"
             ) from None
 
+    def fingerprint(self) -> str | None:
+        """sha256 over every split's shards' (count, sha256), in order: the dataset's content, wherever it
+        lives (a local folder, a URL, a `pipe:` store). A resume may read the same dataset from another
+        `data.shards` (`bcc.train.resume`). None when a shard has no sha256 to go by."""
+        rows = [[name, [[sh.count, sh.sha256] for sh in self.split(name).shards]] for name in self.splits]
+        if any(not sh[1] for _, shards in rows for sh in shards):
+            return None
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
     def __repr__(self) -> str:
         counts = ", ".join(f"{n}={s.count}" for n, s in self._splits.items())
         return f"Manifest({remote.display(self.root)!r}, {counts})"

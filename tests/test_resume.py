@@ -122,8 +122,10 @@ def copy_of_trained_run(source: Path, tmp_path: Path) -> tuple[Path, Path]:
     return path, run_dir
 
 
-def test_resume_refuses_unsafe_config_change_and_another_model(trained_run, tmp_path, bcc_main):  # noqa: F811
-    """The refusals run in-process (`bcc_main`): each ends before a step, after reading the checkpoint."""
+def test_resume_refuses_unsafe_config_change_and_another_model(trained_run, synth_shards, tmp_path,  # noqa: F811
+                                                                bcc_main):
+    """The refusals run in-process (`bcc_main`): each ends before a step, after reading the checkpoint. The
+    dataset may move (another data.shards holding the same shards, by sha256), not change."""
     cfg, run_dir = copy_of_trained_run(trained_run, tmp_path)
     proc = bcc_main("train", "--config", cfg, "train.lr=0.5")
     assert proc.returncode == 2
@@ -131,10 +133,18 @@ def test_resume_refuses_unsafe_config_change_and_another_model(trained_run, tmp_
     proc = bcc_main("train", "--config", cfg, "model.head_hidden=64")
     assert proc.returncode == 2
     assert "another model" in proc.stderr and "head_hidden" in proc.stderr
-    # more epochs is safe: the run continues from its last checkpoint
-    proc = subprocess.run(train_cmd(cfg, "train.epochs=2"), capture_output=True, text=True, timeout=300)
+    moved, other = shutil.copytree(synth_shards, tmp_path / "moved"), shutil.copytree(synth_shards, tmp_path / "other")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["sha256"] = "0" * 64  # another shard, as far as the run can tell
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    proc = bcc_main("train", "--config", cfg, f"data.shards={other}")
+    assert proc.returncode == 2 and "keys that change the run: data.shards" in proc.stderr, proc.stderr
+    # more epochs is safe, and so is the same dataset elsewhere: the run continues from its last checkpoint
+    proc = subprocess.run(train_cmd(cfg, "train.epochs=2", f"data.shards={moved}"), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "config change accepted: train.epochs" in proc.stdout
+    assert "config change accepted: data.shards" in proc.stdout and "the same dataset" in proc.stdout
     # starting over into a run dir that holds checkpoints would mix two runs
     proc = bcc_main("train", "--config", cfg, "checkpoint.resume=none")
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr

@@ -192,7 +192,7 @@ def fit(cfg: Config) -> dict:
     acc.wait_for_everyone()
     path, pending_rng = resume_path(cfg, run.run_dir), None
     if path is not None:
-        run.state, run.stage, pending_rng = restore(path, run.parts, acc, info)
+        run.state, run.stage, pending_rng = restore(path, run.parts, acc, info, run.manifest.fingerprint())
         run.compiles.enter(run.state.stage)
         run.pretrained = read_meta(path).get("pretrained")  # what the run started from, carried on
     elif find_latest(run.run_dir / "checkpoints") is not None:
@@ -327,7 +327,7 @@ def save(run: Run, metric_value: float | None = None) -> None:
     if acc.is_main_process:
         meta = {"taxonomy": run.parts.taxonomy.to_dict(), "model": config_to_dict(run.cfg.model),
                 "config": config_to_dict(run.cfg), "bcc_version": __version__, "world_size": run.info.world_size,
-                "pretrained": run.pretrained}
+                "pretrained": run.pretrained, "dataset": run.manifest.fingerprint()}
         ckpt = Checkpoint(model=run.parts.model.state_dict(), optimizer=run.stage.optimizer.state_dict(),
                           scaler=acc.scaler.state_dict() if acc.scaler is not None else None,
                           rng=rng, state=run.state, meta=meta, ema=ema)

@@ -108,8 +108,11 @@ def follow_run_source(cfg: Config, explicit: Collection[str] = ()) -> tuple[Conf
     return dataclasses.replace(cfg, data=data), {f"data.{k}": v for k, v in changes.items()}
 
 
-def check_resume_compatible(saved: Config, current: Config, saved_meta: Mapping, taxonomy: Taxonomy) -> list[str]:
-    """Refuse a checkpoint of another task or model; list config changes, accept only safe ones."""
+def check_resume_compatible(saved: Config, current: Config, saved_meta: Mapping, taxonomy: Taxonomy,
+                            dataset: str | None = None) -> list[str]:
+    """Refuse a checkpoint of another task or model; list config changes, accept only safe ones. A new
+    `data.shards` is safe when it holds the same dataset: `dataset` (this run's `Manifest.fingerprint`)
+    equal to the checkpoint's (a store moved, a mirror, pipe: instead of http)."""
     if saved_meta.get("taxonomy") != taxonomy.to_dict():
         try:
             saved_classes = list(Taxonomy.from_dict(saved_meta["taxonomy"]).class_names)
@@ -126,7 +129,10 @@ def check_resume_compatible(saved: Config, current: Config, saved_meta: Mapping,
     unsafe = []
     for key, (old, new) in config_diff(saved, current).items():
         changes.append(f"{key}: {old!r} -> {new!r}")
-        if not is_safe_resume_key(key):
+        moved = key == "data.shards" and dataset is not None and saved_meta.get("dataset") == dataset
+        if moved:
+            changes[-1] += " (the same dataset: its shards' sha256s match the checkpoint's)"
+        elif not is_safe_resume_key(key):
             unsafe.append(key)
     if unsafe:
         hint = ""
@@ -142,7 +148,7 @@ def check_resume_compatible(saved: Config, current: Config, saved_meta: Mapping,
     return changes
 
 
-def restore(path: Path, parts: Components, accelerator: Accelerator, info: RunInfo
+def restore(path: Path, parts: Components, accelerator: Accelerator, info: RunInfo, dataset: str | None = None
             ) -> tuple[TrainState, StageParts, dict | None]:
     """Load `path` into the run: checks, weights, the stage's optimizer and scaler.
 
@@ -155,7 +161,7 @@ def restore(path: Path, parts: Components, accelerator: Accelerator, info: RunIn
     # values; an older one holds `auto` switches it never resolved)
     saved_cfg = resolve_config(config_from_dict(ckpt.meta["config"]), device_caps(accelerator.device),
                                info.world_size)
-    changes = check_resume_compatible(saved_cfg, parts.cfg, ckpt.meta, parts.taxonomy)
+    changes = check_resume_compatible(saved_cfg, parts.cfg, ckpt.meta, parts.taxonomy, dataset)
     # a safe-looking change (more epochs) must not move stage boundaries the run has passed
     saved_stages = resolve_stages(saved_cfg.finetune, saved_cfg.train.epochs, list(parts.groups),
                                   saved_cfg.train.warmup_steps)
