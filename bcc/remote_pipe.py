@@ -84,6 +84,28 @@ class PipeOutput:
                                 + (f"; its stderr ends: {tail}" if tail else " (no stderr)"), transient=True)
         return b"".join(parts)
 
+    def check_exit(self, tail_bytes: int = 1 << 16) -> None:
+        """After a whole shard was read: the rest of the output (a tar's end padding; up to `tail_bytes`)
+        and the command's exit status, which decides as it does at the end of `read`. A command that
+        printed a complete shard and then failed was taken for a good read (`bcc pack --verify`, which reads
+        to the end, called it missing). A command that goes on printing or does not exit is left to `close`."""
+        got = 0
+        while got <= tail_bytes:
+            data = self._chunk(1 << 14)
+            if not data:
+                break
+            got += len(data)
+        else:
+            return
+        try:
+            code = self.proc.wait(timeout=min(self.timeout_s, STOP_SILENCE_S))
+        except subprocess.TimeoutExpired:
+            return
+        if code != 0:
+            tail = self._stderr_tail()
+            raise PipeError(f"{self.where}: the command exited with code {code} after printing the whole shard"
+                            + (f"; its stderr ends: {tail}" if tail else " (no stderr)"), transient=True)
+
     def _end(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -382,6 +382,9 @@ def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] =
                 n += 1
                 if n >= hi and hi < shard.count:
                     break  # the rest belongs to someone else: stop reading
+            else:
+                if hasattr(stream, "check_exit"):  # a pipe: read to the shard's end: did the command succeed?
+                    stream.check_exit()
             break
         except Exception as e:
             if remote.is_local(location) or not remote.is_transient(e) or attempt >= retries or remote.is_stopping():

@@ -806,3 +806,18 @@ def test_a_var_whose_value_breaks_the_url_is_named_without_its_value(monkeypatch
         Manifest.load("http://${BCC_TEST_USERINFO}@127.0.0.1:9/ds", retries=0)
     assert "not a valid URL" in str(e.value) and "${BCC_TEST_USERINFO}" in str(e.value)
     assert "paZZ" not in str(e.value) and "ss#word" not in str(e.value), str(e.value)
+
+
+def test_a_pipe_command_that_fails_after_a_whole_shard_fails_the_read(synth_shards, no_backoff):
+    """A command that printed the whole shard and then exited non-zero was taken for a good read in
+    training (the tar reader stops at the archive's end), while `bcc pack --verify` called it missing:
+    a read to the shard's end now checks the exit status too; a partial read (a lane's range) does not."""
+    local = Manifest.load(synth_shards).split("train").shards[0]
+    command = f"pipe:sh -c 'cat {synth_shards}/$1; case $1 in *.tar) exit 3;; esac' sh {{name}}"  # shards only
+    failing = Manifest.load(command).split("train").shards[0]
+    with pytest.raises(ShardError, match=r"at sample \d+ \(after 1 retry\): .* exited with code 3 after printing "
+                                         r"the whole shard \(no stderr\)"):
+        list(read_range(failing, retries=1))
+    assert keys(read_range(failing, hi=local.count - 1)) == keys(read_range(local, hi=local.count - 1))
+    good = Manifest.load(f"pipe:cat {synth_shards}/{{name}}").split("train").shards[0]
+    assert keys(read_range(good)) == keys(read_range(local))
