@@ -399,7 +399,8 @@ def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] =
                 stream.close()
     if n < hi or (hi == shard.count and n != shard.count):
         missing = f" (it ends before sample {n}: a truncated copy?)" if n < shard.count else ""
-        raise ShardError(f"shard {where} holds {n} samples but the manifest says {shard.count}{missing}; repack it")
+        raise ShardError(f"shard {where} holds {n} samples but the manifest says {shard.count}{missing}; copy (or "
+                         "upload) it again from the packed output, or repack it")
 
 
 def read_shard(shard) -> Iterator[dict]:

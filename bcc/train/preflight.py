@@ -92,7 +92,8 @@ def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES, timeou
     if missing:
         raise TrainError(f"split '{split.name}': missing shard {_named(missing)}")
     if short:
-        raise TrainError(f"split '{split.name}': truncated or not a shard: {_named(short)}; repack it")
+        raise TrainError(f"split '{split.name}': truncated or not a shard: {_named(short)}; copy (or upload) it "
+                         "again from the packed output, or repack it")
 
 
 def check_run(cfg: Config, manifest: Manifest) -> None:
