@@ -392,11 +392,6 @@ def _json_str(s: str) -> str:
     return f'"{s}"' if s.isascii() and s.isprintable() and '"' not in s and "\\" not in s else json.dumps(s)
 
 
-# the json keys a sample's fields are made of here; a taxonomy head of one of these names (the dict
-# would then hold the key once, where it first appeared) takes the dict + json.dumps way
-_FIELD_KEYS = frozenset({"class", "folder", "source", "sha256", "label", "phash", "fold", "stored_crc32"})
-
-
 def _shard_samples(task: _ShardTask, stored: Callable[[int, int, int], bytes]) -> Iterator[tuple[str, list]]:
     """The shard's samples as (key, members) (`bcc.shards.sample_members`). Their json is what
     `json.dumps` writes for the dict {class, folder, source, sha256, label, *targets, phash, fold}, made
@@ -405,25 +400,16 @@ def _shard_samples(task: _ShardTask, stored: Callable[[int, int, int], bytes]) -
     _, _, split_name, start, cols, sources, meta = task
     names, folders = [_json_str(n) for n in meta.class_names], [_json_str(f) for f in meta.folder_names]
     heads = [", " + json.dumps(t)[1:-1] if t else "" for t in meta.targets]  # the targets' members
-    plain = not any(_FIELD_KEYS & set(t) for t in meta.targets)
     hexes = cols["sha"].tobytes().hex()
     columns = (cols["label"].tolist(), cols["folder"].tolist(), cols["ext"].tolist(), cols["stage"].tolist(),
                cols["offset"].tolist(), cols["length"].tolist(), cols["phash"].tolist(), cols["fold"].tolist(), sources)
     for j, (label, folder, code, stage, offset, length, ph, fold, source) in enumerate(zip(*columns, strict=True)):
         sha = hexes[64 * j:64 * j + 64]
-        if plain:
-            fields = (f'"class": {names[label]}, "folder": {folders[folder]}, "source": {_json_str(source)}, '
-                      f'"sha256": "{sha}", "label": {label}{heads[label]}'
-                      + (f', "phash": "{ph:016x}"' if meta.phash else "")  # imagehash's hex form
-                      + (f', "fold": {fold}' if fold >= 0 else ""))
-        else:
-            d = {"class": meta.class_names[label], "folder": meta.folder_names[folder], "source": source,
-                 "sha256": sha, "label": label, **meta.targets[label]}
-            if meta.phash:
-                d["phash"] = f"{ph:016x}"
-            if fold >= 0:
-                d["fold"] = fold
-            fields, label = json.dumps(d)[1:-1], int(d["label"])
+        # no head is named like a fixed key (`bcc.taxonomy.SAMPLE_META_KEYS`): the keys are distinct
+        fields = (f'"class": {names[label]}, "folder": {folders[folder]}, "source": {_json_str(source)}, '
+                  f'"sha256": "{sha}", "label": {label}{heads[label]}'
+                  + (f', "phash": "{ph:016x}"' if meta.phash else "")  # imagehash's hex form
+                  + (f', "fold": {fold}' if fold >= 0 else ""))
         yield (f"{split_name}-{start + j:08d}",
                sample_members(_EXTS[code - 1], stored(stage, offset, length), fields, label))
 

@@ -20,6 +20,11 @@ from bcc.errors import BccError
 __all__ = ["Head", "LeafClass", "Taxonomy", "TaxonomyError"]
 
 
+
+# the keys `bcc pack` writes into every sample's json (`bcc.pack_pool`, `bcc.shards.sample_members`): no head
+# may take one of these names, or its target would overwrite the sample's own field
+SAMPLE_META_KEYS = frozenset({"class", "folder", "source", "sha256", "label", "phash", "fold", "stored_crc32"})
+
 class TaxonomyError(BccError, ValueError):
     """An invalid taxonomy, or a name the taxonomy does not know."""
 
@@ -190,7 +195,7 @@ class Taxonomy:
         for h in self.heads:
             if h.name in heads:
                 raise TaxonomyError(f"duplicate head {h.name!r}")
-            if h.name in ("class", "folder", "source", "sha256", "label"):
+            if h.name in SAMPLE_META_KEYS:  # a head's target sits beside these keys in each sample's json
                 raise TaxonomyError(f"head name {h.name!r} is reserved (sample metadata key)")
             if len(set(h.labels)) != len(h.labels):
                 raise TaxonomyError(f"duplicate label in head {h.name!r}: {list(h.labels)}")

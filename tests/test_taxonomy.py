@@ -79,6 +79,9 @@ def _base():
         (lambda d: d.pop("classes"), "single-head"),
         (lambda d: d.update(colour="red"), "unknown key"),
         (lambda d: d["heads"][0].update(labels=[]), "non-empty list"),
+        # every key a packed sample's json holds: a head so named would overwrite the sample's own field
+        *[(lambda d, k=key: d["heads"][1].update(name=k), f"head name '{key}' is reserved")
+          for key in ("class", "folder", "source", "sha256", "label", "phash", "fold", "stored_crc32")],
     ],
 )
 def test_validation_errors(mutate, message):

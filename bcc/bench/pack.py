@@ -48,8 +48,8 @@ _CELLS_PER_CLASS = 64
 class PackPoint:
     images: int
     workers: int
-    seconds: float
-    images_per_s: float
+    seconds: float  # of the median pack (the one whose stages are given)
+    runs: tuple[float, ...]  # img/s of every pack of this size
     limit_per_process: float  # img/s of the first-pass work in one process (the decode limit: a median)
     limit_range: tuple[float, float]  # lowest and highest of the measurements the median is taken over
     limit_together: float  # img/s of the same work in `workers` processes at once, summed
@@ -60,7 +60,11 @@ class PackPoint:
     side_files: tuple[str, ...]
     load: tuple[float, float, float]  # 1, 5, 15 min load average when the pack started
     stages: dict  # seconds per stage of the median pack (scan, first pass, split, write, manifest)
-    runs: tuple[float, ...] = ()  # img/s of every pack of this size; `images_per_s` is their median
+
+    @property
+    def images_per_s(self) -> float:
+        """The median img/s of the packs (one pack swings +-5-8% on a quiet machine)."""
+        return statistics.median(self.runs)
 
     @property
     def ratio(self) -> float:
@@ -258,11 +262,11 @@ def bench_pack(sizes: Sequence[int] = (20_000, 200_000), *, workers: int | None 
             limit = statistics.median(limits)
             rates = [r["images_per_s"] for r, _, _ in runs]
             result = sorted(runs, key=lambda r: r[0]["images_per_s"])[len(runs) // 2][0]  # the median run
-            points.append(PackPoint(n, workers, result["seconds"], statistics.median(rates), limit,
+            points.append(PackPoint(n, workers, result["seconds"], tuple(rates), limit,
                                     (min(limits), max(limits)), together, max(peak for _, peak, _ in runs),
                                     max(p for _, _, p in runs), result["counts"]["shards"],
                                     result["counts"]["near_duplicate_groups"], tuple(result["side"]), load,
-                                    result["stages"], tuple(rates)))
+                                    result["stages"]))
             progress(f"{n:,} images: {points[-1].images_per_s:,.0f} img/s, / (limit x workers) "
                      f"{points[-1].ratio:.2f} (limit {limit:,.0f}, measured {min(limits):,.0f}-{max(limits):,.0f}), "
                      f"/ limit together {points[-1].ratio_together:.2f}, peak RSS {points[-1].peak_rss / 2**20:,.0f} MiB, "
