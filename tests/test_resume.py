@@ -230,6 +230,39 @@ def test_sigterm_to_the_whole_process_group_saves_and_exits_75(resume_config, tm
     assert state["step"] == marker["step"] > 0
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (the SigCgt mask of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigusr1_while_torch_is_still_loading_is_kept_for_the_first_vote(resume_config, tmp_path):
+    """SIGUSR1's default action ends a process. `bcc train` catches it from before torch is imported
+    (seconds before the run's own handler exists), so a signal sent the moment it is caught, while
+    libtorch is not yet loaded, still ends in a checkpoint, the marker and exit 75."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(resume_config(run_dir)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _catches(proc.pid, signal.SIGUSR1):
+            assert proc.poll() is None and time.monotonic() < deadline, "bcc train never caught SIGUSR1"
+            time.sleep(0.002)
+        torch_loaded = "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
+        os.kill(proc.pid, signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert not torch_loaded, "SIGUSR1 was caught only after torch was loaded"
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
+    marker = json.loads((run_dir / "PREEMPTED").read_text())
+    assert marker["signal"] == signal.SIGUSR1
+    assert (run_dir / "checkpoints" / "last" / "trainer_state.json").exists()
+
+
 def test_damaged_latest_checkpoint_auto_resumes_from_previous_and_says_so(resume_config, tmp_path, bcc_main):
     """Damage after writing: a flipped bit in the latest checkpoint's weights and a truncated optimizer.pt
     in the one before. An explicit resume from the damaged one is a named error; resume=auto warns once

@@ -25,6 +25,9 @@ def run(args: argparse.Namespace) -> int:
     """Train; user errors (BccError) propagate to `bcc.cli.call`, which reports them."""
     import os
 
+    from bcc.train.preempt import keep_early_signals
+
+    keep_early_signals()  # before torch is imported: a SIGUSR1 during start-up must not end the rank
     from bcc.errors import EXIT_PREEMPTED
     from bcc.runtime import shutdown_distributed
     from bcc.train.fit import train_from_config

@@ -7,13 +7,30 @@ import signal
 from datetime import timedelta
 from pathlib import Path
 
-import torch
-
 from bcc import remote
 from bcc.atomic import write_json
 from bcc.errors import EXIT_PREEMPTED
 
 PREEMPTED_MARKER = "PREEMPTED"  # written into the run dir with the preemption checkpoint
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_EARLY: list[int] = []  # signals that reached this process before its PreemptionFlag existed
+
+
+def _keep(signum, frame) -> None:
+    _EARLY.append(signum)
+    if signum == signal.SIGTERM:  # as PreemptionFlag._handle: a remote read in set-up must not outlast it
+        remote.request_stop()
+
+
+def keep_early_signals() -> None:
+    """Keep a SIGUSR1/SIGTERM that arrives before training starts, for the first vote.
+
+    `bcc train` calls this first thing, before torch is imported: importing torch and building the run
+    take seconds, and until `PreemptionFlag` installs its handlers the default action of SIGUSR1 would
+    end the rank with no checkpoint and no marker (a Slurm job requeued with little time left gets its
+    warning signal at once). The `PreemptionFlag` made next takes over what was kept."""
+    for sig in SIGNALS:
+        signal.signal(sig, _keep)
 
 
 class PreemptionFlag:
@@ -23,8 +40,12 @@ class PreemptionFlag:
         self.signum: int | None = None  # what reached this process
         self.agreed_signum: int | None = None  # what the ranks agreed on (the largest signal number raised)
         self.group = None
-        for sig in (signal.SIGUSR1, signal.SIGTERM) if install_handlers else ():
-            signal.signal(sig, self._handle)
+        if install_handlers:
+            for sig in SIGNALS:
+                signal.signal(sig, self._handle)
+            if _EARLY:  # kept by keep_early_signals: the vote takes the largest, as across ranks
+                self._handle(max(_EARLY), None)
+                _EARLY.clear()
         self.attach()
 
     def attach(self, timeout_s: float | None = None) -> None:
@@ -33,6 +54,8 @@ class PreemptionFlag:
 
         The handlers are installed at construction, which `fit` does before anything else, so a signal
         that arrives during set-up is kept (the default action of SIGUSR1 would kill the rank)."""
+        import torch
+
         dist = torch.distributed
         if self.group is None and dist.is_available() and dist.is_initialized() and dist.get_backend() != "gloo":
             # the vote travels over a CPU (gloo) group: an NCCL all-reduce + .item() would stall the GPU
@@ -50,6 +73,8 @@ class PreemptionFlag:
         """True on every rank when any rank was signalled (a collective: all ranks must call it at the same
         point). The signal numbers are all-reduced with MAX, so every rank, rank 0 included, also learns
         which signal it was (`agreed_signum`) even when it reached another rank only."""
+        import torch
+
         vote = torch.tensor([self.signum or 0], dtype=torch.int32)
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
