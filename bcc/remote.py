@@ -61,17 +61,28 @@ PROBE_THREADS = 16
 STDERR_TAIL = 400  # characters of a failed pipe command's stderr put into its error
 
 Kind = Literal["local", "http", "pipe"]
-_STOPPING = [False]  # a termination request (SIGTERM) reached this process: see `request_stop`
+# after a termination request, a remote read silent this long ends (a `pipe:` command's, bcc.remote_pipe;
+# an http(s) body's, bcc.remote_http): long enough that a slow but live download (a storage hiccup while a
+# whole cluster is preempted) still lets the run reach its preemption checkpoint and exit 75; short
+# enough to end well within Slurm's KillWait (30 s by default)
+STOP_SILENCE_S = 5.0
+_STOPPING: list[float | None] = [None]  # when a termination request (SIGTERM) reached this process: `request_stop`
 
 
 def request_stop() -> None:
     """Called from a SIGTERM handler (the trainer's, a loader worker's): from now on no remote read is
     re-opened, and a `pipe:` read waiting on a silent command ends at once (the command's group ended)
     instead of waiting out data.read_timeout_s and data.retries. A flag, not an Event: safe in a handler."""
-    _STOPPING[0] = True
+    if _STOPPING[0] is None:
+        _STOPPING[0] = time.monotonic()
 
 
 def is_stopping() -> bool:
+    return _STOPPING[0] is not None
+
+
+def stop_time() -> float | None:
+    """`time.monotonic()` of the first termination request, or None."""
     return _STOPPING[0]
 
 
@@ -328,38 +339,6 @@ def sends_token_elsewhere(entry: str, root: str | Path) -> bool:
     return host != own
 
 
-class _HttpBody:
-    """An HTTP response body that raises a transient RemoteError when the connection ends before
-    Content-Length bytes (http.client returns a short body silently)."""
-
-    def __init__(self, response, where: str):
-        self.response, self.where = response, where
-        length = response.headers.get("Content-Length")
-        self.remaining = int(length) if length and length.isdigit() else None
-        self.received = 0
-
-    def read(self, n: int = -1) -> bytes:
-        whole = n is None or n < 0
-        try:
-            data = self.response.read() if whole else self.response.read(n)
-        except (OSError, http.client.HTTPException) as e:
-            raise RemoteError(f"{self.where}: connection lost after {self.received} bytes: "
-                              f"{type(e).__name__}: {e}", transient=True) from None
-        self.received += len(data)
-        if self.remaining is not None:
-            self.remaining -= len(data)
-            if self.remaining > 0 and (whole or (n and not data)):
-                raise RemoteError(f"{self.where}: connection closed after {self.received} of "
-                                  f"{self.received + self.remaining} bytes", transient=True)
-        return data
-
-    def close(self) -> None:
-        self.response.close()
-
-    def __repr__(self) -> str:
-        return self.where
-
-
 def _origin(url: str) -> tuple:
     parts = urllib.parse.urlsplit(url)
     return parts.scheme.lower(), parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
@@ -425,7 +404,11 @@ def open_location(location: str | Path, *, method: str = "GET", timeout_s: float
         response = _OPENER.open(request, timeout=timeout_s)
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise _http_error(where, e) from None
-    return response if method == "HEAD" else _HttpBody(response, where)
+    if method == "HEAD":
+        return response
+    from bcc.remote_http import HttpBody  # here: bcc.remote_http imports this module
+
+    return HttpBody(response, where)
 
 
 def _with_retries(action: Callable[[], Any], retries: int) -> Any:

@@ -11,16 +11,12 @@ import subprocess
 import tempfile
 import time
 
-from bcc.remote import STDERR_TAIL, RemoteError, is_stopping
+from bcc.remote import STDERR_TAIL, STOP_SILENCE_S, RemoteError, is_stopping
 
-__all__ = ["PipeError", "PipeOutput"]
+__all__ = ["STOP_SILENCE_S", "PipeError", "PipeOutput"]
 
 
 STOP_POLL_S = 1.0  # a silent command is checked this often for a termination request (`request_stop`)
-# after a termination request, a command silent this long is ended: long enough that a slow but live
-# download (a storage hiccup while a whole cluster is preempted) still lets the run reach its preemption
-# checkpoint and exit 75; short enough to end well within Slurm's KillWait (30 s by default)
-STOP_SILENCE_S = 5.0
 
 
 class PipeError(RemoteError):

@@ -14,6 +14,7 @@ import re
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,8 @@ TOKEN = "s3cr3t-t0ken-value"
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves a folder; `server.drops[name] = k` cuts the next k GETs of `name` off half-way (the
-    headers promise the whole file); `server.token` requires `Authorization: Bearer TOKEN` (or Basic
+    headers promise the whole file); `server.trickle[name] = (gap_s, stall_s)` sends `name` in four
+    pieces `gap_s` apart, or its first half and then nothing for `stall_s`; `server.token` requires `Authorization: Bearer TOKEN` (or Basic
     auth when it is `user:password`)."""
 
     def log_message(self, *args):  # quiet
@@ -75,13 +77,27 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.wfile.write(data[: len(data) // 2])
             self.close_connection = True  # the connection drops mid-shard
             return
+        if name in self.server.trickle:
+            gap_s, stall_s = self.server.trickle[name]
+            data = (Path(self.directory) / name).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            cuts = [0, len(data) // 2] if stall_s else [len(data) * i // 4 for i in range(5)]
+            pieces = [data[a:b] for a, b in zip(cuts, cuts[1:])]
+            for piece in pieces:
+                self.wfile.write(piece)
+                self.wfile.flush()
+                time.sleep(stall_s or gap_s)
+            self.close_connection = True
+            return
         super().do_GET()
 
 
 @contextlib.contextmanager
 def serve(root: Path, token: str | None = None):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
-    server.drops, server.gets, server.token = {}, [], token
+    server.drops, server.gets, server.token, server.trickle = {}, [], token, {}
     server.auths, server.paths, server.redirects = [], [], {}  # Authorization headers seen; raw paths; name -> URL
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -772,7 +788,7 @@ def test_after_sigterm_a_slow_pipe_is_read_and_a_silent_one_ended(monkeypatch):
 
     from bcc import remote_pipe
 
-    monkeypatch.setattr(remote, "_STOPPING", [False])
+    monkeypatch.setattr(remote, "_STOPPING", [None])
     monkeypatch.setattr(remote_pipe, "STOP_POLL_S", 0.1)
     monkeypatch.setattr(remote_pipe, "STOP_SILENCE_S", 0.6)
     remote.request_stop()
@@ -783,6 +799,32 @@ def test_after_sigterm_a_slow_pipe_is_read_and_a_silent_one_ended(monkeypatch):
     with pytest.raises(remote_pipe.PipeError, match="asked to terminate") as e:
         silent.read()
     assert time.monotonic() - t0 < 5 and not e.value.transient
+
+
+def test_after_sigterm_a_slow_http_body_is_read_and_a_silent_one_cut(synth_shards, monkeypatch):
+    """As for pipe: commands: after a termination request an http(s) body that still arrives (gaps shorter
+    than STOP_SILENCE_S) is read to its end, and one silent for STOP_SILENCE_S is cut with a non-transient
+    error (no retry) instead of waiting out its socket time-out (data.read_timeout_s)."""
+    from bcc import remote_http
+
+    monkeypatch.setattr(remote, "_STOPPING", [None])
+    monkeypatch.setattr(remote_http, "STOP_POLL_S", 0.1)
+    monkeypatch.setattr(remote_http, "STOP_SILENCE_S", 0.6)
+    name = Manifest.load(synth_shards).split("train").shards[0].path.name
+    whole = (synth_shards / name).read_bytes()
+    with serve(synth_shards) as (server, url):
+        server.trickle[name] = (0.3, 0)
+        slow = remote.open_location(f"{url}/{name}", timeout_s=30)
+        remote.request_stop()
+        assert slow.read() == whole
+        slow.close()
+        server.trickle[name] = (0, 30)
+        silent = remote.open_location(f"{url}/{name}", timeout_s=30)
+        t0 = time.monotonic()
+        with pytest.raises(remote.RemoteError, match="sent nothing for 0.6 s: the process was asked to terminate") as e:
+            silent.read()
+        silent.close()
+    assert time.monotonic() - t0 < 10 and not e.value.transient
 
 
 @pytest.mark.parametrize("location", ["s3://AKIAEXAMPLE:wJalrSEKRIT@bucket/ds", "gs://bucket/ds", "htps://me:wJalrSEKRIT@h/ds"])

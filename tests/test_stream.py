@@ -291,7 +291,7 @@ def test_workers_outlive_sigterm_only_for_a_grace_period(monkeypatch):
 
     from bcc import remote, stream
 
-    monkeypatch.setattr(remote, "_STOPPING", [False])  # the termination request stays in this test
+    monkeypatch.setattr(remote, "_STOPPING", [None])  # the termination request stays in this test
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         stream._worker_signals(0)
