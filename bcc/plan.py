@@ -206,16 +206,24 @@ def epoch_length(counts: Sequence[int], weights: Sequence[float], sampling: str,
 
 
 def time_plan(num_shards: int = 100_000, parts: int = 1024, *, shard_size: int = 1000, batch_size: int = 32,
-              repeat: int = 3) -> dict[str, float]:
-    """Seconds to plan one epoch at `num_shards` shards and `parts` = ranks x LANES (for `bcc bench data
+              repeat: int = 3, sampling: str = "without_replacement") -> dict[str, float]:
+    """Seconds to plan one epoch at `num_shards` shards and `parts` = ranks x LANES (`bcc bench data
     --plan`): `plan_s` builds the plan (what every rank pays once per epoch), `rank_s` adds one rank's
-    lanes, `all_parts_s` adds every part of every rank. Best of `repeat`."""
+    lanes, `all_parts_s` adds every part of every rank. Best of `repeat`. `sampling`: the one-pass
+    `EpochPlan` or the `ResamplePlan` (an epoch of as many samples as the shards hold)."""
     world = max(1, parts // LANES)
     counts = [shard_size - (i % 7 == 0) for i in range(num_shards)]  # slightly uneven, like a real pack
+
+    def make(epoch: int) -> EpochPlan | ResamplePlan:
+        if sampling == "resample":
+            return ResamplePlan(counts, seed=0, epoch=epoch, world_size=world, batch_size=batch_size,
+                                epoch_samples=sum(counts))
+        return EpochPlan(counts, seed=0, epoch=epoch, world_size=world, batch_size=batch_size)
+
     best = {"plan_s": math.inf, "rank_s": math.inf, "all_parts_s": math.inf}
     for r in range(repeat):
         t0 = time.perf_counter()
-        plan = EpochPlan(counts, seed=0, epoch=r, world_size=world, batch_size=batch_size)
+        plan = make(r)
         t1 = time.perf_counter()
         for lane in range(LANES):
             plan.segments(world - 1, lane)
@@ -226,6 +234,6 @@ def time_plan(num_shards: int = 100_000, parts: int = 1024, *, shard_size: int =
         t3 = time.perf_counter()
         best = {"plan_s": min(best["plan_s"], t1 - t0), "rank_s": min(best["rank_s"], t2 - t0),
                 "all_parts_s": min(best["all_parts_s"], (t1 - t0) + (t3 - t2))}
-    return {"shards": num_shards, "parts": world * LANES, **best}
+    return {"shards": num_shards, "parts": world * LANES, "sampling": sampling, **best}
 
 

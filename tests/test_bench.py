@@ -47,6 +47,18 @@ def test_bench_data_prints_the_three_loaders_ratios_and_rss(synth_shards):
     assert re.search(rf"peak RSS 400 / 200 samples = {NUMBER}", out), out
 
 
+def test_bench_data_plan_times_both_sampling_modes_without_data(bcc_main):
+    """`bcc bench data --plan` (issue: planning measured at 100,000 shards x 1,024 parts; small here)."""
+    out = bcc("bench", "data", "--plan", "--plan-shards", "2000", "--plan-parts", "64,1024").stdout
+    for sampling in ("without_replacement", "resample"):
+        for parts in ("64", "1,024"):
+            line = next(ln for ln in out.splitlines() if sampling in ln and f"│ {parts} │" in " ".join(ln.split()))
+            assert len(re.findall(NUMBER, line)) == 4, line  # parts, plan, + one rank, + every part
+        assert re.search(rf"{sampling}: one rank {NUMBER}x from 64 to 1,024 parts", out), out
+    proc = bcc_main("bench", "data")  # neither --shards nor --plan
+    assert proc.returncode == 2 and proc.stderr.startswith("error: bcc bench data: --shards DIR is required"), proc.stderr
+
+
 def test_bench_data_reads_a_source_tree(synth_shards, synth_data):
     out = bcc("bench", "data", "--shards", str(synth_shards), "--workers", "0", "--batches", "2",
               "--warmup", "1", "--batch-size", "8", "--image-size", "32", "--rounds", "1",

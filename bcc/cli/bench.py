@@ -59,7 +59,7 @@ def register(subparsers) -> None:
         "random resized crop, flips -> uint8) and the workers are the same for all; alternating rounds, medians "
         "reported. Lists of image sizes and worker counts run every combination and end with a summary.",
     )
-    d.add_argument("--shards", required=True, metavar="DIR", help="a packed dataset (holds manifest.json)")
+    d.add_argument("--shards", metavar="DIR", help="a packed dataset (holds manifest.json); not needed with --plan")
     d.add_argument("--split", default="train", help="split to read (default train)")
     d.add_argument("--workers", type=_worker_counts, default=(2,), metavar="N[,N2...]",
                    help="loader worker processes, or a list of counts to run each (default 2)")
@@ -76,6 +76,13 @@ def register(subparsers) -> None:
                    help="also: peak RSS of the loader process tree streaming synthetic data at two sizes")
     d.add_argument("--rss-samples", type=_sizes, default=(10_000, 100_000), metavar="N1,N2",
                    help="synthetic dataset sizes for --rss (default 10000,100000)")
+    d.add_argument("--plan", action="store_true",
+                   help="instead: time the epoch plan (which samples each rank and lane reads) of a synthetic "
+                        "dataset of --plan-shards shards for each --plan-parts (ranks x 8 lanes), both sampling modes")
+    d.add_argument("--plan-shards", type=positive_int, default=100_000, metavar="N",
+                   help="shards of 1,000 samples for --plan (default 100000)")
+    d.add_argument("--plan-parts", type=_counts, default=(64, 1024), metavar="P1,P2",
+                   help="parts (ranks x 8 lanes) for --plan (default 64,1024)")
     d.set_defaults(func=run_data)
 
     s = sub.add_parser(
@@ -143,6 +150,12 @@ def run_data(args: argparse.Namespace) -> int:
     from bcc.bench import bench_data
     from bcc.console import console
 
+    if args.plan:
+        return _plan(args, console)
+    if args.shards is None:
+        from bcc.bench import BenchError
+
+        raise BenchError("bcc bench data: --shards DIR is required (or --plan, which needs no data)")
     # user errors are BccErrors: bcc.cli.call prints them (exit 2; BCC_DEBUG=1 keeps the traceback)
     results = []
     for size in args.image_size:
@@ -157,6 +170,33 @@ def run_data(args: argparse.Namespace) -> int:
     if len(results) > 1:
         _data_summary(args, results, console)
     return _rss(args, console) if args.rss else 0
+
+
+def _plan(args: argparse.Namespace, console) -> int:
+    """`bcc bench data --plan`: planning seconds per sampling mode and part count, and how one rank's cost
+    grows from the fewest to the most parts (O(shards + parts x log shards): it should barely grow)."""
+    from rich.table import Table
+
+    from bcc.plan import LANES, time_plan
+
+    table = Table(title=f"epoch planning, {args.plan_shards:,} shards x 1,000 samples (best of 3, seconds)")
+    for column in ("sampling", "parts (ranks x lanes)", "plan", "+ one rank's lanes", "+ every part"):
+        table.add_column(column, justify="right")
+    growth = []
+    for sampling in ("without_replacement", "resample"):
+        rows = []
+        for parts in sorted(set(args.plan_parts)):
+            r = time_plan(args.plan_shards, max(parts, LANES), sampling=sampling)
+            rows.append(r)
+            table.add_row(sampling, f"{r['parts']:,}", f"{r['plan_s']:.3f}", f"{r['rank_s']:.3f}",
+                          f"{r['all_parts_s']:.3f}")
+        if len(rows) > 1:
+            growth.append(f"{sampling}: one rank {rows[-1]['rank_s'] / rows[0]['rank_s']:.2f}x from "
+                          f"{rows[0]['parts']:,} to {rows[-1]['parts']:,} parts")
+    console.print(table)
+    for line in growth:
+        console.print(line, soft_wrap=True)
+    return 0
 
 
 def _data_table(args: argparse.Namespace, result, console) -> None:
