@@ -75,6 +75,11 @@ def parse_format(value: Any) -> int | None:
     return int(number) if number.isdigit() and int(number) >= 1 else None
 
 
+
+def _whole(value: Any) -> bool:
+    """A JSON integer >= 0 (not a bool, a float or a string of digits): bcc writes counts and sizes so."""
+    return type(value) is int and value >= 0
+
 class ManifestError(BccError, ValueError):
     """manifest.json is missing, unreadable or not a bcc shard manifest; or a name is unknown."""
 
@@ -212,16 +217,16 @@ class Manifest:
         local_root = None if self.is_remote else str(self.root)
         for sh in s["shards"]:
             entry = sh["path"]
-            if local_root is not None and "{" not in entry and ":" not in entry and isinstance(sh["sha256"], str):
-                try:  # the common case, fast; lexical: `root` is resolved, resolving 100,000 paths would stat each
-                    shards.append(ShardInfo(Path(os.path.normpath(os.path.join(local_root, entry))), int(sh["count"]),
-                                            sh["sha256"], tuple(int(n) for n in sh["fold_counts"])
-                                            if "fold_counts" in sh else None,
-                                            bytes=int(sh["bytes"]) if "bytes" in sh else None))
-                    continue
-                except (TypeError, ValueError):
-                    pass  # `_parse_entry` names the entry and the field
-            shards += self._parse_entry(name, sh)
+            folds = sh.get("fold_counts")
+            if (local_root is not None and "{" not in entry and ":" not in entry and isinstance(sh["sha256"], str)
+                    and _whole(sh["count"]) and _whole(sh.get("bytes", 0))
+                    and (folds is None or isinstance(folds, list) and all(map(_whole, folds)))):
+                # the common case, fast; lexical: `root` is resolved, resolving 100,000 paths would stat each
+                shards.append(ShardInfo(Path(os.path.normpath(os.path.join(local_root, entry))), sh["count"],
+                                        sh["sha256"], tuple(folds) if folds is not None else None,
+                                        bytes=sh.get("bytes")))
+                continue
+            shards += self._parse_entry(name, sh)  # names the entry and the field that is wrong
         return SplitInfo(name, int(s["count"]), {str(k): int(v) for k, v in s["class_counts"].items()}, shards)
 
     def _check_name(self, split: str, name: str, entry: str) -> None:
@@ -293,10 +298,10 @@ class Manifest:
             raise ManifestError(f"{self.shown}: split '{split}': the shard entry {remote.redact(entry)!r} is not a "
                                 "URL or a relative name: a fetched manifest may not name local files")
         def number(key: str, value: Any) -> int:
-            if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.isdigit():
-                return int(value)
+            if _whole(value):
+                return value
             raise ManifestError(f"{self.shown}: split '{split}': the shard entry {entry!r}: {key} must be a whole "
-                                f"number (or, for a brace list, a list of one per shard), got {value!r}")
+                                f"number >= 0 (or, for a brace list, a list of one per shard), got {value!r}")
 
         if not all(isinstance(d, str) for d in digests):
             raise ManifestError(f"{self.shown}: split '{split}': the shard entry {entry!r}: sha256 must be a hex "

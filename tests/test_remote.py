@@ -665,6 +665,11 @@ def test_brace_bounds_are_read_from_the_pattern():
                            ("x.tar", 1), ("{name}", 1), ("{a,{b,c}}", 3)]:
         assert len(remote.expand(pattern)) == names <= remote.count_bound(pattern)
     assert remote.count_bound("{{0..99999999},x}.tar") > 10**8
+    # nested lists count exactly (a 16-shard entry was refused as naming more than its 16 sha256s)
+    for pattern, names in [("train-0000{0{0..9},1{0..5}}.tar", 16), ("{a..c}{x,{1..3}y}", 12), ("{a,}{1..3}", 6),
+                           (r"\{a,b\}x{1,2}", 2), ("p{1..3}{a}", 3)]:
+        assert remote.count_bound(pattern) == len(remote.expand(pattern)) == names, pattern
+    assert len(remote.expand("train-0000{0{0..9},1{0..5}}.tar", limit=16)) == 16
     with pytest.raises(remote.RemoteError, match="names more than 5 shards"):
         remote.expand("a-{0..99999999}.tar", limit=5)  # refused before braceexpand builds the range
 
@@ -717,6 +722,12 @@ def test_malformed_manifest_entries_are_named(synth_shards, tmp_path):
     brace = f"train-{{000000..{n - 1:06d}}}.tar"
     cases = [
         ({"path": "train-{}.tar", "count": [], "sha256": "ab"}, r"'train-\{\}.tar': count must be a whole number"),
+        # a count or size bcc never writes: named at load, not mid-epoch as another shard's truncation
+        ({"path": "train-000000.tar", "count": -8, "sha256": "ab"}, "'train-000000.tar': count must be a whole "
+                                                                     "number >= 0 .* got -8"),
+        ({"path": "train-000000.tar", "count": "8", "sha256": "ab"}, "'train-000000.tar': count must .* got '8'"),
+        ({"path": "train-000000.tar", "count": 8, "sha256": "ab", "bytes": -5}, "'train-000000.tar': bytes must "
+                                                                                 ".* got -5"),
         ({"path": brace, "count": 3, "sha256": local[0].sha256}, rf"'.*' names {n} shards but gives one "
                                                                   "sha256"),
         ({"path": "train-000000.tar", "count": 3, "sha256": 7}, "'train-000000.tar': sha256 must be a hex string"),
