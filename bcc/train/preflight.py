@@ -26,6 +26,7 @@ from bcc.errors import BccError
 from bcc.manifest import Manifest, ShardInfo, SplitInfo
 from bcc.metrics import metric_names
 from bcc.model import check_backbone_name
+from bcc.sources import MixedManifest
 from bcc.train.setup import TrainError
 
 # A WebDataset sample is at least two tar members (image, json), each a 512-byte header plus at least
@@ -119,7 +120,19 @@ def check_run(cfg: Config, manifest: Manifest) -> None:
             # an empty val split gives NaN metrics, and a "best" checkpoint chosen on NaN
             raise TrainError(f"{key} '{name}' of {manifest.shown} is empty; repack with a non-zero "
                              f"{'validation' if key == 'data.val_split' else 'training'} fraction")
+        if key == "data.train_split":
+            check_sources_train(manifest, name)
         check_shards(split, cfg.data.retries, cfg.data.read_timeout_s)
+
+
+def check_sources_train(manifest: Manifest, split: str) -> None:
+    """Raise TrainError naming the first source of `data.sources` whose `split` (the train split) holds no
+    samples: its weight would weigh nothing, and the run would train on the other sources in silence."""
+    for i, source in enumerate(manifest.sources if isinstance(manifest, MixedManifest) else ()):
+        if source.manifest.split(split).count == 0:
+            raise TrainError(f"data.sources[{i}] ('{source.name}', shards {remote.display(source.manifest.root)}): "
+                             f"its train split '{split}' holds no samples, so its weight {source.weight:g} would do "
+                             "nothing; remove it from data.sources, or repack it with a non-zero training fraction")
 
 
 def check_precision(mixed_precision: str, device: torch.device) -> None:
