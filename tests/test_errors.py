@@ -179,7 +179,7 @@ def test_a_quiet_rank_the_launcher_does_not_end_prints_a_node_error_after_all(mo
     import threading
     import time
 
-    from bcc import cli
+    from bcc import cli, remote
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -192,6 +192,7 @@ def test_a_quiet_rank_the_launcher_does_not_end_prints_a_node_error_after_all(mo
         raise error
 
     before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(remote, "_STOPPING", [False])
     if ended:
         threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
     start = time.monotonic()
@@ -201,6 +202,11 @@ def test_a_quiet_rank_the_launcher_does_not_end_prints_a_node_error_after_all(mo
     assert signal.getsignal(signal.SIGTERM) is before  # the wait's handler is gone again
     err = capsys.readouterr().err
     assert (err.strip() == "error: the same on every rank, presumably") if printed else (err == ""), err
+    if shared == "node" and not ended:  # the SIGTERM came before the error (kept by the trainer's set-up)
+        remote.request_stop()
+        start = time.monotonic()
+        assert cli.call(fails, None) == EXIT_USAGE and time.monotonic() - start < 1.0
+        assert capsys.readouterr().err == ""
 
 
 def test_a_full_disk_anywhere_is_one_line_naming_the_file(monkeypatch, capsys, tmp_path):

@@ -94,10 +94,15 @@ QUIET_WAIT_S = 10.0  # how long a quiet rank waits for the launcher to end it (s
 
 def _ended_by_launcher(timeout_s: float) -> bool:
     """Wait up to `timeout_s` seconds for a SIGTERM (a launcher ending this rank because another exited);
-    True when one came. The handler is this function's only while it waits."""
+    True when one came, or had come before (the trainer keeps one that arrives during its set-up:
+    `bcc.remote.is_stopping`). The handler is this function's only while it waits."""
     import signal
     import time
 
+    from bcc.remote import is_stopping
+
+    if is_stopping():
+        return True
     came: list[int] = []
     try:
         previous = signal.signal(signal.SIGTERM, lambda signum, frame: came.append(signum))
