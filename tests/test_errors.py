@@ -191,22 +191,34 @@ def test_a_quiet_rank_the_launcher_does_not_end_prints_a_node_error_after_all(mo
         error.shared = shared
         raise error
 
-    before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(remote, "_STOPPING", [False])
-    if ended:
-        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
-    start = time.monotonic()
-    assert cli.call(fails, None) == EXIT_USAGE
-    waited = time.monotonic() - start
-    assert (waited < 2.0) if ended else (waited >= 3.0), waited  # a SIGTERM ends the wait at once
-    assert signal.getsignal(signal.SIGTERM) is before  # the wait's handler is gone again
-    err = capsys.readouterr().err
-    assert (err.strip() == "error: the same on every rank, presumably") if printed else (err == ""), err
-    if shared == "node" and not ended:  # the SIGTERM came before the error (kept by the trainer's set-up)
-        remote.request_stop()
+    stopping = [False]  # whether a SIGTERM reached the process before the error (`bcc.remote.is_stopping`)
+    monkeypatch.setattr(remote, "is_stopping", lambda: stopping[0])
+    late: list[int] = []  # a SIGTERM that missed the wait's handler lands here, not in pytest's default action
+
+    def keep(signum, frame):
+        late.append(signum)
+
+    outer = signal.signal(signal.SIGTERM, keep)
+    try:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+        if ended:
+            timer.start()
         start = time.monotonic()
-        assert cli.call(fails, None) == EXIT_USAGE and time.monotonic() - start < 1.0
-        assert capsys.readouterr().err == ""
+        assert cli.call(fails, None) == EXIT_USAGE
+        waited = time.monotonic() - start
+        if ended:
+            timer.join()
+        assert (waited < 2.0) if ended else (waited >= 3.0), waited  # a SIGTERM ends the wait at once
+        assert late == [] and signal.getsignal(signal.SIGTERM) is keep  # the wait's handler took it, and left
+        err = capsys.readouterr().err
+        assert (err.strip() == "error: the same on every rank, presumably") if printed else (err == ""), err
+        if shared == "node" and not ended:  # the SIGTERM came before the error (kept by the trainer's set-up)
+            stopping[0] = True
+            start = time.monotonic()
+            assert cli.call(fails, None) == EXIT_USAGE and time.monotonic() - start < 1.0
+            assert capsys.readouterr().err == ""
+    finally:
+        signal.signal(signal.SIGTERM, outer)
 
 
 def test_a_full_disk_anywhere_is_one_line_naming_the_file(monkeypatch, capsys, tmp_path):
