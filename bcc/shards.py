@@ -265,8 +265,10 @@ def _tar_files(f, path: str) -> Iterator[tuple[str, bytes]]:
     first = offset == 0
     while True:
         block = f.read(512)
-        if first and block and (len(block) < 512 or block.count(0) < 512 and not tar_header_ok(block)):
-            # no tar from the first byte on: say what came instead (an error page, an AccessDenied body)
+        if first and block and (len(block) < 512 or block.count(0) < 512 and block[257:262] != b"ustar"
+                                and not tar_header_ok(block)):
+            # no tar from the first byte on: say what came instead (an error page, an AccessDenied body); a
+            # ustar header with a wrong checksum is a damaged shard, named as such below
             what = f"{len(block)} bytes, less than one tar block" if len(block) < 512 else "no tar header at its start"
             raise tarfile.ReadError(f"not a shard: {what} (it begins {quote_bytes(block)})")
         first = False
