@@ -352,7 +352,8 @@ def _check_data(given: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:
     sampling = kwargs.get("sampling", DataConfig.sampling)
     if sources and "shards" in given:
         fail("data.sources", f"data.sources and data.shards ({given['shards']!r}) are exclusive: the sources "
-                             "list every packed dataset; remove data.shards")
+                             "list every packed dataset; keep one (on the command line, data.shards=null or data.sources=null "
+                             "unsets the one a config file set)")
     names: dict[str, int] = {}
     for i, src in enumerate(sources):
         if not src.shards:

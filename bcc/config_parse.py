@@ -55,7 +55,8 @@ MAX_SOURCE_WEIGHT = 1e6  # data.sources[].weight: beyond this, weight x count st
 
 
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "data.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty)"),
+    "data.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty; the "
+                                         "override data.shards=null unsets it)"),
     "data.sources.shards": ((lambda v: v != ""), "a packed dataset: folder, URL or pipe: template (not empty)"),
     "data.sources.weight": ((lambda v: math.isfinite(v) and 0 < v <= MAX_SOURCE_WEIGHT), "> 0 and at most 1e6"),
     # an epoch of 10**10 samples is 11 days at 10,000 images/s; beyond, a typo (10**15 planned for ever)
@@ -142,10 +143,18 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# Keys an override `KEY=null` unsets (back to the default) instead of setting: the two exclusive ways to name
+# the data, so that a config file's data.shards can give way to data.sources on the command line (and back).
+UNSETTABLE = ("data.shards", "data.sources")
+UNSET = object()  # the value of such an override: `merge_layers` drops the key
+
+
 def merge_layers(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        if value is UNSET:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = merge_layers(out[key], value)
         else:
             out[key] = value
@@ -154,7 +163,7 @@ def merge_layers(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, A
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.lr=0.003` -> (['train', 'lr'], 0.003); the value is parsed as YAML, except a `pipe:COMMAND`,
-    kept as the string it is."""
+    kept as the string it is; `null` for a key of UNSETTABLE is UNSET."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.lr=0.003)")
     key, raw = text.split("=", 1)
@@ -170,7 +179,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
-    return key.split("."), value
+    return key.split("."), UNSET if value is None and key in UNSETTABLE else value
 
 
 def nest(path: list[str], value: Any) -> dict[str, Any]:

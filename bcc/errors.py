@@ -12,9 +12,11 @@ and exit with `EXIT_LOST_PEER` (1) instead of a page of traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
+from collections.abc import Iterator
 
 EXIT_USAGE = 2  # bad config, data or arguments (argparse uses 2 as well)
 EXIT_LOST_PEER = 1  # this rank's collective failed because another rank failed (its own error says why)
@@ -28,8 +30,22 @@ class BccError(Exception):
     # Which ranks of a launch raise this same error (`quiet_on_this_rank`): None, only this one (it prints
     # it); "node", every rank reading the same files as rank 0 (a config or manifest error: rank 0's
     # machine prints it once, another machine's local rank 0 once); "job", every rank (a verdict rank 0
-    # broadcast: rank 0 prints it for the job).
+    # broadcast: rank 0 prints it for the job). A quiet rank waits for the launcher to end it; one that
+    # is not ended prints a "node" error after all (`bcc.cli.call`): it was its own.
     shared: str | None = None
+
+
+@contextlib.contextmanager
+def raised_alike(ranks: str = "node") -> Iterator[None]:
+    """Mark a BccError raised inside, unless it says otherwise, as one every rank raises alike (`shared`):
+    for code that reads only what every rank reads (the config, a manifest, a checkpoint). Should a rank
+    raise it alone after all, it still prints it (`bcc.cli.call` waits for the launcher first)."""
+    try:
+        yield
+    except BccError as e:
+        if e.shared is None:
+            e.shared = ranks
+        raise
 
 
 def quiet_on_this_rank(e: BccError) -> bool:

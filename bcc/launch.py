@@ -6,7 +6,10 @@ preempted and for users (accelerate 1.x, torch 2.x):
 
 1. It exits with the training processes' exit code. `accelerate launch` turns every failure into 1,
    which hides the trainer's 75 ("preempted, checkpoint saved, requeue me") and 2 (a user's mistake),
-   and prints torch elastic's ChildFailedError traceback under the rank's one `error:` line.
+   and prints torch elastic's ChildFailedError traceback under the rank's one `error:` line. Torch
+   elastic's own log lines about such an end (`W... Sending process N closing signal SIGTERM`, `E...
+   failed (exitcode: 75)`) are left out too (`ElasticNoise`); a rank that crashed keeps its traceback and
+   its `failed (exitcode: 1)` line.
 2. SIGUSR1 and SIGTERM are forwarded to the training processes and the launcher keeps waiting for
    them to save and exit. Otherwise USR1 kills the launcher (the default action) and leaves the
    processes orphaned, and torchrun's agent answers TERM by killing its workers after 30 s.
@@ -21,6 +24,7 @@ processes get the signal twice; the trainer's handler only sets a flag, so that 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -28,7 +32,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from bcc.errors import BccError
+from bcc.errors import EXIT_PREEMPTED, EXIT_USAGE, BccError
 
 
 class LaunchError(BccError):
@@ -141,6 +145,22 @@ def missing_gpu_message() -> str | None:
     )
 
 
+BCC_EXIT_CODES = (EXIT_USAGE, EXIT_PREEMPTED)  # a rank exiting so has printed its own line
+
+
+class ElasticNoise(logging.Filter):
+    """Drops torch elastic's lines about ranks that said themselves why they stopped: `Sending process N
+    closing signal SIGTERM` (the others ended once one exited) and `failed (exitcode: 2 or 75)` (a rank's
+    `error:` line, a preemption). A rank killed by a signal or ended by a bug (exit 1, its traceback above)
+    keeps its `failed (exitcode: N)` line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: D102 - logging's hook
+        text = str(record.msg)
+        if text.startswith("Sending process"):
+            return False
+        return not (text.startswith("failed (exitcode") and record.args and record.args[0] in BCC_EXIT_CODES)
+
+
 def accelerate_main(argv: Sequence[str] | None = None) -> int:
     """`accelerate launch ARGV` (accelerate's own options, then `-m MODULE` or a script and its
     arguments); returns the exit code of the first training process that failed, else 0. Raises
@@ -153,6 +173,7 @@ def accelerate_main(argv: Sequence[str] | None = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(ElasticNoise())
     args = launch_command_parser().parse_args(None if argv is None else list(argv))
     if args.config_file and not os.path.isfile(args.config_file):
         raise LaunchError(f"accelerate config file {args.config_file} not found")

@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 from bcc import remote_secrets
 from bcc.errors import BccError
-from bcc.remote_secrets import TOKEN_ENV, redact
+from bcc.remote_secrets import TOKEN_ENV, quote_bytes, redact
 
 __all__ = ["DEFAULT_RETRIES", "HTTP_TIMEOUT_S", "TOKEN_ENV", "RemoteError", "check_no_secrets", "check_scheme",
            "display", "expand", "expand_env", "is_local", "is_plain_name", "is_transient", "join", "kind",
@@ -489,10 +489,11 @@ def probe(location: str | Path, retries: int = DEFAULT_RETRIES, timeout_s: float
                 block = stream.read(512)
                 if len(block) < 512:
                     stream.read()  # the command's exit status decides the error
-                    raise RemoteError(f"{display(location)}: the command printed less than one tar block")
+                    what = f"{len(block)} bytes, less than one tar block: not a shard ({quote_bytes(block)})"
+                    raise RemoteError(f"{display(location)}: the command printed {what if block else 'nothing'}")
                 if not tar_header_ok(block):
                     raise RemoteError(f"{display(location)}: the command's output does not start with a tar "
-                                      f"header (it begins {block[:40]!r}): not a shard")
+                                      f"header (it begins {quote_bytes(block)}): not a shard")
             finally:
                 stream.close()
 

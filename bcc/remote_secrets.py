@@ -3,7 +3,8 @@
 `bcc.remote` owns locations; this module owns the one list of secret-looking forms (URL userinfo, signed
 query values, `NAME=value` assignments, `--password value` flags, `user:password` options, Authorization
 headers, bearer tokens) that `redact` masks and `bcc.remote.check_no_secrets` refuses, so that no secret
-reaches config.yaml, a manifest or a log.
+reaches config.yaml, a manifest or a log; and `quote_bytes`, the one way a message shows bytes that came
+back instead of a shard (an error page, an AccessDenied body), masked the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 
-__all__ = ["TOKEN_ENV", "redact", "remember"]
+__all__ = ["TOKEN_ENV", "quote_bytes", "redact", "remember"]
 
 TOKEN_ENV = "BCC_HTTP_TOKEN"
 _EXPANDED: dict[str, str] = {}  # value -> "${NAME}" of every variable `bcc.remote.expand_env` read
@@ -75,3 +76,12 @@ def redact(text: str) -> str:
     text = _HEADER.sub(lambda m: f"{m.group('head')}***", text)
     text = _HEADER_FLAG.sub(lambda m: f"{m.group('head')}***", text)
     return _BEARER.sub(lambda m: f"{m.group('word')}{m.group('gap')}***", text)
+
+
+def quote_bytes(data: bytes, limit: int = 100) -> str:
+    """The start of `data` as a message may quote it: printable ASCII (any other byte `.`, a run of blanks
+    one space), credentials masked (`redact`, before shortening: a cut cannot split a secret out of
+    reach), at most `limit` characters and `...`; repr-quoted (`'<html><body>AccessDenied...'`)."""
+    text = re.sub(r"\s+", " ", data[:4096].decode("latin-1"))
+    text = redact("".join(c if " " <= c <= "~" else "." for c in text).strip())
+    return repr(text[:limit] + "..." if len(text) > limit or len(data) > 4096 else text)

@@ -29,6 +29,7 @@ from typing import Any
 
 from bcc import remote
 from bcc.errors import BccError
+from bcc.remote_secrets import quote_bytes
 from bcc.tar_writer import TarStream
 
 __all__ = ["IMAGE_KEYS", "SampleError", "ShardError", "check_sample", "count_tar_samples", "crc32_hex",
@@ -135,16 +136,18 @@ def count_tar_samples(path: Path) -> int:
 
 
 def damaged_samples(path: Path) -> list[str]:
-    """`key: reason` for every sample of a format-2 shard that fails `check_sample`, or the tar error."""
-    import webdataset as wds
-
+    """`key: reason` for every sample of a format-2 shard that fails `check_sample`, then the read error
+    that ended the scan, in the words training uses (a truncated copy, bytes that are no tar at all)."""
     out = []
     try:
-        for sample in wds.tariterators.tarfile_samples([{"url": str(path)}], handler=wds.reraise_exception):
-            try:
-                check_sample(sample, json.loads(sample["json"]))
-            except (SampleError, KeyError, ValueError) as e:
-                out.append(f"{sample.get('__key__')}: {e}")
+        with open(path, "rb") as f:
+            for sample in _tar_samples(f, str(path)):
+                try:
+                    check_sample(sample, json.loads(sample["json"]))
+                except (SampleError, KeyError, ValueError) as e:
+                    out.append(f"{sample.get('__key__')}: {e}")
+    except tarfile.ReadError as e:  # its message says what it is
+        out.append(str(e))
     except Exception as e:  # noqa: BLE001 - a tar error ends the scan; report it with what was found
         out.append(f"unreadable tar: {e}")
     return out
@@ -259,8 +262,16 @@ def _tar_files(f, path: str) -> Iterator[tuple[str, bytes]]:
     reader from that header on. Skips webdataset's meta files (`__...__`) as its reader does."""
     seekable = isinstance(f, io.BufferedReader)
     offset, name = f.tell() if seekable else 0, None
+    first = offset == 0
     while True:
         block = f.read(512)
+        if first and block and (len(block) < 512 or block.count(0) < 512 and block[257:262] != b"ustar"
+                                and not tar_header_ok(block)):
+            # no tar from the first byte on: say what came instead (an error page, an AccessDenied body); a
+            # ustar header with a wrong checksum is a damaged shard, named as such below
+            what = f"{len(block)} bytes, less than one tar block" if len(block) < 512 else "no tar header at its start"
+            raise tarfile.ReadError(f"not a shard: {what} (it begins {quote_bytes(block)})")
+        first = False
         if len(block) < 512 or (block[0] == 0 and block.count(0) == 512):
             return  # end of archive (two zero blocks, or the end of the file)
         if not tar_header_ok(block):
@@ -279,7 +290,8 @@ def _tar_files(f, path: str) -> Iterator[tuple[str, bytes]]:
         padded = -(-size // 512) * 512
         data, _ = f.read(size), f.read(padded - size)  # not read(padded)[:size]: a second copy of the image
         if len(data) < size:
-            raise tarfile.ReadError(f"unexpected end of data in the member at byte {offset}")
+            raise tarfile.ReadError(f"the shard ends inside the member at byte {offset}: it looks truncated; copy (or "
+                                    "upload) it again from the packed output, or repack it")
         offset += 512 + padded
         if flag in (b"x", b"L"):
             name = (_pax_path(data) or name) if flag == b"x" else data.split(b"\0")[0].decode("utf-8")

@@ -155,3 +155,31 @@ def test_bcc_train_refuses_a_bad_seed_in_one_line(tmp_path, bcc_main):
         "error: override 'train.seed=-3': train.seed: must be in [0, 4294967295] (2**32 - 1, numpy's seed range), "
         "got -3"] and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_files_data_shards_gives_way_to_data_sources_on_the_command_line(tmp_path, synth_shards, bcc_main):
+    """`data.shards=null` unsets a config file's data.shards, so data.sources given on the command line is
+    read (before: `expected a string, got None`, and `data.shards=` is `not empty`); data.sources=null the
+    other way round. A config that still sets both is an error, which says how to unset one."""
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "run")
+    gone = tmp_path / "gone"
+    sources = f"data.sources=[{{shards: {synth_shards}, name: big}}, {{shards: {gone}, weight: 2}}]"
+    proc = bcc_main("train", "--config", cfg, "data.shards=null", sources)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: no manifest at {gone}/manifest.json"), lines[0]  # the sources were read
+    loaded = load_config(cfg, [sources, "data.shards=null"])  # in either order
+    assert loaded.data.shards == Config().data.shards and [s.weight for s in loaded.data.sources] == [1, 2]
+    for overrides, message in [([sources], r"data.sources and data.shards \(.*\) are exclusive: .* keep one \(on "
+                                            r"the command line, data.shards=null or data.sources=null unsets"),
+                               (["data.shards=null", sources, "data.shards=/x"], r"\('/x'\) are exclusive"),
+                               (["data.shards="], r"data.shards: must be .*not empty; the override data.shards=null "
+                                                  r"unsets it\), got ''")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(cfg, overrides)
+    with_sources = write(tmp_path, f"data:\n  sources: [{{shards: {synth_shards}}}]\n", "sources.yaml")
+    assert load_config(with_sources, ["data.sources=null", "data.shards=/y"]).data.shards == "/y"
+    with pytest.raises(ConfigError, match="expected a number, got None"):
+        load_config(None, ["train.lr=null"])  # any other key: null is a value, as before

@@ -168,6 +168,59 @@ def test_an_error_every_rank_raises_is_printed_once_per_job_or_machine(monkeypat
     assert quiet_on_this_rank(error) is quiet
 
 
+@pytest.mark.parametrize(("shared", "ended", "printed"), [
+    ("node", True, False), ("node", False, True), ("job", True, False), ("job", False, False)])
+def test_a_quiet_rank_the_launcher_does_not_end_prints_a_node_error_after_all(monkeypatch, capsys, shared, ended,
+                                                                             printed):
+    """A quiet rank waits for the launcher's SIGTERM (rank 0 exited, having printed); a "node" error that no
+    SIGTERM follows was this rank's own (rank 0 goes on), so it is printed after all, never lost. A "job"
+    verdict rank 0 got by broadcast stays quiet."""
+    import signal
+    import threading
+    import time
+
+    from bcc import cli, remote
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("BCC_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "QUIET_WAIT_S", 3.0)
+
+    def fails(_):
+        error = BccError("the same on every rank, presumably")
+        error.shared = shared
+        raise error
+
+    stopping = [False]  # whether a SIGTERM reached the process before the error (`bcc.remote.is_stopping`)
+    monkeypatch.setattr(remote, "is_stopping", lambda: stopping[0])
+    late: list[int] = []  # a SIGTERM that missed the wait's handler lands here, not in pytest's default action
+
+    def keep(signum, frame):
+        late.append(signum)
+
+    outer = signal.signal(signal.SIGTERM, keep)
+    try:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+        if ended:
+            timer.start()
+        start = time.monotonic()
+        assert cli.call(fails, None) == EXIT_USAGE
+        waited = time.monotonic() - start
+        if ended:
+            timer.join()
+        assert (waited < 2.0) if ended else (waited >= 3.0), waited  # a SIGTERM ends the wait at once
+        assert late == [] and signal.getsignal(signal.SIGTERM) is keep  # the wait's handler took it, and left
+        err = capsys.readouterr().err
+        assert (err.strip() == "error: the same on every rank, presumably") if printed else (err == ""), err
+        if shared == "node" and not ended:  # the SIGTERM came before the error (kept by the trainer's set-up)
+            stopping[0] = True
+            start = time.monotonic()
+            assert cli.call(fails, None) == EXIT_USAGE and time.monotonic() - start < 1.0
+            assert capsys.readouterr().err == ""
+    finally:
+        signal.signal(signal.SIGTERM, outer)
+
+
 def test_a_full_disk_anywhere_is_one_line_naming_the_file(monkeypatch, capsys, tmp_path):
     """ENOSPC/EDQUOT/EFBIG/EROFS as Python raises it, inside torch's RuntimeError, or as safetensors'
     "(os error 28)" text: one `error:` line, exit 2 (c2-break11: end-of-run files and model.safetensors

@@ -97,6 +97,35 @@ def test_bcc_launch_of_two_ranks_keeps_their_error_line_and_exit_code_without_a_
     # the same error on every rank from the same inputs: rank 0 prints it, once for the job
     assert len(errors) == 1 and str(tmp_path / "nowhere") in errors[0], out.stderr
     assert "Traceback" not in out.stderr and "ChildFailedError" not in out.stderr, out.stderr
+    assert "torch/distributed/elastic" not in out.stderr, out.stderr  # its W/E lines: see the next test
+
+
+RANKS = """import os, sys, time
+if os.environ["RANK"] == "0":
+    if sys.argv[1] == "1":
+        raise RuntimeError("a bug on rank 0")
+    sys.stderr.write("error: rank 0 stops\\n")
+    sys.exit(int(sys.argv[1]))
+time.sleep(120)  # ended by the launcher once rank 0 has exited
+"""
+
+
+def test_bcc_launch_keeps_to_bccs_own_lines_unless_a_rank_crashed(tmp_path):
+    """When a rank exits with 2 (its `error:` line) or 75 (preempted), torch elastic's `W... Sending process
+    N closing signal SIGTERM` and `E... failed (exitcode: 75)` followed bcc's lines; they are left out. A
+    rank that crashed on a bug keeps its traceback and torch elastic's line naming its exit code."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS)
+    for code in (2, 75, 1):
+        out = run([sys.executable, "-m", "bcc", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+                   "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(code)],
+                  no_gpu_env(ACCELERATE_USE_CPU="true"), tmp_path)
+        assert out.returncode == code, out.stderr
+        assert "Sending process" not in out.stderr, out.stderr
+        if code == 1:
+            assert "RuntimeError: a bug on rank 0" in out.stderr and "failed (exitcode: 1)" in out.stderr, out.stderr
+        else:
+            assert out.stderr.strip() == "error: rank 0 stops", out.stderr
 
 
 def test_ranks_end_with_a_killed_launcher(synth_shards, tmp_path):

@@ -875,3 +875,60 @@ def test_a_pipe_command_that_fails_after_a_whole_shard_fails_the_read(synth_shar
     assert keys(read_range(failing, hi=local.count - 1)) == keys(read_range(local, hi=local.count - 1))
     good = Manifest.load(f"pipe:cat {synth_shards}/{{name}}").split("train").shards[0]
     assert keys(read_range(good)) == keys(read_range(local))
+
+
+HTML_BODY = ("<html>\n<body>AccessDenied: request https://bucket/ds?X-Amz-Signature=deadbeef0123 "
+             "denied</body></html>\n")  # an object store's error page: short, no tar, a signed URL in it
+
+
+def _fake_client(path: Path, pack: Path, train: str) -> str:
+    """A `pipe:` template whose command prints the train shards as `train` says (`cat`, `html`, `half`)."""
+    body = {"cat": f'cat {pack}/"$1"', "html": f"printf '%s' '{HTML_BODY}'",
+            "half": f'head -c $(( $(wc -c < {pack}/"$1") / 2 )) {pack}/"$1"'}[train]
+    path.write_text(f'#!/bin/sh\ncase "$1" in\n  train-*) {body} ;;\n  *) cat {pack}/"$1" ;;\nesac\n')
+    path.chmod(0o755)
+    return f"pipe:{path} {{name}}"
+
+
+def test_a_body_that_is_no_shard_is_shown_redacted(synth_shards, tmp_path, bcc_main, no_backoff):
+    """An HTML / AccessDenied body of fewer than 512 bytes from a pipe: command was `the command printed less
+    than one tar block` without what it printed; an http server's, `N bytes, the manifest says M`: both show
+    the body's start now (printable, shortened, a signature in it masked), and so does `bcc pack --verify`."""
+    pack = copy_pack(synth_shards, tmp_path / "pack")
+    cfg = write_config(tmp_path / "cfg.yaml", pack, tmp_path / "run", train={"epochs": 1})
+    shown = "'<html> <body>AccessDenied: request https://bucket/ds?X-Amz-Signature=*** denied</body></html>'"
+    pipe = _fake_client(tmp_path / "client", pack, "html")
+    proc = bcc_main("train", "--config", cfg, f"data.shards={pipe}")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{tmp_path / 'client'} train-000000.tar: the command printed {len(HTML_BODY)} bytes, less than one tar " \
+           f"block: not a shard ({shown})" in lines[0], lines[0]
+    assert "deadbeef" not in proc.stderr
+    proc = bcc_main("pack", "--verify", pipe)
+    assert proc.returncode == 1 and "deadbeef" not in proc.stdout, proc.stdout
+    assert f"not a shard: {len(HTML_BODY)} bytes, less than one tar block (it begins {shown})" in \
+           " ".join(proc.stdout.split()), proc.stdout
+    victim = pack / "train-000001.tar"
+    victim.write_text(HTML_BODY)  # a server answering 200 OK with its error page instead of the shard
+    with serve(pack) as (_, url):
+        proc = bcc_main("train", "--config", cfg, f"data.shards={url}")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"{url}/train-000001.tar ({len(HTML_BODY)} bytes, the manifest says " in lines[0], lines[0]
+    assert f"; it begins {shown})" in lines[0] and "deadbeef" not in lines[0], lines[0]
+
+
+def test_a_truncated_pipe_output_is_called_truncated(synth_shards, tmp_path, bcc_main):
+    """A command that printed half a shard (and exited 0) gave `unexpected end of data in the member at byte
+    N`: the line now says the shard looks truncated, naming the shard and the sample, and so does verify."""
+    pipe = _fake_client(tmp_path / "client", synth_shards, "half")
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "run", train={"epochs": 1})
+    proc = bcc_main("train", "--config", cfg, f"data.shards={pipe}", "data.retries=0")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.search(rf"error: cannot read shard pipe:{tmp_path / 'client'} train-\d+\.tar at sample \d+: the shard "
+                     r"ends inside the member at byte \d+: it looks truncated; copy \(or upload\) it again", lines[0]), \
+        lines[0]
+    proc = bcc_main("pack", "--verify", pipe)
+    assert proc.returncode == 1 and "MISMATCH" in proc.stdout, proc.stdout
+    assert "it looks truncated" in " ".join(proc.stdout.split()) and "unexpected end" not in proc.stdout, proc.stdout

@@ -150,6 +150,21 @@ def test_resume_refuses_unsafe_config_change_and_another_model(trained_run, synt
     assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr
 
 
+def test_a_refused_resume_is_printed_once_under_plain_accelerate_launch(trained_run, tmp_path):  # noqa: F811
+    """Every rank refuses the same resume alike (the same checkpoint, the same config): under plain
+    `accelerate launch` (no `bcc launch` around it) both ranks printed the line; rank 0 prints it now."""
+    cfg, _ = copy_of_trained_run(trained_run, tmp_path)
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    env.pop("BCC_DEBUG", None)
+    proc = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "bcc.train", "--config", str(cfg),
+                           "train.lr=0.5"], env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and "ChildFailedError" in proc.stderr, proc.stderr[-2000:]  # accelerate's own exit
+    assert len(errors) == 1 and "keys that change the run: train.lr" in errors[0], proc.stderr[-3000:]
+
+
 def test_epoch_end_checkpoint_resumes_on_another_process_count(trained_run, tmp_path):  # noqa: F811
     cfg, run_dir = copy_of_trained_run(trained_run, tmp_path)  # one process, checkpointed at the epoch end
     cmd, env = accelerate_command(2, ["--config", str(cfg), "train.epochs=2"])

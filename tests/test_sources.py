@@ -327,6 +327,28 @@ def test_resampled_run_resumed_mid_epoch_is_bitwise_exact(synth_shards, second_s
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_source_with_an_empty_train_split_is_refused_by_its_key(tmp_path, synth_shards, bcc_main):
+    """A hand-edited copy of a pack with no train samples, mixed in with weight 2, trained in silence (its
+    weight did nothing; only `train 0` in its source line): one error line naming data.sources[1]."""
+    import shutil
+
+    empty = tmp_path / "empty-train"
+    shutil.copytree(synth_shards, empty)
+    manifest = json.loads((empty / "manifest.json").read_text())
+    manifest["splits"]["train"] = {"count": 0, "class_counts": {}, "shards": []}
+    (empty / "manifest.json").write_text(json.dumps(manifest))
+    cfg = sources_config(tmp_path / "cfg.yaml", synth_shards, empty, tmp_path / "run", second_weight=2)
+    proc = bcc_main("train", "--config", cfg)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"error: data.sources[1] ('empty-train', shards {empty}): its train split 'train' "
+                               "holds no samples, so its weight 2 would do nothing"), lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # the same pack as the one dataset of data.shards: the empty train split is refused as before
+    proc = bcc_main("train", "--config", write_config(tmp_path / "one.yaml", empty, tmp_path / "run1"))
+    assert proc.returncode == 2 and "data.train_split 'train' of" in proc.stderr and "is empty" in proc.stderr
+
+
 def test_a_huge_epoch_samples_is_refused_up_front(tmp_path, synth_shards, bcc_main):
     """data.epoch_samples=10**15 planned segment lists that filled the memory: one error line instead."""
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "run")

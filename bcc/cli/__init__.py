@@ -89,6 +89,35 @@ def _version() -> str:
     return __version__
 
 
+QUIET_WAIT_S = 10.0  # how long a quiet rank waits for the launcher to end it (see `call`)
+
+
+def _ended_by_launcher(timeout_s: float) -> bool:
+    """Wait up to `timeout_s` seconds for a SIGTERM (a launcher ending this rank because another exited);
+    True when one came, or had come before (the trainer keeps one that arrives during its set-up:
+    `bcc.remote.is_stopping`). The handler is this function's only while it waits."""
+    import signal
+    import time
+
+    from bcc.remote import is_stopping
+
+    if is_stopping():
+        return True
+    came: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: came.append(signum))
+    except ValueError:  # not the main thread: no handler, only the wait
+        time.sleep(min(timeout_s, 2.0))
+        return False
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not came and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return bool(came)
+
+
 def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """Run a command; the one place a `BccError` becomes one `error:` line and its exit code (2).
 
@@ -108,14 +137,12 @@ def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namesp
         from bcc.console import error
         from bcc.errors import quiet_on_this_rank
 
-        if quiet_on_this_rank(e):
-            # rank 0 prints this line; a launcher (torch elastic) tears the job down when the first rank
-            # exits, so a silent rank leaving at once could take rank 0 down before it has printed
-            import time
-
-            time.sleep(2.0)
-        else:
-            error(str(e))
+        # rank 0 prints an error every rank raises alike. A quiet rank waits for the launcher's SIGTERM (torch
+        # elastic ends the others once a rank has exited): leaving at once could take rank 0 down before it
+        # has printed. A "node" error no SIGTERM follows was this rank's alone after all: it prints it
+        if quiet_on_this_rank(e) and (_ended_by_launcher(QUIET_WAIT_S) or e.shared == "job"):
+            return e.exit_code
+        error(str(e))
         return e.exit_code
     except Exception as e:
         full = storage_error(e)

@@ -33,7 +33,7 @@ from bcc.checkpoint import (
 from bcc.checkpoint_store import CheckpointManager
 from bcc.config import Config, config_hash, config_to_dict, save_config
 from bcc.console import console, set_main_process
-from bcc.errors import EXIT_PREEMPTED
+from bcc.errors import EXIT_PREEMPTED, raised_alike
 from bcc.finetune import stage_at
 from bcc.manifest import Manifest
 from bcc.metrics import EvalMetrics
@@ -171,8 +171,9 @@ def train_from_config(config_file, overrides) -> dict:
     from bcc.pretrained import explicit_keys
     from bcc.train.resume import follow_run_source
 
-    cfg = load_config(config_file, list(overrides))
-    cfg, changed = follow_run_source(cfg, explicit_keys(config_file, list(overrides)))
+    with raised_alike():  # every rank reads the same config and pretrained source
+        cfg = load_config(config_file, list(overrides))
+        cfg, changed = follow_run_source(cfg, explicit_keys(config_file, list(overrides)))
     for key, (old, new) in changed.items():
         console.print(f"{key}: {old} -> {new}, as the pretrained source was trained (set {key} to keep yours)",
                       markup=False, highlight=False, soft_wrap=True)
@@ -183,24 +184,26 @@ def fit(cfg: Config) -> dict:
     """Train (or resume) the run described by `cfg`. Returns {"val", "test", "calibration", "train_time"}
     or {"preempted": True, "step"}. Raises TrainError (and other BccErrors) for the user."""
     flag = preemption.PreemptionFlag()  # first: a signal during set-up is kept, not fatal
-    run = setup_run(cfg)
+    with raised_alike():  # set-up reads the same config, manifests and weights on every rank
+        run = setup_run(cfg)
     flag.attach(timeout_s=run.cfg.train.timeout_s)
     acc, info = run.accelerator, run.info
     if acc.is_main_process:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         preemption.clear_marker(run.run_dir)
     acc.wait_for_everyone()
-    path, pending_rng = resume_path(cfg, run.run_dir), None
-    if path is not None:
-        run.state, run.stage, pending_rng = restore(path, run.parts, acc, info, run.manifest.fingerprint())
-        run.compiles.enter(run.state.stage)
-        run.pretrained = read_meta(path).get("pretrained")  # what the run started from, carried on
-    elif find_latest(run.run_dir / "checkpoints") is not None:
-        raise TrainError(f"{run.run_dir} already holds checkpoints of another run; continue it with "
-                         "checkpoint.resume=auto or choose another run.dir")
-    else:
-        run.state = TrainState(config_hash=config_hash(run.cfg))
-        _enter(run, 0, carry=False)
+    with raised_alike():  # a refused resume: every rank compares the same checkpoint with the same config
+        path, pending_rng = resume_path(cfg, run.run_dir), None
+        if path is not None:
+            run.state, run.stage, pending_rng = restore(path, run.parts, acc, info, run.manifest.fingerprint())
+            run.compiles.enter(run.state.stage)
+            run.pretrained = read_meta(path).get("pretrained")  # what the run started from, carried on
+        elif find_latest(run.run_dir / "checkpoints") is not None:
+            raise TrainError(f"{run.run_dir} already holds checkpoints of another run; continue it with "
+                             "checkpoint.resume=auto or choose another run.dir")
+        else:
+            run.state = TrainState(config_hash=config_hash(run.cfg))
+            _enter(run, 0, carry=False)
     # only now that a resume was accepted (or this is a fresh start): a refused one leaves the files alone
     if acc.is_main_process:
         save_config(cfg, run.run_dir / "config.yaml")

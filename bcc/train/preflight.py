@@ -26,6 +26,9 @@ from bcc.errors import BccError
 from bcc.manifest import Manifest, ShardInfo, SplitInfo
 from bcc.metrics import metric_names
 from bcc.model import check_backbone_name
+from bcc.remote_secrets import quote_bytes
+from bcc.shards import tar_header_ok
+from bcc.sources import MixedManifest
 from bcc.train.setup import TrainError
 
 # A WebDataset sample is at least two tar members (image, json), each a 512-byte header plus at least
@@ -53,6 +56,20 @@ def _size_problem(shard: ShardInfo, size: int) -> str | None:
     if shard.bytes is not None:
         return None if size == shard.bytes else f"{size} bytes, the manifest says {shard.bytes}"
     return None if size >= shard.count * MIN_BYTES_PER_SAMPLE else f"{size} bytes for {shard.count} samples"
+
+
+def _foreign_start(location: str, timeout_s: float) -> str:
+    """`; it begins '...'` when the bytes at a remote shard of the wrong size are no tar at all (a server's
+    error page or AccessDenied body sent as 200 OK), else "". One GET, of a shard already refused."""
+    try:
+        stream = remote.open_location(location, timeout_s=timeout_s)
+        try:
+            block = stream.read(512)
+        finally:
+            stream.close()
+    except (remote.RemoteError, OSError):
+        return ""  # the size already says it is not the shard
+    return f"; it begins {quote_bytes(block)}" if block and not (len(block) == 512 and tar_header_ok(block)) else ""
 
 
 def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES, timeout_s: float = remote.HTTP_TIMEOUT_S) -> None:
@@ -88,7 +105,8 @@ def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES, timeou
         size = probes[str(shard.path)]
         problem = _size_problem(shard, size) if size is not None else None
         if problem:
-            short.append(f"{remote.display(shard.path)} ({problem})")
+            start = _foreign_start(shard.path, timeout_s) if len(short) < 3 else ""  # the ones named
+            short.append(f"{remote.display(shard.path)} ({problem}{start})")
     if missing:
         raise TrainError(f"split '{split.name}': missing shard {_named(missing)}")
     if short:
@@ -119,7 +137,19 @@ def check_run(cfg: Config, manifest: Manifest) -> None:
             # an empty val split gives NaN metrics, and a "best" checkpoint chosen on NaN
             raise TrainError(f"{key} '{name}' of {manifest.shown} is empty; repack with a non-zero "
                              f"{'validation' if key == 'data.val_split' else 'training'} fraction")
+        if key == "data.train_split":
+            check_sources_train(manifest, name)
         check_shards(split, cfg.data.retries, cfg.data.read_timeout_s)
+
+
+def check_sources_train(manifest: Manifest, split: str) -> None:
+    """Raise TrainError naming the first source of `data.sources` whose `split` (the train split) holds no
+    samples: its weight would weigh nothing, and the run would train on the other sources in silence."""
+    for i, source in enumerate(manifest.sources if isinstance(manifest, MixedManifest) else ()):
+        if source.manifest.split(split).count == 0:
+            raise TrainError(f"data.sources[{i}] ('{source.name}', shards {remote.display(source.manifest.root)}): "
+                             f"its train split '{split}' holds no samples, so its weight {source.weight:g} would do "
+                             "nothing; remove it from data.sources, or repack it with a non-zero training fraction")
 
 
 def check_precision(mixed_precision: str, device: torch.device) -> None:
