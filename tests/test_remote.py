@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import itertools
 import http.server
 import json
 import re
@@ -84,7 +85,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             cuts = [0, len(data) // 2] if stall_s else [len(data) * i // 4 for i in range(5)]
-            pieces = [data[a:b] for a, b in zip(cuts, cuts[1:])]
+            pieces = [data[a:b] for a, b in itertools.pairwise(cuts)]
             for piece in pieces:
                 self.wfile.write(piece)
                 self.wfile.flush()
