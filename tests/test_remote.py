@@ -8,8 +8,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
-import itertools
 import http.server
+import itertools
 import json
 import re
 import shutil
