@@ -185,9 +185,10 @@ def check_no_secrets(location: str, key: str = "data.shards") -> None:
         return
     if redact(location) != location and kind(location) == "pipe":
         raise RemoteError(
-            f"{key}: the pipe: command {redact(location)} spells a secret out (a NAME=value, --password/--token "
-            "value, -u/--user user:password, sshpass -p or Authorization header), which would be written to config.yaml, checkpoints and the logs; "
-            "leave it in the environment (the command inherits it) or write ${VAR} in its place")
+            f"{key}: the pipe: command {redact(location)} spells a secret out (a NAME=value, a password, token, "
+            "key or cookie option, a user:password, an Authorization header), which would be written to "
+            "config.yaml, checkpoints and the logs; leave it in the environment (the command inherits it) or "
+            "write ${VAR} in its place")
     if redact(location) != location:
         raise RemoteError(
             f"{key}: {redact(location)} holds a credential, which would be written to config.yaml and the "

@@ -50,6 +50,11 @@ _USER_FLAG = re.compile(r"(?P<flag>\s(?:-[A-Za-z]{0,3}[uUE]|--user|--proxy-user|
 # sshpass -p PASSWORD / -pPASSWORD (sshpass -e reads $SSHPASS instead), after any of its other options
 _SSHPASS = re.compile(rf"(?P<flag>\bsshpass(?:\s+-[vVh]|\s+-[PfdD]\s*\S+)*\s+-p)(?P<gap>\s*)"
                       rf"(?P<value>{_QUOTED}|[^\s'\"$-][^\s'\"]*)")
+# short flags whose meaning depends on the tool: curl -b (--cookie) with a NAME=value (a bare -b FILE is a cookie
+# file), swift -K (--key), ossutil -k (--access-key-secret); not curl -k (--insecure) or -K (--config)
+_TOOL_FLAG = re.compile(rf"(?P<flag>(?:\bcurl\b[^|;&]*?\s-[A-Za-z]*b(?=\s*['\"]?[^\s'\"$-][^\s'\"=]*=)|"
+                        rf"\bswift\b[^|;&]*?\s-K|\bossutil\b[^|;&]*?\s-k))(?P<gap>\s*)"
+                        rf"(?P<value>{_QUOTED}|[^\s'\"$-][^\s'\"]*)")
 _BEARER = re.compile(r"\b(?P<word>Bearer|Basic|token)(?P<gap>[ =:]+)(?P<value>[A-Za-z0-9._~+/=-]{8,})", re.I)
 
 
@@ -72,6 +77,7 @@ def redact(text: str) -> str:
                        else f"{m.group('name')}=***", text)
     text = _FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)
     text = _USER_FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)  # curl -u user:password
+    text = _TOOL_FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)
     text = _SSHPASS.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)
     text = _HEADER.sub(lambda m: f"{m.group('head')}***", text)
     text = _HEADER_FLAG.sub(lambda m: f"{m.group('head')}***", text)

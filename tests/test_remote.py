@@ -547,11 +547,16 @@ def test_a_url_query_is_kept_and_a_fragment_dropped(synth_shards):
     "pipe:SSHPASS=wJalrSEKRIT sshpass -e ssh h cat /d/{name}", "pipe:rclone cat --webdav-pass wJalrSEKRIT r:{name}",
     "pipe:rclone cat --azureblob-key=wJalrSEKRIT r:{name}", "pipe:rclone cat --sftp-pass wJalrSEKRIT r:{name}",
     'pipe:curl -u "${USER}:wJalrSEKRIT" h/{name}',
+    # short forms whose meaning depends on the tool (fourth breaker)
+    "pipe:curl -s -b 'sid=wJalrSEKRIT' h/{name}", "pipe:curl -s -bsid=wJalrSEKRIT h/{name}",
+    "pipe:swift download -K wJalrSEKRIT c {name} -o -", "pipe:ossutil cat oss://b/{name} -k wJalrSEKRIT -i LTAIid",
 ])
 def test_a_pipe_command_that_spells_a_secret_out_is_refused(command):
     with pytest.raises(remote.RemoteError, match=r"spells a secret out.*\$\{VAR\}") as e:
         remote.check_no_secrets(command)
     assert "wJalrSEKRIT" not in str(e.value)
+    # the message's own text is not masked as if it held a secret (it said 'sshpass -p *** Authorization')
+    assert "a password, token, key or cookie option, a user:password, an Authorization header)" in str(e.value)
 
 
 def test_a_pipe_command_with_secrets_from_the_environment_is_accepted(synth_shards, tmp_path, monkeypatch):
@@ -564,7 +569,9 @@ def test_a_pipe_command_with_secrets_from_the_environment_is_accepted(synth_shar
                "pipe:tool --access-key-id AKIA1 get {name}", "pipe:sshpass -e ssh h cat /d/{name}",
                "pipe:sshpass -p \"${BCC_TEST_SECRET}\" ssh h cat /d/{name}", "pipe:sshpass -f ~/.pw ssh h cat /d/{name}",
                "pipe:curl -H 'Accept: application/x-tar' h/{name}", 'pipe:curl -u "${USER}:${BCC_TEST_SECRET}" h/{name}',
-               "pipe:rclone cat --sftp-key-file ~/.ssh/id r:{name}", "pipe:curl --key ~/k.pem h/{name}"):
+               "pipe:rclone cat --sftp-key-file ~/.ssh/id r:{name}", "pipe:curl --key ~/k.pem h/{name}",
+               "pipe:curl -k https://h/{name}", "pipe:curl -sk -K ~/.curlrc https://h/{name}",
+               "pipe:curl -b ~/cookies.txt h/{name}", "pipe:swift download -K ${BCC_TEST_SECRET} c {name} -o -"):
         remote.check_no_secrets(ok)
     env = f"pipe:env AWS_SECRET_ACCESS_KEY=${{BCC_TEST_SECRET}} cat {synth_shards}/{{name}}"
     assert Manifest.load(env).split("train").count == Manifest.load(synth_shards).split("train").count
