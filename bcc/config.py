@@ -401,6 +401,10 @@ def migrate_saved(data: Mapping[str, Any]) -> dict[str, Any]:
     for old, new in RENAMED_KEYS.items():
         if old in data and new not in data:
             data[new] = data.pop(old)
+    section = data.get("data")
+    if isinstance(section, Mapping) and section.get("sources") and "shards" in section:
+        # written beside data.sources (the unused default) before bcc left it out of saved configs
+        data["data"] = {k: v for k, v in section.items() if k != "shards"}
     ckpt = data.get("checkpoint")
     if isinstance(ckpt, Mapping) and ckpt.get("metric") in RENAMED_METRICS:
         data["checkpoint"] = {**ckpt, "metric": RENAMED_METRICS[ckpt["metric"]]}
@@ -447,7 +451,11 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(cfg)
+    out = plain(cfg)
+    data = out.get("data") if isinstance(cfg, Config) else out if isinstance(cfg, DataConfig) else None
+    if data and data.get("sources"):
+        del data["shards"]  # unused beside data.sources, and exclusive with it when the file is read back
+    return out
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:

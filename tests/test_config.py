@@ -157,6 +157,23 @@ def test_bcc_train_refuses_a_bad_seed_in_one_line(tmp_path, bcc_main):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_saved_config_of_a_sources_run_is_a_config_again(tmp_path, synth_shards):
+    """A run with data.sources saved the unused default data.shards beside them, so its config.yaml given
+    to --config was refused as setting both (fourth breaker); a saved config that still holds both (older
+    bcc) is read by resume and `bcc eval` as the sources it trained on."""
+    from bcc.config import config_from_dict, config_to_dict, save_config
+
+    cfg = load_config(None, [f"data.sources=[{{shards: {synth_shards}, name: a}}, {{shards: {synth_shards}, weight: 2}}]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert "shards: shards/demo" not in (tmp_path / "config.yaml").read_text()
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and config_to_dict(again) == config_to_dict(cfg)
+    older = config_to_dict(cfg)
+    older["data"]["shards"] = Config().data.shards
+    assert config_from_dict(older) == cfg
+    assert "shards" in config_to_dict(Config())["data"]  # a plain run keeps its data.shards
+
+
 def test_a_files_data_shards_gives_way_to_data_sources_on_the_command_line(tmp_path, synth_shards, bcc_main):
     """`data.shards=null` unsets a config file's data.shards, so data.sources given on the command line is
     read (before: `expected a string, got None`, and `data.shards=` is `not empty`); data.sources=null the
