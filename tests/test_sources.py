@@ -361,3 +361,36 @@ def test_a_huge_epoch_samples_is_refused_up_front(tmp_path, synth_shards, bcc_ma
     first = list(itertools.islice(plan.iter_segments(0, 0), 3))  # drawn as read, not planned whole
     assert len(first) == 3 and sum(s.hi - s.lo for s in first) <= 7 * 3
 
+
+
+def test_a_shard_listed_twice_among_the_splits_a_run_reads_is_refused(tmp_path, synth_shards, bcc_main):
+    """A test shard also listed in train (a hand-edited manifest; two sources packed from the same
+    images) trained on what it scored, and `bcc pack --verify` saw nothing wrong (fourth breaker): one
+    error line naming both places. The same pack twice as data.sources: read twice per epoch unasked."""
+    import shutil
+
+    from bcc.config import DataConfig
+    from bcc.train.preflight import check_no_shared_shards
+    from bcc.train.setup import TrainError
+
+    leaky = tmp_path / "leaky"
+    shutil.copytree(synth_shards, leaky)
+    manifest = json.loads((leaky / "manifest.json").read_text())
+    train, test = manifest["splits"]["train"], manifest["splits"]["test"]
+    train["shards"].append(test["shards"][0])
+    train["count"] += test["shards"][0]["count"]
+    train["class_counts"] = {k: v + 100 for k, v in train["class_counts"].items()}  # not what is checked here
+    (leaky / "manifest.json").write_text(json.dumps(manifest))
+    proc = bcc_main("train", "--config", write_config(tmp_path / "cfg.yaml", leaky, tmp_path / "run"))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    first = test["shards"][0]["path"]
+    assert lines[0].startswith(f"error: the same shard (sha256 {test['shards'][0]['sha256'][:12]}...) is listed twice: "
+                               f"split 'train' {leaky / first} and split 'test' {leaky / first}; its samples would "
+                               "be trained on and scored"), lines[0]
+    twice = load_data(DataConfig(sources=(SourceConfig(shards=str(synth_shards), name="a"),
+                                          SourceConfig(shards=str(synth_shards), name="b"))))
+    with pytest.raises(TrainError, match=r"source 'a' split 'train' .* source 'b' split 'train' .* read twice per epoch"):
+        check_no_shared_shards(twice, {"data.train_split": "train", "data.val_split": "val"})
+    # a split named twice is one split; fold views share shards by design
+    check_no_shared_shards(Manifest.load(synth_shards), {"data.train_split": "train", "data.test_split": "train"})

@@ -14,7 +14,7 @@ the command started, its first tar block read and the command stopped; 16 at a t
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -140,6 +140,42 @@ def check_run(cfg: Config, manifest: Manifest) -> None:
         if key == "data.train_split":
             check_sources_train(manifest, name)
         check_shards(split, cfg.data.retries, cfg.data.read_timeout_s)
+    check_no_shared_shards(manifest, splits_needed(cfg))
+
+
+def _source_of(manifest: Manifest, shard: ShardInfo) -> str:
+    for source in manifest.sources if isinstance(manifest, MixedManifest) else ():
+        if any(s is shard for split in source.manifest.splits for s in source.manifest.split(split).shards):
+            return f"source '{source.name}' "
+    return ""
+
+
+def check_no_shared_shards(manifest: Manifest, splits: Mapping[str, str]) -> None:
+    """Raise TrainError when one shard (by its sha256) is listed twice among the splits the run reads:
+    in train and in val or test its samples would be trained on and scored (two `data.sources` packed
+    from overlapping folders, a hand-edited manifest); twice in train it would be read twice per epoch
+    unasked (a weight says that). Fold views (`data.fold`) share shards by design and are left out;
+    shards that hold no samples too. Samples shared by DIFFERENT shards (two packs of overlapping
+    folders) are not found here: pack such folders together, which keeps duplicates on one side."""
+    seen: dict[str, tuple[str, ShardInfo]] = {}
+    train = splits.get("data.train_split")
+    for name in dict.fromkeys(splits.values()):  # a split named twice (data.test_split=train) is read as one
+        if name not in manifest.splits:
+            continue
+        for shard in manifest.split(name).shards:
+            if shard.folds is not None or shard.count == 0:
+                continue
+            if shard.sha256 in seen:
+                name0, first = seen[shard.sha256]
+                what = ("would be read twice per epoch; a data.sources weight repeats a source" if name0 == name
+                        else "would be trained on and scored" if train in (name0, name) else
+                        "would be scored in both")
+                raise TrainError(
+                    f"the same shard (sha256 {shard.sha256[:12]}...) is listed twice: {_source_of(manifest, first)}"
+                    f"split '{name0}' {remote.display(first.path)} and {_source_of(manifest, shard)}split '{name}' "
+                    f"{remote.display(shard.path)}; its samples {what}. Remove one (are two data.sources packed "
+                    "from the same images? pack them together instead)")
+            seen[shard.sha256] = (name, shard)
 
 
 def check_sources_train(manifest: Manifest, split: str) -> None:
