@@ -18,7 +18,7 @@ __all__ = ["ShardCheck", "VerifyResult", "verify_shards"]
 @dataclass(frozen=True)
 class ShardCheck:
     path: Path | str  # a remote shard: its URL or pipe: command (bcc.remote)
-    status: str  # "ok", "mismatch", "missing" or "extra"
+    status: str  # "ok", "mismatch", "missing", "extra" or "listed twice" (one shard in two places)
     detail: str = ""
 
 
@@ -88,9 +88,15 @@ def verify_shards(out: str | Path, key: str = "--verify") -> VerifyResult:
     manifest = Manifest.load(out, key=key)
     checks: list[ShardCheck] = []
     listed: set[str] = set()
+    first: dict[str, str] = {}  # sha256 -> where it was first listed
     for split_name in manifest.splits:
         for shard in manifest.split(split_name).shards:
             listed.add(shard.path.name if isinstance(shard.path, Path) else "")
+            where = f"split '{split_name}' {remote.display(shard.path)}"
+            if shard.count and shard.sha256 in first:  # the same bytes twice: a test shard listed in train too
+                checks.append(ShardCheck(shard.path, "listed twice", f"the same sha256 as {first[shard.sha256]}"))
+                continue
+            first.setdefault(shard.sha256, where)
             checks.append(_check(shard, manifest.has_checksums))
     for path in [] if manifest.is_remote else sorted(manifest.root.glob("*.tar")):  # a URL lists no folder
         if path.name not in listed:

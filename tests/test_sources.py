@@ -392,5 +392,9 @@ def test_a_shard_listed_twice_among_the_splits_a_run_reads_is_refused(tmp_path, 
                                           SourceConfig(shards=str(synth_shards), name="b"))))
     with pytest.raises(TrainError, match=r"source 'a' split 'train' .* source 'b' split 'train' .* read twice per epoch"):
         check_no_shared_shards(twice, {"data.train_split": "train", "data.val_split": "val"})
+    # bcc pack --verify said every shard of that manifest matched
+    proc = bcc_main("pack", "--verify", str(leaky))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"LISTED TWICE {first}: the same sha256 as split 'train' {leaky / first}" in " ".join(proc.stdout.split())
     # a split named twice is one split; fold views share shards by design
     check_no_shared_shards(Manifest.load(synth_shards), {"data.train_split": "train", "data.test_split": "train"})
