@@ -398,3 +398,21 @@ def test_a_shard_listed_twice_among_the_splits_a_run_reads_is_refused(tmp_path, 
     assert f"LISTED TWICE {first}: the same sha256 as split 'train' {leaky / first}" in " ".join(proc.stdout.split())
     # a split named twice is one split; fold views share shards by design
     check_no_shared_shards(Manifest.load(synth_shards), {"data.train_split": "train", "data.test_split": "train"})
+
+
+def test_a_source_without_val_samples_is_said_to_be_left_out_of_validation(tmp_path, synth_shards, second_source):
+    """A source packed without a validation fraction is left out of each validation: the run says so once
+    (it printed only the other sources' tables and the combined one)."""
+    import shutil
+
+    noval = tmp_path / "noval"
+    shutil.copytree(second_source, noval)
+    manifest = json.loads((noval / "manifest.json").read_text())
+    manifest["splits"]["val"] = {"count": 0, "class_counts": {}, "shards": []}
+    (noval / "manifest.json").write_text(json.dumps(manifest))
+    cfg = sources_config(tmp_path / "cfg.yaml", synth_shards, noval, tmp_path / "run", second_weight=1)
+    done = subprocess.run([sys.executable, "-m", "bcc.train", "--config", str(cfg), "eval.test_at_end=false",
+                           "train.epochs=2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = " ".join(done.stdout.split())
+    assert out.count("note: source 'noval' is not evaluated on 'val': its 'val' split holds no samples") == 1, out[-3000:]

@@ -84,6 +84,7 @@ class Run:
     compiles: CompileCounter = field(default_factory=CompileCounter)  # torch.compile compilations per stage
     pretrained: dict | None = None  # `PretrainedRecord.to_dict()` of the weights the run started from
     by_source: dict | None = None  # data.sources: the last `eval`'s metrics per source
+    noted: set = field(default_factory=set)  # (split, source) said to have no samples there
 
     def loader(self, split: str, manifest: Manifest | None = None):
         return eval_loader(manifest or self.manifest, split, self.cfg.data, rank=self.info.rank,
@@ -92,7 +93,11 @@ class Run:
     def eval(self, split: str, title: str, collect=None) -> dict:
         """The split's metrics (of all sources together); with data.sources, `by_source` holds each
         source's, from the same pass."""
-        sources = {name: m for name, m in sources_of(self.manifest).items() if m.split(split).count}
+        every = sources_of(self.manifest)
+        sources = {name: m for name, m in every.items() if m.split(split).count}
+        for name in [n for n in every if n not in sources and (split, n) not in self.noted]:  # once, not each time
+            console.print(f"note: source '{name}' is not evaluated on '{split}': its '{split}' split holds no samples")
+            self.noted.add((split, name))
         if not sources:
             return evaluate_split(split, self.loader(split), self.parts, self.stage, self.metrics,
                                   self.accelerator, self.info, title, collect)
