@@ -416,3 +416,23 @@ def test_a_source_without_val_samples_is_said_to_be_left_out_of_validation(tmp_p
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = " ".join(done.stdout.split())
     assert out.count("note: source 'noval' is not evaluated on 'val': its 'val' split holds no samples") == 1, out[-3000:]
+
+
+def test_a_split_one_source_lacks_names_that_source(tmp_path, synth_shards, second_source):
+    import shutil
+
+    from bcc.config import DataConfig
+    from bcc.train.preflight import check_run
+    from bcc.train.setup import TrainError
+
+    notest = tmp_path / "notest"
+    shutil.copytree(second_source, notest)
+    manifest = json.loads((notest / "manifest.json").read_text())
+    del manifest["splits"]["test"]
+    (notest / "manifest.json").write_text(json.dumps(manifest))
+    mixed = load_data(DataConfig(sources=(SourceConfig(shards=str(synth_shards), name="a"),
+                                          SourceConfig(shards=str(notest), name="b"))))
+    cfg = load_config(None, ["model.backbone=test_resnet"])
+    with pytest.raises(TrainError, match=r"data.test_split 'test' names no split of data.sources \(.*\) \(source 'b' "
+                                         r"has none\); available: train, val; or set eval.test_at_end=false"):
+        check_run(cfg, mixed)

@@ -130,8 +130,11 @@ def check_run(cfg: Config, manifest: Manifest) -> None:
     for key, name in splits_needed(cfg).items():
         if name not in manifest.splits:
             hint = "; or set eval.test_at_end=false" if key == "data.test_split" else ""
-            raise TrainError(f"{key} '{name}' names no split of {manifest.shown}; "
-                             f"available: {', '.join(manifest.splits) or 'none'}{hint}")
+            lacking = [f"'{s.name}'" for s in manifest.sources if name not in s.manifest.splits] \
+                if isinstance(manifest, MixedManifest) else []
+            raise TrainError(f"{key} '{name}' names no split of {manifest.shown}"
+                             + (f" (source {', '.join(lacking)} has none)" if lacking else "")
+                             + f"; available: {', '.join(manifest.splits) or 'none'}{hint}")
         split = manifest.split(name)
         if split.count == 0 and key != "data.test_split":
             # an empty val split gives NaN metrics, and a "best" checkpoint chosen on NaN
