@@ -47,7 +47,7 @@ def test_bench_data_prints_the_three_loaders_ratios_and_rss(synth_shards):
     assert re.search(rf"peak RSS 400 / 200 samples = {NUMBER}", out), out
 
 
-def test_bench_data_plan_times_both_sampling_modes_without_data(bcc_main):
+def test_bench_data_plan_times_both_sampling_modes_without_data(bcc_main, synth_shards):
     """`bcc bench data --plan` (issue: planning measured at 100,000 shards x 1,024 parts; small here)."""
     out = bcc("bench", "data", "--plan", "--plan-shards", "2000", "--plan-parts", "64,1024").stdout
     for sampling in ("without_replacement", "resample"):
@@ -57,6 +57,10 @@ def test_bench_data_plan_times_both_sampling_modes_without_data(bcc_main):
         assert re.search(rf"{sampling}: one rank {NUMBER}x from 64 to 1,024 parts", out), out
     proc = bcc_main("bench", "data")  # neither --shards nor --plan
     assert proc.returncode == 2 and proc.stderr.startswith("error: bcc bench data: --shards DIR is required"), proc.stderr
+    # a batch the split cannot fill is named by this command's option, before the split is unpacked
+    proc = bcc_main("bench", "data", "--shards", str(synth_shards), "--batch-size", "100000")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --batch-size 100000: split 'train' holds "), proc.stderr
+    assert "unpacking" not in proc.stdout
 
 
 def test_bench_data_reads_a_source_tree(synth_shards, synth_data):

@@ -221,6 +221,13 @@ def bench_data(
     transform, _ = crops_from_config(cfg)  # what a loader worker runs; the float part is on the device
     info = manifest.split(split)
 
+    from bcc.stream import StreamError, train_batches
+
+    try:  # before the split is unpacked: a batch the split cannot fill fails at once, named by this command's option
+        stream_len = train_batches(manifest, cfg, 1)
+    except StreamError:
+        raise BenchError(f"--batch-size {batch_size}: split '{split}' holds {info.count} images, fewer than one "
+                         "batch; lower --batch-size") from None
     with tempfile.TemporaryDirectory(prefix="bcc-bench-") as tmp:
         if source is None:
             progress(f"unpacking split '{split}' into a class-folder tree (untimed)")
@@ -234,7 +241,6 @@ def bench_data(
             raise BenchError(f"--source {root}: {e}") from None
 
         # never ask for more batches than one epoch of either loader holds
-        stream_len = len(train_loader(manifest, cfg, seed=0, epoch=0, rank=0, world_size=1))
         folder_len = len(folder) // batch_size
         available = min(stream_len, folder_len) - warmup
         if available < 1:
