@@ -101,7 +101,7 @@ from bcc.worker_start import mark_started, start_flags, start_workers
 # re-exported: the stream's public names live where they are owned (plan: bcc.plan; tar reading: bcc.shards)
 __all__ = ["IMAGE_KEYS", "LANES", "CorruptSampleError", "EpochPlan", "ResamplePlan", "Segment", "ShardError",
            "StreamError", "TrainLoader", "batches_per_epoch", "dropped_per_epoch", "eval_loader", "iter_keys",
-           "time_plan", "train_batches", "train_loader"]
+           "time_plan", "train_batches", "train_loader", "workers_note"]
 
 
 # --------------------------------------------------------------------------- workers (batches: stream_samples.collate)
@@ -426,6 +426,15 @@ class TrainLoader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def workers_note(workers: int) -> str | None:
+    """What a number of loader workers that does not divide LANES costs (see the module docstring), or None."""
+    if not workers or LANES % workers == 0:
+        return None
+    return (f"data.workers={workers} does not divide the {LANES} lanes of a rank's stream: the workers share lanes "
+            f"and each reads (not decodes) the bytes of the lanes it shares, {workers // math.gcd(workers, LANES)}x "
+            "the split's bytes in all; 1, 2, 4 or 8 workers read each byte once")
 
 
 def train_batches(manifest, data_cfg, world_size: int) -> int:

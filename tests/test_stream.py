@@ -392,3 +392,13 @@ def test_own_tar_reader_reads_what_webdataset_reads(tmp_path, layout):
     path.write_bytes(bytes(raw))
     with open(path, "rb") as f, pytest.raises(tarfile.ReadError, match="checksum"):
         list(_tar_samples(f, str(path)))
+
+
+def test_a_worker_count_that_does_not_divide_the_lanes_is_noted():
+    """data.workers=9 started 9 workers that share the 8 lanes, each reading the bytes of the lanes it
+    shares, with no word of it (fourth breaker); the trainer prints this note at start-up."""
+    from bcc.stream import workers_note
+
+    assert all(workers_note(w) is None for w in (0, 1, 2, 4, 8))
+    assert "data.workers=9 does not divide the 8 lanes" in workers_note(9) and ", 9x the split's bytes" in workers_note(9)
+    assert ", 3x the split's bytes" in workers_note(6)

@@ -49,7 +49,7 @@ from bcc.operating_point import (
 )
 from bcc.runtime import cpu_report
 from bcc.sources import load_data, source_counts, sources_of, weighted_class_counts
-from bcc.stream import TrainLoader, eval_loader, train_batches
+from bcc.stream import TrainLoader, eval_loader, train_batches, workers_note
 from bcc.trackers import require_trackers, start_trackers
 from bcc.train import preempt as preemption
 from bcc.train.accel import CompileCounter, StageCompiles, describe, make_accelerator
@@ -136,6 +136,8 @@ def setup_run(cfg: Config) -> Run:
         console.print(f"note: {manifest.shown} is pack format {manifest.format_version}: its samples carry no "
                       "checksum, so a damaged image is not detected as it is read; repack it with this bcc to "
                       "check every sample", soft_wrap=True)
+    if note := workers_note(cfg.data.workers):
+        console.print(f"note: {note}", soft_wrap=True)
     taxonomy = manifest.taxonomy
     preflight(cfg, manifest, acc)  # splits, shards, metric, backbone: once, before anything is built
     check_val_fittable(cfg, manifest)  # refused before training: no binary head, or a val split lacking a class
