@@ -327,16 +327,22 @@ def test_resampled_run_resumed_mid_epoch_is_bitwise_exact(synth_shards, second_s
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def edited_copy(pack: Path, dst: Path, edit) -> Path:
+    """A copy of `pack` whose manifest dict `edit` changes in place (a hand-edited pack)."""
+    import shutil
+
+    shutil.copytree(pack, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    edit(manifest)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
 def test_a_source_with_an_empty_train_split_is_refused_by_its_key(tmp_path, synth_shards, bcc_main):
     """A hand-edited copy of a pack with no train samples, mixed in with weight 2, trained in silence (its
     weight did nothing; only `train 0` in its source line): one error line naming data.sources[1]."""
-    import shutil
-
-    empty = tmp_path / "empty-train"
-    shutil.copytree(synth_shards, empty)
-    manifest = json.loads((empty / "manifest.json").read_text())
-    manifest["splits"]["train"] = {"count": 0, "class_counts": {}, "shards": []}
-    (empty / "manifest.json").write_text(json.dumps(manifest))
+    empty = edited_copy(synth_shards, tmp_path / "empty-train",
+                        lambda m: m["splits"].update(train={"count": 0, "class_counts": {}, "shards": []}))
     cfg = sources_config(tmp_path / "cfg.yaml", synth_shards, empty, tmp_path / "run", second_weight=2)
     proc = bcc_main("train", "--config", cfg)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -367,20 +373,17 @@ def test_a_shard_listed_twice_among_the_splits_a_run_reads_is_refused(tmp_path, 
     """A test shard also listed in train (a hand-edited manifest; two sources packed from the same
     images) trained on what it scored, and `bcc pack --verify` saw nothing wrong (fourth breaker): one
     error line naming both places. The same pack twice as data.sources: read twice per epoch unasked."""
-    import shutil
-
     from bcc.config import DataConfig
     from bcc.train.preflight import check_no_shared_shards
     from bcc.train.setup import TrainError
 
-    leaky = tmp_path / "leaky"
-    shutil.copytree(synth_shards, leaky)
-    manifest = json.loads((leaky / "manifest.json").read_text())
-    train, test = manifest["splits"]["train"], manifest["splits"]["test"]
-    train["shards"].append(test["shards"][0])
-    train["count"] += test["shards"][0]["count"]
-    train["class_counts"] = {k: v + 100 for k, v in train["class_counts"].items()}  # not what is checked here
-    (leaky / "manifest.json").write_text(json.dumps(manifest))
+    def put_a_test_shard_in_train(manifest: dict) -> None:
+        train, test = manifest["splits"]["train"], manifest["splits"]["test"]
+        train["shards"].append(test["shards"][0])
+        train["count"] += test["shards"][0]["count"]
+
+    leaky = edited_copy(synth_shards, tmp_path / "leaky", put_a_test_shard_in_train)
+    test = json.loads((leaky / "manifest.json").read_text())["splits"]["test"]
     proc = bcc_main("train", "--config", write_config(tmp_path / "cfg.yaml", leaky, tmp_path / "run"))
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -403,13 +406,8 @@ def test_a_shard_listed_twice_among_the_splits_a_run_reads_is_refused(tmp_path, 
 def test_a_source_without_val_samples_is_said_to_be_left_out_of_validation(tmp_path, synth_shards, second_source):
     """A source packed without a validation fraction is left out of each validation: the run says so once
     (it printed only the other sources' tables and the combined one)."""
-    import shutil
-
-    noval = tmp_path / "noval"
-    shutil.copytree(second_source, noval)
-    manifest = json.loads((noval / "manifest.json").read_text())
-    manifest["splits"]["val"] = {"count": 0, "class_counts": {}, "shards": []}
-    (noval / "manifest.json").write_text(json.dumps(manifest))
+    noval = edited_copy(second_source, tmp_path / "noval",
+                        lambda m: m["splits"].update(val={"count": 0, "class_counts": {}, "shards": []}))
     cfg = sources_config(tmp_path / "cfg.yaml", synth_shards, noval, tmp_path / "run", second_weight=1)
     done = subprocess.run([sys.executable, "-m", "bcc.train", "--config", str(cfg), "eval.test_at_end=false",
                            "train.epochs=2"], capture_output=True, text=True, timeout=300)
@@ -419,17 +417,11 @@ def test_a_source_without_val_samples_is_said_to_be_left_out_of_validation(tmp_p
 
 
 def test_a_split_one_source_lacks_names_that_source(tmp_path, synth_shards, second_source):
-    import shutil
-
     from bcc.config import DataConfig
     from bcc.train.preflight import check_run
     from bcc.train.setup import TrainError
 
-    notest = tmp_path / "notest"
-    shutil.copytree(second_source, notest)
-    manifest = json.loads((notest / "manifest.json").read_text())
-    del manifest["splits"]["test"]
-    (notest / "manifest.json").write_text(json.dumps(manifest))
+    notest = edited_copy(second_source, tmp_path / "notest", lambda m: m["splits"].pop("test"))
     mixed = load_data(DataConfig(sources=(SourceConfig(shards=str(synth_shards), name="a"),
                                           SourceConfig(shards=str(notest), name="b"))))
     cfg = load_config(None, ["model.backbone=test_resnet"])
