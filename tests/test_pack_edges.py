@@ -1,0 +1,71 @@
+"""`bcc pack` at its edges (a breaker's findings): what it prints, how long lists and large inputs are
+bounded, names that are not UTF-8, and an interrupted pack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import image_bytes
+
+
+def bcc_pack(*args, columns: int = 80, **kwargs) -> subprocess.CompletedProcess:
+    """`bcc pack ARGS` in a new interpreter whose output is a pipe (as in a batch job's log)."""
+    return subprocess.run([sys.executable, "-m", "bcc", "pack", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": str(columns)}, timeout=300, **kwargs)
+
+
+def tree(root: Path, counts: dict[str, int], size: int = 24) -> Path:
+    for f, (folder, n) in enumerate(counts.items()):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            (root / folder / f"img{i:03d}.jpg").write_bytes(image_bytes(1000 * f + i, size))
+    return root
+
+
+# --------------------------------------------------------------------------- what it prints
+
+
+def test_an_unknown_class_folder_is_the_one_line_and_nothing_else(tmp_path):
+    # rich's transient progress bar, started before the folders were checked, left an empty line first
+    src = tree(tmp_path / "src", {"Benign": 2, "Weird": 2})
+    proc = bcc_pack(src, tmp_path / "out")
+    assert proc.returncode == 2 and proc.stdout == "", repr(proc.stdout)
+    assert proc.stderr.startswith("error:") and len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_warning_lines_are_never_wrapped_in_a_log(tmp_path):
+    # a group of 8 identical images out of 12 cannot follow the split: a warning far longer than 80 columns
+    src = tree(tmp_path / "src", {"Pro": 4})
+    (src / "Benign").mkdir()
+    for i in range(8):
+        (src / "Benign" / f"copy{i}.jpg").write_bytes(image_bytes(7))
+    proc = bcc_pack(src, tmp_path / "out", "--min-shards", 1, "--workers", 1, columns=80)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    group = [line for line in lines if line.startswith("warning: one group of 8 samples")]
+    assert len(group) == 1 and group[0].endswith("--no-near-dup"), proc.stdout
+    assert not any(line.startswith("chain)") for line in lines), proc.stdout
+    assert proc.stdout.splitlines()[0].strip(), "an empty first line (the progress bar's)"
+
+
+def test_verify_lines_are_never_wrapped_in_a_log(tmp_path, monkeypatch):
+    from bcc import manifest as manifest_mod
+    from bcc.pack import pack_folders
+
+    src = tree(tmp_path / "src", {"Benign": 4, "Pro": 4})
+    (src / "Pro" / "notes.txt").write_text("not an image")
+    monkeypatch.setattr(manifest_mod, "LIST_INLINE", 0)  # the one skip goes to skipped.jsonl
+    out = tmp_path / "a-pack-whose-path-is-long-enough-to-fill-a-line"
+    pack_folders(src, out, min_shards=1)
+    side = out / "skipped.jsonl"
+    side.write_bytes(side.read_bytes().replace(b"notes", b"nodes"))
+    proc = bcc_pack("--verify", out, columns=80)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("MISMATCH"))
+    assert line.endswith("damaged or replaced") and str(out / "manifest.json") in line, proc.stdout
