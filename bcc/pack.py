@@ -242,7 +242,7 @@ def pack_folders(
     near_dup_threshold: images whose 64-bit pHashes differ in at most this many bits (default 6)
     stay on one side of the split and of the folds, like exact duplicates; None or -1 switches the
     hashing off. The groups are reported in the manifest's `near_duplicates`. Each per-file list
-    longer than `bcc.manifest.LIST_INLINE` goes to its side file `<list>.jsonl`.
+    naming more than `bcc.manifest.LIST_INLINE` paths goes to its side file `<list>.jsonl`.
     group_scope: "dataset" (a `group_regex` id joins files across class folders) or "class" (ids are
     per class folder, as in image sets whose augmented copies are numbered per class); SplitError else.
     folds: K >= 2 deals the train+val samples into K stratified, group-safe cross-validation folds

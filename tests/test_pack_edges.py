@@ -69,3 +69,27 @@ def test_verify_lines_are_never_wrapped_in_a_log(tmp_path, monkeypatch):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     line = next(line for line in proc.stdout.splitlines() if line.startswith("MISMATCH"))
     assert line.endswith("damaged or replaced") and str(out / "manifest.json") in line, proc.stdout
+
+
+# --------------------------------------------------------------------------- bounded manifest
+
+
+def test_a_large_duplicate_set_goes_to_the_side_file(tmp_path, monkeypatch, bcc_main):
+    """The side-file threshold counted entries: one set of 1,101 hard links of one image stayed inline
+    with 1,101 paths (a placeholder copied 500,000 times would put 500,000 paths in manifest.json)."""
+    from bcc import manifest as manifest_mod
+    from bcc.manifest import Manifest
+
+    src = tree(tmp_path / "src", {"Benign": 3, "Pro": 3})
+    (src / "Pro" / "pair.jpg").write_bytes((src / "Pro" / "img000.jpg").read_bytes())
+    for i in range(6):  # one set of 6 copies (a single entry)
+        os.link(src / "Benign" / "img000.jpg", src / "Benign" / f"link{i}.jpg")
+    monkeypatch.setattr(manifest_mod, "LIST_INLINE", 5)
+    proc = bcc_main("pack", src, tmp_path / "out", "--workers", 1, "--min-shards", 1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = Manifest.load(tmp_path / "out")
+    assert m.data["duplicates"]["file"] == "duplicates.jsonl" and m.data["duplicates"]["count"] == 2
+    assert sorted(len(d["paths"]) for d in m.file_list("duplicates")) == [2, 7]
+    monkeypatch.setattr(manifest_mod, "LIST_INLINE", 9)  # 9 paths in 2 entries: inline
+    assert bcc_main("pack", src, tmp_path / "out", "--workers", 1, "--min-shards", 1, "--overwrite").returncode == 0
+    assert isinstance(json.loads((tmp_path / "out" / "manifest.json").read_text())["duplicates"], list)
