@@ -39,6 +39,7 @@ __all__ = [
     "collect_images",
     "decode_rgb",
     "is_image_name",
+    "max_file_bytes",
     "open_image",
     "scan_class_folders",
     "to_rgb",
@@ -47,6 +48,8 @@ __all__ = [
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif",
                   ".ppm", ".pgm", ".pbm", ".jp2", ".j2k")
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS, fixed here for every reader
+BYTES_PER_PIXEL = 8  # the deepest image bcc reads, uncompressed: 16-bit RGBA (PNG, TIFF)
+FILE_HEADROOM = 64 << 20  # room for what an image file holds besides pixels: EXIF, ICC, XMP, a thumbnail
 
 UNIDENTIFIED = "cannot identify image format"
 _SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")
@@ -87,7 +90,18 @@ def _own_pixel_limit() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def open_image(source: bytes | str | os.PathLike, *, max_pixels: int | None = MAX_IMAGE_PIXELS,
+def max_file_bytes(max_pixels: int | None) -> int | None:
+    """The largest file that can hold an image of at most `max_pixels` pixels: `max_pixels` uncompressed
+    at `BYTES_PER_PIXEL` (8: 16-bit RGBA, the deepest format bcc reads) plus `FILE_HEADROOM` (64 MiB) of
+    metadata; None without a limit. At `MAX_IMAGE_PIXELS`: 782,936,744 bytes (~747 MiB). A larger file
+    is refused unread (`bcc pack` skips it: a multi-GB junk file cost twice its size in memory)."""
+    return None if not max_pixels else max_pixels * BYTES_PER_PIXEL + FILE_HEADROOM
+
+
+_BYTES = (bytes, bytearray, memoryview)
+
+
+def open_image(source: bytes | bytearray | str | os.PathLike, *, max_pixels: int | None = MAX_IMAGE_PIXELS,
                min_side: int | None = None):
     """The fully decoded PIL image of `source` (bytes or a path), in its own mode and orientation.
 
@@ -97,8 +111,8 @@ def open_image(source: bytes | str | os.PathLike, *, max_pixels: int | None = MA
     """
     from PIL import Image, UnidentifiedImageError
 
-    path = None if isinstance(source, bytes) else source
-    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    path = None if isinstance(source, _BYTES) else source
+    stream = io.BytesIO(source) if isinstance(source, _BYTES) else source
     with _own_pixel_limit():
         try:
             img = Image.open(stream)

@@ -32,7 +32,7 @@ import numpy as np
 
 from bcc.atomic import tmp_sibling
 from bcc.errors import BccError
-from bcc.imageio import ImageError, is_image_name, open_image, to_rgb
+from bcc.imageio import ImageError, is_image_name, max_file_bytes, open_image, to_rgb
 from bcc.neardup import phash
 from bcc.shards import sample_members
 from bcc.tar_writer import TarStream
@@ -129,25 +129,60 @@ _Record = tuple[str | None, bytes | None, int, str | None, str | None]
 _EXTS = ("jpg", "png", "webp")  # codes 1..3 of the `ext` column; 0: skipped
 
 
-def _read(path: str) -> bytes:
-    """The bytes of the file at `path`, by file descriptor: ~5 us a small file, where `open().read()`
-    (a buffered file object) takes ~10 and pathlib's `read_bytes()` ~15."""
+def _read(path: str, max_bytes: int | None = None) -> bytes | bytearray:
+    """The bytes of the file at `path` in one buffer, by file descriptor (~5 us a small file, where
+    pathlib's `read_bytes()` takes ~15). A file larger than `max_bytes` (`bcc.imageio.max_file_bytes`)
+    is an ImageError "too large: ..." and is not read. Never two copies: the parts of a 3 GiB junk file
+    (Linux reads at most 2 GiB a call) were joined, at 6 GiB of RSS."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        parts = [os.read(fd, os.fstat(fd).st_size + 1)]
-        while parts[-1]:  # to the end, whatever the size said (a short read, a growing file)
-            parts.append(os.read(fd, 1 << 20))
-        return parts[0] if len(parts) == 2 else b"".join(parts)
+        size = os.fstat(fd).st_size
+        _check_size(size, max_bytes)
+        if size < _ONE_READ:
+            # bytes of the file's size, in one call: hashlib and Pillow (BytesIO) read them without a copy
+            data = os.read(fd, size + 1)
+            if len(data) == size and not os.read(fd, 1):
+                return data
+            del data  # a short read, or a file that changed since the stat: read it again, into one buffer
+            os.lseek(fd, 0, os.SEEK_SET)
+        return _read_into(fd, size, max_bytes)
     finally:
         os.close(fd)
 
 
-def _inspect(path: str, opts: _Options) -> tuple[_Record, bytes | None]:
+_ONE_READ = 1 << 30  # a file under 1 GiB comes back whole from one read call (Linux's cap: 2 GiB - 4 KiB)
+
+
+def _read_into(fd: int, size: int, max_bytes: int | None) -> bytearray:
+    """The rest of `fd` read in place into one buffer of `size` bytes (grown only if the file grows)."""
+    buf = bytearray(size + 1)  # one byte more: a file that grew shows it
+    got = 0
+    with memoryview(buf) as view:
+        while got < len(buf) and (n := os.readv(fd, [view[got:]])):
+            got += n
+    if got > size:  # grew since the stat: read on to the end, still under the cap
+        while chunk := os.read(fd, 1 << 20):
+            buf += chunk
+            _check_size(len(buf), max_bytes)
+    else:
+        del buf[got:]  # the byte more, or what a file cut since the stat lost
+    return buf
+
+
+def _check_size(size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise ImageError(f"too large: {size} bytes, more than the {max_bytes} an image within the pixel limit "
+                         "can take (--max-pixels x 8 bytes + 64 MiB)")
+
+
+def _inspect(path: str, opts: _Options) -> tuple[_Record, bytes | bytearray | None]:
     """Read, hash, fully decode and (if needed) re-encode one file, the only read of a source; never
     raises. Returns its record and the bytes a shard will store (the source's own bytes, exactly those
     hashed, or the re-encoded image; None when skipped)."""
     try:
-        data = _read(path)
+        data = _read(path, max_file_bytes(opts.max_pixels))
+    except ImageError as e:  # too large: never read
+        return (e.reason, None, 0, None, None), None
     except OSError as e:
         return (f"unreadable: {e.strerror or e}", None, 0, None, None), None
     if not data:

@@ -603,9 +603,9 @@ def test_each_source_is_read_once_and_its_first_pass_bytes_are_stored(tmp_path, 
     reads = Counter()
     real_read, real_all = pack_pool._read, pack_mod._inspect_all
 
-    def read(path):
+    def read(path, *args):
         reads[Path(path).relative_to(src).as_posix()] += 1
-        return real_read(path)
+        return real_read(path, *args)
 
     def then_change(*args, **kwargs):
         records = real_all(*args, **kwargs)

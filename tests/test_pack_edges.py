@@ -93,3 +93,59 @@ def test_a_large_duplicate_set_goes_to_the_side_file(tmp_path, monkeypatch, bcc_
     monkeypatch.setattr(manifest_mod, "LIST_INLINE", 9)  # 9 paths in 2 entries: inline
     assert bcc_main("pack", src, tmp_path / "out", "--workers", 1, "--min-shards", 1, "--overwrite").returncode == 0
     assert isinstance(json.loads((tmp_path / "out" / "manifest.json").read_text())["duplicates"], list)
+
+
+# --------------------------------------------------------------------------- large files
+
+
+def test_a_file_too_large_for_the_pixel_limit_is_skipped_unread(tmp_path, bcc_main):
+    """A 3 GB junk `.jpg` was read whole (twice its size in RSS) before it was found corrupt. A file larger
+    than an image within --max-pixels can take (8 bytes a pixel + 64 MiB) is skipped without a read; the
+    test's file is sparse (no disk), and the pack's Python allocations stay far below its size."""
+    import tracemalloc
+
+    from bcc.imageio import max_file_bytes
+
+    src = tree(tmp_path / "src", {"Benign": 3, "Pro": 3})
+    cap = max_file_bytes(1000)
+    assert cap == 1000 * 8 + (64 << 20)
+    with open(src / "Benign" / "huge.jpg", "wb") as f:
+        f.truncate(cap + 1)
+    args = ("pack", src, tmp_path / "out", "--workers", 1, "--min-shards", 1, "--max-pixels", 1000, "--overwrite")
+    assert bcc_main(*args).returncode == 0  # imports and first-call costs, not counted below
+    tracemalloc.start()
+    try:
+        proc = bcc_main(*args)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert peak < cap / 4, f"{peak / 2**20:.0f} MiB allocated while packing"
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["skipped"] == [{"path": "Benign/huge.jpg", "reason": f"too large: {cap + 1} bytes, more than the {cap} "
+                             "an image within the pixel limit can take (--max-pixels x 8 bytes + 64 MiB)"}]
+    assert "too large" in proc.stdout
+
+
+def test_a_file_read_in_several_calls_is_held_once(tmp_path, monkeypatch):
+    """Linux reads at most 2 GiB a call: a larger file came back in parts that were then joined (two
+    copies). Here every read call gives at most 1 MiB, as for a 2 GiB+ file in the small."""
+    import tracemalloc
+
+    from bcc import pack_pool
+
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as f:
+        f.write(b"x")
+        f.truncate(8 << 20)
+    real_read, real_readv = os.read, os.readv
+    monkeypatch.setattr(os, "read", lambda fd, n: real_read(fd, min(n, 1 << 20)))
+    monkeypatch.setattr(os, "readv", lambda fd, bufs: real_readv(fd, [memoryview(bufs[0])[:1 << 20]]))
+    tracemalloc.start()
+    try:
+        data = pack_pool._read(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(data) == 8 << 20 and data[:2] == b"x\0" and not any(data[1:])
+    assert peak < 1.3 * (8 << 20), f"{peak / 2**20:.1f} MiB to read an 8 MiB file"
