@@ -29,6 +29,7 @@ import array
 import dataclasses
 import glob
 import itertools
+import math
 import os
 import shutil
 import time
@@ -84,7 +85,7 @@ class OutputExistsError(PackError, FileExistsError):
 class PackResult:
     manifest: dict[str, Any]
     out: Path
-    counts: dict[str, int]  # files, packed, skipped, converted, duplicates, shards
+    counts: dict[str, int]  # files, packed, skipped, converted, upscaled, duplicates, shards
     skipped_by_reason: dict[str, int]
     elapsed_s: float
     images_per_s: float
@@ -234,6 +235,12 @@ def pack_folders(
     bad options, a `src` without a usable image, or (with `strict`) any skipped file. `max_image_pixels` defaults to
     `bcc.imageio.MAX_IMAGE_PIXELS` (Pillow's decompression-bomb limit).
 
+    resize: the short side every image is resized to (stored as JPEG). A `resize` whose square is above
+    the pixel limit is a PackError naming --resize; an image whose resized form would be (a long strip) is
+    skipped ("too large after --resize"); images it upscales are counted (`counts["upscaled"]`) and
+    reported in a warning with the largest factor. Files larger than `bcc.imageio.max_file_bytes` of the
+    pixel limit are skipped unread ("too large").
+
     workers: processes that read, hash and decode the sources and write the shards (1: all in this
     process; `default_workers()` is the CPU affinity, `bcc pack`'s default); not an integer >= 1:
     PackError naming it. Each source is read once (an unreadable one is skipped): the bytes hashed are
@@ -270,6 +277,10 @@ def pack_folders(
         raise PackError(f"SRC {src} is not a directory")
     _check_out(src, out, overwrite)
     limit = max_image_pixels if max_image_pixels is not None else MAX_IMAGE_PIXELS
+    if resize and limit and resize * resize > limit:  # would only fail image by image, after a full read
+        raise PackError(f"--resize {resize} would make every image at least {resize}x{resize} = {resize * resize} "
+                        f"pixels, above the pixel limit {limit} (--max-pixels); the largest --resize within it is "
+                        f"{math.isqrt(limit)}")
 
     pool = _start_pool(workers)  # before the file list exists: see _start_pool
     try:
@@ -345,6 +356,10 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
             folder_of, label_of = folder_of[order], label_of[order]
         stage("scan + first pass")
         skipped += [{"path": rels[i], "reason": reason} for i, reason in rec.skip.items()]
+        if rec.upscaled:  # counted and reported, as conversions are: --resize above the sources' size is rarely meant
+            warnings_.append(f"{rec.upscaled} image(s) upscaled by --resize {opts.resize} (up to "
+                             f"{opts.resize / rec.upscaled_from:.3g}x, from a {rec.upscaled_from} px short side): "
+                             "upscaling adds no detail, only bytes to store and decode")
         skipped.sort(key=lambda s: s["path"])
         if strict and skipped:
             lines = "\n".join(f"  {s['path']}: {s['reason']}" for s in skipped)
@@ -459,7 +474,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
     elapsed = time.perf_counter() - t0
     by_reason = Counter(s["reason"].split(":", 1)[0] for s in skipped)
     counts = {"files": len(rels) + scan_skipped,
-              "packed": n, "skipped": len(skipped), "converted": len(converted),
+              "packed": n, "skipped": len(skipped), "converted": len(converted), "upscaled": rec.upscaled,
               "duplicates": len(duplicates), **dup_stats, "near_duplicate_groups": len(groups),
               "shards": sum(len(v["shards"]) for v in manifest["splits"].values())}
     return PackResult(manifest, out, counts, dict(sorted(by_reason.items())), elapsed,

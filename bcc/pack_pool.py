@@ -102,13 +102,17 @@ def _convert(img, data: bytes, opts: _Options, rgb: Callable[[], Any]) -> dict[s
     is_rgb8 = mode == "RGB" and not bits16
     converted = None if is_rgb8 else (f"{mode};16" if bits16 and mode == "RGB" else mode)
     if opts.resize:
-        image = rgb()
-        w, h = image.size
+        w, h = img.size  # the stored size's area does not depend on the orientation applied below
         s = opts.resize / min(w, h)
         size = (max(1, round(w * s)), max(1, round(h * s)))
+        if opts.max_pixels and size[0] * size[1] > opts.max_pixels:  # a long strip: checked before resizing
+            raise ImageError(f"too large after --resize: {w}x{h} would become {size[0]}x{size[1]} = "
+                             f"{size[0] * size[1]} pixels > limit {opts.max_pixels}")
+        image = rgb()
+        size = size if image.size == (w, h) else size[::-1]
         if size != image.size:
             image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-        return {"format": fmt, "mode": mode, "converted": converted,
+        return {"format": fmt, "mode": mode, "converted": converted, "upscaled": min(w, h) if s > 1 else 0,
                 "ext": "jpg", "data": _encode(image, "JPEG", opts.quality)}
     if is_rgb8:
         if fmt not in _EXTENSIONS:
@@ -124,8 +128,9 @@ def _convert(img, data: bytes, opts: _Options, rgb: Callable[[], Any]) -> dict[s
 
 
 # One image's first-pass record: (skip reason or None, sha256 digest (32 bytes), pHash, stored extension,
-# converted-from mode); `_inspect` returns it with the bytes to store
-_Record = tuple[str | None, bytes | None, int, str | None, str | None]
+# converted-from mode, the short side it was upscaled from by --resize or 0); `_inspect` returns it with
+# the bytes to store
+_Record = tuple[str | None, bytes | None, int, str | None, str | None, int]
 _EXTS = ("jpg", "png", "webp")  # codes 1..3 of the `ext` column; 0: skipped
 
 
@@ -182,27 +187,28 @@ def _inspect(path: str, opts: _Options) -> tuple[_Record, bytes | bytearray | No
     try:
         data = _read(path, max_file_bytes(opts.max_pixels))
     except ImageError as e:  # too large: never read
-        return (e.reason, None, 0, None, None), None
+        return (e.reason, None, 0, None, None, 0), None
     except OSError as e:
-        return (f"unreadable: {e.strerror or e}", None, 0, None, None), None
+        return (f"unreadable: {e.strerror or e}", None, 0, None, None, 0), None
     if not data:
-        return ("zero-byte file", None, 0, None, None), None
+        return ("zero-byte file", None, 0, None, None, 0), None
     digest = hashlib.sha256(data).digest()
     try:
         info = _decode(data, os.path.splitext(path)[1].lower(), opts)
     except ImageError as e:
-        return (e.reason, digest, 0, None, None), None
+        return (e.reason, digest, 0, None, None, 0), None
     except Exception as e:  # a decoder bug must not kill a long pack
-        return (f"corrupt image: {type(e).__name__}: {e}", digest, 0, None, None), None
+        return (f"corrupt image: {type(e).__name__}: {e}", digest, 0, None, None, 0), None
     stored = data if info["data"] is None else info["data"]
-    return (None, digest, info["phash"] or 0, info["ext"], info["converted"]), stored
+    return (None, digest, info["phash"] or 0, info["ext"], info["converted"], info.get("upscaled", 0)), stored
 
 
 # A task's records as columns (what crosses the pipe: a few arrays per chunk, not a tuple per file, and
 # no image bytes): (first index, skip reasons {offset: reason}, sha256 digests (n x 32 bytes), pHash,
 # ext code, offset and length of the stored bytes in the staging file, converted-from modes {offset:
-# mode}, the staging file's name)
-_Chunk = tuple[int, dict[int, str], bytes, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str], str]
+# mode}, the staging file's name, (images upscaled by --resize, the smallest short side among them))
+_Chunk = tuple[int, dict[int, str], bytes, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str], str,
+               tuple[int, int]]
 
 
 def _staging_error(path: str, e: OSError) -> PackError:
@@ -217,6 +223,7 @@ def _inspect_chunk(task: tuple[int, list[str], _Options]) -> _Chunk:
     n = len(paths)
     skips: dict[int, str] = {}
     converted: dict[int, str] = {}
+    upscaled, smallest = 0, 0
     sha = bytearray(32 * n)
     ph, ext = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint8)
     offset, length = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
@@ -227,7 +234,7 @@ def _inspect_chunk(task: tuple[int, list[str], _Options]) -> _Chunk:
         with open(staging, "ab", buffering=0) as f:
             at = start_at = f.seek(0, os.SEEK_END)
             for k, path in enumerate(paths):
-                (skip, digest, h, e, conv), stored = _inspect(path, opts)
+                (skip, digest, h, e, conv, up), stored = _inspect(path, opts)
                 if skip:
                     skips[k] = skip
                     continue
@@ -237,6 +244,8 @@ def _inspect_chunk(task: tuple[int, list[str], _Options]) -> _Chunk:
                 at += len(stored)
                 if conv:
                     converted[k] = conv
+                if up:
+                    upscaled, smallest = upscaled + 1, min(smallest or up, up)
                 if at - start_at >= _STAGE_BLOCK:
                     _write_all(f, b"".join(pending))
                     pending.clear()
@@ -244,7 +253,7 @@ def _inspect_chunk(task: tuple[int, list[str], _Options]) -> _Chunk:
             _write_all(f, b"".join(pending))
     except OSError as e:
         raise _staging_error(staging, e) from e
-    return start, skips, bytes(sha), ph, ext, offset, length, converted, name
+    return start, skips, bytes(sha), ph, ext, offset, length, converted, name, (upscaled, smallest)
 
 
 def _write_all(f, data: bytes) -> None:
@@ -321,11 +330,15 @@ class _Records:
         self.stage_files: list[str] = []  # names in the staging folder, one per process
         self.skip: dict[int, str] = {}
         self.count = 0
+        self.upscaled, self.upscaled_from = 0, 0  # images --resize upscaled; the smallest short side among them
 
     def put(self, chunk: _Chunk) -> int:
         """Keep one task's columns; returns the number of files in it."""
-        start, skips, sha, ph, ext, offset, length, converted, stage_file = chunk
+        start, skips, sha, ph, ext, offset, length, converted, stage_file, (upscaled, smallest) = chunk
         n = len(ph)
+        if upscaled:
+            self.upscaled += upscaled
+            self.upscaled_from = min(self.upscaled_from or smallest, smallest)
         if stage_file not in self.stage_files:
             self.stage_files.append(stage_file)
         modes = np.zeros(n, dtype=np.uint16)  # 0: stored as read, else 1 + index into modes

@@ -149,3 +149,40 @@ def test_a_file_read_in_several_calls_is_held_once(tmp_path, monkeypatch):
         tracemalloc.stop()
     assert len(data) == 8 << 20 and data[:2] == b"x\0" and not any(data[1:])
     assert peak < 1.3 * (8 << 20), f"{peak / 2**20:.1f} MiB to read an 8 MiB file"
+
+
+# --------------------------------------------------------------------------- --resize bounds
+
+
+def test_a_resize_above_the_pixel_limit_is_refused_by_name(tmp_path, bcc_main):
+    """`--resize 100000` on 40 px images was OOM-killed (23 GB RSS, rc 137, no message): every image would
+    have been 10^10 pixels. Refused before any file is read, naming --resize and the largest that fits."""
+    src = tree(tmp_path / "src", {"Benign": 2})
+    proc = bcc_main("pack", src, tmp_path / "out", "--workers", 1, "--resize", 100000)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: --resize 100000 would make"), proc.stderr
+    assert "--max-pixels" in proc.stderr and "the largest --resize within it is 9459" in proc.stderr
+    proc = bcc_main("pack", src, tmp_path / "out", "--workers", 1, "--resize", 100, "--max-pixels", 9999)
+    assert proc.returncode == 2 and "largest --resize within it is 99" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_upscaled_images_are_counted_and_a_long_strip_is_skipped(tmp_path, bcc_main):
+    """`--resize 4000` upscaled 40 px images 100x without a word. Images made larger are counted in a
+    warning (printed and in the manifest) with the largest factor; one whose resized form would exceed
+    the pixel limit (a 200x10 strip at a 40 px short side: 800x40) is skipped with the reason."""
+    from PIL import Image
+
+    src = tree(tmp_path / "src", {"Benign": 3, "Pro": 3}, size=24)
+    (src / "Pro" / "big.png").write_bytes(image_bytes(9, 48, "PNG"))  # downscaled: not counted
+    Image.new("RGB", (200, 10), (200, 30, 30)).save(src / "Pro" / "strip.png")
+    proc = bcc_main("pack", src, tmp_path / "out", "--workers", 1, "--min-shards", 1, "--resize", 40,
+                    "--max-pixels", 4000)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    warning = "6 image(s) upscaled by --resize 40 (up to 1.67x, from a 24 px short side)"
+    assert any(w.startswith(warning) for w in m["warnings"]), m["warnings"]
+    assert f"warning: {warning}" in proc.stdout
+    assert m["skipped"] == [{"path": "Pro/strip.png", "reason": "too large after --resize: 200x10 would become "
+                             "800x40 = 32000 pixels > limit 4000"}]
+    assert sum(s["count"] for s in m["splits"].values()) == 7

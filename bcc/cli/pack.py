@@ -64,7 +64,9 @@ def register(subparsers) -> None:
                    help="split fractions (default 0.8,0.1,0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and shuffles (default 0)")
     p.add_argument("--resize", type=positive_int, metavar="PX",
-                   help="resize the shorter side to PX and store JPEG (default: keep original bytes)")
+                   help="resize the shorter side to PX and store JPEG (default: keep original bytes); PX x PX must "
+                   "fit in --max-pixels, a resized image above it is skipped, and images made larger are counted "
+                   "in a warning")
     p.add_argument("--quality", type=_quality, default=90, metavar="Q",
                    help="JPEG quality of --resize (default 90; converted images are stored as PNG)")
     p.add_argument("--shard-size", type=positive_int, default=1000, metavar="N",
