@@ -11,7 +11,9 @@ Every command that reads an image goes through here: `bcc pack` (source files), 
   naming the size; Pillow's own check is off so that the limit is exactly this one everywhere;
 * listing (`scan_class_folders`, `collect_images`): sorted, hidden entries skipped, symlinked folders
   not followed, a symlinked file read only when its target lies inside the listed root, anything that
-  is not a regular file skipped with its reason.
+  is not a regular file skipped with its reason;
+* names (`display_path`): the printable form in which every command stores and prints a file name
+  (bytes that are not UTF-8, as in zips made on Windows, become `\\xNN`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import io
 import math
 import operator
 import os
+import re
 import stat
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -38,6 +41,7 @@ __all__ = [
     "PathList",
     "collect_images",
     "decode_rgb",
+    "display_path",
     "is_image_name",
     "max_file_bytes",
     "open_image",
@@ -66,6 +70,29 @@ class ImageError(BccError, OSError):
     def is_unidentified(self) -> bool:
         """True when the bytes are no image format Pillow knows (as opposed to a damaged image)."""
         return self.reason.startswith(UNIDENTIFIED)
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as `os` gives it (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """`path` in the printable form bcc stores and prints wherever a file name goes (a sample's `source`,
+    the manifest's lists, CSV, JSON, the console): each byte of the name that is not UTF-8 (which `os`
+    gives as a lone surrogate, e.g. a Latin-1 or CP437 name from a zip made on Windows) as `\\xNN`, and a
+    control character as `\\xNN` (a newline or an escape sequence in a name would break a one-line message);
+    everything else unchanged. A surrogate cannot be written as UTF-8: such a name crashed every writer
+    of text (`bcc eval`'s CSV). The form is for people and for matching, not for opening the file."""
+    path = os.fspath(path)
+    if path.isascii() and path.isprintable():  # nearly every name: no regex
+        return path
+    return _UNPRINTABLE.sub(_escape, path)
 
 
 def is_image_name(path: str | os.PathLike) -> bool:
@@ -316,6 +343,11 @@ class PathList:
         return PathList(map(self.__getitem__, order))
 
 
+def _skip(skipped: list[dict[str, str]], path: str, reason: str) -> None:
+    # names (and link targets in reasons) in their printable form: the manifest and console take them as text
+    skipped.append({"path": display_path(path), "reason": display_path(reason)})
+
+
 def iter_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], int], skipped: list[dict[str, str]],
                        warnings_: list[str]) -> Iterator[ImageEntry]:
     """`scan_class_folders` as the walk goes: entries in walk order (folder by folder, not sorted by
@@ -329,13 +361,13 @@ def iter_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], i
             continue
         target, loop = _link_target(Path(item.path)) if item.is_symlink() else (None, None)
         if loop:
-            skipped.append({"path": item.name, "reason": loop})
+            _skip(skipped, item.name, loop)
         elif target is not None and not target.exists():
-            skipped.append({"path": item.name, "reason": f"broken symlink: -> {target}"})
+            _skip(skipped, item.name, f"broken symlink: -> {target}")
         elif item.is_dir(follow_symlinks=True):
             names.append(item.name)
         else:
-            skipped.append({"path": item.name, "reason": "not in a class folder"})
+            _skip(skipped, item.name, "not in a class folder")
     folders = [(name, resolve_folder(name)) for name in names]
     return _list_folders(src, root, folders, skipped, warnings_)
 
@@ -348,13 +380,13 @@ def _list_folders(src: Path, root: Path, folders, skipped: list[dict[str, str]],
         if top.is_symlink():
             target, loop = _link_target(top)
             if loop or not _is_within(target, root):
-                skipped.append({"path": name, "reason": loop or f"symlink outside SRC: -> {target}"})
+                _skip(skipped, name, loop or f"symlink outside SRC: -> {target}")
                 continue
         found = 0
         for _path, rel, reason in _walk(top, root, src):
             found += 1
             if reason:
-                skipped.append({"path": rel, "reason": reason})
+                _skip(skipped, rel, reason)
             else:
                 yield ImageEntry(rel, name, class_index, listed)
         if found == 0:

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from bcc.atomic import replace_durably
-from bcc.imageio import MAX_IMAGE_PIXELS, PathList, iter_class_folders
+from bcc.imageio import MAX_IMAGE_PIXELS, PathList, display_path, iter_class_folders
 from bcc.manifest import split_entry, write_manifest
 from bcc.neardup import DEFAULT_THRESHOLD, is_enabled
 from bcc.pack_pool import (
@@ -321,8 +321,9 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
     staging.mkdir(parents=True)
     try:
         opts = dataclasses.replace(opts, staging=str(staging))
-        # the file list, compact: relative paths, folder and class per file (absolute paths are src + rel),
-        # made while the first pass runs on what is listed so far
+        # the file list, compact: relative paths in their printable form (what every stored name is; a name
+        # that is not UTF-8 is read by its own bytes), folder and class per file, made while the first pass
+        # runs on what is listed so far
         root = os.path.join(str(src.absolute()), "")  # ends in the separator: a path is root + rel
         rels = PathList()
         folder_id: dict[str, int] = {}
@@ -330,7 +331,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
 
         def paths():
             for e in listing:
-                rels.append(e.rel)
+                rels.append(display_path(e.rel))
                 folder_ids.append(folder_id.setdefault(e.folder, len(folder_id)))
                 class_ids.append(e.class_index)
                 yield root + e.rel

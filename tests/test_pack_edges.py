@@ -186,3 +186,47 @@ def test_upscaled_images_are_counted_and_a_long_strip_is_skipped(tmp_path, bcc_m
     assert m["skipped"] == [{"path": "Pro/strip.png", "reason": "too large after --resize: 200x10 would become "
                              "800x40 = 32000 pixels > limit 4000"}]
     assert sum(s["count"] for s in m["splits"].values()) == 7
+
+
+# --------------------------------------------------------------------------- names that are not UTF-8
+
+
+def bad_name(folder: Path, raw: bytes) -> Path:
+    """A path in `folder` whose name is the raw bytes `raw` (a Latin-1 name from a zip made on Windows)."""
+    return Path(os.fsdecode(os.fsencode(folder) + b"/" + raw))
+
+
+def test_names_that_are_not_utf8_are_packed_and_stored_printable(tmp_path, bcc_main):
+    """A file named b'bad\\xff\\xfe.jpg' packed fine, then its source ("Pro/bad\\udcff\\udcfe.jpg") crashed
+    `bcc eval` and `bcc report` (UnicodeEncodeError in the CSV writer). Every name pack stores (the
+    sample's source, skipped, converted, duplicates, warnings) is its printable form: `\\xNN` a byte."""
+    import webdataset as wds
+
+    src = tree(tmp_path / "src", {"Benign": 3, "Pro": 3})
+    copy = bad_name(src / "Pro", b"bad\xff\xfe.jpg")
+    copy.write_bytes((src / "Benign" / "img000.jpg").read_bytes())  # identical across classes: a warning too
+    bad_name(src / "Pro", b"grey\xe9.png").write_bytes(image_bytes(3, 24, "PNG", "L"))  # converted
+    bad_name(src / "Pro", b"notes\x85.txt").write_text("no image")  # skipped
+    bad_name(src / "Benign", b"dir\xff").mkdir()
+    bad_name(src / "Benign", b"dir\xff/x.jpg").symlink_to("/")  # a link out of SRC, in a folder so named
+    proc = bcc_main("pack", src, tmp_path / "out", "--workers", 2, "--min-shards", 1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = (tmp_path / "out" / "manifest.json").read_text()
+    assert "\\udc" not in text, "a surrogate escape stored"
+    m = json.loads(text)
+    assert {s["path"] for s in m["skipped"]} == {"Benign/dir\\xff/x.jpg", "Pro/notes\\x85.txt"}
+    assert m["converted"] == [{"path": "Pro/grey\\xe9.png", "mode": "L"}]
+    assert m["duplicates"][0]["paths"] == ["Benign/img000.jpg", "Pro/bad\\xff\\xfe.jpg"]
+    assert any("Pro/bad\\xff\\xfe.jpg" in w for w in m["warnings"]) and "Pro/bad\\xff\\xfe.jpg" in proc.stdout
+    sources = {json.loads(s["json"])["source"] for shard in sorted((tmp_path / "out").glob("*.tar"))
+               for s in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False)}
+    assert {"Pro/bad\\xff\\xfe.jpg", "Pro/grey\\xe9.png"} <= sources and len(sources) == 8
+
+
+def test_display_path_is_the_printable_form_of_a_name():
+    from bcc.imageio import display_path
+
+    assert display_path(os.fsdecode(b"Pro/bad\xff\xfe.jpg")) == "Pro/bad\\xff\\xfe.jpg"
+    assert display_path("a\nb\x1b[31m.jpg") == "a\\x0ab\\x1b[31m.jpg"  # no line break, no terminal escape
+    assert display_path("été/細胞.jpg") == "été/細胞.jpg" and display_path(Path("ok.jpg")) == "ok.jpg"
+    display_path(os.fsdecode(b"\xc3(\xa0")).encode("utf-8")  # always writable as UTF-8
