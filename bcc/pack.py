@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from bcc.atomic import replace_durably
+from bcc.errors import Interrupted
 from bcc.imageio import MAX_IMAGE_PIXELS, PathList, display_path, iter_class_folders
 from bcc.manifest import split_entry, write_manifest
 from bcc.neardup import DEFAULT_THRESHOLD, is_enabled
@@ -54,11 +55,13 @@ from bcc.pack_pool import (
     _ordered,
     _SampleMeta,
     _start_pool,
+    _stop_pool,
     _write_one_shard,
 )
 from bcc.shards import shard_sizes
 from bcc.split import (
     SPLITS,
+    big_unit_warning,
     check_group_scope,
     compile_group_regex,
     deal_folds,
@@ -67,6 +70,7 @@ from bcc.split import (
     fold_warnings,
     join_units,
     parse_split,
+    split_warnings,
 )
 from bcc.taxonomy import Taxonomy
 
@@ -74,7 +78,6 @@ __all__ = ["PackError", "PackResult", "default_workers", "pack_folders"]
 
 # A pack made with default options must feed 2 loader workers on each of up to 8 ranks, one shard each
 DEFAULT_MIN_SHARDS = 16
-TINY_SPLIT_PER_CLASS = 5  # a val/test split with fewer samples per class than this gets a warning
 
 
 class OutputExistsError(PackError, FileExistsError):
@@ -98,38 +101,6 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
-
-
-def _big_unit_warning(unit_root: np.ndarray, fractions, near_threshold: int | None, grouped: bool) -> list[str]:
-    """A warning when one unit (samples joined by exact copies, the group regex and near-duplicates, which
-    chain: A~B and B~C join A and C) outgrows the smallest non-empty split, which then cannot get its share."""
-    sizes = np.bincount(unit_root)
-    big = int(sizes.max()) if sizes.size else 0
-    smallest = min((f for f in fractions if f > 0), default=1.0) * len(unit_root)
-    if big <= max(1.0, 0.5 * smallest):
-        return []
-    causes = ["exact copies"] + (["--group-regex ids"] if grouped else [])
-    hint = ""
-    if near_threshold is not None:
-        causes.append(f"near-duplicates within {near_threshold} bits (they chain)")
-        hint = "; if the images look alike overall, lower --near-dup-threshold or pass --no-near-dup"
-    return [f"one group of {big} samples ({big / len(unit_root):.0%} of the images) joined by {', '.join(causes)} "
-            f"must stay in one split: the split fractions cannot be met{hint}"]
-
-
-def _split_warnings(splits_info: dict[str, Any], num_classes: int) -> list[str]:
-    """Warnings for evaluation splits too small to choose a checkpoint on (counted and named)."""
-    out = []
-    tiny = TINY_SPLIT_PER_CLASS * num_classes
-    for name in SPLITS[1:]:
-        n = splits_info[name]["count"]
-        if n == 0:
-            out.append(f"split {name!r} is empty" + (": training refuses an empty val split" if name == "val"
-                                                     else ": a run reports no test metrics"))
-        elif n < tiny:
-            out.append(f"split {name!r} has only {n} sample(s) (fewer than {TINY_SPLIT_PER_CLASS} per class): "
-                       "its metrics will be noisy")
-    return out
 
 
 def _fold_entry(labels: np.ndarray, fold_of: np.ndarray, folds: int, seed: int, taxonomy: Taxonomy) -> dict[str, Any]:
@@ -174,15 +145,22 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
             raise OutputExistsError(f"OUT {out} is not empty; pass --overwrite (overwrite=True) to replace it")
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    # the old OUT goes away only once the new one is complete
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+def _commit(tmp: Path, out: Path) -> Path | None:
+    """Rename the complete `tmp` to `out`. An existing OUT is renamed aside first and that name returned,
+    for the caller to remove once the new OUT is in place (None: there was none). Interrupted between
+    the two renames (a signal), the old OUT is put back: OUT is the old pack or the new one, never gone."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return None
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    try:
         os.rename(out, old)
         os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.rename(old, out)
+        raise
+    return old
 
 
 def _remove_stale(out: Path) -> None:
@@ -318,8 +296,9 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
     shutil.rmtree(tmp, ignore_errors=True)
     _remove_stale(out)
     staging = tmp / "_staging"
-    staging.mkdir(parents=True)
+    committed = False
     try:
+        staging.mkdir(parents=True)
         opts = dataclasses.replace(opts, staging=str(staging))
         # the file list, compact: relative paths in their printable form (what every stored name is; a name
         # that is not UTF-8 is read by its own bytes), folder and class per file, made while the first pass
@@ -393,7 +372,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
             warnings_ += fold_warnings(fold_info["class_counts"])
         if unmatched:
             warnings_.append(f"{unmatched} file name(s) do not match the group regex; each is its own group")
-        warnings_ += _big_unit_warning(unit_root, fractions, near_dup_threshold, group_rx is not None)
+        warnings_ += big_unit_warning(unit_root, fractions, near_dup_threshold, group_rx is not None)
 
         names = taxonomy.class_names
         targets = [taxonomy.targets(c) for c in range(len(names))]
@@ -454,7 +433,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         stage("write")
 
         duplicates, dup_stats = _duplicates(exact_id, labels, ok, rels, split_of, sha, warnings_)
-        warnings_ += _split_warnings(splits_info, len(names))
+        warnings_ += split_warnings(splits_info, len(names))
         converted_idx = np.flatnonzero(rec.converted)
         converted = _Lazy(len(converted_idx), lambda: ({"path": rels[i], "mode": rec.modes[rec.converted[i] - 1]}
                                                        for i in converted_idx.tolist()))
@@ -466,10 +445,20 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
                                   skipped=skipped, converted=converted, duplicates=duplicates,
                                   near_duplicates=near_list if near_dup_threshold is not None else None,
                                   folds=fold_info, warnings=warnings_, name=out.name)
-        _commit(tmp, out)
+        if pool is not None:
+            pool.shutdown()  # done with it: after the rename, an interrupt has nothing left to stop
+        old = _commit(tmp, out)
+        committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         stage("manifest")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:  # an error, or a signal (`bcc.errors.interrupts_raise`)
+        if pool is not None:
+            _stop_pool(pool)  # first: no worker writes into the folder removed next
+        if not committed:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif isinstance(e, Interrupted):  # while the old OUT was removed: the new one is complete
+            raise Interrupted(e.command, e.signum, f"{out} was written") from None
         raise
 
     elapsed = time.perf_counter() - t0

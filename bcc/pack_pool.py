@@ -21,6 +21,7 @@ import io
 import itertools
 import json
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -32,7 +33,7 @@ import numpy as np
 
 from bcc.atomic import tmp_sibling
 from bcc.errors import BccError
-from bcc.imageio import ImageError, is_image_name, max_file_bytes, open_image, to_rgb
+from bcc.imageio import ImageError, is_image_name, max_file_bytes, open_image, read_file, to_rgb
 from bcc.neardup import phash
 from bcc.shards import sample_members
 from bcc.tar_writer import TarStream
@@ -41,6 +42,7 @@ from bcc.tar_writer import TarStream
 # `WebDataset(...).to_tuple("jpg", ...)` read; 8-bit RGB in any other format is stored as PNG (lossless)
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the packer's to answer (`bcc.errors.interrupts_raise`)
 _CHUNK = 256  # files per first-pass task (~0.1 s): amortises the pipe and the pool's per-task cost
 _STAGE_BLOCK = 4 << 20  # staged bytes gathered per write (bounds a worker's memory for large images)
 
@@ -134,58 +136,12 @@ _Record = tuple[str | None, bytes | None, int, str | None, str | None, int]
 _EXTS = ("jpg", "png", "webp")  # codes 1..3 of the `ext` column; 0: skipped
 
 
-def _read(path: str, max_bytes: int | None = None) -> bytes | bytearray:
-    """The bytes of the file at `path` in one buffer, by file descriptor (~5 us a small file, where
-    pathlib's `read_bytes()` takes ~15). A file larger than `max_bytes` (`bcc.imageio.max_file_bytes`)
-    is an ImageError "too large: ..." and is not read. Never two copies: the parts of a 3 GiB junk file
-    (Linux reads at most 2 GiB a call) were joined, at 6 GiB of RSS."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        _check_size(size, max_bytes)
-        if size < _ONE_READ:
-            # bytes of the file's size, in one call: hashlib and Pillow (BytesIO) read them without a copy
-            data = os.read(fd, size + 1)
-            if len(data) == size and not os.read(fd, 1):
-                return data
-            del data  # a short read, or a file that changed since the stat: read it again, into one buffer
-            os.lseek(fd, 0, os.SEEK_SET)
-        return _read_into(fd, size, max_bytes)
-    finally:
-        os.close(fd)
-
-
-_ONE_READ = 1 << 30  # a file under 1 GiB comes back whole from one read call (Linux's cap: 2 GiB - 4 KiB)
-
-
-def _read_into(fd: int, size: int, max_bytes: int | None) -> bytearray:
-    """The rest of `fd` read in place into one buffer of `size` bytes (grown only if the file grows)."""
-    buf = bytearray(size + 1)  # one byte more: a file that grew shows it
-    got = 0
-    with memoryview(buf) as view:
-        while got < len(buf) and (n := os.readv(fd, [view[got:]])):
-            got += n
-    if got > size:  # grew since the stat: read on to the end, still under the cap
-        while chunk := os.read(fd, 1 << 20):
-            buf += chunk
-            _check_size(len(buf), max_bytes)
-    else:
-        del buf[got:]  # the byte more, or what a file cut since the stat lost
-    return buf
-
-
-def _check_size(size: int, max_bytes: int | None) -> None:
-    if max_bytes is not None and size > max_bytes:
-        raise ImageError(f"too large: {size} bytes, more than the {max_bytes} an image within the pixel limit "
-                         "can take (--max-pixels x 8 bytes + 64 MiB)")
-
-
 def _inspect(path: str, opts: _Options) -> tuple[_Record, bytes | bytearray | None]:
     """Read, hash, fully decode and (if needed) re-encode one file, the only read of a source; never
     raises. Returns its record and the bytes a shard will store (the source's own bytes, exactly those
     hashed, or the re-encoded image; None when skipped)."""
     try:
-        data = _read(path, max_file_bytes(opts.max_pixels))
+        data = read_file(path, max_file_bytes(opts.max_pixels))
     except ImageError as e:  # too large: never read
         return (e.reason, None, 0, None, None, 0), None
     except OSError as e:
@@ -273,6 +229,14 @@ def _warm_worker(parent: int) -> None:
     from bcc.worker_start import end_with_parent
 
     end_with_parent(parent)
+    # Ctrl-C reaches the whole process group and Slurm signals every process of a step: the packer alone
+    # answers (it ends its workers, then removes its temporary folder); a worker's KeyboardInterrupt
+    # traceback each was most of the 30 lines one Ctrl-C printed. Blocked since the fork (`_start_pool`),
+    # so one that came before this point is dropped here, not raised in the initializer.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     from PIL import Image, ImageOps  # noqa: F401
     Image.preinit()  # the common format plugins, which Image.open would load
 
@@ -289,9 +253,40 @@ def _start_pool(workers: int):
     # guard; the workers only run the chunk and shard functions here (PIL, hashlib, tar writing)
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_warm_worker, initargs=(os.getpid(),))
-    pool.submit(_noop)  # with fork, all workers are forked here, in this call
+    # the workers start with SIGINT/SIGTERM blocked, until _warm_worker ignores them; the parent's are
+    # held for the few ms of the forks and then handled as ever
+    masked = hasattr(signal, "pthread_sigmask")
+    saved = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if masked else None
+    try:
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_warm_worker, initargs=(os.getpid(),))
+        pool.submit(_noop)  # with fork, all workers are forked here, in this call
+    finally:
+        if masked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, saved)
     return pool
+
+
+def _stop_pool(pool) -> None:
+    """End the pool's workers at once (SIGKILL: they ignore SIGINT/SIGTERM) and wait for them, so that a
+    failed or interrupted pack removes a staging folder no worker writes into any more."""
+    import time
+
+    pids = list(getattr(pool, "_processes", None) or ())  # ProcessPoolExecutor's; 3.14 has terminate_workers
+    manager = getattr(pool, "_executor_manager_thread", None)  # a shutdown without wait forgets it
+    pool.shutdown(wait=False, cancel_futures=True)
+    # the pool's thread drops the cancelled tasks first (it clears the flag then): killed before, its
+    # clean-up failed on them with an InvalidStateError traceback (CPython 3.11; 3.12 skips done futures)
+    deadline = time.monotonic() + 2.0
+    while (getattr(pool, "_cancel_pending_futures", False) and manager is not None and manager.is_alive()
+           and time.monotonic() < deadline):
+        time.sleep(0.001)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if manager is not None:  # it reaps them and closes its pipes; left running, it raced the exit's clean-up
+        manager.join(timeout=10)
 
 
 def _ordered(pool, fn: Callable[[Any], Any], tasks: Iterable[Any], window: int) -> Iterator[Any]:

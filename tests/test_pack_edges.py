@@ -132,7 +132,7 @@ def test_a_file_read_in_several_calls_is_held_once(tmp_path, monkeypatch):
     copies). Here every read call gives at most 1 MiB, as for a 2 GiB+ file in the small."""
     import tracemalloc
 
-    from bcc import pack_pool
+    from bcc.imageio import read_file
 
     path = tmp_path / "big.bin"
     with open(path, "wb") as f:
@@ -143,7 +143,7 @@ def test_a_file_read_in_several_calls_is_held_once(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "readv", lambda fd, bufs: real_readv(fd, [memoryview(bufs[0])[:1 << 20]]))
     tracemalloc.start()
     try:
-        data = pack_pool._read(str(path))
+        data = read_file(str(path))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -230,3 +230,60 @@ def test_display_path_is_the_printable_form_of_a_name():
     assert display_path("a\nb\x1b[31m.jpg") == "a\\x0ab\\x1b[31m.jpg"  # no line break, no terminal escape
     assert display_path("été/細胞.jpg") == "été/細胞.jpg" and display_path(Path("ok.jpg")) == "ok.jpg"
     display_path(os.fsdecode(b"\xc3(\xa0")).encode("utf-8")  # always writable as UTF-8
+
+
+# --------------------------------------------------------------------------- Ctrl-C and kill
+
+
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signalled_pack_prints_one_line_and_leaves_nothing(tmp_path, sig, code):
+    """Ctrl-C printed a 30-line KeyboardInterrupt traceback (the packer's and each worker's); SIGTERM ended
+    the packer silently (rc 143) and left OUT.tmp-PID behind. Both now: one `error:` line, the temporary
+    folder removed, the pool's workers ended, exit 128 + the signal. SIGINT goes to the whole process
+    group, as a terminal's Ctrl-C does; SIGTERM to the packer alone, as `kill` does."""
+    import signal
+    import time
+
+    import psutil
+
+    src = tree(tmp_path / "src", {"Benign": 150, "Pro": 150}, size=64)
+    proc = subprocess.Popen([sys.executable, "-m", "bcc", "pack", str(src), str(tmp_path / "out"), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("out.tmp-*/_staging")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    workers = [p.pid for p in psutil.Process(proc.pid).children()]
+    assert proc.poll() is None and len(workers) == 2, "the pack ended before the signal"
+    if sig == "SIGINT":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err[-3000:]
+    assert err == f"error: bcc pack: interrupted ({sig}); nothing written\n", err[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    time.sleep(0.2)
+    assert not [w for w in workers if psutil.pid_exists(w) and psutil.Process(w).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_an_interrupt_between_the_renames_puts_the_old_out_back(tmp_path, monkeypatch):
+    """With --overwrite the old OUT is renamed aside before the new one takes its name: a signal between
+    the two renames left no OUT at all (and the next pack removed the old one as a dead pack's leftover)."""
+    from bcc import pack as pack_mod
+
+    src = tree(tmp_path / "src", {"Benign": 4, "Pro": 4})
+    pack_mod.pack_folders(src, tmp_path / "out", min_shards=1)
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    real, calls = os.rename, []
+
+    def rename(a, b):
+        calls.append(b)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the signal, after the first rename
+        real(a, b)
+
+    monkeypatch.setattr(pack_mod.os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        pack_mod.pack_folders(src, tmp_path / "out", min_shards=1, seed=1, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before

@@ -103,7 +103,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bcc.console import console
-    from bcc.errors import UsageError
+    from bcc.errors import UsageError, interrupts_raise
 
     if args.verify:
         if args.src or args.out:
@@ -111,10 +111,17 @@ def run(args: argparse.Namespace) -> int:
         return _verify(args.verify, console)
     if not args.src or not args.out:
         raise UsageError("bcc pack needs SRC and OUT (or --verify OUT)")
-    return _pack(args, console)
+    # Ctrl-C or kill (SIGINT/SIGTERM): one line, exit 130/143; before the rename the temporary folder and
+    # the workers are gone ("nothing written"), after it OUT is complete (the pack's imports are inside)
+    written: list[bool] = []
+    with interrupts_raise("bcc pack", lambda: f"{args.out} was written" if written else "nothing written"):
+        result = _pack(args, console)
+        written.append(True)
+        _summary(result, console)
+    return 0
 
 
-def _pack(args: argparse.Namespace, console) -> int:
+def _pack(args: argparse.Namespace, console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from bcc.errors import UsageError
@@ -146,7 +153,7 @@ def _pack(args: argparse.Namespace, console) -> int:
         bar.update(tasks[stage], completed=done, total=total)
 
     try:
-        result = pack_folders(
+        return pack_folders(
             args.src, args.out, split=args.split, seed=args.seed, resize=args.resize, quality=args.quality,
             shard_size=args.shard_size, min_shards=args.min_shards, workers=args.workers,
             group_regex=args.group_regex, group_scope=args.group_scope, taxonomy=taxonomy, overwrite=args.overwrite, strict=args.strict,
@@ -156,8 +163,6 @@ def _pack(args: argparse.Namespace, console) -> int:
     finally:
         if tasks:
             bar.stop()
-    _summary(result, console)
-    return 0
 
 
 def _summary(result, console) -> None:
