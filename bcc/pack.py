@@ -5,8 +5,9 @@ and, as the walk goes, reads, hashes and decodes every file once in a process po
 duplicates and groups kept together), shuffles each split and writes `{split}-{index:06d}.tar` shards
 in parallel plus `manifest.json` and timm's `_info.json`. Bad files are skipped with a reason, never
 dropped silently. Output appears atomically: everything is written to a sibling `OUT.tmp-<pid>` and
-renamed at the end (each shard also goes to a temporary name first); a killed pack's `OUT.tmp-<pid>`
-is removed by the next pack to OUT once that process is gone. The worker-side pipeline (first
+renamed at the end (each shard also goes to a temporary name first); an error or an interrupt
+(`bcc.errors.interrupts_raise`) ends the workers and removes `OUT.tmp-<pid>`, and a killed pack's is
+removed by the next pack to OUT once that process is gone. The worker-side pipeline (first
 pass, pool, shard tasks) is `bcc.pack_pool`; this module plans the splits and writes the manifest.
 
 Scale: memory is the file list plus ~70 bytes of numpy columns per file (no image bytes, no dict per
