@@ -41,7 +41,9 @@ def note(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {message}")
+    """A one-line warning on stdout (main rank): never wrapped, so `grep warning:` in a job's log finds
+    the whole line; the message is text, not markup."""
+    console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 set_main_process(_env_rank() == 0)

@@ -16,11 +16,13 @@ import contextlib
 import errno
 import os
 import re
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 
 EXIT_USAGE = 2  # bad config, data or arguments (argparse uses 2 as well)
 EXIT_LOST_PEER = 1  # this rank's collective failed because another rank failed (its own error says why)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on SIGUSR1/SIGTERM; launchers requeue on this code
+# a command stopped by SIGINT/SIGTERM without saving (`Interrupted`) exits with 128 + the signal: 130, 143
 
 
 class BccError(Exception):
@@ -58,6 +60,40 @@ def quiet_on_this_rank(e: BccError) -> bool:
 
 class UsageError(BccError):
     """A command line whose options contradict each other or are out of range, found after argparse."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BccError):
+    """A command stopped by SIGINT (Ctrl-C) or SIGTERM (kill, Slurm's scancel) once it has cleaned up:
+    one line `COMMAND: interrupted (SIGTERM); DETAIL`, and exit code 128 + the signal's number (130,
+    143), what a shell reports for a process the signal ended. Training does not use it: its signals
+    save a checkpoint and exit with `EXIT_PREEMPTED` (`bcc.train.preempt`)."""
+
+    def __init__(self, command: str, signum: int, detail: str = ""):
+        self.command, self.signum, self.exit_code = command, signum, 128 + signum
+        super().__init__(f"{command}: interrupted ({signal.Signals(signum).name})" + (f"; {detail}" if detail else ""))
+
+
+@contextlib.contextmanager
+def interrupts_raise(command: str, detail: str | Callable[[], str] = "") -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM raise `Interrupted(command, signum, detail)` in the main thread
+    (`detail`: text, or a function giving it when the signal comes), so the command's own clean-up
+    (`finally`, `except BaseException`) runs and `bcc.cli.call` prints one line instead of a
+    KeyboardInterrupt traceback (SIGINT) or nothing at all (SIGTERM's default: the process ended where
+    it stood, its temporary files left behind). A signal this process ignores (SIGINT in a shell
+    script's background job) stays ignored. The old handlers are back after."""
+
+    def handler(signum, frame):
+        raise Interrupted(command, signum, detail() if callable(detail) else detail)
+
+    saved = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS if signal.getsignal(sig) != signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
 
 
 def is_debug() -> bool:

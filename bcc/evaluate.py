@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bcc.atomic import write_json
 from bcc.errors import EXIT_USAGE, BccError
-from bcc.imageio import IMAGE_SUFFIXES, decode_rgb, is_image_name
+from bcc.imageio import IMAGE_SUFFIXES, decode_rgb, display_path, is_image_name
 from bcc.imageio import scan_class_folders as scan_folders
 from bcc.operating_point import binary_head
 from bcc.predict import (
@@ -80,7 +80,7 @@ class EvalError(BccError):
 class FolderItem:
     index: int  # position in the sorted listing
     path: str
-    source: str  # relative to the data root, like a packed sample's `source`
+    source: str  # relative to the data root, like a packed sample's `source` (`display_path`)
     label: int  # leaf class index
 
 
@@ -109,9 +109,9 @@ def scan_class_folders(root: str | Path, taxonomy: Taxonomy, model_label: str = 
     for entry in entries:
         if not is_image_name(entry.rel):
             suffix = Path(entry.rel).suffix
-            skipped.append({"source": entry.rel, "reason": f"not an image file ({suffix or 'no suffix'})"})
+            skipped.append({"source": display_path(entry.rel), "reason": f"not an image file ({suffix or 'no suffix'})"})
             continue
-        items.append(FolderItem(len(items), entry.path, entry.rel, entry.class_index))
+        items.append(FolderItem(len(items), entry.path, display_path(entry.rel), entry.class_index))
     skipped.sort(key=lambda s: s["source"])
     return items, skipped
 
@@ -129,7 +129,7 @@ class _FolderDataset(Dataset):
         try:
             image, error = self.transform(decode_rgb(item.path)), None
         except Exception as e:  # noqa: BLE001 - reported by name, the evaluation goes on
-            image, error = None, str(e)
+            image, error = None, display_path(str(e))
         return {"image": image, "label": item.label, "source": item.source, "key": f"{item.index:08d}", "error": error}
 
 

@@ -11,7 +11,9 @@ Every command that reads an image goes through here: `bcc pack` (source files), 
   naming the size; Pillow's own check is off so that the limit is exactly this one everywhere;
 * listing (`scan_class_folders`, `collect_images`): sorted, hidden entries skipped, symlinked folders
   not followed, a symlinked file read only when its target lies inside the listed root, anything that
-  is not a regular file skipped with its reason.
+  is not a regular file skipped with its reason;
+* names (`display_path`): the printable form in which every command stores and prints a file name
+  (bytes that are not UTF-8, as in zips made on Windows, become `\\xNN`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import io
 import math
 import operator
 import os
+import re
 import stat
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -38,8 +41,11 @@ __all__ = [
     "PathList",
     "collect_images",
     "decode_rgb",
+    "display_path",
     "is_image_name",
+    "max_file_bytes",
     "open_image",
+    "read_file",
     "scan_class_folders",
     "to_rgb",
 ]
@@ -47,6 +53,8 @@ __all__ = [
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif",
                   ".ppm", ".pgm", ".pbm", ".jp2", ".j2k")
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default Image.MAX_IMAGE_PIXELS, fixed here for every reader
+BYTES_PER_PIXEL = 8  # the deepest image bcc reads, uncompressed: 16-bit RGBA (PNG, TIFF)
+FILE_HEADROOM = 64 << 20  # room for what an image file holds besides pixels: EXIF, ICC, XMP, a thumbnail
 
 UNIDENTIFIED = "cannot identify image format"
 _SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")
@@ -63,6 +71,29 @@ class ImageError(BccError, OSError):
     def is_unidentified(self) -> bool:
         """True when the bytes are no image format Pillow knows (as opposed to a damaged image)."""
         return self.reason.startswith(UNIDENTIFIED)
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as `os` gives it (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """`path` in the printable form bcc stores and prints wherever a file name goes (a sample's `source`,
+    the manifest's lists, CSV, JSON, the console): each byte of the name that is not UTF-8 (which `os`
+    gives as a lone surrogate, e.g. a Latin-1 or CP437 name from a zip made on Windows) as `\\xNN`, and a
+    control character as `\\xNN` (a newline or an escape sequence in a name would break a one-line message);
+    everything else unchanged. A surrogate cannot be written as UTF-8: such a name crashed every writer
+    of text (`bcc eval`'s CSV). The form is for people and for matching, not for opening the file."""
+    path = os.fspath(path)
+    if path.isascii() and path.isprintable():  # nearly every name: no regex
+        return path
+    return _UNPRINTABLE.sub(_escape, path)
 
 
 def is_image_name(path: str | os.PathLike) -> bool:
@@ -87,7 +118,65 @@ def _own_pixel_limit() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-def open_image(source: bytes | str | os.PathLike, *, max_pixels: int | None = MAX_IMAGE_PIXELS,
+def max_file_bytes(max_pixels: int | None) -> int | None:
+    """The largest file that can hold an image of at most `max_pixels` pixels: `max_pixels` uncompressed
+    at `BYTES_PER_PIXEL` (8: 16-bit RGBA, the deepest format bcc reads) plus `FILE_HEADROOM` (64 MiB) of
+    metadata; None without a limit. At `MAX_IMAGE_PIXELS`: 782,936,744 bytes (~747 MiB). A larger file
+    is refused unread (`bcc pack` skips it: a multi-GB junk file cost twice its size in memory)."""
+    return None if not max_pixels else max_pixels * BYTES_PER_PIXEL + FILE_HEADROOM
+
+
+def read_file(path: str, max_bytes: int | None = None) -> bytes | bytearray:
+    """The bytes of the image file at `path` in one buffer, by file descriptor (~5 us a small file, where
+    pathlib's `read_bytes()` takes ~15; `bcc pack`'s one read of a source). A file larger than
+    `max_bytes` (`max_file_bytes`) is an ImageError "too large: ..." and is not read; OSError as `os`
+    raises it. Never two copies: the parts of a 3 GiB junk file
+    (Linux reads at most 2 GiB a call) were joined, at 6 GiB of RSS."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        _check_size(size, max_bytes)
+        if size < _ONE_READ:
+            # bytes of the file's size, in one call: hashlib and Pillow (BytesIO) read them without a copy
+            data = os.read(fd, size + 1)
+            if len(data) == size and not os.read(fd, 1):
+                return data
+            del data  # a short read, or a file that changed since the stat: read it again, into one buffer
+            os.lseek(fd, 0, os.SEEK_SET)
+        return _read_into(fd, size, max_bytes)
+    finally:
+        os.close(fd)
+
+
+_ONE_READ = 1 << 30  # a file under 1 GiB comes back whole from one read call (Linux's cap: 2 GiB - 4 KiB)
+
+
+def _read_into(fd: int, size: int, max_bytes: int | None) -> bytearray:
+    """The rest of `fd` read in place into one buffer of `size` bytes (grown only if the file grows)."""
+    buf = bytearray(size + 1)  # one byte more: a file that grew shows it
+    got = 0
+    with memoryview(buf) as view:
+        while got < len(buf) and (n := os.readv(fd, [view[got:]])):
+            got += n
+    if got > size:  # grew since the stat: read on to the end, still under the cap
+        while chunk := os.read(fd, 1 << 20):
+            buf += chunk
+            _check_size(len(buf), max_bytes)
+    else:
+        del buf[got:]  # the byte more, or what a file cut since the stat lost
+    return buf
+
+
+def _check_size(size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise ImageError(f"too large: {size} bytes, more than the {max_bytes} an image within the pixel limit "
+                         "can take (--max-pixels x 8 bytes + 64 MiB)")
+
+
+_BYTES = (bytes, bytearray, memoryview)
+
+
+def open_image(source: bytes | bytearray | str | os.PathLike, *, max_pixels: int | None = MAX_IMAGE_PIXELS,
                min_side: int | None = None):
     """The fully decoded PIL image of `source` (bytes or a path), in its own mode and orientation.
 
@@ -97,8 +186,8 @@ def open_image(source: bytes | str | os.PathLike, *, max_pixels: int | None = MA
     """
     from PIL import Image, UnidentifiedImageError
 
-    path = None if isinstance(source, bytes) else source
-    stream = io.BytesIO(source) if isinstance(source, bytes) else source
+    path = None if isinstance(source, _BYTES) else source
+    stream = io.BytesIO(source) if isinstance(source, _BYTES) else source
     with _own_pixel_limit():
         try:
             img = Image.open(stream)
@@ -302,6 +391,11 @@ class PathList:
         return PathList(map(self.__getitem__, order))
 
 
+def _skip(skipped: list[dict[str, str]], path: str, reason: str) -> None:
+    # names (and link targets in reasons) in their printable form: the manifest and console take them as text
+    skipped.append({"path": display_path(path), "reason": display_path(reason)})
+
+
 def iter_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], int], skipped: list[dict[str, str]],
                        warnings_: list[str]) -> Iterator[ImageEntry]:
     """`scan_class_folders` as the walk goes: entries in walk order (folder by folder, not sorted by
@@ -315,13 +409,13 @@ def iter_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], i
             continue
         target, loop = _link_target(Path(item.path)) if item.is_symlink() else (None, None)
         if loop:
-            skipped.append({"path": item.name, "reason": loop})
+            _skip(skipped, item.name, loop)
         elif target is not None and not target.exists():
-            skipped.append({"path": item.name, "reason": f"broken symlink: -> {target}"})
+            _skip(skipped, item.name, f"broken symlink: -> {target}")
         elif item.is_dir(follow_symlinks=True):
             names.append(item.name)
         else:
-            skipped.append({"path": item.name, "reason": "not in a class folder"})
+            _skip(skipped, item.name, "not in a class folder")
     folders = [(name, resolve_folder(name)) for name in names]
     return _list_folders(src, root, folders, skipped, warnings_)
 
@@ -334,13 +428,13 @@ def _list_folders(src: Path, root: Path, folders, skipped: list[dict[str, str]],
         if top.is_symlink():
             target, loop = _link_target(top)
             if loop or not _is_within(target, root):
-                skipped.append({"path": name, "reason": loop or f"symlink outside SRC: -> {target}"})
+                _skip(skipped, name, loop or f"symlink outside SRC: -> {target}")
                 continue
         found = 0
         for _path, rel, reason in _walk(top, root, src):
             found += 1
             if reason:
-                skipped.append({"path": rel, "reason": reason})
+                _skip(skipped, rel, reason)
             else:
                 yield ImageEntry(rel, name, class_index, listed)
         if found == 0:

@@ -14,8 +14,8 @@ ask `Manifest.format_version` (or `has_checksums`) instead of guessing from what
      `phash` per sample) and k-fold cross-validation (`bcc pack --folds K`: `folds` in the manifest,
      `fold_counts` per train/val shard, `fold` in each train/val sample's json). Readers of versions
      1-2 see neither and train on the pack's own train/val split.
-  4  the per-file lists (`skipped`, `converted`, `duplicates`, `near_duplicates`) longer than
-     `LIST_INLINE` entries live in side files (`<list>.jsonl`, one entry per line) that the manifest
+  4  the per-file lists (`skipped`, `converted`, `duplicates`, `near_duplicates`) naming more than
+     `LIST_INLINE` paths (each path of a duplicate set or group counts) live in side files (`<list>.jsonl`, one entry per line) that the manifest
      names with their count and sha256 (`{"file", "count", "sha256"}`); `Manifest.file_list` reads
      either form and checks the hash. A million-image pack keeps a small manifest.json.
   5  per shard: `bytes`, the shard file's size, so the preflight finds a truncated (or replaced)
@@ -62,7 +62,7 @@ FORMAT_NAME = "bcc-shards"
 FORMAT_VERSION = 5  # what `write_manifest` writes; see the module docstring for the history
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 CHECKSUM_VERSION = 2  # first version with per-sample `stored_crc32` and `cls`
-# per-file lists of the manifest; one longer than LIST_INLINE entries goes to the side file <name>.jsonl
+# per-file lists of the manifest; one naming more than LIST_INLINE paths goes to the side file <name>.jsonl
 FILE_LISTS = ("skipped", "converted", "duplicates", "near_duplicates")
 LIST_INLINE = 1000
 
@@ -444,13 +444,24 @@ def _timm_info(name: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {"name": name, "num_classes": len(classes), "classes": classes, "splits": splits}
 
 
+def _list_size(entry: Mapping[str, Any]) -> int:
+    """Paths an entry of a per-file list names: its `paths` (a duplicate set, a near-duplicate group), or one."""
+    paths = entry.get("paths")
+    return len(paths) if isinstance(paths, list) else 1
+
+
 def _write_list(out: Path, name: str, entries: Collection[Mapping[str, Any]]) -> list | dict:
-    """A per-file list: inline when short, else streamed to `<name>.jsonl` (atomically, hashed as it
-    is written, one entry at a time: a lazy `entries` is never held whole) and named by the manifest."""
+    """A per-file list: inline when it names at most `LIST_INLINE` paths, else streamed to `<name>.jsonl`
+    (atomically, hashed as it is written, one entry at a time: a lazy `entries` is never held whole) and
+    named by the manifest. Paths, not entries, are counted: one set of 500,000 copies of a placeholder
+    image is one entry, and would have put half a million paths into manifest.json."""
     from bcc.atomic import atomic_write
 
-    if len(entries) <= LIST_INLINE:
-        return [dict(e) for e in entries]
+    if len(entries) <= LIST_INLINE:  # few entries: held anyway, to count their paths
+        listed = [dict(e) for e in entries]
+        if sum(map(_list_size, listed)) <= LIST_INLINE:
+            return listed
+        entries = listed
     file = f"{name}.jsonl"
     h, n = hashlib.sha256(), 0
     with atomic_write(out / file, "wb") as f:
@@ -482,7 +493,7 @@ def write_manifest(
     `splits` maps a split name to its `split_entry`; shard paths are relative to `out`. `name` is the
     dataset name in `_info.json` (default: `out`'s name). `near_duplicates` (None: not searched) and
     `folds` are the optional parts described in the module docstring. The per-file lists may be lazy
-    (anything with `len` and iteration): one longer than `LIST_INLINE` is streamed to its side file.
+    (anything with `len` and iteration): one naming more than `LIST_INLINE` paths is streamed to its side file.
     """
     from bcc import __version__
     from bcc.atomic import write_json

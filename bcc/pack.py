@@ -5,8 +5,9 @@ and, as the walk goes, reads, hashes and decodes every file once in a process po
 duplicates and groups kept together), shuffles each split and writes `{split}-{index:06d}.tar` shards
 in parallel plus `manifest.json` and timm's `_info.json`. Bad files are skipped with a reason, never
 dropped silently. Output appears atomically: everything is written to a sibling `OUT.tmp-<pid>` and
-renamed at the end (each shard also goes to a temporary name first); a killed pack's `OUT.tmp-<pid>`
-is removed by the next pack to OUT once that process is gone. The worker-side pipeline (first
+renamed at the end (each shard also goes to a temporary name first); an error or an interrupt
+(`bcc.errors.interrupts_raise`) ends the workers and removes `OUT.tmp-<pid>`, and a killed pack's is
+removed by the next pack to OUT once that process is gone. The worker-side pipeline (first
 pass, pool, shard tasks) is `bcc.pack_pool`; this module plans the splits and writes the manifest.
 
 Scale: memory is the file list plus ~70 bytes of numpy columns per file (no image bytes, no dict per
@@ -29,6 +30,7 @@ import array
 import dataclasses
 import glob
 import itertools
+import math
 import os
 import shutil
 import time
@@ -42,7 +44,8 @@ from typing import Any
 import numpy as np
 
 from bcc.atomic import replace_durably
-from bcc.imageio import MAX_IMAGE_PIXELS, PathList, iter_class_folders
+from bcc.errors import Interrupted
+from bcc.imageio import MAX_IMAGE_PIXELS, PathList, display_path, iter_class_folders
 from bcc.manifest import split_entry, write_manifest
 from bcc.neardup import DEFAULT_THRESHOLD, is_enabled
 from bcc.pack_pool import (
@@ -53,11 +56,13 @@ from bcc.pack_pool import (
     _ordered,
     _SampleMeta,
     _start_pool,
+    _stop_pool,
     _write_one_shard,
 )
 from bcc.shards import shard_sizes
 from bcc.split import (
     SPLITS,
+    big_unit_warning,
     check_group_scope,
     compile_group_regex,
     deal_folds,
@@ -66,6 +71,7 @@ from bcc.split import (
     fold_warnings,
     join_units,
     parse_split,
+    split_warnings,
 )
 from bcc.taxonomy import Taxonomy
 
@@ -73,7 +79,6 @@ __all__ = ["PackError", "PackResult", "default_workers", "pack_folders"]
 
 # A pack made with default options must feed 2 loader workers on each of up to 8 ranks, one shard each
 DEFAULT_MIN_SHARDS = 16
-TINY_SPLIT_PER_CLASS = 5  # a val/test split with fewer samples per class than this gets a warning
 
 
 class OutputExistsError(PackError, FileExistsError):
@@ -84,7 +89,7 @@ class OutputExistsError(PackError, FileExistsError):
 class PackResult:
     manifest: dict[str, Any]
     out: Path
-    counts: dict[str, int]  # files, packed, skipped, converted, duplicates, shards
+    counts: dict[str, int]  # files, packed, skipped, converted, upscaled, duplicates, shards
     skipped_by_reason: dict[str, int]
     elapsed_s: float
     images_per_s: float
@@ -97,38 +102,6 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
-
-
-def _big_unit_warning(unit_root: np.ndarray, fractions, near_threshold: int | None, grouped: bool) -> list[str]:
-    """A warning when one unit (samples joined by exact copies, the group regex and near-duplicates, which
-    chain: A~B and B~C join A and C) outgrows the smallest non-empty split, which then cannot get its share."""
-    sizes = np.bincount(unit_root)
-    big = int(sizes.max()) if sizes.size else 0
-    smallest = min((f for f in fractions if f > 0), default=1.0) * len(unit_root)
-    if big <= max(1.0, 0.5 * smallest):
-        return []
-    causes = ["exact copies"] + (["--group-regex ids"] if grouped else [])
-    hint = ""
-    if near_threshold is not None:
-        causes.append(f"near-duplicates within {near_threshold} bits (they chain)")
-        hint = "; if the images look alike overall, lower --near-dup-threshold or pass --no-near-dup"
-    return [f"one group of {big} samples ({big / len(unit_root):.0%} of the images) joined by {', '.join(causes)} "
-            f"must stay in one split: the split fractions cannot be met{hint}"]
-
-
-def _split_warnings(splits_info: dict[str, Any], num_classes: int) -> list[str]:
-    """Warnings for evaluation splits too small to choose a checkpoint on (counted and named)."""
-    out = []
-    tiny = TINY_SPLIT_PER_CLASS * num_classes
-    for name in SPLITS[1:]:
-        n = splits_info[name]["count"]
-        if n == 0:
-            out.append(f"split {name!r} is empty" + (": training refuses an empty val split" if name == "val"
-                                                     else ": a run reports no test metrics"))
-        elif n < tiny:
-            out.append(f"split {name!r} has only {n} sample(s) (fewer than {TINY_SPLIT_PER_CLASS} per class): "
-                       "its metrics will be noisy")
-    return out
 
 
 def _fold_entry(labels: np.ndarray, fold_of: np.ndarray, folds: int, seed: int, taxonomy: Taxonomy) -> dict[str, Any]:
@@ -173,15 +146,22 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
             raise OutputExistsError(f"OUT {out} is not empty; pass --overwrite (overwrite=True) to replace it")
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    # the old OUT goes away only once the new one is complete
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+def _commit(tmp: Path, out: Path) -> Path | None:
+    """Rename the complete `tmp` to `out`. An existing OUT is renamed aside first and that name returned,
+    for the caller to remove once the new OUT is in place (None: there was none). Interrupted between
+    the two renames (a signal), the old OUT is put back: OUT is the old pack or the new one, never gone."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return None
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    try:
         os.rename(out, old)
         os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    except BaseException:
+        if old.exists() and not out.exists():
+            os.rename(old, out)
+        raise
+    return old
 
 
 def _remove_stale(out: Path) -> None:
@@ -234,6 +214,12 @@ def pack_folders(
     bad options, a `src` without a usable image, or (with `strict`) any skipped file. `max_image_pixels` defaults to
     `bcc.imageio.MAX_IMAGE_PIXELS` (Pillow's decompression-bomb limit).
 
+    resize: the short side every image is resized to (stored as JPEG). A `resize` whose square is above
+    the pixel limit is a PackError naming --resize; an image whose resized form would be (a long strip) is
+    skipped ("too large after --resize"); images it upscales are counted (`counts["upscaled"]`) and
+    reported in a warning with the largest factor. Files larger than `bcc.imageio.max_file_bytes` of the
+    pixel limit are skipped unread ("too large").
+
     workers: processes that read, hash and decode the sources and write the shards (1: all in this
     process; `default_workers()` is the CPU affinity, `bcc pack`'s default); not an integer >= 1:
     PackError naming it. Each source is read once (an unreadable one is skipped): the bytes hashed are
@@ -242,7 +228,7 @@ def pack_folders(
     near_dup_threshold: images whose 64-bit pHashes differ in at most this many bits (default 6)
     stay on one side of the split and of the folds, like exact duplicates; None or -1 switches the
     hashing off. The groups are reported in the manifest's `near_duplicates`. Each per-file list
-    longer than `bcc.manifest.LIST_INLINE` goes to its side file `<list>.jsonl`.
+    naming more than `bcc.manifest.LIST_INLINE` paths goes to its side file `<list>.jsonl`.
     group_scope: "dataset" (a `group_regex` id joins files across class folders) or "class" (ids are
     per class folder, as in image sets whose augmented copies are numbered per class); SplitError else.
     folds: K >= 2 deals the train+val samples into K stratified, group-safe cross-validation folds
@@ -270,6 +256,10 @@ def pack_folders(
         raise PackError(f"SRC {src} is not a directory")
     _check_out(src, out, overwrite)
     limit = max_image_pixels if max_image_pixels is not None else MAX_IMAGE_PIXELS
+    if resize and limit and resize * resize > limit:  # would only fail image by image, after a full read
+        raise PackError(f"--resize {resize} would make every image at least {resize}x{resize} = {resize * resize} "
+                        f"pixels, above the pixel limit {limit} (--max-pixels); the largest --resize within it is "
+                        f"{math.isqrt(limit)}")
 
     pool = _start_pool(workers)  # before the file list exists: see _start_pool
     try:
@@ -307,11 +297,13 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
     shutil.rmtree(tmp, ignore_errors=True)
     _remove_stale(out)
     staging = tmp / "_staging"
-    staging.mkdir(parents=True)
+    committed = False
     try:
+        staging.mkdir(parents=True)
         opts = dataclasses.replace(opts, staging=str(staging))
-        # the file list, compact: relative paths, folder and class per file (absolute paths are src + rel),
-        # made while the first pass runs on what is listed so far
+        # the file list, compact: relative paths in their printable form (what every stored name is; a name
+        # that is not UTF-8 is read by its own bytes), folder and class per file, made while the first pass
+        # runs on what is listed so far
         root = os.path.join(str(src.absolute()), "")  # ends in the separator: a path is root + rel
         rels = PathList()
         folder_id: dict[str, int] = {}
@@ -319,7 +311,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
 
         def paths():
             for e in listing:
-                rels.append(e.rel)
+                rels.append(display_path(e.rel))
                 folder_ids.append(folder_id.setdefault(e.folder, len(folder_id)))
                 class_ids.append(e.class_index)
                 yield root + e.rel
@@ -345,6 +337,10 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
             folder_of, label_of = folder_of[order], label_of[order]
         stage("scan + first pass")
         skipped += [{"path": rels[i], "reason": reason} for i, reason in rec.skip.items()]
+        if rec.upscaled:  # counted and reported, as conversions are: --resize above the sources' size is rarely meant
+            warnings_.append(f"{rec.upscaled} image(s) upscaled by --resize {opts.resize} (up to "
+                             f"{opts.resize / rec.upscaled_from:.3g}x, from a {rec.upscaled_from} px short side): "
+                             "upscaling adds no detail, only bytes to store and decode")
         skipped.sort(key=lambda s: s["path"])
         if strict and skipped:
             lines = "\n".join(f"  {s['path']}: {s['reason']}" for s in skipped)
@@ -377,7 +373,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
             warnings_ += fold_warnings(fold_info["class_counts"])
         if unmatched:
             warnings_.append(f"{unmatched} file name(s) do not match the group regex; each is its own group")
-        warnings_ += _big_unit_warning(unit_root, fractions, near_dup_threshold, group_rx is not None)
+        warnings_ += big_unit_warning(unit_root, fractions, near_dup_threshold, group_rx is not None)
 
         names = taxonomy.class_names
         targets = [taxonomy.targets(c) for c in range(len(names))]
@@ -438,7 +434,7 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         stage("write")
 
         duplicates, dup_stats = _duplicates(exact_id, labels, ok, rels, split_of, sha, warnings_)
-        warnings_ += _split_warnings(splits_info, len(names))
+        warnings_ += split_warnings(splits_info, len(names))
         converted_idx = np.flatnonzero(rec.converted)
         converted = _Lazy(len(converted_idx), lambda: ({"path": rels[i], "mode": rec.modes[rec.converted[i] - 1]}
                                                        for i in converted_idx.tolist()))
@@ -450,16 +446,26 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
                                   skipped=skipped, converted=converted, duplicates=duplicates,
                                   near_duplicates=near_list if near_dup_threshold is not None else None,
                                   folds=fold_info, warnings=warnings_, name=out.name)
-        _commit(tmp, out)
+        if pool is not None:
+            pool.shutdown()  # done with it: after the rename, an interrupt has nothing left to stop
+        old = _commit(tmp, out)
+        committed = True
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         stage("manifest")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:  # an error, or a signal (`bcc.errors.interrupts_raise`)
+        if pool is not None:
+            _stop_pool(pool)  # first: no worker writes into the folder removed next
+        if not committed:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif isinstance(e, Interrupted):  # while the old OUT was removed: the new one is complete
+            raise Interrupted(e.command, e.signum, f"{out} was written") from None
         raise
 
     elapsed = time.perf_counter() - t0
     by_reason = Counter(s["reason"].split(":", 1)[0] for s in skipped)
     counts = {"files": len(rels) + scan_skipped,
-              "packed": n, "skipped": len(skipped), "converted": len(converted),
+              "packed": n, "skipped": len(skipped), "converted": len(converted), "upscaled": rec.upscaled,
               "duplicates": len(duplicates), **dup_stats, "near_duplicate_groups": len(groups),
               "shards": sum(len(v["shards"]) for v in manifest["splits"].values())}
     return PackResult(manifest, out, counts, dict(sorted(by_reason.items())), elapsed,

@@ -21,6 +21,7 @@ import io
 import itertools
 import json
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -32,7 +33,7 @@ import numpy as np
 
 from bcc.atomic import tmp_sibling
 from bcc.errors import BccError
-from bcc.imageio import ImageError, is_image_name, open_image, to_rgb
+from bcc.imageio import ImageError, is_image_name, max_file_bytes, open_image, read_file, to_rgb
 from bcc.neardup import phash
 from bcc.shards import sample_members
 from bcc.tar_writer import TarStream
@@ -41,6 +42,7 @@ from bcc.tar_writer import TarStream
 # `WebDataset(...).to_tuple("jpg", ...)` read; 8-bit RGB in any other format is stored as PNG (lossless)
 _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the packer's to answer (`bcc.errors.interrupts_raise`)
 _CHUNK = 256  # files per first-pass task (~0.1 s): amortises the pipe and the pool's per-task cost
 _STAGE_BLOCK = 4 << 20  # staged bytes gathered per write (bounds a worker's memory for large images)
 
@@ -102,13 +104,17 @@ def _convert(img, data: bytes, opts: _Options, rgb: Callable[[], Any]) -> dict[s
     is_rgb8 = mode == "RGB" and not bits16
     converted = None if is_rgb8 else (f"{mode};16" if bits16 and mode == "RGB" else mode)
     if opts.resize:
-        image = rgb()
-        w, h = image.size
+        w, h = img.size  # the stored size's area does not depend on the orientation applied below
         s = opts.resize / min(w, h)
         size = (max(1, round(w * s)), max(1, round(h * s)))
+        if opts.max_pixels and size[0] * size[1] > opts.max_pixels:  # a long strip: checked before resizing
+            raise ImageError(f"too large after --resize: {w}x{h} would become {size[0]}x{size[1]} = "
+                             f"{size[0] * size[1]} pixels > limit {opts.max_pixels}")
+        image = rgb()
+        size = size if image.size == (w, h) else size[::-1]
         if size != image.size:
             image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-        return {"format": fmt, "mode": mode, "converted": converted,
+        return {"format": fmt, "mode": mode, "converted": converted, "upscaled": min(w, h) if s > 1 else 0,
                 "ext": "jpg", "data": _encode(image, "JPEG", opts.quality)}
     if is_rgb8:
         if fmt not in _EXTENSIONS:
@@ -124,50 +130,41 @@ def _convert(img, data: bytes, opts: _Options, rgb: Callable[[], Any]) -> dict[s
 
 
 # One image's first-pass record: (skip reason or None, sha256 digest (32 bytes), pHash, stored extension,
-# converted-from mode); `_inspect` returns it with the bytes to store
-_Record = tuple[str | None, bytes | None, int, str | None, str | None]
+# converted-from mode, the short side it was upscaled from by --resize or 0); `_inspect` returns it with
+# the bytes to store
+_Record = tuple[str | None, bytes | None, int, str | None, str | None, int]
 _EXTS = ("jpg", "png", "webp")  # codes 1..3 of the `ext` column; 0: skipped
 
 
-def _read(path: str) -> bytes:
-    """The bytes of the file at `path`, by file descriptor: ~5 us a small file, where `open().read()`
-    (a buffered file object) takes ~10 and pathlib's `read_bytes()` ~15."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        parts = [os.read(fd, os.fstat(fd).st_size + 1)]
-        while parts[-1]:  # to the end, whatever the size said (a short read, a growing file)
-            parts.append(os.read(fd, 1 << 20))
-        return parts[0] if len(parts) == 2 else b"".join(parts)
-    finally:
-        os.close(fd)
-
-
-def _inspect(path: str, opts: _Options) -> tuple[_Record, bytes | None]:
+def _inspect(path: str, opts: _Options) -> tuple[_Record, bytes | bytearray | None]:
     """Read, hash, fully decode and (if needed) re-encode one file, the only read of a source; never
     raises. Returns its record and the bytes a shard will store (the source's own bytes, exactly those
     hashed, or the re-encoded image; None when skipped)."""
     try:
-        data = _read(path)
+        data = read_file(path, max_file_bytes(opts.max_pixels))
+    except ImageError as e:  # too large: never read
+        return (e.reason, None, 0, None, None, 0), None
     except OSError as e:
-        return (f"unreadable: {e.strerror or e}", None, 0, None, None), None
+        return (f"unreadable: {e.strerror or e}", None, 0, None, None, 0), None
     if not data:
-        return ("zero-byte file", None, 0, None, None), None
+        return ("zero-byte file", None, 0, None, None, 0), None
     digest = hashlib.sha256(data).digest()
     try:
         info = _decode(data, os.path.splitext(path)[1].lower(), opts)
     except ImageError as e:
-        return (e.reason, digest, 0, None, None), None
+        return (e.reason, digest, 0, None, None, 0), None
     except Exception as e:  # a decoder bug must not kill a long pack
-        return (f"corrupt image: {type(e).__name__}: {e}", digest, 0, None, None), None
+        return (f"corrupt image: {type(e).__name__}: {e}", digest, 0, None, None, 0), None
     stored = data if info["data"] is None else info["data"]
-    return (None, digest, info["phash"] or 0, info["ext"], info["converted"]), stored
+    return (None, digest, info["phash"] or 0, info["ext"], info["converted"], info.get("upscaled", 0)), stored
 
 
 # A task's records as columns (what crosses the pipe: a few arrays per chunk, not a tuple per file, and
 # no image bytes): (first index, skip reasons {offset: reason}, sha256 digests (n x 32 bytes), pHash,
 # ext code, offset and length of the stored bytes in the staging file, converted-from modes {offset:
-# mode}, the staging file's name)
-_Chunk = tuple[int, dict[int, str], bytes, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str], str]
+# mode}, the staging file's name, (images upscaled by --resize, the smallest short side among them))
+_Chunk = tuple[int, dict[int, str], bytes, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, str], str,
+               tuple[int, int]]
 
 
 def _staging_error(path: str, e: OSError) -> PackError:
@@ -182,6 +179,7 @@ def _inspect_chunk(task: tuple[int, list[str], _Options]) -> _Chunk:
     n = len(paths)
     skips: dict[int, str] = {}
     converted: dict[int, str] = {}
+    upscaled, smallest = 0, 0
     sha = bytearray(32 * n)
     ph, ext = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=np.uint8)
     offset, length = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
@@ -192,7 +190,7 @@ def _inspect_chunk(task: tuple[int, list[str], _Options]) -> _Chunk:
         with open(staging, "ab", buffering=0) as f:
             at = start_at = f.seek(0, os.SEEK_END)
             for k, path in enumerate(paths):
-                (skip, digest, h, e, conv), stored = _inspect(path, opts)
+                (skip, digest, h, e, conv, up), stored = _inspect(path, opts)
                 if skip:
                     skips[k] = skip
                     continue
@@ -202,6 +200,8 @@ def _inspect_chunk(task: tuple[int, list[str], _Options]) -> _Chunk:
                 at += len(stored)
                 if conv:
                     converted[k] = conv
+                if up:
+                    upscaled, smallest = upscaled + 1, min(smallest or up, up)
                 if at - start_at >= _STAGE_BLOCK:
                     _write_all(f, b"".join(pending))
                     pending.clear()
@@ -209,7 +209,7 @@ def _inspect_chunk(task: tuple[int, list[str], _Options]) -> _Chunk:
             _write_all(f, b"".join(pending))
     except OSError as e:
         raise _staging_error(staging, e) from e
-    return start, skips, bytes(sha), ph, ext, offset, length, converted, name
+    return start, skips, bytes(sha), ph, ext, offset, length, converted, name, (upscaled, smallest)
 
 
 def _write_all(f, data: bytes) -> None:
@@ -229,6 +229,14 @@ def _warm_worker(parent: int) -> None:
     from bcc.worker_start import end_with_parent
 
     end_with_parent(parent)
+    # Ctrl-C reaches the whole process group and Slurm signals every process of a step: the packer alone
+    # answers (it ends its workers, then removes its temporary folder); a worker's KeyboardInterrupt
+    # traceback each was most of the 30 lines one Ctrl-C printed. Blocked since the fork (`_start_pool`),
+    # so one that came before this point is dropped here, not raised in the initializer.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     from PIL import Image, ImageOps  # noqa: F401
     Image.preinit()  # the common format plugins, which Image.open would load
 
@@ -245,9 +253,40 @@ def _start_pool(workers: int):
     # guard; the workers only run the chunk and shard functions here (PIL, hashlib, tar writing)
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_warm_worker, initargs=(os.getpid(),))
-    pool.submit(_noop)  # with fork, all workers are forked here, in this call
+    # the workers start with SIGINT/SIGTERM blocked, until _warm_worker ignores them; the parent's are
+    # held for the few ms of the forks and then handled as ever
+    masked = hasattr(signal, "pthread_sigmask")
+    saved = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if masked else None
+    try:
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_warm_worker, initargs=(os.getpid(),))
+        pool.submit(_noop)  # with fork, all workers are forked here, in this call
+    finally:
+        if masked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, saved)
     return pool
+
+
+def _stop_pool(pool) -> None:
+    """End the pool's workers at once (SIGKILL: they ignore SIGINT/SIGTERM) and wait for them, so that a
+    failed or interrupted pack removes a staging folder no worker writes into any more."""
+    import time
+
+    pids = list(getattr(pool, "_processes", None) or ())  # ProcessPoolExecutor's; 3.14 has terminate_workers
+    manager = getattr(pool, "_executor_manager_thread", None)  # a shutdown without wait forgets it
+    pool.shutdown(wait=False, cancel_futures=True)
+    # the pool's thread drops the cancelled tasks first (it clears the flag then): killed before, its
+    # clean-up failed on them with an InvalidStateError traceback (CPython 3.11; 3.12 skips done futures)
+    deadline = time.monotonic() + 2.0
+    while (getattr(pool, "_cancel_pending_futures", False) and manager is not None and manager.is_alive()
+           and time.monotonic() < deadline):
+        time.sleep(0.001)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if manager is not None:  # it reaps them and closes its pipes; left running, it raced the exit's clean-up
+        manager.join(timeout=10)
 
 
 def _ordered(pool, fn: Callable[[Any], Any], tasks: Iterable[Any], window: int) -> Iterator[Any]:
@@ -286,11 +325,15 @@ class _Records:
         self.stage_files: list[str] = []  # names in the staging folder, one per process
         self.skip: dict[int, str] = {}
         self.count = 0
+        self.upscaled, self.upscaled_from = 0, 0  # images --resize upscaled; the smallest short side among them
 
     def put(self, chunk: _Chunk) -> int:
         """Keep one task's columns; returns the number of files in it."""
-        start, skips, sha, ph, ext, offset, length, converted, stage_file = chunk
+        start, skips, sha, ph, ext, offset, length, converted, stage_file, (upscaled, smallest) = chunk
         n = len(ph)
+        if upscaled:
+            self.upscaled += upscaled
+            self.upscaled_from = min(self.upscaled_from or smallest, smallest)
         if stage_file not in self.stage_files:
             self.stage_files.append(stage_file)
         modes = np.zeros(n, dtype=np.uint16)  # 0: stored as read, else 1 + index into modes

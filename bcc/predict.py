@@ -36,7 +36,7 @@ from bcc.checkpoint import (
     read_train_state,
     resolve_checkpoint,
 )
-from bcc.imageio import collect_images, decode_rgb
+from bcc.imageio import collect_images, decode_rgb, display_path
 from bcc.taxonomy import Taxonomy, TaxonomyError
 
 __all__ = [
@@ -337,7 +337,9 @@ def predict_paths(
     the class each head predicts (after test-time augmentation, when on)."""
     from bcc.metrics import combined_probs
 
-    files, failures = collect_images(paths)
+    files, problems = collect_images(paths)
+    # every name this returns is printable (`display_path`): a name that is not UTF-8 is no text to print
+    failures = [(display_path(f), display_path(reason)) for f, reason in problems]
     cam = None
     if gradcam_dir is not None:
         from bcc.gradcam import GradCAM
@@ -355,7 +357,8 @@ def predict_paths(
                 img = read_image(path)
                 tensors.append(im.crop(img))  # uint8; normalised on the device as in bcc eval
             except Exception as e:  # noqa: BLE001 - one bad file must not stop the others
-                failures.append((str(path), str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"))
+                failures.append((display_path(path), display_path(str(e) if isinstance(e, OSError)
+                                                                  else f"{type(e).__name__}: {e}")))
                 continue
             batch_paths.append(path)
             originals.append(img)
@@ -375,7 +378,7 @@ def predict_paths(
         for i, path in enumerate(batch_paths):
             c = int(decided[i])
             pred = Prediction(
-                path=str(path),
+                path=display_path(path),
                 answer=answer_text(taxonomy, c),
                 class_name=taxonomy.class_names[c],
                 head_labels={h.name: h.labels[int(classes[h.name][i])] for h in taxonomy.heads},
@@ -386,8 +389,8 @@ def predict_paths(
             if maps is not None:
                 from bcc.gradcam import save_overlays
 
-                stem = _unique_stem(Path(path).stem, used_names)
-                pred.gradcam = [str(p) for p in save_overlays(
+                stem = _unique_stem(display_path(Path(path).stem), used_names)  # the overlays' names as printed
+                pred.gradcam = [display_path(p) for p in save_overlays(
                     originals[i], {h: m[i] for h, m in maps.items()}, gradcam_dir, stem,
                     image_size=im.image_size, crop_pct=im.config.data.crop_pct,
                     labels=pred.head_labels)]
@@ -411,6 +414,10 @@ def prob_columns(taxonomy: Taxonomy) -> list[str]:
     return cols + [f"combined:{c}" for c in taxonomy.class_names]
 
 
+def _cell(value: Any) -> Any:
+    return display_path(value) if isinstance(value, str) else value
+
+
 def write_probability_csv(
     path: str | Path,
     taxonomy: Taxonomy,
@@ -422,7 +429,8 @@ def write_probability_csv(
 
     Columns: `lead`, then `prob_columns(taxonomy)`, then `tail`. A row is (lead values, probabilities
     in column order or None for a row without any, tail values); probabilities are written with
-    `repr`, so they read back as the same floats.
+    `repr`, so they read back as the same floats. Text values are written in their printable form
+    (`bcc.imageio.display_path`): a source name from an older pack may hold bytes that are not UTF-8.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -432,7 +440,7 @@ def write_probability_csv(
         w.writerow([*lead, *cols, *tail])
         for first, probs, last in rows:
             values = [""] * len(cols) if probs is None else [repr(float(v)) for v in probs]
-            w.writerow([*first, *values, *last])
+            w.writerow([*map(_cell, first), *values, *map(_cell, last)])
     return path
 
 

@@ -191,6 +191,17 @@ def _evaluation(im, split: str, data: str | Path | None) -> tuple[Path, dict[str
                                          weights=im.weights)
 
 
+def _folder_file(root: Path, source: str) -> Path:
+    """The file of a folder evaluation's `source`, which is its name's printable form
+    (`bcc.imageio.display_path`): for a name that is not UTF-8, the file whose printable name it is."""
+    from bcc.imageio import display_path
+
+    path = root / source
+    if path.exists():
+        return path
+    return next((p for p in root.rglob("*") if display_path(p.relative_to(root).as_posix()) == source), path)
+
+
 def _read_images(evaluation: Mapping[str, Any], mistakes: Sequence[Mistake]):
     """The evaluated images of `mistakes`, decoded (RGB PIL), in their order."""
     from bcc import remote
@@ -198,7 +209,7 @@ def _read_images(evaluation: Mapping[str, Any], mistakes: Sequence[Mistake]):
 
     root = Path(evaluation["data"]) if remote.is_local(evaluation["data"]) else evaluation["data"]
     if evaluation.get("kind") == "folder":
-        return [read_image(root / m.source) for m in mistakes]
+        return [read_image(_folder_file(root, m.source)) for m in mistakes]
     from bcc.manifest import Manifest, ManifestError
     from bcc.shards import IMAGE_KEYS, read_shard
 

@@ -27,9 +27,11 @@ from bcc.errors import BccError
 from bcc.neardup import NearDuplicates, is_enabled, near_duplicate_edges
 
 __all__ = ["GROUP_SCOPES", "SPLITS", "SplitError", "Units", "assign_folds", "assign_splits", "check_group_scope", "compile_group_regex", "deal_folds", "fold_warnings",
-           "deal_splits", "digest_ids", "join_units", "largest_remainder", "parse_split", "sample_units"]
+           "big_unit_warning", "deal_splits", "digest_ids", "join_units", "largest_remainder", "parse_split",
+           "sample_units", "split_warnings"]
 
 SPLITS = ("train", "val", "test")
+TINY_SPLIT_PER_CLASS = 5  # a val/test split with fewer samples per class than this gets a warning
 
 
 class SplitError(BccError):
@@ -405,3 +407,34 @@ def fold_warnings(class_counts: Sequence[Mapping[str, int]]) -> list[str]:
     return [f"{len(short)} class(es) are missing from some of the {k} folds: {names}; they have fewer "
             "groups in train+val than folds, so those folds validate without them (use fewer folds)"]
 
+
+def big_unit_warning(unit_root: np.ndarray, fractions, near_threshold: int | None, grouped: bool) -> list[str]:
+    """A warning when one unit (samples joined by exact copies, the group regex and near-duplicates, which
+    chain: A~B and B~C join A and C) outgrows the smallest non-empty split, which then cannot get its share."""
+    sizes = np.bincount(unit_root)
+    big = int(sizes.max()) if sizes.size else 0
+    smallest = min((f for f in fractions if f > 0), default=1.0) * len(unit_root)
+    if big <= max(1.0, 0.5 * smallest):
+        return []
+    causes = ["exact copies"] + (["--group-regex ids"] if grouped else [])
+    hint = ""
+    if near_threshold is not None:
+        causes.append(f"near-duplicates within {near_threshold} bits (they chain)")
+        hint = "; if the images look alike overall, lower --near-dup-threshold or pass --no-near-dup"
+    return [f"one group of {big} samples ({big / len(unit_root):.0%} of the images) joined by {', '.join(causes)} "
+            f"must stay in one split: the split fractions cannot be met{hint}"]
+
+
+def split_warnings(splits_info: dict[str, Any], num_classes: int) -> list[str]:
+    """Warnings for evaluation splits too small to choose a checkpoint on (counted and named)."""
+    out = []
+    tiny = TINY_SPLIT_PER_CLASS * num_classes
+    for name in SPLITS[1:]:
+        n = splits_info[name]["count"]
+        if n == 0:
+            out.append(f"split {name!r} is empty" + (": training refuses an empty val split" if name == "val"
+                                                     else ": a run reports no test metrics"))
+        elif n < tiny:
+            out.append(f"split {name!r} has only {n} sample(s) (fewer than {TINY_SPLIT_PER_CLASS} per class): "
+                       "its metrics will be noisy")
+    return out

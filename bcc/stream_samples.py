@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from bcc.imageio import decode_rgb
+from bcc.imageio import decode_rgb, display_path
 from bcc.shards import IMAGE_KEYS, SampleError, ShardError, check_sample
 
 
@@ -61,7 +61,8 @@ def decode_sample(sample: dict, transform, checked: bool = False) -> tuple[torch
             data = next(sample[k] for k in IMAGE_KEYS if k in sample)
         # the packer checked the size limit; the stored image is read by the one policy of bcc.imageio
         image = transform(decode_rgb(data, max_pixels=None))
-        return image, int(meta["label"]), key, str(meta.get("source", ""))
+        # a pack before display_path may hold a name that is not UTF-8 (a surrogate no text writer takes)
+        return image, int(meta["label"]), key, display_path(str(meta.get("source", "")))
     except StopIteration:
         raise CorruptSampleError(f"{_where(sample)} has no image ({', '.join(IMAGE_KEYS)})") from None
     except SampleError as e:

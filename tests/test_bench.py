@@ -156,3 +156,18 @@ def test_train_step_makes_no_per_step_package_probes_or_signature_inspection(mon
     assert calls == {"find_spec": 0, "signature": 0}
     assert any(not torch.equal(a, b) for a, b in zip(before, parts.model.parameters(), strict=True))
     assert all(p.grad is None for p in parts.model.parameters())  # cleared after the window's step
+
+
+@pytest.mark.parametrize("sizes", ["40,20", "30,30", "16,40,40"])
+def test_bench_sizes_smallest_first_and_different(sizes, bcc_main):
+    """`--sizes 40,20` printed `RSS 20/40 = 1.00 (goal <= 1.5)`: reversed (or equal) sizes met the memory
+    goal trivially. They are refused naming the option, as `bench data --rss-samples` (the same type)."""
+    from bcc.bench import BenchError
+    from bcc.bench.pack import bench_pack
+
+    for argv in (("bench", "pack", "--sizes", sizes), ("bench", "data", "--rss", "--rss-samples", sizes)):
+        proc = bcc_main(*argv)
+        assert proc.returncode == 2 and "increasing order" in proc.stderr, proc.stderr
+        assert argv[-2] in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+    with pytest.raises(BenchError, match="different sizes"):
+        bench_pack((30, 30))

@@ -258,3 +258,28 @@ def test_a_full_disk_anywhere_is_one_line_naming_the_file(monkeypatch, capsys, t
         assert len(err.splitlines()) == 1 and err.startswith("error: cannot write"), err
         assert func is not writes or f"cannot write {tmp_path / 'summary.json'}: No space left" in err, err
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_interrupts_raise_one_error_with_the_signals_exit_code_and_keep_an_ignored_signal():
+    """`interrupts_raise` turns SIGINT/SIGTERM into `Interrupted` (exit 128 + the signal, one line with its
+    detail, given as text or as a function called when the signal comes); a signal the process ignores
+    (SIGINT in a shell script's background job) stays ignored, and the old handlers come back."""
+    import signal
+
+    from bcc.errors import Interrupted, interrupts_raise
+
+    state = []
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(Interrupted) as e, interrupts_raise("bcc x", lambda: "after " + ",".join(state)):
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)  # ignored
+            state.append("step 1")
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs at the next bytecode
+                pass
+        assert str(e.value) == "bcc x: interrupted (SIGTERM); after step 1" and e.value.exit_code == 143
+        assert Interrupted("bcc y", signal.SIGINT).exit_code == 130 and isinstance(e.value, BccError)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, old_int)

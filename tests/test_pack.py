@@ -283,7 +283,7 @@ def _denied(real, locked):
 
 def test_unreadable_file_is_skipped(tmp_path, make_class_tree, monkeypatch):
     src = make_class_tree(tmp_path / "src", {"Benign": 3})
-    monkeypatch.setattr(pack_pool, "_read", _denied(pack_pool._read, src / "Benign" / "img0000.jpg"))
+    monkeypatch.setattr(pack_pool, "read_file", _denied(pack_pool.read_file, src / "Benign" / "img0000.jpg"))
     m = pack_folders(src, tmp_path / "out").manifest
     assert m["skipped"] == [{"path": "Benign/img0000.jpg", "reason": "unreadable: Permission denied"}]
     assert m["splits"]["train"]["count"] + m["splits"]["val"]["count"] + m["splits"]["test"]["count"] == 2
@@ -601,11 +601,11 @@ def test_each_source_is_read_once_and_its_first_pass_bytes_are_stored(tmp_path, 
     edited, removed = src / "Early" / "img0001.jpg", src / "Benign" / "img0000.jpg"
     before = {p.relative_to(src).as_posix(): p.read_bytes() for p in src.rglob("*.*")}
     reads = Counter()
-    real_read, real_all = pack_pool._read, pack_mod._inspect_all
+    real_read, real_all = pack_pool.read_file, pack_mod._inspect_all
 
-    def read(path):
+    def read(path, *args):
         reads[Path(path).relative_to(src).as_posix()] += 1
-        return real_read(path)
+        return real_read(path, *args)
 
     def then_change(*args, **kwargs):
         records = real_all(*args, **kwargs)
@@ -613,7 +613,7 @@ def test_each_source_is_read_once_and_its_first_pass_bytes_are_stored(tmp_path, 
         removed.unlink()
         return records
 
-    monkeypatch.setattr(pack_pool, "_read", read)
+    monkeypatch.setattr(pack_pool, "read_file", read)
     monkeypatch.setattr(pack_mod, "_inspect_all", then_change)
     m = pack_folders(src, tmp_path / "out", min_shards=1).manifest
     assert reads == dict.fromkeys(before, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,48 @@ def test_a_raw_only_calibration_keeps_the_ema_weights_out_unless_unused(ema_chec
         load_inference_model(ckpt, device="cpu", weights="ema")
     im = load_inference_model(ckpt, device="cpu", weights="ema", calibrated=False, operating_point=False)
     assert im.weights == "ema" and im.temperatures == {} and im.threshold is None
+
+
+def test_names_that_are_not_utf8_are_printed_and_written_printable(trained_run, synth_data, tmp_path,  # noqa: F811
+                                                                   bcc_main, monkeypatch):
+    """A file named b'bad\\xff.png' (a zip made on Windows) crashed every text writer (UnicodeEncodeError in
+    the CSV writer, a traceback): `bcc predict` prints and writes its printable form `bad\\xff.png` (the
+    Grad-CAM overlays are named so), and `bcc eval` of a pack made before that form (its sources hold the
+    surrogates `os` gives such a name) writes its predictions.csv; a folder report finds the file again."""
+    import os
+
+    from bcc import pack as pack_mod
+    from bcc.report import _folder_file
+
+    folder = tmp_path / "images" / "Pro"
+    folder.mkdir(parents=True)
+    bad = os.fsdecode(os.fsencode(folder) + b"/bad\xff.png")
+    Image.open(sorted((synth_data / "Pro").iterdir())[0]).save(bad, "PNG")
+    with open(os.fsdecode(os.fsencode(folder) + b"/broken\xfe.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff truncated")
+    out = tmp_path / "out"
+    proc = bcc_main("predict", "--checkpoint", trained_run, folder, "--json", out / "p.json", "--csv", out / "p.csv",
+                    "--gradcam", out / "cam")
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]  # the broken one
+    shown = f"{folder}/bad\\xff.png"
+    assert f"{shown}: " in proc.stdout and f"{folder}/broken\\xfe.jpg" in proc.stderr
+    data = json.loads((out / "p.json").read_text())
+    assert [p["path"] for p in data["predictions"]] == [shown]
+    assert [f["path"] for f in data["failures"]] == [f"{folder}/broken\\xfe.jpg"]
+    assert all(Path(c).is_file() and "\\xff" in c for c in data["predictions"][0]["gradcam"])
+    with open(out / "p.csv", newline="", encoding="utf-8") as f:
+        assert sorted(r["path"] for r in csv.DictReader(f)) == [shown, f"{folder}/broken\\xfe.jpg"]
+    assert _folder_file(tmp_path / "images", "Pro/bad\\xff.png") == Path(bad)
+
+    monkeypatch.setattr(pack_mod, "display_path", lambda name: name)  # a pack as bcc wrote it before
+    for cls in ("Benign", "Early", "Pre"):
+        (tmp_path / "images" / cls).mkdir()
+        for p in sorted((synth_data / cls).iterdir())[:2]:
+            (tmp_path / "images" / cls / p.name).write_bytes(p.read_bytes())
+    os.unlink(os.fsdecode(os.fsencode(folder) + b"/broken\xfe.jpg"))
+    pack_mod.pack_folders(tmp_path / "images", tmp_path / "old", split=(1, 0, 0), min_shards=1)
+    proc = bcc_main("eval", "--checkpoint", trained_run, "--data", tmp_path / "old", "--split", "train",
+                    "--out", tmp_path / "ev")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(tmp_path / "ev" / "predictions.csv", newline="", encoding="utf-8") as f:
+        assert "Pro/bad\\xff.png" in {r["source"] for r in csv.DictReader(f)}

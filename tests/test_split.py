@@ -36,8 +36,7 @@ def test_units_stay_together_and_the_split_is_seeded():
 def test_group_scope_class_keeps_ids_per_class_folder_and_a_giant_unit_is_warned_about():
     import numpy as np
 
-    from bcc.pack import _big_unit_warning
-    from bcc.split import join_units
+    from bcc.split import big_unit_warning, join_units
 
     # augmented copies numbered per class: `_<source>_<n>`, the same source ids in every class folder
     names = [f"{c}/_{i % 50}_{i}.jpeg" for c in ("EOS", "LYM") for i in range(200)]
@@ -51,7 +50,7 @@ def test_group_scope_class_keeps_ids_per_class_folder_and_a_giant_unit_is_warned
     with pytest.raises(SplitError, match="group scope must be one of dataset, class"):
         join_units(exact, names, rx, group_scope="patient")
 
-    assert _big_unit_warning(per_class, (0.8, 0.1, 0.1), None, True) == []
+    assert big_unit_warning(per_class, (0.8, 0.1, 0.1), None, True) == []
     chained = np.zeros(len(names), dtype=np.int64)  # everything joined into one unit
-    (msg,) = _big_unit_warning(chained, (0.8, 0.1, 0.1), 6, True)
+    (msg,) = big_unit_warning(chained, (0.8, 0.1, 0.1), 6, True)
     assert "one group of 400 samples (100% of the images)" in msg and "--no-near-dup" in msg

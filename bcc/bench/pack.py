@@ -230,7 +230,7 @@ def _pack_in_child(src: Path, out: Path, workers: int, shard_size: int) -> tuple
 def bench_pack(sizes: Sequence[int] = (20_000, 200_000), *, workers: int | None = None, image_px: int = 64,
                shard_size: int = 1000, repeats: int = 3, progress: Progress = quiet) -> list[PackPoint]:
     """Pack synthetic sources of each size with `workers` processes (default: the CPU affinity) in a
-    fresh interpreter, `repeats` times; one `PackPoint` per size (near-duplicate grouping on, as by
+    fresh interpreter, `repeats` times; one `PackPoint` per size, smallest first (near-duplicate grouping on, as by
     default): the median throughput (one pack swings +-5-8% on a quiet 2-core machine, as the limit
     does), the peak RSS of all of them."""
     from bcc.pack import default_workers
@@ -238,6 +238,9 @@ def bench_pack(sizes: Sequence[int] = (20_000, 200_000), *, workers: int | None 
     workers = workers or default_workers()
     if len(sizes) < 1 or min(sizes) < 8:
         raise BenchError(f"bench pack needs sizes of at least 8 images, got {list(sizes)}")
+    if len(set(sizes)) != len(sizes):
+        raise BenchError(f"bench pack needs different sizes, got {list(sizes)}")
+    sizes = sorted(sizes)  # points smallest first: the memory goal is the largest's over the smallest's
     points = []
     with tempfile.TemporaryDirectory(prefix="bcc-bench-pack-") as tmp:
         tmp = Path(tmp)

@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
                       f"processes at once) = {p.ratio_together:.2f}; "
                       "seconds per stage: "
                       + ", ".join(f"{name} {sec:.1f}" for name, sec in p.stages.items()))
-    console.print(f"RSS {points[-1].images:,}/{points[0].images:,} = "
-                  f"[bold]{points[-1].peak_rss / points[0].peak_rss:.2f}[/] (goal <= 1.5)")
+    small, large = min(points, key=lambda p: p.images), max(points, key=lambda p: p.images)
+    console.print(f"RSS {large.images:,}/{small.images:,} = [bold]{large.peak_rss / small.peak_rss:.2f}[/] "
+                  "(goal <= 1.5)")
     console.print(f"load average now: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0

@@ -29,6 +29,9 @@ def _sizes(value: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected sample counts like 10000,100000, got {value!r}") from None
     if len(sizes) < 2 or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"expected at least two positive sample counts, got {value!r}")
+    if list(sizes) != sorted(set(sizes)):
+        # the goal is a ratio of the largest to the smallest: reversed or equal sizes would meet it trivially
+        raise argparse.ArgumentTypeError(f"expected sample counts in increasing order, smallest first, got {value!r}")
     return sizes
 
 

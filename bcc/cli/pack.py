@@ -64,7 +64,9 @@ def register(subparsers) -> None:
                    help="split fractions (default 0.8,0.1,0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and shuffles (default 0)")
     p.add_argument("--resize", type=positive_int, metavar="PX",
-                   help="resize the shorter side to PX and store JPEG (default: keep original bytes)")
+                   help="resize the shorter side to PX and store JPEG (default: keep original bytes); PX x PX must "
+                   "fit in --max-pixels, a resized image above it is skipped, and images made larger are counted "
+                   "in a warning")
     p.add_argument("--quality", type=_quality, default=90, metavar="Q",
                    help="JPEG quality of --resize (default 90; converted images are stored as PNG)")
     p.add_argument("--shard-size", type=positive_int, default=1000, metavar="N",
@@ -101,7 +103,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bcc.console import console
-    from bcc.errors import UsageError
+    from bcc.errors import UsageError, interrupts_raise
 
     if args.verify:
         if args.src or args.out:
@@ -109,10 +111,17 @@ def run(args: argparse.Namespace) -> int:
         return _verify(args.verify, console)
     if not args.src or not args.out:
         raise UsageError("bcc pack needs SRC and OUT (or --verify OUT)")
-    return _pack(args, console)
+    # Ctrl-C or kill (SIGINT/SIGTERM): one line, exit 130/143; before the rename the temporary folder and
+    # the workers are gone ("nothing written"), after it OUT is complete (the pack's imports are inside)
+    written: list[bool] = []
+    with interrupts_raise("bcc pack", lambda: f"{args.out} was written" if written else "nothing written"):
+        result = _pack(args, console)
+        written.append(True)
+        _summary(result, console)
+    return 0
 
 
-def _pack(args: argparse.Namespace, console) -> int:
+def _pack(args: argparse.Namespace, console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from bcc.errors import UsageError
@@ -128,28 +137,38 @@ def _pack(args: argparse.Namespace, console) -> int:
                                           else args.near_dup_threshold)
 
     taxonomy = load_taxonomy(args.taxonomy) if args.taxonomy else Taxonomy.default()
-    with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
+    # a bar only on a terminal, started by the first progress report: rich's transient bar leaves an
+    # empty line behind in a log file, and before an early `error:` line on a terminal
+    bar = Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=console, transient=True) if console.is_terminal else None
+    tasks: dict[str, int] = {}
 
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+    def progress(stage: str, done: int, total: int) -> None:
+        if bar is None:
+            return
+        if not tasks:
+            bar.start()
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
 
-        result = pack_folders(
+    try:
+        return pack_folders(
             args.src, args.out, split=args.split, seed=args.seed, resize=args.resize, quality=args.quality,
             shard_size=args.shard_size, min_shards=args.min_shards, workers=args.workers,
             group_regex=args.group_regex, group_scope=args.group_scope, taxonomy=taxonomy, overwrite=args.overwrite, strict=args.strict,
             max_image_pixels=args.max_pixels, near_dup_threshold=near,
             folds=args.folds, progress=progress,
         )
-    _summary(result, console)
-    return 0
+    finally:
+        if tasks:
+            bar.stop()
 
 
 def _summary(result, console) -> None:
     from rich.table import Table
+
+    from bcc.console import warn
 
     m = result.manifest
     table = Table(title=f"packed {result.out}", show_footer=True)
@@ -187,15 +206,18 @@ def _summary(result, console) -> None:
     if m.get("folds"):
         extra.append(f"{m['folds']['k']} cross-validation folds of train+val: "
                      + ", ".join(str(n) for n in m["folds"]["counts"]) + " samples")
+    # one line each, never wrapped (soft_wrap): `grep warning:` in a job's log finds whole lines
     for line in extra:
-        console.print(f"  {line}")
+        console.print(f"  {line}", markup=False, soft_wrap=True)
     for w in m["warnings"]:
-        console.print(f"[yellow]warning:[/] {w}")
+        warn(w)
     console.print(f"{result.counts['packed']} images in {result.elapsed_s:.1f} s "
-                  f"([bold]{result.images_per_s:.0f} img/s[/])")
+                  f"([bold]{result.images_per_s:.0f} img/s[/])", soft_wrap=True)
 
 
 def _verify(out: str, console) -> int:
+    from rich.markup import escape
+
     from bcc.manifest import FILE_LISTS, Manifest, ManifestError
     from bcc.remote import display
     from bcc.verify import verify_shards
@@ -203,10 +225,12 @@ def _verify(out: str, console) -> int:
     result = verify_shards(out)  # a local folder, a URL or a pipe: template: each shard read as training reads it
     for check in result.shards:
         name = display(check.path) if isinstance(check.path, str) else check.path.name
+        # one line a shard or side file, never wrapped (soft_wrap), whatever the names hold (escape)
         if check.status == "ok":
-            console.print(f"[green]OK[/]        {name}")
+            console.print(f"[green]OK[/]        {escape(name)}", soft_wrap=True)
         else:
-            console.print(f"[red]{check.status.upper():<9}[/] {name}: {check.detail}")
+            console.print(f"[red]{check.status.upper():<9}[/] {escape(name)}: {escape(str(check.detail))}",
+                          soft_wrap=True)
     bad = len(result.mismatches)
     manifest = Manifest.load(out, key="--verify")
     side_bad = 0
@@ -215,13 +239,13 @@ def _verify(out: str, console) -> int:
         if isinstance(ref, dict):
             try:
                 manifest.file_list(name)
-                console.print(f"[green]OK[/]        {ref.get('file')}")
+                console.print(f"[green]OK[/]        {escape(str(ref.get('file')))}", soft_wrap=True)
             except ManifestError as e:
-                console.print(f"[red]MISMATCH [/] {ref.get('file')}: {e}")
+                console.print(f"[red]MISMATCH [/] {escape(str(ref.get('file')))}: {escape(str(e))}", soft_wrap=True)
                 side_bad += 1
     if bad or side_bad:
         console.print(f"[red]{bad} of {len(result.shards)} shard(s) failed verification[/]"
-                      + (f"[red], and {side_bad} side file(s)[/]" if side_bad else ""))
+                      + (f"[red], and {side_bad} side file(s)[/]" if side_bad else ""), soft_wrap=True)
         return 1
     console.print(f"[green]all {len(result.shards)} shards match the manifest[/]")
     return 0
