@@ -76,8 +76,7 @@ def parse_format(value: Any) -> int | None:
 
 
 
-def _whole(value: Any) -> bool:
-    """A JSON integer >= 0 (not a bool, a float or a string of digits): bcc writes counts and sizes so."""
+def _whole(value: Any) -> bool:  # a JSON integer >= 0 (not a bool, float or digit string): what bcc writes
     return type(value) is int and value >= 0
 
 class ManifestError(BccError, ValueError):
@@ -446,15 +445,13 @@ def _timm_info(name: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 def _list_size(entry: Mapping[str, Any]) -> int:
     """Paths an entry of a per-file list names: its `paths` (a duplicate set, a near-duplicate group), or one."""
-    paths = entry.get("paths")
-    return len(paths) if isinstance(paths, list) else 1
+    return len(entry["paths"]) if isinstance(entry.get("paths"), list) else 1
 
 
 def _write_list(out: Path, name: str, entries: Collection[Mapping[str, Any]]) -> list | dict:
     """A per-file list: inline when it names at most `LIST_INLINE` paths, else streamed to `<name>.jsonl`
-    (atomically, hashed as it is written, one entry at a time: a lazy `entries` is never held whole) and
-    named by the manifest. Paths, not entries, are counted: one set of 500,000 copies of a placeholder
-    image is one entry, and would have put half a million paths into manifest.json."""
+    (atomically, hashed as it is written, one entry at a time: a lazy `entries` is never held whole) and named
+    by the manifest. Paths, not entries, are counted: one set of 500,000 copies of an image is one entry."""
     from bcc.atomic import atomic_write
 
     if len(entries) <= LIST_INLINE:  # few entries: held anyway, to count their paths
