@@ -9,7 +9,7 @@ Every command that reads an image goes through here: `bcc pack` (source files), 
   converted to 8-bit RGB; the whole image decoded at once, so a truncated file fails here;
 * size: images above `MAX_IMAGE_PIXELS` (Pillow's decompression-bomb limit) are refused with a message
   naming the size; Pillow's own check is off so that the limit is exactly this one everywhere;
-* listing (`scan_class_folders`, `collect_images`): sorted, hidden entries skipped, symlinked folders
+* listing (`scan_class_folders`, `collect_images`): sorted, hidden entries skipped (pack lists them), symlinked folders
   not followed, a symlinked file read only when its target lies inside the listed root, anything that
   is not a regular file skipped with its reason;
 * names (`display_path`): the printable form in which every command stores and prints a file name
@@ -277,11 +277,12 @@ def _link_target(link: Path) -> tuple[Path | None, str | None]:
 
 
 _LINKED_FOLDER = "symlinked folder not followed"
+_HIDDEN = "hidden (its name starts with '.'), not read"  # .DS_Store, .ipynb_checkpoints/, an image someone hid
 
 
 def _walk(top: Path, root: Path, base: Path) -> Iterator[tuple[str, str, str | None]]:
-    """(path, path relative to `base`, skip reason or None) of every non-hidden file under `top`,
-    sorted as a top-down walk (a folder's linked folders, then its files, then its sub-folders), under
+    """(path, path relative to `base`, skip reason or None) of every file under `top` (a hidden file or
+    folder: one entry, skipped with its reason), sorted as a top-down walk (a folder's linked folders, then its files, then its sub-folders), under
     the module's link policy (`root` is what a link target must lie in). File types come from the
     directory listing itself (`os.scandir`'s d_type): no stat per file, only per link (a 200k-file
     listing took 0.8 s of CPU with an lstat per file, 0.2 s without). A folder that cannot be listed
@@ -297,7 +298,8 @@ def _walk(top: Path, root: Path, base: Path) -> Iterator[tuple[str, str, str | N
     prefix = "" if inner == "." else inner + "/"
     folders, files = [], []
     for entry in entries:
-        if entry.name.startswith("."):
+        if entry.name.startswith("."):  # listed, not walked: a hidden image is no silent loss
+            yield entry.path, prefix + entry.name, _HIDDEN
             continue
         try:
             is_dir = entry.is_dir()  # a link to a folder counts as a folder, as in os.walk
@@ -406,6 +408,7 @@ def iter_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], i
     names: list[str] = []
     for item in sorted(os.scandir(src), key=lambda e: e.name):
         if item.name.startswith("."):
+            _skip(skipped, item.name, _HIDDEN)
             continue
         target, loop = _link_target(Path(item.path)) if item.is_symlink() else (None, None)
         if loop:
@@ -466,6 +469,8 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list
             for name, _rel, reason in listing:
                 path = Path(name)
                 # skipped non-images are none of ours; a link that leads nowhere might have been a folder
+                if reason == _HIDDEN and not is_image_name(path):
+                    continue  # a hidden folder or file beside the images: not one the user asked about
                 if reason and (is_image_name(path) or path.is_dir() or reason.startswith(("broken", "symlink loop"))):
                     problems.append((str(path), reason))
                 elif not reason and is_image_name(path):

@@ -287,3 +287,24 @@ def test_an_interrupt_between_the_renames_puts_the_old_out_back(tmp_path, monkey
         pack_mod.pack_folders(src, tmp_path / "out", min_shards=1, seed=1, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+
+
+def test_hidden_files_and_folders_are_skipped_with_a_reason(tmp_path, bcc_main):
+    """A hidden image (`.cell_001.jpg`), a hidden folder (`.ipynb_checkpoints/`) and `.DS_Store` were left
+    out of the pack without a word (fourth breaker): each is a skip with its reason; `bcc predict DIR`
+    names the hidden image and passes over the rest."""
+    src = tree(tmp_path / "src", {"Benign": 2, "Pro": 2})
+    (src / "Pro" / ".cell_001.jpg").write_bytes(image_bytes(7, 24))
+    (src / "Pro" / ".ipynb_checkpoints").mkdir()
+    (src / "Pro" / ".ipynb_checkpoints" / "img000.jpg").write_bytes(image_bytes(8, 24))
+    (src / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    proc = bcc_main("pack", src, tmp_path / "out", "--workers", 1, "--min-shards", 1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    skipped = {s["path"]: s["reason"] for s in json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"]}
+    assert set(skipped) == {".DS_Store", "Pro/.cell_001.jpg", "Pro/.ipynb_checkpoints"}, skipped
+    assert all(r.startswith("hidden") for r in skipped.values())
+    from bcc.imageio import collect_images
+
+    files, problems = collect_images([src / "Pro"])
+    assert [f.name for f in files] == ["img000.jpg", "img001.jpg"]
+    assert [Path(p).name for p, _ in problems] == [".cell_001.jpg"] and problems[0][1].startswith("hidden")
