@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bcc.errors import BccError
+from bcc.errors import BccError, Interrupted
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -197,6 +197,8 @@ def open_image(source: bytes | bytearray | str | os.PathLike, *, max_pixels: int
             if e.errno is not None:  # the file itself: missing, permissions, I/O error
                 raise ImageError(f"unreadable: {e.strerror or e}", path) from e
             raise ImageError(f"corrupt image: {e}", path) from e
+        except Interrupted:  # a signal raised inside the decoder (`bcc.errors.interrupts_raise`): no bad file
+            raise
         except Exception as e:  # a decoder bug in a plugin: still one bad file
             raise ImageError(f"corrupt image: {type(e).__name__}: {e}", path) from e
         width, height = img.size
@@ -208,6 +210,9 @@ def open_image(source: bytes | bytearray | str | os.PathLike, *, max_pixels: int
             img.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
         try:
             img.load()  # full decode: catches truncated and corrupt data
+        except Interrupted:
+            img.close()
+            raise
         except Exception as e:
             img.close()
             raise ImageError(f"corrupt image: {e}", path) from e

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from bcc.atomic import tmp_sibling
-from bcc.errors import BccError
+from bcc.errors import BccError, Interrupted
 from bcc.imageio import ImageError, is_image_name, max_file_bytes, open_image, read_file, to_rgb
 from bcc.neardup import phash
 from bcc.shards import sample_members
@@ -153,6 +153,8 @@ def _inspect(path: str, opts: _Options) -> tuple[_Record, bytes | bytearray | No
         info = _decode(data, os.path.splitext(path)[1].lower(), opts)
     except ImageError as e:
         return (e.reason, digest, 0, None, None, 0), None
+    except Interrupted:  # Ctrl-C or SIGTERM while this process decodes (--workers 1): the pack ends
+        raise
     except Exception as e:  # a decoder bug must not kill a long pack
         return (f"corrupt image: {type(e).__name__}: {e}", digest, 0, None, None, 0), None
     stored = data if info["data"] is None else info["data"]

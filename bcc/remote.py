@@ -91,7 +91,8 @@ class RemoteError(BccError):
     """A location that cannot be reached or read; `transient` when a re-open may succeed."""
 
     def __init__(self, message: str, *, transient: bool = False):
-        super().__init__(redact(message))
+        # one line: a server's or library's text may hold line breaks (urllib's redirect-loop message)
+        super().__init__(redact(" ".join(message.split())))
         self.transient = transient
 
 

@@ -31,7 +31,7 @@ _ASSIGN = re.compile(r"(?<![?&\w.$-])(?P<name>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>
 _QUOTED = r"'(?!\$\{)[^']*'|\"(?!\$\{)[^\"]*\""  # a quoted value, unless it is a ${VAR}
 # (rclone's --webdav-pass, --azureblob-key, --sftp-pass too; not an ID, a file or a path: --sftp-key-file)
 _FLAG = re.compile(r"(?P<flag>\s--?[A-Za-z0-9_-]*(?:password|passwd|pass(?![a-z])|pwd|token|secret|api[-_]?key|"
-                   r"account[-_]?key|access[-_]?key|[a-z0-9][-_]key(?![a-z])|credential|cookie)[A-Za-z0-9_-]*)"
+                   r"account[-_]?key|access[-_]?key|[a-z0-9][-_]key(?![a-z])|credential|cookie|bearer)[A-Za-z0-9_-]*)"
                    r"(?<![-_]id)(?<![-_]file)(?<![-_]path)"
                    rf"(?P<gap>=|\s+)(?P<value>{_QUOTED}|[^\s'\"$-][^\s'\"]*)", re.I)
 _HEADER = re.compile(r"(?P<head>\b(?:Authorization|Proxy-Authorization|X-Api-Key|Api-Key|Private-Token|Cookie)\s*:\s*"
@@ -51,9 +51,9 @@ _USER_FLAG = re.compile(r"(?P<flag>\s(?:-[A-Za-z]{0,3}[uUE]|--user|--proxy-user|
 _SSHPASS = re.compile(rf"(?P<flag>\bsshpass(?:\s+-[vVh]|\s+-[PfdD]\s*\S+)*\s+-p)(?P<gap>\s*)"
                       rf"(?P<value>{_QUOTED}|[^\s'\"$-][^\s'\"]*)")
 # short flags whose meaning depends on the tool: curl -b (--cookie) with a NAME=value (a bare -b FILE is a cookie
-# file), swift -K (--key), ossutil -k (--access-key-secret); not curl -k (--insecure) or -K (--config)
+# file), swift -K/--key, ossutil -k (--access-key-secret); not curl -k (--insecure), -K (--config) or --key FILE
 _TOOL_FLAG = re.compile(rf"(?P<flag>(?:\bcurl\b[^|;&]*?\s-[A-Za-z]*b(?=\s*['\"]?[^\s'\"$-][^\s'\"=]*=)|"
-                        rf"\bswift\b[^|;&]*?\s-K|\bossutil\b[^|;&]*?\s-k))(?P<gap>\s*)"
+                        rf"\bswift\b[^|;&]*?\s(?:-K|--key)|\bossutil\b[^|;&]*?\s-k))(?P<gap>=|\s*)"
                         rf"(?P<value>{_QUOTED}|[^\s'\"$-][^\s'\"]*)")
 _BEARER = re.compile(r"\b(?P<word>Bearer|Basic|token)(?P<gap>[ =:]+)(?P<value>[A-Za-z0-9._~+/=-]{8,})", re.I)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bcc import remote
-from bcc.errors import BccError
+from bcc.errors import BccError, Interrupted
 from bcc.remote_secrets import quote_bytes
 from bcc.tar_writer import TarStream
 
@@ -148,6 +148,8 @@ def damaged_samples(path: Path) -> list[str]:
                     out.append(f"{sample.get('__key__')}: {e}")
     except tarfile.ReadError as e:  # its message says what it is
         out.append(str(e))
+    except Interrupted:
+        raise
     except Exception as e:  # noqa: BLE001 - a tar error ends the scan; report it with what was found
         out.append(f"unreadable tar: {e}")
     return out

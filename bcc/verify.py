@@ -62,8 +62,9 @@ def _check(shard, has_checksums: bool) -> ShardCheck:
     if not shard.path.is_file():
         return ShardCheck(shard.path, "missing", "listed in manifest.json but not on disk")
     digest = sha256_file(shard.path)
-    if digest != shard.sha256:
-        detail = f"sha256 {digest[:12]}… != manifest {shard.sha256[:12]}…"
+    if digest != shard.sha256.lower():  # a digest in upper case names the same bytes
+        shown = 12 if digest[:12] != shard.sha256[:12].lower() else 64  # whole, where the starts agree
+        detail = f"sha256 {digest[:shown]}… != manifest {shard.sha256[:shown]}…"
         damaged = damaged_samples(shard.path) if has_checksums else []
         if damaged:
             more = f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else ""
@@ -93,10 +94,11 @@ def verify_shards(out: str | Path, key: str = "--verify") -> VerifyResult:
         for shard in manifest.split(split_name).shards:
             listed.add(shard.path.name if isinstance(shard.path, Path) else "")
             where = f"split '{split_name}' {remote.display(shard.path)}"
-            if shard.count and shard.sha256 in first:  # the same bytes twice: a test shard listed in train too
-                checks.append(ShardCheck(shard.path, "listed twice", f"the same sha256 as {first[shard.sha256]}"))
+            digest = shard.sha256.lower()
+            if shard.count and digest in first:  # the same bytes twice: a test shard listed in train too
+                checks.append(ShardCheck(shard.path, "listed twice", f"the same sha256 as {first[digest]}"))
                 continue
-            first.setdefault(shard.sha256, where)
+            first.setdefault(digest, where)
             checks.append(_check(shard, manifest.has_checksums))
     for path in [] if manifest.is_remote else sorted(manifest.root.glob("*.tar")):  # a URL lists no folder
         if path.name not in listed:

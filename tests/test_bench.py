@@ -61,6 +61,8 @@ def test_bench_data_plan_times_both_sampling_modes_without_data(bcc_main, synth_
     proc = bcc_main("bench", "data", "--shards", str(synth_shards), "--batch-size", "100000")
     assert proc.returncode == 2 and proc.stderr.startswith("error: --batch-size 100000: split 'train' holds "), proc.stderr
     assert "unpacking" not in proc.stdout
+    proc = bcc_main("bench", "data", "--plan", "--plan-shards", str(10**11))  # was OOM-killed at 23 GB
+    assert proc.returncode == 2 and "--plan-shards: at most 10,000,000, got 100,000,000,000" in proc.stderr
 
 
 def test_bench_data_reads_a_source_tree(synth_shards, synth_data):

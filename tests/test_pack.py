@@ -69,7 +69,7 @@ def test_round_trip_through_cli(tmp_path, make_class_tree):
     src = make_class_tree(tmp_path / "src", FOLDERS)
     (src / "Pre" / "nested").mkdir()
     (src / "Pre" / "nested" / "deep.png").write_bytes(image_bytes(99, 48, "PNG"))
-    (src / "Pre" / ".DS_Store").write_bytes(b"junk")  # hidden: ignored, not reported
+    (src / "Pre" / ".DS_Store").write_bytes(b"junk")  # hidden: not read, listed as skipped
     before = tree_digest(src)
     out = tmp_path / "out"
     proc = bcc(src, out, "--seed", 3, "--shard-size", 5, "--workers", 2, check_rc=0)
@@ -79,7 +79,8 @@ def test_round_trip_through_cli(tmp_path, make_class_tree):
 
     m = load_manifest(out)
     assert m["format"] == "bcc-shards/5" and m["classes"] == list(Taxonomy.default().class_names)
-    assert m["skipped"] == [] and m["converted"] == [] and m["source"] == str(src.resolve())
+    assert m["skipped"] == [{"path": "Pre/.DS_Store", "reason": "hidden (its name starts with '.'), not read"}]
+    assert m["converted"] == [] and m["source"] == str(src.resolve())
     taxonomy = Taxonomy.from_dict(m["taxonomy"])
     total = sum(FOLDERS.values()) + 1
     assert sum(s["count"] for s in m["splits"].values()) == total

@@ -266,6 +266,36 @@ def test_a_signalled_pack_prints_one_line_and_leaves_nothing(tmp_path, sig, code
     assert not [w for w in workers if psutil.pid_exists(w) and psutil.Process(w).status() != psutil.STATUS_ZOMBIE]
 
 
+def test_a_signal_while_the_packer_itself_decodes_ends_the_pack(tmp_path):
+    """With --workers 1 the packer decodes in its own process, where the decoder's catch-all took the
+    signal's exception for a corrupt image: the pack skipped a good image and ended with rc 0 (fifth
+    breaker). `bcc pack --verify` had no interrupt handling at all (a traceback on Ctrl-C)."""
+    import signal
+    import time
+
+    src = tree(tmp_path / "src", {"Benign": 30, "Pro": 30}, size=64)
+    proc = subprocess.Popen([sys.executable, "-m", "bcc", "pack", str(src), str(tmp_path / "out"), "--workers", "1",
+                             "--resize", "5000"],  # upscaled: most of the pack's time is in the decoder's resize
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob("out.tmp-*/_staging")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(1.0)
+    assert proc.poll() is None, "the pack ended before the signal"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err == "error: bcc pack: interrupted (SIGTERM); nothing written\n", out + err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    # --verify of a pack whose shards come from a slow command
+    assert bcc_pack(src, tmp_path / "out", "--workers", 1, "--min-shards", 1).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "bcc", "pack", "--verify", f"pipe:sleep 20; cat {tmp_path}/out/{{name}}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err == "error: bcc pack --verify: interrupted (SIGTERM)\n", out + err
+
+
 def test_an_interrupt_between_the_renames_puts_the_old_out_back(tmp_path, monkeypatch):
     """With --overwrite the old OUT is renamed aside before the new one takes its name: a signal between
     the two renames left no OUT at all (and the next pack removed the old one as a dead pack's leftover)."""

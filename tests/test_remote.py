@@ -550,6 +550,8 @@ def test_a_url_query_is_kept_and_a_fragment_dropped(synth_shards):
     # short forms whose meaning depends on the tool (fourth breaker)
     "pipe:curl -s -b 'sid=wJalrSEKRIT' h/{name}", "pipe:curl -s -bsid=wJalrSEKRIT h/{name}",
     "pipe:swift download -K wJalrSEKRIT c {name} -o -", "pipe:ossutil cat oss://b/{name} -k wJalrSEKRIT -i LTAIid",
+    "pipe:swift --key wJalrSEKRIT download c {name} -o -", "pipe:swift --key=wJalrSEKRIT download c {name} -o -",
+    "pipe:curl --oauth2-bearer wJalrSEKRIT h/{name}", "pipe:curl --oauth2-bearer 'wJalrSEKRIT' h/{name}",
 ])
 def test_a_pipe_command_that_spells_a_secret_out_is_refused(command):
     with pytest.raises(remote.RemoteError, match=r"spells a secret out.*\$\{VAR\}") as e:
@@ -722,6 +724,14 @@ def test_a_bad_dataset_location_is_named_by_what_the_user_wrote(synth_shards, bc
     with pytest.raises(ManifestError, match=r"^data.sources\[1\].shards: cannot fetch the manifest http://127.0.0.1:9/"):
         load_data(DataConfig(sources=(SourceConfig(shards=str(synth_shards)),
                                       SourceConfig(shards="http://127.0.0.1:9/ds")), retries=0))
+
+
+def test_a_remote_error_is_one_line():
+    """urllib's redirect-loop message holds line breaks: its error took three lines (fifth breaker)."""
+    e = remote.RemoteError("h/x: HTTP 302 The HTTP server returned a redirect error that would lead to an infinite "
+                           "loop.\nThe last 30x error message was:\nFound")
+    assert str(e) == ("h/x: HTTP 302 The HTTP server returned a redirect error that would lead to an infinite loop. "
+                      "The last 30x error message was: Found")
 
 
 def test_malformed_manifest_entries_are_named(synth_shards, tmp_path):

@@ -379,7 +379,7 @@ def test_a_shard_listed_twice_among_the_splits_a_run_reads_is_refused(tmp_path, 
 
     def put_a_test_shard_in_train(manifest: dict) -> None:
         train, test = manifest["splits"]["train"], manifest["splits"]["test"]
-        train["shards"].append(test["shards"][0])
+        train["shards"].append({**test["shards"][0], "sha256": test["shards"][0]["sha256"].upper()})  # same bytes
         train["count"] += test["shards"][0]["count"]
 
     leaky = edited_copy(synth_shards, tmp_path / "leaky", put_a_test_shard_in_train)

@@ -45,6 +45,16 @@ def _counts(value: str, least: int = 1) -> tuple[int, ...]:
     return counts
 
 
+MAX_PLAN_SHARDS = 10_000_000  # 10 billion samples; the plan's arrays grow with the shards (10^11 filled 23 GB)
+
+
+def _plan_shards(value: str) -> int:
+    n = positive_int(value)
+    if n > MAX_PLAN_SHARDS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_PLAN_SHARDS:,}, got {n:,}")
+    return n
+
+
 def _worker_counts(value: str) -> tuple[int, ...]:
     return _counts(value, least=0)
 
@@ -82,8 +92,8 @@ def register(subparsers) -> None:
     d.add_argument("--plan", action="store_true",
                    help="instead: time the epoch plan (which samples each rank and lane reads) of a synthetic "
                         "dataset of --plan-shards shards for each --plan-parts (ranks x 8 lanes), both sampling modes")
-    d.add_argument("--plan-shards", type=positive_int, default=100_000, metavar="N",
-                   help="shards of 1,000 samples for --plan (default 100000)")
+    d.add_argument("--plan-shards", type=_plan_shards, default=100_000, metavar="N",
+                   help=f"shards of 1,000 samples for --plan, at most {MAX_PLAN_SHARDS:,} (default 100000)")
     d.add_argument("--plan-parts", type=_counts, default=(64, 1024), metavar="P1,P2",
                    help="parts (ranks x 8 lanes) for --plan (default 64,1024)")
     d.set_defaults(func=run_data)

@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if args.verify:
         if args.src or args.out:
             raise UsageError("--verify OUT takes no SRC/OUT arguments")
-        return _verify(args.verify, console)
+        with interrupts_raise("bcc pack --verify"):  # one line; a remote shard's temporary copy and command end
+            return _verify(args.verify, console)
     if not args.src or not args.out:
         raise UsageError("bcc pack needs SRC and OUT (or --verify OUT)")
     # Ctrl-C or kill (SIGINT/SIGTERM): one line, exit 130/143; before the rename the temporary folder and

@@ -14,6 +14,7 @@ the command started, its first tar block read and the command stopped; 16 at a t
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -153,6 +154,9 @@ def _source_of(manifest: Manifest, shard: ShardInfo) -> str:
     return ""
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def check_no_shared_shards(manifest: Manifest, splits: Mapping[str, str]) -> None:
     """Raise TrainError when one shard (by its sha256) is listed twice among the splits the run reads:
     in train and in val or test its samples would be trained on and scored (two `data.sources` packed
@@ -166,10 +170,11 @@ def check_no_shared_shards(manifest: Manifest, splits: Mapping[str, str]) -> Non
         if name not in manifest.splits:
             continue
         for shard in manifest.split(name).shards:
-            if shard.folds is not None or shard.count == 0:
-                continue
-            if shard.sha256 in seen:
-                name0, first = seen[shard.sha256]
+            digest = shard.sha256.lower()
+            if shard.folds is not None or shard.count == 0 or not _SHA256.fullmatch(digest):
+                continue  # a placeholder digest (a hand-made manifest) names no shard; --verify reports it
+            if digest in seen:
+                name0, first = seen[digest]
                 what = ("would be read twice per epoch; a data.sources weight repeats a source" if name0 == name
                         else "would be trained on and scored" if train in (name0, name) else
                         "would be scored in both")
@@ -178,7 +183,7 @@ def check_no_shared_shards(manifest: Manifest, splits: Mapping[str, str]) -> Non
                     f"split '{name0}' {remote.display(first.path)} and {_source_of(manifest, shard)}split '{name}' "
                     f"{remote.display(shard.path)}; its samples {what}. Remove one (are two data.sources packed "
                     "from the same images? pack them together instead)")
-            seen[shard.sha256] = (name, shard)
+            seen[digest] = (name, shard)
 
 
 def check_sources_train(manifest: Manifest, split: str) -> None:
