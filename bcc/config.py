@@ -350,6 +350,9 @@ def _check_data(given: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:
 
     sources = kwargs.get("sources", ())
     sampling = kwargs.get("sampling", DataConfig.sampling)
+    if "sources" in given and not sources and given["sources"] is not None:  # [] would train on data.shards' default
+        fail("data.sources", "is empty: list at least one packed dataset, or unset it (data.sources=null) to use "
+                             "data.shards")
     if sources and "shards" in given:
         fail("data.sources", f"data.sources and data.shards ({given['shards']!r}) are exclusive: the sources "
                              "list every packed dataset; keep one (on the command line, data.shards=null or data.sources=null "
@@ -402,9 +405,9 @@ def migrate_saved(data: Mapping[str, Any]) -> dict[str, Any]:
         if old in data and new not in data:
             data[new] = data.pop(old)
     section = data.get("data")
-    if isinstance(section, Mapping) and section.get("sources") and "shards" in section:
-        # written beside data.sources (the unused default) before bcc left it out of saved configs
-        data["data"] = {k: v for k, v in section.items() if k != "shards"}
+    if isinstance(section, Mapping) and ("shards" in section and section.get("sources") or section.get("sources") == []):
+        # written beside data.sources (the unused default, or an empty list) before bcc left them out
+        data["data"] = {k: v for k, v in section.items() if k != ("shards" if section["sources"] else "sources")}
     ckpt = data.get("checkpoint")
     if isinstance(ckpt, Mapping) and ckpt.get("metric") in RENAMED_METRICS:
         data["checkpoint"] = {**ckpt, "metric": RENAMED_METRICS[ckpt["metric"]]}
@@ -455,6 +458,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     data = out.get("data") if isinstance(cfg, Config) else out if isinstance(cfg, DataConfig) else None
     if data and data.get("sources"):
         del data["shards"]  # unused beside data.sources, and exclusive with it when the file is read back
+    elif data and "sources" in data:
+        del data["sources"]  # none: `sources: []` read back would be an empty list given
     return out
 
 

@@ -154,8 +154,8 @@ def merge_layers(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, A
     for key, value in update.items():
         if value is UNSET:
             out.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge_layers(out[key], value)
+        elif isinstance(value, Mapping):  # into what is there, or nothing: an UNSET inside is dropped either way
+            out[key] = merge_layers(out[key] if isinstance(out.get(key), Mapping) else {}, value)
         else:
             out[key] = value
     return out

@@ -73,7 +73,9 @@ class ImageError(BccError, OSError):
         return self.reason.startswith(UNIDENTIFIED)
 
 
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# controls, surrogates (bytes that are not UTF-8), and the invisible format characters that reorder or hide
+# text (U+202E RIGHT-TO-LEFT OVERRIDE shows `gpj.exe` as `exe.jpg`; zero-width spaces, line separators)
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
 def _escape(match: re.Match) -> str:
@@ -87,7 +89,8 @@ def display_path(path: str | os.PathLike) -> str:
     """`path` in the printable form bcc stores and prints wherever a file name goes (a sample's `source`,
     the manifest's lists, CSV, JSON, the console): each byte of the name that is not UTF-8 (which `os`
     gives as a lone surrogate, e.g. a Latin-1 or CP437 name from a zip made on Windows) as `\\xNN`, and a
-    control character as `\\xNN` (a newline or an escape sequence in a name would break a one-line message);
+    control character as `\\xNN` (a newline or an escape sequence in a name would break a one-line message),
+    an invisible format character (right-to-left override, zero-width space) as `\\uNNNN`;
     everything else unchanged. A surrogate cannot be written as UTF-8: such a name crashed every writer
     of text (`bcc eval`'s CSV). The form is for people and for matching, not for opening the file."""
     path = os.fspath(path)

@@ -187,7 +187,7 @@ class Manifest:
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ManifestError(f"{remote.display(file)} is not valid JSON: {e}") from None
+            raise ManifestError(f"{remote.display(file)} is not valid JSON ({e}); it begins {remote.quote_bytes(raw)}") from None
         return cls._from_data(remote.display(file), root, data, allow_pipe)
 
     @classmethod

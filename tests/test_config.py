@@ -200,3 +200,6 @@ def test_a_files_data_shards_gives_way_to_data_sources_on_the_command_line(tmp_p
     assert load_config(with_sources, ["data.sources=null", "data.shards=/y"]).data.shards == "/y"
     with pytest.raises(ConfigError, match="expected a number, got None"):
         load_config(None, ["train.lr=null"])  # any other key: null is a value, as before
+    assert load_config(None, ["data.sources=null"]) == Config()  # unset where no layer set it: the default
+    with pytest.raises(ConfigError, match=r"data.sources: is empty: list at least one packed dataset"):
+        load_config(None, ["data.sources=[]"])  # trained on the default data.shards before

@@ -230,6 +230,8 @@ def test_display_path_is_the_printable_form_of_a_name():
     assert display_path("a\nb\x1b[31m.jpg") == "a\\x0ab\\x1b[31m.jpg"  # no line break, no terminal escape
     assert display_path("été/細胞.jpg") == "été/細胞.jpg" and display_path(Path("ok.jpg")) == "ok.jpg"
     display_path(os.fsdecode(b"\xc3(\xa0")).encode("utf-8")  # always writable as UTF-8
+    # invisible characters that reorder or hide text: `cell\u202egpj.exe` shows as `cellexe.jpg` (fifth breaker)
+    assert display_path("cell\u202egpj.exe") == "cell\\u202egpj.exe" and display_path("a\u200bb") == "a\\u200bb"
 
 
 # --------------------------------------------------------------------------- Ctrl-C and kill
