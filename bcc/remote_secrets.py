@@ -27,7 +27,10 @@ def remember(value: str, ref: str) -> None:
 # `pipe:` command (`env AWS_SECRET_ACCESS_KEY=...`, `--password ...`), Authorization-like headers. An ID is not one.
 _SECRET_PARAM = re.compile(r"(sig|signature|token|secret|password|passwd|passphrase|pwd|key|credential|auth|session)"
                            r"(?![_-]?id$)|pass$|(?:^|[_-])pass(?:[_-]|$)", re.I)  # SSHPASS, RCLONE_X_PASS, ?pwd=
-_ASSIGN = re.compile(r"(?<![?&\w.$-])(?P<name>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>[^\s'\"$&;|][^\s'\"&;|]*)")
+_SWITCHES = ("true", "false", "yes", "no", "on", "off")  # rclone's env_auth=true says where a secret is, holds none
+# a value ends at a comma that starts another NAME= (rclone's `:s3,access_key_id=...,secret_access_key=...:`)
+_ASSIGN = re.compile(r"(?<![?&\w.$-])(?P<name>[A-Za-z_][A-Za-z0-9_]*)=(?P<value>[^\s'\"$&;|,]"
+                     r"(?:[^\s'\"&;|,]|,(?![A-Za-z_]\w*=))*)")
 _QUOTED = r"'(?!\$\{)[^']*'|\"(?!\$\{)[^\"]*\""  # a quoted value, unless it is a ${VAR}
 # (rclone's --webdav-pass, --azureblob-key, --sftp-pass too; not an ID, a file or a path: --sftp-key-file)
 _FLAG = re.compile(r"(?P<flag>\s--?[A-Za-z0-9_-]*(?:password|passwd|pass(?![a-z])|pwd|token|secret|api[-_]?key|"
@@ -74,7 +77,7 @@ def redact(text: str) -> str:
     text = _QUERY_PARAM.sub(lambda m: m.group(0) if not _SECRET_PARAM.search(m.group("name"))
                             else f"{m.group('sep')}{m.group('name')}=***", text)
     text = _ASSIGN.sub(lambda m: m.group(0) if not _SECRET_PARAM.search(m.group("name"))
-                       else f"{m.group('name')}=***", text)
+                       or m.group("value").lower() in _SWITCHES else f"{m.group('name')}=***", text)
     text = _FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)
     text = _USER_FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)  # curl -u user:password
     text = _TOOL_FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)

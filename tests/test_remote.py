@@ -552,6 +552,8 @@ def test_a_url_query_is_kept_and_a_fragment_dropped(synth_shards):
     "pipe:swift download -K wJalrSEKRIT c {name} -o -", "pipe:ossutil cat oss://b/{name} -k wJalrSEKRIT -i LTAIid",
     "pipe:swift --key wJalrSEKRIT download c {name} -o -", "pipe:swift --key=wJalrSEKRIT download c {name} -o -",
     "pipe:curl --oauth2-bearer wJalrSEKRIT h/{name}", "pipe:curl --oauth2-bearer 'wJalrSEKRIT' h/{name}",
+    "pipe:rclone cat :s3,access_key_id=AKIA1,secret_access_key=wJalrSEKRIT:b/{name}",  # rclone connection strings
+    "pipe:rclone cat :sftp,host=h,user=u,pass=wJalrSEKRIT:/d/{name}",
 ])
 def test_a_pipe_command_that_spells_a_secret_out_is_refused(command):
     with pytest.raises(remote.RemoteError, match=r"spells a secret out.*\$\{VAR\}") as e:
@@ -573,7 +575,8 @@ def test_a_pipe_command_with_secrets_from_the_environment_is_accepted(synth_shar
                "pipe:curl -H 'Accept: application/x-tar' h/{name}", 'pipe:curl -u "${USER}:${BCC_TEST_SECRET}" h/{name}',
                "pipe:rclone cat --sftp-key-file ~/.ssh/id r:{name}", "pipe:curl --key ~/k.pem h/{name}",
                "pipe:curl -k https://h/{name}", "pipe:curl -sk -K ~/.curlrc https://h/{name}",
-               "pipe:curl -b ~/cookies.txt h/{name}", "pipe:swift download -K ${BCC_TEST_SECRET} c {name} -o -"):
+               "pipe:curl -b ~/cookies.txt h/{name}", "pipe:swift download -K ${BCC_TEST_SECRET} c {name} -o -",
+               "pipe:env FOO=a,b cat /d/{name}", "pipe:rclone cat :s3,env_auth=true,region=x:b/{name}"):
         remote.check_no_secrets(ok)
     env = f"pipe:env AWS_SECRET_ACCESS_KEY=${{BCC_TEST_SECRET}} cat {synth_shards}/{{name}}"
     assert Manifest.load(env).split("train").count == Manifest.load(synth_shards).split("train").count
