@@ -76,8 +76,8 @@ def parse_format(value: Any) -> int | None:
 
 
 
-def _whole(value: Any) -> bool:  # a JSON integer >= 0 (not a bool, float or digit string): what bcc writes
-    return type(value) is int and value >= 0
+def _whole(value: Any) -> bool:  # a JSON integer in [0, 2**53] (not a bool, float or digit string): what bcc writes
+    return type(value) is int and 0 <= value <= 2**53
 
 class ManifestError(BccError, ValueError):
     """manifest.json is missing, unreadable or not a bcc shard manifest; or a name is unknown."""
@@ -217,8 +217,8 @@ class Manifest:
         for sh in s["shards"]:
             entry = sh["path"]
             folds = sh.get("fold_counts")
-            if (local_root is not None and "{" not in entry and ":" not in entry and isinstance(sh["sha256"], str)
-                    and _whole(sh["count"]) and _whole(sh.get("bytes", 0))
+            if (local_root is not None and "{" not in entry and ":" not in entry and isinstance(sh.get("sha256"), str)
+                    and _whole(sh.get("count")) and _whole(sh.get("bytes", 0))
                     and (folds is None or isinstance(folds, list) and all(map(_whole, folds)))):
                 # the common case, fast; lexical: `root` is resolved, resolving 100,000 paths would stat each
                 shards.append(ShardInfo(Path(os.path.normpath(os.path.join(local_root, entry))), sh["count"],
@@ -257,6 +257,8 @@ class Manifest:
     def _parse_entry(self, split: str, sh: dict[str, Any]) -> list[ShardInfo]:
         """The shards of one manifest entry: one, or those of a brace list."""
         entry = str(sh["path"])
+        if missing := [k for k in ("count", "sha256") if k not in sh]:
+            raise ManifestError(f"{self.shown}: split '{split}': the shard entry {entry!r} has no {missing[0]}")
         # a brace entry lists one sha256 per shard, so the manifest's own size bounds the names it may make
         # (`{0..99999999}` is refused unexpanded: it would fill the memory); one digest alone: the message below
         listed = isinstance(sh.get("sha256"), list)
@@ -300,8 +302,7 @@ class Manifest:
             if _whole(value):
                 return value
             raise ManifestError(f"{self.shown}: split '{split}': the shard entry {entry!r}: {key} must be a whole "
-                                f"number >= 0 (or, for a brace list, a list of one per shard), got {value!r}")
-
+                                f"number from 0 to 2**53 (or, for a brace list, a list of one per shard), got {value!r}")
         if not all(isinstance(d, str) for d in digests):
             raise ManifestError(f"{self.shown}: split '{split}': the shard entry {entry!r}: sha256 must be a hex "
                                 f"string (or, for a brace list, a list of one per shard), got {sh['sha256']!r}")
@@ -451,7 +452,7 @@ def _list_size(entry: Mapping[str, Any]) -> int:
 def _write_list(out: Path, name: str, entries: Collection[Mapping[str, Any]]) -> list | dict:
     """A per-file list: inline when it names at most `LIST_INLINE` paths, else streamed to `<name>.jsonl`
     (atomically, hashed as it is written, one entry at a time: a lazy `entries` is never held whole) and named
-    by the manifest. Paths, not entries, are counted: one set of 500,000 copies of an image is one entry."""
+    by the manifest. Paths, not entries, are counted: 500,000 copies of one image are one entry."""
     from bcc.atomic import atomic_write
 
     if len(entries) <= LIST_INLINE:  # few entries: held anyway, to count their paths

@@ -87,10 +87,26 @@ def redact(text: str) -> str:
     return _BEARER.sub(lambda m: f"{m.group('word')}{m.group('gap')}***", text)
 
 
+_BASE64 = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{8,}={0,2}(?![A-Za-z0-9+/=])")
+
+
+def _is_userinfo(token: str) -> bool:
+    """Whether `token` is the base64 of a `user:password` (what an HTTP Basic Authorization header holds)."""
+    import base64
+    import binascii
+
+    try:
+        plain = base64.b64decode(token + "=" * (-len(token) % 4), validate=True).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return ":" in plain and plain.isprintable()
+
+
 def quote_bytes(data: bytes, limit: int = 100) -> str:
     """The start of `data` as a message may quote it: printable ASCII (any other byte `.`, a run of blanks
     one space), credentials masked (`redact`, before shortening: a cut cannot split a secret out of
     reach), at most `limit` characters and `...`; repr-quoted (`'<html><body>AccessDenied...'`)."""
     text = re.sub(r"\s+", " ", data[:4096].decode("latin-1"))
     text = redact("".join(c if " " <= c <= "~" else "." for c in text).strip())
+    text = _BASE64.sub(lambda m: "***" if _is_userinfo(m.group()) else m.group(), text)  # a page echoing Basic auth
     return repr(text[:limit] + "..." if len(text) > limit or len(data) > 4096 else text)

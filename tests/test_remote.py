@@ -729,6 +729,14 @@ def test_a_bad_dataset_location_is_named_by_what_the_user_wrote(synth_shards, bc
                                       SourceConfig(shards="http://127.0.0.1:9/ds")), retries=0))
 
 
+def test_quoted_bytes_mask_an_echoed_basic_credential():
+    """A server's error page that echoes the request showed the base64 of `alice:Pw0rdZZZ` (fifth breaker)."""
+    from bcc.remote_secrets import quote_bytes
+
+    shown = quote_bytes(b"<p>invalid credentials YWxpY2U6UHcwcmRaWlo= for /ds</p> sha 69a6fb87c0dcABCD")
+    assert "YWxpY2U6" not in shown and "invalid credentials *** for /ds" in shown and "69a6fb87c0dcABCD" in shown
+
+
 def test_a_remote_error_is_one_line():
     """urllib's redirect-loop message holds line breaks: its error took three lines (fifth breaker)."""
     e = remote.RemoteError("h/x: HTTP 302 The HTTP server returned a redirect error that would lead to an infinite "
@@ -745,7 +753,9 @@ def test_malformed_manifest_entries_are_named(synth_shards, tmp_path):
         ({"path": "train-{}.tar", "count": [], "sha256": "ab"}, r"'train-\{\}.tar': count must be a whole number"),
         # a count or size bcc never writes: named at load, not mid-epoch as another shard's truncation
         ({"path": "train-000000.tar", "count": -8, "sha256": "ab"}, "'train-000000.tar': count must be a whole "
-                                                                     "number >= 0 .* got -8"),
+                                                                     "number from 0 to 2..53 .* got -8"),
+        ({"path": "train-000000.tar", "count": 10**30, "sha256": "ab"}, "'train-000000.tar': count must .* got 10{30}"),
+        ({"path": "train-000000.tar", "count": 8}, "'train-000000.tar' has no sha256"),
         ({"path": "train-000000.tar", "count": "8", "sha256": "ab"}, "'train-000000.tar': count must .* got '8'"),
         ({"path": "train-000000.tar", "count": 8, "sha256": "ab", "bytes": -5}, "'train-000000.tar': bytes must "
                                                                                  ".* got -5"),
