@@ -223,6 +223,13 @@ def test_names_that_are_not_utf8_are_packed_and_stored_printable(tmp_path, bcc_m
     assert {"Pro/bad\\xff\\xfe.jpg", "Pro/grey\\xe9.png"} <= sources and len(sources) == 8
 
 
+def test_an_unknown_class_folder_that_is_not_utf8_is_named_printable(tmp_path, bcc_main):
+    src = tree(tmp_path / "src", {"Benign": 1})
+    (src / "Benign").rename(bad_name(src, b"Pr\xffo"))
+    proc = bcc_main("pack", src, tmp_path / "out", "--workers", 1)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unknown class folder 'Pr\\xffo' for taxonomy"), proc.stderr
+
+
 def test_display_path_is_the_printable_form_of_a_name():
     from bcc.imageio import display_path
 
