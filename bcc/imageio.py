@@ -427,16 +427,8 @@ def iter_class_folders(src: str | os.PathLike, resolve_folder: Callable[[str], i
             names.append(item.name)
         else:
             _skip(skipped, item.name, "not in a class folder")
-    folders = [(name, _resolved(resolve_folder, name)) for name in names]
+    folders = [(name, resolve_folder(name)) for name in names]
     return _list_folders(src, root, folders, skipped, warnings_)
-
-
-def _resolved(resolve_folder: Callable[[str], int], name: str) -> int:
-    try:
-        return resolve_folder(name)
-    except BccError as e:  # an unknown folder: named in its printable form (`\xff`, not a surrogate)
-        e.args = (str(e).replace(repr(name), f"'{display_path(name)}'").replace(name, display_path(name)),)
-        raise
 
 
 def _list_folders(src: Path, root: Path, folders, skipped: list[dict[str, str]],

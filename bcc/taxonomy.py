@@ -292,8 +292,10 @@ class Taxonomy:
                 }:
                     index = inner
         if index is None:
+            from bcc.imageio import display_path  # a name that is not UTF-8 as `\xNN`, not a surrogate
+
             raise TaxonomyError(
-                f"unknown class folder {name!r} for taxonomy {self.name!r}; known names: "
+                f"unknown class folder '{display_path(name)}' for taxonomy {self.name!r}; known names: "
                 + ", ".join(repr(n) for n in self.known_names())
             )
         return index

@@ -6,13 +6,34 @@ it, into a temporary file and checked there.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bcc import remote
 from bcc.shards import ShardError, count_tar_samples, damaged_samples, sha256_file
 
-__all__ = ["ShardCheck", "VerifyResult", "verify_shards"]
+__all__ = ["ShardCheck", "VerifyResult", "repeated_shards", "verify_shards"]
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def repeated_shards(placed: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any, str, Any]]:
+    """(where, shard, where first, that shard) for each shard of `placed` ((where, ShardInfo) pairs) whose
+    sha256 was listed before: the same bytes twice (a test shard listed in train too). Digests compare in
+    any case; a placeholder digest (not 64 hex digits: a hand-made manifest), a fold view (its shards
+    are shared by design) and an empty shard name no shard and are left out."""
+    first: dict[str, tuple[str, Any]] = {}
+    for where, shard in placed:
+        digest = shard.sha256.lower()
+        if shard.folds is not None or shard.count == 0 or not _SHA256.fullmatch(digest):
+            continue
+        if digest in first:
+            yield where, shard, *first[digest]
+        else:
+            first[digest] = (where, shard)
 
 
 @dataclass(frozen=True)
@@ -87,19 +108,15 @@ def verify_shards(out: str | Path, key: str = "--verify") -> VerifyResult:
     from bcc.manifest import Manifest
 
     manifest = Manifest.load(out, key=key)
+    placed = [(f"split '{name}' {remote.display(shard.path)}", shard) for name in manifest.splits
+              for shard in manifest.split(name).shards]
+    again = {id(shard): first for _, shard, first, _ in repeated_shards(placed)}
     checks: list[ShardCheck] = []
     listed: set[str] = set()
-    first: dict[str, str] = {}  # sha256 -> where it was first listed
-    for split_name in manifest.splits:
-        for shard in manifest.split(split_name).shards:
-            listed.add(shard.path.name if isinstance(shard.path, Path) else "")
-            where = f"split '{split_name}' {remote.display(shard.path)}"
-            digest = shard.sha256.lower()
-            if shard.count and digest in first:  # the same bytes twice: a test shard listed in train too
-                checks.append(ShardCheck(shard.path, "listed twice", f"the same sha256 as {first[digest]}"))
-                continue
-            first.setdefault(digest, where)
-            checks.append(_check(shard, manifest.has_checksums))
+    for _, shard in placed:
+        listed.add(shard.path.name if isinstance(shard.path, Path) else "")
+        checks.append(ShardCheck(shard.path, "listed twice", f"the same sha256 as {again[id(shard)]}")
+                      if id(shard) in again else _check(shard, manifest.has_checksums))
     for path in [] if manifest.is_remote else sorted(manifest.root.glob("*.tar")):  # a URL lists no folder
         if path.name not in listed:
             checks.append(ShardCheck(path.resolve(), "extra", "not listed in manifest.json"))

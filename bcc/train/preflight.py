@@ -14,7 +14,6 @@ the command started, its first tar block read and the command stopped; 16 at a t
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -31,6 +30,7 @@ from bcc.remote_secrets import quote_bytes
 from bcc.shards import tar_header_ok
 from bcc.sources import MixedManifest
 from bcc.train.setup import TrainError
+from bcc.verify import repeated_shards
 
 # A WebDataset sample is at least two tar members (image, json), each a 512-byte header plus at least
 # one 512-byte block: a shard smaller than this per sample was truncated (or is not the packed file).
@@ -154,9 +154,6 @@ def _source_of(manifest: Manifest, shard: ShardInfo) -> str:
     return ""
 
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
 def check_no_shared_shards(manifest: Manifest, splits: Mapping[str, str]) -> None:
     """Raise TrainError when one shard (by its sha256) is listed twice among the splits the run reads:
     in train and in val or test its samples would be trained on and scored (two `data.sources` packed
@@ -164,26 +161,16 @@ def check_no_shared_shards(manifest: Manifest, splits: Mapping[str, str]) -> Non
     unasked (a weight says that). Fold views (`data.fold`) share shards by design and are left out;
     shards that hold no samples too. Samples shared by DIFFERENT shards (two packs of overlapping
     folders) are not found here: pack such folders together, which keeps duplicates on one side."""
-    seen: dict[str, tuple[str, ShardInfo]] = {}
     train = splits.get("data.train_split")
-    for name in dict.fromkeys(splits.values()):  # a split named twice (data.test_split=train) is read as one
-        if name not in manifest.splits:
-            continue
-        for shard in manifest.split(name).shards:
-            digest = shard.sha256.lower()
-            if shard.folds is not None or shard.count == 0 or not _SHA256.fullmatch(digest):
-                continue  # a placeholder digest (a hand-made manifest) names no shard; --verify reports it
-            if digest in seen:
-                name0, first = seen[digest]
-                what = ("would be read twice per epoch; a data.sources weight repeats a source" if name0 == name
-                        else "would be trained on and scored" if train in (name0, name) else
-                        "would be scored in both")
-                raise TrainError(
-                    f"the same shard (sha256 {shard.sha256[:12]}...) is listed twice: {_source_of(manifest, first)}"
-                    f"split '{name0}' {remote.display(first.path)} and {_source_of(manifest, shard)}split '{name}' "
-                    f"{remote.display(shard.path)}; its samples {what}. Remove one (are two data.sources packed "
-                    "from the same images? pack them together instead)")
-            seen[digest] = (name, shard)
+    names = [n for n in dict.fromkeys(splits.values()) if n in manifest.splits]  # data.test_split=train: one split
+    for name, shard, name0, first in repeated_shards((n, s) for n in names for s in manifest.split(n).shards):
+        what = ("would be read twice per epoch; a data.sources weight repeats a source" if name0 == name
+                else "would be trained on and scored" if train in (name0, name) else "would be scored in both")
+        raise TrainError(
+            f"the same shard (sha256 {shard.sha256[:12]}...) is listed twice: {_source_of(manifest, first)}"
+            f"split '{name0}' {remote.display(first.path)} and {_source_of(manifest, shard)}split '{name}' "
+            f"{remote.display(shard.path)}; its samples {what}. Remove one (are two data.sources packed "
+            "from the same images? pack them together instead)")
 
 
 def check_sources_train(manifest: Manifest, split: str) -> None:
