@@ -102,7 +102,10 @@ def is_debug() -> bool:
 
 
 _DIST_BACKEND = re.compile(r"\b(gloo|nccl)\b", re.I)
+_TIMED_OUT = re.compile(r"tim(ed|ing) out|\btimeout\b", re.I)
 _LOST = re.compile(r"connection (closed|reset|refused)|tim(ed|ing) out|broken pipe|peer", re.I)
+# gloo's own words when a pair's time-out ends it; the message names neither gloo nor a connection
+_GLOO_PAIR = re.compile(r"timeout caused pair closure", re.I)
 
 
 _STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
@@ -127,12 +130,19 @@ def storage_error(e: BaseException) -> OSError | None:
 
 def lost_peer_message(e: BaseException) -> str | None:
     """The one line for a distributed error raised because another rank failed (torch's DistBackendError,
-    or a RuntimeError naming gloo/NCCL and a closed connection or a time-out); None for anything else."""
+    a RuntimeError naming gloo/NCCL and a closed connection or a time-out, or gloo's "Application timeout
+    caused pair closure"); None for anything else."""
     text = str(e).strip()
-    if not isinstance(e, RuntimeError) or not (type(e).__name__ == "DistBackendError"
+    if not isinstance(e, RuntimeError) or not (type(e).__name__ == "DistBackendError" or _GLOO_PAIR.search(text)
                                                or _DIST_BACKEND.search(text) and _LOST.search(text)):
         return None
     first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else "")  # gloo's "[.../pair.cc:561] "
     first = first if len(first) <= 160 else first[:157] + "..."
     return (f"rank {os.environ.get('RANK', '?')}: lost contact with the other ranks (another rank failed or "
             f"stopped: see its error above; {type(e).__name__}: {first})")
+
+
+def is_time_out(line: str) -> bool:
+    """True when a lost-peer line tells of a time-out (this rank's own finding: a peer hangs), not of a
+    connection a peer that exited closed."""
+    return bool(_TIMED_OUT.search(line))

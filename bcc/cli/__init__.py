@@ -125,8 +125,7 @@ def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namesp
     line too (`bcc.errors.storage_error`), and so is a collective lost to another rank's failure.
     Anything else is a bug and keeps its traceback; `BCC_DEBUG=1` keeps the traceback of these too.
     """
-    import re
-
+    from bcc import errors
     from bcc.errors import EXIT_LOST_PEER, EXIT_USAGE, BccError, is_debug, lost_peer_message, storage_error
 
     try:
@@ -158,7 +157,7 @@ def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namesp
         # a collective that failed because another rank did: one line, not its traceback. A time-out is
         # this rank's own finding (a peer hangs); a closed connection follows a peer that exited, whose own
         # error line (or the launcher's exit code) says why: a note, so the job shows one error line
-        (error if re.search(r"tim(ed|ing) out", line, re.I) else note)(line)
+        (error if errors.is_time_out(line) else note)(line)
         return EXIT_LOST_PEER
 
 
