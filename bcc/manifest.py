@@ -1,7 +1,6 @@
 """A packed dataset's `manifest.json`: the one writer (`write_manifest`, used by `bcc.pack` and the
-benchmarks' synthetic shards) beside the one reader (`Manifest.load`, used by every reader).
-
-The writer also writes timm's `_info.json` (read by `timm.data.readers.reader_wds`) from the same data.
+benchmarks' synthetic shards; it also writes timm's `_info.json`, read by `timm.data.readers.reader_wds`)
+beside the one reader (`Manifest.load`, used by every reader).
 
 Format versions (`"format": "bcc-shards/N"`). Every change to what a pack holds bumps N; the reader
 accepts every version up to `FORMAT_VERSION` (a pack from a newer bcc is refused by name), and readers
@@ -37,6 +36,7 @@ Optional parts (additive; a reader that does not know them ignores them):
   "class_counts": [{class: n} per fold]}`; each train/val shard entry then has `fold_counts` (samples
   per fold) and each of its samples' json a `fold`. `Manifest.with_fold(k)` is the view that trains
   on the other folds and validates on fold k, sized from these counts without reading a shard.
+- Beside the manifest, not in it: `sample_index.npz`, each split's samples' identities (`bcc.sample_index`).
 """
 
 from __future__ import annotations

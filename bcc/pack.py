@@ -43,10 +43,11 @@ from typing import Any
 
 import numpy as np
 
+from bcc import sample_index
 from bcc.atomic import replace_durably
 from bcc.errors import Interrupted
 from bcc.imageio import MAX_IMAGE_PIXELS, PathList, display_path, iter_class_folders
-from bcc.manifest import split_entry, write_manifest
+from bcc.manifest import Manifest, split_entry, write_manifest
 from bcc.neardup import DEFAULT_THRESHOLD, is_enabled
 from bcc.pack_pool import (
     PackError,
@@ -446,6 +447,8 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
                                   skipped=skipped, converted=converted, duplicates=duplicates,
                                   near_duplicates=near_list if near_dup_threshold is not None else None,
                                   folds=fold_info, warnings=warnings_, name=out.name)
+        sample_index.write(Manifest(tmp, manifest), {  # the overlap check across data.sources
+            name: (sha[members], hashes[members] if near_dup_threshold is not None else None) for name, members, _ in plan})
         if pool is not None:
             pool.shutdown()  # done with it: after the rename, an interrupt has nothing left to stop
         old = _commit(tmp, out)

@@ -428,3 +428,112 @@ def test_a_split_one_source_lacks_names_that_source(tmp_path, synth_shards, seco
     with pytest.raises(TrainError, match=r"data.test_split 'test' names no split of data.sources \(.*\) \(source 'b' "
                                          r"has none\); available: train, val; or set eval.test_at_end=false"):
         check_run(cfg, mixed)
+
+
+# --------------------------------------------------------------------------- images shared across sources
+
+
+def _sample_sha(pack: Path, key: str) -> str:
+    """The source-file sha256 in the json of the sample keyed `key` of `pack`."""
+    from bcc.shards import read_shard
+
+    manifest = Manifest.load(pack)
+    for shard in manifest.split(key.rsplit("-", 1)[0]).shards:
+        for sample in read_shard(shard):
+            if sample["__key__"] == key:
+                return json.loads(sample["json"])["sha256"]
+    raise AssertionError(f"no sample {key} in {pack}")
+
+
+def test_the_same_image_in_one_sources_train_and_anothers_test_is_refused(tmp_path, synth_data, synth_shards, bcc_main):
+    """The same class folders packed twice with another seed: no shard repeats (the shard check passes),
+    but images of one pack's train split are in the other's test split: trained on and scored. One error
+    line naming both sources and splits, the count and a sample key of each (whose json sha256 agree)."""
+    import re
+
+    from bcc.pack import pack_folders
+
+    reseeded = tmp_path / "reseeded"
+    pack_folders(synth_data, reseeded, split=(0.7, 0.15, 0.15), seed=1, min_shards=2)
+    assert (reseeded / "sample_index.npz").is_file()
+    cfg = sources_config(tmp_path / "cfg.yaml", synth_shards, reseeded, tmp_path / "run", second_weight=1)
+    proc = bcc_main("train", "--config", cfg)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    found = re.match(r"error: data\.sources: (\d+) image\(s\) are in both '(\w+)' split '(\w+)' and '(\w+)' split "
+                     r"'(\w+)' \(the same source file, by sha256; e\.g\. sample (\S+) and (\S+)\): they would be "
+                     r"trained on and scored", lines[0])
+    assert found, lines[0]
+    count, name_a, split_a, name_b, split_b, key_a, key_b = found.groups()
+    assert (name_a, name_b) == ("big", "reseeded") and "train" in (split_a, split_b) and split_a != split_b
+    assert int(count) > 0 and _sample_sha(synth_shards, key_a) == _sample_sha(reseeded, key_b)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_images_shared_without_a_leak_are_noted_and_the_index_is_checked(tmp_path, synth_shards, second_source,
+                                                                         bcc_main):
+    """Shared images that do not leak (two train splits, two test splits) and near-identical ones across
+    train and test are notes; an index that is damaged, or copied from another pack, is an error naming
+    it; a pack without one is checked by shard only, said in a note."""
+    import shutil
+
+    import numpy as np
+
+    from bcc import sample_index
+    from bcc.sample_index import SampleIndexError, check_sources
+    from bcc.sources import Source
+
+    splits = {"data.train_split": "train", "data.val_split": "val", "data.test_split": "test"}
+
+    def source(name: str, pack: Path) -> Source:
+        return Source(name, 1.0, Manifest.load(pack))
+
+    # the same images and split, packed again (another --resize): every split shared with its own kind
+    copy = tmp_path / "copy"
+    shutil.copytree(synth_shards, copy)
+    notes = check_sources([source("a", synth_shards), source("b", copy)], splits)
+    counts = {s: Manifest.load(synth_shards).split(s).count for s in ("train", "val", "test")}
+    assert (f"data.sources: {counts['train']} image(s) are in both 'a' split 'train' and 'b' split 'train' "
+            "(e.g. sample train-") in notes[0] and notes[0].endswith("read once per source each epoch, as if weighted twice")
+    assert any(n.endswith("scored twice in the combined 'test' metrics") for n in notes)
+
+    # near-identical images (pHash 3 bits apart) across train and test, exact copies nowhere
+    def craft(pack: Path, sha_seed: int, phash: dict) -> None:
+        manifest = Manifest.load(pack)
+        rng = np.random.default_rng(sha_seed)
+        sample_index.write(manifest, {
+            s: (rng.integers(0, 256, (manifest.split(s).count, 32), dtype=np.uint8), phash[s]) for s in manifest.splits})
+
+    near = tmp_path / "near"
+    shutil.copytree(second_source, near)
+    mine = Manifest.load(synth_shards)
+    theirs = Manifest.load(near)
+    rng = np.random.default_rng(2)  # random 64-bit hashes: two lie within 6 bits with probability ~5e-12
+    base = {s: rng.integers(0, 2**64, mine.split(s).count, dtype=np.uint64) for s in mine.splits}
+    other = {s: rng.integers(0, 2**64, theirs.split(s).count, dtype=np.uint64) for s in theirs.splits}
+    other["test"][5] = base["train"][7] ^ np.uint64(0b111)  # 3 bits from train sample 7
+    craft(copy, 0, base)
+    craft(near, 1, other)
+    notes = check_sources([source("a", copy), source("b", near)], splits)
+    assert notes == ["data.sources: 1 image(s) of 'a' split 'train' and 'b' split 'test' have a near-identical image "
+                     "on the other side (pHash within 6 bits; e.g. sample train-00000007 and test-00000005), "
+                     "near-duplicates trained on and scored flatter the metrics"], notes
+
+    # an index copied beside another pack; a damaged one; none at all
+    shutil.copy(near / "sample_index.npz", copy / "sample_index.npz")
+    notes = check_sources([source("a", copy), source("b", near)], splits)
+    assert notes == [f"data.sources[0] ('a'): {copy / 'sample_index.npz'} does not describe split(s) 'train', 'val', "
+                     "'test' as the manifest lists them (shards changed since it was packed, or an index of another "
+                     "pack); those are checked by shard only"], notes
+    proc = bcc_main("pack", "--verify", str(copy))  # bcc pack --verify calls it a mismatch
+    assert proc.returncode == 1, proc.stdout[-1000:]
+    assert ("MISMATCH sample_index.npz: describes split(s) train, val, test with other shards than the manifest "
+            "lists") in " ".join(proc.stdout.split()), proc.stdout[-1000:]
+    assert "OK        sample_index.npz" in bcc_main("pack", "--verify", str(near)).stdout
+    (copy / "sample_index.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(SampleIndexError, match=r"copy/sample_index.npz is damaged \(.*\); repack, or remove it"):
+        check_sources([source("a", copy), source("b", near)], splits)
+    (copy / "sample_index.npz").unlink()
+    notes = check_sources([source("a", copy), source("b", near)], splits)
+    assert notes == ["data.sources[0] ('a'): it has no sample_index.npz (packed by an older bcc); images shared with "
+                     "another source are found only where whole shards repeat"], notes

@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from bcc import remote
+from bcc import remote, sample_index
 from bcc.config import RENAMED_METRICS, Config
 from bcc.errors import BccError
 from bcc.manifest import Manifest, ShardInfo, SplitInfo
@@ -145,6 +145,12 @@ def check_run(cfg: Config, manifest: Manifest) -> None:
             check_sources_train(manifest, name)
         check_shards(split, cfg.data.retries, cfg.data.read_timeout_s)
     check_no_shared_shards(manifest, splits_needed(cfg))
+    if isinstance(manifest, MixedManifest):  # images shared by different shards of two sources
+        from bcc.console import console
+
+        for line in sample_index.check_sources(manifest.sources, splits_needed(cfg), retries=cfg.data.retries,
+                                               timeout_s=cfg.data.read_timeout_s):
+            console.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _source_of(manifest: Manifest, shard: ShardInfo) -> str:
@@ -159,8 +165,8 @@ def check_no_shared_shards(manifest: Manifest, splits: Mapping[str, str]) -> Non
     in train and in val or test its samples would be trained on and scored (two `data.sources` packed
     from overlapping folders, a hand-edited manifest); twice in train it would be read twice per epoch
     unasked (a weight says that). Fold views (`data.fold`) share shards by design and are left out;
-    shards that hold no samples too. Samples shared by DIFFERENT shards (two packs of overlapping
-    folders) are not found here: pack such folders together, which keeps duplicates on one side."""
+    shards that hold no samples too. Images shared by DIFFERENT shards (two packs of overlapping
+    folders) are found by `bcc.sample_index.check_sources` from each pack's sample index."""
     train = splits.get("data.train_split")
     names = [n for n in dict.fromkeys(splits.values()) if n in manifest.splits]  # data.test_split=train: one split
     for name, shard, name0, first in repeated_shards((n, s) for n in names for s in manifest.split(n).shards):
