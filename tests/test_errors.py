@@ -285,3 +285,26 @@ def test_interrupts_raise_one_error_with_the_signals_exit_code_and_keep_an_ignor
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGINT, old_int)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    """Ctrl-C in a command without its own handler (bcc predict, eval, compare ...), or while the parser
+    imports the commands: `error: bcc predict: interrupted (SIGINT)` and 130, not a 45-line
+    KeyboardInterrupt traceback; BCC_DEBUG=1 keeps the traceback."""
+    import argparse
+
+    import bcc.cli as cli
+
+    monkeypatch.delenv("BCC_DEBUG", raising=False)
+
+    def interrupted(_):
+        raise KeyboardInterrupt
+
+    assert cli.call(interrupted, argparse.Namespace(command="predict")) == 130
+    assert capsys.readouterr().err.strip() == "error: bcc predict: interrupted (SIGINT)"
+    monkeypatch.setattr(cli, "build_parser", lambda: interrupted(None))
+    assert cli.main(["eval"]) == 130
+    assert capsys.readouterr().err.strip() == "error: bcc: interrupted (SIGINT)"
+    monkeypatch.setenv("BCC_DEBUG", "1")
+    with pytest.raises(KeyboardInterrupt):
+        cli.call(interrupted, argparse.Namespace(command="predict"))

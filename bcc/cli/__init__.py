@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 from collections.abc import Callable, Sequence
 
 from rich_argparse import RichHelpFormatter
@@ -96,7 +97,6 @@ def _ended_by_launcher(timeout_s: float) -> bool:
     """Wait up to `timeout_s` seconds for a SIGTERM (a launcher ending this rank because another exited);
     True when one came, or had come before (the trainer keeps one that arrives during its set-up:
     `bcc.remote.is_stopping`). The handler is this function's only while it waits."""
-    import signal
     import time
 
     from bcc.remote import is_stopping
@@ -118,6 +118,17 @@ def _ended_by_launcher(timeout_s: float) -> bool:
     return bool(came)
 
 
+def _interrupted(command: str) -> int:
+    """One line for a Ctrl-C (`COMMAND: interrupted (SIGINT)`, not a KeyboardInterrupt traceback) and
+    130, the exit code a shell reports for it. Every output bcc writes is atomic: nothing is half written."""
+    from bcc.console import error
+    from bcc.errors import Interrupted
+
+    stopped = Interrupted(command, signal.SIGINT)
+    error(str(stopped))
+    return stopped.exit_code
+
+
 def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """Run a command; the one place a `BccError` becomes one `error:` line and its exit code (2).
 
@@ -130,6 +141,10 @@ def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namesp
 
     try:
         return int(func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C where no command's own handler took it
+        if is_debug():
+            raise
+        return _interrupted(f"bcc {getattr(args, 'command', None) or 'train'}")
     except BccError as e:
         if is_debug():
             raise
@@ -176,6 +191,17 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # while the parser imports the commands, before `call`
+        from bcc.errors import is_debug
+
+        if is_debug():
+            raise
+        return _interrupted("bcc")
+
+
+def _main(argv: Sequence[str] | None) -> int:
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -183,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # accelerate's own options follow in accelerate's order: argparse would take them for bcc's
         from bcc.launch import accelerate_main
 
-        return call(lambda _: accelerate_main(argv[1:]), argparse.Namespace())
+        return call(lambda _: accelerate_main(argv[1:]), argparse.Namespace(command="launch"))
     parser = build_parser()
     args = parse_with_overrides(parser, argv)
     if not getattr(args, "func", None):
