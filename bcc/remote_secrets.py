@@ -58,6 +58,10 @@ _SSHPASS = re.compile(rf"(?P<flag>\bsshpass(?:\s+-[vVh]|\s+-[PfdD]\s*\S+)*\s+-p)
 _TOOL_FLAG = re.compile(rf"(?P<flag>(?:\bcurl\b[^|;&]*?\s-[A-Za-z]*b(?=\s*['\"]?[^\s'\"$-][^\s'\"=]*=)|"
                         rf"\bswift\b[^|;&]*?\s(?:-K|--key)|\bossutil\b[^|;&]*?\s-k))(?P<gap>=|\s*)"
                         rf"(?P<value>{_QUOTED}|[^\s'\"$-][^\s'\"]*)")
+# MinIO's client takes the secret key as a positional: mc alias set ALIAS URL ACCESS_KEY SECRET_KEY (older:
+# mc config host add ...); the access key is an ID
+_MC_ALIAS = re.compile(rf"(?P<flag>\bmc\b[^|;&]*?\s(?:alias\s+set|config\s+host\s+add)(?:\s+(?!-)\S+){{3}}\s+)"
+                       rf"(?P<gap>)(?P<value>{_QUOTED}|[^\s'\"$-][^\s'\"]*)")
 _BEARER = re.compile(r"\b(?P<word>Bearer|Basic|token)(?P<gap>[ =:]+)(?P<value>[A-Za-z0-9._~+/=-]{8,})", re.I)
 
 
@@ -82,6 +86,7 @@ def redact(text: str) -> str:
     text = _USER_FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)  # curl -u user:password
     text = _TOOL_FLAG.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)
     text = _SSHPASS.sub(lambda m: f"{m.group('flag')}{m.group('gap')}***", text)
+    text = _MC_ALIAS.sub(lambda m: f"{m.group('flag')}***", text)
     text = _HEADER.sub(lambda m: f"{m.group('head')}***", text)
     text = _HEADER_FLAG.sub(lambda m: f"{m.group('head')}***", text)
     return _BEARER.sub(lambda m: f"{m.group('word')}{m.group('gap')}***", text)

@@ -554,6 +554,9 @@ def test_a_url_query_is_kept_and_a_fragment_dropped(synth_shards):
     "pipe:curl --oauth2-bearer wJalrSEKRIT h/{name}", "pipe:curl --oauth2-bearer 'wJalrSEKRIT' h/{name}",
     "pipe:rclone cat :s3,access_key_id=AKIA1,secret_access_key=wJalrSEKRIT:b/{name}",  # rclone connection strings
     "pipe:rclone cat :sftp,host=h,user=u,pass=wJalrSEKRIT:/d/{name}",
+    # MinIO's client: the secret key is a positional (mc alias set ALIAS URL ACCESS SECRET; older mc config host add)
+    "pipe:mc alias set m https://minio:9000 AKIA1 wJalrSEKRIT >/dev/null && mc cat m/b/{name}",
+    "pipe:mc config host add m https://minio:9000 AKIA1 'wJalrSEKRIT' && mc cat m/b/{name}",
 ])
 def test_a_pipe_command_that_spells_a_secret_out_is_refused(command):
     with pytest.raises(remote.RemoteError, match=r"spells a secret out.*\$\{VAR\}") as e:
@@ -573,6 +576,7 @@ def test_a_pipe_command_with_secrets_from_the_environment_is_accepted(synth_shar
                "pipe:tool --access-key-id AKIA1 get {name}", "pipe:sshpass -e ssh h cat /d/{name}",
                "pipe:sshpass -p \"${BCC_TEST_SECRET}\" ssh h cat /d/{name}", "pipe:sshpass -f ~/.pw ssh h cat /d/{name}",
                "pipe:curl -H 'Accept: application/x-tar' h/{name}", 'pipe:curl -u "${USER}:${BCC_TEST_SECRET}" h/{name}',
+               "pipe:mc alias set m https://minio:9000 AKIA1 ${BCC_TEST_SECRET} >/dev/null && mc cat m/b/{name}",
                "pipe:rclone cat --sftp-key-file ~/.ssh/id r:{name}", "pipe:curl --key ~/k.pem h/{name}",
                "pipe:curl -k https://h/{name}", "pipe:curl -sk -K ~/.curlrc https://h/{name}",
                "pipe:curl -b ~/cookies.txt h/{name}", "pipe:swift download -K ${BCC_TEST_SECRET} c {name} -o -",
