@@ -141,10 +141,6 @@ def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namesp
 
     try:
         return int(func(args) or 0)
-    except KeyboardInterrupt:  # Ctrl-C where no command's own handler took it
-        if is_debug():
-            raise
-        return _interrupted(f"bcc {getattr(args, 'command', None) or 'train'}")
     except BccError as e:
         if is_debug():
             raise
@@ -174,6 +170,10 @@ def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namesp
         # error line (or the launcher's exit code) says why: a note, so the job shows one error line
         (error if errors.is_time_out(line) else note)(line)
         return EXIT_LOST_PEER
+    except KeyboardInterrupt:  # Ctrl-C where no command's own handler took it
+        if is_debug():
+            raise
+        return _interrupted(f"bcc {getattr(args, 'command', None) or 'train'}")
 
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
