@@ -61,15 +61,15 @@ def split_fingerprint(manifest: Manifest, split: str) -> str:
 
 
 def write(manifest: Manifest, splits: Mapping[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
-    """Write `sample_index.npz` beside the local pack `manifest` atomically: per split name, (n x 32 uint8
-    sha256 digests, n uint64 pHashes or None) in the split's sample order. Raises OSError (a full disk)
-    with nothing written."""
+    """Write `sample_index.npz` beside the local pack `manifest` atomically: per split name, (n uint64
+    sha256 prefixes (`prefix64`), n uint64 pHashes or None) in the split's sample order. Raises OSError
+    (a full disk) with nothing written."""
     from bcc.atomic import atomic_write
 
     arrays: dict[str, np.ndarray] = {}
     for name, (sha, phash) in splits.items():
         arrays[f"{name}.shards"] = np.array(split_fingerprint(manifest, name))
-        arrays[f"{name}.sha"] = prefix64(sha)
+        arrays[f"{name}.sha"] = np.asarray(sha, dtype=np.uint64)
         if phash is not None:
             arrays[f"{name}.phash"] = np.asarray(phash, dtype=np.uint64)
     with atomic_write(Path(manifest.root) / FILE, "wb") as f:

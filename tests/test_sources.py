@@ -502,7 +502,7 @@ def test_images_shared_without_a_leak_are_noted_and_the_index_is_checked(tmp_pat
         manifest = Manifest.load(pack)
         rng = np.random.default_rng(sha_seed)
         sample_index.write(manifest, {
-            s: (rng.integers(0, 256, (manifest.split(s).count, 32), dtype=np.uint8), phash[s]) for s in manifest.splits})
+            s: (rng.integers(0, 2**64, manifest.split(s).count, dtype=np.uint64), phash[s]) for s in manifest.splits})
 
     near = tmp_path / "near"
     shutil.copytree(second_source, near)
