@@ -468,6 +468,19 @@ def test_the_same_image_in_one_sources_train_and_anothers_test_is_refused(tmp_pa
     assert (name_a, name_b) == ("big", "reseeded") and "train" in (split_a, split_b) and split_a != split_b
     assert int(count) > 0 and _sample_sha(synth_shards, key_a) == _sample_sha(reseeded, key_b)
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # the index holds every sample's sha256 prefix and pHash at its key's position
+    import numpy as np
+
+    from bcc.shards import read_shard
+
+    index = np.load(reseeded / "sample_index.npz")
+    manifest = Manifest.load(reseeded)
+    for split in manifest.splits:
+        samples = [json.loads(s["json"]) | {"key": s["__key__"]} for sh in manifest.split(split).shards
+                   for s in read_shard(sh)]
+        assert [m["key"] for m in samples] == [f"{split}-{p:08d}" for p in range(len(samples))]
+        assert [f"{v:016x}" for v in index[f"{split}.sha"]] == [m["sha256"][:16] for m in samples]
+        assert [f"{v:016x}" for v in index[f"{split}.phash"]] == [m["phash"] for m in samples]
 
 
 def test_images_shared_without_a_leak_are_noted_and_the_index_is_checked(tmp_path, synth_shards, second_source,
