@@ -19,7 +19,10 @@ train split and another's val or test split is an error (exact copies), a near-i
 within `bcc.neardup.DEFAULT_THRESHOLD` bits, pairs found by `bcc.neardup.near_pairs`, never all pairs)
 a note, as are images shared by two train splits (read once per source per epoch) or by two evaluated
 splits (scored twice in the combined metrics). A source packed before this file existed, or whose
-index cannot be fetched, is named in a note and checked by shard only.
+index cannot be fetched, is named in a note and checked by shard only. `check_pretrained` compares the
+images the bcc run behind `model.pretrained` trained on with the ones a run evaluates (a warning per
+split with the count); with `bcc pack --folds K`, `<split>.fold` (int16, -1 outside the folds) lets it
+take a `data.fold` view's samples (`view_ids`).
 """
 
 from __future__ import annotations
@@ -60,18 +63,20 @@ def split_fingerprint(manifest: Manifest, split: str) -> str:
     return hashlib.sha256(json.dumps([[sh.count, sh.sha256] for sh in manifest.split(split).shards]).encode()).hexdigest()
 
 
-def write(manifest: Manifest, splits: Mapping[str, tuple[np.ndarray, np.ndarray | None]]) -> None:
-    """Write `sample_index.npz` beside the local pack `manifest` atomically: per split name, (n uint64
-    sha256 prefixes (`prefix64`), n uint64 pHashes or None) in the split's sample order. Raises OSError
-    (a full disk) with nothing written."""
+_COLUMNS = {"sha": np.uint64, "phash": np.uint64, "fold": np.int16}
+
+
+def write(manifest: Manifest, splits: Mapping[str, Mapping[str, np.ndarray | None]]) -> None:
+    """Write `sample_index.npz` beside the local pack `manifest` atomically: per split name, its columns
+    in the split's sample order: `sha` (n uint64 sha256 prefixes, `prefix64`), `phash` (n uint64, or
+    None: not hashed), `fold` (n int16, the `--folds` fold id, -1 outside the folds; None: no folds).
+    Raises OSError (a full disk) with nothing written."""
     from bcc.atomic import atomic_write
 
     arrays: dict[str, np.ndarray] = {}
-    for name, (sha, phash) in splits.items():
+    for name, columns in splits.items():
         arrays[f"{name}.shards"] = np.array(split_fingerprint(manifest, name))
-        arrays[f"{name}.sha"] = np.asarray(sha, dtype=np.uint64)
-        if phash is not None:
-            arrays[f"{name}.phash"] = np.asarray(phash, dtype=np.uint64)
+        arrays.update({f"{name}.{k}": np.asarray(v, dtype=_COLUMNS[k]) for k, v in columns.items() if v is not None})
     with atomic_write(Path(manifest.root) / FILE, "wb") as f:
         np.savez(f, **arrays)
 
@@ -79,16 +84,20 @@ def write(manifest: Manifest, splits: Mapping[str, tuple[np.ndarray, np.ndarray 
 @dataclass(frozen=True)
 class SampleIndex:
     location: str  # as messages show it
-    sha: dict[str, np.ndarray]  # split -> digests prefixes, for the splits it describes as the manifest lists them
+    sha: dict[str, np.ndarray]  # split -> sha256 prefixes, for the splits it describes as the manifest lists them
     phash: dict[str, np.ndarray]
+    fold: dict[str, np.ndarray]
     stale: tuple[str, ...]  # splits whose shards differ from the ones it was written for, or that it lacks
 
 
 def load(manifest: Manifest, retries: int = remote.DEFAULT_RETRIES,
          timeout_s: float = remote.HTTP_TIMEOUT_S) -> SampleIndex | str:
-    """The index beside `manifest`, or why there is none (a pack made before it existed, a location
-    that cannot be read): a reason for a note, since the index is optional. Raises SampleIndexError for
-    one that is there but damaged (not an npz of uint64 arrays of the splits' lengths)."""
+    """The index beside `manifest` (of the pack's own splits, also for a `data.fold` view), or why there
+    is none (a pack made before it existed, a location that cannot be read): a reason for a note, since
+    the index is optional. Raises SampleIndexError for one that is there but damaged (not an npz of
+    arrays of the splits' lengths)."""
+    if manifest.fold is not None:  # the pack's own splits, which the index describes
+        manifest = Manifest(manifest.root, manifest.data, allow_pipe=manifest.allow_pipe)
     location = remote.join(manifest.root, FILE)
     shown = remote.display(location)
     count = sum(manifest.split(n).count for n in manifest.splits)
@@ -104,21 +113,36 @@ def load(manifest: Manifest, retries: int = remote.DEFAULT_RETRIES,
     except Exception as e:  # noqa: BLE001 - not a zip, a damaged member, an object array: numpy's many errors
         raise SampleIndexError(f"{shown} is damaged ({type(e).__name__}: {e}); repack, or remove it to train "
                                "without the check across sources") from None
-    sha, phash, stale = {}, {}, []
+    columns: dict[str, dict[str, np.ndarray]] = {k: {} for k in _COLUMNS}
+    stale = []
     for name in manifest.splits:
         if str(arrays.get(f"{name}.shards", "")) != split_fingerprint(manifest, name):
             stale.append(name)
             continue
         want = manifest.split(name).count
-        for kind, into in (("sha", sha), ("phash", phash)):
+        for kind, dtype in _COLUMNS.items():
             values = arrays.get(f"{name}.{kind}")
             if values is None:
                 continue
-            if values.dtype != np.uint64 or values.shape != (want,):
+            if values.dtype != dtype or values.shape != (want,):
                 raise SampleIndexError(f"{shown} is damaged: {name}.{kind} holds {values.shape} {values.dtype} values, "
-                                       f"not the {want} uint64 of split '{name}'; repack, or remove it")
-            into[name] = values
-    return SampleIndex(shown, sha, phash, tuple(stale))
+                                       f"not the {want} {np.dtype(dtype)} of split '{name}'; repack, or remove it")
+            columns[kind][name] = values
+    return SampleIndex(shown, columns["sha"], columns["phash"], columns["fold"], tuple(stale))
+
+
+def view_ids(manifest: Manifest, index: SampleIndex, split: str, train: str, val: str) -> np.ndarray | None:
+    """The sha256 prefixes of the samples `manifest`'s split `split` holds: the pack's split itself, or,
+    in a `data.fold` view, the train+val samples of the other folds (`split` == `train`) or of the fold
+    (`split` == `val`). None when the index lacks what that takes."""
+    if manifest.fold is None or split not in (train, val):
+        return index.sha.get(split)
+    pool = manifest.data["folds"]["splits"]
+    if any(s not in index.sha or s not in index.fold for s in pool):
+        return None
+    sha = np.concatenate([index.sha[s] for s in pool])
+    fold = np.concatenate([index.fold[s] for s in pool])
+    return sha[fold == manifest.fold] if split == val else sha[(fold != manifest.fold) & (fold >= 0)]
 
 
 def _key(split: str, position: int) -> str:
@@ -228,3 +252,72 @@ def check_sources(sources: Sequence, splits: Mapping[str, str], *, retries: int 
                      f"(pHash within {DEFAULT_THRESHOLD} bits; e.g. sample {_key(first[1], first[2])} and "
                      f"{_key(second[1], second[2])}), near-duplicates trained on and scored flatter the metrics")
     return notes
+
+
+def _run_dir(weights: Path) -> Path | None:
+    """The bcc run directory a weights file belongs to (RUN/model_best.safetensors,
+    RUN/checkpoints/step-N/model.safetensors): the nearest folder above with a config.yaml."""
+    for folder in list(weights.parents)[:3]:
+        if (folder / "config.yaml").is_file() and ((folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file()):
+            return folder
+    return None
+
+
+def _indexed(manifest: Manifest, retries: int, timeout_s: float) -> list[tuple[Manifest, SampleIndex | str]]:
+    """Each pack of `manifest` (the sources of a `MixedManifest`, or itself) with its index, or why none."""
+    packs = [s.manifest for s in manifest.sources] if hasattr(manifest, "sources") else [manifest]
+    return [(m, load(m, retries, timeout_s)) for m in packs]
+
+
+def check_pretrained(cfg, manifest: Manifest, splits: Sequence[str]) -> list[str]:
+    """Warnings for images this run evaluates (`splits` of `manifest`, its val and test) that the bcc run
+    behind `cfg.model.pretrained` trained on: its scores there would be flattered, since the backbone
+    (and maybe the heads) already learned those images with their labels. The source run's data comes
+    from its config.yaml (its `data.shards` or `data.sources`, its fold view); matched by source-file
+    sha256 through both sides' sample indexes. Sources that are no bcc run (the hub, a file, an export)
+    have no record of their data: nothing to check. A record that cannot be read is one note."""
+    from bcc.config import load_saved_config
+    from bcc.sources import load_data
+    from bcc.weights import resolve_source
+
+    if not cfg.model.pretrained:
+        return []
+    try:
+        source = resolve_source(cfg.model.pretrained, cfg.model.backbone)
+    except BccError:  # building the model names what is wrong with it
+        return []
+    run = _run_dir(source.weights) if source.weights is not None and source.kind in ("run", "checkpoint", "file") else None
+    if run is None:
+        return []
+    data, retries, timeout_s = cfg.data, cfg.data.retries, cfg.data.read_timeout_s
+    unchecked = f"whether the run {run} behind model.pretrained trained on images this run evaluates is not checked"
+    try:
+        theirs = load_saved_config(run / "config.yaml").data
+        packs = _indexed(load_data(theirs), retries, timeout_s)
+    except BccError as e:
+        return [f"note: {unchecked}: its data cannot be read ({e})"]
+    trained = [view_ids(m, index, theirs.train_split, theirs.train_split, theirs.val_split)
+               if not isinstance(index, str) else index for m, index in packs]
+    out = [f"note: {unchecked} for {m.shown}: " + (ids if isinstance(ids, str) else
+                                                    f"its {FILE} does not describe its training split as it is now")
+           for (m, _), ids in zip(packs, trained, strict=True) if ids is None or isinstance(ids, str)]
+    trained = [t for t in trained if isinstance(t, np.ndarray)]
+    seen = np.unique(np.concatenate(trained or [np.zeros(0, np.uint64)]))
+    for m, index in _indexed(manifest, retries, timeout_s) if seen.size else ():
+        if isinstance(index, str):
+            out.append(f"note: {unchecked} for {m.shown}: {index}")
+            continue
+        for split in splits:
+            ids = view_ids(m, index, split, data.train_split, data.val_split) if split in m.splits else None
+            if ids is None and split in m.splits:
+                out.append(f"note: {unchecked} for split '{split}' of {m.shown}: its {FILE} does not describe it "
+                           "as it is now")
+            if ids is None or not ids.size:
+                continue
+            shared = int(np.isin(np.unique(ids), seen).sum())
+            if shared:
+                out.append(f"warning: model.pretrained {source.given}: its run {run} trained on {shared} of the "
+                           f"{np.unique(ids).size} images of split '{split}' of {m.shown} (by source-file sha256): "
+                           "scores there are flattered; pretrain on images this run does not evaluate (the same "
+                           "pack and split, or a pack without them)")
+    return out

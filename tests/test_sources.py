@@ -445,16 +445,22 @@ def _sample_sha(pack: Path, key: str) -> str:
     raise AssertionError(f"no sample {key} in {pack}")
 
 
-def test_the_same_image_in_one_sources_train_and_anothers_test_is_refused(tmp_path, synth_data, synth_shards, bcc_main):
+@pytest.fixture(scope="module")
+def reseeded(synth_data, tmp_path_factory) -> Path:
+    """`synth_shards`' images packed with another seed: other shards, other splits, the same images."""
+    from bcc.pack import pack_folders
+
+    out = tmp_path_factory.mktemp("reseeded") / "reseeded"
+    pack_folders(synth_data, out, split=(0.7, 0.15, 0.15), seed=1, min_shards=2)
+    return out
+
+
+def test_the_same_image_in_one_sources_train_and_anothers_test_is_refused(tmp_path, reseeded, synth_shards, bcc_main):
     """The same class folders packed twice with another seed: no shard repeats (the shard check passes),
     but images of one pack's train split are in the other's test split: trained on and scored. One error
     line naming both sources and splits, the count and a sample key of each (whose json sha256 agree)."""
     import re
 
-    from bcc.pack import pack_folders
-
-    reseeded = tmp_path / "reseeded"
-    pack_folders(synth_data, reseeded, split=(0.7, 0.15, 0.15), seed=1, min_shards=2)
     assert (reseeded / "sample_index.npz").is_file()
     cfg = sources_config(tmp_path / "cfg.yaml", synth_shards, reseeded, tmp_path / "run", second_weight=1)
     proc = bcc_main("train", "--config", cfg)
@@ -515,7 +521,8 @@ def test_images_shared_without_a_leak_are_noted_and_the_index_is_checked(tmp_pat
         manifest = Manifest.load(pack)
         rng = np.random.default_rng(sha_seed)
         sample_index.write(manifest, {
-            s: (rng.integers(0, 2**64, manifest.split(s).count, dtype=np.uint64), phash[s]) for s in manifest.splits})
+            s: {"sha": rng.integers(0, 2**64, manifest.split(s).count, dtype=np.uint64), "phash": phash[s]}
+            for s in manifest.splits})
 
     near = tmp_path / "near"
     shutil.copytree(second_source, near)
@@ -550,3 +557,61 @@ def test_images_shared_without_a_leak_are_noted_and_the_index_is_checked(tmp_pat
     notes = check_sources([source("a", copy), source("b", near)], splits)
     assert notes == ["data.sources[0] ('a'): it has no sample_index.npz (packed by an older bcc); images shared with "
                      "another source are found only where whole shards repeat"], notes
+
+
+def test_a_pretrained_run_that_trained_on_the_images_this_run_evaluates_is_warned_of(ddp_run, reseeded, capsys):
+    """model.pretrained = a run trained on synth_shards' train split; this run evaluates the same images
+    packed with another seed, so most of its val and test images were the source's training images with
+    their labels: one warning per split with the count (the breaker's finding: no word). The source's own
+    pack and split: nothing to say. A pack without an index says the check was not made."""
+    import shutil
+
+    import numpy as np
+
+    from bcc.sample_index import check_pretrained
+    from bcc.train.preflight import check_run
+
+    run_dir, _ = ddp_run
+    source = Path(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["shards"])
+    trained = set(np.load(source / "sample_index.npz")["train.sha"].tolist())
+
+    def cfg_for(pack: Path):
+        return load_config(None, [f"data.shards={pack}", "model.backbone=test_resnet", f"model.pretrained={run_dir}"])
+
+    check_run(cfg_for(reseeded), Manifest.load(reseeded))
+    out = " ".join(capsys.readouterr().out.split())
+    index = np.load(reseeded / "sample_index.npz")
+    for split in ("val", "test"):
+        ids = set(index[f"{split}.sha"].tolist())
+        assert 0 < len(ids & trained) < len(ids)
+        assert (f"warning: model.pretrained {run_dir}: its run {run_dir} trained on {len(ids & trained)} of the "
+                f"{len(ids)} images of split '{split}' of {reseeded / 'manifest.json'} (by source-file sha256): "
+                "scores there are flattered") in out, out
+    assert check_pretrained(cfg_for(source), Manifest.load(source), ["val", "test"]) == []
+    bare = reseeded.parent / "bare"
+    shutil.copytree(reseeded, bare)
+    (bare / "sample_index.npz").unlink()
+    assert check_pretrained(cfg_for(bare), Manifest.load(bare), ["val", "test"]) == [
+        f"note: whether the run {run_dir} behind model.pretrained trained on images this run evaluates is not "
+        f"checked for {bare / 'manifest.json'}: it has no sample_index.npz (packed by an older bcc)"]
+
+
+def test_a_fold_view_reads_its_samples_from_the_index(synth_data, tmp_path):
+    """`bcc pack --folds K` stores each sample's fold in the index: a `data.fold` view's train and val
+    are the pack's train+val samples of the other folds and of the fold, as many as the view counts."""
+    import numpy as np
+
+    from bcc import sample_index
+    from bcc.pack import pack_folders
+
+    pack_folders(synth_data, tmp_path / "folds", split=(0.7, 0.15, 0.15), seed=0, min_shards=2, folds=3)
+    base = Manifest.load(tmp_path / "folds")
+    view = base.with_fold(1)
+    index = sample_index.load(view)
+    assert not isinstance(index, str) and not index.stale and set(index.fold) == {"train", "val", "test"}
+    assert set(index.fold["test"].tolist()) == {-1}
+    train, val = (sample_index.view_ids(view, index, s, "train", "val") for s in ("train", "val"))
+    assert (len(train), len(val)) == (view.split("train").count, view.split("val").count)
+    assert np.intersect1d(train, val).size == 0
+    assert np.array_equal(np.sort(np.concatenate([train, val])),
+                          np.sort(np.concatenate([index.sha["train"], index.sha["val"]])))

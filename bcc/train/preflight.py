@@ -145,12 +145,14 @@ def check_run(cfg: Config, manifest: Manifest) -> None:
             check_sources_train(manifest, name)
         check_shards(split, cfg.data.retries, cfg.data.read_timeout_s)
     check_no_shared_shards(manifest, splits_needed(cfg))
-    if isinstance(manifest, MixedManifest):  # images shared by different shards of two sources
-        from bcc.console import console
+    from bcc.console import console
 
-        for line in sample_index.check_sources(manifest.sources, splits_needed(cfg), retries=cfg.data.retries,
-                                               timeout_s=cfg.data.read_timeout_s):
-            console.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
+    lines = [] if not isinstance(manifest, MixedManifest) else [  # images shared by different shards of two sources
+        f"note: {line}" for line in sample_index.check_sources(manifest.sources, splits_needed(cfg),
+                                                               retries=cfg.data.retries, timeout_s=cfg.data.read_timeout_s)]
+    evaluated = [name for key, name in splits_needed(cfg).items() if key != "data.train_split"]
+    for line in lines + sample_index.check_pretrained(cfg, manifest, evaluated):  # and by the pretrained run
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _source_of(manifest: Manifest, shard: ShardInfo) -> str:
