@@ -449,7 +449,8 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
                                   folds=fold_info, warnings=warnings_, name=out.name)
         ids = sample_index.prefix64(sha)  # 8 bytes a sample, gathered per split (not sha's 32)
         sample_index.write(Manifest(tmp, manifest), {name: {  # the overlap checks (across sources, pretrained runs)
-            "sha": ids[members], "phash": hashes[members] if near_dup_threshold is not None else None,
+            "sha": ids[members], "label": labels[members],
+            "phash": hashes[members] if near_dup_threshold is not None else None,
             "fold": None if fold_of is None else fold_of[members]} for name, members, _ in plan})
         if pool is not None:
             pool.shutdown()  # done with it: after the rename, an interrupt has nothing left to stop

@@ -88,12 +88,13 @@ def stop_time() -> float | None:
 
 
 class RemoteError(BccError):
-    """A location that cannot be reached or read; `transient` when a re-open may succeed."""
+    """A location that cannot be reached or read; `transient` when a re-open may succeed, `missing` when
+    the server says there is nothing there (HTTP 404, 410)."""
 
-    def __init__(self, message: str, *, transient: bool = False):
+    def __init__(self, message: str, *, transient: bool = False, missing: bool = False):
         # one line: a server's or library's text may hold line breaks (urllib's redirect-loop message)
         super().__init__(redact(" ".join(message.split())))
-        self.transient = transient
+        self.transient, self.missing = transient, missing
 
 
 def kind(location: str | os.PathLike) -> Kind:
@@ -335,7 +336,7 @@ def _http_error(where: str, e: BaseException) -> RemoteError:
         transient = e.code >= 500 or e.code == 429
         hint = {401: " (credentials: set BCC_HTTP_TOKEN or a ~/.netrc entry)",
                 403: " (credentials: set BCC_HTTP_TOKEN or a ~/.netrc entry)", 404: " (not found)"}.get(e.code, "")
-        return RemoteError(f"{where}: HTTP {e.code} {e.reason}{hint}", transient=transient)
+        return RemoteError(f"{where}: HTTP {e.code} {e.reason}{hint}", transient=transient, missing=e.code in (404, 410))
     reason = getattr(e, "reason", e)
     if isinstance(reason, http.client.InvalidURL):  # control characters, a bad port: no retry cures it
         shown = "" if "${" in where else f" ({reason})"  # the reason may quote a piece of a ${VAR}'s value

@@ -1,28 +1,34 @@
-"""Which source images a pack holds, per split: the overlap check across `data.sources`.
+"""Which source images a pack holds, per split: the overlap checks across `data.sources` and against
+the run behind `model.pretrained`.
 
 Two packs made from overlapping folders (another `--resize`, seed or split fraction, a folder copied
-into two datasets) hold the same image in different shards: the start-up check by shard
-(`bcc.verify.repeated_shards`) cannot see it, and an image in one source's train split and another's
-test split would be trained on and scored. `bcc pack` therefore writes `sample_index.npz` beside
-manifest.json (numpy's npz, read with `allow_pickle=False`; 16 bytes a sample, 16 MB at a million):
+into two datasets, re-encoded copies) hold the same image in different shards: the start-up check by
+shard (`bcc.verify.repeated_shards`) cannot see it, and an image in one source's train split and
+another's val or test split would be trained on and scored. `bcc pack` therefore writes
+`sample_index.npz` beside manifest.json (numpy's npz, read with `allow_pickle=False`; ~20 bytes a
+sample, 20 MB at a million). Per split, in the split's sample order (sample p is the one keyed
+`f"{split}-{p:08d}"`):
 
-- per split, in the split's sample order (sample p is the one keyed `f"{split}-{p:08d}"`):
-  `<split>.sha`, the first 8 bytes of each sample's source-file sha256 (the json's `sha256`) as a
-  big-endian uint64 (two different images share one with probability ~2^-64 a pair), and, when the
-  pack hashed images for near-duplicate grouping, `<split>.phash`, the 64-bit pHash (the json's `phash`);
-  `<split>.shards`, the sha256 over the split's shards' (count, sha256) as the manifest lists them, so
-  a split whose shards were changed by hand, or an index copied beside another pack, is not trusted:
-  such a split is checked by shard only (said in a note; `bcc pack --verify` calls it a mismatch).
+- `<split>.shards`: sha256 over the split's shards' (count, sha256) as the manifest lists them; a split
+  whose manifest entries changed since (edited by hand), or an index copied beside another pack, is not
+  trusted: checked by shard only, said in a note (`bcc pack --verify`: a mismatch);
+- `<split>.sha`: the first 8 bytes of each sample's source-file sha256 (the json's `sha256`) as a
+  big-endian uint64 (two different files share one with probability ~2^-64 a pair);
+- `<split>.label`: each sample's leaf class index (int16);
+- `<split>.phash`: the 64-bit pHash (the json's `phash`), when the pack hashed images (near-duplicate
+  grouping on);
+- `<split>.fold`: the `--folds` fold id (int16, -1 outside the folds), when the pack has folds.
 
-`check_sources` compares every two sources over the splits a run reads: the same image in one source's
-train split and another's val or test split is an error (exact copies), a near-identical one (pHash
-within `bcc.neardup.DEFAULT_THRESHOLD` bits, pairs found by `bcc.neardup.near_pairs`, never all pairs)
-a note, as are images shared by two train splits (read once per source per epoch) or by two evaluated
-splits (scored twice in the combined metrics). A source packed before this file existed, or whose
-index cannot be fetched, is named in a note and checked by shard only. `check_pretrained` compares the
-images the bcc run behind `model.pretrained` trained on with the ones a run evaluates (a warning per
-split with the count); with `bcc pack --folds K`, `<split>.fold` (int16, -1 outside the folds) lets it
-take a `data.fold` view's samples (`view_ids`).
+`check_sources` (the start-up of a run with `data.sources`) compares every two sources over train, val
+and test: an image of one source's train split whose file (sha256) or picture (pHash within
+`bcc.neardup.DEFAULT_THRESHOLD` bits, joined into groups as the packer joins them: no all-pairs
+comparison) is in another source's val or test split is an error (`data.source_overlap=warn`: a
+warning; `off`: not checked), counted per pair of splits; images two train splits share are a note
+(a warning when their classes differ), as are images two evaluated splits share. A source packed before
+the index existed (or served without it) is named in a note and checked by shard only; an index that
+is there but cannot be read is an error. `check_pretrained` compares the images the bcc run behind
+`model.pretrained` trained on (its config's data and fold, `view_ids`) with the ones a run evaluates: a
+warning per split with the count.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +47,17 @@ from bcc import remote
 from bcc.errors import BccError
 from bcc.manifest import Manifest
 
-__all__ = ["FILE", "SampleIndex", "SampleIndexError", "check_sources", "load", "prefix64", "write"]
+__all__ = ["FILE", "SampleIndex", "SampleIndexError", "check_pretrained", "check_sources", "load", "prefix64",
+           "view_ids", "write"]
 
 FILE = "sample_index.npz"
-MAX_SAMPLES = 10**9  # what an index may claim to describe when fetched (16 GB); a bound on the read
+MAX_SAMPLES = 10**9  # what an index may claim to describe when fetched; a bound on the read
+_COLUMNS = {"sha": np.uint64, "label": np.int16, "phash": np.uint64, "fold": np.int16}
 
 
 class SampleIndexError(BccError):
-    """A sample index that is damaged or belongs to another pack, or images shared across sources'
-    train and evaluated splits."""
+    """A sample index that is there but cannot be read or is damaged, or images shared across sources'
+    train and evaluated splits (`data.source_overlap=error`)."""
 
 
 def prefix64(sha: np.ndarray) -> np.ndarray:
@@ -63,13 +72,9 @@ def split_fingerprint(manifest: Manifest, split: str) -> str:
     return hashlib.sha256(json.dumps([[sh.count, sh.sha256] for sh in manifest.split(split).shards]).encode()).hexdigest()
 
 
-_COLUMNS = {"sha": np.uint64, "phash": np.uint64, "fold": np.int16}
-
-
 def write(manifest: Manifest, splits: Mapping[str, Mapping[str, np.ndarray | None]]) -> None:
     """Write `sample_index.npz` beside the local pack `manifest` atomically: per split name, its columns
-    in the split's sample order: `sha` (n uint64 sha256 prefixes, `prefix64`), `phash` (n uint64, or
-    None: not hashed), `fold` (n int16, the `--folds` fold id, -1 outside the folds; None: no folds).
+    in the split's sample order (see the module docstring; a column given as None is left out).
     Raises OSError (a full disk) with nothing written."""
     from bcc.atomic import atomic_write
 
@@ -84,42 +89,71 @@ def write(manifest: Manifest, splits: Mapping[str, Mapping[str, np.ndarray | Non
 @dataclass(frozen=True)
 class SampleIndex:
     location: str  # as messages show it
-    sha: dict[str, np.ndarray]  # split -> sha256 prefixes, for the splits it describes as the manifest lists them
-    phash: dict[str, np.ndarray]
-    fold: dict[str, np.ndarray]
-    stale: tuple[str, ...]  # splits whose shards differ from the ones it was written for, or that it lacks
+    columns: dict[str, dict[str, np.ndarray]]  # column -> split -> values, for the splits it describes
+    stale: tuple[str, ...]  # splits whose manifest entries differ from the ones it was written for, or it lacks
+
+    @property
+    def sha(self) -> dict[str, np.ndarray]:
+        return self.columns["sha"]
+
+
+def _members(raw: bytes, shown: str, names: Sequence[str], counts: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """The npz members `names` (without ".npy") present in `raw`, each checked against the size its
+    split's count allows before it is read (a small compressed file must not unpack to gigabytes)."""
+    from bcc.remote_secrets import quote_bytes
+
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(raw))
+    except zipfile.BadZipFile:
+        raise SampleIndexError(f"{shown} is not an index: no npz (zip) file (it begins {quote_bytes(raw[:100])}); "
+                               "copy it again from the pack, or remove it") from None
+    sizes = {i.filename.removesuffix(".npy"): i.file_size for i in archive.infolist()}
+    out = {}
+    with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+        for name in (n for n in names if n in sizes):
+            if sizes[name] > 8 * counts.get(name.split(".")[0], 0) + 4096:
+                raise SampleIndexError(f"{shown} is damaged: {name} unpacks to {sizes[name]:,} bytes, more than its "
+                                       "split's samples take; copy it again from the pack, or remove it")
+            try:
+                out[name] = npz[name]
+            except Exception as e:  # noqa: BLE001 - object arrays (pickles), a damaged member: numpy's many errors
+                what = "holds objects, not numbers" if "pickle" in str(e) else f"cannot be read ({type(e).__name__})"
+                raise SampleIndexError(f"{shown} is damaged: {name} {what}; copy it again from the pack, or remove "
+                                       "it") from None
+    return out
 
 
 def load(manifest: Manifest, retries: int = remote.DEFAULT_RETRIES,
          timeout_s: float = remote.HTTP_TIMEOUT_S) -> SampleIndex | str:
     """The index beside `manifest` (of the pack's own splits, also for a `data.fold` view), or why there
-    is none (a pack made before it existed, a location that cannot be read): a reason for a note, since
-    the index is optional. Raises SampleIndexError for one that is there but damaged (not an npz of
-    arrays of the splits' lengths)."""
+    is none (a pack made before it existed, a server without the file): a reason for a note. Raises
+    SampleIndexError for one that is there but cannot be read or is damaged."""
     if manifest.fold is not None:  # the pack's own splits, which the index describes
         manifest = Manifest(manifest.root, manifest.data, allow_pipe=manifest.allow_pipe)
     location = remote.join(manifest.root, FILE)
     shown = remote.display(location)
-    count = sum(manifest.split(n).count for n in manifest.splits)
+    counts = {n: manifest.split(n).count for n in manifest.splits}
     try:
-        raw = remote.read_bytes(location, retries, limit=32 * min(count, MAX_SAMPLES) + (1 << 20), timeout_s=timeout_s)
+        raw = remote.read_bytes(location, retries, limit=32 * min(sum(counts.values()), MAX_SAMPLES) + (1 << 20),
+                                timeout_s=timeout_s)
     except FileNotFoundError:
         return f"it has no {FILE} (packed by an older bcc)"
-    except (OSError, remote.RemoteError) as e:
-        return f"its {FILE} cannot be read ({getattr(e, 'strerror', None) or e})"
-    try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except Exception as e:  # noqa: BLE001 - not a zip, a damaged member, an object array: numpy's many errors
-        raise SampleIndexError(f"{shown} is damaged ({type(e).__name__}: {e}); repack, or remove it to train "
-                               "without the check across sources") from None
+    except remote.RemoteError as e:
+        if e.missing:
+            return f"the server has no {FILE} ({e})"
+        raise SampleIndexError(f"{shown} cannot be read: {e}") from None
+    except OSError as e:
+        raise SampleIndexError(f"{shown} cannot be read: {e.strerror or e}") from None
+    if not raw:
+        raise SampleIndexError(f"{shown} is empty; copy it again from the pack, or remove it")
+    names = [f"{n}.{k}" for n in manifest.splits for k in ("shards", *_COLUMNS)]
+    arrays = _members(raw, shown, names, counts)
     columns: dict[str, dict[str, np.ndarray]] = {k: {} for k in _COLUMNS}
     stale = []
-    for name in manifest.splits:
-        if str(arrays.get(f"{name}.shards", "")) != split_fingerprint(manifest, name):
+    for name, want in counts.items():
+        if f"{name}.sha" not in arrays or str(arrays.get(f"{name}.shards", "")) != split_fingerprint(manifest, name):
             stale.append(name)
             continue
-        want = manifest.split(name).count
         for kind, dtype in _COLUMNS.items():
             values = arrays.get(f"{name}.{kind}")
             if values is None:
@@ -128,7 +162,7 @@ def load(manifest: Manifest, retries: int = remote.DEFAULT_RETRIES,
                 raise SampleIndexError(f"{shown} is damaged: {name}.{kind} holds {values.shape} {values.dtype} values, "
                                        f"not the {want} {np.dtype(dtype)} of split '{name}'; repack, or remove it")
             columns[kind][name] = values
-    return SampleIndex(shown, columns["sha"], columns["phash"], columns["fold"], tuple(stale))
+    return SampleIndex(shown, columns, tuple(stale))
 
 
 def view_ids(manifest: Manifest, index: SampleIndex, split: str, train: str, val: str) -> np.ndarray | None:
@@ -137,11 +171,11 @@ def view_ids(manifest: Manifest, index: SampleIndex, split: str, train: str, val
     (`split` == `val`). None when the index lacks what that takes."""
     if manifest.fold is None or split not in (train, val):
         return index.sha.get(split)
-    pool = manifest.data["folds"]["splits"]
-    if any(s not in index.sha or s not in index.fold for s in pool):
+    pool, folds = manifest.data["folds"]["splits"], index.columns["fold"]
+    if any(s not in index.sha or s not in folds for s in pool):
         return None
     sha = np.concatenate([index.sha[s] for s in pool])
-    fold = np.concatenate([index.fold[s] for s in pool])
+    fold = np.concatenate([folds[s] for s in pool])
     return sha[fold == manifest.fold] if split == val else sha[(fold != manifest.fold) & (fold >= 0)]
 
 
@@ -150,108 +184,111 @@ def _key(split: str, position: int) -> str:
 
 
 @dataclass(frozen=True)
-class _Parts:
-    """The distinct values of several (source, split) arrays in one array: `values[k]` came from part
-    `part[k]`, first at position `pos[k]` of that part's array (the sample it names)."""
-    values: np.ndarray
-    part: np.ndarray
-    pos: np.ndarray
-
-    @classmethod
-    def of(cls, arrays: Sequence[np.ndarray]) -> _Parts:
-        distinct = [np.unique(a, return_index=True) for a in arrays]
-        return cls(np.concatenate([v for v, _ in distinct]) if distinct else np.zeros(0, np.uint64),
-                   np.repeat(np.arange(len(arrays)), [len(v) for v, _ in distinct]),
-                   np.concatenate([i for _, i in distinct]) if distinct else np.zeros(0, np.int64))
+class _Part:
+    source: int  # index into the sources
+    split: str
+    index: SampleIndex
 
 
-def _equal_pairs(parts: _Parts) -> np.ndarray:
-    """(k, l) rows, k < l indices into `parts` of equal values from different parts: one sort, then
-    equal neighbours d apart for each d below the longest run (at most the number of parts)."""
-    order = np.argsort(parts.values, kind="stable")
-    v = parts.values[order]
-    rows = []
-    for d in range(1, len(np.unique(parts.part)) if len(v) else 1):
-        same = np.flatnonzero(v[d:] == v[:-d])
-        if not same.size:
-            break
-        rows.append(np.stack([order[same], order[same + d]], axis=1))
-    return np.concatenate(rows) if rows else np.zeros((0, 2), np.int64)
+def _near_roots(parts: Sequence[_Part], threshold: int) -> list[np.ndarray | None]:
+    """Per part, each sample's near-duplicate group over all parts with pHashes (the root id of its
+    component: pHashes within `threshold` bits joined, chains too, as the packer groups), or None
+    for a part without pHashes. Runs over distinct hashes: O(n) memory, no all-pairs comparison."""
+    from bcc.neardup import near_duplicate_edges
+    from bcc.split import connected_components
+
+    have = [p.index.columns["phash"].get(p.split) for p in parts]
+    distinct = [np.unique(h, return_inverse=True) if h is not None else None for h in have]
+    values = [d[0] for d in distinct if d is not None]
+    if not values:
+        return [None] * len(parts)
+    every = np.concatenate(values)
+    a, b, _ = near_duplicate_edges(every, threshold)
+    root = connected_components(len(every), a, b)
+    out, offset = [], 0
+    for d in distinct:
+        if d is None:
+            out.append(None)
+            continue
+        out.append(root[offset + d[1].ravel()])
+        offset += len(d[0])
+    return out
 
 
-def check_sources(sources: Sequence, splits: Mapping[str, str], *, retries: int = remote.DEFAULT_RETRIES,
-                  timeout_s: float = remote.HTTP_TIMEOUT_S) -> list[str]:
+def check_sources(sources: Sequence, splits: Mapping[str, str], mode: str = "error", *,
+                  retries: int = remote.DEFAULT_RETRIES, timeout_s: float = remote.HTTP_TIMEOUT_S) -> list[str]:
     """Compare every two of `sources` (`bcc.sources.Source`: name, weight, manifest) over the splits a
-    run reads (`splits`: config key -> split name, e.g. {"data.train_split": "train", ...}). Raises
-    SampleIndexError naming both sources, both splits, the count and one sample key of each for images
-    in one source's train split and another's evaluated split; returns the notes to print (near-identical
-    images there, images shared by two train or two evaluated splits, sources without an index).
+    run reads (`splits`: config key -> split name; give the test split even when the run does not test
+    at its end: a later `bcc eval` will). Raises SampleIndexError for images of one source's train split
+    that another source's val or test split holds too (the file, or a near-identical picture), counted
+    per pair of splits, with one sample key of each side (`mode` "error"), or for an index that cannot be
+    read. Returns the lines to print, each starting "warning:" or "note:"."""
+    from bcc.neardup import DEFAULT_THRESHOLD
 
-    One sort of every read split's distinct digests and one near-duplicate search over their distinct
-    pHashes (`bcc.neardup.near_pairs`), not one per pair of sources: at a million train images the
-    search costs about as much as the packer's (~10 s of one core), once, on the main process."""
-    from bcc.neardup import DEFAULT_THRESHOLD, near_pairs
-
+    if mode == "off" or len(sources) < 2:
+        return []
     train = splits.get("data.train_split")
     names = list(dict.fromkeys(splits.values()))
-    notes: list[str] = []
-    parts = []  # (source index, split name, its source's SampleIndex) of every split read
+    lines: list[str] = []
+    parts: list[_Part] = []
     for i, s in enumerate(sources):
         index = load(s.manifest, retries, timeout_s)
         if isinstance(index, str):
-            notes.append(f"data.sources[{i}] ('{s.name}'): {index}; images shared with another source are "
+            lines.append(f"note: data.sources[{i}] ('{s.name}'): {index}; images it shares with another source are "
                          "found only where whole shards repeat")
             continue
-        stale = [n for n in names if n in index.stale]
+        stale = [n for n in names if n in index.stale and n in s.manifest.splits]
         if stale:
-            notes.append(f"data.sources[{i}] ('{s.name}'): {index.location} does not describe split(s) "
-                         f"{', '.join(repr(n) for n in stale)} as the manifest lists them (shards changed since "
-                         "it was packed, or an index of another pack); those are checked by shard only")
-        parts += [(i, n, index) for n in names if n in index.sha]
-    if len({i for i, _, _ in parts}) < 2:
-        return notes
-
-    def where(p: int, q: int) -> str:
-        (i, na, _), (j, nb, _) = parts[p], parts[q]
-        return f"'{sources[i].name}' split '{na}' and '{sources[j].name}' split '{nb}'"
-
-    exact = _Parts.of([index.sha[n] for _, n, index in parts])
-    found: dict[tuple[int, int], list[int]] = {}  # (part, part) -> [count, position, position]
-    for k, m in _equal_pairs(exact).tolist():
-        p, q = sorted((int(exact.part[k]), int(exact.part[m])))
-        if parts[p][0] != parts[q][0]:
-            a, b = (k, m) if exact.part[k] == p else (m, k)
-            found.setdefault((p, q), [0, int(exact.pos[a]), int(exact.pos[b])])[0] += 1
-    for (p, q), (count, pa, pb) in sorted(found.items()):
-        shown, na, nb = where(p, q), parts[p][1], parts[q][1]
-        sample = f"e.g. sample {_key(na, pa)} and {_key(nb, pb)}"
-        if (na == train) != (nb == train):
-            raise SampleIndexError(
-                f"data.sources: {count} image(s) are in both {shown} (the same source file, by sha256; {sample}): "
-                "they would be trained on and scored. Pack the overlapping folders together (one pack keeps "
-                "copies on one side), or repack one source without them")
-        what = ("read once per source each epoch, as if weighted twice" if na == train
-                else f"scored twice in the combined '{na}' metrics" if na == nb else "evaluated in both")
-        notes.append(f"data.sources: {count} image(s) are in both {shown} ({sample}): {what}")
-
-    with_phash = [p for p, (_, n, index) in enumerate(parts) if n in index.phash]
-    near = _Parts.of([parts[p][2].phash[parts[p][1]] for p in with_phash])
-    leaks: dict[tuple[int, int], tuple[set, int, int]] = {}  # (train part, other part) -> (other values, positions)
-    for k, m, _ in near_pairs(near.values, DEFAULT_THRESHOLD).tolist():
-        p, q = with_phash[int(near.part[k])], with_phash[int(near.part[m])]
-        if parts[p][0] == parts[q][0] or (parts[p][1] == train) == (parts[q][1] == train):
-            continue
-        (t, pt), (o, po) = ((p, k), (q, m)) if parts[p][1] == train else ((q, m), (p, k))
-        seen = leaks.setdefault((t, o), (set(), int(near.pos[pt]), int(near.pos[po])))
-        seen[0].add(po)
-    for (t, o), (others, pt, po) in sorted(leaks.items()):
-        (i, nt, _), (j, no, _) = parts[t], parts[o]
-        first, second = sorted([(i, nt, pt), (j, no, po)])
-        shown = f"'{sources[first[0]].name}' split '{first[1]}' and '{sources[second[0]].name}' split '{second[1]}'"
-        notes.append(f"data.sources: {len(others)} image(s) of {shown} have a near-identical image on the other side "
-                     f"(pHash within {DEFAULT_THRESHOLD} bits; e.g. sample {_key(first[1], first[2])} and "
-                     f"{_key(second[1], second[2])}), near-duplicates trained on and scored flatter the metrics")
-    return notes
+            lines.append(f"note: data.sources[{i}] ('{s.name}'): {index.location} does not describe split(s) "
+                         f"{', '.join(repr(n) for n in stale)} as the manifest lists them (edited since it was "
+                         "packed, or an index of another pack); those are checked by shard only")
+        parts += [_Part(i, n, index) for n in names if n in index.sha]
+        if any(n not in index.columns["phash"] for n in names if n in index.sha):
+            lines.append(f"note: data.sources[{i}] ('{s.name}'): packed without pHashes (--no-near-dup): its images "
+                         "are compared with the other sources' by file only, not by picture")
+    roots = _near_roots(parts, DEFAULT_THRESHOLD)
+    leaks = []
+    for t, pt in enumerate(parts):
+        for o, po in enumerate(parts):
+            if pt.source == po.source or pt.split != train or po.split == train:
+                continue
+            exact = np.isin(po.index.sha[po.split], pt.index.sha[pt.split])
+            near = np.isin(roots[o], roots[t]) if roots[t] is not None and roots[o] is not None else exact
+            hit = exact | near
+            if hit.any():
+                first = int(np.flatnonzero(hit)[0])
+                mate = (np.flatnonzero(pt.index.sha[pt.split] == po.index.sha[po.split][first]) if exact[first]
+                        else np.flatnonzero(roots[t] == roots[o][first]))
+                leaks.append((int(hit.sum()), int(exact.sum()), pt, po, int(mate[0]), first))
+    if leaks:
+        total = sum(n for n, *_ in leaks)
+        pairs = "; ".join(f"{n} of '{sources[po.source].name}' split '{po.split}' in '{sources[pt.source].name}' split "
+                          f"'{pt.split}' ({k} the same file; e.g. sample {_key(po.split, b)} and {_key(pt.split, a)})"
+                          for n, k, pt, po, a, b in leaks)
+        text = (f"data.sources: {total} image(s) trained on in one source are evaluated in another (the same file by "
+                f"sha256, or a near-identical picture by pHash within {DEFAULT_THRESHOLD} bits): {pairs}")
+        if mode == "error":
+            raise SampleIndexError(f"{text}. They would be trained on and scored. Pack the overlapping folders "
+                                   "together (one pack keeps copies and near-copies on one side), or set "
+                                   "data.source_overlap=warn to train anyway")
+        lines.append(f"warning: {text}: their scores are flattered")
+    for pt in parts:  # shared files that do not leak
+        for po in parts:
+            if pt.source >= po.source or (pt.split == train) != (po.split == train):
+                continue
+            common, ia, ib = np.intersect1d(pt.index.sha[pt.split], po.index.sha[po.split], return_indices=True)
+            if not common.size:
+                continue
+            where = (f"'{sources[pt.source].name}' split '{pt.split}' and '{sources[po.source].name}' split "
+                     f"'{po.split}' (e.g. sample {_key(pt.split, int(ia[0]))} and {_key(po.split, int(ib[0]))})")
+            la, lb = pt.index.columns["label"].get(pt.split), po.index.columns["label"].get(po.split)
+            other = int(np.count_nonzero(la[ia] != lb[ib])) if la is not None and lb is not None else 0
+            what = ("read once per source each epoch" if pt.split == train
+                    else f"scored twice in the combined '{pt.split}' metrics" if pt.split == po.split else "evaluated in both")
+            lines.append(f"warning: data.sources: {common.size} image(s) are in both {where}: {what}; {other} of them "
+                         "with another class in each source" if other else
+                         f"note: data.sources: {common.size} image(s) are in both {where}: {what}")
+    return lines
 
 
 def _run_dir(weights: Path) -> Path | None:

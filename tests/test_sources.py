@@ -433,15 +433,15 @@ def test_a_split_one_source_lacks_names_that_source(tmp_path, synth_shards, seco
 # --------------------------------------------------------------------------- images shared across sources
 
 
-def _sample_sha(pack: Path, key: str) -> str:
-    """The source-file sha256 in the json of the sample keyed `key` of `pack`."""
+def _sample_meta(pack: Path, key: str) -> dict:
+    """The json of the sample keyed `key` of `pack`."""
     from bcc.shards import read_shard
 
     manifest = Manifest.load(pack)
     for shard in manifest.split(key.rsplit("-", 1)[0]).shards:
         for sample in read_shard(shard):
             if sample["__key__"] == key:
-                return json.loads(sample["json"])["sha256"]
+                return json.loads(sample["json"])
     raise AssertionError(f"no sample {key} in {pack}")
 
 
@@ -457,43 +457,59 @@ def reseeded(synth_data, tmp_path_factory) -> Path:
 
 def test_the_same_image_in_one_sources_train_and_anothers_test_is_refused(tmp_path, reseeded, synth_shards, bcc_main):
     """The same class folders packed twice with another seed: no shard repeats (the shard check passes),
-    but images of one pack's train split are in the other's test split: trained on and scored. One error
-    line naming both sources and splits, the count and a sample key of each (whose json sha256 agree)."""
+    but images of one pack's train split are in the other's val and test splits: trained on and scored.
+    One error line with the total and, per pair of splits, the count, how many are the same file and one
+    sample key of each side (their json sha256 agree, or their pHashes are within 6 bits); the test
+    split counts even with eval.test_at_end=false (a later bcc eval scores it)."""
     import re
+
+    import numpy as np
 
     assert (reseeded / "sample_index.npz").is_file()
     cfg = sources_config(tmp_path / "cfg.yaml", synth_shards, reseeded, tmp_path / "run", second_weight=1)
-    proc = bcc_main("train", "--config", cfg)
+    proc = bcc_main("train", "--config", cfg, "eval.test_at_end=false")
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    found = re.match(r"error: data\.sources: (\d+) image\(s\) are in both '(\w+)' split '(\w+)' and '(\w+)' split "
-                     r"'(\w+)' \(the same source file, by sha256; e\.g\. sample (\S+) and (\S+)\): they would be "
-                     r"trained on and scored", lines[0])
-    assert found, lines[0]
-    count, name_a, split_a, name_b, split_b, key_a, key_b = found.groups()
-    assert (name_a, name_b) == ("big", "reseeded") and "train" in (split_a, split_b) and split_a != split_b
-    assert int(count) > 0 and _sample_sha(synth_shards, key_a) == _sample_sha(reseeded, key_b)
+    head = re.match(r"error: data\.sources: (\d+) image\(s\) trained on in one source are evaluated in another \(the "
+                    r"same file by sha256, or a near-identical picture by pHash within 6 bits\): ", lines[0])
+    assert head and lines[0].endswith("They would be trained on and scored. Pack the overlapping folders together (one "
+                                      "pack keeps copies and near-copies on one side), or set "
+                                      "data.source_overlap=warn to train anyway"), lines[0]
+    pairs = re.findall(r"(\d+) of '(\w+)' split '(\w+)' in '(\w+)' split 'train' \((\d+) the same file; e\.g\. sample "
+                       r"(\S+) and (\S+)\)", lines[0])
+    packs = {"big": synth_shards, "reseeded": reseeded}
+    index = {name: np.load(pack / "sample_index.npz") for name, pack in packs.items()}
+    assert {(e, s) for _, e, s, *_ in pairs} == {(e, s) for e in packs for s in ("val", "test")}
+    for n, evaluated, split, trained, same, key_e, key_t in pairs:
+        exact = np.isin(index[evaluated][f"{split}.sha"], index[trained]["train.sha"]).sum()
+        assert int(same) == exact and int(n) >= exact > 0
+        a, b = _sample_meta(packs[evaluated], key_e), _sample_meta(packs[trained], key_t)
+        assert a["sha256"] == b["sha256"] or bin(int(a["phash"], 16) ^ int(b["phash"], 16)).count("1") <= 6
+    assert int(head.group(1)) == sum(int(p[0]) for p in pairs)
     assert not (tmp_path / "run" / "checkpoints").exists()
-    # the index holds every sample's sha256 prefix and pHash at its key's position
-    import numpy as np
-
+    # data.source_overlap=warn: one warning line, and the run trains
+    proc = bcc_main("train", "--config", cfg, "eval.test_at_end=false", "data.source_overlap=warn", "train.epochs=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert " ".join(proc.stdout.split()).count(f"warning: data.sources: {head.group(1)} image(s) trained on in one "
+                                               "source are evaluated in another") == 1
+    # the index holds every sample's sha256 prefix, class and pHash at its key's position
     from bcc.shards import read_shard
 
-    index = np.load(reseeded / "sample_index.npz")
     manifest = Manifest.load(reseeded)
     for split in manifest.splits:
         samples = [json.loads(s["json"]) | {"key": s["__key__"]} for sh in manifest.split(split).shards
                    for s in read_shard(sh)]
         assert [m["key"] for m in samples] == [f"{split}-{p:08d}" for p in range(len(samples))]
-        assert [f"{v:016x}" for v in index[f"{split}.sha"]] == [m["sha256"][:16] for m in samples]
-        assert [f"{v:016x}" for v in index[f"{split}.phash"]] == [m["phash"] for m in samples]
+        assert [f"{v:016x}" for v in index["reseeded"][f"{split}.sha"]] == [m["sha256"][:16] for m in samples]
+        assert index["reseeded"][f"{split}.label"].tolist() == [m["label"] for m in samples]
+        assert [f"{v:016x}" for v in index["reseeded"][f"{split}.phash"]] == [m["phash"] for m in samples]
 
 
 def test_images_shared_without_a_leak_are_noted_and_the_index_is_checked(tmp_path, synth_shards, second_source,
                                                                          bcc_main):
-    """Shared images that do not leak (two train splits, two test splits) and near-identical ones across
-    train and test are notes; an index that is damaged, or copied from another pack, is an error naming
-    it; a pack without one is checked by shard only, said in a note."""
+    """Shared images that do not leak (two train splits, two test splits) are notes, a warning when their
+    classes differ; a near-identical image across train and test is a leak like a copy; an index that is
+    no npz, copied from another pack or absent, a pack without pHashes: each said once."""
     import shutil
 
     import numpy as np
@@ -510,53 +526,74 @@ def test_images_shared_without_a_leak_are_noted_and_the_index_is_checked(tmp_pat
     # the same images and split, packed again (another --resize): every split shared with its own kind
     copy = tmp_path / "copy"
     shutil.copytree(synth_shards, copy)
-    notes = check_sources([source("a", synth_shards), source("b", copy)], splits)
     counts = {s: Manifest.load(synth_shards).split(s).count for s in ("train", "val", "test")}
-    assert (f"data.sources: {counts['train']} image(s) are in both 'a' split 'train' and 'b' split 'train' "
-            "(e.g. sample train-") in notes[0] and notes[0].endswith("read once per source each epoch, as if weighted twice")
-    assert any(n.endswith("scored twice in the combined 'test' metrics") for n in notes)
+    lines = check_sources([source("a", synth_shards), source("b", copy)], splits)
+    assert len(lines) == 3 and lines[0].startswith(
+        f"note: data.sources: {counts['train']} image(s) are in both 'a' split 'train' and 'b' split 'train' (e.g. "
+        "sample train-") and lines[0].endswith("read once per source each epoch"), lines
+    assert lines[2].startswith(f"note: data.sources: {counts['test']} image(s) are in both 'a' split 'test' and 'b' "
+                               "split 'test' (e.g. sample test-") and lines[2].endswith(
+        "scored twice in the combined 'test' metrics"), lines
+    assert check_sources([source("a", synth_shards)], splits) == []  # one source: nothing to compare
 
-    # near-identical images (pHash 3 bits apart) across train and test, exact copies nowhere
-    def craft(pack: Path, sha_seed: int, phash: dict) -> None:
+    def craft(pack: Path, seed: int, columns: dict | None = None) -> dict:
         manifest = Manifest.load(pack)
-        rng = np.random.default_rng(sha_seed)
-        sample_index.write(manifest, {
-            s: {"sha": rng.integers(0, 2**64, manifest.split(s).count, dtype=np.uint64), "phash": phash[s]}
-            for s in manifest.splits})
+        rng = np.random.default_rng(seed)  # random 64-bit hashes: two lie within 6 bits with probability ~5e-12
+        made = {s: {"sha": rng.integers(0, 2**64, manifest.split(s).count, dtype=np.uint64),
+                    "phash": rng.integers(0, 2**64, manifest.split(s).count, dtype=np.uint64),
+                    "label": np.zeros(manifest.split(s).count, np.int16)} for s in manifest.splits}
+        for (split, column), values in (columns or {}).items():
+            made[split][column] = values
+        sample_index.write(manifest, made)
+        return made
 
+    # the same file in two train splits under another class: a warning
+    mine = dict(np.load(synth_shards / "sample_index.npz"))
+    craft(copy, 0, {("train", "sha"): mine["train.sha"], ("train", "label"): (mine["train.label"] + 1) % 4})
+    lines = check_sources([source("a", synth_shards), source("b", copy)], splits)
+    first = int(np.flatnonzero(mine["train.sha"] == mine["train.sha"].min())[0])  # the example: the smallest digest
+    assert lines == [f"warning: data.sources: {np.unique(mine['train.sha']).size} image(s) are in both 'a' split 'train' "
+                     f"and 'b' split 'train' (e.g. sample train-{first:08d} and train-{first:08d}): read once per source "
+                     f"each epoch; {np.unique(mine['train.sha']).size} of them with another class in each source"], lines
+    # a near-identical picture (pHash 3 bits apart, another file) across train and test: a leak
     near = tmp_path / "near"
     shutil.copytree(second_source, near)
-    mine = Manifest.load(synth_shards)
-    theirs = Manifest.load(near)
-    rng = np.random.default_rng(2)  # random 64-bit hashes: two lie within 6 bits with probability ~5e-12
-    base = {s: rng.integers(0, 2**64, mine.split(s).count, dtype=np.uint64) for s in mine.splits}
-    other = {s: rng.integers(0, 2**64, theirs.split(s).count, dtype=np.uint64) for s in theirs.splits}
-    other["test"][5] = base["train"][7] ^ np.uint64(0b111)  # 3 bits from train sample 7
-    craft(copy, 0, base)
-    craft(near, 1, other)
-    notes = check_sources([source("a", copy), source("b", near)], splits)
-    assert notes == ["data.sources: 1 image(s) of 'a' split 'train' and 'b' split 'test' have a near-identical image "
-                     "on the other side (pHash within 6 bits; e.g. sample train-00000007 and test-00000005), "
-                     "near-duplicates trained on and scored flatter the metrics"], notes
+    base = craft(copy, 1)
+    test = base["test"]["phash"].copy()
+    other = craft(near, 2)["test"]["phash"]
+    other[5] = base["train"]["phash"][7] ^ np.uint64(0b111)
+    craft(near, 2, {("test", "phash"): other})
+    with pytest.raises(SampleIndexError, match=r"1 image\(s\) trained on .* 1 of 'b' split 'test' in 'a' split 'train' "
+                                               r"\(0 the same file; e\.g\. sample test-00000005 and train-00000007\)"):
+        check_sources([source("a", copy), source("b", near)], splits)
+    assert check_sources([source("a", copy), source("b", near)], splits, "warn")[0].startswith(
+        "warning: data.sources: 1 image(s) trained on in one source are evaluated in another")
+    assert check_sources([source("a", copy), source("b", near)], splits, "off") == []
+    assert test.size  # (the crafted test split of 'a' shares nothing)
 
-    # an index copied beside another pack; a damaged one; none at all
+    # an index copied beside another pack; foreign bytes; none at all; no pHashes
     shutil.copy(near / "sample_index.npz", copy / "sample_index.npz")
-    notes = check_sources([source("a", copy), source("b", near)], splits)
-    assert notes == [f"data.sources[0] ('a'): {copy / 'sample_index.npz'} does not describe split(s) 'train', 'val', "
-                     "'test' as the manifest lists them (shards changed since it was packed, or an index of another "
-                     "pack); those are checked by shard only"], notes
+    lines = check_sources([source("a", copy), source("b", near)], splits)
+    assert lines == [f"note: data.sources[0] ('a'): {copy / 'sample_index.npz'} does not describe split(s) 'train', "
+                     "'val', 'test' as the manifest lists them (edited since it was packed, or an index of another "
+                     "pack); those are checked by shard only"], lines
     proc = bcc_main("pack", "--verify", str(copy))  # bcc pack --verify calls it a mismatch
     assert proc.returncode == 1, proc.stdout[-1000:]
     assert ("MISMATCH sample_index.npz: describes split(s) train, val, test with other shards than the manifest "
             "lists") in " ".join(proc.stdout.split()), proc.stdout[-1000:]
     assert "OK        sample_index.npz" in bcc_main("pack", "--verify", str(near)).stdout
-    (copy / "sample_index.npz").write_bytes(b"PK\x03\x04 not a zip")
-    with pytest.raises(SampleIndexError, match=r"copy/sample_index.npz is damaged \(.*\); repack, or remove it"):
+    (copy / "sample_index.npz").write_bytes(b"<html><body>502 Bad Gateway</body></html>")
+    with pytest.raises(SampleIndexError, match=r"copy/sample_index.npz is not an index: no npz \(zip\) file \(it "
+                                               r"begins '<html><body>502 Bad Gateway"):
         check_sources([source("a", copy), source("b", near)], splits)
     (copy / "sample_index.npz").unlink()
-    notes = check_sources([source("a", copy), source("b", near)], splits)
-    assert notes == ["data.sources[0] ('a'): it has no sample_index.npz (packed by an older bcc); images shared with "
-                     "another source are found only where whole shards repeat"], notes
+    assert check_sources([source("a", copy), source("b", near)], splits) == [
+        "note: data.sources[0] ('a'): it has no sample_index.npz (packed by an older bcc); images it shares with "
+        "another source are found only where whole shards repeat"]
+    craft(copy, 1, {(s, "phash"): None for s in ("train", "val", "test")})
+    assert check_sources([source("a", copy), source("b", near)], splits) == [
+        "note: data.sources[0] ('a'): packed without pHashes (--no-near-dup): its images are compared with the other "
+        "sources' by file only, not by picture"]
 
 
 def test_a_pretrained_run_that_trained_on_the_images_this_run_evaluates_is_warned_of(ddp_run, reseeded, capsys):
@@ -608,8 +645,9 @@ def test_a_fold_view_reads_its_samples_from_the_index(synth_data, tmp_path):
     base = Manifest.load(tmp_path / "folds")
     view = base.with_fold(1)
     index = sample_index.load(view)
-    assert not isinstance(index, str) and not index.stale and set(index.fold) == {"train", "val", "test"}
-    assert set(index.fold["test"].tolist()) == {-1}
+    folds = index.columns["fold"]
+    assert not isinstance(index, str) and not index.stale and set(folds) == {"train", "val", "test"}
+    assert set(folds["test"].tolist()) == {-1}
     train, val = (sample_index.view_ids(view, index, s, "train", "val") for s in ("train", "val"))
     assert (len(train), len(val)) == (view.split("train").count, view.split("val").count)
     assert np.intersect1d(train, val).size == 0

@@ -147,11 +147,14 @@ def check_run(cfg: Config, manifest: Manifest) -> None:
     check_no_shared_shards(manifest, splits_needed(cfg))
     from bcc.console import console
 
-    lines = [] if not isinstance(manifest, MixedManifest) else [  # images shared by different shards of two sources
-        f"note: {line}" for line in sample_index.check_sources(manifest.sources, splits_needed(cfg),
-                                                               retries=cfg.data.retries, timeout_s=cfg.data.read_timeout_s)]
-    evaluated = [name for key, name in splits_needed(cfg).items() if key != "data.train_split"]
-    for line in lines + sample_index.check_pretrained(cfg, manifest, evaluated):  # and by the pretrained run
+    # images shared by different shards of two sources, or with the run behind model.pretrained: the test
+    # split too when this run does not test at its end (a later bcc eval will)
+    read = {**splits_needed(cfg), **({"data.test_split": cfg.data.test_split} if cfg.data.test_split in manifest.splits
+                                     else {})}
+    lines = [] if not isinstance(manifest, MixedManifest) else sample_index.check_sources(
+        manifest.sources, read, cfg.data.source_overlap, retries=cfg.data.retries, timeout_s=cfg.data.read_timeout_s)
+    evaluated = [name for key, name in read.items() if key != "data.train_split"]
+    for line in lines + sample_index.check_pretrained(cfg, manifest, evaluated):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
