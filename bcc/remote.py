@@ -400,9 +400,9 @@ MAX_MANIFEST_BYTES = 1 << 30  # a fetched manifest (side files hold the long per
 
 
 def read_bytes(location: str | Path, retries: int = DEFAULT_RETRIES, limit: int = MAX_MANIFEST_BYTES,
-               timeout_s: float = HTTP_TIMEOUT_S) -> bytes:
-    """All bytes at `location` (a manifest), re-read up to `retries` times after a transient error;
-    RemoteError beyond `limit` bytes (a response that never ends would fill the memory)."""
+               timeout_s: float = HTTP_TIMEOUT_S, what: str = "a manifest") -> bytes:
+    """All bytes at `location` (`what`: a manifest, a side file), re-read up to `retries` times after a
+    transient error; RemoteError beyond `limit` bytes (a response that never ends would fill the memory)."""
     def once() -> bytes:
         stream = open_location(location, timeout_s=timeout_s)
         try:
@@ -410,7 +410,7 @@ def read_bytes(location: str | Path, retries: int = DEFAULT_RETRIES, limit: int 
         finally:
             stream.close()
         if len(data) > limit:
-            raise RemoteError(f"{display(location)}: more than {limit:,} bytes: not a manifest")
+            raise RemoteError(f"{display(location)}: more than {limit:,} bytes: not {what}")
         return data
 
     return _with_retries(once, retries)

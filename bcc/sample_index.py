@@ -135,7 +135,7 @@ def load(manifest: Manifest, retries: int = remote.DEFAULT_RETRIES,
     counts = {n: manifest.split(n).count for n in manifest.splits}
     try:
         raw = remote.read_bytes(location, retries, limit=32 * min(sum(counts.values()), MAX_SAMPLES) + (1 << 20),
-                                timeout_s=timeout_s)
+                                timeout_s=timeout_s, what=f"the index of {sum(counts.values()):,} samples")
     except FileNotFoundError:
         return f"it has no {FILE} (packed by an older bcc)"
     except remote.RemoteError as e:
