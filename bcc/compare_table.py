@@ -38,7 +38,7 @@ from bcc.compare import (
     read_predictions,
     write_test_predictions,
 )
-from bcc.compare_check import check_same_config
+from bcc.compare_check import check_same_config, pretrained_text
 from bcc.config import load_saved_config
 from bcc.stats import LEVEL, N_BOOT, SAMPLE_METRICS, bootstrap_ci, mean_sd, sample_metrics
 
@@ -291,7 +291,8 @@ def aggregate(out: str | Path, modes: Sequence[str] = MODES, bench: Mapping[str,
     short = [f"{a.name} ({len(a.runs)} of {expected_seeds})" for a in results
              if expected_seeds is not None and len(a.runs) < expected_seeds]
     with atomic_write(out / "RESULTS.md") as f:
-        f.write(_markdown(results, metrics, test_metrics, bench, command, missing, short, n_boot, cfg.checkpoint.mode))
+        f.write(_markdown(results, metrics, test_metrics, bench, command, missing, short, n_boot, cfg.checkpoint.mode,
+                          pretrained_text([d for n in present for d in find_runs(out, n)], out)))
     return results
 
 
@@ -324,7 +325,7 @@ def _interval(ci: tuple[float, float]) -> str:
 
 
 def _markdown(results: Sequence[ArmResult], metrics, test_metrics, bench, command, missing, short, n_boot,
-              select_mode: str = "max") -> str:
+              select_mode: str = "max", pretrained: str = "") -> str:
     select = metrics[0]
     chosen = next((a for a in results if a.chosen), None)
     r0 = results[0].runs[0]
@@ -340,6 +341,8 @@ def _markdown(results: Sequence[ArmResult], metrics, test_metrics, bench, comman
               "`s/step (wall)` is train time / optimizer steps, evaluation and checkpoints included; `CPU min` is the "
               "CPU time of all ranks' processes and loader workers (the cost on shared cores, where wall time "
               "follows the load).", ""]
+    if pretrained:
+        lines += [pretrained, ""]
     if chosen is not None:
         best = "highest" if select_mode == "max" else "lowest"
         lines += [f"**Chosen on validation: {chosen.name}** (✓), the {best} mean val {select} over seeds; "

@@ -299,6 +299,14 @@ def _load_state_dict(
     )
 
 
+def source_sha256(source: str | Path, backbone: str | None = None) -> str | None:
+    """The sha256 `load_pretrained` would record for `source` now (of the weights file it reads), without
+    loading it; None for the hub (its hash needs the download). Raises `PretrainedError` as
+    `resolve_source` does. `bcc compare`/`bcc cv` compare it with a finished run's `pretrained.json`."""
+    src = resolve_source(source, backbone)
+    return None if src.kind == "hub" or src.weights is None else sha256_file(src.weights)
+
+
 # --------------------------------------------------------------------------- following the source
 
 

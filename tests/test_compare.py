@@ -357,6 +357,42 @@ def test_a_pretrained_runs_followed_data_count_unless_the_user_sets_them(tmp_pat
         check_runs(cfg, [], runs)
 
 
+def test_a_finished_run_from_other_weights_at_the_same_source_path_is_refused(tmp_path):
+    """Reuse compares the source's sha256 now with the run's pretrained.json (a retrained step-1 run at the
+    same path would otherwise be averaged beside the old one); RESULTS.md/CV.md name source and hash."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from bcc.compare_check import check_runs, pretrained_text
+    from bcc.shards import sha256_file
+
+    weights = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(2)}, str(weights))
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "shards", tmp_path / "unused",
+                       model={"backbone": "test_resnet", "pretrained": str(weights)})
+    runs = _planned(cfg, tmp_path / "o", seeds=2)
+    old = sha256_file(weights)
+    for run in runs:
+        run.run_dir.mkdir(parents=True)
+        _fake_run(run, cfg, [])
+        (run.run_dir / "pretrained.json").write_text(json.dumps({"source": str(weights), "sha256": old}))
+    check_runs(cfg, [], runs)
+    text = pretrained_text([r.run_dir for r in runs], tmp_path / "o")
+    assert text == f"Pretrained source: `{weights}` (sha256 {old[:12]}) for every run that starts from one."
+
+    save_file({"w": torch.ones(2)}, str(weights))  # step 1 retrained to the same path
+    new = sha256_file(weights)
+    with pytest.raises(CompareError) as e:
+        check_runs(cfg, [], runs, command="bcc cv")
+    msg = str(e.value)
+    assert msg.startswith(f"{runs[0].run_dir} was trained from pretrained source {weights} with sha256 {old[:12]}")
+    assert f"now holds sha256 {new[:12]}" in msg and "bcc cv would reuse it" in msg and "delete the run dir" in msg
+    (runs[1].run_dir / "pretrained.json").write_text(json.dumps({"source": str(weights), "sha256": new}))
+    assert "Pretrained sources differ between runs" in pretrained_text([r.run_dir for r in runs], tmp_path / "o")
+
+
 @pytest.mark.parametrize(("mode", "epochs", "refused"), [
     ("frozen", 1, None), ("lpft", 1, "lpft' has 2 stages and needs train.epochs >= 2, got 1"),
     ("lpft", 2, None), ("staged", 2, "staged' has 3 stages and needs train.epochs >= 3, got 2"), ("staged", 3, None),
