@@ -348,6 +348,17 @@ def follow_pretrained(cfg: Any, explicit: Collection[str] = ()) -> tuple[Any, di
     return dataclasses.replace(cfg, data=data), {f"data.{k}": v for k, v in changes.items()}
 
 
+def followed_overrides(cfg: Any, explicit: Collection[str] = ()) -> list[str]:
+    """`data.<field>=<value>` overrides that give a run of `cfg` without its pretrained source the data
+    settings a run with it resolves to (`follow_pretrained`): `bcc compare`'s scratch arms train at the
+    pretrained arms' resolution and normalisation. [] without a source or when nothing follows it."""
+    import json
+
+    _, changes = follow_pretrained(cfg, explicit)
+    return [f"{key}={json.dumps(list(new) if isinstance(new, tuple) else new, separators=(',', ':'))}"
+            for key, (_, new) in changes.items()]
+
+
 def explicit_keys(config_file: str | Path | None, overrides: Collection[str] = ()) -> set[str]:
     """Dotted keys the user set in a YAML config file or a `key=value` override (leaves only)."""
     from bcc.config_parse import parse_override, read_yaml

@@ -273,6 +273,7 @@ def test_bcc_compare_plan_lists_every_arm_and_seed_once_with_its_pack(synth_shar
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused",
                        model={"backbone": "test_resnet", "pretrained": str(tmp_path / "weights.pt")},
                        train={"seed": 5})
+    (tmp_path / "weights.pt").write_bytes(b"")  # planning resolves the source (metadata only: none here)
     monkeypatch.chdir(tmp_path)  # --out o is relative
     proc = bcc_main("compare", "--plan", "--config", cfg, "--modes", "frozen,lpft", "--init", "pretrained,scratch",
                     "--seeds", "2", "--packs", ",".join(map(str, packs)), "--out", "o", "data.batch_size=8")
@@ -287,6 +288,44 @@ def test_bcc_compare_plan_lists_every_arm_and_seed_once_with_its_pack(synth_shar
                            *(["model.pretrained=''"] if init == "scratch" else []),
                            f"train.seed={seed}", f"data.shards={packs[seed - 5]}"]
     assert not (tmp_path / "o").exists()  # --plan trains nothing
+
+
+def test_scratch_arms_take_the_data_settings_the_pretrained_arms_resolve_to(synth_shards, tmp_path, bcc_main):
+    """A source whose metadata gives 48 px and mean/std 0.5 (a timm model folder): the scratch arm of the
+    same comparison trains at those too, not at the config defaults; a key the user set stays theirs."""
+    import json
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "pytorch_model.bin").write_bytes(b"")
+    (model / "config.json").write_text(json.dumps({"architecture": "test_resnet", "pretrained_cfg": {
+        "input_size": [3, 48, 48], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.95}}))
+    cfg = tmp_path / "cfg.yaml"
+    write_config(cfg, synth_shards, tmp_path / "unused",
+                 model={"backbone": "test_resnet", "pretrained": str(model / "pytorch_model.bin")})
+    cfg.write_text(cfg.read_text().replace("image_size: 32", "workers: 0"))  # image_size follows the source
+    proc = bcc_main("compare", "--plan", "--config", cfg, "--modes", "full", "--init", "pretrained,scratch",
+                    "--out", tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr
+    pre, scratch = (line.split("\t")[2:] for line in proc.stdout.splitlines())
+    assert not any(o.startswith("data.") for o in pre)
+    assert {"data.image_size=48", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]", "data.crop_pct=0.95"} <= set(scratch)
+    proc = bcc_main("compare", "--plan", "--config", cfg, "--modes", "full", "--init", "pretrained,scratch",
+                    "--out", tmp_path / "o", "data.image_size=32")
+    scratch = proc.stdout.splitlines()[1].split("\t")[2:]
+    assert "data.image_size=48" not in scratch and "data.crop_pct=0.95" in scratch  # the user's 32 for both arms
+
+    from bcc.compare import ModeResult
+    from bcc.compare_table import ArmResult, _data_text
+    from bcc.config import load_config, save_config
+
+    arms = []
+    for name, extra in (("full", ["data.image_size=48"]), ("full-scratch", ["model.pretrained=''"])):
+        (tmp_path / name).mkdir()
+        save_config(load_config(cfg, extra), tmp_path / name / "config.yaml")
+        run = ModeResult(name, tmp_path / name, 1, {}, {}, 0.0, 1, 1, 0, 0.0, 0, init="scratch" if extra else "pretrained")
+        arms.append(ArmResult(name, [run], {}, {}, {}))
+    assert _data_text(arms).startswith("**Arms train at different data settings**: full: 48 px")
 
 
 # --------------------------------------------------------------------------- checks before training and tables
