@@ -115,8 +115,9 @@ class PretrainedRecord:
             f"pretrained: {self.loaded} of {self.total} backbone tensors loaded from {self.source} "
             f"(sha256 {self.sha256[:12]})"
         ]
-        if self.kind in ("run", "checkpoint"):
-            parts.append(f"checkpoint {Path(self.path).parent.name}")
+        if self.kind in ("run", "checkpoint"):  # which weights: those bcc export/eval take (`checkpoint_weights`)
+            ema = Path(self.path).name == "model_ema.safetensors"
+            parts.append(f"checkpoint {Path(self.path).parent.name}, {'EMA' if ema else 'raw'} weights")
         if self.heads_loaded:
             parts.append(f"heads loaded: {', '.join(self.heads_loaded)}")
         if self.heads_reinitialised:

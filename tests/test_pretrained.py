@@ -66,8 +66,9 @@ def sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def make_run(run_dir, models_and_metrics, taxonomy=ALL, backbone=TINY):
-    """A bcc run directory with one checkpoint per (model, metric), steps 2, 4, ..."""
+def make_run(run_dir, models_and_metrics, taxonomy=ALL, backbone=TINY, ema=None):
+    """A bcc run directory with one checkpoint per (model, metric), steps 2, 4, ...; `ema`: a model
+    whose weights every checkpoint keeps as its EMA (`model_ema.safetensors`)."""
     cfg = Config(data=SOURCE_DATA, model=ModelConfig(backbone=backbone, head_hidden=HIDDEN, head_dropout=0.0))
     meta = {"taxonomy": taxonomy.to_dict(), "model": config_to_dict(cfg.model), "config": config_to_dict(cfg)}
     manager = CheckpointManager(
@@ -77,7 +78,8 @@ def make_run(run_dir, models_and_metrics, taxonomy=ALL, backbone=TINY):
     for i, (model, metric) in enumerate(models_and_metrics):
         state.step = 2 * (i + 1)
         manager.save(
-            Checkpoint(model=model.state_dict(), optimizer={}, scaler=None, rng=[], state=state, meta=meta),
+            Checkpoint(model=model.state_dict(), optimizer={}, scaler=None, rng=[], state=state, meta=meta,
+                       ema=None if ema is None else ema.state_dict()),
             metric,
         )
     return run_dir
@@ -114,8 +116,28 @@ def test_run_dir_loads_its_best_checkpoint_with_heads_and_config(run, capsys):
         f"pretrained: {record.total} of {record.total} backbone tensors loaded from {run.dir} "
         f"(sha256 {record.sha256[:12]})"
     )
-    assert "checkpoint step-00000002; heads loaded: binary, subtype" in out
+    assert "checkpoint step-00000002, raw weights; heads loaded: binary, subtype" in out
     json.dumps(record.to_dict())  # the run directory and the model card store it as JSON
+
+
+def test_an_ema_run_gives_the_weights_bcc_export_takes(tmp_path, capsys):
+    """A run kept with train.ema_decay: its EMA weights, as `bcc export`/`bcc eval --weights auto` take
+    them, said in the load line; a checkpoint whose stored calibration is of the raw weights only gives
+    its raw weights (auto's fallback there too)."""
+    raw, ema = tiny(seed=5), tiny(seed=6)
+    run_dir = make_run(tmp_path / "run", [(raw, 0.9)], ema=ema)
+    step = run_dir / "checkpoints" / "step-00000002"
+    model = tiny()
+    record = load_pretrained(model, run_dir, taxonomy=ALL)
+    assert_same(model, ema, prefix="")
+    assert record.path == str((step / "model_ema.safetensors").resolve())
+    assert record.sha256 == sha(step / "model_ema.safetensors")
+    assert "checkpoint step-00000002, EMA weights;" in capsys.readouterr().out
+    (step / "temperature.json").write_text(json.dumps({"temperatures": {"binary": 1.0, "subtype": 1.0}}))
+    model = tiny()
+    record = load_pretrained(model, run_dir / "checkpoints" / "best", taxonomy=ALL)
+    assert_same(model, raw, prefix="") and record.path.endswith("step-00000002/model.safetensors")
+    assert "checkpoint step-00000002, raw weights;" in capsys.readouterr().out
 
 
 def test_run_dir_without_best_takes_the_latest(tmp_path):
