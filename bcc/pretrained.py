@@ -198,6 +198,14 @@ def load_pretrained(
             state = from_hub_layout(state)
         label, digest, path = str(source), sha256_file(src.weights), str(src.weights)
         _check_written_hash(src.weights, digest)
+    import torch
+
+    # a diverged source would seed a run whose first loss is NaN, blamed on the learning rate: name it here
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise PretrainedError(f"pretrained source {label}: tensor {bad[0]} holds NaN or Inf values"
+                              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                              + "; its training diverged or the file is damaged")
     record = _load_state_dict(
         model, state, src, label, digest, path, allow_mismatch, _taxonomy_dict(taxonomy)
     )

@@ -140,6 +140,19 @@ def test_an_ema_run_gives_the_weights_bcc_export_takes(tmp_path, capsys):
     assert "checkpoint step-00000002, raw weights;" in capsys.readouterr().out
 
 
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    """NaN/Inf in a source (a diverged run) is the source's fault, named here, not a NaN loss at step 1."""
+    state = tiny(seed=7).state_dict()
+    key = next(k for k in state if k.startswith("backbone.") and state[k].is_floating_point())
+    state[key] = torch.full_like(state[key], float("nan"))
+    torch.save(state, tmp_path / "nan.pth")
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PretrainedError, match=rf"nan\.pth: tensor {key} holds NaN or Inf values; its training"):
+        load_pretrained(model, tmp_path / "nan.pth")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
+
+
 def test_run_dir_without_best_takes_the_latest(tmp_path):
     first, second = tiny(seed=3), tiny(seed=4)
     run_dir = make_run(tmp_path / "run", [(first, None), (second, None)])
