@@ -176,7 +176,7 @@ def plan_arms(modes: Sequence[str], inits: Sequence[str] | None, pretrained: str
         raise CompareError("--init pretrained needs model.pretrained in the config (a weights file, a bcc run, "
                            "checkpoint or export); without it every run starts from scratch")
     return [Arm(mode, init, mode + (SCRATCH_SUFFIX if init == "scratch" and pretrained else ""))
-            for mode in modes for init in dict.fromkeys(inits)]
+            for mode in dict.fromkeys(modes) for init in dict.fromkeys(inits)]  # once each: one run dir, one task
 
 
 def seed_list(base: int, seeds: int) -> list[int]:

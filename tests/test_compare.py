@@ -288,6 +288,9 @@ def test_bcc_compare_plan_lists_every_arm_and_seed_once_with_its_pack(synth_shar
                            *(["model.pretrained=''"] if init == "scratch" else []),
                            f"train.seed={seed}", f"data.shards={packs[seed - 5]}"]
     assert not (tmp_path / "o").exists()  # --plan trains nothing
+    # a mode given twice is one arm: an array job must not train one run dir in two tasks at once
+    proc = bcc_main("compare", "--plan", "--config", cfg, "--modes", "full,full", "--out", "o")
+    assert proc.returncode == 0 and [line.split("\t")[1] for line in proc.stdout.splitlines()] == ["o/full"]
 
 
 def test_scratch_arms_take_the_data_settings_the_pretrained_arms_resolve_to(synth_shards, tmp_path, bcc_main):
