@@ -452,6 +452,10 @@ def plan_runs(cfg: Config, modes: Sequence[str], out: str | Path, seeds: int = 1
     for pack in packs:
         if not (Path(pack) / "manifest.json").is_file():
             raise CompareError(f"--packs: {pack} is not a packed dataset (no manifest.json)")
+    if packs:
+        from bcc.compare_check import check_packs  # here: compare_check imports this module
+
+        check_packs(packs)  # one data set and taxonomy, split once per seed
     from bcc.pretrained import followed_overrides
 
     same = followed_overrides(cfg, explicit or ()) if any(a.forces_scratch for a in arms) else []

@@ -165,3 +165,37 @@ def pretrained_text(run_dirs: Sequence[Path], root: Path) -> str:
         return f"Pretrained source: `{source}` (sha256 {sha}) for every run that starts from one."
     per = "; ".join(f"`{source}` (sha256 {sha}): {', '.join(runs)}" for (source, sha), runs in found.items())
     return f"**Pretrained sources differ between runs**: {per}."
+
+
+def check_packs(packs: Sequence[str]) -> None:
+    """`--packs` are one data set split once per seed: refuse a pack whose taxonomy, or whose images per
+    class over all its splits (the same images however they are split), differ from the first pack's,
+    naming both packs; a note when they were packed at another `--resize` (a CompareError otherwise)."""
+    from collections import Counter
+
+    from bcc.console import console
+    from bcc.manifest import Manifest
+    from bcc.predict import _label_structure, describe_taxonomy
+
+    loaded = []
+    for pack in packs:
+        try:
+            m = Manifest.load(pack, key="--packs")
+        except BccError as e:
+            raise CompareError(f"--packs: {e}") from None
+        totals: Counter = Counter()
+        for name in m.splits:
+            totals.update(m.split(name).class_counts)
+        loaded.append((pack, m, {c: n for c, n in sorted(totals.items()) if n}))
+    first, ref, ref_totals = loaded[0]
+    why = "the packs of one comparison are the same data set split by seed (bcc pack --seed S)"
+    for pack, m, totals in loaded[1:]:
+        if _label_structure(m.taxonomy) != _label_structure(ref.taxonomy):
+            raise CompareError(f"--packs: {pack} has taxonomy {describe_taxonomy(m.taxonomy)}, {first} has "
+                               f"{describe_taxonomy(ref.taxonomy)}; {why}")
+        if totals != ref_totals:
+            raise CompareError(f"--packs: {pack} holds other images than {first} (per class over all splits: "
+                               f"{totals} vs {ref_totals}); {why}")
+        if m.options.get("resize") != ref.options.get("resize"):
+            console.print(f"[yellow]note:[/] --packs: {pack} was packed with --resize {m.options.get('resize')}, "
+                          f"{first} with {ref.options.get('resize')}", soft_wrap=True)

@@ -214,6 +214,31 @@ def test_bcc_compare_refuses_packs_that_do_not_match_the_seeds(synth_shards, tmp
     assert not (tmp_path / "o").exists()
 
 
+def test_bcc_compare_refuses_packs_of_another_data_set_or_taxonomy(synth_shards, tmp_path, bcc_main):
+    """--packs are seeds of one data set: a pack of other images or another taxonomy is refused by name."""
+    import json
+
+    manifest = json.loads((synth_shards / "manifest.json").read_text())
+    other, wbc = tmp_path / "other", tmp_path / "wbc"
+    for path in (other, wbc):
+        path.mkdir()
+    fewer = json.loads(json.dumps(manifest))
+    split = next(iter(fewer["splits"].values()))
+    cls = next(c for c, n in split["class_counts"].items() if n)
+    split["class_counts"][cls] -= 1
+    (other / "manifest.json").write_text(json.dumps(fewer))
+    relabelled = json.loads(json.dumps(manifest))
+    relabelled["taxonomy"]["heads"][0]["labels"] = relabelled["taxonomy"]["heads"][0]["labels"][::-1]
+    (wbc / "manifest.json").write_text(json.dumps(relabelled))
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused")
+    for pack, said in ((other, "holds other images than"), (wbc, "has taxonomy")):
+        proc = bcc_main("compare", "--plan", "--config", cfg, "--seeds", "2", "--packs", f"{synth_shards},{pack}",
+                        "--out", tmp_path / "o")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+        assert line.startswith(f"error: --packs: {pack} {said}") and str(synth_shards) in line
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -269,7 +294,7 @@ def test_bcc_compare_plan_lists_every_arm_and_seed_once_with_its_pack(synth_shar
     packs = [tmp_path / "p0", tmp_path / "p1"]
     for p in packs:
         p.mkdir()
-        (p / "manifest.json").write_text("{}")
+        (p / "manifest.json").write_text((synth_shards / "manifest.json").read_text())
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused",
                        model={"backbone": "test_resnet", "pretrained": str(tmp_path / "weights.pt")},
                        train={"seed": 5})
