@@ -100,6 +100,7 @@ class PretrainedRecord:
     skipped: tuple[str, ...] = ()  # model keys whose source tensor has another shape
     backbone: str | None = None
     preprocess: SourcePreprocess = field(default_factory=SourcePreprocess)
+    unfinished: bool = False  # a run source without summary.json (killed, preempted, still training)
 
     @property
     def missing_backbone(self) -> list[str]:
@@ -209,8 +210,14 @@ def load_pretrained(
     record = _load_state_dict(
         model, state, src, label, digest, path, allow_mismatch, _taxonomy_dict(taxonomy)
     )
+    if src.kind == "run" and not (Path(source) / "summary.json").is_file():
+        record = dataclasses.replace(record, unfinished=True)  # recorded in RUN/pretrained.json
     if echo:
         console.print(record.line(), markup=False, highlight=False, soft_wrap=True)
+        if record.unfinished:
+            console.print(f"[yellow]warning:[/] pretrained source {label} did not finish (no summary.json): "
+                          f"these are its weights at {Path(path).parent.name}, not those of a finished run",
+                          soft_wrap=True)
     return record
 
 

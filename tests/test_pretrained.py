@@ -82,6 +82,7 @@ def make_run(run_dir, models_and_metrics, taxonomy=ALL, backbone=TINY, ema=None)
                        ema=None if ema is None else ema.state_dict()),
             metric,
         )
+    (run_dir / "summary.json").write_text("{}")  # finished (a source without it gets a warning)
     return run_dir
 
 
@@ -151,6 +152,20 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
     with pytest.raises(PretrainedError, match=rf"nan\.pth: tensor {key} holds NaN or Inf values; its training"):
         load_pretrained(model, tmp_path / "nan.pth")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
+
+
+def test_an_unfinished_source_run_is_said_and_recorded(run, tmp_path, capsys):
+    """A run without summary.json (killed or still training) loads, with a warning and `unfinished` recorded."""
+    import shutil
+
+    assert not load_pretrained(tiny(), run.dir, taxonomy=ALL).unfinished and "warning" not in capsys.readouterr().out
+    killed = shutil.copytree(run.dir, tmp_path / "killed", symlinks=True)
+    (killed / "summary.json").unlink()
+    record = load_pretrained(tiny(), killed, taxonomy=ALL)
+    out = capsys.readouterr().out
+    assert record.unfinished and record.to_dict()["unfinished"] is True
+    assert f"warning: pretrained source {killed} did not finish (no summary.json): these are its weights at " \
+           "step-00000002" in " ".join(out.split())
 
 
 def test_run_dir_without_best_takes_the_latest(tmp_path):
