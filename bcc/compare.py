@@ -28,7 +28,7 @@ import csv
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -176,7 +176,7 @@ def plan_arms(modes: Sequence[str], inits: Sequence[str] | None, pretrained: str
         raise CompareError("--init pretrained needs model.pretrained in the config (a weights file, a bcc run, "
                            "checkpoint or export); without it every run starts from scratch")
     return [Arm(mode, init, mode + (SCRATCH_SUFFIX if init == "scratch" and pretrained else ""))
-            for mode in modes for init in dict.fromkeys(inits)]
+            for mode in dict.fromkeys(modes) for init in dict.fromkeys(inits)]  # once each: one run dir, one task
 
 
 def seed_list(base: int, seeds: int) -> list[int]:
@@ -438,9 +438,12 @@ class PlannedRun:
 
 
 def plan_runs(cfg: Config, modes: Sequence[str], out: str | Path, seeds: int = 1,
-              inits: Sequence[str] | None = None, packs: Sequence[str] = ()) -> list[PlannedRun]:
+              inits: Sequence[str] | None = None, packs: Sequence[str] = (),
+              explicit: Collection[str] | None = None) -> list[PlannedRun]:
     """Every run of a comparison, arm by arm (`plan_arms`), seed by seed: what `compare` trains in turn
-    and what `slurm/compare.sbatch` trains one per array task (`bcc compare --plan`).
+    and what `slurm/compare.sbatch` trains one per array task (`bcc compare --plan`). A scratch arm
+    takes the data settings (image_size, mean, std, crop_pct) the pretrained arms resolve to from their
+    source (`bcc.pretrained.followed_overrides`; `explicit`: the keys the user set, which stay).
     Raises CompareError for an unknown mode or init, --seeds < 1, or --packs that do not match."""
     arms = plan_arms(modes, inits, cfg.model.pretrained)  # unknown modes fail before any training
     seed_values = seed_list(cfg.train.seed, seeds)
@@ -449,13 +452,20 @@ def plan_runs(cfg: Config, modes: Sequence[str], out: str | Path, seeds: int = 1
     for pack in packs:
         if not (Path(pack) / "manifest.json").is_file():
             raise CompareError(f"--packs: {pack} is not a packed dataset (no manifest.json)")
+    if packs:
+        from bcc.compare_check import check_packs  # here: compare_check imports this module
+
+        check_packs(packs)  # one data set and taxonomy, split once per seed
+    from bcc.pretrained import followed_overrides
+
+    same = followed_overrides(cfg, explicit or ()) if any(a.forces_scratch for a in arms) else []
     runs = []
     for arm in arms:
         for k, seed in enumerate(seed_values):
             seed_or_none = seed if seeds > 1 else None
             run_dir = run_dir_of(Path(out), arm.name, seed_or_none)
-            runs.append(PlannedRun(arm, seed_or_none, run_dir,
-                                   tuple(run_overrides(arm, run_dir, seed_or_none, packs[k] if packs else None))))
+            runs.append(PlannedRun(arm, seed_or_none, run_dir, tuple(run_overrides(
+                arm, run_dir, seed_or_none, packs[k] if packs else None)) + tuple(same if arm.forces_scratch else ())))
     return runs
 
 
@@ -466,7 +476,9 @@ def compare(config: str | Path | None, modes: Sequence[str], out: str | Path, pr
     then aggregate. `packs`, when given, holds one pack per seed (the split varies with the seed)."""
     out = Path(out)
     cfg = load_config(config, list(overrides))
-    runs = plan_runs(cfg, modes, out, seeds, inits, packs)
+    from bcc.pretrained import explicit_keys
+
+    runs = plan_runs(cfg, modes, out, seeds, inits, packs, explicit_keys(config, overrides))
     from bcc.compare_check import check_runs
 
     check_runs(config, overrides, runs)  # every error a run would meet, before the first one trains

@@ -60,6 +60,7 @@ def check_runs(config: str | Path | None, overrides: Sequence[str], runs: Sequen
 
     groups: dict[object, list[str]] = {}  # group names per model config: one build each
     fittable: set[object] = set()  # data configs whose val split can fit eval.operating_point
+    hashes: dict[str, str | None] = {}  # pretrained source -> its current sha256 (read once per source)
     for run in runs:
         given = [*overrides, *run.overrides, RESUME]
         try:
@@ -87,10 +88,36 @@ def check_runs(config: str | Path | None, overrides: Sequence[str], runs: Sequen
             pre = SourcePreprocess(mean=d.mean, std=d.std, image_size=d.image_size, crop_pct=d.crop_pct)
             cfg = _replace(cfg, data=follow_source(cfg.data, pre, explicit_keys(config, given))[0])
         diff = run_differences(saved, cfg)
+        verb = "reuse" if "summary.json" in held else "resume"
         if diff:
             raise CompareError(f"{run.run_dir} holds a run of another config than this command's ({'; '.join(diff)}): "
-                               f"{command} would {'reuse' if 'summary.json' in held else 'resume'} it beside runs of "
-                               f"this config; {fix}")
+                               f"{command} would {verb} it beside runs of this config; {fix}")
+        if cfg.model.pretrained:
+            check_source_hash(run.run_dir, cfg.model.pretrained, cfg.model.backbone, f"{command} would {verb} it",
+                              hashes)
+
+
+def check_source_hash(run_dir: Path, source: str, backbone: str, what: str, hashes: dict[str, str | None]) -> None:
+    """Refuse a run that started from other weights than `source` holds now (same path, retrained or
+    replaced weights): its `pretrained.json` sha256 against the source's current one (`hashes` caches
+    them per source). A source that cannot be read now, the hub, or a run without the record: no check."""
+    import json
+
+    from bcc.pretrained import source_sha256
+    from bcc.train.fit import PRETRAINED_FILE
+
+    try:
+        recorded = json.loads((run_dir / PRETRAINED_FILE).read_text(encoding="utf-8"))["sha256"]
+        if source not in hashes:
+            hashes[source] = source_sha256(source, backbone)
+    except (OSError, ValueError, KeyError, TypeError, BccError):
+        return
+    current = hashes[source]
+    if current is not None and recorded and recorded != current:
+        raise CompareError(f"{run_dir} was trained from pretrained source {source} with sha256 {recorded[:12]}, "
+                           f"which now holds sha256 {current[:12]} (retrained or replaced): {what} beside runs from "
+                           "the new weights; delete the run dir to train it again from them, or use another --out "
+                           "(or put the old weights back)")
 
 
 ARM_KEYS = ("finetune.preset", "model.pretrained", "train.seed", "data.shards")  # what makes arms, seeds, packs
@@ -113,3 +140,62 @@ def check_same_config(run_dirs: Sequence[Path]) -> None:
             raise CompareError(f"{d} was trained under another config than {first} ({'; '.join(diff)}): a table "
                                "over both would compare different budgets or recipes; aggregate only the runs of "
                                f"one config (move the others to another directory) or retrain {d}")
+
+
+def pretrained_text(run_dirs: Sequence[Path], root: Path) -> str:
+    """One Markdown line naming the pretrained source(s) the runs started from, with the short sha256 of
+    each run's `pretrained.json` (RESULTS.md, CV.md); "" when no run started from one. Runs whose
+    recorded weights differ are listed each (relative to `root`), so a mix is never averaged unseen."""
+    import json
+
+    from bcc.train.fit import PRETRAINED_FILE
+
+    found: dict[tuple[str, str], list[str]] = {}
+    for d in run_dirs:
+        try:
+            record = json.loads((d / PRETRAINED_FILE).read_text(encoding="utf-8"))
+            key = (str(record["source"]), str(record["sha256"])[:12])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        found.setdefault(key, []).append(str(d.relative_to(root)) if d.is_relative_to(root) else str(d))
+    if not found:
+        return ""
+    if len(found) == 1:
+        (source, sha), = found
+        return f"Pretrained source: `{source}` (sha256 {sha}) for every run that starts from one."
+    per = "; ".join(f"`{source}` (sha256 {sha}): {', '.join(runs)}" for (source, sha), runs in found.items())
+    return f"**Pretrained sources differ between runs**: {per}."
+
+
+def check_packs(packs: Sequence[str]) -> None:
+    """`--packs` are one data set split once per seed: refuse a pack whose taxonomy, or whose images per
+    class over all its splits (the same images however they are split), differ from the first pack's,
+    naming both packs; a note when they were packed at another `--resize` (a CompareError otherwise)."""
+    from collections import Counter
+
+    from bcc.console import console
+    from bcc.manifest import Manifest
+    from bcc.predict import _label_structure, describe_taxonomy
+
+    loaded = []
+    for pack in packs:
+        try:
+            m = Manifest.load(pack, key="--packs")
+        except BccError as e:
+            raise CompareError(f"--packs: {e}") from None
+        totals: Counter = Counter()
+        for name in m.splits:
+            totals.update(m.split(name).class_counts)
+        loaded.append((pack, m, {c: n for c, n in sorted(totals.items()) if n}))
+    first, ref, ref_totals = loaded[0]
+    why = "the packs of one comparison are the same data set split by seed (bcc pack --seed S)"
+    for pack, m, totals in loaded[1:]:
+        if _label_structure(m.taxonomy) != _label_structure(ref.taxonomy):
+            raise CompareError(f"--packs: {pack} has taxonomy {describe_taxonomy(m.taxonomy)}, {first} has "
+                               f"{describe_taxonomy(ref.taxonomy)}; {why}")
+        if totals != ref_totals:
+            raise CompareError(f"--packs: {pack} holds other images than {first} (per class over all splits: "
+                               f"{totals} vs {ref_totals}); {why}")
+        if m.options.get("resize") != ref.options.get("resize"):
+            console.print(f"[yellow]note:[/] --packs: {pack} was packed with --resize {m.options.get('resize')}, "
+                          f"{first} with {ref.options.get('resize')}", soft_wrap=True)

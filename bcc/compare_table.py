@@ -38,7 +38,7 @@ from bcc.compare import (
     read_predictions,
     write_test_predictions,
 )
-from bcc.compare_check import check_same_config
+from bcc.compare_check import check_same_config, pretrained_text
 from bcc.config import load_saved_config
 from bcc.stats import LEVEL, N_BOOT, SAMPLE_METRICS, bootstrap_ci, mean_sd, sample_metrics
 
@@ -291,7 +291,9 @@ def aggregate(out: str | Path, modes: Sequence[str] = MODES, bench: Mapping[str,
     short = [f"{a.name} ({len(a.runs)} of {expected_seeds})" for a in results
              if expected_seeds is not None and len(a.runs) < expected_seeds]
     with atomic_write(out / "RESULTS.md") as f:
-        f.write(_markdown(results, metrics, test_metrics, bench, command, missing, short, n_boot, cfg.checkpoint.mode))
+        f.write(_markdown(results, metrics, test_metrics, bench, command, missing, short, n_boot, cfg.checkpoint.mode,
+                          "\n\n".join(filter(None, [pretrained_text([d for n in present for d in find_runs(out, n)], out),
+                                                     _data_text(results)]))))
     return results
 
 
@@ -301,6 +303,22 @@ def _plot(results: Sequence[ModeResult], path: Path) -> None:
     metric = results[0].metrics[0]
     plot_curves({r.mode: r.rows for r in results}, metric, path, split="val",
                 title=f"validation {metric} by fine-tuning mode (first seed)")
+
+
+def _data_text(results: Sequence[ArmResult]) -> str:
+    """The resolution and normalisation every run trained at (scratch arms take the pretrained arms'),
+    or each arm's when they differ (runs planned before scratch arms followed the source)."""
+    seen: dict[tuple, list[str]] = {}
+    for a in results:
+        d = load_saved_config(a.runs[0].run_dir / "config.yaml").data
+        seen.setdefault((d.image_size, tuple(d.mean), tuple(d.std), d.crop_pct), []).append(a.name)
+    text = {k: f"{k[0]} px, mean {list(k[1])}, std {list(k[2])}, crop_pct {k[3]}" for k in seen}
+    if len(seen) == 1:
+        scratch = any(a.runs[0].init == "scratch" for a in results)
+        return f"Every arm trains at {next(iter(text.values()))}" + (
+            " (scratch arms take what the pretrained arms resolve from their source)." if scratch else ".")
+    return "**Arms train at different data settings**: " + "; ".join(f"{', '.join(n)}: {text[k]}"
+                                                                    for k, n in seen.items()) + "."
 
 
 def _weights_text(results: Sequence[ArmResult]) -> str:
@@ -324,7 +342,7 @@ def _interval(ci: tuple[float, float]) -> str:
 
 
 def _markdown(results: Sequence[ArmResult], metrics, test_metrics, bench, command, missing, short, n_boot,
-              select_mode: str = "max") -> str:
+              select_mode: str = "max", pretrained: str = "") -> str:
     select = metrics[0]
     chosen = next((a for a in results if a.chosen), None)
     r0 = results[0].runs[0]
@@ -340,6 +358,8 @@ def _markdown(results: Sequence[ArmResult], metrics, test_metrics, bench, comman
               "`s/step (wall)` is train time / optimizer steps, evaluation and checkpoints included; `CPU min` is the "
               "CPU time of all ranks' processes and loader workers (the cost on shared cores, where wall time "
               "follows the load).", ""]
+    if pretrained:
+        lines += [pretrained, ""]
     if chosen is not None:
         best = "highest" if select_mode == "max" else "lowest"
         lines += [f"**Chosen on validation: {chosen.name}** (✓), the {best} mean val {select} over seeds; "

@@ -157,6 +157,7 @@ def aggregate(out: str | Path, folds: int, command: str = "") -> dict[str, Any]:
     import torch
 
     from bcc.compare import read_mode
+    from bcc.compare_check import pretrained_text
     from bcc.predict import write_probability_csv
 
     out = Path(out)
@@ -194,6 +195,7 @@ def aggregate(out: str | Path, folds: int, command: str = "") -> dict[str, Any]:
         "best_epoch": [r.best_epoch for r in results],
         "train_time_s": [r.train_time for r in results],
         "out": str(out),
+        "pretrained": pretrained_text([fold_dir(out, k) for k in range(folds)], out),
         "oof": {**_oof_scores([int(y) for p in preds for y in p["label"]],
                               [int(d) for p in preds for d in p["decided"]]), "file": OOF_FILE},
     }
@@ -233,6 +235,8 @@ def _markdown(summary: dict[str, Any], metrics: Sequence[str]) -> str:
               "val metrics are each fold's best epoch (by its checkpoint.metric "
               f"`{summary['checkpoint_metric']}`), test metrics the fixed test split evaluated with that "
               "fold's best checkpoint; sd is the sample standard deviation over the folds.", ""]
+    if summary.get("pretrained"):
+        lines += [summary["pretrained"], ""]
     head = ["metric", "mean ± sd", *(f"fold {i}" for i in range(k))]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for split in ("val", "test"):

@@ -47,7 +47,6 @@ from bcc.atomic import write_json
 from bcc.errors import EXIT_USAGE, BccError
 from bcc.imageio import IMAGE_SUFFIXES, decode_rgb, display_path, is_image_name
 from bcc.imageio import scan_class_folders as scan_folders
-from bcc.operating_point import binary_head
 from bcc.predict import (
     InferenceModel,
     TaxonomyMismatchError,
@@ -60,7 +59,6 @@ from bcc.taxonomy import Taxonomy, TaxonomyError
 
 __all__ = [
     "EvalError",
-    "calibrate_checkpoint",
     "evaluate_checkpoint",
     "open_source",
     "scan_class_folders",
@@ -157,12 +155,23 @@ class EvalSource:
     expected: int  # samples over all ranks (before unreadable images)
     loader: Callable[[int, int], Iterable[dict[str, Any]]]
     skipped: list[dict[str, str]] = field(default_factory=list)
+    fold: int | None = None  # the run's `data.fold` whose view `name` is (its train or val split), else None
+
+    @property
+    def shown(self) -> str:
+        """`val`, or `val (fold 1 of the pack's train+val: the run's data.fold)` for a fold view."""
+        return self.name if self.fold is None else f"{self.name} (fold {self.fold} of the pack's train+val: " \
+                                                   "the run's data.fold)"
 
 
 def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size: int | None = None,
                 workers: int | None = None, key: str = "--data") -> EvalSource:
     """A packed dataset (directory with manifest.json) or an image folder, checked against `im`'s taxonomy.
-    `key`: where the user wrote `data` (`--data`, or the run's `data.shards`), named by errors about it."""
+    `key`: where the user wrote `data` (`--data`, or the run's `data.shards`), named by errors about it.
+
+    A run trained with `data.fold=k` (`bcc cv`) is evaluated on its fold view of a pack with folds
+    (`Manifest.with_fold`, as training read it): its train/val split is then the other folds / fold k,
+    never the pack's own val split (most of which that run trained on). `EvalSource.fold` says so."""
     from bcc.manifest import Manifest
     from bcc.remote import RemoteError, check_scheme
     from bcc.stream import eval_loader
@@ -185,10 +194,19 @@ def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size:
                                                                          and path.is_file()):
         manifest = Manifest.load(path if is_local(str(data)) else str(data), key=key)  # a URL or pipe: pack too
         check_taxonomy(im.taxonomy, manifest.taxonomy, model_label, f"dataset {manifest.root}")
+        fold = d.fold if manifest.folds is not None else None  # a pack without folds is not the run's pack
+        if fold is not None:
+            from bcc.manifest import FoldError
+
+            try:
+                manifest = manifest.with_fold(fold, train=d.train_split, val=d.val_split)
+            except FoldError as e:
+                raise EvalError(f"{key} {data}: {e} (checkpoint {im.checkpoint} was trained on data.fold={fold})") from None
         info = manifest.split(split)
         return EvalSource(
             "packed", manifest.root, split, info.count,
             lambda rank, world: eval_loader(manifest, split, data_cfg, rank=rank, world_size=world),
+            fold=fold if split in (d.train_split, d.val_split) else None,
         )
     if not path.is_dir():
         raise EvalError(f"{key} {path} is neither a packed dataset (no manifest.json) nor a directory")
@@ -366,6 +384,7 @@ def evaluate_checkpoint(
         "data": str(source.path),
         "kind": source.kind,
         "split": split if source.kind == "packed" else None,
+        "fold": source.fold,  # the run's data.fold whose view `split` is (null: the pack's own split)
         "taxonomy": im.taxonomy.name,
         "classes": list(im.taxonomy.class_names),
         "count": count,
@@ -395,7 +414,7 @@ def evaluate_checkpoint(
         scaling = "temperature-scaled" if im.temperatures else "uncalibrated"
         plot_reliability(combined_probs(im.taxonomy, im.scale(merged["logits"])), merged["label"],
                          out_dir / "reliability.png", title=f"combined, {scaling}")
-        console.print(format_table(flat, f"{source.kind} {source.name}: {count} images ({im.weights} weights, {scaling})"))
+        console.print(format_table(flat, f"{source.kind} {source.shown}: {count} images ({im.weights} weights, {scaling})"))
         for f in merged["failed"]:
             console.print(f"[yellow]unreadable:[/] {f['source']}: {f['reason']}", soft_wrap=True)
         # never dropped silently (pack's policy): each named, up to a screenful, all in metrics.json
@@ -415,94 +434,6 @@ def evaluate_checkpoint(
     report["out"] = str(out_dir)
     acc.wait_for_everyone()
     return report
-
-
-# --------------------------------------------------------------------------- calibration
-
-
-def _ece_by_scope(taxonomy: Taxonomy, logits: Sequence[Tensor], labels: Tensor) -> dict[str, float]:
-    from bcc.calibration import ece
-    from bcc.metrics import combined_probs
-
-    table = taxonomy.target_table()
-    out = {}
-    for h, name in enumerate(taxonomy.head_names):
-        target = table[labels, h]
-        valid = target >= 0
-        out[name] = ece(torch.softmax(logits[h][valid].double(), dim=1), target[valid])
-    out["combined"] = ece(combined_probs(taxonomy, logits), labels)
-    return out
-
-
-def calibrate_checkpoint(
-    checkpoint: str | Path,
-    data: str | Path | None = None,
-    split: str | None = None,
-    *,
-    batch_size: int | None = None,
-    workers: int | None = None,
-    device: str | None = None,
-    operating_point: str | None = None,
-) -> dict[str, Any]:
-    """Fit one temperature per head on `split` (default: the run's val split of the run's data) and store
-    them with the checkpoint (`temperature.json`); returns temperatures, ECE before/after and the path.
-
-    `operating_point` (a rule of `bcc.operating_point`) then fits the binary threshold on the
-    temperature-scaled probabilities of the same samples and stores it (`operating_point.json`);
-    `argmax` removes a stored one. Returned under "operating_point"."""
-    from bcc.operating_point import parse_operating_point
-
-    rule = parse_operating_point(operating_point) if operating_point is not None else None
-    from bcc.calibration import apply_temperature, fit_temperatures
-    from bcc.export import is_export_dir
-    from bcc.export_hf import HUB_PREFIX
-    from bcc.predict import write_temperatures
-
-    if str(checkpoint).startswith(HUB_PREFIX) or is_export_dir(checkpoint):  # its files are the export's, fixed
-        raise EvalError(f"{checkpoint} is an export: calibrate the run's checkpoint, then export it again")
-    im = load_inference_model(checkpoint, device=device, calibrated=False)
-    if rule is not None and not rule.is_argmax:
-        binary_head(im.taxonomy)  # a named error before any inference
-    if data is None and im.config.data.sources:
-        raise EvalError(f"{checkpoint} was trained on data.sources ({', '.join(s.shards for s in im.config.data.sources)}); "
-                        "pass --data with the pack to calibrate on")
-    key = "--data" if data is not None else "data.shards"
-    data = data if data is not None else im.config.data.shards
-    split = split or im.config.data.val_split
-    from bcc.remote import is_local
-
-    if is_local(str(data)) and not Path(data).exists():  # a URL or pipe: pack is checked as it is fetched
-        raise EvalError(f"calibration data {data} (the run's data.shards) does not exist; pass --data")
-    source = open_source(data, split, im, batch_size=batch_size, workers=workers, key=key)
-    part = _infer(im, source.loader(0, 1))
-    logits, labels = part["logits"], part["label"]
-    if labels.numel() == 0:
-        raise EvalError(f"no samples to calibrate on in {source.path} ({source.name})")
-    temps = fit_temperatures(im.taxonomy, logits, labels)
-    before = _ece_by_scope(im.taxonomy, logits, labels)
-    after = _ece_by_scope(im.taxonomy, apply_temperature(logits, temps, im.taxonomy.head_names), labels)
-    info = {"data": str(source.path), "split": source.name, "count": int(labels.numel()), "step": im.step,
-            "ece_before": before, "ece_after": after}
-    path = write_temperatures(im.checkpoint, temps, info)
-    point = None
-    if rule is not None:
-        point = _fit_operating_point(im, rule, apply_temperature(logits, temps, im.taxonomy.head_names), labels,
-                                     temps, {k: info[k] for k in ("data", "split", "count", "step")})
-    return {"temperatures": temps, **info, "path": str(path), "failed": part["failed"], "operating_point": point}
-
-
-def _fit_operating_point(im: InferenceModel, rule, scaled: Sequence[Tensor], labels: Tensor,
-                         temps: dict[str, float], info: dict[str, Any]) -> dict[str, Any] | None:
-    """Fit and store (or, for argmax, remove) the checkpoint's operating point; see `calibrate_checkpoint`."""
-    from bcc.operating_point import OPERATING_POINT_FILE, fit_on_logits, write_operating_point
-
-    if rule.is_argmax:
-        (im.checkpoint / OPERATING_POINT_FILE).unlink(missing_ok=True)
-        return None
-    head, threshold, val = fit_on_logits(im.taxonomy, scaled, labels, rule)
-    path = write_operating_point(im.checkpoint, rule, threshold, im.taxonomy, temps.get(head, 1.0),
-                                 {**info, "calibrated": True, "val": val})
-    return {"rule": str(rule), "head": head, "threshold": threshold, "val": val, "path": str(path)}
 
 
 if __name__ == "__main__":  # the old entry point: say where it went instead of exiting 0 having done nothing

@@ -100,6 +100,7 @@ class PretrainedRecord:
     skipped: tuple[str, ...] = ()  # model keys whose source tensor has another shape
     backbone: str | None = None
     preprocess: SourcePreprocess = field(default_factory=SourcePreprocess)
+    unfinished: bool = False  # a run source without summary.json (killed, preempted, still training)
 
     @property
     def missing_backbone(self) -> list[str]:
@@ -115,8 +116,9 @@ class PretrainedRecord:
             f"pretrained: {self.loaded} of {self.total} backbone tensors loaded from {self.source} "
             f"(sha256 {self.sha256[:12]})"
         ]
-        if self.kind in ("run", "checkpoint"):
-            parts.append(f"checkpoint {Path(self.path).parent.name}")
+        if self.kind in ("run", "checkpoint"):  # which weights: those bcc export/eval take (`checkpoint_weights`)
+            ema = Path(self.path).name == "model_ema.safetensors"
+            parts.append(f"checkpoint {Path(self.path).parent.name}, {'EMA' if ema else 'raw'} weights")
         if self.heads_loaded:
             parts.append(f"heads loaded: {', '.join(self.heads_loaded)}")
         if self.heads_reinitialised:
@@ -197,11 +199,25 @@ def load_pretrained(
             state = from_hub_layout(state)
         label, digest, path = str(source), sha256_file(src.weights), str(src.weights)
         _check_written_hash(src.weights, digest)
+    import torch
+
+    # a diverged source would seed a run whose first loss is NaN, blamed on the learning rate: name it here
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise PretrainedError(f"pretrained source {label}: tensor {bad[0]} holds NaN or Inf values"
+                              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                              + "; its training diverged or the file is damaged")
     record = _load_state_dict(
         model, state, src, label, digest, path, allow_mismatch, _taxonomy_dict(taxonomy)
     )
+    if src.kind == "run" and not (Path(source) / "summary.json").is_file():
+        record = dataclasses.replace(record, unfinished=True)  # recorded in RUN/pretrained.json
     if echo:
         console.print(record.line(), markup=False, highlight=False, soft_wrap=True)
+        if record.unfinished:
+            console.print(f"[yellow]warning:[/] pretrained source {label} did not finish (no summary.json): "
+                          f"these are its weights at {Path(path).parent.name}, not those of a finished run",
+                          soft_wrap=True)
     return record
 
 
@@ -299,6 +315,14 @@ def _load_state_dict(
     )
 
 
+def source_sha256(source: str | Path, backbone: str | None = None) -> str | None:
+    """The sha256 `load_pretrained` would record for `source` now (of the weights file it reads), without
+    loading it; None for the hub (its hash needs the download). Raises `PretrainedError` as
+    `resolve_source` does. `bcc compare`/`bcc cv` compare it with a finished run's `pretrained.json`."""
+    src = resolve_source(source, backbone)
+    return None if src.kind == "hub" or src.weights is None else sha256_file(src.weights)
+
+
 # --------------------------------------------------------------------------- following the source
 
 
@@ -338,6 +362,17 @@ def follow_pretrained(cfg: Any, explicit: Collection[str] = ()) -> tuple[Any, di
     src = resolve_source(cfg.model.pretrained, cfg.model.backbone)
     data, changes = follow_source(cfg.data, src.preprocess, explicit)
     return dataclasses.replace(cfg, data=data), {f"data.{k}": v for k, v in changes.items()}
+
+
+def followed_overrides(cfg: Any, explicit: Collection[str] = ()) -> list[str]:
+    """`data.<field>=<value>` overrides that give a run of `cfg` without its pretrained source the data
+    settings a run with it resolves to (`follow_pretrained`): `bcc compare`'s scratch arms train at the
+    pretrained arms' resolution and normalisation. [] without a source or when nothing follows it."""
+    import json
+
+    _, changes = follow_pretrained(cfg, explicit)
+    return [f"{key}={json.dumps(list(new) if isinstance(new, tuple) else new, separators=(',', ':'))}"
+            for key, (_, new) in changes.items()]
 
 
 def explicit_keys(config_file: str | Path | None, overrides: Collection[str] = ()) -> set[str]:

@@ -220,6 +220,23 @@ def _best_meta(path: Path) -> Any:
     return info.get("meta") if isinstance(info, Mapping) else None
 
 
+def checkpoint_weights(step: Path) -> Path:
+    """The weights file of checkpoint `step` that a run, checkpoint or `best`/`last` source gives: the
+    one `bcc export`/`bcc eval` take by default (`--weights auto`, `bcc.export.choose_weights`), i.e.
+    `model_ema.safetensors` when the run kept an EMA and its stored calibration (if any) has the EMA's
+    own fit, else `model.safetensors` (a raw-only fit: auto takes the raw weights there too)."""
+    from bcc import checkpoint as ck
+    from bcc.export import ExportError, ema_calibration
+
+    if not (step / ck.EMA_FILE).is_file():
+        return step / ck.MODEL_FILE
+    try:
+        fitted = ema_calibration(step)
+    except ExportError as e:
+        raise PretrainedError(f"pretrained source {step}: {e}") from None
+    return step / (ck.EMA_FILE if fitted is not None else ck.MODEL_FILE)
+
+
 def resolve_source(source: str | Path, backbone: str | None = None) -> PretrainedSource:
     """Find the weights file `source` names and what its metadata says; see the module docstring.
 
@@ -262,7 +279,7 @@ def resolve_source(source: str | Path, backbone: str | None = None) -> Pretraine
         reason = str(e)
     else:
         kind = "run" if (path / "checkpoints").is_dir() else "checkpoint"
-        return _from_checkpoint_meta(given, kind, step / ck.MODEL_FILE, _read_json(step / ck.META_FILE))
+        return _from_checkpoint_meta(given, kind, checkpoint_weights(step), _read_json(step / ck.META_FILE))
     # a run whose checkpoints are gone still has the best weights beside their meta
     if (path / ck.BEST_WEIGHTS).is_file() and (path / ck.BEST_META).is_file():
         return _from_checkpoint_meta(given, "run", path / ck.BEST_WEIGHTS, _best_meta(path / ck.BEST_META))

@@ -214,6 +214,31 @@ def test_bcc_compare_refuses_packs_that_do_not_match_the_seeds(synth_shards, tmp
     assert not (tmp_path / "o").exists()
 
 
+def test_bcc_compare_refuses_packs_of_another_data_set_or_taxonomy(synth_shards, tmp_path, bcc_main):
+    """--packs are seeds of one data set: a pack of other images or another taxonomy is refused by name."""
+    import json
+
+    manifest = json.loads((synth_shards / "manifest.json").read_text())
+    other, wbc = tmp_path / "other", tmp_path / "wbc"
+    for path in (other, wbc):
+        path.mkdir()
+    fewer = json.loads(json.dumps(manifest))
+    split = next(iter(fewer["splits"].values()))
+    cls = next(c for c, n in split["class_counts"].items() if n)
+    split["class_counts"][cls] -= 1
+    (other / "manifest.json").write_text(json.dumps(fewer))
+    relabelled = json.loads(json.dumps(manifest))
+    relabelled["taxonomy"]["heads"][0]["labels"] = relabelled["taxonomy"]["heads"][0]["labels"][::-1]
+    (wbc / "manifest.json").write_text(json.dumps(relabelled))
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused")
+    for pack, said in ((other, "holds other images than"), (wbc, "has taxonomy")):
+        proc = bcc_main("compare", "--plan", "--config", cfg, "--seeds", "2", "--packs", f"{synth_shards},{pack}",
+                        "--out", tmp_path / "o")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+        assert line.startswith(f"error: --packs: {pack} {said}") and str(synth_shards) in line
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -269,10 +294,11 @@ def test_bcc_compare_plan_lists_every_arm_and_seed_once_with_its_pack(synth_shar
     packs = [tmp_path / "p0", tmp_path / "p1"]
     for p in packs:
         p.mkdir()
-        (p / "manifest.json").write_text("{}")
+        (p / "manifest.json").write_text((synth_shards / "manifest.json").read_text())
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused",
                        model={"backbone": "test_resnet", "pretrained": str(tmp_path / "weights.pt")},
                        train={"seed": 5})
+    (tmp_path / "weights.pt").write_bytes(b"")  # planning resolves the source (metadata only: none here)
     monkeypatch.chdir(tmp_path)  # --out o is relative
     proc = bcc_main("compare", "--plan", "--config", cfg, "--modes", "frozen,lpft", "--init", "pretrained,scratch",
                     "--seeds", "2", "--packs", ",".join(map(str, packs)), "--out", "o", "data.batch_size=8")
@@ -287,6 +313,47 @@ def test_bcc_compare_plan_lists_every_arm_and_seed_once_with_its_pack(synth_shar
                            *(["model.pretrained=''"] if init == "scratch" else []),
                            f"train.seed={seed}", f"data.shards={packs[seed - 5]}"]
     assert not (tmp_path / "o").exists()  # --plan trains nothing
+    # a mode given twice is one arm: an array job must not train one run dir in two tasks at once
+    proc = bcc_main("compare", "--plan", "--config", cfg, "--modes", "full,full", "--out", "o")
+    assert proc.returncode == 0 and [line.split("\t")[1] for line in proc.stdout.splitlines()] == ["o/full"]
+
+
+def test_scratch_arms_take_the_data_settings_the_pretrained_arms_resolve_to(synth_shards, tmp_path, bcc_main):
+    """A source whose metadata gives 48 px and mean/std 0.5 (a timm model folder): the scratch arm of the
+    same comparison trains at those too, not at the config defaults; a key the user set stays theirs."""
+    import json
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "pytorch_model.bin").write_bytes(b"")
+    (model / "config.json").write_text(json.dumps({"architecture": "test_resnet", "pretrained_cfg": {
+        "input_size": [3, 48, 48], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.95}}))
+    cfg = tmp_path / "cfg.yaml"
+    write_config(cfg, synth_shards, tmp_path / "unused",
+                 model={"backbone": "test_resnet", "pretrained": str(model / "pytorch_model.bin")})
+    cfg.write_text(cfg.read_text().replace("image_size: 32", "workers: 0"))  # image_size follows the source
+    proc = bcc_main("compare", "--plan", "--config", cfg, "--modes", "full", "--init", "pretrained,scratch",
+                    "--out", tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr
+    pre, scratch = (line.split("\t")[2:] for line in proc.stdout.splitlines())
+    assert not any(o.startswith("data.") for o in pre)
+    assert {"data.image_size=48", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]", "data.crop_pct=0.95"} <= set(scratch)
+    proc = bcc_main("compare", "--plan", "--config", cfg, "--modes", "full", "--init", "pretrained,scratch",
+                    "--out", tmp_path / "o", "data.image_size=32")
+    scratch = proc.stdout.splitlines()[1].split("\t")[2:]
+    assert "data.image_size=48" not in scratch and "data.crop_pct=0.95" in scratch  # the user's 32 for both arms
+
+    from bcc.compare import ModeResult
+    from bcc.compare_table import ArmResult, _data_text
+    from bcc.config import load_config, save_config
+
+    arms = []
+    for name, extra in (("full", ["data.image_size=48"]), ("full-scratch", ["model.pretrained=''"])):
+        (tmp_path / name).mkdir()
+        save_config(load_config(cfg, extra), tmp_path / name / "config.yaml")
+        run = ModeResult(name, tmp_path / name, 1, {}, {}, 0.0, 1, 1, 0, 0.0, 0, init="scratch" if extra else "pretrained")
+        arms.append(ArmResult(name, [run], {}, {}, {}))
+    assert _data_text(arms).startswith("**Arms train at different data settings**: full: 48 px")
 
 
 # --------------------------------------------------------------------------- checks before training and tables
@@ -355,6 +422,42 @@ def test_a_pretrained_runs_followed_data_count_unless_the_user_sets_them(tmp_pat
     (runs[0].run_dir / "config.yaml").unlink()  # a run nobody can tell the config of
     with pytest.raises(CompareError, match="holds summary.json but no config.yaml"):
         check_runs(cfg, [], runs)
+
+
+def test_a_finished_run_from_other_weights_at_the_same_source_path_is_refused(tmp_path):
+    """Reuse compares the source's sha256 now with the run's pretrained.json (a retrained step-1 run at the
+    same path would otherwise be averaged beside the old one); RESULTS.md/CV.md name source and hash."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from bcc.compare_check import check_runs, pretrained_text
+    from bcc.shards import sha256_file
+
+    weights = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(2)}, str(weights))
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "shards", tmp_path / "unused",
+                       model={"backbone": "test_resnet", "pretrained": str(weights)})
+    runs = _planned(cfg, tmp_path / "o", seeds=2)
+    old = sha256_file(weights)
+    for run in runs:
+        run.run_dir.mkdir(parents=True)
+        _fake_run(run, cfg, [])
+        (run.run_dir / "pretrained.json").write_text(json.dumps({"source": str(weights), "sha256": old}))
+    check_runs(cfg, [], runs)
+    text = pretrained_text([r.run_dir for r in runs], tmp_path / "o")
+    assert text == f"Pretrained source: `{weights}` (sha256 {old[:12]}) for every run that starts from one."
+
+    save_file({"w": torch.ones(2)}, str(weights))  # step 1 retrained to the same path
+    new = sha256_file(weights)
+    with pytest.raises(CompareError) as e:
+        check_runs(cfg, [], runs, command="bcc cv")
+    msg = str(e.value)
+    assert msg.startswith(f"{runs[0].run_dir} was trained from pretrained source {weights} with sha256 {old[:12]}")
+    assert f"now holds sha256 {new[:12]}" in msg and "bcc cv would reuse it" in msg and "delete the run dir" in msg
+    (runs[1].run_dir / "pretrained.json").write_text(json.dumps({"source": str(weights), "sha256": new}))
+    assert "Pretrained sources differ between runs" in pretrained_text([r.run_dir for r in runs], tmp_path / "o")
 
 
 @pytest.mark.parametrize(("mode", "epochs", "refused"), [

@@ -223,3 +223,42 @@ def test_head_lr_mult_holds_in_the_optimizer_that_trains_in_every_stage(cv_run):
         assert set(backbone) < set(lr), lr
         for name in backbone:
             assert lr[name] > 0 and lr["heads"] == pytest.approx(3.0 / mult * lr[name], rel=1e-9), (path.name, lr)
+
+
+@pytest.mark.slow
+def test_calibrate_and_eval_of_a_fold_run_use_its_fold_and_keep_the_ema_fit(cv_pack, cv_run, tmp_path, bcc_main):
+    """A fold run's `bcc calibrate` and `bcc eval --split val` read fold k (the run's data.fold view), not
+    the pack's val split it mostly trained on; calibrate's default --weights auto refits the EMA weights
+    too, so the weights eval/predict/export choose (auto: EMA) stay the same; --weights raw keeps the EMA fit."""
+    from bcc.predict import load_inference_model
+
+    (shards, fold_of), (out, _, cv) = cv_pack, cv_run
+    assert cv.returncode == 0, cv.stdout + cv.stderr
+    run = tmp_path / "fold-0"
+    shutil.copytree(out / "fold-0", run, symlinks=True)
+    best = run / "checkpoints" / "best"
+    n0 = sum(f == 0 for f in fold_of.values())
+    assert n0 != json.loads((shards / "manifest.json").read_text())["splits"]["val"]["count"]
+    proc = bcc_main("calibrate", "-c", run, "--workers", "0", "--operating-point", "youden")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert f"({n0} images)" in text and "fold 0 of the pack's train+val" in text
+    assert "raw and ema weights calibrated" in text
+    temps = json.loads((best / "temperature.json").read_text())
+    point = json.loads((best / "operating_point.json").read_text())
+    assert temps["fold"] == 0 and temps["count"] == n0 and set(temps["ema"]["temperatures"]) == {"binary", "subtype"}
+    assert point["fold"] == 0 and point["ema"]["rule"] == "youden" and point["ema"]["margin"] != point["margin"]
+    im = load_inference_model(run, device="cpu", weights="auto")
+    assert im.weights == "ema" and im.temperatures == temps["ema"]["temperatures"]
+    assert im.operating_point["margin"] == point["ema"]["margin"]
+
+    proc = bcc_main("calibrate", "-c", run, "--workers", "0", "--weights", "raw")
+    assert proc.returncode == 0 and "raw weights calibrated" in proc.stdout, proc.stderr
+    assert json.loads((best / "temperature.json").read_text())["ema"] == temps["ema"]
+    assert load_inference_model(run, device="cpu").weights == "raw"  # None: raw, as before
+    assert load_inference_model(run, device="cpu", weights="auto").weights == "ema"
+
+    proc = bcc_main("eval", "-c", run, "-d", shards, "--split", "val", "--out", tmp_path / "ev", "--workers", "0")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["count"] == n0 and metrics["fold"] == 0 and "fold 0" in " ".join(proc.stdout.split())

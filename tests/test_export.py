@@ -324,7 +324,8 @@ def test_hf_export_is_a_pretrained_source(hf_export):
 
 
 def test_an_export_is_not_recalibrated_in_place(hf_export, synth_shards):
-    from bcc.evaluate import EvalError, calibrate_checkpoint
+    from bcc.calibrate_run import calibrate_checkpoint
+    from bcc.evaluate import EvalError
 
     _, out, _ = hf_export
     with pytest.raises(EvalError, match="is an export: calibrate the run's checkpoint"):

@@ -227,7 +227,7 @@ def test_predict_eval_and_export_use_the_stored_point(run_copy, synth_data, synt
 
 def test_bcc_calibrate_fits_the_point_after_the_temperatures(run_copy, synth_shards, bcc_main):
 
-    from bcc.evaluate import calibrate_checkpoint
+    from bcc.calibrate_run import calibrate_checkpoint
 
     result = calibrate_checkpoint(run_copy, synth_shards, "val", workers=0, operating_point="sensitivity>=0.9")
     point = result["operating_point"]

@@ -66,8 +66,9 @@ def sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def make_run(run_dir, models_and_metrics, taxonomy=ALL, backbone=TINY):
-    """A bcc run directory with one checkpoint per (model, metric), steps 2, 4, ..."""
+def make_run(run_dir, models_and_metrics, taxonomy=ALL, backbone=TINY, ema=None):
+    """A bcc run directory with one checkpoint per (model, metric), steps 2, 4, ...; `ema`: a model
+    whose weights every checkpoint keeps as its EMA (`model_ema.safetensors`)."""
     cfg = Config(data=SOURCE_DATA, model=ModelConfig(backbone=backbone, head_hidden=HIDDEN, head_dropout=0.0))
     meta = {"taxonomy": taxonomy.to_dict(), "model": config_to_dict(cfg.model), "config": config_to_dict(cfg)}
     manager = CheckpointManager(
@@ -77,9 +78,11 @@ def make_run(run_dir, models_and_metrics, taxonomy=ALL, backbone=TINY):
     for i, (model, metric) in enumerate(models_and_metrics):
         state.step = 2 * (i + 1)
         manager.save(
-            Checkpoint(model=model.state_dict(), optimizer={}, scaler=None, rng=[], state=state, meta=meta),
+            Checkpoint(model=model.state_dict(), optimizer={}, scaler=None, rng=[], state=state, meta=meta,
+                       ema=None if ema is None else ema.state_dict()),
             metric,
         )
+    (run_dir / "summary.json").write_text("{}")  # finished (a source without it gets a warning)
     return run_dir
 
 
@@ -114,8 +117,55 @@ def test_run_dir_loads_its_best_checkpoint_with_heads_and_config(run, capsys):
         f"pretrained: {record.total} of {record.total} backbone tensors loaded from {run.dir} "
         f"(sha256 {record.sha256[:12]})"
     )
-    assert "checkpoint step-00000002; heads loaded: binary, subtype" in out
+    assert "checkpoint step-00000002, raw weights; heads loaded: binary, subtype" in out
     json.dumps(record.to_dict())  # the run directory and the model card store it as JSON
+
+
+def test_an_ema_run_gives_the_weights_bcc_export_takes(tmp_path, capsys):
+    """A run kept with train.ema_decay: its EMA weights, as `bcc export`/`bcc eval --weights auto` take
+    them, said in the load line; a checkpoint whose stored calibration is of the raw weights only gives
+    its raw weights (auto's fallback there too)."""
+    raw, ema = tiny(seed=5), tiny(seed=6)
+    run_dir = make_run(tmp_path / "run", [(raw, 0.9)], ema=ema)
+    step = run_dir / "checkpoints" / "step-00000002"
+    model = tiny()
+    record = load_pretrained(model, run_dir, taxonomy=ALL)
+    assert_same(model, ema, prefix="")
+    assert record.path == str((step / "model_ema.safetensors").resolve())
+    assert record.sha256 == sha(step / "model_ema.safetensors")
+    assert "checkpoint step-00000002, EMA weights;" in capsys.readouterr().out
+    (step / "temperature.json").write_text(json.dumps({"temperatures": {"binary": 1.0, "subtype": 1.0}}))
+    model = tiny()
+    record = load_pretrained(model, run_dir / "checkpoints" / "best", taxonomy=ALL)
+    assert_same(model, raw, prefix="") and record.path.endswith("step-00000002/model.safetensors")
+    assert "checkpoint step-00000002, raw weights;" in capsys.readouterr().out
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    """NaN/Inf in a source (a diverged run) is the source's fault, named here, not a NaN loss at step 1."""
+    state = tiny(seed=7).state_dict()
+    key = next(k for k in state if k.startswith("backbone.") and state[k].is_floating_point())
+    state[key] = torch.full_like(state[key], float("nan"))
+    torch.save(state, tmp_path / "nan.pth")
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PretrainedError, match=rf"nan\.pth: tensor {key} holds NaN or Inf values; its training"):
+        load_pretrained(model, tmp_path / "nan.pth")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
+
+
+def test_an_unfinished_source_run_is_said_and_recorded(run, tmp_path, capsys):
+    """A run without summary.json (killed or still training) loads, with a warning and `unfinished` recorded."""
+    import shutil
+
+    assert not load_pretrained(tiny(), run.dir, taxonomy=ALL).unfinished and "warning" not in capsys.readouterr().out
+    killed = shutil.copytree(run.dir, tmp_path / "killed", symlinks=True)
+    (killed / "summary.json").unlink()
+    record = load_pretrained(tiny(), killed, taxonomy=ALL)
+    out = capsys.readouterr().out
+    assert record.unfinished and record.to_dict()["unfinished"] is True
+    assert f"warning: pretrained source {killed} did not finish (no summary.json): these are its weights at " \
+           "step-00000002" in " ".join(out.split())
 
 
 def test_run_dir_without_best_takes_the_latest(tmp_path):

@@ -84,9 +84,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.plan:
         from bcc.compare import plan_runs
         from bcc.config import load_config
+        from bcc.pretrained import explicit_keys
 
         runs = plan_runs(load_config(args.config, list(args.overrides)), modes, args.out, args.seeds,
-                         _split(args.init) or None, _split(args.packs))
+                         _split(args.init) or None, _split(args.packs), explicit_keys(args.config, args.overrides))
         from bcc.compare_check import check_runs
 
         check_runs(args.config, args.overrides, runs)  # an array job's tasks fail before any trains
