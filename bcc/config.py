@@ -63,9 +63,9 @@ class DataConfig:
     # several packed datasets trained as one (instead of `shards`; setting both is an error); their
     # taxonomies must agree. Val and test are evaluated per source and combined (bcc/sources.py)
     sources: tuple[SourceConfig, ...] = ()
-    # the same (or a near-identical) image in one source's train split and another's val/test split, found
-    # through each pack's sample_index.npz: "error" refuses the run, "warn" says so and trains, "off" skips
-    source_overlap: Literal["error", "warn", "off"] = "error"
+    # the same image (file or picture) in one source's train split and another's val/test split, found through
+    # each pack's sample_index.npz: "error" refuses the run, "warn" says so and trains, "ignore" skips the check
+    source_overlap: Literal["error", "warn", "ignore"] = "error"
     # without_replacement: an epoch is exactly one pass over the train split (times each source's
     # integer weight). resample: every (seed, epoch, rank, lane) draws shards with replacement, so any
     # number of shards feeds any number of ranks x workers; the epoch is `epoch_samples` long

@@ -53,6 +53,7 @@ __all__ = ["FILE", "SampleIndex", "SampleIndexError", "check_pretrained", "check
 FILE = "sample_index.npz"
 MAX_SAMPLES = 10**9  # what an index may claim to describe when fetched; a bound on the read
 _COLUMNS = {"sha": np.uint64, "label": np.int16, "phash": np.uint64, "fold": np.int16}
+_FIX = "copy it again from the pack (or repack), remove it, or set data.source_overlap=ignore"
 
 
 class SampleIndexError(BccError):
@@ -105,21 +106,20 @@ def _members(raw: bytes, shown: str, names: Sequence[str], counts: Mapping[str, 
     try:
         archive = zipfile.ZipFile(io.BytesIO(raw))
     except zipfile.BadZipFile:
-        raise SampleIndexError(f"{shown} is not an index: no npz (zip) file (it begins {quote_bytes(raw[:100])}); "
-                               "copy it again from the pack, or remove it") from None
+        raise SampleIndexError(f"{shown} is damaged: a zip file that cannot be read (it begins "
+                               f"{quote_bytes(raw[:100])}); {_FIX}") from None
     sizes = {i.filename.removesuffix(".npy"): i.file_size for i in archive.infolist()}
     out = {}
     with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
         for name in (n for n in names if n in sizes):
             if sizes[name] > 8 * counts.get(name.split(".")[0], 0) + 4096:
                 raise SampleIndexError(f"{shown} is damaged: {name} unpacks to {sizes[name]:,} bytes, more than its "
-                                       "split's samples take; copy it again from the pack, or remove it")
+                                       f"split's samples take; {_FIX}")
             try:
                 out[name] = npz[name]
             except Exception as e:  # noqa: BLE001 - object arrays (pickles), a damaged member: numpy's many errors
                 what = "holds objects, not numbers" if "pickle" in str(e) else f"cannot be read ({type(e).__name__})"
-                raise SampleIndexError(f"{shown} is damaged: {name} {what}; copy it again from the pack, or remove "
-                                       "it") from None
+                raise SampleIndexError(f"{shown} is damaged: {name} {what}; {_FIX}") from None
     return out
 
 
@@ -141,11 +141,13 @@ def load(manifest: Manifest, retries: int = remote.DEFAULT_RETRIES,
     except remote.RemoteError as e:
         if e.missing:
             return f"the server has no {FILE} ({e})"
-        raise SampleIndexError(f"{shown} cannot be read: {e}") from None
+        raise SampleIndexError(f"{shown} cannot be read: {e}; {_FIX}") from None
     except OSError as e:
-        raise SampleIndexError(f"{shown} cannot be read: {e.strerror or e}") from None
-    if not raw:
-        raise SampleIndexError(f"{shown} is empty; copy it again from the pack, or remove it")
+        raise SampleIndexError(f"{shown} cannot be read: {e.strerror or e}; {_FIX}") from None
+    if not raw.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # no zip: a server's page for a missing file, most often
+        from bcc.remote_secrets import quote_bytes
+
+        return (f"its {FILE} is no index (it begins {quote_bytes(raw[:100])})" if raw else f"its {FILE} is empty")
     names = [f"{n}.{k}" for n in manifest.splits for k in ("shards", *_COLUMNS)]
     arrays = _members(raw, shown, names, counts)
     columns: dict[str, dict[str, np.ndarray]] = {k: {} for k in _COLUMNS}
@@ -160,21 +162,23 @@ def load(manifest: Manifest, retries: int = remote.DEFAULT_RETRIES,
                 continue
             if values.dtype != dtype or values.shape != (want,):
                 raise SampleIndexError(f"{shown} is damaged: {name}.{kind} holds {values.shape} {values.dtype} values, "
-                                       f"not the {want} {np.dtype(dtype)} of split '{name}'; repack, or remove it")
+                                       f"not the {want} {np.dtype(dtype)} of split '{name}'; {_FIX}")
             columns[kind][name] = values
     return SampleIndex(shown, columns, tuple(stale))
 
 
-def view_ids(manifest: Manifest, index: SampleIndex, split: str, train: str, val: str) -> np.ndarray | None:
-    """The sha256 prefixes of the samples `manifest`'s split `split` holds: the pack's split itself, or,
-    in a `data.fold` view, the train+val samples of the other folds (`split` == `train`) or of the fold
-    (`split` == `val`). None when the index lacks what that takes."""
+def view_ids(manifest: Manifest, index: SampleIndex, split: str, train: str, val: str,
+             column: str = "sha") -> np.ndarray | None:
+    """The `column` values (sha256 prefixes, pHashes) of the samples `manifest`'s split `split` holds: the
+    pack's split itself, or, in a `data.fold` view, the train+val samples of the other folds (`split` ==
+    `train`) or of the fold (`split` == `val`). None when the index lacks what that takes."""
+    values = index.columns[column]
     if manifest.fold is None or split not in (train, val):
-        return index.sha.get(split)
+        return values.get(split)
     pool, folds = manifest.data["folds"]["splits"], index.columns["fold"]
-    if any(s not in index.sha or s not in folds for s in pool):
+    if any(s not in values or s not in folds for s in pool):
         return None
-    sha = np.concatenate([index.sha[s] for s in pool])
+    sha = np.concatenate([values[s] for s in pool])
     fold = np.concatenate([folds[s] for s in pool])
     return sha[fold == manifest.fold] if split == val else sha[(fold != manifest.fold) & (fold >= 0)]
 
@@ -225,7 +229,7 @@ def check_sources(sources: Sequence, splits: Mapping[str, str], mode: str = "err
     read. Returns the lines to print, each starting "warning:" or "note:"."""
     from bcc.neardup import DEFAULT_THRESHOLD
 
-    if mode == "off" or len(sources) < 2:
+    if mode == "ignore" or len(sources) < 2:
         return []
     train = splits.get("data.train_split")
     names = list(dict.fromkeys(splits.values()))
@@ -247,31 +251,41 @@ def check_sources(sources: Sequence, splits: Mapping[str, str], mode: str = "err
             lines.append(f"note: data.sources[{i}] ('{s.name}'): packed without pHashes (--no-near-dup): its images "
                          "are compared with the other sources' by file only, not by picture")
     roots = _near_roots(parts, DEFAULT_THRESHOLD)
-    leaks = []
+    leaks: dict[str, list] = {"same": [], "near": []}  # the same file or picture; a near-identical picture
     for t, pt in enumerate(parts):
         for o, po in enumerate(parts):
             if pt.source == po.source or pt.split != train or po.split == train:
                 continue
             exact = np.isin(po.index.sha[po.split], pt.index.sha[pt.split])
-            near = np.isin(roots[o], roots[t]) if roots[t] is not None and roots[o] is not None else exact
-            hit = exact | near
-            if hit.any():
-                first = int(np.flatnonzero(hit)[0])
-                mate = (np.flatnonzero(pt.index.sha[pt.split] == po.index.sha[po.split][first]) if exact[first]
-                        else np.flatnonzero(roots[t] == roots[o][first]))
-                leaks.append((int(hit.sum()), int(exact.sum()), pt, po, int(mate[0]), first))
-    if leaks:
-        total = sum(n for n, *_ in leaks)
-        pairs = "; ".join(f"{n} of '{sources[po.source].name}' split '{po.split}' in '{sources[pt.source].name}' split "
-                          f"'{pt.split}' ({k} the same file; e.g. sample {_key(po.split, b)} and {_key(pt.split, a)})"
-                          for n, k, pt, po, a, b in leaks)
-        text = (f"data.sources: {total} image(s) trained on in one source are evaluated in another (the same file by "
-                f"sha256, or a near-identical picture by pHash within {DEFAULT_THRESHOLD} bits): {pairs}")
+            ph_t, ph_o = pt.index.columns["phash"].get(pt.split), po.index.columns["phash"].get(po.split)
+            same = exact | (np.isin(ph_o, ph_t) if ph_t is not None and ph_o is not None else False)
+            near = (np.isin(roots[o], roots[t]) & ~same) if roots[t] is not None and roots[o] is not None else same & False
+            for kind, hit in (("same", same), ("near", near)):
+                if hit.any():
+                    first = int(np.flatnonzero(hit)[0])
+                    mate = (np.flatnonzero(pt.index.sha[pt.split] == po.index.sha[po.split][first]) if exact[first]
+                            else np.flatnonzero(ph_t == ph_o[first]) if kind == "same"
+                            else np.flatnonzero(roots[t] == roots[o][first]))
+                    leaks[kind].append((int(hit.sum()), int((exact & hit).sum()), pt, po, int(mate[0]), first))
+
+    def pairs(found: list) -> str:
+        return "; ".join(f"{n} of '{sources[po.source].name}' split '{po.split}' in '{sources[pt.source].name}' split "
+                         f"'{pt.split}' (" + (f"{k} the same file; " if found is leaks["same"] else "")
+                         + f"e.g. sample {_key(po.split, b)} and {_key(pt.split, a)})" for n, k, pt, po, a, b in found)
+
+    fix = ("pack the overlapping folders together (one pack keeps copies and near-copies on one side), or set "
+           "data.source_overlap=warn (train anyway) or ignore (no check)")
+    if leaks["same"]:
+        text = (f"data.sources: {sum(n for n, *_ in leaks['same'])} image(s) trained on in one source are evaluated "
+                f"in another (the same file by sha256, or the same picture re-encoded: an equal pHash): "
+                f"{pairs(leaks['same'])}")
         if mode == "error":
-            raise SampleIndexError(f"{text}. They would be trained on and scored. Pack the overlapping folders "
-                                   "together (one pack keeps copies and near-copies on one side), or set "
-                                   "data.source_overlap=warn to train anyway")
+            raise SampleIndexError(f"{text}. They would be trained on and scored; {fix}")
         lines.append(f"warning: {text}: their scores are flattered")
+    if leaks["near"]:  # near is not the same: a warning to look at them, never a refusal
+        lines.append(f"warning: data.sources: {sum(n for n, *_ in leaks['near'])} image(s) evaluated in one source "
+                     f"have a near-identical picture (pHash within {DEFAULT_THRESHOLD} bits) trained on in another: "
+                     f"{pairs(leaks['near'])}; if they are the same field re-shot, {fix.split(', or set')[0]}")
     for pt in parts:  # shared files that do not leak
         for po in parts:
             if pt.source >= po.source or (pt.split == train) != (po.split == train):
@@ -291,12 +305,18 @@ def check_sources(sources: Sequence, splits: Mapping[str, str], mode: str = "err
     return lines
 
 
-def _run_dir(weights: Path) -> Path | None:
-    """The bcc run directory a weights file belongs to (RUN/model_best.safetensors,
-    RUN/checkpoints/step-N/model.safetensors): the nearest folder above with a config.yaml."""
-    for folder in list(weights.parents)[:3]:
-        if (folder / "config.yaml").is_file() and ((folder / "checkpoints").is_dir() or (folder / "metrics.jsonl").is_file()):
-            return folder
+def _source_meta(weights: Path) -> dict | None:
+    """The meta a bcc checkpoint keeps beside `weights` (its config, its dataset's fingerprint), or None
+    for weights of no bcc run."""
+    from bcc import checkpoint as ck
+
+    try:
+        if (weights.parent / ck.META_FILE).is_file():
+            return json.loads((weights.parent / ck.META_FILE).read_text())
+        if weights.name == ck.BEST_WEIGHTS and (weights.parent / ck.BEST_META).is_file():
+            return json.loads((weights.parent / ck.BEST_META).read_text()).get("meta")
+    except (OSError, ValueError):
+        return None
     return None
 
 
@@ -308,12 +328,13 @@ def _indexed(manifest: Manifest, retries: int, timeout_s: float) -> list[tuple[M
 
 def check_pretrained(cfg, manifest: Manifest, splits: Sequence[str]) -> list[str]:
     """Warnings for images this run evaluates (`splits` of `manifest`, its val and test) that the bcc run
-    behind `cfg.model.pretrained` trained on: its scores there would be flattered, since the backbone
-    (and maybe the heads) already learned those images with their labels. The source run's data comes
-    from its config.yaml (its `data.shards` or `data.sources`, its fold view); matched by source-file
-    sha256 through both sides' sample indexes. Sources that are no bcc run (the hub, a file, an export)
-    have no record of their data: nothing to check. A record that cannot be read is one note."""
-    from bcc.config import load_saved_config
+    behind `cfg.model.pretrained` trained on (the same file or picture): its scores there would be
+    flattered, since the backbone (and maybe the heads) already learned those images with their labels.
+    The source's data comes from its checkpoint's meta (its config's `data.shards` or `data.sources`, its
+    fold view), checked against the dataset fingerprint recorded there (a pack rebuilt since is not
+    checked, said in a note); the images from both sides' sample indexes. Weights of no bcc run (the hub,
+    a file, an export) have no record of their data: nothing to check."""
+    from bcc.config import config_from_dict
     from bcc.sources import load_data
     from bcc.weights import resolve_source
 
@@ -323,38 +344,46 @@ def check_pretrained(cfg, manifest: Manifest, splits: Sequence[str]) -> list[str
         source = resolve_source(cfg.model.pretrained, cfg.model.backbone)
     except BccError:  # building the model names what is wrong with it
         return []
-    run = _run_dir(source.weights) if source.weights is not None and source.kind in ("run", "checkpoint", "file") else None
-    if run is None:
+    meta = _source_meta(source.weights) if source.weights is not None else None
+    if not meta or "config" not in meta:
         return []
     data, retries, timeout_s = cfg.data, cfg.data.retries, cfg.data.read_timeout_s
-    unchecked = f"whether the run {run} behind model.pretrained trained on images this run evaluates is not checked"
+    unchecked = f"whether {source.given} (model.pretrained) was trained on images this run evaluates is not checked"
     try:
-        theirs = load_saved_config(run / "config.yaml").data
-        packs = _indexed(load_data(theirs), retries, timeout_s)
+        theirs = config_from_dict(meta["config"]).data
+        their_data = load_data(theirs)
+        packs = _indexed(their_data, retries, timeout_s)
     except BccError as e:
         return [f"note: {unchecked}: its data cannot be read ({e})"]
-    trained = [view_ids(m, index, theirs.train_split, theirs.train_split, theirs.val_split)
-               if not isinstance(index, str) else index for m, index in packs]
-    out = [f"note: {unchecked} for {m.shown}: " + (ids if isinstance(ids, str) else
-                                                    f"its {FILE} does not describe its training split as it is now")
-           for (m, _), ids in zip(packs, trained, strict=True) if ids is None or isinstance(ids, str)]
-    trained = [t for t in trained if isinstance(t, np.ndarray)]
-    seen = np.unique(np.concatenate(trained or [np.zeros(0, np.uint64)]))
-    for m, index in _indexed(manifest, retries, timeout_s) if seen.size else ():
+    if meta.get("dataset") and their_data.fingerprint() not in (None, meta["dataset"]):
+        return [f"note: {unchecked}: its data ({their_data.shown}) holds other shards than when it trained (repacked "
+                "since?)"]
+    out, seen = [], {"sha": [], "phash": []}
+    for m, index in packs:
+        ids = None if isinstance(index, str) else view_ids(m, index, theirs.train_split, theirs.train_split,
+                                                           theirs.val_split)
+        if ids is None:
+            out.append(f"note: {unchecked} for {m.shown}: "
+                       + (index if isinstance(index, str) else f"its {FILE} does not describe its training split"))
+            continue
+        seen["sha"].append(ids)
+        ph = view_ids(m, index, theirs.train_split, theirs.train_split, theirs.val_split, "phash")
+        seen["phash"] += [ph] if ph is not None else []
+    trained = {k: np.unique(np.concatenate(v)) if v else np.zeros(0, np.uint64) for k, v in seen.items()}
+    for m, index in _indexed(manifest, retries, timeout_s) if trained["sha"].size else ():
         if isinstance(index, str):
             out.append(f"note: {unchecked} for {m.shown}: {index}")
             continue
-        for split in splits:
-            ids = view_ids(m, index, split, data.train_split, data.val_split) if split in m.splits else None
-            if ids is None and split in m.splits:
-                out.append(f"note: {unchecked} for split '{split}' of {m.shown}: its {FILE} does not describe it "
-                           "as it is now")
-            if ids is None or not ids.size:
+        for split in (s for s in splits if s in m.splits):
+            ids = view_ids(m, index, split, data.train_split, data.val_split)
+            if ids is None:
+                out.append(f"note: {unchecked} for split '{split}' of {m.shown}: its {FILE} does not describe it")
                 continue
-            shared = int(np.isin(np.unique(ids), seen).sum())
-            if shared:
-                out.append(f"warning: model.pretrained {source.given}: its run {run} trained on {shared} of the "
-                           f"{np.unique(ids).size} images of split '{split}' of {m.shown} (by source-file sha256): "
-                           "scores there are flattered; pretrain on images this run does not evaluate (the same "
-                           "pack and split, or a pack without them)")
+            ph = view_ids(m, index, split, data.train_split, data.val_split, "phash")
+            hit = np.isin(ids, trained["sha"]) | (np.isin(ph, trained["phash"]) if ph is not None else False)
+            if hit.any():
+                out.append(f"warning: model.pretrained {source.given} was trained on {int(hit.sum())} of the "
+                           f"{ids.size} images of split '{split}' of {m.shown} (the same file by sha256, or the same "
+                           "picture by pHash): scores there are flattered; pretrain on images this run does not "
+                           "evaluate (the same pack and split, or a pack without them)")
     return out
