@@ -282,6 +282,9 @@ def _load_state_dict(
         notes.append("the source has no heads")
     elif src.taxonomy and taxonomy and src.taxonomy != taxonomy:
         notes.append("the taxonomy differs")
+    elif taxonomy and not src.taxonomy:  # heads of the right shape may still mean other classes, in another order
+        notes.append("the source does not say its taxonomy (a bare weights file): give its run, checkpoint or "
+                     "export to load its heads")
     for head in model.head_names:
         keys = [k for k in own if k.startswith(f"{HEADS_GROUP}.{head}.")]
         if not notes and all(k in fits for k in keys):

@@ -209,6 +209,23 @@ def test_export_folder(run, tmp_path):
     assert record.preprocess == SourcePreprocess((0.1, 0.2, 0.3), (0.4, 0.5, 0.6), 48, 0.875, "bcc export")
 
 
+def test_a_bare_file_gives_no_heads_to_a_run_with_a_taxonomy(run, tmp_path, capsys):
+    """A copy of a run's model_best.safetensors loaded its heads into a run whose taxonomy ordered the
+    labels the other way (val AUROC 0.0, issue-14 breaker): a file that does not say its taxonomy
+    gives its backbone only, said on the load line; the run dir itself still gives its heads."""
+    import shutil
+
+    bare = tmp_path / "all_model.safetensors"
+    shutil.copy(run.dir / "model_best.safetensors", bare)
+    model = tiny()
+    record = load_pretrained(model, bare, taxonomy=ALL.to_dict())
+    assert record.heads_loaded == () and record.heads_reinitialised == ("binary", "subtype")
+    assert record.loaded == record.total == len(backbone_tensors(model))
+    assert ("heads re-initialised: binary, subtype (the source does not say its taxonomy (a bare weights file): give "
+            "its run, checkpoint or export to load its heads)") in " ".join(capsys.readouterr().out.split())
+    assert load_pretrained(tiny(), run.dir, taxonomy=ALL.to_dict(), echo=False).heads_loaded == ("binary", "subtype")
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin", ".safetensors"])
 def test_whole_model_state_dict_file(tmp_path, suffix):
     donor = tiny(seed=5)
