@@ -203,10 +203,13 @@ class EvalMetrics:
         head also reports `H_op_sens`, `H_op_spec`, `H_op_bacc` and `H_op_threshold` beside its argmax
         `H_sens`, `H_spec`, `H_bacc`. May be set between passes (`metrics.threshold = t`).
         `report_threshold` (set between passes) reports `H_op_*` at a point while the decisions stay at
-        argmax: training's final test, whose combined metrics are the argmax ones."""
+        argmax: training's final test, whose combined metrics are the argmax ones. `shown_threshold`: the
+        value `H_op_threshold` reports instead of the one applied (the same decision on the calibrated
+        scale that operating_point.json, eval and predict show, where the probabilities here are unscaled)."""
         self.taxonomy = taxonomy
         self.threshold = threshold
         self.report_threshold: float | None = None
+        self.shown_threshold: float | None = None
         self.device = torch.device(device or "cpu")
         self.head_names = tuple(taxonomy.head_names)
         self.head_sizes = dict(taxonomy.head_sizes)
@@ -278,7 +281,7 @@ class EvalMetrics:
             probs, _, target = gathered[name]
             for key, value in rates(probs[:, 1], target, point).items():
                 out[f"{name}_op_{key}"] = value
-            out[f"{name}_op_threshold"] = float(point)
+            out[f"{name}_op_threshold"] = float(point if self.shown_threshold is None else self.shown_threshold)
 
         if loss_count:
             out["loss"] = loss_total / loss_count

@@ -370,11 +370,13 @@ def best_checkpoint_passes(run: Run) -> dict:
     if want_test:
         split, where = cfg.data.test_split, f"with the {'best' if best.exists() else 'last'} checkpoint"
         point = out.get("operating_point")
-        run.metrics.report_threshold = _raw_threshold(point)  # the eval path's probabilities are unscaled
-        out["test"] = run.eval(split, where)
-        run.metrics.report_threshold = _raw_threshold((point or {}).get("ema"))
-        out["test"].update(evaluate_ema(run, split, where))
-        run.metrics.report_threshold = None
+        for weights, fitted in (("raw", point), ("ema", (point or {}).get("ema"))):
+            # the eval path's probabilities are unscaled: the same decision's threshold there, shown on the
+            # calibrated scale operating_point.json, eval and predict use
+            run.metrics.report_threshold = _raw_threshold(fitted)
+            run.metrics.shown_threshold = fitted.get("threshold") if fitted else None
+            out["test"] = run.eval(split, where) if weights == "raw" else {**out["test"], **evaluate_ema(run, split, where)}
+        run.metrics.report_threshold = run.metrics.shown_threshold = None
         row = {"epoch": run.state.epoch, "split": split, "checkpoint": "best" if best.exists() else "last"}
         chosen = point["rule"] if point else out.get("operating_point_fallback")  # None: argmax was asked
         run.log_eval({**row, **({"operating_point": chosen} if chosen else {})}, out["test"])
