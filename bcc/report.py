@@ -313,6 +313,16 @@ def _curves(rows: Sequence[Mapping[str, Any]], run_name: str, val_split: str, tm
 # --------------------------------------------------------------------------- the report
 
 
+def _log_column(split: str, row: Mapping[str, Any]) -> str:
+    """A log row's column heading, saying what it measured (issue-14 breaker: a last-epoch val row and
+    a best-checkpoint test row both read "epoch 3, log" beside the evaluation of the EMA weights): the
+    checkpoint of the final test, or the epoch (step) the row was logged at, and whose weights."""
+    when = (f"the {row['checkpoint']} checkpoint" if "checkpoint" in row
+            else f"epoch {row['epoch']}" if "epoch" in row else f"step {row.get('step')}")
+    ema = any(str(k).startswith("ema_") for k in row)
+    return f"{split} (log: {when}, raw weights{'; ema_*: EMA weights' if ema else ''})"
+
+
 def write_report(
     run: str | Path,
     *,
@@ -355,9 +365,9 @@ def write_report(
     last: dict[str, dict[str, Any]] = {}
     for row in rows:
         last[row.get("split", "train")] = row
-    columns = {f"{s} ({'epoch ' + str(r['epoch']) if 'epoch' in r else 'step ' + str(r.get('step'))}, log)": r
-               for s, r in last.items()}
-    columns[f"{split} (evaluation, step {evaluation.get('step')})"] = migrate_row(evaluation.get("metrics", {}))
+    columns = {_log_column(s, r): r for s, r in last.items()}
+    columns[f"{split} (evaluation: step {evaluation.get('step')}, {im.weights} weights)"] = migrate_row(
+        evaluation.get("metrics", {}))
     skip = ("epoch", "step", "stage", "time", "train_seconds")
     heads = {h: dict(v) for h, v in evaluation.get("heads", {}).items()}
 

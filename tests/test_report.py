@@ -41,6 +41,14 @@ def test_report_is_one_self_contained_page(report, trained_run):  # noqa: F811
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources), "only inlined images"
     for section in ("Training curves", "Metrics per split", "Confusion matrix", "Reliability", "Worst mistakes"):
         assert section in page
+    # each column says what it measured: the last val row of the log, training's final test (which
+    # checkpoint), the evaluation (which step), and whose weights (all read "epoch N, log" before)
+    for heading in (r"val \(log: epoch \d+, raw weights\)", r"test \(evaluation: step \d+, raw weights\)"):
+        assert re.search(heading, page), heading
+    from bcc.report import _log_column
+
+    assert _log_column("test", {"epoch": 3, "checkpoint": "best", "acc": 0.5, "ema_acc": 0.6}) == (
+        "test (log: the best checkpoint, raw weights; ema_*: EMA weights)")
     wrong = _wrong_sources(trained_run)
     assert wrong, "the one-epoch run should make mistakes on the test split"
     # file names relative to the data root, the binary head's malignant map offered
