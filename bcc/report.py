@@ -313,6 +313,20 @@ def _curves(rows: Sequence[Mapping[str, Any]], run_name: str, val_split: str, tm
 # --------------------------------------------------------------------------- the report
 
 
+def _pretrained_text(run_dir: Path, given: str, hide_paths: bool) -> str:
+    """Where the run's starting weights came from, for the header: RUN/pretrained.json (the record
+    `bcc.train.fit` writes, `PRETRAINED_FILE`), else the config's `model.pretrained`."""
+    if not given:
+        return "trained from random weights; "
+    try:
+        record = json.loads((run_dir / "pretrained.json").read_text())
+    except (OSError, ValueError):
+        record = {"source": given}
+    source = "a source" if hide_paths else f"<code>{html.escape(str(record.get('source')))}</code>"
+    digest = str(record.get("sha256") or "")[:12]
+    return f"pretrained from {source}" + (f" (sha256 {html.escape(digest)})" if digest else "") + "; "
+
+
 def _log_column(split: str, row: Mapping[str, Any]) -> str:
     """A log row's column heading, saying what it measured (issue-14 breaker: a last-epoch val row and
     a best-checkpoint test row both read "epoch 3, log" beside the evaluation of the EMA weights): the
@@ -395,7 +409,7 @@ def write_report(
         f"<h1>bcc run report: {html.escape(run_name)}</h1>",
         f'<p class="meta">backbone {html.escape(cfg.model.backbone)}, taxonomy {html.escape(im.taxonomy.name)} '
         f"({', '.join(html.escape(c) for c in im.taxonomy.class_names)}), best checkpoint at step {im.step}, "
-        f"{WEIGHTS_TEXT[im.weights]}; "
+        f"{WEIGHTS_TEXT[im.weights]}; {_pretrained_text(im.run_dir, cfg.model.pretrained, hide_paths)}"
         f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC{where}</p>",
         '<p class="warn">Research software: not for clinical use.</p>',
         f'<p class="meta decision">{decision_text(point)}</p>',

@@ -34,7 +34,8 @@ def _wrong_sources(run: Path) -> list[str]:
         return [r["source"] for r in csv.DictReader(f) if r["true_class"] != r["pred_class"]]
 
 
-def test_report_is_one_self_contained_page(report, trained_run):  # noqa: F811
+def test_report_is_one_self_contained_page(report, trained_run, tmp_path):  # noqa: F811
+    tmp = tmp_path
     page = report.read_text()
     assert sorted(p.name for p in report.parent.iterdir()) == ["report.html"]
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
@@ -45,7 +46,11 @@ def test_report_is_one_self_contained_page(report, trained_run):  # noqa: F811
     # checkpoint), the evaluation (which step), and whose weights (all read "epoch N, log" before)
     for heading in (r"val \(log: epoch \d+, raw weights\)", r"test \(evaluation: step \d+, raw weights\)"):
         assert re.search(heading, page), heading
-    from bcc.report import _log_column
+    assert "trained from random weights" in page
+    from bcc.report import _log_column, _pretrained_text
+
+    (tmp / "pretrained.json").write_text(json.dumps({"source": "runs/wbc", "sha256": "3f2a9c0d1b7e" + "0" * 52}))
+    assert _pretrained_text(tmp, "runs/wbc", False) == "pretrained from <code>runs/wbc</code> (sha256 3f2a9c0d1b7e); "
 
     assert _log_column("test", {"epoch": 3, "checkpoint": "best", "acc": 0.5, "ema_acc": 0.6}) == (
         "test (log: the best checkpoint, raw weights; ema_*: EMA weights)")
