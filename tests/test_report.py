@@ -35,7 +35,6 @@ def _wrong_sources(run: Path) -> list[str]:
 
 
 def test_report_is_one_self_contained_page(report, trained_run, tmp_path):  # noqa: F811
-    tmp = tmp_path
     page = report.read_text()
     assert sorted(p.name for p in report.parent.iterdir()) == ["report.html"]
     sources = re.findall(r'(?:src|href)="([^"]*)"', page)
@@ -49,8 +48,8 @@ def test_report_is_one_self_contained_page(report, trained_run, tmp_path):  # no
     assert "trained from random weights" in page
     from bcc.report import _log_column, _pretrained_text
 
-    (tmp / "pretrained.json").write_text(json.dumps({"source": "runs/wbc", "sha256": "3f2a9c0d1b7e" + "0" * 52}))
-    assert _pretrained_text(tmp, "runs/wbc", False) == "pretrained from <code>runs/wbc</code> (sha256 3f2a9c0d1b7e); "
+    (tmp_path / "pretrained.json").write_text(json.dumps({"source": "runs/wbc", "sha256": "3f2a9c0d1b7e" + "0" * 52}))
+    assert _pretrained_text(tmp_path, "runs/wbc", False) == "pretrained from <code>runs/wbc</code> (sha256 3f2a9c0d1b7e); "
 
     assert _log_column("test", {"epoch": 3, "checkpoint": "best", "acc": 0.5, "ema_acc": 0.6}) == (
         "test (log: the best checkpoint, raw weights; ema_*: EMA weights)")
