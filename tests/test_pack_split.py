@@ -58,7 +58,7 @@ def test_components_are_scipys_with_the_smallest_member_as_root():
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from bcc.split import _components
+    from bcc import split
 
     rng = np.random.default_rng(0)
     graphs = [(1, [], []), (5, [4, 3, 2, 1], [3, 2, 1, 0]), (6, [0, 5, 5], [5, 0, 5])]  # chain, repeats, loops
@@ -69,7 +69,7 @@ def test_components_are_scipys_with_the_smallest_member_as_root():
     path = np.arange(2000)
     graphs.append((2000, path[1:][::-1].tolist(), path[:-1][::-1].tolist()))  # a long path, worst order
     for n, a, b in graphs:
-        root = _components(n, np.array(a, dtype=np.int64), np.array(b, dtype=np.int64))
+        root = split.connected_components(n, np.array(a, dtype=np.int64), np.array(b, dtype=np.int64))
         _, label = connected_components(coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n)), directed=False)
         first = {}
         for i, c in enumerate(label.tolist()):
