@@ -458,7 +458,8 @@ def plan_runs(cfg: Config, modes: Sequence[str], out: str | Path, seeds: int = 1
         check_packs(packs)  # one data set and taxonomy, split once per seed
     from bcc.pretrained import followed_overrides
 
-    same = followed_overrides(cfg, explicit or ()) if any(a.forces_scratch for a in arms) else []
+    scratch = [a.forces_scratch for a in arms]  # with no pretrained arm there is nothing to match (or to read)
+    same = followed_overrides(cfg, explicit or ()) if any(scratch) and not all(scratch) else []
     runs = []
     for arm in arms:
         for k, seed in enumerate(seed_values):

@@ -383,7 +383,9 @@ def check_pretrained(cfg, manifest: Manifest, splits: Sequence[str]) -> list[str
             hit = np.isin(ids, trained["sha"]) | (np.isin(ph, trained["phash"]) if ph is not None else False)
             if hit.any():
                 out.append(f"warning: model.pretrained {source.given} was trained on {int(hit.sum())} of the "
-                           f"{ids.size} images of split '{split}' of {m.shown} (the same file by sha256, or the same "
+                           f"{ids.size} images of split '{split}'"
+                           + (f" (fold {m.fold} view)" if m.fold is not None and split in (data.train_split, data.val_split)
+                              else "") + f" of {m.shown} (the same file by sha256, or the same "
                            "picture by pHash): scores there are flattered; pretrain on images this run does not "
                            "evaluate (the same pack and split, or a pack without them)")
     return out

@@ -342,6 +342,10 @@ def test_scratch_arms_take_the_data_settings_the_pretrained_arms_resolve_to(synt
                     "--out", tmp_path / "o", "data.image_size=32")
     scratch = proc.stdout.splitlines()[1].split("\t")[2:]
     assert "data.image_size=48" not in scratch and "data.crop_pct=0.95" in scratch  # the user's 32 for both arms
+    # scratch arms alone load nothing: a source that is gone is no error (issue-14 re-breaker N3)
+    proc = bcc_main("compare", "--plan", "--config", cfg, "--modes", "full", "--init", "scratch", "--out",
+                    tmp_path / "o", f"model.pretrained={tmp_path / 'gone.bin'}")
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 1, proc.stderr
 
     from bcc.compare import ModeResult
     from bcc.compare_table import ArmResult, _data_text
