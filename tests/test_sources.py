@@ -487,6 +487,13 @@ def test_the_same_image_in_one_sources_train_and_anothers_test_is_refused(tmp_pa
         assert a["sha256"] == b["sha256"] or a["phash"] == b["phash"]
     assert int(head.group(1)) == sum(int(p[0]) for p in pairs)
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # 2-process DDP: rank 0 checks, every rank stops, the job shows the one error line once
+    from conftest import launch
+
+    done = launch(cfg, "eval.test_at_end=false")
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "error: data.sources:" in line]
+    assert done.returncode != 0 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
     # data.source_overlap=warn: one warning line, and the run trains
     proc = bcc_main("train", "--config", cfg, "eval.test_at_end=false", "data.source_overlap=warn", "train.epochs=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
