@@ -111,9 +111,15 @@ def test_empty_val_split_is_refused_not_scored_nan(capsys, tmp_path, make_class_
 
 
 def test_preflight_runs_on_the_main_process_only_and_every_rank_gets_its_verdict(shards, monkeypatch):
-    """Rank 1 never looks at the storage; the main process's verdict reaches it as the same error."""
+    """Rank 1 never looks at the storage; the main process's verdict reaches it as the same error,
+    through the process group's store (here an in-memory one shared by two threads)."""
+    import threading
+
+    import torch.distributed as dist
+
     from bcc.config import load_config
     from bcc.manifest import Manifest
+    from bcc.train import heartbeat
     from bcc.train import preflight as pf
 
     class FakeAccelerator:
@@ -123,21 +129,53 @@ def test_preflight_runs_on_the_main_process_only_and_every_rank_gets_its_verdict
     calls = []
     monkeypatch.setattr(pf, "check_run", lambda cfg, m: calls.append(1) or (_ for _ in ()).throw(
         pf.TrainError("split 'val': missing shard x.tar")))
-    sent: dict = {}
-
-    def broadcast(objs, from_process):
-        if "msg" in sent:
-            objs[0] = sent["msg"]  # rank 1 receives what rank 0 sent
-        else:
-            sent["msg"] = objs[0]
-        return objs
-
-    monkeypatch.setattr(pf, "broadcast_object_list", broadcast)
+    store = dist.HashStore()
+    monkeypatch.setattr(heartbeat, "default_store", lambda: store)
+    monkeypatch.setattr(heartbeat, "_ROUNDS", iter([0, 0]))  # the two "ranks" share one process here
     cfg, manifest = load_config(None, [f"data.shards={shards}"]), Manifest.load(shards)
-    for rank in (0, 1):
-        with pytest.raises(pf.TrainError, match="missing shard x.tar"):
-            pf.preflight(cfg, manifest, FakeAccelerator(rank))
+    raised = {}
+
+    def rank(r):
+        try:
+            pf.preflight(cfg, manifest, FakeAccelerator(r))
+        except pf.TrainError as e:
+            raised[r] = (str(e), e.shared)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]  # rank 1 waits first
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert raised == {r: ("split 'val': missing shard x.tar", "job") for r in (0, 1)}
     assert len(calls) == 1
+
+
+def test_a_waiting_rank_waits_while_rank_0_works_and_fails_when_it_stops(monkeypatch):
+    """Rank 0 works for 4 x timeout_s and beats meanwhile: the waiting rank gets its result. With no sign
+    of life the waiting rank fails after timeout_s with the lost-peer line (a time-out: an error line)."""
+    import threading
+
+    import torch.distributed as dist
+
+    from bcc.errors import is_time_out, lost_peer_message
+    from bcc.train import heartbeat
+
+    store, got = dist.HashStore(), {}
+    monkeypatch.setattr(heartbeat, "_ROUNDS", iter([0, 0, 1]))  # rank 1's and rank 0's first call, then one more
+    work = lambda: time.sleep(2.0) or "the verdict"  # noqa: E731
+    waiter = threading.Thread(target=lambda: got.setdefault(1, heartbeat.on_rank0(
+        work, False, 0.5, "a check", store=store)))
+    waiter.start()
+    got[0] = heartbeat.on_rank0(work, True, 0.5, "a check", store=store)
+    waiter.join(timeout=30)
+    assert got == {0: "the verdict", 1: "the verdict"}
+    t0 = time.monotonic()
+    with pytest.raises(dist.DistBackendError) as e:  # round 1: no rank 0 at all
+        heartbeat.on_rank0(work, False, 0.5, "a check", store=store)
+    assert 0.5 <= time.monotonic() - t0 < 10
+    line = lost_peer_message(e.value)
+    assert line.startswith("rank ") and "lost contact with the other ranks" in line and is_time_out(line), line
+    assert "no sign of life for 0.5 s (train.timeout_s) while it did a check" in line, line
 
 
 def test_preflight_at_100k_shards_is_cheap(tmp_path):

@@ -35,7 +35,8 @@ TOKEN = "s3cr3t-t0ken-value"
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves a folder; `server.drops[name] = k` cuts the next k GETs of `name` off half-way (the
     headers promise the whole file); `server.trickle[name] = (gap_s, stall_s)` sends `name` in four
-    pieces `gap_s` apart, or its first half and then nothing for `stall_s`; `server.token` requires `Authorization: Bearer TOKEN` (or Basic
+    pieces `gap_s` apart, or its first half and then nothing for `stall_s`; `server.slow_head[name] = s` answers
+a HEAD of `name` after `s` seconds (its arrival noted in `server.heads`); `server.token` requires `Authorization: Bearer TOKEN` (or Basic
     auth when it is `user:password`)."""
 
     def log_message(self, *args):  # quiet
@@ -60,6 +61,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         return bool(target)
 
     def do_HEAD(self):
+        name = self.path.lstrip("/").split("?")[0]
+        self.server.heads.append(name)
+        time.sleep(self.server.slow_head.get(name, 0))
         if not self._redirected() and self._authorised():
             super().do_HEAD()
 
@@ -100,6 +104,7 @@ def serve(root: Path, token: str | None = None):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
     server.drops, server.gets, server.token, server.trickle = {}, [], token, {}
     server.auths, server.paths, server.redirects = [], [], {}  # Authorization headers seen; raw paths; name -> URL
+    server.slow_head, server.heads = {}, []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -824,6 +829,71 @@ def test_ddp_training_from_a_url_is_bitwise_training_from_the_local_copy(synth_s
     assert (tmp_path / "url" / "config.yaml").read_text().count(url) == 1
     leaked = [p for p in (tmp_path / "url").rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
     assert not leaked and TOKEN not in proc.stdout + proc.stderr
+
+
+SLOW_CHECK = dict(train={"epochs": 1, "timeout_s": 4}, eval={"test_at_end": False})
+
+
+def test_a_start_up_check_slower_than_train_timeout_s_keeps_the_other_rank_waiting(synth_shards, tmp_path):
+    """2-process DDP from a server that answers the start-up check's HEAD of one val shard after 12 s, three
+    times train.timeout_s: rank 1 waits for rank 0's verdict as long as rank 0 shows signs of life (it
+    used to fail its broadcast after train.timeout_s with "lost contact"), and the job trains."""
+    with serve(synth_shards) as (server, url):
+        server.slow_head["val-000000.tar"] = 12
+        cfg = write_config(tmp_path / "c.yaml", url, tmp_path / "run", **SLOW_CHECK)
+        t0 = time.monotonic()
+        proc = launch(cfg)
+        took = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "val-000000.tar" in server.heads and took > 12
+    assert "lost contact" not in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["ranks"]
+
+
+def test_a_rank_0_that_stops_in_its_start_up_check_ends_the_other_rank_within_train_timeout_s(synth_shards, tmp_path):
+    """Rank 0 is stopped (SIGSTOP: a host that vanished, the worst case) while its start-up check waits on a
+    slow HEAD: its signs of life stop, and rank 1 ends on its own about train.timeout_s later with the
+    one lost-peer line (a time-out: an error line), not a traceback."""
+    import os
+    import signal
+    import subprocess
+
+    import psutil
+
+    from bcc.launch import accelerate_command
+
+    with serve(synth_shards) as (server, url):
+        server.slow_head["val-000000.tar"] = 120
+        cfg = write_config(tmp_path / "c.yaml", url, tmp_path / "run", **SLOW_CHECK)
+        cmd, env = accelerate_command(2, ["--config", str(cfg)])
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while "val-000000.tar" not in server.heads:
+                assert proc.poll() is None, proc.stdout.read()[-3000:]
+                assert time.monotonic() < deadline, "no start-up check within 300 s"
+                time.sleep(0.05)
+            ranks = {int(c.environ().get("RANK", -1)): c for c in psutil.Process(proc.pid).children()
+                     if "bcc.train" in " ".join(c.cmdline())}
+            assert sorted(ranks) == [0, 1], ranks
+            os.kill(ranks[0].pid, signal.SIGSTOP)
+            t_stop = time.monotonic()
+            ranks[1].wait(timeout=4 + 120)  # the bound: train.timeout_s, plus a loaded machine
+            waited = time.monotonic() - t_stop
+            os.kill(ranks[0].pid, signal.SIGKILL)
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+    assert proc.returncode != 0, out[-3000:]
+    lost = [line for line in out.splitlines() if line.startswith("error: rank 1: lost contact with the other ranks")]
+    assert lost and "rank 0 gave no sign of life for 4 s (train.timeout_s) while it did its start-up check" in lost[0], (
+        out[-3000:])
+    assert 4 <= waited < 4 + 60, f"rank 1 ran {waited:.0f} s past rank 0's stop"
+    assert "[rank1]: Traceback" not in out, out[-3000:]
+    print(f"rank 1 ended {waited:.1f} s after rank 0 stopped")
 
 
 def test_after_sigterm_a_slow_pipe_is_read_and_a_silent_one_ended(monkeypatch):

@@ -3,7 +3,8 @@
 A missing val shard, a `data.val_split` that names no split or an unknown backbone would otherwise
 surface after an epoch, or after the whole run. `check_run` looks at the config and the manifest
 (splits, their shards with the manifest's sizes and sample counts, the tracked metric, the backbone name);
-`preflight` runs it on the main process only and hands the verdict to every rank, so a job of 64
+`preflight` runs it on the main process only and hands the verdict to every rank (through the process
+group's store, while the others wait as long as it works: `bcc.train.heartbeat`), so a job of 64
 ranks stats the storage once, not 64 times. The cost is one `os.stat` per local shard and no
 opening of any shard (about a second at 100,000 shards). A remote shard (`bcc.remote`: http(s) URL or
 `pipe:` command) is checked by opening it: a HEAD request (its size against the manifest's count), or
@@ -18,7 +19,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 
 from bcc import remote, sample_index
 from bcc.config import RENAMED_METRICS, Config
@@ -29,6 +29,7 @@ from bcc.model import check_backbone_name
 from bcc.remote_secrets import quote_bytes
 from bcc.shards import tar_header_ok
 from bcc.sources import MixedManifest
+from bcc.train import heartbeat
 from bcc.train.setup import TrainError
 from bcc.verify import repeated_shards
 
@@ -208,18 +209,26 @@ def check_precision(mixed_precision: str, device: torch.device) -> None:
 def preflight(cfg: Config, manifest: Manifest, accelerator: Accelerator) -> None:
     """`check_run` on the main process; every rank raises the same TrainError if it failed.
 
-    A collective: every rank must call it. The message crosses ranks as a string (exception objects
-    need not pickle), so only the one line travels.
+    A collective: every rank must call it. The other ranks wait while the main process checks, however
+    long that takes (remote manifests, sample indexes and shards: up to `data.retries` x
+    `data.read_timeout_s` each), as long as it shows signs of life (`bcc.train.heartbeat`); they fail
+    with the lost-peer line only when it gave none for `train.timeout_s`. The message crosses ranks as a
+    string (exception objects need not pickle), so only the one line travels.
     """
-    verdict: list[str | None] = [None]
-    if accelerator.is_main_process:
+
+    def check() -> str | None:
         try:
             check_run(cfg, manifest)
         except BccError as e:
-            verdict = [str(e)]
+            return str(e)
+        return None
+
     if accelerator.num_processes > 1:
-        broadcast_object_list(verdict, from_process=0)
-    if verdict[0] is not None:
-        error = TrainError(verdict[0])
+        verdict = heartbeat.on_rank0(check, accelerator.is_main_process, cfg.train.timeout_s,
+                                     "its start-up check of the data and config (preflight)")
+    else:
+        verdict = check()
+    if verdict is not None:
+        error = TrainError(verdict)
         error.shared = "job"  # one line for the job, from rank 0
         raise error
