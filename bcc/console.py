@@ -6,11 +6,14 @@ on the other ranks once at start-up and they print nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
-from rich.console import Console
+from rich.console import Console, RenderHook
 from rich.markup import escape
+from rich.text import Text
 
 console = Console(stderr=False, highlight=False, soft_wrap=False)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # one grep-able line per error
@@ -44,6 +47,31 @@ def warn(message: str) -> None:
     """A one-line warning on stdout (main rank): never wrapped, so `grep warning:` in a job's log finds
     the whole line; the message is text, not markup."""
     console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+
+
+class _KeptNotes(RenderHook):
+    """Keeps the text of every line `console` prints that starts `note:` or `warning:` (markup removed)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def process_renderables(self, renderables):
+        self.lines += [r.plain for r in renderables if isinstance(r, Text) and r.plain.startswith(("note:", "warning:"))]
+        return renderables
+
+
+@contextlib.contextmanager
+def keeping_notes() -> Iterator[list[str]]:
+    """While inside, every `note:`/`warning:` line printed through `console` (`warn`, and
+    `console.print("note: ...")` anywhere) is also appended, as plain text, to the list this yields: the
+    training run saves its start-up notes in the run directory (`bcc.train.runlog.save_notes`). On a
+    quiet console (another rank) the lines are kept too; they are printed on the main process only."""
+    hook = _KeptNotes()
+    console.push_render_hook(hook)
+    try:
+        yield hook.lines
+    finally:
+        console.pop_render_hook()
 
 
 set_main_process(_env_rank() == 0)

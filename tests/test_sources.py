@@ -512,6 +512,26 @@ def test_the_same_image_in_one_sources_train_and_anothers_test_is_refused(tmp_pa
         assert [f"{v:016x}" for v in index["reseeded"][f"{split}.phash"]] == [m["phash"] for m in samples]
 
 
+def test_start_up_notes_and_warnings_are_saved_in_the_run_directory(tmp_path, reseeded, synth_shards, bcc_main):
+    """The overlap warning (and every other `note:`/`warning:` line a start prints) is in the run dir's
+    notes.json, not only on a console whose output a batch job may lose; a resumed start adds its own."""
+    from bcc.train.runlog import read_notes
+
+    cfg = sources_config(tmp_path / "cfg.yaml", synth_shards, reseeded, tmp_path / "run", second_weight=1)
+    args = ("train", "--config", cfg, "eval.test_at_end=false", "data.source_overlap=warn")
+    proc = bcc_main(*args, "train.epochs=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = [line for line in proc.stdout.splitlines() if line.startswith(("note:", "warning:"))]
+    assert any(line.startswith("warning: data.sources: ") for line in printed), proc.stdout[-3000:]
+    starts = read_notes(tmp_path / "run")
+    assert [(s["step"], s["notes"]) for s in starts] == [(0, printed)]
+    proc = bcc_main(*args, "train.epochs=2", "checkpoint.resume=auto")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    starts = read_notes(tmp_path / "run")
+    assert len(starts) == 2 and starts[0]["notes"] == printed and starts[1]["step"] > 0
+    assert any(line.startswith("warning: data.sources: ") for line in starts[1]["notes"]), starts[1]
+
+
 def test_images_shared_without_a_leak_are_noted_and_the_index_is_checked(tmp_path, synth_shards, second_source,
                                                                          bcc_main):
     """Shared images that do not leak (two train splits, two test splits) are notes, a warning when their

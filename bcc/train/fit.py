@@ -32,7 +32,7 @@ from bcc.checkpoint import (
 )
 from bcc.checkpoint_store import CheckpointManager
 from bcc.config import Config, config_hash, config_to_dict, save_config
-from bcc.console import console, set_main_process
+from bcc.console import console, keeping_notes, set_main_process
 from bcc.errors import EXIT_PREEMPTED, raised_alike
 from bcc.finetune import stage_at
 from bcc.manifest import Manifest
@@ -189,7 +189,13 @@ def train_from_config(config_file, overrides) -> dict:
 
 def fit(cfg: Config) -> dict:
     """Train (or resume) the run described by `cfg`. Returns {"val", "test", "calibration", "train_time"}
-    or {"preempted": True, "step"}. Raises TrainError (and other BccErrors) for the user."""
+    or {"preempted": True, "step"}. Raises TrainError (and other BccErrors) for the user. The `note:` and
+    `warning:` lines printed at start-up are saved in the run directory too (`notes.json`)."""
+    with keeping_notes() as notes:
+        return _fit(cfg, notes)
+
+
+def _fit(cfg: Config, notes: list[str]) -> dict:
     flag = preemption.PreemptionFlag()  # first: a signal during set-up is kept, not fatal
     with raised_alike():  # set-up reads the same config, manifests and weights on every rank
         run = setup_run(cfg)
@@ -220,6 +226,7 @@ def fit(cfg: Config) -> dict:
     log_sources(run, fresh=path is None)
     start_trackers(acc, cfg.run.report_to, run.run_dir, run.name, config_to_dict(cfg),
                    resumed_step=run.state.step)
+    run.log.save_notes(notes, run.state.step, fresh=path is None)  # a Slurm job's stdout may be lost
     acc.wait_for_everyone()
     console.print(f"[bold]bcc train[/] {run.name}: {info.world_size} process(es), {info.batches_per_epoch} "
                   f"batches/epoch/rank, {len(run.parts.stages)} stage(s), "

@@ -4,7 +4,8 @@
 `run.report_to` (bcc/trackers.py) through the Accelerator. `progress` shows the step's loss, lr,
 throughput and ETA: on a terminal as a live rich progress bar per epoch (`begin_epoch`/`end_epoch`),
 elsewhere (Slurm logs, CI, pipes) as one plain line per log step. `read_rows` is the reader of
-metrics.jsonl (old rows' `acc4`/`bacc4` read as `acc`/`bacc`).
+metrics.jsonl (old rows' `acc4`/`bacc4` read as `acc`/`bacc`). `RunLog.save_notes` keeps the `note:` and
+`warning:` lines of each start in `notes.json`, read by `read_notes`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bcc.atomic import atomic_write
+from bcc.atomic import atomic_write, write_json
 from bcc.console import console, warn
 from bcc.errors import BccError
 from bcc.trackers import tracker_values
@@ -94,6 +95,24 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
+NOTES_FILE = "notes.json"
+
+
+def read_notes(run_dir: str | Path) -> list[dict]:
+    """The starts recorded in a run's notes.json, oldest first: [{"step", "time", "notes": [line, ...]}]
+    ([] when absent). A file that is not such JSON is a RunLogError naming it."""
+    path = Path(run_dir) / NOTES_FILE
+    if not path.is_file():
+        return []
+    try:
+        starts = json.loads(path.read_text(encoding="utf-8"))["starts"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise RunLogError(f"cannot read {path}: {e}") from None
+    if not isinstance(starts, list):
+        raise RunLogError(f"cannot read {path}: 'starts' is not a list")
+    return starts
+
+
 def fmt_seconds(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
@@ -130,6 +149,23 @@ class RunLog:
                     raise
                 raise OSError(e.errno, e.strerror, str(self.path)) from e
             self._track(tracker_values(row), step)
+
+    def save_notes(self, lines: list[str], step: int, fresh: bool) -> None:
+        """Record this start's `note:`/`warning:` lines (source overlap, pretrained overlap, workers, an old
+        pack, a refused resume candidate...) in notes.json, atomically: one entry per start of the run
+        (`step`: the optimizer step it starts from), a fresh start's replacing the file's earlier ones."""
+        if not self.is_main:
+            return
+        starts = [] if fresh else [s for s in self._readable_notes() if s.get("step", 0) <= step]
+        starts.append({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": list(lines)})
+        write_json(self.path.parent / NOTES_FILE, {"starts": starts})
+
+    def _readable_notes(self) -> list[dict]:
+        try:
+            return [s for s in read_notes(self.path.parent) if isinstance(s, dict)]
+        except RunLogError as e:  # the notes of a new start matter more than a damaged record of old ones
+            warn(f"{e}; it is written again with this start's notes only")
+            return []
 
     def _track(self, values: Mapping, step: int) -> None:
         if self.accelerator is not None and self.accelerator.trackers:  # trackers exist on the main process only
