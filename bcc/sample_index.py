@@ -198,8 +198,7 @@ def _near_roots(parts: Sequence[_Part], threshold: int) -> list[np.ndarray | Non
     """Per part, each sample's near-duplicate group over all parts with pHashes (the root id of its
     component: pHashes within `threshold` bits joined, chains too, as the packer groups), or None
     for a part without pHashes. Runs over distinct hashes: O(n) memory, no all-pairs comparison."""
-    from bcc.neardup import near_duplicate_edges
-    from bcc.split import connected_components
+    from bcc.neardup import near_duplicate_roots
 
     have = [p.index.columns["phash"].get(p.split) for p in parts]
     distinct = [np.unique(h, return_inverse=True) if h is not None else None for h in have]
@@ -207,8 +206,7 @@ def _near_roots(parts: Sequence[_Part], threshold: int) -> list[np.ndarray | Non
     if not values:
         return [None] * len(parts)
     every = np.concatenate(values)
-    a, b, _ = near_duplicate_edges(every, threshold)
-    root = connected_components(len(every), a, b)
+    root = near_duplicate_roots(every, threshold)
     out, offset = [], 0
     for d in distinct:
         if d is None:
