@@ -169,11 +169,13 @@ def pretrained_text(run_dirs: Sequence[Path], root: Path) -> str:
 
 def check_packs(packs: Sequence[str]) -> None:
     """`--packs` are one data set split once per seed: refuse a pack whose taxonomy, or whose images per
-    class over all its splits (the same images however they are split), differ from the first pack's,
-    naming both packs; a note when they were packed at another `--resize` (a CompareError otherwise)."""
+    class over all its splits (the same images however they are split: by each pack's
+    `sample_index.npz`, the source files' sha256 per class as a multiset; by the manifests' class totals
+    alone, with a note, for a pack without one), differ from the first pack's, naming both packs; a note
+    when they were packed at another `--resize` (a CompareError otherwise)."""
     from collections import Counter
 
-    from bcc.console import console
+    from bcc.console import note
     from bcc.manifest import Manifest
     from bcc.predict import _label_structure, describe_taxonomy
 
@@ -188,6 +190,7 @@ def check_packs(packs: Sequence[str]) -> None:
             totals.update(m.split(name).class_counts)
         loaded.append((pack, m, {c: n for c, n in sorted(totals.items()) if n}))
     first, ref, ref_totals = loaded[0]
+    read: dict = {}  # pack -> its images (the first pack's read once)
     why = "the packs of one comparison are the same data set split by seed (bcc pack --seed S)"
     for pack, m, totals in loaded[1:]:
         if _label_structure(m.taxonomy) != _label_structure(ref.taxonomy):
@@ -196,6 +199,43 @@ def check_packs(packs: Sequence[str]) -> None:
         if totals != ref_totals:
             raise CompareError(f"--packs: {pack} holds other images than {first} (per class over all splits: "
                                f"{totals} vs {ref_totals}); {why}")
+        _same_images(first, ref, pack, m, why, read)
         if m.options.get("resize") != ref.options.get("resize"):
-            console.print(f"[yellow]note:[/] --packs: {pack} was packed with --resize {m.options.get('resize')}, "
-                          f"{first} with {ref.options.get('resize')}", soft_wrap=True)
+            note(f"--packs: {pack} was packed with --resize {m.options.get('resize')}, "
+                 f"{first} with {ref.options.get('resize')}")  # stderr: a --plan's stdout is its plan
+
+
+def _same_images(first: str, ref, pack: str, m, why: str, read: dict) -> None:
+    """Refuse (CompareError) when packs `first` and `pack` (their manifests `ref`, `m`) hold other
+    images: the multisets of (class, source-file sha256 prefix) over all splits differ. Where either
+    pack has no usable index a note says the class totals alone were compared. `read` caches each
+    pack's images."""
+    import numpy as np
+
+    from bcc.console import note
+    from bcc.sample_index import SampleIndexError, pack_images
+
+    images = {}
+    for name, manifest in ((first, ref), (pack, m)):
+        try:
+            images[name] = read[name] if name in read else read.setdefault(name, pack_images(manifest))
+        except SampleIndexError as e:
+            raise CompareError(f"--packs: {name}: {e}") from None
+        if isinstance(images[name], str):
+            other = pack if name == first else first
+            note(f"--packs: {name}: {images[name]}; compared with {other} by images per class only")
+            return
+    only_here, only_there = 0, 0
+    ours, theirs = images[pack], images[first]
+    for cls in set(ours) | set(theirs):
+        a, b = ours.get(cls, np.zeros(0, np.uint64)), theirs.get(cls, np.zeros(0, np.uint64))
+        ua, ca = np.unique(a, return_counts=True)
+        ub, cb = np.unique(b, return_counts=True)
+        _, ia, ib = np.intersect1d(ua, ub, assume_unique=True, return_indices=True)
+        matched = int(np.minimum(ca[ia], cb[ib]).sum())
+        only_here, only_there = only_here + len(a) - matched, only_there + len(b) - matched
+    if only_here or only_there:
+        total = sum(len(v) for v in ours.values())
+        raise CompareError(f"--packs: {pack} holds other images than {first}: {only_here} of its {total} images "
+                           f"(source file and class) are not in {first}, {only_there} of {first}'s are not in it; {why}")
+

@@ -1,13 +1,18 @@
-"""Near-duplicate images: 64-bit perceptual hashes, all pairs within a Hamming radius, and their groups.
+"""Near-duplicate images: 64-bit perceptual hashes, their groups within a Hamming radius, and the pairs.
 
 Exact copies share a sha256; near copies (the same smear field re-shot, re-encoded or lightly resized)
 do not, but their perceptual hashes differ in a few bits. Such pairs must stay on one side of a split,
-so the packer hashes every source image (`phash`), finds every pair of hashes within `threshold` bits
-(`near_pairs`, default 6 of 64) and joins them into the split's groups (`join_near_duplicates` on a
-`UnionFind` that already holds the exact-duplicate and `--group-regex` unions, or `merge_labels` on
-existing group labels); `near_duplicate_groups` gives the groups for the manifest report.
+so the packer hashes every source image (`phash`) and joins hashes within `threshold` bits (default 6
+of 64), chains included, into the split's groups: `near_duplicate_edges` (a spanning set of fewer
+than n edges, for array union-finds), `near_duplicate_roots` (each sample's component),
+`join_near_duplicates` (on a `UnionFind` that already holds the exact-duplicate and `--group-regex`
+unions) or `merge_labels` (on existing group labels); `near_duplicate_groups` gives the groups for the
+manifest report. Grouping never lists pairs (`bcc.neardup_search.distinct_components`): a dense
+cluster (tens of thousands of near-blank images within a few bits of one another) costs about linear
+time and O(n) memory. `near_pairs` lists every pair (a reference and a report tool): its output is as
+large as the number of pairs, quadratic in such a cluster.
 
-The pair search never compares all pairs. It is multi-index hashing with the generalised pigeonhole
+The search never compares all pairs. It is multi-index hashing with the generalised pigeonhole
 principle: cut the 64 bits into m >= d + 1 blocks; two hashes within distance d differ in at most d
 blocks, so they agree exactly on at least m - d of them. One table per choice of m - d blocks buckets
 the hashes by those blocks (a sort), only hashes in one bucket are compared, and a pair is reported
@@ -19,8 +24,9 @@ minimise C(m, d) * (a n + b n^2 / 2^(64 (m - d) / m)) (a, b measured): for d = 6
 m = 8 (28 tables with 16-bit keys, ~10 candidates per hash and table) instead of m = 7 (7 tables with
 9-bit keys, ~900 candidates per hash and table). Time O(C(m, d) (n log n + candidates)), about 10 s of
 one core for 10^6 hashes at d = 6; memory O(n), about 120 bytes per hash at the peak, plus the pairs
-found. Identical hashes are merged first, so a thousand copies of one image cost one. The cost grows
-with the square of a cluster of distinct-but-close hashes (every pair in it is an answer).
+found (pairs only for `near_pairs`). Identical hashes are merged first, so a thousand copies of one
+image cost one. Listing pairs costs the square of a cluster of distinct-but-close hashes (every pair
+in it is an answer); grouping does not (see `bcc.neardup_search`).
 (A Burkhard-Keller tree, "Some approaches to best-match file searching", CACM 1973, would also avoid
 all pairs, but each query walks the tree node by node in Python, where these tables are a few
 vectorised sorts.)
@@ -29,7 +35,6 @@ vectorised sorts.)
 from __future__ import annotations
 
 import itertools
-import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -37,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bcc.errors import BccError
+from bcc.neardup_search import distinct_components, distinct_pairs, majority, popcount
 
 __all__ = [
     "DEFAULT_THRESHOLD",
@@ -51,6 +57,7 @@ __all__ = [
     "merge_labels",
     "near_duplicate_edges",
     "near_duplicate_groups",
+    "near_duplicate_roots",
     "near_pairs",
     "phash",
     "straddling_pairs",
@@ -61,11 +68,6 @@ HASH_BITS = 64
 # has 32 ones (its 64 coefficients are cut at their median), so distances are even: 6 and 7 agree.
 DEFAULT_THRESHOLD = 6
 MAX_THRESHOLD = 24  # beyond this a pHash no longer means "near-identical" and the search nears all pairs
-
-# cost model of one table, in nanoseconds per distinct hash (mask, argsort, run bookkeeping) and per
-# candidate pair (gather, xor, popcount); measured on one core with numpy 2 and only their ratio matters
-_NS_PER_HASH = 150.0
-_NS_PER_CANDIDATE = 40.0
 
 
 class NearDupError(BccError):
@@ -78,7 +80,8 @@ class NearDuplicateGroup:
 
     members: sample indices (ascending) into the hash sequence the group was found in.
     max_distance: the largest Hamming distance (bits) between any two members' hashes; it can exceed
-        the threshold when pairs chain (a~b, b~c).
+        the threshold when pairs chain (a~b, b~c). Exact, except for a group of well over 10^4
+        distinct hashes without a centre (see `_diameter`), where it is an upper bound.
     """
 
     members: tuple[int, ...]
@@ -160,135 +163,13 @@ def _as_array(hashes: Sequence[int] | np.ndarray) -> np.ndarray:
         raise NearDupError(f"perceptual hashes must be unsigned {HASH_BITS}-bit integers: {e}") from e
 
 
-if hasattr(np, "bitwise_count"):  # numpy >= 2.0
-
-    def _popcount(x: np.ndarray) -> np.ndarray:
-        return np.bitwise_count(x)  # uint8
-
-else:  # pragma: no cover - numpy 1.x
-    _BYTE_COUNTS = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
-
-    def _popcount(x: np.ndarray) -> np.ndarray:
-        return _BYTE_COUNTS[x.reshape(-1, 1).view(np.uint8)].sum(axis=1)
-
-
-# ---- the index --------------------------------------------------------------------------------
-def _block_masks(m: int) -> list[int]:
-    """m contiguous blocks covering 64 bits, widths differing by at most 1."""
-    edges = [round(k * HASH_BITS / m) for k in range(m + 1)]
-    return [((1 << (hi - lo)) - 1) << lo for lo, hi in itertools.pairwise(edges)]
-
-
-def _choose_blocks(n: int, d: int) -> int:
-    """Number of blocks m minimising the cost model for n distinct hashes at radius d."""
-    best_m, best_cost = d + 1, math.inf
-    for m in range(d + 1, min(HASH_BITS, 3 * d + 8) + 1):
-        key_bits = HASH_BITS * (m - d) / m
-        tables = math.comb(m, d)
-        cost = tables * (n * _NS_PER_HASH + n * n / 2 ** (key_bits + 1) * _NS_PER_CANDIDATE)
-        if cost < best_cost:
-            best_m, best_cost = m, cost
-    return best_m
-
-
-_BLOCK = 1 << 16  # hashes keyed, or sorted positions compared, at once
-
-
-def _table_key(uh: np.ndarray, masks: list[int]) -> np.ndarray:
-    """The bits of `uh` under the (disjoint, contiguous) block masks, packed low to high into the
-    narrowest unsigned type: ordered exactly as `uh & sum(masks)`, but 16-bit keys (two 8-bit blocks
-    of 8, the usual table at d = 6) take numpy's radix sort, ~20x faster than sorting uint64."""
-    bits = sum(mask.bit_count() for mask in masks)
-    if bits > 32:
-        return uh & np.uint64(sum(masks))
-    key = np.empty(len(uh), dtype=np.uint16 if bits <= 16 else np.uint32)
-    for lo in range(0, len(uh), _BLOCK):  # in blocks: no n-long uint64 temporaries
-        block = uh[lo:lo + _BLOCK]
-        packed = np.zeros(len(block), dtype=np.uint64)
-        shift = 0
-        for mask in sorted(masks):
-            low = (mask & -mask).bit_length() - 1
-            packed |= ((block >> np.uint64(low)) & np.uint64(mask >> low)) << np.uint64(shift)
-            shift += mask.bit_count()
-        key[lo:lo + _BLOCK] = packed
-    return key
-
-
-def _distinct_pairs(uh: np.ndarray, d: int, stats: dict | None = None, mapper: Callable = map) -> np.ndarray:
-    """All (a, b, dist) with a < b, indices into the distinct hashes `uh`, dist <= d; each pair once.
-    The tables are searched in a few groups through `mapper` (`map`, or a process pool's: tables are
-    independent, and the pairs are sorted at the end, so the result does not depend on it)."""
-    n = len(uh)
-    m = _choose_blocks(n, d)
-    tables = list(itertools.combinations(range(m), m - d))
-    groups = [tables[k::4] for k in range(min(4, len(tables)))]
-    found, candidates = [], 0
-    for pairs, count in mapper(_table_pairs, [(uh, d, m, group) for group in groups]):
-        found.append(pairs)
-        candidates += count
-    if stats is not None:
-        stats.update(blocks=m, tables=len(tables), candidates=candidates, distinct=n)
-    pairs = np.concatenate(found).astype(np.int64) if found else np.zeros((0, 3), dtype=np.int64)
-    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
-
-
-def _table_pairs(task: tuple[np.ndarray, int, int, list[tuple[int, ...]]]) -> tuple[np.ndarray, int]:
-    """The pairs (a, b, dist) that the given tables of m blocks report, and how many pairs they compared."""
-    uh, d, m, tables = task
-    n = len(uh)
-    # positions as int32 below 2**31 hashes: half the memory of the n-long position arrays
-    position = np.int32 if n < 2**31 else np.int64
-    masks = _block_masks(m)
-    found: list[np.ndarray] = [np.zeros((0, 3), dtype=np.int64)]
-    candidates = 0
-    for chosen in tables:
-        key = _table_key(uh, [masks[b] for b in chosen])
-        order = np.argsort(key, kind="stable").astype(position)
-        sk = key[order]
-        del key  # peak memory: a handful of n-long arrays per table, freed as soon as possible
-        starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]]).astype(position)
-        del sk
-        lengths = np.diff(np.r_[starts, position(n)])
-        active = np.flatnonzero(np.repeat(lengths, lengths) > 1).astype(position)  # in buckets of 2+
-        ends = np.repeat(starts + lengths, lengths)[active]
-        del starts, lengths
-        # a pair agreeing on an earlier block outside `chosen` belongs to an earlier table
-        earlier = [np.uint64(masks[b]) for b in range(chosen[-1]) if b not in chosen]
-        for lo in range(0, active.size, _BLOCK):  # in blocks: the pair arrays stay small
-            candidates += _bucket_pairs(uh, order, active[lo:lo + _BLOCK], ends[lo:lo + _BLOCK], d, earlier, found)
-    return np.concatenate(found).astype(np.int64), candidates
-
-
-def _bucket_pairs(uh: np.ndarray, order: np.ndarray, active: np.ndarray, ends: np.ndarray, d: int,
-                  earlier: list[np.uint64], found: list[np.ndarray]) -> int:
-    """Compare each sorted position in `active` with the later positions of its bucket (`ends`: one
-    past the bucket's last), appending (a, b, dist) rows within `d` bits that no earlier table
-    reports to `found`. Returns the number of pairs compared."""
-    candidates, k = 0, 1
-    while active.size:
-        keep = ends - active > k
-        active, ends = active[keep], ends[keep]
-        if not active.size:
-            break
-        left, right = order[active], order[active + k]
-        x = uh[left] ^ uh[right]
-        dist = _popcount(x)
-        ok = np.flatnonzero(dist <= d)  # few: the earlier-table test runs on these only
-        candidates += int(active.size)
-        for mask in earlier:
-            ok = ok[(x[ok] & mask) != 0]
-        if ok.size:
-            a, b = left[ok], right[ok]
-            found.append(np.stack([np.minimum(a, b), np.maximum(a, b), dist[ok].astype(np.int64)], axis=1))
-        k += 1
-    return candidates
-
-
 class _Index:
-    """Distinct hashes of n samples, which samples hold each, and the near pairs between them."""
+    """Distinct hashes of n samples, which samples hold each, and either the near-duplicate component
+    of each distinct hash (`root`, the default: O(n), what grouping needs) or every near pair between
+    distinct hashes (`pairs`, with `pairs=True`: grows as the square of a dense cluster)."""
 
     def __init__(self, hashes: Sequence[int] | np.ndarray, threshold: int, stats: dict | None = None,
-                 mapper: Callable = map):
+                 mapper: Callable = map, pairs: bool = False):
         self.hashes = _as_array(hashes)
         n = len(self.hashes)
         # what np.unique(return_inverse, return_counts) gives, from one stable sort and no inverse
@@ -300,7 +181,10 @@ class _Index:
         del ranked
         self.counts = np.diff(np.r_[self.starts, n])
         self.first = self.order[self.starts]  # smallest sample index holding each distinct hash
-        self.pairs = _distinct_pairs(self.distinct, threshold, stats, mapper)
+        if pairs:
+            self.pairs = distinct_pairs(self.distinct, threshold, stats, mapper)
+        else:
+            self.root = distinct_components(self.distinct, threshold, stats, mapper)
 
     def members(self, u: int) -> list[int]:
         s = int(self.starts[u])
@@ -312,14 +196,24 @@ class _Index:
         return zip(a.tolist(), b.tolist(), strict=True)
 
     def edge_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """`edges` as two int64 arrays (equal-hash edges first, then near pairs); O(edges) memory."""
+        """`edges` as two int64 arrays (equal-hash edges first, then one edge from each distinct hash
+        to its component's first): fewer than n edges, whatever the clusters."""
         n = len(self.order)
         group = np.repeat(np.arange(len(self.counts)), self.counts)  # distinct hash of each sorted position
         rest = np.ones(n, dtype=bool)
         rest[self.starts] = False  # every position but each group's first
         same_a, same_b = self.first[group[rest]], self.order[rest]
-        near_a, near_b = self.first[self.pairs[:, 0]], self.first[self.pairs[:, 1]]
+        joined = np.flatnonzero(self.root != np.arange(len(self.root)))
+        near_a, near_b = self.first[self.root[joined]], self.first[joined]
         return (np.concatenate([same_a, near_a]).astype(np.int64), np.concatenate([same_b, near_b]).astype(np.int64))
+
+    def sample_roots(self) -> np.ndarray:
+        """(n,) int64: per sample, the smallest sample index of its near-duplicate component."""
+        smallest = np.full(len(self.root), len(self.order), dtype=np.int64)
+        np.minimum.at(smallest, self.root, self.first)  # per component root, its smallest sample
+        out = np.empty(len(self.order), dtype=np.int64)
+        out[self.order] = np.repeat(smallest[self.root], self.counts)
+        return out
 
 
 def near_pairs(hashes: Sequence[int] | np.ndarray, threshold: int | None = DEFAULT_THRESHOLD,
@@ -328,14 +222,17 @@ def near_pairs(hashes: Sequence[int] | np.ndarray, threshold: int | None = DEFAU
 
     hashes: n unsigned 64-bit ints (a sequence or a uint64 array).
     Returns an int64 array of shape (P, 3): rows (i, j, distance) with i < j sample indices, sorted by
-    (i, j); equal hashes pair at distance 0. P can grow as the square of a cluster's size (k copies
-    of one image give k(k-1)/2 rows): use `join_near_duplicates` to group without listing them.
+    (i, j); equal hashes pair at distance 0. P, and the time and memory, grow as the square of a
+    cluster's size (k copies of one image, or k distinct hashes within a few bits of one centre, give
+    up to k(k-1)/2 rows: 44 M rows, 8 GiB, for k = 20,000): for reports and tests on bounded inputs;
+    group with `near_duplicate_roots` / `near_duplicate_edges` / `join_near_duplicates`, which never
+    list them.
     threshold None or negative: off, no pairs. `stats` (optional dict) receives blocks, tables,
     candidates (pairs compared) and distinct (distinct hashes).
     """
     if not is_enabled(threshold):
         return np.zeros((0, 3), dtype=np.int64)
-    index = _Index(hashes, int(threshold), stats)
+    index = _Index(hashes, int(threshold), stats, pairs=True)
     rows: list[tuple[int, int, int]] = []
     for u in np.flatnonzero(index.counts > 1).tolist():
         rows.extend((i, j, 0) for i, j in itertools.combinations(index.members(u), 2))
@@ -407,9 +304,8 @@ def join_near_duplicates(uf: UnionFind, hashes: Sequence[int] | np.ndarray,
     if not is_enabled(threshold):
         return NearDuplicates((), 0)
     index = _Index(hashes, int(threshold))
-    edges = list(index.edges())
-    merged = sum(uf.union(i, j) for i, j in edges)
-    return NearDuplicates(_groups(index, edges, exact_keys), merged)
+    merged = sum(uf.union(i, j) for i, j in index.edges())
+    return NearDuplicates(_groups(index, exact_keys), merged)
 
 
 def near_duplicate_edges(hashes: Sequence[int] | np.ndarray, threshold: int | None = DEFAULT_THRESHOLD,
@@ -418,7 +314,8 @@ def near_duplicate_edges(hashes: Sequence[int] | np.ndarray, threshold: int | No
     """`join_near_duplicates` without a union-find, for callers that join sets with arrays (the packer
     at a million images): (a, b, groups), where the int64 arrays a[k]-b[k] are the sample pairs that
     connect the near-duplicate components (equal hashes included; O(n) memory) and groups is the
-    report. Off: empty arrays, no groups. `mapper`: how the pair search's table groups run (a process
+    report. The edges are fewer than n (a spanning set, not every near pair), however dense the
+    clusters. Off: empty arrays, no groups. `mapper`: how the search's table groups run (a process
     pool's `map` spreads them over its workers)."""
     if exact_keys is not None and len(exact_keys) != len(hashes):
         raise NearDupError(f"{len(exact_keys)} exact keys for {len(hashes)} hashes")
@@ -427,22 +324,33 @@ def near_duplicate_edges(hashes: Sequence[int] | np.ndarray, threshold: int | No
         return empty, empty, ()
     index = _Index(hashes, int(threshold), mapper=mapper)
     a, b = index.edge_arrays()
-    return a, b, _groups(index, zip(a.tolist(), b.tolist(), strict=True), exact_keys)
+    return a, b, _groups(index, exact_keys)
 
 
-def _groups(index: _Index, edges: Iterable[tuple[int, int]], exact_keys: Sequence | None):
-    edges = list(edges)
-    touched = sorted({i for edge in edges for i in edge})
-    local = {i: k for k, i in enumerate(touched)}  # a union-find over the touched samples only
-    near = UnionFind(len(touched))
-    for i, j in edges:
-        near.union(local[i], local[j])
-    sets: dict[int, list[int]] = {}
-    for k, i in enumerate(touched):
-        sets.setdefault(near.find(k), []).append(i)
+def near_duplicate_roots(hashes: Sequence[int] | np.ndarray, threshold: int | None = DEFAULT_THRESHOLD,
+                         mapper: Callable = map) -> np.ndarray:
+    """Per sample, the smallest sample index of its near-duplicate component (hashes within
+    `threshold` bits joined, chains and equal hashes too): an (n,) int64 array, root[i] <= i, what
+    `near_duplicate_edges` + `bcc.split.connected_components` give, without the edges or the group
+    report. O(n) memory. Off: every sample its own root."""
+    if not is_enabled(threshold):
+        return np.arange(len(hashes), dtype=np.int64)
+    return _Index(hashes, int(threshold), mapper=mapper).sample_roots()
+
+
+def _groups(index: _Index, exact_keys: Sequence | None) -> tuple[NearDuplicateGroup, ...]:
+    """The components of two or more samples, ordered by smallest member, from `index.sample_roots()`
+    (O(n log n), no edge list)."""
+    root = index.sample_roots()
+    sizes = np.bincount(root, minlength=len(root))
+    grouped = np.flatnonzero(sizes[root] > 1)  # ascending sample indices in a group of 2+
+    grouped = grouped[np.argsort(root[grouped], kind="stable")]  # by group (its smallest member), then index
+    bounds = np.cumsum(sizes[np.unique(root[grouped])])[:-1] if grouped.size else []
     groups = []
-    for root in sorted(sets):  # roots are smallest members, so this orders groups by first member
-        members = sets[root]
+    for members in np.split(grouped, bounds):
+        if not members.size:
+            continue
+        members = members.tolist()
         if exact_keys is not None and len({exact_keys[i] for i in members}) == 1:
             continue
         groups.append(NearDuplicateGroup(tuple(members), _diameter(index.hashes[members])))
@@ -469,17 +377,36 @@ def merge_labels(labels: Sequence, hashes: Sequence[int] | np.ndarray,
     return uf.labels()
 
 
-def _diameter(values: np.ndarray, chunk: int = 1024) -> int:
-    """Largest pairwise Hamming distance among hashes, in row chunks (memory O(chunk * k)); a small
-    group (most are 2-3 images) by Python ints, ~20x cheaper than a numpy call per group."""
+_DIAMETER_WORK = 1 << 27  # hash comparisons one group's diameter may take (~0.5 s) before it settles for a bound
+
+
+def _diameter(values: np.ndarray, work: int = _DIAMETER_WORK) -> int:
+    """Largest pairwise Hamming distance among hashes; a small group (most are 2-3 images) by Python
+    ints, ~20x cheaper than a numpy call per group. A large one (k distinct hashes) by eccentricities
+    with triangle-inequality pruning: ecc(y) <= d(y, x) + ecc(x) for every x whose eccentricity is
+    known (the bitwise majority first, a centre), and the member with the largest bound is measured
+    next until no bound exceeds the largest eccentricity found; a dense cluster around one centre
+    takes a few O(k) passes instead of k^2 / 2 comparisons. Exact unless that would take more than
+    `work` comparisons (a large group without a centre, k well above 10^4): then the smallest bound
+    proved, never below the true diameter."""
     if len(values) <= 16:
         return max((hamming(a, b) for a, b in itertools.combinations(values.tolist(), 2)), default=0)
     values = np.unique(values)
+    dist = popcount(values ^ majority(values)).astype(np.int64)
+    bound = dist + dist.max()
     best = 0
-    for s in range(0, len(values), chunk):
-        x = values[s:s + chunk, None] ^ values[None, :]
-        best = max(best, int(_popcount(x.reshape(-1)).max()))
-    return best
+    while True:
+        x = int(bound.argmax())
+        if bound[x] <= best:
+            return best
+        if work < len(values):
+            return int(bound[x])
+        work -= len(values)
+        dist = popcount(values ^ values[x]).astype(np.int64)
+        ecc = int(dist.max())
+        best = max(best, ecc)
+        np.minimum(bound, dist + ecc, out=bound)
+        bound[x] = ecc
 
 
 def near_duplicate_groups(hashes: Sequence[int] | np.ndarray, threshold: int | None = DEFAULT_THRESHOLD,

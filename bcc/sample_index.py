@@ -28,7 +28,8 @@ warning; `off`: not checked), counted per pair of splits; images two train split
 the index existed (or served without it) is named in a note and checked by shard only; an index that
 is there but cannot be read is an error. `check_pretrained` compares the images the bcc run behind
 `model.pretrained` trained on (its config's data and fold, `view_ids`) with the ones a run evaluates: a
-warning per split with the count.
+warning per split with the count. `pack_images` gives a pack's images per class over all its splits
+(`bcc compare --packs` checks that its packs hold the same images).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ from bcc import remote
 from bcc.errors import BccError
 from bcc.manifest import Manifest
 
-__all__ = ["FILE", "SampleIndex", "SampleIndexError", "check_pretrained", "check_sources", "load", "prefix64",
-           "view_ids", "write"]
+__all__ = ["FILE", "SampleIndex", "SampleIndexError", "check_pretrained", "check_sources", "load", "pack_images",
+           "prefix64", "view_ids", "write"]
 
 FILE = "sample_index.npz"
 MAX_SAMPLES = 10**9  # what an index may claim to describe when fetched; a bound on the read
@@ -167,6 +168,25 @@ def load(manifest: Manifest, retries: int = remote.DEFAULT_RETRIES,
     return SampleIndex(shown, columns, tuple(stale))
 
 
+def pack_images(manifest: Manifest, retries: int = remote.DEFAULT_RETRIES,
+                timeout_s: float = remote.HTTP_TIMEOUT_S) -> dict[int, np.ndarray] | str:
+    """Every image the pack of `manifest` holds, over all its splits however they are split: per leaf
+    class index, the sorted sha256 prefixes (`prefix64`) of its samples, repeats kept (a multiset), or
+    why the index cannot say (the pack has none, or it does not describe every split: a reason for a
+    note). Raises SampleIndexError for an index that is there but damaged."""
+    index = load(manifest, retries, timeout_s)
+    if isinstance(index, str):
+        return index
+    names = list(manifest.splits)
+    lacking = [n for n in names if n not in index.sha or n not in index.columns["label"]]
+    if lacking:
+        return (f"{index.location} does not describe split(s) {', '.join(repr(n) for n in lacking)} as the "
+                "manifest lists them")
+    sha = np.concatenate([index.sha[n] for n in names]) if names else np.zeros(0, np.uint64)
+    label = np.concatenate([index.columns["label"][n] for n in names]) if names else np.zeros(0, np.int16)
+    return {int(c): np.sort(sha[label == c]) for c in np.unique(label)}
+
+
 def view_ids(manifest: Manifest, index: SampleIndex, split: str, train: str, val: str,
              column: str = "sha") -> np.ndarray | None:
     """The `column` values (sha256 prefixes, pHashes) of the samples `manifest`'s split `split` holds: the
@@ -198,8 +218,7 @@ def _near_roots(parts: Sequence[_Part], threshold: int) -> list[np.ndarray | Non
     """Per part, each sample's near-duplicate group over all parts with pHashes (the root id of its
     component: pHashes within `threshold` bits joined, chains too, as the packer groups), or None
     for a part without pHashes. Runs over distinct hashes: O(n) memory, no all-pairs comparison."""
-    from bcc.neardup import near_duplicate_edges
-    from bcc.split import connected_components
+    from bcc.neardup import near_duplicate_roots
 
     have = [p.index.columns["phash"].get(p.split) for p in parts]
     distinct = [np.unique(h, return_inverse=True) if h is not None else None for h in have]
@@ -207,8 +226,7 @@ def _near_roots(parts: Sequence[_Part], threshold: int) -> list[np.ndarray | Non
     if not values:
         return [None] * len(parts)
     every = np.concatenate(values)
-    a, b, _ = near_duplicate_edges(every, threshold)
-    root = connected_components(len(every), a, b)
+    root = near_duplicate_roots(every, threshold)
     out, offset = [], 0
     for d in distinct:
         if d is None:

@@ -239,6 +239,49 @@ def test_bcc_compare_refuses_packs_of_another_data_set_or_taxonomy(synth_shards,
         assert line.startswith(f"error: --packs: {pack} {said}") and str(synth_shards) in line
 
 
+def test_bcc_compare_refuses_packs_of_other_images_with_the_same_class_counts(synth_data, synth_shards, tmp_path,
+                                                                              bcc_main):
+    """--packs compare images, not class totals: a pack where two images of one class are other files
+    (the same counts per class and split) is refused with the count, by each pack's sample index; the
+    same images split by another seed pass; a pack without an index falls back to the totals, noted."""
+    import io
+    import shutil
+
+    from PIL import Image
+
+    from bcc.pack import pack_folders
+
+    changed = tmp_path / "changed"
+    shutil.copytree(synth_data, changed)
+    for path in sorted((changed / "Early").iterdir())[:2]:  # another file (bytes), same class
+        with Image.open(path) as im:
+            buf = io.BytesIO()
+            im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(buf, "JPEG", quality=80)
+        path.write_bytes(buf.getvalue())
+    other, reseeded = tmp_path / "other", tmp_path / "reseeded"
+    pack_folders(changed, other, split=(0.7, 0.15, 0.15), seed=0, min_shards=4)
+    pack_folders(synth_data, reseeded, split=(0.7, 0.15, 0.15), seed=1, min_shards=4)
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused")
+
+    def compare(pack):
+        return bcc_main("compare", "--plan", "--config", cfg, "--modes", "full", "--seeds", "2",
+                        "--packs", f"{synth_shards},{pack}",
+                        "--out", tmp_path / "o")
+
+    proc = compare(other)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith(f"error: --packs: {other} holds other images than {synth_shards}: 2 of its 240 images "
+                           f"(source file and class) are not in {synth_shards}, 2 of {synth_shards}'s are not in it"), line
+    proc = compare(reseeded)  # the same images, split by another seed
+    assert proc.returncode == 0, proc.stderr
+    assert "note:" not in proc.stdout + proc.stderr
+    (other / "sample_index.npz").unlink()  # packed before the index: class totals only, said so
+    proc = compare(other)
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: --packs: {other}: it has no sample_index.npz" in " ".join((proc.stdout + proc.stderr).split())
+
+
 # --------------------------------------------------------------------------- end to end
 
 

@@ -8,21 +8,23 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from bcc import neardup
+from bcc import neardup, neardup_search
 from bcc.errors import BccError
 from bcc.neardup import (
     DEFAULT_THRESHOLD,
     NearDupError,
     NearDuplicates,
     UnionFind,
-    _block_masks,
     hamming,
     join_near_duplicates,
     merge_labels,
+    near_duplicate_edges,
     near_duplicate_groups,
+    near_duplicate_roots,
     near_pairs,
     phash,
 )
+from bcc.neardup_search import _block_masks
 
 
 def _flip(h: int, bits) -> int:
@@ -69,7 +71,7 @@ def test_pairs_equal_brute_force(clustered, threshold):
 def test_more_blocks_than_pigeonhole_still_exact(clustered, monkeypatch, threshold, extra_blocks):
     # small n picks m = d + 1 blocks; large n picks more (one table per choice of m - d blocks, each
     # pair reported by the first table it agrees on): force that path here against brute force
-    monkeypatch.setattr(neardup, "_choose_blocks", lambda n, d: d + 1 + extra_blocks)
+    monkeypatch.setattr(neardup_search, "_choose_blocks", lambda n, d: d + 1 + extra_blocks)
     stats: dict = {}
     assert near_pairs(clustered, threshold, stats=stats).tolist() == _brute_force(clustered, threshold)
     assert stats["blocks"] == threshold + 1 + extra_blocks
@@ -201,6 +203,88 @@ def test_scales_without_all_pairs():
     pairs = near_pairs(h, DEFAULT_THRESHOLD, stats=stats)
     assert {(i, j) for i, j, _ in pairs.tolist()} >= {(k, n // 2 + k) for k in range(100)}
     assert stats["candidates"] < 50 * n  # all pairs would be 4.5e8
+
+
+def _ball(n: int, radius: int, seed: int) -> np.ndarray:
+    """n distinct hashes within `radius` bits of one centre (1..radius random bits flipped): a dense
+    cluster, as thousands of nearly blank or uniform images give."""
+    rng = np.random.default_rng(seed)
+    centre = int(rng.integers(0, 2**64, dtype=np.uint64, endpoint=False))
+    out: set[int] = set()
+    while len(out) < n:
+        out.add(_flip(centre, rng.choice(64, size=int(rng.integers(1, radius + 1)), replace=False)))
+    return rng.permutation(np.array(sorted(out), dtype=np.uint64))
+
+
+def _brute_roots(hashes: np.ndarray, threshold: int) -> list[int]:
+    """Per sample, the smallest index of its component under all pairs within `threshold` (brute force)."""
+    from bcc.split import connected_components
+
+    i, j = np.nonzero(np.triu(np.bitwise_count(hashes[:, None] ^ hashes[None, :]) <= threshold, k=1))
+    return connected_components(len(hashes), i, j).tolist()
+
+
+@pytest.fixture(scope="module")
+def component_cases(clustered) -> list[tuple[str, int, np.ndarray, list[int]]]:
+    """(name, threshold, hashes, brute-force roots): random, clustered and dense inputs (one ball within
+    the threshold: one component; a wider ball: many; copies of hashes too)."""
+    rng = np.random.default_rng(7)
+    wide = _ball(600, 10, seed=8)
+    mixed = np.concatenate([clustered[:600], _ball(300, 6, seed=9), wide[:300], wide[:50]])
+    inputs = {"clustered": clustered, "dense": _ball(800, 6, seed=5), "wide": wide,
+              "mixed": mixed[rng.permutation(len(mixed))]}
+    return [(name, t, h, _brute_roots(h, t)) for name, h in inputs.items() for t in (0, 3, DEFAULT_THRESHOLD, 8)]
+
+
+def _pool_map(fn, tasks):  # not the builtin map: the tables run in 4 groups whose components merge
+    return [fn(t) for t in tasks]
+
+
+@pytest.mark.parametrize("big_bucket", [neardup_search.BIG_BUCKET, 3])
+@pytest.mark.parametrize("mapper", [map, _pool_map])
+def test_components_equal_brute_force(component_cases, monkeypatch, big_bucket, mapper):
+    """The groups are exactly those of all pairs within the threshold (`component_cases`), whether
+    large buckets are settled by pivots (big_bucket 3: every bucket of 4+) or pairwise, in one pass or
+    in table groups."""
+    monkeypatch.setattr(neardup_search, "BIG_BUCKET", big_bucket)
+    for name, threshold, hashes, want in component_cases:
+        assert near_duplicate_roots(hashes, threshold, mapper=mapper).tolist() == want, (name, threshold)
+        a, b, groups = near_duplicate_edges(hashes, threshold, mapper=mapper)
+        assert len(a) < len(hashes)  # a spanning set, not the pairs
+        uf = UnionFind(len(hashes))
+        for i, j in zip(a.tolist(), b.tolist(), strict=True):
+            uf.union(i, j)
+        assert uf.labels() == want, (name, threshold)
+        sets: dict[int, list[int]] = {}
+        for i, r in enumerate(want):
+            sets.setdefault(r, []).append(i)
+        assert [g.members for g in groups] == [tuple(m) for r, m in sorted(sets.items()) if len(m) > 1]
+        for g in groups[:20]:
+            v = hashes[list(g.members)]
+            assert g.max_distance == int(np.bitwise_count(v[:, None] ^ v[None, :]).max())
+
+
+def test_dense_cluster_groups_in_near_linear_time():
+    """20,000 distinct hashes within 6 bits of one centre: 44 M pairs within 6 bits (8.5 GiB and 98 s
+    before grouping stopped listing them); grouping compares a few per hash and returns n - 1 edges."""
+    h = _ball(20_000, DEFAULT_THRESHOLD, seed=3)
+    stats: dict = {}
+    root = neardup_search.distinct_components(np.sort(h), DEFAULT_THRESHOLD, stats)
+    assert (root == 0).all()
+    assert stats["candidates"] < 100 * len(h)  # all pairs: 2e8
+    a, b, groups = near_duplicate_edges(h, DEFAULT_THRESHOLD)
+    assert len(a) == len(h) - 1 and len(groups) == 1 and groups[0].max_distance == 12
+
+
+def test_diameter_prunes_and_bounds():
+    rng = np.random.default_rng(11)
+    for values in (_ball(3000, 6, seed=1), _ball(2000, 12, seed=2),
+                   rng.integers(0, 2**64, size=500, dtype=np.uint64, endpoint=False)):
+        x = values[:, None] ^ values[None, :]
+        exact = int(np.bitwise_count(x).max())
+        assert neardup._diameter(values) == exact
+        assert neardup._diameter(values, work=len(values)) >= exact  # out of budget: a bound, never below
+    assert neardup._diameter(_ball(3000, 6, seed=1), work=3 * 3000) == 12  # a centre proves it in a few passes
 
 
 # ---- real images ------------------------------------------------------------------------------
