@@ -294,23 +294,22 @@ def ema_calibration(checkpoint: Path) -> tuple[dict[str, float] | None, dict | N
     checkpoint's temperature.json / operating_point.json ((None, None) when neither file exists), or
     None when a file holds a fit of the raw weights only."""
     from bcc.calibration import TEMPERATURE_FILE
-    from bcc.operating_point import OPERATING_POINT_FILE
+    from bcc.operating_point import stored_points
 
-    found = []
-    for name in (TEMPERATURE_FILE, OPERATING_POINT_FILE):
-        path = Path(checkpoint) / name
-        if not path.is_file():
-            found.append(None)
-            continue
+    path = Path(checkpoint) / TEMPERATURE_FILE
+    temps = None
+    if path.is_file():
         try:
             stored = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise ExportError(f"cannot read {path}: {e}") from e
         if not isinstance(stored, dict) or "ema" not in stored:
             return None
-        found.append(stored["ema"])
-    temps = (found[0] or {}).get("temperatures") or None
-    return ({k: float(v) for k, v in temps.items()} if temps else None), found[1]
+        temps = (stored["ema"] or {}).get("temperatures") or None
+    points = stored_points(checkpoint)  # the one reader of operating_point.json
+    if points is not None and "ema" not in points:
+        return None
+    return ({k: float(v) for k, v in temps.items()} if temps else None), (points or {}).get("ema")
 
 
 # --------------------------------------------------------------------------- loading either format
