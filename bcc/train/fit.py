@@ -61,7 +61,7 @@ from bcc.train.runlog import RunLog, scalar_metrics
 from bcc.train.setup import Components, RunInfo, StageParts, TrainError, build_components, enter_stage
 from bcc.train.source_eval import evaluate_split_by_source
 
-PRETRAINED_FILE = "pretrained.json"  # RUN/pretrained.json: the `PretrainedRecord` of the run's start
+PRETRAINED_FILE = "pretrained.json"  # RUN/pretrained.json: the `PretrainedRecord` of the run's start, + `overlap`
 
 
 @dataclass
@@ -215,6 +215,13 @@ def fit(cfg: Config) -> dict:
     if acc.is_main_process:
         save_config(cfg, run.run_dir / "config.yaml")
         if path is None and run.pretrained is not None:  # a fresh start from pretrained weights
+            # with the images this run evaluates that the source trained on (the start-up warning of
+            # preflight, recorded where RESULTS.md / CV.md read it): sample indexes only, no image
+            from bcc import sample_index
+
+            overlap = sample_index.pretrained_overlap(run.cfg, run.manifest,
+                                                      sample_index.evaluated_splits(run.cfg, run.manifest))
+            run.pretrained = {**run.pretrained, "overlap": overlap}  # the checkpoints' meta (main writes it) too
             write_json(run.run_dir / PRETRAINED_FILE, run.pretrained)
     run.log.prune(run.state.step if path is not None else -1)
     log_sources(run, fresh=path is None)
