@@ -85,7 +85,8 @@ def calibrate_checkpoint(
 
     `operating_point` (a rule of `bcc.operating_point`) then fits the binary threshold on the
     temperature-scaled probabilities of the same samples and stores it (`operating_point.json`);
-    `argmax` removes a stored one. Returned under "operating_point"."""
+    `argmax` removes the stored point of the kinds fitted only (the other weights' point stays,
+    `bcc.operating_point.update_operating_point`). Returned under "operating_point"."""
     from bcc.checkpoint import EMA_FILE
     from bcc.export import choose_weights, is_export_dir
     from bcc.export_hf import HUB_PREFIX
@@ -100,10 +101,13 @@ def calibrate_checkpoint(
     if rule is not None and not rule.is_argmax:
         binary_head(im.taxonomy)  # a named error before any inference
     from bcc.calibration import TEMPERATURE_FILE
-    from bcc.operating_point import OPERATING_POINT_FILE
+    from bcc.operating_point import stored_points
 
-    old_temps, old_point = _stored(im.checkpoint / TEMPERATURE_FILE), _stored(im.checkpoint / OPERATING_POINT_FILE)
-    if kinds == ["ema"] and (old_temps is None or (rule is not None and not rule.is_argmax and old_point is None)):
+    old_temps = _stored(im.checkpoint / TEMPERATURE_FILE)
+    stored_points(im.checkpoint, im.taxonomy)  # an unreadable point is named before any inference
+    # the EMA's fit alone needs the raw weights' temperatures to keep beside it; a missing raw point is the
+    # argmax decision (`bcc.operating_point.update_operating_point` stores the EMA's point beside it)
+    if kinds == ["ema"] and old_temps is None:
         raise EvalError(f"--weights ema: checkpoint {im.checkpoint} has no fit of its raw weights to keep beside "
                         "the EMA's; use --weights auto (fits both)")
     if data is None and im.config.data.sources:
@@ -124,7 +128,7 @@ def calibrate_checkpoint(
         fits[kind] = _fit(im, source, rule)
     info = {"data": str(source.path), "split": source.name, "fold": source.fold, "count": fits[kinds[0]]["count"],
             "step": im.step}
-    path = _write(im, fits, old_temps, old_point, rule, info)
+    path = _write(im, fits, old_temps, rule, info)
     main = fits.get("raw") or fits["ema"]
     out = {**info, "temperatures": main["temperatures"], "ece_before": main["ece_before"],
            "ece_after": main["ece_after"], "path": str(path), "failed": main["failed"], "weights": kinds,
@@ -157,11 +161,11 @@ def _fit(im, source, rule) -> dict[str, Any]:
             "ece_after": _ece_by_scope(im.taxonomy, scaled, labels)}
 
 
-def _write(im, fits, old_temps, old_point, rule, info) -> Path:
+def _write(im, fits, old_temps, rule, info) -> Path:
     """Store the fits, keeping the stored entries of the weights not refitted (the EMA's under `ema`)."""
     from bcc.atomic import write_json
     from bcc.calibration import TEMPERATURE_FILE, write_temperatures
-    from bcc.operating_point import OPERATING_POINT_FILE, write_operating_point
+    from bcc.operating_point import point_record, update_operating_point
 
     ema = fits.get("ema")
     if "raw" in fits:
@@ -176,16 +180,9 @@ def _write(im, fits, old_temps, old_point, rule, info) -> Path:
         write_json(path, {**old_temps, "ema": {"temperatures": ema["temperatures"], **info}})
     if rule is None:
         return path
-    point_path = im.checkpoint / OPERATING_POINT_FILE
-    if rule.is_argmax:  # both weights decide by argmax from now on
-        point_path.unlink(missing_ok=True)
-        return path
-    if "raw" in fits:
-        p = fits["raw"]["point"]
-        ema_point = {"ema": ema["point"]} if ema else ({"ema": old_point["ema"]} if old_point and "ema" in old_point
-                                                        else {})
-        write_operating_point(im.checkpoint, rule, p["threshold"], im.taxonomy, p["temperature"],
-                              {**info, "calibrated": True, "val": p["val"], **ema_point})
-    else:
-        write_json(point_path, {**old_point, "ema": {**ema["point"], **info}})
+    # each refitted weights' point replaced (None: argmax), the other weights' entry kept as stored
+    new = {kind: None if rule.is_argmax else point_record(
+        rule, fit["point"]["threshold"], im.taxonomy, fit["point"]["temperature"],
+        {**info, "calibrated": True, "val": fit["point"]["val"]}) for kind, fit in fits.items()}
+    update_operating_point(im.checkpoint, **new)
     return path

@@ -145,26 +145,36 @@ def check_same_config(run_dirs: Sequence[Path]) -> None:
 def pretrained_text(run_dirs: Sequence[Path], root: Path) -> str:
     """One Markdown line naming the pretrained source(s) the runs started from, with the short sha256 of
     each run's `pretrained.json` (RESULTS.md, CV.md); "" when no run started from one. Runs whose
-    recorded weights differ are listed each (relative to `root`), so a mix is never averaged unseen."""
+    recorded weights differ are listed each (relative to `root`), so a mix is never averaged unseen.
+    A warning paragraph follows when a run's source trained on images it evaluates (its `overlap`,
+    `bcc.sample_index.overlap_warning`)."""
     import json
 
+    from bcc.sample_index import overlap_warning
     from bcc.train.fit import PRETRAINED_FILE
 
     found: dict[tuple[str, str], list[str]] = {}
+    overlap: dict[str, list] = {}  # run -> the images it evaluates that its source trained on (`overlap`)
     for d in run_dirs:
+        name = str(d.relative_to(root)) if d.is_relative_to(root) else str(d)
         try:
             record = json.loads((d / PRETRAINED_FILE).read_text(encoding="utf-8"))
             key = (str(record["source"]), str(record["sha256"])[:12])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        found.setdefault(key, []).append(str(d.relative_to(root)) if d.is_relative_to(root) else str(d))
+        found.setdefault(key, []).append(name)
+        if isinstance(record.get("overlap"), list):
+            overlap[name] = record["overlap"]
     if not found:
         return ""
+    warning = overlap_warning(overlap)
     if len(found) == 1:
         (source, sha), = found
-        return f"Pretrained source: `{source}` (sha256 {sha}) for every run that starts from one."
-    per = "; ".join(f"`{source}` (sha256 {sha}): {', '.join(runs)}" for (source, sha), runs in found.items())
-    return f"**Pretrained sources differ between runs**: {per}."
+        text = f"Pretrained source: `{source}` (sha256 {sha}) for every run that starts from one."
+    else:
+        per = "; ".join(f"`{source}` (sha256 {sha}): {', '.join(runs)}" for (source, sha), runs in found.items())
+        text = f"**Pretrained sources differ between runs**: {per}."
+    return text + (f"\n\n{warning}" if warning else "")
 
 
 def check_packs(packs: Sequence[str]) -> None:

@@ -11,7 +11,8 @@ This module owns the bcc format, TorchScript/ONNX and the dispatch between the t
     out/bcc_export.json        format, model (backbone, head sizes in order, head_hidden, head_dropout),
                                taxonomy (`Taxonomy.to_dict()`), preprocess (image_size, crop_pct, mean, std,
                                the EvalPreset recipe), temperatures (head -> T, or null), the operating
-                               point, source checkpoint, weights (raw|ema). The temperatures and the point
+                               point, source checkpoint, weights (raw|ema), trained_on (the run's data
+                               config and dataset fingerprint: `training_data`). The temperatures and the point
                                are those fitted on the exported weights: training fits the EMA weights'
                                own (stored under `ema` beside the raw ones); an EMA export of a checkpoint
                                calibrated on its raw weights only is refused (`auto` then takes the raw)
@@ -163,11 +164,49 @@ def export_info(im) -> dict[str, Any]:
                       "crop image_size; scale to [0, 1]; normalise with mean and std",
         },
         "temperatures": im.temperatures or None,
+        "trained_on": training_data(im),
         # the root binary head says positive when its (temperature-scaled) probability >= threshold
         "operating_point": None if im.operating_point is None else {
             "rule": im.operating_point.get("rule"), "head": im.operating_point["head"],
             "positive_label": im.operating_point.get("positive_label"), "threshold": im.threshold},
     }
+
+
+def training_data(im) -> dict[str, Any]:
+    """What a bcc export records of the data its weights were trained on (`trained_on` in
+    bcc_export.json): {"config": {"data": the run's data section}, "dataset": the manifest fingerprint
+    its checkpoint's meta holds (None when it holds none)}, so `model.pretrained` pointing at the export
+    can be checked against the images a later run evaluates (`bcc.sample_index.check_pretrained`)."""
+    from bcc.checkpoint import read_meta
+    from bcc.config import config_to_dict
+
+    try:
+        dataset = read_meta(im.checkpoint).get("dataset")
+    except BccError:
+        dataset = None
+    return {"config": {"data": config_to_dict(im.config)["data"]}, "dataset": dataset}
+
+
+def read_training_data(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The training-data record of the bcc export at `directory` in the form of a checkpoint's meta
+    ({"config": {"data": ...}, "dataset": ...}): its own `trained_on`, else (an export of an older bcc)
+    the meta of its `source_checkpoint` while that checkpoint is still there; None when neither is."""
+    from bcc.checkpoint import META_FILE
+
+    try:
+        info = json.loads((Path(directory) / EXPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    if isinstance(info.get("trained_on"), dict) and isinstance(info["trained_on"].get("config"), dict):
+        return info["trained_on"]
+    meta = Path(str(info.get("source_checkpoint") or "")) / META_FILE
+    try:
+        found = json.loads(meta.read_text(encoding="utf-8")) if info.get("source_checkpoint") else None
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and "config" in found else None
 
 
 def export_checkpoint(
@@ -294,23 +333,22 @@ def ema_calibration(checkpoint: Path) -> tuple[dict[str, float] | None, dict | N
     checkpoint's temperature.json / operating_point.json ((None, None) when neither file exists), or
     None when a file holds a fit of the raw weights only."""
     from bcc.calibration import TEMPERATURE_FILE
-    from bcc.operating_point import OPERATING_POINT_FILE
+    from bcc.operating_point import stored_points
 
-    found = []
-    for name in (TEMPERATURE_FILE, OPERATING_POINT_FILE):
-        path = Path(checkpoint) / name
-        if not path.is_file():
-            found.append(None)
-            continue
+    path = Path(checkpoint) / TEMPERATURE_FILE
+    temps = None
+    if path.is_file():
         try:
             stored = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise ExportError(f"cannot read {path}: {e}") from e
         if not isinstance(stored, dict) or "ema" not in stored:
             return None
-        found.append(stored["ema"])
-    temps = (found[0] or {}).get("temperatures") or None
-    return ({k: float(v) for k, v in temps.items()} if temps else None), found[1]
+        temps = (stored["ema"] or {}).get("temperatures") or None
+    points = stored_points(checkpoint)  # the one reader of operating_point.json
+    if points is not None and "ema" not in points:
+        return None
+    return ({k: float(v) for k, v in temps.items()} if temps else None), (points or {}).get("ema")
 
 
 # --------------------------------------------------------------------------- loading either format

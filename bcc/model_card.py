@@ -129,15 +129,20 @@ def card_facts(im, weights: str) -> dict[str, Any]:
     """What the card says about the run behind `im` (an `InferenceModel`); see the module docstring."""
     from bcc.calibration import TEMPERATURE_FILE
     from bcc.checkpoint import read_train_state
-    from bcc.operating_point import OPERATING_POINT_FILE
+    from bcc.errors import BccError
+    from bcc.operating_point import stored_points
 
     state = read_train_state(im.checkpoint)
     temps = _read_json(im.checkpoint / TEMPERATURE_FILE)
-    point = _read_json(im.checkpoint / OPERATING_POINT_FILE)
+    try:
+        points = stored_points(im.checkpoint) or {}
+    except BccError:  # the card says what it can; the model loaded with what it could read
+        points = {}
+    point = points.get("raw")
     if weights == "ema":  # the fit of the EMA weights (`bcc.export.ema_calibration`), on the same val split
         where = {k: temps.get(k) for k in ("split", "count", "step")} if isinstance(temps, dict) else {}
         temps = {**where, **(temps.get("ema") or {})} if isinstance(temps, dict) else None
-        point = point.get("ema") if isinstance(point, dict) else None
+        point = points.get("ema")
     return {
         "run": im.run_dir.name if im.run_dir is not None else None,
         "step": im.step,

@@ -44,9 +44,12 @@ __all__ = [
     "check_val_fittable",
     "fit_threshold",
     "parse_operating_point",
+    "point_record",
     "rates",
     "read_operating_point",
+    "stored_points",
     "threshold_for",
+    "update_operating_point",
     "write_operating_point",
 ]
 
@@ -225,15 +228,14 @@ def threshold_for(point: Mapping[str, Any], temperature: float = 1.0) -> float:
     return 1.0 / (1.0 + math.exp(-float(point["margin"]) / float(temperature)))
 
 
-def write_operating_point(checkpoint_dir: str | Path, rule: OperatingPoint | str, threshold: float, taxonomy,
-                          temperature: float = 1.0, info: Mapping[str, Any] | None = None) -> Path:
-    """Store a fitted point in `<checkpoint>/operating_point.json` (a best/last link is followed)."""
-    from bcc.atomic import write_json
-
+def point_record(rule: OperatingPoint | str, threshold: float, taxonomy, temperature: float = 1.0,
+                 info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The stored form of a fitted point (what `operating_point.json` holds for one weights): format,
+    rule, binary head and its positive label, threshold (on probabilities scaled by `temperature`),
+    temperature, logit margin, fit time, then `info` (split, count, val rates, ...)."""
     _, head = binary_head(taxonomy)
     labels = next(h.labels for h in taxonomy.heads if h.name == head)
-    path = Path(checkpoint_dir).resolve() / OPERATING_POINT_FILE
-    write_json(path, {
+    return {
         "format": OPERATING_POINT_FORMAT,
         "rule": str(rule),
         "head": head,
@@ -243,25 +245,95 @@ def write_operating_point(checkpoint_dir: str | Path, rule: OperatingPoint | str
         "margin": float(temperature) * _logit(float(threshold)),
         "fitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **(info or {}),
-    })
+    }
+
+
+def write_operating_point(checkpoint_dir: str | Path, rule: OperatingPoint | str, threshold: float, taxonomy,
+                          temperature: float = 1.0, info: Mapping[str, Any] | None = None) -> Path:
+    """Store a fitted point in `<checkpoint>/operating_point.json` (a best/last link is followed); an
+    `ema` key of `info` is the EMA weights' own entry (see `stored_points`)."""
+    from bcc.atomic import write_json
+
+    path = Path(checkpoint_dir).resolve() / OPERATING_POINT_FILE
+    write_json(path, point_record(rule, threshold, taxonomy, temperature, info))
     return path
 
 
-def read_operating_point(checkpoint_dir: str | Path, taxonomy=None) -> dict[str, Any] | None:
-    """The point stored with a checkpoint, or None. With `taxonomy`, its head must be the binary root head."""
+def _checked(point: Any, path: Path, taxonomy, where: str) -> dict[str, Any] | None:
+    """A stored point (`where` names it in errors), or None for an argmax decision (a null entry, or a
+    top-level `rule: argmax` that only carries the EMA's point beside it)."""
+    from bcc.checkpoint import CheckpointError
+
+    if point is None or (isinstance(point, dict) and point.get("rule") == "argmax" and "margin" not in point):
+        return None
+    try:
+        margin, head = float(point["margin"]), str(point["head"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read the operating point {path}{where}: {type(e).__name__}: {e}") from e
+    if not math.isfinite(margin):
+        raise CheckpointError(f"{path}{where}: margin must be finite, got {margin}")
+    if taxonomy is not None and binary_head(taxonomy)[1] != head:
+        raise CheckpointError(f"{path}{where}: the point is for head {head!r}, the model's binary head is "
+                              f"{binary_head(taxonomy)[1]!r}")
+    return {k: v for k, v in point.items() if k != "ema"}
+
+
+def stored_points(checkpoint_dir: str | Path, taxonomy=None) -> dict[str, dict[str, Any] | None] | None:
+    """Both points stored with a checkpoint: None without `operating_point.json`, else {"raw": point or
+    None (argmax)} plus "ema": point or None (argmax) when the file holds the EMA weights' own entry
+    (training and `bcc calibrate` of a checkpoint with `model_ema.safetensors` write it; no entry: the
+    point was fitted on the raw weights only). The raw point is the file's top level (older files hold
+    nothing else); a file whose raw decision is argmax but whose EMA has a point says `rule: argmax` at
+    the top. CheckpointError for an unreadable file or a point of another head than `taxonomy`'s."""
     from bcc.checkpoint import CheckpointError
 
     path = Path(checkpoint_dir) / OPERATING_POINT_FILE
     if not path.is_file():
         return None
     try:
-        point = json.loads(path.read_text())
-        margin, head = float(point["margin"]), str(point["head"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read the operating point {path}: {type(e).__name__}: {e}") from e
-    if not math.isfinite(margin):
-        raise CheckpointError(f"{path}: margin must be finite, got {margin}")
-    if taxonomy is not None and binary_head(taxonomy)[1] != head:
-        raise CheckpointError(f"{path}: the point is for head {head!r}, the model's binary head is "
-                              f"{binary_head(taxonomy)[1]!r}")
-    return point
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"cannot read the operating point {path}: expected a JSON object")
+    out = {"raw": _checked(stored, path, taxonomy, "")}
+    if "ema" in stored:
+        out["ema"] = _checked(stored["ema"], path, taxonomy, " (its `ema` entry)")
+    return out
+
+
+def read_operating_point(checkpoint_dir: str | Path, taxonomy=None) -> dict[str, Any] | None:
+    """The raw weights' point stored with a checkpoint, or None (argmax). With `taxonomy`, its head must
+    be the binary root head. The EMA's: `stored_points(...)["ema"]`."""
+    points = stored_points(checkpoint_dir, taxonomy)
+    return None if points is None else points["raw"]
+
+
+_KEEP: Any = object()
+
+
+def update_operating_point(checkpoint_dir: str | Path, *, raw: Any = _KEEP, ema: Any = _KEEP) -> Path | None:
+    """Replace the raw weights' point and/or the EMA's in `<checkpoint>/operating_point.json`, keeping
+    the other one as stored: each is a point record (the fields `write_operating_point` stores, plus
+    whatever describes its fit) or None for the argmax decision. `bcc calibrate --weights raw|ema|auto`
+    uses it, so refitting or dropping one weights' point never touches the other's.
+
+    When neither weights keep a point the file is removed (no file: argmax for both) and None is
+    returned; else the file's path. A best/last link is followed."""
+    from bcc.atomic import write_json
+
+    path = Path(checkpoint_dir).resolve() / OPERATING_POINT_FILE
+    old = stored_points(path.parent) or {"raw": None}
+    new_raw = old["raw"] if raw is _KEEP else raw
+    points = {"raw": new_raw}
+    if ema is not _KEEP:
+        points["ema"] = ema
+    elif "ema" in old:
+        points["ema"] = old["ema"]
+    if new_raw is None and points.get("ema") is None:
+        path.unlink(missing_ok=True)
+        return None
+    top = ({k: v for k, v in new_raw.items() if k != "ema"} if new_raw is not None
+           else {"format": OPERATING_POINT_FORMAT, "rule": "argmax"})
+    write_json(path, {**top, **({"ema": points["ema"]} if "ema" in points else {})})
+    return path

@@ -182,7 +182,8 @@ def load_pretrained(
     `taxonomy` (a `Taxonomy` or its dict) is the model's: when the source has a different one, no head
     is loaded. `allow_mismatch=True` loads whatever fits instead of refusing a backbone with missing
     tensors, tensors of another shape or another name; a source with no matching backbone tensor at
-    all is refused even then. Raises `PretrainedError`; `model` is untouched when it does.
+    all is refused even then. A source tensor holding NaN or Inf, or a BatchNorm `running_var` below
+    zero, is refused naming the tensor. Raises `PretrainedError`; `model` is untouched when it does.
     """
     from bcc.console import console
 
@@ -207,6 +208,14 @@ def load_pretrained(
         raise PretrainedError(f"pretrained source {label}: tensor {bad[0]} holds NaN or Inf values"
                               + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
                               + "; its training diverged or the file is damaged")
+    # a BatchNorm variance below zero passes the check above, but sqrt(var + eps) is NaN in eval mode
+    negative = [k for k, v in state.items() if k.endswith("running_var") and v.is_floating_point() and bool((v < 0).any())]
+    if negative:
+        k = negative[0]
+        raise PretrainedError(f"pretrained source {label}: BatchNorm tensor {k} holds negative variances (min "
+                              f"{float(state[k].min()):.4g})" + (f" (and {len(negative) - 1} more)" if len(negative) > 1
+                                                                else "")
+                              + "; they give NaN outputs in eval mode: the file is damaged or was edited")
     record = _load_state_dict(
         model, state, src, label, digest, path, allow_mismatch, _taxonomy_dict(taxonomy)
     )

@@ -27,7 +27,8 @@ weights of a run trained with `train.ema_decay`, `bcc.compare.load_run_model`; t
 Grad-CAM explains those weights too). It is reused when it was made from the run's current best
 checkpoint with those weights and the temperatures and operating point stored now; otherwise (none yet, an older checkpoint, other
 temperatures or another operating point) it is run here through `bcc.evaluate.evaluate_checkpoint` and
-written to the same place, as `bcc eval` would. Images come from the evaluated data: the shards of
+written to the same place, as `bcc eval` would; with `out` (`bcc report --out DIR`) it is looked for in
+DIR first and written to `DIR/eval-<split>`, so a report elsewhere never writes into the run dir. Images come from the evaluated data: the shards of
 a packed split (found by sample key, read with `bcc.shards.read_shard`) or the files of an image folder.
 
 File names are the samples' `source`, i.e. relative to the data root that was packed or evaluated.
@@ -149,11 +150,12 @@ def _same_point(recorded: Mapping[str, Any] | None, im) -> bool:
             and math.isclose(float(recorded.get("threshold", math.nan)), im.threshold, rel_tol=1e-9, abs_tol=1e-12))
 
 
-def _evaluation(im, split: str, data: str | Path | None) -> tuple[Path, dict[str, Any]]:
-    """The evaluation `bcc eval` writes for this run: `RUN/eval-<split>` (a packed split) or
-    `RUN/eval-<folder name>` (`data` an image folder). Reused when its metrics.json says it was made from
-    the current best checkpoint with the temperatures in use now (and from `data`, when given); else
-    evaluated now and written there."""
+def _evaluation(im, split: str, data: str | Path | None, out: Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """The evaluation `bcc eval` writes for this run: `eval-<split>` (a packed split) or `eval-<folder
+    name>` (`data` an image folder), looked for under `out` and then the run dir. Reused when its
+    metrics.json says it was made from the current best checkpoint with the weights, temperatures and
+    operating point in use now (and from `data`, when given); else evaluated now and written under `out`
+    (`bcc report --out`: nothing is written into the run dir), or the run dir when `out` is None."""
     from bcc.evaluate import evaluate_checkpoint
 
     if data is None and im.config.data.sources:
@@ -163,32 +165,31 @@ def _evaluation(im, split: str, data: str | Path | None) -> tuple[Path, dict[str
     from bcc import remote
 
     location = str(data) if data is not None else im.config.data.shards
-    if not remote.is_local(location):  # a URL or pipe: dataset: evaluated from there (not a Path: `http:/`)
-        eval_dir = im.run_dir / f"eval-{split}"
-        done = _load_eval(eval_dir)
-        if (done is not None and done.get("checkpoint") == str(im.checkpoint) and done.get("split") == split
-                and done.get("weights", "raw") == im.weights and done.get("temperatures") == (im.temperatures or None) and _same_point(done.get("operating_point"), im)
-                and done.get("data") == location and all((eval_dir / f).is_file() for f in
-                                                          ("metrics.json", "predictions.csv", "confusion.png", "reliability.png"))):
-            return eval_dir, done
-        return eval_dir, evaluate_checkpoint(im.checkpoint, location, split=split, out=eval_dir, workers=0,
-                                             weights=im.weights)
-    source = Path(location)
-    is_folder = data is not None and source.is_dir() and not (source / "manifest.json").is_file()
-    eval_dir = im.run_dir / f"eval-{source.resolve().name if is_folder else split}"
-    done = _load_eval(eval_dir)
+    is_remote = not remote.is_local(location)  # a URL or pipe: dataset: evaluated from there (not a Path: `http:/`)
+    source = None if is_remote else Path(location)
+    is_folder = source is not None and data is not None and source.is_dir() and not (source / "manifest.json").is_file()
+    name = f"eval-{source.resolve().name if is_folder else split}"
     files = ("metrics.json", "predictions.csv", "confusion.png", "reliability.png")
-    if (done is not None and done.get("checkpoint") == str(im.checkpoint)
-            and done.get("weights", "raw") == im.weights and done.get("temperatures") == (im.temperatures or None)
-            and _same_point(done.get("operating_point"), im)
-            and (done.get("kind") == "folder" if is_folder else done.get("split") == split)
-            and all((eval_dir / f).is_file() for f in files)
-            and (data is None or Path(done.get("data", "")) == source.resolve())):
-        return eval_dir, done
-    if not source.exists():
+
+    def is_current(done: Mapping[str, Any] | None, eval_dir: Path) -> bool:
+        if not (done is not None and done.get("checkpoint") == str(im.checkpoint)
+                and done.get("weights", "raw") == im.weights and done.get("temperatures") == (im.temperatures or None)
+                and _same_point(done.get("operating_point"), im) and all((eval_dir / f).is_file() for f in files)):
+            return False
+        if is_remote:
+            return done.get("split") == split and done.get("data") == location
+        return ((done.get("kind") == "folder" if is_folder else done.get("split") == split)
+                and (data is None or Path(done.get("data", "")) == source.resolve()))
+
+    for base in dict.fromkeys([*([out] if out is not None else []), im.run_dir]):
+        done = _load_eval(base / name)
+        if is_current(done, base / name):
+            return base / name, done
+    if source is not None and not source.exists():
         raise ReportError(f"the run's data {source} does not exist (moved?): pass --data with the packed dataset")
-    return eval_dir, evaluate_checkpoint(im.checkpoint, source, split=split, out=eval_dir, workers=0,
-                                         weights=im.weights)
+    eval_dir = (out if out is not None else im.run_dir) / name
+    return eval_dir, evaluate_checkpoint(im.checkpoint, location if is_remote else source, split=split, out=eval_dir,
+                                         workers=0, weights=im.weights)
 
 
 def _folder_file(root: Path, source: str) -> Path:
@@ -367,7 +368,7 @@ def write_report(
         raise ReportError(f"{run} is not a run directory (no config.yaml beside checkpoints/)")
     cfg = im.config
     split = split or cfg.data.test_split
-    eval_dir, evaluation = _evaluation(im, split, data)
+    eval_dir, evaluation = _evaluation(im, split, data, Path(out) if out is not None else None)
     mistakes = worst_mistakes(_read_predictions(eval_dir / "predictions.csv"), im.taxonomy, worst)
     panels = _gradcam_panels(im, _read_images(evaluation, mistakes), mistakes) if mistakes else []
 

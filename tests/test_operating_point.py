@@ -241,3 +241,67 @@ def test_bcc_calibrate_fits_the_point_after_the_temperatures(run_copy, synth_sha
     proc = bcc_main("calibrate", "-c", run_copy, "--workers", "0", "--operating-point", "sensitivity>=2")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: operating point 'sensitivity>=2': the bound must lie in (0, 1)" in proc.stderr
+
+
+@pytest.fixture
+def ema_run_copy(run_copy):
+    """`run_copy` with EMA weights in its best checkpoint (the raw ones halved: other outputs), as a run with
+    train.ema_decay leaves them, without training a second run."""
+    from safetensors.torch import load_file, save_file
+
+    best = (run_copy / "checkpoints" / "best").resolve()
+    raw = load_file(best / "model.safetensors")
+    save_file({k: v * 0.5 if v.is_floating_point() else v for k, v in raw.items()}, best / "model_ema.safetensors")
+    return run_copy
+
+
+def test_calibrate_argmax_drops_the_point_of_the_weights_named_only(ema_run_copy, synth_shards, bcc_main, tmp_path):
+    """issue-14 re-breaker N1: `bcc calibrate --weights raw --operating-point argmax` removed the EMA's point
+    too (the whole file), so predict/export of the EMA weights fell back to argmax, and `--weights ema`
+    could not put the EMA's point back. Now each --weights drops (or refits) its own point only."""
+    from bcc.operating_point import stored_points
+    from bcc.predict import load_inference_model
+
+    run, best = ema_run_copy, (ema_run_copy / "checkpoints" / "best").resolve()
+
+    def calibrate(*args):
+        proc = bcc_main("calibrate", "-c", run, "-d", synth_shards, "--workers", "0", *args)
+        assert proc.returncode == 0, proc.stderr
+        return stored_points(best)
+
+    both = calibrate("--operating-point", "youden")  # auto: the raw and the EMA weights
+    assert both["raw"]["rule"] == both["ema"]["rule"] == "youden" and both["raw"]["margin"] != both["ema"]["margin"]
+
+    points = calibrate("--weights", "raw", "--operating-point", "argmax")
+    assert points["raw"] is None and points["ema"] == both["ema"]
+    im = load_inference_model(run, device="cpu", weights="auto")  # auto: the EMA weights, still deciding at their point
+    assert im.weights == "ema" and im.operating_point["margin"] == both["ema"]["margin"]
+    assert load_inference_model(run, device="cpu", weights="raw").threshold is None
+    assert bcc_main("export", "-c", run, "-o", tmp_path / "export").returncode == 0
+    exported = json.loads((tmp_path / "export" / "bcc_export.json").read_text())
+    assert exported["weights"] == "ema" and exported["operating_point"]["rule"] == "youden"
+
+    assert calibrate("--weights", "ema", "--operating-point", "argmax") is None  # both argmax: no file
+    assert load_inference_model(run, device="cpu", weights="auto").threshold is None
+    points = calibrate("--weights", "ema", "--operating-point", "youden")  # the EMA's point back on its own
+    assert points["raw"] is None and points["ema"]["rule"] == "youden"
+    assert load_inference_model(run, device="cpu", weights="auto").operating_point["margin"] == points["ema"]["margin"]
+    points = calibrate("--weights", "raw", "--operating-point", "sensitivity>=0.9")
+    assert points["raw"]["rule"] == "sensitivity>=0.9" and points["ema"]["rule"] == "youden"
+    points = calibrate("--weights", "ema", "--operating-point", "argmax")
+    assert points["raw"]["rule"] == "sensitivity>=0.9" and points["ema"] is None
+    assert load_inference_model(run, device="cpu", weights="auto").threshold is None  # the EMA at argmax, as stored
+    assert calibrate("--operating-point", "argmax") is None  # auto drops both
+
+
+def test_an_older_file_with_a_raw_point_only_reads_as_before(tmp_path):
+    """A file of an older bcc (the raw point at the top, no `ema` entry) and one with an `ema` entry."""
+    from bcc.operating_point import read_operating_point, stored_points, update_operating_point
+
+    write_operating_point(tmp_path, "youden", 0.4, ALL, 1.5, {"split": "val"})
+    assert stored_points(tmp_path).keys() == {"raw"} and read_operating_point(tmp_path, ALL)["threshold"] == 0.4
+    raw = read_operating_point(tmp_path)
+    update_operating_point(tmp_path, raw=None, ema=raw)  # the raw weights at argmax, the EMA's point kept
+    stored = json.loads((tmp_path / "operating_point.json").read_text())
+    assert stored["rule"] == "argmax" and "margin" not in stored and stored["ema"]["threshold"] == 0.4
+    assert read_operating_point(tmp_path, ALL) is None and stored_points(tmp_path, ALL)["ema"] == raw

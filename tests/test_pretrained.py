@@ -697,3 +697,25 @@ def test_a_run_follows_records_and_resumes_without_its_source(run, synth_shards,
     assert second != first and read_meta(second)["pretrained"] == record
     assert config_from_dict(read_meta(second)["config"]).data.mean == (0.1, 0.2, 0.3)
     assert json.loads((out / "pretrained.json").read_text()) == record
+
+
+def test_negative_batchnorm_variance_ends_training_with_one_error_line(synth_shards, tmp_path, bcc_main):
+    """A source whose BatchNorm running_var holds a negative value loaded without a word and gave NaN
+    outputs in eval mode (issue-14 re-breaker); NaN/Inf were refused already. One error line naming the
+    file and the tensor key, before anything trains."""
+    from conftest import write_config
+
+    state = tiny(seed=3).state_dict()
+    key = next(k for k in state if k.startswith("backbone.") and k.endswith("running_var"))
+    state[key] = state[key].clone()
+    state[key][0] = -0.5
+    torch.save(state, tmp_path / "neg.pth")
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "run",
+                       model={"pretrained": str(tmp_path / "neg.pth")})
+    proc = bcc_main("train", "--config", cfg)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = " ".join(proc.stderr.split())
+    assert "Traceback" not in proc.stderr and message.count("error:") == 1
+    assert (f"error: pretrained source {tmp_path / 'neg.pth'}: BatchNorm tensor {key} holds negative variances "
+            "(min -0.5); they give NaN outputs in eval mode") in message
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -22,9 +22,12 @@ from test_evaluate import trained_run, unpack_split  # noqa: F401 - trained_run:
 
 
 @pytest.fixture(scope="module")
-def report(trained_run, tmp_path_factory):  # noqa: F811
-    """The report of `trained_run` through the CLI, in its own directory (the run's eval-test is reused)."""
+def report(trained_run, synth_shards, tmp_path_factory):  # noqa: F811
+    """The report of `trained_run` through the CLI, in its own directory (the run's eval-test, which
+    `bcc eval` writes first, is reused)."""
     out = tmp_path_factory.mktemp("report")
+    if not (trained_run / "eval-test" / "metrics.json").is_file():
+        assert bcc_in_process("eval", "-c", trained_run, "-d", synth_shards, "--workers", "0") == 0
     assert bcc_in_process("report", trained_run, "--out", out, "--worst", "6") == 0
     return out / "report.html"
 
@@ -114,11 +117,25 @@ def test_all_zero_gradcam_map_says_so(report, trained_run, monkeypatch):  # noqa
 def test_an_evaluation_of_another_checkpoint_is_redone(report, trained_run, tmp_path):  # noqa: F811
     from bcc.report import write_report
 
-    path = trained_run / "eval-test" / "metrics.json"
+    run = shutil.copytree(trained_run, tmp_path / "run", symlinks=True)
+    path = run / "eval-test" / "metrics.json"
     real = json.loads(path.read_text())
     path.write_text(json.dumps({**real, "checkpoint": str(tmp_path / "older")}))
-    write_report(trained_run, out=tmp_path, worst=1)
-    assert json.loads(path.read_text())["checkpoint"] == real["checkpoint"]
+    write_report(run, worst=1)  # no --out: redone in the run dir, as bcc eval would
+    assert json.loads(path.read_text())["checkpoint"] == str(run.resolve() / Path(real["checkpoint"]).relative_to(
+        trained_run.resolve()))
+
+
+def test_report_out_writes_nothing_into_the_run_dir(trained_run, tmp_path, bcc_main):  # noqa: F811
+    """`bcc report RUN --out DIR` evaluated into RUN/eval-test when it had to (issue-14 re-breaker): now the
+    evaluation it makes goes under DIR, and the run dir is left as it was."""
+    run = shutil.copytree(trained_run, tmp_path / "run", symlinks=True)
+    shutil.rmtree(run / "eval-test", ignore_errors=True)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert bcc_main("report", run, "--out", tmp_path / "out", "--worst", "1").returncode == 0
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert (tmp_path / "out" / "report.html").is_file()
+    assert json.loads((tmp_path / "out" / "eval-test" / "metrics.json").read_text())["split"] == "test"
 
 
 def test_report_on_an_image_folder(trained_run, synth_shards, tmp_path):  # noqa: F811
@@ -126,9 +143,10 @@ def test_report_on_an_image_folder(trained_run, synth_shards, tmp_path):  # noqa
 
     folder = unpack_split(synth_shards, "test", tmp_path / "cells")
     page = write_report(trained_run, out=tmp_path, data=folder, worst=3).read_text()
-    metrics = json.loads((trained_run / "eval-cells" / "metrics.json").read_text())
+    assert not (trained_run / "eval-cells").exists()  # under --out, not in the run dir
+    metrics = json.loads((tmp_path / "eval-cells" / "metrics.json").read_text())
     assert metrics["kind"] == "folder" and Path(metrics["data"]) == folder.resolve()
-    with open(trained_run / "eval-cells" / "predictions.csv", newline="") as f:
+    with open(tmp_path / "eval-cells" / "predictions.csv", newline="") as f:
         wrong = [r["source"] for r in csv.DictReader(f) if r["true_class"] != r["pred_class"]]
     assert wrong and sum(s in page for s in wrong) == min(3, len(wrong))  # relative to the folder
     assert str(folder.resolve() / wrong[0]) not in page
@@ -151,9 +169,9 @@ def test_decisions_use_the_stored_operating_point_and_show_argmax(trained_run, t
     t = p[len(p) // 2] + 1e-6
     write_operating_point(im.checkpoint, "youden", t, im.taxonomy)
     page = write_report(run, out=tmp_path / "out", worst=50).read_text()
-    evaluation = json.loads((run / "eval-test" / "metrics.json").read_text())
+    evaluation = json.loads((tmp_path / "out" / "eval-test" / "metrics.json").read_text())
     assert evaluation["operating_point"]["threshold"] == pytest.approx(t)  # redone at the point
-    rows = list(csv.DictReader((run / "eval-test" / "predictions.csv").read_text().splitlines()))
+    rows = list(csv.DictReader((tmp_path / "out" / "eval-test" / "predictions.csv").read_text().splitlines()))
     argmax = argmax_classes(rows, im.taxonomy)
     assert any(a != r["pred_class"] for a, r in zip(argmax, rows, strict=True))
     assert f"when its probability is &ge; {t:.4f} (operating point youden" in page
@@ -244,5 +262,5 @@ def test_report_on_a_pack_served_over_http(trained_run, synth_shards, tmp_path):
     shutil.rmtree(run / "eval-test", ignore_errors=True)
     with serve(synth_shards.parent) as (_, url):
         page = write_report(run, out=tmp_path / "out", data=f"{url}/{synth_shards.name}", worst=2).read_text()
-    metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "out" / "eval-test" / "metrics.json").read_text())
     assert metrics["data"] == f"{url}/{synth_shards.name}" and page.count("data:image/") >= 2

@@ -10,7 +10,7 @@ The samples are the run's validation view: for a run of `bcc cv` (`data.fold=k`)
 train+val, as training used it, not the pack's own val split. With an EMA (`train.ema_decay`) the default
 `--weights auto` refits both the raw and the EMA weights (each on its own logits), so eval, predict,
 export and report keep using the weights they chose before; `raw` or `ema` refit one and keep the
-other's stored fit."""
+other's stored fit (`--operating-point argmax` drops only the point of the weights refitted)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--operating-point", default=None, metavar="RULE",
                    help="also fit the binary decision's threshold on the same samples, after the temperatures: "
-                        "youden | sensitivity>=X | specificity>=X (argmax removes a stored one)")
+                        "youden | sensitivity>=X | specificity>=X (argmax removes the stored point of the --weights "
+                        "refitted: raw, ema, or both with auto; the other's stays)")
     add_weights_option(p)
     p.set_defaults(func=run)
 

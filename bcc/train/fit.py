@@ -61,7 +61,7 @@ from bcc.train.runlog import RunLog, scalar_metrics
 from bcc.train.setup import Components, RunInfo, StageParts, TrainError, build_components, enter_stage
 from bcc.train.source_eval import evaluate_split_by_source
 
-PRETRAINED_FILE = "pretrained.json"  # RUN/pretrained.json: the `PretrainedRecord` of the run's start
+PRETRAINED_FILE = "pretrained.json"  # RUN/pretrained.json: the `PretrainedRecord` of the run's start, + `overlap`
 
 
 @dataclass
@@ -139,7 +139,7 @@ def setup_run(cfg: Config) -> Run:
     if note := workers_note(cfg.data.workers):
         console.print(f"note: {note}", soft_wrap=True)
     taxonomy = manifest.taxonomy
-    preflight(cfg, manifest, acc)  # splits, shards, metric, backbone: once, before anything is built
+    overlap = preflight(cfg, manifest, acc)  # splits, shards, metric, backbone: once, before anything is built
     check_val_fittable(cfg, manifest)  # refused before training: no binary head, or a val split lacking a class
     train_split = manifest.split(cfg.data.train_split)
     bpe = train_batches(manifest, cfg.data, acc.num_processes)
@@ -167,7 +167,9 @@ def setup_run(cfg: Config) -> Run:
                                       metric=c.metric, mode=c.mode),
                log=RunLog(run_dir, acc.is_main_process, accelerator=acc), run_dir=run_dir,
                name=cfg.run.name or run_dir.resolve().name, pin_memory=acc.device.type == "cuda",
-               pretrained=record.to_dict() if record is not None else None)
+               # with the images this run evaluates that the source trained on (preflight's warning), where
+               # RESULTS.md / CV.md read it: RUN/pretrained.json and the checkpoints' meta
+               pretrained={**record.to_dict(), "overlap": overlap} if record is not None else None)
 
 
 def train_from_config(config_file, overrides) -> dict:

@@ -116,8 +116,9 @@ def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES, timeou
                          "again from the packed output, or repack it")
 
 
-def check_run(cfg: Config, manifest: Manifest) -> None:
-    """Raise TrainError (or another BccError) for the first thing the run would fail on later."""
+def check_run(cfg: Config, manifest: Manifest) -> list[dict]:
+    """Raise TrainError (or another BccError) for the first thing the run would fail on later. Returns
+    what `sample_index.pretrained_overlap` found (printed here as warnings), for the run's record."""
     names = metric_names(manifest.taxonomy)
     if cfg.train.ema_decay is not None:  # the EMA weights' metrics (bcc.train.ema)
         names += [f"ema_{n}" for n in names]
@@ -154,9 +155,10 @@ def check_run(cfg: Config, manifest: Manifest) -> None:
                                      else {})}
     lines = [] if not isinstance(manifest, MixedManifest) else sample_index.check_sources(
         manifest.sources, read, cfg.data.source_overlap, retries=cfg.data.retries, timeout_s=cfg.data.read_timeout_s)
-    evaluated = [name for key, name in read.items() if key != "data.train_split"]
-    for line in lines + sample_index.check_pretrained(cfg, manifest, evaluated):
+    overlap = sample_index.pretrained_overlap(cfg, manifest, [n for k, n in read.items() if k != "data.train_split"])
+    for line in lines + [sample_index.overlap_line(e) for e in overlap]:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
+    return overlap
 
 
 def _source_of(manifest: Manifest, shard: ShardInfo) -> str:
@@ -206,8 +208,9 @@ def check_precision(mixed_precision: str, device: torch.device) -> None:
                          "set train.mixed_precision=fp16 or no")
 
 
-def preflight(cfg: Config, manifest: Manifest, accelerator: Accelerator) -> None:
-    """`check_run` on the main process; every rank raises the same TrainError if it failed.
+def preflight(cfg: Config, manifest: Manifest, accelerator: Accelerator) -> list[dict]:
+    """`check_run` on the main process; every rank raises the same TrainError if it failed. Returns
+    `check_run`'s pretrained-overlap findings on the main process ([] on the others).
 
     A collective: every rank must call it. The other ranks wait while the main process checks, however
     long that takes (remote manifests, sample indexes and shards: up to `data.retries` x
@@ -216,9 +219,11 @@ def preflight(cfg: Config, manifest: Manifest, accelerator: Accelerator) -> None
     string (exception objects need not pickle), so only the one line travels.
     """
 
+    found: list[dict] = []
+
     def check() -> str | None:
         try:
-            check_run(cfg, manifest)
+            found.extend(check_run(cfg, manifest))
         except BccError as e:
             return str(e)
         return None
@@ -232,3 +237,4 @@ def preflight(cfg: Config, manifest: Manifest, accelerator: Accelerator) -> None
         error = TrainError(verdict)
         error.shared = "job"  # one line for the job, from rank 0
         raise error
+    return found

@@ -1,0 +1,102 @@
+"""The pretrained-overlap check where a reader of results looks (issue-14 re-breaker N2, N4): a run whose
+`model.pretrained` was trained on images it evaluates records them in RUN/pretrained.json, and
+`bcc compare`'s RESULTS.md and `bcc cv`'s CV.md say so; an export of a bcc run is checked like the run
+(the export records its training data), and an export whose data cannot be followed says it was not
+checked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+from test_sources import reseeded  # noqa: F401 - synth_shards' images packed with another seed
+
+from bcc.config import load_config
+from bcc.manifest import Manifest
+from bcc.sample_index import check_pretrained
+
+from conftest import write_config
+from test_evaluate import trained_run  # noqa: F401 - session fixture: one epoch on synth_shards' train split
+
+
+def _cfg(pack, pretrained):
+    return load_config(None, [f"data.shards={pack}", "model.backbone=test_resnet", f"model.pretrained={pretrained}"])
+
+
+def _warnings(lines):
+    return [line for line in lines if line.startswith("warning: model.pretrained")]
+
+
+def test_the_overlap_is_recorded_and_shown_in_results_md(trained_run, reseeded, tmp_path, bcc_main):  # noqa: F811
+    """Most val/test images of the reseeded pack were the source run's training images: the start-up
+    warning's split counts land in RUN/pretrained.json (`overlap`) and in RESULTS.md as a warning line
+    (the same line CV.md gets from `pretrained_text`)."""
+    from bcc.compare_check import pretrained_text
+
+    out = tmp_path / "cmp"
+    run = out / "full"
+    cfg = write_config(tmp_path / "c.yaml", reseeded, run, model={"pretrained": str(trained_run)},
+                       train={"epochs": 1}, eval={"test_at_end": True})
+    proc = subprocess.run([sys.executable, "-m", "bcc.train", "--config", str(cfg)], capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed = _warnings(" ".join(proc.stdout.split()).replace(" warning: ", "\nwarning: ").splitlines())
+    record = json.loads((run / "pretrained.json").read_text())
+    hits = [e for e in record["overlap"] if "split" in e]
+    assert {e["split"] for e in hits} == {"val", "test"} and all(0 < e["count"] <= e["total"] for e in hits)
+    for e in hits:  # the counts the start-up printed
+        assert any(f"was trained on {e['count']} of the {e['total']} images of split '{e['split']}'" in line
+                   for line in printed), printed
+
+    assert bcc_main("compare", "--aggregate", out, "--modes", "full").returncode == 0
+    results = (out / "RESULTS.md").read_text()
+    (line,) = [ln for ln in results.splitlines() if ln.startswith("**Warning: the pretrained source was trained on")]
+    for e in hits:
+        assert f"{e['count']} of {e['total']} images of split '{e['split']}'" in line
+    assert line in pretrained_text([run], out)  # bcc cv's CV.md takes the same text
+
+    clean = tmp_path / "clean"  # a run whose pretrained.json records no overlap: no warning
+    clean.mkdir()
+    (clean / "pretrained.json").write_text(json.dumps({**record, "overlap": []}))
+    assert "Warning" not in pretrained_text([clean], tmp_path)
+
+
+def test_an_export_of_a_run_is_checked_like_the_run(trained_run, reseeded, tmp_path, bcc_main, capsys):  # noqa: F811
+    """model.pretrained = a `bcc export` of the source run: the same warnings as for the run (the export
+    records its training data); an older export without that record follows its source checkpoint, and
+    one whose checkpoint is gone too, or a Hub export, gets a note that it was not checked."""
+    from bcc.train.preflight import check_run
+
+    manifest = Manifest.load(reseeded)
+    expected = check_pretrained(_cfg(reseeded, trained_run), manifest, ["val", "test"])
+    assert len(_warnings(expected)) == 2
+    export = tmp_path / "export"
+    assert bcc_main("export", "-c", trained_run, "-o", export).returncode == 0
+    got = check_pretrained(_cfg(reseeded, export), manifest, ["val", "test"])
+    assert got == [line.replace(str(trained_run), str(export)) for line in expected]
+    assert check_pretrained(_cfg(reseeded, export / "model.safetensors"), manifest, ["val", "test"]) == [
+        line.replace(str(trained_run), str(export / "model.safetensors")) for line in expected]
+
+    info = json.loads((export / "bcc_export.json").read_text())
+    del info["trained_on"]  # as an older bcc wrote it: its source checkpoint is followed
+    (export / "bcc_export.json").write_text(json.dumps(info))
+    assert check_pretrained(_cfg(reseeded, export), manifest, ["val", "test"]) == got
+    (export / "bcc_export.json").write_text(json.dumps({**info, "source_checkpoint": str(tmp_path / "gone")}))
+    note = (f"note: whether {export} (model.pretrained) was trained on images this run evaluates is not checked: "
+            "it is an export that records no training data (exported by an older bcc, and its source checkpoint "
+            "is gone)")
+    assert check_pretrained(_cfg(reseeded, export), manifest, ["val", "test"]) == [note]
+
+    hf = tmp_path / "hf"
+    assert bcc_main("export", "-c", trained_run, "-o", hf, "--format", "hf").returncode == 0
+    assert check_pretrained(_cfg(reseeded, hf), manifest, ["val", "test"]) == [
+        f"note: whether {hf} (model.pretrained) was trained on images this run evaluates is not checked: it is "
+        "a Hub export, which records no training data"]
+
+    shutil.rmtree(hf)
+    capsys.readouterr()
+    check_run(_cfg(reseeded, export), manifest)  # what the start-up of such a run prints
+    assert note in " ".join(capsys.readouterr().out.split())
+
