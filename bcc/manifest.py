@@ -53,6 +53,7 @@ from typing import Any
 
 from bcc import remote
 from bcc.errors import BccError
+from bcc.manifest_lists import read_list, write_list
 from bcc.taxonomy import Taxonomy, TaxonomyError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "FoldError", "Manifest", "ManifestError", "ManifestNotFoundError",
@@ -350,31 +351,7 @@ class Manifest:
         count are checked against the manifest (ManifestError naming the file otherwise). Absent: []."""
         if name not in FILE_LISTS:
             raise ManifestError(f"unknown list {name!r}; the manifest's per-file lists are {', '.join(FILE_LISTS)}")
-        value = self.data.get(name) or []
-        if not isinstance(value, dict):
-            return list(value)
-        file = str(value.get("file", ""))
-        if "/" in file or not remote.is_plain_name(file):  # a name beside manifest.json, nothing else
-            raise ManifestError(f"{self.shown}: {name} names the side file {file!r}, not a file beside the manifest")
-        location = remote.join(self.root, file)
-        shown = remote.display(location)
-        try:
-            raw = remote.read_bytes(location)
-        except (OSError, remote.RemoteError) as e:
-            raise ManifestError(f"cannot read {shown} (the manifest's {name}): {getattr(e, 'strerror', None) or e}"
-                                ) from e
-        want = value.get("sha256")
-        if want is not None and hashlib.sha256(raw).hexdigest() != want:
-            raise ManifestError(f"{shown} does not match the sha256 in {self.shown}: damaged or replaced")
-        try:
-            text = raw.decode("utf-8")
-            entries = ([json.loads(line) for line in text.splitlines() if line.strip()] if file.endswith(".jsonl")
-                       else json.loads(text))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ManifestError(f"{shown} is not valid JSON: {e}") from e
-        if "count" in value and len(entries) != value["count"]:
-            raise ManifestError(f"{shown} holds {len(entries)} entries but {self.shown} says {value['count']}")
-        return entries
+        return read_list(self.root, self.shown, name, self.data.get(name) or [])
 
     def near_duplicates(self) -> list[dict[str, Any]]:
         """The near-duplicate groups (`{"paths", "max_distance", "split"}`), from the side file if large."""
@@ -444,33 +421,6 @@ def _timm_info(name: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {"name": name, "num_classes": len(classes), "classes": classes, "splits": splits}
 
 
-def _list_size(entry: Mapping[str, Any]) -> int:
-    """Paths an entry of a per-file list names: its `paths` (a duplicate set, a near-duplicate group), or one."""
-    return len(entry["paths"]) if isinstance(entry.get("paths"), list) else 1
-
-
-def _write_list(out: Path, name: str, entries: Collection[Mapping[str, Any]]) -> list | dict:
-    """A per-file list: inline when it names at most `LIST_INLINE` paths, else streamed to `<name>.jsonl`
-    (atomically, hashed as it is written, one entry at a time: a lazy `entries` is never held whole) and named
-    by the manifest. Paths, not entries, are counted: 500,000 copies of one image are one entry."""
-    from bcc.atomic import atomic_write
-
-    if len(entries) <= LIST_INLINE:  # few entries: held anyway, to count their paths
-        listed = [dict(e) for e in entries]
-        if sum(map(_list_size, listed)) <= LIST_INLINE:
-            return listed
-        entries = listed
-    file = f"{name}.jsonl"
-    h, n = hashlib.sha256(), 0
-    with atomic_write(out / file, "wb") as f:
-        for e in entries:
-            line = (json.dumps(dict(e)) + "\n").encode("utf-8")
-            h.update(line)
-            f.write(line)
-            n += 1
-    return {"file": file, "count": n, "sha256": h.hexdigest()}
-
-
 def write_manifest(
     out: str | Path,
     taxonomy: Taxonomy,
@@ -506,13 +456,13 @@ def write_manifest(
         "taxonomy": taxonomy.to_dict(),
         "classes": list(taxonomy.class_names),
         "splits": {k: dict(v) for k, v in splits.items()},
-        "skipped": _write_list(out, "skipped", skipped),
-        "converted": _write_list(out, "converted", converted),
-        "duplicates": _write_list(out, "duplicates", duplicates),
+        "skipped": write_list(out, "skipped", skipped, LIST_INLINE),
+        "converted": write_list(out, "converted", converted, LIST_INLINE),
+        "duplicates": write_list(out, "duplicates", duplicates, LIST_INLINE),
         "warnings": list(warnings),
     }
     if near_duplicates is not None:
-        manifest["near_duplicates"] = _write_list(out, "near_duplicates", near_duplicates)
+        manifest["near_duplicates"] = write_list(out, "near_duplicates", near_duplicates, LIST_INLINE)
     if folds is not None:
         manifest["folds"] = dict(folds)
     write_json(out / "manifest.json", manifest)
