@@ -20,6 +20,11 @@ ask `Manifest.format_version` (or `has_checksums`) instead of guessing from what
   5  per shard: `bytes`, the shard file's size, so the preflight finds a truncated (or replaced)
      shard exactly from one `os.stat` (or a remote shard's HEAD) before the first step; versions 1-4
      keep the lower bound of `MIN_BYTES_PER_SAMPLE` per sample (`bcc.train.preflight`).
+  6  per shard: `head_sha256`, the sha256 of the shard's first min(bytes, `bcc.shards.HEAD_BYTES`) bytes
+     (64 KiB), taken as the packer writes them. The stream checks it each time it opens a shard, before
+     any sample of it (`bcc.shards.read_range`): a shard replaced behind the manifest (another pack's,
+     another seed's, two swapped: sizes often agree, tar pads them) is a named error, not silently other
+     images. Versions 1-5 (and entries without it, e.g. hand-made) are read unchecked, as before.
 
 Where a pack lives (`bcc.remote`): `Manifest.load` takes a local folder, the http(s) URL of a folder or
 of its manifest.json, or a `pipe:` template with `{name}`; shard entries resolve against it. An entry
@@ -60,7 +65,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "FoldError", "Manifest", "ManifestError",
            "FILE_LISTS", "LIST_INLINE", "ShardInfo", "SplitInfo", "split_entry", "write_manifest"]
 
 FORMAT_NAME = "bcc-shards"
-FORMAT_VERSION = 5  # what `write_manifest` writes; see the module docstring for the history
+FORMAT_VERSION = 6  # what `write_manifest` writes; see the module docstring for the history
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 CHECKSUM_VERSION = 2  # first version with per-sample `stored_crc32` and `cls`
 # per-file lists of the manifest; one naming more than LIST_INLINE paths goes to the side file <name>.jsonl
@@ -100,6 +105,8 @@ class ShardInfo:
     fold_counts: tuple[int, ...] | None = None  # samples per cross-validation fold, if packed with folds
     folds: frozenset[int] | None = None  # a fold view: readers keep only samples whose json `fold` is in it
     bytes: int | None = None  # the shard file's size (format 5); None in older packs
+    head_sha256: str | None = None  # sha256 of its first min(bytes, 64 KiB) (format 6); None: unchecked
+    split: str = ""  # the pack's split that lists it (named by errors)
 
     def is_kept(self, meta: Mapping[str, Any]) -> bool:
         """Whether a sample (its decoded json) belongs to this shard's view."""
@@ -219,12 +226,12 @@ class Manifest:
             entry = sh["path"]
             folds = sh.get("fold_counts")
             if (local_root is not None and "{" not in entry and ":" not in entry and isinstance(sh.get("sha256"), str)
-                    and _whole(sh.get("count")) and _whole(sh.get("bytes", 0))
+                    and _whole(sh.get("count")) and _whole(sh.get("bytes", 0)) and isinstance(sh.get("head_sha256", ""), str)
                     and (folds is None or isinstance(folds, list) and all(map(_whole, folds)))):
                 # the common case, fast; lexical: `root` is resolved, resolving 100,000 paths would stat each
                 shards.append(ShardInfo(Path(os.path.normpath(os.path.join(local_root, entry))), sh["count"],
                                         sh["sha256"], tuple(folds) if folds is not None else None,
-                                        bytes=sh.get("bytes")))
+                                        bytes=sh.get("bytes"), head_sha256=sh.get("head_sha256") or None, split=name))
                 continue
             shards += self._parse_entry(name, sh)  # names the entry and the field that is wrong
         return SplitInfo(name, int(s["count"]), {str(k): int(v) for k, v in s["class_counts"].items()}, shards)
@@ -277,9 +284,9 @@ class Manifest:
             """One value per shard: a brace entry's list, or its one value repeated."""
             if len(names) == 1:
                 return [value]
-            if key == "sha256" and not isinstance(value, list):  # one digest cannot fit several different shards
+            if key in ("sha256", "head_sha256") and not isinstance(value, list):  # one digest cannot fit several
                 raise ManifestError(f"{self.shown}: split '{split}': the brace entry {entry!r} names {len(names)} "
-                                    "shards but gives one sha256; list one per shard")
+                                    f"shards but gives one {key}; list one per shard")
             per_shard = isinstance(value, list) and (key != "fold_counts" or bool(value) and isinstance(value[0], list))
             if not per_shard:
                 return [value] * len(names)
@@ -291,6 +298,7 @@ class Manifest:
         counts, digests = each("count", sh["count"]), each("sha256", sh["sha256"])
         folds = each("fold_counts", sh["fold_counts"]) if "fold_counts" in sh else [None] * len(names)
         sizes = each("bytes", sh["bytes"]) if "bytes" in sh else [None] * len(names)
+        heads = each("head_sha256", sh["head_sha256"]) if "head_sha256" in sh else [None] * len(names)  # one per shard
         try:
             locations = [remote.join(self.root, n) for n in names]
         except remote.RemoteError as e:
@@ -304,12 +312,14 @@ class Manifest:
                 return value
             raise ManifestError(f"{self.shown}: split '{split}': the shard entry {entry!r}: {key} must be a whole "
                                 f"number from 0 to 2**53 (or, for a brace list, a list of one per shard), got {value!r}")
-        if not all(isinstance(d, str) for d in digests):
-            raise ManifestError(f"{self.shown}: split '{split}': the shard entry {entry!r}: sha256 must be a hex "
-                                f"string (or, for a brace list, a list of one per shard), got {sh['sha256']!r}")
+        for key, values in (("sha256", digests), ("head_sha256", heads)):
+            if not all(isinstance(d, str) or d is None and key == "head_sha256" for d in values):
+                raise ManifestError(f"{self.shown}: split '{split}': the shard entry {entry!r}: {key} must be a hex "
+                                    f"string (or, for a brace list, a list of one per shard), got {sh[key]!r}")
         return [ShardInfo(loc, number("count", c), d, tuple(number("fold_counts", n) for n in f) if f is not None
-                          else None, bytes=number("bytes", b) if b is not None else None)
-                for loc, c, d, f, b in zip(locations, counts, digests, folds, sizes, strict=True)]
+                          else None, bytes=number("bytes", b) if b is not None else None, head_sha256=h or None,
+                          split=split)
+                for loc, c, d, f, b, h in zip(locations, counts, digests, folds, sizes, heads, strict=True)]
 
     @property
     def folds(self) -> int | None:
