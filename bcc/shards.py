@@ -12,14 +12,10 @@ is the strong check -- and the stream checks every sample on every epoch: zlib's
 ~1.8 GB/s per core here against ~0.75 GB/s for sha256, and both are far below the decode cost of the
 same image. It catches every single-bit flip and every burst up to 32 bits.
 
-A shard as a whole is fingerprinted by its head: `head_sha256` in the manifest (format 6) is the sha256
-of its first min(size, `HEAD_BYTES`) bytes, taken by the packer as it writes them (`head_sha256`), and
-checked each time `read_range` opens the shard, before it yields a sample: a shard replaced behind an
-unchanged manifest (another pack's or another seed's, two swapped: tar pads sizes, so they often agree)
-is a `ShardReplacedError`. The cost is one sha256 of 64 KiB per open (~40 us), bytes the read takes anyway
-(a local shard: one `pread` from the page cache). A head that differs because it is damaged (a tar header
-or a sample that fails its own checksum, a truncated copy) is left to the read, which names the damage
-(and `data.on_corrupt: skip` still applies to damaged samples).
+A whole shard is fingerprinted by its head: the manifest's `head_sha256` (format 6, sha256 of its first
+min(size, `HEAD_BYTES`) bytes, taken by the packer as it writes them) is checked each time `read_range`
+opens the shard, before any sample: a shard replaced behind an unchanged manifest (sizes often agree: tar
+pads them) is a `ShardReplacedError`; damage is left to the read, which names it (`_check_head`).
 """
 
 from __future__ import annotations
@@ -42,10 +38,9 @@ from bcc.errors import BccError, Interrupted
 from bcc.remote_secrets import quote_bytes
 from bcc.tar_writer import TarStream
 
-__all__ = ["HEAD_BYTES", "IMAGE_KEYS", "SampleError", "ShardError", "ShardReplacedError", "check_sample", "count_tar_samples", "crc32_hex",
-           "damaged_samples", "make_sample", "read_range", "read_shard", "sample_members", "sample_offset", "sha256_file",
-           "shard_sizes",
-           "write_shard"]
+__all__ = ["HEAD_BYTES", "IMAGE_KEYS", "SampleError", "ShardError", "ShardReplacedError", "check_sample", "count_tar_samples",
+           "crc32_hex", "damaged_samples", "file_digests", "make_sample", "read_range", "read_shard", "sample_members",
+           "sample_offset", "sha256_file", "shard_sizes", "write_shard"]
 
 # sample entries (extensions) that may hold the image, in the order readers look for them; bcc writes
 # only jpg, png and webp since format 2 (what timm's wds reader looks for), older packs hold the others
@@ -63,11 +58,20 @@ def shard_sizes(n: int, shard_size: int, min_shards: int) -> list[int]:
 
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of the file at `path`, read in 1 MiB blocks (shards, pretrained weights)."""
-    h = hashlib.sha256()
+    return file_digests(path)[0]
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    """(hex SHA-256 of the file at `path`, that of its first min(size, HEAD_BYTES): a shard's
+    `head_sha256`), in one read."""
+    whole, head = hashlib.sha256(), hashlib.sha256()
     with open(path, "rb") as f:
+        first = f.read(HEAD_BYTES)
+        whole.update(first)
+        head.update(first)
         for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+            whole.update(block)
+    return whole.hexdigest(), head.hexdigest()
 
 
 class SampleError(BccError):
@@ -199,7 +203,8 @@ def _damaged_head(shard, head: bytes) -> bool:
         return True  # a truncated copy
     samples = []
     try:
-        samples.extend(_tar_samples(io.BytesIO(head), ""))
+        for sample in _tar_samples(io.BytesIO(head), ""):
+            samples.append(sample)
     except _CutShort:
         if whole:
             return True
