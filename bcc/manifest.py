@@ -414,7 +414,8 @@ class Manifest:
 
 
 def split_entry(shards: Sequence[Mapping[str, Any]], class_counts: Mapping[str, int]) -> dict[str, Any]:
-    """A split's manifest entry from its shards (`{"path": name, "count", "sha256"}`, in order) and
+    """A split's manifest entry from its shards (`{"path": name, "count", "sha256"}`, in order; `bcc pack`
+    adds `bytes` and `head_sha256`, see the module docstring) and
     its per-class counts (every class of the taxonomy, zeros included)."""
     return {"count": sum(int(s["count"]) for s in shards), "class_counts": dict(class_counts),
             "shards": [dict(s) for s in shards]}

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_remote import serve
 
 from bcc.manifest import Manifest
 from bcc.shards import HEAD_BYTES, ShardReplacedError, read_range
@@ -20,7 +21,6 @@ from bcc.verify import verify_shards
 
 from conftest import write_config
 from test_evaluate import trained_run  # noqa: F401 - session fixture shared by the evaluation tests
-from test_remote import serve
 
 
 @pytest.fixture(scope="module")
