@@ -20,6 +20,11 @@ ask `Manifest.format_version` (or `has_checksums`) instead of guessing from what
   5  per shard: `bytes`, the shard file's size, so the preflight finds a truncated (or replaced)
      shard exactly from one `os.stat` (or a remote shard's HEAD) before the first step; versions 1-4
      keep the lower bound of `MIN_BYTES_PER_SAMPLE` per sample (`bcc.train.preflight`).
+  6  per shard: `head_sha256`, the sha256 of the shard's first min(bytes, `bcc.shards.HEAD_BYTES`) bytes
+     (64 KiB), taken as the packer writes them. The stream checks it each time it opens a shard, before
+     any sample of it (`bcc.shards.read_range`): a shard replaced behind the manifest (another pack's,
+     another seed's, two swapped: sizes often agree, tar pads them) is a named error, not silently other
+     images. Versions 1-5 (and entries without it, e.g. hand-made) are read unchecked, as before.
 
 Where a pack lives (`bcc.remote`): `Manifest.load` takes a local folder, the http(s) URL of a folder or
 of its manifest.json, or a `pipe:` template with `{name}`; shard entries resolve against it. An entry
@@ -53,13 +58,14 @@ from typing import Any
 
 from bcc import remote
 from bcc.errors import BccError
+from bcc.manifest_lists import read_list, write_list
 from bcc.taxonomy import Taxonomy, TaxonomyError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "FoldError", "Manifest", "ManifestError", "ManifestNotFoundError",
            "FILE_LISTS", "LIST_INLINE", "ShardInfo", "SplitInfo", "split_entry", "write_manifest"]
 
 FORMAT_NAME = "bcc-shards"
-FORMAT_VERSION = 5  # what `write_manifest` writes; see the module docstring for the history
+FORMAT_VERSION = 6  # what `write_manifest` writes; see the module docstring for the history
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 CHECKSUM_VERSION = 2  # first version with per-sample `stored_crc32` and `cls`
 # per-file lists of the manifest; one naming more than LIST_INLINE paths goes to the side file <name>.jsonl
@@ -99,6 +105,8 @@ class ShardInfo:
     fold_counts: tuple[int, ...] | None = None  # samples per cross-validation fold, if packed with folds
     folds: frozenset[int] | None = None  # a fold view: readers keep only samples whose json `fold` is in it
     bytes: int | None = None  # the shard file's size (format 5); None in older packs
+    head_sha256: str | None = None  # sha256 of its first min(bytes, 64 KiB) (format 6); None: unchecked
+    split: str = ""  # the pack's split that lists it (named by errors)
 
     def is_kept(self, meta: Mapping[str, Any]) -> bool:
         """Whether a sample (its decoded json) belongs to this shard's view."""
@@ -218,12 +226,12 @@ class Manifest:
             entry = sh["path"]
             folds = sh.get("fold_counts")
             if (local_root is not None and "{" not in entry and ":" not in entry and isinstance(sh.get("sha256"), str)
-                    and _whole(sh.get("count")) and _whole(sh.get("bytes", 0))
+                    and _whole(sh.get("count")) and _whole(sh.get("bytes", 0)) and isinstance(sh.get("head_sha256", ""), str)
                     and (folds is None or isinstance(folds, list) and all(map(_whole, folds)))):
                 # the common case, fast; lexical: `root` is resolved, resolving 100,000 paths would stat each
                 shards.append(ShardInfo(Path(os.path.normpath(os.path.join(local_root, entry))), sh["count"],
                                         sh["sha256"], tuple(folds) if folds is not None else None,
-                                        bytes=sh.get("bytes")))
+                                        bytes=sh.get("bytes"), head_sha256=sh.get("head_sha256") or None, split=name))
                 continue
             shards += self._parse_entry(name, sh)  # names the entry and the field that is wrong
         return SplitInfo(name, int(s["count"]), {str(k): int(v) for k, v in s["class_counts"].items()}, shards)
@@ -276,9 +284,9 @@ class Manifest:
             """One value per shard: a brace entry's list, or its one value repeated."""
             if len(names) == 1:
                 return [value]
-            if key == "sha256" and not isinstance(value, list):  # one digest cannot fit several different shards
+            if key in ("sha256", "head_sha256") and not isinstance(value, list):  # one digest cannot fit several
                 raise ManifestError(f"{self.shown}: split '{split}': the brace entry {entry!r} names {len(names)} "
-                                    "shards but gives one sha256; list one per shard")
+                                    f"shards but gives one {key}; list one per shard")
             per_shard = isinstance(value, list) and (key != "fold_counts" or bool(value) and isinstance(value[0], list))
             if not per_shard:
                 return [value] * len(names)
@@ -290,6 +298,7 @@ class Manifest:
         counts, digests = each("count", sh["count"]), each("sha256", sh["sha256"])
         folds = each("fold_counts", sh["fold_counts"]) if "fold_counts" in sh else [None] * len(names)
         sizes = each("bytes", sh["bytes"]) if "bytes" in sh else [None] * len(names)
+        heads = each("head_sha256", sh["head_sha256"]) if "head_sha256" in sh else [None] * len(names)  # one per shard
         try:
             locations = [remote.join(self.root, n) for n in names]
         except remote.RemoteError as e:
@@ -303,12 +312,14 @@ class Manifest:
                 return value
             raise ManifestError(f"{self.shown}: split '{split}': the shard entry {entry!r}: {key} must be a whole "
                                 f"number from 0 to 2**53 (or, for a brace list, a list of one per shard), got {value!r}")
-        if not all(isinstance(d, str) for d in digests):
-            raise ManifestError(f"{self.shown}: split '{split}': the shard entry {entry!r}: sha256 must be a hex "
-                                f"string (or, for a brace list, a list of one per shard), got {sh['sha256']!r}")
+        for key, values in (("sha256", digests), ("head_sha256", heads)):
+            if not all(isinstance(d, str) or d is None and key == "head_sha256" for d in values):
+                raise ManifestError(f"{self.shown}: split '{split}': the shard entry {entry!r}: {key} must be a hex "
+                                    f"string (or, for a brace list, a list of one per shard), got {sh[key]!r}")
         return [ShardInfo(loc, number("count", c), d, tuple(number("fold_counts", n) for n in f) if f is not None
-                          else None, bytes=number("bytes", b) if b is not None else None)
-                for loc, c, d, f, b in zip(locations, counts, digests, folds, sizes, strict=True)]
+                          else None, bytes=number("bytes", b) if b is not None else None, head_sha256=h or None,
+                          split=split)
+                for loc, c, d, f, b, h in zip(locations, counts, digests, folds, sizes, heads, strict=True)]
 
     @property
     def folds(self) -> int | None:
@@ -350,31 +361,7 @@ class Manifest:
         count are checked against the manifest (ManifestError naming the file otherwise). Absent: []."""
         if name not in FILE_LISTS:
             raise ManifestError(f"unknown list {name!r}; the manifest's per-file lists are {', '.join(FILE_LISTS)}")
-        value = self.data.get(name) or []
-        if not isinstance(value, dict):
-            return list(value)
-        file = str(value.get("file", ""))
-        if "/" in file or not remote.is_plain_name(file):  # a name beside manifest.json, nothing else
-            raise ManifestError(f"{self.shown}: {name} names the side file {file!r}, not a file beside the manifest")
-        location = remote.join(self.root, file)
-        shown = remote.display(location)
-        try:
-            raw = remote.read_bytes(location)
-        except (OSError, remote.RemoteError) as e:
-            raise ManifestError(f"cannot read {shown} (the manifest's {name}): {getattr(e, 'strerror', None) or e}"
-                                ) from e
-        want = value.get("sha256")
-        if want is not None and hashlib.sha256(raw).hexdigest() != want:
-            raise ManifestError(f"{shown} does not match the sha256 in {self.shown}: damaged or replaced")
-        try:
-            text = raw.decode("utf-8")
-            entries = ([json.loads(line) for line in text.splitlines() if line.strip()] if file.endswith(".jsonl")
-                       else json.loads(text))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ManifestError(f"{shown} is not valid JSON: {e}") from e
-        if "count" in value and len(entries) != value["count"]:
-            raise ManifestError(f"{shown} holds {len(entries)} entries but {self.shown} says {value['count']}")
-        return entries
+        return read_list(self.root, self.shown, name, self.data.get(name) or [])
 
     def near_duplicates(self) -> list[dict[str, Any]]:
         """The near-duplicate groups (`{"paths", "max_distance", "split"}`), from the side file if large."""
@@ -427,7 +414,8 @@ class Manifest:
 
 
 def split_entry(shards: Sequence[Mapping[str, Any]], class_counts: Mapping[str, int]) -> dict[str, Any]:
-    """A split's manifest entry from its shards (`{"path": name, "count", "sha256"}`, in order) and
+    """A split's manifest entry from its shards (`{"path": name, "count", "sha256"}`, in order; `bcc pack`
+    adds `bytes` and `head_sha256`, see the module docstring) and
     its per-class counts (every class of the taxonomy, zeros included)."""
     return {"count": sum(int(s["count"]) for s in shards), "class_counts": dict(class_counts),
             "shards": [dict(s) for s in shards]}
@@ -442,33 +430,6 @@ def _timm_info(name: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
     }
     classes = manifest["classes"]
     return {"name": name, "num_classes": len(classes), "classes": classes, "splits": splits}
-
-
-def _list_size(entry: Mapping[str, Any]) -> int:
-    """Paths an entry of a per-file list names: its `paths` (a duplicate set, a near-duplicate group), or one."""
-    return len(entry["paths"]) if isinstance(entry.get("paths"), list) else 1
-
-
-def _write_list(out: Path, name: str, entries: Collection[Mapping[str, Any]]) -> list | dict:
-    """A per-file list: inline when it names at most `LIST_INLINE` paths, else streamed to `<name>.jsonl`
-    (atomically, hashed as it is written, one entry at a time: a lazy `entries` is never held whole) and named
-    by the manifest. Paths, not entries, are counted: 500,000 copies of one image are one entry."""
-    from bcc.atomic import atomic_write
-
-    if len(entries) <= LIST_INLINE:  # few entries: held anyway, to count their paths
-        listed = [dict(e) for e in entries]
-        if sum(map(_list_size, listed)) <= LIST_INLINE:
-            return listed
-        entries = listed
-    file = f"{name}.jsonl"
-    h, n = hashlib.sha256(), 0
-    with atomic_write(out / file, "wb") as f:
-        for e in entries:
-            line = (json.dumps(dict(e)) + "\n").encode("utf-8")
-            h.update(line)
-            f.write(line)
-            n += 1
-    return {"file": file, "count": n, "sha256": h.hexdigest()}
 
 
 def write_manifest(
@@ -506,13 +467,13 @@ def write_manifest(
         "taxonomy": taxonomy.to_dict(),
         "classes": list(taxonomy.class_names),
         "splits": {k: dict(v) for k, v in splits.items()},
-        "skipped": _write_list(out, "skipped", skipped),
-        "converted": _write_list(out, "converted", converted),
-        "duplicates": _write_list(out, "duplicates", duplicates),
+        "skipped": write_list(out, "skipped", skipped, LIST_INLINE),
+        "converted": write_list(out, "converted", converted, LIST_INLINE),
+        "duplicates": write_list(out, "duplicates", duplicates, LIST_INLINE),
         "warnings": list(warnings),
     }
     if near_duplicates is not None:
-        manifest["near_duplicates"] = _write_list(out, "near_duplicates", near_duplicates)
+        manifest["near_duplicates"] = write_list(out, "near_duplicates", near_duplicates, LIST_INLINE)
     if folds is not None:
         manifest["folds"] = dict(folds)
     write_json(out / "manifest.json", manifest)

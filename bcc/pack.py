@@ -424,8 +424,9 @@ def _pack(src: Path, out: Path, pool, *, workers: int, fractions, group_rx, grou
         split_of = np.array(SPLITS)[assignment]
         for k, (split_name, _members, sizes) in enumerate(plan):
             shards = []
-            for name, count, digest, fold_counts in results[:len(sizes)]:
-                entry = {"path": name, "count": count, "sha256": digest, "bytes": os.path.getsize(tmp / name)}
+            for name, count, digest, head, fold_counts in results[:len(sizes)]:
+                entry = {"path": name, "count": count, "sha256": digest, "bytes": os.path.getsize(tmp / name),
+                         "head_sha256": head}
                 if folds:
                     entry["fold_counts"] = fold_counts
                 shards.append(entry)

@@ -35,7 +35,7 @@ from bcc.atomic import tmp_sibling
 from bcc.errors import BccError, Interrupted
 from bcc.imageio import ImageError, is_image_name, max_file_bytes, open_image, read_file, to_rgb
 from bcc.neardup import phash
-from bcc.shards import sample_members
+from bcc.shards import HEAD_BYTES, sample_members
 from bcc.tar_writer import TarStream
 
 # formats stored with their own bytes: those timm's wds reader (`jpg;png;webp`) and a plain
@@ -417,16 +417,23 @@ _ShardTask = tuple[str, list[str], str, int, dict[str, np.ndarray], list[str], _
 class _HashingSink:
     """The file object a shard is written through: tar members are gathered in memory (`write` is the
     buffer's own C method, no Python call a member) and `drain`ed to the file in blocks of ~1 MiB, with
-    the sha256 of every byte taken on the way (the shard is not read back to hash it)."""
+    the sha256 of every byte taken on the way (the shard is not read back to hash it), and that of its
+    first `HEAD_BYTES` (`head`: the manifest's `head_sha256`)."""
 
     BLOCK = 1 << 20
 
     def __init__(self, f):
-        self.f, self.sha, self.buf = f, hashlib.sha256(), bytearray()
+        self.f, self.sha, self.head, self.buf = f, hashlib.sha256(), hashlib.sha256(), bytearray()
+        self.head_left = HEAD_BYTES
         self.write = self.buf.extend
 
     def drain(self, final: bool = False) -> None:
         if final or len(self.buf) >= self.BLOCK:
+            if self.head_left:
+                part = memoryview(self.buf)[:self.head_left]
+                self.head.update(part)
+                self.head_left -= len(part)
+                part.release()  # the buffer is cleared below: no view may hold it
             self.sha.update(self.buf)
             self.f.write(self.buf)
             self.buf.clear()
@@ -459,9 +466,9 @@ def _shard_samples(task: _ShardTask, stored: Callable[[int, int, int], bytes]) -
                sample_members(_EXTS[code - 1], stored(stage, offset, length), fields, label))
 
 
-def _write_one_shard(task: _ShardTask) -> tuple[str, str, int, str, list[int] | None]:
+def _write_one_shard(task: _ShardTask) -> tuple[str, str, int, str, str, list[int] | None]:
     """Write one shard to a temporary name beside its path from byte ranges of the staging files:
-    (temporary path, name, count, sha256, fold counts). The caller commits it
+    (temporary path, name, count, sha256, head sha256 (`bcc.shards.HEAD_BYTES`), fold counts). The caller commits it
     (`bcc.atomic.replace_durably`: fsync and rename), off this worker's path. No source is read here:
     each sample stores the bytes the first pass staged. A range shorter than staged (a staging file cut
     or removed under the pack) raises PackError naming it."""
@@ -498,4 +505,4 @@ def _write_one_shard(task: _ShardTask) -> tuple[str, str, int, str, list[int] | 
         for fd in fds.values():
             os.close(fd)
     fold_counts = np.bincount(cols["fold"][cols["fold"] >= 0], minlength=meta.folds).tolist() if meta.folds else None
-    return str(tmp), Path(path).name, len(task[5]), sink.sha.hexdigest(), fold_counts
+    return str(tmp), Path(path).name, len(task[5]), sink.sha.hexdigest(), sink.head.hexdigest(), fold_counts

@@ -11,6 +11,11 @@ format, both sides). The image's integrity field is `stored_crc32`: CRC-32 (zlib
 is the strong check -- and the stream checks every sample on every epoch: zlib's CRC-32 runs at
 ~1.8 GB/s per core here against ~0.75 GB/s for sha256, and both are far below the decode cost of the
 same image. It catches every single-bit flip and every burst up to 32 bits.
+
+A whole shard is fingerprinted by its head: the manifest's `head_sha256` (format 6, sha256 of its first
+min(size, `HEAD_BYTES`) bytes, taken by the packer as it writes them) is checked each time `read_range`
+opens the shard, before any sample: a shard replaced behind an unchanged manifest (sizes often agree: tar
+pads them) is a `ShardReplacedError`; damage is left to the read, which names it (`_check_head`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import tarfile
 import time
@@ -32,10 +38,9 @@ from bcc.errors import BccError, Interrupted
 from bcc.remote_secrets import quote_bytes
 from bcc.tar_writer import TarStream
 
-__all__ = ["IMAGE_KEYS", "SampleError", "ShardError", "check_sample", "count_tar_samples", "crc32_hex",
-           "damaged_samples", "make_sample", "read_range", "read_shard", "sample_members", "sample_offset", "sha256_file",
-           "shard_sizes",
-           "write_shard"]
+__all__ = ["HEAD_BYTES", "IMAGE_KEYS", "SampleError", "ShardError", "ShardReplacedError", "check_sample", "count_tar_samples",
+           "crc32_hex", "damaged_samples", "file_digests", "make_sample", "read_range", "read_shard", "sample_members",
+           "sample_offset", "sha256_file", "shard_sizes", "write_shard"]
 
 # sample entries (extensions) that may hold the image, in the order readers look for them; bcc writes
 # only jpg, png and webp since format 2 (what timm's wds reader looks for), older packs hold the others
@@ -53,11 +58,20 @@ def shard_sizes(n: int, shard_size: int, min_shards: int) -> list[int]:
 
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of the file at `path`, read in 1 MiB blocks (shards, pretrained weights)."""
-    h = hashlib.sha256()
+    return file_digests(path)[0]
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    """(hex SHA-256 of the file at `path`, that of its first min(size, HEAD_BYTES): a shard's
+    `head_sha256`), in one read."""
+    whole, head = hashlib.sha256(), hashlib.sha256()
     with open(path, "rb") as f:
+        first = f.read(HEAD_BYTES)
+        whole.update(first)
+        head.update(first)
         for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+            whole.update(block)
+    return whole.hexdigest(), head.hexdigest()
 
 
 class SampleError(BccError):
@@ -160,6 +174,66 @@ class ShardError(BccError):
     small for the requested batches, ranks and loader workers."""
 
 
+class ShardReplacedError(ShardError):
+    """A shard whose first bytes are not those of the shard the manifest lists (its `head_sha256`)."""
+
+
+HEAD_BYTES = 64 << 10  # a shard's head, fingerprinted in the manifest (format 6)
+
+
+def _read_head(stream) -> bytes:
+    """The first HEAD_BYTES bytes of a stream (fewer: all it holds)."""
+    parts, n = [], 0
+    while n < HEAD_BYTES:
+        part = stream.read(HEAD_BYTES - n)
+        if not part:
+            break
+        parts.append(part)
+        n += len(part)
+    return b"".join(parts)
+
+
+def _damaged_head(shard, head: bytes) -> bool:
+    """Whether a shard's `head` (its first bytes, which miss the manifest's head_sha256) shows damage that
+    the read names better: shorter than the manifest's size, no tar, a tar header or a sample that fails
+    its own checksum. A whole shard of another pack, or another seed's, passes each."""
+    whole = len(head) < HEAD_BYTES  # the shard ends inside its head: no member is cut by the window
+    size = getattr(shard, "bytes", None)
+    if size is not None and len(head) < min(size, HEAD_BYTES):
+        return True  # a truncated copy
+    samples = []
+    try:
+        for sample in _tar_samples(io.BytesIO(head), ""):
+            samples.append(sample)
+    except _CutShort:
+        if whole:
+            return True
+    except Exception:  # noqa: BLE001 - no tar, a failed header checksum, a repeated member: damage
+        return True
+    try:
+        for sample in samples if whole else samples[:-1]:  # the window may cut the last one short
+            meta = json.loads(sample["json"])
+            if "stored_crc32" in meta:
+                check_sample(sample, meta)
+    except Exception:  # noqa: BLE001 - no json, not JSON, a failed checksum: damage
+        return True
+    return False
+
+
+def _check_head(shard, head: bytes, where: str) -> None:
+    """ShardReplacedError unless `head` (the shard's first min(size, HEAD_BYTES) bytes) has the sha256 the
+    manifest records, or no record, or differs by damage the read names (`_damaged_head`)."""
+    want = shard.head_sha256.lower()
+    got = hashlib.sha256(head).hexdigest()
+    if got == want or _damaged_head(shard, head):
+        return
+    split = f"split '{shard.split}': " if getattr(shard, "split", "") else ""
+    raise ShardReplacedError(
+        f"{split}shard {where} is not the shard the manifest lists: its first {len(head):,} bytes have sha256 "
+        f"{got[:12]}..., the manifest's head_sha256 is {want[:12]}... (replaced or re-packed since the manifest "
+        "was written); copy it again from the packed output, or repack")
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -243,14 +317,20 @@ class _PutBack:
     """A stream with `head` put back in front of it (a remote stream cannot seek back to a header)."""
 
     def __init__(self, head: bytes, stream):
-        self.head, self.stream = head, stream
+        self.head, self.stream = io.BytesIO(head), stream
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
-            head, self.head = self.head, b""
-            return head + self.stream.read()
-        head, self.head = self.head[:n], self.head[n:]
-        return head + (self.stream.read(n - len(head)) if len(head) < n else b"")
+            return self.head.read() + self.stream.read()
+        data = self.head.read(n)
+        if len(data) < n:
+            self.read = self.stream.read  # the head is used up: the stream's own reads from now on
+            data += self.stream.read(n - len(data))
+        return data
+
+
+class _CutShort(tarfile.ReadError):
+    """A tar that ends inside a member."""
 
 
 def _tar_files(f, path: str) -> Iterator[tuple[str, bytes]]:
@@ -292,7 +372,7 @@ def _tar_files(f, path: str) -> Iterator[tuple[str, bytes]]:
         padded = -(-size // 512) * 512
         data, _ = f.read(size), f.read(padded - size)  # not read(padded)[:size]: a second copy of the image
         if len(data) < size:
-            raise tarfile.ReadError(f"the shard ends inside the member at byte {offset}: it looks truncated; copy (or "
+            raise _CutShort(f"the shard ends inside the member at byte {offset}: it looks truncated; copy (or "
                                     "upload) it again from the packed output, or repack it")
         offset += 512 + padded
         if flag in (b"x", b"L"):
@@ -340,22 +420,35 @@ def _tar_samples(stream, url: str) -> Iterator[dict]:
     return _group(_tar_files(stream, url), url)
 
 
-def _open_samples(location, where: str, lo: int, seek: bool, timeout_s: float) -> tuple[Any, Iterator[dict], int]:
+def _open_samples(shard, where: str, lo: int, seek: bool, timeout_s: float) -> tuple[Any, Iterator[dict], int]:
     """(open stream, its raw samples, index of the first one). A local shard read from `lo` > 0 seeks
-    to that sample by its tar headers (`seek`); anything else is read from its start."""
-    start = 0
-    if seek and lo > 0 and remote.is_local(location) and Path(location).is_file():
+    to that sample by its tar headers (`seek`); anything else is read from its start. The shard's head
+    is checked against the manifest's `head_sha256` first, where it has one (`_check_head`)."""
+    location, start, offset = shard.path, 0, 0
+    local = seek and lo > 0 and remote.is_local(location) and Path(location).is_file()
+    if local:
         try:
             offset, start = sample_offset(str(location), lo)
             if offset is None:
                 return None, iter(()), start
         except _NoSeek:
             offset, start = 0, 0
-        stream = open(location, "rb")
-        stream.seek(offset)
-    else:
-        stream = remote.open_location(location, timeout_s=timeout_s)
-    return stream, _tar_samples(stream, where), start
+    stream = open(location, "rb") if local else remote.open_location(location, timeout_s=timeout_s)
+    samples_from = stream
+    try:
+        if getattr(shard, "head_sha256", None):
+            if isinstance(stream, io.BufferedReader) and stream.seekable():  # a local file: from the page cache
+                _check_head(shard, os.pread(stream.fileno(), HEAD_BYTES, 0), where)
+            else:  # read once, put back in front of the rest
+                head = _read_head(stream)
+                _check_head(shard, head, where)
+                samples_from = _PutBack(head, stream)
+        if offset:
+            stream.seek(offset)
+    except BaseException:
+        stream.close()
+        raise
+    return stream, _tar_samples(samples_from, where), start
 
 
 def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] = frozenset(),
@@ -382,7 +475,7 @@ def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] =
     while True:
         stream = None
         try:
-            stream, samples, raw_start = _open_samples(location, where, lo, not folded and raw == 0, timeout_s)
+            stream, samples, raw_start = _open_samples(shard, where, lo, not folded and raw == 0, timeout_s)
             if raw == 0:
                 raw = n = raw_start
             for i, sample in enumerate(samples, start=raw_start):
@@ -400,6 +493,8 @@ def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] =
                 if hasattr(stream, "check_exit"):  # a pipe: read to the shard's end: did the command succeed?
                     stream.check_exit()
             break
+        except ShardReplacedError:
+            raise  # its message says what it is
         except Exception as e:
             if remote.is_local(location) or not remote.is_transient(e) or attempt >= retries or remote.is_stopping():
                 tried = f" (after {attempt} retr{'y' if attempt == 1 else 'ies'})" if attempt else ""

@@ -1,4 +1,5 @@
-"""`bcc pack --verify`: every shard of a packed dataset re-hashed against its manifest and recounted.
+"""`bcc pack --verify`: every shard of a packed dataset re-hashed against its manifest (its sha256, and its
+`head_sha256` where the manifest has one: what training checks when it opens the shard) and recounted.
 
 A remote shard (an http(s) URL or a `pipe:` command) is read once through `bcc.remote`, as training reads
 it, into a temporary file and checked there.
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bcc import remote
-from bcc.shards import ShardError, count_tar_samples, damaged_samples, sha256_file
+from bcc.shards import HEAD_BYTES, ShardError, count_tar_samples, damaged_samples, file_digests
 
 __all__ = ["ShardCheck", "VerifyResult", "repeated_shards", "verify_shards"]
 
@@ -82,15 +83,22 @@ def _check(shard, has_checksums: bool) -> ShardCheck:
         return _check_remote(shard, has_checksums)
     if not shard.path.is_file():
         return ShardCheck(shard.path, "missing", "listed in manifest.json but not on disk")
-    digest = sha256_file(shard.path)
+    digest, head = file_digests(shard.path)
+    want_head = (shard.head_sha256 or head).lower()  # none recorded (format < 6): nothing to compare
+    head_detail = f"head_sha256 {head[:12]}… != manifest {want_head[:12]}…" if head != want_head else ""
     if digest != shard.sha256.lower():  # a digest in upper case names the same bytes
         shown = 12 if digest[:12] != shard.sha256[:12].lower() else 64  # whole, where the starts agree
         detail = f"sha256 {digest[:shown]}… != manifest {shard.sha256[:shown]}…"
+        if head_detail:
+            detail += f", {head_detail} (its first {HEAD_BYTES // 1024} KiB differ too)"
         damaged = damaged_samples(shard.path) if has_checksums else []
         if damaged:
             more = f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else ""
             detail += "; damaged: " + "; ".join(damaged[:3]) + more
         return ShardCheck(shard.path, "mismatch", detail)
+    if head_detail:  # the shard is the packed one, its fingerprint in the manifest is not: training refuses it
+        return ShardCheck(shard.path, "mismatch", f"{head_detail} (the manifest's head fingerprint is wrong: "
+                                                  "edited by hand? training refuses this shard)")
     try:
         count = count_tar_samples(shard.path)
     except ShardError as e:

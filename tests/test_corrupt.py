@@ -145,6 +145,7 @@ def make_format1(src: Path, dst: Path) -> Path:
             write_shard(path, samples)
             entry["sha256"] = sha256_file(path)
             entry.pop("bytes", None)  # format 5 added it
+            entry.pop("head_sha256", None)  # and format 6 this
     (dst / "manifest.json").write_text(json.dumps(data))
     return dst
 

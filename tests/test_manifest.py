@@ -53,20 +53,20 @@ def test_errors_name_the_file(tmp_path, packed):
 
 
 def test_format_versions(tmp_path, packed):
-    """A pack is `bcc-shards/5`; every earlier version still loads (without per-sample checksums); a
+    """A pack is `bcc-shards/6`; every earlier version still loads (without per-sample checksums); a
     newer one is refused by name, as is a version that is not a number."""
     m = Manifest.load(packed)
-    assert m.data["format"] == "bcc-shards/5" and m.format_version == 5 and m.has_checksums
+    assert m.data["format"] == "bcc-shards/6" and m.format_version == 6 and m.has_checksums
     data = json.loads((packed / "manifest.json").read_text())
     old = tmp_path / "old"
     old.mkdir()
     for fmt, version in (("bcc-shards/1", 1), ("bcc-shards/2", 2), ("bcc-shards/3", 3), ("bcc-shards/4", 4),
-                        ("bcc-shards/5", 5)):
+                        ("bcc-shards/5", 5), ("bcc-shards/6", 6)):
         (old / "manifest.json").write_text(json.dumps({**data, "format": fmt}))
         v = Manifest.load(old)
         assert v.format_version == version and v.has_checksums == (version >= 2)
-    (old / "manifest.json").write_text(json.dumps({**data, "format": "bcc-shards/6"}))
-    with pytest.raises(ManifestError, match="bcc-shards/6, written by a newer bcc; this bcc reads up to bcc-shards/5"):
+    (old / "manifest.json").write_text(json.dumps({**data, "format": "bcc-shards/7"}))
+    with pytest.raises(ManifestError, match="bcc-shards/7, written by a newer bcc; this bcc reads up to bcc-shards/6"):
         Manifest.load(old)
     for bad in ("bcc-shards/0", "bcc-shards/v2", "bcc-shards/", 2):
         (old / "manifest.json").write_text(json.dumps({**data, "format": bad}))

@@ -78,7 +78,7 @@ def test_round_trip_through_cli(tmp_path, make_class_tree):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no tmp left behind
 
     m = load_manifest(out)
-    assert m["format"] == "bcc-shards/5" and m["classes"] == list(Taxonomy.default().class_names)
+    assert m["format"] == "bcc-shards/6" and m["classes"] == list(Taxonomy.default().class_names)
     assert m["skipped"] == [{"path": "Pre/.DS_Store", "reason": "hidden (its name starts with '.'), not read"}]
     assert m["converted"] == [] and m["source"] == str(src.resolve())
     taxonomy = Taxonomy.from_dict(m["taxonomy"])
@@ -690,7 +690,7 @@ def test_stored_crc32_is_of_the_stored_bytes_after_resize_and_conversion(tmp_pat
     for resize in (None, 24):
         out = tmp_path / f"out-{resize}"
         m = pack_folders(src, out, resize=resize, seed=1).manifest
-        assert m["format"] == "bcc-shards/5"
+        assert m["format"] == "bcc-shards/6"
         n = 0
         for s in m["splits"].values():
             for shard in s["shards"]:
