@@ -329,8 +329,8 @@ class _PutBack:
         return data
 
 
-class _CutShort(tarfile.ReadError):
-    """A tar that ends inside a member."""
+class _CutShort(ShardError, tarfile.ReadError):
+    """A tar that ends inside a member (a ReadError too: `read_range` words it as one)."""
 
 
 def _tar_files(f, path: str) -> Iterator[tuple[str, bytes]]:
