@@ -339,6 +339,8 @@ def _http_error(where: str, e: BaseException) -> RemoteError:
         return RemoteError(f"{where}: HTTP {e.code} {e.reason}{hint}", transient=transient, missing=e.code in (404, 410))
     reason = getattr(e, "reason", e)
     if isinstance(reason, http.client.InvalidURL):  # control characters, a bad port: no retry cures it
+        if "found at least ' '" in str(reason):  # http.client calls a blank a control character
+            return RemoteError(f"{where}: not a valid URL: it holds a blank (write a blank in a URL as %20)")
         shown = "" if "${" in where else f" ({reason})"  # the reason may quote a piece of a ${VAR}'s value
         return RemoteError(f"{where}: not a valid URL{shown}")
     if isinstance(reason, socket.gaierror):

@@ -279,6 +279,22 @@ def test_a_pack_read_over_http_and_pipe_is_the_local_pack(synth_shards, monkeypa
         check_shards(over_pipe.split("val"))
 
 
+def test_the_start_up_check_probes_every_split_s_remote_shards_in_one_pool(synth_shards, monkeypatch):
+    """train, val and test shards over http go to one `probe_all` (PROBE_THREADS at a time), not one
+    split after another: a slow server costs the slowest probe, not the sum over splits."""
+    from bcc.train.preflight import check_run
+
+    calls = []
+    real = remote.probe_all
+    monkeypatch.setattr(remote, "probe_all", lambda locs, *a, **k: calls.append(list(locs)) or real(locs, *a, **k))
+    local = Manifest.load(synth_shards)
+    with serve(synth_shards) as (_, url):
+        cfg = load_config(None, [f"data.shards={url}", "model.backbone=test_resnet"])
+        check_run(cfg, Manifest.load(url))
+    want = sorted(f"{url}/{s.path.name}" for n in ("train", "val", "test") for s in local.split(n).shards)
+    assert len(calls) == 1 and sorted(calls[0]) == want
+
+
 def test_credentials_from_env_vars_never_show(synth_shards, monkeypatch, capsys):
     """`${VAR}` in data.shards: userinfo from the environment becomes Basic auth; messages show `${VAR}`."""
     with serve(synth_shards, token="alice:wonderland-pw") as (_, url):
@@ -1037,3 +1053,11 @@ def test_a_truncated_pipe_output_is_called_truncated(synth_shards, tmp_path, bcc
     proc = bcc_main("pack", "--verify", pipe)
     assert proc.returncode == 1 and "MISMATCH" in proc.stdout, proc.stdout
     assert "it looks truncated" in " ".join(proc.stdout.split()) and "unexpected end" not in proc.stdout, proc.stdout
+
+
+def test_a_blank_in_a_url_is_called_a_blank():
+    """http.client refuses a blank as "URL can't contain control characters": the message says what it is."""
+    with pytest.raises(ManifestError, match=r"my data/manifest.json: not a valid URL: it holds a blank "
+                                            r"\(write a blank in a URL as %20\)") as e:
+        Manifest.load("http://127.0.0.1:9/my data", retries=0)
+    assert "control character" not in str(e.value)

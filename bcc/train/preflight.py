@@ -74,11 +74,14 @@ def _foreign_start(location: str, timeout_s: float) -> str:
     return f"; it begins {quote_bytes(block)}" if block and not (len(block) == 512 and tar_header_ok(block)) else ""
 
 
-def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES, timeout_s: float = remote.HTTP_TIMEOUT_S) -> None:
+def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES, timeout_s: float = remote.HTTP_TIMEOUT_S,
+                 probes: Mapping[str, object] | None = None) -> None:
     """Every local shard of `split` exists, is a file and has the size the manifest records (format 5; older
     packs: is large enough for its count); every remote one opens (`remote.probe`) and, when the server
     gives its size, passes the same test.
 
+    `probes`: `remote.probe_all`'s answers for the remote shards, when the caller probed several splits at
+    once (`check_run`: one pool for all, not one split after another); missing ones are probed here.
     Raises TrainError naming the split and (up to three of) the shards. One `os.stat` per local shard,
     one request (or command) per remote one.
     """
@@ -99,7 +102,10 @@ def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES, timeou
         problem = _size_problem(shard, st.st_size) if st.st_mode & 0o170000 == 0o100000 else "not a file"
         if problem:
             short.append(f"{path} ({problem})")
-    probes = remote.probe_all([s.path for s in remote_shards], retries, timeout_s)
+    probes = dict(probes or {})
+    unprobed = [s.path for s in remote_shards if str(s.path) not in probes]
+    if unprobed:
+        probes.update(remote.probe_all(unprobed, retries, timeout_s))
     unreachable = [str(v) for v in probes.values() if isinstance(v, remote.RemoteError)]
     if unreachable:
         raise TrainError(f"split '{split.name}': cannot open remote shard {_named(unreachable)}")
@@ -145,7 +151,11 @@ def check_run(cfg: Config, manifest: Manifest) -> list[dict]:
                              f"{'validation' if key == 'data.val_split' else 'training'} fraction")
         if key == "data.train_split":
             check_sources_train(manifest, name)
-        check_shards(split, cfg.data.retries, cfg.data.read_timeout_s)
+    needed = [manifest.split(n) for n in dict.fromkeys(splits_needed(cfg).values())]
+    probes = remote.probe_all([s.path for split in needed for s in split.shards if not remote.is_local(s.path)],
+                              cfg.data.retries, cfg.data.read_timeout_s)  # every split's remote shards in one pool
+    for split in needed:
+        check_shards(split, cfg.data.retries, cfg.data.read_timeout_s, probes)
     check_no_shared_shards(manifest, splits_needed(cfg))
     from bcc.console import console
 
