@@ -147,7 +147,7 @@ INFERENCE_STACK = ("bcc.predict", "bcc.evaluate", "bcc.export", "bcc.export_hf",
 
 def test_training_never_calls_the_inference_stack():
     """Calibration and the operating point at the end of training are fitted on every rank from the
-    training eval path's val logits (bcc.train.fit.calibrate_in_memory), never by reloading the best
+    training eval path's val logits (bcc.train.val_fit.calibrate_in_memory), never by reloading the best
     checkpoint through predict/evaluate."""
     bad = [f"bcc/{name}:{line} imports {mod}" for name, tree in MODULES.items() if name.startswith("train/")
            for line, mod in _module_imports(name) if any(_is_under(mod, s) for s in INFERENCE_STACK)]
