@@ -198,7 +198,7 @@ def fit(cfg: Config) -> dict:
 
 
 def _fit(cfg: Config, notes: list[str]) -> dict:
-    flag = preemption.PreemptionFlag()  # first: a signal during set-up is kept, not fatal
+    flag = preemption.PreemptionFlag()  # first: a SIGUSR1 in set-up is kept for the first vote; a SIGTERM ends it
     with raised_alike():  # set-up reads the same config, manifests and weights on every rank
         run = setup_run(cfg)
     flag.attach(timeout_s=run.cfg.train.timeout_s)
@@ -240,6 +240,7 @@ def _fit(cfg: Config, notes: list[str]) -> dict:
     # ends them itself, and close() ends them after the last epoch
     batches = TrainLoader(run.manifest, cfg.data, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
                           pin_memory=run.pin_memory)
+    flag.training_begins()  # from here a SIGTERM is kept for the vote: there is work to save
     while run.state.epoch < info.total_epochs:
         epoch = run.state.epoch
         stage_index, _ = stage_at(run.parts.stages, epoch)
