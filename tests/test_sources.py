@@ -560,6 +560,27 @@ def test_a_damaged_notes_file_is_kept_aside_and_a_new_one_begun(tmp_path, damage
         starts[0]["notes"][0]), starts
 
 
+def test_a_small_dev_shm_warning_is_saved_with_the_start_up_notes(tmp_path, synth_shards, bcc_main, monkeypatch):
+    """The loader's own start-up warnings (here: /dev/shm too small for the batch ring, printed on stderr
+    by each rank) land in notes.json too, as README says of start-up warnings."""
+    import shutil
+
+    from bcc import stream_ring
+    from bcc.train.runlog import read_notes
+
+    monkeypatch.setattr(stream_ring, "_WARNED", set())  # once per process: this test's own
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1024) if str(p) == "/dev/shm"
+                        else real(p))
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "run", train={"epochs": 1},
+                       eval={"test_at_end": False})
+    proc = bcc_main("train", "--config", cfg)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shm = [line for line in proc.stderr.splitlines() if line.startswith("warning: /dev/shm has 0 MiB free")]
+    assert shm, proc.stderr[-2000:]
+    assert shm[0] in read_notes(tmp_path / "run")[0]["notes"]
+
+
 def test_images_shared_without_a_leak_are_noted_and_the_index_is_checked(tmp_path, synth_shards, second_source,
                                                                          bcc_main):
     """Shared images that do not leak (two train splits, two test splits) are notes, a warning when their
