@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bcc.atomic import atomic_write, write_json
+from bcc.atomic import atomic_write, set_aside, write_json
 from bcc.console import console, warn
 from bcc.errors import BccError
 from bcc.trackers import tracker_values
@@ -121,17 +120,6 @@ def read_notes(run_dir: str | Path) -> list[dict]:
     return starts
 
 
-def set_aside(path: Path) -> Path:
-    """Rename a damaged `path` (a file or a directory) to `NAME.damaged-TIME` beside it, kept for a look."""
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    for n in range(1000):
-        aside = path.with_name(f"{path.name}.damaged-{stamp}" + (f"-{n}" if n else ""))
-        if not aside.exists() and not aside.is_symlink():
-            os.replace(path, aside)  # a directory: renamed, being a free name
-            return aside
-    raise RunLogError(f"cannot keep the damaged {path} aside: 1000 names {path.name}.damaged-{stamp}-N are taken")
-
-
 def fmt_seconds(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
@@ -186,7 +174,7 @@ class RunLog:
         try:
             return read_notes(self.path.parent)
         except RunLogError as e:
-            aside = set_aside(self.path.parent / NOTES_FILE)
+            aside = set_aside(self.path.parent / NOTES_FILE)  # OSError: cannot rename, as any write there
             warn(f"{e}; kept as {aside.name}, and {NOTES_FILE} begins again with this start's notes")
             return []
 
