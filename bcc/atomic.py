@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -69,3 +70,16 @@ def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> No
     """Write `data` as JSON (UTF-8, trailing newline) atomically."""
     with atomic_write(path, encoding="utf-8") as f:
         f.write(json.dumps(data, indent=indent) + "\n")
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Rename a damaged `path` (a file or a directory) to `NAME.damaged-TIME` beside it, kept for a look,
+    so that a new one can be written in its place. Returns the new name."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for n in range(1000):
+        aside = path.with_name(f"{path.name}.damaged-{stamp}" + (f"-{n}" if n else ""))
+        if not aside.exists() and not aside.is_symlink():
+            os.rename(path, aside)  # a directory too (the name is free)
+            return aside
+    raise FileExistsError(f"cannot set {path} aside: {path.name}.damaged-{stamp}-N are all taken")

@@ -63,14 +63,17 @@ class _KeptNotes(RenderHook):
 @contextlib.contextmanager
 def keeping_notes() -> Iterator[list[str]]:
     """While inside, every `note:`/`warning:` line printed through `console` (`warn`, and
-    `console.print("note: ...")` anywhere) is also appended, as plain text, to the list this yields: the
-    training run saves its start-up notes in the run directory (`bcc.train.runlog.save_notes`). On a
-    quiet console (another rank) the lines are kept too; they are printed on the main process only."""
+    `console.print("note: ...")` anywhere) or `err_console` (a rank's own warnings: /dev/shm, loader
+    workers) is also appended, as plain text, in the order printed, to the list this yields: the training
+    run saves its start-up notes in the run directory (`bcc.train.runlog.save_notes`). On a quiet console
+    (another rank) the lines are kept too; they are printed on the main process only."""
     hook = _KeptNotes()
     console.push_render_hook(hook)
+    err_console.push_render_hook(hook)
     try:
         yield hook.lines
     finally:
+        err_console.pop_render_hook()
         console.pop_render_hook()
 
 

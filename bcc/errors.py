@@ -33,7 +33,8 @@ class BccError(Exception):
     # it); "node", every rank reading the same files as rank 0 (a config or manifest error: rank 0's
     # machine prints it once, another machine's local rank 0 once); "job", every rank (a verdict rank 0
     # broadcast: rank 0 prints it for the job). A quiet rank waits for the launcher to end it; one that
-    # is not ended prints a "node" error after all (`bcc.cli.call`): it was its own.
+    # is not ended prints a "node" error after all (`bcc.cli.call`): it was its own. "rank": this rank's
+    # own, even inside `raised_alike` (a signal it received).
     shared: str | None = None
 
 
@@ -128,18 +129,27 @@ def storage_error(e: BaseException) -> OSError | None:
     return None
 
 
+_STORE_ERRORS = ("DistStoreError", "DistNetworkError")  # torch's: the store the ranks meet at (rendezvous)
+
+
 def lost_peer_message(e: BaseException) -> str | None:
     """The one line for a distributed error raised because another rank failed (torch's DistBackendError,
     a RuntimeError naming gloo/NCCL and a closed connection or a time-out, or gloo's "Application timeout
-    caused pair closure"); None for anything else."""
+    caused pair closure"), or because the store the ranks meet at could not be reached or did not answer
+    (DistStoreError, DistNetworkError: also before the process group exists); None for anything else."""
     text = str(e).strip()
-    if not isinstance(e, RuntimeError) or not (type(e).__name__ == "DistBackendError" or _GLOO_PAIR.search(text)
+    store = any(c.__name__ in _STORE_ERRORS for c in type(e).__mro__)
+    if not isinstance(e, RuntimeError) or not (store or type(e).__name__ == "DistBackendError"
+                                               or _GLOO_PAIR.search(text)
                                                or _DIST_BACKEND.search(text) and _LOST.search(text)):
         return None
     first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else "")  # gloo's "[.../pair.cc:561] "
     first = first if len(first) <= 160 else first[:157] + "..."
-    return (f"rank {os.environ.get('RANK', '?')}: lost contact with the other ranks (another rank failed or "
-            f"stopped: see its error above; {type(e).__name__}: {first})")
+    why = ("the store the ranks meet at (MASTER_ADDR:MASTER_PORT "
+           f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}) could not be reached or did "
+           "not answer: rank 0 or the launcher failed or stopped (see its error above), or the address is wrong"
+           if store else "another rank failed or stopped: see its error above")
+    return f"rank {os.environ.get('RANK', '?')}: lost contact with the other ranks ({why}; {type(e).__name__}: {first})"
 
 
 def is_time_out(line: str) -> bool:

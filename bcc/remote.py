@@ -34,23 +34,23 @@ import netrc
 import os
 import re
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-from bcc import remote_secrets
+from bcc import activity, remote_secrets
 from bcc.errors import BccError
 from bcc.remote_braces import count_bound, expand
 from bcc.remote_secrets import TOKEN_ENV, quote_bytes, redact
 
 __all__ = ["DEFAULT_RETRIES", "HTTP_TIMEOUT_S", "TOKEN_ENV", "RemoteError", "check_no_secrets", "check_scheme", "count_bound",
            "display", "expand", "expand_env", "is_local", "is_plain_name", "is_transient", "join", "kind",
-           "manifest_location", "open_location", "probe", "probe_all", "read_bytes", "redact", "retry_delay",
+           "manifest_location", "open_location", "pause", "probe", "probe_all", "read_bytes", "redact", "retry_delay",
            "sends_token_elsewhere", "token_for"]
 
 TOKEN_HOSTS_ENV = "BCC_HTTP_TOKEN_HOSTS"  # optional: the only hosts BCC_HTTP_TOKEN is sent to
@@ -137,6 +137,28 @@ def is_transient(e: BaseException) -> bool:
 def retry_delay(attempt: int) -> float:
     """Seconds to wait before re-open number `attempt` (1, 2, ...): 0.5, 1, 2, ... up to 8."""
     return min(RETRY_BACKOFF_S * 2 ** (attempt - 1), RETRY_BACKOFF_MAX_S)
+
+
+PAUSE_SLICE_S = 0.05
+
+
+def pause(seconds: float) -> None:
+    """A retry's back-off: `seconds` of sleep, cut short by a termination request (`request_stop`), after
+    which nothing is re-opened anyway. (Ctrl-C raises KeyboardInterrupt in the main thread's sleep; the
+    probe threads of `probe_all` are not waited for.) A bounded wait for `bcc.activity`."""
+    deadline = time.monotonic() + seconds
+    with activity.waiting(seconds + 1.0, "a retry's back-off"):
+        while not is_stopping() and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, PAUSE_SLICE_S))
+
+
+# a request's bound for `bcc.activity`: the socket time-out applies to each blocking operation (connect, TLS
+# handshake, the headers), and a name lookup has none of its own (resolv.conf: 5 s x 2 tries x 3 servers)
+RESOLVE_S = 30.0
+
+
+def request_bound(timeout_s: float) -> float:
+    return 2 * timeout_s + RESOLVE_S
 
 
 # --------------------------------------------------------------------------- names, braces, env
@@ -374,14 +396,15 @@ def open_location(location: str | Path, *, method: str = "GET", timeout_s: float
     if auth:
         request.add_unredirected_header("Authorization", auth)  # not to another host (`_Redirect`)
     try:
-        response = _OPENER.open(request, timeout=timeout_s)
+        with activity.waiting(request_bound(timeout_s), where):
+            response = _OPENER.open(request, timeout=timeout_s)
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise _http_error(where, e) from None
     if method == "HEAD":
         return response
     from bcc.remote_http import HttpBody  # here: bcc.remote_http imports this module
 
-    return HttpBody(response, where)
+    return HttpBody(response, where, timeout_s)
 
 
 def _with_retries(action: Callable[[], Any], retries: int) -> Any:
@@ -395,7 +418,7 @@ def _with_retries(action: Callable[[], Any], retries: int) -> Any:
                 if attempt > 1:
                     raise type(e)(f"{e} (after {attempt - 1} retr{'y' if attempt == 2 else 'ies'})") from None
                 raise
-            time.sleep(retry_delay(attempt))
+            pause(retry_delay(attempt))
 
 
 MAX_MANIFEST_BYTES = 1 << 30  # a fetched manifest (side files hold the long per-file lists)
@@ -458,16 +481,35 @@ def probe(location: str | Path, retries: int = DEFAULT_RETRIES, timeout_s: float
 
 def probe_all(locations: Iterable[str | Path], retries: int = DEFAULT_RETRIES,
               timeout_s: float = HTTP_TIMEOUT_S) -> dict[str, Any]:
-    """`probe` of every location, PROBE_THREADS at a time: {location: size, or the RemoteError}."""
+    """`probe` of every location, PROBE_THREADS at a time: {location: size, or the RemoteError}.
+
+    The probes run in daemon threads that an exception of the caller's thread (Ctrl-C, a SIGTERM during
+    start-up, `bcc.train.heartbeat`'s stall) leaves behind: a pool would hold the process until every
+    probe had waited out its time-outs and retries. Those threads start no new probe once the caller left."""
     locations = list(locations)
-    if not locations:
-        return {}
+    results: dict[str, Any] = {}
+    todo = iter(locations)  # shared: each thread takes the next location (next() holds the GIL)
+    left = [False]
 
-    def one(loc):
-        try:
-            return probe(loc, retries, timeout_s)
-        except RemoteError as e:
-            return e
+    def run() -> None:
+        for loc in todo:
+            if left[0]:
+                return
+            try:
+                results[str(loc)] = probe(loc, retries, timeout_s)
+            except Exception as e:  # a RemoteError is the answer; anything else a bug, raised below
+                results[str(loc)] = e
 
-    with ThreadPoolExecutor(min(PROBE_THREADS, len(locations))) as pool:
-        return dict(zip(map(str, locations), pool.map(one, locations), strict=True))
+    threads = [threading.Thread(target=run, name="bcc-probe", daemon=True)
+               for _ in range(min(PROBE_THREADS, len(locations)))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        left[0] = True
+    bug = next((e for e in results.values() if isinstance(e, Exception) and not isinstance(e, RemoteError)), None)
+    if bug is not None:
+        raise bug
+    return {str(loc): results[str(loc)] for loc in locations}

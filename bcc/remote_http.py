@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 
-from bcc import remote
+from bcc import activity, remote
 from bcc.remote import STOP_SILENCE_S, RemoteError
 
 __all__ = ["STOP_SILENCE_S", "HttpBody"]
@@ -35,8 +35,8 @@ class HttpBody:
     ends before Content-Length bytes (http.client returns a short body silently), and a final one when
     it was cut after a termination request."""
 
-    def __init__(self, response, where: str):
-        self.response, self.where = response, where
+    def __init__(self, response, where: str, timeout_s: float = remote.HTTP_TIMEOUT_S):
+        self.response, self.where, self.timeout_s = response, where, timeout_s
         length = response.headers.get("Content-Length")
         self.remaining = int(length) if length and length.isdigit() else None
         self.received = 0
@@ -50,7 +50,8 @@ class HttpBody:
         parts, got = [], 0
         try:
             while whole or got < n:  # piece by piece: each piece that arrives is progress (`_watch`)
-                data = self.response.read1(CHUNK if whole else min(CHUNK, n - got))
+                with activity.waiting(self.timeout_s + 1.0, self.where):  # the socket's time-out bounds it
+                    data = self.response.read1(CHUNK if whole else min(CHUNK, n - got))
                 if not data:
                     break
                 self.progress = time.monotonic()

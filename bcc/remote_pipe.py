@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import time
 
+from bcc import activity
 from bcc.remote import STDERR_TAIL, STOP_SILENCE_S, RemoteError, is_stopping
 
 __all__ = ["STOP_SILENCE_S", "PipeError", "PipeOutput"]
@@ -47,6 +48,10 @@ class PipeOutput:
     def _chunk(self, n: int) -> bytes:
         """Up to n bytes as soon as some are there (b"" at the end); PipeError after a silent time-out, or
         after STOP_SILENCE_S of silence once the process was asked to terminate (no retry follows then)."""
+        with activity.waiting(self.timeout_s + STOP_POLL_S + 1.0, self.where):
+            return self._wait_for_chunk(n)
+
+    def _wait_for_chunk(self, n: int) -> bytes:
         start = time.monotonic()
         deadline = start + self.timeout_s
         while True:

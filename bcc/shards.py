@@ -27,7 +27,6 @@ import math
 import os
 import re
 import tarfile
-import time
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -502,7 +501,7 @@ def read_range(shard, lo: int = 0, hi: int | None = None, drop: frozenset[int] =
                 detail = str(e) if plain else remote.redact(f"{type(e).__name__}: {e}")
                 raise ShardError(f"cannot read shard {where} at sample {raw}{tried}: {detail}") from None
             attempt += 1
-            time.sleep(remote.retry_delay(attempt))
+            remote.pause(remote.retry_delay(attempt))
         finally:
             if stream is not None:
                 stream.close()

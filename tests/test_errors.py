@@ -150,6 +150,40 @@ def test_a_rank_that_lost_its_peers_prints_one_line(monkeypatch, capsys, message
         call(fails, None)
 
 
+def test_a_store_that_cannot_be_reached_before_the_group_exists_is_one_line(monkeypatch, capsys):
+    """The rendezvous store unreachable (rank 0 or the launcher gone, a wrong MASTER_ADDR): torch raises a
+    DistNetworkError (a connect that timed out) or a DistStoreError (a wait that timed out), which name
+    no backend, so they ended in a traceback. Now: the one lost-peer line naming the store, exit 1."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from bcc.cli import call
+    from bcc.errors import EXIT_LOST_PEER
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens there once closed
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.delenv("BCC_DEBUG", raising=False)
+    server = dist.TCPStore("127.0.0.1", 0, 2, True, timeout=timedelta(seconds=0.3), wait_for_workers=False)
+
+    def connect(_):
+        dist.TCPStore("127.0.0.1", port, 2, False, timeout=timedelta(seconds=1))
+
+    for fails, kind in [(connect, "DistNetworkError"), (lambda _: server.get("never-set"), "DistStoreError")]:
+        assert call(fails, None) == EXIT_LOST_PEER
+        err = capsys.readouterr().err.strip().splitlines()
+        line = [x for x in err if x.startswith(("error:", "note:"))]
+        assert len(line) == 1 and "Traceback" not in "\n".join(err), err
+        assert line[0].startswith(f"error: rank 1: lost contact with the other ranks (the store the ranks meet at "
+                                  f"(MASTER_ADDR:MASTER_PORT 127.0.0.1:{port}) could not be reached"), line
+        assert f"; {kind}: " in line[0], line
+
+
 @pytest.mark.parametrize(("rank", "local", "shared", "quiet"), [
     (None, None, "job", False), (0, 0, "job", False), (1, 1, "job", True), (5, 1, "job", True),
     (0, 0, "node", False), (1, 1, "node", True), (4, 0, "node", False), (5, 1, "node", True),

@@ -130,3 +130,34 @@ def test_non_finite_loss_is_named_at_its_step_before_any_checkpoint(synth_shards
             fit(cfg)
     saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
     assert saved == ["step-00000002"]  # step 4's checkpoint was refused
+
+
+def test_sigterm_while_a_rank_waits_for_rank_0_at_start_up_ends_it_at_once(monkeypatch):
+    """Before training starts there is nothing to save: a SIGTERM reaching a rank that waits for rank 0's
+    start-up check ends it at once with one line and the requeue code 75, instead of being kept for a
+    vote minutes away (the launcher SIGKILLed it 30 s later, silently). After `training_begins` it is
+    kept for the vote again."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from bcc import remote
+    from bcc.errors import EXIT_PREEMPTED, Interrupted
+    from bcc.train import heartbeat
+    from bcc.train.preempt import PreemptionFlag
+
+    monkeypatch.setattr(remote, "_STOPPING", [None])
+    monkeypatch.setenv("RANK", "1")
+    flag = PreemptionFlag()
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    t0 = time.monotonic()
+    with pytest.raises(Interrupted) as e:  # rank 0 never answers: only the signal ends the wait
+        heartbeat.on_rank0(lambda: None, False, 60.0, "a check", store=dist.HashStore())
+    assert time.monotonic() - t0 < 5
+    assert e.value.exit_code == EXIT_PREEMPTED and e.value.shared == "rank"
+    assert str(e.value) == ("bcc train (rank 1): interrupted (SIGTERM); during start-up, before the first training "
+                            "step: nothing to save; exit code 75 (launchers requeue on it)")
+    flag.training_begins()
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert flag.signum == signal.SIGTERM  # kept, not raised

@@ -151,18 +151,25 @@ def test_preflight_runs_on_the_main_process_only_and_every_rank_gets_its_verdict
 
 
 def test_a_waiting_rank_waits_while_rank_0_works_and_fails_when_it_stops(monkeypatch):
-    """Rank 0 works for 4 x timeout_s and beats meanwhile: the waiting rank gets its result. With no sign
-    of life the waiting rank fails after timeout_s with the lost-peer line (a time-out: an error line)."""
+    """Rank 0 works for 4 x timeout_s, silent but within a bound of its own (a remote read within its
+    data.read_timeout_s), and beats meanwhile: the waiting rank gets its result. With no sign of life the
+    waiting rank fails after timeout_s with the lost-peer line (a time-out: an error line)."""
     import threading
 
     import torch.distributed as dist
 
+    from bcc import activity
     from bcc.errors import is_time_out, lost_peer_message
     from bcc.train import heartbeat
 
     store, got = dist.HashStore(), {}
     monkeypatch.setattr(heartbeat, "_ROUNDS", iter([0, 0, 1]))  # rank 1's and rank 0's first call, then one more
-    work = lambda: time.sleep(2.0) or "the verdict"  # noqa: E731
+
+    def work():
+        with activity.waiting(5.0, "a slow server"):
+            time.sleep(2.0)
+        return "the verdict"
+
     waiter = threading.Thread(target=lambda: got.setdefault(1, heartbeat.on_rank0(
         work, False, 0.5, "a check", store=store)))
     waiter.start()
@@ -176,6 +183,100 @@ def test_a_waiting_rank_waits_while_rank_0_works_and_fails_when_it_stops(monkeyp
     line = lost_peer_message(e.value)
     assert line.startswith("rank ") and "lost contact with the other ranks" in line and is_time_out(line), line
     assert "no sign of life for 0.5 s (train.timeout_s) while it did a check" in line, line
+
+
+def _rounds(monkeypatch):
+    from bcc.train import heartbeat
+
+    monkeypatch.setattr(heartbeat, "_ROUNDS", iter([0, 0]))  # two "ranks" in one process share the round
+
+
+def test_a_rank_0_whose_check_hangs_ends_every_rank_after_train_timeout_s(monkeypatch):
+    """A start-up check that hangs where nothing bounds the wait (a name lookup that never answers, here:
+    the probe's getaddrinfo) beat on forever before, and the job hung. Now rank 0 beats only while its work
+    moves on (its stack, bcc.activity's ticks, waits within their bound), so after train.timeout_s
+    every rank gets one error naming the read past its time-out, and rank 0's check is ended too."""
+    import socket
+    import threading
+
+    import torch.distributed as dist
+
+    from bcc import remote
+    from bcc.train import heartbeat
+
+    _rounds(monkeypatch)
+    hung = threading.Event()
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: hung.wait() and [])
+    monkeypatch.setattr(remote, "RESOLVE_S", 0.0)  # the request's bound: 2 x 0.2 s
+    store, got = dist.HashStore(), {}
+    work = lambda: str(remote.probe_all(["http://shards.example/train-000000.tar"], 0, 0.2))  # noqa: E731
+    waiter = threading.Thread(target=lambda: got.setdefault(1, heartbeat.on_rank0(work, False, 1.0, "a check",
+                                                                                  store=store)))
+    waiter.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(heartbeat.StuckError) as e:  # raised in this (main) thread by SIGALRM
+            heartbeat.on_rank0(work, True, 1.0, "a check", store=store)
+        took = time.monotonic() - t0
+        waiter.join(timeout=30)
+    finally:
+        hung.set()
+    assert took < 10, took
+    assert str(e.value) == got[1], got
+    assert got[1].startswith("rank 0 made no progress for 1 s (train.timeout_s) while it did a check: a read of "
+                             "http://shards.example/train-000000.tar outlived its time-out"), got[1]
+
+
+def test_a_rank_0_stuck_where_no_signal_reaches_exits_with_the_error(tmp_path):
+    """A working thread the SIGALRM cannot interrupt (here it blocks the signal; really: a call the kernel
+    does not interrupt, a file system that stopped answering) does not keep rank 0 alive: after
+    STUCK_GRACE_S it prints the error and exits 2."""
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import signal, time\n"
+        "import torch.distributed as dist\n"
+        "from bcc.train import heartbeat\n"
+        "heartbeat.STUCK_GRACE_S = 0.5\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n"
+        "heartbeat.on_rank0(lambda: time.sleep(60), True, 1.0, 'a check', store=dist.HashStore())\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == EXIT_USAGE and time.monotonic() - t0 < 30, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0 made no progress for 1 s (train.timeout_s) "
+                                                   "while it did a check: stuck in _work (bcc/train/heartbeat.py:"), lines
+
+
+def test_a_waiting_rank_logs_nothing_while_it_waits(capfd, monkeypatch):
+    """The waiting rank polls for rank 0's result without a store.wait that times out every interval
+    (torch's TCPStore logged two `waitForInput ... timed out` lines on stderr for each)."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from bcc import activity
+    from bcc.train import heartbeat
+
+    _rounds(monkeypatch)
+    server = dist.TCPStore("127.0.0.1", 0, 2, True, timeout=timedelta(seconds=30), wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", server.port, 2, False, timeout=timedelta(seconds=30))
+
+    def work():
+        with activity.waiting(5.0):
+            time.sleep(1.5)  # 6 intervals of the waiting rank
+        return "done"
+
+    got = {}
+    waiter = threading.Thread(target=lambda: got.setdefault(1, heartbeat.on_rank0(work, False, 2.0, "a check",
+                                                                                  store=client)))
+    waiter.start()
+    got[0] = heartbeat.on_rank0(work, True, 2.0, "a check", store=server)
+    waiter.join(timeout=30)
+    assert got == {0: "done", 1: "done"}
+    err = capfd.readouterr().err
+    assert "waitForInput" not in err and "timed out" not in err, err
 
 
 def test_preflight_at_100k_shards_is_cheap(tmp_path):

@@ -1061,3 +1061,38 @@ def test_a_blank_in_a_url_is_called_a_blank():
                                             r"\(write a blank in a URL as %20\)") as e:
         Manifest.load("http://127.0.0.1:9/my data", retries=0)
     assert "control character" not in str(e.value)
+
+
+@pytest.mark.parametrize("signum, code", [("SIGTERM", 75), ("SIGINT", 130)])
+def test_a_signal_during_the_start_up_check_ends_it_at_once(synth_shards, tmp_path, bcc_main, monkeypatch,
+                                                             signum, code):
+    """SIGTERM or Ctrl-C while the start-up check waits on a slow HEAD (answered after 30 s, past its
+    data.read_timeout_s of 20 s): the run ends within seconds with one line saying it was interrupted.
+    Before, SIGTERM was kept for a vote and the check ran on to report "cannot reach the host: timed out"
+    (exit 2), and Ctrl-C waited for the probe threads' time-outs and retries. SIGTERM exits 75 (nothing
+    to save yet: launchers requeue on it, as after a preemption); Ctrl-C 130."""
+    import os
+    import signal
+    import threading
+
+    monkeypatch.setattr(remote, "_STOPPING", [None])
+    sent = []
+
+    def signal_at_the_slow_head(server):
+        deadline = time.monotonic() + 120
+        while "val-000000.tar" not in server.heads and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), getattr(signal, signum))
+
+    with serve(synth_shards) as (server, url):
+        server.slow_head["val-000000.tar"] = 30
+        cfg = write_config(tmp_path / "c.yaml", url, tmp_path / "run", data={"read_timeout_s": 20},
+                           train={"epochs": 1}, eval={"test_at_end": False})
+        threading.Thread(target=signal_at_the_slow_head, args=(server,), daemon=True).start()
+        proc = bcc_main("train", "--config", cfg)
+        took = time.monotonic() - sent[0]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == code and took < 10, (took, proc.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith(f"error: bcc train: interrupted ({signum})"), lines
+    assert "cannot reach" not in proc.stdout + proc.stderr

@@ -532,6 +532,55 @@ def test_start_up_notes_and_warnings_are_saved_in_the_run_directory(tmp_path, re
     assert any(line.startswith("warning: data.sources: ") for line in starts[1]["notes"]), starts[1]
 
 
+@pytest.mark.parametrize("damage", ["step is text", "step is null", "a directory", "not JSON", "no starts"])
+def test_a_damaged_notes_file_is_kept_aside_and_a_new_one_begun(tmp_path, damage):
+    """notes.json is a record, not the run's state: a damaged one (a step that is text or null, a directory,
+    not JSON) gave a traceback on resume. Now it is renamed aside (kept, not lost), one warning naming it
+    joins this start's notes, and a new notes.json begins; reading it directly is a RunLogError."""
+    from bcc.console import keeping_notes
+    from bcc.train.runlog import RunLog, RunLogError, read_notes
+
+    path = tmp_path / "notes.json"
+    old = {"step is text": '{"starts": [{"step": "3", "time": "t", "notes": []}]}',
+           "step is null": '{"starts": [{"step": null, "time": "t", "notes": []}]}',
+           "not JSON": '{"starts": [', "no starts": "[1, 2]"}.get(damage)
+    if old is None:
+        (path / "inside").mkdir(parents=True)
+    else:
+        path.write_text(old)
+    with pytest.raises(RunLogError, match="cannot read .*notes.json"):
+        read_notes(tmp_path)
+    with keeping_notes() as lines:
+        RunLog(tmp_path, is_main=True).save_notes(lines, step=5, fresh=False)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("notes.json.damaged-")]
+    assert len(aside) == 1 and (aside[0].is_dir() if old is None else aside[0].read_text() == old)
+    starts = read_notes(tmp_path)
+    assert len(starts) == 1 and starts[0]["step"] == 5 and len(starts[0]["notes"]) == 1, starts
+    assert starts[0]["notes"][0].startswith("warning: cannot read ") and f"kept as {aside[0].name}" in (
+        starts[0]["notes"][0]), starts
+
+
+def test_a_small_dev_shm_warning_is_saved_with_the_start_up_notes(tmp_path, synth_shards, bcc_main, monkeypatch):
+    """The loader's own start-up warnings (here: /dev/shm too small for the batch ring, printed on stderr
+    by each rank) land in notes.json too, as README says of start-up warnings."""
+    import shutil
+
+    from bcc import stream_ring
+    from bcc.train.runlog import read_notes
+
+    monkeypatch.setattr(stream_ring, "_WARNED", set())  # once per process: this test's own
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1024) if str(p) == "/dev/shm"
+                        else real(p))
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "run", train={"epochs": 1},
+                       eval={"test_at_end": False})
+    proc = bcc_main("train", "--config", cfg)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shm = [line for line in proc.stderr.splitlines() if line.startswith("warning: /dev/shm has 0 MiB free")]
+    assert shm, proc.stderr[-2000:]
+    assert shm[0] in read_notes(tmp_path / "run")[0]["notes"]
+
+
 def test_images_shared_without_a_leak_are_noted_and_the_index_is_checked(tmp_path, synth_shards, second_source,
                                                                          bcc_main):
     """Shared images that do not leak (two train splits, two test splits) are notes, a warning when their

@@ -193,7 +193,7 @@ def fit(cfg: Config) -> dict:
 
 
 def _fit(cfg: Config, notes: list[str]) -> dict:
-    flag = preemption.PreemptionFlag()  # first: a signal during set-up is kept, not fatal
+    flag = preemption.PreemptionFlag()  # first: a SIGUSR1 in set-up is kept for the first vote; a SIGTERM ends it
     with raised_alike():  # set-up reads the same config, manifests and weights on every rank
         run = setup_run(cfg)
     flag.attach(timeout_s=run.cfg.train.timeout_s)
@@ -223,7 +223,6 @@ def _fit(cfg: Config, notes: list[str]) -> dict:
     log_sources(run, fresh=path is None)
     start_trackers(acc, cfg.run.report_to, run.run_dir, run.name, config_to_dict(cfg),
                    resumed_step=run.state.step)
-    run.log.save_notes(notes, run.state.step, fresh=path is None)  # a Slurm job's stdout may be lost
     acc.wait_for_everyone()
     console.print(f"[bold]bcc train[/] {run.name}: {info.world_size} process(es), {info.batches_per_epoch} "
                   f"batches/epoch/rank, {len(run.parts.stages)} stage(s), "
@@ -235,6 +234,9 @@ def _fit(cfg: Config, notes: list[str]) -> dict:
     # ends them itself, and close() ends them after the last epoch
     batches = TrainLoader(run.manifest, cfg.data, seed=cfg.train.seed, rank=info.rank, world_size=info.world_size,
                           pin_memory=run.pin_memory)
+    # after the loader's own start-up warnings (/dev/shm): a Slurm job's stdout may be lost
+    run.log.save_notes(notes, run.state.step, fresh=path is None)
+    flag.training_begins()  # from here a SIGTERM is kept for the vote: there is work to save
     while run.state.epoch < info.total_epochs:
         epoch = run.state.epoch
         stage_index, _ = stage_at(run.parts.stages, epoch)

@@ -1,15 +1,22 @@
 """Preemption: SIGUSR1/SIGTERM set a flag, all ranks vote on it at agreed optimizer-step boundaries, the run
-saves and exits with `EXIT_PREEMPTED` after leaving a `PREEMPTED` marker in the run directory."""
+saves and exits with `EXIT_PREEMPTED` after leaving a `PREEMPTED` marker in the run directory.
+
+Before training starts (`PreemptionFlag.training_begins`) there is nothing to save: a SIGTERM then ends
+the rank at once (`stopped_in_start_up`: one line, `EXIT_PREEMPTED`, no marker), wherever it waits (the
+start-up check's remote reads, rank 0's verdict in `bcc.train.heartbeat`), instead of being kept for a
+vote that is minutes away while the launcher's SIGKILL comes in 30 s. A SIGUSR1 (Slurm's early warning)
+is still kept for the first vote: there is time to train and save."""
 
 from __future__ import annotations
 
+import os
 import signal
 from datetime import timedelta
 from pathlib import Path
 
 from bcc import remote
 from bcc.atomic import write_json
-from bcc.errors import EXIT_PREEMPTED
+from bcc.errors import EXIT_PREEMPTED, Interrupted
 
 PREEMPTED_MARKER = "PREEMPTED"  # written into the run dir with the preemption checkpoint
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -33,10 +40,24 @@ def keep_early_signals() -> None:
         signal.signal(sig, _keep)
 
 
+def stopped_in_start_up(signum: int) -> Interrupted:
+    """The error a SIGTERM raises before training starts: `bcc train: interrupted (SIGTERM); ...`, exit code
+    `EXIT_PREEMPTED` (launchers requeue on it, as after a preemption checkpoint), printed by every rank
+    it reached (`shared="rank"`: its own signal, also inside `raised_alike`)."""
+    rank = os.environ.get("RANK")
+    e = Interrupted("bcc train" + (f" (rank {rank})" if rank else ""), signum,
+                    f"during start-up, before the first training step: nothing to save; exit code {EXIT_PREEMPTED} "
+                    "(launchers requeue on it)")
+    e.exit_code, e.shared = EXIT_PREEMPTED, "rank"
+    return e
+
+
 class PreemptionFlag:
-    """SIGUSR1/SIGTERM only set a flag; the loop acts on it at the next vote (`agreed`)."""
+    """SIGUSR1/SIGTERM only set a flag; the loop acts on it at the next vote (`agreed`). Until
+    `training_begins()` a SIGTERM raises `stopped_in_start_up` instead (in the main thread, where it came)."""
 
     def __init__(self, install_handlers: bool = True) -> None:
+        self.starting = True  # before the first training step: a SIGTERM ends the rank at once
         self.signum: int | None = None  # what reached this process
         self.agreed_signum: int | None = None  # what the ranks agreed on (the largest signal number raised)
         self.group = None
@@ -44,8 +65,9 @@ class PreemptionFlag:
             for sig in SIGNALS:
                 signal.signal(sig, self._handle)
             if _EARLY:  # kept by keep_early_signals: the vote takes the largest, as across ranks
-                self._handle(max(_EARLY), None)
+                early = max(_EARLY)
                 _EARLY.clear()
+                self._handle(early, None)  # a SIGTERM: the rank ends here
         self.attach()
 
     def attach(self, timeout_s: float | None = None) -> None:
@@ -63,11 +85,17 @@ class PreemptionFlag:
             timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
             self.group = dist.new_group(backend="gloo", timeout=timeout)
 
+    def training_begins(self) -> None:
+        """From now on a SIGTERM is kept for the vote: there is work to save."""
+        self.starting = False
+
     def _handle(self, signum, frame) -> None:
         self.signum = signum
         if signum == signal.SIGTERM:  # the end is near: a stalled remote read must not outlast it
             remote.request_stop()
             _forward_to_loader_workers(signum)
+            if self.starting:
+                raise stopped_in_start_up(signum)
 
     def agreed(self) -> bool:
         """True on every rank when any rank was signalled (a collective: all ranks must call it at the same

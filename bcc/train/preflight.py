@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from accelerate import Accelerator
 
-from bcc import remote, sample_index
+from bcc import activity, remote, sample_index
 from bcc.config import RENAMED_METRICS, Config
-from bcc.errors import BccError
+from bcc.errors import BccError, Interrupted
 from bcc.manifest import Manifest, ShardInfo, SplitInfo
 from bcc.metrics import metric_names
 from bcc.model import check_backbone_name
@@ -90,6 +90,7 @@ def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES, timeou
                          f"but the manifest says {split.count}; repack it")
     missing, short, remote_shards = [], [], []
     for shard in split.shards:
+        activity.tick()  # a sign of progress while the others wait (bcc.train.heartbeat): a slow file system
         path = str(shard.path)
         if not remote.is_local(shard.path):
             remote_shards.append(shard)
@@ -234,6 +235,8 @@ def preflight(cfg: Config, manifest: Manifest, accelerator: Accelerator) -> list
     def check() -> str | None:
         try:
             found.extend(check_run(cfg, manifest))
+        except Interrupted:
+            raise  # a signal this rank got (bcc.train.preempt): its own line, not a verdict on the data
         except BccError as e:
             return str(e)
         return None

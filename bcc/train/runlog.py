@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bcc.atomic import atomic_write, write_json
+from bcc.atomic import atomic_write, set_aside, write_json
 from bcc.console import console, warn
 from bcc.errors import BccError
 from bcc.trackers import tracker_values
@@ -99,10 +99,11 @@ NOTES_FILE = "notes.json"
 
 
 def read_notes(run_dir: str | Path) -> list[dict]:
-    """The starts recorded in a run's notes.json, oldest first: [{"step", "time", "notes": [line, ...]}]
-    ([] when absent). A file that is not such JSON is a RunLogError naming it."""
+    """The starts recorded in a run's notes.json, oldest first: [{"step": int, "time": str, "notes": [line,
+    ...]}] ([] when absent). Anything else (not JSON, not a file, a step that is no count) is a RunLogError
+    naming the file and what is wrong."""
     path = Path(run_dir) / NOTES_FILE
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return []
     try:
         starts = json.loads(path.read_text(encoding="utf-8"))["starts"]
@@ -110,6 +111,12 @@ def read_notes(run_dir: str | Path) -> list[dict]:
         raise RunLogError(f"cannot read {path}: {e}") from None
     if not isinstance(starts, list):
         raise RunLogError(f"cannot read {path}: 'starts' is not a list")
+    for n, start in enumerate(starts):
+        step = start.get("step") if isinstance(start, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise RunLogError(f"cannot read {path}: start {n} has no step count (step: {json.dumps(step)})")
+        if not isinstance(start.get("notes"), list) or not all(isinstance(x, str) for x in start["notes"]):
+            raise RunLogError(f"cannot read {path}: start {n} has no list of lines under 'notes'")
     return starts
 
 
@@ -156,15 +163,19 @@ class RunLog:
         (`step`: the optimizer step it starts from), a fresh start's replacing the file's earlier ones."""
         if not self.is_main:
             return
-        starts = [] if fresh else [s for s in self._readable_notes() if s.get("step", 0) <= step]
+        earlier = self._readable_notes()  # also at a fresh start: a damaged file is kept, not overwritten
+        starts = [] if fresh else [s for s in earlier if s["step"] <= step]
         starts.append({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": list(lines)})
         write_json(self.path.parent / NOTES_FILE, {"starts": starts})
 
     def _readable_notes(self) -> list[dict]:
+        """notes.json's starts; a damaged one (notes are a record, not the run's state) is renamed aside with a
+        warning, which this start's notes then hold, and a new notes.json begins."""
         try:
-            return [s for s in read_notes(self.path.parent) if isinstance(s, dict)]
-        except RunLogError as e:  # the notes of a new start matter more than a damaged record of old ones
-            warn(f"{e}; it is written again with this start's notes only")
+            return read_notes(self.path.parent)
+        except RunLogError as e:
+            aside = set_aside(self.path.parent / NOTES_FILE)  # OSError: cannot rename, as any write there
+            warn(f"{e}; kept as {aside.name}, and {NOTES_FILE} begins again with this start's notes")
             return []
 
     def _track(self, values: Mapping, step: int) -> None:
