@@ -20,7 +20,9 @@ from bcc.errors import BccError
 
 # keys resume lets change (bcc.train.resume.SAFE_RESUME_KEYS) that still change what a comparison reads from a
 # run: its budget, the checkpoint it calls best, the epochs with val and test rows
-COMPARED_KEYS = ("train.epochs", "checkpoint.metric", "checkpoint.mode", "eval.every_epochs", "eval.test_at_end")
+COMPARED_KEYS = ("train.epochs", "checkpoint.metric", "checkpoint.mode", "eval.every_epochs", "eval.test_at_end",
+                 # fitted at the end of training and read by the table (test_binary_op_*, calibrated columns)
+                 "eval.operating_point", "eval.calibrate")
 
 
 def is_free_key(key: str) -> bool:

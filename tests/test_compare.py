@@ -438,6 +438,9 @@ def _fake_run(run, cfg_path, overrides, finished=True):
     (["train.lr=0.1"], [], "train.lr: 0.1 -> 0.05"),
     ([], ["checkpoint.metric=acc"], "checkpoint.metric: 'bacc' -> 'acc'"),
     (["data.shards=other"], [], "data.shards: 'other' -> "),
+    # fitted at the end of training and read by the table: a reused run would show the old rule's columns
+    (["eval.operating_point=youden"], ["eval.operating_point=argmax"], "eval.operating_point: 'youden' -> 'argmax'"),
+    (["eval.calibrate=false"], ["eval.calibrate=true"], "eval.calibrate: False -> True"),
 ])
 def test_a_run_dir_holding_another_configs_run_is_refused(tmp_path, old, new, refused):
     from bcc.compare_check import check_runs
