@@ -398,6 +398,10 @@ def fold_warnings(class_counts: Sequence[Mapping[str, int]]) -> list[str]:
     the manifest's `folds.class_counts`): a class with fewer groups than folds cannot reach them all, so
     those folds validate without it. Empty when every fold holds every class present."""
     k = len(class_counts)
+    empty = [i for i, f in enumerate(class_counts) if not any(f.values())]
+    if empty:  # data.fold=i would validate on nothing: the run refuses it (bcc.train.preflight)
+        return [f"{len(empty)} of the {k} folds are empty (fold {', '.join(map(str, empty[:5]))}"
+                f"{', ...' if len(empty) > 5 else ''}): train+val holds fewer groups than folds; use fewer folds"]
     present = [c for c in (class_counts[0] if k else {}) if any(f.get(c, 0) for f in class_counts)]
     short = {c: sum(1 for f in class_counts if f.get(c, 0)) for c in present}
     short = {c: n for c, n in short.items() if n < k}

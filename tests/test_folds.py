@@ -169,3 +169,26 @@ def test_folds_missing_a_class_are_a_warning(tmp_path, make_class_tree):
     result = pack_folders(src, tmp_path / "out", split=(0.8, 0.2, 0.0), seed=0, folds=3, near_dup_threshold=None)
     warned = [w for w in result.manifest["warnings"] if "missing from some of the 3 folds" in w]
     assert len(warned) == 1 and "'Pre-B' (in 2)" in warned[0] and "Benign" not in warned[0]
+
+
+def test_more_folds_than_groups_warn_at_pack_and_an_empty_fold_is_refused_by_name(tmp_path, make_class_tree):
+    """--folds 10 over 8 train+val groups (16 images, two per group): 2 folds are empty. The pack says so (not only "a class is
+    missing"), and data.fold=<an empty fold> is refused naming the fold (was: "val split is empty; repack
+    with a non-zero validation fraction", though the pack's val split was not)."""
+    from bcc.config import load_config
+    from bcc.pack import pack_folders
+    from bcc.train.preflight import check_run
+    from bcc.train.setup import TrainError
+
+    src = make_class_tree(tmp_path / "src", {"Benign": 2, "Early": 2, "Pre": 2, "Pro": 2}, size=16)
+    for f in list(src.rglob("img*")):  # an exact copy of each: one group of two
+        (f.parent / f"copy-{f.name}").write_bytes(f.read_bytes())
+    result = pack_folders(src, tmp_path / "out", split=(0.5, 0.5, 0.0), seed=0, folds=10, near_dup_threshold=None)
+    counts = [sum(f.values()) for f in result.manifest["folds"]["class_counts"]]
+    empty = [i for i, c in enumerate(counts) if c == 0]
+    assert len(empty) == 2
+    assert f"2 of the 10 folds are empty (fold {empty[0]}, {empty[1]})" in " ".join(result.manifest["warnings"])
+    cfg = load_config(None, [f"data.shards={tmp_path / 'out'}", "model.backbone=test_resnet",
+                             "eval.test_at_end=false"])
+    with pytest.raises(TrainError, match=rf"^data.fold={empty[0]}: fold {empty[0]} of .* is empty .*fewer --folds"):
+        check_run(cfg, Manifest.load(tmp_path / "out").with_fold(empty[0]))

@@ -146,6 +146,10 @@ def check_run(cfg: Config, manifest: Manifest) -> list[dict]:
                              + (f" (source {', '.join(lacking)} has none)" if lacking else "")
                              + f"; available: {', '.join(manifest.splits) or 'none'}{hint}")
         split = manifest.split(name)
+        fold = getattr(manifest, "fold", None)
+        if split.count == 0 and key == "data.val_split" and fold is not None:
+            raise TrainError(f"data.fold={fold}: fold {fold} of {manifest.shown} is empty (its train+val holds "
+                             "fewer groups than folds); repack with fewer --folds")
         if split.count == 0 and key != "data.test_split":
             # an empty val split gives NaN metrics, and a "best" checkpoint chosen on NaN
             raise TrainError(f"{key} '{name}' of {manifest.shown} is empty; repack with a non-zero "
