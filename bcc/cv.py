@@ -165,6 +165,8 @@ def aggregate(out: str | Path, folds: int, command: str = "") -> dict[str, Any]:
     if missing:
         raise CvError(f"fold(s) {', '.join(map(str, missing))} under {out} did not finish (no summary.json)")
     check_same_folds([fold_dir(out, k) for k in range(folds)])
+    # the pack's own K, as training checks it: --folds 2 over 2 of a 3-fold pack's runs is no 2-fold CV
+    check_folds(load_saved_config(fold_dir(out, 0) / "config.yaml").data.shards, folds)
     preds = [predict_fold(fold_dir(out, k)) for k in range(folds)]
     results = [read_mode(f"fold-{k}", fold_dir(out, k), p["weights"]) for k, p in enumerate(preds)]
 

@@ -87,6 +87,10 @@ def test_cv_two_folds_end_to_end(cv_pack, cv_run, synth_shards, tmp_path, bcc_ma
     # (in-process: each ends before training)
     again = bcc_main("cv", "--aggregate", out, "--folds", 2)
     assert again.returncode == 0, again.stderr
+    from bcc.cv import CvError, aggregate
+
+    with pytest.raises(CvError, match="packed with 2 folds"):  # K below the pack's: some folds' runs left out
+        aggregate(out, 1)
     bad = bcc_main("cv", "--config", cfg, "--folds", 3, "--out", tmp_path / "x")
     assert bad.returncode == 2 and "packed with 2 folds" in bad.stderr and "Traceback" not in bad.stderr
     nofolds = write_config(tmp_path / "nf.yaml", synth_shards, tmp_path / "nf")
