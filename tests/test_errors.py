@@ -305,6 +305,7 @@ def test_interrupts_raise_one_error_with_the_signals_exit_code_and_keep_an_ignor
     from bcc.errors import Interrupted, interrupts_raise
 
     state = []
+    old_term = signal.getsignal(signal.SIGTERM)  # whatever an earlier in-process `bcc train` left
     old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with pytest.raises(Interrupted) as e, interrupts_raise("bcc x", lambda: "after " + ",".join(state)):
@@ -316,7 +317,7 @@ def test_interrupts_raise_one_error_with_the_signals_exit_code_and_keep_an_ignor
                 pass
         assert str(e.value) == "bcc x: interrupted (SIGTERM); after step 1" and e.value.exit_code == 143
         assert Interrupted("bcc y", signal.SIGINT).exit_code == 130 and isinstance(e.value, BccError)
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) == old_term
     finally:
         signal.signal(signal.SIGINT, old_int)
 

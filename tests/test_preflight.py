@@ -201,10 +201,16 @@ def test_a_rank_0_whose_check_hangs_ends_every_rank_after_train_timeout_s(monkey
 
     import torch.distributed as dist
 
-    from bcc import remote
+    from bcc import activity, remote
     from bcc.train import heartbeat
 
     _rounds(monkeypatch)
+    # an earlier in-process test's probe thread may still wait or retry (its process would have ended):
+    # its waits and ticks count as progress, so this test starts once it is gone, with no wait recorded
+    for t in threading.enumerate():
+        if t.name == "bcc-probe":
+            t.join(timeout=60)
+    monkeypatch.setattr(activity, "_WAITS", {})
     hung = threading.Event()
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: hung.wait() and [])
     monkeypatch.setattr(remote, "RESOLVE_S", 0.0)  # the request's bound: 2 x 0.2 s
