@@ -26,9 +26,9 @@ comparison) is in another source's val or test split is an error (`data.source_o
 warning; `off`: not checked), counted per pair of splits; images two train splits share are a note
 (a warning when their classes differ), as are images two evaluated splits share. A source packed before
 the index existed (or served without it) is named in a note and checked by shard only; an index that
-is there but cannot be read is an error. `check_pretrained` compares the images the bcc run behind
-`model.pretrained` trained on (its config's data and fold, `view_ids`) with the ones a run evaluates: a
-warning per split with the count. `pack_images` gives a pack's images per class over all its splits
+is there but cannot be read is an error. `bcc.pretrained_overlap` compares the images the bcc run
+behind `model.pretrained` trained on (its config's data and fold, `view_ids`) with the ones a run
+evaluates. `pack_images` gives a pack's images per class over all its splits
 (`bcc compare --packs` checks that its packs hold the same images).
 """
 
@@ -48,8 +48,8 @@ from bcc import remote
 from bcc.errors import BccError
 from bcc.manifest import Manifest
 
-__all__ = ["FILE", "SampleIndex", "SampleIndexError", "check_pretrained", "check_sources", "load",
-           "overlap_line", "overlap_warning", "pack_images", "pretrained_overlap", "prefix64", "view_ids", "write"]
+__all__ = ["FILE", "SampleIndex", "SampleIndexError", "check_sources", "load", "pack_images", "prefix64", "view_ids",
+           "write"]
 
 FILE = "sample_index.npz"
 MAX_SAMPLES = 10**9  # what an index may claim to describe when fetched; a bound on the read
@@ -321,147 +321,3 @@ def check_sources(sources: Sequence, splits: Mapping[str, str], mode: str = "err
                          "with another class in each source" if other else
                          f"note: data.sources: {common.size} image(s) are in both {where}: {what}")
     return lines
-
-
-def _source_meta(weights: Path) -> dict | None:
-    """The meta a bcc checkpoint keeps beside `weights` (its config, its dataset's fingerprint), or None
-    for weights of no bcc run."""
-    from bcc import checkpoint as ck
-
-    try:
-        if (weights.parent / ck.META_FILE).is_file():
-            return json.loads((weights.parent / ck.META_FILE).read_text())
-        if weights.name == ck.BEST_WEIGHTS and (weights.parent / ck.BEST_META).is_file():
-            return json.loads((weights.parent / ck.BEST_META).read_text()).get("meta")
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _indexed(manifest: Manifest, retries: int, timeout_s: float) -> list[tuple[Manifest, SampleIndex | str]]:
-    """Each pack of `manifest` (the sources of a `MixedManifest`, or itself) with its index, or why none."""
-    packs = [s.manifest for s in manifest.sources] if hasattr(manifest, "sources") else [manifest]
-    return [(m, load(m, retries, timeout_s)) for m in packs]
-
-
-def _pretrained_meta(source) -> tuple[dict | None, str | None]:
-    """(the source's data record in checkpoint-meta form, or None; a note when an export's cannot be
-    followed). A bcc export records its training data (`bcc.export.read_training_data`); a Hub export
-    publishes no local paths, so it has none."""
-    from bcc.export import EXPORT_FILE, read_training_data
-
-    if source.weights is None:  # the hub
-        return None, None
-    folder = source.weights.parent
-    if (folder / EXPORT_FILE).is_file():
-        meta = read_training_data(folder)
-        return (meta, None) if meta else (None, "an export that records no training data (exported by an older "
-                                                "bcc, and its source checkpoint is gone)")
-    if source.kind == "hf-export":  # a file inside one resolves to it too
-        return None, "a Hub export, which records no training data"
-    return _source_meta(source.weights), None
-
-
-def pretrained_overlap(cfg, manifest: Manifest, splits: Sequence[str]) -> list[dict]:
-    """What `check_pretrained` found, one entry per finding: {"split", "count", "total", "fold" (the fold
-    of a `data.fold` view, else None), "data" (the pack shown), "source" (`model.pretrained` as given)}
-    for images of an evaluated split the source trained on, or {"note": text} where a check could not
-    be made. `bcc.train.fit` stores the list in RUN/pretrained.json (`overlap`); `overlap_line` is the
-    one wording of an entry, `overlap_warning` the line RESULTS.md and CV.md show."""
-    from bcc.config import config_from_dict
-    from bcc.sources import load_data
-    from bcc.weights import resolve_source
-
-    if not cfg.model.pretrained:
-        return []
-    try:
-        source = resolve_source(cfg.model.pretrained, cfg.model.backbone)
-    except BccError:  # building the model names what is wrong with it
-        return []
-    unchecked = f"whether {source.given} (model.pretrained) was trained on images this run evaluates is not checked"
-    meta, why = _pretrained_meta(source)
-    if why:
-        return [{"note": f"{unchecked}: it is {why}"}]
-    if not meta or "config" not in meta:
-        return []
-    data, retries, timeout_s = cfg.data, cfg.data.retries, cfg.data.read_timeout_s
-    try:
-        theirs = config_from_dict(meta["config"]).data
-        their_data = load_data(theirs)
-        packs = _indexed(their_data, retries, timeout_s)
-    except BccError as e:
-        return [{"note": f"{unchecked}: its data cannot be read ({e})"}]
-    if meta.get("dataset") and their_data.fingerprint() not in (None, meta["dataset"]):
-        return [{"note": f"{unchecked}: its data ({their_data.shown}) holds other shards than when it trained "
-                         "(repacked since?)"}]
-    out, seen = [], {"sha": [], "phash": []}
-    for m, index in packs:
-        ids = None if isinstance(index, str) else view_ids(m, index, theirs.train_split, theirs.train_split,
-                                                           theirs.val_split)
-        if ids is None:
-            out.append({"note": f"{unchecked} for {m.shown}: "
-                                + (index if isinstance(index, str) else f"its {FILE} does not describe its training split")})
-            continue
-        seen["sha"].append(ids)
-        ph = view_ids(m, index, theirs.train_split, theirs.train_split, theirs.val_split, "phash")
-        seen["phash"] += [ph] if ph is not None else []
-    trained = {k: np.unique(np.concatenate(v)) if v else np.zeros(0, np.uint64) for k, v in seen.items()}
-    for m, index in _indexed(manifest, retries, timeout_s) if trained["sha"].size else ():
-        if isinstance(index, str):
-            out.append({"note": f"{unchecked} for {m.shown}: {index}"})
-            continue
-        for split in (s for s in splits if s in m.splits):
-            ids = view_ids(m, index, split, data.train_split, data.val_split)
-            if ids is None:
-                out.append({"note": f"{unchecked} for split '{split}' of {m.shown}: its {FILE} does not describe it"})
-                continue
-            ph = view_ids(m, index, split, data.train_split, data.val_split, "phash")
-            hit = np.isin(ids, trained["sha"]) | (np.isin(ph, trained["phash"]) if ph is not None else False)
-            if hit.any():
-                fold = m.fold if m.fold is not None and split in (data.train_split, data.val_split) else None
-                out.append({"split": split, "count": int(hit.sum()), "total": int(ids.size), "fold": fold,
-                            "data": m.shown, "source": source.given})
-    return out
-
-
-def overlap_line(entry: Mapping) -> str:
-    """The start-up line of one `pretrained_overlap` entry (`warning: ...` or `note: ...`)."""
-    if "note" in entry:
-        return f"note: {entry['note']}"
-    return (f"warning: model.pretrained {entry['source']} was trained on {entry['count']} of the {entry['total']} "
-            f"images of split '{entry['split']}'" + (f" (fold {entry['fold']} view)" if entry.get("fold") is not None
-                                                     else "")
-            + f" of {entry['data']} (the same file by sha256, or the same picture by pHash): scores there are "
-            "flattered; pretrain on images this run does not evaluate (the same pack and split, or a pack without "
-            "them)")
-
-
-def overlap_warning(found: Mapping[str, Sequence[Mapping]]) -> str:
-    """One Markdown warning line for RESULTS.md / CV.md from the `overlap` entries of runs' pretrained.json
-    (`found`: run name -> entries), naming per split the images the pretrained source trained on; ""
-    when no run has any."""
-    parts = []
-    for run, entries in found.items():
-        hits = [e for e in entries if isinstance(e, Mapping) and "split" in e]
-        if hits:
-            parts.append(f"{run}: " + ", ".join(
-                f"{e['count']} of {e['total']} images of split '{e['split']}'"
-                + (f" (fold {e['fold']} view)" if e.get("fold") is not None else "") for e in hits))
-    if not parts:
-        return ""
-    return ("**Warning: the pretrained source was trained on images these runs evaluate** (the same file or "
-            "picture; their scores are flattered): " + "; ".join(parts) + ".")
-
-
-def check_pretrained(cfg, manifest: Manifest, splits: Sequence[str]) -> list[str]:
-    """Warnings for images this run evaluates (`splits` of `manifest`, its val and test) that the bcc run
-    behind `cfg.model.pretrained` trained on (the same file or picture): its scores there would be
-    flattered, since the backbone (and maybe the heads) already learned those images with their labels.
-    The source's data comes from its checkpoint's meta (its config's `data.shards` or `data.sources`, its
-    fold view), or from what a bcc export records of it (`bcc.export.read_training_data`), checked
-    against the dataset fingerprint recorded there (a pack rebuilt since is not checked, said in a
-    note); the images from both sides' sample indexes. Weights of no bcc run (the hub, a file) have no
-    record of their data: nothing to check; an export whose record cannot be followed gets a note.
-    The lines of `pretrained_overlap`'s entries (`overlap_line`)."""
-    return [overlap_line(e) for e in pretrained_overlap(cfg, manifest, splits)]
-

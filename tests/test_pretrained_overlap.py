@@ -15,7 +15,7 @@ from test_sources import reseeded  # noqa: F401 - synth_shards' images packed wi
 
 from bcc.config import load_config
 from bcc.manifest import Manifest
-from bcc.sample_index import check_pretrained
+from bcc.pretrained_overlap import check_pretrained
 
 from conftest import write_config
 from test_evaluate import trained_run  # noqa: F401 - session fixture: one epoch on synth_shards' train split

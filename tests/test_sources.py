@@ -649,7 +649,7 @@ def test_a_pretrained_run_that_trained_on_the_images_this_run_evaluates_is_warne
 
     import numpy as np
 
-    from bcc.sample_index import check_pretrained
+    from bcc.pretrained_overlap import check_pretrained
     from bcc.train.preflight import check_run
 
     run_dir, _ = ddp_run

@@ -26,6 +26,7 @@ from bcc.errors import BccError
 from bcc.manifest import Manifest, ShardInfo, SplitInfo
 from bcc.metrics import metric_names
 from bcc.model import check_backbone_name
+from bcc.pretrained_overlap import overlap_line, pretrained_overlap
 from bcc.remote_secrets import quote_bytes
 from bcc.shards import tar_header_ok
 from bcc.sources import MixedManifest
@@ -118,7 +119,7 @@ def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES, timeou
 
 def check_run(cfg: Config, manifest: Manifest) -> list[dict]:
     """Raise TrainError (or another BccError) for the first thing the run would fail on later. Returns
-    what `sample_index.pretrained_overlap` found (printed here as warnings), for the run's record."""
+    what `bcc.pretrained_overlap.pretrained_overlap` found (printed here as warnings), for the run's record."""
     names = metric_names(manifest.taxonomy)
     if cfg.train.ema_decay is not None:  # the EMA weights' metrics (bcc.train.ema)
         names += [f"ema_{n}" for n in names]
@@ -155,8 +156,8 @@ def check_run(cfg: Config, manifest: Manifest) -> list[dict]:
                                      else {})}
     lines = [] if not isinstance(manifest, MixedManifest) else sample_index.check_sources(
         manifest.sources, read, cfg.data.source_overlap, retries=cfg.data.retries, timeout_s=cfg.data.read_timeout_s)
-    overlap = sample_index.pretrained_overlap(cfg, manifest, [n for k, n in read.items() if k != "data.train_split"])
-    for line in lines + [sample_index.overlap_line(e) for e in overlap]:
+    overlap = pretrained_overlap(cfg, manifest, [n for k, n in read.items() if k != "data.train_split"])
+    for line in lines + [overlap_line(e) for e in overlap]:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     return overlap
 
