@@ -15,7 +15,7 @@ import numpy as np
 
 from bcc.errors import BccError
 from bcc.manifest import Manifest
-from bcc.sample_index import FILE, SampleIndex, load, view_ids
+from bcc.sample_index import FILE, OPT_OUT, SampleIndex, SampleIndexError, load, picture_roots, view_ids
 
 __all__ = ["check_pretrained", "overlap_line", "overlap_warning", "pretrained_overlap"]
 
@@ -60,16 +60,21 @@ def _pretrained_meta(source) -> tuple[dict | None, str | None]:
 
 
 def pretrained_overlap(cfg, manifest: Manifest, splits: Sequence[str]) -> list[dict]:
-    """What `check_pretrained` found, one entry per finding: {"split", "count", "total", "fold" (the fold
-    of a `data.fold` view, else None), "data" (the pack shown), "source" (`model.pretrained` as given)}
-    for images of an evaluated split the source trained on, or {"note": text} where a check could not
-    be made. `bcc.train.fit` stores the list in RUN/pretrained.json (`overlap`); `overlap_line` is the
+    """What `check_pretrained` found, one entry per finding: {"split", "count", "near", "total", "fold"
+    (the fold of a `data.fold` view, else None), "data" (the pack shown), "source" (`model.pretrained`
+    as given)} for images of an evaluated split the source trained on ("count": the same file, or the
+    same picture: pHashes within `bcc.neardup.SAME_PICTURE_BITS`; "near": others with a near-identical
+    picture, within `DEFAULT_THRESHOLD`; entries of an older bcc lack it), or {"note": text} where a
+    check could not be made. Nothing with `data.source_overlap=ignore` (no index is read). Raises
+    SampleIndexError for this run's index that cannot be read or was lost (the source's: a note). The
+    pictures are grouped over the source's training pHashes and this run's (`picture_roots`): about
+    10 s of one core a million distinct hashes. `bcc.train.fit` stores the list in RUN/pretrained.json (`overlap`); `overlap_line` is the
     one wording of an entry, `overlap_warning` the line RESULTS.md and CV.md show."""
     from bcc.config import config_from_dict
     from bcc.sources import load_data
     from bcc.weights import resolve_source
 
-    if not cfg.model.pretrained:
+    if not cfg.model.pretrained or cfg.data.source_overlap == "ignore":
         return []
     try:
         source = resolve_source(cfg.model.pretrained, cfg.model.backbone)
@@ -103,7 +108,14 @@ def pretrained_overlap(cfg, manifest: Manifest, splits: Sequence[str]) -> list[d
         ph = view_ids(m, index, theirs.train_split, theirs.train_split, theirs.val_split, "phash")
         seen["phash"] += [ph] if ph is not None else []
     trained = {k: np.unique(np.concatenate(v)) if v else np.zeros(0, np.uint64) for k, v in seen.items()}
-    for m, index in _indexed(manifest, retries, timeout_s) if trained["sha"].size else ():
+    if not trained["sha"].size:
+        return out
+    try:
+        ours = _indexed(manifest, retries, timeout_s)
+    except SampleIndexError as e:
+        raise SampleIndexError(f"{e}; {OPT_OUT}") from None
+    evaluated = []  # (pack, split, sha256 prefixes, pHashes or None)
+    for m, index in ours:
         if isinstance(index, str):
             out.append({"note": f"{unchecked} for {m.shown}: {index}"})
             continue
@@ -112,25 +124,38 @@ def pretrained_overlap(cfg, manifest: Manifest, splits: Sequence[str]) -> list[d
             if ids is None:
                 out.append({"note": f"{unchecked} for split '{split}' of {m.shown}: its {FILE} does not describe it"})
                 continue
-            ph = view_ids(m, index, split, data.train_split, data.val_split, "phash")
-            hit = np.isin(ids, trained["sha"]) | (np.isin(ph, trained["phash"]) if ph is not None else False)
-            if hit.any():
-                fold = m.fold if m.fold is not None and split in (data.train_split, data.val_split) else None
-                out.append({"split": split, "count": int(hit.sum()), "total": int(ids.size), "fold": fold,
-                            "data": m.shown, "source": source.given})
+            evaluated.append((m, split, ids, view_ids(m, index, split, data.train_split, data.val_split, "phash")))
+    same, near = picture_roots([trained["phash"] if trained["phash"].size else None] + [e[3] for e in evaluated])
+    for k, (m, split, ids, _) in enumerate(evaluated, 1):
+        hit, close = np.isin(ids, trained["sha"]), np.zeros(ids.size, bool)
+        if same[0] is not None and same[k] is not None:
+            hit |= np.isin(same[k], same[0])
+            close = np.isin(near[k], near[0]) & ~hit
+        if hit.any() or close.any():
+            fold = m.fold if m.fold is not None and split in (data.train_split, data.val_split) else None
+            out.append({"split": split, "count": int(hit.sum()), "near": int(close.sum()), "total": int(ids.size),
+                        "fold": fold, "data": m.shown, "source": source.given})
     return out
 
 
 def overlap_line(entry: Mapping) -> str:
     """The start-up line of one `pretrained_overlap` entry (`warning: ...` or `note: ...`)."""
+    from bcc.neardup import DEFAULT_THRESHOLD, SAME_PICTURE_BITS
+
     if "note" in entry:
         return f"note: {entry['note']}"
+    where = (f"images of split '{entry['split']}'" + (f" (fold {entry['fold']} view)" if entry.get("fold") is not None
+                                                       else "") + f" of {entry['data']}")
+    near = (f"near-identical pictures (pHash {SAME_PICTURE_BITS + 1}-{DEFAULT_THRESHOLD} bits apart: different "
+            "pictures can lie that close, look at them)")
+    if not entry["count"]:
+        return (f"warning: model.pretrained {entry['source']} was trained on {near} of {entry['near']} of the "
+                f"{entry['total']} {where}")
     return (f"warning: model.pretrained {entry['source']} was trained on {entry['count']} of the {entry['total']} "
-            f"images of split '{entry['split']}'" + (f" (fold {entry['fold']} view)" if entry.get("fold") is not None
-                                                     else "")
-            + f" of {entry['data']} (the same file by sha256, or the same picture by pHash): scores there are "
-            "flattered; pretrain on images this run does not evaluate (the same pack and split, or a pack without "
-            "them)")
+            f"{where} (the same file by sha256, or the same picture: pHash within {SAME_PICTURE_BITS} bits)"
+            + (f", and on {near} of {entry['near']} more" if entry.get("near") else "")
+            + ": scores there are flattered; pretrain on images this run does not evaluate (the same pack and split, "
+              "or a pack without them)")
 
 
 def overlap_warning(found: Mapping[str, Sequence[Mapping]]) -> str:
@@ -139,7 +164,7 @@ def overlap_warning(found: Mapping[str, Sequence[Mapping]]) -> str:
     when no run has any."""
     parts = []
     for run, entries in found.items():
-        hits = [e for e in entries if isinstance(e, Mapping) and "split" in e]
+        hits = [e for e in entries if isinstance(e, Mapping) and "split" in e and e.get("count")]
         if hits:
             parts.append(f"{run}: " + ", ".join(
                 f"{e['count']} of {e['total']} images of split '{e['split']}'"

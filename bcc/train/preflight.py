@@ -134,7 +134,7 @@ def check_run(cfg: Config, manifest: Manifest) -> list[dict]:
     for key, name in splits_needed(cfg).items():
         if name not in manifest.splits:
             hint = "; or set eval.test_at_end=false" if key == "data.test_split" else ""
-            lacking = [f"'{s.name}'" for s in manifest.sources if name not in s.manifest.splits] \
+            lacking = [s.label for s in manifest.sources if name not in s.manifest.splits] \
                 if isinstance(manifest, MixedManifest) else []
             raise TrainError(f"{key} '{name}' names no split of {manifest.shown}"
                              + (f" (source {', '.join(lacking)} has none)" if lacking else "")
@@ -165,7 +165,7 @@ def check_run(cfg: Config, manifest: Manifest) -> list[dict]:
 def _source_of(manifest: Manifest, shard: ShardInfo) -> str:
     for source in manifest.sources if isinstance(manifest, MixedManifest) else ():
         if any(s is shard for split in source.manifest.splits for s in source.manifest.split(split).shards):
-            return f"source '{source.name}' "
+            return f"source {source.label} "
     return ""
 
 
