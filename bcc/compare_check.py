@@ -149,10 +149,10 @@ def pretrained_text(run_dirs: Sequence[Path], root: Path) -> str:
     each run's `pretrained.json` (RESULTS.md, CV.md); "" when no run started from one. Runs whose
     recorded weights differ are listed each (relative to `root`), so a mix is never averaged unseen.
     A warning paragraph follows when a run's source trained on images it evaluates (its `overlap`,
-    `bcc.sample_index.overlap_warning`)."""
+    `bcc.pretrained_overlap.overlap_warning`)."""
     import json
 
-    from bcc.sample_index import overlap_warning
+    from bcc.pretrained_overlap import overlap_warning
     from bcc.train.fit import PRETRAINED_FILE
 
     found: dict[tuple[str, str], list[str]] = {}

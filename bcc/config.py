@@ -64,7 +64,8 @@ class DataConfig:
     # taxonomies must agree. Val and test are evaluated per source and combined (bcc/sources.py)
     sources: tuple[SourceConfig, ...] = ()
     # the same image (file or picture) in one source's train split and another's val/test split, found through
-    # each pack's sample_index.npz: "error" refuses the run, "warn" says so and trains, "ignore" skips the check
+    # each pack's sample_index.npz: "error" refuses the run, "warn" says so and trains, "ignore" reads no index
+    # (skips this check and the one against model.pretrained's training images)
     source_overlap: Literal["error", "warn", "ignore"] = "error"
     # without_replacement: an epoch is exactly one pass over the train split (times each source's
     # integer weight). resample: every (seed, epoch, rank, lane) draws shards with replacement, so any

@@ -176,7 +176,7 @@ def training_data(im) -> dict[str, Any]:
     """What a bcc export records of the data its weights were trained on (`trained_on` in
     bcc_export.json): {"config": {"data": the run's data section}, "dataset": the manifest fingerprint
     its checkpoint's meta holds (None when it holds none)}, so `model.pretrained` pointing at the export
-    can be checked against the images a later run evaluates (`bcc.sample_index.check_pretrained`)."""
+    can be checked against the images a later run evaluates (`bcc.pretrained_overlap.check_pretrained`)."""
     from bcc.checkpoint import read_meta
     from bcc.config import config_to_dict
 

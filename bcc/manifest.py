@@ -41,7 +41,9 @@ Optional parts (additive; a reader that does not know them ignores them):
   "class_counts": [{class: n} per fold]}`; each train/val shard entry then has `fold_counts` (samples
   per fold) and each of its samples' json a `fold`. `Manifest.with_fold(k)` is the view that trains
   on the other folds and validates on fold k, sized from these counts without reading a shard.
-- Beside the manifest, not in it: `sample_index.npz`, each split's samples' identities (`bcc.sample_index`).
+- Beside the manifest, not in it: `sample_index.npz`, each split's samples' identities (`bcc.sample_index`);
+  bcc pack began writing it in format 5, so every pack of format 6 on has one
+  (`bcc.sample_index.INDEXED_SINCE`: one missing there was lost, an error).
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ __all__ = [
     "NearDupError",
     "NearDuplicateGroup",
     "NearDuplicates",
+    "SAME_PICTURE_BITS",
     "UnionFind",
     "hamming",
     "is_enabled",
@@ -67,6 +68,13 @@ HASH_BITS = 64
 # bits of 64: re-encoded or lightly resized copies land well inside, distinct fields outside. A pHash
 # has 32 ones (its 64 coefficients are cut at their median), so distances are even: 6 and 7 agree.
 DEFAULT_THRESHOLD = 6
+# Two packs compared by pHash (bcc.sample_index.check_sources across data.sources, bcc.pretrained_overlap
+# against model.pretrained's training images): re-encodes of one image (JPEG qualities, PNG, a resize)
+# were measured 0-4 bits apart, different synthetic images 8 or more, and one real pair of different
+# fields 6. Within SAME_PICTURE_BITS: the same picture (across train and val/test, a leak that refuses
+# the run); above it and within DEFAULT_THRESHOLD: near-identical, a warning (different pictures lie
+# that close); the packer keeps both kinds on one side of its split.
+SAME_PICTURE_BITS = 4
 MAX_THRESHOLD = 24  # beyond this a pHash no longer means "near-identical" and the search nears all pairs
 
 

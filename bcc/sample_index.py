@@ -20,15 +20,26 @@ sample, 20 MB at a million). Per split, in the split's sample order (sample p is
 - `<split>.fold`: the `--folds` fold id (int16, -1 outside the folds), when the pack has folds.
 
 `check_sources` (the start-up of a run with `data.sources`) compares every two sources over train, val
-and test: an image of one source's train split whose file (sha256) or picture (pHash within
-`bcc.neardup.DEFAULT_THRESHOLD` bits, joined into groups as the packer joins them: no all-pairs
+and test: an image of one source's train split whose file (sha256) or picture (pHashes within
+`bcc.neardup.SAME_PICTURE_BITS`, 4 bits, joined into groups as the packer joins them: no all-pairs
 comparison) is in another source's val or test split is an error (`data.source_overlap=warn`: a
-warning; `off`: not checked), counted per pair of splits; images two train splits share are a note
-(a warning when their classes differ), as are images two evaluated splits share. A source packed before
-the index existed (or served without it) is named in a note and checked by shard only; an index that
-is there but cannot be read is an error. `check_pretrained` compares the images the bcc run behind
-`model.pretrained` trained on (its config's data and fold, `view_ids`) with the ones a run evaluates: a
-warning per split with the count. `pack_images` gives a pack's images per class over all its splits
+warning; `ignore`: not checked), counted per pair of splits; a near-identical picture there (5 to
+`DEFAULT_THRESHOLD`, 6 bits) is a warning, counted and named. The radii are measured: re-encodes of one
+image 0-4 bits apart, different synthetic images 8 or more, one real pair of different fields 6 (pHash
+distances are even: 5 does not occur). Images two train splits share are a note (a warning when their
+classes differ), as are images two evaluated splits share. Messages name a source by its name and its
+manifest's location (`bcc.sources.Source.label`).
+
+The index must be there (`load`): every pack of manifest format `INDEXED_SINCE` (6) on has one, so one
+missing beside such a manifest was lost, an error like one that is damaged (empty, not a zip) or
+cannot be read, and `bcc pack --verify` reports either (`bcc.verify.check_index`). Only a pack of an
+older format without one is checked by shard only, said in a note with how to get the check where the
+pack is read (a folder, a server, a `pipe:` store). Over http a 404 or a web page sent in its place is
+"not there", an empty or foreign body the server sent as the file is damage; a `pipe:` command cannot
+tell "not there" from "failed", so a failure, no output or a web page is "not there".
+`bcc.pretrained_overlap` compares the images the bcc run
+behind `model.pretrained` trained on (its config's data and fold, `view_ids`) with the ones a run
+evaluates. `pack_images` gives a pack's images per class over all its splits
 (`bcc compare --packs` checks that its packs hold the same images).
 """
 
@@ -48,13 +59,16 @@ from bcc import remote
 from bcc.errors import BccError
 from bcc.manifest import Manifest
 
-__all__ = ["FILE", "SampleIndex", "SampleIndexError", "check_pretrained", "check_sources", "load",
-           "overlap_line", "overlap_warning", "pack_images", "pretrained_overlap", "prefix64", "view_ids", "write"]
+__all__ = ["FILE", "SampleIndex", "SampleIndexError", "check_sources", "load", "pack_images", "prefix64", "view_ids",
+           "write"]
 
 FILE = "sample_index.npz"
 MAX_SAMPLES = 10**9  # what an index may claim to describe when fetched; a bound on the read
 _COLUMNS = {"sha": np.uint64, "label": np.int16, "phash": np.uint64, "fold": np.int16}
-_FIX = "copy it again from the pack (or repack), remove it, or set data.source_overlap=ignore"
+INDEXED_SINCE = 6  # the first manifest format whose packs always have an index (bcc pack began writing it in format 5)
+_FIX = "copy it again from the packed output, or re-pack (bcc pack --verify LOCATION checks it)"
+# how a run goes on without the index: added by the run's checks, not by `load` (bcc compare and --verify have none)
+OPT_OUT = "or set data.source_overlap=ignore (no sample index is read: no overlap check across sources or with model.pretrained)"
 
 
 class SampleIndexError(BccError):
@@ -124,31 +138,67 @@ def _members(raw: bytes, shown: str, names: Sequence[str], counts: Mapping[str, 
     return out
 
 
+def _absent(manifest: Manifest, shown: str, why: str, detail: str, where: str | None) -> str:
+    """The note for an index that is not there (`why`, as a note says it; `detail`: what the server or
+    command said), or SampleIndexError when the manifest's format says the pack was made with one
+    (`INDEXED_SINCE`): then the file was lost, and a leak would go unseen. `where`: how to put one where
+    this location is read (None: a local pack, where re-packing writes it)."""
+    version = manifest.format_version
+    if version >= INDEXED_SINCE:
+        raise SampleIndexError(f"{shown} is missing" + (f" ({detail})" if detail else "") + f": {manifest.shown} is "
+                               f"format bcc-shards/{version}, whose packs always have one, so it was lost on the way "
+                               f"(a copy or an upload that left it out); "
+                               + (f"{where}, or re-pack" if where else "copy it again from the packed output, or re-pack")
+                               + " (bcc pack --verify LOCATION checks it)")
+    return (f"{why}" + (f" ({detail})" if detail else "") + f": packed before bcc always wrote one (manifest format "
+            f"bcc-shards/{version}); to have its images compared, re-pack it with this bcc"
+            + (f" and {where}" if where else ""))
+
+
 def load(manifest: Manifest, retries: int = remote.DEFAULT_RETRIES,
          timeout_s: float = remote.HTTP_TIMEOUT_S) -> SampleIndex | str:
-    """The index beside `manifest` (of the pack's own splits, also for a `data.fold` view), or why there
-    is none (a pack made before it existed, a server without the file): a reason for a note. Raises
-    SampleIndexError for one that is there but cannot be read or is damaged."""
+    """The index beside `manifest` (of the pack's own splits, also for a `data.fold` view), or the note
+    to print when a pack made before the index has none (a reason, with how to get the check).
+
+    Raises SampleIndexError naming the file for one that is there but cannot be read or is damaged: a
+    local file that is empty or no zip; an http(s) body that is empty or neither a zip nor a web page;
+    a `pipe:` output that is neither. And for one that is not there (a local file missing, HTTP 404 or
+    410, a web page in its place: a server's page for a missing file; a `pipe:` command that fails or
+    prints nothing, which cannot say why) when the manifest is of format `INDEXED_SINCE` or later, whose
+    packs always have one: the file was lost, and a leak would go unseen."""
     if manifest.fold is not None:  # the pack's own splits, which the index describes
         manifest = Manifest(manifest.root, manifest.data, allow_pipe=manifest.allow_pipe)
+    from bcc.remote_secrets import quote_bytes
+
     location = remote.join(manifest.root, FILE)
-    shown = remote.display(location)
+    shown, how = remote.display(location), remote.kind(location)
+    where = {"local": None, "http": f"put its {FILE} on the server beside manifest.json",
+             "pipe": f"put its {FILE} beside manifest.json in the store the pipe: command reads (run with "
+                     f"{{name}} = {FILE} it must print the file)"}[how]
     counts = {n: manifest.split(n).count for n in manifest.splits}
     try:
         raw = remote.read_bytes(location, retries, limit=32 * min(sum(counts.values()), MAX_SAMPLES) + (1 << 20),
                                 timeout_s=timeout_s, what=f"the index of {sum(counts.values()):,} samples")
     except FileNotFoundError:
-        return f"it has no {FILE} (packed by an older bcc)"
+        return _absent(manifest, shown, f"it has no {FILE}", "", where)
     except remote.RemoteError as e:
         if e.missing:
-            return f"the server has no {FILE} ({e})"
+            return _absent(manifest, shown, f"the server has no {FILE}", str(e), where)
+        if how == "pipe":  # a command cannot say "not there" apart from "failed": an older pack's has none
+            return _absent(manifest, shown, f"the pipe: command gives no {FILE}", f"it failed: {e}", where)
         raise SampleIndexError(f"{shown} cannot be read: {e}; {_FIX}") from None
     except OSError as e:
         raise SampleIndexError(f"{shown} cannot be read: {e.strerror or e}; {_FIX}") from None
-    if not raw.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # no zip: a server's page for a missing file, most often
-        from bcc.remote_secrets import quote_bytes
-
-        return (f"its {FILE} is no index (it begins {quote_bytes(raw[:100])})" if raw else f"its {FILE} is empty")
+    if not raw.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        page = raw.lstrip()[:1] == b"<"  # a server's page for a missing file (HTML, an S3 XML error)
+        if how == "pipe" and (page or not raw):
+            return _absent(manifest, shown, f"the pipe: command gives no {FILE}", f"it printed a web page, which "
+                           f"begins {quote_bytes(raw[:100])}" if raw else "it printed nothing", where)
+        if how == "http" and page:
+            return _absent(manifest, shown, f"the server has no {FILE}", f"it sent a web page, which begins "
+                           f"{quote_bytes(raw[:100])}", where)
+        what = (f"not a zip file (it begins {quote_bytes(raw[:100])})" if raw else "empty (0 bytes)")
+        raise SampleIndexError(f"{shown} is damaged: {what}; {_FIX}")
     names = [f"{n}.{k}" for n in manifest.splits for k in ("shards", *_COLUMNS)]
     arrays = _members(raw, shown, names, counts)
     columns: dict[str, dict[str, np.ndarray]] = {k: {} for k in _COLUMNS}
@@ -214,27 +264,50 @@ class _Part:
     index: SampleIndex
 
 
-def _near_roots(parts: Sequence[_Part], threshold: int) -> list[np.ndarray | None]:
-    """Per part, each sample's near-duplicate group over all parts with pHashes (the root id of its
-    component: pHashes within `threshold` bits joined, chains too, as the packer groups), or None
-    for a part without pHashes. Runs over distinct hashes: O(n) memory, no all-pairs comparison."""
-    from bcc.neardup import near_duplicate_roots
+def picture_roots(hashes: Sequence[np.ndarray | None]) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
+    """Per set of pHashes (`hashes`: one per part, e.g. a pack's split; None for a part without them),
+    each sample's picture group over all parts, at two radii: (the same picture, within
+    `bcc.neardup.SAME_PICTURE_BITS`; near-identical, within `DEFAULT_THRESHOLD`), each as a group id per
+    sample, equal ids meaning one group, across parts too. Hashes are joined as the packer joins them
+    (chains too) over the distinct hashes: O(n) memory, no all-pairs comparison. The same-picture search
+    runs only over the near groups that hold hashes of two parts (a pair within SAME_PICTURE_BITS lies in
+    one near group), so it costs nothing where nothing is shared."""
+    from bcc.neardup import DEFAULT_THRESHOLD, SAME_PICTURE_BITS, near_duplicate_roots
 
-    have = [p.index.columns["phash"].get(p.split) for p in parts]
-    distinct = [np.unique(h, return_inverse=True) if h is not None else None for h in have]
+    distinct = [np.unique(h, return_inverse=True) if h is not None else None for h in hashes]
     values = [d[0] for d in distinct if d is not None]
     if not values:
-        return [None] * len(parts)
+        return [None] * len(hashes), [None] * len(hashes)
     every = np.concatenate(values)
-    root = near_duplicate_roots(every, threshold)
-    out, offset = [], 0
+    owner = np.concatenate([np.full(len(d[0]), i) for i, d in enumerate(distinct) if d is not None])
+    near = near_duplicate_roots(every, DEFAULT_THRESHOLD)
+    lowest, highest = np.full(len(every), len(hashes)), np.full(len(every), -1)
+    np.minimum.at(lowest, near, owner)
+    np.maximum.at(highest, near, owner)
+    shared = np.flatnonzero(lowest[near] != highest[near])
+    same = np.arange(len(every))
+    same[shared] = shared[near_duplicate_roots(every[shared], SAME_PICTURE_BITS)]
+    out: tuple[list, list] = ([], [])
+    offset = 0
     for d in distinct:
         if d is None:
-            out.append(None)
+            out[0].append(None)
+            out[1].append(None)
             continue
-        out.append(root[offset + d[1].ravel()])
+        at = offset + d[1].ravel()
+        out[0].append(same[at])
+        out[1].append(near[at])
         offset += len(d[0])
     return out
+
+
+def _closest(hashes: np.ndarray, among: np.ndarray, to: np.uint64) -> tuple[int, int]:
+    """(position, bits): the sample of `among` (positions into `hashes`) whose pHash is closest to `to`."""
+    from bcc.neardup_search import popcount
+
+    bits = popcount(hashes[among] ^ to)
+    k = int(np.argmin(bits))
+    return int(among[k]), int(bits[k])
 
 
 def check_sources(sources: Sequence, splits: Mapping[str, str], mode: str = "error", *,
@@ -242,10 +315,13 @@ def check_sources(sources: Sequence, splits: Mapping[str, str], mode: str = "err
     """Compare every two of `sources` (`bcc.sources.Source`: name, weight, manifest) over the splits a
     run reads (`splits`: config key -> split name; give the test split even when the run does not test
     at its end: a later `bcc eval` will). Raises SampleIndexError for images of one source's train split
-    that another source's val or test split holds too (the file, or a near-identical picture), counted
+    that another source's val or test split holds too (the file, or the same picture: pHashes within
+    `bcc.neardup.SAME_PICTURE_BITS`, 4 of 64 bits, where re-encodes of one image were measured), counted
     per pair of splits, with one sample key of each side (`mode` "error"), or for an index that cannot be
-    read. Returns the lines to print, each starting "warning:" or "note:"."""
-    from bcc.neardup import DEFAULT_THRESHOLD
+    read or was lost. A near-identical picture there (5 to `DEFAULT_THRESHOLD`, 6 bits: one real pair of
+    different fields was measured at 6) is a warning, counted and named likewise, never a refusal.
+    Returns the lines to print, each starting "warning:" or "note:"."""
+    from bcc.neardup import DEFAULT_THRESHOLD, SAME_PICTURE_BITS
 
     if mode == "ignore" or len(sources) < 2:
         return []
@@ -254,56 +330,68 @@ def check_sources(sources: Sequence, splits: Mapping[str, str], mode: str = "err
     lines: list[str] = []
     parts: list[_Part] = []
     for i, s in enumerate(sources):
-        index = load(s.manifest, retries, timeout_s)
+        try:
+            index = load(s.manifest, retries, timeout_s)
+        except SampleIndexError as e:
+            raise SampleIndexError(f"data.sources[{i}] {s.label}: {e}; {OPT_OUT}") from None
         if isinstance(index, str):
-            lines.append(f"note: data.sources[{i}] ('{s.name}'): {index}; images it shares with another source are "
-                         "found only where whole shards repeat")
+            lines.append(f"note: data.sources[{i}] {s.label}: {index}; until then images it shares with "
+                         "another source are found only where whole shards repeat")
             continue
         stale = [n for n in names if n in index.stale and n in s.manifest.splits]
         if stale:
-            lines.append(f"note: data.sources[{i}] ('{s.name}'): {index.location} does not describe split(s) "
+            lines.append(f"note: data.sources[{i}] {s.label}: {index.location} does not describe split(s) "
                          f"{', '.join(repr(n) for n in stale)} as the manifest lists them (edited since it was "
                          "packed, or an index of another pack); those are checked by shard only")
         parts += [_Part(i, n, index) for n in names if n in index.sha]
         if any(n not in index.columns["phash"] for n in names if n in index.sha):
-            lines.append(f"note: data.sources[{i}] ('{s.name}'): packed without pHashes (--no-near-dup): its images "
-                         "are compared with the other sources' by file only, not by picture")
-    roots = _near_roots(parts, DEFAULT_THRESHOLD)
+            lines.append(f"note: data.sources[{i}] {s.label}: packed without pHashes (--no-near-dup): its "
+                         "images are compared with the other sources' by file only, not by picture")
+    roots = dict(zip(("same", "near"), picture_roots([p.index.columns["phash"].get(p.split) for p in parts]),
+                     strict=True))
     leaks: dict[str, list] = {"same": [], "near": []}  # the same file or picture; a near-identical picture
     for t, pt in enumerate(parts):
         for o, po in enumerate(parts):
             if pt.source == po.source or pt.split != train or po.split == train:
                 continue
-            exact = np.isin(po.index.sha[po.split], pt.index.sha[pt.split])
+            sha_t, sha_o = pt.index.sha[pt.split], po.index.sha[po.split]
             ph_t, ph_o = pt.index.columns["phash"].get(pt.split), po.index.columns["phash"].get(po.split)
-            same = exact | (np.isin(ph_o, ph_t) if ph_t is not None and ph_o is not None else False)
-            near = (np.isin(roots[o], roots[t]) & ~same) if roots[t] is not None and roots[o] is not None else same & False
-            for kind, hit in (("same", same), ("near", near)):
-                if hit.any():
-                    first = int(np.flatnonzero(hit)[0])
-                    mate = (np.flatnonzero(pt.index.sha[pt.split] == po.index.sha[po.split][first]) if exact[first]
-                            else np.flatnonzero(ph_t == ph_o[first]) if kind == "same"
-                            else np.flatnonzero(roots[t] == roots[o][first]))
-                    leaks[kind].append((int(hit.sum()), int((exact & hit).sum()), pt, po, int(mate[0]), first))
+            exact = np.isin(sha_o, sha_t)
+            pictured = ph_t is not None and ph_o is not None
+            hits = {"same": exact | (np.isin(roots["same"][o], roots["same"][t]) if pictured else False)}
+            hits["near"] = (np.isin(roots["near"][o], roots["near"][t]) & ~hits["same"]) if pictured else exact & False
+            for kind, hit in hits.items():
+                if not hit.any():
+                    continue
+                first = int(np.flatnonzero(hit)[0])
+                if exact[first]:
+                    mate, bits = int(np.flatnonzero(sha_t == sha_o[first])[0]), None
+                else:  # of the train samples in its group, the closest picture
+                    mate, bits = _closest(ph_t, np.flatnonzero(roots[kind][t] == roots[kind][o][first]), ph_o[first])
+                leaks[kind].append((int(hit.sum()), int((exact & hit).sum()), pt, po, mate, first, bits))
 
     def pairs(found: list) -> str:
-        return "; ".join(f"{n} of '{sources[po.source].name}' split '{po.split}' in '{sources[pt.source].name}' split "
-                         f"'{pt.split}' (" + (f"{k} the same file; " if found is leaks["same"] else "")
-                         + f"e.g. sample {_key(po.split, b)} and {_key(pt.split, a)})" for n, k, pt, po, a, b in found)
+        return "; ".join(f"{n} of {sources[po.source].label} split '{po.split}' in "
+                         f"{sources[pt.source].label} split '{pt.split}' ("
+                         + (f"{k} the same file; " if found is leaks["same"] else "")
+                         + f"e.g. sample {_key(po.split, b)} and {_key(pt.split, a)}"
+                         + (f", pHash {bits} bits apart" if bits is not None else "") + ")"
+                         for n, k, pt, po, a, b, bits in found)
 
     fix = ("pack the overlapping folders together (one pack keeps copies and near-copies on one side), or set "
            "data.source_overlap=warn (train anyway) or ignore (no check)")
     if leaks["same"]:
         text = (f"data.sources: {sum(n for n, *_ in leaks['same'])} image(s) trained on in one source are evaluated "
-                f"in another (the same file by sha256, or the same picture re-encoded: an equal pHash): "
-                f"{pairs(leaks['same'])}")
+                f"in another (the same file by sha256, or the same picture re-encoded: pHash within "
+                f"{SAME_PICTURE_BITS} bits): {pairs(leaks['same'])}")
         if mode == "error":
             raise SampleIndexError(f"{text}. They would be trained on and scored; {fix}")
         lines.append(f"warning: {text}: their scores are flattered")
     if leaks["near"]:  # near is not the same: a warning to look at them, never a refusal
         lines.append(f"warning: data.sources: {sum(n for n, *_ in leaks['near'])} image(s) evaluated in one source "
-                     f"have a near-identical picture (pHash within {DEFAULT_THRESHOLD} bits) trained on in another: "
-                     f"{pairs(leaks['near'])}; if they are the same field re-shot, {fix.split(', or set')[0]}")
+                     f"have a near-identical picture (pHash {SAME_PICTURE_BITS + 1}-{DEFAULT_THRESHOLD} bits apart: "
+                     f"different pictures can lie that close) trained on in another: {pairs(leaks['near'])}; if they "
+                     f"are the same field re-shot, {fix.split(', or set')[0]}")
     for pt in parts:  # shared files that do not leak
         for po in parts:
             if pt.source >= po.source or (pt.split == train) != (po.split == train):
@@ -311,8 +399,8 @@ def check_sources(sources: Sequence, splits: Mapping[str, str], mode: str = "err
             common, ia, ib = np.intersect1d(pt.index.sha[pt.split], po.index.sha[po.split], return_indices=True)
             if not common.size:
                 continue
-            where = (f"'{sources[pt.source].name}' split '{pt.split}' and '{sources[po.source].name}' split "
-                     f"'{po.split}' (e.g. sample {_key(pt.split, int(ia[0]))} and {_key(po.split, int(ib[0]))})")
+            where = (f"{sources[pt.source].label} split '{pt.split}' and {sources[po.source].label} "
+                     f"split '{po.split}' (e.g. sample {_key(pt.split, int(ia[0]))} and {_key(po.split, int(ib[0]))})")
             la, lb = pt.index.columns["label"].get(pt.split), po.index.columns["label"].get(po.split)
             other = int(np.count_nonzero(la[ia] != lb[ib])) if la is not None and lb is not None else 0
             what = ("read once per source each epoch" if pt.split == train
@@ -321,147 +409,3 @@ def check_sources(sources: Sequence, splits: Mapping[str, str], mode: str = "err
                          "with another class in each source" if other else
                          f"note: data.sources: {common.size} image(s) are in both {where}: {what}")
     return lines
-
-
-def _source_meta(weights: Path) -> dict | None:
-    """The meta a bcc checkpoint keeps beside `weights` (its config, its dataset's fingerprint), or None
-    for weights of no bcc run."""
-    from bcc import checkpoint as ck
-
-    try:
-        if (weights.parent / ck.META_FILE).is_file():
-            return json.loads((weights.parent / ck.META_FILE).read_text())
-        if weights.name == ck.BEST_WEIGHTS and (weights.parent / ck.BEST_META).is_file():
-            return json.loads((weights.parent / ck.BEST_META).read_text()).get("meta")
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _indexed(manifest: Manifest, retries: int, timeout_s: float) -> list[tuple[Manifest, SampleIndex | str]]:
-    """Each pack of `manifest` (the sources of a `MixedManifest`, or itself) with its index, or why none."""
-    packs = [s.manifest for s in manifest.sources] if hasattr(manifest, "sources") else [manifest]
-    return [(m, load(m, retries, timeout_s)) for m in packs]
-
-
-def _pretrained_meta(source) -> tuple[dict | None, str | None]:
-    """(the source's data record in checkpoint-meta form, or None; a note when an export's cannot be
-    followed). A bcc export records its training data (`bcc.export.read_training_data`); a Hub export
-    publishes no local paths, so it has none."""
-    from bcc.export import EXPORT_FILE, read_training_data
-
-    if source.weights is None:  # the hub
-        return None, None
-    folder = source.weights.parent
-    if (folder / EXPORT_FILE).is_file():
-        meta = read_training_data(folder)
-        return (meta, None) if meta else (None, "an export that records no training data (exported by an older "
-                                                "bcc, and its source checkpoint is gone)")
-    if source.kind == "hf-export":  # a file inside one resolves to it too
-        return None, "a Hub export, which records no training data"
-    return _source_meta(source.weights), None
-
-
-def pretrained_overlap(cfg, manifest: Manifest, splits: Sequence[str]) -> list[dict]:
-    """What `check_pretrained` found, one entry per finding: {"split", "count", "total", "fold" (the fold
-    of a `data.fold` view, else None), "data" (the pack shown), "source" (`model.pretrained` as given)}
-    for images of an evaluated split the source trained on, or {"note": text} where a check could not
-    be made. `bcc.train.fit` stores the list in RUN/pretrained.json (`overlap`); `overlap_line` is the
-    one wording of an entry, `overlap_warning` the line RESULTS.md and CV.md show."""
-    from bcc.config import config_from_dict
-    from bcc.sources import load_data
-    from bcc.weights import resolve_source
-
-    if not cfg.model.pretrained:
-        return []
-    try:
-        source = resolve_source(cfg.model.pretrained, cfg.model.backbone)
-    except BccError:  # building the model names what is wrong with it
-        return []
-    unchecked = f"whether {source.given} (model.pretrained) was trained on images this run evaluates is not checked"
-    meta, why = _pretrained_meta(source)
-    if why:
-        return [{"note": f"{unchecked}: it is {why}"}]
-    if not meta or "config" not in meta:
-        return []
-    data, retries, timeout_s = cfg.data, cfg.data.retries, cfg.data.read_timeout_s
-    try:
-        theirs = config_from_dict(meta["config"]).data
-        their_data = load_data(theirs)
-        packs = _indexed(their_data, retries, timeout_s)
-    except BccError as e:
-        return [{"note": f"{unchecked}: its data cannot be read ({e})"}]
-    if meta.get("dataset") and their_data.fingerprint() not in (None, meta["dataset"]):
-        return [{"note": f"{unchecked}: its data ({their_data.shown}) holds other shards than when it trained "
-                         "(repacked since?)"}]
-    out, seen = [], {"sha": [], "phash": []}
-    for m, index in packs:
-        ids = None if isinstance(index, str) else view_ids(m, index, theirs.train_split, theirs.train_split,
-                                                           theirs.val_split)
-        if ids is None:
-            out.append({"note": f"{unchecked} for {m.shown}: "
-                                + (index if isinstance(index, str) else f"its {FILE} does not describe its training split")})
-            continue
-        seen["sha"].append(ids)
-        ph = view_ids(m, index, theirs.train_split, theirs.train_split, theirs.val_split, "phash")
-        seen["phash"] += [ph] if ph is not None else []
-    trained = {k: np.unique(np.concatenate(v)) if v else np.zeros(0, np.uint64) for k, v in seen.items()}
-    for m, index in _indexed(manifest, retries, timeout_s) if trained["sha"].size else ():
-        if isinstance(index, str):
-            out.append({"note": f"{unchecked} for {m.shown}: {index}"})
-            continue
-        for split in (s for s in splits if s in m.splits):
-            ids = view_ids(m, index, split, data.train_split, data.val_split)
-            if ids is None:
-                out.append({"note": f"{unchecked} for split '{split}' of {m.shown}: its {FILE} does not describe it"})
-                continue
-            ph = view_ids(m, index, split, data.train_split, data.val_split, "phash")
-            hit = np.isin(ids, trained["sha"]) | (np.isin(ph, trained["phash"]) if ph is not None else False)
-            if hit.any():
-                fold = m.fold if m.fold is not None and split in (data.train_split, data.val_split) else None
-                out.append({"split": split, "count": int(hit.sum()), "total": int(ids.size), "fold": fold,
-                            "data": m.shown, "source": source.given})
-    return out
-
-
-def overlap_line(entry: Mapping) -> str:
-    """The start-up line of one `pretrained_overlap` entry (`warning: ...` or `note: ...`)."""
-    if "note" in entry:
-        return f"note: {entry['note']}"
-    return (f"warning: model.pretrained {entry['source']} was trained on {entry['count']} of the {entry['total']} "
-            f"images of split '{entry['split']}'" + (f" (fold {entry['fold']} view)" if entry.get("fold") is not None
-                                                     else "")
-            + f" of {entry['data']} (the same file by sha256, or the same picture by pHash): scores there are "
-            "flattered; pretrain on images this run does not evaluate (the same pack and split, or a pack without "
-            "them)")
-
-
-def overlap_warning(found: Mapping[str, Sequence[Mapping]]) -> str:
-    """One Markdown warning line for RESULTS.md / CV.md from the `overlap` entries of runs' pretrained.json
-    (`found`: run name -> entries), naming per split the images the pretrained source trained on; ""
-    when no run has any."""
-    parts = []
-    for run, entries in found.items():
-        hits = [e for e in entries if isinstance(e, Mapping) and "split" in e]
-        if hits:
-            parts.append(f"{run}: " + ", ".join(
-                f"{e['count']} of {e['total']} images of split '{e['split']}'"
-                + (f" (fold {e['fold']} view)" if e.get("fold") is not None else "") for e in hits))
-    if not parts:
-        return ""
-    return ("**Warning: the pretrained source was trained on images these runs evaluate** (the same file or "
-            "picture; their scores are flattered): " + "; ".join(parts) + ".")
-
-
-def check_pretrained(cfg, manifest: Manifest, splits: Sequence[str]) -> list[str]:
-    """Warnings for images this run evaluates (`splits` of `manifest`, its val and test) that the bcc run
-    behind `cfg.model.pretrained` trained on (the same file or picture): its scores there would be
-    flattered, since the backbone (and maybe the heads) already learned those images with their labels.
-    The source's data comes from its checkpoint's meta (its config's `data.shards` or `data.sources`, its
-    fold view), or from what a bcc export records of it (`bcc.export.read_training_data`), checked
-    against the dataset fingerprint recorded there (a pack rebuilt since is not checked, said in a
-    note); the images from both sides' sample indexes. Weights of no bcc run (the hub, a file) have no
-    record of their data: nothing to check; an export whose record cannot be followed gets a note.
-    The lines of `pretrained_overlap`'s entries (`overlap_line`)."""
-    return [overlap_line(e) for e in pretrained_overlap(cfg, manifest, splits)]
-

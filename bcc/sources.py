@@ -57,6 +57,12 @@ class Source:
     weight: float
     manifest: Manifest
 
+    @property
+    def label(self) -> str:
+        """The source as messages name it: its name and its manifest's location (redacted), since a name
+        taken from a path can say little (`pA/manifest.json` is named 'manifest.json')."""
+        return f"'{self.name}' ({self.manifest.shown})"
+
 
 class MixedManifest(Manifest):
     """The manifest view of several sources (see the module docstring); built by `load_data`."""

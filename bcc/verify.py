@@ -1,5 +1,6 @@
 """`bcc pack --verify`: every shard of a packed dataset re-hashed against its manifest (its sha256, and its
-`head_sha256` where the manifest has one: what training checks when it opens the shard) and recounted.
+`head_sha256` where the manifest has one: what training checks when it opens the shard) and recounted, and
+its `sample_index.npz` checked (`check_index`: there, readable, and written for these shards).
 
 A remote shard (an http(s) URL or a `pipe:` command) is read once through `bcc.remote`, as training reads
 it, into a temporary file and checked there.
@@ -16,7 +17,7 @@ from typing import Any
 from bcc import remote
 from bcc.shards import HEAD_BYTES, ShardError, count_tar_samples, damaged_samples, file_digests
 
-__all__ = ["ShardCheck", "VerifyResult", "repeated_shards", "verify_shards"]
+__all__ = ["ShardCheck", "VerifyResult", "check_index", "repeated_shards", "verify_shards"]
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -40,7 +41,7 @@ def repeated_shards(placed: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, An
 @dataclass(frozen=True)
 class ShardCheck:
     path: Path | str  # a remote shard: its URL or pipe: command (bcc.remote)
-    status: str  # "ok", "mismatch", "missing", "extra" or "listed twice" (one shard in two places)
+    status: str  # "ok", "mismatch", "missing", "extra" or "listed twice" (one shard in two places); "none": no index
     detail: str = ""
 
 
@@ -48,10 +49,11 @@ class ShardCheck:
 class VerifyResult:
     out: Path
     shards: list[ShardCheck] = field(default_factory=list)
+    index: ShardCheck | None = None  # the sample index (`check_index`)
 
     @property
     def ok(self) -> bool:
-        return all(s.status == "ok" for s in self.shards)
+        return all(s.status == "ok" for s in self.shards) and (self.index is None or self.index.status in ("ok", "none"))
 
     @property
     def mismatches(self) -> list[ShardCheck]:
@@ -110,9 +112,31 @@ def _check(shard, has_checksums: bool) -> ShardCheck:
     return ShardCheck(shard.path, "ok")
 
 
+def check_index(manifest) -> ShardCheck:
+    """The `sample_index.npz` beside `manifest` (`bcc.sample_index.load`): "ok"; "mismatch" when it is
+    damaged or cannot be read, was lost (missing beside a manifest of format
+    `bcc.sample_index.INDEXED_SINCE` or later, whose packs always have one), or describes splits with
+    other shards than the manifest lists (copied from another pack, or the manifest edited since): the
+    overlap checks would go without it; "none" for a pack of an older format without one (a note)."""
+    from bcc import sample_index
+
+    location = remote.join(manifest.root, sample_index.FILE)
+    try:
+        index = sample_index.load(manifest)
+    except sample_index.SampleIndexError as e:
+        return ShardCheck(location, "mismatch", str(e))
+    if isinstance(index, str):
+        return ShardCheck(location, "none", index)
+    if index.stale:
+        return ShardCheck(location, "mismatch", f"describes split(s) {', '.join(index.stale)} with other shards than "
+                                                "the manifest lists")
+    return ShardCheck(location, "ok")
+
+
 def verify_shards(out: str | Path, key: str = "--verify") -> VerifyResult:
-    """Re-hash every shard of a packed dataset against its manifest and recount its samples. `key`: where
-    the user wrote `out`, named by a ManifestError about the location itself."""
+    """Re-hash every shard of a packed dataset against its manifest and recount its samples; check its
+    sample index (`check_index`). `key`: where the user wrote `out`, named by a ManifestError about the
+    location itself."""
     from bcc.manifest import Manifest
 
     manifest = Manifest.load(out, key=key)
@@ -128,4 +152,4 @@ def verify_shards(out: str | Path, key: str = "--verify") -> VerifyResult:
     for path in [] if manifest.is_remote else sorted(manifest.root.glob("*.tar")):  # a URL lists no folder
         if path.name not in listed:
             checks.append(ShardCheck(path.resolve(), "extra", "not listed in manifest.json"))
-    return VerifyResult(manifest.root, checks)
+    return VerifyResult(manifest.root, checks, check_index(manifest))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -276,7 +277,11 @@ def test_bcc_compare_refuses_packs_of_other_images_with_the_same_class_counts(sy
     proc = compare(reseeded)  # the same images, split by another seed
     assert proc.returncode == 0, proc.stderr
     assert "note:" not in proc.stdout + proc.stderr
-    (other / "sample_index.npz").unlink()  # packed before the index: class totals only, said so
+    (other / "sample_index.npz").unlink()  # lost beside a manifest of today's format: an error
+    proc = compare(other)
+    assert proc.returncode == 2 and f"error: --packs: {other}: {other / 'sample_index.npz'} is missing: " in proc.stderr
+    manifest = json.loads((other / "manifest.json").read_text())  # packed before the index: class totals only, said so
+    (other / "manifest.json").write_text(json.dumps({**manifest, "format": "bcc-shards/5"}))
     proc = compare(other)
     assert proc.returncode == 0, proc.stderr
     assert f"note: --packs: {other}: it has no sample_index.npz" in " ".join((proc.stdout + proc.stderr).split())
@@ -337,7 +342,8 @@ def test_bcc_compare_plan_lists_every_arm_and_seed_once_with_its_pack(synth_shar
     packs = [tmp_path / "p0", tmp_path / "p1"]
     for p in packs:
         p.mkdir()
-        (p / "manifest.json").write_text((synth_shards / "manifest.json").read_text())
+        for name in ("manifest.json", "sample_index.npz"):  # a pack's copy without its shards (a plan reads none)
+            (p / name).write_bytes((synth_shards / name).read_bytes())
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused",
                        model={"backbone": "test_resnet", "pretrained": str(tmp_path / "weights.pt")},
                        train={"seed": 5})

@@ -15,7 +15,7 @@ from test_sources import reseeded  # noqa: F401 - synth_shards' images packed wi
 
 from bcc.config import load_config
 from bcc.manifest import Manifest
-from bcc.sample_index import check_pretrained
+from bcc.pretrained_overlap import check_pretrained
 
 from conftest import write_config
 from test_evaluate import trained_run  # noqa: F401 - session fixture: one epoch on synth_shards' train split
@@ -100,3 +100,41 @@ def test_an_export_of_a_run_is_checked_like_the_run(trained_run, reseeded, tmp_p
     check_run(_cfg(reseeded, export), manifest)  # what the start-up of such a run prints
     assert note in " ".join(capsys.readouterr().out.split())
 
+
+
+def test_the_same_picture_counts_and_a_near_identical_one_is_named(trained_run, synth_shards, tmp_path):  # noqa: F811
+    """The pHash radii of the check against model.pretrained's training images: a val image 4 bits from a
+    training image (another file) counts as trained on, one 6 bits away is named apart as near-identical
+    (different pictures can lie that close), one 8 bits away not at all; a split with only the latter is
+    a warning of its own; RESULTS.md counts only the former."""
+    import numpy as np
+
+    from bcc import sample_index
+    from bcc.pretrained_overlap import overlap_warning, pretrained_overlap
+
+    trained = np.load(synth_shards / "sample_index.npz")["train.phash"]
+    pack = tmp_path / "crafted"
+    shutil.copytree(synth_shards, pack)
+    manifest = Manifest.load(pack)
+    rng = np.random.default_rng(3)  # random 64-bit hashes: two lie within 6 bits with probability ~5e-12
+    made = {s: {"sha": rng.integers(0, 2**64, manifest.split(s).count, dtype=np.uint64),
+                "phash": rng.integers(0, 2**64, manifest.split(s).count, dtype=np.uint64),
+                "label": np.zeros(manifest.split(s).count, np.int16)} for s in manifest.splits}
+    for position, mask in enumerate((0b1111, 0b111111, 0xFF)):  # 4, 6 and 8 bits apart
+        made["val"]["phash"][position] = trained[position] ^ np.uint64(mask)
+    made["test"]["phash"][0] = trained[9] ^ np.uint64(0b111111)
+    sample_index.write(manifest, made)
+
+    found = pretrained_overlap(_cfg(pack, trained_run), manifest, ["val", "test"])
+    common = {"fold": None, "data": str(pack / "manifest.json"), "source": str(trained_run)}
+    assert found == [{"split": "val", "count": 1, "near": 1, "total": manifest.split("val").count, **common},
+                     {"split": "test", "count": 0, "near": 1, "total": manifest.split("test").count, **common}], found
+    lines = check_pretrained(_cfg(pack, trained_run), manifest, ["val", "test"])
+    near = "near-identical pictures (pHash 5-6 bits apart: different pictures can lie that close, look at them)"
+    assert lines[0].startswith(f"warning: model.pretrained {trained_run} was trained on 1 of the "
+                               f"{manifest.split('val').count} images of split 'val' of {pack / 'manifest.json'} (the "
+                               f"same file by sha256, or the same picture: pHash within 4 bits), and on {near} of 1 more: "
+                               "scores there are flattered"), lines
+    assert lines[1] == (f"warning: model.pretrained {trained_run} was trained on {near} of 1 of the "
+                        f"{manifest.split('test').count} images of split 'test' of {pack / 'manifest.json'}")
+    assert "split 'test'" not in overlap_warning({"run": found}) and "1 of" in overlap_warning({"run": found})

@@ -221,6 +221,7 @@ def _verify(out: str, console) -> int:
 
     from bcc.manifest import FILE_LISTS, Manifest, ManifestError
     from bcc.remote import display
+    from bcc.sample_index import FILE
     from bcc.verify import verify_shards
 
     result = verify_shards(out)  # a local folder, a URL or a pipe: template: each shard read as training reads it
@@ -244,20 +245,13 @@ def _verify(out: str, console) -> int:
             except ManifestError as e:
                 console.print(f"[red]MISMATCH [/] {escape(str(ref.get('file')))}: {escape(str(e))}", soft_wrap=True)
                 side_bad += 1
-    from bcc import sample_index
-
-    try:  # the sample index (the overlap check across data.sources): there, readable, this pack's
-        index = sample_index.load(manifest)
-        problem = (None if isinstance(index, str) or not index.stale else
-                   f"describes split(s) {', '.join(index.stale)} with other shards than the manifest lists")
-    except sample_index.SampleIndexError as e:
-        index, problem = None, str(e)
-    if problem:
-        console.print(f"[red]MISMATCH [/] {sample_index.FILE}: {escape(problem)}", soft_wrap=True)
+    index = result.index  # the sample index (the overlap checks): there, readable, this pack's
+    if index.status == "mismatch":
+        console.print(f"[red]MISMATCH [/] {FILE}: {escape(index.detail)}", soft_wrap=True)
         side_bad += 1
     else:
-        console.print(f"[yellow]NONE[/]      {sample_index.FILE}: {escape(index)}" if isinstance(index, str)
-                      else f"[green]OK[/]        {sample_index.FILE}", soft_wrap=True)
+        console.print(f"[yellow]NONE[/]      {FILE}: {escape(index.detail)}" if index.status == "none"
+                      else f"[green]OK[/]        {FILE}", soft_wrap=True)
     if bad or side_bad:
         console.print(f"[red]{bad} of {len(result.shards)} shard(s) failed verification[/]"
                       + (f"[red], and {side_bad} side file(s)[/]" if side_bad else ""), soft_wrap=True)

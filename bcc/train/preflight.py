@@ -26,6 +26,7 @@ from bcc.errors import BccError, Interrupted
 from bcc.manifest import Manifest, ShardInfo, SplitInfo
 from bcc.metrics import metric_names
 from bcc.model import check_backbone_name
+from bcc.pretrained_overlap import overlap_line, pretrained_overlap
 from bcc.remote_secrets import quote_bytes
 from bcc.shards import tar_header_ok
 from bcc.sources import MixedManifest
@@ -125,7 +126,7 @@ def check_shards(split: SplitInfo, retries: int = remote.DEFAULT_RETRIES, timeou
 
 def check_run(cfg: Config, manifest: Manifest) -> list[dict]:
     """Raise TrainError (or another BccError) for the first thing the run would fail on later. Returns
-    what `sample_index.pretrained_overlap` found (printed here as warnings), for the run's record."""
+    what `bcc.pretrained_overlap.pretrained_overlap` found (printed here as warnings), for the run's record."""
     names = metric_names(manifest.taxonomy)
     if cfg.train.ema_decay is not None:  # the EMA weights' metrics (bcc.train.ema)
         names += [f"ema_{n}" for n in names]
@@ -140,7 +141,7 @@ def check_run(cfg: Config, manifest: Manifest) -> list[dict]:
     for key, name in splits_needed(cfg).items():
         if name not in manifest.splits:
             hint = "; or set eval.test_at_end=false" if key == "data.test_split" else ""
-            lacking = [f"'{s.name}'" for s in manifest.sources if name not in s.manifest.splits] \
+            lacking = [s.label for s in manifest.sources if name not in s.manifest.splits] \
                 if isinstance(manifest, MixedManifest) else []
             raise TrainError(f"{key} '{name}' names no split of {manifest.shown}"
                              + (f" (source {', '.join(lacking)} has none)" if lacking else "")
@@ -170,8 +171,8 @@ def check_run(cfg: Config, manifest: Manifest) -> list[dict]:
                                      else {})}
     lines = [] if not isinstance(manifest, MixedManifest) else sample_index.check_sources(
         manifest.sources, read, cfg.data.source_overlap, retries=cfg.data.retries, timeout_s=cfg.data.read_timeout_s)
-    overlap = sample_index.pretrained_overlap(cfg, manifest, [n for k, n in read.items() if k != "data.train_split"])
-    for line in lines + [sample_index.overlap_line(e) for e in overlap]:
+    overlap = pretrained_overlap(cfg, manifest, [n for k, n in read.items() if k != "data.train_split"])
+    for line in lines + [overlap_line(e) for e in overlap]:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     return overlap
 
@@ -179,7 +180,7 @@ def check_run(cfg: Config, manifest: Manifest) -> list[dict]:
 def _source_of(manifest: Manifest, shard: ShardInfo) -> str:
     for source in manifest.sources if isinstance(manifest, MixedManifest) else ():
         if any(s is shard for split in source.manifest.splits for s in source.manifest.split(split).shards):
-            return f"source '{source.name}' "
+            return f"source {source.label} "
     return ""
 
 
