@@ -288,8 +288,15 @@ def aggregate(out: str | Path, modes: Sequence[str] = MODES, bench: Mapping[str,
                [_summary_row(a, metrics, test_metrics) for a in results])
     _plot([rs[0] for rs in runs.values()], out / "val_curves.png")
     missing = [n for n in names if n not in present]
+    if expected_seeds is None:  # --aggregate: the seed dirs there, finished or not, say how many were meant
+        expected_seeds = max((sum(1 for _ in (out / n).glob("seed-*")) for n in names), default=0) or None
     short = [f"{a.name} ({len(a.runs)} of {expected_seeds})" for a in results
              if expected_seeds is not None and len(a.runs) < expected_seeds]
+    if short:  # means over other seed counts, and pairs over fewer seeds: said here and in RESULTS.md
+        from bcc.console import warn
+
+        warn(f"fewer seeds finished than asked: {', '.join(short)}; those arms' means and paired differences "
+             "cover only the finished seeds")
     with atomic_write(out / "RESULTS.md") as f:
         f.write(_markdown(results, metrics, test_metrics, bench, command, missing, short, n_boot, cfg.checkpoint.mode,
                           "\n\n".join(filter(None, [pretrained_text([d for n in present for d in find_runs(out, n)], out),

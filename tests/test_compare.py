@@ -320,6 +320,13 @@ def test_bcc_compare_with_two_seeds(synth_shards, tmp_path):
     md = (out / "RESULTS.md").read_text()
     assert f"Chosen on validation: {chosen['arm']}" in md and "Paired differences" in md and " ± " in md
 
+    # --aggregate with a seed run that did not finish (an array task that failed): said, not dropped silently
+    from bcc.compare_table import aggregate
+
+    (out / "full" / "seed-1" / "summary.json").unlink()
+    aggregate(out, ["frozen", "full"], n_boot=20)
+    assert "Fewer seeds finished than asked: full (1 of 2)" in (out / "RESULTS.md").read_text()
+
 
 def test_a_runs_cpu_seconds_count_from_its_own_start_not_the_process_start():
     """`bcc compare --processes 1` trains the runs one after another in one process: each run's
