@@ -116,6 +116,13 @@ def calibrate_checkpoint(
     key = "--data" if data is not None else "data.shards"
     data = data if data is not None else im.config.data.shards
     split = split or im.config.data.val_split
+    if split == im.config.data.test_split:  # allowed (a user's own calibration split may be named so), not quietly
+        from bcc.console import warn
+
+        warn(f"--split {split} is the run's test split (data.test_split): the temperatures"
+             f"{' and the operating point' if rule is not None and not rule.is_argmax else ''} fitted on it flatter "
+             "every test metric bcc eval, bcc report and bcc export show afterwards; fit on validation (the default) "
+             "and keep the test split held out")
     from bcc.remote import is_local
 
     if is_local(str(data)) and not Path(data).exists():  # a URL or pipe: pack is checked as it is fetched

@@ -238,6 +238,11 @@ def test_bcc_calibrate_fits_the_point_after_the_temperatures(run_copy, synth_sha
     assert math.isclose(stored["margin"], t * math.log(point["threshold"] / (1 - point["threshold"])))
     calibrate_checkpoint(run_copy, synth_shards, "val", workers=0, operating_point="argmax")
     assert not (run_copy / "checkpoints" / "best" / "operating_point.json").exists()
+    # fitting on the test split is said (breaker b14h F7): every later test metric would be flattered
+    proc = bcc_main("calibrate", "-c", run_copy, "--workers", "0", "--split", "test", "--operating-point", "youden")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: --split test is the run's test split (data.test_split): the temperatures and the operating " \
+           "point fitted on it flatter" in proc.stdout
     proc = bcc_main("calibrate", "-c", run_copy, "--workers", "0", "--operating-point", "sensitivity>=2")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: operating point 'sensitivity>=2': the bound must lie in (0, 1)" in proc.stderr
