@@ -229,6 +229,9 @@ def checkpoint_weights(step: Path) -> Path:
     from bcc.export import ExportError, ema_calibration
 
     if not (step / ck.EMA_FILE).is_file():
+        if ck.EMA_FILE in (ck.read_hashes(step) or {}):  # as bcc eval/export say: not the raw weights instead
+            raise PretrainedError(f"pretrained source {step}: checkpoint is damaged: {ck.EMA_FILE} is missing "
+                                  "(its hashes.json lists it); copy the checkpoint again or name another")
         return step / ck.MODEL_FILE
     try:
         fitted = ema_calibration(step)

@@ -139,6 +139,9 @@ def test_an_ema_run_gives_the_weights_bcc_export_takes(tmp_path, capsys):
     record = load_pretrained(model, run_dir / "checkpoints" / "best", taxonomy=ALL)
     assert_same(model, raw, prefix="") and record.path.endswith("step-00000002/model.safetensors")
     assert "checkpoint step-00000002, raw weights;" in capsys.readouterr().out
+    (step / "model_ema.safetensors").unlink()  # listed in hashes.json: damaged, as bcc eval/export say (b14h F3)
+    with pytest.raises(PretrainedError, match=r"checkpoint is damaged: model_ema.safetensors is missing"):
+        load_pretrained(tiny(), run_dir, taxonomy=ALL)
 
 
 def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
