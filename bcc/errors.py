@@ -33,8 +33,7 @@ class BccError(Exception):
     # it); "node", every rank reading the same files as rank 0 (a config or manifest error: rank 0's
     # machine prints it once, another machine's local rank 0 once); "job", every rank (a verdict rank 0
     # broadcast: rank 0 prints it for the job). A quiet rank waits for the launcher to end it; one that
-    # is not ended prints a "node" error after all (`bcc.cli.call`): it was its own. "rank": this rank's
-    # own, even inside `raised_alike` (a signal it received).
+    # is not ended prints a "node" error after all (`bcc.cli.call`): it was its own.
     shared: str | None = None
 
 

@@ -155,7 +155,7 @@ def test_sigterm_while_a_rank_waits_for_rank_0_at_start_up_ends_it_at_once(monke
     with pytest.raises(Interrupted) as e:  # rank 0 never answers: only the signal ends the wait
         heartbeat.on_rank0(lambda: None, False, 60.0, "a check", store=dist.HashStore())
     assert time.monotonic() - t0 < 5
-    assert e.value.exit_code == EXIT_PREEMPTED and e.value.shared == "rank"
+    assert e.value.exit_code == EXIT_PREEMPTED and e.value.shared == "job"  # rank 0 says it for the job
     assert str(e.value) == ("bcc train (rank 1): interrupted (SIGTERM); during start-up, before the first training "
                             "step: nothing to save; exit code 75 (launchers requeue on it)")
     flag.training_begins()

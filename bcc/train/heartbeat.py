@@ -160,7 +160,7 @@ def _work(work: Callable[[], str | None], store: dist.Store, key: str, timeout_s
         running[0] = False
         done.set()
         thread.join()
-        if in_main:
+        if in_main and previous is not None:  # None: a handler set outside Python, left as it was
             signal.signal(signal.SIGALRM, previous)  # a SIGALRM still pending runs `end_work` first: a no-op
         if not stuck or verdict != _FAILED:  # a StuckError let out: its verdict is stored
             store.set(f"{key}/verdict", verdict)

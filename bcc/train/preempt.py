@@ -42,13 +42,14 @@ def keep_early_signals() -> None:
 
 def stopped_in_start_up(signum: int) -> Interrupted:
     """The error a SIGTERM raises before training starts: `bcc train: interrupted (SIGTERM); ...`, exit code
-    `EXIT_PREEMPTED` (launchers requeue on it, as after a preemption checkpoint), printed by every rank
-    it reached (`shared="rank"`: its own signal, also inside `raised_alike`)."""
+    `EXIT_PREEMPTED` (launchers requeue on it, as after a preemption checkpoint). Printed by rank 0 only
+    (`shared="job"`): a SIGTERM at start-up reaches every rank alike (Slurm's, or the launcher's once
+    another rank has exited, whose own line says why), so a job of N ranks says it once."""
     rank = os.environ.get("RANK")
     e = Interrupted("bcc train" + (f" (rank {rank})" if rank else ""), signum,
                     f"during start-up, before the first training step: nothing to save; exit code {EXIT_PREEMPTED} "
                     "(launchers requeue on it)")
-    e.exit_code, e.shared = EXIT_PREEMPTED, "rank"
+    e.exit_code, e.shared = EXIT_PREEMPTED, "job"
     return e
 
 
