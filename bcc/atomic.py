@@ -72,6 +72,22 @@ def write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> No
         f.write(json.dumps(data, indent=indent) + "\n")
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any] | None:
+    """`write_json`'s reader for a small JSON object file beside a checkpoint or run (operating_point.json,
+    temperature.json): None when `path` does not exist; ValueError naming `path` for a file that cannot be
+    read, is not JSON, or holds something other than an object (callers turn it into their own error)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"cannot read {path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 def set_aside(path: str | os.PathLike) -> Path:
     """Rename a damaged `path` (a file or a directory) to `NAME.damaged-TIME` beside it, kept for a look,
     so that a new one can be written in its place. Returns the new name."""

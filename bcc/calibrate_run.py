@@ -13,7 +13,6 @@ the other's stored entries as they are.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bcc.atomic import read_json_object
 from bcc.evaluate import EvalError, _infer, open_source
 from bcc.taxonomy import Taxonomy
 
@@ -42,15 +42,10 @@ def _ece_by_scope(taxonomy: Taxonomy, logits: Sequence[Tensor], labels: Tensor) 
 
 
 def _stored(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise EvalError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise EvalError(f"{path}: expected a JSON object")
-    return data
+        return read_json_object(path)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
 
 
 def _kinds(weights: str, has_ema: bool, checkpoint: Path) -> list[str]:

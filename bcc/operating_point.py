@@ -21,7 +21,6 @@ stored point stays the same decision when temperatures are refitted or switched 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bcc.atomic import read_json_object
 from bcc.errors import BccError
 
 __all__ = [
@@ -288,14 +288,12 @@ def stored_points(checkpoint_dir: str | Path, taxonomy=None) -> dict[str, dict[s
     from bcc.checkpoint import CheckpointError
 
     path = Path(checkpoint_dir) / OPERATING_POINT_FILE
-    if not path.is_file():
-        return None
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read the operating point {path}: {type(e).__name__}: {e}") from e
-    if not isinstance(stored, dict):
-        raise CheckpointError(f"cannot read the operating point {path}: expected a JSON object")
+        stored = read_json_object(path)
+    except ValueError as e:
+        raise CheckpointError(f"the operating point: {e}") from None
+    if stored is None:
+        return None
     out = {"raw": _checked(stored, path, taxonomy, "")}
     if "ema" in stored:
         out["ema"] = _checked(stored["ema"], path, taxonomy, " (its `ema` entry)")
