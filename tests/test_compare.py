@@ -290,7 +290,7 @@ def test_bcc_compare_refuses_packs_of_other_images_with_the_same_class_counts(sy
 # --------------------------------------------------------------------------- end to end
 
 
-def test_bcc_compare_with_two_seeds(synth_shards, tmp_path):
+def test_bcc_compare_with_two_seeds(synth_shards, tmp_path, bcc_main):
     cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused",
                        train={"epochs": 1, "warmup_steps": 1, "log_every": 50}, data={"batch_size": 32, "workers": 0},
                        eval={"operating_point": "youden"})
@@ -321,10 +321,9 @@ def test_bcc_compare_with_two_seeds(synth_shards, tmp_path):
     assert f"Chosen on validation: {chosen['arm']}" in md and "Paired differences" in md and " ± " in md
 
     # --aggregate with a seed run that did not finish (an array task that failed): said, not dropped silently
-    from bcc.compare_table import aggregate
-
     (out / "full" / "seed-1" / "summary.json").unlink()
-    aggregate(out, ["frozen", "full"], n_boot=20)
+    again = bcc_main("compare", "--aggregate", out, "--modes", "frozen,full", "--bootstrap", 20)
+    assert again.returncode == 0, again.stderr
     assert "Fewer seeds finished than asked: full (1 of 2)" in (out / "RESULTS.md").read_text()
 
 

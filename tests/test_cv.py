@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def test_cv_two_folds_end_to_end(cv_pack, cv_run, synth_shards, tmp_path, bcc_ma
     assert again.returncode == 0, again.stderr
     from bcc.cv import CvError, aggregate
 
-    with pytest.raises(CvError, match="packed with 2 folds"):  # K below the pack's: some folds' runs left out
+    with pytest.raises(CvError, match="packed with 2 folds"):  # K below the pack's (the CLI takes K >= 2 only)
         aggregate(out, 1)
     bad = bcc_main("cv", "--config", cfg, "--folds", 3, "--out", tmp_path / "x")
     assert bad.returncode == 2 and "packed with 2 folds" in bad.stderr and "Traceback" not in bad.stderr
@@ -108,7 +109,6 @@ def test_cv_refuses_a_finished_fold_of_another_config(cv_pack, tmp_path, bcc_mai
     the run dir and the key, before any fold trains (how a run executed, e.g. data.workers, is free); and a
     fold that cannot fit eval.operating_point is refused before any fold trains."""
     from bcc.config import load_config, save_config
-    from bcc.cv import CvError, aggregate
 
     cfg = write_config(tmp_path / "cv.yaml", cv_pack[0], tmp_path / "cv", train={"epochs": 1})
     for k, lr in ((0, 0.1), (1, 0.05)):
@@ -124,8 +124,10 @@ def test_cv_refuses_a_finished_fold_of_another_config(cv_pack, tmp_path, bcc_mai
         f"error: {fold0} holds a run of another config than this command's (train.lr: 0.1 -> 0.05): bcc cv would "
         "reuse it beside runs of this config; use another --out, or delete the run to train it again"]
     assert not (tmp_path / "cv" / "CV.md").exists()
-    with pytest.raises(CvError, match=r"fold-1 was trained under another config than .*fold-0 \(train.lr: 0.1 -> 0.05\)"):
-        aggregate(tmp_path / "cv", 2)  # --aggregate of fold runs trained elsewhere: the same check
+    again = bcc_main("cv", "--aggregate", tmp_path / "cv", "--folds", 2)  # runs trained elsewhere: the same check
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert re.search(r"error: .*fold-1 was trained under another config than .*fold-0 \(train.lr: 0.1 -> 0.05\)",
+                     again.stderr), again.stderr
 
     # a fold whose validation fold has no benign cell cannot fit an operating point: refused before fold 0 trains
     shards = tmp_path / "shards"
