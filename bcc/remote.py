@@ -89,12 +89,12 @@ def stop_time() -> float | None:
 
 class RemoteError(BccError):
     """A location that cannot be reached or read; `transient` when a re-open may succeed, `missing` when
-    the server says there is nothing there (HTTP 404, 410)."""
+    the server says there is nothing there (HTTP 404, 410); `status`: the HTTP status, where one came."""
 
-    def __init__(self, message: str, *, transient: bool = False, missing: bool = False):
+    def __init__(self, message: str, *, transient: bool = False, missing: bool = False, status: int | None = None):
         # one line: a server's or library's text may hold line breaks (urllib's redirect-loop message)
         super().__init__(redact(" ".join(message.split())))
-        self.transient, self.missing = transient, missing
+        self.transient, self.missing, self.status = transient, missing, status
 
 
 def kind(location: str | os.PathLike) -> Kind:
@@ -356,9 +356,11 @@ _OPENER = urllib.request.build_opener(_Redirect)
 def _http_error(where: str, e: BaseException) -> RemoteError:
     if isinstance(e, urllib.error.HTTPError):
         transient = e.code >= 500 or e.code == 429
-        hint = {401: " (credentials: set BCC_HTTP_TOKEN or a ~/.netrc entry)",
-                403: " (credentials: set BCC_HTTP_TOKEN or a ~/.netrc entry)", 404: " (not found)"}.get(e.code, "")
-        return RemoteError(f"{where}: HTTP {e.code} {e.reason}{hint}", transient=transient, missing=e.code in (404, 410))
+        denied = (" (a signed URL: expired, or signed for another request?)" if remote_secrets.is_signed(e.url or "")
+                  else " (credentials: set BCC_HTTP_TOKEN or a ~/.netrc entry)")
+        hint = {401: denied, 403: denied, 404: " (not found)"}.get(e.code, "")
+        return RemoteError(f"{where}: HTTP {e.code} {e.reason}{hint}", transient=transient, missing=e.code in (404, 410),
+                           status=e.code)
     reason = getattr(e, "reason", e)
     if isinstance(reason, http.client.InvalidURL):  # control characters, a bad port: no retry cures it
         if "found at least ' '" in str(reason):  # http.client calls a blank a control character
@@ -441,6 +443,9 @@ def read_bytes(location: str | Path, retries: int = DEFAULT_RETRIES, limit: int 
     return _with_retries(once, retries)
 
 
+HEAD_REFUSED = (400, 401, 403, 405, 501)  # a HEAD answered so may still be a shard a GET reads
+
+
 def probe(location: str | Path, retries: int = DEFAULT_RETRIES, timeout_s: float = HTTP_TIMEOUT_S) -> int | None:
     """Check that a remote shard can be opened, cheaply: a HEAD request (its size in bytes, or None when
     the server does not say), or for `pipe:` start the command, read its first tar block and stop it
@@ -468,10 +473,10 @@ def probe(location: str | Path, retries: int = DEFAULT_RETRIES, timeout_s: float
         try:
             response = open_location(location, method="HEAD", timeout_s=timeout_s)
         except RemoteError as e:
-            if "HTTP 405" not in str(e):
+            if e.status not in HEAD_REFUSED:
                 raise
-            response = open_location(location, timeout_s=timeout_s)  # a server without HEAD: open and close
-            response = response.response
+            # no HEAD here, or a URL signed for GET only (S3/GCS presigned: 403): the GET decides, opened unread
+            response = open_location(location, timeout_s=timeout_s).response
         with response:
             length = response.headers.get("Content-Length")
             return int(length) if length and length.isdigit() else None

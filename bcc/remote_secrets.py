@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 
 __all__ = ["TOKEN_ENV", "quote_bytes", "redact", "remember"]
 
@@ -44,7 +45,8 @@ _HEADER_FLAG = re.compile(r"(?P<head>\s(?:-H|--header)(?:=|\s*)['\"]?[A-Za-z0-9-
                           r"cookie|signature|credential|session)[A-Za-z0-9-]*\s*:\s*(?:(?:Bearer|Basic|Token)\s+)?)"
                           r"(?P<value>(?!\*\*\*|(?:Bearer|Basic|Token)\s)[^\s'\"$][^\s'\"]*)", re.I)
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"]+)@")
-_QUERY_PARAM = re.compile(r"(?P<sep>[?&])(?P<name>[^=&#\s'\"]+)=(?P<value>[^&#\s'\"]*)")
+# (a value stops before the colon of a message's `URL: reason`)
+_QUERY_PARAM = re.compile(r"(?P<sep>[?&])(?P<name>[^=&#\s'\"]+)=(?P<value>[^&#\s'\"]*?)(?=:?(?:[&#\s'\"]|$))")
 # a user:password (curl -u/-U/-E/--user/--proxy-user/--cert, also -uNAME:PW and -su ...), lftp's
 # user,password, smbclient's user%password
 _USER_FLAG = re.compile(r"(?P<flag>\s(?:-[A-Za-z]{0,3}[uUE]|--user|--proxy-user|--cert))(?P<gap>=|\s*)"
@@ -115,3 +117,11 @@ def quote_bytes(data: bytes, limit: int = 100) -> str:
     text = redact("".join(c if " " <= c <= "~" else "." for c in text).strip())
     text = _BASE64.sub(lambda m: "***" if _is_userinfo(m.group()) else m.group(), text)  # a page echoing Basic auth
     return repr(text[:limit] + "..." if len(text) > limit or len(data) > 4096 else text)
+
+
+_SIGNATURES = {"x-amz-signature", "x-goog-signature", "signature", "sig"}  # S3, GCS, CloudFront, Azure SAS
+
+
+def is_signed(url: str) -> bool:
+    """Whether `url` carries its own signature in the query (a presigned URL: no token belongs with it)."""
+    return any(k.lower() in _SIGNATURES for k, _ in urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))

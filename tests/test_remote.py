@@ -36,7 +36,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves a folder; `server.drops[name] = k` cuts the next k GETs of `name` off half-way (the
     headers promise the whole file); `server.trickle[name] = (gap_s, stall_s)` sends `name` in four
     pieces `gap_s` apart, or its first half and then nothing for `stall_s`; `server.slow_head[name] = s` answers
-a HEAD of `name` after `s` seconds (its arrival noted in `server.heads`); `server.token` requires `Authorization: Bearer TOKEN` (or Basic
+a HEAD of `name` after `s` seconds (its arrival noted in `server.heads`); `server.head_status = code` answers
+every HEAD with that error; `server.token` requires `Authorization: Bearer TOKEN` (or Basic
     auth when it is `user:password`)."""
 
     def log_message(self, *args):  # quiet
@@ -64,6 +65,9 @@ a HEAD of `name` after `s` seconds (its arrival noted in `server.heads`); `serve
         name = self.path.lstrip("/").split("?")[0]
         self.server.heads.append(name)
         time.sleep(self.server.slow_head.get(name, 0))
+        if self.server.head_status:  # a server without HEAD (405), a URL signed for GET only (403)
+            self.send_error(self.server.head_status)
+            return
         if not self._redirected() and self._authorised():
             super().do_HEAD()
 
@@ -104,7 +108,7 @@ def serve(root: Path, token: str | None = None):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
     server.drops, server.gets, server.token, server.trickle = {}, [], token, {}
     server.auths, server.paths, server.redirects = [], [], {}  # Authorization headers seen; raw paths; name -> URL
-    server.slow_head, server.heads = {}, []
+    server.slow_head, server.heads, server.head_status = {}, [], None
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -366,6 +370,32 @@ def test_bad_remote_inputs_are_named(synth_shards, tmp_path, no_backoff):
     assert "(after 1 retry)" in str(e.value)
     with pytest.raises(TrainError, match="cannot open remote shard pipe:.*exited with code 3"):
         check_shards(type(split)("train", failing.count, {}, [failing]), retries=0)
+
+
+@pytest.mark.parametrize("status", [403, 405])
+def test_a_shard_whose_head_is_refused_is_probed_with_a_get(synth_shards, tmp_path, status, no_backoff):
+    """S3 and GCS presigned URLs are signed for GET: a HEAD answers 403, and the start-up check refused
+    every shard of such a manifest although the stream could read them (breaker b12z F1). A HEAD answered
+    400/401/403/405/501 is now followed by the GET the stream sends, which decides; a signed URL refused
+    is not told to set BCC_HTTP_TOKEN (a token would go to the store as well)."""
+    pack = copy_pack(synth_shards, tmp_path / "pack")
+    shards = Manifest.load(pack).split("train").shards
+    shards[1].path.unlink()
+    signed = "?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA1%2Fs3&X-Amz-Signature=0123abcd"
+    with serve(pack) as (server, url):
+        server.head_status = status
+        first = f"{url}/{shards[0].path.name}{signed}"
+        assert remote.probe(first, retries=0) == shards[0].path.stat().st_size
+        assert server.gets == [shards[0].path.name]
+        with pytest.raises(remote.RemoteError, match=rf"{shards[1].path.name}.*: HTTP 404 .*\(not found\)"):
+            remote.probe(f"{url}/{shards[1].path.name}{signed}", retries=0)
+        server.token = TOKEN  # the GET refused too: the error is the GET's, with the hint for a signed URL
+        with pytest.raises(remote.RemoteError, match=r"HTTP 401 .*\(a signed URL: expired, or signed for another "
+                                                     r"request\?\)") as e:
+            remote.probe(first, retries=0)
+        assert "0123abcd" not in str(e.value) and "BCC_HTTP_TOKEN" not in str(e.value)
+        with pytest.raises(remote.RemoteError, match=r"HTTP 401 .*\(credentials: set BCC_HTTP_TOKEN"):
+            remote.probe(f"{url}/{shards[0].path.name}", retries=0)
 
 
 def test_a_corrupt_remote_shard_is_not_called_truncated(synth_shards, tmp_path, no_backoff):
