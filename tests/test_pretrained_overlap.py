@@ -57,6 +57,15 @@ def test_the_overlap_is_recorded_and_shown_in_results_md(trained_run, reseeded, 
         assert f"{e['count']} of {e['total']} images of split '{e['split']}'" in line
     assert line in pretrained_text([run], out)  # bcc cv's CV.md takes the same text
 
+    # a run fine-tuned from that run passes on what its own source trained on (breaker b12z F2: it was
+    # loaded without a word): run trained on the pack's train split only, its source on most of val and test
+    lines = check_pretrained(_cfg(reseeded, run), Manifest.load(reseeded), ["val", "test"])
+    chained = [ln for ln in lines if ln.startswith("warning: ")]
+    assert len(chained) == 2, lines
+    for e, ln in zip(hits, chained, strict=True):
+        assert ln.startswith(f"warning: {trained_run}, the pretrained source of {run} (model.pretrained), was trained "
+                             f"on {e['count']} of the {e['total']} images of split '{e['split']}'"), ln
+
     clean = tmp_path / "clean"  # a run whose pretrained.json records no overlap: no warning
     clean.mkdir()
     (clean / "pretrained.json").write_text(json.dumps({**record, "overlap": []}))
@@ -126,7 +135,7 @@ def test_the_same_picture_counts_and_a_near_identical_one_is_named(trained_run, 
     sample_index.write(manifest, made)
 
     found = pretrained_overlap(_cfg(pack, trained_run), manifest, ["val", "test"])
-    common = {"fold": None, "data": str(pack / "manifest.json"), "source": str(trained_run)}
+    common = {"fold": None, "data": str(pack / "manifest.json"), "source": str(trained_run), "via": []}
     assert found == [{"split": "val", "count": 1, "near": 1, "total": manifest.split("val").count, **common},
                      {"split": "test", "count": 0, "near": 1, "total": manifest.split("test").count, **common}], found
     lines = check_pretrained(_cfg(pack, trained_run), manifest, ["val", "test"])
