@@ -1096,3 +1096,58 @@ def test_a_signal_during_the_start_up_check_ends_it_at_once(synth_shards, tmp_pa
     assert proc.returncode == code and took < 10, (took, proc.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith(f"error: bcc train: interrupted ({signum})"), lines
     assert "cannot reach" not in proc.stdout + proc.stderr
+
+
+def _lingering_client(pack: Path, printed: str, pids: Path) -> str:
+    """A `pipe:` template whose command prints a train shard (`whole` or its first `half`), closes its output
+    and then never exits (its pid noted in `pids`); other files it prints and exits. Written inline, not as
+    a script: `sh -c SCRIPT` keeps its own copy of the output open while the script runs (a stall then)."""
+    body = {"whole": f"cat {pack}/$f", "half": f"head -c $(( $(wc -c < {pack}/$f) / 2 )) {pack}/$f"}[printed]
+    return (f"pipe:f={{name}}; case $f in train-*) {body}; exec >&-; echo $$ >> {pids}; exec sleep 300;; "
+            f"*) cat {pack}/$f;; esac")
+
+
+@pytest.mark.parametrize("printed", ["whole", "half"])
+def test_a_pipe_command_that_closes_its_output_but_never_exits_fails_the_read_in_bounded_time(
+        synth_shards, tmp_path, printed):
+    """`sh -c 'cat x.tar; exec >&-; sleep 1000'`: the end of its output waited for its exit with no bound
+    and hung the loader for good (the tar reader at a short output: `half`; the exit check after a whole
+    shard: `whole`). Now the read fails within data.read_timeout_s with a named transient error, and the
+    command (its process group) is ended. A regression fails the join below instead of hanging the suite."""
+    import os
+
+    pids = tmp_path / "pids"
+    shard = Manifest.load(_lingering_client(synth_shards, printed, pids)).split("train").shards[0]
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            list(read_range(shard, retries=0, timeout_s=0.5))
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            outcome.append(e)
+
+    t0 = time.monotonic()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(30)
+    try:
+        assert not reader.is_alive(), "the read still waits on a command that closed its output"
+        assert time.monotonic() - t0 < 10
+        assert isinstance(outcome[0], ShardError), outcome
+        assert re.search(r"cannot read shard pipe:.* at sample \d+: pipe:.*: the command closed its output but "
+                         r"did not exit within 0.5 s \(data.read_timeout_s\)$", str(outcome[0])), str(outcome[0])
+        pid = int(pids.read_text().split()[0])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the lingering command outlived the read")
+    finally:
+        for pid in map(int, pids.read_text().split() if pids.exists() else ()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
