@@ -32,8 +32,10 @@ class BccError(Exception):
     # Which ranks of a launch raise this same error (`quiet_on_this_rank`): None, only this one (it prints
     # it); "node", every rank reading the same files as rank 0 (a config or manifest error: rank 0's
     # machine prints it once, another machine's local rank 0 once); "job", every rank (a verdict rank 0
-    # broadcast: rank 0 prints it for the job). A quiet rank waits for the launcher to end it; one that
-    # is not ended prints a "node" error after all (`bcc.cli.call`): it was its own.
+    # broadcast: rank 0 prints it for the job); "said", every rank but one that printed it already (the
+    # first rank stopped by a signal in start-up: `bcc.train.preempt.say_once`), rank 0 included. A quiet
+    # rank waits for the launcher to end it; one that is not ended prints a "node" error after all
+    # (`bcc.cli.call`): it was its own.
     shared: str | None = None
 
 
@@ -55,7 +57,7 @@ def quiet_on_this_rank(e: BccError) -> bool:
 
     Reads torchrun's RANK / LOCAL_RANK (unset outside a launch: rank 0, never quiet)."""
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    return rank != 0 and (e.shared == "job" or (e.shared == "node" and local != 0))
+    return e.shared == "said" or rank != 0 and (e.shared == "job" or (e.shared == "node" and local != 0))
 
 
 class UsageError(BccError):

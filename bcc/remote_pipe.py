@@ -30,7 +30,8 @@ class PipeOutput:
     exit code and the tail of the command's stderr. A command that prints nothing for `timeout_s`
     seconds (`data.read_timeout_s`; a stalled download) is ended and raises PipeError (transient: the caller's retry reopens the
     shard), as a socket read does. The command runs in its own process group, so ending it (early
-    close, stall, an interrupted run) ends what it started too (`sh -c`'s children)."""
+    close, stall, an interrupted run) ends what it started too (`sh -c`'s children). A command that closes
+    its output but does not exit within `timeout_s` is ended the same way (PipeError, transient)."""
 
     def __init__(self, command: str, where: str, timeout_s: float):
         self.where, self.timeout_s = where, timeout_s
@@ -78,7 +79,7 @@ class PipeOutput:
             parts.append(data)
             got += len(data)
         if whole or got < n:  # the end of the output: the exit status decides
-            code = self.proc.wait()
+            code = self._exit_code()
             if code != 0:
                 tail = self._stderr_tail()
                 raise PipeError(f"{self.where}: the command exited with code {code}"
@@ -87,9 +88,10 @@ class PipeOutput:
 
     def check_exit(self, tail_bytes: int = 1 << 16) -> None:
         """After a whole shard was read: the rest of the output (a tar's end padding; up to `tail_bytes`)
-        and the command's exit status, which decides as it does at the end of `read`. A command that
-        printed a complete shard and then failed was taken for a good read (`bcc pack --verify`, which reads
-        to the end, called it missing). A command that goes on printing or does not exit is left to `close`."""
+        and the command's exit status, which decides as it does at the end of `read` (`_exit_code`: one that
+        closed its output but does not exit is an error there too). A command that printed a complete shard
+        and then failed was taken for a good read (`bcc pack --verify`, which reads to the end, called it
+        missing). A command that goes on printing past `tail_bytes` is left to `close`."""
         got = 0
         while got <= tail_bytes:
             data = self._chunk(1 << 14)
@@ -98,14 +100,32 @@ class PipeOutput:
             got += len(data)
         else:
             return
-        try:
-            code = self.proc.wait(timeout=min(self.timeout_s, STOP_SILENCE_S))
-        except subprocess.TimeoutExpired:
-            return
+        code = self._exit_code()
         if code != 0:
             tail = self._stderr_tail()
             raise PipeError(f"{self.where}: the command exited with code {code} after printing the whole shard"
                             + (f"; its stderr ends: {tail}" if tail else " (no stderr)"), transient=True)
+
+    def _exit_code(self) -> int:
+        """The command's exit code once its output ended. One that closed its output but does not exit within
+        `timeout_s` (STOP_SILENCE_S once the process was asked to terminate) is ended and raises PipeError,
+        transient as a stall is: its verdict on the bytes it printed is unknown (an unbounded wait here hung
+        the loader for good on `pipe:cat x.tar; exec >&-; sleep 1000`)."""
+        start = time.monotonic()
+        with activity.waiting(self.timeout_s + STOP_POLL_S + 1.0, self.where):
+            while True:
+                left = self.timeout_s - (time.monotonic() - start)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    return self.proc.wait(timeout=max(0.0, min(STOP_POLL_S, left)))
+                waited = time.monotonic() - start
+                if is_stopping() and waited >= min(STOP_SILENCE_S, self.timeout_s):
+                    self._end()
+                    raise PipeError(f"{self.where}: stopped waiting for the command, which closed its output but "
+                                    "did not exit: the process was asked to terminate (SIGTERM)")
+                if waited >= self.timeout_s:
+                    self._end()
+                    raise PipeError(f"{self.where}: the command closed its output but did not exit within "
+                                    f"{self.timeout_s:g} s (data.read_timeout_s)", transient=True)
 
     def _end(self) -> None:
         if self.proc.poll() is None:
@@ -115,7 +135,8 @@ class PipeOutput:
     def close(self) -> None:
         self._end()  # read far enough (a lane's end) or failed: the rest is not wanted
         self.proc.stdout.close()
-        self.proc.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # killed: it ends at once unless stuck in the kernel
+            self.proc.wait(timeout=min(self.timeout_s, STOP_SILENCE_S))  # (then Popen reaps it later)
         self.stderr.close()
 
     def __repr__(self) -> str:

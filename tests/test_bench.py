@@ -47,6 +47,28 @@ def test_bench_data_prints_the_three_loaders_ratios_and_rss(synth_shards):
     assert re.search(rf"peak RSS 400 / 200 samples = {NUMBER}", out), out
 
 
+def test_bench_data_rss_runs_on_format_6_packs_without_a_sample_index(synth_shards, tmp_path):
+    """The memory bench streams its own synthetic pack, written as manifest format 6 without the
+    `sample_index.npz` that `bcc pack` writes beside every format-6 manifest; and the user's pack given
+    with --shards may have lost its index (a copy that left it out). Neither is needed to stream: the
+    bench runs through, no `sample_index` error and no traceback (the index is only for overlap checks)."""
+    import shutil
+
+    from bcc.bench import write_synthetic_shards
+    from bcc.manifest import FORMAT_VERSION, Manifest
+    from bcc.sample_index import FILE, INDEXED_SINCE
+
+    synthetic = Manifest.load(write_synthetic_shards(tmp_path / "synthetic", 50, per_shard=20))
+    assert synthetic.format_version == FORMAT_VERSION >= INDEXED_SINCE and not (tmp_path / "synthetic" / FILE).exists()
+    pack = shutil.copytree(synth_shards, tmp_path / "pack")
+    (pack / FILE).unlink()
+    proc = bcc("bench", "data", "--shards", str(pack), "--workers", "1", "--batches", "1", "--warmup", "0",
+               "--batch-size", "8", "--image-size", "32", "--rounds", "1", "--rss", "--rss-samples", "100,200")
+    assert "Traceback" not in proc.stderr and "sample_index" not in proc.stdout + proc.stderr, proc.stderr
+    assert len(row(proc.stdout, "(a) bcc stream")) >= 6, proc.stdout
+    assert re.search(rf"peak RSS 200 / 100 samples = {NUMBER}", proc.stdout), proc.stdout
+
+
 def test_bench_data_plan_times_both_sampling_modes_without_data(bcc_main, synth_shards):
     """`bcc bench data --plan` (issue: planning measured at 100,000 shards x 1,024 parts; small here)."""
     out = bcc("bench", "data", "--plan", "--plan-shards", "2000", "--plan-parts", "64,1024").stdout

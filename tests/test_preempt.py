@@ -136,7 +136,7 @@ def test_sigterm_while_a_rank_waits_for_rank_0_at_start_up_ends_it_at_once(monke
     """Before training starts there is nothing to save: a SIGTERM reaching a rank that waits for rank 0's
     start-up check ends it at once with one line and the requeue code 75, instead of being kept for a
     vote minutes away (the launcher SIGKILLed it 30 s later, silently). After `training_begins` it is
-    kept for the vote again."""
+    kept for the vote again, and so is a second SIGTERM that comes while the first one's error unwinds."""
     import threading
     import time
 
@@ -158,6 +158,10 @@ def test_sigterm_while_a_rank_waits_for_rank_0_at_start_up_ends_it_at_once(monke
     assert e.value.exit_code == EXIT_PREEMPTED and e.value.shared == "job"  # rank 0 says it for the job
     assert str(e.value) == ("bcc train (rank 1): interrupted (SIGTERM); during start-up, before the first training "
                             "step: nothing to save; exit code 75 (launchers requeue on it)")
+    flag.signum = None
+    os.kill(os.getpid(), signal.SIGTERM)  # a second one (Slurm's and the launcher's) while the first unwinds
+    assert flag.signum == signal.SIGTERM  # kept, not raised again
+    flag.signum = None
     flag.training_begins()
     os.kill(os.getpid(), signal.SIGTERM)
     assert flag.signum == signal.SIGTERM  # kept, not raised

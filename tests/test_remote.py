@@ -1126,3 +1126,106 @@ def test_a_signal_during_the_start_up_check_ends_it_at_once(synth_shards, tmp_pa
     assert proc.returncode == code and took < 10, (took, proc.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith(f"error: bcc train: interrupted ({signum})"), lines
     assert "cannot reach" not in proc.stdout + proc.stderr
+
+
+def _lingering_client(pack: Path, printed: str, pids: Path) -> str:
+    """A `pipe:` template whose command prints a train shard (`whole` or its first `half`), closes its output
+    and then never exits (its pid noted in `pids`); other files it prints and exits. Written inline, not as
+    a script: `sh -c SCRIPT` keeps its own copy of the output open while the script runs (a stall then)."""
+    body = {"whole": f"cat {pack}/$f", "half": f"head -c $(( $(wc -c < {pack}/$f) / 2 )) {pack}/$f"}[printed]
+    return (f"pipe:f={{name}}; case $f in train-*) {body}; exec >&-; echo $$ >> {pids}; exec sleep 300;; "
+            f"*) cat {pack}/$f;; esac")
+
+
+@pytest.mark.parametrize("printed", ["whole", "half"])
+def test_a_pipe_command_that_closes_its_output_but_never_exits_fails_the_read_in_bounded_time(
+        synth_shards, tmp_path, printed):
+    """`sh -c 'cat x.tar; exec >&-; sleep 1000'`: the end of its output waited for its exit with no bound
+    and hung the loader for good (the tar reader at a short output: `half`; the exit check after a whole
+    shard: `whole`). Now the read fails within data.read_timeout_s with a named transient error, and the
+    command (its process group) is ended. A regression fails the join below instead of hanging the suite."""
+    import os
+
+    pids = tmp_path / "pids"
+    shard = Manifest.load(_lingering_client(synth_shards, printed, pids)).split("train").shards[0]
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            list(read_range(shard, retries=0, timeout_s=0.5))
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            outcome.append(e)
+
+    t0 = time.monotonic()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(30)
+    try:
+        assert not reader.is_alive(), "the read still waits on a command that closed its output"
+        assert time.monotonic() - t0 < 10
+        assert isinstance(outcome[0], ShardError), outcome
+        assert re.search(r"cannot read shard pipe:.* at sample \d+: pipe:.*: the command closed its output but "
+                         r"did not exit within 0.5 s \(data.read_timeout_s\)$", str(outcome[0])), str(outcome[0])
+        pid = int(pids.read_text().split()[0])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the lingering command outlived the read")
+    finally:
+        for pid in map(int, pids.read_text().split() if pids.exists() else ()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+
+
+def test_sigterm_to_rank_1_alone_during_the_start_up_check_ends_it_and_the_job(synth_shards, tmp_path):
+    """SIGTERM to rank 1 only (`kill PID`, a container runtime) while it waits for rank 0's slow start-up
+    check (a HEAD answered after 120 s): rank 1 ends at once with exit code 75 and the job's one line,
+    its own, and the launch ends soon after with 75 (the launcher ends rank 0, which stays quiet). Before,
+    rank 1 ended without a word and rank 0's line said rank 0 was interrupted."""
+    import os
+    import signal
+    import subprocess
+
+    import psutil
+
+    from bcc.launch import accelerate_command
+
+    with serve(synth_shards) as (server, url):
+        server.slow_head["val-000000.tar"] = 120
+        cfg = write_config(tmp_path / "c.yaml", url, tmp_path / "run", **SLOW_CHECK)
+        cmd, env = accelerate_command(2, ["--config", str(cfg)])
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while "val-000000.tar" not in server.heads:
+                assert proc.poll() is None, proc.stdout.read()[-3000:]
+                assert time.monotonic() < deadline, "no start-up check within 300 s"
+                time.sleep(0.05)
+            ranks = {int(c.environ().get("RANK", -1)): c for c in psutil.Process(proc.pid).children(recursive=True)
+                     if "bcc.train" in " ".join(c.cmdline())}
+            assert sorted(ranks) == [0, 1], ranks
+            os.kill(ranks[1].pid, signal.SIGTERM)
+            t_term = time.monotonic()
+            ranks[1].wait(timeout=60)
+            rank1_took = time.monotonic() - t_term
+            rank0_outlived_it = ranks[0].is_running()  # so rank 1 failed first: the launcher's code is rank 1's
+            out, _ = proc.communicate(timeout=120)
+            took = time.monotonic() - t_term
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+    assert rank1_took < 30 and took < 60, (rank1_took, took, out[-3000:])  # teardown takes seconds when loaded
+    assert rank0_outlived_it and proc.returncode == 75, (proc.returncode, out[-3000:])
+    said = [line for line in out.splitlines() if line.startswith(("error:", "note:")) or "interrupted" in line]
+    assert said == ["error: bcc train (rank 1): interrupted (SIGTERM); during start-up, before the first training "
+                    "step: nothing to save; exit code 75 (launchers requeue on it)"], out[-3000:]
+    assert "Traceback" not in out and "exitcode" not in out, out[-3000:]
+    print(f"rank 1 ended {rank1_took:.1f} s after its SIGTERM, the launch {took:.1f} s")

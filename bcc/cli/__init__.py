@@ -150,7 +150,7 @@ def call(func: Callable[[argparse.Namespace], int | None], args: argparse.Namesp
         # rank 0 prints an error every rank raises alike. A quiet rank waits for the launcher's SIGTERM (torch
         # elastic ends the others once a rank has exited): leaving at once could take rank 0 down before it
         # has printed. A "node" error no SIGTERM follows was this rank's alone after all: it prints it
-        if quiet_on_this_rank(e) and (_ended_by_launcher(QUIET_WAIT_S) or e.shared == "job"):
+        if quiet_on_this_rank(e) and (_ended_by_launcher(QUIET_WAIT_S) or e.shared in ("job", "said")):
             return e.exit_code
         error(str(e))
         return e.exit_code

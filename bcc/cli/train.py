@@ -31,12 +31,17 @@ def run(args: argparse.Namespace) -> int:
     from bcc.errors import EXIT_PREEMPTED
     from bcc.runtime import shutdown_distributed
     from bcc.train.fit import train_from_config
+    from bcc.train.preempt import StoppedInStartUp, say_once
 
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # a rank of torchrun / accelerate launch: it ends with that agent
         from bcc.worker_start import end_with_parent  # (which starts ranks in sessions of their own: a killed
 
         end_with_parent(os.getppid())  # launcher left them training, and writing its run dir, unwatched)
-    result = train_from_config(args.config, args.overrides)
+    try:
+        result = train_from_config(args.config, args.overrides)
+    except StoppedInStartUp as e:
+        say_once(e)  # one rank of the job prints it: the first that stopped
+        raise
     shutdown_distributed()  # every rank got here (done or preempted): tear the group down in order
     return EXIT_PREEMPTED if result.get("preempted") else 0
 

@@ -2,7 +2,7 @@
 saves and exits with `EXIT_PREEMPTED` after leaving a `PREEMPTED` marker in the run directory.
 
 Before training starts (`PreemptionFlag.training_begins`) there is nothing to save: a SIGTERM then ends
-the rank at once (`stopped_in_start_up`: one line, `EXIT_PREEMPTED`, no marker), wherever it waits (the
+the rank at once (`StoppedInStartUp`: one line for the job, `EXIT_PREEMPTED`, no marker), wherever it waits (the
 start-up check's remote reads, rank 0's verdict in `bcc.train.heartbeat`), instead of being kept for a
 vote that is minutes away while the launcher's SIGKILL comes in 30 s. A SIGUSR1 (Slurm's early warning)
 is still kept for the first vote: there is time to train and save."""
@@ -40,22 +40,50 @@ def keep_early_signals() -> None:
         signal.signal(sig, _keep)
 
 
-def stopped_in_start_up(signum: int) -> Interrupted:
-    """The error a SIGTERM raises before training starts: `bcc train: interrupted (SIGTERM); ...`, exit code
-    `EXIT_PREEMPTED` (launchers requeue on it, as after a preemption checkpoint). Printed by rank 0 only
-    (`shared="job"`): a SIGTERM at start-up reaches every rank alike (Slurm's, or the launcher's once
-    another rank has exited, whose own line says why), so a job of N ranks says it once."""
-    rank = os.environ.get("RANK")
-    e = Interrupted("bcc train" + (f" (rank {rank})" if rank else ""), signum,
-                    f"during start-up, before the first training step: nothing to save; exit code {EXIT_PREEMPTED} "
-                    "(launchers requeue on it)")
-    e.exit_code, e.shared = EXIT_PREEMPTED, "job"
-    return e
+class StoppedInStartUp(Interrupted):
+    """A SIGTERM before training starts: `bcc train (rank R): interrupted (SIGTERM); ...`, exit code
+    `EXIT_PREEMPTED` (launchers requeue on it, as after a preemption checkpoint). One rank of the job
+    says it (`say_once`): the first one stopped so, whether the signal reached every rank (Slurm's) or one
+    alone (`kill PID`: the launcher then ends the others, which stop the same way and stay quiet)."""
+
+    def __init__(self, signum: int):
+        rank = os.environ.get("RANK")
+        super().__init__("bcc train" + (f" (rank {rank})" if rank else ""), signum,
+                         f"during start-up, before the first training step: nothing to save; exit code "
+                         f"{EXIT_PREEMPTED} (launchers requeue on it)")
+        self.exit_code = EXIT_PREEMPTED
+        self.shared = "job"  # rank 0 says it, unless `say_once` learns who was first
+
+
+STOPPED_KEY = "bcc/stopped-in-start-up"  # in the process group's store: how many ranks stopped so
+STORE_WAIT_S = 5.0  # the count's bound: the launcher's SIGKILL follows its SIGTERM within 30 s
+
+
+def say_once(e: StoppedInStartUp) -> None:
+    """Make the first rank of the job that stopped in start-up the one that prints it (`e.shared` None),
+    and every other rank quiet ("said"), rank 0 too: it was the launcher's SIGTERM that stopped them,
+    once the first had exited. Before, rank 0 always said it, so a SIGTERM sent to rank 1 alone showed as
+    rank 0's and rank 1 ended without a word. Without a process group to count in (a signal before it
+    exists, a store that no longer answers) rank 0 says it, as before."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # not imported yet: no process group either
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    from bcc.train.heartbeat import default_store
+
+    try:
+        store = default_store()
+        store.set_timeout(timedelta(seconds=STORE_WAIT_S))  # this process is on its way out
+        first = store.add(STOPPED_KEY, 1) == 1
+    except (RuntimeError, OSError):  # torch's DistStoreError is a RuntimeError
+        return
+    e.shared = None if first else "said"
 
 
 class PreemptionFlag:
     """SIGUSR1/SIGTERM only set a flag; the loop acts on it at the next vote (`agreed`). Until
-    `training_begins()` a SIGTERM raises `stopped_in_start_up` instead (in the main thread, where it came)."""
+    `training_begins()` a SIGTERM raises `StoppedInStartUp` instead (in the main thread, where it came)."""
 
     def __init__(self, install_handlers: bool = True) -> None:
         self.starting = True  # before the first training step: a SIGTERM ends the rank at once
@@ -95,8 +123,9 @@ class PreemptionFlag:
         if signum == signal.SIGTERM:  # the end is near: a stalled remote read must not outlast it
             remote.request_stop()
             _forward_to_loader_workers(signum)
-            if self.starting:
-                raise stopped_in_start_up(signum)
+            if self.starting:  # once: a second SIGTERM (Slurm's and the launcher's) must not raise again while the
+                self.starting = False  # first unwinds and is printed; it is only kept, like any after start-up
+                raise StoppedInStartUp(signum)
 
     def agreed(self) -> bool:
         """True on every rank when any rank was signalled (a collective: all ranks must call it at the same
