@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 from pathlib import Path
@@ -145,6 +146,49 @@ def run_bounded(cmd, timeout: float, env=None, **kwargs):
         pytest.fail(f"{' '.join(map(str, cmd))} still ran after {timeout:.0f} s; it printed:\n"
                     f"{out[-4000:]}\n--- stderr ---\n{err[-4000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@contextlib.contextmanager
+def launched(config: Path, *overrides: str, processes: int = 2):
+    """`accelerate launch -m bcc.train` of real multi-process CPU DDP in the background, for a test that acts
+    on its ranks meanwhile (`trainer_ranks`, `wait_until`): yields the Popen (new session; stdout and stderr
+    merged into `proc.stdout`, text). On leaving, a launch still running is killed with its whole tree."""
+    import os
+    import signal
+    import subprocess
+
+    from bcc.launch import accelerate_command
+
+    cmd, env = accelerate_command(processes, ["--config", str(config), *overrides])
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def wait_until(condition, proc, what: str, timeout: float = 300) -> None:
+    """Poll `condition()` until it holds; fail with the tail of `proc`'s output if `proc` ends first, or
+    naming `what` after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def trainer_ranks(pid: int) -> dict:
+    """Trainer rank -> psutil.Process among the children of an `accelerate launch` process `pid` (the ranks;
+    not their loader workers, which share their command line and RANK)."""
+    import psutil
+
+    return {int(c.environ().get("RANK", -1)): c for c in psutil.Process(pid).children()
+            if "bcc.train" in " ".join(c.cmdline())}
 
 
 def launch(config: Path, *overrides: str, processes: int = 2, timeout: float = 300):

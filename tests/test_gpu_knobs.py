@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -40,7 +39,7 @@ from bcc.train.accel import (
     scaled_lr,
 )
 
-from conftest import write_config
+from conftest import launched, trainer_ranks, wait_until, write_config
 
 CPU = DeviceCaps("cpu")
 A100 = DeviceCaps("cuda", bf16=True, name="fake A100")
@@ -266,14 +265,6 @@ def test_compile_compiles_once_per_stage_and_resume_is_bitwise_exact(synth_shard
     assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
-def _ranks(pid: int) -> dict[int, int]:
-    """Trainer rank -> pid among the direct children of an `accelerate launch` process."""
-    import psutil
-
-    return {int(c.environ().get("RANK", -1)): c.pid for c in psutil.Process(pid).children()
-            if "bcc.train" in " ".join(c.cmdline())}
-
-
 def test_a_stuck_or_dead_rank_ends_the_two_process_job_within_train_timeout_s(synth_shards, tmp_path):
     """Rank 1 is stopped mid-training (SIGSTOP: a rank whose host vanished without closing its
     connections, the worst case of a dead rank, or one stuck in a read): rank 0 fails its next collective
@@ -281,39 +272,26 @@ def test_a_stuck_or_dead_rank_ends_the_two_process_job_within_train_timeout_s(sy
     bound would fail), then rank 1 is killed (SIGKILL) and the launch ends non-zero. The same run checks
     lr scaling through the entry point (linear, global batch 2 x 16 against a base of 16) and trains its
     first steps with both DDP options on."""
-    import psutil
-
     run_dir = tmp_path / "run"
     timeout_s = 5
     cfg = write_config(tmp_path / "c.yaml", synth_shards, run_dir,
                        train={"epochs": 3, "timeout_s": timeout_s, "lr_scale": "linear", "lr_base_batch": 16,
                               "ddp_static_graph": True, "ddp_gradient_as_bucket_view": True},
                        checkpoint={"every_steps": 2, "keep_last": 10})
-    cmd, env = accelerate_command(2, ["--config", str(cfg)])
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
+    with launched(cfg) as proc:
         first = run_dir / "checkpoints" / "step-00000002" / "trainer_state.json"
-        deadline = time.monotonic() + 300
-        while not first.exists():
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.05)
+        wait_until(first.exists, proc, "checkpoint")
         # the scaled lr is the one the optimizer used (warmup 2: step 2 runs at the full rate)
         groups = torch.load(first.parent / "optimizer.pt", weights_only=True)["param_groups"]
         assert {round(g["lr"], 9) for g in groups} == {0.1}, groups
-        ranks = _ranks(proc.pid)
+        ranks = trainer_ranks(proc.pid)
         assert sorted(ranks) == [0, 1], ranks
-        os.kill(ranks[1], signal.SIGSTOP)
+        ranks[1].send_signal(signal.SIGSTOP)
         t_stop = time.monotonic()
-        psutil.Process(ranks[0]).wait(timeout=timeout_s + 120)  # the bound: timeout_s, plus a loaded machine
+        ranks[0].wait(timeout=timeout_s + 120)  # the bound: timeout_s, plus a loaded machine
         waited = time.monotonic() - t_stop
-        os.kill(ranks[1], signal.SIGKILL)
+        ranks[1].kill()
         out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
     assert proc.returncode != 0, out[-3000:]
     # rank 0 ends on its own, within the bound, on a failed collective: gloo's "Timed out waiting 5000ms"
     # (or "Application timeout caused pair closure" when DDP's hook in backward waits; rarely a connection

@@ -27,7 +27,7 @@ from bcc.shards import ShardError, read_range
 from bcc.train.preflight import MIN_BYTES_PER_SAMPLE, check_shards
 from bcc.train.setup import TrainError
 
-from conftest import launch, write_config
+from conftest import launch, launched, trainer_ranks, wait_until, write_config
 
 TOKEN = "s3cr3t-t0ken-value"
 
@@ -900,39 +900,21 @@ def test_a_rank_0_that_stops_in_its_start_up_check_ends_the_other_rank_within_tr
     """Rank 0 is stopped (SIGSTOP: a host that vanished, the worst case) while its start-up check waits on a
     slow HEAD: its signs of life stop, and rank 1 ends on its own about train.timeout_s later with the
     one lost-peer line (a time-out: an error line), not a traceback."""
-    import os
     import signal
-    import subprocess
-
-    import psutil
-
-    from bcc.launch import accelerate_command
 
     with serve(synth_shards) as (server, url):
         server.slow_head["val-000000.tar"] = 120
         cfg = write_config(tmp_path / "c.yaml", url, tmp_path / "run", **SLOW_CHECK)
-        cmd, env = accelerate_command(2, ["--config", str(cfg)])
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + 300
-            while "val-000000.tar" not in server.heads:
-                assert proc.poll() is None, proc.stdout.read()[-3000:]
-                assert time.monotonic() < deadline, "no start-up check within 300 s"
-                time.sleep(0.05)
-            ranks = {int(c.environ().get("RANK", -1)): c for c in psutil.Process(proc.pid).children()
-                     if "bcc.train" in " ".join(c.cmdline())}
+        with launched(cfg) as proc:
+            wait_until(lambda: "val-000000.tar" in server.heads, proc, "start-up check")
+            ranks = trainer_ranks(proc.pid)
             assert sorted(ranks) == [0, 1], ranks
-            os.kill(ranks[0].pid, signal.SIGSTOP)
+            ranks[0].send_signal(signal.SIGSTOP)
             t_stop = time.monotonic()
             ranks[1].wait(timeout=4 + 120)  # the bound: train.timeout_s, plus a loaded machine
             waited = time.monotonic() - t_stop
-            os.kill(ranks[0].pid, signal.SIGKILL)
+            ranks[0].kill()
             out, _ = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
     assert proc.returncode != 0, out[-3000:]
     lost = [line for line in out.splitlines() if line.startswith("error: rank 1: lost contact with the other ranks")]
     assert lost and "rank 0 gave no sign of life for 4 s (train.timeout_s) while it did its start-up check" in lost[0], (
@@ -1188,40 +1170,22 @@ def test_sigterm_to_rank_1_alone_during_the_start_up_check_ends_it_and_the_job(s
     check (a HEAD answered after 120 s): rank 1 ends at once with exit code 75 and the job's one line,
     its own, and the launch ends soon after with 75 (the launcher ends rank 0, which stays quiet). Before,
     rank 1 ended without a word and rank 0's line said rank 0 was interrupted."""
-    import os
     import signal
-    import subprocess
-
-    import psutil
-
-    from bcc.launch import accelerate_command
 
     with serve(synth_shards) as (server, url):
         server.slow_head["val-000000.tar"] = 120
         cfg = write_config(tmp_path / "c.yaml", url, tmp_path / "run", **SLOW_CHECK)
-        cmd, env = accelerate_command(2, ["--config", str(cfg)])
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + 300
-            while "val-000000.tar" not in server.heads:
-                assert proc.poll() is None, proc.stdout.read()[-3000:]
-                assert time.monotonic() < deadline, "no start-up check within 300 s"
-                time.sleep(0.05)
-            ranks = {int(c.environ().get("RANK", -1)): c for c in psutil.Process(proc.pid).children(recursive=True)
-                     if "bcc.train" in " ".join(c.cmdline())}
+        with launched(cfg) as proc:
+            wait_until(lambda: "val-000000.tar" in server.heads, proc, "start-up check")
+            ranks = trainer_ranks(proc.pid)
             assert sorted(ranks) == [0, 1], ranks
-            os.kill(ranks[1].pid, signal.SIGTERM)
+            ranks[1].send_signal(signal.SIGTERM)
             t_term = time.monotonic()
             ranks[1].wait(timeout=60)
             rank1_took = time.monotonic() - t_term
             rank0_outlived_it = ranks[0].is_running()  # so rank 1 failed first: the launcher's code is rank 1's
             out, _ = proc.communicate(timeout=120)
             took = time.monotonic() - t_term
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
     assert rank1_took < 30 and took < 60, (rank1_took, took, out[-3000:])  # teardown takes seconds when loaded
     assert rank0_outlived_it and proc.returncode == 75, (proc.returncode, out[-3000:])
     said = [line for line in out.splitlines() if line.startswith(("error:", "note:")) or "interrupted" in line]
