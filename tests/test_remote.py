@@ -880,6 +880,20 @@ def test_ddp_training_from_a_url_is_bitwise_training_from_the_local_copy(synth_s
 SLOW_CHECK = dict(train={"epochs": 1, "timeout_s": 4}, eval={"test_at_end": False})
 
 
+@contextlib.contextmanager
+def slow_start_up_check(synth_shards, tmp_path):
+    """A 2-process launch training from a served pack whose val shard's HEAD is answered after 120 s:
+    yields (the launch's Popen, rank -> psutil.Process) once rank 0's start-up check waits on it."""
+    with serve(synth_shards) as (server, url):
+        server.slow_head["val-000000.tar"] = 120
+        cfg = write_config(tmp_path / "c.yaml", url, tmp_path / "run", **SLOW_CHECK)
+        with launched(cfg) as proc:
+            wait_until(lambda: "val-000000.tar" in server.heads, proc, "start-up check")
+            ranks = trainer_ranks(proc.pid)
+            assert sorted(ranks) == [0, 1], ranks
+            yield proc, ranks
+
+
 def test_a_start_up_check_slower_than_train_timeout_s_keeps_the_other_rank_waiting(synth_shards, tmp_path):
     """2-process DDP from a server that answers the start-up check's HEAD of one val shard after 12 s, three
     times train.timeout_s: rank 1 waits for rank 0's verdict as long as rank 0 shows signs of life (it
@@ -902,19 +916,13 @@ def test_a_rank_0_that_stops_in_its_start_up_check_ends_the_other_rank_within_tr
     one lost-peer line (a time-out: an error line), not a traceback."""
     import signal
 
-    with serve(synth_shards) as (server, url):
-        server.slow_head["val-000000.tar"] = 120
-        cfg = write_config(tmp_path / "c.yaml", url, tmp_path / "run", **SLOW_CHECK)
-        with launched(cfg) as proc:
-            wait_until(lambda: "val-000000.tar" in server.heads, proc, "start-up check")
-            ranks = trainer_ranks(proc.pid)
-            assert sorted(ranks) == [0, 1], ranks
-            ranks[0].send_signal(signal.SIGSTOP)
-            t_stop = time.monotonic()
-            ranks[1].wait(timeout=4 + 120)  # the bound: train.timeout_s, plus a loaded machine
-            waited = time.monotonic() - t_stop
-            ranks[0].kill()
-            out, _ = proc.communicate(timeout=120)
+    with slow_start_up_check(synth_shards, tmp_path) as (proc, ranks):
+        ranks[0].send_signal(signal.SIGSTOP)
+        t_stop = time.monotonic()
+        ranks[1].wait(timeout=4 + 120)  # the bound: train.timeout_s, plus a loaded machine
+        waited = time.monotonic() - t_stop
+        ranks[0].kill()
+        out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, out[-3000:]
     lost = [line for line in out.splitlines() if line.startswith("error: rank 1: lost contact with the other ranks")]
     assert lost and "rank 0 gave no sign of life for 4 s (train.timeout_s) while it did its start-up check" in lost[0], (
@@ -1172,20 +1180,14 @@ def test_sigterm_to_rank_1_alone_during_the_start_up_check_ends_it_and_the_job(s
     rank 1 ended without a word and rank 0's line said rank 0 was interrupted."""
     import signal
 
-    with serve(synth_shards) as (server, url):
-        server.slow_head["val-000000.tar"] = 120
-        cfg = write_config(tmp_path / "c.yaml", url, tmp_path / "run", **SLOW_CHECK)
-        with launched(cfg) as proc:
-            wait_until(lambda: "val-000000.tar" in server.heads, proc, "start-up check")
-            ranks = trainer_ranks(proc.pid)
-            assert sorted(ranks) == [0, 1], ranks
-            ranks[1].send_signal(signal.SIGTERM)
-            t_term = time.monotonic()
-            ranks[1].wait(timeout=60)
-            rank1_took = time.monotonic() - t_term
-            rank0_outlived_it = ranks[0].is_running()  # so rank 1 failed first: the launcher's code is rank 1's
-            out, _ = proc.communicate(timeout=120)
-            took = time.monotonic() - t_term
+    with slow_start_up_check(synth_shards, tmp_path) as (proc, ranks):
+        ranks[1].send_signal(signal.SIGTERM)
+        t_term = time.monotonic()
+        ranks[1].wait(timeout=60)
+        rank1_took = time.monotonic() - t_term
+        rank0_outlived_it = ranks[0].is_running()  # so rank 1 failed first: the launcher's code is rank 1's
+        out, _ = proc.communicate(timeout=120)
+        took = time.monotonic() - t_term
     assert rank1_took < 30 and took < 60, (rank1_took, took, out[-3000:])  # teardown takes seconds when loaded
     assert rank0_outlived_it and proc.returncode == 75, (proc.returncode, out[-3000:])
     said = [line for line in out.splitlines() if line.startswith(("error:", "note:")) or "interrupted" in line]
