@@ -62,6 +62,7 @@ __all__ = [
     "evaluate_checkpoint",
     "open_source",
     "scan_class_folders",
+    "shown_split",
 ]
 
 EVAL_FORMAT = "bcc-eval/1"
@@ -160,8 +161,13 @@ class EvalSource:
     @property
     def shown(self) -> str:
         """`val`, or `val (fold 1 of the pack's train+val: the run's data.fold)` for a fold view."""
-        return self.name if self.fold is None else f"{self.name} (fold {self.fold} of the pack's train+val: " \
-                                                   "the run's data.fold)"
+        return shown_split(self.name, self.fold)
+
+
+def shown_split(name: str, fold: int | None) -> str:
+    """A split as eval, calibrate and the report name it: `val`, or for a fold run's view (`EvalSource.fold`,
+    metrics.json's `fold`) `val (fold 1 of the pack's train+val: the run's data.fold)`."""
+    return name if fold is None else f"{name} (fold {fold} of the pack's train+val: the run's data.fold)"
 
 
 def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size: int | None = None,

@@ -266,3 +266,36 @@ def test_calibrate_and_eval_of_a_fold_run_use_its_fold_and_keep_the_ema_fit(cv_p
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["count"] == n0 and metrics["fold"] == 0 and "fold 0" in " ".join(proc.stdout.split())
+
+
+@pytest.mark.slow
+def test_report_of_a_fold_run_shows_its_fold_for_val(cv_pack, cv_run, tmp_path, bcc_main):
+    """`bcc report --split val` of a fold run evaluates fold k (as `bcc eval --split val` does), finds the
+    mistakes' images there (fold k's samples lie mostly in the pack's train shards: the report looked in
+    its val shards and failed) and names the fold; an older evaluation without `fold` is redone."""
+    (_, fold_of), (out, _, cv) = cv_pack, cv_run
+    assert cv.returncode == 0, cv.stdout + cv.stderr
+    run = tmp_path / "fold-0"
+    shutil.copytree(out / "fold-0", run, symlinks=True)
+    n0 = sum(f == 0 for f in fold_of.values())
+    proc = bcc_main("report", run, "--split", "val", "--out", tmp_path / "rep", "--worst", "40")
+    assert proc.returncode == 0, proc.stderr
+    evaluated = tmp_path / "rep" / "eval-val"
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert metrics["fold"] == 0 and metrics["count"] == n0
+    with open(evaluated / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["key"] for r in rows) == sorted(k for k, f in fold_of.items() if f == 0)
+    wrong = [r["key"] for r in rows if r["true_class"] != r["pred_class"]]
+    assert any(k.startswith("train-") for k in wrong), "the gallery must show a fold-0 image from a train shard"
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert page.count("val (fold 0 of the pack&#x27;s train+val: the run&#x27;s data.fold)") >= 4  # table, headings
+    assert "val (log: fold 0, epoch" in page
+
+    metrics.pop("fold")  # as an evaluation written before fold views: its val may be the pack's val split
+    metrics["count"] = -1
+    (evaluated / "metrics.json").write_text(json.dumps(metrics))
+    proc = bcc_main("report", run, "--split", "val", "--out", tmp_path / "rep", "--worst", "0")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert metrics["fold"] == 0 and metrics["count"] == n0  # evaluated again, not reused
