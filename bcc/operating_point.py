@@ -232,7 +232,9 @@ def point_record(rule: OperatingPoint | str, threshold: float, taxonomy, tempera
                  info: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The stored form of a fitted point (what `operating_point.json` holds for one weights): format,
     rule, binary head and its positive label, threshold (on probabilities scaled by `temperature`),
-    temperature, logit margin, fit time, then `info` (split, count, val rates, ...)."""
+    temperature, logit margin, fit time, then `info`: where it was fitted (`split`, `fold`: the run's
+    data.fold whose view `split` was, null for none; absent in files of an older bcc, which fitted a fold run
+    on its fold view too; `data`, `count`, `step`) and the val rates."""
     _, head = binary_head(taxonomy)
     labels = next(h.labels for h in taxonomy.heads if h.name == head)
     return {

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import webdataset as wds
@@ -299,3 +300,39 @@ def test_report_of_a_fold_run_shows_its_fold_for_val(cv_pack, cv_run, tmp_path, 
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((evaluated / "metrics.json").read_text())
     assert metrics["fold"] == 0 and metrics["count"] == n0  # evaluated again, not reused
+
+
+@pytest.fixture(scope="module")
+def fold_point_run(cv_pack, tmp_path_factory):
+    """One fold run (`bcc train` with data.fold=1 of `cv_pack`) that fits temperatures and a youden
+    operating point on its validation fold at the end, for the raw and the EMA weights (no test pass)."""
+    root = tmp_path_factory.mktemp("foldpoint")
+    run = root / "run"
+    cfg = write_config(root / "cfg.yaml", cv_pack[0], run, data={"workers": 0, "fold": 1},
+                       train={"epochs": 1, "ema_decay": 0.5},
+                       eval={"calibrate": True, "operating_point": "youden", "test_at_end": False})
+    proc = _bcc("train", "--config", cfg)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+def test_a_fold_runs_fits_record_the_fold_they_were_fitted_on(cv_pack, fold_point_run, tmp_path):
+    """Training's operating_point.json and temperature.json of a fold run say which fold the fit used
+    (`bcc calibrate` already did), in the EMA's entries too; without the key a file reads as before."""
+    from bcc.operating_point import read_operating_point, stored_points
+
+    (shards, fold_of) = cv_pack
+    best = fold_point_run / "checkpoints" / "best"
+    n1 = sum(f == 1 for f in fold_of.values())
+    point = json.loads((best / "operating_point.json").read_text())
+    temps = json.loads((best / "temperature.json").read_text())
+    for record in (point, point["ema"], temps, temps["ema"]):
+        assert record["split"] == "val" and record["fold"] == 1 and record["count"] == n1, record
+        assert Path(record["data"]) == shards.resolve()
+    assert point["rule"] == point["ema"]["rule"] == "youden"
+    older = {k: v for k, v in point.items() if k != "fold"}  # a file of an older bcc: no `fold`
+    older["ema"] = {k: v for k, v in point["ema"].items() if k != "fold"}
+    (tmp_path / "operating_point.json").write_text(json.dumps(older))
+    assert read_operating_point(tmp_path)["margin"] == point["margin"] and "fold" not in read_operating_point(tmp_path)
+    assert stored_points(tmp_path)["ema"]["margin"] == point["ema"]["margin"]
