@@ -150,12 +150,13 @@ def _same_point(recorded: Mapping[str, Any] | None, im) -> bool:
             and math.isclose(float(recorded.get("threshold", math.nan)), im.threshold, rel_tol=1e-9, abs_tol=1e-12))
 
 
-def _evaluation(im, split: str, data: str | Path | None, out: Path | None = None) -> tuple[Path, dict[str, Any]]:
+def _evaluation(im, split: str, data: str | Path | None, out: Path | None = None) -> tuple[Path, dict[str, Any], bool]:
     """The evaluation `bcc eval` writes for this run: `eval-<split>` (a packed split) or `eval-<folder
     name>` (`data` an image folder), looked for under `out` and then the run dir. Reused when its
     metrics.json says it was made from the current best checkpoint with the weights, temperatures and
     operating point in use now (and from `data`, when given); else evaluated now and written under `out`
-    (`bcc report --out`: nothing is written into the run dir), or the run dir when `out` is None."""
+    (`bcc report --out`: nothing is written into the run dir), or the run dir when `out` is None. Returns
+    (its folder, its metrics.json, whether it was reused)."""
     from bcc.evaluate import evaluate_checkpoint
 
     if data is None and im.config.data.sources:
@@ -186,12 +187,12 @@ def _evaluation(im, split: str, data: str | Path | None, out: Path | None = None
     for base in dict.fromkeys([*([out] if out is not None else []), im.run_dir]):
         done = _load_eval(base / name)
         if is_current(done, base / name):
-            return base / name, done
+            return base / name, done, True
     if source is not None and not source.exists():
         raise ReportError(f"the run's data {source} does not exist (moved?): pass --data with the packed dataset")
     eval_dir = (out if out is not None else im.run_dir) / name
     return eval_dir, evaluate_checkpoint(im.checkpoint, location if is_remote else source, split=split, out=eval_dir,
-                                         workers=0, weights=im.weights)
+                                         workers=0, weights=im.weights), False
 
 
 def _folder_file(root: Path, source: str) -> Path:
@@ -379,7 +380,18 @@ def write_report(
         raise ReportError(f"{run} is not a run directory (no config.yaml beside checkpoints/)")
     cfg = im.config
     split = split or cfg.data.test_split
-    eval_dir, evaluation = _evaluation(im, split, data, Path(out) if out is not None else None)
+    eval_dir, evaluation, reused = _evaluation(im, split, data, Path(out) if out is not None else None)
+    from bcc.evaluate import fit_warning
+
+    is_folder = evaluation.get("kind") == "folder"
+    # the samples the temperatures / operating point were fitted on: on the page, and said here unless the
+    # evaluation just made (`bcc.evaluate.evaluate_checkpoint`) said it
+    flattered = fit_warning(im, Path(str(evaluation["data"])).name if is_folder else split, evaluation.get("fold"),
+                            evaluation["data"], is_folder=is_folder)
+    if flattered and reused:
+        from bcc.console import warn
+
+        warn(flattered)
     mistakes = worst_mistakes(_read_predictions(eval_dir / "predictions.csv"), im.taxonomy, worst)
     panels = _gradcam_panels(im, _read_images(evaluation, mistakes, cfg.data), mistakes) if mistakes else []
 
@@ -430,6 +442,7 @@ def write_report(
         f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC{where}</p>",
         '<p class="warn">Research software: not for clinical use.</p>',
         f'<p class="meta decision">{decision_text(point)}</p>',
+        f'<p class="warn">warning: {html.escape(flattered)}</p>' if flattered else "",
         "<h2>Training curves</h2>",
         '<div class="figs">' + "".join(img_tag(f, "training curve", "curve") for f in curves) + "</div>"
         if curves else "<p>metrics.jsonl has no per-epoch values to plot.</p>",

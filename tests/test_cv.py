@@ -336,3 +336,39 @@ def test_a_fold_runs_fits_record_the_fold_they_were_fitted_on(cv_pack, fold_poin
     (tmp_path / "operating_point.json").write_text(json.dumps(older))
     assert read_operating_point(tmp_path)["margin"] == point["margin"] and "fold" not in read_operating_point(tmp_path)
     assert stored_points(tmp_path)["ema"]["margin"] == point["ema"]["margin"]
+
+
+@pytest.mark.slow
+def test_eval_and_report_warn_on_the_fold_the_fits_were_made_on(cv_pack, fold_point_run, synth_shards, tmp_path,
+                                                                  bcc_main):
+    """A fold run's temperatures and operating point were fitted on fold 1: `bcc eval` / `bcc report` of
+    `--split val` (that fold) say in one `warning:` line that its figures are flattered by the fit; the
+    test split, and another pack's val split, are not what was fitted on: no warning."""
+    shards, run = cv_pack[0], fold_point_run
+    fold = "--split val (fold 1 of the pack's train+val: the run's data.fold) holds the samples the "
+    both = fold + "temperatures and the operating point (ema weights) were fitted on: the calibration (ECE, loss) " \
+                  "and the decisions at the operating point"
+
+    def evaluate(*args, data=shards):
+        proc = bcc_main("eval", "-c", run, "-d", data, "--out", tmp_path / "ev", "--workers", "0", *args)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    out = evaluate("--split", "val")
+    assert out.count("warning:") == 1 and both in out, out
+    assert "warning:" not in evaluate("--split", "test")
+    assert "warning:" not in evaluate("--split", "val", data=synth_shards)  # a pack without folds: its own val
+    out = evaluate("--split", "val", "--argmax")  # the temperatures alone
+    assert fold + "temperatures (ema weights) were fitted on: the calibration (ECE, loss) measured there is " \
+                  "flattered" in out
+    assert "warning:" not in evaluate("--split", "val", "--argmax", "--no-calibration")
+
+    for _ in range(2):  # evaluated (bcc eval's line), then reused (the report's own): said once each time
+        proc = bcc_main("report", run, "--split", "val", "--out", tmp_path / "rep", "--worst", "0")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.count("warning:") == 1 and both in proc.stdout, proc.stdout
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert '<p class="warn">warning: --split val (fold 1 of the pack&#x27;s train+val' in page
+    proc = bcc_main("report", run, "--out", tmp_path / "rep", "--worst", "0")  # the test split
+    assert proc.returncode == 0 and "warning:" not in proc.stdout, proc.stdout + proc.stderr
+    assert "warning:" not in (tmp_path / "rep" / "report.html").read_text()
