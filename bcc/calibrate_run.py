@@ -172,7 +172,7 @@ def _write(im, fits, old_temps, rule, info) -> Path:
     ema = fits.get("ema")
     if "raw" in fits:
         raw = fits["raw"]
-        ema_temps = {"ema": {"temperatures": ema["temperatures"]}} if ema else (
+        ema_temps = {"ema": {"temperatures": ema["temperatures"], **info}} if ema else (
             {"ema": old_temps["ema"]} if old_temps and "ema" in old_temps else {})
         path = write_temperatures(im.checkpoint, raw["temperatures"],
                                   {**info, "ece_before": raw["ece_before"], "ece_after": raw["ece_after"],

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["apply_temperature", "ece", "fit_temperature", "fit_temperatures", "reliability_bins", "write_temperatures"]
+__all__ = ["FIT_KEYS", "apply_temperature", "ece", "fit_facts", "fit_temperature", "fit_temperatures", "reliability_bins",
+           "temperature_fit", "write_temperatures"]
 
 TEMPERATURE_FILE = "temperature.json"  # stored in a checkpoint directory; read by bcc.predict
 TEMPERATURE_FORMAT = "bcc-temperature/1"
@@ -142,3 +143,34 @@ def write_temperatures(checkpoint_dir: str | Path, temperatures: Mapping[str, fl
         **info,
     })
     return path
+
+
+# where a stored fit (temperature.json, operating_point.json) was made: the split, the run's data.fold whose
+# view it was (null: none; absent in files of an older bcc), the data's location, its samples and the step
+FIT_KEYS = ("split", "fold", "data", "count", "step")
+
+
+def fit_facts(entry: Mapping[str, Any], file: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The `FIT_KEYS` of a stored fit's entry, each taken from `file` (the file's top level) where the
+    entry lacks it: an EMA entry written by an older bcc holds its values only, fitted on the samples the
+    file's top level names."""
+    base = file or {}
+    return {k: entry[k] if k in entry else base[k] for k in FIT_KEYS if k in entry or k in base}
+
+
+def temperature_fit(checkpoint_dir: str | Path, weights: str = "raw") -> dict[str, Any] | None:
+    """Where the temperatures of `weights` ("raw" or "ema") stored with a checkpoint were fitted
+    (`fit_facts` of `temperature.json`: the EMA's entry, then the file's top level), or None when there
+    are none (no file, no EMA entry) or the file cannot be read (its loader says so)."""
+    from bcc.atomic import read_json_object
+
+    try:
+        stored = read_json_object(Path(checkpoint_dir) / TEMPERATURE_FILE)
+    except ValueError:
+        return None
+    if stored is None:
+        return None
+    if weights != "ema":
+        return fit_facts(stored)
+    entry = stored.get("ema")
+    return fit_facts(entry, stored) if isinstance(entry, dict) else None

@@ -60,8 +60,10 @@ from bcc.taxonomy import Taxonomy, TaxonomyError
 __all__ = [
     "EvalError",
     "evaluate_checkpoint",
+    "fit_warning",
     "open_source",
     "scan_class_folders",
+    "shown_split",
 ]
 
 EVAL_FORMAT = "bcc-eval/1"
@@ -160,8 +162,13 @@ class EvalSource:
     @property
     def shown(self) -> str:
         """`val`, or `val (fold 1 of the pack's train+val: the run's data.fold)` for a fold view."""
-        return self.name if self.fold is None else f"{self.name} (fold {self.fold} of the pack's train+val: " \
-                                                   "the run's data.fold)"
+        return shown_split(self.name, self.fold)
+
+
+def shown_split(name: str, fold: int | None) -> str:
+    """A split as eval, calibrate and the report name it: `val`, or for a fold run's view (`EvalSource.fold`,
+    metrics.json's `fold`) `val (fold 1 of the pack's train+val: the run's data.fold)`."""
+    return name if fold is None else f"{name} (fold {fold} of the pack's train+val: the run's data.fold)"
 
 
 def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size: int | None = None,
@@ -223,6 +230,52 @@ def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size:
                           collate_fn=_collate_folder)
 
     return EvalSource("folder", path.resolve(), path.resolve().name, len(items), loader, skipped)
+
+
+def _same_location(a: str | Path, b: str | Path) -> bool:
+    from bcc.remote import is_local
+
+    if is_local(str(a)) and is_local(str(b)):
+        return Path(a).resolve() == Path(b).resolve()
+    return str(a) == str(b)
+
+
+def fit_warning(im: InferenceModel, name: str, fold: int | None, data: str | Path, *,
+                is_folder: bool = False) -> str | None:
+    """The warning (text after `warning:`) for an evaluation of the samples that the temperatures and/or
+    the operating point `im` uses were fitted on, else None: split `name` (its fold view `fold`, as
+    `EvalSource.fold`) of `data`, or the image folder `name` at `data`. Where a fit was made is what
+    temperature.json / operating_point.json record (`bcc.calibration.temperature_fit`,
+    `bcc.operating_point.point_fit`); a file of an older bcc without `fold` was fitted on the run's own view
+    (data.fold), one without `data` on the run's data.shards. `bcc eval` and `bcc report` print it."""
+    from bcc.calibration import temperature_fit
+    from bcc.operating_point import point_fit
+
+    d = im.config.data
+
+    def is_here(fit: dict | None) -> bool:
+        if not fit or fit.get("split") != name:
+            return False
+        fitted_fold = fit.get("fold", d.fold) if name in (d.train_split, d.val_split) else None
+        where = fit.get("data") or (None if d.sources else d.shards)
+        return fitted_fold == fold and (where is None or _same_location(where, data))
+
+    fitted = [what for what, used, fit in (
+        ("temperatures", bool(im.temperatures), lambda: temperature_fit(im.checkpoint, im.weights)),
+        ("operating point", im.operating_point is not None, lambda: point_fit(im.checkpoint, im.weights)),
+    ) if used and is_here(fit())]
+    if not fitted:
+        return None
+    what = " and the ".join(fitted)
+    flattered = " and ".join({"temperatures": "the calibration (ECE, loss)",
+                              "operating point": "the decisions at the operating point (op_sens/op_spec, acc, "
+                                                 "bacc)"}[w] for w in fitted)
+    subject = "--data (this image folder)" if is_folder else f"--split {shown_split(name, fold)}"  # no path: --hide-paths
+    advice = ("refit on validation (bcc calibrate) and keep the test split held out" if name == d.test_split
+              else "the held-out test split (--split test) gives unflattered figures")
+    return (f"{subject} holds the samples the {what} ({im.weights} weights) "
+            f"{'was' if fitted == ['operating point'] else 'were'} fitted on: {flattered} measured there "
+            f"{'is' if fitted == ['temperatures'] else 'are'} flattered by that fit; {advice}")
 
 
 # --------------------------------------------------------------------------- inference
@@ -422,6 +475,11 @@ def evaluate_checkpoint(
             console.print(f"[yellow]skipped:[/] {escape(s['source'])}: {escape(s['reason'])}", soft_wrap=True)
         if len(source.skipped) > _SHOW_SKIPPED:
             console.print(f"[yellow]skipped:[/] {len(source.skipped) - _SHOW_SKIPPED} more, listed in metrics.json")
+        flattered = fit_warning(im, source.name, source.fold, source.path, is_folder=source.kind == "folder")
+        if flattered:
+            from bcc.console import warn
+
+            warn(flattered)
         if im.temperatures:
             raw = ", ".join(f"{h} {flat[h + '_ece_raw']:.4f}" for h in im.taxonomy.head_names)
             console.print(f"ECE raw -> temperature-scaled: combined {flat['ece_raw']:.4f} -> {flat['ece']:.4f}; "

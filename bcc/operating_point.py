@@ -44,6 +44,7 @@ __all__ = [
     "check_val_fittable",
     "fit_threshold",
     "parse_operating_point",
+    "point_fit",
     "point_record",
     "rates",
     "read_operating_point",
@@ -232,7 +233,9 @@ def point_record(rule: OperatingPoint | str, threshold: float, taxonomy, tempera
                  info: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The stored form of a fitted point (what `operating_point.json` holds for one weights): format,
     rule, binary head and its positive label, threshold (on probabilities scaled by `temperature`),
-    temperature, logit margin, fit time, then `info` (split, count, val rates, ...)."""
+    temperature, logit margin, fit time, then `info`: where it was fitted (`split`, `fold`: the run's
+    data.fold whose view `split` was, null for none; absent in files of an older bcc, which fitted a fold run
+    on its fold view too; `data`, `count`, `step`) and the val rates."""
     _, head = binary_head(taxonomy)
     labels = next(h.labels for h in taxonomy.heads if h.name == head)
     return {
@@ -305,6 +308,24 @@ def read_operating_point(checkpoint_dir: str | Path, taxonomy=None) -> dict[str,
     be the binary root head. The EMA's: `stored_points(...)["ema"]`."""
     points = stored_points(checkpoint_dir, taxonomy)
     return None if points is None else points["raw"]
+
+
+def point_fit(checkpoint_dir: str | Path, weights: str = "raw") -> dict[str, Any] | None:
+    """Where the point of `weights` ("raw" or "ema") stored with a checkpoint was fitted
+    (`bcc.calibration.fit_facts`: split, fold, data, count, step; an EMA entry's missing facts from the
+    file's top level), or None when that weights decide by argmax (no file, no entry) or the file cannot
+    be read (its loader says so)."""
+    from bcc.calibration import fit_facts
+    from bcc.checkpoint import CheckpointError
+
+    try:
+        points = stored_points(checkpoint_dir)
+    except CheckpointError:
+        return None
+    point = None if points is None else points.get("ema" if weights == "ema" else "raw")
+    if point is None:
+        return None
+    return fit_facts(point, points["raw"] if weights == "ema" else None)
 
 
 _KEEP: Any = object()

@@ -309,6 +309,10 @@ class Prediction:
     head_probs: dict[str, dict[str, float]]  # head -> label -> probability
     class_probs: dict[str, float]  # leaf class -> combined hierarchical probability
     gradcam: list[str] = field(default_factory=list)
+    # the decision at argmax (every head's most probable label): `answer`/`class_name` unless an operating
+    # point moved the binary head's threshold
+    answer_argmax: str = ""
+    class_argmax: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -367,6 +371,7 @@ def predict_paths(
         x = torch.stack(tensors)
         probs = [p.cpu() for p in im.head_probs(x, tta=tta)]
         decided = decide(taxonomy, probs, im.threshold)
+        argmax = decide(taxonomy, probs, None) if im.threshold is not None else decided
         combined = combined_probs(taxonomy, [p.clamp_min(1e-12).log() for p in probs])
         classes = {h: p.argmax(dim=1) for h, p in zip(taxonomy.head_names, probs, strict=True)}
         if im.threshold is not None:  # the binary head's label is the one the decision used
@@ -385,6 +390,8 @@ def predict_paths(
                 head_probs={h.name: {lab: float(probs[k][i, j]) for j, lab in enumerate(h.labels)}
                             for k, h in enumerate(taxonomy.heads)},
                 class_probs={name: float(combined[i, j]) for j, name in enumerate(taxonomy.class_names)},
+                answer_argmax=answer_text(taxonomy, int(argmax[i])),
+                class_argmax=taxonomy.class_names[int(argmax[i])],
             )
             if maps is not None:
                 from bcc.gradcam import save_overlays
@@ -445,19 +452,34 @@ def write_probability_csv(
 
 
 def write_predictions_csv(result: PredictResult, taxonomy: Taxonomy, path: str | Path) -> Path:
-    """One row per file: path, answer, class, every head's probabilities (`head:label`), the combined
-    leaf probabilities (`combined:class`), and `error` (set, with the rest empty, for failed files)."""
+    """One row per file: path, answer, class (the decision made: at the operating point when one is in
+    use), every head's probabilities (`head:label`), the combined leaf probabilities (`combined:class`),
+    `gradcam`, `error` (set, with the rest empty, for failed files), then `answer_argmax`, `class_argmax`
+    (the decision at argmax) and `threshold`: the binary head's positive-label probability at or above
+    which it decided positive (the operating point; 0.5 at argmax, where it decides positive above 0.5;
+    empty for a taxonomy without a binary root head)."""
+    from bcc.operating_point import OperatingPointError, binary_head
+
     cols = prob_columns(taxonomy)
+    try:
+        binary_head(taxonomy)
+        threshold = repr(float(result.threshold if result.threshold is not None else 0.5))
+    except OperatingPointError:
+        threshold = ""
 
     def rows():
         for p in result.predictions:
             values = {f"{h}:{lab}": v for h, d in p.head_probs.items() for lab, v in d.items()}
             values.update({f"combined:{c}": v for c, v in p.class_probs.items()})
-            yield [p.path, p.answer, p.class_name], [values[c] for c in cols], [" ".join(p.gradcam), ""]
+            yield ([p.path, p.answer, p.class_name], [values[c] for c in cols],
+                   [" ".join(p.gradcam), "", p.answer_argmax, p.class_argmax, threshold])
         for file, reason in result.failures:
-            yield [file, "", ""], None, ["", reason]
+            yield [file, "", ""], None, ["", reason, "", "", ""]
 
-    return write_probability_csv(path, taxonomy, ["path", "answer", "class"], rows(), ["gradcam", "error"])
+    # columns after `error` were added later (`answer_argmax`, `class_argmax`, `threshold`): appended, so
+    # readers of the older columns by position keep working
+    return write_probability_csv(path, taxonomy, ["path", "answer", "class"], rows(),
+                                 ["gradcam", "error", "answer_argmax", "class_argmax", "threshold"])
 
 
 def write_predictions_json(result: PredictResult, path: str | Path) -> Path:

@@ -150,12 +150,13 @@ def _same_point(recorded: Mapping[str, Any] | None, im) -> bool:
             and math.isclose(float(recorded.get("threshold", math.nan)), im.threshold, rel_tol=1e-9, abs_tol=1e-12))
 
 
-def _evaluation(im, split: str, data: str | Path | None, out: Path | None = None) -> tuple[Path, dict[str, Any]]:
+def _evaluation(im, split: str, data: str | Path | None, out: Path | None = None) -> tuple[Path, dict[str, Any], bool]:
     """The evaluation `bcc eval` writes for this run: `eval-<split>` (a packed split) or `eval-<folder
     name>` (`data` an image folder), looked for under `out` and then the run dir. Reused when its
     metrics.json says it was made from the current best checkpoint with the weights, temperatures and
     operating point in use now (and from `data`, when given); else evaluated now and written under `out`
-    (`bcc report --out`: nothing is written into the run dir), or the run dir when `out` is None."""
+    (`bcc report --out`: nothing is written into the run dir), or the run dir when `out` is None. Returns
+    (its folder, its metrics.json, whether it was reused)."""
     from bcc.evaluate import evaluate_checkpoint
 
     if data is None and im.config.data.sources:
@@ -172,7 +173,9 @@ def _evaluation(im, split: str, data: str | Path | None, out: Path | None = None
     files = ("metrics.json", "predictions.csv", "confusion.png", "reliability.png")
 
     def is_current(done: Mapping[str, Any] | None, eval_dir: Path) -> bool:
-        if not (done is not None and done.get("checkpoint") == str(im.checkpoint)
+        # `fold` in it: made by a bcc that evaluates a fold run's train/val split in its fold view (an older
+        # evaluation of `val` may hold the pack's own val split, most of which such a run trained on)
+        if not (done is not None and "fold" in done and done.get("checkpoint") == str(im.checkpoint)
                 and done.get("weights", "raw") == im.weights and done.get("temperatures") == (im.temperatures or None)
                 and _same_point(done.get("operating_point"), im) and all((eval_dir / f).is_file() for f in files)):
             return False
@@ -184,12 +187,12 @@ def _evaluation(im, split: str, data: str | Path | None, out: Path | None = None
     for base in dict.fromkeys([*([out] if out is not None else []), im.run_dir]):
         done = _load_eval(base / name)
         if is_current(done, base / name):
-            return base / name, done
+            return base / name, done, True
     if source is not None and not source.exists():
         raise ReportError(f"the run's data {source} does not exist (moved?): pass --data with the packed dataset")
     eval_dir = (out if out is not None else im.run_dir) / name
     return eval_dir, evaluate_checkpoint(im.checkpoint, location if is_remote else source, split=split, out=eval_dir,
-                                         workers=0, weights=im.weights)
+                                         workers=0, weights=im.weights), False
 
 
 def _folder_file(root: Path, source: str) -> Path:
@@ -203,8 +206,10 @@ def _folder_file(root: Path, source: str) -> Path:
     return next((p for p in root.rglob("*") if display_path(p.relative_to(root).as_posix()) == source), path)
 
 
-def _read_images(evaluation: Mapping[str, Any], mistakes: Sequence[Mistake]):
-    """The evaluated images of `mistakes`, decoded (RGB PIL), in their order."""
+def _read_images(evaluation: Mapping[str, Any], mistakes: Sequence[Mistake], data_cfg):
+    """The evaluated images of `mistakes`, decoded (RGB PIL), in their order. A fold run's train/val split
+    (`fold` in the evaluation) is read in the fold view `bcc eval` evaluated (`Manifest.with_fold` with the
+    run's split names `data_cfg`): fold k's samples lie in the pack's train and val shards."""
     from bcc import remote
     from bcc.predict import read_image
 
@@ -217,7 +222,8 @@ def _read_images(evaluation: Mapping[str, Any], mistakes: Sequence[Mistake]):
     wanted = {m.key for m in mistakes}
     found: dict[str, bytes] = {}
     try:
-        manifest = Manifest.load(root)
+        manifest = Manifest.load(root).with_fold(evaluation.get("fold"), train=data_cfg.train_split,
+                                                 val=data_cfg.val_split)
     except ManifestError as e:
         raise ReportError(f"the evaluated images are gone ({e}); pass --data with the packed dataset") from e
     for shard in manifest.split(evaluation["split"]).shards:
@@ -233,7 +239,10 @@ def _read_images(evaluation: Mapping[str, Any], mistakes: Sequence[Mistake]):
                         break
     missing = sorted(wanted - found.keys())
     if missing:
-        raise ReportError(f"samples {', '.join(missing[:5])} are not in the {evaluation['split']!r} shards of {root}")
+        from bcc.evaluate import shown_split
+
+        raise ReportError(f"samples {', '.join(missing[:5])} are not in the shards of split "
+                          f"{shown_split(evaluation['split'], evaluation.get('fold'))} of {root}")
     return [read_image(io.BytesIO(found[m.key])) for m in mistakes]
 
 
@@ -328,14 +337,17 @@ def _pretrained_text(run_dir: Path, given: str, hide_paths: bool) -> str:
     return f"pretrained from {source}" + (f" (sha256 {html.escape(digest)})" if digest else "") + "; "
 
 
-def _log_column(split: str, row: Mapping[str, Any]) -> str:
+def _log_column(split: str, row: Mapping[str, Any], data_cfg=None) -> str:
     """A log row's column heading, saying what it measured (issue-14 breaker: a last-epoch val row and
     a best-checkpoint test row both read "epoch 3, log" beside the evaluation of the EMA weights): the
-    checkpoint of the final test, or the epoch (step) the row was logged at, and whose weights."""
+    checkpoint of the final test, or the epoch (step) the row was logged at, and whose weights; for a
+    fold run (`data.fold`) its val rows are of fold k, and say so."""
     when = (f"the {row['checkpoint']} checkpoint" if "checkpoint" in row
             else f"epoch {row['epoch']}" if "epoch" in row else f"step {row.get('step')}")
     ema = any(str(k).startswith("ema_") for k in row)
-    return f"{split} (log: {when}, raw weights{'; ema_*: EMA weights' if ema else ''})"
+    fold = (f"fold {data_cfg.fold}, " if data_cfg is not None and data_cfg.fold is not None
+            and split == data_cfg.val_split else "")
+    return f"{split} (log: {fold}{when}, raw weights{'; ema_*: EMA weights' if ema else ''})"
 
 
 def write_report(
@@ -368,9 +380,20 @@ def write_report(
         raise ReportError(f"{run} is not a run directory (no config.yaml beside checkpoints/)")
     cfg = im.config
     split = split or cfg.data.test_split
-    eval_dir, evaluation = _evaluation(im, split, data, Path(out) if out is not None else None)
+    eval_dir, evaluation, reused = _evaluation(im, split, data, Path(out) if out is not None else None)
+    from bcc.evaluate import fit_warning
+
+    is_folder = evaluation.get("kind") == "folder"
+    # the samples the temperatures / operating point were fitted on: on the page, and said here unless the
+    # evaluation just made (`bcc.evaluate.evaluate_checkpoint`) said it
+    flattered = fit_warning(im, Path(str(evaluation["data"])).name if is_folder else split, evaluation.get("fold"),
+                            evaluation["data"], is_folder=is_folder)
+    if flattered and reused:
+        from bcc.console import warn
+
+        warn(flattered)
     mistakes = worst_mistakes(_read_predictions(eval_dir / "predictions.csv"), im.taxonomy, worst)
-    panels = _gradcam_panels(im, _read_images(evaluation, mistakes), mistakes) if mistakes else []
+    panels = _gradcam_panels(im, _read_images(evaluation, mistakes, cfg.data), mistakes) if mistakes else []
 
     run_name = im.run_dir.name
     with tempfile.TemporaryDirectory(prefix="bcc-report-") as tmp:
@@ -380,8 +403,13 @@ def write_report(
     last: dict[str, dict[str, Any]] = {}
     for row in rows:
         last[row.get("split", "train")] = row
-    columns = {_log_column(s, r): r for s, r in last.items()}
-    columns[f"{split} (evaluation: step {evaluation.get('step')}, {im.weights} weights)"] = migrate_row(
+    columns = {_log_column(s, r, cfg.data): r for s, r in last.items()}
+    from bcc.evaluate import shown_split
+
+    # a fold run's train/val split is its fold view (`bcc eval` evaluated that): `val (fold k of ...)`
+    shown = html.escape(shown_split(split, evaluation.get("fold")))
+    columns[f"{shown_split(split, evaluation.get('fold'))} (evaluation: step {evaluation.get('step')}, "
+            f"{im.weights} weights)"] = migrate_row(
         evaluation.get("metrics", {}))
     skip = ("epoch", "step", "stage", "time", "train_seconds")
     heads = {h: dict(v) for h, v in evaluation.get("heads", {}).items()}
@@ -414,23 +442,24 @@ def write_report(
         f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC{where}</p>",
         '<p class="warn">Research software: not for clinical use.</p>',
         f'<p class="meta decision">{decision_text(point)}</p>',
+        f'<p class="warn">warning: {html.escape(flattered)}</p>' if flattered else "",
         "<h2>Training curves</h2>",
         '<div class="figs">' + "".join(img_tag(f, "training curve", "curve") for f in curves) + "</div>"
         if curves else "<p>metrics.jsonl has no per-epoch values to plot.</p>",
         "<h2>Metrics per split</h2>",
         metric_table(columns, skip),
-        f"<h3>Per head ({html.escape(split)}, {calibrated})</h3>",
+        f"<h3>Per head ({shown}, {calibrated})</h3>",
         metric_table(heads),
-        f"<h2>Confusion matrix ({html.escape(split)}, {count} images)</h2>",
+        f"<h2>Confusion matrix ({shown}, {count} images)</h2>",
         '<div class="figs">' + img_tag((eval_dir / "confusion.png").read_bytes(), "confusion matrix") + "</div>",
-        f"<h2>Reliability ({html.escape(split)}, {calibrated})</h2>",
+        f"<h2>Reliability ({shown}, {calibrated})</h2>",
         '<div class="figs">' + img_tag((eval_dir / "reliability.png").read_bytes(), "reliability diagram") + "</div>",
         failed_html,
-        f"<h2>Worst mistakes ({html.escape(split)}: {len(mistakes)} shown of {wrong_text})</h2>",
+        f"<h2>Worst mistakes ({shown}: {len(mistakes)} shown of {wrong_text})</h2>",
         "<p>Ordered by the probability given to the true class, lowest first. Overlays: Grad-CAM of each head "
         "for the label it predicted; a two-class head also for its positive label. Dimmed borders lie outside "
         "the centre crop the model saw.</p>",
-        gallery(mistakes, panels, hide_paths, point) if mistakes else f"<p>No mistakes on the {html.escape(split)} split.</p>",
+        gallery(mistakes, panels, hide_paths, point) if mistakes else f"<p>No mistakes on the {shown} split.</p>",
     ]
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>bcc report: {html.escape(run_name)}</title><style>{CSS}</style></head>\n<body>\n"

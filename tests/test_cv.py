@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import webdataset as wds
@@ -268,3 +269,108 @@ def test_calibrate_and_eval_of_a_fold_run_use_its_fold_and_keep_the_ema_fit(cv_p
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["count"] == n0 and metrics["fold"] == 0 and "fold 0" in " ".join(proc.stdout.split())
+
+
+@pytest.mark.slow
+def test_report_of_a_fold_run_shows_its_fold_for_val(cv_pack, cv_run, tmp_path, bcc_main):
+    """`bcc report --split val` of a fold run evaluates fold k (as `bcc eval --split val` does), finds the
+    mistakes' images there (fold k's samples lie mostly in the pack's train shards: the report looked in
+    its val shards and failed) and names the fold; an older evaluation without `fold` is redone."""
+    (_, fold_of), (out, _, cv) = cv_pack, cv_run
+    assert cv.returncode == 0, cv.stdout + cv.stderr
+    run = tmp_path / "fold-0"
+    shutil.copytree(out / "fold-0", run, symlinks=True)
+    n0 = sum(f == 0 for f in fold_of.values())
+    proc = bcc_main("report", run, "--split", "val", "--out", tmp_path / "rep", "--worst", "40")
+    assert proc.returncode == 0, proc.stderr
+    evaluated = tmp_path / "rep" / "eval-val"
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert metrics["fold"] == 0 and metrics["count"] == n0
+    with open(evaluated / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["key"] for r in rows) == sorted(k for k, f in fold_of.items() if f == 0)
+    wrong = [r["key"] for r in rows if r["true_class"] != r["pred_class"]]
+    assert any(k.startswith("train-") for k in wrong), "the gallery must show a fold-0 image from a train shard"
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert page.count("val (fold 0 of the pack&#x27;s train+val: the run&#x27;s data.fold)") >= 4  # table, headings
+    assert "val (log: fold 0, epoch" in page
+
+    metrics.pop("fold")  # as an evaluation written before fold views: its val may be the pack's val split
+    metrics["count"] = -1
+    (evaluated / "metrics.json").write_text(json.dumps(metrics))
+    proc = bcc_main("report", run, "--split", "val", "--out", tmp_path / "rep", "--worst", "0")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert metrics["fold"] == 0 and metrics["count"] == n0  # evaluated again, not reused
+
+
+@pytest.fixture(scope="module")
+def fold_point_run(cv_pack, tmp_path_factory):
+    """One fold run (`bcc train` with data.fold=1 of `cv_pack`) that fits temperatures and a youden
+    operating point on its validation fold at the end, for the raw and the EMA weights (no test pass)."""
+    root = tmp_path_factory.mktemp("foldpoint")
+    run = root / "run"
+    cfg = write_config(root / "cfg.yaml", cv_pack[0], run, data={"workers": 0, "fold": 1},
+                       train={"epochs": 1, "ema_decay": 0.5},
+                       eval={"calibrate": True, "operating_point": "youden", "test_at_end": False})
+    proc = _bcc("train", "--config", cfg)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+def test_a_fold_runs_fits_record_the_fold_they_were_fitted_on(cv_pack, fold_point_run, tmp_path):
+    """Training's operating_point.json and temperature.json of a fold run say which fold the fit used
+    (`bcc calibrate` already did), in the EMA's entries too; without the key a file reads as before."""
+    from bcc.operating_point import read_operating_point, stored_points
+
+    (shards, fold_of) = cv_pack
+    best = fold_point_run / "checkpoints" / "best"
+    n1 = sum(f == 1 for f in fold_of.values())
+    point = json.loads((best / "operating_point.json").read_text())
+    temps = json.loads((best / "temperature.json").read_text())
+    for record in (point, point["ema"], temps, temps["ema"]):
+        assert record["split"] == "val" and record["fold"] == 1 and record["count"] == n1, record
+        assert Path(record["data"]) == shards.resolve()
+    assert point["rule"] == point["ema"]["rule"] == "youden"
+    older = {k: v for k, v in point.items() if k != "fold"}  # a file of an older bcc: no `fold`
+    older["ema"] = {k: v for k, v in point["ema"].items() if k != "fold"}
+    (tmp_path / "operating_point.json").write_text(json.dumps(older))
+    assert read_operating_point(tmp_path)["margin"] == point["margin"] and "fold" not in read_operating_point(tmp_path)
+    assert stored_points(tmp_path)["ema"]["margin"] == point["ema"]["margin"]
+
+
+@pytest.mark.slow
+def test_eval_and_report_warn_on_the_fold_the_fits_were_made_on(cv_pack, fold_point_run, synth_shards, tmp_path,
+                                                                  bcc_main):
+    """A fold run's temperatures and operating point were fitted on fold 1: `bcc eval` / `bcc report` of
+    `--split val` (that fold) say in one `warning:` line that its figures are flattered by the fit; the
+    test split, and another pack's val split, are not what was fitted on: no warning."""
+    shards, run = cv_pack[0], fold_point_run
+    fold = "--split val (fold 1 of the pack's train+val: the run's data.fold) holds the samples the "
+    both = fold + "temperatures and the operating point (ema weights) were fitted on: the calibration (ECE, loss) " \
+                  "and the decisions at the operating point"
+
+    def evaluate(*args, data=shards):
+        proc = bcc_main("eval", "-c", run, "-d", data, "--out", tmp_path / "ev", "--workers", "0", *args)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    out = evaluate("--split", "val")
+    assert out.count("warning:") == 1 and both in out, out
+    assert "warning:" not in evaluate("--split", "test")
+    assert "warning:" not in evaluate("--split", "val", data=synth_shards)  # a pack without folds: its own val
+    out = evaluate("--split", "val", "--argmax")  # the temperatures alone
+    assert fold + "temperatures (ema weights) were fitted on: the calibration (ECE, loss) measured there is " \
+                  "flattered" in out
+    assert "warning:" not in evaluate("--split", "val", "--argmax", "--no-calibration")
+
+    for _ in range(2):  # evaluated (bcc eval's line), then reused (the report's own): said once each time
+        proc = bcc_main("report", run, "--split", "val", "--out", tmp_path / "rep", "--worst", "0")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.count("warning:") == 1 and both in proc.stdout, proc.stdout
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert '<p class="warn">warning: --split val (fold 1 of the pack&#x27;s train+val' in page
+    proc = bcc_main("report", run, "--out", tmp_path / "rep", "--worst", "0")  # the test split
+    assert proc.returncode == 0 and "warning:" not in proc.stdout, proc.stdout + proc.stderr
+    assert "warning:" not in (tmp_path / "rep" / "report.html").read_text()

@@ -248,6 +248,44 @@ def test_bcc_calibrate_fits_the_point_after_the_temperatures(run_copy, synth_sha
     assert "error: operating point 'sensitivity>=2': the bound must lie in (0, 1)" in proc.stderr
 
 
+def test_eval_and_report_warn_on_the_split_the_fits_were_made_on(run_copy, synth_shards, bcc_main, tmp_path):
+    """After `bcc calibrate --operating-point` on val, `bcc eval`/`bcc report --split val` say in one
+    `warning:` line that the calibration and the point's decisions there are flattered (not the test
+    split's); a file of an older bcc (no `fold`, no `data`) too; a fit on the test split flags the test split."""
+    best = run_copy / "checkpoints" / "best"
+
+    def run(*args):
+        proc = bcc_main(*args)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    run("calibrate", "-c", run_copy, "--workers", "0", "--operating-point", "youden")
+    ev = ("eval", "-c", run_copy, "-d", synth_shards, "--out", tmp_path / "ev", "--workers", "0")
+    want = ("warning: --split val holds the samples the temperatures and the operating point (raw weights) were "
+            "fitted on: the calibration (ECE, loss) and the decisions at the operating point (op_sens/op_spec, acc, "
+            "bacc) measured there are flattered by that fit; the held-out test split (--split test) gives "
+            "unflattered figures")
+    out = run(*ev, "--split", "val")
+    assert out.count("warning:") == 1 and want in out, out
+    assert "warning:" not in run(*ev, "--split", "test")
+    assert "warning: --split val holds the samples the operating point (raw weights) was fitted on: the decisions" \
+        in run(*ev, "--split", "val", "--no-calibration")
+    out = run("report", run_copy, "--split", "val", "--out", tmp_path / "rep", "--worst", "0")
+    assert out.count("warning:") == 1 and want in out
+    assert "flattered by that fit" in (tmp_path / "rep" / "report.html").read_text()
+
+    for name in ("operating_point.json", "temperature.json"):  # as an older bcc wrote them
+        stored = json.loads((best / name).read_text())
+        (best / name).write_text(json.dumps({k: v for k, v in stored.items() if k not in ("fold", "data")}))
+    assert want in run(*ev, "--split", "val")
+
+    run("calibrate", "-c", run_copy, "--workers", "0", "--split", "test", "--operating-point", "youden")
+    out = run(*ev, "--split", "test")
+    assert out.count("warning:") == 1 and "warning: --split test holds the samples the temperatures and the " \
+        "operating point (raw weights) were fitted on" in out and "refit on validation (bcc calibrate)" in out
+    assert "warning:" not in run(*ev, "--split", "val")
+
+
 @pytest.fixture
 def ema_run_copy(run_copy):
     """`run_copy` with EMA weights in its best checkpoint (the raw ones halved: other outputs), as a run with

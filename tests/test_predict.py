@@ -69,6 +69,56 @@ def test_predict_cli(trained_run, synth_data, tmp_path, bcc_main):  # noqa: F811
     assert "4 image(s) predicted, 1 failed" in proc.stdout
 
 
+def test_predict_csv_carries_the_argmax_answer_and_the_threshold(trained_run, synth_data, tmp_path,  # noqa: F811
+                                                                   bcc_main):
+    """With an operating point the CSV gives the decision at the point (answer, class) and at argmax
+    (answer_argmax, class_argmax) and the threshold, appended after the older columns; without one the
+    two agree and the threshold is 0.5 (argmax)."""
+    import shutil
+
+    from bcc.operating_point import write_operating_point
+    from bcc.predict import load_inference_model, predict_paths, prob_columns
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, symlinks=True)
+    images = sorted(p for p in synth_data.rglob("*") if p.is_file())[::8]
+    im = load_inference_model(run, device="cpu")
+    p = {r.path: r.head_probs["binary"]["Malignant"] for r in predict_paths(im, images).predictions}
+    below = [v for v in p.values() if v <= 0.5]
+    assert below and len(below) < len(p), "the one-epoch model calls some images benign, some malignant"
+    t = max(below) - 1e-6  # the most malignant-looking benign call flips to malignant at the point
+    write_operating_point(im.checkpoint, "sensitivity>=0.95", t, im.taxonomy)
+
+    def predict(*args):
+        out = tmp_path / f"p{len(args)}.csv"
+        proc = bcc_main("predict", "-c", run, *images, tmp_path / "missing.png", "--csv", out, *args)
+        assert proc.returncode == 1, proc.stderr  # the missing file
+        with open(out, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader)
+            rows = [dict(zip(header, r, strict=True)) for r in reader]
+        assert header == ["path", "answer", "class", *prob_columns(im.taxonomy), "gradcam", "error",
+                          "answer_argmax", "class_argmax", "threshold"]
+        assert [r for r in rows if r["error"]] == [{**{k: "" for k in header}, "path": str(tmp_path / "missing.png"),
+                                                    "error": rows[-1]["error"]}]
+        return [r for r in rows if not r["error"]]
+
+    rows = predict()
+    threshold = load_inference_model(run, device="cpu").threshold  # t through the stored margin: t to ~1e-16
+    assert len(rows) == len(p) and {r["threshold"] for r in rows} == {repr(threshold)}
+    assert threshold == pytest.approx(t, abs=1e-12)
+    flipped = [r for r in rows if t <= p[r["path"]] <= 0.5]
+    assert flipped
+    for r in rows:
+        assert r["answer"].startswith("Malignant") == (p[r["path"]] >= t)
+        assert r["answer_argmax"].startswith("Malignant") == (p[r["path"]] > 0.5)
+        assert (r["answer"] != r["answer_argmax"]) == (r in flipped)
+        assert r["class_argmax"] == ("Benign" if p[r["path"]] <= 0.5 else r["class"])
+    rows = predict("--argmax")
+    assert {r["threshold"] for r in rows} == {"0.5"}
+    assert all(r["answer"] == r["answer_argmax"] and r["class"] == r["class_argmax"] for r in rows)
+
+
 def test_predict_weights_auto_is_the_ema_model_raw_on_request(ema_checkpoint, trained_run, synth_data,  # noqa: F811
                                                               tmp_path, capsys):
     """`bcc predict --weights` as `bcc export`: auto answers with model_ema.safetensors loaded into the

@@ -107,7 +107,7 @@ def test_all_zero_gradcam_map_says_so(report, trained_run, monkeypatch):  # noqa
         return {**maps, "subtype": torch.zeros_like(maps["subtype"])}
 
     monkeypatch.setattr(bcc.gradcam.GradCAM, "__call__", zero_subtype)
-    panels = _gradcam_panels(im, _read_images(evaluation, mistakes), mistakes)
+    panels = _gradcam_panels(im, _read_images(evaluation, mistakes, im.config.data), mistakes)
     for row in panels:
         subtype = [p for p in row if p["title"].startswith("subtype:")]
         assert subtype and subtype[0]["png"] is None and "all zero" in subtype[0]["note"]

@@ -84,14 +84,20 @@ def calibrate_in_memory(run: Run, best: Path) -> dict:
     cfg, taxonomy, out = run.cfg, run.parts.taxonomy, {}
     if all_labels.numel() == 0 or not best.exists():
         return {"calibration": None} if cfg.eval.calibrate else {"operating_point": None}
-    info = {"split": cfg.data.val_split, "count": int(all_labels.numel()), "step": read_train_state(best).step}
+    # where the fit was made, as `bcc calibrate` records it: the val split, and for a fold run (data.fold) the
+    # fold it is (`bcc eval`/`report` name it when they evaluate those samples: figures flattered by the fit)
+    info = {"split": cfg.data.val_split, "fold": cfg.data.fold, "count": int(all_labels.numel()),
+            "step": read_train_state(best).step}
+    if not cfg.data.sources:  # a pack's location (several sources have no one location)
+        info["data"] = str(run.manifest.root)
     temps, point, why = _fit_val(cfg, taxonomy, all_logits, all_labels)
     fits = {"": (temps, point, why)}
     if ema_logits is not None:
         fits["ema"] = _fit_val(cfg, taxonomy, ema_logits, all_labels)
     main = run.accelerator.is_main_process
     if cfg.eval.calibrate:
-        ema_temps = {"ema": {"temperatures": fits["ema"][0]}} if "ema" in fits else {}
+        # the EMA's entries carry the fit's facts too, so each stays described when the other is refitted
+        ema_temps = {"ema": {"temperatures": fits["ema"][0], **info}} if "ema" in fits else {}
         if main:
             write_temperatures(best, temps, {**info, **ema_temps})
             for key, (t, _, _) in fits.items():
@@ -110,7 +116,8 @@ def calibrate_in_memory(run: Run, best: Path) -> dict:
                           f"positive when p >= {p['threshold']:.4f} (val sens/spec {val['argmax']['sens']:.3f}/"
                           f"{val['argmax']['spec']:.3f} at argmax, {val['chosen']['sens']:.3f}/"
                           f"{val['chosen']['spec']:.3f} there)")
-    ema_point = {"ema": fits["ema"][1]} if "ema" in fits else {}  # None: the EMA decides by argmax
+    ema_point = ({"ema": {**fits["ema"][1], **info} if fits["ema"][1] else None}  # None: the EMA decides by argmax
+                 if "ema" in fits else {})
     if point is not None:
         if main:
             write_operating_point(best, point["rule"], point["threshold"], taxonomy, point["temperature"],
