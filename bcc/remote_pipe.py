@@ -18,6 +18,9 @@ __all__ = ["STOP_SILENCE_S", "PipeError", "PipeOutput"]
 
 
 STOP_POLL_S = 1.0  # a silent command is checked this often for a termination request (`request_stop`)
+# a command that exited while something it started still holds its output (ssh's ControlPersist master, a
+# helper daemon): silent this long after the exit, its output has ended
+EXITED_SILENCE_S = 1.0
 
 
 class PipeError(RemoteError):
@@ -31,7 +34,9 @@ class PipeOutput:
     seconds (`data.read_timeout_s`; a stalled download) is ended and raises PipeError (transient: the caller's retry reopens the
     shard), as a socket read does. The command runs in its own process group, so ending it (early
     close, stall, an interrupted run) ends what it started too (`sh -c`'s children). A command that closes
-    its output but does not exit within `timeout_s` is ended the same way (PipeError, transient)."""
+    its output but does not exit within `timeout_s` is ended the same way (PipeError, transient); one that
+    exited while a process it started still holds its output (ssh ControlPersist) has ended its output
+    once silent for EXITED_SILENCE_S after its exit."""
 
     def __init__(self, command: str, where: str, timeout_s: float):
         self.where, self.timeout_s = where, timeout_s
@@ -39,6 +44,7 @@ class PipeOutput:
         self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         self.fd = self.proc.stdout.fileno()
+        self.printed = 0  # bytes read so far, for the stall's message
 
     def _stderr_tail(self) -> str:
         self.stderr.seek(0)
@@ -54,20 +60,29 @@ class PipeOutput:
 
     def _wait_for_chunk(self, n: int) -> bytes:
         start = time.monotonic()
-        deadline = start + self.timeout_s
+        deadline, exited = start + self.timeout_s, None
         while True:
-            ready, _, _ = select.select([self.fd], [], [], max(0.0, min(STOP_POLL_S, deadline - time.monotonic())))
+            poll = EXITED_SILENCE_S / 4 if exited is not None else STOP_POLL_S
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, min(poll, deadline - time.monotonic())))
             if ready:
-                return os.read(self.fd, n)
-            if is_stopping() and time.monotonic() - start >= min(STOP_SILENCE_S, self.timeout_s):
+                data = os.read(self.fd, n)
+                self.printed += len(data)
+                return data
+            now = time.monotonic()
+            if exited is None and self.proc.poll() is not None:
+                exited = now  # the command is gone; what holds its output open is not the command
+            if exited is not None and now - exited >= min(EXITED_SILENCE_S, self.timeout_s):
+                return b""  # the end of its output: the exit status decides (`_exit_code`)
+            if is_stopping() and now - start >= min(STOP_SILENCE_S, self.timeout_s):
                 self._end()
                 raise PipeError(f"{self.where}: stopped waiting for the command, which printed nothing: the "
                                 "process was asked to terminate (SIGTERM)")
-            if time.monotonic() >= deadline:
+            if now >= deadline:
                 break
         self._end()
-        raise PipeError(f"{self.where}: the command printed nothing for {self.timeout_s:g} s (stalled; "
-                        "data.read_timeout_s)", transient=True)
+        silent = (f"went silent for {self.timeout_s:g} s after {self.printed:,} bytes" if self.printed
+                  else f"printed nothing for {self.timeout_s:g} s")
+        raise PipeError(f"{self.where}: the command {silent} (stalled; data.read_timeout_s)", transient=True)
 
     def read(self, n: int = -1) -> bytes:
         whole = n is None or n < 0

@@ -654,7 +654,8 @@ def test_a_stalled_pipe_times_out_and_ends_its_process_group(monkeypatch):
 
     stream = remote.open_location("pipe:printf abc; sleep 30", timeout_s=0.5)
     t0 = time.monotonic()
-    with pytest.raises(remote_pipe.PipeError, match=r"printed nothing for 0.5 s \(stalled; data.read_timeout_s\)") as e:
+    with pytest.raises(remote_pipe.PipeError, match=r"went silent for 0.5 s after 3 bytes \(stalled; "
+                                                    r"data.read_timeout_s\)") as e:
         stream.read(100)
     assert e.value.transient and time.monotonic() - t0 < 10
     pgid = stream.proc.pid
@@ -930,6 +931,34 @@ def test_a_rank_0_that_stops_in_its_start_up_check_ends_the_other_rank_within_tr
     assert 4 <= waited < 4 + 60, f"rank 1 ran {waited:.0f} s past rank 0's stop"
     assert "[rank1]: Traceback" not in out, out[-3000:]
     print(f"rank 1 ended {waited:.1f} s after rank 0 stopped")
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_a_pipe_command_that_exits_while_its_child_holds_the_output_ends_the_read(synth_shards, tmp_path, code):
+    """ssh with ControlPersist (or a wrapper starting a helper daemon) exits after printing everything, but
+    a process it started in another session keeps its stdout open: the read waited for an end of file that
+    never came and called it "printed nothing ... (stalled)" after every retry (breaker b12z F3). Now the
+    command's exit, then EXITED_SILENCE_S of silence, ends its output; the exit status decides as ever."""
+    import os
+    import signal
+
+    from bcc import remote_pipe
+
+    shard = sorted(synth_shards.glob("train-*.tar"))[0]
+    pid_file = tmp_path / "holder.pid"
+    holder = f"setsid sh -c 'echo $$ > {pid_file}; exec sleep 60' &"  # escapes the command's process group
+    stream = remote.open_location(f"pipe:cat {shard}; {holder} exit {code}", timeout_s=30)
+    t0 = time.monotonic()
+    try:
+        if code == 0:
+            assert stream.read() == shard.read_bytes()
+        else:
+            with pytest.raises(remote_pipe.PipeError, match=r"the command exited with code 3 \(no stderr\)"):
+                stream.read()
+        assert time.monotonic() - t0 < 10  # not the 30 s read time-out
+    finally:
+        stream.close()
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
 def test_after_sigterm_a_slow_pipe_is_read_and_a_silent_one_ended(monkeypatch):
