@@ -127,22 +127,22 @@ def _test_facts(im, weights: str) -> dict[str, Any] | None:
 
 def card_facts(im, weights: str) -> dict[str, Any]:
     """What the card says about the run behind `im` (an `InferenceModel`); see the module docstring."""
-    from bcc.calibration import TEMPERATURE_FILE
+    from bcc.calibration import TEMPERATURE_FILE, temperature_fit
     from bcc.checkpoint import read_train_state
     from bcc.errors import BccError
-    from bcc.operating_point import stored_points
+    from bcc.operating_point import point_fit, stored_points
 
     state = read_train_state(im.checkpoint)
+    key = "ema" if weights == "ema" else "raw"  # the EMA weights' own fits (`bcc.export.ema_calibration`)
     temps = _read_json(im.checkpoint / TEMPERATURE_FILE)
+    temps = (temps.get("ema") if key == "ema" else temps) if isinstance(temps, dict) else None
     try:
-        points = stored_points(im.checkpoint) or {}
+        point = (stored_points(im.checkpoint) or {}).get(key)
     except BccError:  # the card says what it can; the model loaded with what it could read
-        points = {}
-    point = points.get("raw")
-    if weights == "ema":  # the fit of the EMA weights (`bcc.export.ema_calibration`), on the same val split
-        where = {k: temps.get(k) for k in ("split", "count", "step")} if isinstance(temps, dict) else {}
-        temps = {**where, **(temps.get("ema") or {})} if isinstance(temps, dict) else None
-        point = points.get("ema")
+        point = None
+    # where each was fitted (split, fold, count, step): the one reading of both files' fit facts
+    temps = {**temps, **(temperature_fit(im.checkpoint, key) or {})} if isinstance(temps, dict) else None
+    point = {**point, **(point_fit(im.checkpoint, key) or {})} if isinstance(point, dict) else None
     return {
         "run": im.run_dir.name if im.run_dir is not None else None,
         "step": im.step,
@@ -152,13 +152,20 @@ def card_facts(im, weights: str) -> dict[str, Any]:
         "weights": weights,
         "data": _data_facts(im),
         "test": _test_facts(im, weights),
-        "temperature_fit": {k: temps.get(k) for k in ("split", "count", "step", "ece_before", "ece_after")}
-        if isinstance(temps, dict) else None,
-        "operating_point_fit": point if isinstance(point, dict) else None,
+        "temperature_fit": {k: temps.get(k) for k in ("split", "fold", "count", "step", "ece_before", "ece_after")}
+        if temps else None,
+        "operating_point_fit": point,
     }
 
 
 # --------------------------------------------------------------------------- rendering
+
+
+def _fitted_on(fit: dict) -> str:
+    """Where a fit was made, in words: the split, and for a fold run (data.fold=k) the fold it validated on."""
+    if fit.get("fold") is not None:
+        return f"fold {fit['fold']} (the `{fit['split']}` view of the pack's train+val: the run's data.fold)"
+    return f"the `{fit['split']}` split"
 
 
 def _num(v: Any) -> str:
@@ -283,8 +290,8 @@ def render_card(config: Mapping[str, Any], facts: Mapping[str, Any], license: st
     if temps:
         out.append("Temperature scaling (divide each head's logits by T before the softmax): "
                    + ", ".join(f"`{h}` T={t:.4f}" for h, t in temps.items())
-                   + (f"; fitted on the `{fit.get('split')}` split ({fit.get('count')} images)" if fit.get("split")
-                      else "") + ".\n")
+                   + (f"; fitted on {_fitted_on(fit)} ({fit.get('count')} images)" if fit.get("split") else "")
+                   + ".\n")
         before, after = fit.get("ece_before") or {}, fit.get("ece_after") or {}
         if "combined" in before and "combined" in after:
             out.append(f"ECE on that split, combined: {before['combined']:.4f} raw, {after['combined']:.4f} "
@@ -298,10 +305,11 @@ def render_card(config: Mapping[str, Any], facts: Mapping[str, Any], license: st
         if val.get("argmax") and val.get("chosen"):
             rates = (f" Validation sensitivity/specificity: {val['argmax']['sens']:.3f}/{val['argmax']['spec']:.3f} "
                      f"at argmax, {val['chosen']['sens']:.3f}/{val['chosen']['spec']:.3f} at this point.")
+        where = facts.get("operating_point_fit") or {}
         out.append(f"Operating point `{point.get('rule')}`: head `{point['head']}` says "
                    f"`{point.get('positive_label')}` when its probability is >= {point['threshold']:.4f} "
-                   f"(logit margin {point['margin']:.4f}, the same decision with or without the temperatures)."
-                   f"{rates}\n")
+                   f"(logit margin {point['margin']:.4f}, the same decision with or without the temperatures)"
+                   + (f"; fitted on {_fitted_on(where)}" if where.get("split") else "") + f".{rates}\n")
     else:
         out.append("No operating point: every head decides by argmax.\n")
 

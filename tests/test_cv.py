@@ -339,6 +339,14 @@ def test_a_fold_runs_fits_record_the_fold_they_were_fitted_on(cv_pack, fold_poin
     assert read_operating_point(tmp_path)["margin"] == point["margin"] and "fold" not in read_operating_point(tmp_path)
     assert stored_points(tmp_path)["ema"]["margin"] == point["ema"]["margin"]
 
+    # the model card of an export says so too (it read the split only, through its own copy of the lookup)
+    from bcc.export import export_checkpoint
+
+    export_checkpoint(fold_point_run, tmp_path / "hf", format="hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    fold = "fold 1 (the `val` view of the pack's train+val: the run's data.fold)"
+    assert f"fitted on {fold} ({n1} images)" in card and f"; fitted on {fold}." in card, card
+
 
 @pytest.mark.slow
 def test_eval_and_report_warn_on_the_fold_the_fits_were_made_on(cv_pack, fold_point_run, synth_shards, tmp_path,
