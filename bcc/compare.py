@@ -449,8 +449,10 @@ def plan_runs(cfg: Config, modes: Sequence[str], out: str | Path, seeds: int = 1
     seed_values = seed_list(cfg.train.seed, seeds)
     if packs and len(packs) != seeds:
         raise CompareError(f"--packs gives {len(packs)} pack(s) for --seeds {seeds}: one pack per seed")
-    for pack in packs:
-        if not (Path(pack) / "manifest.json").is_file():
+    from bcc.remote import is_local
+
+    for pack in packs:  # a URL or pipe: pack is checked as it is fetched (`check_packs`)
+        if is_local(pack) and not (Path(pack) / "manifest.json").is_file():
             raise CompareError(f"--packs: {pack} is not a packed dataset (no manifest.json)")
     if packs:
         from bcc.compare_check import check_packs  # here: compare_check imports this module

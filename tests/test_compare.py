@@ -343,6 +343,23 @@ def test_a_runs_cpu_seconds_count_from_its_own_start_not_the_process_start():
     assert 0 <= log.cpu_elapsed() < 0.2
 
 
+def test_bcc_compare_packs_take_urls_and_pipe_templates(synth_shards, tmp_path, bcc_main):
+    """--packs takes every data.shards form (breaker b12z F5: an http(s) or pipe: pack was refused as "no
+    manifest.json"); --pack, repeated, gives a location holding a comma (an rclone pipe: template)."""
+    from test_remote import serve
+
+    cfg = write_config(tmp_path / "cfg.yaml", synth_shards, tmp_path / "unused")
+    template = f"pipe:cat {synth_shards}/{{name}} # ,x"  # a comma, harmless in the shell
+    with serve(synth_shards) as (_, url):
+        proc = bcc_main("compare", "--plan", "--config", cfg, "--modes", "full", "--seeds", "2",
+                        "--pack", url, "--pack", template, "--out", tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split("\t")[-1] for line in proc.stdout.splitlines()] == [f"data.shards={url}",
+                                                                            f"data.shards={template}"]
+    both = bcc_main("compare", "--plan", "--config", cfg, "--seeds", "2", "--pack", url, "--packs", f"{url},{url}")
+    assert both.returncode == 2 and "error: --pack and --packs both give the packs" in both.stderr
+
+
 def test_bcc_compare_plan_lists_every_arm_and_seed_once_with_its_pack(synth_shards, tmp_path, bcc_main, monkeypatch):
     # what slurm/compare.sbatch trains one per array task: modes x inits x seeds, arm-major, pack k for seed k
     packs = [tmp_path / "p0", tmp_path / "p1"]

@@ -43,7 +43,11 @@ def register(subparsers) -> None:
                    help="training seeds per arm: train.seed, seed+1, ... (default: 1)")
     p.add_argument("--packs", default="",
                    help="one pack per seed, comma-separated (e.g. packed with `bcc pack --seed 0`, `--seed 1`): "
-                        "the train/val/test split varies with the seed; default: data.shards for every seed")
+                        "the train/val/test split varies with the seed; any data.shards form (a folder, an "
+                        "http(s) URL, a pipe: template); default: data.shards for every seed")
+    p.add_argument("--pack", action="append", default=[], metavar="P",
+                   help="one pack per seed, the option repeated in seed order: as --packs, for a location "
+                        "holding a comma (an rclone pipe: template)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="B",
                    help="bootstrap resamples of the test samples for the intervals (default: 1000)")
     p.add_argument("--out", default="runs/compare", help="one run directory per arm (and seed) goes here "
@@ -61,6 +65,15 @@ def register(subparsers) -> None:
 
 def _split(text: str | None) -> list[str]:
     return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def _packs(args: argparse.Namespace) -> list[str]:
+    if args.pack and args.packs:
+        from bcc.compare import CompareError
+
+        raise CompareError("--pack and --packs both give the packs: use one (--pack, repeated, for a location "
+                           "holding a comma)")
+    return list(args.pack) or _split(args.packs)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         from bcc.pretrained import explicit_keys
 
         runs = plan_runs(load_config(args.config, list(args.overrides)), modes, args.out, args.seeds,
-                         _split(args.init) or None, _split(args.packs), explicit_keys(args.config, args.overrides))
+                         _split(args.init) or None, _packs(args), explicit_keys(args.config, args.overrides))
         from bcc.compare_check import check_runs
 
         check_runs(args.config, args.overrides, runs)  # an array job's tasks fail before any trains
@@ -97,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = args.out
         compare(args.config, modes, out, args.processes, args.overrides, command, args.bench_steps,
-                seeds=args.seeds, inits=_split(args.init) or None, packs=_split(args.packs),
+                seeds=args.seeds, inits=_split(args.init) or None, packs=_packs(args),
                 n_boot=args.bootstrap)
     from pathlib import Path
 
