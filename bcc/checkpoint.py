@@ -326,6 +326,28 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
+def check_trained_on(path: str | Path, fingerprints: set, shown: str) -> None:
+    """Raise CheckpointError when the data `shown` (the run's own data.shards, read again by `bcc report` or
+    `bcc calibrate`; `fingerprints`: its `Manifest.fingerprint`s, of the pack and of its fold view) is
+    not the dataset the checkpoint at `path` trained on, as its meta.json records it: a pack re-made
+    since, or another pack of the same relative name where the later command runs. Nothing is said
+    where either side records no fingerprint (an older bcc, shards without sha256)."""
+    import os
+
+    try:
+        recorded = read_meta(path).get("dataset")
+    except (CheckpointError, AttributeError):
+        return
+    if not recorded or None in fingerprints or recorded in fingerprints:
+        return
+    where = shown.split(" ", 1)[-1]
+    relative = (f"; a relative path, read against this directory ({os.getcwd()})"
+                if "://" not in where and not where.startswith("pipe:") and not os.path.isabs(where) else "")
+    raise CheckpointError(f"{shown} is not the dataset checkpoint {path} trained on: its shards' sha256s differ from "
+                          f"the checkpoint's record (a pack re-made since, or another pack of that name{relative}); "
+                          "pass --data with the pack it trained on")
+
+
 def load_model_weights(path: str | Path, map_location: Any = "cpu") -> dict[str, Tensor]:
     """Only the model state dict of a checkpoint dir (inference), checked against its hashes.json."""
     path = Path(path)

@@ -25,6 +25,7 @@ from bcc.atomic import atomic_write
 from bcc.config_parse import (
     MAX_SOURCE_WEIGHT,
     ConfigError,
+    anchor_data_paths,
     blame,
     check_value,
     leaf_paths,
@@ -442,7 +443,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 origins.pop(leaf, None)
                 origins[leaf] = source
         source = "config"
-        return _build(Config, data)
+        return anchor_data_paths(_build(Config, data))  # a run's config.yaml names its data wherever read
     except ConfigError as e:
         where = blame(e.key, origins, source)
         raise (ConfigError(f"{where}: {e}") if not str(e).startswith(where) else e) from None

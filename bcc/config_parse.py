@@ -221,3 +221,29 @@ def blame(key: str | None, origins: Mapping[tuple[str, ...], str], default: str)
     hits = [src for p, src in origins.items()  # insertion order: later layers come last
             if p[:len(path)] == path or path[:len(p)] == p]
     return hits[-1] if hits else default
+
+
+def anchor_path(location: str) -> str:
+    """`location` (a `data.shards` or `data.sources[].shards` value) made absolute when it names an existing
+    local path relative to the current directory (`os.path.abspath`: symlinks kept; a brace list when its
+    folder exists), so a run's config.yaml names the pack it trained on wherever a later command runs (`bcc
+    report RUN` from another directory read another pack of the same name). Left as written: URLs, `pipe:`,
+    `~` and `${VAR}` forms, and paths that do not exist (the errors then name what the user wrote)."""
+    import os
+
+    from bcc.remote import is_local
+
+    if not location or os.path.isabs(location) or location.startswith("~") or "$" in location \
+            or not is_local(location):
+        return location
+    there = os.path.exists(location) or ("{" in location and os.path.isdir(os.path.dirname(location) or "."))
+    return os.path.abspath(location) if there else location
+
+
+def anchor_data_paths(cfg: Any) -> Any:
+    """`cfg` (a bcc.config.Config) with its local data locations made absolute (`anchor_path`)."""
+    import dataclasses
+
+    d = cfg.data
+    sources = tuple(dataclasses.replace(s, shards=anchor_path(s.shards)) for s in d.sources)
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, shards=anchor_path(d.shards), sources=sources))

@@ -179,6 +179,7 @@ def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size:
     A run trained with `data.fold=k` (`bcc cv`) is evaluated on its fold view of a pack with folds
     (`Manifest.with_fold`, as training read it): its train/val split is then the other folds / fold k,
     never the pack's own val split (most of which that run trained on). `EvalSource.fold` says so."""
+    from bcc.checkpoint import check_trained_on
     from bcc.manifest import Manifest
     from bcc.remote import RemoteError, check_scheme
     from bcc.stream import eval_loader
@@ -201,6 +202,7 @@ def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size:
                                                                          and path.is_file()):
         manifest = Manifest.load(path if is_local(str(data)) else str(data), key=key)  # a URL or pipe: pack too
         check_taxonomy(im.taxonomy, manifest.taxonomy, model_label, f"dataset {manifest.root}")
+        packs = {manifest.fingerprint()}
         fold = d.fold if manifest.folds is not None else None  # a pack without folds is not the run's pack
         if fold is not None:
             from bcc.manifest import FoldError
@@ -209,6 +211,8 @@ def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size:
                 manifest = manifest.with_fold(fold, train=d.train_split, val=d.val_split)
             except FoldError as e:
                 raise EvalError(f"{key} {data}: {e} (checkpoint {im.checkpoint} was trained on data.fold={fold})") from None
+        if key == "data.shards":  # the run's own data read again: the pack it trained on, or refused
+            check_trained_on(im.checkpoint, packs | {manifest.fingerprint()}, f"data.shards {data}")
         info = manifest.split(split)
         return EvalSource(
             "packed", manifest.root, split, info.count,
@@ -399,8 +403,10 @@ def evaluate_checkpoint(
     calibrated: bool = True,
     operating_point: bool = True,
     weights: str | None = None,
+    key: str = "--data",
 ) -> dict[str, Any]:
     """Evaluate on every process of the current launch; returns the metrics.json content (on every rank).
+    `key`: where `data` came from (`open_source`; "data.shards": the run's own, checked to be its pack).
 
     `weights` raw|ema|auto as `bcc.predict.load_inference_model` (`bcc eval --weights`, default auto);
     metrics.json records the kind used under "weights".
@@ -418,7 +424,7 @@ def evaluate_checkpoint(
     set_main_process(acc.is_main_process)
     im = load_inference_model(checkpoint, device=acc.device, calibrated=calibrated, operating_point=operating_point,
                               weights=weights)
-    source = open_source(data, split, im, batch_size=batch_size, workers=workers)
+    source = open_source(data, split, im, batch_size=batch_size, workers=workers, key=key)
     metrics = EvalMetrics(im.taxonomy, device=acc.device, threshold=im.threshold)
     part = _infer(im, source.loader(acc.process_index, acc.num_processes), metrics)
     flat = metrics.compute()  # collective: every rank

@@ -192,7 +192,8 @@ def _evaluation(im, split: str, data: str | Path | None, out: Path | None = None
         raise ReportError(f"the run's data {source} does not exist (moved?): pass --data with the packed dataset")
     eval_dir = (out if out is not None else im.run_dir) / name
     return eval_dir, evaluate_checkpoint(im.checkpoint, location if is_remote else source, split=split, out=eval_dir,
-                                         workers=0, weights=im.weights), False
+                                         workers=0, weights=im.weights,
+                                         key="--data" if data is not None else "data.shards"), False
 
 
 def _folder_file(root: Path, source: str) -> Path:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from test_sources import reseeded  # noqa: F401 - synth_shards' images packed with another seed
 
-from conftest import bcc_in_process
+from conftest import bcc_in_process, write_config
 from test_evaluate import trained_run, unpack_split  # noqa: F401 - trained_run: session fixture shared by the evaluation tests
 
 
@@ -264,3 +266,28 @@ def test_report_on_a_pack_served_over_http(trained_run, synth_shards, tmp_path):
         page = write_report(run, out=tmp_path / "out", data=f"{url}/{synth_shards.name}", worst=2).read_text()
     metrics = json.loads((tmp_path / "out" / "eval-test" / "metrics.json").read_text())
     assert metrics["data"] == f"{url}/{synth_shards.name}" and page.count("data:image/") >= 2
+
+
+def test_a_runs_data_replaced_by_another_pack_is_refused_not_scored(synth_shards, reseeded, tmp_path, monkeypatch,  # noqa: F811
+                                                                    bcc_main):
+    """Breaker b12z F4: a run trained on `data.shards=pk` (relative) kept `pk` in its config.yaml, and `bcc
+    report RUN` / `bcc calibrate` from another directory read whatever pack of that name was there: test
+    images the model trained on scored as its test split, an operating point fitted on training images.
+    Now the config records the absolute path, and a pack at it that is not the one the run trained on
+    (the checkpoint's dataset fingerprint) is refused with one line."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(synth_shards, tmp_path / "pk")
+    cfg = write_config(tmp_path / "c.yaml", "pk", tmp_path / "run", train={"epochs": 1}, eval={"test_at_end": False})
+    trained = bcc_main("train", "--config", cfg)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["shards"] == str(tmp_path / "pk")
+
+    shutil.rmtree(tmp_path / "pk")
+    shutil.copytree(reseeded, tmp_path / "pk")  # the same images packed with another seed: other splits
+    for args in (("report", tmp_path / "run", "--out", tmp_path / "rep"), ("calibrate", "--checkpoint", tmp_path / "run")):
+        proc = bcc_main(*args)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert errors[0].startswith(f"error: data.shards {tmp_path / 'pk'} is not the dataset checkpoint "), errors
+        assert "its shards' sha256s differ from the checkpoint's record" in errors[0] and "pass --data" in errors[0]
+    assert not list((tmp_path / "run").rglob("temperature.json")) and not (tmp_path / "rep" / "report.html").exists()
