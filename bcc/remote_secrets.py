@@ -46,6 +46,11 @@ _HEADER_FLAG = re.compile(r"(?P<head>\s(?:-H|--header)(?:=|\s*)['\"]?[A-Za-z0-9-
                           r"(?P<value>(?!\*\*\*|(?:Bearer|Basic|Token)\s)[^\s'\"$][^\s'\"]*)", re.I)
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/@\s'\"]+)@")
 # (a value stops before the colon of a message's `URL: reason`)
+# query parameters that carry a credential under a name the pattern above cannot take (it would match
+# `encoding`, `barcode`): Azure Functions' `code`, a JWT or SAS passed whole, HMAC and one-time codes
+_QUERY_SECRET_NAMES = {"code", "jwt", "sas", "hmac", "otp", "access", "ticket", "apikey", "api_key"}
+# a JSON Web Token by its shape, whatever it is called: base64url of '{"' twice, then the signature
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _QUERY_PARAM = re.compile(r"(?P<sep>[?&])(?P<name>[^=&#\s'\"]+)=(?P<value>[^&#\s'\"]*?)(?=:?(?:[&#\s'\"]|$))")
 # a user:password (curl -u/-U/-E/--user/--proxy-user/--cert, also -uNAME:PW and -su ...), lftp's
 # user,password, smbclient's user%password
@@ -69,7 +74,8 @@ _BEARER = re.compile(r"\b(?P<word>Bearer|Basic|token)(?P<gap>[ =:]+)(?P<value>[A
 
 def redact(text: str) -> str:
     """`text` with credentials masked: URL userinfo (`***@`), the values of query parameters whose name
-    suggests a secret (`X-Amz-Signature=***`, `token=***`), bearer/basic tokens, `$BCC_HTTP_TOKEN`'s
+    suggests a secret (`X-Amz-Signature=***`, `token=***`, `code=***`), JSON Web Tokens by their shape,
+    bearer/basic tokens, `$BCC_HTTP_TOKEN`'s
     value, and the values of the `${VAR}`s `expand_env` read (shown as `${VAR}`)."""
     if not text:
         return text
@@ -80,7 +86,9 @@ def redact(text: str) -> str:
         text = text.replace(token, "***")
     text = _USERINFO.sub(lambda m: m.group("scheme") + ("***@" if not m.group("info").startswith("${") else
                                                         m.group("info") + "@"), text)
-    text = _QUERY_PARAM.sub(lambda m: m.group(0) if not _SECRET_PARAM.search(m.group("name"))
+    text = _JWT.sub("***", text)
+    text = _QUERY_PARAM.sub(lambda m: m.group(0) if not (_SECRET_PARAM.search(m.group("name"))
+                                                         or m.group("name").lower() in _QUERY_SECRET_NAMES)
                             else f"{m.group('sep')}{m.group('name')}=***", text)
     text = _ASSIGN.sub(lambda m: m.group(0) if not _SECRET_PARAM.search(m.group("name"))
                        or m.group("value").lower() in _SWITCHES else f"{m.group('name')}=***", text)

@@ -186,12 +186,16 @@ def test_env_values_and_the_token_are_redacted(monkeypatch):
     ("https://alice:pw@host/ds", True), ("https://host/ds/manifest.json?X-Amz-Signature=abc", True),
     ("https://${BCC_DATA_USERINFO}@host/ds", False), ("https://host/ds", False), ("shards/x", False),
     ("pipe:aws s3 cp s3://b/ds/{name} -", False),
+    # names the secret-name pattern missed (breaker b12z F8), and a JWT under any name
+    ("https://fn.azurewebsites.net/api/ds?code=abc", True), ("https://host/ds?jwt=abc", True),
+    ("https://host/ds?sas=abc", True), ("https://host/ds?t=eyJhbGciOiJI.eyJzdWIiOiIx.abcsig", True),
+    ("https://host/ds?encoding=gzip&versionId=3HL4kqtJlcpXroDTDmjVBH40Nrjfkd&v=2", False),
 ])
 def test_a_location_that_spells_a_secret_out_is_refused(location, refused):
     if refused:
         with pytest.raises(remote.RemoteError, match=r"environment.*BCC_HTTP_TOKEN") as e:
             remote.check_no_secrets(location)
-        assert "pw@" not in str(e.value) and "=abc" not in str(e.value)
+        assert "pw@" not in str(e.value) and "=abc" not in str(e.value) and "eyJ" not in str(e.value)
     else:
         remote.check_no_secrets(location)
 
