@@ -181,8 +181,10 @@ def _evaluation(im, split: str, data: str | Path | None, out: Path | None = None
             return False
         if is_remote:
             return done.get("split") == split and done.get("data") == location
+        # and of this data: without --data the run's own (an evaluation `bcc eval -d OTHER` left in the run dir
+        # is another pack's, not the run's test split)
         return ((done.get("kind") == "folder" if is_folder else done.get("split") == split)
-                and (data is None or Path(done.get("data", "")) == source.resolve()))
+                and Path(done.get("data", "")) == source.resolve())
 
     for base in dict.fromkeys([*([out] if out is not None else []), im.run_dir]):
         done = _load_eval(base / name)

@@ -281,6 +281,12 @@ def test_a_runs_data_replaced_by_another_pack_is_refused_not_scored(synth_shards
     trained = bcc_main("train", "--config", cfg)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["shards"] == str(tmp_path / "pk")
+    # an evaluation of another pack left in the run dir (`bcc eval -d OTHER` writes RUN/eval-test) is not the
+    # run's test split: a report without --data evaluates the run's own pack (breaker b12r R1)
+    assert bcc_main("eval", "-c", tmp_path / "run", "-d", reseeded, "--workers", "0").returncode == 0
+    assert bcc_main("report", tmp_path / "run", "--out", tmp_path / "rep0").returncode == 0
+    done = json.loads((tmp_path / "rep0" / "eval-test" / "metrics.json").read_text())
+    assert Path(done["data"]) == tmp_path / "pk", done["data"]
 
     shutil.rmtree(tmp_path / "pk")
     shutil.copytree(reseeded, tmp_path / "pk")  # the same images packed with another seed: other splits
