@@ -99,3 +99,45 @@ def test_a_fifo_with_a_writer_and_a_pipe_are_predicted_as_the_file(trained_run, 
     preds = {p["path"]: p["head_probs"] for p in json.loads(out.read_text())["predictions"]}
     assert set(preds) == {str(_image(synth_data)), str(fifo), pipe}
     assert preds[str(fifo)] == preds[pipe] == preds[str(_image(synth_data))]
+
+
+def test_gradcam_dir_in_an_input_folder_is_refused(trained_run, synth_data, tmp_path, bcc_main):  # noqa: F811
+    """Overlays written into a class folder were read as images by the next pack or predict of it."""
+    gc = tmp_path / "gc"
+    gc.mkdir()
+    (gc / "cell.png").write_bytes(_image(synth_data).read_bytes())
+    (tmp_path / "link").symlink_to(gc)
+    for cams in (gc, gc / "cams" / "deeper", tmp_path / "link" / "cams"):
+        proc = bcc_main("predict", "--checkpoint", trained_run, gc, "--gradcam", cams)
+        err = " ".join(proc.stderr.split())
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert err.startswith(f"error: --gradcam {cams}: ") and f"the input folder {gc};" in err, err
+        assert proc.stderr.count("error:") == 1
+        assert sorted(p.name for p in gc.iterdir()) == ["cell.png"]  # nothing written there, not even the folder
+    # a folder beside the inputs is fine
+    proc = bcc_main("predict", "--checkpoint", trained_run, gc, "--gradcam", tmp_path / "cams")
+    assert proc.returncode == 0 and sorted(p.name for p in (tmp_path / "cams").iterdir()) == [
+        "cell.binary.png", "cell.subtype.png"]
+
+
+def test_gradcam_never_overwrites_an_input_file(trained_run, synth_data, tmp_path, bcc_main):  # noqa: F811
+    """`x.png` and `cams/x.binary.png` predicted with `--gradcam cams`: x's overlays were written over the
+    second input; they are named x-2 instead, and the input keeps its bytes."""
+    src, cams = tmp_path / "src", tmp_path / "cams"
+    src.mkdir()
+    cams.mkdir()
+    data = _image(synth_data).read_bytes()
+    (src / "x.png").write_bytes(data)
+    (cams / "x.binary.png").write_bytes(data)
+    (tmp_path / "y.png").symlink_to(cams / "y.subtype.png")  # a link to a file where an overlay would go
+    (cams / "y.subtype.png").write_bytes(data)
+    out = tmp_path / "p.json"
+    proc = bcc_main("predict", "--checkpoint", trained_run, src / "x.png", cams / "x.binary.png", tmp_path / "y.png",
+                    "--gradcam", cams, "--json", out)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (cams / "x.binary.png").read_bytes() == data and (cams / "y.subtype.png").read_bytes() == data
+    written = {Path(p["path"]).name: sorted(Path(c).name for c in p["gradcam"])
+               for p in json.loads(out.read_text())["predictions"]}
+    assert written == {"x.png": ["x-2.binary.png", "x-2.subtype.png"],
+                       "x.binary.png": ["x.binary.binary.png", "x.binary.subtype.png"],
+                       "y.png": ["y-2.binary.png", "y-2.subtype.png"]}
