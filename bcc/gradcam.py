@@ -14,12 +14,13 @@ divides a logit by a constant, so it does not change the normalised map.
 
 `save_overlays` writes one PNG per head, `<stem>.<head>.png`, of the original image's size: the map
 covers the centre crop the model saw (`EvalPreset`: short side resized to size / crop_pct, then centre
-crop); outside that crop the image is shown dimmed.
+crop); outside that crop the image is shown dimmed. `input_stems_in` keeps them out of the images they
+explain: never in an input folder, never over an input file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 from bcc.atomic import atomic_path
 
-__all__ = ["GradCAM", "crop_box", "find_target_layer", "overlay", "save_overlays"]
+__all__ = ["GradCAM", "crop_box", "find_target_layer", "input_stems_in", "overlay", "save_overlays"]
 
 
 def _is_pooling(module: nn.Module) -> bool:
@@ -176,3 +177,28 @@ def save_overlays(
             overlay(image, cam, image_size=image_size, crop_pct=crop_pct).save(tmp, format="PNG", pnginfo=info)
         written.append(path)
     return written
+
+
+def input_stems_in(out_dir: str | Path, inputs: Iterable[str | Path], files: Iterable[str | Path],
+                   heads: Iterable[str]) -> set[str]:
+    """The stems whose overlays `<out_dir>/<stem>.<head>.png` would replace one of the input `files`
+    (given there, or a link to one there): the caller names its overlays otherwise.
+
+    Raises `UsageError` when `out_dir` is one of the `inputs` that are folders or lies inside one (paths
+    resolved): the overlays would sit among the images, and be read as images by the next `bcc predict`
+    or `bcc pack` of that folder."""
+    from bcc.errors import UsageError
+
+    out = Path(out_dir).resolve()
+    for folder in map(Path, inputs):
+        root = folder.resolve() if folder.is_dir() else None
+        if root is not None and (out == root or root in out.parents):
+            raise UsageError(f"--gradcam {out_dir}: {'is' if out == root else 'lies inside'} the input folder "
+                             f"{folder}; the overlays would be mixed with its images (and read as images next "
+                             "time): give a folder outside the inputs")
+    suffixes = [f".{head}.png" for head in heads]
+    taken = set()
+    for file in map(Path, files):
+        for real in (file.parent.resolve() / file.name, file.resolve()):
+            taken.update(real.name[:-len(end)] for end in suffixes if real.parent == out and real.name.endswith(end))
+    return taken

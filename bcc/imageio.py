@@ -184,12 +184,18 @@ def open_image(source: bytes | bytearray | str | os.PathLike, *, max_pixels: int
     """The fully decoded PIL image of `source` (bytes or a path), in its own mode and orientation.
 
     With `min_side`, a JPEG may decode at 1/2, 1/4 or 1/8 scale as long as its short side stays at
-    least `min_side` (most of the speed-up of a resize). Raises
+    least `min_side` (most of the speed-up of a resize). A path that is a pipe is read by
+    `bcc.pipe_input.read_pipe` (a FIFO without writer, a device: refused). Raises
     `ImageError` with a one-line reason ("not an image", "corrupt image: ...", "decompression bomb").
     """
     from PIL import Image, UnidentifiedImageError
 
     path = None if isinstance(source, _BYTES) else source
+    if isinstance(source, (str, os.PathLike)):  # a pipe (`<(...)`, a FIFO) read whole, never blocked on unwritten
+        from bcc.pipe_input import read_pipe
+
+        piped = read_pipe(source, max_file_bytes(max_pixels))
+        source = source if piped is None else piped
     stream = io.BytesIO(source) if isinstance(source, _BYTES) else source
     with _own_pixel_limit():
         try:

@@ -338,22 +338,24 @@ def predict_paths(
 ) -> PredictResult:
     """Predict every image under `paths`; see the module docstring. `on_prediction(pred)` is called as
     each answer is ready. Grad-CAM (when `gradcam_dir` is given) is computed on the un-flipped image, for
-    the class each head predicts (after test-time augmentation, when on)."""
+    the class each head predicts (after test-time augmentation, when on); a `gradcam_dir` in an input
+    folder is a `UsageError`, and an overlay that would replace an input file is named `<stem>-2...`."""
     from bcc.metrics import combined_probs
 
+    paths = list(paths)
     files, problems = collect_images(paths)
     # every name this returns is printable (`display_path`): a name that is not UTF-8 is no text to print
     failures = [(display_path(f), display_path(reason)) for f, reason in problems]
-    cam = None
+    cam, taxonomy = None, im.taxonomy
+    used_names: set[str] = set()  # overlay stems in use: an input file's among them, so it is never replaced
     if gradcam_dir is not None:
-        from bcc.gradcam import GradCAM
+        from bcc.gradcam import GradCAM, input_stems_in
 
+        used_names |= input_stems_in(gradcam_dir, paths, files, taxonomy.head_names)  # or UsageError
         cam = GradCAM(im.model, image_size=im.image_size)
         gradcam_dir = Path(gradcam_dir)
         gradcam_dir.mkdir(parents=True, exist_ok=True)
-    taxonomy = im.taxonomy
     predictions: list[Prediction] = []
-    used_names: set[str] = set()
     for start in range(0, len(files), batch_size):
         batch_paths, originals, tensors = [], [], []
         for path in files[start:start + batch_size]:

@@ -4,8 +4,10 @@ Prints per image the decision (`Benign`, or `Malignant: Pro-B`: the subtype only
 says malignant) and the probabilities of every head. `--tta` averages the softmax over the identity and
 the horizontal, vertical and both flips. `--gradcam DIR` writes `DIR/<image stem>.<head>.png` per head:
 the original image (its own size) with the Grad-CAM map of that head's predicted class laid over the
-region the model saw. Exit code 1 when some file could not be read (the others are still predicted);
-2 when nothing could be predicted (every input missing or unreadable, or no images given)."""
+region the model saw. DIR may not be an input folder nor lie inside one (the overlays would be read as
+images next time), and an overlay that would replace an input file is named `<stem>-2.<head>.png`.
+Exit code 1 when some file could not be read (the others are still predicted); 2 when nothing could be
+predicted (every input missing or unreadable, or no images given)."""
 
 from __future__ import annotations
 
