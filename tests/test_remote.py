@@ -123,6 +123,19 @@ def no_backoff(monkeypatch):
     monkeypatch.setattr(remote, "RETRY_BACKOFF_S", 0.0)
 
 
+def assert_gone(signal_0, failure: str, within: float = 10) -> None:
+    """Poll `signal_0()` (`os.kill(pid, 0)`, `os.killpg(pgid, 0)`) until the process is gone
+    (ProcessLookupError); fail with `failure` after `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            signal_0()
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    pytest.fail(failure)
+
+
 def keys(samples) -> list[tuple[str, bytes]]:
     return [(s["__key__"], s["json"]) for s in samples]
 
@@ -664,15 +677,8 @@ def test_a_stalled_pipe_times_out_and_ends_its_process_group(monkeypatch):
     assert e.value.transient and time.monotonic() - t0 < 10
     pgid = stream.proc.pid
     stream.close()
-    deadline = time.monotonic() + 10  # `sleep 30`, started by the shell, is gone too (once init reaps it)
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("the pipe command's process group outlived close()")
+    # `sleep 30`, started by the shell, is gone too (once init reaps it)
+    assert_gone(lambda: os.killpg(pgid, 0), "the pipe command's process group outlived close()")
     with pytest.raises(remote.RemoteError, match="does not start with a tar header"):
         remote.probe("pipe:head -c 2048 /dev/urandom", retries=0)
     with pytest.raises(remote.RemoteError, match="more than 1,000 bytes: not a manifest"):
@@ -1191,15 +1197,7 @@ def test_a_pipe_command_that_closes_its_output_but_never_exits_fails_the_read_in
         assert re.search(r"cannot read shard pipe:.* at sample \d+: pipe:.*: the command closed its output but "
                          r"did not exit within 0.5 s \(data.read_timeout_s\)$", str(outcome[0])), str(outcome[0])
         pid = int(pids.read_text().split()[0])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("the lingering command outlived the read")
+        assert_gone(lambda: os.kill(pid, 0), "the lingering command outlived the read")
     finally:
         for pid in map(int, pids.read_text().split() if pids.exists() else ()):
             with contextlib.suppress(ProcessLookupError):
