@@ -196,7 +196,7 @@ def check_packs(packs: Sequence[str]) -> None:
         try:
             m = Manifest.load(pack, key="--packs")
         except BccError as e:
-            raise CompareError(f"--packs: {e}") from None
+            raise CompareError(str(e) if str(e).startswith("--packs") else f"--packs: {e}") from None
         totals: Counter = Counter()
         for name in m.splits:
             totals.update(m.split(name).class_counts)

@@ -86,9 +86,14 @@ def redact(text: str) -> str:
         text = text.replace(token, "***")
     text = _USERINFO.sub(lambda m: m.group("scheme") + ("***@" if not m.group("info").startswith("${") else
                                                         m.group("info") + "@"), text)
-    text = _JWT.sub("***", text)
-    text = _QUERY_PARAM.sub(lambda m: m.group(0) if not (_SECRET_PARAM.search(m.group("name"))
-                                                         or m.group("name").lower() in _QUERY_SECRET_NAMES)
+    text = _JWT.sub("***", text)  # (a percent-encoded one: `_QUERY_PARAM` below decodes a value to look)
+
+    def secret_param(name: str, value: str) -> bool:  # percent-decoded: `c%6Fde=` is `code=`
+        name = urllib.parse.unquote(name)
+        return bool(_SECRET_PARAM.search(name) or name.lower() in _QUERY_SECRET_NAMES
+                    or _JWT.search(urllib.parse.unquote(value)))
+
+    text = _QUERY_PARAM.sub(lambda m: m.group(0) if not secret_param(m.group("name"), m.group("value"))
                             else f"{m.group('sep')}{m.group('name')}=***", text)
     text = _ASSIGN.sub(lambda m: m.group(0) if not _SECRET_PARAM.search(m.group("name"))
                        or m.group("value").lower() in _SWITCHES else f"{m.group('name')}=***", text)

@@ -353,6 +353,9 @@ def test_bcc_compare_packs_take_urls_and_pipe_templates(synth_shards, tmp_path, 
     with serve(synth_shards) as (_, url):
         proc = bcc_main("compare", "--plan", "--config", cfg, "--modes", "full", "--seeds", "2",
                         "--pack", url, "--pack", template, "--out", tmp_path / "o")
+        gone = bcc_main("compare", "--plan", "--config", cfg, "--seeds", "2", "--pack", f"{url}/nowhere", "--pack", url)
+    assert gone.returncode == 2 and "error: --packs: " in gone.stderr and "--packs: --packs" not in gone.stderr  # R4
+    assert "HTTP 404" in gone.stderr, gone.stderr
     assert proc.returncode == 0, proc.stderr
     assert [line.split("\t")[-1] for line in proc.stdout.splitlines()] == [f"data.shards={url}",
                                                                             f"data.shards={template}"]

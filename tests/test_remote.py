@@ -202,6 +202,7 @@ def test_env_values_and_the_token_are_redacted(monkeypatch):
     # names the secret-name pattern missed (breaker b12z F8), and a JWT under any name
     ("https://fn.azurewebsites.net/api/ds?code=abc", True), ("https://host/ds?jwt=abc", True),
     ("https://host/ds?sas=abc", True), ("https://host/ds?t=eyJhbGciOiJI.eyJzdWIiOiIx.abcsig", True),
+    ("https://host/ds?c%6Fde=abc", True), ("https://host/ds?t=eyJhbGciOiJI%2EeyJzdWIiOiIx%2Eabcsig", True),  # b12r R3
     ("https://host/ds?encoding=gzip&versionId=3HL4kqtJlcpXroDTDmjVBH40Nrjfkd&v=2", False),
 ])
 def test_a_location_that_spells_a_secret_out_is_refused(location, refused):
