@@ -326,26 +326,27 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def check_trained_on(path: str | Path, fingerprints: set, shown: str) -> None:
-    """Raise CheckpointError when the data `shown` (the run's own data.shards, read again by `bcc report` or
-    `bcc calibrate`; `fingerprints`: its `Manifest.fingerprint`s, of the pack and of its fold view) is
-    not the dataset the checkpoint at `path` trained on, as its meta.json records it: a pack re-made
+def check_trained_on(path: str | Path, fingerprint: str | None, location: str | Path) -> None:
+    """Raise CheckpointError when the run's own data.shards `location`, read again by `bcc report` or `bcc
+    calibrate` (`fingerprint`: its `Manifest.fingerprint`, in the run's fold view as training took it),
+    is not the dataset the checkpoint at `path` trained on, as its meta.json records it: a pack re-made
     since, or another pack of the same relative name where the later command runs. Nothing is said
     where either side records no fingerprint (an older bcc, shards without sha256)."""
     import os
+
+    from bcc.remote import is_local
 
     try:
         recorded = read_meta(path).get("dataset")
     except (CheckpointError, AttributeError):
         return
-    if not recorded or None in fingerprints or recorded in fingerprints:
+    if not recorded or fingerprint in (None, recorded):
         return
-    where = shown.split(" ", 1)[-1]
     relative = (f"; a relative path, read against this directory ({os.getcwd()})"
-                if "://" not in where and not where.startswith("pipe:") and not os.path.isabs(where) else "")
-    raise CheckpointError(f"{shown} is not the dataset checkpoint {path} trained on: its shards' sha256s differ from "
-                          f"the checkpoint's record (a pack re-made since, or another pack of that name{relative}); "
-                          "pass --data with the pack it trained on")
+                if is_local(str(location)) and not os.path.isabs(location) else "")
+    raise CheckpointError(f"data.shards {location} is not the dataset checkpoint {path} trained on: its shards' "
+                          f"sha256s differ from the checkpoint's record (a pack re-made since, or another pack of "
+                          f"that name{relative}); pass --data with the pack it trained on")
 
 
 def load_model_weights(path: str | Path, map_location: Any = "cpu") -> dict[str, Tensor]:

@@ -202,7 +202,6 @@ def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size:
                                                                          and path.is_file()):
         manifest = Manifest.load(path if is_local(str(data)) else str(data), key=key)  # a URL or pipe: pack too
         check_taxonomy(im.taxonomy, manifest.taxonomy, model_label, f"dataset {manifest.root}")
-        packs = {manifest.fingerprint()}
         fold = d.fold if manifest.folds is not None else None  # a pack without folds is not the run's pack
         if fold is not None:
             from bcc.manifest import FoldError
@@ -212,7 +211,7 @@ def open_source(data: str | Path, split: str, im: InferenceModel, *, batch_size:
             except FoldError as e:
                 raise EvalError(f"{key} {data}: {e} (checkpoint {im.checkpoint} was trained on data.fold={fold})") from None
         if key == "data.shards":  # the run's own data read again: the pack it trained on, or refused
-            check_trained_on(im.checkpoint, packs | {manifest.fingerprint()}, f"data.shards {data}")
+            check_trained_on(im.checkpoint, manifest.fingerprint(), data)
         info = manifest.split(split)
         return EvalSource(
             "packed", manifest.root, split, info.count,

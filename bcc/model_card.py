@@ -162,10 +162,10 @@ def card_facts(im, weights: str) -> dict[str, Any]:
 
 
 def _fitted_on(fit: dict) -> str:
-    """Where a fit was made, in words: the split, and for a fold run (data.fold=k) the fold it validated on."""
-    if fit.get("fold") is not None:
-        return f"fold {fit['fold']} (the `{fit['split']}` view of the pack's train+val: the run's data.fold)"
-    return f"the `{fit['split']}` split"
+    """Where a fit was made, in the words eval and the report use (`bcc.evaluate.shown_split`)."""
+    from bcc.evaluate import shown_split
+
+    return f"the `{shown_split(fit['split'], fit.get('fold'))}` split"
 
 
 def _num(v: Any) -> str:

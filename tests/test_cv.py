@@ -344,7 +344,7 @@ def test_a_fold_runs_fits_record_the_fold_they_were_fitted_on(cv_pack, fold_poin
 
     export_checkpoint(fold_point_run, tmp_path / "hf", format="hf")
     card = (tmp_path / "hf" / "README.md").read_text()
-    fold = "fold 1 (the `val` view of the pack's train+val: the run's data.fold)"
+    fold = "the `val (fold 1 of the pack's train+val: the run's data.fold)` split"
     assert f"fitted on {fold} ({n1} images)" in card and f"; fitted on {fold}." in card, card
 
 
